@@ -1,0 +1,145 @@
+//! Types shared by the eBPF programs and user space: events, in-flight call state, drop causes.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that both sides agree on the layout and
+//! `aya::Pod` is sound (no implicit padding bytes).
+#![no_std]
+
+use core::mem::size_of;
+
+/// Event kinds, the first `u32` of every ring-buffer record.
+pub mod event_kind {
+    pub const HEAP_ALLOC: u32 = 1;
+    pub const HEAP_FREE: u32 = 2;
+}
+
+/// Heap functions, in the order of user space's hook table. Carried as the uprobe cookie.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum HeapFn {
+    Malloc = 0,
+    Calloc = 1,
+    Realloc = 2,
+    Reallocarray = 3,
+    Free = 4,
+    PosixMemalign = 5,
+    AlignedAlloc = 6,
+    Memalign = 7,
+    Valloc = 8,
+    Pvalloc = 9,
+}
+
+impl HeapFn {
+    pub const ALL: [HeapFn; 10] = [
+        HeapFn::Malloc,
+        HeapFn::Calloc,
+        HeapFn::Realloc,
+        HeapFn::Reallocarray,
+        HeapFn::Free,
+        HeapFn::PosixMemalign,
+        HeapFn::AlignedAlloc,
+        HeapFn::Memalign,
+        HeapFn::Valloc,
+        HeapFn::Pvalloc,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<HeapFn> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HeapFn::Malloc => "malloc",
+            HeapFn::Calloc => "calloc",
+            HeapFn::Realloc => "realloc",
+            HeapFn::Reallocarray => "reallocarray",
+            HeapFn::Free => "free",
+            HeapFn::PosixMemalign => "posix_memalign",
+            HeapFn::AlignedAlloc => "aligned_alloc",
+            HeapFn::Memalign => "memalign",
+            HeapFn::Valloc => "valloc",
+            HeapFn::Pvalloc => "pvalloc",
+        }
+    }
+}
+
+/// A completed allocation call (successful or failed), emitted at the function's return.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct HeapAllocEvent {
+    /// `event_kind::HEAP_ALLOC`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    /// Id in the `STACKS` map; negative: the errno `bpf_get_stackid` failed with.
+    pub stack_id: i32,
+    /// The returned block, 0 when the call failed (or when `realloc(p, 0)` freed `p`).
+    pub addr: u64,
+    /// Requested bytes (`nmemb * size` for calloc/reallocarray; saturated on overflow).
+    pub size: u64,
+    /// realloc/reallocarray: the block passed in; 0 otherwise.
+    pub old_addr: u64,
+    /// 0 on success; an errno for failures (posix_memalign's return value, else ENOMEM).
+    pub err: i32,
+    /// `HeapFn` as u32.
+    pub func: u32,
+}
+
+/// A `free` of a non-NULL pointer, emitted at entry.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct HeapFreeEvent {
+    /// `event_kind::HEAP_FREE`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub addr: u64,
+}
+
+/// Arguments saved at an allocation's entry until its return, keyed by thread (`pid_tgid`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct InflightCall {
+    pub size: u64,
+    pub old_addr: u64,
+    /// posix_memalign's `void **memptr`; 0 for pointer-returning functions.
+    pub memptr: u64,
+    pub func: u32,
+    /// Nested calls of hooked functions inside this one (glibc's realloc calls malloc and free
+    /// internally); they are not separate allocations.
+    pub depth: u32,
+}
+
+/// Why an event or a part of it was lost. Index into the per-CPU `DROPS` array.
+pub mod drop_cause {
+    /// The ring buffer had no room: the event is gone.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// The in-flight call map was full: the allocation's return could not be matched.
+    pub const INFLIGHT_FULL: u32 = 1;
+    /// Another stack already occupies the stack map bucket: event kept, stack unknown.
+    pub const STACK_COLLISION: u32 = 2;
+    /// The stack map is full, or the stack could not be read: event kept, stack unknown.
+    pub const STACK_FAILED: u32 = 3;
+    /// posix_memalign's result pointer could not be read from user memory: event kept as failure.
+    pub const READ_FAILED: u32 = 4;
+    pub const COUNT: u32 = 5;
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "ringbuf_full",
+        "inflight_map_full",
+        "stack_collision",
+        "stack_failed",
+        "user_read_failed",
+    ];
+}
+
+const _: () = assert!(size_of::<HeapAllocEvent>() == 48);
+const _: () = assert!(size_of::<HeapFreeEvent>() == 16);
+const _: () = assert!(size_of::<InflightCall>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain #[repr(C)] integers without implicit padding (sizes asserted above).
+    unsafe impl aya::Pod for HeapAllocEvent {}
+    unsafe impl aya::Pod for HeapFreeEvent {}
+    unsafe impl aya::Pod for InflightCall {}
+}

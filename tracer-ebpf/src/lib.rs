@@ -1,0 +1,2 @@
+// Lets `tracer` name this crate as a build-dependency (cargo needs a lib target for that).
+#![no_std]
