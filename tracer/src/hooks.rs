@@ -1,0 +1,256 @@
+//! The hook table: every hooked symbol, where it lives, its argument layout, what it records and
+//! its class. Attach code, tests and docs/hooks.md are generated from this one table.
+
+use tracer_common::HeapFn;
+
+use crate::model::Class;
+
+/// Which loaded object provides a hooked symbol.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Library {
+    /// The C library the target maps (glibc `libc.so.6`, musl), or the executable itself when the
+    /// allocator is linked in statically.
+    Libc,
+}
+
+impl Library {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Library::Libc => "libc (as mapped by the target)",
+        }
+    }
+}
+
+/// What a hook records.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Records {
+    /// An allocation: arguments at entry, result and stack at return.
+    Alloc,
+    /// A release of a block: its address at entry. No return probe, no stack.
+    Free,
+}
+
+/// Where the entry probe is placed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Site {
+    /// The function's first instruction.
+    Entry,
+    /// The first instruction past a leading `if (ptr == NULL) return;` when it is a cheap,
+    /// emulated `push` (glibc free: about 20 times cheaper than its entry, see docs/performance.md);
+    /// the entry otherwise.
+    AfterNullCheck,
+}
+
+#[derive(Copy, Clone, Debug)]
+pub struct Hook {
+    pub symbol: &'static str,
+    pub library: Library,
+    /// The C prototype, for the docs.
+    pub prototype: &'static str,
+    /// eBPF program run at the entry site (its argument layout is in its name).
+    pub entry_program: &'static str,
+    /// eBPF program run at return, if any.
+    pub return_program: Option<&'static str>,
+    pub site: Site,
+    pub records: Records,
+    pub class: Class,
+    /// Passed to the programs as the attach cookie.
+    pub func: HeapFn,
+    /// How the ledger reads the call.
+    pub accounting: &'static str,
+}
+
+const RET: Option<&str> = Some("heap_return");
+
+pub const HOOKS: &[Hook] = &[
+    Hook {
+        symbol: "malloc",
+        library: Library::Libc,
+        prototype: "void *malloc(size_t size)",
+        entry_program: "heap_enter_size0",
+        return_program: RET,
+        site: Site::Entry,
+        records: Records::Alloc,
+        class: Class::Heap,
+        func: HeapFn::Malloc,
+        accounting: "`size` bytes live at the returned block; NULL is a failure",
+    },
+    Hook {
+        symbol: "calloc",
+        library: Library::Libc,
+        prototype: "void *calloc(size_t nmemb, size_t size)",
+        entry_program: "heap_enter_calloc",
+        return_program: RET,
+        site: Site::Entry,
+        records: Records::Alloc,
+        class: Class::Heap,
+        func: HeapFn::Calloc,
+        accounting: "`nmemb * size` bytes (saturated on overflow); NULL is a failure",
+    },
+    Hook {
+        symbol: "realloc",
+        library: Library::Libc,
+        prototype: "void *realloc(void *ptr, size_t size)",
+        entry_program: "heap_enter_realloc",
+        return_program: RET,
+        site: Site::Entry,
+        records: Records::Alloc,
+        class: Class::Heap,
+        func: HeapFn::Realloc,
+        accounting: "frees `ptr` and allocates `size` at the realloc's stack (also in place); \
+                     `realloc(p, 0)` returning NULL frees `p`; other NULL results are failures \
+                     and leave `ptr` live",
+    },
+    Hook {
+        symbol: "reallocarray",
+        library: Library::Libc,
+        prototype: "void *reallocarray(void *ptr, size_t nmemb, size_t size)",
+        entry_program: "heap_enter_reallocarray",
+        return_program: RET,
+        site: Site::Entry,
+        records: Records::Alloc,
+        class: Class::Heap,
+        func: HeapFn::Reallocarray,
+        accounting: "as realloc with `nmemb * size` bytes",
+    },
+    Hook {
+        symbol: "free",
+        library: Library::Libc,
+        prototype: "void free(void *ptr)",
+        entry_program: "heap_free",
+        return_program: None,
+        site: Site::AfterNullCheck,
+        records: Records::Free,
+        class: Class::Heap,
+        func: HeapFn::Free,
+        accounting: "the block at `ptr` is no longer live; unknown blocks count as unmatched frees",
+    },
+    Hook {
+        symbol: "posix_memalign",
+        library: Library::Libc,
+        prototype: "int posix_memalign(void **memptr, size_t alignment, size_t size)",
+        entry_program: "heap_enter_posix_memalign",
+        return_program: RET,
+        site: Site::Entry,
+        records: Records::Alloc,
+        class: Class::Heap,
+        func: HeapFn::PosixMemalign,
+        accounting: "`size` bytes at `*memptr` when it returns 0; a non-zero result is a failure \
+                     with that errno",
+    },
+    Hook {
+        symbol: "aligned_alloc",
+        library: Library::Libc,
+        prototype: "void *aligned_alloc(size_t alignment, size_t size)",
+        entry_program: "heap_enter_size1",
+        return_program: RET,
+        site: Site::Entry,
+        records: Records::Alloc,
+        class: Class::Heap,
+        func: HeapFn::AlignedAlloc,
+        accounting: "`size` bytes; NULL is a failure",
+    },
+    Hook {
+        symbol: "memalign",
+        library: Library::Libc,
+        prototype: "void *memalign(size_t alignment, size_t size)",
+        entry_program: "heap_enter_size1",
+        return_program: RET,
+        site: Site::Entry,
+        records: Records::Alloc,
+        class: Class::Heap,
+        func: HeapFn::Memalign,
+        accounting: "`size` bytes; NULL is a failure",
+    },
+    Hook {
+        symbol: "valloc",
+        library: Library::Libc,
+        prototype: "void *valloc(size_t size)",
+        entry_program: "heap_enter_size0",
+        return_program: RET,
+        site: Site::Entry,
+        records: Records::Alloc,
+        class: Class::Heap,
+        func: HeapFn::Valloc,
+        accounting: "`size` bytes (the request, not the page-rounded block); NULL is a failure",
+    },
+    Hook {
+        symbol: "pvalloc",
+        library: Library::Libc,
+        prototype: "void *pvalloc(size_t size)",
+        entry_program: "heap_enter_size0",
+        return_program: RET,
+        site: Site::Entry,
+        records: Records::Alloc,
+        class: Class::Heap,
+        func: HeapFn::Pvalloc,
+        accounting: "`size` bytes (the request, not the page-rounded block); NULL is a failure",
+    },
+];
+
+/// The table as the Markdown document docs/hooks.md (kept in sync by a test).
+pub fn markdown() -> String {
+    let mut out = String::from(
+        "# Hooked functions\n\n\
+         Generated from `tracer/src/hooks.rs` by `alloctrace hooks`; a test keeps this file in \
+         sync.\n\n\
+         | symbol | library | prototype | entry site | probes | records | class | accounting |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for h in HOOKS {
+        let site = match h.site {
+            Site::Entry => "entry",
+            Site::AfterNullCheck => "after the NULL check (entry if none)",
+        };
+        let probes = match h.return_program {
+            Some(ret) => format!("`{}` + `{}`", h.entry_program, ret),
+            None => format!("`{}`", h.entry_program),
+        };
+        let records = match h.records {
+            Records::Alloc => "allocation",
+            Records::Free => "free",
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | `{}` | {} | {} | {} | `{}` | {} |\n",
+            h.symbol,
+            h.library.describe(),
+            h.prototype,
+            site,
+            probes,
+            records,
+            h.class.name(),
+            h.accounting
+        ));
+    }
+    out.push_str(
+        "\nSymbols that are aliases of each other (same file offset, e.g. glibc 2.36's \
+         `aligned_alloc` and `memalign`) get one probe, named after both (`memalign/aligned_alloc`), \
+         so no call is counted twice.\n",
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_heap_function_has_exactly_one_hook_in_cookie_order() {
+        assert_eq!(HOOKS.len(), HeapFn::ALL.len());
+        for (i, h) in HOOKS.iter().enumerate() {
+            assert_eq!(h.func as usize, i, "{} out of order", h.symbol);
+            assert_eq!(h.func.name(), h.symbol);
+            assert_eq!(h.records == Records::Free, h.return_program.is_none());
+        }
+    }
+
+    #[test]
+    fn docs_hooks_md_is_generated_from_the_table() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/hooks.md");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == markdown(),
+            "docs/hooks.md is out of date: run `cargo run -p tracer -- hooks > docs/hooks.md`"
+        );
+    }
+}

@@ -1,0 +1,324 @@
+//! The ledger of live allocations: what is live right now, by block and by (class, phase, stack).
+//!
+//! Heap accounting rules (docs/accounting.md):
+//! - a block counts at its requested size from the successful return of its allocation call until
+//!   the `free` of its address;
+//! - `realloc`/`reallocarray` of a non-NULL block is a free of the old block and an allocation of the
+//!   new one at the realloc's stack, also when the block did not move;
+//! - `realloc(p, 0)` returning NULL frees `p` (glibc semantics) and is not a failure;
+//! - a failed call (NULL, or a non-zero posix_memalign result) is a failure, never live memory;
+//! - a free of an address the ledger never saw (allocated before attach) is an unmatched free and
+//!   changes no total;
+//! - an allocation at an address that is still live means its free was lost: the old block is
+//!   retired and counted under `missed_free`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::model::{
+    CellKey, Class, ClassTotals, FailureKey, LedgerState, PHASE_NONE, SeriesPoint, StackCounters, StackIndex,
+};
+
+/// Lost-event cause counted by the ledger itself (see module docs).
+pub const MISSED_FREE: &str = "missed_free";
+
+#[derive(Clone, Copy, Debug)]
+struct LiveBlock {
+    size: u64,
+    cell: u32,
+}
+
+/// Interned phase name (index into the ledger's phase table; 0 is `none`).
+pub type PhaseId = u16;
+
+/// A cheap, copyable cell address used on the hot path; `CellKey` is its spelled-out form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CellRef {
+    pub class: Class,
+    pub phase: PhaseId,
+    pub stack: Option<StackIndex>,
+}
+
+impl CellRef {
+    pub fn new(class: Class, stack: Option<StackIndex>) -> CellRef {
+        CellRef { class, phase: 0, stack }
+    }
+}
+
+pub struct Ledger {
+    live: HashMap<(u32, u64), LiveBlock>,
+    cells: Vec<(CellKey, StackCounters)>,
+    cell_index: HashMap<CellRef, u32>,
+    phases: Vec<String>,
+    /// Cells whose live figures changed since the last `take_series`.
+    dirty: Vec<u32>,
+    dirty_flag: Vec<bool>,
+    totals: BTreeMap<Class, ClassTotals>,
+    failures: HashMap<FailureKey, u64>,
+    unmatched_frees: u64,
+    missed_frees: u64,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            live: HashMap::new(),
+            cells: Vec::new(),
+            cell_index: HashMap::new(),
+            phases: vec![PHASE_NONE.to_string()],
+            dirty: Vec::new(),
+            dirty_flag: Vec::new(),
+            totals: BTreeMap::new(),
+            failures: HashMap::new(),
+            unmatched_frees: 0,
+            missed_frees: 0,
+        }
+    }
+}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger::default()
+    }
+
+    /// The id of a phase name, interning it on first use.
+    pub fn phase(&mut self, name: &str) -> PhaseId {
+        match self.phases.iter().position(|p| p == name) {
+            Some(i) => i as PhaseId,
+            None => {
+                self.phases.push(name.to_string());
+                (self.phases.len() - 1) as PhaseId
+            }
+        }
+    }
+
+    fn cell(&mut self, at: CellRef) -> u32 {
+        if let Some(&i) = self.cell_index.get(&at) {
+            return i;
+        }
+        let i = self.cells.len() as u32;
+        let key = CellKey { class: at.class, phase: self.phases[at.phase as usize].clone(), stack: at.stack };
+        self.cells.push((key, StackCounters::default()));
+        self.dirty_flag.push(false);
+        self.cell_index.insert(at, i);
+        i
+    }
+
+    fn mark_dirty(&mut self, cell: u32) {
+        if !self.dirty_flag[cell as usize] {
+            self.dirty_flag[cell as usize] = true;
+            self.dirty.push(cell);
+        }
+    }
+
+    /// A successful allocation of `size` bytes at `addr` in process `pid`.
+    pub fn alloc(&mut self, pid: u32, addr: u64, size: u64, at: CellRef) {
+        let class = at.class;
+        let cell = self.cell(at);
+        if let Some(old) = self.live.insert((pid, addr), LiveBlock { size, cell }) {
+            // The free of the block that lived here was lost (dropped event).
+            self.missed_frees += 1;
+            self.retire(old);
+        }
+        let counters = &mut self.cells[cell as usize].1;
+        counters.live_bytes += size;
+        counters.live_count += 1;
+        counters.allocated_bytes += size;
+        counters.allocated_count += 1;
+        let totals = self.totals.entry(class).or_default();
+        totals.live_bytes += size;
+        totals.live_count += 1;
+        totals.allocated_bytes += size;
+        totals.allocated_count += 1;
+        totals.peak_bytes = totals.peak_bytes.max(totals.live_bytes);
+        self.mark_dirty(cell);
+    }
+
+    /// A free of `addr` in process `pid`. Returns false for an unmatched free.
+    pub fn free(&mut self, pid: u32, addr: u64) -> bool {
+        match self.live.remove(&(pid, addr)) {
+            Some(block) => {
+                self.retire(block);
+                true
+            }
+            None => {
+                self.unmatched_frees += 1;
+                false
+            }
+        }
+    }
+
+    fn retire(&mut self, block: LiveBlock) {
+        let (key, counters) = &mut self.cells[block.cell as usize];
+        counters.live_bytes -= block.size;
+        counters.live_count -= 1;
+        counters.freed_bytes += block.size;
+        counters.freed_count += 1;
+        let totals = self.totals.entry(key.class).or_default();
+        totals.live_bytes -= block.size;
+        totals.live_count -= 1;
+        totals.freed_count += 1;
+        self.mark_dirty(block.cell);
+    }
+
+    /// A successful realloc: `old` (may be 0) is replaced by `addr` of `size` bytes.
+    pub fn realloc(&mut self, pid: u32, old: u64, addr: u64, size: u64, at: CellRef) {
+        if old != 0 {
+            self.free(pid, old);
+        }
+        self.alloc(pid, addr, size, at);
+    }
+
+    /// A failed allocation call.
+    pub fn failure(&mut self, key: FailureKey) {
+        *self.failures.entry(key).or_default() += 1;
+    }
+
+    /// Number of blocks live now.
+    pub fn live_blocks(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn totals(&self, class: Class) -> ClassTotals {
+        self.totals.get(&class).copied().unwrap_or_default()
+    }
+
+    /// Live figures of the cells that changed since the last call, stamped with `t_s`.
+    pub fn take_series(&mut self, t_s: u64) -> Vec<SeriesPoint> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .map(|cell| {
+                self.dirty_flag[cell as usize] = false;
+                let (key, counters) = &self.cells[cell as usize];
+                SeriesPoint {
+                    t_s,
+                    key: key.clone(),
+                    live_bytes: counters.live_bytes,
+                    live_count: counters.live_count,
+                }
+            })
+            .collect()
+    }
+
+    /// The full state; `lost` holds the drop counters gathered outside the ledger.
+    pub fn state(&self, lost: &BTreeMap<String, u64>) -> LedgerState {
+        let mut lost_events = lost.clone();
+        if self.missed_frees > 0 {
+            *lost_events.entry(MISSED_FREE.to_string()).or_default() += self.missed_frees;
+        }
+        LedgerState {
+            totals: self.totals.clone(),
+            cells: self.cells.iter().cloned().collect(),
+            failures: self.failures.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            unmatched_frees: self.unmatched_frees,
+            lost_events,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(stack: u32) -> CellRef {
+        CellRef::new(Class::Heap, Some(stack))
+    }
+
+    fn cell(l: &Ledger, stack: u32) -> StackCounters {
+        let key = CellKey { class: Class::Heap, phase: PHASE_NONE.into(), stack: Some(stack) };
+        l.state(&BTreeMap::new()).cells[&key]
+    }
+
+    #[test]
+    fn alloc_and_free_balance_to_zero() {
+        let mut l = Ledger::new();
+        for i in 0..100 {
+            l.alloc(1, 0x1000 + i * 64, 48, key(0));
+        }
+        for i in 0..100 {
+            assert!(l.free(1, 0x1000 + i * 64));
+        }
+        let t = l.totals(Class::Heap);
+        assert_eq!((t.live_bytes, t.live_count), (0, 0));
+        assert_eq!((t.allocated_bytes, t.allocated_count, t.freed_count), (4800, 100, 100));
+        assert_eq!(t.peak_bytes, 4800);
+        assert_eq!(l.live_blocks(), 0);
+    }
+
+    #[test]
+    fn realloc_moves_bytes_between_stacks() {
+        let mut l = Ledger::new();
+        l.alloc(1, 0xa0, 100, key(0));
+        l.realloc(1, 0xa0, 0xb0, 300, key(1)); // moved
+        l.realloc(1, 0xb0, 0xb0, 200, key(1)); // in place, shrunk
+        assert_eq!(cell(&l, 0).live_bytes, 0);
+        assert_eq!(cell(&l, 1).live_bytes, 200);
+        assert_eq!(cell(&l, 1).live_count, 1);
+        assert_eq!(cell(&l, 1).allocated_count, 2);
+        let t = l.totals(Class::Heap);
+        assert_eq!((t.live_bytes, t.live_count, t.peak_bytes), (200, 1, 300));
+    }
+
+    #[test]
+    fn realloc_of_unknown_block_counts_unmatched() {
+        let mut l = Ledger::new();
+        l.realloc(1, 0xdead, 0xb0, 64, key(0));
+        let s = l.state(&BTreeMap::new());
+        assert_eq!(s.unmatched_frees, 1);
+        assert_eq!(s.totals[&Class::Heap].live_bytes, 64);
+    }
+
+    #[test]
+    fn unmatched_free_changes_no_total() {
+        let mut l = Ledger::new();
+        l.alloc(1, 0x10, 8, key(0));
+        assert!(!l.free(1, 0x20));
+        assert!(!l.free(2, 0x10)); // same address, other process
+        let s = l.state(&BTreeMap::new());
+        assert_eq!(s.unmatched_frees, 2);
+        assert_eq!(s.totals[&Class::Heap].live_bytes, 8);
+    }
+
+    #[test]
+    fn reused_live_address_retires_old_block_as_missed_free() {
+        let mut l = Ledger::new();
+        l.alloc(1, 0x10, 8, key(0));
+        l.alloc(1, 0x10, 16, key(1));
+        let s = l.state(&BTreeMap::new());
+        assert_eq!(s.totals[&Class::Heap].live_bytes, 16);
+        assert_eq!(s.lost_events[MISSED_FREE], 1);
+        assert_eq!(cell(&l, 0).live_count, 0);
+    }
+
+    #[test]
+    fn series_reports_changed_cells_once() {
+        let mut l = Ledger::new();
+        l.alloc(1, 0x10, 8, key(0));
+        l.alloc(1, 0x20, 8, key(0));
+        l.alloc(1, 0x30, 8, key(1));
+        let s = l.take_series(1);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].live_bytes, 16);
+        assert!(l.take_series(2).is_empty());
+        l.free(1, 0x10);
+        let s = l.take_series(3);
+        assert_eq!((s.len(), s[0].live_bytes, s[0].t_s), (1, 8, 3));
+    }
+
+    #[test]
+    fn failures_group_by_key() {
+        let mut l = Ledger::new();
+        let f = FailureKey {
+            class: Class::Heap,
+            function: "malloc".into(),
+            size: 1 << 50,
+            error: "ENOMEM".into(),
+            stack: Some(3),
+        };
+        l.failure(f.clone());
+        l.failure(f.clone());
+        let s = l.state(&BTreeMap::new());
+        assert_eq!(s.failures[&f], 2);
+        assert!(s.totals.is_empty());
+    }
+}

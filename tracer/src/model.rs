@@ -1,0 +1,120 @@
+//! The data model shared by the ledger, the recording and the views.
+//!
+//! The ledger produces these values while tracing; the recording stores them; the report and the
+//! flamegraph read them back. Keeping one model makes the JSON contract (docs/recording.md) and the
+//! database schema two views of the same thing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How memory was obtained. The flamegraph's root frames and the report's totals are per class.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Class {
+    /// C allocator blocks (malloc and friends), counted at their requested size.
+    Heap,
+}
+
+impl Class {
+    pub const ALL: [Class; 1] = [Class::Heap];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Heap => "heap",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Class> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+/// Request phase. Only `none` exists until phase tracking lands.
+pub const PHASE_NONE: &str = "none";
+
+/// Index of a stack in the recording's stack table (dense, from 0).
+pub type StackIndex = u32;
+
+/// A symbolized user stack, innermost frame first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stack {
+    pub index: StackIndex,
+    /// Function names, innermost first, demangled; `[unknown]`-style placeholders (see
+    /// `symbolize`) where a frame could not be resolved.
+    pub frames: Vec<String>,
+}
+
+/// Counters of one (class, phase, stack) cell of the ledger.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackCounters {
+    pub live_bytes: u64,
+    pub live_count: u64,
+    pub allocated_bytes: u64,
+    pub allocated_count: u64,
+    pub freed_bytes: u64,
+    pub freed_count: u64,
+}
+
+/// Per-class totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassTotals {
+    pub live_bytes: u64,
+    pub live_count: u64,
+    /// Highest `live_bytes` seen at any event during the recording.
+    pub peak_bytes: u64,
+    pub allocated_bytes: u64,
+    pub allocated_count: u64,
+    pub freed_count: u64,
+}
+
+/// Key of a ledger cell.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CellKey {
+    pub class: Class,
+    pub phase: String,
+    /// `None`: the stack could not be captured (the cause is in `lost_events`).
+    pub stack: Option<StackIndex>,
+}
+
+/// Failed allocation calls, grouped by (class, function, size, error, stack).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FailureKey {
+    pub class: Class,
+    pub function: String,
+    pub size: u64,
+    /// Error name, e.g. `ENOMEM`, `EINVAL`.
+    pub error: String,
+    pub stack: Option<StackIndex>,
+}
+
+/// Metadata of the traced target.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub pids: Vec<u32>,
+    /// The command line, arguments separated by spaces.
+    pub command: String,
+}
+
+/// The ledger's state at one moment: everything a report needs. The recorder writes one of these
+/// (as a delta, see `recording`) every second and a last one when it finalizes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LedgerState {
+    pub totals: BTreeMap<Class, ClassTotals>,
+    pub cells: BTreeMap<CellKey, StackCounters>,
+    pub failures: BTreeMap<FailureKey, u64>,
+    /// Frees (and realloc sources) of blocks never seen allocated, e.g. allocated before attach.
+    pub unmatched_frees: u64,
+    /// Lost events and stacks by cause (`tracer_common::drop_cause::NAMES`, plus user-space causes).
+    pub lost_events: BTreeMap<String, u64>,
+}
+
+/// One point of the time series: live bytes of a (class, phase, stack) cell at a second.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeriesPoint {
+    /// Seconds since the recording started.
+    pub t_s: u64,
+    pub key: CellKey,
+    pub live_bytes: u64,
+    pub live_count: u64,
+}

@@ -1,0 +1,274 @@
+//! Where to attach: the allocator object a target maps, the file offsets of the hooked symbols,
+//! and the cheapest correct probe site in each function.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use object::{Object, ObjectSegment, ObjectSymbol};
+
+use crate::{
+    hooks::{HOOKS, Hook, Site},
+    target::TargetError,
+};
+
+/// One line of `/proc/PID/maps` that maps a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub file_offset: u64,
+    pub executable: bool,
+    pub inode: u64,
+    /// The path as the target sees it (its mount namespace), without a ` (deleted)` suffix.
+    pub path: String,
+    pub deleted: bool,
+}
+
+/// File-backed mappings of a process.
+pub fn read_maps(pid: u32) -> Result<Vec<Mapping>, TargetError> {
+    let text = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| TargetError::from_proc(pid, e))?;
+    Ok(parse_maps(&text))
+}
+
+pub fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let _dev = fields.next()?;
+    let inode: u64 = fields.next()?.parse().ok()?;
+    let path = fields.next()?.trim_start();
+    if inode == 0 || !path.starts_with('/') {
+        return None;
+    }
+    let (start, end) = range.split_once('-')?;
+    let (path, deleted) = match path.strip_suffix(" (deleted)") {
+        Some(p) => (p, true),
+        None => (path, false),
+    };
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        file_offset: u64::from_str_radix(offset, 16).ok()?,
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        inode,
+        path: path.to_string(),
+        deleted,
+    })
+}
+
+/// A path under which this process can open a file the target maps: through the target's root
+/// (containers), or through map_files for deleted files.
+pub fn open_path(pid: u32, m: &Mapping) -> PathBuf {
+    if m.deleted {
+        PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+    } else {
+        PathBuf::from(format!("/proc/{pid}/root{}", m.path))
+    }
+}
+
+/// Whether a path names a C library (glibc or musl).
+pub fn is_libc_name(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.starts_with("libc.so") || (base.starts_with("libc-") && base.contains(".so")) || base.starts_with("ld-musl-")
+}
+
+/// The object that provides the C allocator in `pid`: its C library, else (static executables)
+/// the first executable mapping that defines `malloc`.
+pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Result<AllocatorObject, TargetError> {
+    let mut candidates: Vec<&Mapping> = maps.iter().filter(|m| m.executable && is_libc_name(&m.path)).collect();
+    candidates.extend(maps.iter().filter(|m| m.executable && !is_libc_name(&m.path)));
+    let mut seen = Vec::new();
+    for m in candidates {
+        if seen.contains(&m.inode) {
+            continue;
+        }
+        seen.push(m.inode);
+        let path = open_path(pid, m);
+        if let Ok(points) = resolve_hooks(&path)
+            && points.iter().any(|p| p.hooks.iter().any(|h| h.symbol == "malloc"))
+        {
+            return Ok(AllocatorObject { target_path: m.path.clone(), open_path: path, points });
+        }
+    }
+    Err(TargetError::NoAllocator { pid })
+}
+
+/// The allocator object and its resolved attach points.
+#[derive(Debug)]
+pub struct AllocatorObject {
+    pub target_path: String,
+    pub open_path: PathBuf,
+    pub points: Vec<AttachPoint>,
+}
+
+/// One probe location: all hooks whose symbols resolve to the same function (aliases) share it.
+#[derive(Debug, Clone)]
+pub struct AttachPoint {
+    /// Hooks at this function, in table order; the first one's programs and cookie are used.
+    pub hooks: Vec<&'static Hook>,
+    /// File offset of the function's first instruction (return probes go here).
+    pub function_offset: u64,
+    /// File offset of the entry probe (may be past the entry, see `Site`).
+    pub entry_offset: u64,
+}
+
+impl AttachPoint {
+    pub fn hook(&self) -> &'static Hook {
+        self.hooks[0]
+    }
+
+    /// `memalign/aligned_alloc` for aliases.
+    pub fn name(&self) -> String {
+        self.hooks.iter().map(|h| h.symbol).collect::<Vec<_>>().join("/")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("cannot read `{path}`: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("`{path}` is not a readable ELF object: {source}")]
+    Parse { path: PathBuf, source: object::Error },
+}
+
+/// Resolves every hook of the table in the ELF object at `path` (missing symbols are skipped).
+pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ResolveError> {
+    let data = fs::read(path).map_err(|source| ResolveError::Read { path: path.into(), source })?;
+    let file = object::File::parse(&*data).map_err(|source| ResolveError::Parse { path: path.into(), source })?;
+
+    let wanted: Vec<&str> = HOOKS.iter().map(|h| h.symbol).collect();
+    let mut addrs: BTreeMap<&str, u64> = BTreeMap::new();
+    // .dynsym first: that is what callers bind to; .symtab for static executables.
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if sym.is_undefined() || sym.kind() != object::SymbolKind::Text || sym.address() == 0 {
+            continue;
+        }
+        if let Ok(name) = sym.name()
+            && let Some(w) = wanted.iter().find(|w| **w == name)
+        {
+            addrs.entry(w).or_insert(sym.address());
+        }
+    }
+
+    let mut by_offset: BTreeMap<u64, AttachPoint> = BTreeMap::new();
+    for hook in HOOKS {
+        let Some(&vaddr) = addrs.get(hook.symbol) else { continue };
+        let Some(offset) = vaddr_to_file_offset(&file, vaddr) else { continue };
+        let point = by_offset.entry(offset).or_insert_with(|| AttachPoint {
+            hooks: Vec::new(),
+            function_offset: offset,
+            entry_offset: offset,
+        });
+        point.hooks.push(hook);
+    }
+    let mut points: Vec<AttachPoint> = by_offset.into_values().collect();
+    for p in &mut points {
+        if p.hook().site == Site::AfterNullCheck {
+            let code = data.get(p.function_offset as usize..).unwrap_or(&[]);
+            p.entry_offset = p.function_offset + after_null_check(code);
+        }
+    }
+    points.sort_by_key(|p| p.hook().func as u32);
+    Ok(points)
+}
+
+fn vaddr_to_file_offset(file: &object::File, vaddr: u64) -> Option<u64> {
+    file.segments().find_map(|seg| {
+        let (file_start, file_size) = seg.file_range();
+        (vaddr >= seg.address() && vaddr < seg.address() + file_size).then(|| vaddr - seg.address() + file_start)
+    })
+}
+
+/// Offset of the first instruction past a leading `test %rdi,%rdi; je <out>` when that instruction
+/// is a `push` (emulated by the kernel's uprobe code, no single-step), else 0 (the entry).
+///
+/// At that site neither %rdi nor %rsp has changed, so the probe reads the same argument; only
+/// `free(NULL)`, a no-op, skips it.
+pub fn after_null_check(code: &[u8]) -> u64 {
+    let mut i = 0usize;
+    if code.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+        i = 4; // endbr64
+    }
+    if code.get(i..i + 3) != Some(&[0x48, 0x85, 0xff]) {
+        return 0; // not `test %rdi,%rdi`
+    }
+    i += 3;
+    let target = match code.get(i..) {
+        Some([0x74, rel, ..]) => (i + 2) as i64 + i64::from(*rel as i8),
+        Some([0x0f, 0x84, a, b, c, d, ..]) => (i + 6) as i64 + i64::from(i32::from_le_bytes([*a, *b, *c, *d])),
+        _ => return 0,
+    };
+    i += if code[i] == 0x74 { 2 } else { 6 };
+    if target <= i as i64 {
+        return 0; // the NULL path must leave forwards, past the site
+    }
+    let is_push = match code.get(i..) {
+        Some([op, ..]) if (0x50..=0x57).contains(op) => true,
+        Some([0x41, op, ..]) if (0x50..=0x57).contains(op) => true,
+        _ => false,
+    };
+    if is_push { i as u64 } else { 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let text = "7f00-7f80 r-xp 00028000 fe:01 1234   /usr/lib/x86_64-linux-gnu/libc.so.6\n\
+                    7f80-7f90 rw-p 00000000 00:00 0 \n\
+                    5500-5600 r-xp 00001000 fe:01 99 /tmp/a b (deleted)\n\
+                    7ffd-7ffe r-xp 00000000 00:00 0 [vdso]\n";
+        let maps = parse_maps(text);
+        assert_eq!(maps.len(), 2);
+        assert_eq!(maps[0].start, 0x7f00);
+        assert_eq!(maps[0].file_offset, 0x28000);
+        assert!(maps[0].executable && !maps[0].deleted);
+        assert_eq!(maps[1].path, "/tmp/a b");
+        assert!(maps[1].deleted);
+    }
+
+    #[test]
+    fn finds_the_push_after_glibc_free_null_check() {
+        // glibc 2.36 free: test %rdi,%rdi; je rel32; push %rbp
+        let code = [0x48, 0x85, 0xff, 0x0f, 0x84, 0x80, 0, 0, 0, 0x55, 0x48, 0x89, 0xe5];
+        assert_eq!(after_null_check(&code), 9);
+        // endbr64; test; je rel8; push %r12
+        let code = [0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x85, 0xff, 0x74, 0x20, 0x41, 0x54];
+        assert_eq!(after_null_check(&code), 9);
+    }
+
+    #[test]
+    fn falls_back_to_the_entry() {
+        // push at entry: nothing to skip
+        assert_eq!(after_null_check(&[0x55, 0x48, 0x89, 0xe5]), 0);
+        // test; je; mov (not emulated) -> entry
+        assert_eq!(after_null_check(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x48, 0x8b, 0x07]), 0);
+        // backwards jump -> entry
+        assert_eq!(after_null_check(&[0x48, 0x85, 0xff, 0x74, 0xf0, 0x55]), 0);
+        assert_eq!(after_null_check(&[]), 0);
+    }
+
+    #[test]
+    fn resolves_this_machines_libc_with_aliases_deduplicated() {
+        let maps = read_maps(std::process::id()).unwrap();
+        let alloc = find_allocator(std::process::id(), &maps).unwrap();
+        let names: Vec<String> = alloc.points.iter().map(|p| p.name()).collect();
+        assert!(names.contains(&"malloc".to_string()), "{names:?}");
+        assert!(names.contains(&"free".to_string()), "{names:?}");
+        let mut offsets: Vec<u64> = alloc.points.iter().map(|p| p.function_offset).collect();
+        offsets.dedup();
+        assert_eq!(offsets.len(), alloc.points.len(), "aliases share one point");
+        let hooks: usize = alloc.points.iter().map(|p| p.hooks.len()).sum();
+        assert_eq!(hooks, HOOKS.len(), "glibc provides every hooked function");
+    }
+}

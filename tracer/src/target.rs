@@ -1,0 +1,202 @@
+//! The traced process: checking a PID, launching a command stopped until its C library is mapped,
+//! and noticing when it exits.
+
+use std::{
+    ffi::OsString,
+    fs,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
+    process::Command,
+};
+
+use nix::{
+    sys::{
+        ptrace,
+        signal::Signal,
+        wait::{WaitStatus, waitpid},
+    },
+    unistd::Pid,
+};
+
+use crate::probes::resolve::{self, Mapping};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no process with PID {pid}: check the PID (ps -p {pid})")]
+    NoSuchProcess { pid: u32 },
+    #[error("process {pid} exited while alloctrace was attaching")]
+    ExitedDuringAttach { pid: u32 },
+    #[error("PID {pid} is a kernel thread: alloctrace traces user processes; pick the PID of a user-space process")]
+    KernelThread { pid: u32 },
+    #[error(
+        "process {pid} maps no C library with malloc (statically linked without symbols, or another allocator): alloctrace cannot find malloc to hook"
+    )]
+    NoAllocator { pid: u32 },
+    #[error("PID {pid} is alloctrace itself: pass the PID of the process to trace")]
+    SelfTarget { pid: u32 },
+    #[error("permission denied reading /proc/{pid}: run alloctrace as root")]
+    PermissionDenied { pid: u32 },
+    #[error("cannot start `{command}`: {source}")]
+    Spawn { command: String, source: io::Error },
+    #[error("`{command}` exited (status {status}) before its C library was loaded")]
+    CommandExitedEarly { command: String, status: String },
+    #[error("cannot read /proc/{pid}: {source}")]
+    Proc { pid: u32, source: io::Error },
+    #[error("cannot control the launched command: {0}")]
+    Ptrace(nix::Error),
+}
+
+impl TargetError {
+    pub fn from_proc(pid: u32, e: io::Error) -> TargetError {
+        match e.kind() {
+            io::ErrorKind::NotFound => TargetError::NoSuchProcess { pid },
+            io::ErrorKind::PermissionDenied => TargetError::PermissionDenied { pid },
+            _ if e.raw_os_error() == Some(libc::ESRCH) => TargetError::NoSuchProcess { pid },
+            _ => TargetError::Proc { pid, source: e },
+        }
+    }
+}
+
+/// `PF_KTHREAD` in /proc/PID/stat's flags field.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Checks that `pid` is a live user-space process other than ourselves; returns its command line.
+pub fn check_pid(pid: u32) -> Result<String, TargetError> {
+    if pid == std::process::id() {
+        return Err(TargetError::SelfTarget { pid });
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| TargetError::from_proc(pid, e))?;
+    // Fields after the parenthesized comm: state is field 3, flags field 9.
+    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return Err(TargetError::NoSuchProcess { pid });
+    }
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    if flags & PF_KTHREAD != 0 {
+        return Err(TargetError::KernelThread { pid });
+    }
+    command_line(pid)
+}
+
+/// The command line of `pid`, arguments joined by spaces.
+pub fn command_line(pid: u32) -> Result<String, TargetError> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| TargetError::from_proc(pid, e))?;
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Ok(args.join(" "))
+}
+
+/// A command launched by alloctrace, held stopped (under ptrace) until its allocator is mapped.
+pub struct LaunchedCommand {
+    pub pid: u32,
+    pub command: String,
+    /// Mappings at the moment the allocator appeared.
+    pub maps: Vec<Mapping>,
+}
+
+/// Starts `argv` stopped at its exec, then steps it syscall by syscall through the dynamic loader
+/// until an object defining `malloc` is mapped (at once for static executables). No code of the
+/// program itself has run when this returns: the loader maps every library before it runs any
+/// initializer. The caller attaches probes and then calls `release`.
+pub fn launch(argv: &[OsString]) -> Result<LaunchedCommand, TargetError> {
+    let command = argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    // SAFETY: PTRACE_TRACEME is async-signal-safe and only affects the child.
+    unsafe {
+        cmd.pre_exec(|| ptrace::traceme().map_err(io::Error::from));
+    }
+    let child = cmd.spawn().map_err(|source| TargetError::Spawn { command: command.clone(), source })?;
+    let pid = child.id();
+    let npid = Pid::from_raw(pid as i32);
+    // Dropping `child` neither kills nor waits; we reap it ourselves (see `ExitWatch`).
+    drop(child);
+
+    let exited = |status: String| TargetError::CommandExitedEarly { command: command.clone(), status };
+    match waitpid(npid, None).map_err(TargetError::Ptrace)? {
+        WaitStatus::Stopped(_, Signal::SIGTRAP) => {}
+        WaitStatus::Exited(_, code) => return Err(exited(code.to_string())),
+        other => return Err(exited(format!("{other:?}"))),
+    }
+    ptrace::setoptions(npid, ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL)
+        .map_err(TargetError::Ptrace)?;
+
+    let mut pending_signal: Option<Signal> = None;
+    let mut first_stop = true;
+    loop {
+        let maps = resolve::read_maps(pid)?;
+        // Look into ELF files only when it can succeed: a static executable at the first stop, or
+        // once a C library is mapped.
+        let worth_looking = first_stop || maps.iter().any(|m| m.executable && resolve::is_libc_name(&m.path));
+        first_stop = false;
+        if worth_looking && resolve::find_allocator(pid, &maps).is_ok() {
+            return Ok(LaunchedCommand { pid, command, maps });
+        }
+        ptrace::syscall(npid, pending_signal.take()).map_err(TargetError::Ptrace)?;
+        match waitpid(npid, None).map_err(TargetError::Ptrace)? {
+            WaitStatus::PtraceSyscall(_) => {}
+            WaitStatus::Stopped(_, sig) => pending_signal = Some(sig),
+            WaitStatus::Exited(_, code) => return Err(exited(code.to_string())),
+            WaitStatus::Signaled(_, sig, _) => return Err(exited(format!("killed by {sig}"))),
+            _ => {}
+        }
+    }
+}
+
+impl LaunchedCommand {
+    /// Lets the command run on, untraced by ptrace.
+    pub fn release(&self) -> Result<(), TargetError> {
+        ptrace::detach(Pid::from_raw(self.pid as i32), None).map_err(TargetError::Ptrace)
+    }
+}
+
+/// A pidfd that becomes readable when the process exits.
+pub struct ExitWatch {
+    pub fd: OwnedFd,
+    pid: u32,
+    /// True when we launched the process and must reap it.
+    pub is_child: bool,
+}
+
+impl ExitWatch {
+    pub fn new(pid: u32, is_child: bool) -> Result<ExitWatch, TargetError> {
+        // SAFETY: plain syscall; the returned fd is owned below.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(TargetError::from_proc(pid, io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(ExitWatch { fd, pid, is_child })
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// Whether the process has exited (non-blocking).
+    pub fn has_exited(&self) -> bool {
+        let mut pfd = libc::pollfd { fd: self.raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+    }
+
+    /// Reaps a launched command; returns how it ended.
+    pub fn reap(&self) -> Option<String> {
+        if !self.is_child {
+            return None;
+        }
+        match waitpid(Pid::from_raw(self.pid as i32), None) {
+            Ok(WaitStatus::Exited(_, code)) => Some(format!("exited with status {code}")),
+            Ok(WaitStatus::Signaled(_, sig, _)) => Some(format!("killed by {sig}")),
+            _ => None,
+        }
+    }
+}
