@@ -15,9 +15,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{ProbeContext, RetProbeContext, tracing::StackIdContext as _},
 };
-use tracer_common::{
-    HeapAllocEvent, HeapFn, HeapFreeEvent, InflightCall, drop_cause, event_kind,
-};
+use tracer_common::{HeapAllocEvent, HeapFn, HeapFreeEvent, InflightCall, drop_cause, event_kind};
 
 const ENOMEM: i32 = 12;
 const EEXIST: i32 = 17;
@@ -60,7 +58,13 @@ fn enter(func: u32, size: u64, old_addr: u64, memptr: u64) -> u32 {
         unsafe { (*call).depth += 1 };
         return 0;
     }
-    let call = InflightCall { size, old_addr, memptr, func, depth: 0 };
+    let call = InflightCall {
+        size,
+        old_addr,
+        memptr,
+        func,
+        depth: 0,
+    };
     if INFLIGHT.insert(&key, &call, 0).is_err() {
         count_drop(drop_cause::INFLIGHT_FULL);
     }
@@ -221,7 +225,11 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
         // realloc freeing its old block: the realloc event accounts for it.
         return 0;
     }
-    let event = HeapFreeEvent { kind: event_kind::HEAP_FREE, tgid: (key >> 32) as u32, addr };
+    let event = HeapFreeEvent {
+        kind: event_kind::HEAP_FREE,
+        tgid: (key >> 32) as u32,
+        addr,
+    };
     if EVENTS
         .output::<HeapFreeEvent>(&event, BPF_RB_NO_WAKEUP as u64)
         .is_err()

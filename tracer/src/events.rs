@@ -16,11 +16,15 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
     match kind {
         event_kind::HEAP_ALLOC if bytes.len() >= size_of::<HeapAllocEvent>() => {
             // SAFETY: length checked; HeapAllocEvent is plain old data; the record may be unaligned.
-            Some(Event::HeapAlloc(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }))
+            Some(Event::HeapAlloc(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast())
+            }))
         }
         event_kind::HEAP_FREE if bytes.len() >= size_of::<HeapFreeEvent>() => {
             // SAFETY: as above.
-            Some(Event::HeapFree(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }))
+            Some(Event::HeapFree(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast())
+            }))
         }
         _ => None,
     }
@@ -60,7 +64,11 @@ mod tests {
             func: 0,
         };
         assert_eq!(decode(&bytes(&a)), Some(Event::HeapAlloc(a)));
-        let f = HeapFreeEvent { kind: event_kind::HEAP_FREE, tgid: 7, addr: 0x1000 };
+        let f = HeapFreeEvent {
+            kind: event_kind::HEAP_FREE,
+            tgid: 7,
+            addr: 0x1000,
+        };
         assert_eq!(decode(&bytes(&f)), Some(Event::HeapFree(f)));
         assert_eq!(decode(&bytes(&a)[..20]), None);
         assert_eq!(decode(&[9, 0, 0, 0, 1, 2, 3, 4]), None);

@@ -15,7 +15,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::model::{
-    CellKey, Class, ClassTotals, FailureKey, LedgerState, PHASE_NONE, SeriesPoint, StackCounters, StackIndex,
+    CellKey, Class, ClassTotals, FailureKey, LedgerState, PHASE_NONE, SeriesPoint, StackCounters,
+    StackIndex,
 };
 
 /// Lost-event cause counted by the ledger itself (see module docs).
@@ -40,7 +41,11 @@ pub struct CellRef {
 
 impl CellRef {
     pub fn new(class: Class, stack: Option<StackIndex>) -> CellRef {
-        CellRef { class, phase: 0, stack }
+        CellRef {
+            class,
+            phase: 0,
+            stack,
+        }
     }
 }
 
@@ -96,7 +101,11 @@ impl Ledger {
             return i;
         }
         let i = self.cells.len() as u32;
-        let key = CellKey { class: at.class, phase: self.phases[at.phase as usize].clone(), stack: at.stack };
+        let key = CellKey {
+            class: at.class,
+            phase: self.phases[at.phase as usize].clone(),
+            stack: at.stack,
+        };
         self.cells.push((key, StackCounters::default()));
         self.dirty_flag.push(false);
         self.cell_index.insert(at, i);
@@ -225,7 +234,11 @@ mod tests {
     }
 
     fn cell(l: &Ledger, stack: u32) -> StackCounters {
-        let key = CellKey { class: Class::Heap, phase: PHASE_NONE.into(), stack: Some(stack) };
+        let key = CellKey {
+            class: Class::Heap,
+            phase: PHASE_NONE.into(),
+            stack: Some(stack),
+        };
         l.state(&BTreeMap::new()).cells[&key]
     }
 
@@ -240,7 +253,10 @@ mod tests {
         }
         let t = l.totals(Class::Heap);
         assert_eq!((t.live_bytes, t.live_count), (0, 0));
-        assert_eq!((t.allocated_bytes, t.allocated_count, t.freed_count), (4800, 100, 100));
+        assert_eq!(
+            (t.allocated_bytes, t.allocated_count, t.freed_count),
+            (4800, 100, 100)
+        );
         assert_eq!(t.peak_bytes, 4800);
         assert_eq!(l.live_blocks(), 0);
     }

@@ -4,10 +4,7 @@
 //! containers work), using a snapshot of its mappings refreshed while it lives. Stacks seen just
 //! before the target exits are therefore still symbolized after it is gone.
 
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-};
+use std::{collections::HashMap, path::PathBuf};
 
 use aya::maps::{MapData, StackTraceMap};
 use blazesym::symbolize::{self, Symbolizer, source::Source};
@@ -74,7 +71,10 @@ impl StackTable {
     pub fn take_new(&mut self, names: &mut FrameNamer) -> Vec<Stack> {
         std::mem::take(&mut self.pending)
             .into_iter()
-            .map(|(index, ips)| Stack { index, frames: names.name_stack(&ips) })
+            .map(|(index, ips)| Stack {
+                index,
+                frames: names.name_stack(&ips),
+            })
             .collect()
     }
 }
@@ -90,14 +90,23 @@ pub struct FrameNamer {
 impl FrameNamer {
     pub fn new(pid: u32, maps: Vec<Mapping>) -> FrameNamer {
         let maps = maps.into_iter().filter(|m| m.executable).collect();
-        FrameNamer { pid, maps, symbolizer: Symbolizer::new(), cache: HashMap::new() }
+        FrameNamer {
+            pid,
+            maps,
+            symbolizer: Symbolizer::new(),
+            cache: HashMap::new(),
+        }
     }
 
     /// Re-reads the target's mappings (libraries loaded later); keeps the old ones if it is gone.
     pub fn refresh(&mut self) {
         if let Ok(maps) = resolve::read_maps(self.pid) {
             for m in maps.into_iter().filter(|m| m.executable) {
-                if !self.maps.iter().any(|old| old.start == m.start && old.inode == m.inode) {
+                if !self
+                    .maps
+                    .iter()
+                    .any(|old| old.start == m.start && old.inode == m.inode)
+                {
                     self.maps.push(m);
                 }
             }
@@ -128,7 +137,10 @@ impl FrameNamer {
                 let fallback_path = PathBuf::from(&m.path);
                 let src_path = if path.exists() { path } else { fallback_path };
                 let src = Source::Elf(symbolize::source::Elf::new(src_path));
-                match self.symbolizer.symbolize_single(&src, symbolize::Input::FileOffset(offset)) {
+                match self
+                    .symbolizer
+                    .symbolize_single(&src, symbolize::Input::FileOffset(offset))
+                {
                     Ok(symbolize::Symbolized::Sym(sym)) => sym.name.into_owned(),
                     _ => {
                         let base = m.path.rsplit('/').next().unwrap_or(&m.path);

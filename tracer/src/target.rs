@@ -3,8 +3,7 @@
 
 use std::{
     ffi::OsString,
-    fs,
-    io,
+    fs, io,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::process::CommandExt,
@@ -29,7 +28,9 @@ pub enum TargetError {
     NoSuchProcess { pid: u32 },
     #[error("process {pid} exited while alloctrace was attaching")]
     ExitedDuringAttach { pid: u32 },
-    #[error("PID {pid} is a kernel thread: alloctrace traces user processes; pick the PID of a user-space process")]
+    #[error(
+        "PID {pid} is a kernel thread: alloctrace traces user processes; pick the PID of a user-space process"
+    )]
     KernelThread { pid: u32 },
     #[error(
         "process {pid} maps no C library with malloc (statically linked without symbols, or another allocator): alloctrace cannot find malloc to hook"
@@ -68,7 +69,8 @@ pub fn check_pid(pid: u32) -> Result<String, TargetError> {
     if pid == std::process::id() {
         return Err(TargetError::SelfTarget { pid });
     }
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| TargetError::from_proc(pid, e))?;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| TargetError::from_proc(pid, e))?;
     // Fields after the parenthesized comm: state is field 3, flags field 9.
     let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
@@ -84,7 +86,8 @@ pub fn check_pid(pid: u32) -> Result<String, TargetError> {
 
 /// The command line of `pid`, arguments joined by spaces.
 pub fn command_line(pid: u32) -> Result<String, TargetError> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| TargetError::from_proc(pid, e))?;
+    let raw =
+        fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| TargetError::from_proc(pid, e))?;
     let args: Vec<String> = raw
         .split(|b| *b == 0)
         .filter(|a| !a.is_empty())
@@ -106,27 +109,40 @@ pub struct LaunchedCommand {
 /// program itself has run when this returns: the loader maps every library before it runs any
 /// initializer. The caller attaches probes and then calls `release`.
 pub fn launch(argv: &[OsString]) -> Result<LaunchedCommand, TargetError> {
-    let command = argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+    let command = argv
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     // SAFETY: PTRACE_TRACEME is async-signal-safe and only affects the child.
     unsafe {
         cmd.pre_exec(|| ptrace::traceme().map_err(io::Error::from));
     }
-    let child = cmd.spawn().map_err(|source| TargetError::Spawn { command: command.clone(), source })?;
+    let child = cmd.spawn().map_err(|source| TargetError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
     let pid = child.id();
     let npid = Pid::from_raw(pid as i32);
     // Dropping `child` neither kills nor waits; we reap it ourselves (see `ExitWatch`).
     drop(child);
 
-    let exited = |status: String| TargetError::CommandExitedEarly { command: command.clone(), status };
+    let exited = |status: String| TargetError::CommandExitedEarly {
+        command: command.clone(),
+        status,
+    };
     match waitpid(npid, None).map_err(TargetError::Ptrace)? {
         WaitStatus::Stopped(_, Signal::SIGTRAP) => {}
         WaitStatus::Exited(_, code) => return Err(exited(code.to_string())),
         other => return Err(exited(format!("{other:?}"))),
     }
-    ptrace::setoptions(npid, ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL)
-        .map_err(TargetError::Ptrace)?;
+    ptrace::setoptions(
+        npid,
+        ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
+    )
+    .map_err(TargetError::Ptrace)?;
 
     let mut pending_signal: Option<Signal> = None;
     let mut first_stop = true;
@@ -134,7 +150,10 @@ pub fn launch(argv: &[OsString]) -> Result<LaunchedCommand, TargetError> {
         let maps = resolve::read_maps(pid)?;
         // Look into ELF files only when it can succeed: a static executable at the first stop, or
         // once a C library is mapped.
-        let worth_looking = first_stop || maps.iter().any(|m| m.executable && resolve::is_libc_name(&m.path));
+        let worth_looking = first_stop
+            || maps
+                .iter()
+                .any(|m| m.executable && resolve::is_libc_name(&m.path));
         first_stop = false;
         if worth_looking && resolve::find_allocator(pid, &maps).is_ok() {
             return Ok(LaunchedCommand { pid, command, maps });
@@ -183,7 +202,11 @@ impl ExitWatch {
 
     /// Whether the process has exited (non-blocking).
     pub fn has_exited(&self) -> bool {
-        let mut pfd = libc::pollfd { fd: self.raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd, zero timeout.
         unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
     }

@@ -7,7 +7,10 @@ use std::{io, num::NonZeroU32};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
-    programs::{ProgramError, UProbe, uprobe::UProbeAttachPoint, uprobe::UProbeAttachLocation, uprobe::UProbeScope},
+    programs::{
+        ProgramError, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeAttachPoint,
+        uprobe::UProbeScope,
+    },
 };
 use tracer_common::drop_cause;
 
@@ -28,20 +31,32 @@ pub struct ProbeConfig {
 
 impl Default for ProbeConfig {
     fn default() -> Self {
-        ProbeConfig { ring_bytes: 16 << 20, stack_entries: 16384, floor: false }
+        ProbeConfig {
+            ring_bytes: 16 << 20,
+            stack_entries: 16384,
+            floor: false,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("loading eBPF programs needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN): run alloctrace as root")]
+    #[error(
+        "loading eBPF programs needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN): run alloctrace as root"
+    )]
     NotPermitted,
-    #[error("this kernel cannot load alloctrace's eBPF programs ({0}): alloctrace needs Linux >= 5.15 with BTF, uprobes and ring buffers")]
+    #[error(
+        "this kernel cannot load alloctrace's eBPF programs ({0}): alloctrace needs Linux >= 5.15 with BTF, uprobes and ring buffers"
+    )]
     Load(String),
     #[error(
         "cannot attach to {symbol} in {path}: {reason}; if dmesg says 'ref_ctr_offset mismatch', another tool holds a probe on the same function: stop it and retry"
     )]
-    Attach { symbol: String, path: String, reason: String },
+    Attach {
+        symbol: String,
+        path: String,
+        reason: String,
+    },
 }
 
 fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -88,19 +103,37 @@ impl HeapProbes {
             .map_max_entries("EVENTS", config.ring_bytes)
             .map_max_entries("STACKS", config.stack_entries)
             .load(EBPF_OBJECT)
-            .map_err(|e| if is_eperm(&e) { ProbeError::NotPermitted } else { ProbeError::Load(chain(&e)) })?;
-        Ok(HeapProbes { ebpf, config, attached: Vec::new() })
+            .map_err(|e| {
+                if is_eperm(&e) {
+                    ProbeError::NotPermitted
+                } else {
+                    ProbeError::Load(chain(&e))
+                }
+            })?;
+        Ok(HeapProbes {
+            ebpf,
+            config,
+            attached: Vec::new(),
+        })
     }
 
     fn program(&mut self, name: &str) -> Result<&mut UProbe, ProbeError> {
         let prog: &mut UProbe = self
             .ebpf
             .program_mut(name)
-            .ok_or_else(|| ProbeError::Load(format!("program {name} missing from the eBPF object")))?
+            .ok_or_else(|| {
+                ProbeError::Load(format!("program {name} missing from the eBPF object"))
+            })?
             .try_into()
             .map_err(|e: ProgramError| ProbeError::Load(chain(&e)))?;
         if prog.fd().is_err() {
-            prog.load().map_err(|e| if is_eperm(&e) { ProbeError::NotPermitted } else { ProbeError::Load(chain(&e)) })?;
+            prog.load().map_err(|e| {
+                if is_eperm(&e) {
+                    ProbeError::NotPermitted
+                } else {
+                    ProbeError::Load(chain(&e))
+                }
+            })?;
         }
         Ok(prog)
     }
@@ -115,24 +148,40 @@ impl HeapProbes {
                 let hook = point.hook();
                 let (program, offset) = if pass_returns {
                     match hook.return_program {
-                        Some(p) => (if floor { "floor_return" } else { p }, point.function_offset),
+                        Some(p) => (
+                            if floor { "floor_return" } else { p },
+                            point.function_offset,
+                        ),
                         None => continue,
                     }
                 } else {
-                    (if floor { "floor_enter" } else { hook.entry_program }, point.entry_offset)
+                    (
+                        if floor {
+                            "floor_enter"
+                        } else {
+                            hook.entry_program
+                        },
+                        point.entry_offset,
+                    )
                 };
                 let attach_point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(offset),
                     cookie: Some(hook.func as u64),
                 };
                 let path = object.open_path.clone();
-                self.program(program)?.attach(attach_point, &path, scope).map_err(|e| {
-                    if is_eperm(&e) {
-                        ProbeError::NotPermitted
-                    } else {
-                        ProbeError::Attach { symbol: point.name(), path: object.target_path.clone(), reason: chain(&e) }
-                    }
-                })?;
+                self.program(program)?
+                    .attach(attach_point, &path, scope)
+                    .map_err(|e| {
+                        if is_eperm(&e) {
+                            ProbeError::NotPermitted
+                        } else {
+                            ProbeError::Attach {
+                                symbol: point.name(),
+                                path: object.target_path.clone(),
+                                reason: chain(&e),
+                            }
+                        }
+                    })?;
             }
         }
         self.attached = object.points.iter().map(|p| p.name()).collect();
@@ -140,18 +189,24 @@ impl HeapProbes {
     }
 
     pub fn take_ring(&mut self) -> RingBuf<MapData> {
-        RingBuf::try_from(self.ebpf.take_map("EVENTS").expect("EVENTS map")).expect("EVENTS is a ring buffer")
+        RingBuf::try_from(self.ebpf.take_map("EVENTS").expect("EVENTS map"))
+            .expect("EVENTS is a ring buffer")
     }
 
     pub fn stacks(&self) -> StackTraceMap<&MapData> {
-        StackTraceMap::try_from(self.ebpf.map("STACKS").expect("STACKS map")).expect("STACKS is a stack map")
+        StackTraceMap::try_from(self.ebpf.map("STACKS").expect("STACKS map"))
+            .expect("STACKS is a stack map")
     }
 
     /// Drop counters summed over CPUs, by `drop_cause`.
     pub fn drops(&self) -> [u64; drop_cause::COUNT as usize] {
         let mut out = [0u64; drop_cause::COUNT as usize];
-        let Some(map) = self.ebpf.map("DROPS") else { return out };
-        let Ok(array) = PerCpuArray::<&MapData, u64>::try_from(map) else { return out };
+        let Some(map) = self.ebpf.map("DROPS") else {
+            return out;
+        };
+        let Ok(array) = PerCpuArray::<&MapData, u64>::try_from(map) else {
+            return out;
+        };
         for (i, slot) in out.iter_mut().enumerate() {
             if let Ok(values) = array.get(&(i as u32), 0) {
                 *slot = values.iter().sum();

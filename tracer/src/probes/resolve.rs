@@ -29,7 +29,8 @@ pub struct Mapping {
 
 /// File-backed mappings of a process.
 pub fn read_maps(pid: u32) -> Result<Vec<Mapping>, TargetError> {
-    let text = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| TargetError::from_proc(pid, e))?;
+    let text = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| TargetError::from_proc(pid, e))?;
     Ok(parse_maps(&text))
 }
 
@@ -77,14 +78,22 @@ pub fn open_path(pid: u32, m: &Mapping) -> PathBuf {
 /// Whether a path names a C library (glibc or musl).
 pub fn is_libc_name(path: &str) -> bool {
     let base = path.rsplit('/').next().unwrap_or(path);
-    base.starts_with("libc.so") || (base.starts_with("libc-") && base.contains(".so")) || base.starts_with("ld-musl-")
+    base.starts_with("libc.so")
+        || (base.starts_with("libc-") && base.contains(".so"))
+        || base.starts_with("ld-musl-")
 }
 
 /// The object that provides the C allocator in `pid`: its C library, else (static executables)
 /// the first executable mapping that defines `malloc`.
 pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Result<AllocatorObject, TargetError> {
-    let mut candidates: Vec<&Mapping> = maps.iter().filter(|m| m.executable && is_libc_name(&m.path)).collect();
-    candidates.extend(maps.iter().filter(|m| m.executable && !is_libc_name(&m.path)));
+    let mut candidates: Vec<&Mapping> = maps
+        .iter()
+        .filter(|m| m.executable && is_libc_name(&m.path))
+        .collect();
+    candidates.extend(
+        maps.iter()
+            .filter(|m| m.executable && !is_libc_name(&m.path)),
+    );
     let mut seen = Vec::new();
     for m in candidates {
         if seen.contains(&m.inode) {
@@ -93,9 +102,15 @@ pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Result<AllocatorObject, Tar
         seen.push(m.inode);
         let path = open_path(pid, m);
         if let Ok(points) = resolve_hooks(&path)
-            && points.iter().any(|p| p.hooks.iter().any(|h| h.symbol == "malloc"))
+            && points
+                .iter()
+                .any(|p| p.hooks.iter().any(|h| h.symbol == "malloc"))
         {
-            return Ok(AllocatorObject { target_path: m.path.clone(), open_path: path, points });
+            return Ok(AllocatorObject {
+                target_path: m.path.clone(),
+                open_path: path,
+                points,
+            });
         }
     }
     Err(TargetError::NoAllocator { pid })
@@ -127,22 +142,38 @@ impl AttachPoint {
 
     /// `memalign/aligned_alloc` for aliases.
     pub fn name(&self) -> String {
-        self.hooks.iter().map(|h| h.symbol).collect::<Vec<_>>().join("/")
+        self.hooks
+            .iter()
+            .map(|h| h.symbol)
+            .collect::<Vec<_>>()
+            .join("/")
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error("cannot read `{path}`: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`{path}` is not a readable ELF object: {source}")]
-    Parse { path: PathBuf, source: object::Error },
+    Parse {
+        path: PathBuf,
+        source: object::Error,
+    },
 }
 
 /// Resolves every hook of the table in the ELF object at `path` (missing symbols are skipped).
 pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ResolveError> {
-    let data = fs::read(path).map_err(|source| ResolveError::Read { path: path.into(), source })?;
-    let file = object::File::parse(&*data).map_err(|source| ResolveError::Parse { path: path.into(), source })?;
+    let data = fs::read(path).map_err(|source| ResolveError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let file = object::File::parse(&*data).map_err(|source| ResolveError::Parse {
+        path: path.into(),
+        source,
+    })?;
 
     let wanted: Vec<&str> = HOOKS.iter().map(|h| h.symbol).collect();
     let mut addrs: BTreeMap<&str, u64> = BTreeMap::new();
@@ -160,8 +191,12 @@ pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ResolveError> {
 
     let mut by_offset: BTreeMap<u64, AttachPoint> = BTreeMap::new();
     for hook in HOOKS {
-        let Some(&vaddr) = addrs.get(hook.symbol) else { continue };
-        let Some(offset) = vaddr_to_file_offset(&file, vaddr) else { continue };
+        let Some(&vaddr) = addrs.get(hook.symbol) else {
+            continue;
+        };
+        let Some(offset) = vaddr_to_file_offset(&file, vaddr) else {
+            continue;
+        };
         let point = by_offset.entry(offset).or_insert_with(|| AttachPoint {
             hooks: Vec::new(),
             function_offset: offset,
@@ -183,7 +218,8 @@ pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ResolveError> {
 fn vaddr_to_file_offset(file: &object::File, vaddr: u64) -> Option<u64> {
     file.segments().find_map(|seg| {
         let (file_start, file_size) = seg.file_range();
-        (vaddr >= seg.address() && vaddr < seg.address() + file_size).then(|| vaddr - seg.address() + file_start)
+        (vaddr >= seg.address() && vaddr < seg.address() + file_size)
+            .then(|| vaddr - seg.address() + file_start)
     })
 }
 
@@ -203,7 +239,9 @@ pub fn after_null_check(code: &[u8]) -> u64 {
     i += 3;
     let target = match code.get(i..) {
         Some([0x74, rel, ..]) => (i + 2) as i64 + i64::from(*rel as i8),
-        Some([0x0f, 0x84, a, b, c, d, ..]) => (i + 6) as i64 + i64::from(i32::from_le_bytes([*a, *b, *c, *d])),
+        Some([0x0f, 0x84, a, b, c, d, ..]) => {
+            (i + 6) as i64 + i64::from(i32::from_le_bytes([*a, *b, *c, *d]))
+        }
         _ => return 0,
     };
     i += if code[i] == 0x74 { 2 } else { 6 };
@@ -240,10 +278,14 @@ mod tests {
     #[test]
     fn finds_the_push_after_glibc_free_null_check() {
         // glibc 2.36 free: test %rdi,%rdi; je rel32; push %rbp
-        let code = [0x48, 0x85, 0xff, 0x0f, 0x84, 0x80, 0, 0, 0, 0x55, 0x48, 0x89, 0xe5];
+        let code = [
+            0x48, 0x85, 0xff, 0x0f, 0x84, 0x80, 0, 0, 0, 0x55, 0x48, 0x89, 0xe5,
+        ];
         assert_eq!(after_null_check(&code), 9);
         // endbr64; test; je rel8; push %r12
-        let code = [0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x85, 0xff, 0x74, 0x20, 0x41, 0x54];
+        let code = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x85, 0xff, 0x74, 0x20, 0x41, 0x54,
+        ];
         assert_eq!(after_null_check(&code), 9);
     }
 
@@ -252,7 +294,10 @@ mod tests {
         // push at entry: nothing to skip
         assert_eq!(after_null_check(&[0x55, 0x48, 0x89, 0xe5]), 0);
         // test; je; mov (not emulated) -> entry
-        assert_eq!(after_null_check(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x48, 0x8b, 0x07]), 0);
+        assert_eq!(
+            after_null_check(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x48, 0x8b, 0x07]),
+            0
+        );
         // backwards jump -> entry
         assert_eq!(after_null_check(&[0x48, 0x85, 0xff, 0x74, 0xf0, 0x55]), 0);
         assert_eq!(after_null_check(&[]), 0);
