@@ -1,0 +1,525 @@
+//! Reading a recording back, finalized or not, without ever modifying it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io::{self, Read},
+    path::{Path, PathBuf},
+};
+
+use rusqlite::{Connection, OpenFlags, types::Value};
+
+use super::{
+    Recorded, RecordingError, TotalsPoint,
+    schema::{APPLICATION_ID, SCHEMA_VERSION, from_sql, meta},
+    sidecar,
+};
+use crate::{
+    model::{
+        CellKey, Class, ClassTotals, FailureKey, LedgerState, SeriesPoint, Stack, StackCounters,
+        StackIndex, TargetInfo,
+    },
+    output::io_reason,
+};
+
+/// The first 16 bytes of every SQLite database file.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+pub struct Reader;
+
+/// How much of the per-cell time series `Reader::open_with` loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeriesRead {
+    /// Every point: what a time-series view needs. Hours of a busy target are millions of
+    /// points (tens of bytes each in memory).
+    All,
+    /// Only the points at the first second and each cell's last point: enough for growth from
+    /// start to end (the text report), in memory proportional to the cells.
+    Endpoints,
+    /// None: the JSON report and the flame graph use the final state only.
+    Nothing,
+}
+
+impl Reader {
+    /// Reads the whole recording at `path`. A recording whose tracer was killed opens too
+    /// (`complete` is false), with the data of its last commit, also when its `-wal` file is still
+    /// beside it. The file is opened read-only: reading never changes it.
+    pub fn open(path: &Path) -> Result<Recorded, RecordingError> {
+        Self::open_with(path, SeriesRead::All)
+    }
+
+    /// `open`, loading only `series` of the per-cell time series (`Recorded::series`).
+    pub fn open_with(path: &Path, series: SeriesRead) -> Result<Recorded, RecordingError> {
+        match Self::read(path, series) {
+            // Say "truncated" only when the header proves it: a copy or download cut short is
+            // the common case, and its remedy differs.
+            Err(RecordingError::Corrupt { path, detail }) => match truncation(&path) {
+                Some((size, expected)) => Err(RecordingError::Truncated {
+                    path,
+                    size,
+                    expected,
+                }),
+                None => Err(RecordingError::Corrupt { path, detail }),
+            },
+            other => other,
+        }
+    }
+
+    fn read(path: &Path, series: SeriesRead) -> Result<Recorded, RecordingError> {
+        let wal_mode = check_file(path)?;
+        let ReadOnly { conn, created_shm } =
+            open_read_only(path, wal_mode).map_err(|e| read_error(path, e))?;
+        let reading = Reading {
+            conn: &conn,
+            path: path.to_path_buf(),
+        };
+        let recorded = reading.verify().and_then(|schema| {
+            reading.read_all(schema, series).map_err(|e| match e {
+                ReadFailure::Sqlite(e) => read_error(path, e),
+                ReadFailure::Recording(e) => e,
+            })
+        });
+        drop(conn);
+        if let Some(shm) = created_shm {
+            let _ = std::fs::remove_file(shm);
+        }
+        recorded
+    }
+}
+
+/// A read-only connection, and the `-shm` file SQLite had to create for it (to remove after
+/// closing it).
+struct ReadOnly {
+    conn: Connection,
+    created_shm: Option<PathBuf>,
+}
+
+/// Opens `path` for reading, leaving nothing beside it afterwards.
+///
+/// A finalized recording is a plain database file. One whose tracer was killed is in WAL mode,
+/// and SQLite creates the `-wal` and `-shm` files it lacks (when only the main file, or no
+/// `-shm`, was copied) and leaves them behind. So: without a `-wal` there is nothing to replay
+/// and the file is read as immutable; a `-wal` without a `-shm` needs SQLite's index of the log,
+/// which it builds in a new `-shm`, removed after reading (no writer can be using it: a live
+/// writer always has its `-shm`).
+fn open_read_only(path: &Path, wal_mode: bool) -> rusqlite::Result<ReadOnly> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if wal_mode && !sidecar(path, "-wal").exists() {
+        let conn = Connection::open_with_flags(
+            format!("{}?immutable=1", file_uri(path)),
+            flags | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        return Ok(ReadOnly {
+            conn,
+            created_shm: None,
+        });
+    }
+    let shm = sidecar(path, "-shm");
+    let created_shm = (wal_mode && !shm.exists()).then_some(shm);
+    let conn = Connection::open_with_flags(path, flags)?;
+    // A live recorder can hold the log's index for a moment (at a checkpoint): wait, not fail.
+    conn.busy_timeout(std::time::Duration::from_secs(2))?;
+    Ok(ReadOnly { conn, created_shm })
+}
+
+/// `path` as an SQLite `file:` URI, percent-encoding all but unreserved characters and `/`.
+fn file_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file:");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri
+}
+
+/// Checks what the file system can tell before SQLite gets the file, for precise messages: a
+/// missing file, a directory, an empty file, a file that is not SQLite at all. Returns whether
+/// the file is in WAL mode (a recording not finalized).
+fn check_file(path: &Path) -> Result<bool, RecordingError> {
+    let p = || path.to_path_buf();
+    let metadata = std::fs::metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => RecordingError::NotFound { path: p() },
+        _ => RecordingError::Unreadable {
+            path: p(),
+            reason: io_reason(&e),
+        },
+    })?;
+    if metadata.is_dir() {
+        return Err(RecordingError::IsDirectory { path: p() });
+    }
+    if metadata.len() == 0 {
+        return Err(RecordingError::Empty { path: p() });
+    }
+    let mut header = Vec::with_capacity(100);
+    File::open(path)
+        .and_then(|f| f.take(100).read_to_end(&mut header))
+        .map_err(|e| RecordingError::Unreadable {
+            path: p(),
+            reason: io_reason(&e),
+        })?;
+    if !header.starts_with(SQLITE_MAGIC) {
+        return Err(RecordingError::NotSqlite { path: p() });
+    }
+    // File format write/read versions at offsets 18 and 19: 2 means WAL.
+    Ok(header.len() >= 20 && (header[18] == 2 || header[19] == 2))
+}
+
+/// (file size, size from the header) when the file is shorter than its SQLite header says.
+fn truncation(path: &Path) -> Option<(u64, u64)> {
+    let mut header = [0u8; 100];
+    File::open(path).ok()?.read_exact(&mut header).ok();
+    let actual = std::fs::metadata(path).ok()?.len();
+    let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().unwrap());
+    // Page size at 16 (1 means 65536); page count at 28, valid when the change counter at 24
+    // equals the "version valid for" number at 92.
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65536,
+        n => u64::from(n),
+    };
+    if page_size < 512 || be32(24) != be32(92) {
+        return None;
+    }
+    let expected = page_size * u64::from(be32(28));
+    (actual < expected).then_some((actual, expected))
+}
+
+/// A SQLite error while reading, as the most precise `RecordingError`.
+fn read_error(path: &Path, e: rusqlite::Error) -> RecordingError {
+    use rusqlite::ErrorCode;
+    let p = path.to_path_buf();
+    match &e {
+        rusqlite::Error::SqliteFailure(f, msg) => {
+            let detail = msg
+                .clone()
+                .unwrap_or_else(|| f.to_string())
+                .replace('\n', " ");
+            match f.code {
+                ErrorCode::NotADatabase => RecordingError::NotSqlite { path: p },
+                ErrorCode::PermissionDenied | ErrorCode::CannotOpen => RecordingError::Unreadable {
+                    path: p,
+                    reason: detail,
+                },
+                // Malformed pages, short reads of a cut file, missing tables or columns: all
+                // mean the file is not what the writer left.
+                _ => RecordingError::Corrupt { path: p, detail },
+            }
+        }
+        other => RecordingError::Corrupt {
+            path: p,
+            detail: other.to_string().replace('\n', " "),
+        },
+    }
+}
+
+enum ReadFailure {
+    Sqlite(rusqlite::Error),
+    Recording(RecordingError),
+}
+
+impl From<rusqlite::Error> for ReadFailure {
+    fn from(e: rusqlite::Error) -> Self {
+        ReadFailure::Sqlite(e)
+    }
+}
+
+impl From<RecordingError> for ReadFailure {
+    fn from(e: RecordingError) -> Self {
+        ReadFailure::Recording(e)
+    }
+}
+
+struct Reading<'a> {
+    conn: &'a Connection,
+    path: PathBuf,
+}
+
+impl Reading<'_> {
+    fn corrupt(&self, detail: impl Into<String>) -> RecordingError {
+        RecordingError::Corrupt {
+            path: self.path.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Structure, identity and version, before any table is read. Returns the schema version.
+    fn verify(&self) -> Result<u32, RecordingError> {
+        let read_err = |e| read_error(&self.path, e);
+        // quick_check reads every page of every b-tree (not the index contents): a cut or
+        // overwritten file fails here rather than halfway through reading.
+        let mut check = self
+            .conn
+            .prepare("PRAGMA quick_check(1)")
+            .map_err(read_err)?;
+        let verdict: String = check.query_row([], |r| r.get(0)).map_err(read_err)?;
+        if verdict != "ok" {
+            let problem = verdict
+                .trim_start_matches("*** in database main ***")
+                .trim();
+            return Err(self.corrupt(format!("integrity check: {}", problem.replace('\n', " "))));
+        }
+        let application_id: i32 = self
+            .conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .map_err(read_err)?;
+        if application_id != APPLICATION_ID {
+            return Err(RecordingError::NotRecording {
+                path: self.path.clone(),
+            });
+        }
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(read_err)?;
+        if version > i64::from(SCHEMA_VERSION) {
+            return Err(RecordingError::NewerSchema {
+                path: self.path.clone(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < 1 {
+            return Err(self.corrupt(format!("schema version {version}")));
+        }
+        Ok(version as u32)
+    }
+
+    fn read_all(&self, schema: u32, series_read: SeriesRead) -> Result<Recorded, ReadFailure> {
+        // One read transaction: a recording being written meanwhile is read at one commit.
+        self.conn.execute_batch("BEGIN")?;
+        let meta = self.read_meta()?;
+        let stacks = self.read_stacks()?;
+        let (cells, keys_by_id) = self.read_cells()?;
+        let totals = self.read_totals()?;
+        let failures = self.read_failures()?;
+        let lost_events = self.read_lost_events()?;
+        let series = self.read_series(&keys_by_id, series_read)?;
+        let totals_series = self.read_totals_series()?;
+        self.conn.execute_batch("COMMIT")?;
+
+        let int = |key: &str| -> Result<Option<u64>, RecordingError> {
+            match meta.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Integer(i)) => Ok(Some(from_sql(*i))),
+                Some(other) => Err(self.corrupt(format!("meta `{key}` is {other:?}"))),
+            }
+        };
+        let text = |key: &str| -> Result<String, RecordingError> {
+            match meta.get(key) {
+                Some(Value::Text(s)) => Ok(s.clone()),
+                None => Err(self.corrupt(format!("meta `{key}` is missing"))),
+                Some(other) => Err(self.corrupt(format!("meta `{key}` is {other:?}"))),
+            }
+        };
+        let duration_s = match meta.get(meta::DURATION_S) {
+            Some(Value::Real(r)) => *r,
+            Some(Value::Integer(i)) => *i as f64,
+            _ => 0.0,
+        };
+        let pids: Vec<u32> = serde_json::from_str(&text(meta::TARGET_PIDS)?)
+            .map_err(|e| self.corrupt(format!("meta `{}`: {e}", meta::TARGET_PIDS)))?;
+        let mut recorded = Recorded {
+            schema,
+            tool_version: text(meta::TOOL_VERSION)?,
+            target: TargetInfo {
+                pids,
+                command: text(meta::TARGET_COMMAND)?,
+            },
+            started_unix_ns: int(meta::STARTED_UNIX_NS)?.unwrap_or(0),
+            ended_unix_ns: int(meta::ENDED_UNIX_NS)?,
+            duration_s,
+            complete: int(meta::COMPLETE)? == Some(1),
+            state: LedgerState {
+                totals,
+                cells,
+                failures,
+                unmatched_frees: int(meta::UNMATCHED_FREES)?.unwrap_or(0),
+                lost_events,
+            },
+            stacks,
+            series,
+            totals_series,
+        };
+        recorded.merge_identical_stacks();
+        Ok(recorded)
+    }
+
+    fn read_meta(&self) -> Result<HashMap<String, Value>, ReadFailure> {
+        let mut stmt = self.conn.prepare("SELECT key, value FROM meta")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Value>(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn class(&self, name: &str) -> Result<Class, RecordingError> {
+        Class::from_name(name).ok_or_else(|| RecordingError::UnknownClass {
+            path: self.path.clone(),
+            class: name.to_string(),
+        })
+    }
+
+    fn stack_index(&self, id: Option<i64>) -> Result<Option<StackIndex>, RecordingError> {
+        id.map(|id| StackIndex::try_from(id).map_err(|_| self.corrupt(format!("stack id {id}"))))
+            .transpose()
+    }
+
+    fn read_stacks(&self) -> Result<BTreeMap<StackIndex, Stack>, ReadFailure> {
+        let mut stmt = self.conn.prepare("SELECT id, frames FROM stacks")?;
+        let mut rows = stmt.query([])?;
+        let mut stacks = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let frames: String = row.get(1)?;
+            let index = self.stack_index(Some(id))?.expect("an id was given");
+            let frames: Vec<String> = serde_json::from_str(&frames)
+                .map_err(|e| self.corrupt(format!("frames of stack {id}: {e}")))?;
+            stacks.insert(index, Stack { index, frames });
+        }
+        Ok(stacks)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn read_cells(
+        &self,
+    ) -> Result<(BTreeMap<CellKey, StackCounters>, HashMap<i64, CellKey>), ReadFailure> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, class, phase, stack_id, live_bytes, live_count, allocated_bytes,
+                    allocated_count, freed_bytes, freed_count
+             FROM cells",
+        )?;
+        let mut rows = stmt.query([])?;
+        let (mut cells, mut keys_by_id) = (BTreeMap::new(), HashMap::new());
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let class: String = row.get(1)?;
+            let key = CellKey {
+                class: self.class(&class)?,
+                phase: row.get(2)?,
+                stack: self.stack_index(row.get(3)?)?,
+            };
+            let counters = StackCounters {
+                live_bytes: from_sql(row.get(4)?),
+                live_count: from_sql(row.get(5)?),
+                allocated_bytes: from_sql(row.get(6)?),
+                allocated_count: from_sql(row.get(7)?),
+                freed_bytes: from_sql(row.get(8)?),
+                freed_count: from_sql(row.get(9)?),
+            };
+            // A zero row only exists to name series points (see the writer); it is no cell of
+            // the ledger's state.
+            if counters != StackCounters::default() {
+                cells.insert(key.clone(), counters);
+            }
+            keys_by_id.insert(id, key);
+        }
+        Ok((cells, keys_by_id))
+    }
+
+    fn read_totals(&self) -> Result<BTreeMap<Class, ClassTotals>, ReadFailure> {
+        let mut stmt = self.conn.prepare(
+            "SELECT class, live_bytes, live_count, peak_bytes, allocated_bytes, allocated_count,
+                    freed_count
+             FROM totals",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut totals = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let class: String = row.get(0)?;
+            totals.insert(
+                self.class(&class)?,
+                ClassTotals {
+                    live_bytes: from_sql(row.get(1)?),
+                    live_count: from_sql(row.get(2)?),
+                    peak_bytes: from_sql(row.get(3)?),
+                    allocated_bytes: from_sql(row.get(4)?),
+                    allocated_count: from_sql(row.get(5)?),
+                    freed_count: from_sql(row.get(6)?),
+                },
+            );
+        }
+        Ok(totals)
+    }
+
+    fn read_failures(&self) -> Result<BTreeMap<FailureKey, u64>, ReadFailure> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT class, function, size, error, stack_id, count FROM failures")?;
+        let mut rows = stmt.query([])?;
+        let mut failures = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let class: String = row.get(0)?;
+            let key = FailureKey {
+                class: self.class(&class)?,
+                function: row.get(1)?,
+                size: from_sql(row.get(2)?),
+                error: row.get(3)?,
+                stack: self.stack_index(row.get(4)?)?,
+            };
+            failures.insert(key, from_sql(row.get(5)?));
+        }
+        Ok(failures)
+    }
+
+    fn read_lost_events(&self) -> Result<BTreeMap<String, u64>, ReadFailure> {
+        let mut stmt = self.conn.prepare("SELECT cause, count FROM lost_events")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, from_sql(r.get(1)?))))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn read_series(
+        &self,
+        keys: &HashMap<i64, CellKey>,
+        read: SeriesRead,
+    ) -> Result<Vec<SeriesPoint>, ReadFailure> {
+        let sql = match read {
+            SeriesRead::Nothing => return Ok(Vec::new()),
+            SeriesRead::All => {
+                "SELECT t_s, cell_id, live_bytes, live_count FROM series ORDER BY rowid"
+            }
+            SeriesRead::Endpoints => {
+                "SELECT t_s, cell_id, live_bytes, live_count FROM series
+                 WHERE rowid IN (
+                     SELECT rowid FROM series WHERE t_s = (SELECT MIN(t_s) FROM series)
+                     UNION
+                     SELECT MAX(rowid) FROM series GROUP BY cell_id)
+                 ORDER BY rowid"
+            }
+        };
+        let mut stmt = self.conn.prepare(sql)?;
+        let mut rows = stmt.query([])?;
+        let mut series = Vec::new();
+        while let Some(row) = rows.next()? {
+            let cell_id: i64 = row.get(1)?;
+            let key = keys
+                .get(&cell_id)
+                .ok_or_else(|| self.corrupt(format!("series point of unknown cell {cell_id}")))?;
+            series.push(SeriesPoint {
+                t_s: from_sql(row.get(0)?),
+                key: key.clone(),
+                live_bytes: from_sql(row.get(2)?),
+                live_count: from_sql(row.get(3)?),
+            });
+        }
+        Ok(series)
+    }
+
+    fn read_totals_series(&self) -> Result<Vec<TotalsPoint>, ReadFailure> {
+        let mut stmt = self.conn.prepare(
+            "SELECT t_s, class, live_bytes, live_count FROM totals_series ORDER BY rowid",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut series = Vec::new();
+        while let Some(row) = rows.next()? {
+            let class: String = row.get(1)?;
+            series.push(TotalsPoint {
+                t_s: from_sql(row.get(0)?),
+                class: self.class(&class)?,
+                live_bytes: from_sql(row.get(2)?),
+                live_count: from_sql(row.get(3)?),
+            });
+        }
+        Ok(series)
+    }
+}

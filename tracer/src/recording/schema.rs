@@ -1,0 +1,105 @@
+//! The recording's schema, version 1. docs/recording.md documents every table and column; change
+//! both together, and bump `SCHEMA_VERSION` for any change an older reader would misread.
+
+/// `PRAGMA user_version` of the files this alloctrace writes, and the newest it reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// `PRAGMA application_id`: "ALCT". Tells an alloctrace recording from any other SQLite file
+/// (`file(1)` shows it too).
+pub const APPLICATION_ID: i32 = 0x414c_4354;
+
+/// Tables and views, created in the first transaction of a recording.
+///
+/// Counters are SQLite INTEGERs (signed 64-bit) holding the u64 bit pattern: no byte count comes
+/// near 2^63, but a failed `malloc(SIZE_MAX)` has a `size` that reads as -1 in sqlite3.
+pub(crate) const CREATE: &str = "
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value
+) WITHOUT ROWID;
+
+CREATE TABLE stacks (
+    id     INTEGER PRIMARY KEY,
+    frames TEXT NOT NULL
+);
+
+CREATE TABLE cells (
+    id              INTEGER PRIMARY KEY,
+    class           TEXT NOT NULL,
+    phase           TEXT NOT NULL,
+    stack_id        INTEGER REFERENCES stacks(id),
+    live_bytes      INTEGER NOT NULL,
+    live_count      INTEGER NOT NULL,
+    allocated_bytes INTEGER NOT NULL,
+    allocated_count INTEGER NOT NULL,
+    freed_bytes     INTEGER NOT NULL,
+    freed_count     INTEGER NOT NULL
+);
+
+CREATE TABLE totals (
+    class           TEXT PRIMARY KEY NOT NULL,
+    live_bytes      INTEGER NOT NULL,
+    live_count      INTEGER NOT NULL,
+    peak_bytes      INTEGER NOT NULL,
+    allocated_bytes INTEGER NOT NULL,
+    allocated_count INTEGER NOT NULL,
+    freed_count     INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE failures (
+    id       INTEGER PRIMARY KEY,
+    class    TEXT NOT NULL,
+    function TEXT NOT NULL,
+    size     INTEGER NOT NULL,
+    error    TEXT NOT NULL,
+    stack_id INTEGER REFERENCES stacks(id),
+    count    INTEGER NOT NULL
+);
+
+CREATE TABLE lost_events (
+    cause TEXT PRIMARY KEY NOT NULL,
+    count INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Appended every second; no index, so that appending stays cheap (queries scan it).
+CREATE TABLE series (
+    t_s        INTEGER NOT NULL,
+    cell_id    INTEGER NOT NULL REFERENCES cells(id),
+    live_bytes INTEGER NOT NULL,
+    live_count INTEGER NOT NULL
+);
+
+-- Per-class live figures, appended at each second they changed.
+CREATE TABLE totals_series (
+    t_s        INTEGER NOT NULL,
+    class      TEXT NOT NULL,
+    live_bytes INTEGER NOT NULL,
+    live_count INTEGER NOT NULL
+);
+
+CREATE VIEW series_by_cell AS
+    SELECT s.t_s, c.class, c.phase, c.stack_id, s.live_bytes, s.live_count
+    FROM series AS s JOIN cells AS c ON c.id = s.cell_id;
+";
+
+/// Keys of the `meta` table.
+pub(crate) mod meta {
+    pub const SCHEMA_VERSION: &str = "schema_version";
+    pub const TOOL_VERSION: &str = "tool_version";
+    pub const TARGET_PIDS: &str = "target_pids";
+    pub const TARGET_COMMAND: &str = "target_command";
+    pub const STARTED_UNIX_NS: &str = "started_unix_ns";
+    pub const ENDED_UNIX_NS: &str = "ended_unix_ns";
+    pub const DURATION_S: &str = "duration_s";
+    pub const COMPLETE: &str = "complete";
+    pub const UNMATCHED_FREES: &str = "unmatched_frees";
+}
+
+/// A u64 counter as stored (bit pattern kept, see `CREATE`).
+pub(crate) fn to_sql(v: u64) -> i64 {
+    v as i64
+}
+
+pub(crate) fn from_sql(v: i64) -> u64 {
+    v as u64
+}

@@ -1,0 +1,228 @@
+//! Views of a recording: the report (text postmortem and the JSON contract) and the flamegraph of
+//! live bytes. Views only read a `Recorded`; writing the result is `output::write_atomically`'s.
+
+pub mod flamegraph;
+pub mod report;
+
+/// `n` bytes in binary units with one decimal ("74.9 KiB"); plain bytes below 1 KiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A signed byte difference in binary units ("+62.9 KiB", "-1.0 MiB", "0 B").
+pub fn human_delta(delta: i128) -> String {
+    let magnitude = human_bytes(delta.unsigned_abs().min(u128::from(u64::MAX)) as u64);
+    match delta {
+        d if d > 0 => format!("+{magnitude}"),
+        d if d < 0 => format!("-{magnitude}"),
+        _ => magnitude,
+    }
+}
+
+/// `text` on one line: line breaks and tabs (a `python -c` program in the target's command line)
+/// as `\n`, `\r`, `\t`.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A known recording for the views' tests: the `leaks` scenario of the integration tests, a
+/// churning stack, a lost stack, a failure, and a series over four seconds.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use std::collections::BTreeMap;
+
+    use crate::{
+        ledger::{CellRef, Ledger},
+        model::{Class, FailureKey, SeriesPoint, Stack, TargetInfo},
+        recording::{Recorded, TotalsPoint},
+    };
+
+    /// (function, blocks, bytes per block), as `tests/common::LEAKS`.
+    pub const LEAKS: [(&str, u64, u64); 9] = [
+        ("leak_malloc", 10, 100),
+        ("leak_calloc", 11, 3 * 70),
+        ("leak_realloc", 12, 300),
+        ("leak_reallocarray", 13, 5 * 80),
+        ("leak_posix_memalign", 14, 500),
+        ("leak_aligned_alloc", 15, 640),
+        ("leak_memalign", 16, 700),
+        ("leak_valloc", 17, 1000),
+        ("leak_pvalloc", 18, 1100),
+    ];
+
+    /// Stack index of the churning `churn` stack: allocated and freed, nothing live.
+    pub const CHURN_STACK: u32 = 9;
+
+    pub fn recorded() -> Recorded {
+        let mut ledger = Ledger::new();
+        let mut series: Vec<SeriesPoint> = Vec::new();
+        let mut totals_series: Vec<TotalsPoint> = Vec::new();
+        // What the writer appends to `totals_series` at a commit.
+        let mut commit_totals = |ledger: &Ledger, t_s: u64| {
+            let t = ledger.totals(Class::Heap);
+            totals_series.push(TotalsPoint {
+                t_s,
+                class: Class::Heap,
+                live_bytes: t.live_bytes,
+                live_count: t.live_count,
+            });
+        };
+        let mut stacks = BTreeMap::new();
+        let mut addr = 0x10_0000u64;
+        for (i, (function, _, _)) in LEAKS.iter().enumerate() {
+            stacks.insert(
+                i as u32,
+                Stack {
+                    index: i as u32,
+                    frames: vec![
+                        function.to_string(),
+                        "run_scenario".to_string(),
+                        "main".to_string(),
+                    ],
+                },
+            );
+        }
+        // Half of each stack's blocks in the first second, the rest in the second: it grows.
+        for half in [0, 1] {
+            for (i, (_, blocks, size)) in LEAKS.iter().enumerate() {
+                let n = if half == 0 {
+                    blocks / 2
+                } else {
+                    blocks - blocks / 2
+                };
+                for _ in 0..n {
+                    ledger.alloc(7, addr, *size, CellRef::new(Class::Heap, Some(i as u32)));
+                    addr += 0x1000;
+                }
+            }
+            series.extend(ledger.take_series(half + 1));
+            commit_totals(&ledger, half + 1);
+        }
+        stacks.insert(
+            CHURN_STACK,
+            Stack {
+                index: CHURN_STACK,
+                frames: vec!["churn".to_string(), "main".to_string()],
+            },
+        );
+        for _ in 0..5 {
+            ledger.alloc(
+                7,
+                0x9000_0000,
+                4096,
+                CellRef::new(Class::Heap, Some(CHURN_STACK)),
+            );
+            ledger.free(7, 0x9000_0000);
+        }
+        // A block whose stack was lost.
+        ledger.alloc(7, 0xa000_0000, 64, CellRef::new(Class::Heap, None));
+        ledger.free(7, 0xdead); // allocated before attach
+        ledger.failure(FailureKey {
+            class: Class::Heap,
+            function: "malloc".to_string(),
+            size: 1 << 50,
+            error: "ENOMEM".to_string(),
+            stack: Some(0),
+        });
+        series.extend(ledger.take_series(4));
+        commit_totals(&ledger, 4);
+        // The user-space cause stays at 0 (listed because present); the kernel causes are
+        // listed anyway.
+        let lost = BTreeMap::from([
+            ("ringbuf_full".to_string(), 3),
+            ("missed_free".to_string(), 0),
+        ]);
+        Recorded {
+            schema: 1,
+            tool_version: "0.0.0-test".to_string(),
+            target: TargetInfo {
+                pids: vec![4242],
+                command: "heap_fixture leaks attach".to_string(),
+            },
+            started_unix_ns: 1_700_000_000_000_000_000,
+            ended_unix_ns: Some(1_700_000_004_500_000_000),
+            duration_s: 4.5,
+            complete: true,
+            state: ledger.state(&lost),
+            stacks,
+            series,
+            totals_series,
+        }
+    }
+
+    /// Compares `actual` with the golden file `tests/golden/NAME`, or rewrites the file when
+    /// ALLOCTRACE_BLESS=1.
+    pub fn assert_golden(name: &str, actual: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        if std::env::var_os("ALLOCTRACE_BLESS").is_some_and(|v| v == "1") {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, actual).unwrap();
+            return;
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "golden file {}: {e} (run with ALLOCTRACE_BLESS=1 to create it)",
+                path.display()
+            )
+        });
+        assert!(
+            expected == actual,
+            "{} differs from the output (ALLOCTRACE_BLESS=1 rewrites it after review):\n\
+             --- expected\n{expected}\n--- actual\n{actual}",
+            path.display()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_uses_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(76710), "74.9 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16384.0 PiB");
+    }
+
+    #[test]
+    fn one_line_escapes_line_breaks() {
+        assert_eq!(
+            one_line("python3 -c \nimport x\n\tx.y()"),
+            "python3 -c \\nimport x\\n\\tx.y()"
+        );
+        assert_eq!(one_line("plain"), "plain");
+    }
+
+    #[test]
+    fn human_delta_is_signed() {
+        assert_eq!(human_delta(2048), "+2.0 KiB");
+        assert_eq!(human_delta(-100), "-100 B");
+        assert_eq!(human_delta(0), "0 B");
+    }
+}
