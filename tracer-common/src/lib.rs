@@ -62,7 +62,15 @@ impl HeapFn {
     }
 }
 
-/// A completed allocation call (successful or failed), emitted at the function's return.
+/// Most user frames an event carries (frame-pointer walk in the eBPF program).
+pub const MAX_FRAMES: usize = 64;
+
+/// `HeapAllocEvent::stack_flags`: the walk stopped at `MAX_FRAMES` with more frames above.
+pub const STACK_TRUNCATED: u16 = 1;
+
+/// A completed allocation call (successful or failed), emitted at the function's return. In the
+/// ring buffer it is followed by `nframes` user stack addresses (`u64`, innermost first: the
+/// return address into the allocator's caller, then the frame-pointer chain).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct HeapAllocEvent {
@@ -70,8 +78,10 @@ pub struct HeapAllocEvent {
     pub kind: u32,
     pub tgid: u32,
     pub tid: u32,
-    /// Id in the `STACKS` map; negative: the errno `bpf_get_stackid` failed with.
-    pub stack_id: i32,
+    /// Valid entries of `ips`.
+    pub nframes: u16,
+    /// `STACK_TRUNCATED`.
+    pub stack_flags: u16,
     /// The returned block, 0 when the call failed (or when `realloc(p, 0)` freed `p`).
     pub addr: u64,
     /// Requested bytes (`nmemb * size` for calloc/reallocarray; saturated on overflow).
@@ -84,6 +94,15 @@ pub struct HeapAllocEvent {
     pub func: u32,
 }
 
+/// The eBPF program's scratch space for one allocation record: the event and room for the
+/// longest stack. Only `size_of::<HeapAllocEvent>() + 8 * nframes` bytes go into the ring.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct HeapAllocRecord {
+    pub event: HeapAllocEvent,
+    pub ips: [u64; MAX_FRAMES],
+}
+
 /// A `free` of a non-NULL pointer, emitted at entry.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -94,10 +113,15 @@ pub struct HeapFreeEvent {
     pub addr: u64,
 }
 
-/// Arguments saved at an allocation's entry until its return, keyed by thread (`pid_tgid`).
+/// Slots of the in-flight call table: a thread uses slot `tid % INFLIGHT_SLOTS`.
+pub const INFLIGHT_SLOTS: u32 = 65536;
+
+/// Arguments saved at an allocation's entry until its return, in the slot of the calling thread.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct InflightCall {
+    /// `pid_tgid` of the thread holding the slot; 0 when free.
+    pub owner: u64,
     pub size: u64,
     pub old_addr: u64,
     /// posix_memalign's `void **memptr`; 0 for pointer-returning functions.
@@ -112,28 +136,21 @@ pub struct InflightCall {
 pub mod drop_cause {
     /// The ring buffer had no room: the event is gone.
     pub const RINGBUF_FULL: u32 = 0;
-    /// The in-flight call map was full: the allocation's return could not be matched.
-    pub const INFLIGHT_FULL: u32 = 1;
-    /// Another stack already occupies the stack map bucket: event kept, stack unknown.
-    pub const STACK_COLLISION: u32 = 2;
-    /// The stack map is full, or the stack could not be read: event kept, stack unknown.
-    pub const STACK_FAILED: u32 = 3;
+    /// Another thread (same `tid % INFLIGHT_SLOTS`) was inside an allocation call at the same
+    /// moment: this call was not traced.
+    pub const INFLIGHT_BUSY: u32 = 1;
     /// posix_memalign's result pointer could not be read from user memory: event kept as failure.
-    pub const READ_FAILED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    pub const READ_FAILED: u32 = 2;
+    pub const COUNT: u32 = 3;
 
-    pub const NAMES: [&str; COUNT as usize] = [
-        "ringbuf_full",
-        "inflight_map_full",
-        "stack_collision",
-        "stack_failed",
-        "user_read_failed",
-    ];
+    pub const NAMES: [&str; COUNT as usize] =
+        ["ringbuf_full", "inflight_slot_busy", "user_read_failed"];
 }
 
 const _: () = assert!(size_of::<HeapAllocEvent>() == 48);
+const _: () = assert!(size_of::<HeapAllocRecord>() == 48 + 8 * MAX_FRAMES);
 const _: () = assert!(size_of::<HeapFreeEvent>() == 16);
-const _: () = assert!(size_of::<InflightCall>() == 32);
+const _: () = assert!(size_of::<InflightCall>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {

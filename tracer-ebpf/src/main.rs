@@ -6,33 +6,43 @@
 //! ledger, so the kernel side stays a few map operations per call.
 #![no_std]
 #![no_main]
+// The bpf target has no `AtomicU64::compare_exchange`; the intrinsic lowers to BPF_CMPXCHG (v3).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_USER_STACK, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_NO_WAKEUP, pt_regs},
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
-    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext as _},
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{HeapAllocEvent, HeapFn, HeapFreeEvent, InflightCall, drop_cause, event_kind};
+use core::mem::size_of;
+
+use tracer_common::{
+    HeapAllocEvent, HeapAllocRecord, HeapFn, HeapFreeEvent, INFLIGHT_SLOTS, InflightCall,
+    MAX_FRAMES, STACK_TRUNCATED, drop_cause, event_kind,
+};
 
 const ENOMEM: i32 = 12;
-const EEXIST: i32 = 17;
 
 /// Events to user space. Sized by user space at load time (`--ring-size`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
-/// User stacks by id. Sized by user space at load time (`--stack-storage-size`).
+/// Arguments of allocation calls in flight, one slot per thread (`tid % INFLIGHT_SLOTS`). An array
+/// slot costs a few nanoseconds where a hash-map insert and delete cost hundreds.
 #[map]
-static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+static INFLIGHT: Array<InflightCall> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
-/// Arguments of allocation calls in flight, keyed by `pid_tgid` (one per thread).
+/// Per-CPU scratch where an allocation record is assembled before its used part is copied out.
 #[map]
-static INFLIGHT: HashMap<u64, InflightCall> = HashMap::with_max_entries(32768, 0);
+static SCRATCH: PerCpuArray<HeapAllocRecord> = PerCpuArray::with_max_entries(1, 0);
 
-/// Lost events and lost stacks by `drop_cause`.
+/// Lost events by `drop_cause`.
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_cause::COUNT, 0);
 
@@ -50,23 +60,53 @@ fn cookie_fn<C: EbpfContext>(ctx: &C) -> u32 {
     unsafe { bpf_get_attach_cookie(ctx.as_ptr()) as u32 }
 }
 
+/// The calling thread's slot and its `pid_tgid`.
+#[inline(always)]
+fn my_slot() -> Option<(*mut InflightCall, u64)> {
+    let key = bpf_get_current_pid_tgid();
+    let slot = INFLIGHT.get_ptr_mut((key as u32) % INFLIGHT_SLOTS)?;
+    Some((slot, key))
+}
+
+/// Claims the slot for `key` if it is free; returns the previous owner (0: claimed). Atomic:
+/// two threads with equal `tid % INFLIGHT_SLOTS` on two CPUs must not both take it.
+#[inline(always)]
+fn claim(slot: *mut InflightCall, key: u64) -> u64 {
+    // SAFETY: map values are 8-byte aligned and live as long as the map.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+            core::ptr::addr_of_mut!((*slot).owner),
+            0,
+            key,
+        )
+        .0
+    }
+}
+
+#[inline(always)]
+fn release(slot: *mut InflightCall) {
+    // A plain store suffices: only the owner releases, and an aligned 8-byte store is atomic.
+    // (LLVM's BPF backend cannot select an atomic store.)
+    // SAFETY: as in `claim`.
+    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*slot).owner), 0) }
+}
+
 #[inline(always)]
 fn enter(func: u32, size: u64, old_addr: u64, memptr: u64) -> u32 {
-    let key = bpf_get_current_pid_tgid();
-    if let Some(call) = INFLIGHT.get_ptr_mut(&key) {
-        // A hooked function called from inside another one on this thread: part of the outer call.
-        unsafe { (*call).depth += 1 };
+    let Some((slot, key)) = my_slot() else {
         return 0;
-    }
-    let call = InflightCall {
-        size,
-        old_addr,
-        memptr,
-        func,
-        depth: 0,
     };
-    if INFLIGHT.insert(&key, &call, 0).is_err() {
-        count_drop(drop_cause::INFLIGHT_FULL);
+    match claim(slot, key) {
+        0 => unsafe {
+            (*slot).size = size;
+            (*slot).old_addr = old_addr;
+            (*slot).memptr = memptr;
+            (*slot).func = func;
+            (*slot).depth = 0;
+        },
+        // A hooked function called from inside another one on this thread: part of the outer call.
+        current if current == key => unsafe { (*slot).depth += 1 },
+        _ => count_drop(drop_cause::INFLIGHT_BUSY),
     }
     0
 }
@@ -137,22 +177,24 @@ pub fn heap_enter_posix_memalign(ctx: ProbeContext) -> u32 {
     enter(cookie_fn(&ctx), size, 0, memptr)
 }
 
-/// Return of every allocation function: emits the completed call.
+/// Return of every allocation function: emits the completed call with its user stack.
 #[uretprobe]
 pub fn heap_return(ctx: RetProbeContext) -> u32 {
-    let key = bpf_get_current_pid_tgid();
-    let Some(slot) = INFLIGHT.get_ptr_mut(&key) else {
+    let Some((slot, key)) = my_slot() else {
         return 0;
     };
-    // SAFETY: the pointer into the map value is valid until the element is deleted below.
+    // SAFETY: `slot` points into the INFLIGHT array; only this thread writes a slot it owns.
     let call = unsafe {
+        if (*slot).owner != key {
+            return 0; // entered before attach, or the slot was busy
+        }
         if (*slot).depth > 0 {
             (*slot).depth -= 1;
             return 0;
         }
         *slot
     };
-    let _ = INFLIGHT.remove(&key);
+    release(slot);
 
     let ret: u64 = ctx.ret();
     let (addr, err) = if call.memptr != 0 {
@@ -175,42 +217,85 @@ pub fn heap_return(ctx: RetProbeContext) -> u32 {
         (ret, 0)
     };
 
-    // realloc(p, 0) returning NULL freed p: no stack needed for a free.
-    let is_free = addr == 0 && call.size == 0 && call.old_addr != 0;
-    let stack_id = if is_free {
-        -1
-    } else {
-        match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-            Ok(id) => id as i32,
-            Err(e) => {
-                count_drop(if e == -EEXIST {
-                    drop_cause::STACK_COLLISION
-                } else {
-                    drop_cause::STACK_FAILED
-                });
-                e
-            }
-        }
+    let Some(record) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
     };
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    let record = unsafe { &mut *record };
+    let event = &mut record.event;
+    event.kind = event_kind::HEAP_ALLOC;
+    event.tgid = (key >> 32) as u32;
+    event.tid = key as u32;
+    event.addr = addr;
+    event.size = call.size;
+    event.old_addr = call.old_addr;
+    event.err = err;
+    event.func = call.func;
+    event.stack_flags = 0;
+    // realloc(p, 0) returning NULL freed p: a free needs no stack.
+    let is_free = addr == 0 && call.size == 0 && call.old_addr != 0;
+    let nframes = if is_free {
+        0
+    } else {
+        walk_user_stack(&ctx, record)
+    };
+    record.event.nframes = nframes as u16;
 
-    let event = HeapAllocEvent {
-        kind: event_kind::HEAP_ALLOC,
-        tgid: (key >> 32) as u32,
-        tid: key as u32,
-        stack_id,
-        addr,
-        size: call.size,
-        old_addr: call.old_addr,
-        err,
-        func: call.func,
+    // Copy out only the used part: a 10-frame record takes 128 bytes of ring, not 560.
+    let len = size_of::<HeapAllocEvent>() + 8 * (nframes & (MAX_FRAMES * 2 - 1));
+    let len = if len > size_of::<HeapAllocRecord>() {
+        size_of::<HeapAllocRecord>()
+    } else {
+        len
+    };
+    // SAFETY: `record` is `len` readable bytes (bounded above for the verifier).
+    let bytes = unsafe {
+        core::slice::from_raw_parts((record as *const HeapAllocRecord).cast::<u8>(), len)
     };
     if EVENTS
-        .output::<HeapAllocEvent>(&event, BPF_RB_NO_WAKEUP as u64)
+        .output::<[u8]>(bytes, BPF_RB_NO_WAKEUP as u64)
         .is_err()
     {
         count_drop(drop_cause::RINGBUF_FULL);
     }
     0
+}
+
+/// Walks the frame-pointer chain into `record.ips`; returns the number of frames.
+///
+/// At a return probe the registers are the caller's: `rip` is the return address into the
+/// function that called the allocator and `rbp` its frame. This walk costs about a third of
+/// `bpf_get_stackid` on the 6.18 kernel (docs/performance.md).
+#[inline(always)]
+fn walk_user_stack(ctx: &RetProbeContext, record: &mut HeapAllocRecord) -> usize {
+    let regs = ctx.as_ptr() as *const pt_regs;
+    // SAFETY: the context of a uprobe program is the user pt_regs.
+    let (ip, mut bp) = unsafe { ((*regs).rip, (*regs).rbp) };
+    record.ips[0] = ip;
+    let mut n = 1usize;
+    while n < MAX_FRAMES {
+        if bp == 0 {
+            return n;
+        }
+        // SAFETY: bpf_probe_read_user checks the user address; [saved rbp, return address].
+        let Ok(frame) = (unsafe { bpf_probe_read_user(bp as *const [u64; 2]) }) else {
+            return n;
+        };
+        if frame[1] == 0 {
+            return n;
+        }
+        record.ips[n] = frame[1];
+        n += 1;
+        // Frames live at increasing addresses; anything else is not a frame chain.
+        if frame[0] <= bp {
+            return n;
+        }
+        bp = frame[0];
+    }
+    if bp != 0 {
+        record.event.stack_flags = STACK_TRUNCATED;
+    }
+    MAX_FRAMES
 }
 
 /// free: `(ptr)`. Attached after glibc's `free(NULL)` early exit where that site is cheaper.
@@ -220,8 +305,11 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     if addr == 0 {
         return 0;
     }
-    let key = bpf_get_current_pid_tgid();
-    if INFLIGHT.get_ptr(&key).is_some() {
+    let Some((slot, key)) = my_slot() else {
+        return 0;
+    };
+    // SAFETY: reading the slot's owner word.
+    if unsafe { (*slot).owner } == key {
         // realloc freeing its old block: the realloc event accounts for it.
         return 0;
     }

@@ -2,23 +2,56 @@
 
 use std::mem::size_of;
 
-use tracer_common::{HeapAllocEvent, HeapFreeEvent, event_kind};
+use tracer_common::{HeapAllocEvent, HeapFreeEvent, STACK_TRUNCATED, event_kind};
 
+/// A decoded ring record; stacks borrow the record's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
-    HeapAlloc(HeapAllocEvent),
+pub enum Event<'a> {
+    HeapAlloc(HeapAllocEvent, Stack<'a>),
     HeapFree(HeapFreeEvent),
 }
 
+/// The user stack that follows an event in its record: `u64` addresses, innermost first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stack<'a> {
+    bytes: &'a [u8],
+    pub truncated: bool,
+}
+
+impl Stack<'_> {
+    pub fn len(&self) -> usize {
+        self.bytes.len() / 8
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Copies the addresses into `out` (cleared first).
+    pub fn read_into(&self, out: &mut Vec<u64>) {
+        out.clear();
+        out.extend(
+            self.bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes"))),
+        );
+    }
+}
+
 /// Decodes one record; `None` for a record of unknown kind or size (counted as lost by the caller).
-pub fn decode(bytes: &[u8]) -> Option<Event> {
+pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
     let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     match kind {
         event_kind::HEAP_ALLOC if bytes.len() >= size_of::<HeapAllocEvent>() => {
             // SAFETY: length checked; HeapAllocEvent is plain old data; the record may be unaligned.
-            Some(Event::HeapAlloc(unsafe {
-                std::ptr::read_unaligned(bytes.as_ptr().cast())
-            }))
+            let ev: HeapAllocEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let start = size_of::<HeapAllocEvent>();
+            let end = start + 8 * usize::from(ev.nframes);
+            let stack = Stack {
+                bytes: bytes.get(start..end)?,
+                truncated: ev.stack_flags & STACK_TRUNCATED != 0,
+            };
+            Some(Event::HeapAlloc(ev, stack))
         }
         event_kind::HEAP_FREE if bytes.len() >= size_of::<HeapFreeEvent>() => {
             // SAFETY: as above.
@@ -56,14 +89,26 @@ mod tests {
             kind: event_kind::HEAP_ALLOC,
             tgid: 7,
             tid: 8,
-            stack_id: 3,
+            nframes: 2,
+            stack_flags: STACK_TRUNCATED,
             addr: 0x1000,
             size: 64,
             old_addr: 0,
             err: 0,
             func: 0,
         };
-        assert_eq!(decode(&bytes(&a)), Some(Event::HeapAlloc(a)));
+        let mut record = bytes(&a);
+        record.extend(0x1111u64.to_ne_bytes());
+        record.extend(0x2222u64.to_ne_bytes());
+        let Some(Event::HeapAlloc(ev, stack)) = decode(&record) else {
+            panic!("not decoded")
+        };
+        assert_eq!(ev, a);
+        let mut ips = Vec::new();
+        stack.read_into(&mut ips);
+        assert_eq!((ips, stack.truncated), (vec![0x1111, 0x2222], true));
+        // A record shorter than its frame count says is rejected.
+        assert_eq!(decode(&record[..record.len() - 8]), None);
         let f = HeapFreeEvent {
             kind: event_kind::HEAP_FREE,
             tgid: 7,

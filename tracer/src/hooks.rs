@@ -224,7 +224,7 @@ pub fn markdown() -> String {
     }
     out.push_str(
         "\nSymbols that are aliases of each other (same file offset, e.g. glibc 2.36's \
-         `aligned_alloc` and `memalign`) get one probe, named after both (`memalign/aligned_alloc`), \
+         `aligned_alloc` and `memalign`) get one probe, named after both in table order (`aligned_alloc/memalign`), \
          so no call is counted twice.\n",
     );
     out

@@ -1,1 +1,233 @@
-fn main() {}
+//! The `alloctrace` command line.
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
+
+use alloctrace::{
+    hooks, output,
+    probes::ProbeConfig,
+    record::{self, RecordOptions, TargetSpec},
+    recording::{Reader, SeriesRead},
+    views::{flamegraph, report},
+};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "alloctrace",
+    version,
+    about = "eBPF memory-allocation tracer for LLM inference servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trace a running process (-p PID) or a command (-- CMD ARGS...) into a recording.
+    ///
+    /// Heap tracing hooks malloc and friends with uprobes in the C library the target maps; every
+    /// thread of the target is traced, other processes never. Stops when the duration ends,
+    /// SIGINT or SIGTERM arrives, or the target exits. Needs root.
+    Record {
+        /// PID of the process to attach to.
+        #[arg(
+            short,
+            long,
+            conflicts_with = "command",
+            required_unless_present = "command"
+        )]
+        pid: Option<u32>,
+        /// Stop after this many seconds.
+        #[arg(short, long, value_name = "SECONDS", value_parser = parse_seconds)]
+        duration: Option<Duration>,
+        /// The recording to write (SQLite, see docs/recording.md).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Overwrite FILE if it exists.
+        #[arg(short, long)]
+        force: bool,
+        /// Ring buffer size in MiB (power of two). Raise it if lost_events shows ringbuf_full.
+        #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ring_mib)]
+        ring_size: u32,
+        /// Attach empty programs at the same points and record nothing (benchmark floor).
+        #[arg(long, hide = true)]
+        probe_floor: bool,
+        /// The command to launch, traced from its first instruction.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Summarize a recording: totals per class, top live stacks, failures, lost events.
+    Report {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Write to this file instead of standard output.
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// Overwrite OUT if it exists.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Render live bytes by stack as a flamegraph SVG (root frames are the classes).
+    Flamegraph {
+        file: PathBuf,
+        #[arg(short, long, value_name = "OUT.svg")]
+        output: PathBuf,
+        /// Overwrite OUT.svg if it exists.
+        #[arg(short, long)]
+        force: bool,
+        /// Title of the picture.
+        #[arg(long)]
+        title: Option<String>,
+    },
+    /// Print the table of hooked functions (Markdown; docs/hooks.md is this output).
+    Hooks,
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!(
+            "`{s}`: the duration must be a positive number of seconds"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_ring_mib(s: &str) -> Result<u32, String> {
+    let mib: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of MiB"))?;
+    if !mib.is_power_of_two() || mib > 1024 {
+        return Err(format!(
+            "`{s}`: the ring size must be a power of two between 1 and 1024 MiB"
+        ));
+    }
+    Ok(mib)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Record {
+            pid,
+            duration,
+            output,
+            force,
+            ring_size,
+            probe_floor,
+            command,
+        } => {
+            let target = match pid {
+                Some(pid) => TargetSpec::Pid(pid),
+                None => TargetSpec::Command(command),
+            };
+            let opts = RecordOptions {
+                target,
+                output: output.clone(),
+                force,
+                duration,
+                probes: ProbeConfig {
+                    ring_bytes: ring_size << 20,
+                    floor: probe_floor,
+                },
+                poll_interval: Duration::from_millis(10),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let summary = runtime.block_on(record::record(opts))?;
+            eprintln!(
+                "recorded {} events ({} lost), {}: wrote {} (tracer peak RSS {} KiB)",
+                summary.events,
+                summary.lost,
+                summary.stop_reason,
+                output.display(),
+                summary.tracer_peak_kib
+            );
+            Ok(())
+        }
+        Command::Report {
+            file,
+            format,
+            output,
+            force,
+        } => {
+            if let Some(out) = &output {
+                output::check_destination(out, force)?;
+            }
+            // The text report needs the first and last points of the series; JSON none.
+            let series = match format {
+                Format::Text => SeriesRead::Endpoints,
+                Format::Json => SeriesRead::Nothing,
+            };
+            let recorded = Reader::open_with(&file, series)?;
+            let text = match format {
+                Format::Text => report::render_text(&recorded),
+                Format::Json => report::render_json(&recorded),
+            };
+            match output {
+                Some(path) => output::write_atomically(&path, text.as_bytes(), force)?,
+                None => write_stdout(text.as_bytes())?,
+            }
+            Ok(())
+        }
+        Command::Flamegraph {
+            file,
+            output,
+            force,
+            title,
+        } => {
+            output::check_destination(&output, force)?;
+            let recorded = Reader::open_with(&file, SeriesRead::Nothing)?;
+            let mut options = flamegraph::FlamegraphOptions::default();
+            if let Some(title) = title {
+                options.title = title;
+            }
+            let svg = flamegraph::render_svg(&recorded, &options)?;
+            output::write_atomically(&output, &svg, force)?;
+            eprintln!("wrote {}", output.display());
+            Ok(())
+        }
+        Command::Hooks => {
+            print!("{}", hooks::markdown());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line: the outermost message and its causes.
+            let msg = err
+                .chain()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("alloctrace: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

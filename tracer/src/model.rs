@@ -56,6 +56,17 @@ pub struct StackCounters {
     pub freed_count: u64,
 }
 
+impl StackCounters {
+    pub fn add(&mut self, other: &StackCounters) {
+        self.live_bytes += other.live_bytes;
+        self.live_count += other.live_count;
+        self.allocated_bytes += other.allocated_bytes;
+        self.allocated_count += other.allocated_count;
+        self.freed_bytes += other.freed_bytes;
+        self.freed_count += other.freed_count;
+    }
+}
+
 /// Per-class totals.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClassTotals {

@@ -1,4 +1,4 @@
-//! Stacks: kernel stack ids → instruction pointers → interned stack indexes → function names.
+//! Stacks: instruction pointers from events → interned stack indexes → function names.
 //!
 //! Stacks are symbolized from the ELF files the target maps (opened through /proc/PID/root, so
 //! containers work), using a snapshot of its mappings refreshed while it lives. Stacks seen just
@@ -6,7 +6,6 @@
 
 use std::{collections::HashMap, path::PathBuf};
 
-use aya::maps::{MapData, StackTraceMap};
 use blazesym::symbolize::{self, Symbolizer, source::Source};
 
 use crate::{
@@ -14,10 +13,13 @@ use crate::{
     probes::resolve::{self, Mapping},
 };
 
+/// Marker frame at the outer end of a stack that was cut at `MAX_FRAMES`.
+pub const TRUNCATED_FRAME: &str = "[truncated]";
+
 /// Interns stacks and remembers which still need names.
 #[derive(Default)]
 pub struct StackTable {
-    by_kernel_id: HashMap<u32, Option<StackIndex>>,
+    /// Key: the instruction pointers, innermost first; a truncated stack ends with `u64::MAX`.
     by_ips: HashMap<Vec<u64>, StackIndex>,
     /// Stacks interned but not yet symbolized.
     pending: Vec<(StackIndex, Vec<u64>)>,
@@ -29,34 +31,27 @@ impl StackTable {
         StackTable::default()
     }
 
-    /// The stack index for a kernel stack id (negative: no stack). Reads the kernel map once per
-    /// new id.
-    pub fn intern(&mut self, kernel_id: i32, map: &StackTraceMap<&MapData>) -> Option<StackIndex> {
-        if kernel_id < 0 {
+    /// The stack index of an event's stack (`None` when it has no frame); `truncated` marks a
+    /// stack cut at `MAX_FRAMES`. Allocation-free when the stack is known.
+    pub fn intern(&mut self, ips: &[u64], truncated: bool) -> Option<StackIndex> {
+        if ips.is_empty() {
             return None;
         }
-        let id = kernel_id as u32;
-        if let Some(&idx) = self.by_kernel_id.get(&id) {
-            return idx;
+        if !truncated && let Some(&idx) = self.by_ips.get(ips) {
+            return Some(idx);
         }
-        let idx = map.get(&id, 0).ok().map(|trace| {
-            let ips: Vec<u64> = trace.frames().iter().map(|f| f.ip).collect();
-            self.intern_ips(ips)
-        });
-        self.by_kernel_id.insert(id, idx);
-        idx
-    }
-
-    /// Interns a stack given as instruction pointers, innermost first.
-    pub fn intern_ips(&mut self, ips: Vec<u64>) -> StackIndex {
-        if let Some(&idx) = self.by_ips.get(&ips) {
-            return idx;
+        let mut key = ips.to_vec();
+        if truncated {
+            key.push(u64::MAX);
+            if let Some(&idx) = self.by_ips.get(&key) {
+                return Some(idx);
+            }
         }
         let idx = self.next;
         self.next += 1;
-        self.by_ips.insert(ips.clone(), idx);
-        self.pending.push((idx, ips));
-        idx
+        self.by_ips.insert(key.clone(), idx);
+        self.pending.push((idx, key));
+        Some(idx)
     }
 
     pub fn len(&self) -> usize {
@@ -119,10 +114,21 @@ impl FrameNamer {
     }
 
     pub fn name_stack(&mut self, ips: &[u64]) -> Vec<String> {
-        if ips.iter().any(|ip| self.mapping_of(*ip).is_none()) {
+        if ips
+            .iter()
+            .any(|&ip| ip != u64::MAX && self.mapping_of(ip).is_none())
+        {
             self.refresh();
         }
-        ips.iter().map(|ip| self.name(*ip)).collect()
+        ips.iter()
+            .map(|&ip| {
+                if ip == u64::MAX {
+                    TRUNCATED_FRAME.to_string()
+                } else {
+                    self.name(ip)
+                }
+            })
+            .collect()
     }
 
     fn name(&mut self, ip: u64) -> String {

@@ -6,7 +6,7 @@ use std::{io, num::NonZeroU32};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf, StackTraceMap},
+    maps::{MapData, PerCpuArray, RingBuf},
     programs::{
         ProgramError, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeAttachPoint,
         uprobe::UProbeScope,
@@ -23,8 +23,6 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub struct ProbeConfig {
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_bytes: u32,
-    /// Distinct stacks the kernel can hold.
-    pub stack_entries: u32,
     /// Attach empty programs at the same points (benchmark floor): nothing is recorded.
     pub floor: bool,
 }
@@ -33,7 +31,6 @@ impl Default for ProbeConfig {
     fn default() -> Self {
         ProbeConfig {
             ring_bytes: 16 << 20,
-            stack_entries: 16384,
             floor: false,
         }
     }
@@ -101,7 +98,6 @@ impl HeapProbes {
         }
         let ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", config.ring_bytes)
-            .map_max_entries("STACKS", config.stack_entries)
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 if is_eperm(&e) {
@@ -191,11 +187,6 @@ impl HeapProbes {
     pub fn take_ring(&mut self) -> RingBuf<MapData> {
         RingBuf::try_from(self.ebpf.take_map("EVENTS").expect("EVENTS map"))
             .expect("EVENTS is a ring buffer")
-    }
-
-    pub fn stacks(&self) -> StackTraceMap<&MapData> {
-        StackTraceMap::try_from(self.ebpf.map("STACKS").expect("STACKS map"))
-            .expect("STACKS is a stack map")
     }
 
     /// Drop counters summed over CPUs, by `drop_cause`.
