@@ -1,0 +1,214 @@
+//! Bad input: one `alloctrace: error:` line on stderr, a non-zero exit, and no output file left
+//! behind. The `record` cases are privileged (the recorder needs root and eBPF to get that far);
+//! the `report` and `flamegraph` cases run anywhere.
+
+mod common;
+
+use std::path::Path;
+
+use common::{
+    Session, TestProcess, alloctrace_cmd, assert_clean_error, dir_entries, privileged, report_json,
+    run, start_fixture,
+};
+
+/// A PID that no process has right now.
+fn unused_pid() -> u32 {
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    (2..max)
+        .rev()
+        .find(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        .expect("a free PID")
+}
+
+/// Lets a `heap_fixture ... attach` that was not traced (or only briefly) run its scenario and
+/// exit: a failed `record` must not have disturbed it.
+fn finish(mut target: TestProcess) {
+    target.send_line("go");
+    target.expect_stdout("done");
+    target.close_stdin();
+    target.wait_success();
+}
+
+fn record_pid(pid: u32, output: &Path, extra: &[&str]) -> std::process::Output {
+    let mut cmd = alloctrace_cmd(&["record", "-p", &pid.to_string(), "-o"]);
+    cmd.arg(output).args(extra);
+    run("alloctrace record -p", cmd)
+}
+
+#[test]
+fn record_of_a_nonexistent_pid_fails_cleanly() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pid = unused_pid();
+    let out = record_pid(pid, &dir.path().join("x.trace"), &["-d", "1"]);
+    assert_clean_error(&out, &pid.to_string());
+    assert_eq!(dir_entries(dir.path()), Vec::<String>::new(), "left behind");
+}
+
+#[test]
+fn record_of_a_kernel_thread_fails_cleanly() {
+    if !privileged() {
+        return;
+    }
+    let stat = std::fs::read_to_string("/proc/2/stat").expect("PID 2 exists");
+    assert!(stat.contains("(kthreadd)"), "PID 2 is not kthreadd: {stat}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = record_pid(2, &dir.path().join("x.trace"), &["-d", "1"]);
+    assert_clean_error(&out, "kernel thread");
+    assert_eq!(dir_entries(dir.path()), Vec::<String>::new(), "left behind");
+}
+
+#[test]
+fn record_refuses_an_existing_output_without_force() {
+    if !privileged() {
+        return;
+    }
+    let target = start_fixture("leaks", "attach");
+    let dir = tempfile::tempdir().unwrap();
+    let existing = dir.path().join("existing.trace");
+    std::fs::write(&existing, "precious").unwrap();
+    let out = record_pid(target.pid(), &existing, &["-d", "1"]);
+    assert_clean_error(&out, "--force");
+    assert_eq!(
+        std::fs::read_to_string(&existing).unwrap(),
+        "precious",
+        "the existing file was modified"
+    );
+    assert_eq!(dir_entries(dir.path()), vec!["existing.trace".to_string()]);
+    finish(target);
+}
+
+#[test]
+fn record_with_force_replaces_an_existing_output() {
+    if !privileged() {
+        return;
+    }
+    let target = start_fixture("leaks", "attach");
+    let dir = tempfile::tempdir().unwrap();
+    let existing = dir.path().join("existing.trace");
+    std::fs::write(&existing, "old contents").unwrap();
+    let out = record_pid(target.pid(), &existing, &["-d", "1", "--force"]);
+    assert!(
+        out.status.success(),
+        "record --force failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report_json(&existing);
+    assert!(r.complete, "{}", r.summary());
+    assert_eq!(r.target.pids, vec![target.pid()]);
+    finish(target);
+}
+
+#[test]
+fn record_into_an_unwritable_directory_fails_cleanly() {
+    if !privileged() {
+        return;
+    }
+    let target = start_fixture("leaks", "attach");
+    let dir = tempfile::tempdir().unwrap();
+    // A directory that does not exist.
+    let missing = dir.path().join("no-such-dir").join("x.trace");
+    let out = record_pid(target.pid(), &missing, &["-d", "1"]);
+    assert_clean_error(&out, "no-such-dir");
+    assert_eq!(dir_entries(dir.path()), Vec::<String>::new(), "left behind");
+    // A directory where not even root may create files.
+    let in_proc = Path::new("/proc/alloctrace-test.trace");
+    let out = record_pid(target.pid(), in_proc, &["-d", "1"]);
+    assert_clean_error(&out, "/proc");
+    assert!(!in_proc.exists());
+    finish(target);
+}
+
+#[test]
+fn record_of_a_missing_command_fails_cleanly() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = alloctrace_cmd(&["record", "-o"]);
+    cmd.arg(dir.path().join("x.trace"))
+        .arg("--")
+        .arg("/nonexistent/alloctrace-no-such-command");
+    let out = run("alloctrace record -- missing", cmd);
+    assert_clean_error(&out, "alloctrace-no-such-command");
+    assert_eq!(dir_entries(dir.path()), Vec::<String>::new(), "left behind");
+}
+
+/// `report` and `flamegraph` of `input` must fail cleanly, naming the file, and write nothing.
+fn assert_views_reject(dir: &Path, input: &Path) {
+    let name = input.file_name().unwrap().to_str().unwrap().to_string();
+    let before = dir_entries(dir);
+    for (what, args, out_name) in [
+        ("report", vec!["report", "-o"], "out.txt"),
+        (
+            "report --format json",
+            vec!["report", "--format", "json", "-o"],
+            "out.json",
+        ),
+        ("flamegraph", vec!["flamegraph", "-o"], "out.svg"),
+    ] {
+        let mut cmd = alloctrace_cmd(&args);
+        cmd.arg(dir.join(out_name)).arg(input);
+        let out = run(what, cmd);
+        assert_clean_error(&out, &name);
+        assert_eq!(
+            dir_entries(dir),
+            before,
+            "`{what}` of {name} left files behind"
+        );
+    }
+    // Without -o the report goes to stdout; it must still fail.
+    let mut cmd = alloctrace_cmd(&["report"]);
+    cmd.arg(input);
+    assert_clean_error(&run("report to stdout", cmd), &name);
+}
+
+#[test]
+fn views_reject_a_corrupt_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.trace");
+    std::fs::write(&junk, "this is not an alloctrace recording\n".repeat(200)).unwrap();
+    assert_views_reject(dir.path(), &junk);
+}
+
+#[test]
+fn views_reject_an_empty_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.trace");
+    std::fs::write(&empty, "").unwrap();
+    assert_views_reject(dir.path(), &empty);
+}
+
+#[test]
+fn views_reject_a_missing_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_views_reject(dir.path(), &dir.path().join("missing.trace"));
+}
+
+#[test]
+fn views_reject_a_truncated_recording() {
+    if !privileged() {
+        return;
+    }
+    let mut s = Session::run_scenario("leaks", "attach", &[]);
+    s.recorder.signal(libc::SIGINT);
+    s.recorder.wait_success();
+    s.target.close_stdin();
+    s.target.wait_success();
+    let full = std::fs::read(&s.trace).expect("the recording");
+    assert!(report_json(&s.trace).complete);
+    for (name, len) in [
+        ("half.trace", full.len() / 2),
+        ("header.trace", 100.min(full.len())),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cut = dir.path().join(name);
+        std::fs::write(&cut, &full[..len]).unwrap();
+        assert_views_reject(dir.path(), &cut);
+    }
+}

@@ -1,0 +1,109 @@
+//! `alloctrace record -o FILE -- CMD ARGS...`: the command is traced from its first instruction
+//! and the recording ends when it exits. Privileged: needs root, eBPF and uprobes.
+
+mod common;
+
+use std::path::Path;
+
+use common::{
+    Report, Totals, all_live, alloctrace_cmd, fixture, leaks_totals, privileged, report_json, run,
+};
+
+/// Runs `alloctrace record -o DIR/cmd.trace -- ARGV...` to completion and returns its report.
+fn record_command(dir: &Path, argv: &[&str]) -> Report {
+    let trace = dir.join("cmd.trace");
+    let mut cmd = alloctrace_cmd(&["record", "-o"]);
+    cmd.arg(&trace).arg("--").args(argv);
+    let out = run("alloctrace record -- CMD", cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "record -- {argv:?} failed ({}):\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.lines().any(|l| l.starts_with("attached")),
+        "no `attached` line:\n{stderr}"
+    );
+    report_json(&trace)
+}
+
+#[test]
+fn command_leaks_are_exact() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fixture("heap_fixture");
+    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "leaks", "run"]);
+    r.assert_well_formed(None);
+    assert!(r.complete, "{}", r.summary());
+    assert_eq!(r.target.pids.len(), 1, "{}", r.summary());
+    assert!(
+        r.target.command.contains("heap_fixture leaks run"),
+        "target.command\n{}",
+        r.summary()
+    );
+    r.assert_leaks();
+    // The fixture allocates nothing else, from its first instruction to its exit.
+    r.assert_totals(leaks_totals());
+    assert!(r.failures.is_empty(), "{}", r.summary());
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn command_is_traced_before_main() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fixture("ctor_fixture");
+    let r = record_command(dir.path(), &[exe.to_str().unwrap()]);
+    r.assert_well_formed(None);
+    assert!(r.complete, "{}", r.summary());
+    // A constructor runs before main: only a launch that attaches before any code sees it.
+    r.assert_cell("leak_in_constructor", all_live(3, 4242));
+    r.assert_cell("leak_in_main", all_live(2, 777));
+    r.assert_totals(Totals {
+        live_bytes: 3 * 4242 + 2 * 777,
+        live_count: 5,
+        peak_bytes: 3 * 4242 + 2 * 777,
+        allocated_bytes: 3 * 4242 + 2 * 777,
+        allocated_count: 5,
+        freed_count: 0,
+    });
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn command_with_threads_counts_every_thread() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fixture("heap_fixture");
+    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "threads", "run"]);
+    r.assert_well_formed(None);
+    assert!(r.complete, "{}", r.summary());
+    // Thread start-up (glibc's TLS vectors) allocates too, under other stacks: only thread_leak
+    // is known exactly.
+    r.assert_cell("thread_leak", all_live(8000, 40));
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn command_failures_leave_nothing_live() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fixture("heap_fixture");
+    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "failures", "run"]);
+    r.assert_well_formed(None);
+    assert_eq!(r.failures.len(), 4, "{}", r.summary());
+    let failed: u64 = r.failures.iter().map(|f| f.count).sum();
+    assert_eq!(failed, 3 + 2 + 4 + 1, "{}", r.summary());
+    let t = r.heap_totals();
+    assert_eq!((t.live_bytes, t.live_count), (0, 0), "{}", r.summary());
+}

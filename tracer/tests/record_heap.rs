@@ -1,0 +1,231 @@
+//! `alloctrace record -p PID` against the heap fixture: every scenario has an exact answer by
+//! construction (see tests/fixtures/heap_fixture.c). Privileged: needs root, eBPF and uprobes.
+
+mod common;
+
+use common::{
+    Cell, LEAKS, Session, Totals, all_freed, all_live, leaks_totals, privileged, record_scenario,
+};
+
+#[test]
+fn leaks_through_every_allocator_function_are_exact() {
+    if !privileged() {
+        return;
+    }
+    let s = Session::run_scenario("leaks", "attach", &[]);
+    let pid = s.target.pid();
+    let r = s.stop(libc::SIGINT);
+    r.assert_well_formed(Some(pid));
+    assert!(
+        r.complete,
+        "SIGINT must finalize the recording\n{}",
+        r.summary()
+    );
+    assert!(
+        r.target.command.contains("heap_fixture leaks"),
+        "target.command\n{}",
+        r.summary()
+    );
+    r.assert_leaks();
+    r.assert_totals(leaks_totals());
+    // The stack is walked past the leaking function all the way up to main.
+    for (function, _, _) in LEAKS {
+        for st in r.stacks_of(function) {
+            assert_eq!(st.frames.get(1).map(String::as_str), Some("scenario_leaks"));
+            assert!(st.frames.iter().any(|f| f == "main"), "{:?}", st.frames);
+        }
+    }
+    assert!(r.failures.is_empty(), "no failures\n{}", r.summary());
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn churn_that_frees_everything_leaves_nothing_live() {
+    if !privileged() {
+        return;
+    }
+    let r = record_scenario("churn");
+    r.assert_well_formed(None);
+    assert!(r.complete);
+    r.assert_cell("churn_batch_alloc", all_freed(500, 128));
+    // 500 each of 16, 48, 96 and 256 bytes.
+    r.assert_cell(
+        "churn_pairs",
+        Cell {
+            live_bytes: 0,
+            live_count: 0,
+            allocated_bytes: 208_000,
+            allocated_count: 2000,
+        },
+    );
+    r.assert_totals(Totals {
+        live_bytes: 0,
+        live_count: 0,
+        peak_bytes: 64_000, // the 500 x 128 batch, live all at once
+        allocated_bytes: 272_000,
+        allocated_count: 2500,
+        freed_count: 2500,
+    });
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    assert!(r.failures.is_empty(), "{}", r.summary());
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn frees_from_another_thread_balance_the_allocating_thread() {
+    if !privileged() {
+        return;
+    }
+    let r = record_scenario("xthread");
+    r.assert_well_formed(None);
+    r.assert_cell("xthread_alloc", all_freed(1000, 72));
+    assert!(
+        r.stacks_of("xthread_free").is_empty(),
+        "free has no stack\n{}",
+        r.summary()
+    );
+    r.assert_totals(Totals {
+        live_bytes: 0,
+        live_count: 0,
+        peak_bytes: 72_000,
+        allocated_bytes: 72_000,
+        allocated_count: 1000,
+        freed_count: 1000,
+    });
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn realloc_chains_leave_the_final_size_at_the_last_realloc() {
+    if !privileged() {
+        return;
+    }
+    let r = record_scenario("realloc");
+    r.assert_well_formed(None);
+    // realloc(p, 0) returning NULL is a free, not a failure.
+    r.assert_cell("zero_alloc", all_freed(5, 333));
+    assert!(r.stacks_of("zero_free").is_empty(), "{}", r.summary());
+    // 8 chains: malloc 24 -> realloc 20 (in place) -> 5000 -> 300000 (mmapped) -> 250000.
+    r.assert_cell("chain_start", all_freed(8, 24));
+    r.assert_cell("chain_in_place", all_freed(8, 20));
+    r.assert_cell("chain_grow", all_freed(8, 5000));
+    r.assert_cell("chain_big", all_freed(8, 300_000));
+    r.assert_cell("chain_final", all_live(8, 250_000));
+    r.assert_totals(Totals {
+        live_bytes: 2_000_000,
+        live_count: 8,
+        // The last chain's 300000-byte step on top of 7 finished chains.
+        peak_bytes: 7 * 250_000 + 300_000,
+        allocated_bytes: 5 * 333 + 8 * (24 + 20 + 5000 + 300_000 + 250_000),
+        allocated_count: 5 + 8 * 5,
+        freed_count: 5 + 8 * 4,
+    });
+    assert!(r.failures.is_empty(), "no failures\n{}", r.summary());
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn failed_allocations_are_failures_and_never_live() {
+    if !privileged() {
+        return;
+    }
+    let r = record_scenario("failures");
+    r.assert_well_formed(None);
+    // (caller, function, requested size, calls, error)
+    let expected: [(&str, &str, u64, u64, &str); 4] = [
+        ("fail_malloc", "malloc", 1 << 63, 3, "ENOMEM"),
+        // (2^63 - 1) * 4 overflows: the request is reported saturated.
+        ("fail_calloc", "calloc", u64::MAX, 2, "ENOMEM"),
+        ("fail_posix_memalign", "posix_memalign", 100, 4, "EINVAL"),
+        ("fail_realloc", "realloc", 1 << 63, 1, "ENOMEM"),
+    ];
+    for (caller, function, size, count, error) in expected {
+        let rows: Vec<_> = r
+            .failures
+            .iter()
+            .filter(|f| f.frames.first().map(String::as_str) == Some(caller))
+            .collect();
+        assert_eq!(
+            rows.len(),
+            1,
+            "one failure row for {caller}\n{}",
+            r.summary()
+        );
+        let f = rows[0];
+        assert_eq!(
+            (
+                f.class.as_str(),
+                f.function.as_str(),
+                f.size,
+                f.count,
+                f.error.as_str()
+            ),
+            ("heap", function, size, count, error),
+            "failure at {caller}\n{}",
+            r.summary()
+        );
+        assert!(r.stacks_of(caller).is_empty(), "{caller} is never live");
+    }
+    assert_eq!(r.failures.len(), 4, "{}", r.summary());
+    // The block whose realloc failed stays live until its free.
+    r.assert_cell("fail_realloc_base", all_freed(1, 50));
+    r.assert_totals(Totals {
+        live_bytes: 0,
+        live_count: 0,
+        peak_bytes: 50,
+        allocated_bytes: 50,
+        allocated_count: 1,
+        freed_count: 1,
+    });
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn frees_of_blocks_allocated_before_attach_are_unmatched() {
+    if !privileged() {
+        return;
+    }
+    let r = record_scenario("unmatched");
+    r.assert_well_formed(None);
+    assert_eq!(r.unmatched_frees, 25, "{}", r.summary());
+    assert!(
+        r.stacks_of("pre_attach_alloc").is_empty(),
+        "{}",
+        r.summary()
+    );
+    r.assert_cell("leak_malloc", all_live(10, 100));
+    r.assert_totals(Totals {
+        live_bytes: 1000,
+        live_count: 10,
+        peak_bytes: 1000,
+        allocated_bytes: 1000,
+        allocated_count: 10,
+        freed_count: 0,
+    });
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn many_threads_leak_an_exact_total() {
+    if !privileged() {
+        return;
+    }
+    let r = record_scenario("threads");
+    r.assert_well_formed(None);
+    // 8 threads x 1000 x 40 bytes.
+    r.assert_cell("thread_leak", all_live(8000, 40));
+    r.assert_totals(Totals {
+        live_bytes: 320_000,
+        live_count: 8000,
+        peak_bytes: 320_000,
+        allocated_bytes: 320_000,
+        allocated_count: 8000,
+        freed_count: 0,
+    });
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+}
