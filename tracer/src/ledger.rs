@@ -127,6 +127,12 @@ impl Ledger {
         Ledger::default()
     }
 
+    /// Declares a class as traced, so that its totals are reported (as zeros) even when nothing
+    /// of it was seen.
+    pub fn track(&mut self, class: Class) {
+        self.totals.entry(class).or_default();
+    }
+
     /// The id of a phase name, interning it on first use.
     pub fn phase(&mut self, name: &str) -> PhaseId {
         match self.phases.iter().position(|p| p == name) {

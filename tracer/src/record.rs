@@ -167,6 +167,10 @@ fn forward_to_launched(launched: Option<&target::LaunchedCommand>, sig: i32) {
 
 /// Attaches to the target and records until done.
 pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
+    // Privilege first: it is the one error whose remedy applies to every other check.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(crate::probes::ProbeError::NotPermitted.into());
+    }
     Writer::check_output_path(&opts.output, opts.force)?;
     // Handlers first: a SIGINT that arrives right after `attached` must finalize, not kill.
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -229,6 +233,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         undecodable: 0,
         ips: Vec::new(),
     };
+    sink.ledger.track(Class::Heap);
     let mut namer = FrameNamer::new(pid, maps);
 
     eprintln!(

@@ -96,6 +96,12 @@ pub fn command_line(pid: u32) -> Result<String, TargetError> {
     Ok(args.join(" "))
 }
 
+/// Whether a mapped path is the dynamic loader (present at exec in every dynamic executable).
+fn is_dynamic_loader(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.starts_with("ld-linux") || base.starts_with("ld-musl") || base.starts_with("ld.so")
+}
+
 /// A command launched by alloctrace, held stopped (under ptrace) until its allocator is mapped.
 pub struct LaunchedCommand {
     pub pid: u32,
@@ -154,10 +160,16 @@ pub fn launch(argv: &[OsString]) -> Result<LaunchedCommand, TargetError> {
             || maps
                 .iter()
                 .any(|m| m.executable && resolve::is_libc_name(&m.path));
-        first_stop = false;
         if worth_looking && resolve::find_allocator(pid, &maps).is_ok() {
             return Ok(LaunchedCommand { pid, command, maps });
         }
+        if first_stop && !maps.iter().any(|m| is_dynamic_loader(&m.path)) {
+            // A static executable without malloc symbols: nothing will ever be mapped to hook.
+            let _ = nix::sys::signal::kill(npid, Signal::SIGKILL);
+            let _ = waitpid(npid, None);
+            return Err(TargetError::NoAllocator { pid });
+        }
+        first_stop = false;
         ptrace::syscall(npid, pending_signal.take()).map_err(TargetError::Ptrace)?;
         match waitpid(npid, None).map_err(TargetError::Ptrace)? {
             WaitStatus::PtraceSyscall(_) => {}

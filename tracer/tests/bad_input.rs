@@ -212,3 +212,37 @@ fn views_reject_a_truncated_recording() {
         assert_views_reject(dir.path(), &cut);
     }
 }
+
+#[test]
+fn record_as_an_unprivileged_user_says_to_run_as_root() {
+    if !privileged() {
+        return;
+    }
+    let Ok(setpriv) = which_setpriv() else {
+        panic!("setpriv (util-linux) is needed to drop privileges in this test");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let target = start_fixture("leaks", "attach");
+    let trace = dir.path().join("x.trace");
+    let mut cmd = std::process::Command::new(setpriv);
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        common::alloctrace(),
+    ])
+    .args(["record", "-p", &target.pid().to_string(), "-d", "1", "-o"])
+    .arg(&trace);
+    let out = run("alloctrace record as nobody", cmd);
+    assert_clean_error(&out, "root");
+    assert!(!trace.exists(), "no recording may be left behind");
+    finish(target);
+}
+
+fn which_setpriv() -> Result<std::path::PathBuf, ()> {
+    ["/usr/bin/setpriv", "/bin/setpriv"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or(())
+}

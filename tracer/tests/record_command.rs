@@ -107,3 +107,41 @@ fn command_failures_leave_nothing_live() {
     let t = r.heap_totals();
     assert_eq!((t.live_bytes, t.live_count), (0, 0), "{}", r.summary());
 }
+
+#[test]
+fn statically_linked_command_is_traced_in_its_own_allocator() {
+    if !privileged() {
+        return;
+    }
+    // No libc.so is mapped: malloc and friends live in the executable's symbol table.
+    let exe = common::fixture_variant("heap_fixture", "static", &["-static"]);
+    let dir = tempfile::tempdir().unwrap();
+    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "leaks", "run"]);
+    assert!(r.complete, "{}", r.summary());
+    // Exact per leaking function; the totals also hold static glibc's own start-up allocations
+    // (`_dl_new_object`, ...); a dynamic executable makes those in ld.so, with its own allocator.
+    r.assert_leaks();
+    let leaks = leaks_totals();
+    let t = r.heap_totals();
+    assert!(
+        t.live_bytes >= leaks.live_bytes && t.live_count >= leaks.live_count,
+        "{}",
+        r.summary()
+    );
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn stripped_static_command_without_malloc_symbols_fails_cleanly() {
+    if !privileged() {
+        return;
+    }
+    let exe = common::fixture_variant("heap_fixture", "static-stripped", &["-static", "-s"]);
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("x.trace");
+    let mut cmd = alloctrace_cmd(&["record", "-o"]);
+    cmd.arg(&trace).arg("--").arg(&exe).args(["leaks", "run"]);
+    let out = run("alloctrace record -- stripped static", cmd);
+    common::assert_clean_error(&out, "malloc");
+    assert!(!trace.exists(), "no recording may be left behind");
+}

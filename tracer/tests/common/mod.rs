@@ -84,9 +84,19 @@ fn can_create_bpf_map() -> bool {
 /// Compiles `tests/fixtures/NAME.c` (once per test binary) with frame pointers and returns the
 /// executable's path.
 pub fn fixture(name: &str) -> PathBuf {
+    fixture_variant(name, "", &[])
+}
+
+/// Like `fixture`, built with `extra` compiler flags into `NAME-VARIANT`.
+pub fn fixture_variant(name: &str, variant: &str, extra: &[&str]) -> PathBuf {
     static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.get(name) {
+    let exe_name = if variant.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}-{variant}")
+    };
+    if let Some(path) = built.get(&exe_name) {
         return path.clone();
     }
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -94,9 +104,9 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(format!("{name}.c"));
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     std::fs::create_dir_all(&dir).expect("create the fixture directory");
-    let out = dir.join(name);
+    let out = dir.join(&exe_name);
     // Built under a private name and renamed: other test binaries may run the old one meanwhile.
-    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+    let tmp = dir.join(format!("{exe_name}.{}.tmp", std::process::id()));
     let result = Command::new("cc")
         .args([
             "-O0",
@@ -106,6 +116,7 @@ pub fn fixture(name: &str) -> PathBuf {
             "-pthread",
             "-Wall",
         ])
+        .args(extra)
         .arg(&src)
         .arg("-o")
         .arg(&tmp)
@@ -118,7 +129,7 @@ pub fn fixture(name: &str) -> PathBuf {
         String::from_utf8_lossy(&result.stderr)
     );
     std::fs::rename(&tmp, &out).expect("move the fixture into place");
-    built.insert(name.to_string(), out.clone());
+    built.insert(exe_name, out.clone());
     out
 }
 
