@@ -10,6 +10,59 @@ use core::mem::size_of;
 pub mod event_kind {
     pub const HEAP_ALLOC: u32 = 1;
     pub const HEAP_FREE: u32 = 2;
+    pub const MAP: u32 = 3;
+}
+
+/// Memory syscalls traced with tracepoints (`MapEvent::op`): the x86-64 syscall numbers.
+pub mod map_op {
+    pub const MMAP: u32 = 9;
+    pub const MPROTECT: u32 = 10;
+    pub const MUNMAP: u32 = 11;
+    pub const BRK: u32 = 12;
+    pub const MREMAP: u32 = 25;
+}
+
+/// `MapEvent::flags`: the syscall was made from inside a hooked allocator call (heap tracing on),
+/// so its memory is the allocator's arena, already counted block by block in class `heap`.
+pub const MAP_FROM_ALLOCATOR: u32 = 1;
+
+/// Arguments of a memory syscall saved at entry until its exit, keyed by `pid_tgid`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SyscallArgs {
+    pub args: [u64; 5],
+    pub op: u32,
+    pub flags: u32,
+}
+
+/// A completed memory syscall. Followed in the ring by `nframes` stack addresses, like
+/// `HeapAllocEvent`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct MapEvent {
+    /// `event_kind::MAP`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub nframes: u16,
+    pub stack_flags: u16,
+    /// `map_op`.
+    pub op: u32,
+    /// `MAP_FROM_ALLOCATOR`.
+    pub flags: u32,
+    /// The syscall's return value (the mapping's address, the new break, or 0).
+    pub ret: u64,
+    /// The syscall's arguments: mmap (addr, len, prot, flags, fd), munmap (addr, len),
+    /// mprotect (addr, len, prot), mremap (old_addr, old_len, new_len, flags, new_addr), brk (brk).
+    pub args: [u64; 5],
+}
+
+/// Scratch for one mapping record with room for the longest stack.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct MapRecord {
+    pub event: MapEvent,
+    pub ips: [u64; MAX_FRAMES],
 }
 
 /// Heap functions, in the order of user space's hook table. Carried as the uprobe cookie.
@@ -67,6 +120,10 @@ pub const MAX_FRAMES: usize = 64;
 
 /// `HeapAllocEvent::stack_flags`: the walk stopped at `MAX_FRAMES` with more frames above.
 pub const STACK_TRUNCATED: u16 = 1;
+
+/// `stack_flags`: the second address was read from the stack pointer, not from the frame chain;
+/// it is a real frame only if the instruction before it is a call (see `walk_user_stack`).
+pub const STACK_SP_CANDIDATE: u16 = 2;
 
 /// A completed allocation call (successful or failed), emitted at the function's return. In the
 /// ring buffer it is followed by `nframes` user stack addresses (`u64`, innermost first: the
@@ -150,6 +207,8 @@ pub mod drop_cause {
 const _: () = assert!(size_of::<HeapAllocEvent>() == 48);
 const _: () = assert!(size_of::<HeapAllocRecord>() == 48 + 8 * MAX_FRAMES);
 const _: () = assert!(size_of::<HeapFreeEvent>() == 16);
+const _: () = assert!(size_of::<MapEvent>() == 72);
+const _: () = assert!(size_of::<SyscallArgs>() == 48);
 const _: () = assert!(size_of::<InflightCall>() == 40);
 
 #[cfg(feature = "user")]
@@ -159,4 +218,6 @@ mod pod {
     unsafe impl aya::Pod for HeapAllocEvent {}
     unsafe impl aya::Pod for HeapFreeEvent {}
     unsafe impl aya::Pod for InflightCall {}
+    unsafe impl aya::Pod for MapEvent {}
+    unsafe impl aya::Pod for SyscallArgs {}
 }

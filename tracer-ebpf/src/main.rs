@@ -15,16 +15,21 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_RB_NO_WAKEUP, pt_regs},
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_user},
-    macros::{map, uprobe, uretprobe},
-    maps::{Array, PerCpuArray, RingBuf},
-    programs::{ProbeContext, RetProbeContext},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use core::mem::size_of;
 
 use tracer_common::{
     HeapAllocEvent, HeapAllocRecord, HeapFn, HeapFreeEvent, INFLIGHT_SLOTS, InflightCall,
-    MAX_FRAMES, STACK_TRUNCATED, drop_cause, event_kind,
+    MAP_FROM_ALLOCATOR, MAX_FRAMES, MapEvent, MapRecord, STACK_SP_CANDIDATE, STACK_TRUNCATED,
+    SyscallArgs, drop_cause, event_kind, map_op,
 };
 
 const ENOMEM: i32 = 12;
@@ -41,6 +46,19 @@ static INFLIGHT: Array<InflightCall> = Array::with_max_entries(INFLIGHT_SLOTS, 0
 /// Per-CPU scratch where an allocation record is assembled before its used part is copied out.
 #[map]
 static SCRATCH: PerCpuArray<HeapAllocRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Processes whose memory syscalls are traced (tgid → 1). Tracepoints fire for every process on
+/// the machine; this filter is their first instruction.
+#[map]
+static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Arguments of memory syscalls in flight, by `pid_tgid`.
+#[map]
+static SYSCALL_ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
+
+/// Per-CPU scratch for a mapping record.
+#[map]
+static MAP_SCRATCH: PerCpuArray<MapRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// Lost events by `drop_cause`.
 #[map]
@@ -237,42 +255,44 @@ pub fn heap_return(ctx: RetProbeContext) -> u32 {
     let nframes = if is_free {
         0
     } else {
-        walk_user_stack(&ctx, record)
+        // At a return probe the registers are the caller's: `rip` is the return address into the
+        // function that called the allocator and `rbp` its frame.
+        let regs = ctx.as_ptr() as *const pt_regs;
+        // SAFETY: the context of a uprobe program is the user pt_regs.
+        let (ip, bp) = unsafe { ((*regs).rip, (*regs).rbp) };
+        let mut flags = 0u16;
+        let n = walk_user_stack(ip, None, bp, &mut record.ips, &mut flags);
+        record.event.stack_flags = flags;
+        n
     };
     record.event.nframes = nframes as u16;
-
-    // Copy out only the used part: a 10-frame record takes 128 bytes of ring, not 560.
-    let len = size_of::<HeapAllocEvent>() + 8 * (nframes & (MAX_FRAMES * 2 - 1));
-    let len = if len > size_of::<HeapAllocRecord>() {
-        size_of::<HeapAllocRecord>()
-    } else {
-        len
-    };
-    // SAFETY: `record` is `len` readable bytes (bounded above for the verifier).
-    let bytes = unsafe {
-        core::slice::from_raw_parts((record as *const HeapAllocRecord).cast::<u8>(), len)
-    };
-    if EVENTS
-        .output::<[u8]>(bytes, BPF_RB_NO_WAKEUP as u64)
-        .is_err()
-    {
-        count_drop(drop_cause::RINGBUF_FULL);
-    }
+    output_record(record, size_of::<HeapAllocEvent>(), nframes);
     0
 }
 
-/// Walks the frame-pointer chain into `record.ips`; returns the number of frames.
-///
-/// At a return probe the registers are the caller's: `rip` is the return address into the
-/// function that called the allocator and `rbp` its frame. This walk costs about a third of
-/// `bpf_get_stackid` on the 6.18 kernel (docs/performance.md).
+/// Walks the frame-pointer chain from `(ip, bp)` into `ips`; returns the number of frames and
+/// sets `STACK_TRUNCATED` in `flags` when the chain went on past `MAX_FRAMES`. With `sp`, the word
+/// at the stack pointer comes second, flagged `STACK_SP_CANDIDATE`: at a syscall made by a leaf
+/// wrapper (libc's mmap, munmap, syscall()) it is the return address into the wrapper's caller,
+/// which the frame-pointer chain would skip; user space keeps it only if a call precedes it.
 #[inline(always)]
-fn walk_user_stack(ctx: &RetProbeContext, record: &mut HeapAllocRecord) -> usize {
-    let regs = ctx.as_ptr() as *const pt_regs;
-    // SAFETY: the context of a uprobe program is the user pt_regs.
-    let (ip, mut bp) = unsafe { ((*regs).rip, (*regs).rbp) };
-    record.ips[0] = ip;
+fn walk_user_stack(
+    ip: u64,
+    sp: Option<u64>,
+    mut bp: u64,
+    ips: &mut [u64; MAX_FRAMES],
+    flags: &mut u16,
+) -> usize {
+    ips[0] = ip;
     let mut n = 1usize;
+    if let Some(sp) = sp
+        // SAFETY: bpf_probe_read_user checks the user address.
+        && let Ok(ret) = unsafe { bpf_probe_read_user(sp as *const u64) }
+    {
+        ips[1] = ret;
+        n = 2;
+        *flags |= STACK_SP_CANDIDATE;
+    }
     while n < MAX_FRAMES {
         if bp == 0 {
             return n;
@@ -284,7 +304,7 @@ fn walk_user_stack(ctx: &RetProbeContext, record: &mut HeapAllocRecord) -> usize
         if frame[1] == 0 {
             return n;
         }
-        record.ips[n] = frame[1];
+        ips[n] = frame[1];
         n += 1;
         // Frames live at increasing addresses; anything else is not a frame chain.
         if frame[0] <= bp {
@@ -293,9 +313,133 @@ fn walk_user_stack(ctx: &RetProbeContext, record: &mut HeapAllocRecord) -> usize
         bp = frame[0];
     }
     if bp != 0 {
-        record.event.stack_flags = STACK_TRUNCATED;
+        *flags |= STACK_TRUNCATED;
     }
     MAX_FRAMES
+}
+
+/// Copies the used part of a scratch record (`header` bytes + `nframes` addresses) into the ring.
+#[inline(always)]
+fn output_record<R>(record: &R, header: usize, nframes: usize) {
+    let len = header + 8 * (nframes & (MAX_FRAMES * 2 - 1));
+    let len = if len > size_of::<R>() {
+        size_of::<R>()
+    } else {
+        len
+    };
+    // SAFETY: `record` is `len` readable bytes (bounded above for the verifier).
+    let bytes = unsafe { core::slice::from_raw_parts((record as *const R).cast::<u8>(), len) };
+    if EVENTS
+        .output::<[u8]>(bytes, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        count_drop(drop_cause::RINGBUF_FULL);
+    }
+}
+
+/// Entry of a traced memory syscall: saves its arguments (syscall tracepoints hold them from
+/// offset 16 on, after the common header and the syscall number).
+#[inline(always)]
+fn syscall_enter(ctx: &TracePointContext, op: u32, nargs: usize) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    if TARGETS.get_ptr(&((key >> 32) as u32)).is_none() {
+        return 0;
+    }
+    let mut saved = SyscallArgs {
+        args: [0; 5],
+        op,
+        flags: 0,
+    };
+    let mut i = 0;
+    while i < nargs && i < 5 {
+        // SAFETY: reads the tracepoint record's argument slots.
+        saved.args[i] = unsafe { ctx.read_at::<u64>(16 + 8 * i) }.unwrap_or(0);
+        i += 1;
+    }
+    if let Some((slot, _)) = my_slot()
+        // SAFETY: reading the slot's owner word.
+        && unsafe { (*slot).owner } == key
+    {
+        saved.flags = MAP_FROM_ALLOCATOR;
+    }
+    if SYSCALL_ARGS.insert(&key, &saved, 0).is_err() {
+        count_drop(drop_cause::INFLIGHT_BUSY);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn mmap_enter(ctx: TracePointContext) -> u32 {
+    syscall_enter(&ctx, map_op::MMAP, 5)
+}
+
+#[tracepoint]
+pub fn munmap_enter(ctx: TracePointContext) -> u32 {
+    syscall_enter(&ctx, map_op::MUNMAP, 2)
+}
+
+#[tracepoint]
+pub fn mprotect_enter(ctx: TracePointContext) -> u32 {
+    syscall_enter(&ctx, map_op::MPROTECT, 3)
+}
+
+#[tracepoint]
+pub fn mremap_enter(ctx: TracePointContext) -> u32 {
+    syscall_enter(&ctx, map_op::MREMAP, 5)
+}
+
+#[tracepoint]
+pub fn brk_enter(ctx: TracePointContext) -> u32 {
+    syscall_enter(&ctx, map_op::BRK, 1)
+}
+
+/// Exit of every traced memory syscall: emits the completed call with its user stack.
+#[tracepoint]
+pub fn syscall_exit(ctx: TracePointContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    let Some(saved) = (unsafe { SYSCALL_ARGS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ = SYSCALL_ARGS.remove(&key);
+    // SAFETY: sys_exit tracepoints hold `long ret` at offset 16.
+    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+    if (-4095..0).contains(&ret) {
+        return 0; // failed: nothing changed
+    }
+    let Some(record) = MAP_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    let record = unsafe { &mut *record };
+    record.event = MapEvent {
+        kind: event_kind::MAP,
+        tgid: (key >> 32) as u32,
+        tid: key as u32,
+        nframes: 0,
+        stack_flags: 0,
+        op: saved.op,
+        flags: saved.flags,
+        ret: ret as u64,
+        args: saved.args,
+    };
+    // The user registers of the syscall: its return address and the caller's frame pointer.
+    // SAFETY: the current task's user pt_regs, read with bpf_probe_read_kernel.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    let Ok(regs) = (unsafe { bpf_probe_read_kernel(regs) }) else {
+        return 0;
+    };
+    let mut flags = 0u16;
+    let n = walk_user_stack(
+        regs.rip,
+        Some(regs.rsp),
+        regs.rbp,
+        &mut record.ips,
+        &mut flags,
+    );
+    record.event.nframes = n as u16;
+    record.event.stack_flags = flags;
+    output_record(record, size_of::<MapEvent>(), n);
+    0
 }
 
 /// free: `(ptr)`. Attached after glibc's `free(NULL)` early exit where that site is cheaper.

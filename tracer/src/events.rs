@@ -2,20 +2,22 @@
 
 use std::mem::size_of;
 
-use tracer_common::{HeapAllocEvent, HeapFreeEvent, STACK_TRUNCATED, event_kind};
+use tracer_common::{HeapAllocEvent, HeapFreeEvent, MapEvent, event_kind};
 
 /// A decoded ring record; stacks borrow the record's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     HeapAlloc(HeapAllocEvent, Stack<'a>),
     HeapFree(HeapFreeEvent),
+    Map(MapEvent, Stack<'a>),
 }
 
 /// The user stack that follows an event in its record: `u64` addresses, innermost first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stack<'a> {
     bytes: &'a [u8],
-    pub truncated: bool,
+    /// The event's `stack_flags` (`STACK_TRUNCATED`, `STACK_SP_CANDIDATE`).
+    pub flags: u16,
 }
 
 impl Stack<'_> {
@@ -49,9 +51,20 @@ pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
             let end = start + 8 * usize::from(ev.nframes);
             let stack = Stack {
                 bytes: bytes.get(start..end)?,
-                truncated: ev.stack_flags & STACK_TRUNCATED != 0,
+                flags: ev.stack_flags,
             };
             Some(Event::HeapAlloc(ev, stack))
+        }
+        event_kind::MAP if bytes.len() >= size_of::<MapEvent>() => {
+            // SAFETY: length checked; MapEvent is plain old data; the record may be unaligned.
+            let ev: MapEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let start = size_of::<MapEvent>();
+            let end = start + 8 * usize::from(ev.nframes);
+            let stack = Stack {
+                bytes: bytes.get(start..end)?,
+                flags: ev.stack_flags,
+            };
+            Some(Event::Map(ev, stack))
         }
         event_kind::HEAP_FREE if bytes.len() >= size_of::<HeapFreeEvent>() => {
             // SAFETY: as above.
@@ -90,7 +103,7 @@ mod tests {
             tgid: 7,
             tid: 8,
             nframes: 2,
-            stack_flags: STACK_TRUNCATED,
+            stack_flags: tracer_common::STACK_TRUNCATED,
             addr: 0x1000,
             size: 64,
             old_addr: 0,
@@ -106,7 +119,10 @@ mod tests {
         assert_eq!(ev, a);
         let mut ips = Vec::new();
         stack.read_into(&mut ips);
-        assert_eq!((ips, stack.truncated), (vec![0x1111, 0x2222], true));
+        assert_eq!(
+            (ips, stack.flags),
+            (vec![0x1111, 0x2222], tracer_common::STACK_TRUNCATED)
+        );
         // A record shorter than its frame count says is rejected.
         assert_eq!(decode(&record[..record.len() - 8]), None);
         let f = HeapFreeEvent {

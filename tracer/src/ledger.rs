@@ -188,6 +188,19 @@ impl Ledger {
         cell
     }
 
+    /// Adds `bytes` to a cell that already counts the block (a mapping's pages made accessible).
+    pub fn credit_existing(&mut self, cell: u32, bytes: u64) {
+        let class = self.cells[cell as usize].0.class;
+        let counters = &mut self.cells[cell as usize].1;
+        counters.live_bytes += bytes;
+        counters.allocated_bytes += bytes;
+        let totals = self.totals.entry(class).or_default();
+        totals.live_bytes += bytes;
+        totals.allocated_bytes += bytes;
+        totals.peak_bytes = totals.peak_bytes.max(totals.live_bytes);
+        self.mark_dirty(cell);
+    }
+
     /// Takes `bytes` back from a cell; `block_gone` also retires one live block.
     pub fn debit(&mut self, cell: u32, bytes: u64, block_gone: bool) {
         let n = u64::from(block_gone);

@@ -2,6 +2,7 @@
 pub mod events;
 pub mod hooks;
 pub mod ledger;
+pub mod mappings;
 pub mod model;
 pub mod output;
 pub mod probes;

@@ -50,6 +50,12 @@ enum Command {
         /// Ring buffer size in MiB (power of two). Raise it if lost_events shows ringbuf_full.
         #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ring_mib)]
         ring_size: u32,
+        /// Also trace the C allocator (malloc, free and friends) with uprobes: exact live heap by
+        /// stack, at the price of a uprobe trap per call (see docs/performance.md). Without it,
+        /// only mappings and the program break are traced, with tracepoints: cheap enough for
+        /// production.
+        #[arg(long)]
+        heap: bool,
         /// Attach empty programs at the same points and record nothing (benchmark floor).
         #[arg(long, hide = true)]
         probe_floor: bool,
@@ -135,6 +141,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             ring_size,
             probe_floor,
+            heap,
             command,
         } => {
             let target = match pid {
@@ -150,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ring_bytes: ring_size << 20,
                     floor: probe_floor,
                 },
+                heap,
                 poll_interval: Duration::from_millis(10),
             };
             let runtime = tokio::runtime::Builder::new_current_thread()

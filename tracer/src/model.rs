@@ -12,16 +12,35 @@ use serde::{Deserialize, Serialize};
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Class {
-    /// C allocator blocks (malloc and friends), counted at their requested size.
+    /// C allocator blocks (malloc and friends) at their requested size; without heap tracing,
+    /// the program break's growth.
     Heap,
+    /// Anonymous private mappings.
+    Mmap,
+    /// Shared anonymous mappings and shared memory files.
+    MmapShared,
+    /// File-backed mappings (reported apart: not leaks in the usual sense).
+    MmapFile,
+    /// Thread stacks (MAP_STACK mappings).
+    ThreadStack,
 }
 
 impl Class {
-    pub const ALL: [Class; 1] = [Class::Heap];
+    pub const ALL: [Class; 5] = [
+        Class::Heap,
+        Class::Mmap,
+        Class::MmapShared,
+        Class::MmapFile,
+        Class::ThreadStack,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Class::Heap => "heap",
+            Class::Mmap => "mmap",
+            Class::MmapShared => "mmap-shared",
+            Class::MmapFile => "mmap-file",
+            Class::ThreadStack => "thread-stack",
         }
     }
 

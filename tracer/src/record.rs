@@ -14,12 +14,13 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
-use tracer_common::{HeapFn, drop_cause};
+use tracer_common::{HeapFn, MAP_FROM_ALLOCATOR, MapEvent, drop_cause, map_op};
 
 use crate::{
     events::{self, Event},
     ledger::{CellRef, Ledger},
-    model::{Class, FailureKey, TargetInfo},
+    mappings::MappingLedger,
+    model::{Class, FailureKey, StackIndex, TargetInfo},
     probes::{HeapProbes, ProbeConfig, resolve},
     recording::Writer,
     stacks::{FrameNamer, StackTable},
@@ -41,6 +42,9 @@ pub struct RecordOptions {
     pub force: bool,
     pub duration: Option<Duration>,
     pub probes: ProbeConfig,
+    /// Trace the C allocator with uprobes (exact live heap by stack; costs a trap per call).
+    /// Mappings and the program break are always traced, with tracepoints.
+    pub heap: bool,
     /// How often the ring buffer is drained.
     pub poll_interval: Duration,
 }
@@ -66,12 +70,55 @@ fn own_peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+const PROT_EXEC: u64 = 0x4;
+const MAP_SHARED: u64 = 0x01;
+const MAP_ANONYMOUS: u64 = 0x20;
+const MAP_STACK: u64 = 0x20000;
+
+/// The class of a new mapping from its mmap flags (and, for a shared file mapping, what the file
+/// is: /dev/shm files and memfds are shared memory, not files).
+fn mmap_class(pid: u32, flags: u64, fd: i32) -> Class {
+    if flags & MAP_STACK != 0 {
+        Class::ThreadStack
+    } else if flags & MAP_ANONYMOUS != 0 || fd < 0 {
+        if flags & MAP_SHARED != 0 {
+            Class::MmapShared
+        } else {
+            Class::Mmap
+        }
+    } else {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap_or_default();
+        let target = target.to_string_lossy();
+        if flags & MAP_SHARED != 0
+            && (target.starts_with("/dev/shm/") || target.starts_with("/memfd:"))
+        {
+            Class::MmapShared
+        } else {
+            Class::MmapFile
+        }
+    }
+}
+
+/// The program break of `pid` now: the end of its `[heap]` mapping, else `start_brk` (field 47
+/// of /proc/PID/stat) for a process that has not grown it yet.
+fn current_brk(pid: u32) -> Option<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    if let Some(line) = maps.lines().find(|l| l.ends_with("[heap]")) {
+        let range = line.split_whitespace().next()?;
+        return u64::from_str_radix(range.split_once('-')?.1, 16).ok();
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = stat.rsplit_once(')')?.1;
+    after_comm.split_whitespace().nth(44)?.parse().ok()
+}
+
 /// User-space loss causes, besides the kernel's `drop_cause::NAMES`.
 const UNDECODABLE: &str = "undecodable_record";
 
 /// Applies events to the ledger, interning stacks as they come.
 struct EventSink {
     ledger: Ledger,
+    mappings: MappingLedger,
     stacks: StackTable,
     /// Display names of hooked functions by cookie (aliases joined: `memalign/aligned_alloc`).
     fn_names: HashMap<u32, String>,
@@ -79,6 +126,9 @@ struct EventSink {
     undecodable: u64,
     /// Reused buffer for a record's stack.
     ips: Vec<u64>,
+    /// An executable file was mapped since the last look: the frame namer must re-read maps
+    /// while the target still lives.
+    code_mapped: bool,
 }
 
 impl EventSink {
@@ -99,7 +149,7 @@ impl EventSink {
                     return;
                 }
                 ips.read_into(&mut self.ips);
-                let stack = self.stacks.intern(&self.ips, ips.truncated);
+                let stack = self.stacks.intern(&self.ips, ips.flags);
                 if ev.addr == 0 {
                     let function = self
                         .fn_names
@@ -126,7 +176,46 @@ impl EventSink {
                         .alloc(ev.tgid, ev.addr, ev.size, CellRef::new(Class::Heap, stack));
                 }
             }
+            Some(Event::Map(ev, ips)) => {
+                ips.read_into(&mut self.ips);
+                let stack = self.stacks.intern(&self.ips, ips.flags);
+                self.apply_map(&ev, stack);
+            }
             None => self.undecodable += 1,
+        }
+    }
+
+    fn apply_map(&mut self, ev: &MapEvent, stack: Option<StackIndex>) {
+        let from_allocator = ev.flags & MAP_FROM_ALLOCATOR != 0;
+        let (pid, a) = (ev.tgid, ev.args);
+        let (ledger, mappings) = (&mut self.ledger, &mut self.mappings);
+        match ev.op {
+            map_op::MMAP => {
+                let (len, prot, flags, fd) = (a[1], a[2], a[3], a[4] as i32);
+                let class = mmap_class(pid, flags, fd);
+                self.code_mapped |= prot & PROT_EXEC != 0 && fd >= 0;
+                let at = (!from_allocator).then(|| CellRef::new(class, stack));
+                mappings.map(ledger, pid, (ev.ret, len), prot != 0, class, at);
+            }
+            map_op::MUNMAP => mappings.unmap(ledger, pid, a[0], a[1]),
+            map_op::MPROTECT => mappings.protect(ledger, pid, a[0], a[1], a[2] != 0),
+            map_op::MREMAP => {
+                mappings.remap(
+                    ledger,
+                    pid,
+                    a[0],
+                    a[1],
+                    ev.ret,
+                    a[2],
+                    Class::Mmap,
+                    |class| (!from_allocator).then(|| CellRef::new(class, stack)),
+                );
+            }
+            map_op::BRK => {
+                let at = (!from_allocator).then(|| CellRef::new(Class::Heap, stack));
+                mappings.brk(ledger, pid, ev.ret, at);
+            }
+            _ => self.undecodable += 1,
         }
     }
 
@@ -188,7 +277,9 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
             (*pid, command, maps, None)
         }
         TargetSpec::Command(argv) => {
-            let launched = target::launch(argv)?;
+            // Held until its libc is mapped also without heap tracing: stacks are then named
+            // from a snapshot that has the C library, even for a command that exits at once.
+            let launched = target::launch(argv, opts.heap)?;
             (
                 launched.pid,
                 launched.command.clone(),
@@ -197,9 +288,18 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
             )
         }
     };
-    let allocator = resolve::find_allocator(pid, &maps)?;
+    let allocator = if opts.heap {
+        Some(resolve::find_allocator(pid, &maps)?)
+    } else {
+        None
+    };
     let exit_watch = ExitWatch::new(pid, launched.is_some())?;
-    if let Err(e) = probes.attach(pid, &allocator) {
+    let initial_brk = current_brk(pid);
+    let attached = probes.trace_mappings(pid).and_then(|()| match &allocator {
+        Some(allocator) => probes.attach(pid, allocator),
+        None => Ok(()),
+    });
+    if let Err(e) = attached {
         if exit_watch.has_exited() {
             return Err(TargetError::ExitedDuringAttach { pid }.into());
         }
@@ -221,26 +321,39 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     )?;
     let mut ring = probes.take_ring();
     let fn_names: HashMap<u32, String> = allocator
-        .points
         .iter()
+        .flat_map(|a| &a.points)
         .map(|p| (p.hook().func as u32, p.name()))
         .collect();
     let mut sink = EventSink {
         ledger: Ledger::new(),
+        mappings: MappingLedger::new(),
         stacks: StackTable::new(),
         fn_names,
         events: 0,
         undecodable: 0,
         ips: Vec::new(),
+        code_mapped: false,
     };
-    sink.ledger.track(Class::Heap);
+    for class in Class::ALL {
+        sink.ledger.track(class);
+    }
+    if let Some(brk) = initial_brk {
+        sink.mappings.set_initial_brk(pid, brk);
+    }
     let mut namer = FrameNamer::new(pid, maps);
 
+    let heap = match &allocator {
+        Some(a) => format!(
+            "; heap: {} probes on {} [{}]",
+            a.points.len(),
+            a.target_path,
+            probes.attached.join(", ")
+        ),
+        None => "; heap: not traced (add --heap for malloc by stack)".to_string(),
+    };
     eprintln!(
-        "attached to PID {pid} ({command}): {} probes on {} [{}]",
-        allocator.points.len(),
-        allocator.target_path,
-        probes.attached.join(", ")
+        "attached to PID {pid} ({command}): mappings: mmap, munmap, mprotect, mremap, brk{heap}"
     );
     if let Some(launched) = &launched {
         launched.release()?;
@@ -274,7 +387,12 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
 
     let stop_reason = loop {
         tokio::select! {
-            _ = poll.tick() => sink.drain(&mut ring),
+            _ = poll.tick() => {
+                sink.drain(&mut ring);
+                if std::mem::take(&mut sink.code_mapped) {
+                    namer.refresh();
+                }
+            }
             _ = tick.tick() => {
                 sink.drain(&mut ring);
                 commit(&mut sink, &mut namer, &mut writer, &probes)?;

@@ -7,6 +7,7 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use blazesym::symbolize::{self, Symbolizer, source::Source};
+use tracer_common::{STACK_SP_CANDIDATE, STACK_TRUNCATED};
 
 use crate::{
     model::{Stack, StackIndex},
@@ -16,10 +17,14 @@ use crate::{
 /// Marker frame at the outer end of a stack that was cut at `MAX_FRAMES`.
 pub const TRUNCATED_FRAME: &str = "[truncated]";
 
+/// High bits of the key word that carries an event's stack flags (no user address has them).
+const FLAGS_MARK: u64 = 0xffff_0000_0000_0000;
+
 /// Interns stacks and remembers which still need names.
 #[derive(Default)]
 pub struct StackTable {
-    /// Key: the instruction pointers, innermost first; a truncated stack ends with `u64::MAX`.
+    /// Key: the instruction pointers, innermost first, then `FLAGS_MARK | stack_flags` when the
+    /// event had stack flags (truncated, stack-pointer candidate).
     by_ips: HashMap<Vec<u64>, StackIndex>,
     /// Stacks interned but not yet symbolized.
     pending: Vec<(StackIndex, Vec<u64>)>,
@@ -31,18 +36,20 @@ impl StackTable {
         StackTable::default()
     }
 
-    /// The stack index of an event's stack (`None` when it has no frame); `truncated` marks a
-    /// stack cut at `MAX_FRAMES`. Allocation-free when the stack is known.
-    pub fn intern(&mut self, ips: &[u64], truncated: bool) -> Option<StackIndex> {
+    /// The stack index of an event's stack (`None` when it has no frame); `flags` are the
+    /// event's `stack_flags`. Allocation-free when the stack is known.
+    pub fn intern(&mut self, ips: &[u64], flags: u16) -> Option<StackIndex> {
         if ips.is_empty() {
             return None;
         }
-        if !truncated && let Some(&idx) = self.by_ips.get(ips) {
+        if flags == 0
+            && let Some(&idx) = self.by_ips.get(ips)
+        {
             return Some(idx);
         }
         let mut key = ips.to_vec();
-        if truncated {
-            key.push(u64::MAX);
+        if flags != 0 {
+            key.push(FLAGS_MARK | u64::from(flags));
             if let Some(&idx) = self.by_ips.get(&key) {
                 return Some(idx);
             }
@@ -80,6 +87,19 @@ pub struct FrameNamer {
     maps: Vec<Mapping>,
     symbolizer: Symbolizer,
     cache: HashMap<u64, String>,
+    after_call: HashMap<u64, bool>,
+}
+
+/// Whether `code`, the 7 bytes before a return address, ends with an x86-64 call instruction:
+/// `call rel32` (e8), `call *disp32(%rip)` (ff 15), `call *%reg` (ff d0-d7, 41 ff d0-d7),
+/// `call *disp8(%reg)` (ff 50-57 xx), `call *disp32(%reg)` (ff 90-97 xxxxxxxx).
+pub fn is_call_before(code: &[u8; 7]) -> bool {
+    let modrm_call = |m: u8| (m & 0x38) == 0x10; // reg field 2: CALL r/m64
+    code[2] == 0xe8
+        || (code[1] == 0xff && code[2] == 0x15)
+        || (code[5] == 0xff && modrm_call(code[6]) && code[6] >= 0xc0)
+        || (code[4] == 0xff && (0x50..=0x57).contains(&code[5]))
+        || (code[1] == 0xff && (0x90..=0x97).contains(&code[2]))
 }
 
 impl FrameNamer {
@@ -90,6 +110,7 @@ impl FrameNamer {
             maps,
             symbolizer: Symbolizer::new(),
             cache: HashMap::new(),
+            after_call: HashMap::new(),
         }
     }
 
@@ -113,22 +134,51 @@ impl FrameNamer {
         self.maps.iter().rev().find(|m| ip >= m.start && ip < m.end)
     }
 
-    pub fn name_stack(&mut self, ips: &[u64]) -> Vec<String> {
-        if ips
-            .iter()
-            .any(|&ip| ip != u64::MAX && self.mapping_of(ip).is_none())
-        {
+    /// Names a stack key (`StackTable`'s form: addresses, then an optional flags word).
+    pub fn name_stack(&mut self, key: &[u64]) -> Vec<String> {
+        let (ips, flags) = match key.split_last() {
+            Some((&last, rest)) if last & FLAGS_MARK == FLAGS_MARK => {
+                (rest, (last & 0xffff) as u16)
+            }
+            _ => (key, 0),
+        };
+        if ips.iter().any(|&ip| self.mapping_of(ip).is_none()) {
             self.refresh();
         }
-        ips.iter()
-            .map(|&ip| {
-                if ip == u64::MAX {
-                    TRUNCATED_FRAME.to_string()
-                } else {
-                    self.name(ip)
-                }
-            })
-            .collect()
+        let mut frames: Vec<String> = Vec::with_capacity(ips.len() + 1);
+        for (i, &ip) in ips.iter().enumerate() {
+            // The word read at the stack pointer is a frame only if a call instruction precedes
+            // it (it is the return address of a leaf function); otherwise it is data.
+            if i == 1 && flags & STACK_SP_CANDIDATE != 0 && !self.follows_call(ip) {
+                continue;
+            }
+            frames.push(self.name(ip));
+        }
+        if flags & STACK_TRUNCATED != 0 {
+            frames.push(TRUNCATED_FRAME.to_string());
+        }
+        frames
+    }
+
+    /// Whether the code just before `ip` is a call instruction (read from the mapped file).
+    fn follows_call(&mut self, ip: u64) -> bool {
+        if let Some(&known) = self.after_call.get(&ip) {
+            return known;
+        }
+        let verdict = self.mapping_of(ip).cloned().is_some_and(|m| {
+            let offset = ip - m.start + m.file_offset;
+            let mut before = [0u8; 7];
+            offset >= 7
+                && std::fs::File::open(resolve::open_path(self.pid, &m))
+                    .or_else(|_| std::fs::File::open(&m.path))
+                    .and_then(|f| {
+                        std::os::unix::fs::FileExt::read_exact_at(&f, &mut before, offset - 7)
+                    })
+                    .is_ok()
+                && is_call_before(&before)
+        });
+        self.after_call.insert(ip, verdict);
+        verdict
     }
 
     fn name(&mut self, ip: u64) -> String {
@@ -158,5 +208,36 @@ impl FrameNamer {
         };
         self.cache.insert(ip, name.clone());
         name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognizes_call_instructions_before_return_addresses() {
+        // call rel32
+        assert!(is_call_before(&[0x90, 0x90, 0xe8, 1, 2, 3, 4]));
+        // call *0x10(%rip)
+        assert!(is_call_before(&[0x90, 0xff, 0x15, 1, 2, 3, 4]));
+        // call *%rax ; call *%r8 (41 ff d0)
+        assert!(is_call_before(&[0, 0, 0, 0, 0, 0xff, 0xd0]));
+        assert!(is_call_before(&[0, 0, 0, 0, 0x41, 0xff, 0xd0]));
+        // call *0x8(%rax)
+        assert!(is_call_before(&[0, 0, 0, 0, 0xff, 0x50, 0x08]));
+        // data: a pointer-looking word on the stack, or jmp *%rax (ff e0)
+        assert!(!is_call_before(&[0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10]));
+        assert!(!is_call_before(&[0, 0, 0, 0, 0, 0xff, 0xe0]));
+    }
+
+    #[test]
+    fn flags_travel_in_the_key() {
+        let mut t = StackTable::new();
+        let a = t.intern(&[1, 2], 0);
+        let b = t.intern(&[1, 2], STACK_TRUNCATED);
+        assert_ne!(a, b);
+        assert_eq!(t.intern(&[1, 2], STACK_TRUNCATED), b);
+        assert_eq!(t.intern(&[], 0), None);
     }
 }

@@ -114,7 +114,7 @@ pub struct LaunchedCommand {
 /// until an object defining `malloc` is mapped (at once for static executables). No code of the
 /// program itself has run when this returns: the loader maps every library before it runs any
 /// initializer. The caller attaches probes and then calls `release`.
-pub fn launch(argv: &[OsString]) -> Result<LaunchedCommand, TargetError> {
+pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCommand, TargetError> {
     let command = argv
         .iter()
         .map(|a| a.to_string_lossy())
@@ -163,7 +163,12 @@ pub fn launch(argv: &[OsString]) -> Result<LaunchedCommand, TargetError> {
         if worth_looking && resolve::find_allocator(pid, &maps).is_ok() {
             return Ok(LaunchedCommand { pid, command, maps });
         }
-        if first_stop && !maps.iter().any(|m| is_dynamic_loader(&m.path)) {
+        let is_static = first_stop && !maps.iter().any(|m| is_dynamic_loader(&m.path));
+        if is_static && !wait_for_allocator {
+            // Tracepoints need nothing mapped; nothing more will be.
+            return Ok(LaunchedCommand { pid, command, maps });
+        }
+        if is_static {
             // A static executable without malloc symbols: nothing will ever be mapped to hook.
             let _ = nix::sys::signal::kill(npid, Signal::SIGKILL);
             let _ = waitpid(npid, None);

@@ -12,7 +12,7 @@ use common::{
 /// Runs `alloctrace record -o DIR/cmd.trace -- ARGV...` to completion and returns its report.
 fn record_command(dir: &Path, argv: &[&str]) -> Report {
     let trace = dir.join("cmd.trace");
-    let mut cmd = alloctrace_cmd(&["record", "-o"]);
+    let mut cmd = alloctrace_cmd(&["record", "--heap", "-o"]);
     cmd.arg(&trace).arg("--").args(argv);
     let out = run("alloctrace record -- CMD", cmd);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -139,7 +139,7 @@ fn stripped_static_command_without_malloc_symbols_fails_cleanly() {
     let exe = common::fixture_variant("heap_fixture", "static-stripped", &["-static", "-s"]);
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("x.trace");
-    let mut cmd = alloctrace_cmd(&["record", "-o"]);
+    let mut cmd = alloctrace_cmd(&["record", "--heap", "-o"]);
     cmd.arg(&trace).arg("--").arg(&exe).args(["leaks", "run"]);
     let out = run("alloctrace record -- stripped static", cmd);
     common::assert_clean_error(&out, "malloc");

@@ -128,6 +128,7 @@ fn bench(args: &[String]) -> Result<()> {
     let floor = vec![
         a.clone(),
         "record".into(),
+        "--heap".into(),
         "--probe-floor".into(),
         "-f".into(),
         "-o".into(),
@@ -140,6 +141,7 @@ fn bench(args: &[String]) -> Result<()> {
     let traced = vec![
         a.clone(),
         "record".into(),
+        "--heap".into(),
         "-f".into(),
         "-o".into(),
         t.clone(),
@@ -184,6 +186,7 @@ fn bench(args: &[String]) -> Result<()> {
     let live_argv = vec![
         a,
         "record".into(),
+        "--heap".into(),
         "-f".into(),
         "-o".into(),
         t,

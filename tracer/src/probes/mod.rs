@@ -6,9 +6,9 @@ use std::{io, num::NonZeroU32};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        ProgramError, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeAttachPoint,
+        ProgramError, TracePoint, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeAttachPoint,
         uprobe::UProbeScope,
     },
 };
@@ -83,10 +83,58 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Entry programs of the traced memory syscalls, by tracepoint name (`sys_enter_NAME`); every
+/// `sys_exit_NAME` runs `syscall_exit`.
+const SYSCALL_TRACEPOINTS: [(&str, &str); 5] = [
+    ("mmap_enter", "mmap"),
+    ("munmap_enter", "munmap"),
+    ("mprotect_enter", "mprotect"),
+    ("mremap_enter", "mremap"),
+    ("brk_enter", "brk"),
+];
+
+fn attach_err(name: &str, e: &(dyn std::error::Error + 'static)) -> ProbeError {
+    if is_eperm(e) {
+        ProbeError::NotPermitted
+    } else {
+        ProbeError::Attach {
+            symbol: format!("syscalls:{name}"),
+            path: "tracefs".into(),
+            reason: chain(e),
+        }
+    }
+}
+
+/// aya finds tracepoints through tracefs; a fresh machine may not have it mounted.
+fn ensure_tracefs() -> Result<(), ProbeError> {
+    let mounted = |p: &str| std::path::Path::new(p).join("events").exists();
+    if mounted("/sys/kernel/tracing") || mounted("/sys/kernel/debug/tracing") {
+        return Ok(());
+    }
+    // SAFETY: mount(2) with static NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 || !mounted("/sys/kernel/tracing") {
+        return Err(ProbeError::Load(format!(
+            "tracefs is not mounted and mounting it failed ({}): run `mount -t tracefs nodev /sys/kernel/tracing`",
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
 /// The loaded programs and their maps.
 pub struct HeapProbes {
     ebpf: Ebpf,
     config: ProbeConfig,
+    mappings_attached: bool,
     /// Names of the attached functions (`malloc`, `memalign/aligned_alloc`, ...).
     pub attached: Vec<String>,
 }
@@ -109,6 +157,7 @@ impl HeapProbes {
         Ok(HeapProbes {
             ebpf,
             config,
+            mappings_attached: false,
             attached: Vec::new(),
         })
     }
@@ -182,6 +231,60 @@ impl HeapProbes {
         }
         self.attached = object.points.iter().map(|p| p.name()).collect();
         Ok(())
+    }
+
+    /// Traces the memory syscalls (mmap, munmap, mprotect, mremap, brk) of process `pid` with
+    /// syscall tracepoints: every caller is seen (libc, raw `syscall()`, static code, runtimes
+    /// that bypass libc) and no uprobe trap is paid.
+    pub fn trace_mappings(&mut self, pid: u32) -> Result<(), ProbeError> {
+        ensure_tracefs()?;
+        let load_err = |e: &dyn std::error::Error| ProbeError::Load(e.to_string());
+        {
+            let map = self
+                .ebpf
+                .map_mut("TARGETS")
+                .ok_or_else(|| ProbeError::Load("TARGETS map missing".into()))?;
+            let mut targets: AyaHashMap<&mut MapData, u32, u32> =
+                AyaHashMap::try_from(map).map_err(|e| load_err(&e))?;
+            targets.insert(pid, 1, 0).map_err(|e| load_err(&e))?;
+        }
+        if self.mappings_attached {
+            return Ok(());
+        }
+        // Exits first, as with uprobes: an entry is never saved without its exit in place.
+        let exit = self.tracepoint("syscall_exit")?;
+        for name in SYSCALL_TRACEPOINTS.iter().map(|(_, n)| n) {
+            exit.attach("syscalls", &format!("sys_exit_{n}", n = name))
+                .map_err(|e| attach_err(name, &e))?;
+        }
+        for (program, name) in SYSCALL_TRACEPOINTS {
+            self.tracepoint(program)?
+                .attach("syscalls", &format!("sys_enter_{name}"))
+                .map_err(|e| attach_err(name, &e))?;
+        }
+        self.mappings_attached = true;
+        Ok(())
+    }
+
+    fn tracepoint(&mut self, name: &str) -> Result<&mut TracePoint, ProbeError> {
+        let prog: &mut TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| {
+                ProbeError::Load(format!("program {name} missing from the eBPF object"))
+            })?
+            .try_into()
+            .map_err(|e: ProgramError| ProbeError::Load(chain(&e)))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| {
+                if is_eperm(&e) {
+                    ProbeError::NotPermitted
+                } else {
+                    ProbeError::Load(chain(&e))
+                }
+            })?;
+        }
+        Ok(prog)
     }
 
     pub fn take_ring(&mut self) -> RingBuf<MapData> {

@@ -369,6 +369,7 @@ pub fn start_fixture(scenario: &str, protocol: &str) -> TestProcess {
 pub fn start_recorder(pid: u32, trace: &Path, extra: &[&str]) -> TestProcess {
     let mut cmd = Command::new(alloctrace());
     cmd.arg("record")
+        .arg("--heap")
         .arg("-p")
         .arg(pid.to_string())
         .arg("-o")
