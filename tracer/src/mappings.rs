@@ -312,6 +312,28 @@ impl MappingLedger {
         }
     }
 
+    /// Accessible bytes of `pid`'s allocator arena: mappings and brk growth made inside allocator
+    /// calls, which no cell counts (for the RSS reconciliation).
+    pub fn arena_bytes(&self, pid: u32) -> u64 {
+        let Some(space) = self.spaces.get(&pid) else {
+            return 0;
+        };
+        let uncounted = |origin: u32| self.origins[origin as usize].cell.is_none();
+        let mapped: u64 = space
+            .pieces
+            .iter()
+            .filter(|(_, p)| p.accessible && uncounted(p.origin))
+            .map(|(s, p)| p.end - s)
+            .sum();
+        let brk: u64 = space
+            .brk_origins
+            .iter()
+            .filter(|(_, o)| uncounted(*o))
+            .map(|(b, _)| b)
+            .sum();
+        mapped + brk
+    }
+
     /// Live mapped pieces of a process (for tests and the RSS reconciliation).
     pub fn piece_count(&self, pid: u32) -> usize {
         self.spaces.get(&pid).map_or(0, |s| s.pieces.len())

@@ -139,6 +139,23 @@ pub struct LedgerState {
     pub lost_events: BTreeMap<String, u64>,
 }
 
+/// Resident memory of a traced process at one second, from /proc/PID/status (bytes), with the
+/// allocator arena the mapping layer saw (mapped, accessible bytes made inside allocator calls).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RssSample {
+    pub t_s: u64,
+    pub pid: u32,
+    /// VmRSS = anon + file + shmem.
+    pub rss: u64,
+    pub anon: u64,
+    pub file: u64,
+    pub shmem: u64,
+    pub swap: u64,
+    /// Allocator arena traced since attach (brk growth and mmaps made inside malloc calls when
+    /// heap tracing is on).
+    pub arena: u64,
+}
+
 /// One point of the time series: live bytes of a (class, phase, stack) cell at a second.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeriesPoint {

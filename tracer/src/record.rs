@@ -20,7 +20,7 @@ use crate::{
     events::{self, Event},
     ledger::{CellRef, Ledger},
     mappings::MappingLedger,
-    model::{Class, FailureKey, StackIndex, TargetInfo},
+    model::{Class, FailureKey, RssSample, StackIndex, TargetInfo},
     probes::{HeapProbes, ProbeConfig, resolve},
     recording::Writer,
     stacks::{FrameNamer, StackTable},
@@ -110,6 +110,31 @@ fn current_brk(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = stat.rsplit_once(')')?.1;
     after_comm.split_whitespace().nth(44)?.parse().ok()
+}
+
+/// Resident memory of `pid` from /proc/PID/status; `None` once it is gone.
+fn sample_rss(pid: u32, t_s: u64, arena: u64) -> Option<RssSample> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let rss = kib("VmRSS:");
+    // A zombie has released its memory: no sample rather than zeros.
+    (rss > 0).then(|| RssSample {
+        t_s,
+        pid,
+        rss,
+        anon: kib("RssAnon:"),
+        file: kib("RssFile:"),
+        shmem: kib("RssShmem:"),
+        swap: kib("VmSwap:"),
+        arena,
+    })
 }
 
 /// User-space loss causes, besides the kernel's `drop_cause::NAMES`.
@@ -372,12 +397,19 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     let progress = std::io::stderr().is_terminal();
     let mut last_events = 0u64;
 
+    // The first resident sample precedes everything the recording sees.
+    if let Some(sample) = sample_rss(pid, 0, 0) {
+        writer.add_rss_samples(&[sample])?;
+    }
     let commit = |sink: &mut EventSink,
                   namer: &mut FrameNamer,
                   writer: &mut Writer,
                   probes: &HeapProbes|
      -> anyhow::Result<()> {
         let t_s = started.elapsed().as_secs_f64();
+        if let Some(sample) = sample_rss(pid, t_s as u64, sink.mappings.arena_bytes(pid)) {
+            writer.add_rss_samples(&[sample])?;
+        }
         let new_stacks = sink.stacks.take_new(namer);
         let series = sink.ledger.take_series(t_s as u64);
         let state = sink.ledger.state(&sink.lost(probes));

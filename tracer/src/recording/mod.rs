@@ -24,8 +24,8 @@ pub use writer::Writer;
 
 use crate::{
     model::{
-        CellKey, Class, FailureKey, LedgerState, SeriesPoint, Stack, StackCounters, StackIndex,
-        TargetInfo,
+        CellKey, Class, FailureKey, LedgerState, RssSample, SeriesPoint, Stack, StackCounters,
+        StackIndex, TargetInfo,
     },
     output::OutputError,
 };
@@ -56,6 +56,8 @@ pub struct Recorded {
     pub series: Vec<SeriesPoint>,
     /// Live figures of classes at the seconds they changed, in commit order.
     pub totals_series: Vec<TotalsPoint>,
+    /// Resident memory samples, in time order.
+    pub rss: Vec<RssSample>,
 }
 
 /// One point of the per-class time series.
@@ -348,6 +350,7 @@ mod merge_tests {
                 },
             ],
             totals_series: Vec::new(),
+            rss: Vec::new(),
         };
         rec.merge_identical_stacks();
         assert_eq!(rec.stacks.keys().copied().collect::<Vec<_>>(), vec![0, 2]);

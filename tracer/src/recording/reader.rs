@@ -16,8 +16,8 @@ use super::{
 };
 use crate::{
     model::{
-        CellKey, Class, ClassTotals, FailureKey, LedgerState, SeriesPoint, Stack, StackCounters,
-        StackIndex, TargetInfo,
+        CellKey, Class, ClassTotals, FailureKey, LedgerState, RssSample, SeriesPoint, Stack,
+        StackCounters, StackIndex, TargetInfo,
     },
     output::io_reason,
 };
@@ -298,6 +298,7 @@ impl Reading<'_> {
         let lost_events = self.read_lost_events()?;
         let series = self.read_series(&keys_by_id, series_read)?;
         let totals_series = self.read_totals_series()?;
+        let rss = self.read_rss_samples()?;
         self.conn.execute_batch("COMMIT")?;
 
         let int = |key: &str| -> Result<Option<u64>, RecordingError> {
@@ -342,6 +343,7 @@ impl Reading<'_> {
             stacks,
             series,
             totals_series,
+            rss,
         };
         recorded.merge_identical_stacks();
         Ok(recorded)
@@ -503,6 +505,27 @@ impl Reading<'_> {
             });
         }
         Ok(series)
+    }
+
+    fn read_rss_samples(&self) -> Result<Vec<RssSample>, ReadFailure> {
+        let mut stmt = self.conn.prepare(
+            "SELECT t_s, pid, rss, anon, file, shmem, swap, arena FROM rss_samples ORDER BY rowid",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut samples = Vec::new();
+        while let Some(row) = rows.next()? {
+            samples.push(RssSample {
+                t_s: from_sql(row.get(0)?),
+                pid: row.get(1)?,
+                rss: from_sql(row.get(2)?),
+                anon: from_sql(row.get(3)?),
+                file: from_sql(row.get(4)?),
+                shmem: from_sql(row.get(5)?),
+                swap: from_sql(row.get(6)?),
+                arena: from_sql(row.get(7)?),
+            });
+        }
+        Ok(samples)
     }
 
     fn read_totals_series(&self) -> Result<Vec<TotalsPoint>, ReadFailure> {

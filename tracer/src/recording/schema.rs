@@ -77,6 +77,18 @@ CREATE TABLE totals_series (
     live_count INTEGER NOT NULL
 );
 
+-- Resident memory of each traced process, sampled once a second from /proc/PID/status.
+CREATE TABLE rss_samples (
+    t_s   INTEGER NOT NULL,
+    pid   INTEGER NOT NULL,
+    rss   INTEGER NOT NULL,
+    anon  INTEGER NOT NULL,
+    file  INTEGER NOT NULL,
+    shmem INTEGER NOT NULL,
+    swap  INTEGER NOT NULL,
+    arena INTEGER NOT NULL
+);
+
 CREATE VIEW series_by_cell AS
     SELECT s.t_s, c.class, c.phase, c.stack_id, s.live_bytes, s.live_count
     FROM series AS s JOIN cells AS c ON c.id = s.cell_id;

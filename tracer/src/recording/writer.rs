@@ -17,8 +17,8 @@ use super::{
 };
 use crate::{
     model::{
-        CellKey, Class, ClassTotals, FailureKey, LedgerState, SeriesPoint, Stack, StackCounters,
-        TargetInfo,
+        CellKey, Class, ClassTotals, FailureKey, LedgerState, RssSample, SeriesPoint, Stack,
+        StackCounters, TargetInfo,
     },
     output::{self, io_reason, parent_dir},
 };
@@ -260,6 +260,35 @@ impl Writer {
         tx.commit().map_err(|e| write_error(&path, e))?;
         self.failed = false;
         Ok(())
+    }
+
+    /// Appends resident-memory samples (their own small transaction; a sample is independent of
+    /// the ledger's state).
+    pub fn add_rss_samples(&mut self, samples: &[RssSample]) -> Result<(), RecordingError> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| write_error(&path, e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO rss_samples (t_s, pid, rss, anon, file, shmem, swap, arena) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(|e| write_error(&path, e))?;
+            for s in samples {
+                stmt.execute(rusqlite::params![
+                    to_sql(s.t_s),
+                    s.pid,
+                    to_sql(s.rss),
+                    to_sql(s.anon),
+                    to_sql(s.file),
+                    to_sql(s.shmem),
+                    to_sql(s.swap),
+                    to_sql(s.arena)
+                ])
+                .map_err(|e| write_error(&path, e))?;
+            }
+        }
+        tx.commit().map_err(|e| write_error(&path, e))
     }
 
     /// Marks the recording complete and folds the write-ahead log into the database file, so

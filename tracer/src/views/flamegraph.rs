@@ -266,6 +266,7 @@ mod tests {
             stacks: BTreeMap::new(),
             series: Vec::new(),
             totals_series: Vec::new(),
+            rss: Vec::new(),
         };
         let svg =
             String::from_utf8(render_svg(&rec, &FlamegraphOptions::default()).unwrap()).unwrap();

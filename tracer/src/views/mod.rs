@@ -167,6 +167,29 @@ pub(crate) mod fixture {
             stacks,
             series,
             totals_series,
+            // Anonymous memory grew by 2 MiB; the heap fixture's live bytes are part of it.
+            rss: vec![
+                crate::model::RssSample {
+                    t_s: 0,
+                    pid: 4242,
+                    rss: 10 << 20,
+                    anon: 6 << 20,
+                    file: 4 << 20,
+                    shmem: 0,
+                    swap: 0,
+                    arena: 0,
+                },
+                crate::model::RssSample {
+                    t_s: 4,
+                    pid: 4242,
+                    rss: 12 << 20,
+                    anon: 8 << 20,
+                    file: 4 << 20,
+                    shmem: 0,
+                    swap: 0,
+                    arena: 132 << 10,
+                },
+            ],
         }
     }
 

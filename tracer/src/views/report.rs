@@ -39,6 +39,63 @@ struct JsonReport<'a> {
     failures: Vec<JsonFailure<'a>>,
     unmatched_frees: u64,
     lost_events: BTreeMap<&'a str, u64>,
+    /// Resident memory reconciled with what was traced, at the last sample; null without one.
+    rss: Option<Waterfall>,
+}
+
+/// RSS = file-backed resident + shared memory + anonymous, and the anonymous part broken down
+/// into what alloctrace traced (docs/accounting.md, "RSS reconciliation").
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Waterfall {
+    pub pid: u32,
+    pub t_s: u64,
+    pub rss: u64,
+    pub file: u64,
+    pub shmem: u64,
+    pub anon: u64,
+    /// Live bytes of class `heap`: malloc blocks with --heap, else the program break's growth.
+    pub heap_live: u64,
+    /// Allocator arena minus live malloc bytes (free chunks the allocator keeps).
+    pub allocator_retained: u64,
+    /// Live (accessible, mapped) bytes of classes `mmap` and `thread-stack`.
+    pub traced_mappings: u64,
+    /// `anon` minus the three above; negative when traced mappings are not all resident.
+    pub untraced_anon: i64,
+    /// Changes since the first sample (t = `first_t_s`).
+    pub first_t_s: u64,
+    pub rss_growth: i64,
+    pub anon_growth: i64,
+    pub file_growth: i64,
+    pub shmem_growth: i64,
+}
+
+/// The waterfall at the last resident sample of the first target process.
+pub fn waterfall(rec: &Recorded) -> Option<Waterfall> {
+    let pid = *rec.target.pids.first()?;
+    let samples: Vec<_> = rec.rss.iter().filter(|s| s.pid == pid).collect();
+    let (first, last) = (samples.first()?, samples.last()?);
+    let live = |class: Class| rec.state.totals.get(&class).map_or(0, |t| t.live_bytes);
+    let heap_live = live(Class::Heap);
+    let allocator_retained = last.arena.saturating_sub(heap_live);
+    let traced_mappings = live(Class::Mmap) + live(Class::ThreadStack);
+    let d = |a: u64, b: u64| b as i64 - a as i64;
+    Some(Waterfall {
+        pid,
+        t_s: last.t_s,
+        rss: last.rss,
+        file: last.file,
+        shmem: last.shmem,
+        anon: last.anon,
+        heap_live,
+        allocator_retained,
+        traced_mappings,
+        untraced_anon: last.anon as i64 - (heap_live + allocator_retained + traced_mappings) as i64,
+        first_t_s: first.t_s,
+        rss_growth: d(first.rss, last.rss),
+        anon_growth: d(first.anon, last.anon),
+        file_growth: d(first.file, last.file),
+        shmem_growth: d(first.shmem, last.shmem),
+    })
 }
 
 #[derive(Serialize)]
@@ -149,6 +206,7 @@ pub fn render_json(rec: &Recorded) -> String {
             .collect(),
         unmatched_frees: rec.state.unmatched_frees,
         lost_events: lost_events(rec),
+        rss: waterfall(rec),
     };
     let mut json = serde_json::to_string_pretty(&report).expect("the report serializes");
     json.push('\n');
@@ -226,7 +284,86 @@ pub fn render_text(rec: &Recorded) -> String {
     text_failures(&mut out, rec);
     text_unmatched_and_lost(&mut out, rec);
     text_growth(&mut out, rec);
+    text_waterfall(&mut out, rec);
     out
+}
+
+fn text_waterfall(out: &mut String, rec: &Recorded) {
+    let Some(w) = waterfall(rec) else {
+        let _ = writeln!(
+            out,
+            "\nResident memory: no sample (the target exited before the first second)"
+        );
+        return;
+    };
+    let signed = |v: i64| {
+        if v < 0 {
+            format!("-{}", human_bytes(v.unsigned_abs()))
+        } else {
+            human_bytes(v as u64)
+        }
+    };
+    let _ = writeln!(
+        out,
+        "\nResident memory of PID {} at {} s (/proc/PID/status)",
+        w.pid, w.t_s
+    );
+    let _ = writeln!(
+        out,
+        "  RSS                        {:>12}",
+        human_bytes(w.rss)
+    );
+    let _ = writeln!(
+        out,
+        "  = file-backed resident     {:>12}",
+        human_bytes(w.file)
+    );
+    let _ = writeln!(
+        out,
+        "  + shared memory            {:>12}",
+        human_bytes(w.shmem)
+    );
+    let _ = writeln!(
+        out,
+        "  + anonymous                {:>12}",
+        human_bytes(w.anon)
+    );
+    let _ = writeln!(
+        out,
+        "      heap (live)            {:>12}",
+        human_bytes(w.heap_live)
+    );
+    let _ = writeln!(
+        out,
+        "      allocator-retained     {:>12}",
+        human_bytes(w.allocator_retained)
+    );
+    let _ = writeln!(
+        out,
+        "      traced mappings        {:>12}   (mmap, thread-stack: mapped pages)",
+        human_bytes(w.traced_mappings)
+    );
+    let _ = writeln!(
+        out,
+        "      untraced remainder     {:>12}   {}",
+        signed(w.untraced_anon),
+        if w.untraced_anon < 0 {
+            "(negative: traced pages not all resident)"
+        } else {
+            "(mapped before attach, or not traced)"
+        }
+    );
+    if w.t_s > w.first_t_s {
+        let _ = writeln!(
+            out,
+            "  grew since {} s: RSS {}, anonymous {}, file-backed {}, shared {}",
+            w.first_t_s,
+            human_delta(i128::from(w.rss_growth)),
+            human_delta(i128::from(w.anon_growth)),
+            human_delta(i128::from(w.file_growth)),
+            human_delta(i128::from(w.shmem_growth))
+        );
+    }
 }
 
 fn text_header(out: &mut String, rec: &Recorded) {
@@ -476,6 +613,7 @@ mod tests {
             stacks: BTreeMap::new(),
             series: Vec::new(),
             totals_series: Vec::new(),
+            rss: Vec::new(),
         }
     }
 

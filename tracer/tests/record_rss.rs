@@ -1,0 +1,112 @@
+//! RSS reconciliation against a process whose memory is known by construction
+//! (tests/fixtures/rss_fixture.c): mappings made with raw syscalls and fully touched must show
+//! as class `mmap` at the mapping function, and the resident anonymous memory must grow by the
+//! same bytes, within one page per mapping. Privileged: needs root and eBPF.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::{TestProcess, alloctrace_cmd, fixture, privileged, run};
+
+const MAPPINGS: u64 = 20;
+const PAGES: u64 = 64;
+const PAGE: u64 = 4096;
+
+fn report_value(trace: &std::path::Path) -> serde_json::Value {
+    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
+    cmd.arg(trace);
+    let out = run("alloctrace report --format json", cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("report JSON")
+}
+
+#[test]
+fn raw_syscall_mappings_explain_the_rss_growth() {
+    if !privileged() {
+        return;
+    }
+    let mut target = TestProcess::spawn("rss_fixture", Command::new(fixture("rss_fixture")));
+    target.expect_stdout("ready");
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("rss.trace");
+    // Without --heap: mappings alone, the production mode.
+    let mut recorder = start_recorder_without_heap(target.pid(), &trace);
+    target.send_line("go");
+    target.expect_stdout("done");
+    // Let a once-a-second resident sample see the touched pages.
+    std::thread::sleep(Duration::from_millis(2200));
+    recorder.signal(libc::SIGINT);
+    recorder.wait_success();
+    target.close_stdin();
+    target.wait_success();
+
+    let r = report_value(&trace);
+    let expected = MAPPINGS * PAGES * PAGE;
+    let rows: Vec<&serde_json::Value> = r["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["class"] == "mmap"
+                && s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f == "map_and_touch")
+        })
+        .collect();
+    let live: u64 = rows.iter().map(|s| s["live_bytes"].as_u64().unwrap()).sum();
+    let count: u64 = rows.iter().map(|s| s["live_count"].as_u64().unwrap()).sum();
+    assert_eq!(
+        (live, count),
+        (expected, MAPPINGS),
+        "mmap rows at map_and_touch: {r:#}"
+    );
+    assert_eq!(
+        r["totals"]["heap"]["live_bytes"], 0,
+        "no brk growth in the window: {r:#}"
+    );
+
+    let w = &r["rss"];
+    let get = |k: &str| {
+        w[k].as_i64()
+            .unwrap_or_else(|| panic!("rss.{k} missing: {r:#}"))
+    };
+    // The waterfall adds up by definition...
+    assert_eq!(
+        get("rss"),
+        get("file") + get("shmem") + get("anon"),
+        "{w:#}"
+    );
+    assert_eq!(
+        get("anon"),
+        get("heap_live")
+            + get("allocator_retained")
+            + get("traced_mappings")
+            + get("untraced_anon"),
+        "{w:#}"
+    );
+    // ...and by measurement: the anonymous resident growth is the touched mappings, within one
+    // page per mapping.
+    let growth = get("anon_growth");
+    let slack = (MAPPINGS * PAGE) as i64;
+    assert!(
+        (growth - expected as i64).abs() <= slack,
+        "RssAnon grew {growth} B, traced {expected} B (slack {slack} B): {w:#}"
+    );
+}
+
+/// `start_recorder` adds `--heap`; this test is about the mapping layer alone.
+fn start_recorder_without_heap(pid: u32, trace: &std::path::Path) -> TestProcess {
+    let mut cmd = Command::new(common::alloctrace());
+    cmd.args(["record", "-p", &pid.to_string(), "-o"])
+        .arg(trace);
+    let mut p = TestProcess::spawn("alloctrace record", cmd);
+    p.expect_stderr_prefix("attached");
+    p
+}
