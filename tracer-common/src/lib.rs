@@ -11,7 +11,35 @@ pub mod event_kind {
     pub const HEAP_ALLOC: u32 = 1;
     pub const HEAP_FREE: u32 = 2;
     pub const MAP: u32 = 3;
+    pub const PROC: u32 = 4;
 }
+
+/// `ProcEvent::op`.
+pub mod proc_op {
+    /// A traced process forked a child (not a thread); the child is traced from its birth.
+    pub const FORK: u32 = 1;
+    /// A traced process replaced its image.
+    pub const EXEC: u32 = 2;
+    /// A traced process's main thread exited.
+    pub const EXIT: u32 = 3;
+}
+
+/// A process-tree change of a traced process.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ProcEvent {
+    /// `event_kind::PROC`.
+    pub kind: u32,
+    /// `proc_op`.
+    pub op: u32,
+    /// The process the event is about (the child, for FORK).
+    pub pid: u32,
+    /// FORK: the parent; otherwise 0.
+    pub parent: u32,
+}
+
+/// Global `FOLLOW_CHILDREN` of the eBPF object: 1 to trace the children of traced processes.
+pub const FOLLOW_CHILDREN_GLOBAL: &str = "FOLLOW_CHILDREN";
 
 /// Memory syscalls traced with tracepoints (`MapEvent::op`): the x86-64 syscall numbers.
 pub mod map_op {
@@ -208,6 +236,7 @@ const _: () = assert!(size_of::<HeapAllocEvent>() == 48);
 const _: () = assert!(size_of::<HeapAllocRecord>() == 48 + 8 * MAX_FRAMES);
 const _: () = assert!(size_of::<HeapFreeEvent>() == 16);
 const _: () = assert!(size_of::<MapEvent>() == 72);
+const _: () = assert!(size_of::<ProcEvent>() == 16);
 const _: () = assert!(size_of::<SyscallArgs>() == 48);
 const _: () = assert!(size_of::<InflightCall>() == 40);
 

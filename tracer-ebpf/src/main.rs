@@ -28,8 +28,8 @@ use core::mem::size_of;
 
 use tracer_common::{
     HeapAllocEvent, HeapAllocRecord, HeapFn, HeapFreeEvent, INFLIGHT_SLOTS, InflightCall,
-    MAP_FROM_ALLOCATOR, MAX_FRAMES, MapEvent, MapRecord, STACK_SP_CANDIDATE, STACK_TRUNCATED,
-    SyscallArgs, drop_cause, event_kind, map_op,
+    MAP_FROM_ALLOCATOR, MAX_FRAMES, MapEvent, MapRecord, ProcEvent, STACK_SP_CANDIDATE,
+    STACK_TRUNCATED, SyscallArgs, drop_cause, event_kind, map_op, proc_op,
 };
 
 const ENOMEM: i32 = 12;
@@ -391,6 +391,76 @@ pub fn mremap_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn brk_enter(ctx: TracePointContext) -> u32 {
     syscall_enter(&ctx, map_op::BRK, 1)
+}
+
+/// Set by user space: follow the children of traced processes.
+#[unsafe(no_mangle)]
+static FOLLOW_CHILDREN: u32 = 0;
+
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+#[inline(always)]
+fn emit_proc(op: u32, pid: u32, parent: u32) {
+    let event = ProcEvent {
+        kind: event_kind::PROC,
+        op,
+        pid,
+        parent,
+    };
+    if EVENTS.output::<ProcEvent>(&event, 0).is_err() {
+        count_drop(drop_cause::RINGBUF_FULL);
+    }
+}
+
+/// task:task_newtask runs in the parent while it creates a task (`pid` at offset 8,
+/// `clone_flags` at 32): a new process of a traced parent is traced before it runs.
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    // SAFETY: volatile read of a global set at load time.
+    if unsafe { core::ptr::read_volatile(&FOLLOW_CHILDREN) } == 0 {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if TARGETS.get_ptr(&parent).is_none() {
+        return 0;
+    }
+    // SAFETY: reads the tracepoint record.
+    let (child, flags) = unsafe {
+        (
+            ctx.read_at::<u32>(8).unwrap_or(0),
+            ctx.read_at::<u64>(32).unwrap_or(0),
+        )
+    };
+    if child == 0 || flags & CLONE_THREAD != 0 {
+        return 0;
+    }
+    if TARGETS.insert(&child, &1, 0).is_err() {
+        count_drop(drop_cause::INFLIGHT_BUSY);
+    }
+    emit_proc(proc_op::FORK, child, parent);
+    0
+}
+
+/// sched:sched_process_exec, in the process after its new image is loaded.
+#[tracepoint]
+pub fn process_exec(_ctx: TracePointContext) -> u32 {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if TARGETS.get_ptr(&pid).is_some() {
+        emit_proc(proc_op::EXEC, pid, 0);
+    }
+    0
+}
+
+/// sched:sched_process_exit, for each exiting thread: reports the main thread's.
+#[tracepoint]
+pub fn process_exit(_ctx: TracePointContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((key >> 32) as u32, key as u32);
+    if pid == tid && TARGETS.get_ptr(&pid).is_some() {
+        let _ = TARGETS.remove(&pid);
+        emit_proc(proc_op::EXIT, pid, 0);
+    }
+    0
 }
 
 /// Exit of every traced memory syscall: emits the completed call with its user stack.

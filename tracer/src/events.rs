@@ -2,7 +2,7 @@
 
 use std::mem::size_of;
 
-use tracer_common::{HeapAllocEvent, HeapFreeEvent, MapEvent, event_kind};
+use tracer_common::{HeapAllocEvent, HeapFreeEvent, MapEvent, ProcEvent, event_kind};
 
 /// A decoded ring record; stacks borrow the record's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -10,6 +10,7 @@ pub enum Event<'a> {
     HeapAlloc(HeapAllocEvent, Stack<'a>),
     HeapFree(HeapFreeEvent),
     Map(MapEvent, Stack<'a>),
+    Proc(ProcEvent),
 }
 
 /// The user stack that follows an event in its record: `u64` addresses, innermost first.
@@ -65,6 +66,12 @@ pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
                 flags: ev.stack_flags,
             };
             Some(Event::Map(ev, stack))
+        }
+        event_kind::PROC if bytes.len() >= size_of::<ProcEvent>() => {
+            // SAFETY: length checked; ProcEvent is plain old data.
+            Some(Event::Proc(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast())
+            }))
         }
         event_kind::HEAP_FREE if bytes.len() >= size_of::<HeapFreeEvent>() => {
             // SAFETY: as above.

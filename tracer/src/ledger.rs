@@ -43,6 +43,29 @@ struct LiveBlocks {
 const SIZE_BITS: u32 = 40;
 
 impl LiveBlocks {
+    /// Removes and returns every block of `pid`.
+    fn take_pid(&mut self, pid: u32) -> Vec<LiveBlock> {
+        let mut out: Vec<LiveBlock> = self
+            .by_pid
+            .remove(&pid)
+            .unwrap_or_default()
+            .into_values()
+            .map(|packed| LiveBlock {
+                size: packed & ((1 << SIZE_BITS) - 1),
+                cell: (packed >> SIZE_BITS) as u32,
+            })
+            .collect();
+        let wide: Vec<(u32, u64)> = self
+            .wide
+            .keys()
+            .filter(|(p, _)| *p == pid)
+            .copied()
+            .collect();
+        out.extend(wide.into_iter().filter_map(|k| self.wide.remove(&k)));
+        self.len -= out.len();
+        out
+    }
+
     fn insert(&mut self, pid: u32, addr: u64, block: LiveBlock) -> Option<LiveBlock> {
         let old = self.remove(pid, addr);
         if block.size < 1 << SIZE_BITS && block.cell < 1 << (64 - SIZE_BITS) {
@@ -77,14 +100,16 @@ pub type PhaseId = u16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CellRef {
     pub class: Class,
+    pub pid: u32,
     pub phase: PhaseId,
     pub stack: Option<StackIndex>,
 }
 
 impl CellRef {
-    pub fn new(class: Class, stack: Option<StackIndex>) -> CellRef {
+    pub fn new(pid: u32, class: Class, stack: Option<StackIndex>) -> CellRef {
         CellRef {
             class,
+            pid,
             phase: 0,
             stack,
         }
@@ -151,6 +176,7 @@ impl Ledger {
         let i = self.cells.len() as u32;
         let key = CellKey {
             class: at.class,
+            pid: at.pid,
             phase: self.phases[at.phase as usize].clone(),
             stack: at.stack,
         };
@@ -223,6 +249,13 @@ impl Ledger {
             // The free of the block that lived here was lost (dropped event).
             self.missed_frees += 1;
             self.debit(old.cell, old.size, true);
+        }
+    }
+
+    /// The process replaced its image (exec): its blocks are gone with the old address space.
+    pub fn forget_process(&mut self, pid: u32) {
+        for block in self.live.take_pid(pid) {
+            self.debit(block.cell, block.size, true);
         }
     }
 
@@ -301,12 +334,13 @@ mod tests {
     use super::*;
 
     fn key(stack: u32) -> CellRef {
-        CellRef::new(Class::Heap, Some(stack))
+        CellRef::new(1, Class::Heap, Some(stack))
     }
 
     fn cell(l: &Ledger, stack: u32) -> StackCounters {
         let key = CellKey {
             class: Class::Heap,
+            pid: 1,
             phase: PHASE_NONE.into(),
             stack: Some(stack),
         };
@@ -410,6 +444,7 @@ mod tests {
         let mut l = Ledger::new();
         let f = FailureKey {
             class: Class::Heap,
+            pid: 1,
             function: "malloc".into(),
             size: 1 << 50,
             error: "ENOMEM".into(),

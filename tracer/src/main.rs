@@ -56,6 +56,11 @@ enum Command {
         /// production.
         #[arg(long)]
         heap: bool,
+        /// Do not follow child processes. By default every process the target forks (and what
+        /// they exec) is traced from birth, as inference servers run their engine and GPU workers
+        /// as children; every figure carries its PID.
+        #[arg(long)]
+        no_follow_children: bool,
         /// Attach empty programs at the same points and record nothing (benchmark floor).
         #[arg(long, hide = true)]
         probe_floor: bool,
@@ -142,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ring_size,
             probe_floor,
             heap,
+            no_follow_children,
             command,
         } => {
             let target = match pid {
@@ -156,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 probes: ProbeConfig {
                     ring_bytes: ring_size << 20,
                     floor: probe_floor,
+                    follow_children: !no_follow_children,
                 },
                 heap,
                 poll_interval: Duration::from_millis(10),

@@ -312,6 +312,28 @@ impl MappingLedger {
         }
     }
 
+    /// A forked child starts with its parent's program break (its mappings are copies, unknown
+    /// to the ledger: unmapping them changes nothing).
+    pub fn fork(&mut self, parent: u32, child: u32) {
+        let brk = self.spaces.get(&parent).and_then(|s| s.brk);
+        self.spaces.entry(child).or_default().brk = brk;
+    }
+
+    /// The process replaced its image (exec): every mapping and the break go with it.
+    pub fn forget_process(&mut self, ledger: &mut Ledger, pid: u32) {
+        let Some(space) = self.spaces.remove(&pid) else {
+            return;
+        };
+        let pieces: Vec<(u64, Piece)> = space.pieces.into_iter().collect();
+        self.release(ledger, pieces);
+        for (bytes, origin) in space.brk_origins {
+            if let Some(cell) = self.origins[origin as usize].cell {
+                ledger.debit(cell, bytes, true);
+            }
+            self.free_origins.push(origin);
+        }
+    }
+
     /// Accessible bytes of `pid`'s allocator arena: mappings and brk growth made inside allocator
     /// calls, which no cell counts (for the RSS reconciliation).
     pub fn arena_bytes(&self, pid: u32) -> u64 {
@@ -346,12 +368,13 @@ mod tests {
     use crate::model::{CellKey, PHASE_NONE, StackCounters};
 
     fn at(stack: u32) -> Option<CellRef> {
-        Some(CellRef::new(Class::Mmap, Some(stack)))
+        Some(CellRef::new(1, Class::Mmap, Some(stack)))
     }
 
     fn cell(l: &Ledger, class: Class, stack: u32) -> StackCounters {
         let key = CellKey {
             class,
+            pid: 1,
             phase: PHASE_NONE.into(),
             stack: Some(stack),
         };
@@ -410,7 +433,7 @@ mod tests {
             0x80000,
             6 * PAGE,
             Class::Mmap,
-            |c| Some(CellRef::new(c, Some(1))),
+            |c| Some(CellRef::new(1, c, Some(1))),
         );
         assert_eq!(class, Class::Mmap);
         assert_eq!(live(&l, 0), (0, 0));
@@ -455,7 +478,7 @@ mod tests {
     #[test]
     fn brk_growth_and_shrink() {
         let (mut l, mut m) = (Ledger::new(), MappingLedger::new());
-        let heap = |s| Some(CellRef::new(Class::Heap, Some(s)));
+        let heap = |s| Some(CellRef::new(1, Class::Heap, Some(s)));
         m.set_initial_brk(1, 0x5000_0123);
         m.brk(&mut l, 1, 0x5000_0123 + 16 * PAGE, heap(0));
         m.brk(&mut l, 1, 0x5000_0123 + 20 * PAGE, heap(1));
@@ -477,5 +500,31 @@ mod tests {
         assert_eq!(live(&l, 0), (PAGE, 1));
         m.unmap(&mut l, 1, 0x10000, 64 * PAGE);
         assert_eq!(l.totals(Class::Mmap).live_bytes, 0);
+    }
+
+    #[test]
+    fn exec_forgets_the_old_image_and_fork_inherits_the_break() {
+        let (mut l, mut m) = (Ledger::new(), MappingLedger::new());
+        let heap = |s| Some(CellRef::new(1, Class::Heap, Some(s)));
+        m.map(&mut l, 1, (0x10000, 4 * PAGE), true, Class::Mmap, at(0));
+        m.set_initial_brk(1, 0x5000_0000);
+        m.brk(&mut l, 1, 0x5000_0000 + 8 * PAGE, heap(1));
+        m.fork(1, 2);
+        // The child's first brk grows from the inherited break.
+        m.brk(
+            &mut l,
+            2,
+            0x5000_0000 + 10 * PAGE,
+            Some(CellRef::new(2, Class::Heap, Some(2))),
+        );
+        assert_eq!(l.totals(Class::Heap).live_bytes, 8 * PAGE + 2 * PAGE);
+        m.forget_process(&mut l, 1);
+        assert_eq!(l.totals(Class::Mmap).live_bytes, 0);
+        assert_eq!(
+            l.totals(Class::Heap).live_bytes,
+            2 * PAGE,
+            "only the child's growth is left"
+        );
+        assert_eq!(m.piece_count(1), 0);
     }
 }

@@ -102,6 +102,8 @@ pub struct ClassTotals {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CellKey {
     pub class: Class,
+    /// The process the memory belongs to.
+    pub pid: u32,
     pub phase: String,
     /// `None`: the stack could not be captured (the cause is in `lost_events`).
     pub stack: Option<StackIndex>,
@@ -111,6 +113,7 @@ pub struct CellKey {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct FailureKey {
     pub class: Class,
+    pub pid: u32,
     pub function: String,
     pub size: u64,
     /// Error name, e.g. `ENOMEM`, `EINVAL`.

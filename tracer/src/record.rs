@@ -14,7 +14,7 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
-use tracer_common::{HeapFn, MAP_FROM_ALLOCATOR, MapEvent, drop_cause, map_op};
+use tracer_common::{HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, map_op, proc_op};
 
 use crate::{
     events::{self, Event},
@@ -112,6 +112,60 @@ fn current_brk(pid: u32) -> Option<u64> {
     after_comm.split_whitespace().nth(44)?.parse().ok()
 }
 
+/// Acts on a process-tree event: a child joins the traced processes (with heap probes when heap
+/// tracing is on), an exec'd process may need probes on another allocator, an exit leaves.
+fn follow_process(
+    ev: &ProcEvent,
+    allocator: Option<&resolve::AllocatorObject>,
+    probes: &mut HeapProbes,
+    pids: &mut Vec<u32>,
+    live: &mut Vec<u32>,
+    exec_pending: &mut Vec<u32>,
+) {
+    match ev.op {
+        proc_op::FORK => {
+            if !pids.contains(&ev.pid) {
+                pids.push(ev.pid);
+            }
+            live.push(ev.pid);
+            // The child maps the parent's libc: the same file, the same offsets.
+            if let Some(allocator) = allocator
+                && let Err(e) = probes.attach(ev.pid, allocator)
+                && std::path::Path::new(&format!("/proc/{}", ev.pid)).exists()
+            {
+                // (A child that is already gone needs no probes.)
+                log::warn!("child {}: heap probes not attached: {e}", ev.pid);
+            }
+        }
+        proc_op::EXEC if allocator.is_some() => exec_pending.push(ev.pid),
+        proc_op::EXIT => live.retain(|&p| p != ev.pid),
+        _ => {}
+    }
+}
+
+/// After an exec with heap tracing: done (true) once the new image's allocator is the one the
+/// process's probes are on (uprobes follow the file, so nothing to do) or probes were attached
+/// to the new one; false to look again later (its libc not mapped yet).
+fn heap_after_exec(
+    pid: u32,
+    allocator: Option<&resolve::AllocatorObject>,
+    probes: &mut HeapProbes,
+) -> bool {
+    let Ok(maps) = resolve::read_maps(pid) else {
+        return true;
+    }; // gone
+    let Ok(new) = resolve::find_allocator(pid, &maps) else {
+        return false;
+    };
+    if allocator.is_some_and(|a| a.target_path == new.target_path) {
+        return true;
+    }
+    if let Err(e) = probes.attach(pid, &new) {
+        log::warn!("PID {pid} after exec: heap probes not attached: {e}");
+    }
+    true
+}
+
 /// Resident memory of `pid` from /proc/PID/status; `None` once it is gone.
 fn sample_rss(pid: u32, t_s: u64, arena: u64) -> Option<RssSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -151,9 +205,13 @@ struct EventSink {
     undecodable: u64,
     /// Reused buffer for a record's stack.
     ips: Vec<u64>,
-    /// An executable file was mapped since the last look: the frame namer must re-read maps
-    /// while the target still lives.
-    code_mapped: bool,
+    /// Processes that mapped an executable file since the last look: their frame namers must
+    /// re-read maps while they still live.
+    code_mapped: Vec<u32>,
+    /// Frame namers by process.
+    namers: HashMap<u32, FrameNamer>,
+    /// Process-tree events, for the recorder to act on (attach heap probes, stop when all exit).
+    proc_events: Vec<ProcEvent>,
 }
 
 impl EventSink {
@@ -174,7 +232,7 @@ impl EventSink {
                     return;
                 }
                 ips.read_into(&mut self.ips);
-                let stack = self.stacks.intern(&self.ips, ips.flags);
+                let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
                 if ev.addr == 0 {
                     let function = self
                         .fn_names
@@ -183,6 +241,7 @@ impl EventSink {
                         .unwrap_or_else(|| format!("fn{}", ev.func));
                     self.ledger.failure(FailureKey {
                         class: Class::Heap,
+                        pid: ev.tgid,
                         function,
                         size: ev.size,
                         error: events::errno_name(ev.err),
@@ -194,17 +253,43 @@ impl EventSink {
                         ev.old_addr,
                         ev.addr,
                         ev.size,
-                        CellRef::new(Class::Heap, stack),
+                        CellRef::new(ev.tgid, Class::Heap, stack),
                     );
                 } else {
-                    self.ledger
-                        .alloc(ev.tgid, ev.addr, ev.size, CellRef::new(Class::Heap, stack));
+                    self.ledger.alloc(
+                        ev.tgid,
+                        ev.addr,
+                        ev.size,
+                        CellRef::new(ev.tgid, Class::Heap, stack),
+                    );
                 }
             }
             Some(Event::Map(ev, ips)) => {
                 ips.read_into(&mut self.ips);
-                let stack = self.stacks.intern(&self.ips, ips.flags);
+                let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
                 self.apply_map(&ev, stack);
+            }
+            Some(Event::Proc(ev)) => {
+                match ev.op {
+                    proc_op::FORK => {
+                        self.mappings.fork(ev.parent, ev.pid);
+                        if let Some(parent) = self.namers.get(&ev.parent) {
+                            let child = parent.for_child(ev.pid);
+                            self.namers.insert(ev.pid, child);
+                        }
+                    }
+                    proc_op::EXEC => {
+                        // The old image's stacks are named with the old image's mappings.
+                        if let Some(mut namer) = self.namers.remove(&ev.pid) {
+                            self.stacks.name_pending_of(ev.pid, &mut namer);
+                        }
+                        // Its memory went with the old address space.
+                        self.ledger.forget_process(ev.pid);
+                        self.mappings.forget_process(&mut self.ledger, ev.pid);
+                    }
+                    _ => {}
+                }
+                self.proc_events.push(ev);
             }
             None => self.undecodable += 1,
         }
@@ -218,8 +303,10 @@ impl EventSink {
             map_op::MMAP => {
                 let (len, prot, flags, fd) = (a[1], a[2], a[3], a[4] as i32);
                 let class = mmap_class(pid, flags, fd);
-                self.code_mapped |= prot & PROT_EXEC != 0 && fd >= 0;
-                let at = (!from_allocator).then(|| CellRef::new(class, stack));
+                if prot & PROT_EXEC != 0 && fd >= 0 && !self.code_mapped.contains(&pid) {
+                    self.code_mapped.push(pid);
+                }
+                let at = (!from_allocator).then(|| CellRef::new(pid, class, stack));
                 mappings.map(ledger, pid, (ev.ret, len), prot != 0, class, at);
             }
             map_op::MUNMAP => mappings.unmap(ledger, pid, a[0], a[1]),
@@ -233,11 +320,11 @@ impl EventSink {
                     ev.ret,
                     a[2],
                     Class::Mmap,
-                    |class| (!from_allocator).then(|| CellRef::new(class, stack)),
+                    |class| (!from_allocator).then(|| CellRef::new(pid, class, stack)),
                 );
             }
             map_op::BRK => {
-                let at = (!from_allocator).then(|| CellRef::new(Class::Heap, stack));
+                let at = (!from_allocator).then(|| CellRef::new(ev.tgid, Class::Heap, stack));
                 mappings.brk(ledger, pid, ev.ret, at);
             }
             _ => self.undecodable += 1,
@@ -358,7 +445,9 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         events: 0,
         undecodable: 0,
         ips: Vec::new(),
-        code_mapped: false,
+        code_mapped: Vec::new(),
+        namers: HashMap::from([(pid, FrameNamer::new(pid, maps))]),
+        proc_events: Vec::new(),
     };
     for class in Class::ALL {
         sink.ledger.track(class);
@@ -366,7 +455,6 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     if let Some(brk) = initial_brk {
         sink.mappings.set_initial_brk(pid, brk);
     }
-    let mut namer = FrameNamer::new(pid, maps);
 
     let heap = match &allocator {
         Some(a) => format!(
@@ -401,16 +489,24 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     if let Some(sample) = sample_rss(pid, 0, 0) {
         writer.add_rss_samples(&[sample])?;
     }
+    // Traced processes: the target, then the children it forks. `live` are those not exited.
+    let mut pids = vec![pid];
+    let mut live: Vec<u32> = vec![pid];
+    let mut main_exited: Option<String> = None;
+    // Processes that exec'd with heap tracing on: their allocator may be another file now.
+    let mut exec_pending: Vec<u32> = Vec::new();
     let commit = |sink: &mut EventSink,
-                  namer: &mut FrameNamer,
                   writer: &mut Writer,
-                  probes: &HeapProbes|
+                  probes: &HeapProbes,
+                  live: &[u32]|
      -> anyhow::Result<()> {
         let t_s = started.elapsed().as_secs_f64();
-        if let Some(sample) = sample_rss(pid, t_s as u64, sink.mappings.arena_bytes(pid)) {
-            writer.add_rss_samples(&[sample])?;
-        }
-        let new_stacks = sink.stacks.take_new(namer);
+        let samples: Vec<RssSample> = live
+            .iter()
+            .filter_map(|&p| sample_rss(p, t_s as u64, sink.mappings.arena_bytes(p)))
+            .collect();
+        writer.add_rss_samples(&samples)?;
+        let new_stacks = sink.stacks.take_new(&mut sink.namers);
         let series = sink.ledger.take_series(t_s as u64);
         let state = sink.ledger.state(&sink.lost(probes));
         writer.commit_tick(t_s, &new_stacks, &state, &series)?;
@@ -421,13 +517,25 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         tokio::select! {
             _ = poll.tick() => {
                 sink.drain(&mut ring);
-                if std::mem::take(&mut sink.code_mapped) {
-                    namer.refresh();
+                for p in std::mem::take(&mut sink.code_mapped) {
+                    // Also the first look at a process that exec'd: its new image's libraries.
+                    sink.namers.entry(p).or_insert_with(|| FrameNamer::new(p, Vec::new())).refresh();
+                }
+                let before = pids.len();
+                for ev in std::mem::take(&mut sink.proc_events) {
+                    follow_process(&ev, allocator.as_ref(), &mut probes, &mut pids, &mut live, &mut exec_pending);
+                }
+                if pids.len() != before {
+                    writer.set_target_pids(&pids)?;
+                }
+                exec_pending.retain(|&p| !heap_after_exec(p, allocator.as_ref(), &mut probes));
+                if let Some(how) = &main_exited && live.is_empty() {
+                    break how.clone();
                 }
             }
             _ = tick.tick() => {
                 sink.drain(&mut ring);
-                commit(&mut sink, &mut namer, &mut writer, &probes)?;
+                commit(&mut sink, &mut writer, &probes, &live)?;
                 if progress {
                     let lost: u64 = sink.lost(&probes).values().sum();
                     let rate = sink.events - last_events;
@@ -448,10 +556,16 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
                 forward_to_launched(launched.as_ref(), libc::SIGTERM);
                 break "terminated (SIGTERM)".to_string();
             }
-            guard = exit_fd.readable() => {
+            guard = exit_fd.readable(), if main_exited.is_none() => {
                 drop(guard);
                 let how = exit_watch.reap().map(|h| format!(" ({h})")).unwrap_or_default();
-                break format!("target exited{how}");
+                let how = format!("target exited{how}");
+                live.retain(|&p| p != pid);
+                // Followed children keep the recording going until they exit too.
+                if live.is_empty() || !opts.probes.follow_children {
+                    break how;
+                }
+                main_exited = Some(how);
             }
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 break "duration elapsed".to_string();
@@ -464,7 +578,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
 
     // Everything the target did before now is in the ring: drain it, then write the last state.
     sink.drain(&mut ring);
-    commit(&mut sink, &mut namer, &mut writer, &probes)?;
+    commit(&mut sink, &mut writer, &probes, &live)?;
     writer.finalize(started.elapsed().as_secs_f64())?;
     let lost: u64 = sink.lost(&probes).values().sum();
     Ok(RecordSummary {

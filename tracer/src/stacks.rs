@@ -19,6 +19,8 @@ pub const TRUNCATED_FRAME: &str = "[truncated]";
 
 /// High bits of the key word that carries an event's stack flags (no user address has them).
 const FLAGS_MARK: u64 = 0xffff_0000_0000_0000;
+/// High bits of the key word that carries the process id.
+const PID_MARK: u64 = 0xfffe_0000_0000_0000;
 
 /// Interns stacks and remembers which still need names.
 #[derive(Default)]
@@ -26,9 +28,13 @@ pub struct StackTable {
     /// Key: the instruction pointers, innermost first, then `FLAGS_MARK | stack_flags` when the
     /// event had stack flags (truncated, stack-pointer candidate).
     by_ips: HashMap<Vec<u64>, StackIndex>,
-    /// Stacks interned but not yet symbolized.
-    pending: Vec<(StackIndex, Vec<u64>)>,
+    /// Stacks interned but not yet symbolized, with the process whose addresses they are.
+    pending: Vec<(StackIndex, u32, Vec<u64>)>,
     next: StackIndex,
+    /// Stacks already symbolized (`name_pending_of`), waiting for `take_new`.
+    ready: Vec<Stack>,
+    /// Reused key buffer: looking up a known stack allocates nothing.
+    scratch: Vec<u64>,
 }
 
 impl StackTable {
@@ -38,26 +44,28 @@ impl StackTable {
 
     /// The stack index of an event's stack (`None` when it has no frame); `flags` are the
     /// event's `stack_flags`. Allocation-free when the stack is known.
-    pub fn intern(&mut self, ips: &[u64], flags: u16) -> Option<StackIndex> {
+    ///
+    /// Addresses mean different code in different processes (after exec), so the key ends with
+    /// the process id.
+    pub fn intern(&mut self, pid: u32, ips: &[u64], flags: u16) -> Option<StackIndex> {
         if ips.is_empty() {
             return None;
         }
-        if flags == 0
-            && let Some(&idx) = self.by_ips.get(ips)
-        {
-            return Some(idx);
-        }
-        let mut key = ips.to_vec();
+        self.scratch.clear();
+        self.scratch.extend_from_slice(ips);
         if flags != 0 {
-            key.push(FLAGS_MARK | u64::from(flags));
-            if let Some(&idx) = self.by_ips.get(&key) {
-                return Some(idx);
-            }
+            self.scratch.push(FLAGS_MARK | u64::from(flags));
+        }
+        self.scratch.push(PID_MARK | u64::from(pid));
+        if let Some(&idx) = self.by_ips.get(&self.scratch) {
+            return Some(idx);
         }
         let idx = self.next;
         self.next += 1;
+        let mut key = self.scratch.clone();
         self.by_ips.insert(key.clone(), idx);
-        self.pending.push((idx, key));
+        key.pop(); // the process id: the namer is per process
+        self.pending.push((idx, pid, key));
         Some(idx)
     }
 
@@ -69,15 +77,38 @@ impl StackTable {
         self.next == 0
     }
 
-    /// Symbolizes the stacks interned since the last call.
-    pub fn take_new(&mut self, names: &mut FrameNamer) -> Vec<Stack> {
-        std::mem::take(&mut self.pending)
+    /// Symbolizes the pending stacks of `pid` now, with `namer` (before an exec replaces the
+    /// code their addresses point into).
+    pub fn name_pending_of(&mut self, pid: u32, namer: &mut FrameNamer) {
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
-            .map(|(index, ips)| Stack {
+            .partition(|(_, p, _)| *p == pid);
+        self.pending = others;
+        self.ready
+            .extend(mine.into_iter().map(|(index, _, key)| Stack {
                 index,
-                frames: names.name_stack(&ips),
-            })
-            .collect()
+                frames: namer.name_stack(&key),
+            }));
+    }
+
+    /// Symbolizes the stacks interned since the last call, each with its process's namer
+    /// (created from the process's current mappings when missing).
+    pub fn take_new(&mut self, namers: &mut HashMap<u32, FrameNamer>) -> Vec<Stack> {
+        let mut out = std::mem::take(&mut self.ready);
+        out.extend(
+            std::mem::take(&mut self.pending)
+                .into_iter()
+                .map(|(index, pid, key)| {
+                    let namer = namers.entry(pid).or_insert_with(|| {
+                        FrameNamer::new(pid, resolve::read_maps(pid).unwrap_or_default())
+                    });
+                    Stack {
+                        index,
+                        frames: namer.name_stack(&key),
+                    }
+                }),
+        );
+        out
     }
 }
 
@@ -103,6 +134,11 @@ pub fn is_call_before(code: &[u8; 7]) -> bool {
 }
 
 impl FrameNamer {
+    /// A namer for a forked child: same address space as the parent at the fork.
+    pub fn for_child(&self, child: u32) -> FrameNamer {
+        FrameNamer::new(child, self.maps.clone())
+    }
+
     pub fn new(pid: u32, maps: Vec<Mapping>) -> FrameNamer {
         let maps = maps.into_iter().filter(|m| m.executable).collect();
         FrameNamer {
@@ -234,10 +270,15 @@ mod tests {
     #[test]
     fn flags_travel_in_the_key() {
         let mut t = StackTable::new();
-        let a = t.intern(&[1, 2], 0);
-        let b = t.intern(&[1, 2], STACK_TRUNCATED);
+        let a = t.intern(7, &[1, 2], 0);
+        let b = t.intern(7, &[1, 2], STACK_TRUNCATED);
         assert_ne!(a, b);
-        assert_eq!(t.intern(&[1, 2], STACK_TRUNCATED), b);
-        assert_eq!(t.intern(&[], 0), None);
+        assert_eq!(t.intern(7, &[1, 2], STACK_TRUNCATED), b);
+        assert_ne!(t.intern(8, &[1, 2], 0), a, "other process, other code");
+        assert_eq!(t.intern(7, &[], 0), None);
+        assert_eq!(
+            t.pending.last().map(|(_, pid, key)| (*pid, key.clone())),
+            Some((8, vec![1, 2]))
+        );
     }
 }

@@ -25,6 +25,8 @@ pub struct ProbeConfig {
     pub ring_bytes: u32,
     /// Attach empty programs at the same points (benchmark floor): nothing is recorded.
     pub floor: bool,
+    /// Trace the children (fork, clone without CLONE_THREAD) of traced processes from birth.
+    pub follow_children: bool,
 }
 
 impl Default for ProbeConfig {
@@ -32,6 +34,7 @@ impl Default for ProbeConfig {
         ProbeConfig {
             ring_bytes: 16 << 20,
             floor: false,
+            follow_children: true,
         }
     }
 }
@@ -93,6 +96,14 @@ const SYSCALL_TRACEPOINTS: [(&str, &str); 5] = [
     ("brk_enter", "brk"),
 ];
 
+/// Process-tree tracepoints: children are traced from birth (in the kernel, before they run),
+/// exec and exit reset and retire a process's state.
+const PROCESS_TRACEPOINTS: [(&str, &str, &str); 3] = [
+    ("task_newtask", "task", "task_newtask"),
+    ("process_exec", "sched", "sched_process_exec"),
+    ("process_exit", "sched", "sched_process_exit"),
+];
+
 fn attach_err(name: &str, e: &(dyn std::error::Error + 'static)) -> ProbeError {
     if is_eperm(e) {
         ProbeError::NotPermitted
@@ -146,6 +157,11 @@ impl HeapProbes {
         }
         let ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", config.ring_bytes)
+            .override_global(
+                tracer_common::FOLLOW_CHILDREN_GLOBAL,
+                &u32::from(config.follow_children),
+                true,
+            )
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 if is_eperm(&e) {
@@ -260,6 +276,11 @@ impl HeapProbes {
         for (program, name) in SYSCALL_TRACEPOINTS {
             self.tracepoint(program)?
                 .attach("syscalls", &format!("sys_enter_{name}"))
+                .map_err(|e| attach_err(name, &e))?;
+        }
+        for (program, category, name) in PROCESS_TRACEPOINTS {
+            self.tracepoint(program)?
+                .attach(category, name)
                 .map_err(|e| attach_err(name, &e))?;
         }
         self.mappings_attached = true;

@@ -248,6 +248,7 @@ mod merge_tests {
     fn key(stack: StackIndex) -> CellKey {
         CellKey {
             class: Class::Heap,
+            pid: 1,
             phase: PHASE_NONE.into(),
             stack: Some(stack),
         }
@@ -285,6 +286,7 @@ mod merge_tests {
                     (
                         FailureKey {
                             class: Class::Heap,
+                            pid: 1,
                             function: "malloc".into(),
                             size: 9,
                             error: "ENOMEM".into(),
@@ -295,6 +297,7 @@ mod merge_tests {
                     (
                         FailureKey {
                             class: Class::Heap,
+                            pid: 1,
                             function: "malloc".into(),
                             size: 9,
                             error: "ENOMEM".into(),

@@ -388,7 +388,7 @@ impl Reading<'_> {
     ) -> Result<(BTreeMap<CellKey, StackCounters>, HashMap<i64, CellKey>), ReadFailure> {
         let mut stmt = self.conn.prepare(
             "SELECT id, class, phase, stack_id, live_bytes, live_count, allocated_bytes,
-                    allocated_count, freed_bytes, freed_count
+                    allocated_count, freed_bytes, freed_count, pid
              FROM cells",
         )?;
         let mut rows = stmt.query([])?;
@@ -398,6 +398,7 @@ impl Reading<'_> {
             let class: String = row.get(1)?;
             let key = CellKey {
                 class: self.class(&class)?,
+                pid: row.get(10)?,
                 phase: row.get(2)?,
                 stack: self.stack_index(row.get(3)?)?,
             };
@@ -447,13 +448,14 @@ impl Reading<'_> {
     fn read_failures(&self) -> Result<BTreeMap<FailureKey, u64>, ReadFailure> {
         let mut stmt = self
             .conn
-            .prepare("SELECT class, function, size, error, stack_id, count FROM failures")?;
+            .prepare("SELECT class, function, size, error, stack_id, count, pid FROM failures")?;
         let mut rows = stmt.query([])?;
         let mut failures = BTreeMap::new();
         while let Some(row) = rows.next()? {
             let class: String = row.get(0)?;
             let key = FailureKey {
                 class: self.class(&class)?,
+                pid: row.get(6)?,
                 function: row.get(1)?,
                 size: from_sql(row.get(2)?),
                 error: row.get(3)?,

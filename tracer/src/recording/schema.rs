@@ -33,7 +33,8 @@ CREATE TABLE cells (
     allocated_bytes INTEGER NOT NULL,
     allocated_count INTEGER NOT NULL,
     freed_bytes     INTEGER NOT NULL,
-    freed_count     INTEGER NOT NULL
+    freed_count     INTEGER NOT NULL,
+    pid             INTEGER NOT NULL
 );
 
 CREATE TABLE totals (
@@ -53,7 +54,8 @@ CREATE TABLE failures (
     size     INTEGER NOT NULL,
     error    TEXT NOT NULL,
     stack_id INTEGER REFERENCES stacks(id),
-    count    INTEGER NOT NULL
+    count    INTEGER NOT NULL,
+    pid      INTEGER NOT NULL
 );
 
 CREATE TABLE lost_events (
@@ -90,7 +92,7 @@ CREATE TABLE rss_samples (
 );
 
 CREATE VIEW series_by_cell AS
-    SELECT s.t_s, c.class, c.phase, c.stack_id, s.live_bytes, s.live_count
+    SELECT s.t_s, c.pid, c.class, c.phase, c.stack_id, s.live_bytes, s.live_count
     FROM series AS s JOIN cells AS c ON c.id = s.cell_id;
 ";
 

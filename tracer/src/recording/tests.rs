@@ -90,7 +90,7 @@ impl Session {
                 let addr = self.next_addr;
                 self.next_addr += 0x100;
                 self.ledger
-                    .alloc(1, addr, size, CellRef::new(Class::Heap, stack));
+                    .alloc(1, addr, size, CellRef::new(1, Class::Heap, stack));
                 addr
             })
             .collect()
@@ -138,12 +138,18 @@ fn record_three_seconds(path: &Path) -> Session {
         s.ledger.free(1, addr);
     }
     let moved = s.alloc(Some(2), 1, 300)[0];
-    s.ledger
-        .realloc(1, moved, 0x9_0000, 600, CellRef::new(Class::Heap, Some(2)));
+    s.ledger.realloc(
+        1,
+        moved,
+        0x9_0000,
+        600,
+        CellRef::new(1, Class::Heap, Some(2)),
+    );
     s.alloc(None, 2, 64);
     s.ledger.free(1, 0xdead_beef);
     s.ledger.failure(FailureKey {
         class: Class::Heap,
+        pid: 1,
         function: "malloc".to_string(),
         size: u64::MAX,
         error: "ENOMEM".to_string(),
@@ -154,7 +160,7 @@ fn record_three_seconds(path: &Path) -> Session {
 
     // Reuse of a live address: a missed free.
     s.ledger
-        .alloc(1, 0x9_0000, 50, CellRef::new(Class::Heap, Some(0)));
+        .alloc(1, 0x9_0000, 50, CellRef::new(1, Class::Heap, Some(0)));
     s.lost.insert("ringbuf_full".to_string(), 7);
     s.tick(3, &[]);
     s
@@ -181,6 +187,7 @@ fn finalized_recording_reads_back_exactly_as_one_file() {
     assert_eq!(heap.peak_bytes, 10 * 100 + 5 * 4096);
     let key = |stack| CellKey {
         class: Class::Heap,
+        pid: 1,
         phase: PHASE_NONE.to_string(),
         stack,
     };
@@ -358,6 +365,7 @@ fn state_is_complete_not_a_delta() {
     let mut writer = Writer::create(&path, &target(), 0, false).unwrap();
     let key = |stack| CellKey {
         class: Class::Heap,
+        pid: 1,
         phase: PHASE_NONE.to_string(),
         stack: Some(stack),
     };
@@ -370,6 +378,7 @@ fn state_is_complete_not_a_delta() {
     };
     let failure = FailureKey {
         class: Class::Heap,
+        pid: 1,
         function: "calloc".into(),
         size: 3,
         error: "ENOMEM".into(),

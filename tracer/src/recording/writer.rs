@@ -28,8 +28,8 @@ use crate::{
 const SIDECAR_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
 
 const INSERT_CELL: &str = "INSERT INTO cells (id, class, phase, stack_id, live_bytes, live_count,
-                   allocated_bytes, allocated_count, freed_bytes, freed_count)
- VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+                   allocated_bytes, allocated_count, freed_bytes, freed_count, pid)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
 /// A cell as last written: its row id and counters, to write only what changed.
 struct WrittenCell {
@@ -259,6 +259,19 @@ impl Writer {
             .map_err(|e| write_error(&path, e))?;
         tx.commit().map_err(|e| write_error(&path, e))?;
         self.failed = false;
+        Ok(())
+    }
+
+    /// Records the traced processes (children join as they are born).
+    pub fn set_target_pids(&mut self, pids: &[u32]) -> Result<(), RecordingError> {
+        let path = self.path.clone();
+        let pids = serde_json::to_string(pids).expect("a list of numbers serializes");
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![meta::TARGET_PIDS, pids],
+            )
+            .map_err(|e| write_error(&path, e))?;
         Ok(())
     }
 
@@ -525,8 +538,8 @@ impl Tick<'_> {
 
     fn write_failures(&mut self, state: &LedgerState) -> rusqlite::Result<()> {
         let mut upsert = self.tx.prepare_cached(
-            "INSERT OR REPLACE INTO failures (id, class, function, size, error, stack_id, count)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR REPLACE INTO failures (id, class, function, size, error, stack_id, count, pid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
         for (key, &count) in &state.failures {
             let id = match self.failures.get(key) {
@@ -544,7 +557,8 @@ impl Tick<'_> {
                 to_sql(key.size),
                 key.error,
                 key.stack,
-                to_sql(count)
+                to_sql(count),
+                key.pid
             ])?;
             self.failures.insert(key.clone(), (id, count));
         }
@@ -607,7 +621,8 @@ fn execute_insert(
         to_sql(c.allocated_bytes),
         to_sql(c.allocated_count),
         to_sql(c.freed_bytes),
-        to_sql(c.freed_count)
+        to_sql(c.freed_count),
+        key.pid
     ])?;
     Ok(())
 }

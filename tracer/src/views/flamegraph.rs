@@ -193,6 +193,7 @@ mod tests {
             rec.state.cells.insert(
                 CellKey {
                     class: Class::Heap,
+                    pid: 1,
                     phase: phase.into(),
                     stack: Some(50),
                 },

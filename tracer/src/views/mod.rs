@@ -111,7 +111,7 @@ pub(crate) mod fixture {
                     blocks - blocks / 2
                 };
                 for _ in 0..n {
-                    ledger.alloc(7, addr, *size, CellRef::new(Class::Heap, Some(i as u32)));
+                    ledger.alloc(7, addr, *size, CellRef::new(7, Class::Heap, Some(i as u32)));
                     addr += 0x1000;
                 }
             }
@@ -130,15 +130,16 @@ pub(crate) mod fixture {
                 7,
                 0x9000_0000,
                 4096,
-                CellRef::new(Class::Heap, Some(CHURN_STACK)),
+                CellRef::new(7, Class::Heap, Some(CHURN_STACK)),
             );
             ledger.free(7, 0x9000_0000);
         }
         // A block whose stack was lost.
-        ledger.alloc(7, 0xa000_0000, 64, CellRef::new(Class::Heap, None));
+        ledger.alloc(7, 0xa000_0000, 64, CellRef::new(7, Class::Heap, None));
         ledger.free(7, 0xdead); // allocated before attach
         ledger.failure(FailureKey {
             class: Class::Heap,
+            pid: 7,
             function: "malloc".to_string(),
             size: 1 << 50,
             error: "ENOMEM".to_string(),

@@ -35,6 +35,8 @@ struct JsonReport<'a> {
     started_unix_ns: u64,
     duration_s: f64,
     totals: BTreeMap<&'static str, ClassTotals>,
+    /// Per process and class: the cells' figures summed (peaks are per class only).
+    processes: BTreeMap<u32, BTreeMap<&'static str, StackCounters>>,
     stacks: Vec<JsonStack>,
     failures: Vec<JsonFailure<'a>>,
     unmatched_frees: u64,
@@ -107,6 +109,7 @@ struct JsonTarget<'a> {
 #[derive(Serialize)]
 struct JsonStack {
     class: &'static str,
+    pid: u32,
     phase: String,
     /// Index in the recording's `stacks` table; null when the stack was lost.
     stack: Option<StackIndex>,
@@ -122,6 +125,7 @@ struct JsonStack {
 #[derive(Serialize)]
 struct JsonFailure<'a> {
     class: &'static str,
+    pid: u32,
     function: &'a str,
     size: u64,
     count: u64,
@@ -140,6 +144,19 @@ fn cells_by_live_bytes(rec: &Recorded) -> Vec<(&CellKey, &StackCounters)> {
             .then_with(|| ka.cmp(kb))
     });
     cells
+}
+
+/// Cells summed per process and class.
+fn per_process(rec: &Recorded) -> BTreeMap<u32, BTreeMap<&'static str, StackCounters>> {
+    let mut out: BTreeMap<u32, BTreeMap<&'static str, StackCounters>> = BTreeMap::new();
+    for (key, counters) in &rec.state.cells {
+        out.entry(key.pid)
+            .or_default()
+            .entry(key.class.name())
+            .or_default()
+            .add(counters);
+    }
+    out
 }
 
 /// Failures by count, descending, then by key.
@@ -177,10 +194,12 @@ pub fn render_json(rec: &Recorded) -> String {
             .iter()
             .map(|(class, totals)| (class.name(), *totals))
             .collect(),
+        processes: per_process(rec),
         stacks: cells_by_live_bytes(rec)
             .into_iter()
             .map(|(key, c)| JsonStack {
                 class: key.class.name(),
+                pid: key.pid,
                 phase: key.phase.clone(),
                 stack: key.stack,
                 live_bytes: c.live_bytes,
@@ -196,6 +215,7 @@ pub fn render_json(rec: &Recorded) -> String {
             .into_iter()
             .map(|(key, count)| JsonFailure {
                 class: key.class.name(),
+                pid: key.pid,
                 function: &key.function,
                 size: key.size,
                 count,
@@ -280,12 +300,35 @@ pub fn render_text(rec: &Recorded) -> String {
     let mut out = String::new();
     text_header(&mut out, rec);
     text_totals(&mut out, rec);
+    text_processes(&mut out, rec);
     text_live_stacks(&mut out, rec);
     text_failures(&mut out, rec);
     text_unmatched_and_lost(&mut out, rec);
     text_growth(&mut out, rec);
     text_waterfall(&mut out, rec);
     out
+}
+
+/// Live figures per process, when the recording followed more than one.
+fn text_processes(out: &mut String, rec: &Recorded) {
+    let processes = per_process(rec);
+    if processes.len() < 2 {
+        return;
+    }
+    let _ = writeln!(out, "\nLive memory per process");
+    for (pid, classes) in &processes {
+        let parts: Vec<String> = classes
+            .iter()
+            .filter(|(_, c)| c.live_bytes > 0)
+            .map(|(class, c)| format!("{class} {} in {}", human_bytes(c.live_bytes), c.live_count))
+            .collect();
+        let parts = if parts.is_empty() {
+            "nothing live".to_string()
+        } else {
+            parts.join(", ")
+        };
+        let _ = writeln!(out, "  PID {pid:<8} {parts}");
+    }
 }
 
 fn text_waterfall(out: &mut String, rec: &Recorded) {
@@ -771,6 +814,7 @@ mod tests {
         assert_eq!((g.first_t, g.last_t), (1, 4));
         let key = |stack| CellKey {
             class: Class::Heap,
+            pid: 7,
             phase: PHASE_NONE.to_string(),
             stack,
         };

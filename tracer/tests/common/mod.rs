@@ -741,3 +741,165 @@ pub fn dir_entries(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+// ---- mappings (map_fixture) ----------------------------------------------------------------
+
+/// The page size: mapping figures are whole pages.
+pub fn page() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    assert!(size > 0, "sysconf(_SC_PAGESIZE) failed");
+    size as u64
+}
+
+/// C library functions that may stand between a memory system call and the function that asked
+/// for it: the system-call wrappers (their caller is recovered as the next frame) and thread
+/// creation (which maps the thread's stack).
+pub const LIBC_FRAMES: [&str; 20] = [
+    "mmap",
+    "mmap64",
+    "__mmap",
+    "__mmap64",
+    "munmap",
+    "__munmap",
+    "mremap",
+    "__mremap",
+    "mprotect",
+    "__mprotect",
+    "syscall",
+    "brk",
+    "__brk",
+    "sbrk",
+    "__sbrk",
+    "pthread_create",
+    "pthread_create@@GLIBC_2.34",
+    "pthread_create@GLIBC_2.2.5",
+    "__pthread_create_2_1",
+    "allocate_stack",
+];
+
+/// Whether `frame` is a C library frame: one of `LIBC_FRAMES`, glibc's internal alias of one
+/// (`__GI___mmap64`), or an unnamed libc address.
+pub fn is_libc_frame(frame: &str) -> bool {
+    LIBC_FRAMES.contains(&frame)
+        || frame.starts_with("__GI_")
+        || frame.starts_with("[unknown] libc.so")
+}
+
+/// Starts `map_fixture SCENARIO PROTOCOL` and waits for its `ready`.
+pub fn start_map_fixture(scenario: &str, protocol: &str) -> TestProcess {
+    let mut cmd = Command::new(fixture("map_fixture"));
+    cmd.args([scenario, protocol]);
+    let mut p = TestProcess::spawn(&format!("map_fixture {scenario} {protocol}"), cmd);
+    p.expect_stdout("ready");
+    p
+}
+
+/// Starts `alloctrace record -p PID -o TRACE ARGS...` with exactly the options `args` (mappings
+/// are always traced; `--heap` adds the allocator) and waits until it says `attached`.
+pub fn start_recorder_args(pid: u32, trace: &Path, args: &[&str]) -> TestProcess {
+    let mut cmd = Command::new(alloctrace());
+    cmd.arg("record")
+        .arg("-p")
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(trace)
+        .args(args)
+        .env_remove("RUST_LOG");
+    let mut p = TestProcess::spawn("alloctrace record", cmd);
+    p.expect_stderr_prefix("attached");
+    p
+}
+
+impl Session {
+    /// Like `run_scenario`, for `map_fixture SCENARIO attach`, recorded with exactly the options
+    /// `args` (no `--heap` unless given).
+    pub fn run_map_scenario(scenario: &str, args: &[&str]) -> Session {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let trace = dir.path().join(format!("{scenario}.trace"));
+        let mut target = start_map_fixture(scenario, "attach");
+        let recorder = start_recorder_args(target.pid(), &trace, args);
+        target.send_line("go");
+        target.expect_stdout("done");
+        Session {
+            recorder,
+            target,
+            trace,
+            dir,
+        }
+    }
+}
+
+impl Report {
+    /// Totals of `class`, zero when the recording has none.
+    pub fn class_totals_or_zero(&self, class: &str) -> Totals {
+        self.totals.get(class).copied().unwrap_or_default()
+    }
+
+    /// Rows (any class) whose first frame outside the C library (`is_libc_frame`) is `function`:
+    /// `frames[0] == function`, or libc wrappers such as `mmap64` or `syscall` first, then it.
+    pub fn stacks_through(&self, function: &str) -> Vec<&StackRow> {
+        self.stacks
+            .iter()
+            .filter(|s| {
+                s.frames
+                    .iter()
+                    .find(|f| !is_libc_frame(f))
+                    .map(String::as_str)
+                    == Some(function)
+            })
+            .collect()
+    }
+
+    /// Rows of `class` through `function` (see `stacks_through`).
+    pub fn class_stacks_through(&self, class: &str, function: &str) -> Vec<&StackRow> {
+        self.stacks_through(function)
+            .into_iter()
+            .filter(|s| s.class == class)
+            .collect()
+    }
+
+    /// The summed counters of `class`'s rows through `function`; panics if there is none.
+    pub fn class_cell(&self, class: &str, function: &str) -> Cell {
+        let stacks = self.class_stacks_through(class, function);
+        assert!(
+            !stacks.is_empty(),
+            "no {class} stack through {function:?}\n{}",
+            self.summary()
+        );
+        sum_rows(&stacks)
+    }
+
+    pub fn assert_class_cell(&self, class: &str, function: &str, expected: Cell) {
+        assert_eq!(
+            self.class_cell(class, function),
+            expected,
+            "{class} counters of {function}\n{}",
+            self.summary()
+        );
+    }
+
+    /// Every class's rows add up to its totals (live bytes and count).
+    pub fn assert_rows_add_up(&self) {
+        for (class, t) in &self.totals {
+            let rows: Vec<&StackRow> = self.stacks.iter().filter(|s| &s.class == class).collect();
+            let c = sum_rows(&rows);
+            assert_eq!(
+                (c.live_bytes, c.live_count),
+                (t.live_bytes, t.live_count),
+                "{class} rows do not add up to the {class} totals\n{}",
+                self.summary()
+            );
+        }
+    }
+}
+
+/// The four counters of `rows`, summed.
+pub fn sum_rows(rows: &[&StackRow]) -> Cell {
+    rows.iter().fold(Cell::default(), |c, s| Cell {
+        live_bytes: c.live_bytes + s.live_bytes,
+        live_count: c.live_count + s.live_count,
+        allocated_bytes: c.allocated_bytes + s.allocated_bytes,
+        allocated_count: c.allocated_count + s.allocated_count,
+    })
+}

@@ -1,0 +1,102 @@
+//! Following the process tree: children forked after attach, and what they exec, are traced
+//! from birth; every figure carries its PID; the recording lasts until the last one exits.
+//! Fixture: tests/fixtures/proc_fixture.c. Privileged: needs root and eBPF.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{alloctrace_cmd, fixture, privileged, run};
+
+#[test]
+fn forked_and_execed_children_are_traced_with_their_pids() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("children.trace");
+    let exe = fixture("proc_fixture");
+    let mut cmd = alloctrace_cmd(&["record", "--heap", "-o"]);
+    cmd.arg(&trace).arg("--").arg(&exe).arg("run");
+    let out = run("alloctrace record -- proc_fixture run", cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
+    cmd.arg(&trace);
+    let out = run("alloctrace report", cmd);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report JSON");
+    assert_eq!(r["complete"], true, "{r:#}");
+
+    let through = |class: &str| -> Vec<&serde_json::Value> {
+        r["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["class"] == class
+                    && s["frames"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|f| f == "child_leak")
+            })
+            .collect()
+    };
+    let sum = |rows: &[&serde_json::Value], field: &str| -> u64 {
+        rows.iter().map(|s| s[field].as_u64().unwrap()).sum()
+    };
+    let heap = through("heap");
+    let mmap = through("mmap");
+    // 3 + 4 + 7 leaks, each 1000 heap bytes and 2 mapped pages.
+    assert_eq!(
+        (sum(&heap, "live_bytes"), sum(&heap, "live_count")),
+        (14 * 1000, 14),
+        "{r:#}"
+    );
+    assert_eq!(
+        (sum(&mmap, "live_bytes"), sum(&mmap, "live_count")),
+        (14 * 2 * 4096, 14),
+        "{r:#}"
+    );
+
+    // Three distinct child processes, each with its own exact figures.
+    let mut per_pid: Vec<(u64, u64)> = Vec::new();
+    let pids: BTreeSet<u64> = mmap.iter().map(|s| s["pid"].as_u64().unwrap()).collect();
+    for pid in &pids {
+        let rows: Vec<&serde_json::Value> = heap
+            .iter()
+            .copied()
+            .filter(|s| s["pid"].as_u64() == Some(*pid))
+            .collect();
+        per_pid.push((sum(&rows, "live_count"), sum(&rows, "live_bytes")));
+    }
+    per_pid.sort();
+    assert_eq!(per_pid, vec![(3, 3000), (4, 4000), (7, 7000)], "{r:#}");
+
+    // The target list has the parent and its three children; the per-process totals agree.
+    let target_pids: BTreeSet<u64> = r["target"]["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    assert_eq!(target_pids.len(), 4, "{r:#}");
+    assert!(pids.is_subset(&target_pids), "{r:#}");
+    for pid in &pids {
+        let mmap_live = r["processes"][pid.to_string()]["mmap"]["live_bytes"]
+            .as_u64()
+            .unwrap();
+        assert!(mmap_live >= 3 * 2 * 4096, "process {pid}: {r:#}");
+    }
+    let lost: u64 = r["lost_events"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(lost, 0, "{r:#}");
+}
