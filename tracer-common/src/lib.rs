@@ -12,7 +12,34 @@ pub mod event_kind {
     pub const HEAP_FREE: u32 = 2;
     pub const MAP: u32 = 3;
     pub const PROC: u32 = 4;
+    pub const FAULT: u32 = 5;
 }
+
+/// A sampled page fault that brought a new page in (page not present), with the stack that
+/// touched it. Followed in the ring by `nframes` stack addresses. `weight` faults are behind one
+/// sample.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct FaultEvent {
+    /// `event_kind::FAULT`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub nframes: u16,
+    pub stack_flags: u16,
+    pub weight: u32,
+    pub address: u64,
+}
+
+/// Scratch for one fault record with room for the longest stack.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct FaultRecord {
+    pub event: FaultEvent,
+    pub ips: [u64; MAX_FRAMES],
+}
+
+/// Global `FAULT_SAMPLE` of the eBPF object: record one of every N page faults; 0 disables.
+pub const FAULT_SAMPLE_GLOBAL: &str = "FAULT_SAMPLE";
 
 /// `ProcEvent::op`.
 pub mod proc_op {
@@ -237,6 +264,7 @@ const _: () = assert!(size_of::<HeapAllocRecord>() == 48 + 8 * MAX_FRAMES);
 const _: () = assert!(size_of::<HeapFreeEvent>() == 16);
 const _: () = assert!(size_of::<MapEvent>() == 72);
 const _: () = assert!(size_of::<ProcEvent>() == 16);
+const _: () = assert!(size_of::<FaultEvent>() == 24);
 const _: () = assert!(size_of::<SyscallArgs>() == 48);
 const _: () = assert!(size_of::<InflightCall>() == 40);
 

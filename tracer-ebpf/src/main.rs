@@ -27,9 +27,9 @@ use aya_ebpf::{
 use core::mem::size_of;
 
 use tracer_common::{
-    HeapAllocEvent, HeapAllocRecord, HeapFn, HeapFreeEvent, INFLIGHT_SLOTS, InflightCall,
-    MAP_FROM_ALLOCATOR, MAX_FRAMES, MapEvent, MapRecord, ProcEvent, STACK_SP_CANDIDATE,
-    STACK_TRUNCATED, SyscallArgs, drop_cause, event_kind, map_op, proc_op,
+    FaultEvent, FaultRecord, HeapAllocEvent, HeapAllocRecord, HeapFn, HeapFreeEvent,
+    INFLIGHT_SLOTS, InflightCall, MAP_FROM_ALLOCATOR, MAX_FRAMES, MapEvent, MapRecord, ProcEvent,
+    STACK_SP_CANDIDATE, STACK_TRUNCATED, SyscallArgs, drop_cause, event_kind, map_op, proc_op,
 };
 
 const ENOMEM: i32 = 12;
@@ -460,6 +460,81 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
         let _ = TARGETS.remove(&pid);
         emit_proc(proc_op::EXIT, pid, 0);
     }
+    0
+}
+
+/// Set by user space: record one of every N not-present page faults of traced processes; 0: off.
+#[unsafe(no_mangle)]
+static FAULT_SAMPLE: u32 = 0;
+
+#[map]
+static FAULT_SCRATCH: PerCpuArray<FaultRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU count of faults seen, for sampling.
+#[map]
+static FAULT_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// exceptions:page_fault_user (`address` at 8, `error_code` at 24): which stacks make RSS grow,
+/// without any uprobe.
+#[tracepoint]
+pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+    // SAFETY: volatile read of a global set at load time.
+    let every = unsafe { core::ptr::read_volatile(&FAULT_SAMPLE) };
+    if every == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if TARGETS.get_ptr(&tgid).is_none() {
+        return 0;
+    }
+    // SAFETY: reads the tracepoint record.
+    let error_code = unsafe { ctx.read_at::<u64>(24) }.unwrap_or(1);
+    if error_code & 1 != 0 {
+        return 0; // protection fault on a present page: no new memory
+    }
+    let Some(count) = FAULT_COUNT.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer.
+    let n = unsafe {
+        *count += 1;
+        *count
+    };
+    if n % u64::from(every) != 0 {
+        return 0;
+    }
+    let Some(record) = FAULT_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    let record = unsafe { &mut *record };
+    record.event = FaultEvent {
+        kind: event_kind::FAULT,
+        tgid,
+        nframes: 0,
+        stack_flags: 0,
+        weight: every,
+        // SAFETY: reads the tracepoint record.
+        address: unsafe { ctx.read_at::<u64>(8) }.unwrap_or(0),
+    };
+    // SAFETY: the current task's user pt_regs, read with bpf_probe_read_kernel.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    let Ok(regs) = (unsafe { bpf_probe_read_kernel(regs) }) else {
+        return 0;
+    };
+    let mut flags = 0u16;
+    // A leaf function (memset, memcpy) touching the page has no frame: the word at the stack
+    // pointer is its return address, kept by user space only if a call precedes it.
+    let n = walk_user_stack(
+        regs.rip,
+        Some(regs.rsp),
+        regs.rbp,
+        &mut record.ips,
+        &mut flags,
+    );
+    record.event.nframes = n as u16;
+    record.event.stack_flags = flags;
+    output_record(record, size_of::<FaultEvent>(), n);
     0
 }
 

@@ -2,7 +2,7 @@
 
 use std::mem::size_of;
 
-use tracer_common::{HeapAllocEvent, HeapFreeEvent, MapEvent, ProcEvent, event_kind};
+use tracer_common::{FaultEvent, HeapAllocEvent, HeapFreeEvent, MapEvent, ProcEvent, event_kind};
 
 /// A decoded ring record; stacks borrow the record's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,6 +11,7 @@ pub enum Event<'a> {
     HeapFree(HeapFreeEvent),
     Map(MapEvent, Stack<'a>),
     Proc(ProcEvent),
+    Fault(FaultEvent, Stack<'a>),
 }
 
 /// The user stack that follows an event in its record: `u64` addresses, innermost first.
@@ -66,6 +67,17 @@ pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
                 flags: ev.stack_flags,
             };
             Some(Event::Map(ev, stack))
+        }
+        event_kind::FAULT if bytes.len() >= size_of::<FaultEvent>() => {
+            // SAFETY: length checked; FaultEvent is plain old data; the record may be unaligned.
+            let ev: FaultEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let start = size_of::<FaultEvent>();
+            let end = start + 8 * usize::from(ev.nframes);
+            let stack = Stack {
+                bytes: bytes.get(start..end)?,
+                flags: ev.stack_flags,
+            };
+            Some(Event::Fault(ev, stack))
         }
         event_kind::PROC if bytes.len() >= size_of::<ProcEvent>() => {
             // SAFETY: length checked; ProcEvent is plain old data.

@@ -128,6 +128,7 @@ pub struct Ledger {
     failures: HashMap<FailureKey, u64>,
     unmatched_frees: u64,
     missed_frees: u64,
+    faults: BTreeMap<(u32, Option<StackIndex>), u64>,
 }
 
 impl Default for Ledger {
@@ -143,6 +144,7 @@ impl Default for Ledger {
             failures: HashMap::new(),
             unmatched_frees: 0,
             missed_frees: 0,
+            faults: BTreeMap::new(),
         }
     }
 }
@@ -281,6 +283,11 @@ impl Ledger {
         self.alloc(pid, addr, size, at);
     }
 
+    /// A sampled page fault standing for `weight` faults at `stack` in `pid`.
+    pub fn fault(&mut self, pid: u32, stack: Option<StackIndex>, weight: u64) {
+        *self.faults.entry((pid, stack)).or_default() += weight;
+    }
+
     /// A failed allocation call.
     pub fn failure(&mut self, key: FailureKey) {
         *self.failures.entry(key).or_default() += 1;
@@ -324,6 +331,7 @@ impl Ledger {
             cells: self.cells.iter().cloned().collect(),
             failures: self.failures.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             unmatched_frees: self.unmatched_frees,
+            faults: self.faults.clone(),
             lost_events,
         }
     }

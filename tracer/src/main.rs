@@ -61,6 +61,10 @@ enum Command {
         /// as children; every figure carries its PID.
         #[arg(long)]
         no_follow_children: bool,
+        /// Record one of every N page faults that bring a page in, with its stack: which code
+        /// makes RSS grow, without any uprobe (`flamegraph --kind faults`). 0 turns it off.
+        #[arg(long, value_name = "N", default_value_t = 64)]
+        fault_sample: u32,
         /// Attach empty programs at the same points and record nothing (benchmark floor).
         #[arg(long, hide = true)]
         probe_floor: bool,
@@ -91,9 +95,19 @@ enum Command {
         /// Title of the picture.
         #[arg(long)]
         title: Option<String>,
+        /// `live`: bytes live at the end, by class and stack; `faults`: bytes faulted in
+        /// (sampled page faults), by stack: which code made RSS grow.
+        #[arg(long, value_enum, default_value_t = GraphKind::Live)]
+        kind: GraphKind,
     },
     /// Print the table of hooked functions (Markdown; docs/hooks.md is this output).
     Hooks,
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum GraphKind {
+    Live,
+    Faults,
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -148,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             probe_floor,
             heap,
             no_follow_children,
+            fault_sample,
             command,
         } => {
             let target = match pid {
@@ -163,6 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ring_bytes: ring_size << 20,
                     floor: probe_floor,
                     follow_children: !no_follow_children,
+                    fault_sample,
                 },
                 heap,
                 poll_interval: Duration::from_millis(10),
@@ -211,10 +227,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             force,
             title,
+            kind,
         } => {
             output::check_destination(&output, force)?;
             let recorded = Reader::open_with(&file, SeriesRead::Nothing)?;
             let mut options = flamegraph::FlamegraphOptions::default();
+            if let GraphKind::Faults = kind {
+                options.kind = flamegraph::Kind::Faults;
+                options.title = flamegraph::FAULTS_TITLE.to_string();
+            }
             if let Some(title) = title {
                 options.title = title;
             }

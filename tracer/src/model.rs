@@ -138,6 +138,9 @@ pub struct LedgerState {
     pub failures: BTreeMap<FailureKey, u64>,
     /// Frees (and realloc sources) of blocks never seen allocated, e.g. allocated before attach.
     pub unmatched_frees: u64,
+    /// Sampled page faults that brought pages in, by (pid, stack): the number of faults they
+    /// stand for (samples × the sampling period). Each is a page of RSS growth.
+    pub faults: BTreeMap<(u32, Option<StackIndex>), u64>,
     /// Lost events and stacks by cause (`tracer_common::drop_cause::NAMES`, plus user-space causes).
     pub lost_events: BTreeMap<String, u64>,
 }

@@ -269,6 +269,11 @@ impl EventSink {
                 let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
                 self.apply_map(&ev, stack);
             }
+            Some(Event::Fault(ev, ips)) => {
+                ips.read_into(&mut self.ips);
+                let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
+                self.ledger.fault(ev.tgid, stack, u64::from(ev.weight));
+            }
             Some(Event::Proc(ev)) => {
                 match ev.op {
                     proc_op::FORK => {

@@ -99,6 +99,29 @@ fn raw_syscall_mappings_explain_the_rss_growth() {
         (growth - expected as i64).abs() <= slack,
         "RssAnon grew {growth} B, traced {expected} B (slack {slack} B): {w:#}"
     );
+
+    // Page-fault sampling (1 in 64 by default, per CPU) sees the same pages being touched, at
+    // map_and_touch: exact up to a sample per CPU (the count may restart on another CPU).
+    let faulted: u64 = r["page_faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| {
+            f["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == "map_and_touch")
+        })
+        .map(|f| f["bytes"].as_u64().unwrap())
+        .sum();
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+    let sample = 64 * PAGE;
+    assert!(
+        faulted.abs_diff(expected) <= cpus * sample,
+        "faulted in at map_and_touch: {faulted} B, touched {expected} B: {:#}",
+        r["page_faults"]
+    );
 }
 
 /// `start_recorder` adds `--heap`; this test is about the mapping layer alone.

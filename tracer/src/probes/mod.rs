@@ -27,6 +27,8 @@ pub struct ProbeConfig {
     pub floor: bool,
     /// Trace the children (fork, clone without CLONE_THREAD) of traced processes from birth.
     pub follow_children: bool,
+    /// Record one of every N page faults that bring a page in (0: none).
+    pub fault_sample: u32,
 }
 
 impl Default for ProbeConfig {
@@ -35,6 +37,7 @@ impl Default for ProbeConfig {
             ring_bytes: 16 << 20,
             floor: false,
             follow_children: true,
+            fault_sample: 64,
         }
     }
 }
@@ -98,10 +101,11 @@ const SYSCALL_TRACEPOINTS: [(&str, &str); 5] = [
 
 /// Process-tree tracepoints: children are traced from birth (in the kernel, before they run),
 /// exec and exit reset and retire a process's state.
-const PROCESS_TRACEPOINTS: [(&str, &str, &str); 3] = [
+const PROCESS_TRACEPOINTS: [(&str, &str, &str); 4] = [
     ("task_newtask", "task", "task_newtask"),
     ("process_exec", "sched", "sched_process_exec"),
     ("process_exit", "sched", "sched_process_exit"),
+    ("page_fault_user", "exceptions", "page_fault_user"),
 ];
 
 fn attach_err(name: &str, e: &(dyn std::error::Error + 'static)) -> ProbeError {
@@ -160,6 +164,11 @@ impl HeapProbes {
             .override_global(
                 tracer_common::FOLLOW_CHILDREN_GLOBAL,
                 &u32::from(config.follow_children),
+                true,
+            )
+            .override_global(
+                tracer_common::FAULT_SAMPLE_GLOBAL,
+                &config.fault_sample,
                 true,
             )
             .load(EBPF_OBJECT)

@@ -109,6 +109,12 @@ impl Recorded {
         }
         self.state.failures = failures;
 
+        let mut faults: BTreeMap<(u32, Option<StackIndex>), u64> = BTreeMap::new();
+        for ((pid, stack), n) in std::mem::take(&mut self.state.faults) {
+            *faults.entry((pid, canon(stack))).or_default() += n;
+        }
+        self.state.faults = faults;
+
         // A series point is the value of one original cell; a merged point is the sum of the
         // latest values of all the originals it merges.
         let mut latest: HashMap<CellKey, (u64, u64)> = HashMap::new();
@@ -276,6 +282,7 @@ mod merge_tests {
             duration_s: 2.0,
             complete: true,
             state: LedgerState {
+                faults: BTreeMap::from([((1, Some(1)), 64), ((1, Some(0)), 128)]),
                 totals: BTreeMap::from([(Class::Heap, ClassTotals::default())]),
                 cells: BTreeMap::from([
                     (key(0), counters(10, 1)),
@@ -378,5 +385,6 @@ mod merge_tests {
             .map(|p| (p.t_s, p.live_bytes))
             .collect();
         assert_eq!(merged, vec![(0, 10), (1, 30)]);
+        assert_eq!(rec.state.faults, BTreeMap::from([((1, Some(0)), 192)]));
     }
 }

@@ -299,6 +299,7 @@ impl Reading<'_> {
         let series = self.read_series(&keys_by_id, series_read)?;
         let totals_series = self.read_totals_series()?;
         let rss = self.read_rss_samples()?;
+        let faults = self.read_faults()?;
         self.conn.execute_batch("COMMIT")?;
 
         let int = |key: &str| -> Result<Option<u64>, RecordingError> {
@@ -334,6 +335,7 @@ impl Reading<'_> {
             duration_s,
             complete: int(meta::COMPLETE)? == Some(1),
             state: LedgerState {
+                faults,
                 totals,
                 cells,
                 failures,
@@ -507,6 +509,19 @@ impl Reading<'_> {
             });
         }
         Ok(series)
+    }
+
+    fn read_faults(&self) -> Result<BTreeMap<(u32, Option<StackIndex>), u64>, ReadFailure> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pid, stack_id, faults FROM faults")?;
+        let mut rows = stmt.query([])?;
+        let mut faults = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let stack = self.stack_index(row.get(1)?)?;
+            *faults.entry((row.get(0)?, stack)).or_default() += from_sql(row.get(2)?);
+        }
+        Ok(faults)
     }
 
     fn read_rss_samples(&self) -> Result<Vec<RssSample>, ReadFailure> {

@@ -79,6 +79,14 @@ CREATE TABLE totals_series (
     live_count INTEGER NOT NULL
 );
 
+-- Sampled page faults that brought pages in, by process and stack: `faults` is the number of
+-- faults the samples stand for (samples x sampling period); each is one page of RSS growth.
+CREATE TABLE faults (
+    pid      INTEGER NOT NULL,
+    stack_id INTEGER REFERENCES stacks(id),
+    faults   INTEGER NOT NULL
+);
+
 -- Resident memory of each traced process, sampled once a second from /proc/PID/status.
 CREATE TABLE rss_samples (
     t_s   INTEGER NOT NULL,

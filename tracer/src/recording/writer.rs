@@ -382,6 +382,7 @@ impl Tick<'_> {
         self.write_totals(t_s.max(0.0) as u64, state)?;
         self.write_failures(state)?;
         self.write_lost_events(state)?;
+        self.write_faults(state)?;
         let mut put = self
             .tx
             .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
@@ -533,6 +534,21 @@ impl Tick<'_> {
             }
         }
         self.totals.clone_from(&state.totals);
+        Ok(())
+    }
+
+    /// Page-fault samples: a small table, rewritten whole.
+    fn write_faults(&mut self, state: &LedgerState) -> rusqlite::Result<()> {
+        if state.faults.is_empty() {
+            return Ok(());
+        }
+        self.tx.execute("DELETE FROM faults", [])?;
+        let mut insert = self
+            .tx
+            .prepare_cached("INSERT INTO faults (pid, stack_id, faults) VALUES (?1, ?2, ?3)")?;
+        for (&(pid, stack), &n) in &state.faults {
+            insert.execute(params![pid, stack, to_sql(n)])?;
+        }
         Ok(())
     }
 

@@ -17,6 +17,8 @@ pub const DEFAULT_TITLE: &str = "alloctrace: live bytes by stack";
 #[derive(Clone, Debug)]
 pub struct FlamegraphOptions {
     pub title: String,
+    /// What the widths are.
+    pub kind: Kind,
     /// `None`: the target's command, PID(s) and the recording's duration.
     pub subtitle: Option<String>,
 }
@@ -25,9 +27,38 @@ impl Default for FlamegraphOptions {
     fn default() -> Self {
         FlamegraphOptions {
             title: DEFAULT_TITLE.to_string(),
+            kind: Kind::Live,
             subtitle: None,
         }
     }
+}
+
+/// What a flame graph measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Bytes live at the end of the recording, under their class.
+    Live,
+    /// Bytes faulted in (sampled page faults × page size): which code made RSS grow.
+    Faults,
+}
+
+pub const FAULTS_TITLE: &str = "alloctrace: bytes faulted in by stack (sampled)";
+
+/// Folded lines of the sampled page faults, `page-faults;outermost;...;innermost BYTES`.
+pub fn folded_fault_lines(rec: &Recorded) -> Vec<String> {
+    let mut stacks: BTreeMap<String, u64> = BTreeMap::new();
+    for (&(_, stack), &faults) in &rec.state.faults {
+        let mut line = "page-faults".to_string();
+        for frame in rec.frames(stack).iter().rev() {
+            line.push(';');
+            line.push_str(&folded_frame(frame));
+        }
+        *stacks.entry(line).or_default() += faults * crate::mappings::PAGE;
+    }
+    stacks
+        .into_iter()
+        .map(|(stack, bytes)| format!("{stack} {bytes}"))
+        .collect()
 }
 
 /// A frame name made safe for the folded format: `;` separates frames and a line is one stack.
@@ -92,7 +123,10 @@ fn subtitle(rec: &Recorded) -> String {
 /// the titles and a line saying so.
 pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result<Vec<u8>> {
     let subtitle = options.subtitle.clone().unwrap_or_else(|| subtitle(rec));
-    let lines = folded_lines(rec);
+    let lines = match options.kind {
+        Kind::Live => folded_lines(rec),
+        Kind::Faults => folded_fault_lines(rec),
+    };
     if lines.is_empty() {
         return Ok(nothing_live_svg(&options.title, &subtitle).into_bytes());
     }
@@ -240,6 +274,7 @@ mod tests {
             &rec,
             &FlamegraphOptions {
                 title: "prefill leak".into(),
+                kind: Kind::Live,
                 subtitle: None,
             },
         )

@@ -43,6 +43,31 @@ struct JsonReport<'a> {
     lost_events: BTreeMap<&'a str, u64>,
     /// Resident memory reconciled with what was traced, at the last sample; null without one.
     rss: Option<Waterfall>,
+    /// Sampled page faults by stack, most first: which code made RSS grow.
+    page_faults: Vec<JsonFaults>,
+}
+
+#[derive(Serialize)]
+struct JsonFaults {
+    pid: u32,
+    /// Faults the samples stand for (samples × sampling period).
+    faults: u64,
+    /// `faults` × the page size.
+    bytes: u64,
+    stack: Option<StackIndex>,
+    frames: Vec<String>,
+}
+
+/// Page-fault rows, most faults first.
+fn faults_by_count(rec: &Recorded) -> Vec<(u32, Option<StackIndex>, u64)> {
+    let mut rows: Vec<_> = rec
+        .state
+        .faults
+        .iter()
+        .map(|(&(pid, stack), &n)| (pid, stack, n))
+        .collect();
+    rows.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| (a.0, a.1).cmp(&(b.0, b.1))));
+    rows
 }
 
 /// RSS = file-backed resident + shared memory + anonymous, and the anonymous part broken down
@@ -227,6 +252,16 @@ pub fn render_json(rec: &Recorded) -> String {
         unmatched_frees: rec.state.unmatched_frees,
         lost_events: lost_events(rec),
         rss: waterfall(rec),
+        page_faults: faults_by_count(rec)
+            .into_iter()
+            .map(|(pid, stack, faults)| JsonFaults {
+                pid,
+                faults,
+                bytes: faults * crate::mappings::PAGE,
+                stack,
+                frames: rec.frames(stack),
+            })
+            .collect(),
     };
     let mut json = serde_json::to_string_pretty(&report).expect("the report serializes");
     json.push('\n');
@@ -306,7 +341,29 @@ pub fn render_text(rec: &Recorded) -> String {
     text_unmatched_and_lost(&mut out, rec);
     text_growth(&mut out, rec);
     text_waterfall(&mut out, rec);
+    text_faults(&mut out, rec);
     out
+}
+
+fn text_faults(out: &mut String, rec: &Recorded) {
+    let rows = faults_by_count(rec);
+    if rows.is_empty() {
+        return;
+    }
+    let total: u64 = rows.iter().map(|r| r.2).sum();
+    let _ = writeln!(
+        out,
+        "\nPages faulted in (sampled; RSS growth by stack): {} in all",
+        human_bytes(total * crate::mappings::PAGE)
+    );
+    for (pid, stack, faults) in rows.iter().take(10) {
+        let _ = writeln!(
+            out,
+            "  {:>12}  PID {pid}: {}",
+            human_bytes(faults * crate::mappings::PAGE),
+            frames_line(&rec.frames(*stack))
+        );
+    }
 }
 
 /// Live figures per process, when the recording followed more than one.
