@@ -23,15 +23,18 @@ pub enum Class {
     MmapFile,
     /// Thread stacks (MAP_STACK mappings).
     ThreadStack,
+    /// CPython's object allocator arenas (pymalloc), recognized by the caller of their mmap.
+    PythonArena,
 }
 
 impl Class {
-    pub const ALL: [Class; 5] = [
+    pub const ALL: [Class; 6] = [
         Class::Heap,
         Class::Mmap,
         Class::MmapShared,
         Class::MmapFile,
         Class::ThreadStack,
+        Class::PythonArena,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Class {
             Class::MmapShared => "mmap-shared",
             Class::MmapFile => "mmap-file",
             Class::ThreadStack => "thread-stack",
+            Class::PythonArena => "python-arena",
         }
     }
 

@@ -70,6 +70,10 @@ fn own_peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPython arenas are 256 KiB (up to 3.9) or 1 MiB; smaller mmaps are not worth a look.
+const PYTHON_ARENA_MIN: u64 = 256 << 10;
+const PYTHON_ARENA_FUNCTIONS: [&str; 2] = ["_PyObject_ArenaMmap", "new_arena"];
+
 const PROT_EXEC: u64 = 0x4;
 const MAP_SHARED: u64 = 0x01;
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -300,17 +304,41 @@ impl EventSink {
         }
     }
 
+    /// Whether the mmap whose stack is in `self.ips` comes from CPython's arena allocator: one of
+    /// its first frames is `_PyObject_ArenaMmap` (obmalloc, CPython 3.8 to 3.13).
+    fn is_python_arena(&mut self, pid: u32) -> bool {
+        let namer = self
+            .namers
+            .entry(pid)
+            .or_insert_with(|| FrameNamer::new(pid, Vec::new()));
+        self.ips
+            .iter()
+            .take(3)
+            .any(|&ip| PYTHON_ARENA_FUNCTIONS.contains(&namer.function_at(ip).as_str()))
+    }
+
     fn apply_map(&mut self, ev: &MapEvent, stack: Option<StackIndex>) {
         let from_allocator = ev.flags & MAP_FROM_ALLOCATOR != 0;
         let (pid, a) = (ev.tgid, ev.args);
+        if ev.op == map_op::MMAP {
+            let (prot, fd) = (a[2], a[4] as i32);
+            if prot & PROT_EXEC != 0 && fd >= 0 && !self.code_mapped.contains(&pid) {
+                self.code_mapped.push(pid);
+            }
+        }
+        let arena = ev.op == map_op::MMAP
+            && mmap_class(pid, a[3], a[4] as i32) == Class::Mmap
+            && a[1] >= PYTHON_ARENA_MIN
+            && self.is_python_arena(pid);
         let (ledger, mappings) = (&mut self.ledger, &mut self.mappings);
         match ev.op {
             map_op::MMAP => {
                 let (len, prot, flags, fd) = (a[1], a[2], a[3], a[4] as i32);
-                let class = mmap_class(pid, flags, fd);
-                if prot & PROT_EXEC != 0 && fd >= 0 && !self.code_mapped.contains(&pid) {
-                    self.code_mapped.push(pid);
-                }
+                let class = if arena {
+                    Class::PythonArena
+                } else {
+                    mmap_class(pid, flags, fd)
+                };
                 let at = (!from_allocator).then(|| CellRef::new(pid, class, stack));
                 mappings.map(ledger, pid, (ev.ret, len), prot != 0, class, at);
             }

@@ -170,6 +170,14 @@ impl FrameNamer {
         self.maps.iter().rev().find(|m| ip >= m.start && ip < m.end)
     }
 
+    /// The function at `ip` (re-reading the mappings once if its module is not known yet).
+    pub fn function_at(&mut self, ip: u64) -> String {
+        if self.mapping_of(ip).is_none() {
+            self.refresh();
+        }
+        self.name(ip)
+    }
+
     /// Names a stack key (`StackTable`'s form: addresses, then an optional flags word).
     pub fn name_stack(&mut self, key: &[u64]) -> Vec<String> {
         let (ips, flags) = match key.split_last() {

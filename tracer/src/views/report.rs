@@ -84,7 +84,7 @@ pub struct Waterfall {
     pub heap_live: u64,
     /// Allocator arena minus live malloc bytes (free chunks the allocator keeps).
     pub allocator_retained: u64,
-    /// Live (accessible, mapped) bytes of classes `mmap` and `thread-stack`.
+    /// Live (accessible, mapped) bytes of classes `mmap`, `thread-stack` and `python-arena`.
     pub traced_mappings: u64,
     /// `anon` minus the three above; negative when traced mappings are not all resident.
     pub untraced_anon: i64,
@@ -104,7 +104,7 @@ pub fn waterfall(rec: &Recorded) -> Option<Waterfall> {
     let live = |class: Class| rec.state.totals.get(&class).map_or(0, |t| t.live_bytes);
     let heap_live = live(Class::Heap);
     let allocator_retained = last.arena.saturating_sub(heap_live);
-    let traced_mappings = live(Class::Mmap) + live(Class::ThreadStack);
+    let traced_mappings = live(Class::Mmap) + live(Class::ThreadStack) + live(Class::PythonArena);
     let d = |a: u64, b: u64| b as i64 - a as i64;
     Some(Waterfall {
         pid,
