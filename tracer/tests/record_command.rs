@@ -145,3 +145,40 @@ fn stripped_static_command_without_malloc_symbols_fails_cleanly() {
     common::assert_clean_error(&out, "malloc");
     assert!(!trace.exists(), "no recording may be left behind");
 }
+
+#[test]
+fn a_target_that_execs_mid_recording_is_traced_in_its_new_image() {
+    if !privileged() {
+        return;
+    }
+    // sh is attached to, then replaces itself with the fixture: what sh had live went with its
+    // image, and the fixture's leaks count exactly, through the same probes, under the same PID.
+    let exe = fixture("heap_fixture");
+    let script = format!("read line; exec {} leaks attach", exe.display());
+    let mut sh = std::process::Command::new("/bin/sh");
+    sh.args(["-c", &script]);
+    let mut target = common::TestProcess::spawn("sh -c exec heap_fixture", sh);
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("exec.trace");
+    let mut recorder = common::start_recorder(target.pid(), &trace, &[]);
+    target.send_line("exec now");
+    target.expect_stdout("ready");
+    target.send_line("go");
+    target.expect_stdout("done");
+    recorder.signal(libc::SIGINT);
+    recorder.wait_success();
+    target.close_stdin();
+    target.wait_success();
+
+    let r = report_json(&trace);
+    assert!(r.complete, "{}", r.summary());
+    r.assert_leaks();
+    let (live, expected) = (r.heap_totals(), leaks_totals());
+    assert_eq!(
+        (live.live_bytes, live.live_count),
+        (expected.live_bytes, expected.live_count),
+        "live heap after the exec is the fixture's leaks alone\n{}",
+        r.summary()
+    );
+    r.assert_no_lost_events();
+}

@@ -54,7 +54,10 @@ fn cpython_arenas_are_their_own_class() {
     let live = arena["live_bytes"].as_u64().unwrap();
     // 1,000,000 objects of 16 bytes need 16 MB of arena; arenas that existed before attach
     // may hold a few MiB of them.
-    assert!(live >= 1_000_000 * 16 - (4 << 20), "python-arena live {live} B: {r:#}");
+    assert!(
+        live >= 1_000_000 * 16 - (4 << 20),
+        "python-arena live {live} B: {r:#}"
+    );
     assert_eq!(live % (1 << 20), 0, "arenas are 1 MiB each: {r:#}");
     for s in r["stacks"].as_array().unwrap() {
         let by_arena_mmap = s["frames"]
