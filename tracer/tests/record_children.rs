@@ -100,3 +100,51 @@ fn forked_and_execed_children_are_traced_with_their_pids() {
         .sum();
     assert_eq!(lost, 0, "{r:#}");
 }
+
+#[test]
+fn a_sigkilled_child_keeps_what_it_had_at_exit_and_the_recording_completes() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("killed.trace");
+    let mut cmd = alloctrace_cmd(&["record", "--heap", "-o"]);
+    cmd.arg(&trace)
+        .arg("--")
+        .arg(fixture("proc_fixture"))
+        .arg("killed");
+    let out = run("alloctrace record -- proc_fixture killed", cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
+    cmd.arg(&trace);
+    let r: serde_json::Value =
+        serde_json::from_slice(&run("alloctrace report", cmd).stdout).expect("report JSON");
+    assert_eq!(r["complete"], true, "{r:#}");
+    let rows = |class: &str| -> (u64, u64) {
+        r["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["class"] == class
+                    && s["frames"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|f| f == "child_leak")
+            })
+            .fold((0, 0), |(b, c), s| {
+                (
+                    b + s["live_bytes"].as_u64().unwrap(),
+                    c + s["live_count"].as_u64().unwrap(),
+                )
+            })
+    };
+    assert_eq!(rows("heap"), (5 * 1000, 5), "{r:#}");
+    assert_eq!(rows("mmap"), (5 * 2 * 4096, 5), "{r:#}");
+    assert_eq!(r["target"]["pids"].as_array().unwrap().len(), 2, "{r:#}");
+}
