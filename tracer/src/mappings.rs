@@ -356,6 +356,63 @@ impl MappingLedger {
         mapped + brk
     }
 
+    /// Resident bytes of `pid`'s traced mappings, from its VMAs' `(start, end, rss)`: a VMA's
+    /// resident bytes are shared among the traced pieces inside it in proportion to their size
+    /// (the kernel merges adjacent mappings into one VMA). Returns (counted, arena): pieces
+    /// credited to a cell of class mmap, thread-stack or python-arena, and allocator arena.
+    pub fn resident(&self, pid: u32, vmas: &[(u64, u64, u64)]) -> (u64, u64) {
+        let Some(space) = self.spaces.get(&pid) else {
+            return (0, 0);
+        };
+        let share = |rss: u64, overlap: u64, len: u64| {
+            (u128::from(rss) * u128::from(overlap) / u128::from(len)) as u64
+        };
+        // The break's traced growth that is allocator arena: the top of [heap].
+        let brk_arena: u64 = space
+            .brk_origins
+            .iter()
+            .filter(|(_, o)| self.origins[*o as usize].cell.is_none())
+            .map(|(b, _)| b)
+            .sum();
+        let brk_range = space.brk.map(|top| (top.saturating_sub(brk_arena), top));
+        let (mut counted, mut arena) = (0u64, 0u64);
+        for &(start, end, rss) in vmas {
+            if rss == 0 || end <= start {
+                continue;
+            }
+            if let Some((lo, hi)) = brk_range {
+                arena += share(rss, hi.min(end).saturating_sub(lo.max(start)), end - start);
+            }
+            let first = space
+                .pieces
+                .range(..start)
+                .next_back()
+                .map(|(&s, _)| s)
+                .unwrap_or(start);
+            for (&s, piece) in space.pieces.range(first..end) {
+                let overlap = piece.end.min(end).saturating_sub(s.max(start));
+                if overlap == 0 || !piece.accessible {
+                    continue;
+                }
+                let part = share(rss, overlap, end - start);
+                let origin = self.origins[piece.origin as usize];
+                match origin.cell {
+                    None => arena += part,
+                    Some(_)
+                        if matches!(
+                            origin.class,
+                            Class::Mmap | Class::ThreadStack | Class::PythonArena
+                        ) =>
+                    {
+                        counted += part
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        (counted, arena)
+    }
+
     /// Live mapped pieces of a process (for tests and the RSS reconciliation).
     pub fn piece_count(&self, pid: u32) -> usize {
         self.spaces.get(&pid).map_or(0, |s| s.pieces.len())
@@ -526,5 +583,27 @@ mod tests {
             "only the child's growth is left"
         );
         assert_eq!(m.piece_count(1), 0);
+    }
+
+    #[test]
+    fn resident_bytes_are_shared_among_pieces_of_a_vma() {
+        let (mut l, mut m) = (Ledger::new(), MappingLedger::new());
+        // Two adjacent traced mappings the kernel merged into one VMA, and an arena piece.
+        m.map(&mut l, 1, (0x10000, 4 * PAGE), true, Class::Mmap, at(0));
+        m.map(
+            &mut l,
+            1,
+            (0x10000 + 4 * PAGE, 4 * PAGE),
+            true,
+            Class::Mmap,
+            at(1),
+        );
+        m.map(&mut l, 1, (0x100000, 2 * PAGE), true, Class::Mmap, None);
+        let vmas = [
+            (0x10000, 0x10000 + 8 * PAGE, 6 * PAGE),
+            (0x100000, 0x100000 + 2 * PAGE, PAGE),
+        ];
+        assert_eq!(m.resident(1, &vmas), (6 * PAGE, PAGE));
+        assert_eq!(m.resident(2, &vmas), (0, 0));
     }
 }

@@ -164,6 +164,11 @@ pub struct RssSample {
     /// Allocator arena traced since attach (brk growth and mmaps made inside malloc calls when
     /// heap tracing is on).
     pub arena: u64,
+    /// Resident bytes of the traced anonymous mappings (classes mmap, thread-stack,
+    /// python-arena), from /proc/PID/smaps.
+    pub traced_resident: u64,
+    /// Resident bytes of the traced allocator arena, from /proc/PID/smaps.
+    pub arena_resident: u64,
 }
 
 /// One point of the time series: live bytes of a (class, phase, stack) cell at a second.

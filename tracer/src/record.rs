@@ -170,8 +170,36 @@ fn heap_after_exec(
     true
 }
 
+/// `(start, end, Rss bytes)` of every VMA of `pid`, from /proc/PID/smaps.
+fn smaps_resident(pid: u32) -> Vec<(u64, u64, u64)> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut current: Option<(u64, u64)> = None;
+    for line in text.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if let Some((start, end)) = current.take() {
+                let kib: u64 = rss
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
+                out.push((start, end, kib * 1024));
+            }
+        } else if let Some((range, _)) = line.split_once(' ')
+            && let Some((a, b)) = range.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            current = Some((a, b));
+        }
+    }
+    out
+}
+
 /// Resident memory of `pid` from /proc/PID/status; `None` once it is gone.
-fn sample_rss(pid: u32, t_s: u64, arena: u64) -> Option<RssSample> {
+fn sample_rss(pid: u32, t_s: u64, mappings: &MappingLedger) -> Option<RssSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib = |key: &str| -> u64 {
         status
@@ -182,6 +210,7 @@ fn sample_rss(pid: u32, t_s: u64, arena: u64) -> Option<RssSample> {
             * 1024
     };
     let rss = kib("VmRSS:");
+    let (traced_resident, arena_resident) = mappings.resident(pid, &smaps_resident(pid));
     // A zombie has released its memory: no sample rather than zeros.
     (rss > 0).then(|| RssSample {
         t_s,
@@ -191,7 +220,9 @@ fn sample_rss(pid: u32, t_s: u64, arena: u64) -> Option<RssSample> {
         file: kib("RssFile:"),
         shmem: kib("RssShmem:"),
         swap: kib("VmSwap:"),
-        arena,
+        arena: mappings.arena_bytes(pid),
+        traced_resident,
+        arena_resident,
     })
 }
 
@@ -519,7 +550,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     let mut last_events = 0u64;
 
     // The first resident sample precedes everything the recording sees.
-    if let Some(sample) = sample_rss(pid, 0, 0) {
+    if let Some(sample) = sample_rss(pid, 0, &sink.mappings) {
         writer.add_rss_samples(&[sample])?;
     }
     // Traced processes: the target, then the children it forks. `live` are those not exited.
@@ -536,7 +567,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         let t_s = started.elapsed().as_secs_f64();
         let samples: Vec<RssSample> = live
             .iter()
-            .filter_map(|&p| sample_rss(p, t_s as u64, sink.mappings.arena_bytes(p)))
+            .filter_map(|&p| sample_rss(p, t_s as u64, &sink.mappings))
             .collect();
         writer.add_rss_samples(&samples)?;
         let new_stacks = sink.stacks.take_new(&mut sink.namers);

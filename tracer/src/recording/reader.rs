@@ -526,7 +526,8 @@ impl Reading<'_> {
 
     fn read_rss_samples(&self) -> Result<Vec<RssSample>, ReadFailure> {
         let mut stmt = self.conn.prepare(
-            "SELECT t_s, pid, rss, anon, file, shmem, swap, arena FROM rss_samples ORDER BY rowid",
+            "SELECT t_s, pid, rss, anon, file, shmem, swap, arena, traced_resident, arena_resident
+             FROM rss_samples ORDER BY rowid",
         )?;
         let mut rows = stmt.query([])?;
         let mut samples = Vec::new();
@@ -540,6 +541,8 @@ impl Reading<'_> {
                 shmem: from_sql(row.get(5)?),
                 swap: from_sql(row.get(6)?),
                 arena: from_sql(row.get(7)?),
+                traced_resident: from_sql(row.get(8)?),
+                arena_resident: from_sql(row.get(9)?),
             });
         }
         Ok(samples)

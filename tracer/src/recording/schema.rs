@@ -96,7 +96,9 @@ CREATE TABLE rss_samples (
     file  INTEGER NOT NULL,
     shmem INTEGER NOT NULL,
     swap  INTEGER NOT NULL,
-    arena INTEGER NOT NULL
+    arena INTEGER NOT NULL,
+    traced_resident INTEGER NOT NULL,
+    arena_resident  INTEGER NOT NULL
 );
 
 CREATE VIEW series_by_cell AS

@@ -283,8 +283,10 @@ impl Writer {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT INTO rss_samples (t_s, pid, rss, anon, file, shmem, swap, arena) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO rss_samples \
+                     (t_s, pid, rss, anon, file, shmem, swap, arena, traced_resident, \
+                      arena_resident) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .map_err(|e| write_error(&path, e))?;
             for s in samples {
@@ -296,7 +298,9 @@ impl Writer {
                     to_sql(s.file),
                     to_sql(s.shmem),
                     to_sql(s.swap),
-                    to_sql(s.arena)
+                    to_sql(s.arena),
+                    to_sql(s.traced_resident),
+                    to_sql(s.arena_resident)
                 ])
                 .map_err(|e| write_error(&path, e))?;
             }

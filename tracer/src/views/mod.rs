@@ -179,6 +179,8 @@ pub(crate) mod fixture {
                     shmem: 0,
                     swap: 0,
                     arena: 0,
+                    traced_resident: 0,
+                    arena_resident: 0,
                 },
                 crate::model::RssSample {
                     t_s: 4,
@@ -189,6 +191,8 @@ pub(crate) mod fixture {
                     shmem: 0,
                     swap: 0,
                     arena: 132 << 10,
+                    traced_resident: 1 << 20,
+                    arena_resident: 128 << 10,
                 },
             ],
         }

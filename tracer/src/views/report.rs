@@ -82,11 +82,16 @@ pub struct Waterfall {
     pub anon: u64,
     /// Live bytes of class `heap`: malloc blocks with --heap, else the program break's growth.
     pub heap_live: u64,
-    /// Allocator arena minus live malloc bytes (free chunks the allocator keeps).
+    /// Resident allocator arena traced since attach minus live malloc bytes (free chunks the
+    /// allocator keeps).
     pub allocator_retained: u64,
-    /// Live (accessible, mapped) bytes of classes `mmap`, `thread-stack` and `python-arena`.
+    /// Resident bytes of the traced anonymous mappings (classes `mmap`, `thread-stack`,
+    /// `python-arena`), from /proc/PID/smaps.
     pub traced_mappings: u64,
-    /// `anon` minus the three above; negative when traced mappings are not all resident.
+    /// Their live (accessible, mapped) bytes, resident or not.
+    pub traced_mappings_mapped: u64,
+    /// `anon` minus the three above; negative when the allocator's mapped arena is not all
+    /// resident.
     pub untraced_anon: i64,
     /// Changes since the first sample (t = `first_t_s`).
     pub first_t_s: u64,
@@ -103,8 +108,12 @@ pub fn waterfall(rec: &Recorded) -> Option<Waterfall> {
     let (first, last) = (samples.first()?, samples.last()?);
     let live = |class: Class| rec.state.totals.get(&class).map_or(0, |t| t.live_bytes);
     let heap_live = live(Class::Heap);
-    let allocator_retained = last.arena.saturating_sub(heap_live);
-    let traced_mappings = live(Class::Mmap) + live(Class::ThreadStack) + live(Class::PythonArena);
+    // Resident arena the live blocks do not use. (Blocks that live in arena mapped before
+    // attach make this an underestimate, and show in the untraced remainder instead.)
+    let allocator_retained = last.arena_resident.saturating_sub(heap_live);
+    let traced_mappings_mapped =
+        live(Class::Mmap) + live(Class::ThreadStack) + live(Class::PythonArena);
+    let traced_mappings = last.traced_resident;
     let d = |a: u64, b: u64| b as i64 - a as i64;
     Some(Waterfall {
         pid,
@@ -116,6 +125,7 @@ pub fn waterfall(rec: &Recorded) -> Option<Waterfall> {
         heap_live,
         allocator_retained,
         traced_mappings,
+        traced_mappings_mapped,
         untraced_anon: last.anon as i64 - (heap_live + allocator_retained + traced_mappings) as i64,
         first_t_s: first.t_s,
         rss_growth: d(first.rss, last.rss),
@@ -440,15 +450,16 @@ fn text_waterfall(out: &mut String, rec: &Recorded) {
     );
     let _ = writeln!(
         out,
-        "      traced mappings        {:>12}   (mmap, thread-stack: mapped pages)",
-        human_bytes(w.traced_mappings)
+        "      traced mappings        {:>12}   (resident, of {} mapped: mmap, thread-stack, python-arena)",
+        human_bytes(w.traced_mappings),
+        human_bytes(w.traced_mappings_mapped)
     );
     let _ = writeln!(
         out,
         "      untraced remainder     {:>12}   {}",
         signed(w.untraced_anon),
         if w.untraced_anon < 0 {
-            "(negative: traced pages not all resident)"
+            "(negative: the allocator's arena is not all resident)"
         } else {
             "(mapped before attach, or not traced)"
         }
