@@ -75,6 +75,7 @@ pub mod map_op {
     pub const MUNMAP: u32 = 11;
     pub const BRK: u32 = 12;
     pub const MREMAP: u32 = 25;
+    pub const MADVISE: u32 = 28;
 }
 
 /// `MapEvent::flags`: the syscall was made from inside a hooked allocator call (heap tracing on),
@@ -108,7 +109,8 @@ pub struct MapEvent {
     /// The syscall's return value (the mapping's address, the new break, or 0).
     pub ret: u64,
     /// The syscall's arguments: mmap (addr, len, prot, flags, fd), munmap (addr, len),
-    /// mprotect (addr, len, prot), mremap (old_addr, old_len, new_len, flags, new_addr), brk (brk).
+    /// mprotect (addr, len, prot), mremap (old_addr, old_len, new_len, flags, new_addr), brk (brk),
+    /// madvise (addr, len, advice).
     pub args: [u64; 5],
 }
 

@@ -393,6 +393,21 @@ pub fn brk_enter(ctx: TracePointContext) -> u32 {
     syscall_enter(&ctx, map_op::BRK, 1)
 }
 
+#[tracepoint]
+pub fn madvise_enter(ctx: TracePointContext) -> u32 {
+    // Only the advice values that release pages matter (the argument at offset 32).
+    // SAFETY: reads the tracepoint record.
+    let advice = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0);
+    if !matches!(advice, MADV_DONTNEED | MADV_FREE | MADV_REMOVE) {
+        return 0;
+    }
+    syscall_enter(&ctx, map_op::MADVISE, 3)
+}
+
+const MADV_DONTNEED: u64 = 4;
+const MADV_FREE: u64 = 8;
+const MADV_REMOVE: u64 = 9;
+
 /// Set by user space: follow the children of traced processes.
 #[unsafe(no_mangle)]
 static FOLLOW_CHILDREN: u32 = 0;

@@ -129,6 +129,7 @@ pub struct Ledger {
     unmatched_frees: u64,
     missed_frees: u64,
     faults: BTreeMap<(u32, Option<StackIndex>), u64>,
+    released: BTreeMap<(u32, Option<StackIndex>), u64>,
 }
 
 impl Default for Ledger {
@@ -145,6 +146,7 @@ impl Default for Ledger {
             unmatched_frees: 0,
             missed_frees: 0,
             faults: BTreeMap::new(),
+            released: BTreeMap::new(),
         }
     }
 }
@@ -288,6 +290,11 @@ impl Ledger {
         *self.faults.entry((pid, stack)).or_default() += weight;
     }
 
+    /// `bytes` released with madvise at `stack` in `pid`.
+    pub fn released(&mut self, pid: u32, stack: Option<StackIndex>, bytes: u64) {
+        *self.released.entry((pid, stack)).or_default() += bytes;
+    }
+
     /// A failed allocation call.
     pub fn failure(&mut self, key: FailureKey) {
         *self.failures.entry(key).or_default() += 1;
@@ -332,6 +339,7 @@ impl Ledger {
             failures: self.failures.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             unmatched_frees: self.unmatched_frees,
             faults: self.faults.clone(),
+            released: self.released.clone(),
             lost_events,
         }
     }

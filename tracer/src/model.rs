@@ -145,6 +145,10 @@ pub struct LedgerState {
     /// Sampled page faults that brought pages in, by (pid, stack): the number of faults they
     /// stand for (samples × the sampling period). Each is a page of RSS growth.
     pub faults: BTreeMap<(u32, Option<StackIndex>), u64>,
+    /// Bytes released with madvise (MADV_DONTNEED, MADV_FREE, MADV_REMOVE) by (pid, stack):
+    /// pages given back to the kernel while the mapping stays (RSS shrinks, live mapped bytes do
+    /// not).
+    pub released: BTreeMap<(u32, Option<StackIndex>), u64>,
     /// Lost events and stacks by cause (`tracer_common::drop_cause::NAMES`, plus user-space causes).
     pub lost_events: BTreeMap<String, u64>,
 }

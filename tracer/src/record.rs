@@ -387,6 +387,10 @@ impl EventSink {
                     |class| (!from_allocator).then(|| CellRef::new(pid, class, stack)),
                 );
             }
+            map_op::MADVISE => {
+                let len = crate::mappings::page_up(a[1]);
+                ledger.released(pid, stack, len);
+            }
             map_op::BRK => {
                 let at = (!from_allocator).then(|| CellRef::new(ev.tgid, Class::Heap, stack));
                 mappings.brk(ledger, pid, ev.ret, at);

@@ -25,12 +25,12 @@ fn report_value(trace: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("report JSON")
 }
 
-#[test]
-fn raw_syscall_mappings_explain_the_rss_growth() {
-    if !privileged() {
-        return;
-    }
-    let mut target = TestProcess::spawn("rss_fixture", Command::new(fixture("rss_fixture")));
+/// Runs the fixture (with `args`) under `record -p`, lets a resident sample see the end state,
+/// and returns the JSON report.
+fn record_fixture(args: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new(fixture("rss_fixture"));
+    cmd.args(args);
+    let mut target = TestProcess::spawn("rss_fixture", cmd);
     target.expect_stdout("ready");
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("rss.trace");
@@ -44,8 +44,15 @@ fn raw_syscall_mappings_explain_the_rss_growth() {
     recorder.wait_success();
     target.close_stdin();
     target.wait_success();
+    report_value(&trace)
+}
 
-    let r = report_value(&trace);
+#[test]
+fn raw_syscall_mappings_explain_the_rss_growth() {
+    if !privileged() {
+        return;
+    }
+    let r = record_fixture(&[]);
     let expected = MAPPINGS * PAGES * PAGE;
     let rows: Vec<&serde_json::Value> = r["stacks"]
         .as_array()
@@ -132,4 +139,38 @@ fn start_recorder_without_heap(pid: u32, trace: &std::path::Path) -> TestProcess
     let mut p = TestProcess::spawn("alloctrace record", cmd);
     p.expect_stderr_prefix("attached");
     p
+}
+
+#[test]
+fn madvise_releases_are_counted_by_stack_and_keep_the_mappings() {
+    if !privileged() {
+        return;
+    }
+    let r = record_fixture(&["release"]);
+    let released: u64 = r["released"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| {
+            x["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "release_half")
+        })
+        .map(|x| x["bytes"].as_u64().unwrap())
+        .sum();
+    let half = MAPPINGS * PAGES / 2 * PAGE;
+    assert_eq!(released, half, "{:#}", r["released"]);
+    // The mappings stay (live mapped bytes unchanged); their resident half went back.
+    let w = &r["rss"];
+    assert!(
+        w["traced_mappings_mapped"].as_u64().unwrap() >= 2 * half,
+        "{w:#}"
+    );
+    let resident = w["traced_mappings"].as_u64().unwrap();
+    assert!(
+        resident.abs_diff(half) <= MAPPINGS * PAGE,
+        "traced resident {resident} B, expected {half} B: {w:#}"
+    );
 }

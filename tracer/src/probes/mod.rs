@@ -91,12 +91,13 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// Entry programs of the traced memory syscalls, by tracepoint name (`sys_enter_NAME`); every
 /// `sys_exit_NAME` runs `syscall_exit`.
-const SYSCALL_TRACEPOINTS: [(&str, &str); 5] = [
+const SYSCALL_TRACEPOINTS: [(&str, &str); 6] = [
     ("mmap_enter", "mmap"),
     ("munmap_enter", "munmap"),
     ("mprotect_enter", "mprotect"),
     ("mremap_enter", "mremap"),
     ("brk_enter", "brk"),
+    ("madvise_enter", "madvise"),
 ];
 
 /// Process-tree tracepoints: children are traced from birth (in the kernel, before they run),

@@ -115,6 +115,12 @@ impl Recorded {
         }
         self.state.faults = faults;
 
+        let mut released: BTreeMap<(u32, Option<StackIndex>), u64> = BTreeMap::new();
+        for ((pid, stack), n) in std::mem::take(&mut self.state.released) {
+            *released.entry((pid, canon(stack))).or_default() += n;
+        }
+        self.state.released = released;
+
         // A series point is the value of one original cell; a merged point is the sum of the
         // latest values of all the originals it merges.
         let mut latest: HashMap<CellKey, (u64, u64)> = HashMap::new();
@@ -283,6 +289,7 @@ mod merge_tests {
             complete: true,
             state: LedgerState {
                 faults: BTreeMap::from([((1, Some(1)), 64), ((1, Some(0)), 128)]),
+                released: BTreeMap::new(),
                 totals: BTreeMap::from([(Class::Heap, ClassTotals::default())]),
                 cells: BTreeMap::from([
                     (key(0), counters(10, 1)),

@@ -300,6 +300,7 @@ impl Reading<'_> {
         let totals_series = self.read_totals_series()?;
         let rss = self.read_rss_samples()?;
         let faults = self.read_faults()?;
+        let released = self.read_released()?;
         self.conn.execute_batch("COMMIT")?;
 
         let int = |key: &str| -> Result<Option<u64>, RecordingError> {
@@ -336,6 +337,7 @@ impl Reading<'_> {
             complete: int(meta::COMPLETE)? == Some(1),
             state: LedgerState {
                 faults,
+                released,
                 totals,
                 cells,
                 failures,
@@ -509,6 +511,19 @@ impl Reading<'_> {
             });
         }
         Ok(series)
+    }
+
+    fn read_released(&self) -> Result<BTreeMap<(u32, Option<StackIndex>), u64>, ReadFailure> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pid, stack_id, bytes FROM released")?;
+        let mut rows = stmt.query([])?;
+        let mut released = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let stack = self.stack_index(row.get(1)?)?;
+            *released.entry((row.get(0)?, stack)).or_default() += from_sql(row.get(2)?);
+        }
+        Ok(released)
     }
 
     fn read_faults(&self) -> Result<BTreeMap<(u32, Option<StackIndex>), u64>, ReadFailure> {

@@ -87,6 +87,13 @@ CREATE TABLE faults (
     faults   INTEGER NOT NULL
 );
 
+-- Bytes released with madvise (DONTNEED, FREE, REMOVE) by process and stack.
+CREATE TABLE released (
+    pid      INTEGER NOT NULL,
+    stack_id INTEGER REFERENCES stacks(id),
+    bytes    INTEGER NOT NULL
+);
+
 -- Resident memory of each traced process, sampled once a second from /proc/PID/status.
 CREATE TABLE rss_samples (
     t_s   INTEGER NOT NULL,

@@ -387,6 +387,7 @@ impl Tick<'_> {
         self.write_failures(state)?;
         self.write_lost_events(state)?;
         self.write_faults(state)?;
+        self.write_released(state)?;
         let mut put = self
             .tx
             .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
@@ -552,6 +553,21 @@ impl Tick<'_> {
             .prepare_cached("INSERT INTO faults (pid, stack_id, faults) VALUES (?1, ?2, ?3)")?;
         for (&(pid, stack), &n) in &state.faults {
             insert.execute(params![pid, stack, to_sql(n)])?;
+        }
+        Ok(())
+    }
+
+    /// madvise releases: a small table, rewritten whole.
+    fn write_released(&mut self, state: &LedgerState) -> rusqlite::Result<()> {
+        if state.released.is_empty() {
+            return Ok(());
+        }
+        self.tx.execute("DELETE FROM released", [])?;
+        let mut insert = self
+            .tx
+            .prepare_cached("INSERT INTO released (pid, stack_id, bytes) VALUES (?1, ?2, ?3)")?;
+        for (&(pid, stack), &bytes) in &state.released {
+            insert.execute(params![pid, stack, to_sql(bytes)])?;
         }
         Ok(())
     }

@@ -45,6 +45,16 @@ struct JsonReport<'a> {
     rss: Option<Waterfall>,
     /// Sampled page faults by stack, most first: which code made RSS grow.
     page_faults: Vec<JsonFaults>,
+    /// Bytes released with madvise by stack, most first: which code gave pages back.
+    released: Vec<JsonReleased>,
+}
+
+#[derive(Serialize)]
+struct JsonReleased {
+    pid: u32,
+    bytes: u64,
+    stack: Option<StackIndex>,
+    frames: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -262,6 +272,18 @@ pub fn render_json(rec: &Recorded) -> String {
         unmatched_frees: rec.state.unmatched_frees,
         lost_events: lost_events(rec),
         rss: waterfall(rec),
+        released: {
+            let mut rows: Vec<_> = rec.state.released.iter().collect();
+            rows.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+            rows.into_iter()
+                .map(|(&(pid, stack), &bytes)| JsonReleased {
+                    pid,
+                    bytes,
+                    stack,
+                    frames: rec.frames(stack),
+                })
+                .collect()
+        },
         page_faults: faults_by_count(rec)
             .into_iter()
             .map(|(pid, stack, faults)| JsonFaults {
@@ -352,7 +374,30 @@ pub fn render_text(rec: &Recorded) -> String {
     text_growth(&mut out, rec);
     text_waterfall(&mut out, rec);
     text_faults(&mut out, rec);
+    text_released(&mut out, rec);
     out
+}
+
+fn text_released(out: &mut String, rec: &Recorded) {
+    if rec.state.released.is_empty() {
+        return;
+    }
+    let total: u64 = rec.state.released.values().sum();
+    let _ = writeln!(
+        out,
+        "\nReleased with madvise (pages given back, mappings kept): {}",
+        human_bytes(total)
+    );
+    let mut rows: Vec<_> = rec.state.released.iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    for &(&(pid, stack), &bytes) in rows.iter().take(10) {
+        let _ = writeln!(
+            out,
+            "  {:>12}  PID {pid}: {}",
+            human_bytes(bytes),
+            frames_line(&rec.frames(stack))
+        );
+    }
 }
 
 fn text_faults(out: &mut String, rec: &Recorded) {
