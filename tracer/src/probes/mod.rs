@@ -15,6 +15,7 @@ use aya::{
 use tracer_common::drop_cause;
 
 use self::resolve::AllocatorObject;
+use crate::hooks::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
 
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -88,26 +89,6 @@ fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-
-/// Entry programs of the traced memory syscalls, by tracepoint name (`sys_enter_NAME`); every
-/// `sys_exit_NAME` runs `syscall_exit`.
-const SYSCALL_TRACEPOINTS: [(&str, &str); 6] = [
-    ("mmap_enter", "mmap"),
-    ("munmap_enter", "munmap"),
-    ("mprotect_enter", "mprotect"),
-    ("mremap_enter", "mremap"),
-    ("brk_enter", "brk"),
-    ("madvise_enter", "madvise"),
-];
-
-/// Process-tree tracepoints: children are traced from birth (in the kernel, before they run),
-/// exec and exit reset and retire a process's state.
-const PROCESS_TRACEPOINTS: [(&str, &str, &str); 4] = [
-    ("task_newtask", "task", "task_newtask"),
-    ("process_exec", "sched", "sched_process_exec"),
-    ("process_exit", "sched", "sched_process_exit"),
-    ("page_fault_user", "exceptions", "page_fault_user"),
-];
 
 fn attach_err(name: &str, e: &(dyn std::error::Error + 'static)) -> ProbeError {
     if is_eperm(e) {
@@ -279,19 +260,18 @@ impl HeapProbes {
         }
         // Exits first, as with uprobes: an entry is never saved without its exit in place.
         let exit = self.tracepoint("syscall_exit")?;
-        for name in SYSCALL_TRACEPOINTS.iter().map(|(_, n)| n) {
-            exit.attach("syscalls", &format!("sys_exit_{n}", n = name))
-                .map_err(|e| attach_err(name, &e))?;
+        for tp in SYSCALL_TRACEPOINTS {
+            exit.attach("syscalls", &format!("sys_exit_{}", tp.name))
+                .map_err(|e| attach_err(tp.name, &e))?;
         }
-        for (program, name) in SYSCALL_TRACEPOINTS {
-            self.tracepoint(program)?
-                .attach("syscalls", &format!("sys_enter_{name}"))
-                .map_err(|e| attach_err(name, &e))?;
-        }
-        for (program, category, name) in PROCESS_TRACEPOINTS {
-            self.tracepoint(program)?
-                .attach(category, name)
-                .map_err(|e| attach_err(name, &e))?;
+        for tp in SYSCALL_TRACEPOINTS.iter().chain(PROCESS_TRACEPOINTS) {
+            let name = match tp.category {
+                "syscalls" => format!("sys_enter_{}", tp.name),
+                _ => tp.name.to_string(),
+            };
+            self.tracepoint(tp.program)?
+                .attach(tp.category, &name)
+                .map_err(|e| attach_err(tp.name, &e))?;
         }
         self.mappings_attached = true;
         Ok(())
