@@ -532,25 +532,27 @@ pub fn page_fault_user(ctx: TracePointContext) -> u32 {
         // SAFETY: reads the tracepoint record.
         address: unsafe { ctx.read_at::<u64>(8) }.unwrap_or(0),
     };
-    // SAFETY: the current task's user pt_regs, read with bpf_probe_read_kernel.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
-    let Ok(regs) = (unsafe { bpf_probe_read_kernel(regs) }) else {
+    // A leaf function (memset, memcpy) touching the page has no frame: the stack-pointer
+    // candidate recovers its caller.
+    let Some((n, flags)) = current_user_stack(&mut record.ips) else {
         return 0;
     };
-    let mut flags = 0u16;
-    // A leaf function (memset, memcpy) touching the page has no frame: the word at the stack
-    // pointer is its return address, kept by user space only if a call precedes it.
-    let n = walk_user_stack(
-        regs.rip,
-        Some(regs.rsp),
-        regs.rbp,
-        &mut record.ips,
-        &mut flags,
-    );
     record.event.nframes = n as u16;
     record.event.stack_flags = flags;
     output_record(record, size_of::<FaultEvent>(), n);
     0
+}
+
+/// The user stack of the current task from its saved user registers (at a tracepoint, where the
+/// context holds no registers), with the stack-pointer candidate: (frames, stack flags).
+#[inline(always)]
+fn current_user_stack(ips: &mut [u64; MAX_FRAMES]) -> Option<(usize, u16)> {
+    // SAFETY: the current task's user pt_regs, read with bpf_probe_read_kernel.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    let regs = unsafe { bpf_probe_read_kernel(regs) }.ok()?;
+    let mut flags = 0u16;
+    let n = walk_user_stack(regs.rip, Some(regs.rsp), regs.rbp, ips, &mut flags);
+    Some((n, flags))
 }
 
 /// Exit of every traced memory syscall: emits the completed call with its user stack.
@@ -583,19 +585,9 @@ pub fn syscall_exit(ctx: TracePointContext) -> u32 {
         args: saved.args,
     };
     // The user registers of the syscall: its return address and the caller's frame pointer.
-    // SAFETY: the current task's user pt_regs, read with bpf_probe_read_kernel.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
-    let Ok(regs) = (unsafe { bpf_probe_read_kernel(regs) }) else {
+    let Some((n, flags)) = current_user_stack(&mut record.ips) else {
         return 0;
     };
-    let mut flags = 0u16;
-    let n = walk_user_stack(
-        regs.rip,
-        Some(regs.rsp),
-        regs.rbp,
-        &mut record.ips,
-        &mut flags,
-    );
     record.event.nframes = n as u16;
     record.event.stack_flags = flags;
     output_record(record, size_of::<MapEvent>(), n);

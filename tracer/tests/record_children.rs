@@ -8,49 +8,58 @@ use std::collections::BTreeSet;
 
 use common::{alloctrace_cmd, fixture, privileged, run};
 
-#[test]
-fn forked_and_execed_children_are_traced_with_their_pids() {
-    if !privileged() {
-        return;
-    }
+/// `alloctrace record --heap -- proc_fixture MODE` to completion; the JSON report.
+fn record_proc_fixture(mode: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("children.trace");
-    let exe = fixture("proc_fixture");
     let mut cmd = alloctrace_cmd(&["record", "--heap", "-o"]);
-    cmd.arg(&trace).arg("--").arg(&exe).arg("run");
-    let out = run("alloctrace record -- proc_fixture run", cmd);
+    cmd.arg(&trace)
+        .arg("--")
+        .arg(fixture("proc_fixture"))
+        .arg(mode);
+    let out = run("alloctrace record -- proc_fixture", cmd);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-
     let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
     cmd.arg(&trace);
-    let out = run("alloctrace report", cmd);
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report JSON");
+    let r: serde_json::Value =
+        serde_json::from_slice(&run("alloctrace report", cmd).stdout).expect("report JSON");
     assert_eq!(r["complete"], true, "{r:#}");
+    r
+}
 
-    let through = |class: &str| -> Vec<&serde_json::Value> {
-        r["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| {
-                s["class"] == class
-                    && s["frames"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|f| f == "child_leak")
-            })
-            .collect()
-    };
-    let sum = |rows: &[&serde_json::Value], field: &str| -> u64 {
-        rows.iter().map(|s| s[field].as_u64().unwrap()).sum()
-    };
-    let heap = through("heap");
-    let mmap = through("mmap");
+/// The stack rows of `class` that pass through `child_leak`.
+fn child_leak_rows<'a>(r: &'a serde_json::Value, class: &str) -> Vec<&'a serde_json::Value> {
+    r["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["class"] == class
+                && s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f == "child_leak")
+        })
+        .collect()
+}
+
+fn sum(rows: &[&serde_json::Value], field: &str) -> u64 {
+    rows.iter().map(|s| s[field].as_u64().unwrap()).sum()
+}
+
+#[test]
+fn forked_and_execed_children_are_traced_with_their_pids() {
+    if !privileged() {
+        return;
+    }
+    let r = record_proc_fixture("run");
+    let heap = child_leak_rows(&r, "heap");
+    let mmap = child_leak_rows(&r, "mmap");
     // 3 + 4 + 7 leaks, each 1000 heap bytes and 2 mapped pages.
     assert_eq!(
         (sum(&heap, "live_bytes"), sum(&heap, "live_count")),
@@ -106,43 +115,10 @@ fn a_sigkilled_child_keeps_what_it_had_at_exit_and_the_recording_completes() {
     if !privileged() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("killed.trace");
-    let mut cmd = alloctrace_cmd(&["record", "--heap", "-o"]);
-    cmd.arg(&trace)
-        .arg("--")
-        .arg(fixture("proc_fixture"))
-        .arg("killed");
-    let out = run("alloctrace record -- proc_fixture killed", cmd);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
-    cmd.arg(&trace);
-    let r: serde_json::Value =
-        serde_json::from_slice(&run("alloctrace report", cmd).stdout).expect("report JSON");
-    assert_eq!(r["complete"], true, "{r:#}");
-    let rows = |class: &str| -> (u64, u64) {
-        r["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| {
-                s["class"] == class
-                    && s["frames"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|f| f == "child_leak")
-            })
-            .fold((0, 0), |(b, c), s| {
-                (
-                    b + s["live_bytes"].as_u64().unwrap(),
-                    c + s["live_count"].as_u64().unwrap(),
-                )
-            })
+    let r = record_proc_fixture("killed");
+    let rows = |class: &str| {
+        let rows = child_leak_rows(&r, class);
+        (sum(&rows, "live_bytes"), sum(&rows, "live_count"))
     };
     assert_eq!(rows("heap"), (5 * 1000, 5), "{r:#}");
     assert_eq!(rows("mmap"), (5 * 2 * 4096, 5), "{r:#}");

@@ -69,10 +69,11 @@ struct JsonFaults {
 }
 
 /// Page-fault rows, most faults first.
-fn faults_by_count(rec: &Recorded) -> Vec<(u32, Option<StackIndex>, u64)> {
-    let mut rows: Vec<_> = rec
-        .state
-        .faults
+/// Rows of a per-(pid, stack) amount (page faults, released bytes), largest first.
+fn by_amount(
+    map: &BTreeMap<(u32, Option<StackIndex>), u64>,
+) -> Vec<(u32, Option<StackIndex>, u64)> {
+    let mut rows: Vec<_> = map
         .iter()
         .map(|(&(pid, stack), &n)| (pid, stack, n))
         .collect();
@@ -272,19 +273,16 @@ pub fn render_json(rec: &Recorded) -> String {
         unmatched_frees: rec.state.unmatched_frees,
         lost_events: lost_events(rec),
         rss: waterfall(rec),
-        released: {
-            let mut rows: Vec<_> = rec.state.released.iter().collect();
-            rows.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
-            rows.into_iter()
-                .map(|(&(pid, stack), &bytes)| JsonReleased {
-                    pid,
-                    bytes,
-                    stack,
-                    frames: rec.frames(stack),
-                })
-                .collect()
-        },
-        page_faults: faults_by_count(rec)
+        released: by_amount(&rec.state.released)
+            .into_iter()
+            .map(|(pid, stack, bytes)| JsonReleased {
+                pid,
+                bytes,
+                stack,
+                frames: rec.frames(stack),
+            })
+            .collect(),
+        page_faults: by_amount(&rec.state.faults)
             .into_iter()
             .map(|(pid, stack, faults)| JsonFaults {
                 pid,
@@ -379,43 +377,45 @@ pub fn render_text(rec: &Recorded) -> String {
 }
 
 fn text_released(out: &mut String, rec: &Recorded) {
-    if rec.state.released.is_empty() {
-        return;
-    }
-    let total: u64 = rec.state.released.values().sum();
-    let _ = writeln!(
+    let rows = by_amount(&rec.state.released);
+    text_bytes_by_stack(
         out,
-        "\nReleased with madvise (pages given back, mappings kept): {}",
-        human_bytes(total)
+        rec,
+        "Released with madvise (pages given back, mappings kept)",
+        &rows,
     );
-    let mut rows: Vec<_> = rec.state.released.iter().collect();
-    rows.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
-    for &(&(pid, stack), &bytes) in rows.iter().take(10) {
-        let _ = writeln!(
-            out,
-            "  {:>12}  PID {pid}: {}",
-            human_bytes(bytes),
-            frames_line(&rec.frames(stack))
-        );
-    }
 }
 
 fn text_faults(out: &mut String, rec: &Recorded) {
-    let rows = faults_by_count(rec);
+    let mut rows = by_amount(&rec.state.faults);
+    for row in &mut rows {
+        row.2 *= crate::mappings::PAGE;
+    }
+    text_bytes_by_stack(
+        out,
+        rec,
+        "Pages faulted in (sampled; RSS growth by stack)",
+        &rows,
+    );
+}
+
+/// A section of bytes by (pid, stack), its total in the heading, the top 10 rows.
+fn text_bytes_by_stack(
+    out: &mut String,
+    rec: &Recorded,
+    heading: &str,
+    rows: &[(u32, Option<StackIndex>, u64)],
+) {
     if rows.is_empty() {
         return;
     }
     let total: u64 = rows.iter().map(|r| r.2).sum();
-    let _ = writeln!(
-        out,
-        "\nPages faulted in (sampled; RSS growth by stack): {} in all",
-        human_bytes(total * crate::mappings::PAGE)
-    );
-    for (pid, stack, faults) in rows.iter().take(10) {
+    let _ = writeln!(out, "\n{heading}: {} in all", human_bytes(total));
+    for (pid, stack, bytes) in rows.iter().take(10) {
         let _ = writeln!(
             out,
             "  {:>12}  PID {pid}: {}",
-            human_bytes(faults * crate::mappings::PAGE),
+            human_bytes(*bytes),
             frames_line(&rec.frames(*stack))
         );
     }
