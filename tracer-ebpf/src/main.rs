@@ -78,11 +78,21 @@ fn cookie_fn<C: EbpfContext>(ctx: &C) -> u32 {
     unsafe { bpf_get_attach_cookie(ctx.as_ptr()) as u32 }
 }
 
+/// CUDA driver allocation calls in flight, apart from the heap's: the driver mallocs for itself
+/// inside its calls, and those are heap allocations of their own, not part of the CUDA call.
+#[map]
+static CUDA_INFLIGHT: Array<InflightCall> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
 /// The calling thread's slot and its `pid_tgid`.
 #[inline(always)]
 fn my_slot() -> Option<(*mut InflightCall, u64)> {
+    slot_in(&INFLIGHT)
+}
+
+#[inline(always)]
+fn slot_in(slots: &Array<InflightCall>) -> Option<(*mut InflightCall, u64)> {
     let key = bpf_get_current_pid_tgid();
-    let slot = INFLIGHT.get_ptr_mut((key as u32) % INFLIGHT_SLOTS)?;
+    let slot = slots.get_ptr_mut((key as u32) % INFLIGHT_SLOTS)?;
     Some((slot, key))
 }
 
@@ -111,7 +121,12 @@ fn release(slot: *mut InflightCall) {
 
 #[inline(always)]
 fn enter(func: u32, size: u64, old_addr: u64, memptr: u64) -> u32 {
-    let Some((slot, key)) = my_slot() else {
+    enter_in(&INFLIGHT, func, size, old_addr, memptr)
+}
+
+#[inline(always)]
+fn enter_in(slots: &Array<InflightCall>, func: u32, size: u64, old_addr: u64, memptr: u64) -> u32 {
+    let Some((slot, key)) = slot_in(slots) else {
         return 0;
     };
     match claim(slot, key) {
@@ -198,7 +213,51 @@ pub fn heap_enter_posix_memalign(ctx: ProbeContext) -> u32 {
 /// Return of every allocation function: emits the completed call with its user stack.
 #[uretprobe]
 pub fn heap_return(ctx: RetProbeContext) -> u32 {
-    let Some((slot, key)) = my_slot() else {
+    finish_call(&ctx, &INFLIGHT)
+}
+
+/// CUDA driver allocations with an out-pointer first argument and the size second:
+/// cuMemAlloc_v2, cuMemAllocHost_v2, cuMemHostAlloc, cuMemAllocManaged, cuMemAllocAsync(_ptsz).
+#[uprobe]
+pub fn cuda_enter_out0_size1(ctx: ProbeContext) -> u32 {
+    let memptr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter_in(&CUDA_INFLIGHT, cookie_fn(&ctx), size, 0, memptr)
+}
+
+/// Return of the CUDA allocation calls: a CUresult, the block in `*out` when it is 0.
+#[uretprobe]
+pub fn cuda_return(ctx: RetProbeContext) -> u32 {
+    finish_call(&ctx, &CUDA_INFLIGHT)
+}
+
+/// CUDA frees of the pointer in the first argument: cuMemFree_v2, cuMemFreeHost,
+/// cuMemFreeAsync(_ptsz).
+#[uprobe]
+pub fn cuda_free_arg0(ctx: ProbeContext) -> u32 {
+    let addr: u64 = ctx.arg(0).unwrap_or(0);
+    if addr == 0 {
+        return 0; // cuMemFree(0) initializes the context; nothing is freed
+    }
+    let key = bpf_get_current_pid_tgid();
+    let event = HeapFreeEvent {
+        kind: event_kind::HEAP_FREE,
+        tgid: (key >> 32) as u32,
+        addr,
+    };
+    if EVENTS
+        .output::<HeapFreeEvent>(&event, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        count_drop(drop_cause::RINGBUF_FULL);
+    }
+    0
+}
+
+/// The return of an allocation call in `slots`: emits the completed call with its user stack.
+#[inline(always)]
+fn finish_call(ctx: &RetProbeContext, slots: &Array<InflightCall>) -> u32 {
+    let Some((slot, key)) = slot_in(slots) else {
         return 0;
     };
     // SAFETY: `slot` points into the INFLIGHT array; only this thread writes a slot it owns.
@@ -356,10 +415,13 @@ fn syscall_enter(ctx: &TracePointContext, op: u32, nargs: usize) -> u32 {
         saved.args[i] = unsafe { ctx.read_at::<u64>(16 + 8 * i) }.unwrap_or(0);
         i += 1;
     }
-    if let Some((slot, _)) = my_slot()
+    // Inside a hooked allocator call (malloc's arenas) or a CUDA driver allocation (its pinned
+    // host mappings): those bytes are counted by that layer, not again as mappings.
+    let inside = |slots: &Array<InflightCall>| {
         // SAFETY: reading the slot's owner word.
-        && unsafe { (*slot).owner } == key
-    {
+        slot_in(slots).is_some_and(|(slot, _)| unsafe { (*slot).owner } == key)
+    };
+    if inside(&INFLIGHT) || inside(&CUDA_INFLIGHT) {
         saved.flags = MAP_FROM_ALLOCATOR;
     }
     if SYSCALL_ARGS.insert(&key, &saved, 0).is_err() {

@@ -188,6 +188,128 @@ pub const HOOKS: &[Hook] = &[
     },
 ];
 
+/// Attach cookies of CUDA hooks: `CUDA_COOKIE_BASE + index in CUDA_HOOKS` (heap hooks use their
+/// `HeapFn`, below 100).
+pub const CUDA_COOKIE_BASE: u32 = 100;
+
+/// A hooked CUDA driver entry point (`libcuda.so.1`, the counting point: the runtime's calls
+/// reach it, whether the runtime is shared or linked statically).
+#[derive(Copy, Clone, Debug)]
+pub struct CudaHook {
+    pub symbol: &'static str,
+    pub prototype: &'static str,
+    pub entry_program: &'static str,
+    pub return_program: Option<&'static str>,
+    pub records: Records,
+    /// The class of what it allocates (frees find their block's class in the ledger).
+    pub class: Class,
+}
+
+const CUDA_RET: Option<&str> = Some("cuda_return");
+
+pub const CUDA_HOOKS: &[CudaHook] = &[
+    CudaHook {
+        symbol: "cuMemAlloc_v2",
+        prototype: "CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)",
+        entry_program: "cuda_enter_out0_size1",
+        return_program: CUDA_RET,
+        records: Records::Alloc,
+        class: Class::Cuda,
+    },
+    CudaHook {
+        symbol: "cuMemAllocAsync",
+        prototype: "CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)",
+        entry_program: "cuda_enter_out0_size1",
+        return_program: CUDA_RET,
+        records: Records::Alloc,
+        class: Class::CudaPool,
+    },
+    CudaHook {
+        symbol: "cuMemAllocAsync_ptsz",
+        prototype: "CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)",
+        entry_program: "cuda_enter_out0_size1",
+        return_program: CUDA_RET,
+        records: Records::Alloc,
+        class: Class::CudaPool,
+    },
+    CudaHook {
+        symbol: "cuMemAllocHost_v2",
+        prototype: "CUresult cuMemAllocHost_v2(void **pp, size_t bytesize)",
+        entry_program: "cuda_enter_out0_size1",
+        return_program: CUDA_RET,
+        records: Records::Alloc,
+        class: Class::CudaPinned,
+    },
+    CudaHook {
+        symbol: "cuMemHostAlloc",
+        prototype: "CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned int Flags)",
+        entry_program: "cuda_enter_out0_size1",
+        return_program: CUDA_RET,
+        records: Records::Alloc,
+        class: Class::CudaPinned,
+    },
+    CudaHook {
+        symbol: "cuMemAllocManaged",
+        prototype: "CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags)",
+        entry_program: "cuda_enter_out0_size1",
+        return_program: CUDA_RET,
+        records: Records::Alloc,
+        class: Class::CudaManaged,
+    },
+    CudaHook {
+        symbol: "cuMemFree_v2",
+        prototype: "CUresult cuMemFree_v2(CUdeviceptr dptr)",
+        entry_program: "cuda_free_arg0",
+        return_program: None,
+        records: Records::Free,
+        class: Class::Cuda,
+    },
+    CudaHook {
+        symbol: "cuMemFreeAsync",
+        prototype: "CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)",
+        entry_program: "cuda_free_arg0",
+        return_program: None,
+        records: Records::Free,
+        class: Class::CudaPool,
+    },
+    CudaHook {
+        symbol: "cuMemFreeAsync_ptsz",
+        prototype: "CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream hStream)",
+        entry_program: "cuda_free_arg0",
+        return_program: None,
+        records: Records::Free,
+        class: Class::CudaPool,
+    },
+    CudaHook {
+        symbol: "cuMemFreeHost",
+        prototype: "CUresult cuMemFreeHost(void *p)",
+        entry_program: "cuda_free_arg0",
+        return_program: None,
+        records: Records::Free,
+        class: Class::CudaPinned,
+    },
+];
+
+/// The CUDA hook behind an event's function code, if it is one.
+pub fn cuda_hook(func: u32) -> Option<&'static CudaHook> {
+    CUDA_HOOKS.get(func.checked_sub(CUDA_COOKIE_BASE)? as usize)
+}
+
+/// Name of a CUresult (cuda.h), as failures show it.
+pub fn cuda_error_name(code: i32) -> String {
+    match code {
+        1 => "CUDA_ERROR_INVALID_VALUE".into(),
+        2 => "CUDA_ERROR_OUT_OF_MEMORY".into(),
+        3 => "CUDA_ERROR_NOT_INITIALIZED".into(),
+        4 => "CUDA_ERROR_DEINITIALIZED".into(),
+        100 => "CUDA_ERROR_NO_DEVICE".into(),
+        101 => "CUDA_ERROR_INVALID_DEVICE".into(),
+        201 => "CUDA_ERROR_INVALID_CONTEXT".into(),
+        999 => "CUDA_ERROR_UNKNOWN".into(),
+        n => format!("CUresult {n}"),
+    }
+}
+
 /// A kernel tracepoint alloctrace attaches to (no uprobe trap).
 #[derive(Copy, Clone, Debug)]
 pub struct Tracepoint {
@@ -303,6 +425,29 @@ pub fn markdown() -> String {
             records,
             h.class.name(),
             h.accounting
+        ));
+    }
+    out.push_str(
+        "\n## CUDA driver (`libcuda.so.1`, hooked in every traced process that maps it, also when \
+         it is loaded after attach)\n\n\
+         | symbol | prototype | probes | records | class |\n|---|---|---|---|---|\n",
+    );
+    for h in CUDA_HOOKS {
+        let probes = match h.return_program {
+            Some(ret) => format!("`{}` + `{}`", h.entry_program, ret),
+            None => format!("`{}`", h.entry_program),
+        };
+        let records = match h.records {
+            Records::Alloc => {
+                "allocation (out-pointer read when the CUresult is 0; else a failure with its name)"
+            }
+            Records::Free => "free of the pointer (0 ignored)",
+        };
+        out.push_str(&format!(
+            "| `{}` | `{}` | {probes} | {records} | `{}` |\n",
+            h.symbol,
+            h.prototype,
+            h.class.name()
         ));
     }
     out.push_str(

@@ -25,16 +25,28 @@ pub enum Class {
     ThreadStack,
     /// CPython's object allocator arenas (pymalloc), recognized by the caller of their mmap.
     PythonArena,
+    /// Device memory from the CUDA driver (cuMemAlloc).
+    Cuda,
+    /// Stream-ordered allocations from a CUDA memory pool (cuMemAllocAsync).
+    CudaPool,
+    /// Page-locked host memory from the CUDA driver (cuMemAllocHost, cuMemHostAlloc).
+    CudaPinned,
+    /// Unified memory (cuMemAllocManaged).
+    CudaManaged,
 }
 
 impl Class {
-    pub const ALL: [Class; 6] = [
+    pub const ALL: [Class; 10] = [
         Class::Heap,
         Class::Mmap,
         Class::MmapShared,
         Class::MmapFile,
         Class::ThreadStack,
         Class::PythonArena,
+        Class::Cuda,
+        Class::CudaPool,
+        Class::CudaPinned,
+        Class::CudaManaged,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +57,10 @@ impl Class {
             Class::MmapFile => "mmap-file",
             Class::ThreadStack => "thread-stack",
             Class::PythonArena => "python-arena",
+            Class::Cuda => "cuda",
+            Class::CudaPool => "cuda-pool",
+            Class::CudaPinned => "cuda-pinned",
+            Class::CudaManaged => "cuda-managed",
         }
     }
 

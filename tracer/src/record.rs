@@ -18,6 +18,7 @@ use tracer_common::{HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause,
 
 use crate::{
     events::{self, Event},
+    hooks,
     ledger::{CellRef, Ledger},
     mappings::MappingLedger,
     model::{Class, FailureKey, RssSample, StackIndex, TargetInfo},
@@ -198,6 +199,31 @@ fn smaps_resident(pid: u32) -> Vec<(u64, u64, u64)> {
     out
 }
 
+/// Hooks the CUDA driver of `pid` if it maps one not hooked yet for it (at attach, and each
+/// second after: CUDA libraries are usually dlopen'ed later). Says so on stderr.
+fn hook_cuda(pid: u32, probes: &mut HeapProbes, hooked: &mut HashMap<u32, u64>) {
+    let Ok(maps) = resolve::read_maps(pid) else {
+        return;
+    };
+    let Some(driver) = resolve::find_cuda_driver(pid, &maps) else {
+        return;
+    };
+    if hooked.get(&pid) == Some(&driver.inode) || driver.points.is_empty() {
+        return;
+    }
+    match probes.attach_cuda(pid, &driver) {
+        Ok(()) => {
+            hooked.insert(pid, driver.inode);
+            eprintln!(
+                "hooked {} in PID {pid}: {} CUDA driver probes",
+                driver.target_path,
+                driver.points.len()
+            );
+        }
+        Err(e) => log::warn!("PID {pid}: CUDA driver not hooked: {e}"),
+    }
+}
+
 /// Resident memory of `pid` from /proc/PID/status; `None` once it is gone.
 fn sample_rss(pid: u32, t_s: u64, mappings: &MappingLedger) -> Option<RssSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -268,18 +294,25 @@ impl EventSink {
                 }
                 ips.read_into(&mut self.ips);
                 let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
+                let cuda = hooks::cuda_hook(ev.func);
+                let class = cuda.map_or(Class::Heap, |h| h.class);
                 if ev.addr == 0 {
-                    let function = self
-                        .fn_names
-                        .get(&ev.func)
-                        .cloned()
-                        .unwrap_or_else(|| format!("fn{}", ev.func));
+                    let (function, error) = match cuda {
+                        Some(h) => (h.symbol.to_string(), hooks::cuda_error_name(ev.err)),
+                        None => (
+                            self.fn_names
+                                .get(&ev.func)
+                                .cloned()
+                                .unwrap_or_else(|| format!("fn{}", ev.func)),
+                            events::errno_name(ev.err),
+                        ),
+                    };
                     self.ledger.failure(FailureKey {
-                        class: Class::Heap,
+                        class,
                         pid: ev.tgid,
                         function,
                         size: ev.size,
-                        error: events::errno_name(ev.err),
+                        error,
                         stack,
                     });
                 } else if is_realloc {
@@ -295,7 +328,7 @@ impl EventSink {
                         ev.tgid,
                         ev.addr,
                         ev.size,
-                        CellRef::new(ev.tgid, Class::Heap, stack),
+                        CellRef::new(ev.tgid, class, stack),
                     );
                 }
             }
@@ -488,6 +521,9 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     if exit_watch.has_exited() && launched.is_none() {
         return Err(TargetError::ExitedDuringAttach { pid }.into());
     }
+    // Processes whose CUDA driver is hooked, by the driver file's inode.
+    let mut cuda_hooked: HashMap<u32, u64> = HashMap::new();
+    hook_cuda(pid, &mut probes, &mut cuda_hooked);
 
     let started = Instant::now();
     let mut writer = Writer::create(
@@ -602,6 +638,9 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
                 }
             }
             _ = tick.tick() => {
+                for &p in &live {
+                    hook_cuda(p, &mut probes, &mut cuda_hooked);
+                }
                 sink.drain(&mut ring);
                 commit(&mut sink, &mut writer, &probes, &live)?;
                 if progress {

@@ -14,8 +14,8 @@ use aya::{
 };
 use tracer_common::drop_cause;
 
-use self::resolve::AllocatorObject;
-use crate::hooks::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
+use self::resolve::{AllocatorObject, CudaObject};
+use crate::hooks::{CUDA_COOKIE_BASE, CUDA_HOOKS, PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
 
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -188,6 +188,43 @@ impl HeapProbes {
             })?;
         }
         Ok(prog)
+    }
+
+    /// Attaches the CUDA driver hooks of `object` for process `pid`, returns first.
+    pub fn attach_cuda(&mut self, pid: u32, object: &CudaObject) -> Result<(), ProbeError> {
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid > 0"));
+        for pass_returns in [true, false] {
+            for &(index, offset) in &object.points {
+                let hook = &CUDA_HOOKS[index];
+                let program = if pass_returns {
+                    match hook.return_program {
+                        Some(p) => p,
+                        None => continue,
+                    }
+                } else {
+                    hook.entry_program
+                };
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(offset),
+                    cookie: Some(u64::from(CUDA_COOKIE_BASE) + index as u64),
+                };
+                let path = object.open_path.clone();
+                self.program(program)?
+                    .attach(point, &path, scope)
+                    .map_err(|e| {
+                        if is_eperm(&e) {
+                            ProbeError::NotPermitted
+                        } else {
+                            ProbeError::Attach {
+                                symbol: hook.symbol.to_string(),
+                                path: object.target_path.clone(),
+                                reason: chain(&e),
+                            }
+                        }
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// Attaches every point of `object` for process `pid` (all its threads). Return probes go

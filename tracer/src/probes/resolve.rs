@@ -10,7 +10,7 @@ use std::{
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::{
-    hooks::{HOOKS, Hook, Site},
+    hooks::{CUDA_HOOKS, HOOKS, Hook, Site},
     target::TargetError,
 };
 
@@ -164,37 +164,82 @@ pub enum ResolveError {
     },
 }
 
-/// Resolves every hook of the table in the ELF object at `path` (missing symbols are skipped).
-pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ResolveError> {
-    let data = fs::read(path).map_err(|source| ResolveError::Read {
+/// File offsets of the `wanted` function symbols defined in the ELF `data` (.dynsym first: that
+/// is what callers bind to; .symtab for static executables).
+fn symbol_offsets<'w>(
+    path: &Path,
+    data: &[u8],
+    wanted: &[&'w str],
+) -> Result<BTreeMap<&'w str, u64>, ResolveError> {
+    let file = object::File::parse(data).map_err(|source| ResolveError::Parse {
         path: path.into(),
         source,
     })?;
-    let file = object::File::parse(&*data).map_err(|source| ResolveError::Parse {
-        path: path.into(),
-        source,
-    })?;
-
-    let wanted: Vec<&str> = HOOKS.iter().map(|h| h.symbol).collect();
-    let mut addrs: BTreeMap<&str, u64> = BTreeMap::new();
-    // .dynsym first: that is what callers bind to; .symtab for static executables.
+    let mut offsets: BTreeMap<&str, u64> = BTreeMap::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if sym.is_undefined() || sym.kind() != object::SymbolKind::Text || sym.address() == 0 {
             continue;
         }
         if let Ok(name) = sym.name()
             && let Some(w) = wanted.iter().find(|w| **w == name)
+            && !offsets.contains_key(w)
+            && let Some(offset) = vaddr_to_file_offset(&file, sym.address())
         {
-            addrs.entry(w).or_insert(sym.address());
+            offsets.insert(w, offset);
         }
     }
+    Ok(offsets)
+}
+
+fn read_object(path: &Path) -> Result<Vec<u8>, ResolveError> {
+    fs::read(path).map_err(|source| ResolveError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// The CUDA driver a process maps (`libcuda.so*`), with the file offsets of the hooked CUDA
+/// symbols it defines, in `CUDA_HOOKS` order; `None` if it maps none.
+pub fn find_cuda_driver(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
+    let m = maps.iter().find(|m| {
+        let base = m.path.rsplit('/').next().unwrap_or(&m.path);
+        m.executable && base.starts_with("libcuda.so")
+    })?;
+    let open_path = open_path(pid, m);
+    let data = read_object(&open_path).ok()?;
+    let wanted: Vec<&str> = CUDA_HOOKS.iter().map(|h| h.symbol).collect();
+    let offsets = symbol_offsets(&open_path, &data, &wanted).ok()?;
+    let points = CUDA_HOOKS
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| offsets.get(h.symbol).map(|&off| (i, off)))
+        .collect();
+    Some(CudaObject {
+        target_path: m.path.clone(),
+        inode: m.inode,
+        open_path,
+        points,
+    })
+}
+
+/// The CUDA driver object of a process and its hook points: (index in `CUDA_HOOKS`, offset).
+#[derive(Debug, Clone)]
+pub struct CudaObject {
+    pub target_path: String,
+    pub inode: u64,
+    pub open_path: PathBuf,
+    pub points: Vec<(usize, u64)>,
+}
+
+/// Resolves every hook of the table in the ELF object at `path` (missing symbols are skipped).
+pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ResolveError> {
+    let data = read_object(path)?;
+    let wanted: Vec<&str> = HOOKS.iter().map(|h| h.symbol).collect();
+    let offsets = symbol_offsets(path, &data, &wanted)?;
 
     let mut by_offset: BTreeMap<u64, AttachPoint> = BTreeMap::new();
     for hook in HOOKS {
-        let Some(&vaddr) = addrs.get(hook.symbol) else {
-            continue;
-        };
-        let Some(offset) = vaddr_to_file_offset(&file, vaddr) else {
+        let Some(&offset) = offsets.get(hook.symbol) else {
             continue;
         };
         let point = by_offset.entry(offset).or_insert_with(|| AttachPoint {

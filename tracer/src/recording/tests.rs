@@ -637,11 +637,12 @@ fn unknown_class_asks_for_an_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let path = finalized_recording(dir.path(), 1);
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute("UPDATE cells SET class = 'cuda'", []).unwrap();
+    conn.execute("UPDATE cells SET class = 'tpu-hbm'", [])
+        .unwrap();
     drop(conn);
     let err = open_error(&path);
     assert!(matches!(err, RecordingError::UnknownClass { .. }), "{err}");
-    assert!(err.to_string().contains("`cuda`"));
+    assert!(err.to_string().contains("`tpu-hbm`"));
 }
 
 #[test]

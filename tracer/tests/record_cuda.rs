@@ -1,0 +1,155 @@
+//! CUDA driver hooks against a stub `libcuda.so.1` with the real exported names and ABI
+//! (tests/fixtures/stub_cuda.c), loaded with dlopen after attach as real CUDA libraries are:
+//! exact bytes and counts per class and function, and the out-of-memory failure with its
+//! CUresult name. Privileged: needs root and eBPF.
+
+mod common;
+
+use std::{path::PathBuf, process::Command};
+
+use common::{TestProcess, alloctrace_cmd, fixture_variant, privileged, run};
+
+const MIB: u64 = 1 << 20;
+
+/// Builds the stub driver as `libcuda.so.1` (its soname and file name, like the real one).
+fn stub_libcuda() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stub-cuda");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = dir.join("libcuda.so.1");
+    let tmp = dir.join(format!("libcuda.so.1.{}.tmp", std::process::id()));
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stub_cuda.c");
+    let out = Command::new("cc")
+        .args([
+            "-O1",
+            "-fno-omit-frame-pointer",
+            "-shared",
+            "-fPIC",
+            "-Wl,-soname,libcuda.so.1",
+            "-o",
+        ])
+        .arg(&tmp)
+        .arg(src)
+        .output()
+        .expect("cc");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(&tmp, &lib).unwrap();
+    lib
+}
+
+fn rows_at(r: &serde_json::Value, class: &str, function: &str) -> (u64, u64) {
+    r["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["class"] == class && s["frames"][0] == function)
+        .fold((0, 0), |(b, c), s| {
+            (
+                b + s["live_bytes"].as_u64().unwrap(),
+                c + s["live_count"].as_u64().unwrap(),
+            )
+        })
+}
+
+#[test]
+fn driver_allocations_loaded_after_attach_are_exact_per_class() {
+    if !privileged() {
+        return;
+    }
+    let lib = stub_libcuda();
+    let exe = fixture_variant("cuda_fixture", "", &["-ldl"]);
+    let mut cmd = Command::new(&exe);
+    cmd.arg(&lib);
+    let mut target = TestProcess::spawn("cuda_fixture", cmd);
+    target.expect_stdout("ready");
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("cuda.trace");
+    let mut rec_cmd = Command::new(common::alloctrace());
+    rec_cmd
+        .args(["record", "-p", &target.pid().to_string(), "-o"])
+        .arg(&trace);
+    let mut recorder = TestProcess::spawn("alloctrace record", rec_cmd);
+    recorder.expect_stderr_prefix("attached");
+    target.send_line("load");
+    target.expect_stdout("loaded");
+    // The driver is hooked within a second of being mapped.
+    recorder.expect_stderr_prefix("hooked");
+    target.send_line("go");
+    target.expect_stdout("done");
+    recorder.signal(libc::SIGINT);
+    recorder.wait_success();
+    target.close_stdin();
+    target.wait_success();
+
+    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
+    cmd.arg(&trace);
+    let r: serde_json::Value =
+        serde_json::from_slice(&run("alloctrace report", cmd).stdout).expect("report JSON");
+    assert_eq!(
+        rows_at(&r, "cuda", "load_weights"),
+        (1024 * MIB, 4),
+        "{r:#}"
+    );
+    assert_eq!(
+        rows_at(&r, "cuda", "per_request_leak"),
+        (5 * MIB, 5),
+        "{r:#}"
+    );
+    assert_eq!(
+        rows_at(&r, "cuda-pool", "kv_blocks"),
+        (128 * MIB, 2),
+        "{r:#}"
+    );
+    assert_eq!(
+        rows_at(&r, "cuda-pinned", "pinned_staging"),
+        (3 * MIB, 2),
+        "{r:#}"
+    );
+    assert_eq!(
+        rows_at(&r, "cuda-managed", "managed_table"),
+        (8 * MIB, 1),
+        "{r:#}"
+    );
+    assert_eq!(r["totals"]["cuda"]["live_bytes"], 1029 * MIB, "{r:#}");
+    let failures = r["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{r:#}");
+    let f = &failures[0];
+    assert_eq!(
+        (
+            &f["class"],
+            &f["function"],
+            &f["size"],
+            &f["count"],
+            &f["error"],
+            &f["frames"][0]
+        ),
+        (
+            &serde_json::json!("cuda"),
+            &serde_json::json!("cuMemAlloc_v2"),
+            &serde_json::json!(1u64 << 50),
+            &serde_json::json!(1),
+            &serde_json::json!("CUDA_ERROR_OUT_OF_MEMORY"),
+            &serde_json::json!("oom")
+        ),
+        "{f:#}"
+    );
+    assert_eq!(r["unmatched_frees"], 0, "{r:#}");
+    // The driver's own mappings for pinned memory are not counted again as mappings.
+    let double: Vec<&serde_json::Value> = r["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["class"] == "mmap"
+                && s["frames"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f == "pinned_staging")
+        })
+        .collect();
+    assert!(double.is_empty(), "counted twice: {double:#?}");
+}
