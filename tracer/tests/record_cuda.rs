@@ -54,15 +54,12 @@ fn rows_at(r: &serde_json::Value, class: &str, function: &str) -> (u64, u64) {
         })
 }
 
-#[test]
-fn driver_allocations_loaded_after_attach_are_exact_per_class() {
-    if !privileged() {
-        return;
-    }
-    let lib = stub_libcuda();
+/// Runs `cuda_fixture LIB ARGS...` under `record -p`: the driver is dlopen'ed after attach and
+/// must be hooked within a second; returns the JSON report and the fixture's stdout.
+fn trace_cuda_fixture(lib: &std::path::Path, args: &[&str]) -> (serde_json::Value, String) {
     let exe = fixture_variant("cuda_fixture", "", &["-ldl"]);
     let mut cmd = Command::new(&exe);
-    cmd.arg(&lib);
+    cmd.arg(lib).args(args);
     let mut target = TestProcess::spawn("cuda_fixture", cmd);
     target.expect_stdout("ready");
     let dir = tempfile::tempdir().unwrap();
@@ -83,11 +80,20 @@ fn driver_allocations_loaded_after_attach_are_exact_per_class() {
     recorder.wait_success();
     target.close_stdin();
     target.wait_success();
-
+    let stdout = target.stdout_text();
     let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
     cmd.arg(&trace);
     let r: serde_json::Value =
         serde_json::from_slice(&run("alloctrace report", cmd).stdout).expect("report JSON");
+    (r, stdout)
+}
+
+#[test]
+fn driver_allocations_loaded_after_attach_are_exact_per_class() {
+    if !privileged() {
+        return;
+    }
+    let (r, _) = trace_cuda_fixture(&stub_libcuda(), &[]);
     assert_eq!(
         rows_at(&r, "cuda", "load_weights"),
         (1024 * MIB, 4),
@@ -152,4 +158,77 @@ fn driver_allocations_loaded_after_attach_are_exact_per_class() {
         })
         .collect();
     assert!(double.is_empty(), "counted twice: {double:#?}");
+}
+
+/// Debian's non-free libcuda1, extracted by scripts/setup (never installed).
+fn real_libcuda() -> PathBuf {
+    let lib = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/real-cuda/libcuda.so.1"
+    ));
+    assert!(
+        lib.exists(),
+        "{} is missing: run ./scripts/setup (it extracts Debian's libcuda1 there)",
+        lib.display()
+    );
+    lib
+}
+
+#[test]
+fn the_real_driver_without_a_gpu_reports_failures_with_their_names() {
+    if !privileged() {
+        return;
+    }
+    let (r, stdout) = trace_cuda_fixture(&real_libcuda(), &["real"]);
+    // The fixture prints the CUresults it got: "rc ALLOC PINNED".
+    let rc: Vec<i32> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("rc "))
+        .expect("an rc line")
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(
+        rc[0] != 0 && rc[1] != 0,
+        "no GPU here: both calls fail ({rc:?})"
+    );
+    let failure = |function: &str| {
+        r["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["function"] == function)
+            .unwrap_or_else(|| panic!("no failure of {function}: {r:#}"))
+            .clone()
+    };
+    let alloc = failure("cuMemAlloc_v2");
+    assert_eq!(
+        (&alloc["class"], &alloc["size"], &alloc["count"]),
+        (
+            &serde_json::json!("cuda"),
+            &serde_json::json!(MIB),
+            &serde_json::json!(1)
+        )
+    );
+    assert_eq!(
+        alloc["error"],
+        alloctrace::hooks::cuda_error_name(rc[0]),
+        "{alloc:#}"
+    );
+    assert_eq!(alloc["frames"][0], "real_alloc", "{alloc:#}");
+    let pinned = failure("cuMemAllocHost_v2");
+    assert_eq!(
+        (&pinned["class"], &pinned["size"]),
+        (
+            &serde_json::json!("cuda-pinned"),
+            &serde_json::json!(2 * MIB)
+        )
+    );
+    assert_eq!(
+        pinned["error"],
+        alloctrace::hooks::cuda_error_name(rc[1]),
+        "{pinned:#}"
+    );
+    assert_eq!(pinned["frames"][0], "real_pinned", "{pinned:#}");
+    assert_eq!(r["totals"]["cuda"]["live_bytes"], 0, "{r:#}");
 }
