@@ -13,6 +13,20 @@ pub mod event_kind {
     pub const MAP: u32 = 3;
     pub const PROC: u32 = 4;
     pub const FAULT: u32 = 5;
+    pub const CUDA_CALL: u32 = 6;
+}
+
+/// A hooked CUDA driver call recorded at entry with its first four arguments (VMM release, map,
+/// unmap). `func` is the attach cookie.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct CudaCallEvent {
+    /// `event_kind::CUDA_CALL`.
+    pub kind: u32,
+    pub tgid: u32,
+    pub func: u32,
+    pub _pad: u32,
+    pub args: [u64; 4],
 }
 
 /// A sampled page fault that brought a new page in (page not present), with the stack that
@@ -267,6 +281,7 @@ const _: () = assert!(size_of::<HeapFreeEvent>() == 16);
 const _: () = assert!(size_of::<MapEvent>() == 72);
 const _: () = assert!(size_of::<ProcEvent>() == 16);
 const _: () = assert!(size_of::<FaultEvent>() == 24);
+const _: () = assert!(size_of::<CudaCallEvent>() == 48);
 const _: () = assert!(size_of::<SyscallArgs>() == 48);
 const _: () = assert!(size_of::<InflightCall>() == 40);
 

@@ -27,7 +27,7 @@ use aya_ebpf::{
 use core::mem::size_of;
 
 use tracer_common::{
-    FaultEvent, FaultRecord, HeapAllocEvent, HeapAllocRecord, HeapFn, HeapFreeEvent,
+    CudaCallEvent, FaultEvent, FaultRecord, HeapAllocEvent, HeapAllocRecord, HeapFn, HeapFreeEvent,
     INFLIGHT_SLOTS, InflightCall, MAP_FROM_ALLOCATOR, MAX_FRAMES, MapEvent, MapRecord, ProcEvent,
     STACK_SP_CANDIDATE, STACK_TRUNCATED, SyscallArgs, drop_cause, event_kind, map_op, proc_op,
 };
@@ -247,6 +247,32 @@ pub fn cuda_free_arg0(ctx: ProbeContext) -> u32 {
     };
     if EVENTS
         .output::<HeapFreeEvent>(&event, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        count_drop(drop_cause::RINGBUF_FULL);
+    }
+    0
+}
+
+/// CUDA driver calls whose arguments are all the ledger needs (cuMemRelease, cuMemMap,
+/// cuMemUnmap): recorded at entry.
+#[uprobe]
+pub fn cuda_call_args(ctx: ProbeContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    let event = CudaCallEvent {
+        kind: event_kind::CUDA_CALL,
+        tgid: (key >> 32) as u32,
+        func: cookie_fn(&ctx),
+        _pad: 0,
+        args: [
+            ctx.arg(0).unwrap_or(0),
+            ctx.arg(1).unwrap_or(0),
+            ctx.arg(2).unwrap_or(0),
+            ctx.arg(3).unwrap_or(0),
+        ],
+    };
+    if EVENTS
+        .output::<CudaCallEvent>(&event, BPF_RB_NO_WAKEUP as u64)
         .is_err()
     {
         count_drop(drop_cause::RINGBUF_FULL);

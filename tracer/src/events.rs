@@ -2,7 +2,9 @@
 
 use std::mem::size_of;
 
-use tracer_common::{FaultEvent, HeapAllocEvent, HeapFreeEvent, MapEvent, ProcEvent, event_kind};
+use tracer_common::{
+    CudaCallEvent, FaultEvent, HeapAllocEvent, HeapFreeEvent, MapEvent, ProcEvent, event_kind,
+};
 
 /// A decoded ring record; stacks borrow the record's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,6 +14,7 @@ pub enum Event<'a> {
     Map(MapEvent, Stack<'a>),
     Proc(ProcEvent),
     Fault(FaultEvent, Stack<'a>),
+    CudaCall(CudaCallEvent),
 }
 
 /// The user stack that follows an event in its record: `u64` addresses, innermost first.
@@ -78,6 +81,12 @@ pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
                 flags: ev.stack_flags,
             };
             Some(Event::Fault(ev, stack))
+        }
+        event_kind::CUDA_CALL if bytes.len() >= size_of::<CudaCallEvent>() => {
+            // SAFETY: length checked; CudaCallEvent is plain old data.
+            Some(Event::CudaCall(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast())
+            }))
         }
         event_kind::PROC if bytes.len() >= size_of::<ProcEvent>() => {
             // SAFETY: length checked; ProcEvent is plain old data.

@@ -28,6 +28,16 @@ pub enum Records {
     Alloc,
     /// A release of a block: its address at entry. No return probe, no stack.
     Free,
+    /// cuMemCreate: a physical allocation handle (out-pointer) of `size` bytes.
+    VmmCreate,
+    /// cuMemRetainAllocationHandle: one more reference to the handle mapped at an address.
+    VmmRetain,
+    /// cuMemRelease(handle): one reference less.
+    VmmRelease,
+    /// cuMemMap(ptr, size, offset, handle): the handle mapped at a device range.
+    VmmMap,
+    /// cuMemUnmap(ptr, size): the mappings in a device range unmapped.
+    VmmUnmap,
 }
 
 /// Where the entry probe is placed.
@@ -257,6 +267,49 @@ pub const CUDA_HOOKS: &[CudaHook] = &[
         class: Class::CudaManaged,
     },
     CudaHook {
+        symbol: "cuMemCreate",
+        prototype: "CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, \
+                    const CUmemAllocationProp *prop, unsigned long long flags)",
+        entry_program: "cuda_enter_out0_size1",
+        return_program: CUDA_RET,
+        records: Records::VmmCreate,
+        class: Class::CudaVmm,
+    },
+    CudaHook {
+        symbol: "cuMemRetainAllocationHandle",
+        prototype: "CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, \
+                    void *addr)",
+        entry_program: "cuda_enter_out0_size1",
+        return_program: CUDA_RET,
+        records: Records::VmmRetain,
+        class: Class::CudaVmm,
+    },
+    CudaHook {
+        symbol: "cuMemRelease",
+        prototype: "CUresult cuMemRelease(CUmemGenericAllocationHandle handle)",
+        entry_program: "cuda_call_args",
+        return_program: None,
+        records: Records::VmmRelease,
+        class: Class::CudaVmm,
+    },
+    CudaHook {
+        symbol: "cuMemMap",
+        prototype: "CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, \
+                    CUmemGenericAllocationHandle handle, unsigned long long flags)",
+        entry_program: "cuda_call_args",
+        return_program: None,
+        records: Records::VmmMap,
+        class: Class::CudaVmm,
+    },
+    CudaHook {
+        symbol: "cuMemUnmap",
+        prototype: "CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)",
+        entry_program: "cuda_call_args",
+        return_program: None,
+        records: Records::VmmUnmap,
+        class: Class::CudaVmm,
+    },
+    CudaHook {
         symbol: "cuMemFree_v2",
         prototype: "CUresult cuMemFree_v2(CUdeviceptr dptr)",
         entry_program: "cuda_free_arg0",
@@ -414,6 +467,7 @@ pub fn markdown() -> String {
         let records = match h.records {
             Records::Alloc => "allocation",
             Records::Free => "free",
+            _ => "call",
         };
         out.push_str(&format!(
             "| `{}` | {} | `{}` | {} | {} | {} | `{}` | {} |\n",
@@ -442,6 +496,13 @@ pub fn markdown() -> String {
                 "allocation (out-pointer read when the CUresult is 0; else a failure with its name)"
             }
             Records::Free => "free of the pointer (0 ignored)",
+            Records::VmmCreate => {
+                "physical handle of `size` bytes, live while referenced or mapped"
+            }
+            Records::VmmRetain => "one more reference to the handle (out-pointer)",
+            Records::VmmRelease => "one reference less",
+            Records::VmmMap => "the handle mapped at a device range",
+            Records::VmmUnmap => "every mapping in the range unmapped (one call may cover many)",
         };
         out.push_str(&format!(
             "| `{}` | `{}` | {probes} | {records} | `{}` |\n",

@@ -33,10 +33,13 @@ pub enum Class {
     CudaPinned,
     /// Unified memory (cuMemAllocManaged).
     CudaManaged,
+    /// Physical memory of CUDA VMM handles (cuMemCreate) while referenced or mapped; address
+    /// reservations are not memory.
+    CudaVmm,
 }
 
 impl Class {
-    pub const ALL: [Class; 10] = [
+    pub const ALL: [Class; 11] = [
         Class::Heap,
         Class::Mmap,
         Class::MmapShared,
@@ -47,6 +50,7 @@ impl Class {
         Class::CudaPool,
         Class::CudaPinned,
         Class::CudaManaged,
+        Class::CudaVmm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +65,7 @@ impl Class {
             Class::CudaPool => "cuda-pool",
             Class::CudaPinned => "cuda-pinned",
             Class::CudaManaged => "cuda-managed",
+            Class::CudaVmm => "cuda-vmm",
         }
     }
 

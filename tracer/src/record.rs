@@ -17,6 +17,7 @@ use tokio::{
 use tracer_common::{HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, map_op, proc_op};
 
 use crate::{
+    cuda_vmm::VmmLedger,
     events::{self, Event},
     hooks,
     ledger::{CellRef, Ledger},
@@ -258,6 +259,7 @@ const UNDECODABLE: &str = "undecodable_record";
 /// Applies events to the ledger, interning stacks as they come.
 struct EventSink {
     ledger: Ledger,
+    vmm: VmmLedger,
     mappings: MappingLedger,
     stacks: StackTable,
     /// Display names of hooked functions by cookie (aliases joined: `memalign/aligned_alloc`).
@@ -296,6 +298,17 @@ impl EventSink {
                 let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
                 let cuda = hooks::cuda_hook(ev.func);
                 let class = cuda.map_or(Class::Heap, |h| h.class);
+                let vmm = cuda.map(|h| h.records);
+                if ev.addr != 0 && vmm == Some(hooks::Records::VmmCreate) {
+                    let at = CellRef::new(ev.tgid, class, stack);
+                    self.vmm
+                        .create(&mut self.ledger, ev.tgid, ev.addr, ev.size, at);
+                    return;
+                }
+                if ev.addr != 0 && vmm == Some(hooks::Records::VmmRetain) {
+                    self.vmm.retain(ev.tgid, ev.addr);
+                    return;
+                }
                 if ev.addr == 0 {
                     let (function, error) = match cuda {
                         Some(h) => (h.symbol.to_string(), hooks::cuda_error_name(ev.err)),
@@ -341,6 +354,19 @@ impl EventSink {
                 ips.read_into(&mut self.ips);
                 let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
                 self.ledger.fault(ev.tgid, stack, u64::from(ev.weight));
+            }
+            Some(Event::CudaCall(ev)) => {
+                let (pid, a) = (ev.tgid, ev.args);
+                match hooks::cuda_hook(ev.func).map(|h| h.records) {
+                    Some(hooks::Records::VmmRelease) => {
+                        self.vmm.release(&mut self.ledger, pid, a[0])
+                    }
+                    Some(hooks::Records::VmmMap) => self.vmm.map(pid, a[0], a[1], a[3]),
+                    Some(hooks::Records::VmmUnmap) => {
+                        self.vmm.unmap(&mut self.ledger, pid, a[0], a[1])
+                    }
+                    _ => self.undecodable += 1,
+                }
             }
             Some(Event::Proc(ev)) => {
                 match ev.op {
@@ -543,6 +569,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         .collect();
     let mut sink = EventSink {
         ledger: Ledger::new(),
+        vmm: VmmLedger::new(),
         mappings: MappingLedger::new(),
         stacks: StackTable::new(),
         fn_names,

@@ -232,3 +232,52 @@ fn the_real_driver_without_a_gpu_reports_failures_with_their_names() {
     assert_eq!(pinned["frames"][0], "real_pinned", "{pinned:#}");
     assert_eq!(r["totals"]["cuda"]["live_bytes"], 0, "{r:#}");
 }
+
+#[test]
+fn vmm_handles_count_while_referenced_or_mapped() {
+    if !privileged() {
+        return;
+    }
+    let (r, _) = trace_cuda_fixture(&stub_libcuda(), &["vmm"]);
+    let cell = |function: &str| -> (u64, u64, u64) {
+        r["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["class"] == "cuda-vmm" && s["frames"][0] == function)
+            .fold((0, 0, 0), |(b, c, a), s| {
+                (
+                    b + s["live_bytes"].as_u64().unwrap(),
+                    c + s["live_count"].as_u64().unwrap(),
+                    a + s["allocated_count"].as_u64().unwrap(),
+                )
+            })
+    };
+    // (live bytes, live count, allocated count)
+    assert_eq!(
+        cell("llama_pool_fill"),
+        (0, 0, 4),
+        "one unmap frees the whole pool: {r:#}"
+    );
+    assert_eq!(
+        cell("llama_pool_grow"),
+        (6 * MIB, 3, 3),
+        "released but mapped: {r:#}"
+    );
+    assert_eq!(cell("vllm_weights"), (0, 0, 1), "slept: {r:#}");
+    assert_eq!(
+        cell("vllm_wake"),
+        (16 * MIB, 1, 1),
+        "woken at the same address: {r:#}"
+    );
+    assert_eq!(
+        cell("retained_scratch"),
+        (0, 0, 1),
+        "retain then two releases: {r:#}"
+    );
+    // Reservations (32 GiB and more) are address space, not memory.
+    assert_eq!(r["totals"]["cuda-vmm"]["live_bytes"], 22 * MIB, "{r:#}");
+    // The peak: pool grown (6) + woken weights (16) + the retained scratch (4) before its
+    // last release.
+    assert_eq!(r["totals"]["cuda-vmm"]["peak_bytes"], 26 * MIB, "{r:#}");
+}
