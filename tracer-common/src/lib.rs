@@ -25,7 +25,8 @@ pub struct CudaCallEvent {
     pub kind: u32,
     pub tgid: u32,
     pub func: u32,
-    pub _pad: u32,
+    /// The calling thread (capture state is per thread).
+    pub tid: u32,
     pub args: [u64; 4],
 }
 

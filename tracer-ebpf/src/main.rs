@@ -263,7 +263,7 @@ pub fn cuda_call_args(ctx: ProbeContext) -> u32 {
         kind: event_kind::CUDA_CALL,
         tgid: (key >> 32) as u32,
         func: cookie_fn(&ctx),
-        _pad: 0,
+        tid: key as u32,
         args: [
             ctx.arg(0).unwrap_or(0),
             ctx.arg(1).unwrap_or(0),

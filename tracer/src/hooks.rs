@@ -38,6 +38,10 @@ pub enum Records {
     VmmMap,
     /// cuMemUnmap(ptr, size): the mappings in a device range unmapped.
     VmmUnmap,
+    /// cuStreamBeginCapture*: the calling thread starts capturing a CUDA graph.
+    CaptureBegin,
+    /// cuStreamEndCapture*: the capture ends.
+    CaptureEnd,
 }
 
 /// Where the entry probe is placed.
@@ -310,6 +314,38 @@ pub const CUDA_HOOKS: &[CudaHook] = &[
         class: Class::CudaVmm,
     },
     CudaHook {
+        symbol: "cuStreamBeginCapture_v2",
+        prototype: "CUresult cuStreamBeginCapture_v2(CUstream hStream, CUstreamCaptureMode mode)",
+        entry_program: "cuda_call_args",
+        return_program: None,
+        records: Records::CaptureBegin,
+        class: Class::CudaGraph,
+    },
+    CudaHook {
+        symbol: "cuStreamBeginCapture_v2_ptsz",
+        prototype: "CUresult cuStreamBeginCapture_v2_ptsz(CUstream hStream, CUstreamCaptureMode mode)",
+        entry_program: "cuda_call_args",
+        return_program: None,
+        records: Records::CaptureBegin,
+        class: Class::CudaGraph,
+    },
+    CudaHook {
+        symbol: "cuStreamEndCapture",
+        prototype: "CUresult cuStreamEndCapture(CUstream hStream, CUgraph *phGraph)",
+        entry_program: "cuda_call_args",
+        return_program: None,
+        records: Records::CaptureEnd,
+        class: Class::CudaGraph,
+    },
+    CudaHook {
+        symbol: "cuStreamEndCapture_ptsz",
+        prototype: "CUresult cuStreamEndCapture_ptsz(CUstream hStream, CUgraph *phGraph)",
+        entry_program: "cuda_call_args",
+        return_program: None,
+        records: Records::CaptureEnd,
+        class: Class::CudaGraph,
+    },
+    CudaHook {
         symbol: "cuMemFree_v2",
         prototype: "CUresult cuMemFree_v2(CUdeviceptr dptr)",
         entry_program: "cuda_free_arg0",
@@ -503,6 +539,10 @@ pub fn markdown() -> String {
             Records::VmmRelease => "one reference less",
             Records::VmmMap => "the handle mapped at a device range",
             Records::VmmUnmap => "every mapping in the range unmapped (one call may cover many)",
+            Records::CaptureBegin => {
+                "the thread captures: its allocations are phase `graph-capture`, CUDA ones class `cuda-graph`"
+            }
+            Records::CaptureEnd => "the capture ends",
         };
         out.push_str(&format!(
             "| `{}` | `{}` | {probes} | {records} | `{}` |\n",

@@ -36,10 +36,12 @@ pub enum Class {
     /// Physical memory of CUDA VMM handles (cuMemCreate) while referenced or mapped; address
     /// reservations are not memory.
     CudaVmm,
+    /// Device memory obtained while the allocating thread was capturing a CUDA graph.
+    CudaGraph,
 }
 
 impl Class {
-    pub const ALL: [Class; 11] = [
+    pub const ALL: [Class; 12] = [
         Class::Heap,
         Class::Mmap,
         Class::MmapShared,
@@ -51,6 +53,7 @@ impl Class {
         Class::CudaPinned,
         Class::CudaManaged,
         Class::CudaVmm,
+        Class::CudaGraph,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +69,7 @@ impl Class {
             Class::CudaPinned => "cuda-pinned",
             Class::CudaManaged => "cuda-managed",
             Class::CudaVmm => "cuda-vmm",
+            Class::CudaGraph => "cuda-graph",
         }
     }
 

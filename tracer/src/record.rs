@@ -76,6 +76,9 @@ fn own_peak_rss_kib() -> u64 {
 const PYTHON_ARENA_MIN: u64 = 256 << 10;
 const PYTHON_ARENA_FUNCTIONS: [&str; 2] = ["_PyObject_ArenaMmap", "new_arena"];
 
+/// The built-in phase of allocations made while a CUDA graph is being captured.
+const PHASE_GRAPH_CAPTURE: &str = "graph-capture";
+
 const PROT_EXEC: u64 = 0x4;
 const MAP_SHARED: u64 = 0x01;
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -259,6 +262,8 @@ const UNDECODABLE: &str = "undecodable_record";
 /// Applies events to the ledger, interning stacks as they come.
 struct EventSink {
     ledger: Ledger,
+    /// Threads capturing a CUDA graph: (pid, tid) → nested captures.
+    capturing: HashMap<(u32, u32), u32>,
     vmm: VmmLedger,
     mappings: MappingLedger,
     stacks: StackTable,
@@ -297,10 +302,23 @@ impl EventSink {
                 ips.read_into(&mut self.ips);
                 let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
                 let cuda = hooks::cuda_hook(ev.func);
-                let class = cuda.map_or(Class::Heap, |h| h.class);
+                let mut class = cuda.map_or(Class::Heap, |h| h.class);
+                // Built-in phase: everything a capturing thread allocates belongs to the graph.
+                let capturing = self.capturing.contains_key(&(ev.tgid, ev.tid));
+                let phase = if capturing {
+                    self.ledger.phase(PHASE_GRAPH_CAPTURE)
+                } else {
+                    0
+                };
+                if capturing && matches!(class, Class::Cuda | Class::CudaPool) {
+                    class = Class::CudaGraph;
+                }
+                let at = CellRef {
+                    phase,
+                    ..CellRef::new(ev.tgid, class, stack)
+                };
                 let vmm = cuda.map(|h| h.records);
                 if ev.addr != 0 && vmm == Some(hooks::Records::VmmCreate) {
-                    let at = CellRef::new(ev.tgid, class, stack);
                     self.vmm
                         .create(&mut self.ledger, ev.tgid, ev.addr, ev.size, at);
                     return;
@@ -329,20 +347,10 @@ impl EventSink {
                         stack,
                     });
                 } else if is_realloc {
-                    self.ledger.realloc(
-                        ev.tgid,
-                        ev.old_addr,
-                        ev.addr,
-                        ev.size,
-                        CellRef::new(ev.tgid, Class::Heap, stack),
-                    );
+                    self.ledger
+                        .realloc(ev.tgid, ev.old_addr, ev.addr, ev.size, at);
                 } else {
-                    self.ledger.alloc(
-                        ev.tgid,
-                        ev.addr,
-                        ev.size,
-                        CellRef::new(ev.tgid, class, stack),
-                    );
+                    self.ledger.alloc(ev.tgid, ev.addr, ev.size, at);
                 }
             }
             Some(Event::Map(ev, ips)) => {
@@ -364,6 +372,17 @@ impl EventSink {
                     Some(hooks::Records::VmmMap) => self.vmm.map(pid, a[0], a[1], a[3]),
                     Some(hooks::Records::VmmUnmap) => {
                         self.vmm.unmap(&mut self.ledger, pid, a[0], a[1])
+                    }
+                    Some(hooks::Records::CaptureBegin) => {
+                        *self.capturing.entry((pid, ev.tid)).or_default() += 1;
+                    }
+                    Some(hooks::Records::CaptureEnd) => {
+                        if let Some(n) = self.capturing.get_mut(&(pid, ev.tid)) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.capturing.remove(&(pid, ev.tid));
+                            }
+                        }
                     }
                     _ => self.undecodable += 1,
                 }
@@ -569,6 +588,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         .collect();
     let mut sink = EventSink {
         ledger: Ledger::new(),
+        capturing: HashMap::new(),
         vmm: VmmLedger::new(),
         mappings: MappingLedger::new(),
         stacks: StackTable::new(),

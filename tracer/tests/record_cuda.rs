@@ -281,3 +281,35 @@ fn vmm_handles_count_while_referenced_or_mapped() {
     // last release.
     assert_eq!(r["totals"]["cuda-vmm"]["peak_bytes"], 26 * MIB, "{r:#}");
 }
+
+#[test]
+fn allocations_during_graph_capture_are_cuda_graph_in_phase_graph_capture() {
+    if !privileged() {
+        return;
+    }
+    let (r, _) = trace_cuda_fixture(&stub_libcuda(), &["graph"]);
+    let row = |function: &str| -> (String, String, u64, u64) {
+        let s = r["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["frames"][0] == function)
+            .unwrap_or_else(|| panic!("no row at {function}: {r:#}"));
+        (
+            s["class"].as_str().unwrap().to_string(),
+            s["phase"].as_str().unwrap().to_string(),
+            s["live_bytes"].as_u64().unwrap(),
+            s["live_count"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(
+        row("capture_graph"),
+        ("cuda-graph".into(), "graph-capture".into(), 64 * MIB, 2),
+        "{r:#}"
+    );
+    assert_eq!(
+        row("after_capture"),
+        ("cuda".into(), "none".into(), MIB, 1),
+        "{r:#}"
+    );
+}
