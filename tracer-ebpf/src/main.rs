@@ -240,9 +240,15 @@ pub fn cuda_free_arg0(ctx: ProbeContext) -> u32 {
         return 0; // cuMemFree(0) initializes the context; nothing is freed
     }
     let key = bpf_get_current_pid_tgid();
+    emit_free((key >> 32) as u32, addr)
+}
+
+/// Emits the release of the block at `addr` (heap free, CUDA free).
+#[inline(always)]
+fn emit_free(tgid: u32, addr: u64) -> u32 {
     let event = HeapFreeEvent {
         kind: event_kind::HEAP_FREE,
-        tgid: (key >> 32) as u32,
+        tgid,
         addr,
     };
     if EVENTS
@@ -697,18 +703,7 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
         // realloc freeing its old block: the realloc event accounts for it.
         return 0;
     }
-    let event = HeapFreeEvent {
-        kind: event_kind::HEAP_FREE,
-        tgid: (key >> 32) as u32,
-        addr,
-    };
-    if EVENTS
-        .output::<HeapFreeEvent>(&event, BPF_RB_NO_WAKEUP as u64)
-        .is_err()
-    {
-        count_drop(drop_cause::RINGBUF_FULL);
-    }
-    0
+    emit_free((key >> 32) as u32, addr)
 }
 
 /// Empty programs at the same attach points: the benchmark's floor (trap cost alone).

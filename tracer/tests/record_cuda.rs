@@ -11,8 +11,14 @@ use common::{TestProcess, alloctrace_cmd, fixture_variant, privileged, run};
 
 const MIB: u64 = 1 << 20;
 
-/// Builds the stub driver as `libcuda.so.1` (its soname and file name, like the real one).
+/// Builds the stub driver as `libcuda.so.1` (its soname and file name, like the real one), once
+/// per test binary (the tests run in parallel threads).
 fn stub_libcuda() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_stub_libcuda).clone()
+}
+
+fn build_stub_libcuda() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stub-cuda");
     std::fs::create_dir_all(&dir).unwrap();
     let lib = dir.join("libcuda.so.1");

@@ -127,6 +127,33 @@ fn ensure_tracefs() -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// The program `name` of the object as its type `P`, loaded into the kernel on first use.
+fn loaded_program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    load: fn(&mut P) -> Result<(), ProgramError>,
+    is_loaded: fn(&P) -> bool,
+) -> Result<&'a mut P, ProbeError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog: &mut P = ebpf
+        .program_mut(name)
+        .ok_or_else(|| ProbeError::Load(format!("program {name} missing from the eBPF object")))?
+        .try_into()
+        .map_err(|e: ProgramError| ProbeError::Load(chain(&e)))?;
+    if !is_loaded(prog) {
+        load(prog).map_err(|e| {
+            if is_eperm(&e) {
+                ProbeError::NotPermitted
+            } else {
+                ProbeError::Load(chain(&e))
+            }
+        })?;
+    }
+    Ok(prog)
+}
+
 /// The loaded programs and their maps.
 pub struct HeapProbes {
     ebpf: Ebpf,
@@ -170,24 +197,9 @@ impl HeapProbes {
     }
 
     fn program(&mut self, name: &str) -> Result<&mut UProbe, ProbeError> {
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| {
-                ProbeError::Load(format!("program {name} missing from the eBPF object"))
-            })?
-            .try_into()
-            .map_err(|e: ProgramError| ProbeError::Load(chain(&e)))?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| {
-                if is_eperm(&e) {
-                    ProbeError::NotPermitted
-                } else {
-                    ProbeError::Load(chain(&e))
-                }
-            })?;
-        }
-        Ok(prog)
+        loaded_program(&mut self.ebpf, name, UProbe::load, |p: &UProbe| {
+            p.fd().is_ok()
+        })
     }
 
     /// Attaches the CUDA driver hooks of `object` for process `pid`, returns first.
@@ -315,24 +327,9 @@ impl HeapProbes {
     }
 
     fn tracepoint(&mut self, name: &str) -> Result<&mut TracePoint, ProbeError> {
-        let prog: &mut TracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| {
-                ProbeError::Load(format!("program {name} missing from the eBPF object"))
-            })?
-            .try_into()
-            .map_err(|e: ProgramError| ProbeError::Load(chain(&e)))?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| {
-                if is_eperm(&e) {
-                    ProbeError::NotPermitted
-                } else {
-                    ProbeError::Load(chain(&e))
-                }
-            })?;
-        }
-        Ok(prog)
+        loaded_program(&mut self.ebpf, name, TracePoint::load, |p: &TracePoint| {
+            p.fd().is_ok()
+        })
     }
 
     pub fn take_ring(&mut self) -> RingBuf<MapData> {
