@@ -300,6 +300,15 @@ impl Ledger {
         *self.failures.entry(key).or_default() += 1;
     }
 
+    /// Live bytes of process `pid` in the classes `which` selects.
+    pub fn live_of(&self, pid: u32, which: impl Fn(Class) -> bool) -> u64 {
+        self.cells
+            .iter()
+            .filter(|(k, _)| k.pid == pid && which(k.class))
+            .map(|(_, c)| c.live_bytes)
+            .sum()
+    }
+
     /// Number of blocks live now.
     pub fn live_blocks(&self) -> usize {
         self.live.len

@@ -1,6 +1,7 @@
 //! alloctrace: eBPF memory-allocation tracer. Data flows probes → events → ledger → recording → views.
 pub mod cuda_vmm;
 pub mod events;
+pub mod gpu;
 pub mod hooks;
 pub mod ledger;
 pub mod mappings;

@@ -200,6 +200,28 @@ pub struct RssSample {
     pub arena_resident: u64,
 }
 
+/// GPU memory of a traced process at one second: what the driver reports (NVML) and what the
+/// device classes traced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSample {
+    pub t_s: u64,
+    pub pid: u32,
+    /// Bytes the driver reports for the process.
+    pub used: u64,
+    /// Live bytes of its device classes (cuda, cuda-pool, cuda-vmm, cuda-graph, cuda-managed).
+    pub traced: u64,
+}
+
+impl Class {
+    /// Classes of device memory (what NVML's per-process figure covers).
+    pub fn is_device(self) -> bool {
+        matches!(
+            self,
+            Class::Cuda | Class::CudaPool | Class::CudaVmm | Class::CudaGraph | Class::CudaManaged
+        )
+    }
+}
+
 /// One point of the time series: live bytes of a (class, phase, stack) cell at a second.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeriesPoint {

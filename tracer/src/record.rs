@@ -19,10 +19,10 @@ use tracer_common::{HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause,
 use crate::{
     cuda_vmm::VmmLedger,
     events::{self, Event},
-    hooks,
+    gpu, hooks,
     ledger::{CellRef, Ledger},
     mappings::MappingLedger,
-    model::{Class, FailureKey, RssSample, StackIndex, TargetInfo},
+    model::{Class, FailureKey, GpuSample, RssSample, StackIndex, TargetInfo},
     probes::{HeapProbes, ProbeConfig, resolve},
     recording::Writer,
     stacks::{FrameNamer, StackTable},
@@ -636,6 +636,18 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     let progress = std::io::stderr().is_terminal();
     let mut last_events = 0u64;
 
+    // GPU memory per process, to reconcile with the traced device classes.
+    let mut gpu = match gpu::open_source() {
+        Ok(source) => {
+            writer.set_gpu_source(&source.describe())?;
+            Some(source)
+        }
+        Err(why) => {
+            // Said in the report, where it matters (a process that used the GPU).
+            writer.set_gpu_source(&format!("not available: {why}"))?;
+            None
+        }
+    };
     // The first resident sample precedes everything the recording sees.
     if let Some(sample) = sample_rss(pid, 0, &sink.mappings) {
         writer.add_rss_samples(&[sample])?;
@@ -689,6 +701,20 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
                     hook_cuda(p, &mut probes, &mut cuda_hooked);
                 }
                 sink.drain(&mut ring);
+                if let Some(source) = gpu.as_mut() {
+                    let t_s = started.elapsed().as_secs();
+                    let samples: Vec<GpuSample> = source
+                        .sample(&live)
+                        .into_iter()
+                        .map(|(p, used)| GpuSample {
+                            t_s,
+                            pid: p,
+                            used,
+                            traced: sink.ledger.live_of(p, Class::is_device),
+                        })
+                        .collect();
+                    writer.add_gpu_samples(&samples)?;
+                }
                 commit(&mut sink, &mut writer, &probes, &live)?;
                 if progress {
                     let lost: u64 = sink.lost(&probes).values().sum();

@@ -63,6 +63,16 @@ fn rows_at(r: &serde_json::Value, class: &str, function: &str) -> (u64, u64) {
 /// Runs `cuda_fixture LIB ARGS...` under `record -p`: the driver is dlopen'ed after attach and
 /// must be hooked within a second; returns the JSON report and the fixture's stdout.
 fn trace_cuda_fixture(lib: &std::path::Path, args: &[&str]) -> (serde_json::Value, String) {
+    trace_cuda_fixture_with(lib, args, None)
+}
+
+/// Like `trace_cuda_fixture`, with GPU memory samples replayed from `gpu_samples` (the NVML
+/// stand-in), and a second-and-more after "done" so that a sample sees the end state.
+fn trace_cuda_fixture_with(
+    lib: &std::path::Path,
+    args: &[&str],
+    gpu_samples: Option<&std::path::Path>,
+) -> (serde_json::Value, String) {
     let exe = fixture_variant("cuda_fixture", "", &["-ldl"]);
     let mut cmd = Command::new(&exe);
     cmd.arg(lib).args(args);
@@ -74,6 +84,9 @@ fn trace_cuda_fixture(lib: &std::path::Path, args: &[&str]) -> (serde_json::Valu
     rec_cmd
         .args(["record", "-p", &target.pid().to_string(), "-o"])
         .arg(&trace);
+    if let Some(samples) = gpu_samples {
+        rec_cmd.env("ALLOCTRACE_GPU_SAMPLES", samples);
+    }
     let mut recorder = TestProcess::spawn("alloctrace record", rec_cmd);
     recorder.expect_stderr_prefix("attached");
     target.send_line("load");
@@ -82,6 +95,9 @@ fn trace_cuda_fixture(lib: &std::path::Path, args: &[&str]) -> (serde_json::Valu
     recorder.expect_stderr_prefix("hooked");
     target.send_line("go");
     target.expect_stdout("done");
+    if gpu_samples.is_some() {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
     recorder.signal(libc::SIGINT);
     recorder.wait_success();
     target.close_stdin();
@@ -317,5 +333,41 @@ fn allocations_during_graph_capture_are_cuda_graph_in_phase_graph_capture() {
         row("after_capture"),
         ("cuda".into(), "none".into(), MIB, 1),
         "{r:#}"
+    );
+}
+
+#[test]
+fn gpu_memory_nobody_traced_is_the_driver_figure_minus_the_device_classes() {
+    if !privileged() {
+        return;
+    }
+    // The NVML stand-in: the driver says 2 GiB for the process from the start.
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("gpu.samples");
+    std::fs::write(
+        &samples,
+        "# second pid bytes (pid 0: every traced process)\n0 0 2147483648\n",
+    )
+    .unwrap();
+    let (r, _) = trace_cuda_fixture_with(&stub_libcuda(), &[], Some(&samples));
+    let p = &r["gpu"]["processes"][0];
+    // Device classes: cuda 1029 MiB + cuda-pool 128 MiB + cuda-managed 8 MiB; pinned memory is
+    // host memory.
+    let traced = (1029 + 128 + 8) * MIB;
+    assert_eq!(p["used"], 2048 * MIB, "{:#}", r["gpu"]);
+    assert_eq!(p["traced"], traced, "{:#}", r["gpu"]);
+    assert_eq!(
+        p["untraced"],
+        (2048 * MIB - traced) as i64,
+        "{:#}",
+        r["gpu"]
+    );
+    assert!(
+        r["gpu"]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("recorded samples"),
+        "{:#}",
+        r["gpu"]
     );
 }

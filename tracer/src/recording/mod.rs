@@ -24,8 +24,8 @@ pub use writer::Writer;
 
 use crate::{
     model::{
-        CellKey, Class, FailureKey, LedgerState, RssSample, SeriesPoint, Stack, StackCounters,
-        StackIndex, TargetInfo,
+        CellKey, Class, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint, Stack,
+        StackCounters, StackIndex, TargetInfo,
     },
     output::OutputError,
 };
@@ -58,6 +58,10 @@ pub struct Recorded {
     pub totals_series: Vec<TotalsPoint>,
     /// Resident memory samples, in time order.
     pub rss: Vec<RssSample>,
+    /// GPU memory samples, in time order.
+    pub gpu: Vec<GpuSample>,
+    /// Where GPU samples came from, or why there are none (`None`: an older recording).
+    pub gpu_source: Option<String>,
 }
 
 /// One point of the per-class time series.
@@ -368,6 +372,8 @@ mod merge_tests {
             ],
             totals_series: Vec::new(),
             rss: Vec::new(),
+            gpu: Vec::new(),
+            gpu_source: None,
         };
         rec.merge_identical_stacks();
         assert_eq!(rec.stacks.keys().copied().collect::<Vec<_>>(), vec![0, 2]);

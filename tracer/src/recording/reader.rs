@@ -16,8 +16,8 @@ use super::{
 };
 use crate::{
     model::{
-        CellKey, Class, ClassTotals, FailureKey, LedgerState, RssSample, SeriesPoint, Stack,
-        StackCounters, StackIndex, TargetInfo,
+        CellKey, Class, ClassTotals, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint,
+        Stack, StackCounters, StackIndex, TargetInfo,
     },
     output::io_reason,
 };
@@ -299,6 +299,7 @@ impl Reading<'_> {
         let series = self.read_series(&keys_by_id, series_read)?;
         let totals_series = self.read_totals_series()?;
         let rss = self.read_rss_samples()?;
+        let gpu = self.read_gpu_samples()?;
         let faults = self.read_faults()?;
         let released = self.read_released()?;
         self.conn.execute_batch("COMMIT")?;
@@ -348,6 +349,11 @@ impl Reading<'_> {
             series,
             totals_series,
             rss,
+            gpu,
+            gpu_source: match meta.get(meta::GPU_SOURCE) {
+                Some(Value::Text(s)) => Some(s.clone()),
+                _ => None,
+            },
         };
         recorded.merge_identical_stacks();
         Ok(recorded)
@@ -537,6 +543,23 @@ impl Reading<'_> {
             *faults.entry((row.get(0)?, stack)).or_default() += from_sql(row.get(2)?);
         }
         Ok(faults)
+    }
+
+    fn read_gpu_samples(&self) -> Result<Vec<GpuSample>, ReadFailure> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT t_s, pid, used, traced FROM gpu_samples ORDER BY rowid")?;
+        let mut rows = stmt.query([])?;
+        let mut samples = Vec::new();
+        while let Some(row) = rows.next()? {
+            samples.push(GpuSample {
+                t_s: from_sql(row.get(0)?),
+                pid: row.get(1)?,
+                used: from_sql(row.get(2)?),
+                traced: from_sql(row.get(3)?),
+            });
+        }
+        Ok(samples)
     }
 
     fn read_rss_samples(&self) -> Result<Vec<RssSample>, ReadFailure> {

@@ -94,6 +94,15 @@ CREATE TABLE released (
     bytes    INTEGER NOT NULL
 );
 
+-- GPU memory of each traced process that uses any, once a second: what the driver reports
+-- (NVML) and the live bytes of its traced device classes.
+CREATE TABLE gpu_samples (
+    t_s    INTEGER NOT NULL,
+    pid    INTEGER NOT NULL,
+    used   INTEGER NOT NULL,
+    traced INTEGER NOT NULL
+);
+
 -- Resident memory of each traced process, sampled once a second from /proc/PID/status.
 CREATE TABLE rss_samples (
     t_s   INTEGER NOT NULL,
@@ -124,6 +133,8 @@ pub(crate) mod meta {
     pub const DURATION_S: &str = "duration_s";
     pub const COMPLETE: &str = "complete";
     pub const UNMATCHED_FREES: &str = "unmatched_frees";
+    /// Where GPU memory samples come from, or why there are none.
+    pub const GPU_SOURCE: &str = "gpu_source";
 }
 
 /// A u64 counter as stored (bit pattern kept, see `CREATE`).

@@ -17,8 +17,8 @@ use super::{
 };
 use crate::{
     model::{
-        CellKey, Class, ClassTotals, FailureKey, LedgerState, RssSample, SeriesPoint, Stack,
-        StackCounters, TargetInfo,
+        CellKey, Class, ClassTotals, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint,
+        Stack, StackCounters, TargetInfo,
     },
     output::{self, io_reason, parent_dir},
 };
@@ -260,6 +260,43 @@ impl Writer {
         tx.commit().map_err(|e| write_error(&path, e))?;
         self.failed = false;
         Ok(())
+    }
+
+    /// Says where GPU samples come from (or why there are none).
+    pub fn set_gpu_source(&mut self, source: &str) -> Result<(), RecordingError> {
+        let path = self.path.clone();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![meta::GPU_SOURCE, source],
+            )
+            .map_err(|e| write_error(&path, e))?;
+        Ok(())
+    }
+
+    pub fn add_gpu_samples(&mut self, samples: &[GpuSample]) -> Result<(), RecordingError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| write_error(&path, e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO gpu_samples (t_s, pid, used, traced) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(|e| write_error(&path, e))?;
+            for s in samples {
+                stmt.execute(params![
+                    to_sql(s.t_s),
+                    s.pid,
+                    to_sql(s.used),
+                    to_sql(s.traced)
+                ])
+                .map_err(|e| write_error(&path, e))?;
+            }
+        }
+        tx.commit().map_err(|e| write_error(&path, e))
     }
 
     /// Records the traced processes (children join as they are born).

@@ -303,6 +303,8 @@ mod tests {
             series: Vec::new(),
             totals_series: Vec::new(),
             rss: Vec::new(),
+            gpu: Vec::new(),
+            gpu_source: None,
         };
         let svg =
             String::from_utf8(render_svg(&rec, &FlamegraphOptions::default()).unwrap()).unwrap();

@@ -195,6 +195,13 @@ pub(crate) mod fixture {
                     arena_resident: 128 << 10,
                 },
             ],
+            gpu: vec![crate::model::GpuSample {
+                t_s: 4,
+                pid: 7,
+                used: 3 << 30,
+                traced: (2 << 30) + (512 << 20),
+            }],
+            gpu_source: Some("recorded samples".into()),
         }
     }
 

@@ -47,6 +47,45 @@ struct JsonReport<'a> {
     page_faults: Vec<JsonFaults>,
     /// Bytes released with madvise by stack, most first: which code gave pages back.
     released: Vec<JsonReleased>,
+    /// GPU memory the driver reports per process against what the device classes traced.
+    gpu: JsonGpu,
+}
+
+#[derive(Serialize)]
+struct JsonGpu {
+    /// Where the samples came from, or why there are none.
+    source: Option<String>,
+    /// The last sample of each process.
+    processes: Vec<GpuResidual>,
+}
+
+/// NVML's figure for a process and what alloctrace traced: `untraced` is the memory nobody
+/// traced (driver context, modules, graph pools, ...), class `gpu-untraced` of the accounting.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuResidual {
+    pub pid: u32,
+    pub t_s: u64,
+    pub used: u64,
+    pub traced: u64,
+    /// `used - traced`; negative when traced device memory exceeds what the driver reports.
+    pub untraced: i64,
+}
+
+/// The last GPU sample of each process.
+pub fn gpu_residuals(rec: &Recorded) -> Vec<GpuResidual> {
+    let mut last: BTreeMap<u32, crate::model::GpuSample> = BTreeMap::new();
+    for s in &rec.gpu {
+        last.insert(s.pid, *s);
+    }
+    last.into_values()
+        .map(|s| GpuResidual {
+            pid: s.pid,
+            t_s: s.t_s,
+            used: s.used,
+            traced: s.traced,
+            untraced: s.used as i64 - s.traced as i64,
+        })
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -273,6 +312,10 @@ pub fn render_json(rec: &Recorded) -> String {
         unmatched_frees: rec.state.unmatched_frees,
         lost_events: lost_events(rec),
         rss: waterfall(rec),
+        gpu: JsonGpu {
+            source: rec.gpu_source.clone(),
+            processes: gpu_residuals(rec),
+        },
         released: by_amount(&rec.state.released)
             .into_iter()
             .map(|(pid, stack, bytes)| JsonReleased {
@@ -373,7 +416,47 @@ pub fn render_text(rec: &Recorded) -> String {
     text_waterfall(&mut out, rec);
     text_faults(&mut out, rec);
     text_released(&mut out, rec);
+    text_gpu(&mut out, rec);
     out
+}
+
+fn text_gpu(out: &mut String, rec: &Recorded) {
+    let residuals = gpu_residuals(rec);
+    if residuals.is_empty() {
+        let used_gpu = rec
+            .state
+            .totals
+            .iter()
+            .any(|(c, t)| c.is_device() && t.allocated_count > 0);
+        if let Some(source) = &rec.gpu_source
+            && source.starts_with("not available")
+            && used_gpu
+        {
+            let _ = writeln!(out, "\nGPU memory: {source}");
+        }
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nGPU memory per process ({})",
+        rec.gpu_source.as_deref().unwrap_or("NVML")
+    );
+    for r in residuals {
+        let untraced = if r.untraced < 0 {
+            format!("-{}", human_bytes(r.untraced.unsigned_abs()))
+        } else {
+            human_bytes(r.untraced as u64)
+        };
+        let _ = writeln!(
+            out,
+            "  PID {:<8} driver {:>12}  traced {:>12}  gpu-untraced {:>12}  (at {} s)",
+            r.pid,
+            human_bytes(r.used),
+            human_bytes(r.traced),
+            untraced,
+            r.t_s
+        );
+    }
 }
 
 fn text_released(out: &mut String, rec: &Recorded) {
@@ -770,6 +853,8 @@ mod tests {
             series: Vec::new(),
             totals_series: Vec::new(),
             rss: Vec::new(),
+            gpu: Vec::new(),
+            gpu_source: None,
         }
     }
 
