@@ -174,25 +174,33 @@ fn heap_after_exec(
     }
     true
 }
+/// What /proc/PID/smaps says: `(start, end, Rss bytes)` of every VMA, and the exact resident and
+/// anonymous totals (page-table walks; /proc/PID/status's counters are per-CPU approximations
+/// that can be off by megabytes on a busy machine).
+#[derive(Default)]
+struct Smaps {
+    vmas: Vec<(u64, u64, u64)>,
+    rss: u64,
+    anon: u64,
+}
 
-/// `(start, end, Rss bytes)` of every VMA of `pid`, from /proc/PID/smaps.
-fn smaps_resident(pid: u32) -> Vec<(u64, u64, u64)> {
+fn read_smaps(pid: u32) -> Smaps {
+    let mut out = Smaps::default();
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return Vec::new();
+        return out;
     };
-    let mut out = Vec::new();
+    let kib =
+        |v: &str| -> u64 { v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0) * 1024 };
     let mut current: Option<(u64, u64)> = None;
     for line in text.lines() {
         if let Some(rss) = line.strip_prefix("Rss:") {
+            let rss = kib(rss);
+            out.rss += rss;
             if let Some((start, end)) = current.take() {
-                let kib: u64 = rss
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse()
-                    .unwrap_or(0);
-                out.push((start, end, kib * 1024));
+                out.vmas.push((start, end, rss));
             }
+        } else if let Some(anon) = line.strip_prefix("Anonymous:") {
+            out.anon += kib(anon);
         } else if let Some((range, _)) = line.split_once(' ')
             && let Some((a, b)) = range.split_once('-')
             && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
@@ -239,16 +247,18 @@ fn sample_rss(pid: u32, t_s: u64, mappings: &MappingLedger) -> Option<RssSample>
             .unwrap_or(0)
             * 1024
     };
-    let rss = kib("VmRSS:");
-    let (traced_resident, arena_resident) = mappings.resident(pid, &smaps_resident(pid));
+    let smaps = read_smaps(pid);
+    let (traced_resident, arena_resident) = mappings.resident(pid, &smaps.vmas);
+    // Exact totals from smaps; the shared-memory split only status has (approximate).
+    let shmem = kib("RssShmem:").min(smaps.rss.saturating_sub(smaps.anon));
     // A zombie has released its memory: no sample rather than zeros.
-    (rss > 0).then(|| RssSample {
+    (smaps.rss > 0).then(|| RssSample {
         t_s,
         pid,
-        rss,
-        anon: kib("RssAnon:"),
-        file: kib("RssFile:"),
-        shmem: kib("RssShmem:"),
+        rss: smaps.rss,
+        anon: smaps.anon,
+        file: smaps.rss - smaps.anon - shmem,
+        shmem,
         swap: kib("VmSwap:"),
         arena: mappings.arena_bytes(pid),
         traced_resident,
@@ -607,6 +617,11 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         sink.mappings.set_initial_brk(pid, brk);
     }
 
+    // The first resident sample precedes everything the recording sees: taken before `attached`
+    // tells anyone to go on (a launched command is still held at this point).
+    if let Some(sample) = sample_rss(pid, 0, &sink.mappings) {
+        writer.add_rss_samples(&[sample])?;
+    }
     let heap = match &allocator {
         Some(a) => format!(
             "; heap: {} probes on {} [{}]",
@@ -648,10 +663,6 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
             None
         }
     };
-    // The first resident sample precedes everything the recording sees.
-    if let Some(sample) = sample_rss(pid, 0, &sink.mappings) {
-        writer.add_rss_samples(&[sample])?;
-    }
     // Traced processes: the target, then the children it forks. `live` are those not exited.
     let mut pids = vec![pid];
     let mut live: Vec<u32> = vec![pid];
