@@ -182,3 +182,30 @@ fn a_target_that_execs_mid_recording_is_traced_in_its_new_image() {
     );
     r.assert_no_lost_events();
 }
+
+#[test]
+fn tracefs_is_mounted_when_the_machine_has_not_mounted_it() {
+    if !privileged() {
+        return;
+    }
+    // In a private mount namespace (the machine's own mounts stay as they are), unmount tracefs
+    // and record: alloctrace mounts it for its tracepoints.
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("tracefs.trace");
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
+         test ! -e /sys/kernel/tracing/events || exit 3; \
+         {} record -o {} -- /bin/true",
+        common::alloctrace(),
+        trace.display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let out = run("unshare -m alloctrace record", cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(trace.exists());
+}
