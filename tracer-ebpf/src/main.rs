@@ -83,6 +83,12 @@ fn cookie_fn<C: EbpfContext>(ctx: &C) -> u32 {
 #[map]
 static CUDA_INFLIGHT: Array<InflightCall> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
+/// CUDA runtime (libcudart) allocation calls in flight: the driver call nested in one is
+/// annotated with it; the runtime call itself counts nothing (the driver does), but its failure
+/// is recorded when the driver did not fail first.
+#[map]
+static RUNTIME_INFLIGHT: Array<InflightCall> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
 /// The calling thread's slot and its `pid_tgid`.
 #[inline(always)]
 fn my_slot() -> Option<(*mut InflightCall, u64)> {
@@ -231,6 +237,30 @@ pub fn cuda_return(ctx: RetProbeContext) -> u32 {
     finish_call(&ctx, &CUDA_INFLIGHT)
 }
 
+/// CUDA runtime allocations with an out-pointer first argument and the size second: cudaMalloc,
+/// cudaMallocAsync, cudaMallocHost, cudaHostAlloc, cudaMallocManaged.
+#[uprobe]
+pub fn cudart_enter_out0_size1(ctx: ProbeContext) -> u32 {
+    let memptr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    enter_in(&RUNTIME_INFLIGHT, cookie_fn(&ctx), size, 0, memptr)
+}
+
+#[uretprobe]
+pub fn cudart_return(ctx: RetProbeContext) -> u32 {
+    finish_call(&ctx, &RUNTIME_INFLIGHT)
+}
+
+/// The runtime call the current thread is in, as its cookie (0: none).
+#[inline(always)]
+fn runtime_call_in_flight() -> u64 {
+    match slot_in(&RUNTIME_INFLIGHT) {
+        // SAFETY: reading the slot; a slot owned by this thread is only written by it.
+        Some((slot, key)) if unsafe { (*slot).owner } == key => u64::from(unsafe { (*slot).func }),
+        _ => 0,
+    }
+}
+
 /// CUDA frees of the pointer in the first argument: cuMemFree_v2, cuMemFreeHost,
 /// cuMemFreeAsync(_ptsz).
 #[uprobe]
@@ -337,7 +367,13 @@ fn finish_call(ctx: &RetProbeContext, slots: &Array<InflightCall>) -> u32 {
     event.tid = key as u32;
     event.addr = addr;
     event.size = call.size;
-    event.old_addr = call.old_addr;
+    // A CUDA call made from inside a runtime call carries the runtime call's cookie, so that
+    // its failure is named after both (CUDA calls have no old block).
+    event.old_addr = if core::ptr::eq(slots, &CUDA_INFLIGHT) {
+        runtime_call_in_flight()
+    } else {
+        call.old_addr
+    };
     event.err = err;
     event.func = call.func;
     event.stack_flags = 0;

@@ -381,7 +381,80 @@ pub const CUDA_HOOKS: &[CudaHook] = &[
 
 /// The CUDA hook behind an event's function code, if it is one.
 pub fn cuda_hook(func: u32) -> Option<&'static CudaHook> {
+    if func >= RUNTIME_COOKIE_BASE {
+        return None;
+    }
     CUDA_HOOKS.get(func.checked_sub(CUDA_COOKIE_BASE)? as usize)
+}
+
+/// Attach cookies of CUDA runtime hooks: `RUNTIME_COOKIE_BASE + index in RUNTIME_HOOKS`.
+pub const RUNTIME_COOKIE_BASE: u32 = 200;
+
+const RT_RET: Option<&str> = Some("cudart_return");
+
+/// CUDA runtime (`libcudart`) entry points: annotation only. The driver call they make is what
+/// counts; its failures are named after both, and a runtime call that fails without any driver
+/// failure (no driver, no device) is a failure of its own.
+pub const RUNTIME_HOOKS: &[CudaHook] = &[
+    CudaHook {
+        symbol: "cudaMalloc",
+        prototype: "cudaError_t cudaMalloc(void **devPtr, size_t size)",
+        entry_program: "cudart_enter_out0_size1",
+        return_program: RT_RET,
+        records: Records::Alloc,
+        class: Class::Cuda,
+    },
+    CudaHook {
+        symbol: "cudaMallocAsync",
+        prototype: "cudaError_t cudaMallocAsync(void **devPtr, size_t size, cudaStream_t stream)",
+        entry_program: "cudart_enter_out0_size1",
+        return_program: RT_RET,
+        records: Records::Alloc,
+        class: Class::CudaPool,
+    },
+    CudaHook {
+        symbol: "cudaMallocHost",
+        prototype: "cudaError_t cudaMallocHost(void **ptr, size_t size)",
+        entry_program: "cudart_enter_out0_size1",
+        return_program: RT_RET,
+        records: Records::Alloc,
+        class: Class::CudaPinned,
+    },
+    CudaHook {
+        symbol: "cudaHostAlloc",
+        prototype: "cudaError_t cudaHostAlloc(void **pHost, size_t size, unsigned int flags)",
+        entry_program: "cudart_enter_out0_size1",
+        return_program: RT_RET,
+        records: Records::Alloc,
+        class: Class::CudaPinned,
+    },
+    CudaHook {
+        symbol: "cudaMallocManaged",
+        prototype: "cudaError_t cudaMallocManaged(void **devPtr, size_t size, unsigned int flags)",
+        entry_program: "cudart_enter_out0_size1",
+        return_program: RT_RET,
+        records: Records::Alloc,
+        class: Class::CudaManaged,
+    },
+];
+
+/// The runtime hook behind an event's function code, if it is one.
+pub fn runtime_hook(func: u32) -> Option<&'static CudaHook> {
+    RUNTIME_HOOKS.get(func.checked_sub(RUNTIME_COOKIE_BASE)? as usize)
+}
+
+/// Name of a cudaError_t (cuda_runtime_api.h), as failures show it.
+pub fn runtime_error_name(code: i32) -> String {
+    match code {
+        1 => "cudaErrorInvalidValue".into(),
+        2 => "cudaErrorMemoryAllocation".into(),
+        3 => "cudaErrorInitializationError".into(),
+        35 => "cudaErrorInsufficientDriver".into(),
+        100 => "cudaErrorNoDevice".into(),
+        101 => "cudaErrorInvalidDevice".into(),
+        999 => "cudaErrorUnknown".into(),
+        n => format!("cudaError {n}"),
+    }
 }
 
 /// Name of a CUresult (cuda.h), as failures show it.
@@ -548,6 +621,23 @@ pub fn markdown() -> String {
             "| `{}` | `{}` | {probes} | {records} | `{}` |\n",
             h.symbol,
             h.prototype,
+            h.class.name()
+        ));
+    }
+    out.push_str(
+        "\n## CUDA runtime (`libcudart.so*` when shared; annotation only)\n\n\
+         Never counted: the driver call they make is. A driver failure inside one is named after \
+         both (`cudaMalloc → cuMemAlloc_v2`); a runtime call that fails without a driver failure \
+         (no driver, no device) is a failure of its own, with its `cudaError_t` name.\n\n\
+         | symbol | prototype | probes | class |\n|---|---|---|---|\n",
+    );
+    for h in RUNTIME_HOOKS {
+        out.push_str(&format!(
+            "| `{}` | `{}` | `{}` + `{}` | `{}` |\n",
+            h.symbol,
+            h.prototype,
+            h.entry_program,
+            h.return_program.unwrap_or("-"),
             h.class.name()
         ));
     }

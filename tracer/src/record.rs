@@ -213,26 +213,30 @@ fn read_smaps(pid: u32) -> Smaps {
 
 /// Hooks the CUDA driver of `pid` if it maps one not hooked yet for it (at attach, and each
 /// second after: CUDA libraries are usually dlopen'ed later). Says so on stderr.
-fn hook_cuda(pid: u32, probes: &mut HeapProbes, hooked: &mut HashMap<u32, u64>) {
+fn hook_cuda(pid: u32, probes: &mut HeapProbes, hooked: &mut HashMap<(u32, u64), ()>) {
     let Ok(maps) = resolve::read_maps(pid) else {
         return;
     };
-    let Some(driver) = resolve::find_cuda_driver(pid, &maps) else {
-        return;
-    };
-    if hooked.get(&pid) == Some(&driver.inode) || driver.points.is_empty() {
-        return;
-    }
-    match probes.attach_cuda(pid, &driver) {
-        Ok(()) => {
-            hooked.insert(pid, driver.inode);
-            eprintln!(
-                "hooked {} in PID {pid}: {} CUDA driver probes",
-                driver.target_path,
-                driver.points.len()
-            );
+    let objects = [
+        ("CUDA driver", resolve::find_cuda_driver(pid, &maps)),
+        ("CUDA runtime", resolve::find_cuda_runtime(pid, &maps)),
+    ];
+    for (what, object) in objects {
+        let Some(object) = object else { continue };
+        if object.points.is_empty() || hooked.contains_key(&(pid, object.inode)) {
+            continue;
         }
-        Err(e) => log::warn!("PID {pid}: CUDA driver not hooked: {e}"),
+        match probes.attach_cuda(pid, &object) {
+            Ok(()) => {
+                hooked.insert((pid, object.inode), ());
+                eprintln!(
+                    "hooked {} in PID {pid}: {} {what} probes",
+                    object.target_path,
+                    object.points.len()
+                );
+            }
+            Err(e) => log::warn!("PID {pid}: {what} not hooked: {e}"),
+        }
     }
 }
 
@@ -272,6 +276,8 @@ const UNDECODABLE: &str = "undecodable_record";
 /// Applies events to the ledger, interning stacks as they come.
 struct EventSink {
     ledger: Ledger,
+    /// Threads whose driver call failed inside a runtime call not yet returned.
+    driver_failed: std::collections::HashSet<(u32, u32)>,
     /// Threads capturing a CUDA graph: (pid, tid) → nested captures.
     capturing: HashMap<(u32, u32), u32>,
     vmm: VmmLedger,
@@ -311,6 +317,10 @@ impl EventSink {
                 }
                 ips.read_into(&mut self.ips);
                 let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
+                if let Some(runtime) = hooks::runtime_hook(ev.func) {
+                    self.runtime_return(&ev, runtime, stack);
+                    return;
+                }
                 let cuda = hooks::cuda_hook(ev.func);
                 let mut class = cuda.map_or(Class::Heap, |h| h.class);
                 // Built-in phase: everything a capturing thread allocates belongs to the graph.
@@ -339,7 +349,18 @@ impl EventSink {
                 }
                 if ev.addr == 0 {
                     let (function, error) = match cuda {
-                        Some(h) => (h.symbol.to_string(), hooks::cuda_error_name(ev.err)),
+                        Some(h) => {
+                            // Inside a runtime call: name both, and let the runtime's own
+                            // return not count this failure again.
+                            match hooks::runtime_hook(ev.old_addr as u32) {
+                                Some(rt) => {
+                                    self.driver_failed.insert((ev.tgid, ev.tid));
+                                    let name = format!("{} → {}", rt.symbol, h.symbol);
+                                    (name, hooks::cuda_error_name(ev.err))
+                                }
+                                None => (h.symbol.to_string(), hooks::cuda_error_name(ev.err)),
+                            }
+                        }
                         None => (
                             self.fn_names
                                 .get(&ev.func)
@@ -434,6 +455,28 @@ impl EventSink {
             .iter()
             .take(3)
             .any(|&ip| PYTHON_ARENA_FUNCTIONS.contains(&namer.function_at(ip).as_str()))
+    }
+
+    /// The return of a CUDA runtime call: its success was counted by the driver call it made;
+    /// its failure is recorded unless the driver call inside it already failed (and was named
+    /// after both).
+    fn runtime_return(
+        &mut self,
+        ev: &tracer_common::HeapAllocEvent,
+        hook: &hooks::CudaHook,
+        stack: Option<StackIndex>,
+    ) {
+        if self.driver_failed.remove(&(ev.tgid, ev.tid)) || ev.addr != 0 {
+            return;
+        }
+        self.ledger.failure(FailureKey {
+            class: hook.class,
+            pid: ev.tgid,
+            function: hook.symbol.to_string(),
+            size: ev.size,
+            error: hooks::runtime_error_name(ev.err),
+            stack,
+        });
     }
 
     fn apply_map(&mut self, ev: &MapEvent, stack: Option<StackIndex>) {
@@ -577,7 +620,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         return Err(TargetError::ExitedDuringAttach { pid }.into());
     }
     // Processes whose CUDA driver is hooked, by the driver file's inode.
-    let mut cuda_hooked: HashMap<u32, u64> = HashMap::new();
+    let mut cuda_hooked: HashMap<(u32, u64), ()> = HashMap::new();
     hook_cuda(pid, &mut probes, &mut cuda_hooked);
 
     let started = Instant::now();
@@ -598,6 +641,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         .collect();
     let mut sink = EventSink {
         ledger: Ledger::new(),
+        driver_failed: std::collections::HashSet::new(),
         capturing: HashMap::new(),
         vmm: VmmLedger::new(),
         mappings: MappingLedger::new(),

@@ -63,7 +63,7 @@ fn rows_at(r: &serde_json::Value, class: &str, function: &str) -> (u64, u64) {
 /// Runs `cuda_fixture LIB ARGS...` under `record -p`: the driver is dlopen'ed after attach and
 /// must be hooked within a second; returns the JSON report and the fixture's stdout.
 fn trace_cuda_fixture(lib: &std::path::Path, args: &[&str]) -> (serde_json::Value, String) {
-    trace_cuda_fixture_with(lib, args, None)
+    trace_cuda_fixture_with(lib, args, None, None)
 }
 
 /// Like `trace_cuda_fixture`, with GPU memory samples replayed from `gpu_samples` (the NVML
@@ -72,10 +72,14 @@ fn trace_cuda_fixture_with(
     lib: &std::path::Path,
     args: &[&str],
     gpu_samples: Option<&std::path::Path>,
+    library_path: Option<&std::path::Path>,
 ) -> (serde_json::Value, String) {
     let exe = fixture_variant("cuda_fixture", "", &["-ldl"]);
     let mut cmd = Command::new(&exe);
     cmd.arg(lib).args(args);
+    if let Some(dir) = library_path {
+        cmd.env("LD_LIBRARY_PATH", dir);
+    }
     let mut target = TestProcess::spawn("cuda_fixture", cmd);
     target.expect_stdout("ready");
     let dir = tempfile::tempdir().unwrap();
@@ -349,7 +353,7 @@ fn gpu_memory_nobody_traced_is_the_driver_figure_minus_the_device_classes() {
         "# second pid bytes (pid 0: every traced process)\n0 0 2147483648\n",
     )
     .unwrap();
-    let (r, _) = trace_cuda_fixture_with(&stub_libcuda(), &[], Some(&samples));
+    let (r, _) = trace_cuda_fixture_with(&stub_libcuda(), &[], Some(&samples), None);
     let p = &r["gpu"]["processes"][0];
     // Device classes: cuda 1029 MiB + cuda-pool 128 MiB + cuda-managed 8 MiB; pinned memory is
     // host memory.
@@ -370,4 +374,50 @@ fn gpu_memory_nobody_traced_is_the_driver_figure_minus_the_device_classes() {
         "{:#}",
         r["gpu"]
     );
+}
+
+#[test]
+fn the_real_runtime_without_a_gpu_reports_its_failure_by_name() {
+    if !privileged() {
+        return;
+    }
+    let cudart = real_libcuda().with_file_name("libcudart.so.12");
+    assert!(
+        cudart.exists(),
+        "{} is missing: run ./scripts/setup",
+        cudart.display()
+    );
+    // The runtime loads the driver by name: the extracted one.
+    let driver_dir = real_libcuda().parent().unwrap().to_path_buf();
+    let (r, stdout) = trace_cuda_fixture_with(&cudart, &["runtime"], None, Some(&driver_dir));
+    let rc: i32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("rc "))
+        .expect("an rc line")
+        .parse()
+        .unwrap();
+    assert_ne!(rc, 0, "no GPU here: cudaMalloc fails");
+    let f = r["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["function"].as_str().unwrap().starts_with("cudaMalloc"))
+        .unwrap_or_else(|| panic!("no cudaMalloc failure: {r:#}"))
+        .clone();
+    assert_eq!(
+        (&f["class"], &f["size"], &f["count"]),
+        (
+            &serde_json::json!("cuda"),
+            &serde_json::json!(MIB),
+            &serde_json::json!(1)
+        ),
+        "{f:#}"
+    );
+    assert_eq!(
+        f["error"],
+        alloctrace::hooks::runtime_error_name(rc),
+        "{f:#}"
+    );
+    assert_eq!(f["frames"][0], "rt_alloc", "{f:#}");
+    assert_eq!(r["totals"]["cuda"]["live_bytes"], 0, "{r:#}");
 }

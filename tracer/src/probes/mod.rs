@@ -15,7 +15,7 @@ use aya::{
 use tracer_common::drop_cause;
 
 use self::resolve::{AllocatorObject, CudaObject};
-use crate::hooks::{CUDA_COOKIE_BASE, CUDA_HOOKS, PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
+use crate::hooks::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
 
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -202,12 +202,12 @@ impl HeapProbes {
         })
     }
 
-    /// Attaches the CUDA driver hooks of `object` for process `pid`, returns first.
+    /// Attaches the CUDA hooks (driver or runtime) of `object` for process `pid`, returns first.
     pub fn attach_cuda(&mut self, pid: u32, object: &CudaObject) -> Result<(), ProbeError> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid > 0"));
         for pass_returns in [true, false] {
             for &(index, offset) in &object.points {
-                let hook = &CUDA_HOOKS[index];
+                let hook = &object.hooks[index];
                 let program = if pass_returns {
                     match hook.return_program {
                         Some(p) => p,
@@ -218,7 +218,7 @@ impl HeapProbes {
                 };
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(offset),
-                    cookie: Some(u64::from(CUDA_COOKIE_BASE) + index as u64),
+                    cookie: Some(u64::from(object.cookie_base) + index as u64),
                 };
                 let path = object.open_path.clone();
                 self.program(program)?

@@ -10,7 +10,7 @@ use std::{
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::{
-    hooks::{CUDA_HOOKS, HOOKS, Hook, Site},
+    hooks::{CUDA_COOKIE_BASE, CUDA_HOOKS, HOOKS, Hook, RUNTIME_COOKIE_BASE, RUNTIME_HOOKS, Site},
     target::TargetError,
 };
 
@@ -201,20 +201,43 @@ fn read_object(path: &Path) -> Result<Vec<u8>, ResolveError> {
 /// The CUDA driver a process maps (`libcuda.so*`), with the file offsets of the hooked CUDA
 /// symbols it defines, in `CUDA_HOOKS` order; `None` if it maps none.
 pub fn find_cuda_driver(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
+    find_cuda_object(pid, maps, "libcuda.so", CUDA_HOOKS, CUDA_COOKIE_BASE)
+}
+
+/// The CUDA runtime a process maps as a shared library (`libcudart.so*`), with `RUNTIME_HOOKS`.
+pub fn find_cuda_runtime(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
+    find_cuda_object(
+        pid,
+        maps,
+        "libcudart.so",
+        RUNTIME_HOOKS,
+        RUNTIME_COOKIE_BASE,
+    )
+}
+
+fn find_cuda_object(
+    pid: u32,
+    maps: &[Mapping],
+    name_prefix: &str,
+    hooks: &'static [crate::hooks::CudaHook],
+    cookie_base: u32,
+) -> Option<CudaObject> {
     let m = maps.iter().find(|m| {
         let base = m.path.rsplit('/').next().unwrap_or(&m.path);
-        m.executable && base.starts_with("libcuda.so")
+        m.executable && base.starts_with(name_prefix)
     })?;
     let open_path = open_path(pid, m);
     let data = read_object(&open_path).ok()?;
-    let wanted: Vec<&str> = CUDA_HOOKS.iter().map(|h| h.symbol).collect();
+    let wanted: Vec<&str> = hooks.iter().map(|h| h.symbol).collect();
     let offsets = symbol_offsets(&open_path, &data, &wanted).ok()?;
-    let points = CUDA_HOOKS
+    let points = hooks
         .iter()
         .enumerate()
         .filter_map(|(i, h)| offsets.get(h.symbol).map(|&off| (i, off)))
         .collect();
     Some(CudaObject {
+        hooks,
+        cookie_base,
         target_path: m.path.clone(),
         inode: m.inode,
         open_path,
@@ -225,6 +248,10 @@ pub fn find_cuda_driver(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
 /// The CUDA driver object of a process and its hook points: (index in `CUDA_HOOKS`, offset).
 #[derive(Debug, Clone)]
 pub struct CudaObject {
+    /// The table `points` index into (`CUDA_HOOKS` or `RUNTIME_HOOKS`).
+    pub hooks: &'static [crate::hooks::CudaHook],
+    /// Cookie of `hooks[0]`; the others follow.
+    pub cookie_base: u32,
     pub target_path: String,
     pub inode: u64,
     pub open_path: PathBuf,
