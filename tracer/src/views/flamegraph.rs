@@ -95,26 +95,15 @@ pub fn folded_lines(rec: &Recorded) -> Vec<String> {
 }
 
 fn subtitle(rec: &Recorded) -> String {
-    let pids = rec
-        .target
-        .pids
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let label = if rec.target.pids.len() == 1 {
-        "PID"
-    } else {
-        "PIDs"
-    };
     let state = if rec.complete {
         String::new()
     } else {
         " (NOT FINALIZED: tracer was killed)".to_string()
     };
     format!(
-        "{} ({label} {pids}), {:.1} s{state}",
+        "{} ({}), {:.1} s{state}",
         one_line(&rec.target.command),
+        super::target_pids(rec),
         rec.duration_s
     )
 }

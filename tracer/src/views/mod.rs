@@ -4,6 +4,13 @@
 pub mod flamegraph;
 pub mod report;
 
+/// "PID 42" or "PIDs 42, 43": the recording's target processes.
+pub fn target_pids(rec: &crate::recording::Recorded) -> String {
+    let pids: Vec<String> = rec.target.pids.iter().map(u32::to_string).collect();
+    let label = if pids.len() == 1 { "PID" } else { "PIDs" };
+    format!("{label} {}", pids.join(", "))
+}
+
 /// `n` bytes in binary units with one decimal ("74.9 KiB"); plain bytes below 1 KiB.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

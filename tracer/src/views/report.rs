@@ -606,22 +606,11 @@ fn text_waterfall(out: &mut String, rec: &Recorded) {
 }
 
 fn text_header(out: &mut String, rec: &Recorded) {
-    let pids = rec
-        .target
-        .pids
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let pid_label = if rec.target.pids.len() == 1 {
-        "PID"
-    } else {
-        "PIDs"
-    };
     let _ = writeln!(out, "alloctrace report (alloctrace {})", rec.tool_version);
     let _ = writeln!(
         out,
-        "target:   {pid_label} {pids}: {}",
+        "target:   {}: {}",
+        super::target_pids(rec),
         one_line(&rec.target.command)
     );
     if rec.started_unix_ns > 0 {
