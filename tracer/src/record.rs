@@ -240,7 +240,8 @@ fn hook_cuda(pid: u32, probes: &mut HeapProbes, hooked: &mut HashMap<(u32, u64),
     }
 }
 
-/// Resident memory of `pid` from /proc/PID/status; `None` once it is gone.
+/// Resident memory of `pid` from /proc/PID/smaps (and status for shared memory and swap);
+/// `None` once it is gone.
 fn sample_rss(pid: u32, t_s: u64, mappings: &MappingLedger) -> Option<RssSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib = |key: &str| -> u64 {

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{alloctrace_cmd, fixture, privileged, run};
+use common::{alloctrace_cmd, fixture, json_class_rows, json_sum, privileged, report_value, run};
 
 /// `alloctrace record --heap -- proc_fixture MODE` to completion; the JSON report.
 fn record_proc_fixture(mode: &str) -> serde_json::Value {
@@ -23,33 +23,14 @@ fn record_proc_fixture(mode: &str) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
-    cmd.arg(&trace);
-    let r: serde_json::Value =
-        serde_json::from_slice(&run("alloctrace report", cmd).stdout).expect("report JSON");
+    let r = report_value(&trace);
     assert_eq!(r["complete"], true, "{r:#}");
     r
 }
 
 /// The stack rows of `class` that pass through `child_leak`.
 fn child_leak_rows<'a>(r: &'a serde_json::Value, class: &str) -> Vec<&'a serde_json::Value> {
-    r["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| {
-            s["class"] == class
-                && s["frames"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|f| f == "child_leak")
-        })
-        .collect()
-}
-
-fn sum(rows: &[&serde_json::Value], field: &str) -> u64 {
-    rows.iter().map(|s| s[field].as_u64().unwrap()).sum()
+    json_class_rows(r, class, "child_leak")
 }
 
 #[test]
@@ -62,12 +43,12 @@ fn forked_and_execed_children_are_traced_with_their_pids() {
     let mmap = child_leak_rows(&r, "mmap");
     // 3 + 4 + 7 leaks, each 1000 heap bytes and 2 mapped pages.
     assert_eq!(
-        (sum(&heap, "live_bytes"), sum(&heap, "live_count")),
+        (json_sum(&heap, "live_bytes"), json_sum(&heap, "live_count")),
         (14 * 1000, 14),
         "{r:#}"
     );
     assert_eq!(
-        (sum(&mmap, "live_bytes"), sum(&mmap, "live_count")),
+        (json_sum(&mmap, "live_bytes"), json_sum(&mmap, "live_count")),
         (14 * 2 * 4096, 14),
         "{r:#}"
     );
@@ -81,7 +62,7 @@ fn forked_and_execed_children_are_traced_with_their_pids() {
             .copied()
             .filter(|s| s["pid"].as_u64() == Some(*pid))
             .collect();
-        per_pid.push((sum(&rows, "live_count"), sum(&rows, "live_bytes")));
+        per_pid.push((json_sum(&rows, "live_count"), json_sum(&rows, "live_bytes")));
     }
     per_pid.sort();
     assert_eq!(per_pid, vec![(3, 3000), (4, 4000), (7, 7000)], "{r:#}");
@@ -118,7 +99,7 @@ fn a_sigkilled_child_keeps_what_it_had_at_exit_and_the_recording_completes() {
     let r = record_proc_fixture("killed");
     let rows = |class: &str| {
         let rows = child_leak_rows(&r, class);
-        (sum(&rows, "live_bytes"), sum(&rows, "live_count"))
+        (json_sum(&rows, "live_bytes"), json_sum(&rows, "live_count"))
     };
     assert_eq!(rows("heap"), (5 * 1000, 5), "{r:#}");
     assert_eq!(rows("mmap"), (5 * 2 * 4096, 5), "{r:#}");

@@ -7,7 +7,7 @@ mod common;
 
 use std::{path::PathBuf, process::Command};
 
-use common::{TestProcess, alloctrace_cmd, fixture_variant, privileged, run};
+use common::{TestProcess, fixture_variant, json_class_rows, privileged, report_value};
 
 const MIB: u64 = 1 << 20;
 
@@ -107,10 +107,7 @@ fn trace_cuda_fixture_with(
     target.close_stdin();
     target.wait_success();
     let stdout = target.stdout_text();
-    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
-    cmd.arg(&trace);
-    let r: serde_json::Value =
-        serde_json::from_slice(&run("alloctrace report", cmd).stdout).expect("report JSON");
+    let r = report_value(&trace);
     (r, stdout)
 }
 
@@ -170,19 +167,7 @@ fn driver_allocations_loaded_after_attach_are_exact_per_class() {
     );
     assert_eq!(r["unmatched_frees"], 0, "{r:#}");
     // The driver's own mappings for pinned memory are not counted again as mappings.
-    let double: Vec<&serde_json::Value> = r["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| {
-            s["class"] == "mmap"
-                && s["frames"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|f| f == "pinned_staging")
-        })
-        .collect();
+    let double = json_class_rows(&r, "mmap", "pinned_staging");
     assert!(double.is_empty(), "counted twice: {double:#?}");
 }
 

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{TestProcess, alloctrace_cmd, privileged, run};
+use common::{TestProcess, privileged, report_value};
 
 /// The real interpreter behind `python3` (not a shim script), so that the traced process is
 /// CPython itself.
@@ -46,10 +46,7 @@ fn cpython_arenas_are_their_own_class() {
     target.close_stdin();
     target.wait_success();
 
-    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
-    cmd.arg(&trace);
-    let r: serde_json::Value =
-        serde_json::from_slice(&run("alloctrace report", cmd).stdout).expect("report JSON");
+    let r = report_value(&trace);
     let arena = &r["totals"]["python-arena"];
     let live = arena["live_bytes"].as_u64().unwrap();
     // 1,000,000 objects of 16 bytes need 16 MB of arena; arenas that existed before attach

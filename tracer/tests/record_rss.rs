@@ -7,23 +7,13 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{TestProcess, alloctrace_cmd, fixture, privileged, run};
+use common::{
+    TestProcess, fixture, json_class_rows, json_rows_through, json_sum, privileged, report_value,
+};
 
 const MAPPINGS: u64 = 20;
 const PAGES: u64 = 64;
 const PAGE: u64 = 4096;
-
-fn report_value(trace: &std::path::Path) -> serde_json::Value {
-    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
-    cmd.arg(trace);
-    let out = run("alloctrace report --format json", cmd);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("report JSON")
-}
 
 /// Runs the fixture (with `args`) under `record -p`, lets a resident sample see the end state,
 /// and returns the JSON report.
@@ -54,21 +44,8 @@ fn raw_syscall_mappings_explain_the_rss_growth() {
     }
     let r = record_fixture(&[]);
     let expected = MAPPINGS * PAGES * PAGE;
-    let rows: Vec<&serde_json::Value> = r["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| {
-            s["class"] == "mmap"
-                && s["frames"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|f| f == "map_and_touch")
-        })
-        .collect();
-    let live: u64 = rows.iter().map(|s| s["live_bytes"].as_u64().unwrap()).sum();
-    let count: u64 = rows.iter().map(|s| s["live_count"].as_u64().unwrap()).sum();
+    let rows = json_class_rows(&r, "mmap", "map_and_touch");
+    let (live, count) = (json_sum(&rows, "live_bytes"), json_sum(&rows, "live_count"));
     assert_eq!(
         (live, count),
         (expected, MAPPINGS),
@@ -109,19 +86,10 @@ fn raw_syscall_mappings_explain_the_rss_growth() {
 
     // Page-fault sampling (1 in 64 by default, per CPU) sees the same pages being touched, at
     // map_and_touch: exact up to a sample per CPU (the count may restart on another CPU).
-    let faulted: u64 = r["page_faults"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| {
-            f["frames"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|x| x == "map_and_touch")
-        })
-        .map(|f| f["bytes"].as_u64().unwrap())
-        .sum();
+    let faulted = json_sum(
+        &json_rows_through(&r["page_faults"], "map_and_touch"),
+        "bytes",
+    );
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let sample = 64 * PAGE;
     assert!(
@@ -147,19 +115,7 @@ fn madvise_releases_are_counted_by_stack_and_keep_the_mappings() {
         return;
     }
     let r = record_fixture(&["release"]);
-    let released: u64 = r["released"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|x| {
-            x["frames"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|f| f == "release_half")
-        })
-        .map(|x| x["bytes"].as_u64().unwrap())
-        .sum();
+    let released = json_sum(&json_rows_through(&r["released"], "release_half"), "bytes");
     let half = MAPPINGS * PAGES / 2 * PAGE;
     assert_eq!(released, half, "{:#}", r["released"]);
     // The mappings stay (live mapped bytes unchanged); their resident half went back.

@@ -543,7 +543,7 @@ fn text_waterfall(out: &mut String, rec: &Recorded) {
     };
     let _ = writeln!(
         out,
-        "\nResident memory of PID {} at {} s (/proc/PID/status)",
+        "\nResident memory of PID {} at {} s (/proc/PID/smaps)",
         w.pid, w.t_s
     );
     let _ = writeln!(

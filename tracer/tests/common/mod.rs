@@ -683,6 +683,55 @@ impl Report {
     }
 }
 
+/// `alloctrace report TRACE --format json`, asserted successful, as untyped JSON (for the fields
+/// the typed `Report` does not model: per-process, gpu, rss, page faults...).
+pub fn report_value(trace: &Path) -> serde_json::Value {
+    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
+    cmd.arg(trace);
+    let out = run("alloctrace report --format json", cmd);
+    assert!(
+        out.status.success(),
+        "alloctrace report failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("report JSON")
+}
+
+/// The rows of a report list (`stacks`, `page_faults`, `released`, ...) whose frames include
+/// `function`.
+pub fn json_rows_through<'a>(
+    list: &'a serde_json::Value,
+    function: &str,
+) -> Vec<&'a serde_json::Value> {
+    list.as_array()
+        .expect("a list of rows")
+        .iter()
+        .filter(|s| {
+            s["frames"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f == function))
+        })
+        .collect()
+}
+
+/// The `stacks` rows of `class` whose frames include `function`.
+pub fn json_class_rows<'a>(
+    r: &'a serde_json::Value,
+    class: &str,
+    function: &str,
+) -> Vec<&'a serde_json::Value> {
+    json_rows_through(&r["stacks"], function)
+        .into_iter()
+        .filter(|s| s["class"] == class)
+        .collect()
+}
+
+/// The sum of a numeric field over JSON rows.
+pub fn json_sum(rows: &[&serde_json::Value], field: &str) -> u64 {
+    rows.iter().map(|s| s[field].as_u64().expect(field)).sum()
+}
+
 /// `alloctrace report TRACE --format json`, asserted successful and parsed.
 pub fn report_json(trace: &Path) -> Report {
     let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
