@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{TestProcess, privileged, report_value};
+use common::{TestProcess, privileged, report_value, start_recorder_args};
 
 /// The real interpreter behind `python3` (not a shim script), so that the traced process is
 /// CPython itself.
@@ -33,12 +33,7 @@ fn cpython_arenas_are_their_own_class() {
     target.expect_stdout("ready");
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("py.trace");
-    let mut rec_cmd = Command::new(common::alloctrace());
-    rec_cmd
-        .args(["record", "-p", &target.pid().to_string(), "-o"])
-        .arg(&trace);
-    let mut recorder = TestProcess::spawn("alloctrace record", rec_cmd);
-    recorder.expect_stderr_prefix("attached");
+    let mut recorder = start_recorder_args(target.pid(), &trace, &[]);
     target.send_line("go");
     target.expect_stdout("done");
     recorder.signal(libc::SIGINT);

@@ -9,6 +9,7 @@ use std::{process::Command, time::Duration};
 
 use common::{
     TestProcess, fixture, json_class_rows, json_rows_through, json_sum, privileged, report_value,
+    start_recorder_args,
 };
 
 const MAPPINGS: u64 = 20;
@@ -25,7 +26,7 @@ fn record_fixture(args: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("rss.trace");
     // Without --heap: mappings alone, the production mode.
-    let mut recorder = start_recorder_without_heap(target.pid(), &trace);
+    let mut recorder = start_recorder_args(target.pid(), &trace, &[]);
     target.send_line("go");
     target.expect_stdout("done");
     // Let a once-a-second resident sample see the touched pages.
@@ -97,16 +98,6 @@ fn raw_syscall_mappings_explain_the_rss_growth() {
         "faulted in at map_and_touch: {faulted} B, touched {expected} B: {:#}",
         r["page_faults"]
     );
-}
-
-/// `start_recorder` adds `--heap`; this test is about the mapping layer alone.
-fn start_recorder_without_heap(pid: u32, trace: &std::path::Path) -> TestProcess {
-    let mut cmd = Command::new(common::alloctrace());
-    cmd.args(["record", "-p", &pid.to_string(), "-o"])
-        .arg(trace);
-    let mut p = TestProcess::spawn("alloctrace record", cmd);
-    p.expect_stderr_prefix("attached");
-    p
 }
 
 #[test]

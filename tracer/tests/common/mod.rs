@@ -358,27 +358,24 @@ pub fn alloctrace_cmd(args: &[&str]) -> Command {
 
 /// Starts `heap_fixture SCENARIO PROTOCOL` and waits for its `ready`.
 pub fn start_fixture(scenario: &str, protocol: &str) -> TestProcess {
-    let mut cmd = Command::new(fixture("heap_fixture"));
+    start_named_fixture("heap_fixture", scenario, protocol)
+}
+
+/// Starts fixture `name` with `SCENARIO PROTOCOL` and waits for its `ready`.
+fn start_named_fixture(name: &str, scenario: &str, protocol: &str) -> TestProcess {
+    let mut cmd = Command::new(fixture(name));
     cmd.args([scenario, protocol]);
-    let mut p = TestProcess::spawn(&format!("heap_fixture {scenario} {protocol}"), cmd);
+    let mut p = TestProcess::spawn(&format!("{name} {scenario} {protocol}"), cmd);
     p.expect_stdout("ready");
     p
 }
 
 /// Starts `alloctrace record -p PID -o TRACE EXTRA...` and waits until it says `attached`.
 pub fn start_recorder(pid: u32, trace: &Path, extra: &[&str]) -> TestProcess {
-    let mut cmd = Command::new(alloctrace());
-    cmd.arg("record")
-        .arg("--heap")
-        .arg("-p")
-        .arg(pid.to_string())
-        .arg("-o")
-        .arg(trace)
-        .args(extra)
-        .env_remove("RUST_LOG");
-    let mut p = TestProcess::spawn("alloctrace record", cmd);
-    p.expect_stderr_prefix("attached");
-    p
+    let args: Vec<&str> = std::iter::once("--heap")
+        .chain(extra.iter().copied())
+        .collect();
+    start_recorder_args(pid, trace, &args)
 }
 
 /// A fixture traced by PID in a temporary directory. (Fields drop in order: the recorder is
@@ -837,11 +834,7 @@ pub fn is_libc_frame(frame: &str) -> bool {
 
 /// Starts `map_fixture SCENARIO PROTOCOL` and waits for its `ready`.
 pub fn start_map_fixture(scenario: &str, protocol: &str) -> TestProcess {
-    let mut cmd = Command::new(fixture("map_fixture"));
-    cmd.args([scenario, protocol]);
-    let mut p = TestProcess::spawn(&format!("map_fixture {scenario} {protocol}"), cmd);
-    p.expect_stdout("ready");
-    p
+    start_named_fixture("map_fixture", scenario, protocol)
 }
 
 /// Starts `alloctrace record -p PID -o TRACE ARGS...` with exactly the options `args` (mappings
