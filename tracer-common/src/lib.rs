@@ -16,8 +16,10 @@ pub mod event_kind {
     pub const CUDA_CALL: u32 = 6;
 }
 
-/// A hooked CUDA driver call recorded at entry with its first four arguments (VMM release, map,
-/// unmap). `func` is the attach cookie.
+/// A hooked CUDA driver call that is not an allocation (VMM map/unmap/release, capture, graphs,
+/// pools, IPC, host registration, context and module loads), emitted at its return with its first
+/// five arguments, its CUresult and the user stack (`nframes` addresses follow in the ring).
+/// `func` is the attach cookie.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct CudaCallEvent {
@@ -27,7 +29,44 @@ pub struct CudaCallEvent {
     pub func: u32,
     /// The calling thread (capture state is per thread).
     pub tid: u32,
-    pub args: [u64; 4],
+    pub args: [u64; 5],
+    /// What the call wrote through its out-pointer when it returned 0 (`OutMode`), else 0.
+    pub out: u64,
+    /// The CUresult.
+    pub ret: i32,
+    pub nframes: u16,
+    pub stack_flags: u16,
+}
+
+/// Scratch for one CUDA call record with room for the longest stack.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct CudaCallRecord {
+    pub event: CudaCallEvent,
+    pub ips: [u64; MAX_FRAMES],
+}
+
+/// What a CUDA call's return probe reads through the out-pointer saved at entry.
+pub mod out_mode {
+    /// Nothing.
+    pub const NONE: u32 = 0;
+    /// The u64 it points to (a handle, a device pointer).
+    pub const READ_U64: u32 = 1;
+    /// A 64-bit fingerprint of the 64 bytes it points to (a CUipcMemHandle).
+    pub const FINGERPRINT_64_BYTES: u32 = 2;
+}
+
+/// A CUDA call in flight between its entry and return probes (one slot per thread).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct CudaCallSlot {
+    /// `pid_tgid` of the thread holding the slot; 0 when free.
+    pub owner: u64,
+    pub args: [u64; 5],
+    /// Address read at return (`out_mode`), 0 for none.
+    pub out_ptr: u64,
+    pub func: u32,
+    pub out_mode: u32,
 }
 
 /// A sampled page fault that brought a new page in (page not present), with the stack that
@@ -215,12 +254,17 @@ pub struct HeapAllocEvent {
     pub addr: u64,
     /// Requested bytes (`nmemb * size` for calloc/reallocarray; saturated on overflow).
     pub size: u64,
-    /// realloc/reallocarray: the block passed in; 0 otherwise.
+    /// realloc/reallocarray: the block passed in. CUDA allocations: the cookie of the runtime
+    /// call they are made from (low 32 bits) and of the non-allocating driver call in flight on
+    /// the thread, e.g. a graph instantiation (high 32 bits); 0 for none.
     pub old_addr: u64,
-    /// 0 on success; an errno for failures (posix_memalign's return value, else ENOMEM).
+    /// 0 on success; an errno for failures (posix_memalign's return value, else ENOMEM); a
+    /// CUresult / cudaError_t for CUDA calls.
     pub err: i32,
-    /// `HeapFn` as u32.
+    /// `HeapFn` as u32, or the CUDA hook's cookie.
     pub func: u32,
+    /// CUDA: the pool of cuMemAllocFromPoolAsync, the graph of cuGraphAddMemAllocNode; 0 else.
+    pub aux: u64,
 }
 
 /// The eBPF program's scratch space for one allocation record: the event and room for the
@@ -255,6 +299,11 @@ pub struct InflightCall {
     pub old_addr: u64,
     /// posix_memalign's `void **memptr`; 0 for pointer-returning functions.
     pub memptr: u64,
+    /// Copied into the event's `aux`.
+    pub aux: u64,
+    /// cuMemAllocPitch: the `size_t *pPitch` written by the call; the size is `size` (the
+    /// height) times the pitch. 0 otherwise.
+    pub size_ptr: u64,
     pub func: u32,
     /// Nested calls of hooked functions inside this one (glibc's realloc calls malloc and free
     /// internally); they are not separate allocations.
@@ -276,15 +325,16 @@ pub mod drop_cause {
         ["ringbuf_full", "inflight_slot_busy", "user_read_failed"];
 }
 
-const _: () = assert!(size_of::<HeapAllocEvent>() == 48);
-const _: () = assert!(size_of::<HeapAllocRecord>() == 48 + 8 * MAX_FRAMES);
+const _: () = assert!(size_of::<HeapAllocEvent>() == 56);
+const _: () = assert!(size_of::<HeapAllocRecord>() == 56 + 8 * MAX_FRAMES);
 const _: () = assert!(size_of::<HeapFreeEvent>() == 16);
 const _: () = assert!(size_of::<MapEvent>() == 72);
 const _: () = assert!(size_of::<ProcEvent>() == 16);
 const _: () = assert!(size_of::<FaultEvent>() == 24);
-const _: () = assert!(size_of::<CudaCallEvent>() == 48);
+const _: () = assert!(size_of::<CudaCallEvent>() == 72);
+const _: () = assert!(size_of::<CudaCallSlot>() == 64);
 const _: () = assert!(size_of::<SyscallArgs>() == 48);
-const _: () = assert!(size_of::<InflightCall>() == 40);
+const _: () = assert!(size_of::<InflightCall>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {

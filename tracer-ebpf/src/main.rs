@@ -27,9 +27,10 @@ use aya_ebpf::{
 use core::mem::size_of;
 
 use tracer_common::{
-    CudaCallEvent, FaultEvent, FaultRecord, HeapAllocEvent, HeapAllocRecord, HeapFn, HeapFreeEvent,
-    INFLIGHT_SLOTS, InflightCall, MAP_FROM_ALLOCATOR, MAX_FRAMES, MapEvent, MapRecord, ProcEvent,
-    STACK_SP_CANDIDATE, STACK_TRUNCATED, SyscallArgs, drop_cause, event_kind, map_op, proc_op,
+    CudaCallEvent, CudaCallRecord, CudaCallSlot, FaultEvent, FaultRecord, HeapAllocEvent,
+    HeapAllocRecord, HeapFn, HeapFreeEvent, INFLIGHT_SLOTS, InflightCall, MAP_FROM_ALLOCATOR,
+    MAX_FRAMES, MapEvent, MapRecord, ProcEvent, STACK_SP_CANDIDATE, STACK_TRUNCATED, SyscallArgs,
+    drop_cause, event_kind, map_op, out_mode, proc_op,
 };
 
 const ENOMEM: i32 = 12;
@@ -132,6 +133,20 @@ fn enter(func: u32, size: u64, old_addr: u64, memptr: u64) -> u32 {
 
 #[inline(always)]
 fn enter_in(slots: &Array<InflightCall>, func: u32, size: u64, old_addr: u64, memptr: u64) -> u32 {
+    enter_cuda(slots, func, size, old_addr, memptr, 0, 0)
+}
+
+/// `enter_in` with the CUDA-only fields: `aux` goes into the event, `size_ptr` scales the size.
+#[inline(always)]
+fn enter_cuda(
+    slots: &Array<InflightCall>,
+    func: u32,
+    size: u64,
+    old_addr: u64,
+    memptr: u64,
+    aux: u64,
+    size_ptr: u64,
+) -> u32 {
     let Some((slot, key)) = slot_in(slots) else {
         return 0;
     };
@@ -140,6 +155,8 @@ fn enter_in(slots: &Array<InflightCall>, func: u32, size: u64, old_addr: u64, me
             (*slot).size = size;
             (*slot).old_addr = old_addr;
             (*slot).memptr = memptr;
+            (*slot).aux = aux;
+            (*slot).size_ptr = size_ptr;
             (*slot).func = func;
             (*slot).depth = 0;
         },
@@ -290,30 +307,238 @@ fn emit_free(tgid: u32, addr: u64) -> u32 {
     0
 }
 
-/// CUDA driver calls whose arguments are all the ledger needs (cuMemRelease, cuMemMap,
-/// cuMemUnmap): recorded at entry.
-#[uprobe]
-pub fn cuda_call_args(ctx: ProbeContext) -> u32 {
+/// Non-allocating CUDA driver calls in flight (VMM, capture, graphs, pools, IPC, registration,
+/// context and module loads), one slot per thread: their arguments until the CUresult is known.
+#[map]
+static CALL_INFLIGHT: Array<CudaCallSlot> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
+#[map]
+static CALL_SCRATCH: PerCpuArray<CudaCallRecord> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn call_enter(ctx: &ProbeContext, out_ptr: u64, mode: u32) -> u32 {
+    let args = [
+        ctx.arg(0).unwrap_or(0),
+        ctx.arg(1).unwrap_or(0),
+        ctx.arg(2).unwrap_or(0),
+        ctx.arg(3).unwrap_or(0),
+        ctx.arg(4).unwrap_or(0),
+    ];
+    call_enter_with(cookie_fn(ctx), args, out_ptr, mode)
+}
+
+#[inline(always)]
+fn call_enter_with(func: u32, args: [u64; 5], out_ptr: u64, mode: u32) -> u32 {
     let key = bpf_get_current_pid_tgid();
-    let event = CudaCallEvent {
-        kind: event_kind::CUDA_CALL,
-        tgid: (key >> 32) as u32,
-        func: cookie_fn(&ctx),
-        tid: key as u32,
-        args: [
-            ctx.arg(0).unwrap_or(0),
-            ctx.arg(1).unwrap_or(0),
-            ctx.arg(2).unwrap_or(0),
-            ctx.arg(3).unwrap_or(0),
-        ],
+    let Some(slot) = CALL_INFLIGHT.get_ptr_mut((key as u32) % INFLIGHT_SLOTS) else {
+        return 0;
     };
-    if EVENTS
-        .output::<CudaCallEvent>(&event, BPF_RB_NO_WAKEUP as u64)
-        .is_err()
-    {
-        count_drop(drop_cause::RINGBUF_FULL);
+    // SAFETY: map values are 8-byte aligned and live as long as the map.
+    let previous = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+            core::ptr::addr_of_mut!((*slot).owner),
+            0,
+            key,
+        )
+        .0
+    };
+    if previous != 0 {
+        // A driver entry point called by another one on this thread is part of it; another
+        // thread in the same slot is a lost call.
+        if previous != key {
+            count_drop(drop_cause::INFLIGHT_BUSY);
+        }
+        return 0;
+    }
+    // SAFETY: the slot is ours until the return probe releases it.
+    unsafe {
+        (*slot).args = args;
+        (*slot).out_ptr = out_ptr;
+        (*slot).func = func;
+        (*slot).out_mode = mode;
     }
     0
+}
+
+/// A non-allocating driver call whose arguments are all the ledger needs (cuMemRelease,
+/// cuMemMap, cuMemUnmap, capture begin, graph launch/upload/destroy, pool destroy/trim, host
+/// (un)registration, IPC close, module unload).
+#[uprobe]
+pub fn cuda_call_enter(ctx: ProbeContext) -> u32 {
+    call_enter(&ctx, 0, out_mode::NONE)
+}
+
+/// As `cuda_call_enter`, and the u64 written through the first argument (pool create, graph
+/// instantiate, context create/retain, module load: the new object).
+#[uprobe]
+pub fn cuda_call_enter_out0(ctx: ProbeContext) -> u32 {
+    let out: u64 = ctx.arg(0).unwrap_or(0);
+    call_enter(&ctx, out, out_mode::READ_U64)
+}
+
+/// As `cuda_call_enter`, and the u64 written through the second argument (cuStreamEndCapture:
+/// the captured graph).
+#[uprobe]
+pub fn cuda_call_enter_out1(ctx: ProbeContext) -> u32 {
+    let out: u64 = ctx.arg(1).unwrap_or(0);
+    call_enter(&ctx, out, out_mode::READ_U64)
+}
+
+/// cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr): the handle's fingerprint at return.
+#[uprobe]
+pub fn cuda_ipc_get_enter(ctx: ProbeContext) -> u32 {
+    let out: u64 = ctx.arg(0).unwrap_or(0);
+    call_enter(&ctx, out, out_mode::FINGERPRINT_64_BYTES)
+}
+
+/// cuIpcOpenMemHandle_v2(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned flags): the 64-byte
+/// handle is passed by value, in memory above the return address on x86-64; its fingerprint goes
+/// into the second argument's place (the flags are in the first integer register after pdptr).
+#[uprobe]
+pub fn cuda_ipc_open_enter(ctx: ProbeContext) -> u32 {
+    let pdptr: u64 = ctx.arg(0).unwrap_or(0);
+    let flags: u64 = ctx.arg(1).unwrap_or(0);
+    let regs = ctx.as_ptr() as *const pt_regs;
+    // SAFETY: the context of a uprobe program is the user pt_regs.
+    let sp = unsafe { (*regs).rsp };
+    let print = fingerprint_at(sp + 8).unwrap_or(0);
+    call_enter_with(
+        cookie_fn(&ctx),
+        [pdptr, print, flags, 0, 0],
+        pdptr,
+        out_mode::READ_U64,
+    )
+}
+
+/// FNV-1a over the 8 words of a 64-byte user buffer (a CUipcMemHandle): the same handle read in
+/// the exporting and in the importing process gives the same value.
+#[inline(always)]
+fn fingerprint_at(addr: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_user checks the user address.
+    let words = unsafe { bpf_probe_read_user(addr as *const [u64; 8]) }.ok()?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for w in words {
+        h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Some(h)
+}
+
+/// Return of every non-allocating driver call: emits it with its CUresult, what it wrote and
+/// the stack of its caller.
+#[uretprobe]
+pub fn cuda_call_return(ctx: RetProbeContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    let Some(slot) = CALL_INFLIGHT.get_ptr_mut((key as u32) % INFLIGHT_SLOTS) else {
+        return 0;
+    };
+    // SAFETY: reading the slot; a slot owned by this thread is only written by it.
+    let call = unsafe {
+        if (*slot).owner != key {
+            return 0;
+        }
+        *slot
+    };
+    let ret = ctx.ret::<u64>() as i32;
+    let out = if ret != 0 || call.out_ptr == 0 {
+        0
+    } else if call.out_mode == out_mode::FINGERPRINT_64_BYTES {
+        fingerprint_at(call.out_ptr).unwrap_or(0)
+    } else {
+        // SAFETY: bpf_probe_read_user checks the user address.
+        unsafe { bpf_probe_read_user(call.out_ptr as *const u64) }.unwrap_or(0)
+    };
+    // SAFETY: only the owner releases (see `release`).
+    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*slot).owner), 0) };
+    if call.func == 0 {
+        return 0;
+    }
+    let Some(record) = CALL_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    let record = unsafe { &mut *record };
+    record.event = CudaCallEvent {
+        kind: event_kind::CUDA_CALL,
+        tgid: (key >> 32) as u32,
+        func: call.func,
+        tid: key as u32,
+        args: call.args,
+        out,
+        ret,
+        nframes: 0,
+        stack_flags: 0,
+    };
+    let regs = ctx.as_ptr() as *const pt_regs;
+    // SAFETY: the context of a uprobe program is the user pt_regs (the caller's, at return).
+    let (ip, bp) = unsafe { ((*regs).rip, (*regs).rbp) };
+    let mut flags = 0u16;
+    let n = walk_user_stack(ip, None, bp, &mut record.ips, &mut flags);
+    record.event.stack_flags = flags;
+    record.event.nframes = n as u16;
+    output_record(record, size_of::<CudaCallEvent>(), n);
+    0
+}
+
+/// The non-allocating driver call the current thread is in, as its cookie (0: none): a graph
+/// instantiation, a module load, ... The allocations it makes are attributed to it.
+#[inline(always)]
+fn driver_call_in_flight() -> u64 {
+    let key = bpf_get_current_pid_tgid();
+    match CALL_INFLIGHT.get_ptr_mut((key as u32) % INFLIGHT_SLOTS) {
+        // SAFETY: reading the slot; a slot owned by this thread is only written by it.
+        Some(slot) if unsafe { (*slot).owner } == key => u64::from(unsafe { (*slot).func }),
+        _ => 0,
+    }
+}
+
+/// cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t width, size_t height, unsigned
+/// elementSize): `*pPitch × height` bytes, both known at return.
+#[uprobe]
+pub fn cuda_enter_pitch(ctx: ProbeContext) -> u32 {
+    let memptr: u64 = ctx.arg(0).unwrap_or(0);
+    let pitch_ptr: u64 = ctx.arg(1).unwrap_or(0);
+    let height: u64 = ctx.arg(3).unwrap_or(0);
+    enter_cuda(
+        &CUDA_INFLIGHT,
+        cookie_fn(&ctx),
+        height,
+        0,
+        memptr,
+        0,
+        pitch_ptr,
+    )
+}
+
+/// cuMemAllocFromPoolAsync(_ptsz)(CUdeviceptr *dptr, size_t size, CUmemoryPool pool, CUstream):
+/// the pool goes with the event.
+#[uprobe]
+pub fn cuda_enter_from_pool(ctx: ProbeContext) -> u32 {
+    let memptr: u64 = ctx.arg(0).unwrap_or(0);
+    let size: u64 = ctx.arg(1).unwrap_or(0);
+    let pool: u64 = ctx.arg(2).unwrap_or(0);
+    enter_cuda(&CUDA_INFLIGHT, cookie_fn(&ctx), size, 0, memptr, pool, 0)
+}
+
+/// cuGraphAddMemAllocNode(CUgraphNode *node, CUgraph graph, deps, n, CUDA_MEM_ALLOC_NODE_PARAMS
+/// *params): `params->bytesize` (offset 104) is an input, `params->dptr` (offset 112) the output.
+#[uprobe]
+pub fn cuda_enter_mem_node(ctx: ProbeContext) -> u32 {
+    let graph: u64 = ctx.arg(1).unwrap_or(0);
+    let params: u64 = ctx.arg(4).unwrap_or(0);
+    if params == 0 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_user checks the user address.
+    let size = unsafe { bpf_probe_read_user((params + 104) as *const u64) }.unwrap_or(0);
+    enter_cuda(
+        &CUDA_INFLIGHT,
+        cookie_fn(&ctx),
+        size,
+        0,
+        params + 112,
+        graph,
+        0,
+    )
 }
 
 /// The return of an allocation call in `slots`: emits the completed call with its user stack.
@@ -336,11 +561,18 @@ fn finish_call(ctx: &RetProbeContext, slots: &Array<InflightCall>) -> u32 {
     release(slot);
 
     let ret: u64 = ctx.ret();
+    let mut size = call.size;
     let (addr, err) = if call.memptr != 0 {
         let rc = ret as i32;
         if rc != 0 {
             (0, rc)
         } else {
+            if call.size_ptr != 0 {
+                // SAFETY: bpf_probe_read_user checks the user address.
+                let pitch =
+                    unsafe { bpf_probe_read_user(call.size_ptr as *const u64) }.unwrap_or(0);
+                size = mul_saturating(size, pitch);
+            }
             // SAFETY: bpf_probe_read_user checks the user address.
             match unsafe { bpf_probe_read_user(call.memptr as *const u64) } {
                 Ok(p) => (p, 0),
@@ -366,11 +598,13 @@ fn finish_call(ctx: &RetProbeContext, slots: &Array<InflightCall>) -> u32 {
     event.tgid = (key >> 32) as u32;
     event.tid = key as u32;
     event.addr = addr;
-    event.size = call.size;
+    event.size = size;
+    event.aux = call.aux;
     // A CUDA call made from inside a runtime call carries the runtime call's cookie, so that
-    // its failure is named after both (CUDA calls have no old block).
+    // its failure is named after both, and the non-allocating driver call around it, so that
+    // allocations made by a graph instantiation belong to it (CUDA calls have no old block).
     event.old_addr = if core::ptr::eq(slots, &CUDA_INFLIGHT) {
-        runtime_call_in_flight()
+        runtime_call_in_flight() | (driver_call_in_flight() << 32)
     } else {
         call.old_addr
     };
@@ -378,7 +612,7 @@ fn finish_call(ctx: &RetProbeContext, slots: &Array<InflightCall>) -> u32 {
     event.func = call.func;
     event.stack_flags = 0;
     // realloc(p, 0) returning NULL freed p: a free needs no stack.
-    let is_free = addr == 0 && call.size == 0 && call.old_addr != 0;
+    let is_free = addr == 0 && size == 0 && call.old_addr != 0;
     let nframes = if is_free {
         0
     } else {

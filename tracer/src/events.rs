@@ -14,7 +14,7 @@ pub enum Event<'a> {
     Map(MapEvent, Stack<'a>),
     Proc(ProcEvent),
     Fault(FaultEvent, Stack<'a>),
-    CudaCall(CudaCallEvent),
+    CudaCall(CudaCallEvent, Stack<'a>),
 }
 
 /// The user stack that follows an event in its record: `u64` addresses, innermost first.
@@ -83,10 +83,15 @@ pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
             Some(Event::Fault(ev, stack))
         }
         event_kind::CUDA_CALL if bytes.len() >= size_of::<CudaCallEvent>() => {
-            // SAFETY: length checked; CudaCallEvent is plain old data.
-            Some(Event::CudaCall(unsafe {
-                std::ptr::read_unaligned(bytes.as_ptr().cast())
-            }))
+            // SAFETY: length checked; CudaCallEvent is plain old data; the record may be unaligned.
+            let ev: CudaCallEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            let start = size_of::<CudaCallEvent>();
+            let end = start + 8 * usize::from(ev.nframes);
+            let stack = Stack {
+                bytes: bytes.get(start..end)?,
+                flags: ev.stack_flags,
+            };
+            Some(Event::CudaCall(ev, stack))
         }
         event_kind::PROC if bytes.len() >= size_of::<ProcEvent>() => {
             // SAFETY: length checked; ProcEvent is plain old data.
@@ -137,6 +142,7 @@ mod tests {
             old_addr: 0,
             err: 0,
             func: 0,
+            aux: 0,
         };
         let mut record = bytes(&a);
         record.extend(0x1111u64.to_ne_bytes());

@@ -42,6 +42,96 @@ pub enum Records {
     CaptureBegin,
     /// cuStreamEndCapture*: the capture ends.
     CaptureEnd,
+    /// cuGraphAddMemFreeNode: the graph frees the block of a memory node (5th argument).
+    GraphMemFree,
+    /// cuGraphInstantiate*: a graph executable (out-pointer) from a graph.
+    GraphInstantiate,
+    /// cuGraphUpload*: the executable's resources are made resident.
+    GraphUpload,
+    /// cuGraphLaunch*: a replay; the first one of an executable may back its memory nodes.
+    GraphLaunch,
+    /// cuGraphExecDestroy / cuGraphDestroy.
+    GraphDestroy,
+    /// cuMemPoolCreate: a memory pool (out-pointer).
+    PoolCreate,
+    /// cuMemPoolDestroy.
+    PoolDestroy,
+    /// cuMemPoolTrimTo(pool, minBytesToKeep): the pool gives memory back to the device.
+    PoolTrim,
+    /// cuMemHostRegister: a host range page-locked (marked, not added).
+    HostRegister,
+    /// cuMemHostUnregister.
+    HostUnregister,
+    /// cuIpcGetMemHandle: an exported device block, known by its handle's fingerprint.
+    IpcExport,
+    /// cuIpcOpenMemHandle*: another process's block mapped here.
+    IpcOpen,
+    /// cuIpcCloseMemHandle.
+    IpcClose,
+    /// Context creation and release, module and library loads: the driver allocates device
+    /// memory of its own that no API returns.
+    Opaque,
+}
+
+impl Records {
+    /// For docs/hooks.md.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Records::Alloc => {
+                "allocation (out-pointer read when the CUresult is 0; else a failure with its name)"
+            }
+            Records::Free => "free of the pointer (0 ignored)",
+            Records::VmmCreate => {
+                "physical handle of `size` bytes, live while referenced or mapped"
+            }
+            Records::VmmRetain => "one more reference to the handle (out-pointer)",
+            Records::VmmRelease => "one reference less",
+            Records::VmmMap => "the handle mapped at a device range",
+            Records::VmmUnmap => "every mapping in the range unmapped (one call may cover many)",
+            Records::CaptureBegin => {
+                "the thread captures: its allocations are phase `graph-capture`, CUDA ones class \
+                 `cuda-graph`"
+            }
+            Records::CaptureEnd => "the capture ends",
+            Records::GraphMemFree => "the node's block is freed by the graph",
+            Records::GraphInstantiate => {
+                "a graph executable; its allocations are phase `graph-capture`"
+            }
+            Records::GraphUpload => "the executable's resources made resident",
+            Records::GraphLaunch => "a replay (counted; the first of each executable samples NVML)",
+            Records::GraphDestroy => "graph or executable destroyed",
+            Records::PoolCreate => "a memory pool (its allocations are `cuda-pool`)",
+            Records::PoolDestroy => "the pool destroyed",
+            Records::PoolTrim => "the pool trimmed to `minBytesToKeep`",
+            Records::HostRegister => {
+                "the host range marked page-locked (not added: already counted)"
+            }
+            Records::HostUnregister => "the mark removed",
+            Records::IpcExport => "the block behind an IPC handle (by the handle's fingerprint)",
+            Records::IpcOpen => {
+                "another process's block mapped here (size from its exporter if traced)"
+            }
+            Records::IpcClose => "the imported block unmapped",
+            Records::Opaque => {
+                "the driver's own memory (context, code images), not returned by any call"
+            }
+        }
+    }
+
+    /// Calls after which the driver may hold memory no API returned: NVML is sampled right after
+    /// them and a jump in `gpu-untraced` is charged to them.
+    pub fn samples_gpu(self) -> bool {
+        matches!(
+            self,
+            Records::Opaque
+                | Records::CaptureEnd
+                | Records::GraphInstantiate
+                | Records::GraphUpload
+                | Records::GraphDestroy
+                | Records::PoolDestroy
+                | Records::PoolTrim
+        )
+    }
 }
 
 /// Where the entry probe is placed.
@@ -219,165 +309,507 @@ pub struct CudaHook {
     pub class: Class,
 }
 
-const CUDA_RET: Option<&str> = Some("cuda_return");
+const fn cu(
+    symbol: &'static str,
+    prototype: &'static str,
+    entry_program: &'static str,
+    records: Records,
+    class: Class,
+) -> CudaHook {
+    let return_program = match records {
+        Records::Free => None,
+        Records::Alloc | Records::VmmCreate | Records::VmmRetain => Some("cuda_return"),
+        _ => Some("cuda_call_return"),
+    };
+    CudaHook {
+        symbol,
+        prototype,
+        entry_program,
+        return_program,
+        records,
+        class,
+    }
+}
 
-pub const CUDA_HOOKS: &[CudaHook] = &[
-    CudaHook {
-        symbol: "cuMemAlloc_v2",
-        prototype: "CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)",
-        entry_program: "cuda_enter_out0_size1",
-        return_program: CUDA_RET,
-        records: Records::Alloc,
-        class: Class::Cuda,
-    },
-    CudaHook {
-        symbol: "cuMemAllocAsync",
-        prototype: "CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)",
-        entry_program: "cuda_enter_out0_size1",
-        return_program: CUDA_RET,
-        records: Records::Alloc,
-        class: Class::CudaPool,
-    },
-    CudaHook {
-        symbol: "cuMemAllocAsync_ptsz",
-        prototype: "CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)",
-        entry_program: "cuda_enter_out0_size1",
-        return_program: CUDA_RET,
-        records: Records::Alloc,
-        class: Class::CudaPool,
-    },
-    CudaHook {
-        symbol: "cuMemAllocHost_v2",
-        prototype: "CUresult cuMemAllocHost_v2(void **pp, size_t bytesize)",
-        entry_program: "cuda_enter_out0_size1",
-        return_program: CUDA_RET,
-        records: Records::Alloc,
-        class: Class::CudaPinned,
-    },
-    CudaHook {
-        symbol: "cuMemHostAlloc",
-        prototype: "CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned int Flags)",
-        entry_program: "cuda_enter_out0_size1",
-        return_program: CUDA_RET,
-        records: Records::Alloc,
-        class: Class::CudaPinned,
-    },
-    CudaHook {
-        symbol: "cuMemAllocManaged",
-        prototype: "CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags)",
-        entry_program: "cuda_enter_out0_size1",
-        return_program: CUDA_RET,
-        records: Records::Alloc,
-        class: Class::CudaManaged,
-    },
-    CudaHook {
-        symbol: "cuMemCreate",
-        prototype: "CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, \
-                    const CUmemAllocationProp *prop, unsigned long long flags)",
-        entry_program: "cuda_enter_out0_size1",
-        return_program: CUDA_RET,
-        records: Records::VmmCreate,
-        class: Class::CudaVmm,
-    },
-    CudaHook {
-        symbol: "cuMemRetainAllocationHandle",
-        prototype: "CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, \
-                    void *addr)",
-        entry_program: "cuda_enter_out0_size1",
-        return_program: CUDA_RET,
-        records: Records::VmmRetain,
-        class: Class::CudaVmm,
-    },
-    CudaHook {
-        symbol: "cuMemRelease",
-        prototype: "CUresult cuMemRelease(CUmemGenericAllocationHandle handle)",
-        entry_program: "cuda_call_args",
-        return_program: None,
-        records: Records::VmmRelease,
-        class: Class::CudaVmm,
-    },
-    CudaHook {
-        symbol: "cuMemMap",
-        prototype: "CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, \
-                    CUmemGenericAllocationHandle handle, unsigned long long flags)",
-        entry_program: "cuda_call_args",
-        return_program: None,
-        records: Records::VmmMap,
-        class: Class::CudaVmm,
-    },
-    CudaHook {
-        symbol: "cuMemUnmap",
-        prototype: "CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)",
-        entry_program: "cuda_call_args",
-        return_program: None,
-        records: Records::VmmUnmap,
-        class: Class::CudaVmm,
-    },
-    CudaHook {
-        symbol: "cuStreamBeginCapture_v2",
-        prototype: "CUresult cuStreamBeginCapture_v2(CUstream hStream, CUstreamCaptureMode mode)",
-        entry_program: "cuda_call_args",
-        return_program: None,
-        records: Records::CaptureBegin,
-        class: Class::CudaGraph,
-    },
-    CudaHook {
-        symbol: "cuStreamBeginCapture_v2_ptsz",
-        prototype: "CUresult cuStreamBeginCapture_v2_ptsz(CUstream hStream, CUstreamCaptureMode mode)",
-        entry_program: "cuda_call_args",
-        return_program: None,
-        records: Records::CaptureBegin,
-        class: Class::CudaGraph,
-    },
-    CudaHook {
-        symbol: "cuStreamEndCapture",
-        prototype: "CUresult cuStreamEndCapture(CUstream hStream, CUgraph *phGraph)",
-        entry_program: "cuda_call_args",
-        return_program: None,
-        records: Records::CaptureEnd,
-        class: Class::CudaGraph,
-    },
-    CudaHook {
-        symbol: "cuStreamEndCapture_ptsz",
-        prototype: "CUresult cuStreamEndCapture_ptsz(CUstream hStream, CUgraph *phGraph)",
-        entry_program: "cuda_call_args",
-        return_program: None,
-        records: Records::CaptureEnd,
-        class: Class::CudaGraph,
-    },
-    CudaHook {
-        symbol: "cuMemFree_v2",
-        prototype: "CUresult cuMemFree_v2(CUdeviceptr dptr)",
-        entry_program: "cuda_free_arg0",
-        return_program: None,
-        records: Records::Free,
-        class: Class::Cuda,
-    },
-    CudaHook {
-        symbol: "cuMemFreeAsync",
-        prototype: "CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)",
-        entry_program: "cuda_free_arg0",
-        return_program: None,
-        records: Records::Free,
-        class: Class::CudaPool,
-    },
-    CudaHook {
-        symbol: "cuMemFreeAsync_ptsz",
-        prototype: "CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream hStream)",
-        entry_program: "cuda_free_arg0",
-        return_program: None,
-        records: Records::Free,
-        class: Class::CudaPool,
-    },
-    CudaHook {
-        symbol: "cuMemFreeHost",
-        prototype: "CUresult cuMemFreeHost(void *p)",
-        entry_program: "cuda_free_arg0",
-        return_program: None,
-        records: Records::Free,
-        class: Class::CudaPinned,
-    },
-];
+const ALLOC: &str = "cuda_enter_out0_size1";
+const CALL: &str = "cuda_call_enter";
+const CALL_OUT0: &str = "cuda_call_enter_out0";
+const FREE: &str = "cuda_free_arg0";
+
+pub const CUDA_HOOKS: &[CudaHook] = {
+    use Class::{
+        Cuda as C, CudaGraph as G, CudaIpc as I, CudaManaged as M, CudaPinned as P,
+        CudaPool as Pool, CudaRegistered as R, CudaVmm as V, GpuUntraced as U,
+    };
+    use Records::*;
+    &[
+        cu(
+            "cuMemAlloc_v2",
+            "CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize)",
+            ALLOC,
+            Alloc,
+            C,
+        ),
+        cu(
+            "cuMemAllocPitch_v2",
+            "CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t WidthInBytes, \
+         size_t Height, unsigned int ElementSizeBytes)",
+            "cuda_enter_pitch",
+            Alloc,
+            C,
+        ),
+        cu(
+            "cuMemAllocAsync",
+            "CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)",
+            ALLOC,
+            Alloc,
+            Pool,
+        ),
+        cu(
+            "cuMemAllocAsync_ptsz",
+            "CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream hStream)",
+            ALLOC,
+            Alloc,
+            Pool,
+        ),
+        cu(
+            "cuMemAllocFromPoolAsync",
+            "CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool, \
+         CUstream hStream)",
+            "cuda_enter_from_pool",
+            Alloc,
+            Pool,
+        ),
+        cu(
+            "cuMemAllocFromPoolAsync_ptsz",
+            "CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool \
+         pool, CUstream hStream)",
+            "cuda_enter_from_pool",
+            Alloc,
+            Pool,
+        ),
+        cu(
+            "cuMemAllocHost_v2",
+            "CUresult cuMemAllocHost_v2(void **pp, size_t bytesize)",
+            ALLOC,
+            Alloc,
+            P,
+        ),
+        cu(
+            "cuMemHostAlloc",
+            "CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned int Flags)",
+            ALLOC,
+            Alloc,
+            P,
+        ),
+        cu(
+            "cuMemAllocManaged",
+            "CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags)",
+            ALLOC,
+            Alloc,
+            M,
+        ),
+        cu(
+            "cuMemCreate",
+            "CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, \
+         const CUmemAllocationProp *prop, unsigned long long flags)",
+            ALLOC,
+            VmmCreate,
+            V,
+        ),
+        cu(
+            "cuMemRetainAllocationHandle",
+            "CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void *addr)",
+            ALLOC,
+            VmmRetain,
+            V,
+        ),
+        cu(
+            "cuMemRelease",
+            "CUresult cuMemRelease(CUmemGenericAllocationHandle handle)",
+            CALL,
+            VmmRelease,
+            V,
+        ),
+        cu(
+            "cuMemMap",
+            "CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, \
+         CUmemGenericAllocationHandle handle, unsigned long long flags)",
+            CALL,
+            VmmMap,
+            V,
+        ),
+        cu(
+            "cuMemUnmap",
+            "CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)",
+            CALL,
+            VmmUnmap,
+            V,
+        ),
+        cu(
+            "cuMemFree_v2",
+            "CUresult cuMemFree_v2(CUdeviceptr dptr)",
+            FREE,
+            Free,
+            C,
+        ),
+        cu(
+            "cuMemFreeAsync",
+            "CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream hStream)",
+            FREE,
+            Free,
+            Pool,
+        ),
+        cu(
+            "cuMemFreeAsync_ptsz",
+            "CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream hStream)",
+            FREE,
+            Free,
+            Pool,
+        ),
+        cu(
+            "cuMemFreeHost",
+            "CUresult cuMemFreeHost(void *p)",
+            FREE,
+            Free,
+            P,
+        ),
+        cu(
+            "cuMemPoolCreate",
+            "CUresult cuMemPoolCreate(CUmemoryPool *pool, const CUmemPoolProps *poolProps)",
+            CALL_OUT0,
+            PoolCreate,
+            Pool,
+        ),
+        cu(
+            "cuMemPoolDestroy",
+            "CUresult cuMemPoolDestroy(CUmemoryPool pool)",
+            CALL,
+            PoolDestroy,
+            Pool,
+        ),
+        cu(
+            "cuMemPoolTrimTo",
+            "CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t minBytesToKeep)",
+            CALL,
+            PoolTrim,
+            Pool,
+        ),
+        cu(
+            "cuMemHostRegister_v2",
+            "CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int Flags)",
+            CALL,
+            HostRegister,
+            R,
+        ),
+        cu(
+            "cuMemHostUnregister",
+            "CUresult cuMemHostUnregister(void *p)",
+            CALL,
+            HostUnregister,
+            R,
+        ),
+        cu(
+            "cuIpcGetMemHandle",
+            "CUresult cuIpcGetMemHandle(CUipcMemHandle *pHandle, CUdeviceptr dptr)",
+            "cuda_ipc_get_enter",
+            IpcExport,
+            I,
+        ),
+        cu(
+            "cuIpcOpenMemHandle_v2",
+            "CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int Flags)",
+            "cuda_ipc_open_enter",
+            IpcOpen,
+            I,
+        ),
+        cu(
+            "cuIpcOpenMemHandle",
+            "CUresult cuIpcOpenMemHandle(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int Flags)",
+            "cuda_ipc_open_enter",
+            IpcOpen,
+            I,
+        ),
+        cu(
+            "cuIpcCloseMemHandle",
+            "CUresult cuIpcCloseMemHandle(CUdeviceptr dptr)",
+            CALL,
+            IpcClose,
+            I,
+        ),
+        cu(
+            "cuStreamBeginCapture_v2",
+            "CUresult cuStreamBeginCapture_v2(CUstream hStream, CUstreamCaptureMode mode)",
+            CALL,
+            CaptureBegin,
+            G,
+        ),
+        cu(
+            "cuStreamBeginCapture_v2_ptsz",
+            "CUresult cuStreamBeginCapture_v2_ptsz(CUstream hStream, CUstreamCaptureMode mode)",
+            CALL,
+            CaptureBegin,
+            G,
+        ),
+        cu(
+            "cuStreamBeginCapture",
+            "CUresult cuStreamBeginCapture(CUstream hStream)",
+            CALL,
+            CaptureBegin,
+            G,
+        ),
+        cu(
+            "cuStreamBeginCapture_ptsz",
+            "CUresult cuStreamBeginCapture_ptsz(CUstream hStream)",
+            CALL,
+            CaptureBegin,
+            G,
+        ),
+        cu(
+            "cuStreamBeginCaptureToGraph",
+            "CUresult cuStreamBeginCaptureToGraph(CUstream hStream, CUgraph hGraph, \
+         const CUgraphNode *dependencies, const CUgraphEdgeData *dependencyData, \
+         size_t numDependencies, CUstreamCaptureMode mode)",
+            CALL,
+            CaptureBegin,
+            G,
+        ),
+        cu(
+            "cuStreamBeginCaptureToGraph_ptsz",
+            "CUresult cuStreamBeginCaptureToGraph_ptsz(CUstream hStream, CUgraph hGraph, \
+         const CUgraphNode *dependencies, const CUgraphEdgeData *dependencyData, \
+         size_t numDependencies, CUstreamCaptureMode mode)",
+            CALL,
+            CaptureBegin,
+            G,
+        ),
+        cu(
+            "cuStreamEndCapture",
+            "CUresult cuStreamEndCapture(CUstream hStream, CUgraph *phGraph)",
+            "cuda_call_enter_out1",
+            CaptureEnd,
+            G,
+        ),
+        cu(
+            "cuStreamEndCapture_ptsz",
+            "CUresult cuStreamEndCapture_ptsz(CUstream hStream, CUgraph *phGraph)",
+            "cuda_call_enter_out1",
+            CaptureEnd,
+            G,
+        ),
+        cu(
+            "cuGraphAddMemAllocNode",
+            "CUresult cuGraphAddMemAllocNode(CUgraphNode *phGraphNode, CUgraph hGraph, \
+         const CUgraphNode *dependencies, size_t numDependencies, \
+         CUDA_MEM_ALLOC_NODE_PARAMS *nodeParams)",
+            "cuda_enter_mem_node",
+            Alloc,
+            G,
+        ),
+        cu(
+            "cuGraphAddMemFreeNode",
+            "CUresult cuGraphAddMemFreeNode(CUgraphNode *phGraphNode, CUgraph hGraph, \
+         const CUgraphNode *dependencies, size_t numDependencies, CUdeviceptr dptr)",
+            CALL,
+            GraphMemFree,
+            G,
+        ),
+        cu(
+            "cuGraphInstantiateWithFlags",
+            "CUresult cuGraphInstantiateWithFlags(CUgraphExec *phGraphExec, CUgraph hGraph, \
+         unsigned long long flags)",
+            CALL_OUT0,
+            GraphInstantiate,
+            G,
+        ),
+        cu(
+            "cuGraphInstantiateWithParams",
+            "CUresult cuGraphInstantiateWithParams(CUgraphExec *phGraphExec, CUgraph hGraph, \
+         CUDA_GRAPH_INSTANTIATE_PARAMS *instantiateParams)",
+            CALL_OUT0,
+            GraphInstantiate,
+            G,
+        ),
+        cu(
+            "cuGraphInstantiateWithParams_ptsz",
+            "CUresult cuGraphInstantiateWithParams_ptsz(CUgraphExec *phGraphExec, CUgraph hGraph, \
+         CUDA_GRAPH_INSTANTIATE_PARAMS *instantiateParams)",
+            CALL_OUT0,
+            GraphInstantiate,
+            G,
+        ),
+        cu(
+            "cuGraphInstantiate",
+            "CUresult cuGraphInstantiate(CUgraphExec *phGraphExec, CUgraph hGraph, CUgraphNode \
+         *phErrorNode, char *logBuffer, size_t bufferSize)",
+            CALL_OUT0,
+            GraphInstantiate,
+            G,
+        ),
+        cu(
+            "cuGraphInstantiate_v2",
+            "CUresult cuGraphInstantiate_v2(CUgraphExec *phGraphExec, CUgraph hGraph, CUgraphNode \
+         *phErrorNode, char *logBuffer, size_t bufferSize)",
+            CALL_OUT0,
+            GraphInstantiate,
+            G,
+        ),
+        cu(
+            "cuGraphUpload",
+            "CUresult cuGraphUpload(CUgraphExec hGraphExec, CUstream hStream)",
+            CALL,
+            GraphUpload,
+            G,
+        ),
+        cu(
+            "cuGraphUpload_ptsz",
+            "CUresult cuGraphUpload_ptsz(CUgraphExec hGraphExec, CUstream hStream)",
+            CALL,
+            GraphUpload,
+            G,
+        ),
+        cu(
+            "cuGraphLaunch",
+            "CUresult cuGraphLaunch(CUgraphExec hGraphExec, CUstream hStream)",
+            CALL,
+            GraphLaunch,
+            G,
+        ),
+        cu(
+            "cuGraphLaunch_ptsz",
+            "CUresult cuGraphLaunch_ptsz(CUgraphExec hGraphExec, CUstream hStream)",
+            CALL,
+            GraphLaunch,
+            G,
+        ),
+        cu(
+            "cuGraphExecDestroy",
+            "CUresult cuGraphExecDestroy(CUgraphExec hGraphExec)",
+            CALL,
+            GraphDestroy,
+            G,
+        ),
+        cu(
+            "cuGraphDestroy",
+            "CUresult cuGraphDestroy(CUgraph hGraph)",
+            CALL,
+            GraphDestroy,
+            G,
+        ),
+        cu(
+            "cuDevicePrimaryCtxRetain",
+            "CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuDevicePrimaryCtxRelease_v2",
+            "CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev)",
+            CALL,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuDevicePrimaryCtxReset_v2",
+            "CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev)",
+            CALL,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuCtxCreate_v2",
+            "CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuCtxCreate_v3",
+            "CUresult cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *paramsArray, \
+         int numParams, unsigned int flags, CUdevice dev)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuCtxCreate_v4",
+            "CUresult cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *ctxCreateParams, \
+         unsigned int flags, CUdevice dev)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuCtxDestroy_v2",
+            "CUresult cuCtxDestroy_v2(CUcontext ctx)",
+            CALL,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuModuleLoad",
+            "CUresult cuModuleLoad(CUmodule *module, const char *fname)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuModuleLoadData",
+            "CUresult cuModuleLoadData(CUmodule *module, const void *image)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuModuleLoadDataEx",
+            "CUresult cuModuleLoadDataEx(CUmodule *module, const void *image, unsigned int \
+         numOptions, CUjit_option *options, void **optionValues)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuModuleLoadFatBinary",
+            "CUresult cuModuleLoadFatBinary(CUmodule *module, const void *fatCubin)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuModuleUnload",
+            "CUresult cuModuleUnload(CUmodule hmod)",
+            CALL,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuLibraryLoadData",
+            "CUresult cuLibraryLoadData(CUlibrary *library, const void *code, CUjit_option \
+         *jitOptions, void **jitOptionsValues, unsigned int numJitOptions, CUlibraryOption \
+         *libraryOptions, void **libraryOptionValues, unsigned int numLibraryOptions)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuLibraryLoadFromFile",
+            "CUresult cuLibraryLoadFromFile(CUlibrary *library, const char *fileName, CUjit_option \
+         *jitOptions, void **jitOptionsValues, unsigned int numJitOptions, CUlibraryOption \
+         *libraryOptions, void **libraryOptionValues, unsigned int numLibraryOptions)",
+            CALL_OUT0,
+            Opaque,
+            U,
+        ),
+        cu(
+            "cuLibraryUnload",
+            "CUresult cuLibraryUnload(CUlibrary library)",
+            CALL,
+            Opaque,
+            U,
+        ),
+    ]
+};
 
 /// The CUDA hook behind an event's function code, if it is one.
 pub fn cuda_hook(func: u32) -> Option<&'static CudaHook> {
@@ -407,6 +839,23 @@ pub const RUNTIME_HOOKS: &[CudaHook] = &[
     CudaHook {
         symbol: "cudaMallocAsync",
         prototype: "cudaError_t cudaMallocAsync(void **devPtr, size_t size, cudaStream_t stream)",
+        entry_program: "cudart_enter_out0_size1",
+        return_program: RT_RET,
+        records: Records::Alloc,
+        class: Class::CudaPool,
+    },
+    CudaHook {
+        symbol: "cudaMallocAsync_ptsz",
+        prototype: "cudaError_t cudaMallocAsync_ptsz(void **devPtr, size_t size, cudaStream_t stream)",
+        entry_program: "cudart_enter_out0_size1",
+        return_program: RT_RET,
+        records: Records::Alloc,
+        class: Class::CudaPool,
+    },
+    CudaHook {
+        symbol: "cudaMallocFromPoolAsync",
+        prototype: "cudaError_t cudaMallocFromPoolAsync(void **ptr, size_t size, cudaMemPool_t \
+                    memPool, cudaStream_t stream)",
         entry_program: "cudart_enter_out0_size1",
         return_program: RT_RET,
         records: Records::Alloc,
@@ -600,22 +1049,10 @@ pub fn markdown() -> String {
             Some(ret) => format!("`{}` + `{}`", h.entry_program, ret),
             None => format!("`{}`", h.entry_program),
         };
-        let records = match h.records {
-            Records::Alloc => {
-                "allocation (out-pointer read when the CUresult is 0; else a failure with its name)"
-            }
-            Records::Free => "free of the pointer (0 ignored)",
-            Records::VmmCreate => {
-                "physical handle of `size` bytes, live while referenced or mapped"
-            }
-            Records::VmmRetain => "one more reference to the handle (out-pointer)",
-            Records::VmmRelease => "one reference less",
-            Records::VmmMap => "the handle mapped at a device range",
-            Records::VmmUnmap => "every mapping in the range unmapped (one call may cover many)",
-            Records::CaptureBegin => {
-                "the thread captures: its allocations are phase `graph-capture`, CUDA ones class `cuda-graph`"
-            }
-            Records::CaptureEnd => "the capture ends",
+        let records = if h.records.samples_gpu() {
+            format!("{}; NVML sampled right after", h.records.describe())
+        } else {
+            h.records.describe().to_string()
         };
         out.push_str(&format!(
             "| `{}` | `{}` | {probes} | {records} | `{}` |\n",

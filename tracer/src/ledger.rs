@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, HashMap};
 use rustc_hash::FxHashMap;
 
 use crate::model::{
-    CellKey, Class, ClassTotals, FailureKey, LedgerState, PHASE_NONE, SeriesPoint, StackCounters,
-    StackIndex,
+    CellKey, Class, ClassTotals, CudaCalls, FailureKey, LedgerState, PHASE_NONE, SeriesPoint,
+    StackCounters, StackIndex,
 };
 
 /// Lost-event cause counted by the ledger itself (see module docs).
@@ -78,6 +78,13 @@ impl LiveBlocks {
         old
     }
 
+    fn get(&self, pid: u32, addr: u64) -> Option<u64> {
+        match self.by_pid.get(&pid).and_then(|m| m.get(&addr)) {
+            Some(packed) => Some(packed & ((1 << SIZE_BITS) - 1)),
+            None => self.wide.get(&(pid, addr)).map(|b| b.size),
+        }
+    }
+
     fn remove(&mut self, pid: u32, addr: u64) -> Option<LiveBlock> {
         let found = match self.by_pid.get_mut(&pid).and_then(|m| m.remove(&addr)) {
             Some(packed) => Some(LiveBlock {
@@ -130,6 +137,7 @@ pub struct Ledger {
     missed_frees: u64,
     faults: BTreeMap<(u32, Option<StackIndex>), u64>,
     released: BTreeMap<(u32, Option<StackIndex>), u64>,
+    cuda_calls: CudaCalls,
 }
 
 impl Default for Ledger {
@@ -147,6 +155,7 @@ impl Default for Ledger {
             missed_frees: 0,
             faults: BTreeMap::new(),
             released: BTreeMap::new(),
+            cuda_calls: BTreeMap::new(),
         }
     }
 }
@@ -295,6 +304,16 @@ impl Ledger {
         *self.released.entry((pid, stack)).or_default() += bytes;
     }
 
+    /// A non-allocating CUDA call of `function` at `stack` in `pid`, failed or not.
+    pub fn cuda_call(&mut self, pid: u32, function: &str, stack: Option<StackIndex>, ok: bool) {
+        let counts = self
+            .cuda_calls
+            .entry((pid, function.to_string(), stack))
+            .or_default();
+        counts.calls += 1;
+        counts.failed += u64::from(!ok);
+    }
+
     /// A failed allocation call.
     pub fn failure(&mut self, key: FailureKey) {
         *self.failures.entry(key).or_default() += 1;
@@ -307,6 +326,11 @@ impl Ledger {
             .filter(|(k, _)| k.pid == pid && which(k.class))
             .map(|(_, c)| c.live_bytes)
             .sum()
+    }
+
+    /// The size of the block live at `addr` in `pid`, if one is.
+    pub fn block_size(&self, pid: u32, addr: u64) -> Option<u64> {
+        self.live.get(pid, addr)
     }
 
     /// Number of blocks live now.
@@ -349,6 +373,7 @@ impl Ledger {
             unmatched_frees: self.unmatched_frees,
             faults: self.faults.clone(),
             released: self.released.clone(),
+            cuda_calls: self.cuda_calls.clone(),
             lost_events,
         }
     }

@@ -1,4 +1,5 @@
 //! alloctrace: eBPF memory-allocation tracer. Data flows probes → events → ledger → recording → views.
+pub mod cuda;
 pub mod cuda_vmm;
 pub mod events;
 pub mod gpu;

@@ -36,12 +36,23 @@ pub enum Class {
     /// Physical memory of CUDA VMM handles (cuMemCreate) while referenced or mapped; address
     /// reservations are not memory.
     CudaVmm,
-    /// Device memory obtained while the allocating thread was capturing a CUDA graph.
+    /// Device memory obtained while the allocating thread was capturing a CUDA graph, or by a
+    /// graph memory node (cuGraphAddMemAllocNode).
     CudaGraph,
+    /// Device memory of another process opened through CUDA IPC (cuIpcOpenMemHandle): mapped
+    /// here, owned there; never part of this process's device total.
+    CudaIpc,
+    /// Host ranges page-locked with cuMemHostRegister: already counted as heap or mmap, so
+    /// marked here and never added to anything.
+    CudaRegistered,
+    /// GPU memory the driver reports (NVML) beyond the traced device classes, charged to the
+    /// opaque driver call (context creation, module load, graph instantiation...) after which it
+    /// appeared; `unattributed` stack when no such call was in the window.
+    GpuUntraced,
 }
 
 impl Class {
-    pub const ALL: [Class; 12] = [
+    pub const ALL: [Class; 15] = [
         Class::Heap,
         Class::Mmap,
         Class::MmapShared,
@@ -54,6 +65,9 @@ impl Class {
         Class::CudaManaged,
         Class::CudaVmm,
         Class::CudaGraph,
+        Class::CudaIpc,
+        Class::CudaRegistered,
+        Class::GpuUntraced,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +84,9 @@ impl Class {
             Class::CudaManaged => "cuda-managed",
             Class::CudaVmm => "cuda-vmm",
             Class::CudaGraph => "cuda-graph",
+            Class::CudaIpc => "cuda-ipc",
+            Class::CudaRegistered => "cuda-registered",
+            Class::GpuUntraced => "gpu-untraced",
         }
     }
 
@@ -174,8 +191,21 @@ pub struct LedgerState {
     /// pages given back to the kernel while the mapping stays (RSS shrinks, live mapped bytes do
     /// not).
     pub released: BTreeMap<(u32, Option<StackIndex>), u64>,
+    /// Non-allocating CUDA driver calls (graphs, pools, IPC, registration, contexts, modules) by
+    /// (pid, function, stack).
+    pub cuda_calls: CudaCalls,
     /// Lost events and stacks by cause (`tracer_common::drop_cause::NAMES`, plus user-space causes).
     pub lost_events: BTreeMap<String, u64>,
+}
+
+/// Non-allocating CUDA calls by (pid, function, stack).
+pub type CudaCalls = BTreeMap<(u32, String, Option<StackIndex>), CallCounts>;
+
+/// How often a call ran, and how often it failed (a non-zero CUresult).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallCounts {
+    pub calls: u64,
+    pub failed: u64,
 }
 
 /// Resident memory of a traced process at one second, from /proc/PID/status (bytes), with the
@@ -214,6 +244,8 @@ pub struct GpuSample {
 
 impl Class {
     /// Classes of device memory (what NVML's per-process figure covers).
+    /// Device memory the process obtained itself through traced calls: what NVML's per-process
+    /// figure is reconciled against.
     pub fn is_device(self) -> bool {
         matches!(
             self,

@@ -2,7 +2,7 @@
 //! finalize on duration, signal or target exit.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     ffi::OsString,
     io::{IsTerminal, Write},
     path::PathBuf,
@@ -17,6 +17,7 @@ use tokio::{
 use tracer_common::{HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, map_op, proc_op};
 
 use crate::{
+    cuda::CudaLayer,
     cuda_vmm::VmmLedger,
     events::{self, Event},
     gpu, hooks,
@@ -75,9 +76,6 @@ fn own_peak_rss_kib() -> u64 {
 /// CPython arenas are 256 KiB (up to 3.9) or 1 MiB; smaller mmaps are not worth a look.
 const PYTHON_ARENA_MIN: u64 = 256 << 10;
 const PYTHON_ARENA_FUNCTIONS: [&str; 2] = ["_PyObject_ArenaMmap", "new_arena"];
-
-/// The built-in phase of allocations made while a CUDA graph is being captured.
-const PHASE_GRAPH_CAPTURE: &str = "graph-capture";
 
 const PROT_EXEC: u64 = 0x4;
 const MAP_SHARED: u64 = 0x01;
@@ -211,24 +209,39 @@ fn read_smaps(pid: u32) -> Smaps {
     out
 }
 
-/// Hooks the CUDA driver of `pid` if it maps one not hooked yet for it (at attach, and each
-/// second after: CUDA libraries are usually dlopen'ed later). Says so on stderr.
-fn hook_cuda(pid: u32, probes: &mut HeapProbes, hooked: &mut HashMap<(u32, u64), ()>) {
+/// CUDA objects hooked so far, and objects known to hold no CUDA runtime.
+#[derive(Default)]
+struct CudaHooked {
+    /// (pid, inode) of the objects hooked in each process.
+    hooked: HashSet<(u32, u64)>,
+    /// Inodes of objects read for a static runtime and found without one.
+    without_runtime: HashSet<u64>,
+}
+
+/// Hooks the CUDA driver of `pid`, its shared runtime and the runtimes linked statically into its
+/// other objects, for those not hooked yet in it (at attach, and each second after: CUDA
+/// libraries are usually dlopen'ed later). Says so on stderr.
+fn hook_cuda(pid: u32, probes: &mut HeapProbes, done: &mut CudaHooked) {
     let Ok(maps) = resolve::read_maps(pid) else {
         return;
     };
-    let objects = [
-        ("CUDA driver", resolve::find_cuda_driver(pid, &maps)),
-        ("CUDA runtime", resolve::find_cuda_runtime(pid, &maps)),
-    ];
+    // The runtime is hooked before the driver is loaded (it loads the driver inside its first
+    // call), and fails by itself without one.
+    let mut objects: Vec<(&str, resolve::CudaObject)> = Vec::new();
+    objects.extend(resolve::find_cuda_driver(pid, &maps).map(|d| ("CUDA driver", d)));
+    objects.extend(resolve::find_cuda_runtime(pid, &maps).map(|rt| ("CUDA runtime", rt)));
+    let (statics, without) = resolve::find_static_cuda_runtimes(pid, &maps, |inode| {
+        done.without_runtime.contains(&inode) || done.hooked.contains(&(pid, inode))
+    });
+    done.without_runtime.extend(without);
+    objects.extend(statics.into_iter().map(|rt| ("static CUDA runtime", rt)));
     for (what, object) in objects {
-        let Some(object) = object else { continue };
-        if object.points.is_empty() || hooked.contains_key(&(pid, object.inode)) {
+        if object.points.is_empty() || done.hooked.contains(&(pid, object.inode)) {
             continue;
         }
         match probes.attach_cuda(pid, &object) {
             Ok(()) => {
-                hooked.insert((pid, object.inode), ());
+                done.hooked.insert((pid, object.inode));
                 eprintln!(
                     "hooked {} in PID {pid}: {} {what} probes",
                     object.target_path,
@@ -271,16 +284,44 @@ fn sample_rss(pid: u32, t_s: u64, mappings: &MappingLedger) -> Option<RssSample>
     })
 }
 
+/// Samples the GPU memory of `pids`, records it and charges the residual's change (class
+/// `gpu-untraced`) to the opaque calls since the last sample.
+fn sample_gpu(
+    source: &mut dyn gpu::GpuMemorySource,
+    sink: &mut EventSink,
+    pids: &[u32],
+    started: Instant,
+    writer: &mut Writer,
+) -> anyhow::Result<()> {
+    let t_s = started.elapsed().as_secs();
+    let usage = source.sample(pids);
+    let mut samples = Vec::with_capacity(usage.len());
+    for &p in pids {
+        match usage.get(&p) {
+            Some(&used) => {
+                sink.cuda.hidden.sample(&mut sink.ledger, p, used);
+                samples.push(GpuSample {
+                    t_s,
+                    pid: p,
+                    used,
+                    traced: sink.ledger.live_of(p, Class::is_device),
+                });
+            }
+            // Not on a GPU (yet): nothing to charge.
+            None => sink.cuda.hidden.forget(p),
+        }
+    }
+    writer.add_gpu_samples(&samples)?;
+    Ok(())
+}
+
 /// User-space loss causes, besides the kernel's `drop_cause::NAMES`.
 const UNDECODABLE: &str = "undecodable_record";
 
 /// Applies events to the ledger, interning stacks as they come.
 struct EventSink {
     ledger: Ledger,
-    /// Threads whose driver call failed inside a runtime call not yet returned.
-    driver_failed: std::collections::HashSet<(u32, u32)>,
-    /// Threads capturing a CUDA graph: (pid, tid) → nested captures.
-    capturing: HashMap<(u32, u32), u32>,
+    cuda: CudaLayer,
     vmm: VmmLedger,
     mappings: MappingLedger,
     stacks: StackTable,
@@ -319,25 +360,19 @@ impl EventSink {
                 ips.read_into(&mut self.ips);
                 let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
                 if let Some(runtime) = hooks::runtime_hook(ev.func) {
-                    self.runtime_return(&ev, runtime, stack);
+                    self.cuda
+                        .runtime_return(&mut self.ledger, &ev, runtime, stack);
                     return;
                 }
                 let cuda = hooks::cuda_hook(ev.func);
-                let mut class = cuda.map_or(Class::Heap, |h| h.class);
-                // Built-in phase: everything a capturing thread allocates belongs to the graph.
-                let capturing = self.capturing.contains_key(&(ev.tgid, ev.tid));
-                let phase = if capturing {
-                    self.ledger.phase(PHASE_GRAPH_CAPTURE)
-                } else {
-                    0
+                let at = match cuda {
+                    Some(h) if ev.addr != 0 => CellRef {
+                        stack,
+                        ..self.cuda.placement(&mut self.ledger, &ev, h)
+                    },
+                    _ => CellRef::new(ev.tgid, Class::Heap, stack),
                 };
-                if capturing && matches!(class, Class::Cuda | Class::CudaPool) {
-                    class = Class::CudaGraph;
-                }
-                let at = CellRef {
-                    phase,
-                    ..CellRef::new(ev.tgid, class, stack)
-                };
+                let class = cuda.map_or(Class::Heap, |h| h.class);
                 let vmm = cuda.map(|h| h.records);
                 if ev.addr != 0 && vmm == Some(hooks::Records::VmmCreate) {
                     self.vmm
@@ -348,20 +383,18 @@ impl EventSink {
                     self.vmm.retain(ev.tgid, ev.addr);
                     return;
                 }
+                if ev.addr != 0
+                    && vmm == Some(hooks::Records::Alloc)
+                    && hooks::runtime_hook(ev.old_addr as u32).is_some()
+                {
+                    // Counted when the runtime call around it returns, at the runtime caller's
+                    // stack (libcudart has no frame pointers: the driver's own walk stops in it).
+                    self.cuda.defer_alloc(ev, at);
+                    return;
+                }
                 if ev.addr == 0 {
                     let (function, error) = match cuda {
-                        Some(h) => {
-                            // Inside a runtime call: name both, and let the runtime's own
-                            // return not count this failure again.
-                            match hooks::runtime_hook(ev.old_addr as u32) {
-                                Some(rt) => {
-                                    self.driver_failed.insert((ev.tgid, ev.tid));
-                                    let name = format!("{} → {}", rt.symbol, h.symbol);
-                                    (name, hooks::cuda_error_name(ev.err))
-                                }
-                                None => (h.symbol.to_string(), hooks::cuda_error_name(ev.err)),
-                            }
-                        }
+                        Some(h) => (h.symbol.to_string(), hooks::cuda_error_name(ev.err)),
                         None => (
                             self.fn_names
                                 .get(&ev.func)
@@ -370,14 +403,19 @@ impl EventSink {
                             events::errno_name(ev.err),
                         ),
                     };
-                    self.ledger.failure(FailureKey {
+                    let failure = FailureKey {
                         class,
                         pid: ev.tgid,
                         function,
                         size: ev.size,
                         error,
                         stack,
-                    });
+                    };
+                    if cuda.is_some() {
+                        self.cuda.driver_failure(&mut self.ledger, &ev, failure);
+                    } else {
+                        self.ledger.failure(failure);
+                    }
                 } else if is_realloc {
                     self.ledger
                         .realloc(ev.tgid, ev.old_addr, ev.addr, ev.size, at);
@@ -395,29 +433,10 @@ impl EventSink {
                 let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
                 self.ledger.fault(ev.tgid, stack, u64::from(ev.weight));
             }
-            Some(Event::CudaCall(ev)) => {
-                let (pid, a) = (ev.tgid, ev.args);
-                match hooks::cuda_hook(ev.func).map(|h| h.records) {
-                    Some(hooks::Records::VmmRelease) => {
-                        self.vmm.release(&mut self.ledger, pid, a[0])
-                    }
-                    Some(hooks::Records::VmmMap) => self.vmm.map(pid, a[0], a[1], a[3]),
-                    Some(hooks::Records::VmmUnmap) => {
-                        self.vmm.unmap(&mut self.ledger, pid, a[0], a[1])
-                    }
-                    Some(hooks::Records::CaptureBegin) => {
-                        *self.capturing.entry((pid, ev.tid)).or_default() += 1;
-                    }
-                    Some(hooks::Records::CaptureEnd) => {
-                        if let Some(n) = self.capturing.get_mut(&(pid, ev.tid)) {
-                            *n -= 1;
-                            if *n == 0 {
-                                self.capturing.remove(&(pid, ev.tid));
-                            }
-                        }
-                    }
-                    _ => self.undecodable += 1,
-                }
+            Some(Event::CudaCall(ev, ips)) => {
+                ips.read_into(&mut self.ips);
+                let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
+                self.cuda.call(&mut self.ledger, &mut self.vmm, &ev, stack);
             }
             Some(Event::Proc(ev)) => {
                 match ev.op {
@@ -456,28 +475,6 @@ impl EventSink {
             .iter()
             .take(3)
             .any(|&ip| PYTHON_ARENA_FUNCTIONS.contains(&namer.function_at(ip).as_str()))
-    }
-
-    /// The return of a CUDA runtime call: its success was counted by the driver call it made;
-    /// its failure is recorded unless the driver call inside it already failed (and was named
-    /// after both).
-    fn runtime_return(
-        &mut self,
-        ev: &tracer_common::HeapAllocEvent,
-        hook: &hooks::CudaHook,
-        stack: Option<StackIndex>,
-    ) {
-        if self.driver_failed.remove(&(ev.tgid, ev.tid)) || ev.addr != 0 {
-            return;
-        }
-        self.ledger.failure(FailureKey {
-            class: hook.class,
-            pid: ev.tgid,
-            function: hook.symbol.to_string(),
-            size: ev.size,
-            error: hooks::runtime_error_name(ev.err),
-            stack,
-        });
     }
 
     fn apply_map(&mut self, ev: &MapEvent, stack: Option<StackIndex>) {
@@ -621,7 +618,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         return Err(TargetError::ExitedDuringAttach { pid }.into());
     }
     // Processes whose CUDA driver is hooked, by the driver file's inode.
-    let mut cuda_hooked: HashMap<(u32, u64), ()> = HashMap::new();
+    let mut cuda_hooked = CudaHooked::default();
     hook_cuda(pid, &mut probes, &mut cuda_hooked);
 
     let started = Instant::now();
@@ -640,10 +637,21 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         .flat_map(|a| &a.points)
         .map(|p| (p.hook().func as u32, p.name()))
         .collect();
+    // GPU memory per process, to reconcile with the traced device classes.
+    let mut gpu = match gpu::open_source() {
+        Ok(source) => {
+            writer.set_gpu_source(&source.describe())?;
+            Some(source)
+        }
+        Err(why) => {
+            // Said in the report, where it matters (a process that used the GPU).
+            writer.set_gpu_source(&format!("not available: {why}"))?;
+            None
+        }
+    };
     let mut sink = EventSink {
         ledger: Ledger::new(),
-        driver_failed: std::collections::HashSet::new(),
-        capturing: HashMap::new(),
+        cuda: CudaLayer::new(gpu.is_some()),
         vmm: VmmLedger::new(),
         mappings: MappingLedger::new(),
         stacks: StackTable::new(),
@@ -696,18 +704,6 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     let progress = std::io::stderr().is_terminal();
     let mut last_events = 0u64;
 
-    // GPU memory per process, to reconcile with the traced device classes.
-    let mut gpu = match gpu::open_source() {
-        Ok(source) => {
-            writer.set_gpu_source(&source.describe())?;
-            Some(source)
-        }
-        Err(why) => {
-            // Said in the report, where it matters (a process that used the GPU).
-            writer.set_gpu_source(&format!("not available: {why}"))?;
-            None
-        }
-    };
     // Traced processes: the target, then the children it forks. `live` are those not exited.
     let mut pids = vec![pid];
     let mut live: Vec<u32> = vec![pid];
@@ -746,8 +742,18 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
                 }
                 if pids.len() != before {
                     writer.set_target_pids(&pids)?;
+                    // A child inherits the parent's CUDA libraries, not its uprobes.
+                    for &p in &pids[before..] {
+                        hook_cuda(p, &mut probes, &mut cuda_hooked);
+                    }
                 }
                 exec_pending.retain(|&p| !heap_after_exec(p, allocator.as_ref(), &mut probes));
+                // Right after an opaque driver call (context, module, graph), while what it
+                // allocated for itself is new.
+                let waiting = sink.cuda.hidden.waiting();
+                if let Some(source) = gpu.as_mut() && !waiting.is_empty() {
+                    sample_gpu(source.as_mut(), &mut sink, &waiting, started, &mut writer)?;
+                }
                 if let Some(how) = &main_exited && live.is_empty() {
                     break how.clone();
                 }
@@ -758,18 +764,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
                 }
                 sink.drain(&mut ring);
                 if let Some(source) = gpu.as_mut() {
-                    let t_s = started.elapsed().as_secs();
-                    let samples: Vec<GpuSample> = source
-                        .sample(&live)
-                        .into_iter()
-                        .map(|(p, used)| GpuSample {
-                            t_s,
-                            pid: p,
-                            used,
-                            traced: sink.ledger.live_of(p, Class::is_device),
-                        })
-                        .collect();
-                    writer.add_gpu_samples(&samples)?;
+                    sample_gpu(source.as_mut(), &mut sink, &live, started, &mut writer)?;
                 }
                 commit(&mut sink, &mut writer, &probes, &live)?;
                 if progress {
@@ -814,6 +809,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
 
     // Everything the target did before now is in the ring: drain it, then write the last state.
     sink.drain(&mut ring);
+    sink.cuda.finish(&mut sink.ledger);
     commit(&mut sink, &mut writer, &probes, &live)?;
     writer.finalize(started.elapsed().as_secs_f64())?;
     let lost: u64 = sink.lost(&probes).values().sum();

@@ -12,29 +12,43 @@ use common::{TestProcess, fixture_variant, json_class_rows, privileged, report_v
 const MIB: u64 = 1 << 20;
 
 /// Builds the stub driver as `libcuda.so.1` (its soname and file name, like the real one), once
-/// per test binary (the tests run in parallel threads).
+/// per test binary (the tests run in parallel threads), with the stub NVML and runtimes beside it.
 fn stub_libcuda() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(build_stub_libcuda).clone()
+    BUILT
+        .get_or_init(|| {
+            build_stub("libnvidia-ml.so.1", &["stub_nvml.c"], &[]);
+            build_stub("libcudart.so.12", &["stub_cudart.c"], &[]);
+            // The runtime linked into another library, hidden (only in .symtab).
+            build_stub(
+                "libmodel.so",
+                &["model_lib.c", "stub_cudart.c"],
+                &["-fvisibility=hidden", "-fno-inline"],
+            );
+            build_stub("libcuda.so.1", &["stub_cuda.c"], &[])
+        })
+        .clone()
 }
 
-fn build_stub_libcuda() -> PathBuf {
+/// The directory of the stub libraries (an LD_LIBRARY_PATH for the fixtures and the recorder).
+fn stub_dir() -> PathBuf {
+    stub_libcuda().parent().unwrap().to_path_buf()
+}
+
+fn build_stub(name: &str, sources: &[&str], extra: &[&str]) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stub-cuda");
     std::fs::create_dir_all(&dir).unwrap();
-    let lib = dir.join("libcuda.so.1");
-    let tmp = dir.join(format!("libcuda.so.1.{}.tmp", std::process::id()));
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stub_cuda.c");
+    let lib = dir.join(name);
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
     let out = Command::new("cc")
-        .args([
-            "-O1",
-            "-fno-omit-frame-pointer",
-            "-shared",
-            "-fPIC",
-            "-Wl,-soname,libcuda.so.1",
-            "-o",
-        ])
+        .args(["-O1", "-fno-omit-frame-pointer", "-shared", "-fPIC"])
+        .arg(format!("-Wl,-soname,{name}"))
+        .args(extra)
+        .arg("-o")
         .arg(&tmp)
-        .arg(src)
+        .args(sources.iter().map(|s| format!("{fixtures}{s}")))
+        .arg("-ldl")
         .output()
         .expect("cc");
     assert!(
@@ -63,52 +77,96 @@ fn rows_at(r: &serde_json::Value, class: &str, function: &str) -> (u64, u64) {
 /// Runs `cuda_fixture LIB ARGS...` under `record -p`: the driver is dlopen'ed after attach and
 /// must be hooked within a second; returns the JSON report and the fixture's stdout.
 fn trace_cuda_fixture(lib: &std::path::Path, args: &[&str]) -> (serde_json::Value, String) {
-    trace_cuda_fixture_with(lib, args, None, None)
+    Run::default().trace("cuda_fixture", &[], lib.as_os_str(), args)
 }
 
-/// Like `trace_cuda_fixture`, with GPU memory samples replayed from `gpu_samples` (the NVML
-/// stand-in), and a second-and-more after "done" so that a sample sees the end state.
-fn trace_cuda_fixture_with(
-    lib: &std::path::Path,
-    args: &[&str],
-    gpu_samples: Option<&std::path::Path>,
-    library_path: Option<&std::path::Path>,
-) -> (serde_json::Value, String) {
-    let exe = fixture_variant("cuda_fixture", "", &["-ldl"]);
-    let mut cmd = Command::new(&exe);
-    cmd.arg(lib).args(args);
-    if let Some(dir) = library_path {
-        cmd.env("LD_LIBRARY_PATH", dir);
+/// How a CUDA fixture runs under the recorder.
+#[derive(Default)]
+struct Run<'a> {
+    /// GPU memory samples replayed by the recorder (ALLOCTRACE_GPU_SAMPLES).
+    gpu_samples: Option<&'a std::path::Path>,
+    /// LD_LIBRARY_PATH of the fixture.
+    library_path: Option<&'a std::path::Path>,
+    /// The stub NVML's directory: the stub driver writes the process's GPU memory there and the
+    /// recorder loads the stub NVML (stub_nvml.c) that reads it.
+    nvml_dir: Option<&'a std::path::Path>,
+    /// The fixture forks a child that says "forked" and waits for a line: sent once the
+    /// recorder has hooked the child.
+    child: bool,
+}
+
+impl Run<'_> {
+    /// Runs fixture `name` (built with `cflags`) with `first` and `args`; the fixture prints
+    /// "ready", waits for a line, loads its CUDA libraries, prints "loaded", waits for a line,
+    /// works, prints "done" and waits for stdin EOF.
+    fn trace(
+        &self,
+        name: &str,
+        cflags: &[&str],
+        first: &std::ffi::OsStr,
+        args: &[&str],
+    ) -> (serde_json::Value, String) {
+        let mut flags = vec!["-ldl"];
+        flags.extend(cflags);
+        let variant = if cflags.is_empty() { "" } else { "static" };
+        let exe = fixture_variant(name, variant, &flags);
+        let mut cmd = Command::new(&exe);
+        cmd.arg(first).args(args);
+        if let Some(dir) = self.library_path {
+            cmd.env("LD_LIBRARY_PATH", dir);
+        }
+        if let Some(dir) = self.nvml_dir {
+            cmd.env("STUB_NVML_DIR", dir);
+        }
+        let mut target = TestProcess::spawn(name, cmd);
+        target.expect_stdout("ready");
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("cuda.trace");
+        let mut rec_cmd = Command::new(common::alloctrace());
+        rec_cmd
+            .args(["record", "-p", &target.pid().to_string(), "-o"])
+            .arg(&trace);
+        if let Some(samples) = self.gpu_samples {
+            rec_cmd.env("ALLOCTRACE_GPU_SAMPLES", samples);
+        }
+        if let Some(nvml) = self.nvml_dir {
+            rec_cmd
+                .env("STUB_NVML_DIR", nvml)
+                .env("LD_LIBRARY_PATH", stub_dir());
+        }
+        let mut recorder = TestProcess::spawn("alloctrace record", rec_cmd);
+        recorder.expect_stderr_prefix("attached");
+        target.send_line("load");
+        target.expect_stdout("loaded");
+        // The driver is hooked within a second of being mapped; so is the runtime (shared or
+        // static) of the runtime fixture.
+        // (A runtime linked into the executable is hooked at attach.)
+        let objects = if name == "cudart_fixture" && first != "static" {
+            2
+        } else {
+            1
+        };
+        for _ in 0..objects {
+            recorder.expect_stderr_prefix("hooked");
+        }
+        target.send_line("go");
+        if self.child {
+            target.expect_stdout("forked");
+            recorder.expect_stderr_prefix("hooked");
+            target.send_line("import");
+        }
+        target.expect_stdout("done");
+        if self.gpu_samples.is_some() || self.nvml_dir.is_some() {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
+        recorder.signal(libc::SIGINT);
+        recorder.wait_success();
+        target.close_stdin();
+        target.wait_success();
+        let stdout = target.stdout_text();
+        let r = report_value(&trace);
+        (r, stdout)
     }
-    let mut target = TestProcess::spawn("cuda_fixture", cmd);
-    target.expect_stdout("ready");
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("cuda.trace");
-    let mut rec_cmd = Command::new(common::alloctrace());
-    rec_cmd
-        .args(["record", "-p", &target.pid().to_string(), "-o"])
-        .arg(&trace);
-    if let Some(samples) = gpu_samples {
-        rec_cmd.env("ALLOCTRACE_GPU_SAMPLES", samples);
-    }
-    let mut recorder = TestProcess::spawn("alloctrace record", rec_cmd);
-    recorder.expect_stderr_prefix("attached");
-    target.send_line("load");
-    target.expect_stdout("loaded");
-    // The driver is hooked within a second of being mapped.
-    recorder.expect_stderr_prefix("hooked");
-    target.send_line("go");
-    target.expect_stdout("done");
-    if gpu_samples.is_some() {
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-    }
-    recorder.signal(libc::SIGINT);
-    recorder.wait_success();
-    target.close_stdin();
-    target.wait_success();
-    let stdout = target.stdout_text();
-    let r = report_value(&trace);
-    (r, stdout)
 }
 
 #[test]
@@ -338,7 +396,11 @@ fn gpu_memory_nobody_traced_is_the_driver_figure_minus_the_device_classes() {
         "# second pid bytes (pid 0: every traced process)\n0 0 2147483648\n",
     )
     .unwrap();
-    let (r, _) = trace_cuda_fixture_with(&stub_libcuda(), &[], Some(&samples), None);
+    let run = Run {
+        gpu_samples: Some(&samples),
+        ..Run::default()
+    };
+    let (r, _) = run.trace("cuda_fixture", &[], stub_libcuda().as_os_str(), &[]);
     let p = &r["gpu"]["processes"][0];
     // Device classes: cuda 1029 MiB + cuda-pool 128 MiB + cuda-managed 8 MiB; pinned memory is
     // host memory.
@@ -374,7 +436,11 @@ fn the_real_runtime_without_a_gpu_reports_its_failure_by_name() {
     );
     // The runtime loads the driver by name: the extracted one.
     let driver_dir = real_libcuda().parent().unwrap().to_path_buf();
-    let (r, stdout) = trace_cuda_fixture_with(&cudart, &["runtime"], None, Some(&driver_dir));
+    let run = Run {
+        library_path: Some(&driver_dir),
+        ..Run::default()
+    };
+    let (r, stdout) = run.trace("cuda_fixture", &[], cudart.as_os_str(), &["runtime"]);
     let rc: i32 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("rc "))
@@ -405,4 +471,261 @@ fn the_real_runtime_without_a_gpu_reports_its_failure_by_name() {
     );
     assert_eq!(f["frames"][0], "rt_alloc", "{f:#}");
     assert_eq!(r["totals"]["cuda"]["live_bytes"], 0, "{r:#}");
+}
+
+/// Calls of `function` in the report's `cuda_calls`: (calls, failed), all stacks.
+fn calls_of(r: &serde_json::Value, function: &str) -> (u64, u64) {
+    r["cuda_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["function"] == function)
+        .fold((0, 0), |(n, f), c| {
+            (
+                n + c["calls"].as_u64().unwrap(),
+                f + c["failed"].as_u64().unwrap(),
+            )
+        })
+}
+
+#[test]
+fn pitch_pools_registration_graph_nodes_and_executables_are_exact() {
+    if !privileged() {
+        return;
+    }
+    let (r, _) = trace_cuda_fixture(&stub_libcuda(), &["more"]);
+    assert_eq!(rows_at(&r, "cuda", "pitched_rows"), (102400, 1), "{r:#}");
+    assert_eq!(
+        rows_at(&r, "cuda-pool", "pool_allocs"),
+        (8 * MIB, 2),
+        "{r:#}"
+    );
+    // Registration marks host memory the mmap class already counts: both show, nothing added.
+    assert_eq!(
+        rows_at(&r, "cuda-registered", "register_staging"),
+        (2 * MIB, 1),
+        "{r:#}"
+    );
+    let mmaps = common::json_class_rows(&r, "mmap", "register_staging");
+    assert_eq!(
+        (
+            common::json_sum(&mmaps, "live_bytes"),
+            common::json_sum(&mmaps, "live_count")
+        ),
+        (3 * MIB, 2),
+        "{r:#}"
+    );
+    assert_eq!(
+        rows_at(&r, "cuda-graph", "graph_nodes"),
+        (6 * MIB, 1),
+        "{r:#}"
+    );
+    for (function, calls, failed) in [
+        ("cuMemPoolCreate", 2, 0),
+        ("cuMemPoolDestroy", 1, 0),
+        ("cuMemPoolTrimTo", 1, 0),
+        ("cuMemHostRegister_v2", 2, 0),
+        ("cuMemHostUnregister", 1, 0),
+        ("cuGraphAddMemFreeNode", 1, 0),
+        ("cuGraphInstantiateWithFlags", 3, 1),
+        ("cuGraphLaunch", 5, 0),
+        ("cuGraphUpload", 1, 0),
+        ("cuGraphExecDestroy", 2, 0),
+        ("cuGraphDestroy", 1, 0),
+    ] {
+        assert_eq!(calls_of(&r, function), (calls, failed), "{function}: {r:#}");
+    }
+    let calls = r["cuda_calls"].as_array().unwrap();
+    let launches = calls
+        .iter()
+        .find(|c| c["function"] == "cuGraphLaunch")
+        .unwrap();
+    assert_eq!(launches["frames"][0], "graph_execs", "{launches:#}");
+    let f = r["failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["function"] == "cuGraphInstantiateWithFlags")
+        .unwrap_or_else(|| panic!("no failed instantiation: {r:#}"));
+    assert_eq!(
+        (&f["error"], &f["count"], &f["frames"][0]),
+        (
+            &serde_json::json!("CUDA_ERROR_INVALID_VALUE"),
+            &serde_json::json!(1),
+            &serde_json::json!("graph_execs")
+        ),
+        "{f:#}"
+    );
+}
+
+#[test]
+fn driver_memory_is_charged_to_the_opaque_call_after_which_it_appeared() {
+    if !privileged() {
+        return;
+    }
+    let nvml = tempfile::tempdir().unwrap();
+    let run = Run {
+        nvml_dir: Some(nvml.path()),
+        ..Run::default()
+    };
+    let (r, _) = run.trace("cuda_fixture", &[], stub_libcuda().as_os_str(), &["hidden"]);
+    assert!(
+        r["gpu"]["source"].as_str().unwrap().starts_with("NVML"),
+        "{:#}",
+        r["gpu"]
+    );
+    // The stub driver holds 300 MiB per context, 20 MiB per module, 8 MiB per executable.
+    assert_eq!(
+        rows_at(&r, "gpu-untraced", "ctx_init"),
+        (300 * MIB, 1),
+        "{r:#}"
+    );
+    assert_eq!(
+        rows_at(&r, "gpu-untraced", "load_kernels"),
+        (20 * MIB, 1),
+        "{r:#}"
+    );
+    assert_eq!(
+        rows_at(&r, "gpu-untraced", "build_graph"),
+        (8 * MIB, 1),
+        "{r:#}"
+    );
+    assert_eq!(
+        r["totals"]["gpu-untraced"]["live_bytes"],
+        328 * MIB,
+        "{r:#}"
+    );
+    // Traced device memory is not residual: 128 MiB of weights, 16 MiB captured.
+    assert_eq!(
+        rows_at(&r, "cuda", "hidden_weights"),
+        (128 * MIB, 2),
+        "{r:#}"
+    );
+    assert_eq!(
+        rows_at(&r, "cuda-graph", "build_graph"),
+        (16 * MIB, 1),
+        "{r:#}"
+    );
+    let p = &r["gpu"]["processes"][0];
+    assert_eq!(
+        (&p["used"], &p["traced"], &p["untraced"]),
+        (
+            &serde_json::json!(472 * MIB),
+            &serde_json::json!(144 * MIB),
+            &serde_json::json!(328 * MIB)
+        ),
+        "{:#}",
+        r["gpu"]
+    );
+    assert_eq!(calls_of(&r, "cuDevicePrimaryCtxRetain"), (1, 0), "{r:#}");
+    assert_eq!(calls_of(&r, "cuModuleLoadData"), (1, 0), "{r:#}");
+}
+
+#[test]
+fn ipc_imports_are_sized_by_their_exporter_and_never_owned() {
+    if !privileged() {
+        return;
+    }
+    let run = Run {
+        child: true,
+        ..Run::default()
+    };
+    let (r, _) = run.trace("cuda_fixture", &[], stub_libcuda().as_os_str(), &["ipc"]);
+    assert_eq!(rows_at(&r, "cuda", "ipc_export"), (4 * MIB, 1), "{r:#}");
+    assert_eq!(rows_at(&r, "cuda-ipc", "ipc_import"), (4 * MIB, 1), "{r:#}");
+    assert_eq!(rows_at(&r, "cuda-ipc", "ipc_reopen"), (0, 0), "{r:#}");
+    let importer = r["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["class"] == "cuda-ipc")
+        .unwrap()["pid"]
+        .clone();
+    let exporter = r["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["class"] == "cuda")
+        .unwrap()["pid"]
+        .clone();
+    assert_ne!(importer, exporter, "opened in the child: {r:#}");
+    assert_eq!(calls_of(&r, "cuIpcGetMemHandle"), (1, 0), "{r:#}");
+    assert_eq!(calls_of(&r, "cuIpcOpenMemHandle_v2"), (2, 0), "{r:#}");
+    assert_eq!(calls_of(&r, "cuIpcCloseMemHandle"), (1, 0), "{r:#}");
+    // Imported memory is another process's: not in the importer's device total.
+    assert_eq!(r["totals"]["cuda"]["live_bytes"], 4 * MIB, "{r:#}");
+}
+
+/// The stub runtime reaches the stub driver through cuGetProcAddress_v2 pointers, shared,
+/// linked into the executable, and linked hidden into another library: each allocation counts
+/// once, by the driver, at the stack of the runtime's caller; the failure is named after both.
+#[test]
+fn runtime_calls_count_once_at_the_runtime_callers_stack_however_linked() {
+    if !privileged() {
+        return;
+    }
+    let dir = stub_dir();
+    let run = Run {
+        library_path: Some(&dir),
+        ..Run::default()
+    };
+    let stub_src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stub_cudart.c");
+    let cases: [(&str, &[&str], PathBuf); 3] = [
+        ("shared", &[], dir.join("libcudart.so.12")),
+        (
+            "static",
+            &["-DSTATIC_RUNTIME", stub_src],
+            PathBuf::from("static"),
+        ),
+        ("lib", &[], dir.join("libmodel.so")),
+    ];
+    for (mode, cflags, lib) in cases {
+        let args: Vec<&str> = if mode == "static" {
+            vec![]
+        } else {
+            vec![lib.to_str().unwrap()]
+        };
+        let (r, _) = run.trace("cudart_fixture", cflags, std::ffi::OsStr::new(mode), &args);
+        let through = |class: &str, function: &str| {
+            common::json_rows_through(&r["stacks"], function)
+                .into_iter()
+                .filter(|s| s["class"] == class)
+                .fold((0, 0), |(b, c), s| {
+                    (
+                        b + s["live_bytes"].as_u64().unwrap(),
+                        c + s["live_count"].as_u64().unwrap(),
+                    )
+                })
+        };
+        assert_eq!(through("cuda", "rt_weights"), (6 * MIB, 3), "{mode}: {r:#}");
+        assert_eq!(
+            through("cuda-pinned", "rt_pinned"),
+            (MIB, 1),
+            "{mode}: {r:#}"
+        );
+        assert_eq!(r["totals"]["cuda"]["live_bytes"], 6 * MIB, "{mode}: {r:#}");
+        // The stack starts at the runtime's caller, not inside the runtime.
+        let first = if mode == "lib" {
+            "model_malloc"
+        } else {
+            "rt_weights"
+        };
+        assert_eq!(rows_at(&r, "cuda", first), (6 * MIB, 3), "{mode}: {r:#}");
+        let f = r["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["error"] == "CUDA_ERROR_OUT_OF_MEMORY")
+            .unwrap_or_else(|| panic!("{mode}: no OOM: {r:#}"));
+        assert_eq!(
+            (&f["function"], &f["size"], &f["count"]),
+            (
+                &serde_json::json!("cudaMalloc → cuMemAlloc_v2"),
+                &serde_json::json!(1u64 << 50),
+                &serde_json::json!(1)
+            ),
+            "{mode}: {f:#}"
+        );
+        assert_eq!(r["failures"].as_array().unwrap().len(), 1, "{mode}: {r:#}");
+    }
 }

@@ -171,10 +171,17 @@ fn symbol_offsets<'w>(
     data: &[u8],
     wanted: &[&'w str],
 ) -> Result<BTreeMap<&'w str, u64>, ResolveError> {
-    let file = object::File::parse(data).map_err(|source| ResolveError::Parse {
+    symbol_offsets_in(data, wanted).map_err(|source| ResolveError::Parse {
         path: path.into(),
         source,
-    })?;
+    })
+}
+
+fn symbol_offsets_in<'data, 'w, R: object::ReadRef<'data>>(
+    data: R,
+    wanted: &[&'w str],
+) -> Result<BTreeMap<&'w str, u64>, object::Error> {
+    let file = object::File::parse(data)?;
     let mut offsets: BTreeMap<&str, u64> = BTreeMap::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if sym.is_undefined() || sym.kind() != object::SymbolKind::Text || sym.address() == 0 {
@@ -213,6 +220,62 @@ pub fn find_cuda_runtime(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
         RUNTIME_HOOKS,
         RUNTIME_COOKIE_BASE,
     )
+}
+
+/// Objects of `pid` with a CUDA runtime linked in statically (executables built by nvcc, NCCL,
+/// cuBLAS, llama.cpp builds): every executable mapping other than the driver, the shared runtime
+/// and the C library whose symbols (.dynsym or .symtab) define runtime entry points. Objects
+/// `skip` says were looked at already are not read again. Returns the runtimes found and the
+/// inodes of the objects read without one.
+pub fn find_static_cuda_runtimes(
+    pid: u32,
+    maps: &[Mapping],
+    skip: impl Fn(u64) -> bool,
+) -> (Vec<CudaObject>, Vec<u64>) {
+    let wanted: Vec<&str> = RUNTIME_HOOKS.iter().map(|h| h.symbol).collect();
+    let (mut found, mut without) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::HashSet::new();
+    for m in maps.iter().filter(|m| m.executable && m.inode != 0) {
+        let base = m.path.rsplit('/').next().unwrap_or(&m.path);
+        if !m.path.starts_with('/')
+            || base.starts_with("libcuda.so")
+            || base.starts_with("libcudart.so")
+            || is_libc_name(&m.path)
+            || base.starts_with("ld-linux")
+            || skip(m.inode)
+            || !seen.insert(m.inode)
+        {
+            continue;
+        }
+        let open_path = open_path(pid, m);
+        // Read through a cache: only the symbol tables, not a whole 1 GB libtorch.
+        let Ok(file) = fs::File::open(&open_path) else {
+            continue;
+        };
+        let cache = object::ReadCache::new(file);
+        let Ok(offsets) = symbol_offsets_in(&cache, &wanted) else {
+            without.push(m.inode);
+            continue;
+        };
+        let points: Vec<(usize, u64)> = RUNTIME_HOOKS
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| offsets.get(h.symbol).map(|&off| (i, off)))
+            .collect();
+        if points.is_empty() {
+            without.push(m.inode);
+            continue;
+        }
+        found.push(CudaObject {
+            hooks: RUNTIME_HOOKS,
+            cookie_base: RUNTIME_COOKIE_BASE,
+            target_path: m.path.clone(),
+            inode: m.inode,
+            open_path,
+            points,
+        });
+    }
+    (found, without)
 }
 
 fn find_cuda_object(
@@ -287,7 +350,10 @@ pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ResolveError> {
     Ok(points)
 }
 
-fn vaddr_to_file_offset(file: &object::File, vaddr: u64) -> Option<u64> {
+fn vaddr_to_file_offset<'data, R: object::ReadRef<'data>>(
+    file: &object::File<'data, R>,
+    vaddr: u64,
+) -> Option<u64> {
     file.segments().find_map(|seg| {
         let (file_start, file_size) = seg.file_range();
         (vaddr >= seg.address() && vaddr < seg.address() + file_size)

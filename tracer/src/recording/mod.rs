@@ -24,8 +24,8 @@ pub use writer::Writer;
 
 use crate::{
     model::{
-        CellKey, Class, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint, Stack,
-        StackCounters, StackIndex, TargetInfo,
+        CellKey, Class, CudaCalls, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint,
+        Stack, StackCounters, StackIndex, TargetInfo,
     },
     output::OutputError,
 };
@@ -124,6 +124,14 @@ impl Recorded {
             *released.entry((pid, canon(stack))).or_default() += n;
         }
         self.state.released = released;
+
+        let mut cuda_calls: CudaCalls = BTreeMap::new();
+        for ((pid, function, stack), n) in std::mem::take(&mut self.state.cuda_calls) {
+            let merged = cuda_calls.entry((pid, function, canon(stack))).or_default();
+            merged.calls += n.calls;
+            merged.failed += n.failed;
+        }
+        self.state.cuda_calls = cuda_calls;
 
         // A series point is the value of one original cell; a merged point is the sum of the
         // latest values of all the originals it merges.
@@ -259,7 +267,7 @@ pub enum RecordingError {
 #[cfg(test)]
 mod merge_tests {
     use super::*;
-    use crate::model::{ClassTotals, PHASE_NONE};
+    use crate::model::{CallCounts, ClassTotals, PHASE_NONE};
 
     fn key(stack: StackIndex) -> CellKey {
         CellKey {
@@ -294,6 +302,22 @@ mod merge_tests {
             state: LedgerState {
                 faults: BTreeMap::from([((1, Some(1)), 64), ((1, Some(0)), 128)]),
                 released: BTreeMap::new(),
+                cuda_calls: BTreeMap::from([
+                    (
+                        (1, "cuGraphLaunch".into(), Some(1)),
+                        CallCounts {
+                            calls: 5,
+                            failed: 1,
+                        },
+                    ),
+                    (
+                        (1, "cuGraphLaunch".into(), Some(0)),
+                        CallCounts {
+                            calls: 2,
+                            failed: 0,
+                        },
+                    ),
+                ]),
                 totals: BTreeMap::from([(Class::Heap, ClassTotals::default())]),
                 cells: BTreeMap::from([
                     (key(0), counters(10, 1)),
@@ -399,5 +423,15 @@ mod merge_tests {
             .collect();
         assert_eq!(merged, vec![(0, 10), (1, 30)]);
         assert_eq!(rec.state.faults, BTreeMap::from([((1, Some(0)), 192)]));
+        assert_eq!(
+            rec.state.cuda_calls,
+            BTreeMap::from([(
+                (1, "cuGraphLaunch".to_string(), Some(0)),
+                CallCounts {
+                    calls: 7,
+                    failed: 1
+                }
+            )])
+        );
     }
 }

@@ -16,8 +16,8 @@ use super::{
 };
 use crate::{
     model::{
-        CellKey, Class, ClassTotals, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint,
-        Stack, StackCounters, StackIndex, TargetInfo,
+        CellKey, Class, ClassTotals, CudaCalls, FailureKey, GpuSample, LedgerState, RssSample,
+        SeriesPoint, Stack, StackCounters, StackIndex, TargetInfo,
     },
     output::io_reason,
 };
@@ -302,6 +302,7 @@ impl Reading<'_> {
         let gpu = self.read_gpu_samples()?;
         let faults = self.read_faults()?;
         let released = self.read_released()?;
+        let cuda_calls = self.read_cuda_calls()?;
         self.conn.execute_batch("COMMIT")?;
 
         let int = |key: &str| -> Result<Option<u64>, RecordingError> {
@@ -339,6 +340,7 @@ impl Reading<'_> {
             state: LedgerState {
                 faults,
                 released,
+                cuda_calls,
                 totals,
                 cells,
                 failures,
@@ -517,6 +519,21 @@ impl Reading<'_> {
             });
         }
         Ok(series)
+    }
+
+    fn read_cuda_calls(&self) -> Result<CudaCalls, ReadFailure> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pid, function, stack_id, calls, failed FROM cuda_calls")?;
+        let mut rows = stmt.query([])?;
+        let mut calls: CudaCalls = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let stack = self.stack_index(row.get(2)?)?;
+            let n = calls.entry((row.get(0)?, row.get(1)?, stack)).or_default();
+            n.calls += from_sql(row.get(3)?);
+            n.failed += from_sql(row.get(4)?);
+        }
+        Ok(calls)
     }
 
     fn read_released(&self) -> Result<BTreeMap<(u32, Option<StackIndex>), u64>, ReadFailure> {

@@ -87,6 +87,16 @@ CREATE TABLE faults (
     faults   INTEGER NOT NULL
 );
 
+-- Non-allocating CUDA driver calls (graphs, pools, IPC, host registration, contexts, modules)
+-- by process, function and stack: how often they ran and how often they failed.
+CREATE TABLE cuda_calls (
+    pid      INTEGER NOT NULL,
+    function TEXT NOT NULL,
+    stack_id INTEGER REFERENCES stacks(id),
+    calls    INTEGER NOT NULL,
+    failed   INTEGER NOT NULL
+);
+
 -- Bytes released with madvise (DONTNEED, FREE, REMOVE) by process and stack.
 CREATE TABLE released (
     pid      INTEGER NOT NULL,

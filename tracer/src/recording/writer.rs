@@ -425,6 +425,7 @@ impl Tick<'_> {
         self.write_lost_events(state)?;
         self.write_faults(state)?;
         self.write_released(state)?;
+        self.write_cuda_calls(state)?;
         let mut put = self
             .tx
             .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
@@ -605,6 +606,28 @@ impl Tick<'_> {
             .prepare_cached("INSERT INTO released (pid, stack_id, bytes) VALUES (?1, ?2, ?3)")?;
         for (&(pid, stack), &bytes) in &state.released {
             insert.execute(params![pid, stack, to_sql(bytes)])?;
+        }
+        Ok(())
+    }
+
+    /// CUDA call counts: a small table, rewritten whole.
+    fn write_cuda_calls(&mut self, state: &LedgerState) -> rusqlite::Result<()> {
+        if state.cuda_calls.is_empty() {
+            return Ok(());
+        }
+        self.tx.execute("DELETE FROM cuda_calls", [])?;
+        let mut insert = self.tx.prepare_cached(
+            "INSERT INTO cuda_calls (pid, function, stack_id, calls, failed)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for ((pid, function, stack), n) in &state.cuda_calls {
+            insert.execute(params![
+                pid,
+                function,
+                stack,
+                to_sql(n.calls),
+                to_sql(n.failed)
+            ])?;
         }
         Ok(())
     }

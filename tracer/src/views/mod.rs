@@ -152,6 +152,10 @@ pub(crate) mod fixture {
             error: "ENOMEM".to_string(),
             stack: Some(0),
         });
+        // A CUDA graph replayed 3 times, once failing, at the churn stack.
+        for ok in [true, true, false] {
+            ledger.cuda_call(7, "cuGraphLaunch", Some(CHURN_STACK), ok);
+        }
         series.extend(ledger.take_series(4));
         commit_totals(&ledger, 4);
         // The user-space cause stays at 0 (listed because present); the kernel causes are

@@ -49,6 +49,19 @@ struct JsonReport<'a> {
     released: Vec<JsonReleased>,
     /// GPU memory the driver reports per process against what the device classes traced.
     gpu: JsonGpu,
+    /// Non-allocating CUDA driver calls (graphs, pools, IPC, registration, contexts, modules) by
+    /// process, function and stack.
+    cuda_calls: Vec<JsonCudaCalls<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonCudaCalls<'a> {
+    pid: u32,
+    function: &'a str,
+    calls: u64,
+    failed: u64,
+    stack: Option<StackIndex>,
+    frames: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -316,6 +329,19 @@ pub fn render_json(rec: &Recorded) -> String {
             source: rec.gpu_source.clone(),
             processes: gpu_residuals(rec),
         },
+        cuda_calls: rec
+            .state
+            .cuda_calls
+            .iter()
+            .map(|((pid, function, stack), n)| JsonCudaCalls {
+                pid: *pid,
+                function,
+                calls: n.calls,
+                failed: n.failed,
+                stack: *stack,
+                frames: rec.frames(*stack),
+            })
+            .collect(),
         released: by_amount(&rec.state.released)
             .into_iter()
             .map(|(pid, stack, bytes)| JsonReleased {
@@ -416,6 +442,7 @@ pub fn render_text(rec: &Recorded) -> String {
     text_waterfall(&mut out, rec);
     text_faults(&mut out, rec);
     text_released(&mut out, rec);
+    text_cuda_calls(&mut out, rec);
     text_gpu(&mut out, rec);
     out
 }
@@ -456,6 +483,33 @@ fn text_gpu(out: &mut String, rec: &Recorded) {
             untraced,
             r.t_s
         );
+    }
+}
+
+/// CUDA calls by function (all stacks), most first.
+fn text_cuda_calls(out: &mut String, rec: &Recorded) {
+    let mut by_function: BTreeMap<(u32, &str), (u64, u64)> = BTreeMap::new();
+    for ((pid, function, _), n) in &rec.state.cuda_calls {
+        let e = by_function.entry((*pid, function)).or_default();
+        e.0 += n.calls;
+        e.1 += n.failed;
+    }
+    if by_function.is_empty() {
+        return;
+    }
+    let mut rows: Vec<_> = by_function.into_iter().collect();
+    rows.sort_by(|a, b| b.1.0.cmp(&a.1.0).then_with(|| a.0.cmp(&b.0)));
+    let _ = writeln!(
+        out,
+        "\nCUDA calls (graphs, pools, IPC, registration, contexts, modules):"
+    );
+    for ((pid, function), (calls, failed)) in rows {
+        let failed = if failed > 0 {
+            format!(", {failed} failed")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "  {calls:>8}  PID {pid}: {function}{failed}");
     }
 }
 

@@ -1,0 +1,383 @@
+//! The CUDA layer's rules beyond allocations and VMM handles (cuda_vmm.rs): capture state,
+//! graphs, pools, IPC imports, host registration, and the driver's hidden memory (NVML minus
+//! what was traced), charged to the opaque call after which it appeared. The rules are in
+//! docs/accounting.md, "CUDA".
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use tracer_common::{CudaCallEvent, HeapAllocEvent};
+
+use crate::{
+    cuda_vmm::VmmLedger,
+    hooks::{self, CudaHook, Records},
+    ledger::{CellRef, Ledger},
+    model::{Class, FailureKey, StackIndex},
+};
+
+/// The built-in phase of allocations made while a CUDA graph is being captured or instantiated.
+pub const PHASE_GRAPH_CAPTURE: &str = "graph-capture";
+
+/// Registered host ranges live in the ledger under their address with this bit set: the same
+/// address is usually a heap block or a mapping too, which keeps its own entry.
+const REGISTERED_TAG: u64 = 1 << 62;
+
+pub struct CudaLayer {
+    /// Threads capturing a CUDA graph: (pid, tid) → nested captures.
+    capturing: HashMap<(u32, u32), u32>,
+    /// Device blocks exported with cuIpcGetMemHandle, by the handle's fingerprint: their size,
+    /// for the processes that open them.
+    ipc_exports: HashMap<u64, u64>,
+    /// Imported IPC blocks by (pid, address): how many opens are not closed yet (the driver
+    /// returns the same address for a handle opened again, counted once).
+    ipc_opens: HashMap<(u32, u64), u32>,
+    /// What driver calls made inside a runtime call not yet returned did, by (pid, tid).
+    in_runtime: HashMap<(u32, u32), InRuntime>,
+    /// Graph executables launched at least once, by (pid, exec).
+    launched: HashSet<(u32, u64)>,
+    pub hidden: HiddenMemory,
+}
+
+impl CudaLayer {
+    /// `sample_gpu`: whether a GPU memory source exists (else opaque calls are only counted).
+    pub fn new(sample_gpu: bool) -> CudaLayer {
+        CudaLayer {
+            capturing: HashMap::new(),
+            ipc_exports: HashMap::new(),
+            ipc_opens: HashMap::new(),
+            in_runtime: HashMap::new(),
+            launched: HashSet::new(),
+            hidden: HiddenMemory::new(sample_gpu),
+        }
+    }
+
+    /// Class and phase of a successful CUDA allocation: device memory obtained while its thread
+    /// captures a graph, or inside a graph instantiation, belongs to the graph.
+    pub fn placement(&self, ledger: &mut Ledger, ev: &HeapAllocEvent, hook: &CudaHook) -> CellRef {
+        let in_call = hooks::cuda_hook((ev.old_addr >> 32) as u32).map(|h| h.records);
+        let graph = self.capturing.contains_key(&(ev.tgid, ev.tid))
+            || in_call == Some(Records::GraphInstantiate);
+        let mut at = CellRef::new(ev.tgid, hook.class, None);
+        if graph {
+            at.phase = ledger.phase(PHASE_GRAPH_CAPTURE);
+            if matches!(hook.class, Class::Cuda | Class::CudaPool) {
+                at.class = Class::CudaGraph;
+            }
+        }
+        at
+    }
+
+    /// A successful driver allocation made inside a runtime call: counted when that call
+    /// returns, at the stack of the runtime's caller (libcudart has no frame pointers: the
+    /// driver's own walk stops in it).
+    pub fn defer_alloc(&mut self, ev: HeapAllocEvent, at: CellRef) {
+        let calls = self.in_runtime.entry((ev.tgid, ev.tid)).or_default();
+        calls.allocs.push((ev, at));
+    }
+
+    /// A driver allocation failed; inside a runtime call it is named after both and recorded
+    /// when the runtime call returns, at its caller's stack (and the runtime's own failure is not
+    /// counted again).
+    pub fn driver_failure(
+        &mut self,
+        ledger: &mut Ledger,
+        ev: &HeapAllocEvent,
+        failure: FailureKey,
+    ) {
+        let hook = hooks::cuda_hook(ev.func);
+        match (hooks::runtime_hook(ev.old_addr as u32), hook) {
+            (Some(rt), Some(h)) => {
+                let failure = FailureKey {
+                    function: format!("{} → {}", rt.symbol, h.symbol),
+                    ..failure
+                };
+                let calls = self.in_runtime.entry((ev.tgid, ev.tid)).or_default();
+                calls.failures.push(failure);
+            }
+            _ => ledger.failure(failure),
+        }
+    }
+
+    /// A runtime call returned: what its driver calls did counts now at `stack`; a runtime
+    /// failure without a driver failure inside (no driver, no device) is a failure of its own.
+    pub fn runtime_return(
+        &mut self,
+        ledger: &mut Ledger,
+        ev: &HeapAllocEvent,
+        hook: &CudaHook,
+        stack: Option<StackIndex>,
+    ) {
+        let inside = self
+            .in_runtime
+            .remove(&(ev.tgid, ev.tid))
+            .unwrap_or_default();
+        let driver_failed = !inside.failures.is_empty();
+        inside.apply(ledger, stack);
+        if ev.addr == 0 && !driver_failed {
+            ledger.failure(FailureKey {
+                class: hook.class,
+                pid: ev.tgid,
+                function: hook.symbol.to_string(),
+                size: ev.size,
+                error: hooks::runtime_error_name(ev.err),
+                stack,
+            });
+        }
+    }
+
+    /// The recording ends: driver calls whose runtime call never returned (or whose return was
+    /// lost) count at their own stacks.
+    pub fn finish(&mut self, ledger: &mut Ledger) {
+        for (_, inside) in self.in_runtime.drain() {
+            inside.apply(ledger, None);
+        }
+    }
+
+    /// A non-allocating driver call returned.
+    pub fn call(
+        &mut self,
+        ledger: &mut Ledger,
+        vmm: &mut VmmLedger,
+        ev: &CudaCallEvent,
+        stack: Option<StackIndex>,
+    ) {
+        let Some(hook) = hooks::cuda_hook(ev.func) else {
+            return;
+        };
+        let (pid, a, ok) = (ev.tgid, ev.args, ev.ret == 0);
+        let counted = !matches!(
+            hook.records,
+            Records::VmmMap | Records::VmmUnmap | Records::VmmRelease
+        );
+        if counted {
+            ledger.cuda_call(pid, hook.symbol, stack, ok);
+        }
+        if !ok {
+            if hook.records == Records::CaptureEnd {
+                // A failed end (an invalidated capture) still ends the capture.
+                self.end_capture(pid, ev.tid);
+            }
+            ledger.failure(FailureKey {
+                class: hook.class,
+                pid,
+                function: hook.symbol.to_string(),
+                size: if hook.records == Records::HostRegister {
+                    a[1]
+                } else {
+                    0
+                },
+                error: hooks::cuda_error_name(ev.ret),
+                stack,
+            });
+            return;
+        }
+        if hook.records.samples_gpu() {
+            self.hidden.opaque_call(pid, stack);
+        }
+        match hook.records {
+            Records::VmmRelease => vmm.release(ledger, pid, a[0]),
+            Records::VmmMap => vmm.map(pid, a[0], a[1], a[3]),
+            Records::VmmUnmap => vmm.unmap(ledger, pid, a[0], a[1]),
+            Records::CaptureBegin => *self.capturing.entry((pid, ev.tid)).or_default() += 1,
+            Records::CaptureEnd => self.end_capture(pid, ev.tid),
+            Records::GraphMemFree => {
+                ledger.free(pid, a[4]);
+            }
+            // The first replay of an executable may back its memory nodes: sample then.
+            Records::GraphLaunch if self.launched.insert((pid, a[0])) => {
+                self.hidden.opaque_call(pid, stack);
+            }
+            Records::GraphDestroy => {
+                self.launched.remove(&(pid, a[0]));
+            }
+            Records::HostRegister => {
+                let at = CellRef::new(pid, Class::CudaRegistered, stack);
+                ledger.alloc(pid, a[0] | REGISTERED_TAG, a[1], at);
+            }
+            Records::HostUnregister => {
+                ledger.free(pid, a[0] | REGISTERED_TAG);
+            }
+            Records::IpcExport => {
+                if let Some(size) = ledger.block_size(pid, a[1]) {
+                    self.ipc_exports.insert(ev.out, size);
+                }
+            }
+            Records::IpcOpen => {
+                let opens = self.ipc_opens.entry((pid, ev.out)).or_default();
+                *opens += 1;
+                if *opens == 1 {
+                    // Size known when the exporter is traced too (vLLM's workers are children).
+                    let size = self.ipc_exports.get(&a[1]).copied().unwrap_or(0);
+                    ledger.alloc(pid, ev.out, size, CellRef::new(pid, Class::CudaIpc, stack));
+                }
+            }
+            Records::IpcClose => {
+                if let Some(opens) = self.ipc_opens.get_mut(&(pid, a[0])) {
+                    *opens -= 1;
+                    if *opens == 0 {
+                        self.ipc_opens.remove(&(pid, a[0]));
+                        ledger.free(pid, a[0]);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn end_capture(&mut self, pid: u32, tid: u32) {
+        if let Some(n) = self.capturing.get_mut(&(pid, tid)) {
+            *n -= 1;
+            if *n == 0 {
+                self.capturing.remove(&(pid, tid));
+            }
+        }
+    }
+}
+
+/// What the driver calls made inside one runtime call did.
+#[derive(Default)]
+struct InRuntime {
+    allocs: Vec<(HeapAllocEvent, CellRef)>,
+    failures: Vec<FailureKey>,
+}
+
+impl InRuntime {
+    /// Counts it at `stack` (the runtime caller's), or at the driver's own stacks.
+    fn apply(self, ledger: &mut Ledger, stack: Option<StackIndex>) {
+        for (ev, at) in self.allocs {
+            let at = CellRef {
+                stack: stack.or(at.stack),
+                ..at
+            };
+            ledger.alloc(ev.tgid, ev.addr, ev.size, at);
+        }
+        for failure in self.failures {
+            ledger.failure(FailureKey {
+                stack: stack.or(failure.stack),
+                ..failure
+            });
+        }
+    }
+}
+
+/// GPU memory the driver holds beyond the traced device classes (`gpu-untraced`): sampled right
+/// after opaque calls and once a second; each rise of the residual is charged to the opaque
+/// calls since the previous sample (split evenly, the remainder to the last), to no stack when
+/// there were none; a fall gives back the most recent charges first.
+pub struct HiddenMemory {
+    enabled: bool,
+    /// Opaque calls since the last sample, by process.
+    window: BTreeMap<u32, Vec<Option<StackIndex>>>,
+    /// Charges still standing, by process, oldest first: (ledger cell, bytes).
+    charges: HashMap<u32, Vec<(u32, u64)>>,
+}
+
+impl HiddenMemory {
+    fn new(enabled: bool) -> HiddenMemory {
+        HiddenMemory {
+            enabled,
+            window: BTreeMap::new(),
+            charges: HashMap::new(),
+        }
+    }
+
+    fn opaque_call(&mut self, pid: u32, stack: Option<StackIndex>) {
+        if self.enabled {
+            self.window.entry(pid).or_default().push(stack);
+        }
+    }
+
+    /// Processes with opaque calls not yet followed by a sample.
+    pub fn waiting(&self) -> Vec<u32> {
+        self.window.keys().copied().collect()
+    }
+
+    /// NVML says `pid` uses `used` bytes: charges or gives back the change of the residual.
+    pub fn sample(&mut self, ledger: &mut Ledger, pid: u32, used: u64) {
+        let window = self.window.remove(&pid).unwrap_or_default();
+        let traced = ledger.live_of(pid, Class::is_device);
+        let residual = used.saturating_sub(traced);
+        let charges = self.charges.entry(pid).or_default();
+        let charged: u64 = charges.iter().map(|c| c.1).sum();
+        if residual > charged {
+            let delta = residual - charged;
+            let stacks = if window.is_empty() {
+                vec![None]
+            } else {
+                window
+            };
+            let n = stacks.len() as u64;
+            for (i, stack) in stacks.iter().enumerate() {
+                let share = if i as u64 == n - 1 {
+                    delta - delta / n * (n - 1)
+                } else {
+                    delta / n
+                };
+                if share > 0 {
+                    let at = CellRef::new(pid, Class::GpuUntraced, *stack);
+                    charges.push((ledger.credit(at, share, true), share));
+                }
+            }
+        } else {
+            let mut excess = charged - residual;
+            while excess > 0 {
+                let Some((cell, bytes)) = charges.pop() else {
+                    break;
+                };
+                let back = bytes.min(excess);
+                ledger.debit(cell, back, back == bytes);
+                if back < bytes {
+                    charges.push((cell, bytes - back));
+                }
+                excess -= back;
+            }
+        }
+    }
+
+    /// The process is gone: nothing more to attribute for it.
+    pub fn forget(&mut self, pid: u32) {
+        self.window.remove(&pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn untraced(ledger: &Ledger) -> BTreeMap<Option<StackIndex>, u64> {
+        ledger
+            .state(&BTreeMap::new())
+            .cells
+            .into_iter()
+            .filter(|(k, c)| k.class == Class::GpuUntraced && c.live_bytes > 0)
+            .map(|(k, c)| (k.stack, c.live_bytes))
+            .collect()
+    }
+
+    #[test]
+    fn residual_rises_are_charged_to_the_opaque_calls_before_them() {
+        let mut ledger = Ledger::new();
+        let mut hidden = HiddenMemory::new(true);
+        // A traced 100-byte device block: not part of the residual.
+        ledger.alloc(7, 0x1000, 100, CellRef::new(7, Class::Cuda, Some(9)));
+        hidden.opaque_call(7, Some(1)); // context: +300
+        hidden.sample(&mut ledger, 7, 400);
+        hidden.opaque_call(7, Some(2)); // two module loads: +21, split 10 + 11
+        hidden.opaque_call(7, Some(3));
+        hidden.sample(&mut ledger, 7, 421);
+        assert_eq!(
+            untraced(&ledger),
+            BTreeMap::from([(Some(1), 300), (Some(2), 10), (Some(3), 11)])
+        );
+        // A rise with no opaque call: unattributed.
+        hidden.sample(&mut ledger, 7, 425);
+        assert_eq!(untraced(&ledger)[&None], 4);
+        // A fall gives back the latest charges first: 4 (unattributed), then 11 and 1 of 10.
+        hidden.sample(&mut ledger, 7, 405);
+        assert_eq!(
+            untraced(&ledger),
+            BTreeMap::from([(Some(1), 300), (Some(2), 5)])
+        );
+        assert_eq!(ledger.totals(Class::GpuUntraced).live_bytes, 305);
+        assert!(hidden.waiting().is_empty());
+    }
+}
