@@ -1,4 +1,6 @@
-//! Developer tasks: `cargo xtask bench`.
+//! Developer tasks: `cargo xtask bench`, `cargo xtask gpu-check`.
+
+mod gpu_check;
 
 use std::{
     env,
@@ -12,8 +14,12 @@ fn main() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
+        Some("gpu-check") => gpu_check::gpu_check(&workspace_root(), &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask bench [--pairs N] [--rounds N] [--live N]");
+            eprintln!(
+                "usage: cargo xtask bench [--pairs N] [--rounds N] [--live N]\n       \
+                 cargo xtask gpu-check [--python PATH] [--write-docs]"
+            );
             std::process::exit(2);
         }
     }

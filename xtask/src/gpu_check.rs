@@ -1,0 +1,345 @@
+//! `cargo xtask gpu-check`: a PyTorch workload (caching allocator with and without expandable
+//! segments, a captured CUDA graph, pinned memory) on a real GPU under alloctrace, its ledger
+//! compared with `torch.cuda.memory_reserved()` and NVML. `--write-docs` puts the results into
+//! docs/gpu-validation.md.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const RESULTS_BEGIN: &str = "<!-- gpu-check results: begin -->";
+const RESULTS_END: &str = "<!-- gpu-check results: end -->";
+
+/// One comparison of the ledger with PyTorch's or the driver's own figure.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub expected: String,
+    pub observed: String,
+    pub pass: bool,
+}
+
+/// Live bytes of `class` for `pid` in a JSON report.
+fn live(report: &Value, pid: &str, class: &str) -> u64 {
+    report["processes"][pid][class]["live_bytes"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / MIB as f64)
+}
+
+/// Compares the report of one run with the figures the workload wrote.
+pub fn evaluate(report: &Value, figures: &Value) -> Vec<Check> {
+    let pid_number = report["target"]["pids"][0].as_u64();
+    let pid = pid_number.map(|p| p.to_string()).unwrap_or_default();
+    let reserved = figures["memory_reserved"].as_u64().unwrap_or(0);
+    let pinned = figures["pinned_bytes"].as_u64().unwrap_or(0);
+    let device: u64 = ["cuda", "cuda-pool", "cuda-vmm", "cuda-graph"]
+        .iter()
+        .map(|c| live(report, &pid, c))
+        .sum();
+    let untraced = live(report, &pid, "gpu-untraced");
+    let gpu = report["gpu"]["processes"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["pid"].as_u64() == pid_number))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let nvml = gpu["used"].as_u64().unwrap_or(0);
+    let attributed: u64 = report["stacks"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter(|s| {
+                    s["class"] == "gpu-untraced"
+                        && s["pid"].as_u64() == pid_number
+                        && !s["stack"].is_null()
+                })
+                .filter_map(|s| s["live_bytes"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0);
+    let calls = |prefix: &str| -> u64 {
+        report["cuda_calls"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .filter(|c| {
+                        c["function"]
+                            .as_str()
+                            .is_some_and(|f| f.starts_with(prefix))
+                    })
+                    .filter_map(|c| c["calls"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    // The caching allocator's segments are all the device memory PyTorch obtains; libraries
+    // outside it (cuBLAS workspaces on old versions, NCCL) may add a little.
+    let tolerance = (32 * MIB).max(reserved / 20);
+    vec![
+        Check {
+            name: "device classes vs torch.cuda.memory_reserved()",
+            expected: format!("{} ± {}", mib(reserved), mib(tolerance)),
+            observed: mib(device),
+            pass: reserved > 0 && device.abs_diff(reserved) <= tolerance,
+        },
+        Check {
+            name: "traced + gpu-untraced vs NVML",
+            expected: mib(nvml),
+            observed: mib(device + untraced),
+            pass: nvml > 0 && (device + untraced).abs_diff(nvml) <= MIB,
+        },
+        Check {
+            name: "gpu-untraced charged to a call's stack",
+            expected: format!("≥ half of {}", mib(untraced)),
+            observed: mib(attributed),
+            pass: untraced > 0 && attributed * 2 >= untraced,
+        },
+        Check {
+            name: "cuda-pinned vs the pinned tensor",
+            expected: format!("≥ {}", mib(pinned)),
+            observed: mib(live(report, &pid, "cuda-pinned")),
+            pass: pinned > 0 && live(report, &pid, "cuda-pinned") >= pinned,
+        },
+        Check {
+            name: "graph captured, instantiated and replayed",
+            expected: "≥ 1 capture, ≥ 1 instantiation, ≥ 5 launches".into(),
+            observed: format!(
+                "{} captures, {} instantiations, {} launches",
+                calls("cuStreamBeginCapture"),
+                calls("cuGraphInstantiate"),
+                calls("cuGraphLaunch")
+            ),
+            pass: calls("cuStreamBeginCapture") >= 1
+                && calls("cuGraphInstantiate") >= 1
+                && calls("cuGraphLaunch") >= 5,
+        },
+        Check {
+            name: "no failed CUDA calls",
+            expected: "0".into(),
+            observed: report["failures"]
+                .as_array()
+                .map_or(0, |f| f.len())
+                .to_string(),
+            pass: report["failures"].as_array().is_some_and(|f| f.is_empty()),
+        },
+    ]
+}
+
+/// Markdown for one run.
+fn markdown(title: &str, figures: &Value, checks: &[Check]) -> String {
+    let mut out = format!(
+        "### {title}\n\nPyTorch {} (CUDA {}) on {}\n\n| check | expected | observed | |\n|---|---|---|---|\n",
+        figures["torch_version"].as_str().unwrap_or("?"),
+        figures["cuda_version"].as_str().unwrap_or("?"),
+        figures["device"].as_str().unwrap_or("?"),
+    );
+    for c in checks {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            c.name,
+            c.expected,
+            c.observed,
+            if c.pass { "pass" } else { "**FAIL**" }
+        ));
+    }
+    out
+}
+
+/// Why this machine cannot run the check, if it cannot.
+fn missing_prerequisite(python: &str) -> Option<String> {
+    let probe = Command::new(python)
+        .args([
+            "-c",
+            "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)",
+        ])
+        .output();
+    match probe {
+        Err(e) => Some(format!("cannot run {python}: {e}")),
+        Ok(o) if o.status.code() == Some(3) => {
+            Some("PyTorch sees no CUDA GPU (torch.cuda.is_available() is false)".into())
+        }
+        Ok(o) if !o.status.success() => Some(format!(
+            "{python} has no PyTorch ({})",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("import torch failed")
+        )),
+        Ok(_) => None,
+    }
+}
+
+pub fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
+    let mut python = "python3".to_string();
+    let mut write_docs = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--python" => python = it.next().context("--python needs a path")?.clone(),
+            "--write-docs" => write_docs = true,
+            _ => bail!(
+                "unknown flag {a} (usage: cargo xtask gpu-check [--python PATH] [--write-docs])"
+            ),
+        }
+    }
+    if let Some(why) = missing_prerequisite(&python) {
+        eprintln!("gpu-check needs a CUDA GPU and PyTorch with CUDA: {why}");
+        std::process::exit(2);
+    }
+    crate::run_ok(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "tracer",
+    ]))?;
+    let alloctrace = root.join("target/release/alloctrace");
+    let dir = root.join("target/gpu-check");
+    std::fs::create_dir_all(&dir)?;
+    let workload = root.join("xtask/gpu/torch_workload.py");
+    let mut doc = String::new();
+    let mut failed = 0;
+    for (title, conf) in [
+        (
+            "caching allocator (cudaMalloc segments)",
+            "expandable_segments:False",
+        ),
+        (
+            "expandable segments (cuMemCreate/cuMemMap)",
+            "expandable_segments:True",
+        ),
+    ] {
+        let trace = dir.join("run.trace");
+        let figures_path = dir.join("figures.json");
+        let _ = std::fs::remove_file(&figures_path);
+        crate::run_ok(
+            Command::new(&alloctrace)
+                .args(["record", "-f", "-o"])
+                .arg(&trace)
+                .arg("--")
+                .arg(&python)
+                .arg(&workload)
+                .arg(&figures_path)
+                .env("PYTORCH_CUDA_ALLOC_CONF", conf),
+        )?;
+        let report = Command::new(&alloctrace)
+            .args(["report", "--format", "json"])
+            .arg(&trace)
+            .output()?;
+        if !report.status.success() {
+            bail!(
+                "alloctrace report failed: {}",
+                String::from_utf8_lossy(&report.stderr)
+            );
+        }
+        let report: Value = serde_json::from_slice(&report.stdout)?;
+        let figures: Value = serde_json::from_str(
+            &std::fs::read_to_string(&figures_path)
+                .with_context(|| format!("the workload wrote no {}", figures_path.display()))?,
+        )?;
+        let checks = evaluate(&report, &figures);
+        failed += checks.iter().filter(|c| !c.pass).count();
+        let section = markdown(title, &figures, &checks);
+        println!("{section}");
+        doc.push_str(&section);
+        doc.push('\n');
+    }
+    if write_docs {
+        let path = root.join("docs/gpu-validation.md");
+        let old = std::fs::read_to_string(&path)?;
+        let date = String::from_utf8(Command::new("date").arg("-u").arg("+%F").output()?.stdout)?;
+        let results = format!(
+            "{RESULTS_BEGIN}\n## Latest results ({}, `cargo xtask gpu-check`)\n\n{doc}{RESULTS_END}",
+            date.trim()
+        );
+        std::fs::write(&path, replace_results(&old, &results))?;
+        println!("wrote {}", path.display());
+    }
+    if failed > 0 {
+        bail!("{failed} check(s) failed");
+    }
+    Ok(())
+}
+
+/// `doc` with its results section replaced by `results` (appended when it has none).
+fn replace_results(doc: &str, results: &str) -> String {
+    match (doc.find(RESULTS_BEGIN), doc.find(RESULTS_END)) {
+        (Some(b), Some(e)) if e > b => {
+            format!("{}{results}{}", &doc[..b], &doc[e + RESULTS_END.len()..])
+        }
+        _ => format!("{}\n\n{results}\n", doc.trim_end()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn report(device: u64, untraced: u64, nvml: u64, attributed: bool) -> Value {
+        json!({
+            "target": {"pids": [42]},
+            "processes": {"42": {
+                "cuda": {"live_bytes": device},
+                "cuda-pinned": {"live_bytes": 128 * MIB},
+                "gpu-untraced": {"live_bytes": untraced},
+            }},
+            "gpu": {"processes": [{"pid": 42, "used": nvml}]},
+            "stacks": [{"class": "gpu-untraced", "pid": 42, "stack": if attributed { json!(3) } else { Value::Null }, "live_bytes": untraced}],
+            "cuda_calls": [
+                {"function": "cuStreamBeginCapture_v2", "calls": 1},
+                {"function": "cuGraphInstantiateWithFlags", "calls": 1},
+                {"function": "cuGraphLaunch", "calls": 5},
+            ],
+            "failures": [],
+        })
+    }
+
+    #[test]
+    fn a_consistent_ledger_passes_every_check() {
+        let figures = json!({"memory_reserved": 300 * MIB, "pinned_bytes": 64 * MIB});
+        let checks = evaluate(&report(300 * MIB, 500 * MIB, 800 * MIB, true), &figures);
+        assert!(checks.iter().all(|c| c.pass), "{checks:#?}");
+    }
+
+    #[test]
+    fn each_inconsistency_fails_its_own_check() {
+        let figures = json!({"memory_reserved": 300 * MIB, "pinned_bytes": 64 * MIB});
+        let failing = |r: Value| -> Vec<&'static str> {
+            evaluate(&r, &figures)
+                .into_iter()
+                .filter(|c| !c.pass)
+                .map(|c| c.name)
+                .collect()
+        };
+        assert_eq!(
+            failing(report(100 * MIB, 700 * MIB, 800 * MIB, true)),
+            vec!["device classes vs torch.cuda.memory_reserved()"]
+        );
+        assert_eq!(
+            failing(report(300 * MIB, 400 * MIB, 800 * MIB, true)),
+            vec!["traced + gpu-untraced vs NVML"]
+        );
+        assert_eq!(
+            failing(report(300 * MIB, 500 * MIB, 800 * MIB, false)),
+            vec!["gpu-untraced charged to a call's stack"]
+        );
+    }
+
+    #[test]
+    fn results_replace_the_previous_section() {
+        let doc = format!("# GPU validation\n\nintro\n{RESULTS_BEGIN}\nold\n{RESULTS_END}\ntail\n");
+        let new = replace_results(&doc, &format!("{RESULTS_BEGIN}\nnew\n{RESULTS_END}"));
+        assert_eq!(
+            new,
+            format!("# GPU validation\n\nintro\n{RESULTS_BEGIN}\nnew\n{RESULTS_END}\ntail\n")
+        );
+        let appended = replace_results("# GPU validation\n", "R");
+        assert_eq!(appended, "# GPU validation\n\nR\n");
+    }
+}
