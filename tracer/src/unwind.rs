@@ -75,12 +75,12 @@ pub enum CfiKind {
 /// The identity of an opened file, for files without a build id (and to skip re-reading the
 /// build id of a file already seen).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FileIdentity {
-    pub dev: u64,
-    pub inode: u64,
-    pub size: u64,
+struct FileIdentity {
+    dev: u64,
+    inode: u64,
+    size: u64,
     /// Modification time (ns): a file rewritten in place at the same size is another file.
-    pub mtime_ns: i128,
+    mtime_ns: i128,
 }
 
 impl FileIdentity {
@@ -96,7 +96,7 @@ impl FileIdentity {
 
 /// What a cache entry is keyed by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum ModuleKey {
+enum ModuleKey {
     BuildId(Vec<u8>),
     File(FileIdentity),
 }
