@@ -13,4 +13,5 @@ pub mod record;
 pub mod recording;
 pub mod stacks;
 pub mod target;
+pub mod unwind;
 pub mod views;
