@@ -272,13 +272,12 @@ struct FileMap {
 }
 
 fn file_maps(pid: u32) -> Result<Vec<FileMap>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|err| {
-        PythonError::Proc {
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|err| PythonError::Proc {
             pid,
             what: "read /proc/PID/maps".into(),
             err,
-        }
-    })?;
+        })?;
     let mut maps = Vec::new();
     for line in text.lines() {
         let mut f = line.splitn(6, ' ');
@@ -291,7 +290,10 @@ fn file_maps(pid: u32) -> Result<Vec<FileMap>> {
         if !path.starts_with('/') {
             continue;
         }
-        let start = range.split('-').next().and_then(|s| u64::from_str_radix(s, 16).ok());
+        let start = range
+            .split('-')
+            .next()
+            .and_then(|s| u64::from_str_radix(s, 16).ok());
         let offset = u64::from_str_radix(offset, 16).ok();
         if let (Some(start), Some(offset)) = (start, offset) {
             maps.push(FileMap {
@@ -422,7 +424,11 @@ fn detect_in(pid: u32, maps: &[FileMap], path: &str, minor: u32) -> Result<Inter
     let map = maps
         .iter()
         .find(|m| m.path == path && m.offset == page_off)
-        .ok_or_else(|| elf_err(format!("offset {page_off:#x} is not mapped in process {pid}")))?;
+        .ok_or_else(|| {
+            elf_err(format!(
+                "offset {page_off:#x} is not mapped in process {pid}"
+            ))
+        })?;
     let bias = map.start.wrapping_sub(first.address() & !0xfff);
 
     offsets.runtime_addr = bias.wrapping_add(runtime);
@@ -437,7 +443,9 @@ fn detect_in(pid: u32, maps: &[FileMap], path: &str, minor: u32) -> Result<Inter
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect();
         if words.get(2).is_some_and(|&ft| ft != 0) {
-            return Err(elf_err("free-threaded CPython builds are not supported".into()));
+            return Err(elf_err(
+                "free-threaded CPython builds are not supported".into(),
+            ));
         }
         if let Some(o) = apply_debug_offsets(&offsets, &words) {
             offsets = o;
@@ -723,9 +731,12 @@ pub fn read_str(mem: &ProcMem, o: &PythonOffsets, obj: u64) -> Result<String> {
 pub fn decode_str(raw: &[u8], kind: usize) -> String {
     match kind {
         1 => raw.iter().map(|&b| char::from(b)).collect(),
-        2 => char::decode_utf16(raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])))
-            .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
-            .collect(),
+        2 => char::decode_utf16(
+            raw.chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]])),
+        )
+        .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+        .collect(),
         _ => raw
             .chunks_exact(4)
             .map(|c| {
@@ -900,5 +911,109 @@ impl Reader<'_> {
         let v = self.varint()?;
         let m = (v >> 1) as i32;
         Some(if v & 1 != 0 { -m } else { m })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpreter_file_names() {
+        assert_eq!(
+            interpreter_name("/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"),
+            Some((11, true, false))
+        );
+        assert_eq!(
+            interpreter_name("/usr/bin/python3.12"),
+            Some((12, false, false))
+        );
+        assert_eq!(
+            interpreter_name("/opt/libpython3.13t.so.1.0"),
+            Some((13, true, true))
+        );
+        assert_eq!(interpreter_name("/usr/bin/python3"), None);
+        assert_eq!(
+            interpreter_name("/usr/lib/python3.11/lib-dynload/_ssl.so"),
+            None
+        );
+        assert_eq!(interpreter_name("/usr/bin/python3.11-config"), None);
+    }
+
+    #[test]
+    fn unsupported_versions_error() {
+        for minor in [9, 14] {
+            let e = offsets_for(PyVersion {
+                major: 3,
+                minor,
+                micro: 0,
+            })
+            .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("CPython 3.{minor} is not supported (supported: 3.10 to 3.13)")
+            );
+        }
+    }
+
+    #[test]
+    fn varints() {
+        // 300 = 0b100_101100: low chunk 44 with the continuation bit, then 4.
+        let mut r = Reader {
+            data: &[64 | 44, 4, 7, 6],
+            at: 0,
+        };
+        assert_eq!(r.varint(), Some(300));
+        assert_eq!(r.svarint(), Some(-3));
+        assert_eq!(r.svarint(), Some(3));
+        assert_eq!(r.varint(), None);
+    }
+
+    #[test]
+    fn truncated_location_table_stops() {
+        // A long-form entry (code 14) cut after its line delta.
+        let locs = decode_location_table(&[0x80 | 14 << 3, 2], 10);
+        assert!(locs.is_empty());
+        // Short form code 1 (column 8 + 2), two code units; then "no location".
+        let locs = decode_location_table(&[0x80 | 1 << 3 | 1, 0x23, 0x80 | 15 << 3], 5);
+        assert_eq!(
+            locs.iter()
+                .map(|l| (l.start, l.end, l.line, l.column, l.end_column))
+                .collect::<Vec<_>>(),
+            [
+                (0, 4, Some(5), Some(10), Some(13)),
+                (4, 6, None, None, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn string_kinds() {
+        assert_eq!(decode_str(b"caf\xe9", 1), "café");
+        assert_eq!(decode_str(&[0x3b, 0x04, 0x3e, 0x04], 2), "ло");
+        assert_eq!(decode_str(&0x1f600u32.to_le_bytes(), 4), "😀");
+    }
+
+    #[test]
+    fn debug_offsets_need_the_cookie() {
+        let table = offsets_for(PyVersion {
+            major: 3,
+            minor: 13,
+            micro: 0,
+        })
+        .unwrap();
+        let mut words = vec![0u64; 46];
+        assert_eq!(apply_debug_offsets(&table, &words), None);
+        words[0] = u64::from_le_bytes(*b"xdebugpy");
+        words[1] = 0x030d_00f0;
+        words[9] = 1234;
+        assert_eq!(
+            apply_debug_offsets(&table, &words)
+                .unwrap()
+                .interp_threads_head,
+            1234
+        );
+        words[1] = 0x030e_00f0;
+        assert_eq!(apply_debug_offsets(&table, &words), None);
     }
 }
