@@ -6,6 +6,8 @@
 
 use core::mem::size_of;
 
+pub mod python;
+
 /// Event kinds, the first `u32` of every ring-buffer record.
 pub mod event_kind {
     pub const HEAP_ALLOC: u32 = 1;

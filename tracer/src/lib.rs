@@ -9,6 +9,7 @@ pub mod mappings;
 pub mod model;
 pub mod output;
 pub mod probes;
+pub mod python;
 pub mod record;
 pub mod recording;
 pub mod stacks;
