@@ -45,7 +45,7 @@ pub struct CudaCallEvent {
 #[derive(Copy, Clone)]
 pub struct CudaCallRecord {
     pub event: CudaCallEvent,
-    pub ips: [u64; MAX_FRAMES],
+    pub ips: StackArea,
 }
 
 /// What a CUDA call's return probe reads through the out-pointer saved at entry.
@@ -91,7 +91,7 @@ pub struct FaultEvent {
 #[derive(Copy, Clone)]
 pub struct FaultRecord {
     pub event: FaultEvent,
-    pub ips: [u64; MAX_FRAMES],
+    pub ips: StackArea,
 }
 
 /// Global `FAULT_SAMPLE` of the eBPF object: record one of every N page faults; 0 disables.
@@ -175,7 +175,7 @@ pub struct MapEvent {
 #[derive(Copy, Clone)]
 pub struct MapRecord {
     pub event: MapEvent,
-    pub ips: [u64; MAX_FRAMES],
+    pub ips: StackArea,
 }
 
 /// Heap functions, in the order of user space's hook table. Carried as the uprobe cookie.
@@ -231,6 +231,38 @@ impl HeapFn {
 /// Most user frames an event carries (frame-pointer walk in the eBPF program).
 pub const MAX_FRAMES: usize = 64;
 
+/// `stack_flags`: the record carries a copy of the user stack (`StackCopyHeader` then `len`
+/// bytes) instead of frame addresses; user space unwinds it with the modules' call-frame
+/// information (DWARF stack mode).
+pub const STACK_COPY: u16 = 4;
+
+/// The most user-stack bytes a record can carry (`--stack-copy`).
+pub const STACK_COPY_MAX: usize = 32768;
+
+/// The registers and length of a stack copy; the `len` bytes from `sp` up follow it.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct StackCopyHeader {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub len: u64,
+}
+
+/// Words of a scratch record's stack area: `MAX_FRAMES` addresses in frame-pointer mode, or a
+/// `StackCopyHeader` and up to `STACK_COPY_MAX` bytes, with room past the end for the
+/// verifier's view of a page-sized copy at any offset below `STACK_COPY_MAX`.
+pub const STACK_AREA_WORDS: usize = (32 + STACK_COPY_MAX + 8192) / 8;
+
+/// The stack area of a scratch record.
+pub type StackArea = [u64; STACK_AREA_WORDS];
+
+/// Globals of the eBPF object: user-stack bytes copied per event (0: frame pointers), for heap
+/// events (`STACK_COPY_HEAP`: high rate) and for the others (`STACK_COPY_OTHER`: mappings,
+/// CUDA calls, failures).
+pub const STACK_COPY_HEAP_GLOBAL: &str = "STACK_COPY_HEAP";
+pub const STACK_COPY_OTHER_GLOBAL: &str = "STACK_COPY_OTHER";
+
 /// `HeapAllocEvent::stack_flags`: the walk stopped at `MAX_FRAMES` with more frames above.
 pub const STACK_TRUNCATED: u16 = 1;
 
@@ -275,7 +307,7 @@ pub struct HeapAllocEvent {
 #[derive(Copy, Clone)]
 pub struct HeapAllocRecord {
     pub event: HeapAllocEvent,
-    pub ips: [u64; MAX_FRAMES],
+    pub ips: StackArea,
 }
 
 /// A `free` of a non-NULL pointer, emitted at entry.
@@ -312,6 +344,16 @@ pub struct InflightCall {
     pub depth: u32,
 }
 
+/// How stacks were taken, counted per CPU in `STACK_STATS`.
+pub mod stack_stat {
+    /// Stacks copied for DWARF unwinding.
+    pub const COPIES: u32 = 0;
+    /// Stacks that were to be copied but got the frame-pointer walk because the ring buffer was
+    /// a quarter full.
+    pub const FP_UNDER_PRESSURE: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
 /// Why an event or a part of it was lost. Index into the per-CPU `DROPS` array.
 pub mod drop_cause {
     /// The ring buffer had no room: the event is gone.
@@ -328,7 +370,9 @@ pub mod drop_cause {
 }
 
 const _: () = assert!(size_of::<HeapAllocEvent>() == 56);
-const _: () = assert!(size_of::<HeapAllocRecord>() == 56 + 8 * MAX_FRAMES);
+const _: () = assert!(size_of::<HeapAllocRecord>() == 56 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<StackCopyHeader>() == 32);
+const _: () = assert!(8 * STACK_AREA_WORDS >= 32 + STACK_COPY_MAX + 8192);
 const _: () = assert!(size_of::<HeapFreeEvent>() == 16);
 const _: () = assert!(size_of::<MapEvent>() == 72);
 const _: () = assert!(size_of::<ProcEvent>() == 16);

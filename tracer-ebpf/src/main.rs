@@ -14,7 +14,7 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_RB_NO_WAKEUP, pt_regs},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE, pt_regs},
     helpers::{
         bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         bpf_probe_read_user,
@@ -29,8 +29,9 @@ use core::mem::size_of;
 use tracer_common::{
     CudaCallEvent, CudaCallRecord, CudaCallSlot, FaultEvent, FaultRecord, HeapAllocEvent,
     HeapAllocRecord, HeapFn, HeapFreeEvent, INFLIGHT_SLOTS, InflightCall, MAP_FROM_ALLOCATOR,
-    MAX_FRAMES, MapEvent, MapRecord, ProcEvent, STACK_SP_CANDIDATE, STACK_TRUNCATED, SyscallArgs,
-    drop_cause, event_kind, map_op, out_mode, proc_op,
+    MAX_FRAMES, MapEvent, MapRecord, ProcEvent, STACK_COPY, STACK_COPY_MAX, STACK_SP_CANDIDATE,
+    STACK_TRUNCATED, StackArea, StackCopyHeader, SyscallArgs, drop_cause, event_kind, map_op,
+    out_mode, proc_op, stack_stat,
 };
 
 const ENOMEM: i32 = 12;
@@ -44,9 +45,20 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 #[map]
 static INFLIGHT: Array<InflightCall> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
+/// Scratch records hold a stack copy of up to 32 KiB, more than a per-CPU map value may hold:
+/// they are arrays with one slot per possible CPU (user space sets the size at load), indexed by
+/// the current CPU (programs run with migration disabled).
+const SCRATCH_SLOTS: u32 = 1024;
+
+#[inline(always)]
+fn cpu_slot() -> u32 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() }
+}
+
 /// Per-CPU scratch where an allocation record is assembled before its used part is copied out.
 #[map]
-static SCRATCH: PerCpuArray<HeapAllocRecord> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: Array<HeapAllocRecord> = Array::with_max_entries(SCRATCH_SLOTS, 0);
 
 /// Processes whose memory syscalls are traced (tgid → 1). Tracepoints fire for every process on
 /// the machine; this filter is their first instruction.
@@ -59,7 +71,19 @@ static SYSCALL_ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384
 
 /// Per-CPU scratch for a mapping record.
 #[map]
-static MAP_SCRATCH: PerCpuArray<MapRecord> = PerCpuArray::with_max_entries(1, 0);
+static MAP_SCRATCH: Array<MapRecord> = Array::with_max_entries(SCRATCH_SLOTS, 0);
+
+/// Stack captures by `stack_stat`.
+#[map]
+static STACK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stack_stat::COUNT, 0);
+
+#[inline(always)]
+fn count_stack(stat: u32) {
+    if let Some(slot) = STACK_STATS.get_ptr_mut(stat) {
+        // Per-CPU slot: no other writer while this program runs.
+        unsafe { *slot += 1 };
+    }
+}
 
 /// Lost events by `drop_cause`.
 #[map]
@@ -313,7 +337,7 @@ fn emit_free(tgid: u32, addr: u64) -> u32 {
 static CALL_INFLIGHT: Array<CudaCallSlot> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
 
 #[map]
-static CALL_SCRATCH: PerCpuArray<CudaCallRecord> = PerCpuArray::with_max_entries(1, 0);
+static CALL_SCRATCH: Array<CudaCallRecord> = Array::with_max_entries(SCRATCH_SLOTS, 0);
 
 #[inline(always)]
 fn call_enter(ctx: &ProbeContext, out_ptr: u64, mode: u32) -> u32 {
@@ -452,7 +476,7 @@ pub fn cuda_call_return(ctx: RetProbeContext) -> u32 {
     if call.func == 0 {
         return 0;
     }
-    let Some(record) = CALL_SCRATCH.get_ptr_mut(0) else {
+    let Some(record) = CALL_SCRATCH.get_ptr_mut(cpu_slot()) else {
         return 0;
     };
     // SAFETY: the per-CPU scratch is ours until this program returns.
@@ -470,12 +494,18 @@ pub fn cuda_call_return(ctx: RetProbeContext) -> u32 {
     };
     let regs = ctx.as_ptr() as *const pt_regs;
     // SAFETY: the context of a uprobe program is the user pt_regs (the caller's, at return).
-    let (ip, bp) = unsafe { ((*regs).rip, (*regs).rbp) };
+    let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
     let mut flags = 0u16;
-    let n = walk_user_stack(ip, None, bp, &mut record.ips, &mut flags);
+    let (nframes, bytes) = capture_stack(
+        (ip, sp, bp),
+        false,
+        copy_bytes(&STACK_COPY_OTHER),
+        &mut record.ips,
+        &mut flags,
+    );
     record.event.stack_flags = flags;
-    record.event.nframes = n as u16;
-    output_record(record, size_of::<CudaCallEvent>(), n);
+    record.event.nframes = nframes;
+    output_record(record, size_of::<CudaCallEvent>(), bytes);
     0
 }
 
@@ -588,7 +618,7 @@ fn finish_call(ctx: &RetProbeContext, slots: &Array<InflightCall>) -> u32 {
         (ret, 0)
     };
 
-    let Some(record) = SCRATCH.get_ptr_mut(0) else {
+    let Some(record) = SCRATCH.get_ptr_mut(cpu_slot()) else {
         return 0;
     };
     // SAFETY: the per-CPU scratch is ours until this program returns.
@@ -613,21 +643,28 @@ fn finish_call(ctx: &RetProbeContext, slots: &Array<InflightCall>) -> u32 {
     event.stack_flags = 0;
     // realloc(p, 0) returning NULL freed p: a free needs no stack.
     let is_free = addr == 0 && size == 0 && call.old_addr != 0;
-    let nframes = if is_free {
-        0
+    let (nframes, bytes) = if is_free {
+        (0, 0)
     } else {
         // At a return probe the registers are the caller's: `rip` is the return address into the
-        // function that called the allocator and `rbp` its frame.
+        // function that called the allocator, `rsp` and `rbp` its stack and frame.
         let regs = ctx.as_ptr() as *const pt_regs;
         // SAFETY: the context of a uprobe program is the user pt_regs.
-        let (ip, bp) = unsafe { ((*regs).rip, (*regs).rbp) };
+        let (ip, sp, bp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+        // Heap calls are many: they get the cheaper stack unless asked otherwise; CUDA calls and
+        // failures are few and get the best one.
+        let copy = if core::ptr::eq(slots, &INFLIGHT) && addr != 0 {
+            copy_bytes(&STACK_COPY_HEAP)
+        } else {
+            copy_bytes(&STACK_COPY_OTHER)
+        };
         let mut flags = 0u16;
-        let n = walk_user_stack(ip, None, bp, &mut record.ips, &mut flags);
+        let captured = capture_stack((ip, sp, bp), false, copy, &mut record.ips, &mut flags);
         record.event.stack_flags = flags;
-        n
+        captured
     };
-    record.event.nframes = nframes as u16;
-    output_record(record, size_of::<HeapAllocEvent>(), nframes);
+    record.event.nframes = nframes;
+    output_record(record, size_of::<HeapAllocEvent>(), bytes);
     0
 }
 
@@ -641,7 +678,7 @@ fn walk_user_stack(
     ip: u64,
     sp: Option<u64>,
     mut bp: u64,
-    ips: &mut [u64; MAX_FRAMES],
+    ips: &mut StackArea,
     flags: &mut u16,
 ) -> usize {
     ips[0] = ip;
@@ -679,10 +716,102 @@ fn walk_user_stack(
     MAX_FRAMES
 }
 
-/// Copies the used part of a scratch record (`header` bytes + `nframes` addresses) into the ring.
+/// Set by user space (`--stack`, `--stack-copy`): bytes of user stack copied into heap events
+/// and into the others (mappings, CUDA calls, failures); 0: a frame-pointer walk instead.
+#[unsafe(no_mangle)]
+static STACK_COPY_HEAP: u32 = 0;
+#[unsafe(no_mangle)]
+static STACK_COPY_OTHER: u32 = 0;
+
 #[inline(always)]
-fn output_record<R>(record: &R, header: usize, nframes: usize) {
-    let len = header + 8 * (nframes & (MAX_FRAMES * 2 - 1));
+fn copy_bytes(global: &u32) -> u32 {
+    // SAFETY: volatile read of a global set at load time.
+    unsafe { core::ptr::read_volatile(global) }
+}
+
+/// Fills a record's stack area from the user registers `(ip, sp, bp)`: with `copy` > 0, a
+/// `StackCopyHeader` and up to `copy` bytes of the stack from `sp` up (`STACK_COPY`), unwound in
+/// user space; else the frame-pointer walk (with the stack-pointer candidate if asked). Returns
+/// (frames, bytes of the area to output).
+#[inline(always)]
+fn capture_stack(
+    (ip, sp, bp): (u64, u64, u64),
+    sp_candidate: bool,
+    copy: u32,
+    area: &mut StackArea,
+    flags: &mut u16,
+) -> (u16, usize) {
+    // A copy is thousands of bytes: when the ring is a quarter full (a burst of events), this
+    // event gets the frame-pointer walk instead, counted, rather than filling the ring.
+    let pressed = copy != 0 && {
+        let used = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
+        used > size / 4
+    };
+    if pressed {
+        count_stack(stack_stat::FP_UNDER_PRESSURE);
+    }
+    if copy == 0 || pressed {
+        let sp = if sp_candidate { Some(sp) } else { None };
+        let n = walk_user_stack(ip, sp, bp, area, flags);
+        return (n as u16, 8 * n);
+    }
+    count_stack(stack_stat::COPIES);
+    let len = copy_user_stack(sp, copy, area);
+    let header = StackCopyHeader { ip, sp, bp, len };
+    // SAFETY: the area is 8-byte aligned and longer than the header.
+    unsafe { core::ptr::write_unaligned(area.as_mut_ptr().cast::<StackCopyHeader>(), header) };
+    *flags |= STACK_COPY;
+    (0, size_of::<StackCopyHeader>() + len as usize)
+}
+
+/// Copies up to `max` bytes of user stack from `sp` into `area` after the copy header, a page at
+/// a time so that a stack ending before `max` bytes still gives what it has (one read across its
+/// end would fail whole). Returns the bytes copied.
+#[inline(always)]
+fn copy_user_stack(sp: u64, max: u32, area: &mut StackArea) -> u64 {
+    const PAGE: u64 = 4096;
+    let max = (max as u64).min(STACK_COPY_MAX as u64);
+    // SAFETY: the bytes after the header lie inside `area` (see STACK_AREA_WORDS).
+    let base = unsafe {
+        area.as_mut_ptr()
+            .cast::<u8>()
+            .add(size_of::<StackCopyHeader>())
+    };
+    let mut copied: u64 = 0;
+    let mut chunk = PAGE - (sp & (PAGE - 1));
+    for _ in 0..(STACK_COPY_MAX as u64 / PAGE + 1) {
+        if copied >= max {
+            break;
+        }
+        if chunk > max - copied {
+            chunk = max - copied;
+        }
+        // Bounds the verifier can see: offset below STACK_COPY_MAX, length at most 8 KiB.
+        let off = copied & (STACK_COPY_MAX as u64 - 1);
+        let len = chunk & 0x1fff;
+        // SAFETY: `base + off .. + len` lies inside `area`; the helper checks the user address.
+        let rc = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                base.add(off as usize).cast(),
+                len as u32,
+                (sp + copied) as *const core::ffi::c_void,
+            )
+        };
+        if rc != 0 {
+            break;
+        }
+        copied += len;
+        chunk = PAGE;
+    }
+    copied
+}
+
+/// Copies the used part of a scratch record (`header` bytes + `area_bytes` of its stack area)
+/// into the ring.
+#[inline(always)]
+fn output_record<R>(record: &R, header: usize, area_bytes: usize) {
+    let len = header + (area_bytes & 0xffff);
     let len = if len > size_of::<R>() {
         size_of::<R>()
     } else {
@@ -847,7 +976,7 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
 static FAULT_SAMPLE: u32 = 0;
 
 #[map]
-static FAULT_SCRATCH: PerCpuArray<FaultRecord> = PerCpuArray::with_max_entries(1, 0);
+static FAULT_SCRATCH: Array<FaultRecord> = Array::with_max_entries(SCRATCH_SLOTS, 0);
 
 /// Per-CPU count of faults seen, for sampling.
 #[map]
@@ -882,7 +1011,7 @@ pub fn page_fault_user(ctx: TracePointContext) -> u32 {
     if n % u64::from(every) != 0 {
         return 0;
     }
-    let Some(record) = FAULT_SCRATCH.get_ptr_mut(0) else {
+    let Some(record) = FAULT_SCRATCH.get_ptr_mut(cpu_slot()) else {
         return 0;
     };
     // SAFETY: the per-CPU scratch is ours until this program returns.
@@ -898,25 +1027,27 @@ pub fn page_fault_user(ctx: TracePointContext) -> u32 {
     };
     // A leaf function (memset, memcpy) touching the page has no frame: the stack-pointer
     // candidate recovers its caller.
-    let Some((n, flags)) = current_user_stack(&mut record.ips) else {
+    // Sampled faults can still be many (a large memset): the cheaper stack unless asked.
+    let Some((n, bytes, flags)) = current_user_stack(&mut record.ips, copy_bytes(&STACK_COPY_HEAP))
+    else {
         return 0;
     };
-    record.event.nframes = n as u16;
+    record.event.nframes = n;
     record.event.stack_flags = flags;
-    output_record(record, size_of::<FaultEvent>(), n);
+    output_record(record, size_of::<FaultEvent>(), bytes);
     0
 }
 
 /// The user stack of the current task from its saved user registers (at a tracepoint, where the
 /// context holds no registers), with the stack-pointer candidate: (frames, stack flags).
 #[inline(always)]
-fn current_user_stack(ips: &mut [u64; MAX_FRAMES]) -> Option<(usize, u16)> {
+fn current_user_stack(area: &mut StackArea, copy: u32) -> Option<(u16, usize, u16)> {
     // SAFETY: the current task's user pt_regs, read with bpf_probe_read_kernel.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
     let regs = unsafe { bpf_probe_read_kernel(regs) }.ok()?;
     let mut flags = 0u16;
-    let n = walk_user_stack(regs.rip, Some(regs.rsp), regs.rbp, ips, &mut flags);
-    Some((n, flags))
+    let (n, bytes) = capture_stack((regs.rip, regs.rsp, regs.rbp), true, copy, area, &mut flags);
+    Some((n, bytes, flags))
 }
 
 /// Exit of every traced memory syscall: emits the completed call with its user stack.
@@ -932,7 +1063,7 @@ pub fn syscall_exit(ctx: TracePointContext) -> u32 {
     if (-4095..0).contains(&ret) {
         return 0; // failed: nothing changed
     }
-    let Some(record) = MAP_SCRATCH.get_ptr_mut(0) else {
+    let Some(record) = MAP_SCRATCH.get_ptr_mut(cpu_slot()) else {
         return 0;
     };
     // SAFETY: the per-CPU scratch is ours until this program returns.
@@ -949,12 +1080,14 @@ pub fn syscall_exit(ctx: TracePointContext) -> u32 {
         args: saved.args,
     };
     // The user registers of the syscall: its return address and the caller's frame pointer.
-    let Some((n, flags)) = current_user_stack(&mut record.ips) else {
+    let Some((n, bytes, flags)) =
+        current_user_stack(&mut record.ips, copy_bytes(&STACK_COPY_OTHER))
+    else {
         return 0;
     };
-    record.event.nframes = n as u16;
+    record.event.nframes = n;
     record.event.stack_flags = flags;
-    output_record(record, size_of::<MapEvent>(), n);
+    output_record(record, size_of::<MapEvent>(), bytes);
     0
 }
 

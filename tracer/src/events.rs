@@ -3,7 +3,8 @@
 use std::mem::size_of;
 
 use tracer_common::{
-    CudaCallEvent, FaultEvent, HeapAllocEvent, HeapFreeEvent, MapEvent, ProcEvent, event_kind,
+    CudaCallEvent, FaultEvent, HeapAllocEvent, HeapFreeEvent, MapEvent, ProcEvent, STACK_COPY,
+    StackCopyHeader, event_kind,
 };
 
 /// A decoded ring record; stacks borrow the record's bytes.
@@ -17,12 +18,43 @@ pub enum Event<'a> {
     CudaCall(CudaCallEvent, Stack<'a>),
 }
 
-/// The user stack that follows an event in its record: `u64` addresses, innermost first.
+/// The user stack that follows an event in its record: `u64` addresses, innermost first, or
+/// (`STACK_COPY`) a copy of the stack to unwind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stack<'a> {
     bytes: &'a [u8],
-    /// The event's `stack_flags` (`STACK_TRUNCATED`, `STACK_SP_CANDIDATE`).
+    /// The event's `stack_flags` (`STACK_TRUNCATED`, `STACK_SP_CANDIDATE`, `STACK_COPY`).
     pub flags: u16,
+}
+
+impl<'a> Stack<'a> {
+    /// The registers and bytes of a stack copy, if the record carries one.
+    pub fn copy(&self) -> Option<(StackCopyHeader, &'a [u8])> {
+        if self.flags & STACK_COPY == 0 {
+            return None;
+        }
+        let header_len = size_of::<StackCopyHeader>();
+        let header = self.bytes.get(..header_len)?;
+        // SAFETY: length checked; plain old data; the record may be unaligned.
+        let header: StackCopyHeader = unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
+        Some((header, self.bytes.get(header_len..)?))
+    }
+
+    /// The stack that starts at `start` in `record`: `nframes` addresses, or a copy (its
+    /// header says how long).
+    fn at(record: &'a [u8], start: usize, nframes: u16, flags: u16) -> Option<Stack<'a>> {
+        let bytes = if flags & STACK_COPY != 0 {
+            let header_end = start + size_of::<StackCopyHeader>();
+            let header = record.get(start..header_end)?;
+            // SAFETY: length checked; plain old data; the record may be unaligned.
+            let header: StackCopyHeader =
+                unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
+            record.get(start..header_end.checked_add(usize::try_from(header.len).ok()?)?)?
+        } else {
+            record.get(start..start + 8 * usize::from(nframes))?
+        };
+        Some(Stack { bytes, flags })
+    }
 }
 
 impl Stack<'_> {
@@ -52,45 +84,35 @@ pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
         event_kind::HEAP_ALLOC if bytes.len() >= size_of::<HeapAllocEvent>() => {
             // SAFETY: length checked; HeapAllocEvent is plain old data; the record may be unaligned.
             let ev: HeapAllocEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let start = size_of::<HeapAllocEvent>();
-            let end = start + 8 * usize::from(ev.nframes);
-            let stack = Stack {
-                bytes: bytes.get(start..end)?,
-                flags: ev.stack_flags,
-            };
+            let stack = Stack::at(
+                bytes,
+                size_of::<HeapAllocEvent>(),
+                ev.nframes,
+                ev.stack_flags,
+            )?;
             Some(Event::HeapAlloc(ev, stack))
         }
         event_kind::MAP if bytes.len() >= size_of::<MapEvent>() => {
             // SAFETY: length checked; MapEvent is plain old data; the record may be unaligned.
             let ev: MapEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let start = size_of::<MapEvent>();
-            let end = start + 8 * usize::from(ev.nframes);
-            let stack = Stack {
-                bytes: bytes.get(start..end)?,
-                flags: ev.stack_flags,
-            };
+            let stack = Stack::at(bytes, size_of::<MapEvent>(), ev.nframes, ev.stack_flags)?;
             Some(Event::Map(ev, stack))
         }
         event_kind::FAULT if bytes.len() >= size_of::<FaultEvent>() => {
             // SAFETY: length checked; FaultEvent is plain old data; the record may be unaligned.
             let ev: FaultEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let start = size_of::<FaultEvent>();
-            let end = start + 8 * usize::from(ev.nframes);
-            let stack = Stack {
-                bytes: bytes.get(start..end)?,
-                flags: ev.stack_flags,
-            };
+            let stack = Stack::at(bytes, size_of::<FaultEvent>(), ev.nframes, ev.stack_flags)?;
             Some(Event::Fault(ev, stack))
         }
         event_kind::CUDA_CALL if bytes.len() >= size_of::<CudaCallEvent>() => {
             // SAFETY: length checked; CudaCallEvent is plain old data; the record may be unaligned.
             let ev: CudaCallEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let start = size_of::<CudaCallEvent>();
-            let end = start + 8 * usize::from(ev.nframes);
-            let stack = Stack {
-                bytes: bytes.get(start..end)?,
-                flags: ev.stack_flags,
-            };
+            let stack = Stack::at(
+                bytes,
+                size_of::<CudaCallEvent>(),
+                ev.nframes,
+                ev.stack_flags,
+            )?;
             Some(Event::CudaCall(ev, stack))
         }
         event_kind::PROC if bytes.len() >= size_of::<ProcEvent>() => {

@@ -4,7 +4,7 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use alloctrace::{
     hooks, output,
-    probes::ProbeConfig,
+    probes::{ProbeConfig, StackMode},
     record::{self, RecordOptions, TargetSpec},
     recording::{Reader, SeriesRead},
     views::{flamegraph, report},
@@ -65,6 +65,18 @@ enum Command {
         /// makes RSS grow, without any uprobe (`flamegraph --kind faults`). 0 turns it off.
         #[arg(long, value_name = "N", default_value_t = 64)]
         fault_sample: u32,
+        /// How call stacks are taken. `auto`: a copy of the user stack unwound with the modules'
+        /// DWARF call-frame information (.eh_frame), which finds callers in code built without
+        /// frame pointers (libcudart, libtorch, distribution libraries), for mapping, CUDA and
+        /// failure events; frame pointers for heap events and page faults, which can be many.
+        /// `fp`: frame pointers everywhere (cheapest). `dwarf`: stack copies everywhere.
+        #[arg(long, value_enum, default_value_t = StackArg::Auto)]
+        stack: StackArg,
+        /// KiB of user stack copied per stack copy (1 to 32); deeper stacks are marked
+        /// `[truncated]`.
+        #[arg(long, value_name = "KIB", default_value_t = 16,
+              value_parser = clap::value_parser!(u32).range(1..=32))]
+        stack_copy: u32,
         /// Attach empty programs at the same points and record nothing (benchmark floor).
         #[arg(long, hide = true)]
         probe_floor: bool,
@@ -102,6 +114,13 @@ enum Command {
     },
     /// Print the table of hooked functions (Markdown; docs/hooks.md is this output).
     Hooks,
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum StackArg {
+    Auto,
+    Fp,
+    Dwarf,
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -163,8 +182,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             heap,
             no_follow_children,
             fault_sample,
+            stack,
+            stack_copy,
             command,
         } => {
+            let mode = match stack {
+                StackArg::Auto => StackMode::Auto,
+                StackArg::Fp => StackMode::FramePointers,
+                StackArg::Dwarf => StackMode::Dwarf,
+            };
+            let (stack_copy_heap, stack_copy_other) = mode.copy_sizes(stack_copy << 10);
             let target = match pid {
                 Some(pid) => TargetSpec::Pid(pid),
                 None => TargetSpec::Command(command),
@@ -179,6 +206,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     floor: probe_floor,
                     follow_children: !no_follow_children,
                     fault_sample,
+                    stack_copy_heap,
+                    stack_copy_other,
                 },
                 heap,
                 poll_interval: Duration::from_millis(10),

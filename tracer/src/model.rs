@@ -198,6 +198,22 @@ pub struct LedgerState {
     pub lost_events: BTreeMap<String, u64>,
 }
 
+/// How the recording's stacks were taken (`record --stack`), and how that went.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackCapture {
+    /// `auto`, `fp` or `dwarf`.
+    pub mode: String,
+    /// Bytes copied per stack copy.
+    pub copy_bytes: u32,
+    /// Stacks copied in the kernel and unwound with DWARF CFI.
+    pub copies: u64,
+    /// Of those, unwinds that did not reach the outermost frame (marked `[truncated]`).
+    pub truncated: u64,
+    /// Stacks that were to be copied but were walked by frame pointers because the ring buffer
+    /// was a quarter full (a burst of events).
+    pub fp_under_pressure: u64,
+}
+
 /// Non-allocating CUDA calls by (pid, function, stack).
 pub type CudaCalls = BTreeMap<(u32, String, Option<StackIndex>), CallCounts>;
 

@@ -14,7 +14,9 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
-use tracer_common::{HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, map_op, proc_op};
+use tracer_common::{
+    HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, STACK_TRUNCATED, drop_cause, map_op, proc_op,
+};
 
 use crate::{
     cuda::CudaLayer,
@@ -23,11 +25,12 @@ use crate::{
     gpu, hooks,
     ledger::{CellRef, Ledger},
     mappings::MappingLedger,
-    model::{Class, FailureKey, GpuSample, RssSample, StackIndex, TargetInfo},
+    model::{Class, FailureKey, GpuSample, RssSample, StackCapture, StackIndex, TargetInfo},
     probes::{HeapProbes, ProbeConfig, resolve},
     recording::Writer,
     stacks::{FrameNamer, StackTable},
     target::{self, ExitWatch, TargetError},
+    unwind::{FileAccess, ProcessUnwinder, Truncation, UnwindCache},
     views,
 };
 
@@ -284,6 +287,12 @@ fn sample_rss(pid: u32, t_s: u64, mappings: &MappingLedger) -> Option<RssSample>
     })
 }
 
+/// The unwinder of live process `pid`, or an empty one (every stack truncated) if it is gone.
+fn new_unwinder(pid: u32, cache: &UnwindCache) -> ProcessUnwinder {
+    ProcessUnwinder::new(pid, cache)
+        .unwrap_or_else(|_| ProcessUnwinder::empty(FileAccess::Process(pid), cache))
+}
+
 /// Samples the GPU memory of `pids`, records it and charges the residual's change (class
 /// `gpu-untraced`) to the opaque calls since the last sample.
 fn sample_gpu(
@@ -336,6 +345,12 @@ struct EventSink {
     code_mapped: Vec<u32>,
     /// Frame namers by process.
     namers: HashMap<u32, FrameNamer>,
+    /// DWARF unwinders of stack copies by process, sharing parsed unwind tables by build id.
+    unwinders: HashMap<u32, ProcessUnwinder>,
+    unwind_cache: UnwindCache,
+    /// Stack copies unwound, and those that did not reach the outermost frame.
+    unwinds: u64,
+    unwinds_truncated: u64,
     /// Process-tree events, for the recorder to act on (attach heap probes, stop when all exit).
     proc_events: Vec<ProcEvent>,
 }
@@ -357,8 +372,7 @@ impl EventSink {
                     self.ledger.free(ev.tgid, ev.old_addr);
                     return;
                 }
-                ips.read_into(&mut self.ips);
-                let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
+                let stack = self.stack_of(ev.tgid, &ips);
                 if let Some(runtime) = hooks::runtime_hook(ev.func) {
                     self.cuda
                         .runtime_return(&mut self.ledger, &ev, runtime, stack);
@@ -424,24 +438,22 @@ impl EventSink {
                 }
             }
             Some(Event::Map(ev, ips)) => {
-                ips.read_into(&mut self.ips);
-                let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
+                let stack = self.stack_of(ev.tgid, &ips);
                 self.apply_map(&ev, stack);
             }
             Some(Event::Fault(ev, ips)) => {
-                ips.read_into(&mut self.ips);
-                let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
+                let stack = self.stack_of(ev.tgid, &ips);
                 self.ledger.fault(ev.tgid, stack, u64::from(ev.weight));
             }
             Some(Event::CudaCall(ev, ips)) => {
-                ips.read_into(&mut self.ips);
-                let stack = self.stacks.intern(ev.tgid, &self.ips, ips.flags);
+                let stack = self.stack_of(ev.tgid, &ips);
                 self.cuda.call(&mut self.ledger, &mut self.vmm, &ev, stack);
             }
             Some(Event::Proc(ev)) => {
                 match ev.op {
                     proc_op::FORK => {
                         self.mappings.fork(ev.parent, ev.pid);
+                        self.learn_code_of(ev.pid);
                         if let Some(parent) = self.namers.get(&ev.parent) {
                             let child = parent.for_child(ev.pid);
                             self.namers.insert(ev.pid, child);
@@ -449,6 +461,7 @@ impl EventSink {
                     }
                     proc_op::EXEC => {
                         // The old image's stacks are named with the old image's mappings.
+                        self.unwinders.remove(&ev.pid);
                         if let Some(mut namer) = self.namers.remove(&ev.pid) {
                             self.stacks.name_pending_of(ev.pid, &mut namer);
                         }
@@ -461,6 +474,51 @@ impl EventSink {
                 self.proc_events.push(ev);
             }
             None => self.undecodable += 1,
+        }
+    }
+
+    /// Reads an event's stack into `self.ips`, unwinding a stack copy with the process's
+    /// call-frame information, and interns it. An unwind that did not reach the outermost frame
+    /// is marked truncated.
+    fn stack_of(&mut self, pid: u32, stack: &events::Stack) -> Option<StackIndex> {
+        let Some((regs, bytes)) = stack.copy() else {
+            stack.read_into(&mut self.ips);
+            return self.stacks.intern(pid, &self.ips, stack.flags);
+        };
+        let cache = &self.unwind_cache;
+        let unwinder = self
+            .unwinders
+            .entry(pid)
+            .or_insert_with(|| new_unwinder(pid, cache));
+        let regs = (regs.ip, regs.sp, regs.bp);
+        let mut outcome = unwinder.unwind(regs, bytes, &mut self.ips);
+        if let Some(Truncation::NoUnwindInfo { module: None, .. }) = outcome.truncation() {
+            // Code mapped since the unwinder last looked (dlopen): look again, once.
+            if unwinder.refresh().is_ok() {
+                outcome = unwinder.unwind(regs, bytes, &mut self.ips);
+            }
+        }
+        self.unwinds += 1;
+        let flags = if outcome.is_complete() {
+            0
+        } else {
+            self.unwinds_truncated += 1;
+            STACK_TRUNCATED
+        };
+        self.stacks.intern(pid, &self.ips, flags)
+    }
+
+    /// Reads the code mappings of `pid` for unwinding (at attach, fork and each time it maps
+    /// code), while it lives: events are unwound after the fact, possibly after it exited.
+    fn learn_code_of(&mut self, pid: u32) {
+        let cache = &self.unwind_cache;
+        match self.unwinders.get_mut(&pid) {
+            Some(u) => {
+                let _ = u.refresh();
+            }
+            None => {
+                self.unwinders.insert(pid, new_unwinder(pid, cache));
+            }
         }
     }
 
@@ -661,11 +719,16 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         ips: Vec::new(),
         code_mapped: Vec::new(),
         namers: HashMap::from([(pid, FrameNamer::new(pid, maps))]),
+        unwinders: HashMap::new(),
+        unwind_cache: UnwindCache::new(),
+        unwinds: 0,
+        unwinds_truncated: 0,
         proc_events: Vec::new(),
     };
     for class in Class::ALL {
         sink.ledger.track(class);
     }
+    sink.learn_code_of(pid);
     if let Some(brk) = initial_brk {
         sink.mappings.set_initial_brk(pid, brk);
     }
@@ -722,6 +785,17 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
             .collect();
         writer.add_rss_samples(&samples)?;
         let new_stacks = sink.stacks.take_new(&mut sink.namers);
+        let [_, fp_under_pressure] = probes.stack_stats();
+        writer.set_stack_capture(&StackCapture {
+            mode: opts.probes.stack_mode_name().to_string(),
+            copy_bytes: opts
+                .probes
+                .stack_copy_other
+                .max(opts.probes.stack_copy_heap),
+            copies: sink.unwinds,
+            truncated: sink.unwinds_truncated,
+            fp_under_pressure,
+        })?;
         let series = sink.ledger.take_series(t_s as u64);
         let state = sink.ledger.state(&sink.lost(probes));
         writer.commit_tick(t_s, &new_stacks, &state, &series)?;
@@ -735,6 +809,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
                 for p in std::mem::take(&mut sink.code_mapped) {
                     // Also the first look at a process that exec'd: its new image's libraries.
                     sink.namers.entry(p).or_insert_with(|| FrameNamer::new(p, Vec::new())).refresh();
+                    sink.learn_code_of(p);
                 }
                 let before = pids.len();
                 for ev in std::mem::take(&mut sink.proc_events) {

@@ -10,46 +10,12 @@ mod common;
 
 use std::path::Path;
 
-use common::{
-    Cell, Report, Session, Totals, all_freed, all_live, alloctrace_cmd, fixture, page, privileged,
-    report_json, run,
-};
+use common::{Cell, Report, Session, Totals, all_freed, all_live, fixture, page, privileged};
 
-/// Runs `alloctrace record ARGS... -o DIR/SCENARIO.trace -- map_fixture SCENARIO run` to
-/// completion (within `TIMEOUT`) and returns its report, checked complete and well formed.
+/// Runs `alloctrace record ARGS... -- map_fixture SCENARIO run` to completion; its report,
+/// checked complete and well formed.
 fn record_map_command(dir: &Path, scenario: &str, args: &[&str]) -> Report {
-    let trace = dir.join(format!("{scenario}.trace"));
-    let exe = fixture("map_fixture");
-    let mut cmd = alloctrace_cmd(&["record"]);
-    cmd.args(args)
-        .arg("-o")
-        .arg(&trace)
-        .arg("--")
-        .arg(&exe)
-        .args([scenario, "run"]);
-    let out = run(&format!("alloctrace record -- map_fixture {scenario}"), cmd);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "record -- map_fixture {scenario} run failed ({}):\n{stderr}",
-        out.status
-    );
-    assert!(
-        stderr.lines().any(|l| l.starts_with("attached")),
-        "no `attached` line:\n{stderr}"
-    );
-    let r = report_json(&trace);
-    r.assert_well_formed(None);
-    r.assert_rows_add_up();
-    assert!(r.complete, "{}", r.summary());
-    assert!(
-        r.target
-            .command
-            .contains(&format!("map_fixture {scenario} run")),
-        "target.command\n{}",
-        r.summary()
-    );
-    r
+    common::record_fixture_command(dir, &fixture("map_fixture"), scenario, args)
 }
 
 /// A `PROT_NONE`-born mapping's cell without its `allocated_bytes`, which the contract leaves

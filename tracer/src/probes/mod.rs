@@ -12,7 +12,7 @@ use aya::{
         uprobe::UProbeScope,
     },
 };
-use tracer_common::drop_cause;
+use tracer_common::{drop_cause, stack_stat};
 
 use self::resolve::{AllocatorObject, CudaObject};
 use crate::hooks::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
@@ -30,6 +30,47 @@ pub struct ProbeConfig {
     pub follow_children: bool,
     /// Record one of every N page faults that bring a page in (0: none).
     pub fault_sample: u32,
+    /// User-stack bytes copied per event for DWARF unwinding (0: frame pointers): heap events
+    /// and sampled faults, and the others (mappings, CUDA calls, failures).
+    pub stack_copy_heap: u32,
+    pub stack_copy_other: u32,
+}
+
+impl ProbeConfig {
+    /// The stack mode these copy sizes stand for, by its `--stack` name.
+    pub fn stack_mode_name(&self) -> &'static str {
+        match (self.stack_copy_heap, self.stack_copy_other) {
+            (0, 0) => "fp",
+            (0, _) => "auto",
+            _ => "dwarf",
+        }
+    }
+}
+
+/// Bytes of user stack copied per event by default (`record --stack-copy`).
+pub const DEFAULT_STACK_COPY: u32 = 16 << 10;
+
+/// How user stacks are taken (`record --stack`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StackMode {
+    /// A copy of the stack unwound with DWARF CFI for mapping, CUDA and failure events (few,
+    /// and what a postmortem needs most), frame pointers for heap events and page faults (many).
+    Auto,
+    /// Frame pointers everywhere: cheapest; callers in code without frame pointers are lost.
+    FramePointers,
+    /// A stack copy for every event, heap included.
+    Dwarf,
+}
+
+impl StackMode {
+    /// The (heap, other) copy sizes for `copy_bytes` per copied stack.
+    pub fn copy_sizes(self, copy_bytes: u32) -> (u32, u32) {
+        match self {
+            StackMode::Auto => (0, copy_bytes),
+            StackMode::FramePointers => (0, 0),
+            StackMode::Dwarf => (copy_bytes, copy_bytes),
+        }
+    }
 }
 
 impl Default for ProbeConfig {
@@ -39,6 +80,8 @@ impl Default for ProbeConfig {
             floor: false,
             follow_children: true,
             fault_sample: 64,
+            stack_copy_heap: 0,
+            stack_copy_other: DEFAULT_STACK_COPY,
         }
     }
 }
@@ -168,8 +211,16 @@ impl HeapProbes {
         if unsafe { libc::geteuid() } != 0 {
             return Err(ProbeError::NotPermitted);
         }
+        // One scratch record per possible CPU (see SCRATCH_SLOTS in the eBPF program).
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?
+            as u32;
         let ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", config.ring_bytes)
+            .map_max_entries("SCRATCH", cpus)
+            .map_max_entries("MAP_SCRATCH", cpus)
+            .map_max_entries("CALL_SCRATCH", cpus)
+            .map_max_entries("FAULT_SCRATCH", cpus)
             .override_global(
                 tracer_common::FOLLOW_CHILDREN_GLOBAL,
                 &u32::from(config.follow_children),
@@ -178,6 +229,16 @@ impl HeapProbes {
             .override_global(
                 tracer_common::FAULT_SAMPLE_GLOBAL,
                 &config.fault_sample,
+                true,
+            )
+            .override_global(
+                tracer_common::STACK_COPY_HEAP_GLOBAL,
+                &config.stack_copy_heap,
+                true,
+            )
+            .override_global(
+                tracer_common::STACK_COPY_OTHER_GLOBAL,
+                &config.stack_copy_other,
                 true,
             )
             .load(EBPF_OBJECT)
@@ -337,20 +398,30 @@ impl HeapProbes {
             .expect("EVENTS is a ring buffer")
     }
 
+    /// Stack capture counters summed over CPUs, by `stack_stat`.
+    pub fn stack_stats(&self) -> [u64; stack_stat::COUNT as usize] {
+        sum_per_cpu(&self.ebpf, "STACK_STATS")
+    }
+
     /// Drop counters summed over CPUs, by `drop_cause`.
     pub fn drops(&self) -> [u64; drop_cause::COUNT as usize] {
-        let mut out = [0u64; drop_cause::COUNT as usize];
-        let Some(map) = self.ebpf.map("DROPS") else {
-            return out;
-        };
-        let Ok(array) = PerCpuArray::<&MapData, u64>::try_from(map) else {
-            return out;
-        };
-        for (i, slot) in out.iter_mut().enumerate() {
-            if let Ok(values) = array.get(&(i as u32), 0) {
-                *slot = values.iter().sum();
-            }
-        }
-        out
+        sum_per_cpu(&self.ebpf, "DROPS")
     }
+}
+
+/// The slots of per-CPU u64 array `name`, each summed over CPUs (zeros if it cannot be read).
+fn sum_per_cpu<const N: usize>(ebpf: &aya::Ebpf, name: &str) -> [u64; N] {
+    let mut out = [0u64; N];
+    let Some(map) = ebpf.map(name) else {
+        return out;
+    };
+    let Ok(array) = PerCpuArray::<&MapData, u64>::try_from(map) else {
+        return out;
+    };
+    for (i, slot) in out.iter_mut().enumerate() {
+        if let Ok(values) = array.get(&(i as u32), 0) {
+            *slot = values.iter().sum();
+        }
+    }
+    out
 }

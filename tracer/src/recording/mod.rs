@@ -62,6 +62,8 @@ pub struct Recorded {
     pub gpu: Vec<GpuSample>,
     /// Where GPU samples came from, or why there are none (`None`: an older recording).
     pub gpu_source: Option<String>,
+    /// How stacks were taken (`None`: an older recording).
+    pub stack_capture: Option<crate::model::StackCapture>,
 }
 
 /// One point of the per-class time series.
@@ -398,6 +400,7 @@ mod merge_tests {
             rss: Vec::new(),
             gpu: Vec::new(),
             gpu_source: None,
+            stack_capture: None,
         };
         rec.merge_identical_stacks();
         assert_eq!(rec.stacks.keys().copied().collect::<Vec<_>>(), vec![0, 2]);

@@ -356,6 +356,10 @@ impl Reading<'_> {
                 Some(Value::Text(s)) => Some(s.clone()),
                 _ => None,
             },
+            stack_capture: match meta.get(meta::STACK_CAPTURE) {
+                Some(Value::Text(s)) => serde_json::from_str(s).ok(),
+                _ => None,
+            },
         };
         recorded.merge_identical_stacks();
         Ok(recorded)

@@ -145,6 +145,8 @@ pub(crate) mod meta {
     pub const UNMATCHED_FREES: &str = "unmatched_frees";
     /// Where GPU memory samples come from, or why there are none.
     pub const GPU_SOURCE: &str = "gpu_source";
+    /// `StackCapture` as JSON.
+    pub const STACK_CAPTURE: &str = "stack_capture";
 }
 
 /// A u64 counter as stored (bit pattern kept, see `CREATE`).

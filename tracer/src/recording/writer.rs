@@ -262,6 +262,22 @@ impl Writer {
         Ok(())
     }
 
+    /// How stacks were taken, and how that went.
+    pub fn set_stack_capture(
+        &mut self,
+        capture: &crate::model::StackCapture,
+    ) -> Result<(), RecordingError> {
+        let path = self.path.clone();
+        let json = serde_json::to_string(capture).unwrap_or_default();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![meta::STACK_CAPTURE, json],
+            )
+            .map_err(|e| write_error(&path, e))?;
+        Ok(())
+    }
+
     /// Says where GPU samples come from (or why there are none).
     pub fn set_gpu_source(&mut self, source: &str) -> Result<(), RecordingError> {
         let path = self.path.clone();

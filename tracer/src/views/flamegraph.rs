@@ -294,6 +294,7 @@ mod tests {
             rss: Vec::new(),
             gpu: Vec::new(),
             gpu_source: None,
+            stack_capture: None,
         };
         let svg =
             String::from_utf8(render_svg(&rec, &FlamegraphOptions::default()).unwrap()).unwrap();

@@ -213,6 +213,13 @@ pub(crate) mod fixture {
                 traced: (2 << 30) + (512 << 20),
             }],
             gpu_source: Some("recorded samples".into()),
+            stack_capture: Some(crate::model::StackCapture {
+                mode: "auto".into(),
+                copy_bytes: 16384,
+                copies: 40,
+                truncated: 2,
+                fp_under_pressure: 5,
+            }),
         }
     }
 

@@ -52,6 +52,8 @@ struct JsonReport<'a> {
     /// Non-allocating CUDA driver calls (graphs, pools, IPC, registration, contexts, modules) by
     /// process, function and stack.
     cuda_calls: Vec<JsonCudaCalls<'a>>,
+    /// How stacks were taken (`record --stack`); null for an older recording.
+    stack_capture: Option<&'a crate::model::StackCapture>,
 }
 
 #[derive(Serialize)]
@@ -329,6 +331,7 @@ pub fn render_json(rec: &Recorded) -> String {
             source: rec.gpu_source.clone(),
             processes: gpu_residuals(rec),
         },
+        stack_capture: rec.stack_capture.as_ref(),
         cuda_calls: rec
             .state
             .cuda_calls
@@ -443,6 +446,7 @@ pub fn render_text(rec: &Recorded) -> String {
     text_faults(&mut out, rec);
     text_released(&mut out, rec);
     text_cuda_calls(&mut out, rec);
+    text_stack_capture(&mut out, rec);
     text_gpu(&mut out, rec);
     out
 }
@@ -484,6 +488,22 @@ fn text_gpu(out: &mut String, rec: &Recorded) {
             r.t_s
         );
     }
+}
+
+fn text_stack_capture(out: &mut String, rec: &Recorded) {
+    let Some(s) = &rec.stack_capture else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\nStacks: --stack {} ({} KiB copies): {} unwound from copies ({} truncated), {} by frame \
+         pointers while the ring was a quarter full",
+        s.mode,
+        s.copy_bytes >> 10,
+        s.copies,
+        s.truncated,
+        s.fp_under_pressure
+    );
 }
 
 /// CUDA calls by function (all stacks), most first.
@@ -898,6 +918,7 @@ mod tests {
             rss: Vec::new(),
             gpu: Vec::new(),
             gpu_source: None,
+            stack_capture: None,
         }
     }
 

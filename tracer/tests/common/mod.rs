@@ -363,8 +363,14 @@ pub fn start_fixture(scenario: &str, protocol: &str) -> TestProcess {
 
 /// Starts fixture `name` with `SCENARIO PROTOCOL` and waits for its `ready`.
 fn start_named_fixture(name: &str, scenario: &str, protocol: &str) -> TestProcess {
-    let mut cmd = Command::new(fixture(name));
+    start_fixture_exe(&fixture(name), scenario, protocol)
+}
+
+/// Starts the fixture executable `exe` with `SCENARIO PROTOCOL` and waits for its `ready`.
+pub fn start_fixture_exe(exe: &Path, scenario: &str, protocol: &str) -> TestProcess {
+    let mut cmd = Command::new(exe);
     cmd.args([scenario, protocol]);
+    let name = exe.file_name().unwrap_or_default().to_string_lossy();
     let mut p = TestProcess::spawn(&format!("{name} {scenario} {protocol}"), cmd);
     p.expect_stdout("ready");
     p
@@ -390,9 +396,14 @@ pub struct Session {
 impl Session {
     /// Starts the fixture, attaches, runs the scenario and waits for its `done`.
     pub fn run_scenario(scenario: &str, protocol: &str, extra: &[&str]) -> Session {
+        Session::run_scenario_of(&fixture("heap_fixture"), scenario, protocol, extra)
+    }
+
+    /// `run_scenario` with the heap fixture built as `exe` (another variant).
+    pub fn run_scenario_of(exe: &Path, scenario: &str, protocol: &str, extra: &[&str]) -> Session {
         let dir = tempfile::tempdir().expect("temp dir");
         let trace = dir.path().join(format!("{scenario}.trace"));
-        let mut target = start_fixture(scenario, protocol);
+        let mut target = start_fixture_exe(exe, scenario, protocol);
         let recorder = start_recorder(target.pid(), &trace, extra);
         target.send_line("go");
         target.expect_stdout("done");
@@ -413,6 +424,41 @@ impl Session {
         self.target.wait_success();
         report_json(&self.trace)
     }
+}
+
+/// Runs `alloctrace record ARGS... -o DIR/SCENARIO.trace -- EXE SCENARIO run` to completion
+/// (within `TIMEOUT`) and returns its report, checked complete and well formed.
+pub fn record_fixture_command(dir: &Path, exe: &Path, scenario: &str, args: &[&str]) -> Report {
+    let trace = dir.join(format!("{scenario}.trace"));
+    let mut cmd = alloctrace_cmd(&["record"]);
+    cmd.args(args)
+        .arg("-o")
+        .arg(&trace)
+        .arg("--")
+        .arg(exe)
+        .args([scenario, "run"]);
+    let name = exe.file_name().unwrap_or_default().to_string_lossy();
+    let out = run(&format!("alloctrace record -- {name} {scenario}"), cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "record -- {name} {scenario} run failed ({}):\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.lines().any(|l| l.starts_with("attached")),
+        "no `attached` line:\n{stderr}"
+    );
+    let r = report_json(&trace);
+    r.assert_well_formed(None);
+    r.assert_rows_add_up();
+    assert!(r.complete, "{}", r.summary());
+    assert!(
+        r.target.command.contains(&format!("{name} {scenario} run")),
+        "target.command\n{}",
+        r.summary()
+    );
+    r
 }
 
 /// Records `scenario` by PID and stops the recorder with SIGINT.
@@ -463,6 +509,17 @@ pub struct Report {
     pub failures: Vec<FailureRow>,
     pub unmatched_frees: u64,
     pub lost_events: BTreeMap<String, u64>,
+    pub stack_capture: Option<StackCapture>,
+}
+
+/// How the recording's stacks were taken (`record --stack`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct StackCapture {
+    pub mode: String,
+    pub copy_bytes: u32,
+    pub copies: u64,
+    pub truncated: u64,
+    pub fp_under_pressure: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]

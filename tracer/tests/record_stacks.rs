@@ -1,0 +1,240 @@
+//! Stacks that survive code without frame pointers: stack copies unwound with DWARF call-frame
+//! information (`record --stack auto|dwarf`), against fixtures built with
+//! `-O2 -fomit-frame-pointer` whose exact answers are known by construction. Privileged.
+
+mod common;
+
+use std::{path::PathBuf, process::Command};
+
+use common::{
+    LEAKS, Report, Session, TestProcess, all_live, fixture_variant, page, privileged,
+    record_fixture_command, report_json, start_recorder_args,
+};
+
+/// Flags of the variants without frame pointers (the fixtures' defaults keep them).
+const NO_FRAME_POINTERS: &[&str] = &["-O2", "-fomit-frame-pointer", "-momit-leaf-frame-pointer"];
+
+/// Asserts that `frames` holds `chain` in this order (other frames may come between).
+fn assert_chain(frames: &[String], chain: &[&str], what: &str) {
+    let mut rest = frames.iter();
+    for f in chain {
+        assert!(
+            rest.any(|g| g == f),
+            "{what}: {f} missing (or out of order) in {frames:?}, expected the chain {chain:?}"
+        );
+    }
+}
+
+#[test]
+fn heap_leaks_without_frame_pointers_are_exact_up_to_main_with_dwarf_stacks() {
+    if !privileged() {
+        return;
+    }
+    let exe = fixture_variant("heap_fixture", "nofp", NO_FRAME_POINTERS);
+    let s = Session::run_scenario_of(&exe, "leaks", "attach", &["--stack", "dwarf"]);
+    let r = s.stop(libc::SIGINT);
+    // The same exact attribution as with frame pointers.
+    r.assert_leaks();
+    for (function, _, _) in LEAKS {
+        for st in r.stacks_of(function) {
+            // (At -O2 scenario_leaks tail-calls its last leak: that frame is really gone.)
+            assert_chain(&st.frames, &[function, "main"], function);
+            assert!(
+                !st.frames.iter().any(|f| f == "[truncated]"),
+                "{:?}",
+                st.frames
+            );
+        }
+    }
+    let capture = r.stack_capture.as_ref().expect("stack_capture");
+    assert_eq!(capture.mode, "dwarf");
+    assert!(capture.copies >= 126, "{capture:?}");
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn mappings_without_frame_pointers_are_exact_up_to_main_by_default() {
+    if !privileged() {
+        return;
+    }
+    let p = page();
+    let exe = fixture_variant("map_fixture", "nofp", NO_FRAME_POINTERS);
+    let dir = tempfile::tempdir().unwrap();
+    let r = record_fixture_command(dir.path(), &exe, "raw", &[]);
+    r.assert_class_cell("mmap", "leak_raw_mmap", all_live(5, 3 * p));
+    r.assert_class_cell("mmap", "leak_libc_mmap", all_live(4, 2 * p));
+    for function in ["leak_raw_mmap", "leak_libc_mmap"] {
+        for st in r.class_stacks_through("mmap", function) {
+            assert_chain(&st.frames, &[function, "scenario_raw", "main"], function);
+        }
+    }
+    // glibc's mremap is a variadic, non-leaf wrapper: with frame pointers its caller was lost.
+    let r = record_fixture_command(dir.path(), &exe, "remap", &[]);
+    r.assert_class_cell("mmap", "grow_remap", all_live(1, 6 * p));
+    for st in r.class_stacks_through("mmap", "grow_remap") {
+        assert_chain(&st.frames, &["grow_remap", "main"], "grow_remap");
+    }
+    r.assert_no_lost_events();
+}
+
+/// Rows of `class` whose frames include `function` anywhere.
+fn through<'a>(r: &'a Report, class: &str, function: &str) -> Vec<&'a common::StackRow> {
+    r.stacks
+        .iter()
+        .filter(|s| s.class == class && s.frames.iter().any(|f| f == function))
+        .collect()
+}
+
+/// Builds libnofp.so (no frame pointers) and nofp_caller linked to it.
+fn nofp_caller() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nofp");
+            std::fs::create_dir_all(&dir).unwrap();
+            let lib = dir.join("libnofp.so");
+            let tmp = dir.join(format!("libnofp.so.{}.tmp", std::process::id()));
+            let out = Command::new("cc")
+                .args(["-shared", "-fPIC"])
+                .args(NO_FRAME_POINTERS)
+                .arg("-o")
+                .arg(&tmp)
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/nofp_lib.c"
+                ))
+                .output()
+                .expect("cc");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::rename(&tmp, &lib).unwrap();
+            let exe = dir.join("nofp_caller");
+            let tmp = dir.join(format!("nofp_caller.{}.tmp", std::process::id()));
+            let out = Command::new("cc")
+                .args(["-O0", "-g", "-fno-omit-frame-pointer"])
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/nofp_caller.c"
+                ))
+                .arg("-o")
+                .arg(&tmp)
+                .arg(format!("-L{}", dir.display()))
+                .arg("-lnofp")
+                .arg(format!("-Wl,-rpath,{}", dir.display()))
+                .output()
+                .expect("cc");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::fs::rename(&tmp, &exe).unwrap();
+            exe
+        })
+        .clone()
+}
+
+/// Records nofp_caller with `record --heap ARGS`; its report.
+fn record_nofp_caller(args: &[&str]) -> Report {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("nofp.trace");
+    let mut target = TestProcess::spawn("nofp_caller", Command::new(nofp_caller()));
+    target.expect_stdout("ready");
+    let mut all = vec!["--heap"];
+    all.extend(args);
+    let mut recorder = start_recorder_args(target.pid(), &trace, &all);
+    target.send_line("go");
+    target.expect_stdout("done");
+    recorder.signal(libc::SIGINT);
+    recorder.wait_success();
+    target.close_stdin();
+    target.wait_success();
+    report_json(&trace)
+}
+
+#[test]
+fn a_library_without_frame_pointers_does_not_hide_its_callers() {
+    if !privileged() {
+        return;
+    }
+    let p = page();
+    // Default (auto): the mappings get unwound stack copies; heap events frame pointers.
+    let r = record_nofp_caller(&[]);
+    let rows = through(&r, "mmap", "caller_maps");
+    assert_eq!(
+        common::sum_rows(&rows),
+        all_live(3, 2 * p),
+        "{}",
+        r.summary()
+    );
+    for st in rows {
+        assert_chain(
+            &st.frames,
+            &["lib_map_inner", "lib_map_pages", "caller_maps", "main"],
+            "mmap",
+        );
+    }
+    // dwarf: the heap too.
+    let r = record_nofp_caller(&["--stack", "dwarf"]);
+    let rows = through(&r, "heap", "caller_allocs");
+    assert_eq!(
+        common::sum_rows(&rows),
+        all_live(5, 1000),
+        "{}",
+        r.summary()
+    );
+    for st in rows {
+        assert_chain(
+            &st.frames,
+            &["lib_alloc_inner", "lib_alloc", "caller_allocs", "main"],
+            "heap",
+        );
+    }
+    // fp: the walk cannot cross the library; the caller above it is lost.
+    let r = record_nofp_caller(&["--stack", "fp"]);
+    assert!(
+        through(&r, "mmap", "caller_maps").is_empty(),
+        "frame pointers cannot see through the library\n{}",
+        r.summary()
+    );
+}
+
+#[test]
+fn a_short_stack_copy_is_marked_truncated_never_cut_silently() {
+    if !privileged() {
+        return;
+    }
+    // 1 KiB holds the library's frames but not deep_caller's 8 KiB frame: that stack is
+    // marked truncated; the shallow ones reach main.
+    let p = page();
+    let r = record_nofp_caller(&["--stack-copy", "1"]);
+    let truncated: Vec<_> = r
+        .stacks
+        .iter()
+        .filter(|s| s.class == "mmap" && s.frames.iter().any(|f| f == "lib_map_pages"))
+        .filter(|s| !s.frames.iter().any(|f| f == "main"))
+        .collect();
+    assert_eq!(
+        common::sum_rows(&truncated),
+        all_live(1, p),
+        "{}",
+        r.summary()
+    );
+    for st in truncated {
+        assert_eq!(
+            st.frames.last().map(String::as_str),
+            Some("[truncated]"),
+            "{:?}",
+            st.frames
+        );
+    }
+    assert_eq!(
+        common::sum_rows(&through(&r, "mmap", "caller_maps")),
+        all_live(3, 2 * p)
+    );
+    let capture = r.stack_capture.as_ref().expect("stack_capture");
+    assert!(capture.truncated >= 1, "{capture:?}");
+}
