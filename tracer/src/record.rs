@@ -529,10 +529,12 @@ impl EventSink {
             .namers
             .entry(pid)
             .or_insert_with(|| FrameNamer::new(pid, Vec::new()));
-        self.ips
-            .iter()
-            .take(3)
-            .any(|&ip| PYTHON_ARENA_FUNCTIONS.contains(&namer.function_at(ip).as_str()))
+        self.ips.iter().take(3).any(|&ip| {
+            namer
+                .functions_at(ip)
+                .iter()
+                .any(|f| PYTHON_ARENA_FUNCTIONS.contains(&f.as_str()))
+        })
     }
 
     fn apply_map(&mut self, ev: &MapEvent, stack: Option<StackIndex>) {

@@ -117,7 +117,8 @@ pub struct FrameNamer {
     pid: u32,
     maps: Vec<Mapping>,
     symbolizer: Symbolizer,
-    cache: HashMap<u64, String>,
+    /// Names by address: the functions inlined at it, innermost first, then the function.
+    cache: HashMap<u64, Vec<String>>,
     after_call: HashMap<u64, bool>,
 }
 
@@ -170,12 +171,13 @@ impl FrameNamer {
         self.maps.iter().rev().find(|m| ip >= m.start && ip < m.end)
     }
 
-    /// The function at `ip` (re-reading the mappings once if its module is not known yet).
-    pub fn function_at(&mut self, ip: u64) -> String {
+    /// The functions at `ip`, the inlined ones first (re-reading the mappings once if its
+    /// module is not known yet).
+    pub fn functions_at(&mut self, ip: u64) -> Vec<String> {
         if self.mapping_of(ip).is_none() {
             self.refresh();
         }
-        self.name(ip)
+        self.names(ip)
     }
 
     /// Names a stack key (`StackTable`'s form: addresses, then an optional flags word).
@@ -196,7 +198,7 @@ impl FrameNamer {
             if i == 1 && flags & STACK_SP_CANDIDATE != 0 && !self.follows_call(ip) {
                 continue;
             }
-            frames.push(self.name(ip));
+            frames.extend(self.names(ip));
         }
         if flags & STACK_TRUNCATED != 0 {
             frames.push(TRUNCATED_FRAME.to_string());
@@ -225,7 +227,9 @@ impl FrameNamer {
         verdict
     }
 
-    fn name(&mut self, ip: u64) -> String {
+    /// The frames an address stands for: functions inlined at it, innermost first, then the
+    /// function that contains it (demangled).
+    fn names(&mut self, ip: u64) -> Vec<String> {
         if let Some(n) = self.cache.get(&ip) {
             return n.clone();
         }
@@ -241,14 +245,20 @@ impl FrameNamer {
                     .symbolizer
                     .symbolize_single(&src, symbolize::Input::FileOffset(offset))
                 {
-                    Ok(symbolize::Symbolized::Sym(sym)) => sym.name.into_owned(),
+                    Ok(symbolize::Symbolized::Sym(sym)) => sym
+                        .inlined
+                        .iter()
+                        .rev()
+                        .map(|f| f.name.to_string())
+                        .chain(std::iter::once(sym.name.into_owned()))
+                        .collect(),
                     _ => {
                         let base = m.path.rsplit('/').next().unwrap_or(&m.path);
-                        format!("[unknown] {base}+{offset:#x}")
+                        vec![format!("[unknown] {base}+{offset:#x}")]
                     }
                 }
             }
-            None => format!("[unknown] {ip:#x}"),
+            None => vec![format!("[unknown] {ip:#x}")],
         };
         self.cache.insert(ip, name.clone());
         name

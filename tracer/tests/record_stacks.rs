@@ -95,7 +95,7 @@ fn nofp_caller() -> PathBuf {
             let lib = dir.join("libnofp.so");
             let tmp = dir.join(format!("libnofp.so.{}.tmp", std::process::id()));
             let out = Command::new("cc")
-                .args(["-shared", "-fPIC"])
+                .args(["-shared", "-fPIC", "-g"])
                 .args(NO_FRAME_POINTERS)
                 .arg("-o")
                 .arg(&tmp)
@@ -175,6 +175,26 @@ fn a_library_without_frame_pointers_does_not_hide_its_callers() {
             &st.frames,
             &["lib_map_inner", "lib_map_pages", "caller_maps", "main"],
             "mmap",
+        );
+    }
+    // A function inlined into another is a frame of its own (from the debug info).
+    let rows = through(&r, "mmap", "caller_inlined");
+    assert_eq!(
+        common::sum_rows(&rows),
+        all_live(1, 4 * p),
+        "{}",
+        r.summary()
+    );
+    for st in rows {
+        assert_chain(
+            &st.frames,
+            &[
+                "lib_inline_map",
+                "lib_map_inlined",
+                "caller_inlined",
+                "main",
+            ],
+            "inlined",
         );
     }
     // dwarf: the heap too.
