@@ -254,6 +254,9 @@ pub struct StackCopyHeader {
 /// verifier's view of a page-sized copy at any offset below `STACK_COPY_MAX`.
 pub const STACK_AREA_WORDS: usize = (32 + STACK_COPY_MAX + 8192) / 8;
 
+/// Bytes of the stack area after which Python frames still fit.
+pub const PY_FRAMES_AT_MOST: usize = 8 * STACK_AREA_WORDS - 16 * python::MAX_PY_FRAMES;
+
 /// The stack area of a scratch record.
 pub type StackArea = [u64; STACK_AREA_WORDS];
 

@@ -102,6 +102,29 @@ pub struct PythonOffsets {
 
 const _: () = assert!(size_of::<PythonOffsets>() == 8 * 33);
 
+/// Python frames recorded per event.
+pub const MAX_PY_FRAMES: usize = 16;
+
+/// One recorded Python frame: the code object and the bytecode byte offset in it; user space
+/// symbolizes it. Events carry them after their stack, innermost first, their number in
+/// `stack_flags` (`PY_FRAMES_SHIFT`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PyRawFrame {
+    pub code: u64,
+    pub offset: u64,
+}
+
+/// `stack_flags >> PY_FRAMES_SHIFT & PY_FRAMES_MASK`: Python frames after the stack.
+pub const PY_FRAMES_SHIFT: u16 = 8;
+pub const PY_FRAMES_MASK: u16 = 0x1f;
+
+const _: () = assert!(MAX_PY_FRAMES as u16 <= PY_FRAMES_MASK);
+const _: () = assert!(size_of::<PyRawFrame>() == 16);
+
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] and only u64 fields, so no padding bytes.
 unsafe impl aya::Pod for PythonOffsets {}
+
+/// Global of the eBPF object: 1 to read Python frames of processes with offsets in `PY_OFFSETS`.
+pub const PYTHON_FRAMES_GLOBAL: &str = "PYTHON_FRAMES";

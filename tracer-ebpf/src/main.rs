@@ -10,6 +10,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod python;
+
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{
@@ -29,9 +31,11 @@ use core::mem::size_of;
 use tracer_common::{
     CudaCallEvent, CudaCallRecord, CudaCallSlot, FaultEvent, FaultRecord, HeapAllocEvent,
     HeapAllocRecord, HeapFn, HeapFreeEvent, INFLIGHT_SLOTS, InflightCall, MAP_FROM_ALLOCATOR,
-    MAX_FRAMES, MapEvent, MapRecord, ProcEvent, STACK_COPY, STACK_COPY_MAX, STACK_SP_CANDIDATE,
-    STACK_TRUNCATED, StackArea, StackCopyHeader, SyscallArgs, drop_cause, event_kind, map_op,
-    out_mode, proc_op, stack_stat,
+    MAX_FRAMES, MapEvent, MapRecord, PY_FRAMES_AT_MOST, ProcEvent, STACK_COPY, STACK_COPY_MAX,
+    STACK_SP_CANDIDATE, STACK_TRUNCATED, StackArea, StackCopyHeader, SyscallArgs, drop_cause,
+    event_kind, map_op, out_mode, proc_op,
+    python::{MAX_PY_FRAMES, PY_FRAMES_SHIFT, PyRawFrame, PythonOffsets},
+    stack_stat,
 };
 
 const ENOMEM: i32 = 12;
@@ -503,8 +507,9 @@ pub fn cuda_call_return(ctx: RetProbeContext) -> u32 {
         &mut record.ips,
         &mut flags,
     );
-    record.event.stack_flags = flags;
     record.event.nframes = nframes;
+    let bytes = finish_stack(&mut record.ips, bytes, &mut flags);
+    record.event.stack_flags = flags;
     output_record(record, size_of::<CudaCallEvent>(), bytes);
     0
 }
@@ -659,9 +664,12 @@ fn finish_call(ctx: &RetProbeContext, slots: &Array<InflightCall>) -> u32 {
             copy_bytes(&STACK_COPY_OTHER)
         };
         let mut flags = 0u16;
-        let captured = capture_stack((ip, sp, bp), false, copy, &mut record.ips, &mut flags);
+        let (nframes, bytes) =
+            capture_stack((ip, sp, bp), false, copy, &mut record.ips, &mut flags);
+        record.event.nframes = nframes;
+        let bytes = finish_stack(&mut record.ips, bytes, &mut flags);
         record.event.stack_flags = flags;
-        captured
+        (nframes, bytes)
     };
     record.event.nframes = nframes;
     output_record(record, size_of::<HeapAllocEvent>(), bytes);
@@ -729,10 +737,73 @@ fn copy_bytes(global: &u32) -> u32 {
     unsafe { core::ptr::read_volatile(global) }
 }
 
+/// Where the CPython interpreter of a traced process keeps its frames, by tgid (user space
+/// detects it and fills this in).
+#[map]
+static PY_OFFSETS: HashMap<u32, PythonOffsets> = HashMap::with_max_entries(1024, 0);
+
+/// Set by user space: 1 to record Python frames (`record --no-python-frames` clears it).
+#[unsafe(no_mangle)]
+static PYTHON_FRAMES: u32 = 0;
+
+/// Appends the current thread's Python frames (if it runs CPython) at byte `at` of the stack
+/// area; their number goes into `flags`. Returns the bytes added.
+#[inline(always)]
+fn append_python(area: &mut StackArea, at: usize, flags: &mut u16) -> usize {
+    if copy_bytes(&PYTHON_FRAMES) == 0 || at > PY_FRAMES_AT_MOST || at % 8 != 0 {
+        return 0;
+    }
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is only read while this program runs.
+    let Some(offsets) = (unsafe { PY_OFFSETS.get(&((key >> 32) as u32)) }) else {
+        return 0;
+    };
+    let Some(tstate) = python::find_tstate(offsets, key as u32) else {
+        return 0;
+    };
+    // SAFETY: `at` is 8-byte aligned (stacks are whole words) and leaves room for the frames.
+    let out = unsafe {
+        &mut *area
+            .as_mut_ptr()
+            .cast::<u8>()
+            .add(at)
+            .cast::<[PyRawFrame; MAX_PY_FRAMES]>()
+    };
+    let n = python::walk(offsets, tstate, out);
+    *flags |= (n as u16) << PY_FRAMES_SHIFT;
+    n * size_of::<PyRawFrame>()
+}
+
+/// One slot through which a value passes to lose what the verifier knows of it.
+#[map]
+static LAUNDRY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `value`, as a number the verifier knows nothing about. After a stack walk, the stack's
+/// length differs on every path; the Python walk after it would be verified once per length.
+#[inline(always)]
+fn forget_value(value: usize) -> usize {
+    let Some(slot) = LAUNDRY.get_ptr_mut(0) else {
+        return value;
+    };
+    // SAFETY: per-CPU slot, ours while this program runs.
+    unsafe {
+        core::ptr::write_volatile(slot, value as u64);
+        core::ptr::read_volatile(slot) as usize
+    }
+}
+
+/// After `capture_stack` filled `bytes` of the area: appends the Python frames of a CPython
+/// thread. Returns the bytes of the area to output.
+#[inline(always)]
+fn finish_stack(area: &mut StackArea, bytes: usize, flags: &mut u16) -> usize {
+    let at = forget_value(bytes);
+    at + append_python(area, at, flags)
+}
+
 /// Fills a record's stack area from the user registers `(ip, sp, bp)`: with `copy` > 0, a
 /// `StackCopyHeader` and up to `copy` bytes of the stack from `sp` up (`STACK_COPY`), unwound in
 /// user space; else the frame-pointer walk (with the stack-pointer candidate if asked). Returns
-/// (frames, bytes of the area to output).
+/// (frames, bytes of the area used); `finish_stack` adds the Python frames.
 #[inline(always)]
 fn capture_stack(
     (ip, sp, bp): (u64, u64, u64),
@@ -1047,6 +1118,9 @@ fn current_user_stack(area: &mut StackArea, copy: u32) -> Option<(u16, usize, u1
     let regs = unsafe { bpf_probe_read_kernel(regs) }.ok()?;
     let mut flags = 0u16;
     let (n, bytes) = capture_stack((regs.rip, regs.rsp, regs.rbp), true, copy, area, &mut flags);
+    // (n goes back with the area filled: the Python frames' walk is verified once.)
+    let n = forget_value(n as usize) as u16;
+    let bytes = finish_stack(area, bytes, &mut flags);
     Some((n, bytes, flags))
 }
 

@@ -1,23 +1,12 @@
 //! CPython frame walker for BPF: (code object, bytecode byte offset) of the innermost Python
 //! frames of the current thread, given the target's `PythonOffsets` (filled by user space,
-//! `alloctrace::python::detect`). Not wired into the probes yet; docs/python-frames.md says how.
-#![allow(dead_code)] // until main.rs calls it
+//! `alloctrace::python::detect`). docs/python-frames.md says how.
 
 use aya_ebpf::helpers::bpf_probe_read_user;
-use tracer_common::python::{ABSENT, PythonOffsets, instr_kind};
+use tracer_common::python::{ABSENT, MAX_PY_FRAMES, PyRawFrame, PythonOffsets, instr_kind};
 
-/// Python frames recorded per event.
-pub const MAX_PY_FRAMES: usize = 16;
 /// Thread states examined to find the current thread's (bounded for the verifier).
-pub const MAX_PY_THREADS: usize = 32;
-
-/// One recorded frame; user space symbolizes it (`alloctrace::python::Symbolizer`).
-#[repr(C)]
-#[derive(Copy, Clone)]
-pub struct PyRawFrame {
-    pub code: u64,
-    pub offset: u64,
-}
+pub const MAX_PY_THREADS: usize = 16;
 
 #[inline(always)]
 fn read_u64(addr: u64) -> Option<u64> {
@@ -38,11 +27,17 @@ fn read_u8(addr: u64) -> Option<u8> {
 }
 
 /// The `PyThreadState` of the current thread in the main interpreter: matched by kernel `tid`
-/// (3.11+ `native_thread_id`) or by `fsbase` (`thread_id` is `pthread_self()`, which is the
-/// fsbase on x86-64 glibc; `bpf_get_current_task_btf()->thread.fsbase`). Works with or without
-/// the GIL held.
+/// (3.11+ `native_thread_id`), with or without the GIL held; on 3.10 the thread holding the GIL
+/// (`gilstate.tstate_current`), which is the allocating thread while it runs Python code.
 #[inline(always)]
-pub fn find_tstate(o: &PythonOffsets, tid: u32, fsbase: u64) -> Option<u64> {
+pub fn find_tstate(o: &PythonOffsets, tid: u32) -> Option<u64> {
+    if o.tstate_native_thread_id == ABSENT {
+        if o.runtime_tstate_current == ABSENT {
+            return None;
+        }
+        let t = read_u64(o.runtime_addr.wrapping_add(o.runtime_tstate_current))?;
+        return (t != 0).then_some(t);
+    }
     let interp = read_u64(o.runtime_addr.wrapping_add(o.runtime_interpreters_head))?;
     if interp == 0 {
         return None;
@@ -52,12 +47,7 @@ pub fn find_tstate(o: &PythonOffsets, tid: u32, fsbase: u64) -> Option<u64> {
         if t == 0 {
             return None;
         }
-        let hit = if o.tstate_native_thread_id != ABSENT {
-            read_u32(t.wrapping_add(o.tstate_native_thread_id))? == tid
-        } else {
-            read_u64(t.wrapping_add(o.tstate_thread_id))? == fsbase
-        };
-        if hit {
+        if read_u32(t.wrapping_add(o.tstate_native_thread_id))? == tid {
             return Some(t);
         }
         t = read_u64(t.wrapping_add(o.tstate_next))?;
@@ -80,8 +70,8 @@ pub fn walk(o: &PythonOffsets, tstate: u64, out: &mut [PyRawFrame; MAX_PY_FRAMES
         }
     }
     let mut n = 0;
-    // Shim frames take loop turns too: at most one per Python frame.
-    for _ in 0..2 * MAX_PY_FRAMES {
+    // Shim frames take loop turns too (a few per stack).
+    for _ in 0..MAX_PY_FRAMES + 4 {
         if f == 0 || n >= MAX_PY_FRAMES {
             break;
         }

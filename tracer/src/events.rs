@@ -5,6 +5,7 @@ use std::mem::size_of;
 use tracer_common::{
     CudaCallEvent, FaultEvent, HeapAllocEvent, HeapFreeEvent, MapEvent, ProcEvent, STACK_COPY,
     StackCopyHeader, event_kind,
+    python::{PY_FRAMES_MASK, PY_FRAMES_SHIFT, PyRawFrame},
 };
 
 /// A decoded ring record; stacks borrow the record's bytes.
@@ -23,7 +24,10 @@ pub enum Event<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stack<'a> {
     bytes: &'a [u8],
-    /// The event's `stack_flags` (`STACK_TRUNCATED`, `STACK_SP_CANDIDATE`, `STACK_COPY`).
+    /// Python frames (`PyRawFrame`s) recorded after the stack.
+    python: &'a [u8],
+    /// The event's `stack_flags` (`STACK_TRUNCATED`, `STACK_SP_CANDIDATE`, `STACK_COPY`, the
+    /// Python frame count).
     pub flags: u16,
 }
 
@@ -43,17 +47,31 @@ impl<'a> Stack<'a> {
     /// The stack that starts at `start` in `record`: `nframes` addresses, or a copy (its
     /// header says how long).
     fn at(record: &'a [u8], start: usize, nframes: u16, flags: u16) -> Option<Stack<'a>> {
-        let bytes = if flags & STACK_COPY != 0 {
+        let end = if flags & STACK_COPY != 0 {
             let header_end = start + size_of::<StackCopyHeader>();
             let header = record.get(start..header_end)?;
             // SAFETY: length checked; plain old data; the record may be unaligned.
             let header: StackCopyHeader =
                 unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
-            record.get(start..header_end.checked_add(usize::try_from(header.len).ok()?)?)?
+            header_end.checked_add(usize::try_from(header.len).ok()?)?
         } else {
-            record.get(start..start + 8 * usize::from(nframes))?
+            start + 8 * usize::from(nframes)
         };
-        Some(Stack { bytes, flags })
+        let py = usize::from(flags >> PY_FRAMES_SHIFT & PY_FRAMES_MASK) * size_of::<PyRawFrame>();
+        Some(Stack {
+            bytes: record.get(start..end)?,
+            python: record.get(end..end + py)?,
+            flags,
+        })
+    }
+
+    /// The Python frames recorded with the stack: (code object, bytecode offset), innermost
+    /// first.
+    pub fn python_frames(&self) -> impl Iterator<Item = (u64, u64)> + 'a {
+        self.python.chunks_exact(16).map(|c| {
+            let word = |i: usize| u64::from_ne_bytes(c[i..i + 8].try_into().expect("8 bytes"));
+            (word(0), word(8))
+        })
     }
 }
 

@@ -77,6 +77,11 @@ enum Command {
         #[arg(long, value_name = "KIB", default_value_t = 16,
               value_parser = clap::value_parser!(u32).range(1..=32))]
         stack_copy: u32,
+        /// Do not read Python frames. By default, in a CPython 3.10-3.13 process, each stack
+        /// gets the Python frames (function, file, line) of the thread, read at the event, in
+        /// place of the interpreter's evaluation loop.
+        #[arg(long)]
+        no_python_frames: bool,
         /// Attach empty programs at the same points and record nothing (benchmark floor).
         #[arg(long, hide = true)]
         probe_floor: bool,
@@ -184,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             fault_sample,
             stack,
             stack_copy,
+            no_python_frames,
             command,
         } => {
             let mode = match stack {
@@ -208,6 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     fault_sample,
                     stack_copy_heap,
                     stack_copy_other,
+                    python_frames: !no_python_frames,
                 },
                 heap,
                 poll_interval: Duration::from_millis(10),

@@ -15,7 +15,8 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 use tracer_common::{
-    HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, STACK_TRUNCATED, drop_cause, map_op, proc_op,
+    HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, STACK_SP_CANDIDATE, STACK_TRUNCATED,
+    drop_cause, map_op, proc_op,
 };
 
 use crate::{
@@ -27,6 +28,7 @@ use crate::{
     mappings::MappingLedger,
     model::{Class, FailureKey, GpuSample, RssSample, StackCapture, StackIndex, TargetInfo},
     probes::{HeapProbes, ProbeConfig, resolve},
+    python::{self, PythonProcess},
     recording::Writer,
     stacks::{FrameNamer, StackTable},
     target::{self, ExitWatch, TargetError},
@@ -80,6 +82,9 @@ fn own_peak_rss_kib() -> u64 {
 const PYTHON_ARENA_MIN: u64 = 256 << 10;
 const PYTHON_ARENA_FUNCTIONS: [&str; 2] = ["_PyObject_ArenaMmap", "new_arena"];
 
+/// CPython's bytecode evaluation loop: the native frames the Python frames replace.
+const PYTHON_EVAL_FUNCTIONS: [&str; 1] = ["_PyEval_EvalFrameDefault"];
+
 const PROT_EXEC: u64 = 0x4;
 const MAP_SHARED: u64 = 0x01;
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -132,6 +137,10 @@ fn follow_process(
     live: &mut Vec<u32>,
     exec_pending: &mut Vec<u32>,
 ) {
+    if ev.op == proc_op::EXEC {
+        // The new image's interpreter, if any, is detected when it maps its code.
+        probes.forget_python(ev.pid);
+    }
     match ev.op {
         proc_op::FORK => {
             if !pids.contains(&ev.pid) {
@@ -287,6 +296,29 @@ fn sample_rss(pid: u32, t_s: u64, mappings: &MappingLedger) -> Option<RssSample>
     })
 }
 
+/// Starts reading the Python frames of `pid` if it runs a supported CPython not known yet (at
+/// attach, fork, and when it maps code). Says so on stderr.
+fn detect_python(pid: u32, sink: &mut EventSink, probes: &mut HeapProbes) {
+    if !sink.python_frames || sink.pythons.contains_key(&pid) {
+        return;
+    }
+    let Ok(py) = PythonProcess::attach(pid) else {
+        return; // no CPython mapped (yet), or one this version cannot read
+    };
+    let interp = py.interpreter();
+    match probes.set_python(pid, &interp.offsets) {
+        Ok(()) => {
+            eprintln!(
+                "Python frames: CPython {} in PID {pid} ({})",
+                interp.version,
+                interp.path.display()
+            );
+            sink.pythons.insert(pid, py);
+        }
+        Err(e) => log::warn!("PID {pid}: Python frames not read: {e}"),
+    }
+}
+
 /// The unwinder of live process `pid`, or an empty one (every stack truncated) if it is gone.
 fn new_unwinder(pid: u32, cache: &UnwindCache) -> ProcessUnwinder {
     ProcessUnwinder::new(pid, cache)
@@ -348,6 +380,9 @@ struct EventSink {
     /// DWARF unwinders of stack copies by process, sharing parsed unwind tables by build id.
     unwinders: HashMap<u32, ProcessUnwinder>,
     unwind_cache: UnwindCache,
+    /// CPython processes whose Python frames are recorded: their code objects are read here.
+    pythons: HashMap<u32, PythonProcess>,
+    python_frames: bool,
     /// Stack copies unwound, and those that did not reach the outermost frame.
     unwinds: u64,
     unwinds_truncated: u64,
@@ -462,6 +497,7 @@ impl EventSink {
                     proc_op::EXEC => {
                         // The old image's stacks are named with the old image's mappings.
                         self.unwinders.remove(&ev.pid);
+                        self.pythons.remove(&ev.pid);
                         if let Some(mut namer) = self.namers.remove(&ev.pid) {
                             self.stacks.name_pending_of(ev.pid, &mut namer);
                         }
@@ -481,9 +517,67 @@ impl EventSink {
     /// call-frame information, and interns it. An unwind that did not reach the outermost frame
     /// is marked truncated.
     fn stack_of(&mut self, pid: u32, stack: &events::Stack) -> Option<StackIndex> {
+        let flags = self.native_stack(pid, stack);
+        self.merge_python(pid, stack);
+        self.stacks.intern(pid, &self.ips, flags)
+    }
+
+    /// Puts the Python frames recorded with a stack in place of the interpreter's innermost
+    /// evaluation loop in `self.ips` (the outer loops' frames are among them), or after the
+    /// native frames when the native walk did not reach the interpreter.
+    fn merge_python(&mut self, pid: u32, stack: &events::Stack) {
+        let mut raw = stack.python_frames().peekable();
+        if raw.peek().is_none() {
+            return;
+        }
+        let Some(py) = self.pythons.get_mut(&pid) else {
+            return;
+        };
+        let words: Vec<u64> = raw
+            .map(|(code, instr_offset)| {
+                let name = match py.symbolize(python::RawFrame { code, instr_offset }) {
+                    Ok(frame) => frame.to_string(),
+                    Err(_) => format!("[python] code {code:#x}"),
+                };
+                self.stacks.python_frame(name)
+            })
+            .collect();
+        let namer = self
+            .namers
+            .entry(pid)
+            .or_insert_with(|| FrameNamer::new(pid, Vec::new()));
+        let mut is_eval = |ip: u64| {
+            !StackTable::is_python_frame(ip)
+                && namer
+                    .functions_at(ip)
+                    .iter()
+                    .any(|f| PYTHON_EVAL_FUNCTIONS.contains(&f.as_str()))
+        };
+        let native = std::mem::take(&mut self.ips);
+        match native.iter().position(|&ip| is_eval(ip)) {
+            Some(first) => {
+                self.ips.extend_from_slice(&native[..first]);
+                self.ips.extend_from_slice(&words);
+                self.ips.extend(
+                    native[first + 1..]
+                        .iter()
+                        .copied()
+                        .filter(|&ip| !is_eval(ip)),
+                );
+            }
+            None => {
+                self.ips.extend_from_slice(&native);
+                self.ips.extend_from_slice(&words);
+            }
+        }
+    }
+
+    /// Reads an event's native stack into `self.ips`, unwinding a stack copy; returns the stack
+    /// flags to intern it with.
+    fn native_stack(&mut self, pid: u32, stack: &events::Stack) -> u16 {
         let Some((regs, bytes)) = stack.copy() else {
             stack.read_into(&mut self.ips);
-            return self.stacks.intern(pid, &self.ips, stack.flags);
+            return stack.flags & (STACK_TRUNCATED | STACK_SP_CANDIDATE);
         };
         let cache = &self.unwind_cache;
         let unwinder = self
@@ -499,13 +593,12 @@ impl EventSink {
             }
         }
         self.unwinds += 1;
-        let flags = if outcome.is_complete() {
+        if outcome.is_complete() {
             0
         } else {
             self.unwinds_truncated += 1;
             STACK_TRUNCATED
-        };
-        self.stacks.intern(pid, &self.ips, flags)
+        }
     }
 
     /// Reads the code mappings of `pid` for unwinding (at attach, fork and each time it maps
@@ -725,12 +818,15 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         unwind_cache: UnwindCache::new(),
         unwinds: 0,
         unwinds_truncated: 0,
+        pythons: HashMap::new(),
+        python_frames: opts.probes.python_frames,
         proc_events: Vec::new(),
     };
     for class in Class::ALL {
         sink.ledger.track(class);
     }
     sink.learn_code_of(pid);
+    detect_python(pid, &mut sink, &mut probes);
     if let Some(brk) = initial_brk {
         sink.mappings.set_initial_brk(pid, brk);
     }
@@ -812,6 +908,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
                     // Also the first look at a process that exec'd: its new image's libraries.
                     sink.namers.entry(p).or_insert_with(|| FrameNamer::new(p, Vec::new())).refresh();
                     sink.learn_code_of(p);
+                    detect_python(p, &mut sink, &mut probes);
                 }
                 let before = pids.len();
                 for ev in std::mem::take(&mut sink.proc_events) {
@@ -822,6 +919,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
                     // A child inherits the parent's CUDA libraries, not its uprobes.
                     for &p in &pids[before..] {
                         hook_cuda(p, &mut probes, &mut cuda_hooked);
+                        detect_python(p, &mut sink, &mut probes);
                     }
                 }
                 exec_pending.retain(|&p| !heap_after_exec(p, allocator.as_ref(), &mut probes));

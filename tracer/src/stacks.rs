@@ -21,6 +21,10 @@ pub const TRUNCATED_FRAME: &str = "[truncated]";
 const FLAGS_MARK: u64 = 0xffff_0000_0000_0000;
 /// High bits of the key word that carries the process id.
 const PID_MARK: u64 = 0xfffe_0000_0000_0000;
+/// High bits of a key word that stands for a Python frame (its index in the table of names).
+const PY_MARK: u64 = 0xfffd_0000_0000_0000;
+/// The bits above a key word's payload.
+const MARK_MASK: u64 = 0xffff_0000_0000_0000;
 
 /// Interns stacks and remembers which still need names.
 #[derive(Default)]
@@ -28,6 +32,9 @@ pub struct StackTable {
     /// Key: the instruction pointers, innermost first, then `FLAGS_MARK | stack_flags` when the
     /// event had stack flags (truncated, stack-pointer candidate).
     by_ips: HashMap<Vec<u64>, StackIndex>,
+    /// Python frames' names, by the index in their key word.
+    python_names: Vec<String>,
+    python_index: HashMap<String, u64>,
     /// Stacks interned but not yet symbolized, with the process whose addresses they are.
     pending: Vec<(StackIndex, u32, Vec<u64>)>,
     next: StackIndex,
@@ -77,6 +84,23 @@ impl StackTable {
         self.next == 0
     }
 
+    /// The key word standing for the Python frame named `name` (`function (file:line)`), to
+    /// put among a stack's instruction pointers.
+    pub fn python_frame(&mut self, name: String) -> u64 {
+        if let Some(&word) = self.python_index.get(&name) {
+            return word;
+        }
+        let word = PY_MARK | self.python_names.len() as u64;
+        self.python_names.push(name.clone());
+        self.python_index.insert(name, word);
+        word
+    }
+
+    /// Whether a stack word stands for a Python frame.
+    pub fn is_python_frame(word: u64) -> bool {
+        word & MARK_MASK == PY_MARK
+    }
+
     /// Symbolizes the pending stacks of `pid` now, with `namer` (before an exec replaces the
     /// code their addresses point into).
     pub fn name_pending_of(&mut self, pid: u32, namer: &mut FrameNamer) {
@@ -87,7 +111,7 @@ impl StackTable {
         self.ready
             .extend(mine.into_iter().map(|(index, _, key)| Stack {
                 index,
-                frames: namer.name_stack(&key),
+                frames: namer.name_stack(&key, &self.python_names),
             }));
     }
 
@@ -104,7 +128,7 @@ impl StackTable {
                     });
                     Stack {
                         index,
-                        frames: namer.name_stack(&key),
+                        frames: namer.name_stack(&key, &self.python_names),
                     }
                 }),
         );
@@ -181,20 +205,28 @@ impl FrameNamer {
     }
 
     /// Names a stack key (`StackTable`'s form: addresses, then an optional flags word).
-    pub fn name_stack(&mut self, key: &[u64]) -> Vec<String> {
+    pub fn name_stack(&mut self, key: &[u64], python_names: &[String]) -> Vec<String> {
         let (ips, flags) = match key.split_last() {
             Some((&last, rest)) if last & FLAGS_MARK == FLAGS_MARK => {
                 (rest, (last & 0xffff) as u16)
             }
             _ => (key, 0),
         };
-        if ips.iter().any(|&ip| self.mapping_of(ip).is_none()) {
+        if ips
+            .iter()
+            .any(|&ip| !StackTable::is_python_frame(ip) && self.mapping_of(ip).is_none())
+        {
             self.refresh();
         }
         let mut frames: Vec<String> = Vec::with_capacity(ips.len() + 1);
         for (i, &ip) in ips.iter().enumerate() {
             // The word read at the stack pointer is a frame only if a call instruction precedes
             // it (it is the return address of a leaf function); otherwise it is data.
+            if StackTable::is_python_frame(ip) {
+                let name = python_names.get((ip & !MARK_MASK) as usize);
+                frames.push(name.cloned().unwrap_or_else(|| "[python]".to_string()));
+                continue;
+            }
             if i == 1 && flags & STACK_SP_CANDIDATE != 0 && !self.follows_call(ip) {
                 continue;
             }
@@ -251,7 +283,13 @@ impl FrameNamer {
                         .rev()
                         .map(|f| f.name.to_string())
                         .chain(std::iter::once(sym.name.into_owned()))
-                        .collect(),
+                        .fold(Vec::new(), |mut names: Vec<String>, name| {
+                            // An alias inlined into itself (glibc's syscall wrappers) is one frame.
+                            if names.last() != Some(&name) {
+                                names.push(name);
+                            }
+                            names
+                        }),
                     _ => {
                         let base = m.path.rsplit('/').next().unwrap_or(&m.path);
                         vec![format!("[unknown] {base}+{offset:#x}")]

@@ -64,3 +64,130 @@ fn cpython_arenas_are_their_own_class() {
         );
     }
 }
+
+/// The line of `# at:NAME` in a fixture script.
+fn marked_line(script: &str, name: &str) -> usize {
+    let text = std::fs::read_to_string(script).unwrap();
+    1 + text
+        .lines()
+        .position(|l| l.ends_with(&format!("# at:{name}")))
+        .unwrap_or_else(|| panic!("no `# at:{name}` in {script}"))
+}
+
+/// Interpreters to run the Python-frames test with: the machine's `python3`, and the other
+/// CPython versions pyenv has installed here (3.10 to 3.13 layouts).
+fn interpreters() -> Vec<String> {
+    let mut all = vec![python()];
+    for minor in [10, 11, 12, 13] {
+        let pattern = format!("/root/.pyenv/versions/3.{minor}.");
+        if let Ok(dir) = std::fs::read_dir("/root/.pyenv/versions") {
+            for e in dir.flatten() {
+                let exe = e.path().join(format!("bin/python3.{minor}"));
+                if e.path().to_string_lossy().starts_with(&pattern) && exe.exists() {
+                    let exe = exe.to_string_lossy().into_owned();
+                    if !all.contains(&exe) {
+                        all.push(exe);
+                    }
+                }
+            }
+        }
+    }
+    all
+}
+
+#[test]
+fn leaks_appear_under_the_python_functions_that_made_them() {
+    if !privileged() {
+        return;
+    }
+    for interpreter in interpreters() {
+        python_leaks_under_their_functions(&interpreter);
+    }
+}
+
+fn python_leaks_under_their_functions(interpreter: &str) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/py_leak_fixture.py"
+    );
+    let mut cmd = Command::new(interpreter);
+    cmd.arg(script);
+    let mut target = TestProcess::spawn(&format!("{interpreter} py_leak_fixture.py"), cmd);
+    target.expect_stdout("ready");
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("py.trace");
+    let mut recorder = start_recorder_args(target.pid(), &trace, &["--heap"]);
+    target.send_line("go");
+    target.expect_stdout("done");
+    recorder.signal(libc::SIGINT);
+    recorder.wait_success();
+    target.close_stdin();
+    target.wait_success();
+    let r = report_value(&trace);
+    assert!(
+        recorder.stderr_text().contains("Python frames: CPython 3."),
+        "{}",
+        recorder.stderr_text()
+    );
+
+    let frame = |name: &str| format!("{name} ({script}:{})", marked_line(script, name));
+    let rows_with = |class: &str, frame: &str| -> Vec<serde_json::Value> {
+        r["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| {
+                s["class"] == class && s["frames"].as_array().unwrap().iter().any(|f| f == frame)
+            })
+            .cloned()
+            .collect()
+    };
+    let live = |rows: &[serde_json::Value]| -> u64 {
+        rows.iter().map(|s| s["live_bytes"].as_u64().unwrap()).sum()
+    };
+
+    // Through malloc: 100 x (64 KiB + NUL), plus the list's own growth in the same function.
+    let buffers = rows_with("heap", &frame("leak_buffers"));
+    let bytes = live(&buffers);
+    assert!(
+        (100 * 65537..100 * 65537 + 4096).contains(&bytes),
+        "{interpreter}: heap under leak_buffers: {bytes} B: {r:#}"
+    );
+    // The Python chain, innermost first, in place of the interpreter's loop, native frames
+    // around it.
+    let chain = [frame("leak_buffers"), frame("serve"), frame("<module>")];
+    for s in &buffers {
+        let frames: Vec<&str> = s["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        let at = frames.iter().position(|f| *f == chain[0]).unwrap();
+        assert_eq!(
+            frames[at..at + 3],
+            chain.each_ref().map(String::as_str),
+            "{frames:?}"
+        );
+        assert!(
+            at > 0,
+            "native frames (the allocator's callers) come first: {frames:?}"
+        );
+        assert!(
+            !frames.contains(&"_PyEval_EvalFrameDefault"),
+            "the evaluation loop is replaced: {frames:?}"
+        );
+    }
+    // Through arenas: pymalloc's 1 MiB mappings under leak_objects (300,000 x 16 B at least).
+    let arenas = rows_with("python-arena", &frame("leak_objects"));
+    let bytes = live(&arenas);
+    assert!(
+        bytes >= 300_000 * 16 - (1 << 20) && bytes % (1 << 20) == 0,
+        "{interpreter}: python-arena under leak_objects: {bytes} B: {r:#}"
+    );
+    for s in &arenas {
+        let frames = s["frames"].as_array().unwrap();
+        let serve = frame("serve_objects").replace("serve_objects (", "serve (");
+        assert!(frames.iter().any(|f| *f == serve), "{frames:?}");
+    }
+}

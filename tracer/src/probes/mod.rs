@@ -34,6 +34,8 @@ pub struct ProbeConfig {
     /// and sampled faults, and the others (mappings, CUDA calls, failures).
     pub stack_copy_heap: u32,
     pub stack_copy_other: u32,
+    /// Record the Python frames of CPython processes with each stack.
+    pub python_frames: bool,
 }
 
 impl ProbeConfig {
@@ -82,6 +84,7 @@ impl Default for ProbeConfig {
             fault_sample: 64,
             stack_copy_heap: 0,
             stack_copy_other: DEFAULT_STACK_COPY,
+            python_frames: true,
         }
     }
 }
@@ -229,6 +232,11 @@ impl HeapProbes {
             .override_global(
                 tracer_common::FAULT_SAMPLE_GLOBAL,
                 &config.fault_sample,
+                true,
+            )
+            .override_global(
+                tracer_common::python::PYTHON_FRAMES_GLOBAL,
+                &u32::from(config.python_frames),
                 true,
             )
             .override_global(
@@ -396,6 +404,32 @@ impl HeapProbes {
     pub fn take_ring(&mut self) -> RingBuf<MapData> {
         RingBuf::try_from(self.ebpf.take_map("EVENTS").expect("EVENTS map"))
             .expect("EVENTS is a ring buffer")
+    }
+
+    /// Tells the kernel side where the CPython interpreter of `pid` keeps its frames.
+    pub fn set_python(
+        &mut self,
+        pid: u32,
+        offsets: &tracer_common::python::PythonOffsets,
+    ) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut("PY_OFFSETS")
+            .ok_or_else(|| ProbeError::Load("no PY_OFFSETS map".into()))?;
+        let mut map: aya::maps::HashMap<_, u32, tracer_common::python::PythonOffsets> =
+            aya::maps::HashMap::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
+        map.insert(pid, offsets, 0)
+            .map_err(|e| ProbeError::Load(chain(&e)))
+    }
+
+    /// `pid` runs no CPython any more (exec, exit).
+    pub fn forget_python(&mut self, pid: u32) {
+        if let Some(map) = self.ebpf.map_mut("PY_OFFSETS")
+            && let Ok(mut map) =
+                aya::maps::HashMap::<_, u32, tracer_common::python::PythonOffsets>::try_from(map)
+        {
+            let _ = map.remove(&pid);
+        }
     }
 
     /// Stack capture counters summed over CPUs, by `stack_stat`.
