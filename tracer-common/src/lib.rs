@@ -265,6 +265,8 @@ pub type StackArea = [u64; STACK_AREA_WORDS];
 /// CUDA calls, failures).
 pub const STACK_COPY_HEAP_GLOBAL: &str = "STACK_COPY_HEAP";
 pub const STACK_COPY_OTHER_GLOBAL: &str = "STACK_COPY_OTHER";
+/// Global of the eBPF object: 1 to copy stacks even when the ring buffer is a quarter full.
+pub const STACK_COPY_ALWAYS_GLOBAL: &str = "STACK_COPY_ALWAYS";
 
 /// `HeapAllocEvent::stack_flags`: the walk stopped at `MAX_FRAMES` with more frames above.
 pub const STACK_TRUNCATED: u16 = 1;

@@ -730,6 +730,10 @@ fn walk_user_stack(
 static STACK_COPY_HEAP: u32 = 0;
 #[unsafe(no_mangle)]
 static STACK_COPY_OTHER: u32 = 0;
+/// Set by user space for the benchmark (`--stack-copy-always`): copy even when the ring is full,
+/// to measure what a copy costs.
+#[unsafe(no_mangle)]
+static STACK_COPY_ALWAYS: u32 = 0;
 
 #[inline(always)]
 fn copy_bytes(global: &u32) -> u32 {
@@ -814,7 +818,7 @@ fn capture_stack(
 ) -> (u16, usize) {
     // A copy is thousands of bytes: when the ring is a quarter full (a burst of events), this
     // event gets the frame-pointer walk instead, counted, rather than filling the ring.
-    let pressed = copy != 0 && {
+    let pressed = copy != 0 && copy_bytes(&STACK_COPY_ALWAYS) == 0 && {
         let used = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
         let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
         used > size / 4

@@ -55,6 +55,16 @@ pub fn find_tstate(o: &PythonOffsets, tid: u32) -> Option<u64> {
     None
 }
 
+/// The frame walk's state, passed to each `bpf_loop` turn (the verifier checks one turn once,
+/// instead of every turn on every path to the walk).
+#[repr(C)]
+struct Walk {
+    offsets: *const PythonOffsets,
+    frame: u64,
+    n: u64,
+    out: *mut [PyRawFrame; MAX_PY_FRAMES],
+}
+
 /// Fills `out` with the innermost frames of `tstate`, innermost first; returns how many. Entry
 /// shims (3.12+ `FRAME_OWNED_BY_CSTACK`, 3.13 `None` executables) are skipped; a failed read
 /// ends the walk with what was read so far.
@@ -69,42 +79,67 @@ pub fn walk(o: &PythonOffsets, tstate: u64, out: &mut [PyRawFrame; MAX_PY_FRAMES
             None => return 0,
         }
     }
-    let mut n = 0;
+    let mut state = Walk {
+        offsets: o,
+        frame: f,
+        n: 0,
+        out,
+    };
     // Shim frames take loop turns too (a few per stack).
-    for _ in 0..MAX_PY_FRAMES + 4 {
-        if f == 0 || n >= MAX_PY_FRAMES {
-            break;
-        }
-        let Some(prev) = read_u64(f.wrapping_add(o.frame_previous)) else {
-            break;
-        };
-        if o.frame_owner != ABSENT
-            && read_u8(f.wrapping_add(o.frame_owner)).map(u64::from) == Some(o.owner_cstack)
-        {
-            f = prev;
-            continue;
-        }
-        let Some(code) = read_u64(f.wrapping_add(o.frame_code)) else {
-            break;
-        };
-        let is_code = code != 0
-            && (o.code_type_addr == ABSENT
-                || read_u64(code.wrapping_add(o.object_type)) == Some(o.code_type_addr));
-        if is_code {
-            let offset = if o.frame_instr_kind == instr_kind::LASTI_CODE_UNITS {
-                match read_u32(f.wrapping_add(o.frame_instr)) {
-                    Some(lasti) if (lasti as i32) > 0 => u64::from(lasti) * 2,
-                    _ => 0,
-                }
-            } else {
-                read_u64(f.wrapping_add(o.frame_instr))
-                    .unwrap_or(0)
-                    .saturating_sub(code.wrapping_add(o.code_code_adaptive))
-            };
-            out[n] = PyRawFrame { code, offset };
-            n += 1;
-        }
-        f = prev;
+    // SAFETY: `walk_turn` has the callback's signature; `state` outlives the call.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            (MAX_PY_FRAMES + 4) as u32,
+            walk_turn as *mut core::ffi::c_void,
+            (&mut state as *mut Walk).cast(),
+            0,
+        )
+    };
+    (state.n as usize).min(MAX_PY_FRAMES)
+}
+
+/// One frame of the walk; 1 stops it.
+#[inline(never)]
+extern "C" fn walk_turn(_index: u32, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `Walk` that `walk` passed to bpf_loop.
+    let state = unsafe { &mut *ctx.cast::<Walk>() };
+    // SAFETY: the offsets outlive the loop (a map value of the calling program).
+    let o = unsafe { &*state.offsets };
+    let f = state.frame;
+    let n = state.n as usize;
+    if f == 0 || n >= MAX_PY_FRAMES {
+        return 1;
     }
-    n
+    let Some(prev) = read_u64(f.wrapping_add(o.frame_previous)) else {
+        return 1;
+    };
+    state.frame = prev;
+    if o.frame_owner != ABSENT
+        && read_u8(f.wrapping_add(o.frame_owner)).map(u64::from) == Some(o.owner_cstack)
+    {
+        return 0;
+    }
+    let Some(code) = read_u64(f.wrapping_add(o.frame_code)) else {
+        return 1;
+    };
+    let is_code = code != 0
+        && (o.code_type_addr == ABSENT
+            || read_u64(code.wrapping_add(o.object_type)) == Some(o.code_type_addr));
+    if !is_code {
+        return 0;
+    }
+    let offset = if o.frame_instr_kind == instr_kind::LASTI_CODE_UNITS {
+        match read_u32(f.wrapping_add(o.frame_instr)) {
+            Some(lasti) if (lasti as i32) > 0 => u64::from(lasti) * 2,
+            _ => 0,
+        }
+    } else {
+        read_u64(f.wrapping_add(o.frame_instr))
+            .unwrap_or(0)
+            .saturating_sub(code.wrapping_add(o.code_code_adaptive))
+    };
+    // SAFETY: `out` outlives the loop; `n` is below MAX_PY_FRAMES.
+    unsafe { (*state.out)[n] = PyRawFrame { code, offset } };
+    state.n += 1;
+    0
 }

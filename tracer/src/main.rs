@@ -82,6 +82,9 @@ enum Command {
         /// place of the interpreter's evaluation loop.
         #[arg(long)]
         no_python_frames: bool,
+        /// Copy stacks even when the ring buffer fills up (benchmark of the copy's cost).
+        #[arg(long, hide = true)]
+        stack_copy_always: bool,
         /// Attach empty programs at the same points and record nothing (benchmark floor).
         #[arg(long, hide = true)]
         probe_floor: bool,
@@ -190,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             stack,
             stack_copy,
             no_python_frames,
+            stack_copy_always,
             command,
         } => {
             let mode = match stack {
@@ -215,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     stack_copy_heap,
                     stack_copy_other,
                     python_frames: !no_python_frames,
+                    stack_copy_always,
                 },
                 heap,
                 poll_interval: Duration::from_millis(10),

@@ -258,3 +258,52 @@ fn a_short_stack_copy_is_marked_truncated_never_cut_silently() {
     let capture = r.stack_capture.as_ref().expect("stack_capture");
     assert!(capture.truncated >= 1, "{capture:?}");
 }
+
+/// Every stack configuration loads: the verifier accepts each combination of stack copies,
+/// frame-pointer walks, Python frames and fault sampling (a program too complex for it would
+/// only fail at load, on the user's machine).
+#[test]
+fn every_stack_configuration_passes_the_verifier() {
+    if !privileged() {
+        return;
+    }
+    let exe = common::fixture("heap_fixture");
+    for flags in [
+        &["--stack", "fp", "--fault-sample", "1"][..],
+        &["--stack", "auto", "--fault-sample", "1"],
+        &[
+            "--stack",
+            "dwarf",
+            "--stack-copy",
+            "32",
+            "--fault-sample",
+            "1",
+        ],
+        &[
+            "--stack",
+            "dwarf",
+            "--stack-copy",
+            "1",
+            "--fault-sample",
+            "1",
+        ],
+        &["--no-python-frames", "--fault-sample", "1"],
+        &["--stack", "fp", "--no-python-frames", "--fault-sample", "0"],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("t.trace");
+        let mut cmd = common::alloctrace_cmd(&["record", "--heap"]);
+        cmd.args(flags)
+            .arg("-o")
+            .arg(&trace)
+            .arg("--")
+            .arg(&exe)
+            .args(["churn", "run"]);
+        let out = common::run(&format!("record {flags:?}"), cmd);
+        assert!(
+            out.status.success(),
+            "record {flags:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

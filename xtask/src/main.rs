@@ -75,6 +75,28 @@ fn parse_ns(out: &str) -> Result<f64> {
         .with_context(|| format!("no ns_per_pair in {out:?}"))
 }
 
+/// Runs each configuration `rounds` times, interleaved so that machine noise hits every one
+/// alike; returns each one's median ns per pair and the events lost over its runs (counted for
+/// those flagged).
+fn measure(
+    alloctrace: &Path,
+    trace: &Path,
+    rounds: usize,
+    configs: &[(&str, Vec<String>, bool)],
+) -> Result<Vec<(f64, u64)>> {
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut lost = vec![0u64; configs.len()];
+    for _ in 0..rounds {
+        for (i, (_, argv, count_lost)) in configs.iter().enumerate() {
+            samples[i].push(parse_ns(&run_measured(argv)?.0)?);
+            if *count_lost || argv.iter().any(|a| a == "--stack-copy-always") {
+                lost[i] += lost_events(alloctrace, trace)?;
+            }
+        }
+    }
+    Ok(samples.into_iter().map(median).zip(lost).collect())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -129,47 +151,47 @@ fn bench(args: &[String]) -> Result<()> {
     let a = alloctrace.display().to_string();
     let t = trace.display().to_string();
     let pairs_s = pairs.to_string();
-
-    let untraced = vec![w.clone(), "pairs".into(), pairs_s.clone()];
-    let floor = vec![
-        a.clone(),
-        "record".into(),
-        "--heap".into(),
-        "--probe-floor".into(),
-        "-f".into(),
-        "-o".into(),
-        t.clone(),
-        "--".into(),
-        w.clone(),
-        "pairs".into(),
-        pairs_s.clone(),
-    ];
-    let traced = vec![
-        a.clone(),
-        "record".into(),
-        "--heap".into(),
-        "-f".into(),
-        "-o".into(),
-        t.clone(),
-        "--".into(),
-        w.clone(),
-        "pairs".into(),
-        pairs_s.clone(),
-    ];
+    // `alloctrace record --heap FLAGS... -- CMD`.
+    let record = |flags: &[&str], cmd: &[String]| -> Vec<String> {
+        let mut argv = vec![a.clone(), "record".into(), "--heap".into()];
+        argv.extend(flags.iter().map(|f| f.to_string()));
+        argv.extend(["-f".into(), "-o".into(), t.clone(), "--".into()]);
+        argv.extend(cmd.iter().cloned());
+        argv
+    };
+    let churn = vec![w.clone(), "pairs".into(), pairs_s.clone()];
 
     println!(
         "alloctrace bench: {pairs} malloc/free pairs per run, {rounds} rounds, median of each (ns per pair)"
     );
-    let (mut u, mut f, mut r) = (Vec::new(), Vec::new(), Vec::new());
-    let mut lost = 0;
-    // Interleaved so that machine noise hits every configuration alike.
-    for _ in 0..rounds {
-        u.push(parse_ns(&run_measured(&untraced)?.0)?);
-        f.push(parse_ns(&run_measured(&floor)?.0)?);
-        r.push(parse_ns(&run_measured(&traced)?.0)?);
-        lost += lost_events(&alloctrace, &trace)?;
+    let mut configs: Vec<(&str, Vec<String>, bool)> = vec![
+        ("untraced", churn.clone(), false),
+        (
+            "empty probes (floor)",
+            record(&["--probe-floor"], &churn),
+            false,
+        ),
+        ("alloctrace record", record(&[], &churn), true),
+    ];
+    // Stack modes, each event copying its stack (none falling back under ring pressure).
+    let dwarf: [(&str, &str); 3] = [
+        ("--stack dwarf, 8 KiB copies", "8"),
+        ("--stack dwarf, 16 KiB copies", "16"),
+        ("--stack dwarf, 32 KiB copies", "32"),
+    ];
+    for (name, kib) in dwarf {
+        let flags = [
+            "--stack",
+            "dwarf",
+            "--stack-copy",
+            kib,
+            "--stack-copy-always",
+        ];
+        configs.push((name, record(&flags, &churn), false));
     }
-    let (u, f, r) = (median(u), median(f), median(r));
+    let ns = measure(&alloctrace, &trace, rounds, &configs)?;
+    let (u, f, r) = (ns[0].0, ns[1].0, ns[2].0);
+    let lost = ns[2].1;
     println!("{:<34} {:>10.1}", "untraced", u);
     println!(
         "{:<34} {:>10.1}   (trap floor: {:.1} ns/pair over untraced)",
@@ -188,19 +210,60 @@ fn bench(args: &[String]) -> Result<()> {
     println!("ratio floor / untraced:   {:.3}", f / u);
     println!("overhead above the floor: {:.1} ns/pair", r - f);
     println!("lost events over all traced runs: {lost}   (target 0)");
+    println!("\nstack modes (heap events; ratio to the floor; --stack fp is `alloctrace record`):");
+    for (i, (name, _, _)) in configs.iter().enumerate().skip(3) {
+        println!(
+            "{:<34} {:>10.1}   ratio / floor {:.3}   (events lost to a full ring: {})",
+            name,
+            ns[i].0,
+            ns[i].0 / f,
+            ns[i].1
+        );
+    }
 
-    let live_argv = vec![
-        a,
-        "record".into(),
-        "--heap".into(),
-        "-f".into(),
-        "-o".into(),
-        t,
-        "--".into(),
-        w,
-        "live".into(),
-        live.to_string(),
+    // Python frames: the same pairs from three calls deep in Python code.
+    // The interpreter itself, not a launcher script (pyenv's python3 is one).
+    let python = String::from_utf8(
+        Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .context("python3 is needed for the Python frames benchmark")?
+            .stdout,
+    )?
+    .trim()
+    .to_string();
+    let py = root.join("xtask/bench/py_churn.py").display().to_string();
+    let py_pairs = (pairs / 10).to_string();
+    let py_churn = vec![python, py, py_pairs];
+    let py_configs: Vec<(&str, Vec<String>, bool)> = vec![
+        ("python, untraced", py_churn.clone(), false),
+        (
+            "python, empty probes (floor)",
+            record(&["--probe-floor"], &py_churn),
+            false,
+        ),
+        (
+            "python, --no-python-frames",
+            record(&["--no-python-frames"], &py_churn),
+            true,
+        ),
+        ("python, with Python frames", record(&[], &py_churn), true),
     ];
+    let py_ns = measure(&alloctrace, &trace, rounds, &py_configs)?;
+    println!(
+        "\nPython frames ({} pairs from Python code; ratio to the floor):",
+        pairs / 10
+    );
+    for (i, (name, _, _)) in py_configs.iter().enumerate() {
+        println!(
+            "{:<34} {:>10.1}   ratio / floor {:.3}",
+            name,
+            py_ns[i].0,
+            py_ns[i].0 / py_ns[1].0
+        );
+    }
+
+    let live_argv = record(&[], &[w.clone(), "live".into(), live.to_string()]);
     let peak_kib = tracer_peak_kib(&run_measured(&live_argv)?.1)?;
     println!(
         "tracer peak RSS with {live} live allocations: {:.1} MB   (target <= 150 MB)",

@@ -36,6 +36,8 @@ pub struct ProbeConfig {
     pub stack_copy_other: u32,
     /// Record the Python frames of CPython processes with each stack.
     pub python_frames: bool,
+    /// Copy stacks even when the ring buffer is a quarter full (benchmark of the copy cost).
+    pub stack_copy_always: bool,
 }
 
 impl ProbeConfig {
@@ -85,6 +87,7 @@ impl Default for ProbeConfig {
             stack_copy_heap: 0,
             stack_copy_other: DEFAULT_STACK_COPY,
             python_frames: true,
+            stack_copy_always: false,
         }
     }
 }
@@ -237,6 +240,11 @@ impl HeapProbes {
             .override_global(
                 tracer_common::python::PYTHON_FRAMES_GLOBAL,
                 &u32::from(config.python_frames),
+                true,
+            )
+            .override_global(
+                tracer_common::STACK_COPY_ALWAYS_GLOBAL,
+                &u32::from(config.stack_copy_always),
                 true,
             )
             .override_global(
