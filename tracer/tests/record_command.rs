@@ -165,10 +165,7 @@ fn a_target_that_execs_mid_recording_is_traced_in_its_new_image() {
     target.expect_stdout("ready");
     target.send_line("go");
     target.expect_stdout("done");
-    recorder.signal(libc::SIGINT);
-    recorder.wait_success();
-    target.close_stdin();
-    target.wait_success();
+    common::stop_recording(&mut recorder, &mut target);
 
     let r = report_json(&trace);
     assert!(r.complete, "{}", r.summary());

@@ -39,24 +39,16 @@ fn build_stub(name: &str, sources: &[&str], extra: &[&str]) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stub-cuda");
     std::fs::create_dir_all(&dir).unwrap();
     let lib = dir.join(name);
-    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
-    let out = Command::new("cc")
-        .args(["-O1", "-fno-omit-frame-pointer", "-shared", "-fPIC"])
-        .arg(format!("-Wl,-soname,{name}"))
-        .args(extra)
-        .arg("-o")
-        .arg(&tmp)
-        .args(sources.iter().map(|s| format!("{fixtures}{s}")))
-        .arg("-ldl")
-        .output()
-        .expect("cc");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::rename(&tmp, &lib).unwrap();
+    let mut args: Vec<std::ffi::OsString> = ["-O1", "-fno-omit-frame-pointer", "-shared", "-fPIC"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    args.push(format!("-Wl,-soname,{name}").into());
+    args.extend(extra.iter().map(Into::into));
+    args.extend(sources.iter().map(|s| format!("{fixtures}{s}").into()));
+    args.push("-ldl".into());
+    common::compile(&lib, &args);
     lib
 }
 
@@ -93,6 +85,8 @@ struct Run<'a> {
     /// The fixture forks a child that says "forked" and waits for a line: sent once the
     /// recorder has hooked the child.
     child: bool,
+    /// Where to keep the recording (it is removed otherwise).
+    keep_trace: Option<&'a std::path::Path>,
 }
 
 impl Run<'_> {
@@ -159,12 +153,12 @@ impl Run<'_> {
         if self.gpu_samples.is_some() || self.nvml_dir.is_some() {
             std::thread::sleep(std::time::Duration::from_millis(1500));
         }
-        recorder.signal(libc::SIGINT);
-        recorder.wait_success();
-        target.close_stdin();
-        target.wait_success();
+        common::stop_recording(&mut recorder, &mut target);
         let stdout = target.stdout_text();
         let r = report_value(&trace);
+        if let Some(keep) = self.keep_trace {
+            std::fs::copy(&trace, keep).unwrap();
+        }
         (r, stdout)
     }
 }
@@ -564,11 +558,27 @@ fn driver_memory_is_charged_to_the_opaque_call_after_which_it_appeared() {
         return;
     }
     let nvml = tempfile::tempdir().unwrap();
+    let kept = nvml.path().join("hidden.trace");
     let run = Run {
         nvml_dir: Some(nvml.path()),
+        keep_trace: Some(&kept),
         ..Run::default()
     };
     let (r, _) = run.trace("cuda_fixture", &[], stub_libcuda().as_os_str(), &["hidden"]);
+    // The flamegraph shows the driver's memory under the calls that made it.
+    let svg = nvml.path().join("hidden.svg");
+    let mut cmd = common::alloctrace_cmd(&["flamegraph"]);
+    cmd.arg(&kept).arg("-o").arg(&svg);
+    let out = common::run("alloctrace flamegraph", cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    for frame in ["gpu-untraced", "ctx_init", "load_kernels", "build_graph"] {
+        assert!(svg.contains(frame), "{frame} missing from the flamegraph");
+    }
     assert!(
         r["gpu"]["source"].as_str().unwrap().starts_with("NVML"),
         "{:#}",

@@ -36,10 +36,7 @@ fn cpython_arenas_are_their_own_class() {
     let mut recorder = start_recorder_args(target.pid(), &trace, &[]);
     target.send_line("go");
     target.expect_stdout("done");
-    recorder.signal(libc::SIGINT);
-    recorder.wait_success();
-    target.close_stdin();
-    target.wait_success();
+    common::stop_recording(&mut recorder, &mut target);
 
     let r = report_value(&trace);
     let arena = &r["totals"]["python-arena"];
@@ -119,10 +116,7 @@ fn python_leaks_under_their_functions(interpreter: &str) {
     let mut recorder = start_recorder_args(target.pid(), &trace, &["--heap"]);
     target.send_line("go");
     target.expect_stdout("done");
-    recorder.signal(libc::SIGINT);
-    recorder.wait_success();
-    target.close_stdin();
-    target.wait_success();
+    common::stop_recording(&mut recorder, &mut target);
     let r = report_value(&trace);
     assert!(
         recorder.stderr_text().contains("Python frames: CPython 3."),

@@ -31,10 +31,7 @@ fn record_fixture(args: &[&str]) -> serde_json::Value {
     target.expect_stdout("done");
     // Let a once-a-second resident sample see the touched pages.
     std::thread::sleep(Duration::from_millis(2200));
-    recorder.signal(libc::SIGINT);
-    recorder.wait_success();
-    target.close_stdin();
-    target.wait_success();
+    common::stop_recording(&mut recorder, &mut target);
     report_value(&trace)
 }
 

@@ -92,46 +92,24 @@ fn nofp_caller() -> PathBuf {
         .get_or_init(|| {
             let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nofp");
             std::fs::create_dir_all(&dir).unwrap();
-            let lib = dir.join("libnofp.so");
-            let tmp = dir.join(format!("libnofp.so.{}.tmp", std::process::id()));
-            let out = Command::new("cc")
-                .args(["-shared", "-fPIC", "-g"])
-                .args(NO_FRAME_POINTERS)
-                .arg("-o")
-                .arg(&tmp)
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/fixtures/nofp_lib.c"
-                ))
-                .output()
-                .expect("cc");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::fs::rename(&tmp, &lib).unwrap();
+            let src = |name: &str| -> std::ffi::OsString {
+                format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR")).into()
+            };
+            let mut args: Vec<std::ffi::OsString> =
+                ["-shared", "-fPIC", "-g"].iter().map(Into::into).collect();
+            args.extend(NO_FRAME_POINTERS.iter().map(Into::into));
+            args.push(src("nofp_lib.c"));
+            common::compile(&dir.join("libnofp.so"), &args);
             let exe = dir.join("nofp_caller");
-            let tmp = dir.join(format!("nofp_caller.{}.tmp", std::process::id()));
-            let out = Command::new("cc")
-                .args(["-O0", "-g", "-fno-omit-frame-pointer"])
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/fixtures/nofp_caller.c"
-                ))
-                .arg("-o")
-                .arg(&tmp)
-                .arg(format!("-L{}", dir.display()))
-                .arg("-lnofp")
-                .arg(format!("-Wl,-rpath,{}", dir.display()))
-                .output()
-                .expect("cc");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::fs::rename(&tmp, &exe).unwrap();
+            let mut args: Vec<std::ffi::OsString> = ["-O0", "-g", "-fno-omit-frame-pointer"]
+                .iter()
+                .map(Into::into)
+                .collect();
+            args.push(src("nofp_caller.c"));
+            args.push(format!("-L{}", dir.display()).into());
+            args.push("-lnofp".into());
+            args.push(format!("-Wl,-rpath,{}", dir.display()).into());
+            common::compile(&exe, &args);
             exe
         })
         .clone()
@@ -148,10 +126,7 @@ fn record_nofp_caller(args: &[&str]) -> Report {
     let mut recorder = start_recorder_args(target.pid(), &trace, &all);
     target.send_line("go");
     target.expect_stdout("done");
-    recorder.signal(libc::SIGINT);
-    recorder.wait_success();
-    target.close_stdin();
-    target.wait_success();
+    common::stop_recording(&mut recorder, &mut target);
     report_json(&trace)
 }
 

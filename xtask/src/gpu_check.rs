@@ -191,14 +191,7 @@ pub fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
         eprintln!("gpu-check needs a CUDA GPU and PyTorch with CUDA: {why}");
         std::process::exit(2);
     }
-    crate::run_ok(Command::new("cargo").current_dir(root).args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "tracer",
-    ]))?;
-    let alloctrace = root.join("target/release/alloctrace");
+    let alloctrace = crate::build_alloctrace(root)?;
     let dir = root.join("target/gpu-check");
     std::fs::create_dir_all(&dir)?;
     let workload = root.join("xtask/gpu/torch_workload.py");

@@ -32,6 +32,18 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Builds alloctrace (release); its path.
+fn build_alloctrace(root: &Path) -> Result<PathBuf> {
+    run_ok(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "tracer",
+    ]))?;
+    Ok(root.join("target/release/alloctrace"))
+}
+
 fn run_ok(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
@@ -129,14 +141,7 @@ fn bench(args: &[String]) -> Result<()> {
         }
     }
     let root = workspace_root();
-    run_ok(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-q",
-        "-p",
-        "tracer",
-    ]))?;
-    let alloctrace = root.join("target/release/alloctrace");
+    let alloctrace = build_alloctrace(&root)?;
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let workload = dir.join("heap_churn");

@@ -376,6 +376,34 @@ pub fn start_fixture_exe(exe: &Path, scenario: &str, protocol: &str) -> TestProc
     p
 }
 
+/// Ends a recording by PID: SIGINT to the recorder (which must exit 0), then the fixture's
+/// stdin closed (it exits 0 too).
+pub fn stop_recording(recorder: &mut TestProcess, target: &mut TestProcess) {
+    recorder.signal(libc::SIGINT);
+    recorder.wait_success();
+    target.close_stdin();
+    target.wait_success();
+}
+
+/// Runs `cc ARGS... -o OUT`, building under a private name renamed to `out` at the end (other
+/// test binaries may run the old file meanwhile); panics with cc's message if it fails.
+pub fn compile(out: &Path, args: &[std::ffi::OsString]) {
+    let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
+    let result = Command::new("cc")
+        .args(args)
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cc to build {}: {e}", out.display()));
+    assert!(
+        result.status.success(),
+        "cc failed to build {}:\n{}",
+        out.display(),
+        String::from_utf8_lossy(&result.stderr)
+    );
+    std::fs::rename(&tmp, out).expect("move the build into place");
+}
+
 /// Starts `alloctrace record -p PID -o TRACE EXTRA...` and waits until it says `attached`.
 pub fn start_recorder(pid: u32, trace: &Path, extra: &[&str]) -> TestProcess {
     let args: Vec<&str> = std::iter::once("--heap")
@@ -418,10 +446,14 @@ impl Session {
     /// Stops the recorder with `sig`, asserts it exited 0, lets the fixture exit, and returns the
     /// JSON report.
     pub fn stop(mut self, sig: i32) -> Report {
-        self.recorder.signal(sig);
-        self.recorder.wait_success();
-        self.target.close_stdin();
-        self.target.wait_success();
+        if sig == libc::SIGINT {
+            stop_recording(&mut self.recorder, &mut self.target);
+        } else {
+            self.recorder.signal(sig);
+            self.recorder.wait_success();
+            self.target.close_stdin();
+            self.target.wait_success();
+        }
         report_json(&self.trace)
     }
 }
