@@ -105,30 +105,20 @@ pub fn fixture_variant(name: &str, variant: &str, extra: &[&str]) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     std::fs::create_dir_all(&dir).expect("create the fixture directory");
     let out = dir.join(&exe_name);
-    // Built under a private name and renamed: other test binaries may run the old one meanwhile.
-    let tmp = dir.join(format!("{exe_name}.{}.tmp", std::process::id()));
-    let result = Command::new("cc")
-        .args([
-            "-O0",
-            "-g",
-            "-fno-omit-frame-pointer",
-            "-mno-omit-leaf-frame-pointer",
-            "-pthread",
-            "-Wall",
-        ])
-        .args(extra)
-        .arg(&src)
-        .arg("-o")
-        .arg(&tmp)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run cc to build {}: {e}", src.display()));
-    assert!(
-        result.status.success(),
-        "cc failed to build {}:\n{}",
-        src.display(),
-        String::from_utf8_lossy(&result.stderr)
-    );
-    std::fs::rename(&tmp, &out).expect("move the fixture into place");
+    let mut args: Vec<std::ffi::OsString> = [
+        "-O0",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-mno-omit-leaf-frame-pointer",
+        "-pthread",
+        "-Wall",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    args.extend(extra.iter().map(Into::into));
+    args.push(src.into_os_string());
+    compile(&out, &args);
     built.insert(exe_name, out.clone());
     out
 }
