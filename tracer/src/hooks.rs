@@ -38,6 +38,8 @@ pub enum Records {
     VmmMap,
     /// cuMemUnmap(ptr, size): the mappings in a device range unmapped.
     VmmUnmap,
+    /// cuMemAddressReserve / cuMemAddressFree: address space, never memory (counted calls).
+    AddressRange,
     /// cuStreamBeginCapture*: the calling thread starts capturing a CUDA graph.
     CaptureBegin,
     /// cuStreamEndCapture*: the capture ends.
@@ -88,6 +90,7 @@ impl Records {
             Records::VmmRelease => "one reference less",
             Records::VmmMap => "the handle mapped at a device range",
             Records::VmmUnmap => "every mapping in the range unmapped (one call may cover many)",
+            Records::AddressRange => "address space reserved or freed: counted, never memory",
             Records::CaptureBegin => {
                 "the thread captures: its allocations are phase `graph-capture`, CUDA ones class \
                  `cuda-graph`"
@@ -444,6 +447,21 @@ pub const CUDA_HOOKS: &[CudaHook] = {
             "CUresult cuMemUnmap(CUdeviceptr ptr, size_t size)",
             CALL,
             VmmUnmap,
+            V,
+        ),
+        cu(
+            "cuMemAddressReserve",
+            "CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignment, \
+             CUdeviceptr addr, unsigned long long flags)",
+            CALL_OUT0,
+            AddressRange,
+            V,
+        ),
+        cu(
+            "cuMemAddressFree",
+            "CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size)",
+            CALL,
+            AddressRange,
             V,
         ),
         cu(

@@ -343,6 +343,8 @@ fn vmm_handles_count_while_referenced_or_mapped() {
     // The peak: pool grown (6) + woken weights (16) + the retained scratch (4) before its
     // last release.
     assert_eq!(r["totals"]["cuda-vmm"]["peak_bytes"], 26 * MIB, "{r:#}");
+    // Reservations are address space: counted calls, no bytes (32 GiB, 16 MiB and 4 MiB here).
+    assert_eq!(calls_of(&r, "cuMemAddressReserve"), (3, 0), "{r:#}");
 }
 
 #[test]
