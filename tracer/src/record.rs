@@ -82,6 +82,9 @@ fn own_peak_rss_kib() -> u64 {
 const PYTHON_ARENA_MIN: u64 = 256 << 10;
 const PYTHON_ARENA_FUNCTIONS: [&str; 2] = ["_PyObject_ArenaMmap", "new_arena"];
 
+/// Where every stack of a process or thread starts.
+const ENTRY_POINTS: [&str; 4] = ["_start", "__clone3", "__clone", "clone3"];
+
 /// CPython's bytecode evaluation loop: the native frames the Python frames replace.
 const PYTHON_EVAL_FUNCTIONS: [&str; 1] = ["_PyEval_EvalFrameDefault"];
 
@@ -593,12 +596,28 @@ impl EventSink {
             }
         }
         self.unwinds += 1;
-        if outcome.is_complete() {
+        if outcome.is_complete() || self.ends_at_entry_point(pid) {
             0
         } else {
             self.unwinds_truncated += 1;
             STACK_TRUNCATED
         }
+    }
+
+    /// Whether the stack in `self.ips` reached a process's or thread's entry point, whose CFI
+    /// does not always say that nothing is above it (the dynamic loader's `_start`).
+    fn ends_at_entry_point(&mut self, pid: u32) -> bool {
+        let Some(&last) = self.ips.last() else {
+            return false;
+        };
+        let namer = self
+            .namers
+            .entry(pid)
+            .or_insert_with(|| FrameNamer::new(pid, Vec::new()));
+        namer
+            .functions_at(last)
+            .iter()
+            .any(|f| ENTRY_POINTS.contains(&f.as_str()))
     }
 
     /// Reads the code mappings of `pid` for unwinding (at attach, fork and each time it maps
