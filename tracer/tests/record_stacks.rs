@@ -282,3 +282,43 @@ fn every_stack_configuration_passes_the_verifier() {
         );
     }
 }
+
+#[test]
+fn cpp_names_are_demangled() {
+    if !privileged() {
+        return;
+    }
+    let p = page();
+    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cpp_fixture");
+    let args: Vec<std::ffi::OsString> = vec![
+        "-O1".into(),
+        "-g".into(),
+        "-fno-exceptions".into(),
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/cpp_fixture.cpp"
+        )
+        .into(),
+    ];
+    common::compile(&exe, &args);
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("cpp.trace");
+    let mut target = TestProcess::spawn("cpp_fixture", Command::new(&exe));
+    target.expect_stdout("ready");
+    let mut recorder = start_recorder_args(target.pid(), &trace, &[]);
+    target.send_line("go");
+    target.expect_stdout("done");
+    common::stop_recording(&mut recorder, &mut target);
+    let r = report_json(&trace);
+    for (function, pages) in [
+        ("engine::KvCache::grow(unsigned long)", 2),
+        ("void* engine::reserve<int>(int)", 3),
+    ] {
+        assert_eq!(
+            common::sum_rows(&through(&r, "mmap", function)),
+            all_live(1, pages * p),
+            "{function}\n{}",
+            r.summary()
+        );
+    }
+}
