@@ -500,3 +500,91 @@ fn processes_share_parsed_modules() {
         "only the other executable is new"
     );
 }
+
+// ---- golden capture ------------------------------------------------------------------------
+
+/// tests/golden/unwind: a capture taken once (`recapture_golden_unwind`, ignored by default)
+/// from the fixture built without frame pointers, with that very binary, so that the unwinder is
+/// checked against fixed bytes whatever compiler this machine has.
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/unwind")
+}
+
+/// The golden maps keep only the fixture's own mappings, renamed `/unwind_fixture-nofp` (found
+/// under the golden directory): the C library's frames above main are outside them.
+fn golden_maps(maps: &str, exe: &Path) -> String {
+    maps.lines()
+        .filter(|l| l.ends_with(&*exe.to_string_lossy()))
+        .map(|l| l.replace(&*exe.to_string_lossy(), "/unwind_fixture-nofp") + "\n")
+        .collect()
+}
+
+/// Bytes of the golden stack copy kept: enough to go from inner_fn past main, short of the
+/// arguments, environment and auxiliary vector at the top of the stack (never committed).
+const GOLDEN_STACK_BYTES: usize = 2048;
+
+#[test]
+#[ignore = "rewrites tests/golden/unwind from a fresh capture; run by hand after changing the fixture"]
+fn recapture_golden_unwind() {
+    let exe = exe_no_fp();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("cap");
+    let mut cmd = Command::new(&exe);
+    cmd.env_clear().arg(&prefix).arg("direct");
+    let out = common::run("unwind_fixture", cmd);
+    assert!(out.status.success());
+    let cap = read_capture(&prefix);
+    let golden = golden_dir();
+    std::fs::create_dir_all(&golden).unwrap();
+    std::fs::copy(&exe, golden.join("unwind_fixture-nofp")).unwrap();
+    let stack = &cap.stack[..GOLDEN_STACK_BYTES.min(cap.stack.len())];
+    std::fs::write(golden.join("cap.stack"), stack).unwrap();
+    let regs = format!(
+        "{:x} {:x} {:x} {:x}\n",
+        cap.regs.ip,
+        cap.regs.sp,
+        cap.regs.bp,
+        stack.len()
+    );
+    std::fs::write(golden.join("cap.regs"), regs).unwrap();
+    std::fs::write(golden.join("cap.maps"), golden_maps(&cap.maps, &exe)).unwrap();
+}
+
+#[test]
+fn unwinds_the_golden_capture_to_the_golden_frames() {
+    let golden = golden_dir();
+    let cap = read_capture(&golden.join("cap"));
+    let cache = UnwindCache::new();
+    let mut u = ProcessUnwinder::from_maps(&cap.maps, FileAccess::Root(golden.clone()), &cache);
+    assert_eq!(u.load_errors().count(), 0);
+    let (ips, outcome) = unwind(&mut u, &cap, cap.stack.len());
+    let exe = golden.join("unwind_fixture-nofp");
+    let exe_maps = cap
+        .maps
+        .replace("/unwind_fixture-nofp", &exe.to_string_lossy());
+    let mut text: String = symbolize(&exe_maps, &ips)
+        .iter()
+        .map(|f| {
+            let name = if f.module == "?" {
+                "[outside the capture's modules]"
+            } else {
+                &f.name
+            };
+            format!("{name}\n")
+        })
+        .collect();
+    // How it ended (the capture's fixed addresses: deterministic).
+    text.push_str(&format!("{:?}\n", outcome.end));
+    let expected_path = golden.join("frames.txt");
+    if std::env::var_os("ALLOCTRACE_BLESS").is_some_and(|v| v == "1") {
+        std::fs::write(&expected_path, &text).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&expected_path).unwrap();
+    assert_eq!(
+        text,
+        expected,
+        "ALLOCTRACE_BLESS=1 rewrites {}",
+        expected_path.display()
+    );
+}
