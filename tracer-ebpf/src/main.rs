@@ -131,27 +131,24 @@ fn slot_in(slots: &Array<InflightCall>) -> Option<(*mut InflightCall, u64)> {
     Some((slot, key))
 }
 
-/// Claims the slot for `key` if it is free; returns the previous owner (0: claimed). Atomic:
-/// two threads with equal `tid % INFLIGHT_SLOTS` on two CPUs must not both take it.
+/// Claims an in-flight slot (its `owner` word) for `key` if it is free; returns the previous
+/// owner (0: claimed). Atomic: two threads with equal `tid % INFLIGHT_SLOTS` on two CPUs must not
+/// both take it.
 #[inline(always)]
-fn claim(slot: *mut InflightCall, key: u64) -> u64 {
-    // SAFETY: map values are 8-byte aligned and live as long as the map.
+fn claim(owner: *mut u64, key: u64) -> u64 {
+    // SAFETY: `owner` is in a map value: 8-byte aligned, lives as long as the map.
     unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
-            core::ptr::addr_of_mut!((*slot).owner),
-            0,
-            key,
-        )
-        .0
+        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(owner, 0, key)
+            .0
     }
 }
 
 #[inline(always)]
-fn release(slot: *mut InflightCall) {
+fn release(owner: *mut u64) {
     // A plain store suffices: only the owner releases, and an aligned 8-byte store is atomic.
     // (LLVM's BPF backend cannot select an atomic store.)
     // SAFETY: as in `claim`.
-    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*slot).owner), 0) }
+    unsafe { core::ptr::write_volatile(owner, 0) }
 }
 
 #[inline(always)]
@@ -178,7 +175,8 @@ fn enter_cuda(
     let Some((slot, key)) = slot_in(slots) else {
         return 0;
     };
-    match claim(slot, key) {
+    // SAFETY: the slot is a map value.
+    match claim(unsafe { core::ptr::addr_of_mut!((*slot).owner) }, key) {
         0 => unsafe {
             (*slot).size = size;
             (*slot).old_addr = old_addr;
@@ -361,15 +359,8 @@ fn call_enter_with(func: u32, args: [u64; 5], out_ptr: u64, mode: u32) -> u32 {
     let Some(slot) = CALL_INFLIGHT.get_ptr_mut((key as u32) % INFLIGHT_SLOTS) else {
         return 0;
     };
-    // SAFETY: map values are 8-byte aligned and live as long as the map.
-    let previous = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
-            core::ptr::addr_of_mut!((*slot).owner),
-            0,
-            key,
-        )
-        .0
-    };
+    // SAFETY: the slot is a map value.
+    let previous = claim(unsafe { core::ptr::addr_of_mut!((*slot).owner) }, key);
     if previous != 0 {
         // A driver entry point called by another one on this thread is part of it; another
         // thread in the same slot is a lost call.
@@ -475,8 +466,8 @@ pub fn cuda_call_return(ctx: RetProbeContext) -> u32 {
         // SAFETY: bpf_probe_read_user checks the user address.
         unsafe { bpf_probe_read_user(call.out_ptr as *const u64) }.unwrap_or(0)
     };
-    // SAFETY: only the owner releases (see `release`).
-    unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*slot).owner), 0) };
+    // SAFETY: the slot is a map value.
+    release(unsafe { core::ptr::addr_of_mut!((*slot).owner) });
     if call.func == 0 {
         return 0;
     }
@@ -593,7 +584,8 @@ fn finish_call(ctx: &RetProbeContext, slots: &Array<InflightCall>) -> u32 {
         }
         *slot
     };
-    release(slot);
+    // SAFETY: the slot is a map value.
+    release(unsafe { core::ptr::addr_of_mut!((*slot).owner) });
 
     let ret: u64 = ctx.ret();
     let mut size = call.size;
