@@ -291,10 +291,10 @@ impl HiddenMemory {
         self.window.keys().copied().collect()
     }
 
-    /// NVML says `pid` uses `used` bytes: charges or gives back the change of the residual.
-    pub fn sample(&mut self, ledger: &mut Ledger, pid: u32, used: u64) {
+    /// NVML says `pid` uses `used` bytes, of which its device classes traced `traced`: charges
+    /// or gives back the change of the residual.
+    pub fn sample(&mut self, ledger: &mut Ledger, pid: u32, used: u64, traced: u64) {
         let window = self.window.remove(&pid).unwrap_or_default();
-        let traced = ledger.live_of(pid, Class::is_device);
         let residual = used.saturating_sub(traced);
         let charges = self.charges.entry(pid).or_default();
         let charged: u64 = charges.iter().map(|c| c.1).sum();
@@ -360,19 +360,19 @@ mod tests {
         // A traced 100-byte device block: not part of the residual.
         ledger.alloc(7, 0x1000, 100, CellRef::new(7, Class::Cuda, Some(9)));
         hidden.opaque_call(7, Some(1)); // context: +300
-        hidden.sample(&mut ledger, 7, 400);
+        hidden.sample(&mut ledger, 7, 400, 100);
         hidden.opaque_call(7, Some(2)); // two module loads: +21, split 10 + 11
         hidden.opaque_call(7, Some(3));
-        hidden.sample(&mut ledger, 7, 421);
+        hidden.sample(&mut ledger, 7, 421, 100);
         assert_eq!(
             untraced(&ledger),
             BTreeMap::from([(Some(1), 300), (Some(2), 10), (Some(3), 11)])
         );
         // A rise with no opaque call: unattributed.
-        hidden.sample(&mut ledger, 7, 425);
+        hidden.sample(&mut ledger, 7, 425, 100);
         assert_eq!(untraced(&ledger)[&None], 4);
         // A fall gives back the latest charges first: 4 (unattributed), then 11 and 1 of 10.
-        hidden.sample(&mut ledger, 7, 405);
+        hidden.sample(&mut ledger, 7, 405, 100);
         assert_eq!(
             untraced(&ledger),
             BTreeMap::from([(Some(1), 300), (Some(2), 5)])

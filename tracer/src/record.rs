@@ -343,12 +343,14 @@ fn sample_gpu(
     for &p in pids {
         match usage.get(&p) {
             Some(&used) => {
-                sink.cuda.hidden.sample(&mut sink.ledger, p, used);
+                // (gpu-untraced is not a device class: charging it leaves this unchanged.)
+                let traced = sink.ledger.live_of(p, Class::is_device);
+                sink.cuda.hidden.sample(&mut sink.ledger, p, used, traced);
                 samples.push(GpuSample {
                     t_s,
                     pid: p,
                     used,
-                    traced: sink.ledger.live_of(p, Class::is_device),
+                    traced,
                 });
             }
             // Not on a GPU (yet): nothing to charge.
