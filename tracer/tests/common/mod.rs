@@ -762,6 +762,11 @@ impl Report {
 /// `alloctrace report TRACE --format json`, asserted successful, as untyped JSON (for the fields
 /// the typed `Report` does not model: per-process, gpu, rss, page faults...).
 pub fn report_value(trace: &Path) -> serde_json::Value {
+    serde_json::from_str(&report_text(trace)).expect("report JSON")
+}
+
+/// The text of `alloctrace report TRACE --format json`, asserted successful.
+fn report_text(trace: &Path) -> String {
     let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
     cmd.arg(trace);
     let out = run("alloctrace report --format json", cmd);
@@ -771,7 +776,7 @@ pub fn report_value(trace: &Path) -> serde_json::Value {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("report JSON")
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The rows of a report list (`stacks`, `page_faults`, `released`, ...) whose frames include
@@ -810,16 +815,7 @@ pub fn json_sum(rows: &[&serde_json::Value], field: &str) -> u64 {
 
 /// `alloctrace report TRACE --format json`, asserted successful and parsed.
 pub fn report_json(trace: &Path) -> Report {
-    let mut cmd = alloctrace_cmd(&["report", "--format", "json"]);
-    cmd.arg(trace);
-    let out = run("alloctrace report --format json", cmd);
-    assert!(
-        out.status.success(),
-        "alloctrace report failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = report_text(trace);
     serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("the JSON report does not match the contract: {e}\n{text}"))
 }
