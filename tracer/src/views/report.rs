@@ -620,36 +620,16 @@ fn text_waterfall(out: &mut String, rec: &Recorded) {
         "\nResident memory of PID {} at {} s (/proc/PID/smaps)",
         w.pid, w.t_s
     );
-    let _ = writeln!(
-        out,
-        "  RSS                        {:>12}",
-        human_bytes(w.rss)
-    );
-    let _ = writeln!(
-        out,
-        "  = file-backed resident     {:>12}",
-        human_bytes(w.file)
-    );
-    let _ = writeln!(
-        out,
-        "  + shared memory            {:>12}",
-        human_bytes(w.shmem)
-    );
-    let _ = writeln!(
-        out,
-        "  + anonymous                {:>12}",
-        human_bytes(w.anon)
-    );
-    let _ = writeln!(
-        out,
-        "      heap (live)            {:>12}",
-        human_bytes(w.heap_live)
-    );
-    let _ = writeln!(
-        out,
-        "      allocator-retained     {:>12}",
-        human_bytes(w.allocator_retained)
-    );
+    for (label, bytes) in [
+        ("  RSS", w.rss),
+        ("  = file-backed resident", w.file),
+        ("  + shared memory", w.shmem),
+        ("  + anonymous", w.anon),
+        ("      heap (live)", w.heap_live),
+        ("      allocator-retained", w.allocator_retained),
+    ] {
+        let _ = writeln!(out, "{label:<29}{:>12}", human_bytes(bytes));
+    }
     let _ = writeln!(
         out,
         "      traced mappings        {:>12}   (resident, of {} mapped: mmap, thread-stack, python-arena)",
