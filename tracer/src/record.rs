@@ -322,6 +322,13 @@ fn detect_python(pid: u32, sink: &mut EventSink, probes: &mut HeapProbes) {
     }
 }
 
+/// The frame namer of `pid`, made from its current mappings when missing.
+fn namer_of(namers: &mut HashMap<u32, FrameNamer>, pid: u32) -> &mut FrameNamer {
+    namers
+        .entry(pid)
+        .or_insert_with(|| FrameNamer::new(pid, Vec::new()))
+}
+
 /// The unwinder of live process `pid`, or an empty one (every stack truncated) if it is gone.
 fn new_unwinder(pid: u32, cache: &UnwindCache) -> ProcessUnwinder {
     ProcessUnwinder::new(pid, cache)
@@ -547,17 +554,9 @@ impl EventSink {
                 self.stacks.python_frame(name)
             })
             .collect();
-        let namer = self
-            .namers
-            .entry(pid)
-            .or_insert_with(|| FrameNamer::new(pid, Vec::new()));
-        let mut is_eval = |ip: u64| {
-            !StackTable::is_python_frame(ip)
-                && namer
-                    .functions_at(ip)
-                    .iter()
-                    .any(|f| PYTHON_EVAL_FUNCTIONS.contains(&f.as_str()))
-        };
+        let namer = namer_of(&mut self.namers, pid);
+        let mut is_eval =
+            |ip: u64| !StackTable::is_python_frame(ip) && namer.is_in(ip, &PYTHON_EVAL_FUNCTIONS);
         let native = std::mem::take(&mut self.ips);
         match native.iter().position(|&ip| is_eval(ip)) {
             Some(first) => {
@@ -612,43 +611,29 @@ impl EventSink {
         let Some(&last) = self.ips.last() else {
             return false;
         };
-        let namer = self
-            .namers
-            .entry(pid)
-            .or_insert_with(|| FrameNamer::new(pid, Vec::new()));
-        namer
-            .functions_at(last)
-            .iter()
-            .any(|f| ENTRY_POINTS.contains(&f.as_str()))
+        namer_of(&mut self.namers, pid).is_in(last, &ENTRY_POINTS)
     }
 
     /// Reads the code mappings of `pid` for unwinding (at attach, fork and each time it maps
     /// code), while it lives: events are unwound after the fact, possibly after it exited.
     fn learn_code_of(&mut self, pid: u32) {
         let cache = &self.unwind_cache;
-        match self.unwinders.get_mut(&pid) {
-            Some(u) => {
+        self.unwinders
+            .entry(pid)
+            .and_modify(|u| {
                 let _ = u.refresh();
-            }
-            None => {
-                self.unwinders.insert(pid, new_unwinder(pid, cache));
-            }
-        }
+            })
+            .or_insert_with(|| new_unwinder(pid, cache));
     }
 
     /// Whether the mmap whose stack is in `self.ips` comes from CPython's arena allocator: one of
     /// its first frames is `_PyObject_ArenaMmap` (obmalloc, CPython 3.8 to 3.13).
     fn is_python_arena(&mut self, pid: u32) -> bool {
-        let namer = self
-            .namers
-            .entry(pid)
-            .or_insert_with(|| FrameNamer::new(pid, Vec::new()));
-        self.ips.iter().take(3).any(|&ip| {
-            namer
-                .functions_at(ip)
-                .iter()
-                .any(|f| PYTHON_ARENA_FUNCTIONS.contains(&f.as_str()))
-        })
+        let namer = namer_of(&mut self.namers, pid);
+        self.ips
+            .iter()
+            .take(3)
+            .any(|&ip| namer.is_in(ip, &PYTHON_ARENA_FUNCTIONS))
     }
 
     fn apply_map(&mut self, ev: &MapEvent, stack: Option<StackIndex>) {
@@ -927,7 +912,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
                 sink.drain(&mut ring);
                 for p in std::mem::take(&mut sink.code_mapped) {
                     // Also the first look at a process that exec'd: its new image's libraries.
-                    sink.namers.entry(p).or_insert_with(|| FrameNamer::new(p, Vec::new())).refresh();
+                    namer_of(&mut sink.namers, p).refresh();
                     sink.learn_code_of(p);
                     detect_python(p, &mut sink, &mut probes);
                 }

@@ -195,13 +195,15 @@ impl FrameNamer {
         self.maps.iter().rev().find(|m| ip >= m.start && ip < m.end)
     }
 
-    /// The functions at `ip`, the inlined ones first (re-reading the mappings once if its
-    /// module is not known yet).
-    pub fn functions_at(&mut self, ip: u64) -> Vec<String> {
+    /// Whether `ip` is in one of `functions` (or in a function inlined there), re-reading the
+    /// mappings once if its module is not known yet.
+    pub fn is_in(&mut self, ip: u64, functions: &[&str]) -> bool {
         if self.mapping_of(ip).is_none() {
             self.refresh();
         }
         self.names(ip)
+            .iter()
+            .any(|f| functions.contains(&f.as_str()))
     }
 
     /// Names a stack key (`StackTable`'s form: addresses, then an optional flags word).
