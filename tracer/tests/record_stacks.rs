@@ -77,6 +77,16 @@ fn mappings_without_frame_pointers_are_exact_up_to_main_by_default() {
     r.assert_no_lost_events();
 }
 
+/// The rows of `class` through `chain[2]` (the library's caller) add up to `expected`, and each
+/// holds the whole chain in order.
+fn assert_rows_with_chain(r: &Report, class: &str, expected: common::Cell, chain: &[&str]) {
+    let rows = through(r, class, chain[2]);
+    assert_eq!(common::sum_rows(&rows), expected, "{}", r.summary());
+    for st in rows {
+        assert_chain(&st.frames, chain, class);
+    }
+}
+
 /// Rows of `class` whose frames include `function` anywhere.
 fn through<'a>(r: &'a Report, class: &str, function: &str) -> Vec<&'a common::StackRow> {
     r.stacks
@@ -138,56 +148,32 @@ fn a_library_without_frame_pointers_does_not_hide_its_callers() {
     let p = page();
     // Default (auto): the mappings get unwound stack copies; heap events frame pointers.
     let r = record_nofp_caller(&[]);
-    let rows = through(&r, "mmap", "caller_maps");
-    assert_eq!(
-        common::sum_rows(&rows),
+    assert_rows_with_chain(
+        &r,
+        "mmap",
         all_live(3, 2 * p),
-        "{}",
-        r.summary()
+        &["lib_map_inner", "lib_map_pages", "caller_maps", "main"],
     );
-    for st in rows {
-        assert_chain(
-            &st.frames,
-            &["lib_map_inner", "lib_map_pages", "caller_maps", "main"],
-            "mmap",
-        );
-    }
     // A function inlined into another is a frame of its own (from the debug info).
-    let rows = through(&r, "mmap", "caller_inlined");
-    assert_eq!(
-        common::sum_rows(&rows),
+    assert_rows_with_chain(
+        &r,
+        "mmap",
         all_live(1, 4 * p),
-        "{}",
-        r.summary()
+        &[
+            "lib_inline_map",
+            "lib_map_inlined",
+            "caller_inlined",
+            "main",
+        ],
     );
-    for st in rows {
-        assert_chain(
-            &st.frames,
-            &[
-                "lib_inline_map",
-                "lib_map_inlined",
-                "caller_inlined",
-                "main",
-            ],
-            "inlined",
-        );
-    }
     // dwarf: the heap too.
     let r = record_nofp_caller(&["--stack", "dwarf"]);
-    let rows = through(&r, "heap", "caller_allocs");
-    assert_eq!(
-        common::sum_rows(&rows),
+    assert_rows_with_chain(
+        &r,
+        "heap",
         all_live(5, 1000),
-        "{}",
-        r.summary()
+        &["lib_alloc_inner", "lib_alloc", "caller_allocs", "main"],
     );
-    for st in rows {
-        assert_chain(
-            &st.frames,
-            &["lib_alloc_inner", "lib_alloc", "caller_allocs", "main"],
-            "heap",
-        );
-    }
     // fp: the walk cannot cross the library; the caller above it is lost.
     let r = record_nofp_caller(&["--stack", "fp"]);
     assert!(
