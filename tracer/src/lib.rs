@@ -1,18 +1,19 @@
-//! alloctrace: eBPF memory-allocation tracer. Data flows probes → events → ledger → recording → views.
+//! alloctrace: eBPF memory-allocation tracer. Data flows one way, one folder a stage:
+//! `probes` (kernel programs attached to the target) → `events` (ring records decoded) →
+//! `session` (the recording loop, one method per event source) → the ledger layers (`ledger`:
+//! live blocks and mappings; `cuda`: the driver layer and what it hides) → `recording` (the
+//! crash-safe file) → `views` (report, flamegraph). `hooks` is the hook table every stage reads;
+//! `proc`, `elf`, `stacks` and `python` read the target.
 pub mod cuda;
-pub mod cuda_vmm;
 pub mod events;
-pub mod gpu;
 pub mod hooks;
 pub mod ledger;
-pub mod mappings;
 pub mod model;
 pub mod output;
 pub mod probes;
+pub mod proc;
 pub mod python;
-pub mod record;
 pub mod recording;
+pub mod session;
 pub mod stacks;
-pub mod target;
-pub mod unwind;
 pub mod views;

@@ -5,8 +5,8 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 use alloctrace::{
     hooks, output,
     probes::{ProbeConfig, StackMode},
-    record::{self, RecordOptions, TargetSpec},
     recording::{Reader, SeriesRead},
+    session::{self, RecordOptions, TargetSpec},
     views::{flamegraph, report},
 };
 use clap::{Parser, Subcommand, ValueEnum};
@@ -227,7 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let summary = runtime.block_on(record::record(opts))?;
+            let summary = runtime.block_on(session::record(opts))?;
             eprintln!(
                 "recorded {} events ({} lost), {}: wrote {} (tracer peak RSS {} KiB)",
                 summary.events,

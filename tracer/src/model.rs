@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The page size the mapping ledger and fault counts use (x86-64 base pages).
+pub const PAGE: u64 = 4096;
+
 /// How memory was obtained. The flamegraph's root frames and the report's totals are per class.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -12,8 +12,8 @@ use std::{
 };
 
 use alloctrace::{
-    probes::resolve::{Mapping, parse_maps},
-    unwind::{
+    proc::maps::{Mapping, parse_maps},
+    stacks::unwind::{
         CfiKind, FileAccess, MissingCfi, ProcessUnwinder, Truncation, UnwindCache, UnwindEnd,
         UnwindOptions, UnwindOutcome, UserRegs,
     },

@@ -11,69 +11,9 @@ use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::{
     hooks::{CUDA_COOKIE_BASE, CUDA_HOOKS, HOOKS, Hook, RUNTIME_COOKIE_BASE, RUNTIME_HOOKS, Site},
-    target::TargetError,
+    proc::maps::{Mapping, open_path},
+    session::target::TargetError,
 };
-
-/// One line of `/proc/PID/maps` that maps a file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Mapping {
-    pub start: u64,
-    pub end: u64,
-    pub file_offset: u64,
-    pub executable: bool,
-    pub inode: u64,
-    /// The path as the target sees it (its mount namespace), without a ` (deleted)` suffix.
-    pub path: String,
-    pub deleted: bool,
-}
-
-/// File-backed mappings of a process.
-pub fn read_maps(pid: u32) -> Result<Vec<Mapping>, TargetError> {
-    let text = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| TargetError::from_proc(pid, e))?;
-    Ok(parse_maps(&text))
-}
-
-pub fn parse_maps(text: &str) -> Vec<Mapping> {
-    text.lines().filter_map(parse_maps_line).collect()
-}
-
-fn parse_maps_line(line: &str) -> Option<Mapping> {
-    let mut fields = line.splitn(6, ' ');
-    let range = fields.next()?;
-    let perms = fields.next()?;
-    let offset = fields.next()?;
-    let _dev = fields.next()?;
-    let inode: u64 = fields.next()?.parse().ok()?;
-    let path = fields.next()?.trim_start();
-    if inode == 0 || !path.starts_with('/') {
-        return None;
-    }
-    let (start, end) = range.split_once('-')?;
-    let (path, deleted) = match path.strip_suffix(" (deleted)") {
-        Some(p) => (p, true),
-        None => (path, false),
-    };
-    Some(Mapping {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
-        file_offset: u64::from_str_radix(offset, 16).ok()?,
-        executable: perms.as_bytes().get(2) == Some(&b'x'),
-        inode,
-        path: path.to_string(),
-        deleted,
-    })
-}
-
-/// A path under which this process can open a file the target maps: through the target's root
-/// (containers), or through map_files for deleted files.
-pub fn open_path(pid: u32, m: &Mapping) -> PathBuf {
-    if m.deleted {
-        PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
-    } else {
-        PathBuf::from(format!("/proc/{pid}/root{}", m.path))
-    }
-}
 
 /// Whether a path names a C library (glibc or musl).
 pub fn is_libc_name(path: &str) -> bool {
@@ -399,21 +339,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_maps_lines() {
-        let text = "7f00-7f80 r-xp 00028000 fe:01 1234   /usr/lib/x86_64-linux-gnu/libc.so.6\n\
-                    7f80-7f90 rw-p 00000000 00:00 0 \n\
-                    5500-5600 r-xp 00001000 fe:01 99 /tmp/a b (deleted)\n\
-                    7ffd-7ffe r-xp 00000000 00:00 0 [vdso]\n";
-        let maps = parse_maps(text);
-        assert_eq!(maps.len(), 2);
-        assert_eq!(maps[0].start, 0x7f00);
-        assert_eq!(maps[0].file_offset, 0x28000);
-        assert!(maps[0].executable && !maps[0].deleted);
-        assert_eq!(maps[1].path, "/tmp/a b");
-        assert!(maps[1].deleted);
-    }
-
-    #[test]
     fn finds_the_push_after_glibc_free_null_check() {
         // glibc 2.36 free: test %rdi,%rdi; je rel32; push %rbp
         let code = [
@@ -443,7 +368,7 @@ mod tests {
 
     #[test]
     fn resolves_this_machines_libc_with_aliases_deduplicated() {
-        let maps = read_maps(std::process::id()).unwrap();
+        let maps = crate::proc::maps::read_maps(std::process::id()).unwrap();
         let alloc = find_allocator(std::process::id(), &maps).unwrap();
         let names: Vec<String> = alloc.points.iter().map(|p| p.name()).collect();
         assert!(names.contains(&"malloc".to_string()), "{names:?}");

@@ -53,7 +53,7 @@ pub fn folded_fault_lines(rec: &Recorded) -> Vec<String> {
             line.push(';');
             line.push_str(&folded_frame(frame));
         }
-        *stacks.entry(line).or_default() += faults * crate::mappings::PAGE;
+        *stacks.entry(line).or_default() += faults * crate::model::PAGE;
     }
     stacks
         .into_iter()

@@ -359,7 +359,7 @@ pub fn render_json(rec: &Recorded) -> String {
             .map(|(pid, stack, faults)| JsonFaults {
                 pid,
                 faults,
-                bytes: faults * crate::mappings::PAGE,
+                bytes: faults * crate::model::PAGE,
                 stack,
                 frames: rec.frames(stack),
             })
@@ -546,7 +546,7 @@ fn text_released(out: &mut String, rec: &Recorded) {
 fn text_faults(out: &mut String, rec: &Recorded) {
     let mut rows = by_amount(&rec.state.faults);
     for row in &mut rows {
-        row.2 *= crate::mappings::PAGE;
+        row.2 *= crate::model::PAGE;
     }
     text_bytes_by_stack(
         out,

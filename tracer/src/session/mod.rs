@@ -1,6 +1,8 @@
 //! `alloctrace record`: attach, drain events into the ledger, commit the recording every second,
 //! finalize on duration, signal or target exit.
 
+pub mod target;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     ffi::OsString,
@@ -20,19 +22,18 @@ use tracer_common::{
 };
 
 use crate::{
-    cuda::CudaLayer,
-    cuda_vmm::VmmLedger,
+    cuda::{CudaLayer, nvml as gpu, vmm::VmmLedger},
     events::{self, Event},
-    gpu, hooks,
-    ledger::{CellRef, Ledger},
-    mappings::MappingLedger,
+    hooks,
+    ledger::{CellRef, Ledger, mappings::MappingLedger},
     model::{Class, FailureKey, GpuSample, RssSample, StackCapture, StackIndex, TargetInfo},
     probes::{HeapProbes, ProbeConfig, resolve},
+    proc::maps,
     python::{self, PythonProcess},
     recording::Writer,
+    session::target::{ExitWatch, TargetError},
+    stacks::unwind::{FileAccess, ProcessUnwinder, Truncation, UnwindCache},
     stacks::{FrameNamer, StackTable},
-    target::{self, ExitWatch, TargetError},
-    unwind::{FileAccess, ProcessUnwinder, Truncation, UnwindCache},
     views,
 };
 
@@ -173,7 +174,7 @@ fn heap_after_exec(
     allocator: Option<&resolve::AllocatorObject>,
     probes: &mut HeapProbes,
 ) -> bool {
-    let Ok(maps) = resolve::read_maps(pid) else {
+    let Ok(maps) = maps::read_maps(pid) else {
         return true;
     }; // gone
     let Ok(new) = resolve::find_allocator(pid, &maps) else {
@@ -237,7 +238,7 @@ struct CudaHooked {
 /// other objects, for those not hooked yet in it (at attach, and each second after: CUDA
 /// libraries are usually dlopen'ed later). Says so on stderr.
 fn hook_cuda(pid: u32, probes: &mut HeapProbes, done: &mut CudaHooked) {
-    let Ok(maps) = resolve::read_maps(pid) else {
+    let Ok(maps) = maps::read_maps(pid) else {
         return;
     };
     // The runtime is hooked before the driver is loaded (it loads the driver inside its first
@@ -676,7 +677,7 @@ impl EventSink {
                 );
             }
             map_op::MADVISE => {
-                let len = crate::mappings::page_up(a[1]);
+                let len = crate::ledger::mappings::page_up(a[1]);
                 ledger.released(pid, stack, len);
             }
             map_op::BRK => {
@@ -738,7 +739,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     let (pid, command, maps, launched) = match &opts.target {
         TargetSpec::Pid(pid) => {
             let command = target::check_pid(*pid)?;
-            let maps = resolve::read_maps(*pid)?;
+            let maps = maps::read_maps(*pid)?;
             if maps.is_empty() {
                 return Err(TargetError::KernelThread { pid: *pid }.into());
             }

@@ -4,6 +4,8 @@
 //! containers work), using a snapshot of its mappings refreshed while it lives. Stacks seen just
 //! before the target exits are therefore still symbolized after it is gone.
 
+pub mod unwind;
+
 use std::{collections::HashMap, path::PathBuf};
 
 use blazesym::symbolize::{self, Symbolizer, source::Source};
@@ -11,7 +13,7 @@ use tracer_common::{STACK_SP_CANDIDATE, STACK_TRUNCATED};
 
 use crate::{
     model::{Stack, StackIndex},
-    probes::resolve::{self, Mapping},
+    proc::maps::{self, Mapping},
 };
 
 /// Marker frame at the outer end of a stack that was cut at `MAX_FRAMES`.
@@ -124,7 +126,7 @@ impl StackTable {
                 .into_iter()
                 .map(|(index, pid, key)| {
                     let namer = namers.entry(pid).or_insert_with(|| {
-                        FrameNamer::new(pid, resolve::read_maps(pid).unwrap_or_default())
+                        FrameNamer::new(pid, maps::read_maps(pid).unwrap_or_default())
                     });
                     Stack {
                         index,
@@ -177,7 +179,7 @@ impl FrameNamer {
 
     /// Re-reads the target's mappings (libraries loaded later); keeps the old ones if it is gone.
     pub fn refresh(&mut self) {
-        if let Ok(maps) = resolve::read_maps(self.pid) {
+        if let Ok(maps) = maps::read_maps(self.pid) {
             for m in maps.into_iter().filter(|m| m.executable) {
                 if !self
                     .maps
@@ -249,7 +251,7 @@ impl FrameNamer {
             let offset = ip - m.start + m.file_offset;
             let mut before = [0u8; 7];
             offset >= 7
-                && std::fs::File::open(resolve::open_path(self.pid, &m))
+                && std::fs::File::open(maps::open_path(self.pid, &m))
                     .or_else(|_| std::fs::File::open(&m.path))
                     .and_then(|f| {
                         std::os::unix::fs::FileExt::read_exact_at(&f, &mut before, offset - 7)
@@ -271,7 +273,7 @@ impl FrameNamer {
             Some(m) => {
                 // Stack addresses are return addresses: look up the call instruction before them.
                 let offset = ip.saturating_sub(1) - m.start + m.file_offset;
-                let path: PathBuf = resolve::open_path(self.pid, &m);
+                let path: PathBuf = maps::open_path(self.pid, &m);
                 let fallback_path = PathBuf::from(&m.path);
                 let src_path = if path.exists() { path } else { fallback_path };
                 let src = Source::Elf(symbolize::source::Elf::new(src_path));

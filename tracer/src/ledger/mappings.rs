@@ -24,7 +24,7 @@ use crate::{
     model::Class,
 };
 
-pub const PAGE: u64 = 4096;
+pub use crate::model::PAGE;
 
 pub fn page_up(x: u64) -> u64 {
     x.saturating_add(PAGE - 1) & !(PAGE - 1)

@@ -12,6 +12,8 @@
 //! - an allocation at an address that is still live means its free was lost: the old block is
 //!   retired and counted under `missed_free`.
 
+pub mod mappings;
+
 use std::collections::{BTreeMap, HashMap};
 
 use rustc_hash::FxHashMap;

@@ -30,7 +30,7 @@ use gimli::{
 };
 use object::{Object, ObjectSection, ObjectSegment, ReadCache};
 
-use crate::probes::resolve::{self, Mapping};
+use crate::proc::maps::{self, Mapping};
 
 /// Section bytes shared by every process that maps the same build (cheap to clone into a
 /// framehop `Module`).
@@ -395,7 +395,7 @@ pub enum FileAccess {
 impl FileAccess {
     fn open_path(&self, m: &Mapping) -> Result<PathBuf, UnwindError> {
         match self {
-            FileAccess::Process(pid) => Ok(resolve::open_path(*pid, m)),
+            FileAccess::Process(pid) => Ok(maps::open_path(*pid, m)),
             FileAccess::Root(_) if m.deleted => Err(UnwindError::Deleted {
                 path: PathBuf::from(&m.path),
             }),
@@ -600,7 +600,7 @@ impl ProcessUnwinder {
 
     /// Brings the modules in line with a maps text (`/proc/PID/maps` format).
     pub fn update_maps(&mut self, maps: &str) -> RefreshReport {
-        let wanted: BTreeMap<u64, Mapping> = resolve::parse_maps(maps)
+        let wanted: BTreeMap<u64, Mapping> = maps::parse_maps(maps)
             .into_iter()
             .filter(|m| m.executable && m.end > m.start)
             .map(|m| (m.start, m))

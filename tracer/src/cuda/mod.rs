@@ -1,14 +1,17 @@
-//! The CUDA layer's rules beyond allocations and VMM handles (cuda_vmm.rs): capture state,
+//! The CUDA layer's rules beyond allocations and VMM handles (vmm.rs): capture state,
 //! graphs, pools, IPC imports, host registration, and the driver's hidden memory (NVML minus
 //! what was traced), charged to the opaque call after which it appeared. The rules are in
 //! docs/accounting.md, "CUDA".
+
+pub mod nvml;
+pub mod vmm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tracer_common::{CudaCallEvent, HeapAllocEvent};
 
 use crate::{
-    cuda_vmm::VmmLedger,
+    cuda::vmm::VmmLedger,
     hooks::{self, CudaHook, Records},
     ledger::{CellRef, Ledger},
     model::{Class, FailureKey, StackIndex},

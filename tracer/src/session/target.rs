@@ -20,7 +20,10 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::probes::resolve::{self, Mapping};
+use crate::{
+    probes::resolve,
+    proc::maps::{self, Mapping},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -153,7 +156,7 @@ pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCom
     let mut pending_signal: Option<Signal> = None;
     let mut first_stop = true;
     loop {
-        let maps = resolve::read_maps(pid)?;
+        let maps = maps::read_maps(pid)?;
         // Look into ELF files only when it can succeed: a static executable at the first stop, or
         // once a C library is mapped.
         let worth_looking = first_stop
