@@ -1,23 +1,18 @@
 //! How a recording ends (target exit, duration, SIGTERM, SIGKILL of the recorder) and the views
 //! of a finished recording. Privileged: needs root, eBPF and uprobes.
 
-mod common;
-
 use std::{
     thread,
     time::{Duration, Instant},
 };
 
-use common::{
-    Session, alloctrace_cmd, leaks_totals, privileged, report_json, run, start_fixture,
-    start_recorder,
+use crate::common::{
+    Session, alloctrace_cmd, leaks_totals, report_json, run, start_fixture, start_recorder,
 };
 
 #[test]
 fn recording_stops_by_itself_when_the_target_exits() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("exit.trace");
     let mut target = start_fixture("leaks", "exit");
@@ -39,9 +34,7 @@ fn recording_stops_by_itself_when_the_target_exits() {
 
 #[test]
 fn sigterm_finalizes_the_recording() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let s = Session::run_scenario("leaks", "attach", &[]);
     let pid = s.target.pid();
     let r = s.stop(libc::SIGTERM);
@@ -53,9 +46,7 @@ fn sigterm_finalizes_the_recording() {
 
 #[test]
 fn sigint_right_after_attached_finalizes_the_recording() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     // `attached` promises a live recorder: a SIGINT at once must finalize, not kill it.
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("early.trace");
@@ -80,9 +71,7 @@ fn sigint_right_after_attached_finalizes_the_recording() {
 
 #[test]
 fn duration_ends_the_recording() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let mut s = Session::run_scenario("leaks", "attach", &["-d", "3"]);
     let waited = Instant::now();
     s.recorder.wait_success();
@@ -108,9 +97,7 @@ fn duration_ends_the_recording() {
 
 #[test]
 fn sigkill_of_the_recorder_keeps_what_was_committed() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let mut s = Session::run_scenario("leaks", "attach", &[]);
     // The recording is committed once a second: after 2.5 s the leaks are on disk.
     thread::sleep(Duration::from_millis(2500));
@@ -132,14 +119,9 @@ fn sigkill_of_the_recorder_keeps_what_was_committed() {
 
 #[test]
 fn text_report_json_file_and_flamegraph() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let mut s = Session::run_scenario("leaks", "attach", &[]);
-    s.recorder.signal(libc::SIGINT);
-    s.recorder.wait_success();
-    s.target.close_stdin();
-    s.target.wait_success();
+    s.end(libc::SIGINT);
     let kept = s.trace.clone();
     let dir = s.dir.path().to_path_buf();
     let r = report_json(&kept);

@@ -2,13 +2,11 @@
 //! behind. The `record` cases are privileged (the recorder needs root and eBPF to get that far);
 //! the `report` and `flamegraph` cases run anywhere.
 
-mod common;
-
 use std::path::Path;
 
-use common::{
-    Session, TestProcess, alloctrace_cmd, assert_clean_error, dir_entries, privileged, report_json,
-    run, start_fixture,
+use crate::common::{
+    self, Session, TestProcess, alloctrace_cmd, assert_clean_error, dir_entries, report_json, run,
+    start_fixture,
 };
 
 /// A PID that no process has right now.
@@ -40,9 +38,7 @@ fn record_pid(pid: u32, output: &Path, extra: &[&str]) -> std::process::Output {
 
 #[test]
 fn record_of_a_nonexistent_pid_fails_cleanly() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let dir = tempfile::tempdir().unwrap();
     let pid = unused_pid();
     let out = record_pid(pid, &dir.path().join("x.trace"), &["-d", "1"]);
@@ -52,9 +48,7 @@ fn record_of_a_nonexistent_pid_fails_cleanly() {
 
 #[test]
 fn record_of_a_kernel_thread_fails_cleanly() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let stat = std::fs::read_to_string("/proc/2/stat").expect("PID 2 exists");
     assert!(stat.contains("(kthreadd)"), "PID 2 is not kthreadd: {stat}");
     let dir = tempfile::tempdir().unwrap();
@@ -65,9 +59,7 @@ fn record_of_a_kernel_thread_fails_cleanly() {
 
 #[test]
 fn record_refuses_an_existing_output_without_force() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let target = start_fixture("leaks", "attach");
     let dir = tempfile::tempdir().unwrap();
     let existing = dir.path().join("existing.trace");
@@ -85,9 +77,7 @@ fn record_refuses_an_existing_output_without_force() {
 
 #[test]
 fn record_with_force_replaces_an_existing_output() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let target = start_fixture("leaks", "attach");
     let dir = tempfile::tempdir().unwrap();
     let existing = dir.path().join("existing.trace");
@@ -106,9 +96,7 @@ fn record_with_force_replaces_an_existing_output() {
 
 #[test]
 fn record_into_an_unwritable_directory_fails_cleanly() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let target = start_fixture("leaks", "attach");
     let dir = tempfile::tempdir().unwrap();
     // A directory that does not exist.
@@ -126,9 +114,7 @@ fn record_into_an_unwritable_directory_fails_cleanly() {
 
 #[test]
 fn record_of_a_missing_command_fails_cleanly() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = alloctrace_cmd(&["record", "-o"]);
     cmd.arg(dir.path().join("x.trace"))
@@ -192,14 +178,9 @@ fn views_reject_a_missing_recording() {
 
 #[test]
 fn views_reject_a_truncated_recording() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let mut s = Session::run_scenario("leaks", "attach", &[]);
-    s.recorder.signal(libc::SIGINT);
-    s.recorder.wait_success();
-    s.target.close_stdin();
-    s.target.wait_success();
+    s.end(libc::SIGINT);
     let full = std::fs::read(&s.trace).expect("the recording");
     assert!(report_json(&s.trace).complete);
     for (name, len) in [
@@ -215,9 +196,7 @@ fn views_reject_a_truncated_recording() {
 
 #[test]
 fn record_as_an_unprivileged_user_says_to_run_as_root() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let Ok(setpriv) = which_setpriv() else {
         panic!("setpriv (util-linux) is needed to drop privileges in this test");
     };

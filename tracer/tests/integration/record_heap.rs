@@ -1,17 +1,13 @@
 //! `alloctrace record -p PID` against the heap fixture: every scenario has an exact answer by
 //! construction (see tests/fixtures/heap_fixture.c). Privileged: needs root, eBPF and uprobes.
 
-mod common;
-
-use common::{
-    Cell, LEAKS, Session, Totals, all_freed, all_live, leaks_totals, privileged, record_scenario,
+use crate::common::{
+    Cell, LEAKS, Session, Totals, all_freed, all_live, leaks_totals, record_scenario,
 };
 
 #[test]
 fn leaks_through_every_allocator_function_are_exact() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let s = Session::run_scenario("leaks", "attach", &[]);
     let pid = s.target.pid();
     let r = s.stop(libc::SIGINT);
@@ -42,9 +38,7 @@ fn leaks_through_every_allocator_function_are_exact() {
 
 #[test]
 fn churn_that_frees_everything_leaves_nothing_live() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_scenario("churn");
     r.assert_well_formed(None);
     assert!(r.complete);
@@ -74,9 +68,7 @@ fn churn_that_frees_everything_leaves_nothing_live() {
 
 #[test]
 fn frees_from_another_thread_balance_the_allocating_thread() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_scenario("xthread");
     r.assert_well_formed(None);
     r.assert_cell("xthread_alloc", all_freed(1000, 72));
@@ -99,9 +91,7 @@ fn frees_from_another_thread_balance_the_allocating_thread() {
 
 #[test]
 fn realloc_chains_leave_the_final_size_at_the_last_realloc() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_scenario("realloc");
     r.assert_well_formed(None);
     // realloc(p, 0) returning NULL is a free, not a failure.
@@ -129,9 +119,7 @@ fn realloc_chains_leave_the_final_size_at_the_last_realloc() {
 
 #[test]
 fn failed_allocations_are_failures_and_never_live() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_scenario("failures");
     r.assert_well_formed(None);
     // (caller, function, requested size, calls, error)
@@ -186,9 +174,7 @@ fn failed_allocations_are_failures_and_never_live() {
 
 #[test]
 fn frees_of_blocks_allocated_before_attach_are_unmatched() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_scenario("unmatched");
     r.assert_well_formed(None);
     assert_eq!(r.unmatched_frees, 25, "{}", r.summary());
@@ -211,9 +197,7 @@ fn frees_of_blocks_allocated_before_attach_are_unmatched() {
 
 #[test]
 fn many_threads_leak_an_exact_total() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_scenario("threads");
     r.assert_well_formed(None);
     // 8 threads x 1000 x 40 bytes.

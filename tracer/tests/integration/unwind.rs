@@ -3,12 +3,11 @@
 //! frames unwound from that copy are symbolized from the fixture's files and checked by name.
 //! Needs a C compiler, not root.
 
-mod common;
-
 use std::{
+    ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
-    sync::Mutex,
+    sync::OnceLock,
 };
 
 use alloctrace::{
@@ -19,7 +18,8 @@ use alloctrace::{
     },
 };
 use blazesym::symbolize::{Input, Symbolized, Symbolizer, source::Elf, source::Source};
-use common::{TestProcess, fixture_variant};
+
+use crate::common::{self, TestProcess, build_dir, fixture_source, fixture_variant};
 
 const CHAIN: [&str; 4] = ["inner_fn", "middle_fn", "outer_fn", "main"];
 const LIB_CHAIN: [&str; 5] = [
@@ -48,33 +48,17 @@ fn exe_fp() -> PathBuf {
 
 /// The shared library, `-O2` without frame pointers.
 fn lib_no_fp() -> PathBuf {
-    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = &*built {
-        return p.clone();
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unwind_fixture_lib.c");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-    std::fs::create_dir_all(&dir).expect("create the fixture directory");
-    let out = dir.join("libunwind_fixture.so");
-    let tmp = dir.join(format!("libunwind_fixture.so.{}.tmp", std::process::id()));
-    let result = Command::new("cc")
-        .args(NO_FP)
-        .args(["-g", "-Wall", "-shared", "-fPIC"])
-        .arg(&src)
-        .arg("-o")
-        .arg(&tmp)
-        .output()
-        .expect("cannot run cc");
-    assert!(
-        result.status.success(),
-        "cc failed to build {}:\n{}",
-        src.display(),
-        String::from_utf8_lossy(&result.stderr)
-    );
-    std::fs::rename(&tmp, &out).expect("move the library into place");
-    *built = Some(out.clone());
-    out
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = build_dir("fixtures").join("libunwind_fixture.so");
+            let mut args: Vec<OsString> = NO_FP.iter().map(Into::into).collect();
+            args.extend(["-g", "-Wall", "-shared", "-fPIC"].map(Into::into));
+            args.push(fixture_source("unwind_fixture_lib.c").into());
+            common::compile(&out, &args);
+            out
+        })
+        .clone()
 }
 
 /// What the fixture wrote at its capture point.

@@ -4,8 +4,6 @@
 //! checked against `offsetof` in each installed set of internal headers. Interpreters that are
 //! not installed are skipped with a notice. Needs ptrace access to its own children only.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -17,15 +15,10 @@ use alloctrace::python::{
     self, ABSENT, GLIBC_PTHREAD_TID, Location, ProcMem, PyFrame, PyVersion, PythonOffsets,
     PythonProcess,
 };
-use common::TestProcess;
+
+use crate::common::{self, TestProcess, fixture_source};
 
 const SYSTEM_PYTHON: &str = "/usr/bin/python3";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// pyenv's CPython 3.`minor` (any micro), or `None` with a notice.
 fn pyenv(minor: u32) -> Option<PathBuf> {
@@ -96,7 +89,7 @@ fn line_text(file: &str, line: u32) -> String {
 }
 
 fn check_fixture_frames(python: &Path) {
-    let script = fixture("py_frames_fixture.py");
+    let script = fixture_source("py_frames_fixture.py");
     let marks = markers(&script);
     let mut cmd = Command::new(python);
     cmd.arg(&script);
@@ -359,7 +352,7 @@ fn opt(v: &serde_json::Value) -> Option<i32> {
 fn line_tables_match_the_interpreters() {
     for py in interpreters() {
         let out = Command::new(&py)
-            .arg(fixture("py_linetable_dump.py"))
+            .arg(fixture_source("py_linetable_dump.py"))
             .output()
             .unwrap();
         assert!(
@@ -523,7 +516,9 @@ fn offsets_match_installed_headers() {
     for (n, incs) in dirs.iter().enumerate() {
         let exe = tmp.path().join(format!("probe{n}"));
         let mut cc = Command::new("cc");
-        cc.arg(fixture("py_offsets_probe.c")).arg("-o").arg(&exe);
+        cc.arg(fixture_source("py_offsets_probe.c"))
+            .arg("-o")
+            .arg(&exe);
         for i in incs {
             cc.arg("-I").arg(i);
         }

@@ -6,11 +6,9 @@
 //! are then recorded too, so class totals are not exact there; the fixture's rows are. The
 //! attach tests (`-p PID`) see only the scenario, so their class totals are exact.
 
-mod common;
-
 use std::path::Path;
 
-use common::{Cell, Report, Session, Totals, all_freed, all_live, fixture, page, privileged};
+use crate::common::{self, Cell, Report, Session, Totals, all_freed, all_live, fixture, page};
 
 /// Runs `alloctrace record ARGS... -- map_fixture SCENARIO run` to completion; its report,
 /// checked complete and well formed.
@@ -37,9 +35,7 @@ fn assert_no_rows(r: &Report, function: &str) {
 
 #[test]
 fn raw_syscall_and_libc_mmaps_are_exact_at_their_callers() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "raw", &[]);
@@ -61,9 +57,7 @@ fn raw_syscall_and_libc_mmaps_are_exact_at_their_callers() {
 
 #[test]
 fn partial_munmap_removes_exactly_the_unmapped_pages() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "partial", &[]);
@@ -107,9 +101,7 @@ fn partial_munmap_removes_exactly_the_unmapped_pages() {
 
 #[test]
 fn map_fixed_takes_the_overlap_from_the_old_mapping() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "fixed", &[]);
@@ -131,9 +123,7 @@ fn map_fixed_takes_the_overlap_from_the_old_mapping() {
 
 #[test]
 fn mremap_moves_the_whole_new_range_to_the_remap_caller() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "remap", &[]);
@@ -156,9 +146,7 @@ fn mremap_moves_the_whole_new_range_to_the_remap_caller() {
 
 #[test]
 fn mprotect_opens_pages_of_a_reservation_in_its_own_row() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "protect", &[]);
@@ -175,9 +163,7 @@ fn mprotect_opens_pages_of_a_reservation_in_its_own_row() {
 
 #[test]
 fn shared_anonymous_mapping_is_mmap_shared() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "shared", &[]);
@@ -194,9 +180,7 @@ fn shared_anonymous_mapping_is_mmap_shared() {
 
 #[test]
 fn file_mapping_is_mmap_file() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "file", &[]);
@@ -213,9 +197,7 @@ fn file_mapping_is_mmap_file() {
 
 #[test]
 fn brk_growth_is_heap_at_the_brk_caller_without_heap_tracing() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "brk", &[]);
@@ -235,9 +217,7 @@ fn brk_growth_is_heap_at_the_brk_caller_without_heap_tracing() {
 
 #[test]
 fn thread_stacks_by_pid_are_their_accessible_pages() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let s = Session::run_map_scenario("threads", &[]);
     let pid = s.target.pid();
     let r = s.stop(libc::SIGINT);
@@ -283,9 +263,7 @@ fn thread_stacks_by_pid_are_their_accessible_pages() {
 
 #[test]
 fn mappings_made_before_attach_are_unknown() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let s = Session::run_map_scenario("preattach", &[]);
     let pid = s.target.pid();
     let r = s.stop(libc::SIGINT);
@@ -323,9 +301,7 @@ fn mappings_made_before_attach_are_unknown() {
 
 #[test]
 fn raw_mappings_show_under_a_flat_heap_with_heap_tracing() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "leak_under_flat_heap", &["--heap"]);
     // The "phantom leak": 20 x 64 KiB through syscall(SYS_mmap), written to and never unmapped,
@@ -349,9 +325,7 @@ fn raw_mappings_show_under_a_flat_heap_with_heap_tracing() {
 
 #[test]
 fn terabyte_prot_none_reservation_is_not_live() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     let r = record_map_command(dir.path(), "huge", &[]);
@@ -376,9 +350,7 @@ fn terabyte_prot_none_reservation_is_not_live() {
 
 #[test]
 fn twenty_thousand_mappings_made_and_unmapped_leave_nothing_live() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let dir = tempfile::tempdir().unwrap();
     // `run` fails the test if the recording takes longer than TIMEOUT (30 s).

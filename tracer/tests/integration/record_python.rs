@@ -2,11 +2,9 @@
 //! `python-arena`, apart from other anonymous mappings. Fixture: tests/fixtures/py_arena_fixture.py
 //! run by the machine's python3. Privileged: needs root and eBPF.
 
-mod common;
+use std::{path::Path, process::Command};
 
-use std::process::Command;
-
-use common::{TestProcess, privileged, report_value, start_recorder_args};
+use crate::common::{Session, TestProcess, fixture_source, report_value};
 
 /// The real interpreter behind `python3` (not a shim script), so that the traced process is
 /// CPython itself.
@@ -20,25 +18,16 @@ fn python() -> String {
 
 #[test]
 fn cpython_arenas_are_their_own_class() {
-    if !privileged() {
-        return;
-    }
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/py_arena_fixture.py"
-    );
+    require_privileges!();
+    let script = fixture_source("py_arena_fixture.py");
     let mut cmd = Command::new(python());
     cmd.arg(script);
     let mut target = TestProcess::spawn("python3 py_arena_fixture.py", cmd);
     target.expect_stdout("ready");
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("py.trace");
-    let mut recorder = start_recorder_args(target.pid(), &trace, &[]);
-    target.send_line("go");
-    target.expect_stdout("done");
-    common::stop_recording(&mut recorder, &mut target);
+    let mut s = Session::attach_and_run(target, "py", &[]);
+    s.end(libc::SIGINT);
 
-    let r = report_value(&trace);
+    let r = report_value(&s.trace);
     let arena = &r["totals"]["python-arena"];
     let live = arena["live_bytes"].as_u64().unwrap();
     // 1,000,000 objects of 16 bytes need 16 MB of arena; arenas that existed before attach
@@ -63,12 +52,12 @@ fn cpython_arenas_are_their_own_class() {
 }
 
 /// The line of `# at:NAME` in a fixture script.
-fn marked_line(script: &str, name: &str) -> usize {
+fn marked_line(script: &Path, name: &str) -> usize {
     let text = std::fs::read_to_string(script).unwrap();
     1 + text
         .lines()
         .position(|l| l.ends_with(&format!("# at:{name}")))
-        .unwrap_or_else(|| panic!("no `# at:{name}` in {script}"))
+        .unwrap_or_else(|| panic!("no `# at:{name}` in {}", script.display()))
 }
 
 /// Interpreters to run the Python-frames test with: the machine's `python3`, and the other
@@ -94,37 +83,33 @@ fn interpreters() -> Vec<String> {
 
 #[test]
 fn leaks_appear_under_the_python_functions_that_made_them() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     for interpreter in interpreters() {
         python_leaks_under_their_functions(&interpreter);
     }
 }
 
 fn python_leaks_under_their_functions(interpreter: &str) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/py_leak_fixture.py"
-    );
+    let script = &fixture_source("py_leak_fixture.py");
     let mut cmd = Command::new(interpreter);
     cmd.arg(script);
     let mut target = TestProcess::spawn(&format!("{interpreter} py_leak_fixture.py"), cmd);
     target.expect_stdout("ready");
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("py.trace");
-    let mut recorder = start_recorder_args(target.pid(), &trace, &["--heap"]);
-    target.send_line("go");
-    target.expect_stdout("done");
-    common::stop_recording(&mut recorder, &mut target);
-    let r = report_value(&trace);
+    let mut s = Session::attach_and_run(target, "py", &["--heap"]);
+    s.end(libc::SIGINT);
+    let r = report_value(&s.trace);
     assert!(
-        recorder.stderr_text().contains("Python frames: CPython 3."),
+        s.recorder
+            .stderr_text()
+            .contains("Python frames: CPython 3."),
         "{}",
-        recorder.stderr_text()
+        s.recorder.stderr_text()
     );
 
-    let frame = |name: &str| format!("{name} ({script}:{})", marked_line(script, name));
+    let frame = |name: &str| {
+        let line = marked_line(script, name);
+        format!("{name} ({}:{line})", script.display())
+    };
     let rows_with = |class: &str, frame: &str| -> Vec<serde_json::Value> {
         r["stacks"]
             .as_array()

@@ -1,12 +1,10 @@
 //! `alloctrace record -o FILE -- CMD ARGS...`: the command is traced from its first instruction
 //! and the recording ends when it exits. Privileged: needs root, eBPF and uprobes.
 
-mod common;
-
 use std::path::Path;
 
-use common::{
-    Report, Totals, all_live, alloctrace_cmd, fixture, leaks_totals, privileged, report_json, run,
+use crate::common::{
+    self, Report, Totals, all_live, alloctrace_cmd, fixture, leaks_totals, report_json, run,
 };
 
 /// Runs `alloctrace record -o DIR/cmd.trace -- ARGV...` to completion and returns its report.
@@ -14,25 +12,13 @@ fn record_command(dir: &Path, argv: &[&str]) -> Report {
     let trace = dir.join("cmd.trace");
     let mut cmd = alloctrace_cmd(&["record", "--heap", "-o"]);
     cmd.arg(&trace).arg("--").args(argv);
-    let out = run("alloctrace record -- CMD", cmd);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "record -- {argv:?} failed ({}):\n{stderr}",
-        out.status
-    );
-    assert!(
-        stderr.lines().any(|l| l.starts_with("attached")),
-        "no `attached` line:\n{stderr}"
-    );
+    common::run_recording(&format!("record -- {argv:?}"), cmd);
     report_json(&trace)
 }
 
 #[test]
 fn command_leaks_are_exact() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let dir = tempfile::tempdir().unwrap();
     let exe = fixture("heap_fixture");
     let r = record_command(dir.path(), &[exe.to_str().unwrap(), "leaks", "run"]);
@@ -54,9 +40,7 @@ fn command_leaks_are_exact() {
 
 #[test]
 fn command_is_traced_before_main() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let dir = tempfile::tempdir().unwrap();
     let exe = fixture("ctor_fixture");
     let r = record_command(dir.path(), &[exe.to_str().unwrap()]);
@@ -78,9 +62,7 @@ fn command_is_traced_before_main() {
 
 #[test]
 fn command_with_threads_counts_every_thread() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let dir = tempfile::tempdir().unwrap();
     let exe = fixture("heap_fixture");
     let r = record_command(dir.path(), &[exe.to_str().unwrap(), "threads", "run"]);
@@ -94,9 +76,7 @@ fn command_with_threads_counts_every_thread() {
 
 #[test]
 fn command_failures_leave_nothing_live() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let dir = tempfile::tempdir().unwrap();
     let exe = fixture("heap_fixture");
     let r = record_command(dir.path(), &[exe.to_str().unwrap(), "failures", "run"]);
@@ -110,9 +90,7 @@ fn command_failures_leave_nothing_live() {
 
 #[test]
 fn statically_linked_command_is_traced_in_its_own_allocator() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     // No libc.so is mapped: malloc and friends live in the executable's symbol table.
     let exe = common::fixture_variant("heap_fixture", "static", &["-static"]);
     let dir = tempfile::tempdir().unwrap();
@@ -133,9 +111,7 @@ fn statically_linked_command_is_traced_in_its_own_allocator() {
 
 #[test]
 fn stripped_static_command_without_malloc_symbols_fails_cleanly() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let exe = common::fixture_variant("heap_fixture", "static-stripped", &["-static", "-s"]);
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("x.trace");
@@ -148,9 +124,7 @@ fn stripped_static_command_without_malloc_symbols_fails_cleanly() {
 
 #[test]
 fn a_target_that_execs_mid_recording_is_traced_in_its_new_image() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     // sh is attached to, then replaces itself with the fixture: what sh had live went with its
     // image, and the fixture's leaks count exactly, through the same probes, under the same PID.
     let exe = fixture("heap_fixture");
@@ -182,9 +156,7 @@ fn a_target_that_execs_mid_recording_is_traced_in_its_new_image() {
 
 #[test]
 fn tracefs_is_mounted_when_the_machine_has_not_mounted_it() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     // In a private mount namespace (the machine's own mounts stay as they are), unmount tracefs
     // and record: alloctrace mounts it for its tracepoints.
     let dir = tempfile::tempdir().unwrap();

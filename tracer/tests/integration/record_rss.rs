@@ -3,13 +3,10 @@
 //! as class `mmap` at the mapping function, and the resident anonymous memory must grow by the
 //! same bytes, within one page per mapping. Privileged: needs root and eBPF.
 
-mod common;
-
 use std::{process::Command, time::Duration};
 
-use common::{
-    TestProcess, fixture, json_class_rows, json_rows_through, json_sum, privileged, report_value,
-    start_recorder_args,
+use crate::common::{
+    Session, TestProcess, fixture, json_class_rows, json_rows_through, json_sum, report_value,
 };
 
 const MAPPINGS: u64 = 20;
@@ -23,23 +20,17 @@ fn record_fixture(args: &[&str]) -> serde_json::Value {
     cmd.args(args);
     let mut target = TestProcess::spawn("rss_fixture", cmd);
     target.expect_stdout("ready");
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("rss.trace");
     // Without --heap: mappings alone, the production mode.
-    let mut recorder = start_recorder_args(target.pid(), &trace, &[]);
-    target.send_line("go");
-    target.expect_stdout("done");
+    let mut s = Session::attach_and_run(target, "rss", &[]);
     // Let a once-a-second resident sample see the touched pages.
     std::thread::sleep(Duration::from_millis(2200));
-    common::stop_recording(&mut recorder, &mut target);
-    report_value(&trace)
+    s.end(libc::SIGINT);
+    report_value(&s.trace)
 }
 
 #[test]
 fn raw_syscall_mappings_explain_the_rss_growth() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_fixture(&[]);
     let expected = MAPPINGS * PAGES * PAGE;
     let rows = json_class_rows(&r, "mmap", "map_and_touch");
@@ -99,9 +90,7 @@ fn raw_syscall_mappings_explain_the_rss_growth() {
 
 #[test]
 fn madvise_releases_are_counted_by_stack_and_keep_the_mappings() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_fixture(&["release"]);
     let released = json_sum(&json_rows_through(&r["released"], "release_half"), "bytes");
     let half = MAPPINGS * PAGES / 2 * PAGE;

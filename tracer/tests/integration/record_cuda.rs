@@ -3,11 +3,11 @@
 //! exact bytes and counts per class and function, and the out-of-memory failure with its
 //! CUresult name. Privileged: needs root and eBPF.
 
-mod common;
-
 use std::{path::PathBuf, process::Command};
 
-use common::{TestProcess, fixture_variant, json_class_rows, privileged, report_value};
+use crate::common::{
+    self, TestProcess, build_dir, fixture_source, fixture_variant, json_class_rows, report_value,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -36,17 +36,14 @@ fn stub_dir() -> PathBuf {
 }
 
 fn build_stub(name: &str, sources: &[&str], extra: &[&str]) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("stub-cuda");
-    std::fs::create_dir_all(&dir).unwrap();
-    let lib = dir.join(name);
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
+    let lib = build_dir("stub-cuda").join(name);
     let mut args: Vec<std::ffi::OsString> = ["-O1", "-fno-omit-frame-pointer", "-shared", "-fPIC"]
         .iter()
         .map(Into::into)
         .collect();
     args.push(format!("-Wl,-soname,{name}").into());
     args.extend(extra.iter().map(Into::into));
-    args.extend(sources.iter().map(|s| format!("{fixtures}{s}").into()));
+    args.extend(sources.iter().map(|s| fixture_source(s).into()));
     args.push("-ldl".into());
     common::compile(&lib, &args);
     lib
@@ -165,9 +162,7 @@ impl Run<'_> {
 
 #[test]
 fn driver_allocations_loaded_after_attach_are_exact_per_class() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let (r, _) = trace_cuda_fixture(&stub_libcuda(), &[]);
     assert_eq!(
         rows_at(&r, "cuda", "load_weights"),
@@ -239,9 +234,7 @@ fn real_libcuda() -> PathBuf {
 
 #[test]
 fn the_real_driver_without_a_gpu_reports_failures_with_their_names() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let (r, stdout) = trace_cuda_fixture(&real_libcuda(), &["real"]);
     // The fixture prints the CUresults it got: "rc ALLOC PINNED".
     let rc: Vec<i32> = stdout
@@ -298,9 +291,7 @@ fn the_real_driver_without_a_gpu_reports_failures_with_their_names() {
 
 #[test]
 fn vmm_handles_count_while_referenced_or_mapped() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let (r, _) = trace_cuda_fixture(&stub_libcuda(), &["vmm"]);
     let cell = |function: &str| -> (u64, u64, u64) {
         r["stacks"]
@@ -349,9 +340,7 @@ fn vmm_handles_count_while_referenced_or_mapped() {
 
 #[test]
 fn allocations_during_graph_capture_are_cuda_graph_in_phase_graph_capture() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let (r, _) = trace_cuda_fixture(&stub_libcuda(), &["graph"]);
     let row = |function: &str| -> (String, String, u64, u64) {
         let s = r["stacks"]
@@ -381,9 +370,7 @@ fn allocations_during_graph_capture_are_cuda_graph_in_phase_graph_capture() {
 
 #[test]
 fn gpu_memory_nobody_traced_is_the_driver_figure_minus_the_device_classes() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     // The NVML stand-in: the driver says 2 GiB for the process from the start.
     let dir = tempfile::tempdir().unwrap();
     let samples = dir.path().join("gpu.samples");
@@ -421,9 +408,7 @@ fn gpu_memory_nobody_traced_is_the_driver_figure_minus_the_device_classes() {
 
 #[test]
 fn the_real_runtime_without_a_gpu_reports_its_failure_by_name() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let cudart = real_libcuda().with_file_name("libcudart.so.12");
     assert!(
         cudart.exists(),
@@ -486,9 +471,7 @@ fn calls_of(r: &serde_json::Value, function: &str) -> (u64, u64) {
 
 #[test]
 fn pitch_pools_registration_graph_nodes_and_executables_are_exact() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let (r, _) = trace_cuda_fixture(&stub_libcuda(), &["more"]);
     assert_eq!(rows_at(&r, "cuda", "pitched_rows"), (102400, 1), "{r:#}");
     assert_eq!(
@@ -556,9 +539,7 @@ fn pitch_pools_registration_graph_nodes_and_executables_are_exact() {
 
 #[test]
 fn driver_memory_is_charged_to_the_opaque_call_after_which_it_appeared() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let nvml = tempfile::tempdir().unwrap();
     let kept = nvml.path().join("hidden.trace");
     let run = Run {
@@ -635,9 +616,7 @@ fn driver_memory_is_charged_to_the_opaque_call_after_which_it_appeared() {
 
 #[test]
 fn ipc_imports_are_sized_by_their_exporter_and_never_owned() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let run = Run {
         child: true,
         ..Run::default()
@@ -673,15 +652,14 @@ fn ipc_imports_are_sized_by_their_exporter_and_never_owned() {
 /// once, by the driver, at the stack of the runtime's caller; the failure is named after both.
 #[test]
 fn runtime_calls_count_once_at_the_runtime_callers_stack_however_linked() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let dir = stub_dir();
     let run = Run {
         library_path: Some(&dir),
         ..Run::default()
     };
-    let stub_src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stub_cudart.c");
+    let stub_src = fixture_source("stub_cudart.c");
+    let stub_src = stub_src.to_str().unwrap();
     let cases: [(&str, &[&str], PathBuf); 3] = [
         ("shared", &[], dir.join("libcudart.so.12")),
         (

@@ -2,11 +2,9 @@
 //! from birth; every figure carries its PID; the recording lasts until the last one exits.
 //! Fixture: tests/fixtures/proc_fixture.c. Privileged: needs root and eBPF.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::{alloctrace_cmd, fixture, json_class_rows, json_sum, privileged, report_value, run};
+use crate::common::{alloctrace_cmd, fixture, json_class_rows, json_sum, report_value, run};
 
 /// `alloctrace record --heap -- proc_fixture MODE` to completion; the JSON report.
 fn record_proc_fixture(mode: &str) -> serde_json::Value {
@@ -35,9 +33,7 @@ fn child_leak_rows<'a>(r: &'a serde_json::Value, class: &str) -> Vec<&'a serde_j
 
 #[test]
 fn forked_and_execed_children_are_traced_with_their_pids() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_proc_fixture("run");
     let heap = child_leak_rows(&r, "heap");
     let mmap = child_leak_rows(&r, "mmap");
@@ -93,9 +89,7 @@ fn forked_and_execed_children_are_traced_with_their_pids() {
 
 #[test]
 fn a_sigkilled_child_keeps_what_it_had_at_exit_and_the_recording_completes() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let r = record_proc_fixture("killed");
     let rows = |class: &str| {
         let rows = child_leak_rows(&r, class);

@@ -2,13 +2,11 @@
 //! information (`record --stack auto|dwarf`), against fixtures built with
 //! `-O2 -fomit-frame-pointer` whose exact answers are known by construction. Privileged.
 
-mod common;
-
 use std::{path::PathBuf, process::Command};
 
-use common::{
-    LEAKS, Report, Session, TestProcess, all_live, fixture_variant, page, privileged,
-    record_fixture_command, report_json, start_recorder_args,
+use crate::common::{
+    self, LEAKS, Report, Session, TestProcess, all_live, build_dir, fixture_source,
+    fixture_variant, page, record_fixture_command,
 };
 
 /// Flags of the variants without frame pointers (the fixtures' defaults keep them).
@@ -27,9 +25,7 @@ fn assert_chain(frames: &[String], chain: &[&str], what: &str) {
 
 #[test]
 fn heap_leaks_without_frame_pointers_are_exact_up_to_main_with_dwarf_stacks() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let exe = fixture_variant("heap_fixture", "nofp", NO_FRAME_POINTERS);
     let s = Session::run_scenario_of(&exe, "leaks", "attach", &["--stack", "dwarf"]);
     let r = s.stop(libc::SIGINT);
@@ -54,9 +50,7 @@ fn heap_leaks_without_frame_pointers_are_exact_up_to_main_with_dwarf_stacks() {
 
 #[test]
 fn mappings_without_frame_pointers_are_exact_up_to_main_by_default() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let exe = fixture_variant("map_fixture", "nofp", NO_FRAME_POINTERS);
     let dir = tempfile::tempdir().unwrap();
@@ -100,22 +94,18 @@ fn nofp_caller() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nofp");
-            std::fs::create_dir_all(&dir).unwrap();
-            let src = |name: &str| -> std::ffi::OsString {
-                format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR")).into()
-            };
+            let dir = build_dir("nofp");
             let mut args: Vec<std::ffi::OsString> =
                 ["-shared", "-fPIC", "-g"].iter().map(Into::into).collect();
             args.extend(NO_FRAME_POINTERS.iter().map(Into::into));
-            args.push(src("nofp_lib.c"));
+            args.push(fixture_source("nofp_lib.c").into());
             common::compile(&dir.join("libnofp.so"), &args);
             let exe = dir.join("nofp_caller");
             let mut args: Vec<std::ffi::OsString> = ["-O0", "-g", "-fno-omit-frame-pointer"]
                 .iter()
                 .map(Into::into)
                 .collect();
-            args.push(src("nofp_caller.c"));
+            args.push(fixture_source("nofp_caller.c").into());
             args.push(format!("-L{}", dir.display()).into());
             args.push("-lnofp".into());
             args.push(format!("-Wl,-rpath,{}", dir.display()).into());
@@ -127,24 +117,16 @@ fn nofp_caller() -> PathBuf {
 
 /// Records nofp_caller with `record --heap ARGS`; its report.
 fn record_nofp_caller(args: &[&str]) -> Report {
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("nofp.trace");
     let mut target = TestProcess::spawn("nofp_caller", Command::new(nofp_caller()));
     target.expect_stdout("ready");
     let mut all = vec!["--heap"];
     all.extend(args);
-    let mut recorder = start_recorder_args(target.pid(), &trace, &all);
-    target.send_line("go");
-    target.expect_stdout("done");
-    common::stop_recording(&mut recorder, &mut target);
-    report_json(&trace)
+    Session::attach_and_run(target, "nofp", &all).stop(libc::SIGINT)
 }
 
 #[test]
 fn a_library_without_frame_pointers_does_not_hide_its_callers() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     // Default (auto): the mappings get unwound stack copies; heap events frame pointers.
     let r = record_nofp_caller(&[]);
@@ -185,9 +167,7 @@ fn a_library_without_frame_pointers_does_not_hide_its_callers() {
 
 #[test]
 fn a_short_stack_copy_is_marked_truncated_never_cut_silently() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     // 1 KiB holds the library's frames but not deep_caller's 8 KiB frame: that stack is
     // marked truncated; the shallow ones reach main.
     let p = page();
@@ -225,9 +205,7 @@ fn a_short_stack_copy_is_marked_truncated_never_cut_silently() {
 /// only fail at load, on the user's machine).
 #[test]
 fn every_stack_configuration_passes_the_verifier() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let exe = common::fixture("heap_fixture");
     for flags in [
         &["--stack", "fp", "--fault-sample", "1"][..],
@@ -271,31 +249,19 @@ fn every_stack_configuration_passes_the_verifier() {
 
 #[test]
 fn cpp_names_are_demangled() {
-    if !privileged() {
-        return;
-    }
+    require_privileges!();
     let p = page();
     let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cpp_fixture");
     let args: Vec<std::ffi::OsString> = vec![
         "-O1".into(),
         "-g".into(),
         "-fno-exceptions".into(),
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/cpp_fixture.cpp"
-        )
-        .into(),
+        fixture_source("cpp_fixture.cpp").into(),
     ];
     common::compile(&exe, &args);
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("cpp.trace");
     let mut target = TestProcess::spawn("cpp_fixture", Command::new(&exe));
     target.expect_stdout("ready");
-    let mut recorder = start_recorder_args(target.pid(), &trace, &[]);
-    target.send_line("go");
-    target.expect_stdout("done");
-    common::stop_recording(&mut recorder, &mut target);
-    let r = report_json(&trace);
+    let r = Session::attach_and_run(target, "cpp", &[]).stop(libc::SIGINT);
     for (function, pages) in [
         ("engine::KvCache::grow(unsigned long)", 2),
         ("void* engine::reserve<int>(int)", 3),
