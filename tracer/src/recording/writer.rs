@@ -159,27 +159,7 @@ impl Writer {
             .map_err(write_err)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(write_err)?;
-        let pids = serde_json::to_string(&target.pids).expect("a list of numbers serializes");
-        {
-            let mut put = tx
-                .prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")
-                .map_err(write_err)?;
-            put.execute(params![meta::SCHEMA_VERSION, SCHEMA_VERSION])
-                .map_err(write_err)?;
-            put.execute(params![meta::TOOL_VERSION, env!("CARGO_PKG_VERSION")])
-                .map_err(write_err)?;
-            put.execute(params![meta::TARGET_PIDS, pids])
-                .map_err(write_err)?;
-            put.execute(params![meta::TARGET_COMMAND, target.command])
-                .map_err(write_err)?;
-            put.execute(params![meta::STARTED_UNIX_NS, to_sql(started_unix_ns)])
-                .map_err(write_err)?;
-            put.execute(params![meta::DURATION_S, 0.0])
-                .map_err(write_err)?;
-            put.execute(params![meta::COMPLETE, 0]).map_err(write_err)?;
-            put.execute(params![meta::UNMATCHED_FREES, 0])
-                .map_err(write_err)?;
-        }
+        insert_initial_meta(&tx, target, started_unix_ns).map_err(write_err)?;
         tx.commit().map_err(write_err)?;
         // The schema and metadata are in the database file itself (written in rollback-journal
         // mode), so that a copy of the main file alone is still a recognisable recording. From
@@ -693,6 +673,25 @@ impl Tick<'_> {
         self.lost_events.clone_from(&state.lost_events);
         Ok(())
     }
+}
+
+/// The metadata of a new recording: not complete, nothing counted yet.
+fn insert_initial_meta(
+    tx: &Transaction<'_>,
+    target: &TargetInfo,
+    started_unix_ns: u64,
+) -> rusqlite::Result<()> {
+    let pids = serde_json::to_string(&target.pids).expect("a list of numbers serializes");
+    let mut put = tx.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
+    put.execute(params![meta::SCHEMA_VERSION, SCHEMA_VERSION])?;
+    put.execute(params![meta::TOOL_VERSION, env!("CARGO_PKG_VERSION")])?;
+    put.execute(params![meta::TARGET_PIDS, pids])?;
+    put.execute(params![meta::TARGET_COMMAND, target.command])?;
+    put.execute(params![meta::STARTED_UNIX_NS, to_sql(started_unix_ns)])?;
+    put.execute(params![meta::DURATION_S, 0.0])?;
+    put.execute(params![meta::COMPLETE, 0])?;
+    put.execute(params![meta::UNMATCHED_FREES, 0])?;
+    Ok(())
 }
 
 fn execute_insert(
