@@ -12,6 +12,7 @@ use crate::{
     views::{human_bytes, human_delta, one_line, target_pids},
 };
 
+/// How many live stacks the text report lists.
 const TEXT_TOP_STACKS: usize = 20;
 /// How many growing stacks the text report lists.
 const TEXT_TOP_GROWING: usize = 10;
