@@ -189,17 +189,21 @@ pub struct LedgerState {
     pub unmatched_frees: u64,
     /// Sampled page faults that brought pages in, by (pid, stack): the number of faults they
     /// stand for (samples × the sampling period). Each is a page of RSS growth.
-    pub faults: BTreeMap<(u32, Option<StackIndex>), u64>,
+    pub faults: AmountsByStack,
     /// Bytes released with madvise (MADV_DONTNEED, MADV_FREE, MADV_REMOVE) by (pid, stack):
     /// pages given back to the kernel while the mapping stays (RSS shrinks, live mapped bytes do
     /// not).
-    pub released: BTreeMap<(u32, Option<StackIndex>), u64>,
+    pub released: AmountsByStack,
     /// Non-allocating CUDA driver calls (graphs, pools, IPC, registration, contexts, modules) by
     /// (pid, function, stack).
     pub cuda_calls: CudaCalls,
     /// Lost events and stacks by cause (`tracer_common::drop_cause::NAMES`, plus user-space causes).
     pub lost_events: BTreeMap<String, u64>,
 }
+
+/// An amount (page faults, bytes) by (pid, stack): `LedgerState::faults` and
+/// `LedgerState::released`, which the recording writes, reads and merges alike.
+pub type AmountsByStack = BTreeMap<(u32, Option<StackIndex>), u64>;
 
 /// How the recording's stacks were taken (`record --stack`), and how that went.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,7 +266,6 @@ pub struct GpuSample {
 }
 
 impl Class {
-    /// Classes of device memory (what NVML's per-process figure covers).
     /// Device memory the process obtained itself through traced calls: what NVML's per-process
     /// figure is reconciled against.
     pub fn is_device(self) -> bool {

@@ -7,17 +7,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use rusqlite::{Connection, OpenFlags, types::Value};
+use rusqlite::{Connection, OpenFlags, Row, types::Value};
 
 use super::{
     Recorded, RecordingError, TotalsPoint,
-    schema::{APPLICATION_ID, SCHEMA_VERSION, from_sql, meta},
+    schema::{APPLICATION_ID, AmountsTable, FAULTS, RELEASED, SCHEMA_VERSION, from_sql, meta},
     sidecar,
 };
 use crate::{
     model::{
-        CellKey, Class, ClassTotals, CudaCalls, FailureKey, GpuSample, LedgerState, RssSample,
-        SeriesPoint, Stack, StackCounters, StackIndex, TargetInfo,
+        AmountsByStack, CellKey, Class, ClassTotals, CudaCalls, FailureKey, GpuSample, LedgerState,
+        RssSample, SeriesPoint, Stack, StackCounters, StackIndex, TargetInfo,
     },
     output::io_reason,
 };
@@ -232,6 +232,51 @@ impl From<RecordingError> for ReadFailure {
     }
 }
 
+/// The `meta` table's values, read by type; a value of the wrong type is corruption.
+struct Meta<'r> {
+    values: HashMap<String, Value>,
+    reading: &'r Reading<'r>,
+}
+
+impl Meta<'_> {
+    fn wrong_type(&self, key: &str, value: &Value) -> RecordingError {
+        self.reading.corrupt(format!("meta `{key}` is {value:?}"))
+    }
+
+    fn int(&self, key: &str) -> Result<Option<u64>, RecordingError> {
+        match self.values.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Integer(i)) => Ok(Some(from_sql(*i))),
+            Some(other) => Err(self.wrong_type(key, other)),
+        }
+    }
+
+    fn text(&self, key: &str) -> Result<String, RecordingError> {
+        match self.values.get(key) {
+            Some(Value::Text(s)) => Ok(s.clone()),
+            None => Err(self.reading.corrupt(format!("meta `{key}` is missing"))),
+            Some(other) => Err(self.wrong_type(key, other)),
+        }
+    }
+
+    /// A text value that older recordings lack (anything else reads as absent).
+    fn optional_text(&self, key: &str) -> Option<&str> {
+        match self.values.get(key) {
+            Some(Value::Text(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Seconds, 0 when absent or not a number.
+    fn seconds(&self, key: &str) -> f64 {
+        match self.values.get(key) {
+            Some(Value::Real(r)) => *r,
+            Some(Value::Integer(i)) => *i as f64,
+            _ => 0.0,
+        }
+    }
+}
+
 struct Reading<'a> {
     conn: &'a Connection,
     path: PathBuf,
@@ -290,7 +335,7 @@ impl Reading<'_> {
     fn read_all(&self, schema: u32, series_read: SeriesRead) -> Result<Recorded, ReadFailure> {
         // One read transaction: a recording being written meanwhile is read at one commit.
         self.conn.execute_batch("BEGIN")?;
-        let meta = self.read_meta()?;
+        let meta_values = self.read_meta()?;
         let stacks = self.read_stacks()?;
         let (cells, keys_by_id) = self.read_cells()?;
         let totals = self.read_totals()?;
@@ -300,43 +345,28 @@ impl Reading<'_> {
         let totals_series = self.read_totals_series()?;
         let rss = self.read_rss_samples()?;
         let gpu = self.read_gpu_samples()?;
-        let faults = self.read_faults()?;
-        let released = self.read_released()?;
+        let faults = self.read_amounts(&FAULTS)?;
+        let released = self.read_amounts(&RELEASED)?;
         let cuda_calls = self.read_cuda_calls()?;
         self.conn.execute_batch("COMMIT")?;
 
-        let int = |key: &str| -> Result<Option<u64>, RecordingError> {
-            match meta.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Integer(i)) => Ok(Some(from_sql(*i))),
-                Some(other) => Err(self.corrupt(format!("meta `{key}` is {other:?}"))),
-            }
+        let metadata = Meta {
+            values: meta_values,
+            reading: self,
         };
-        let text = |key: &str| -> Result<String, RecordingError> {
-            match meta.get(key) {
-                Some(Value::Text(s)) => Ok(s.clone()),
-                None => Err(self.corrupt(format!("meta `{key}` is missing"))),
-                Some(other) => Err(self.corrupt(format!("meta `{key}` is {other:?}"))),
-            }
-        };
-        let duration_s = match meta.get(meta::DURATION_S) {
-            Some(Value::Real(r)) => *r,
-            Some(Value::Integer(i)) => *i as f64,
-            _ => 0.0,
-        };
-        let pids: Vec<u32> = serde_json::from_str(&text(meta::TARGET_PIDS)?)
+        let pids: Vec<u32> = serde_json::from_str(&metadata.text(meta::TARGET_PIDS)?)
             .map_err(|e| self.corrupt(format!("meta `{}`: {e}", meta::TARGET_PIDS)))?;
         let mut recorded = Recorded {
             schema,
-            tool_version: text(meta::TOOL_VERSION)?,
+            tool_version: metadata.text(meta::TOOL_VERSION)?,
             target: TargetInfo {
                 pids,
-                command: text(meta::TARGET_COMMAND)?,
+                command: metadata.text(meta::TARGET_COMMAND)?,
             },
-            started_unix_ns: int(meta::STARTED_UNIX_NS)?.unwrap_or(0),
-            ended_unix_ns: int(meta::ENDED_UNIX_NS)?,
-            duration_s,
-            complete: int(meta::COMPLETE)? == Some(1),
+            started_unix_ns: metadata.int(meta::STARTED_UNIX_NS)?.unwrap_or(0),
+            ended_unix_ns: metadata.int(meta::ENDED_UNIX_NS)?,
+            duration_s: metadata.seconds(meta::DURATION_S),
+            complete: metadata.int(meta::COMPLETE)? == Some(1),
             state: LedgerState {
                 faults,
                 released,
@@ -344,7 +374,7 @@ impl Reading<'_> {
                 totals,
                 cells,
                 failures,
-                unmatched_frees: int(meta::UNMATCHED_FREES)?.unwrap_or(0),
+                unmatched_frees: metadata.int(meta::UNMATCHED_FREES)?.unwrap_or(0),
                 lost_events,
             },
             stacks,
@@ -352,14 +382,10 @@ impl Reading<'_> {
             totals_series,
             rss,
             gpu,
-            gpu_source: match meta.get(meta::GPU_SOURCE) {
-                Some(Value::Text(s)) => Some(s.clone()),
-                _ => None,
-            },
-            stack_capture: match meta.get(meta::STACK_CAPTURE) {
-                Some(Value::Text(s)) => serde_json::from_str(s).ok(),
-                _ => None,
-            },
+            gpu_source: metadata.optional_text(meta::GPU_SOURCE).map(str::to_string),
+            stack_capture: metadata
+                .optional_text(meta::STACK_CAPTURE)
+                .and_then(|json| serde_json::from_str(json).ok()),
         };
         recorded.merge_identical_stacks();
         Ok(recorded)
@@ -383,33 +409,54 @@ impl Reading<'_> {
             .transpose()
     }
 
-    fn read_stacks(&self) -> Result<BTreeMap<StackIndex, Stack>, ReadFailure> {
-        let mut stmt = self.conn.prepare("SELECT id, frames FROM stacks")?;
+    /// Runs `sql` and hands each row to `each`.
+    fn for_each_row(
+        &self,
+        sql: &str,
+        mut each: impl FnMut(&Row<'_>) -> Result<(), ReadFailure>,
+    ) -> Result<(), ReadFailure> {
+        let mut stmt = self.conn.prepare(sql)?;
         let mut rows = stmt.query([])?;
-        let mut stacks = BTreeMap::new();
         while let Some(row) = rows.next()? {
+            each(row)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `sql` and collects `item` of each row.
+    fn collect_rows<T, C: FromIterator<T>>(
+        &self,
+        sql: &str,
+        mut item: impl FnMut(&Row<'_>) -> Result<T, ReadFailure>,
+    ) -> Result<C, ReadFailure> {
+        let mut items = Vec::new();
+        self.for_each_row(sql, |row| {
+            items.push(item(row)?);
+            Ok(())
+        })?;
+        Ok(items.into_iter().collect())
+    }
+
+    fn read_stacks(&self) -> Result<BTreeMap<StackIndex, Stack>, ReadFailure> {
+        self.collect_rows("SELECT id, frames FROM stacks", |row| {
             let id: i64 = row.get(0)?;
             let frames: String = row.get(1)?;
             let index = self.stack_index(Some(id))?.expect("an id was given");
             let frames: Vec<String> = serde_json::from_str(&frames)
                 .map_err(|e| self.corrupt(format!("frames of stack {id}: {e}")))?;
-            stacks.insert(index, Stack { index, frames });
-        }
-        Ok(stacks)
+            Ok((index, Stack { index, frames }))
+        })
     }
 
     #[allow(clippy::type_complexity)]
     fn read_cells(
         &self,
     ) -> Result<(BTreeMap<CellKey, StackCounters>, HashMap<i64, CellKey>), ReadFailure> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, class, phase, stack_id, live_bytes, live_count, allocated_bytes,
-                    allocated_count, freed_bytes, freed_count, pid
-             FROM cells",
-        )?;
-        let mut rows = stmt.query([])?;
         let (mut cells, mut keys_by_id) = (BTreeMap::new(), HashMap::new());
-        while let Some(row) = rows.next()? {
+        let sql = "SELECT id, class, phase, stack_id, live_bytes, live_count, allocated_bytes,
+                          allocated_count, freed_bytes, freed_count, pid
+                   FROM cells";
+        self.for_each_row(sql, |row| {
             let id: i64 = row.get(0)?;
             let class: String = row.get(1)?;
             let key = CellKey {
@@ -432,42 +479,32 @@ impl Reading<'_> {
                 cells.insert(key.clone(), counters);
             }
             keys_by_id.insert(id, key);
-        }
+            Ok(())
+        })?;
         Ok((cells, keys_by_id))
     }
 
     fn read_totals(&self) -> Result<BTreeMap<Class, ClassTotals>, ReadFailure> {
-        let mut stmt = self.conn.prepare(
-            "SELECT class, live_bytes, live_count, peak_bytes, allocated_bytes, allocated_count,
-                    freed_count
-             FROM totals",
-        )?;
-        let mut rows = stmt.query([])?;
-        let mut totals = BTreeMap::new();
-        while let Some(row) = rows.next()? {
+        let sql = "SELECT class, live_bytes, live_count, peak_bytes, allocated_bytes,
+                          allocated_count, freed_count
+                   FROM totals";
+        self.collect_rows(sql, |row| {
             let class: String = row.get(0)?;
-            totals.insert(
-                self.class(&class)?,
-                ClassTotals {
-                    live_bytes: from_sql(row.get(1)?),
-                    live_count: from_sql(row.get(2)?),
-                    peak_bytes: from_sql(row.get(3)?),
-                    allocated_bytes: from_sql(row.get(4)?),
-                    allocated_count: from_sql(row.get(5)?),
-                    freed_count: from_sql(row.get(6)?),
-                },
-            );
-        }
-        Ok(totals)
+            let totals = ClassTotals {
+                live_bytes: from_sql(row.get(1)?),
+                live_count: from_sql(row.get(2)?),
+                peak_bytes: from_sql(row.get(3)?),
+                allocated_bytes: from_sql(row.get(4)?),
+                allocated_count: from_sql(row.get(5)?),
+                freed_count: from_sql(row.get(6)?),
+            };
+            Ok((self.class(&class)?, totals))
+        })
     }
 
     fn read_failures(&self) -> Result<BTreeMap<FailureKey, u64>, ReadFailure> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT class, function, size, error, stack_id, count, pid FROM failures")?;
-        let mut rows = stmt.query([])?;
-        let mut failures = BTreeMap::new();
-        while let Some(row) = rows.next()? {
+        let sql = "SELECT class, function, size, error, stack_id, count, pid FROM failures";
+        self.collect_rows(sql, |row| {
             let class: String = row.get(0)?;
             let key = FailureKey {
                 class: self.class(&class)?,
@@ -477,15 +514,14 @@ impl Reading<'_> {
                 error: row.get(3)?,
                 stack: self.stack_index(row.get(4)?)?,
             };
-            failures.insert(key, from_sql(row.get(5)?));
-        }
-        Ok(failures)
+            Ok((key, from_sql(row.get(5)?)))
+        })
     }
 
     fn read_lost_events(&self) -> Result<BTreeMap<String, u64>, ReadFailure> {
-        let mut stmt = self.conn.prepare("SELECT cause, count FROM lost_events")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, from_sql(r.get(1)?))))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.collect_rows("SELECT cause, count FROM lost_events", |row| {
+            Ok((row.get(0)?, from_sql(row.get(1)?)))
+        })
     }
 
     fn read_series(
@@ -507,91 +543,63 @@ impl Reading<'_> {
                  ORDER BY rowid"
             }
         };
-        let mut stmt = self.conn.prepare(sql)?;
-        let mut rows = stmt.query([])?;
-        let mut series = Vec::new();
-        while let Some(row) = rows.next()? {
+        self.collect_rows(sql, |row| {
             let cell_id: i64 = row.get(1)?;
             let key = keys
                 .get(&cell_id)
                 .ok_or_else(|| self.corrupt(format!("series point of unknown cell {cell_id}")))?;
-            series.push(SeriesPoint {
+            Ok(SeriesPoint {
                 t_s: from_sql(row.get(0)?),
                 key: key.clone(),
                 live_bytes: from_sql(row.get(2)?),
                 live_count: from_sql(row.get(3)?),
-            });
-        }
-        Ok(series)
+            })
+        })
     }
 
+    /// CUDA call counts; rows of one (pid, function, stack) add up.
     fn read_cuda_calls(&self) -> Result<CudaCalls, ReadFailure> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT pid, function, stack_id, calls, failed FROM cuda_calls")?;
-        let mut rows = stmt.query([])?;
-        let mut calls: CudaCalls = BTreeMap::new();
-        while let Some(row) = rows.next()? {
+        let mut calls = CudaCalls::new();
+        let sql = "SELECT pid, function, stack_id, calls, failed FROM cuda_calls";
+        self.for_each_row(sql, |row| {
             let stack = self.stack_index(row.get(2)?)?;
             let n = calls.entry((row.get(0)?, row.get(1)?, stack)).or_default();
             n.calls += from_sql(row.get(3)?);
             n.failed += from_sql(row.get(4)?);
-        }
+            Ok(())
+        })?;
         Ok(calls)
     }
 
-    fn read_released(&self) -> Result<BTreeMap<(u32, Option<StackIndex>), u64>, ReadFailure> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT pid, stack_id, bytes FROM released")?;
-        let mut rows = stmt.query([])?;
-        let mut released = BTreeMap::new();
-        while let Some(row) = rows.next()? {
+    /// A table of amounts by (pid, stack); rows of one (pid, stack) add up.
+    fn read_amounts(&self, table: &AmountsTable) -> Result<AmountsByStack, ReadFailure> {
+        let mut amounts = AmountsByStack::new();
+        self.for_each_row(table.select, |row| {
             let stack = self.stack_index(row.get(1)?)?;
-            *released.entry((row.get(0)?, stack)).or_default() += from_sql(row.get(2)?);
-        }
-        Ok(released)
-    }
-
-    fn read_faults(&self) -> Result<BTreeMap<(u32, Option<StackIndex>), u64>, ReadFailure> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT pid, stack_id, faults FROM faults")?;
-        let mut rows = stmt.query([])?;
-        let mut faults = BTreeMap::new();
-        while let Some(row) = rows.next()? {
-            let stack = self.stack_index(row.get(1)?)?;
-            *faults.entry((row.get(0)?, stack)).or_default() += from_sql(row.get(2)?);
-        }
-        Ok(faults)
+            *amounts.entry((row.get(0)?, stack)).or_default() += from_sql(row.get(2)?);
+            Ok(())
+        })?;
+        Ok(amounts)
     }
 
     fn read_gpu_samples(&self) -> Result<Vec<GpuSample>, ReadFailure> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT t_s, pid, used, traced FROM gpu_samples ORDER BY rowid")?;
-        let mut rows = stmt.query([])?;
-        let mut samples = Vec::new();
-        while let Some(row) = rows.next()? {
-            samples.push(GpuSample {
+        let sql = "SELECT t_s, pid, used, traced FROM gpu_samples ORDER BY rowid";
+        self.collect_rows(sql, |row| {
+            Ok(GpuSample {
                 t_s: from_sql(row.get(0)?),
                 pid: row.get(1)?,
                 used: from_sql(row.get(2)?),
                 traced: from_sql(row.get(3)?),
-            });
-        }
-        Ok(samples)
+            })
+        })
     }
 
     fn read_rss_samples(&self) -> Result<Vec<RssSample>, ReadFailure> {
-        let mut stmt = self.conn.prepare(
-            "SELECT t_s, pid, rss, anon, file, shmem, swap, arena, traced_resident, arena_resident
-             FROM rss_samples ORDER BY rowid",
-        )?;
-        let mut rows = stmt.query([])?;
-        let mut samples = Vec::new();
-        while let Some(row) = rows.next()? {
-            samples.push(RssSample {
+        let sql = "SELECT t_s, pid, rss, anon, file, shmem, swap, arena, traced_resident,
+                          arena_resident
+                   FROM rss_samples ORDER BY rowid";
+        self.collect_rows(sql, |row| {
+            Ok(RssSample {
                 t_s: from_sql(row.get(0)?),
                 pid: row.get(1)?,
                 rss: from_sql(row.get(2)?),
@@ -602,26 +610,20 @@ impl Reading<'_> {
                 arena: from_sql(row.get(7)?),
                 traced_resident: from_sql(row.get(8)?),
                 arena_resident: from_sql(row.get(9)?),
-            });
-        }
-        Ok(samples)
+            })
+        })
     }
 
     fn read_totals_series(&self) -> Result<Vec<TotalsPoint>, ReadFailure> {
-        let mut stmt = self.conn.prepare(
-            "SELECT t_s, class, live_bytes, live_count FROM totals_series ORDER BY rowid",
-        )?;
-        let mut rows = stmt.query([])?;
-        let mut series = Vec::new();
-        while let Some(row) = rows.next()? {
+        let sql = "SELECT t_s, class, live_bytes, live_count FROM totals_series ORDER BY rowid";
+        self.collect_rows(sql, |row| {
             let class: String = row.get(1)?;
-            series.push(TotalsPoint {
+            Ok(TotalsPoint {
                 t_s: from_sql(row.get(0)?),
                 class: self.class(&class)?,
                 live_bytes: from_sql(row.get(2)?),
                 live_count: from_sql(row.get(3)?),
-            });
-        }
-        Ok(series)
+            })
+        })
     }
 }

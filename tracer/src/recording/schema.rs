@@ -149,6 +149,28 @@ pub(crate) mod meta {
     pub const STACK_CAPTURE: &str = "stack_capture";
 }
 
+/// A table of an amount by (pid, stack) (`model::AmountsByStack`): its statements, so that the
+/// writer and the reader treat `faults` and `released` alike. Both are small and rewritten whole.
+pub(crate) struct AmountsTable {
+    pub delete_all: &'static str,
+    pub insert: &'static str,
+    pub select: &'static str,
+}
+
+/// Sampled page faults: `faults` is the number of faults the samples stand for.
+pub(crate) const FAULTS: AmountsTable = AmountsTable {
+    delete_all: "DELETE FROM faults",
+    insert: "INSERT INTO faults (pid, stack_id, faults) VALUES (?1, ?2, ?3)",
+    select: "SELECT pid, stack_id, faults FROM faults",
+};
+
+/// Bytes released with madvise.
+pub(crate) const RELEASED: AmountsTable = AmountsTable {
+    delete_all: "DELETE FROM released",
+    insert: "INSERT INTO released (pid, stack_id, bytes) VALUES (?1, ?2, ?3)",
+    select: "SELECT pid, stack_id, bytes FROM released",
+};
+
 /// A u64 counter as stored (bit pattern kept, see `CREATE`).
 pub(crate) fn to_sql(v: u64) -> i64 {
     v as i64

@@ -12,13 +12,13 @@ use rusqlite::{Connection, OpenFlags, Transaction, params};
 
 use super::{
     RecordingError,
-    schema::{self, APPLICATION_ID, SCHEMA_VERSION, meta, to_sql},
+    schema::{self, APPLICATION_ID, AmountsTable, SCHEMA_VERSION, meta, to_sql},
     sidecar,
 };
 use crate::{
     model::{
-        CellKey, Class, ClassTotals, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint,
-        Stack, StackCounters, TargetInfo,
+        AmountsByStack, CellKey, Class, ClassTotals, FailureKey, GpuSample, LedgerState, RssSample,
+        SeriesPoint, Stack, StackCounters, TargetInfo,
     },
     output::{self, io_reason, parent_dir},
 };
@@ -26,6 +26,8 @@ use crate::{
 /// Files SQLite may keep beside a database. A leftover from an earlier recording at the same path
 /// would be replayed into the new file by SQLite's recovery, so they go before a file is created.
 const SIDECAR_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+const PUT_META: &str = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)";
 
 const INSERT_CELL: &str = "INSERT INTO cells (id, class, phase, stack_id, live_bytes, live_count,
                    allocated_bytes, allocated_count, freed_bytes, freed_count, pid)
@@ -157,27 +159,7 @@ impl Writer {
             .map_err(write_err)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(write_err)?;
-        let pids = serde_json::to_string(&target.pids).expect("a list of numbers serializes");
-        {
-            let mut put = tx
-                .prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")
-                .map_err(write_err)?;
-            put.execute(params![meta::SCHEMA_VERSION, SCHEMA_VERSION])
-                .map_err(write_err)?;
-            put.execute(params![meta::TOOL_VERSION, env!("CARGO_PKG_VERSION")])
-                .map_err(write_err)?;
-            put.execute(params![meta::TARGET_PIDS, pids])
-                .map_err(write_err)?;
-            put.execute(params![meta::TARGET_COMMAND, target.command])
-                .map_err(write_err)?;
-            put.execute(params![meta::STARTED_UNIX_NS, to_sql(started_unix_ns)])
-                .map_err(write_err)?;
-            put.execute(params![meta::DURATION_S, 0.0])
-                .map_err(write_err)?;
-            put.execute(params![meta::COMPLETE, 0]).map_err(write_err)?;
-            put.execute(params![meta::UNMATCHED_FREES, 0])
-                .map_err(write_err)?;
-        }
+        insert_initial_meta(&tx, target, started_unix_ns).map_err(write_err)?;
         tx.commit().map_err(write_err)?;
         // The schema and metadata are in the database file itself (written in rollback-journal
         // mode), so that a copy of the main file alone is still a recognisable recording. From
@@ -267,26 +249,26 @@ impl Writer {
         &mut self,
         capture: &crate::model::StackCapture,
     ) -> Result<(), RecordingError> {
-        let path = self.path.clone();
         let json = serde_json::to_string(capture).unwrap_or_default();
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-                params![meta::STACK_CAPTURE, json],
-            )
-            .map_err(|e| write_error(&path, e))?;
-        Ok(())
+        self.put_meta(meta::STACK_CAPTURE, json)
     }
 
     /// Says where GPU samples come from (or why there are none).
     pub fn set_gpu_source(&mut self, source: &str) -> Result<(), RecordingError> {
-        let path = self.path.clone();
+        self.put_meta(meta::GPU_SOURCE, source)
+    }
+
+    /// Records the traced processes (children join as they are born).
+    pub fn set_target_pids(&mut self, pids: &[u32]) -> Result<(), RecordingError> {
+        let pids = serde_json::to_string(pids).expect("a list of numbers serializes");
+        self.put_meta(meta::TARGET_PIDS, pids)
+    }
+
+    /// Sets one value of the `meta` table, outside any tick.
+    fn put_meta(&mut self, key: &str, value: impl rusqlite::ToSql) -> Result<(), RecordingError> {
         self.conn
-            .execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-                params![meta::GPU_SOURCE, source],
-            )
-            .map_err(|e| write_error(&path, e))?;
+            .execute(PUT_META, params![key, value])
+            .map_err(|e| write_error(&self.path, e))?;
         Ok(())
     }
 
@@ -294,58 +276,32 @@ impl Writer {
         if samples.is_empty() {
             return Ok(());
         }
-        let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| write_error(&path, e))?;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO gpu_samples (t_s, pid, used, traced) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(|e| write_error(&path, e))?;
-            for s in samples {
-                stmt.execute(params![
+        self.append(
+            "INSERT INTO gpu_samples (t_s, pid, used, traced) VALUES (?1, ?2, ?3, ?4)",
+            samples,
+            |s| {
+                [
                     to_sql(s.t_s),
-                    s.pid,
+                    s.pid.into(),
                     to_sql(s.used),
-                    to_sql(s.traced)
-                ])
-                .map_err(|e| write_error(&path, e))?;
-            }
-        }
-        tx.commit().map_err(|e| write_error(&path, e))
-    }
-
-    /// Records the traced processes (children join as they are born).
-    pub fn set_target_pids(&mut self, pids: &[u32]) -> Result<(), RecordingError> {
-        let path = self.path.clone();
-        let pids = serde_json::to_string(pids).expect("a list of numbers serializes");
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
-                params![meta::TARGET_PIDS, pids],
-            )
-            .map_err(|e| write_error(&path, e))?;
-        Ok(())
+                    to_sql(s.traced),
+                ]
+            },
+        )
     }
 
     /// Appends resident-memory samples (their own small transaction; a sample is independent of
     /// the ledger's state).
     pub fn add_rss_samples(&mut self, samples: &[RssSample]) -> Result<(), RecordingError> {
-        let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|e| write_error(&path, e))?;
-        {
-            let mut stmt = tx
-                .prepare_cached(
-                    "INSERT INTO rss_samples \
-                     (t_s, pid, rss, anon, file, shmem, swap, arena, traced_resident, \
-                      arena_resident) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                )
-                .map_err(|e| write_error(&path, e))?;
-            for s in samples {
-                stmt.execute(rusqlite::params![
+        self.append(
+            "INSERT INTO rss_samples \
+             (t_s, pid, rss, anon, file, shmem, swap, arena, traced_resident, arena_resident) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            samples,
+            |s| {
+                [
                     to_sql(s.t_s),
-                    s.pid,
+                    s.pid.into(),
                     to_sql(s.rss),
                     to_sql(s.anon),
                     to_sql(s.file),
@@ -353,12 +309,31 @@ impl Writer {
                     to_sql(s.swap),
                     to_sql(s.arena),
                     to_sql(s.traced_resident),
-                    to_sql(s.arena_resident)
-                ])
-                .map_err(|e| write_error(&path, e))?;
+                    to_sql(s.arena_resident),
+                ]
+            },
+        )
+    }
+
+    /// Appends `rows` with `insert`, one execution a row (its columns as stored integers), in a
+    /// transaction of their own.
+    fn append<T, const COLUMNS: usize>(
+        &mut self,
+        insert: &str,
+        rows: &[T],
+        columns_of: impl Fn(&T) -> [i64; COLUMNS],
+    ) -> Result<(), RecordingError> {
+        let path = self.path.clone();
+        let write_err = |e| write_error(&path, e);
+        let tx = self.conn.transaction().map_err(write_err)?;
+        {
+            let mut stmt = tx.prepare_cached(insert).map_err(write_err)?;
+            for row in rows {
+                stmt.execute(rusqlite::params_from_iter(columns_of(row)))
+                    .map_err(write_err)?;
             }
         }
-        tx.commit().map_err(|e| write_error(&path, e))
+        tx.commit().map_err(write_err)
     }
 
     /// Marks the recording complete and folds the write-ahead log into the database file, so
@@ -376,9 +351,7 @@ impl Writer {
             .unwrap_or(0);
         let tx = self.conn.transaction().map_err(write_err)?;
         {
-            let mut put = tx
-                .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
-                .map_err(write_err)?;
+            let mut put = tx.prepare_cached(PUT_META).map_err(write_err)?;
             put.execute(params![meta::DURATION_S, t_s])
                 .map_err(write_err)?;
             put.execute(params![meta::ENDED_UNIX_NS, to_sql(ended_unix_ns)])
@@ -439,12 +412,10 @@ impl Tick<'_> {
         self.write_totals(t_s.max(0.0) as u64, state)?;
         self.write_failures(state)?;
         self.write_lost_events(state)?;
-        self.write_faults(state)?;
-        self.write_released(state)?;
+        self.write_amounts(&schema::FAULTS, &state.faults)?;
+        self.write_amounts(&schema::RELEASED, &state.released)?;
         self.write_cuda_calls(state)?;
-        let mut put = self
-            .tx
-            .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
+        let mut put = self.tx.prepare_cached(PUT_META)?;
         put.execute(params![meta::DURATION_S, t_s])?;
         if *self.unmatched_frees != state.unmatched_frees {
             put.execute(params![
@@ -596,32 +567,19 @@ impl Tick<'_> {
         Ok(())
     }
 
-    /// Page-fault samples: a small table, rewritten whole.
-    fn write_faults(&mut self, state: &LedgerState) -> rusqlite::Result<()> {
-        if state.faults.is_empty() {
+    /// A table of amounts by (pid, stack): small, rewritten whole.
+    fn write_amounts(
+        &mut self,
+        table: &AmountsTable,
+        amounts: &AmountsByStack,
+    ) -> rusqlite::Result<()> {
+        if amounts.is_empty() {
             return Ok(());
         }
-        self.tx.execute("DELETE FROM faults", [])?;
-        let mut insert = self
-            .tx
-            .prepare_cached("INSERT INTO faults (pid, stack_id, faults) VALUES (?1, ?2, ?3)")?;
-        for (&(pid, stack), &n) in &state.faults {
-            insert.execute(params![pid, stack, to_sql(n)])?;
-        }
-        Ok(())
-    }
-
-    /// madvise releases: a small table, rewritten whole.
-    fn write_released(&mut self, state: &LedgerState) -> rusqlite::Result<()> {
-        if state.released.is_empty() {
-            return Ok(());
-        }
-        self.tx.execute("DELETE FROM released", [])?;
-        let mut insert = self
-            .tx
-            .prepare_cached("INSERT INTO released (pid, stack_id, bytes) VALUES (?1, ?2, ?3)")?;
-        for (&(pid, stack), &bytes) in &state.released {
-            insert.execute(params![pid, stack, to_sql(bytes)])?;
+        self.tx.execute(table.delete_all, [])?;
+        let mut insert = self.tx.prepare_cached(table.insert)?;
+        for (&(pid, stack), &amount) in amounts {
+            insert.execute(params![pid, stack, to_sql(amount)])?;
         }
         Ok(())
     }
@@ -715,6 +673,25 @@ impl Tick<'_> {
         self.lost_events.clone_from(&state.lost_events);
         Ok(())
     }
+}
+
+/// The metadata of a new recording: not complete, nothing counted yet.
+fn insert_initial_meta(
+    tx: &Transaction<'_>,
+    target: &TargetInfo,
+    started_unix_ns: u64,
+) -> rusqlite::Result<()> {
+    let pids = serde_json::to_string(&target.pids).expect("a list of numbers serializes");
+    let mut put = tx.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
+    put.execute(params![meta::SCHEMA_VERSION, SCHEMA_VERSION])?;
+    put.execute(params![meta::TOOL_VERSION, env!("CARGO_PKG_VERSION")])?;
+    put.execute(params![meta::TARGET_PIDS, pids])?;
+    put.execute(params![meta::TARGET_COMMAND, target.command])?;
+    put.execute(params![meta::STARTED_UNIX_NS, to_sql(started_unix_ns)])?;
+    put.execute(params![meta::DURATION_S, 0.0])?;
+    put.execute(params![meta::COMPLETE, 0])?;
+    put.execute(params![meta::UNMATCHED_FREES, 0])?;
+    Ok(())
 }
 
 fn execute_insert(

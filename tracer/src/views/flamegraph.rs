@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use inferno::flamegraph::{self, Options, Palette, color::BasicPalette};
 
 use super::one_line;
-use crate::{model::PHASE_NONE, recording::Recorded};
+use crate::{
+    model::{PAGE, PHASE_NONE},
+    recording::Recorded,
+};
 
 pub const DEFAULT_TITLE: &str = "alloctrace: live bytes by stack";
 
@@ -46,19 +49,54 @@ pub const FAULTS_TITLE: &str = "alloctrace: bytes faulted in by stack (sampled)"
 
 /// Folded lines of the sampled page faults, `page-faults;outermost;...;innermost BYTES`.
 pub fn folded_fault_lines(rec: &Recorded) -> Vec<String> {
-    let mut stacks: BTreeMap<String, u64> = BTreeMap::new();
+    let mut folded = FoldedStacks::default();
     for (&(_, stack), &faults) in &rec.state.faults {
-        let mut line = "page-faults".to_string();
-        for frame in rec.frames(stack).iter().rev() {
+        folded.add("page-faults".to_string(), &rec.frames(stack), faults * PAGE);
+    }
+    folded.into_lines()
+}
+
+/// The folded stack lines of the live bytes, sorted, one per distinct stack (equal stacks of
+/// different cells merged), cells with nothing live left out.
+pub fn folded_lines(rec: &Recorded) -> Vec<String> {
+    let mut folded = FoldedStacks::default();
+    for (key, counters) in &rec.state.cells {
+        if counters.live_bytes == 0 {
+            continue;
+        }
+        let mut root = key.class.name().to_string();
+        if key.phase != PHASE_NONE {
+            root.push_str(&format!(";[phase {}]", folded_frame(&key.phase)));
+        }
+        folded.add(root, &rec.frames(key.stack), counters.live_bytes);
+    }
+    folded.into_lines()
+}
+
+/// Stacks in the folded format, summed by line: what both kinds of graph are drawn from.
+#[derive(Default)]
+struct FoldedStacks(BTreeMap<String, u64>);
+
+impl FoldedStacks {
+    /// Adds `amount` to the stack of `frames` (innermost first, as stored) under the frames of
+    /// `root` (already folded).
+    fn add(&mut self, root: String, frames: &[String], amount: u64) {
+        let mut line = root;
+        // Flame graphs read from the root up.
+        for frame in frames.iter().rev() {
             line.push(';');
             line.push_str(&folded_frame(frame));
         }
-        *stacks.entry(line).or_default() += faults * crate::model::PAGE;
+        *self.0.entry(line).or_default() += amount;
     }
-    stacks
-        .into_iter()
-        .map(|(stack, bytes)| format!("{stack} {bytes}"))
-        .collect()
+
+    /// `STACK AMOUNT` lines, sorted by stack.
+    fn into_lines(self) -> Vec<String> {
+        self.0
+            .into_iter()
+            .map(|(stack, amount)| format!("{stack} {amount}"))
+            .collect()
+    }
 }
 
 /// A frame name made safe for the folded format: `;` separates frames and a line is one stack.
@@ -67,31 +105,6 @@ fn folded_frame(name: &str) -> String {
         return "[unnamed]".to_string();
     }
     name.replace(';', ":").replace(['\n', '\r'], " ")
-}
-
-/// The folded stack lines of the live bytes, sorted, one per distinct stack (equal stacks of
-/// different cells merged), cells with nothing live left out.
-pub fn folded_lines(rec: &Recorded) -> Vec<String> {
-    let mut stacks: BTreeMap<String, u64> = BTreeMap::new();
-    for (key, counters) in &rec.state.cells {
-        if counters.live_bytes == 0 {
-            continue;
-        }
-        let mut line = key.class.name().to_string();
-        if key.phase != PHASE_NONE {
-            line.push_str(&format!(";[phase {}]", folded_frame(&key.phase)));
-        }
-        // Stacks are stored innermost first; flame graphs read from the root up.
-        for frame in rec.frames(key.stack).iter().rev() {
-            line.push(';');
-            line.push_str(&folded_frame(frame));
-        }
-        *stacks.entry(line).or_default() += counters.live_bytes;
-    }
-    stacks
-        .into_iter()
-        .map(|(stack, bytes)| format!("{stack} {bytes}"))
-        .collect()
 }
 
 fn subtitle(rec: &Recorded) -> String {
@@ -166,11 +179,9 @@ fn nothing_live_svg(title: &str, subtitle: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::{
-        model::{CellKey, Class, LedgerState, Stack, StackCounters, TargetInfo},
+        model::{CellKey, Class, Stack, StackCounters, TargetInfo},
         views::fixture::{self, LEAKS},
     };
 
@@ -276,26 +287,12 @@ mod tests {
 
     #[test]
     fn nothing_live_gives_a_valid_svg_with_a_message() {
-        let rec = Recorded {
-            schema: 1,
-            tool_version: "0.0.0-test".into(),
-            target: TargetInfo {
-                pids: vec![9],
-                command: "x <&> y".into(),
-            },
-            started_unix_ns: 0,
-            ended_unix_ns: None,
-            duration_s: 1.0,
-            complete: true,
-            state: LedgerState::default(),
-            stacks: BTreeMap::new(),
-            series: Vec::new(),
-            totals_series: Vec::new(),
-            rss: Vec::new(),
-            gpu: Vec::new(),
-            gpu_source: None,
-            stack_capture: None,
+        let mut rec = fixture::empty(true);
+        rec.target = TargetInfo {
+            pids: vec![9],
+            command: "x <&> y".into(),
         };
+        rec.duration_s = 1.0;
         let svg =
             String::from_utf8(render_svg(&rec, &FlamegraphOptions::default()).unwrap()).unwrap();
         assert!(svg.contains("<svg") && svg.trim_end().ends_with("</svg>"));

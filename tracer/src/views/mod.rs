@@ -223,6 +223,30 @@ pub(crate) mod fixture {
         }
     }
 
+    /// A recording of PID 1 (`idle`, 2 s) that saw nothing; `complete` as given.
+    pub fn empty(complete: bool) -> Recorded {
+        Recorded {
+            schema: 1,
+            tool_version: "0.0.0-test".to_string(),
+            target: TargetInfo {
+                pids: vec![1],
+                command: "idle".to_string(),
+            },
+            started_unix_ns: 0,
+            ended_unix_ns: None,
+            duration_s: 2.0,
+            complete,
+            state: crate::model::LedgerState::default(),
+            stacks: BTreeMap::new(),
+            series: Vec::new(),
+            totals_series: Vec::new(),
+            rss: Vec::new(),
+            gpu: Vec::new(),
+            gpu_source: None,
+            stack_capture: None,
+        }
+    }
+
     /// Compares `actual` with the golden file `tests/golden/NAME`, or rewrites the file when
     /// ALLOCTRACE_BLESS=1.
     pub fn assert_golden(name: &str, actual: &str) {

@@ -1,0 +1,226 @@
+//! The figures both reports render: cells by live bytes, per-process sums, failures, losses,
+//! amounts by stack, CUDA calls by function, the RSS waterfall, GPU residuals and growth. Each
+//! is computed once here, in the order the reports list it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tracer_common::drop_cause;
+
+use super::{GpuResidual, Waterfall};
+use crate::{
+    model::{
+        AmountsByStack, CallCounts, CellKey, Class, FailureKey, GpuSample, StackCounters,
+        StackIndex,
+    },
+    recording::Recorded,
+};
+
+/// Cells in report order: live bytes, then allocated bytes, descending; ties by key so the
+/// order is the same on every run.
+pub(super) fn cells_by_live_bytes(rec: &Recorded) -> Vec<(&CellKey, &StackCounters)> {
+    let mut cells: Vec<_> = rec.state.cells.iter().collect();
+    cells.sort_by(|(ka, a), (kb, b)| {
+        (b.live_bytes, b.allocated_bytes)
+            .cmp(&(a.live_bytes, a.allocated_bytes))
+            .then_with(|| ka.cmp(kb))
+    });
+    cells
+}
+
+/// Cells summed per process and class.
+pub(super) fn per_process(rec: &Recorded) -> BTreeMap<u32, BTreeMap<&'static str, StackCounters>> {
+    let mut out: BTreeMap<u32, BTreeMap<&'static str, StackCounters>> = BTreeMap::new();
+    for (key, counters) in &rec.state.cells {
+        out.entry(key.pid)
+            .or_default()
+            .entry(key.class.name())
+            .or_default()
+            .add(counters);
+    }
+    out
+}
+
+/// Failures by count, descending, then by key.
+pub(super) fn failures_by_count(rec: &Recorded) -> Vec<(&FailureKey, u64)> {
+    let mut failures: Vec<_> = rec.state.failures.iter().map(|(k, &n)| (k, n)).collect();
+    failures.sort_by(|(ka, a), (kb, b)| b.cmp(a).then_with(|| ka.cmp(kb)));
+    failures
+}
+
+/// Every kernel drop cause (zero when absent), then any other cause the recording has.
+pub(super) fn lost_events(rec: &Recorded) -> BTreeMap<&str, u64> {
+    let mut lost: BTreeMap<&str, u64> = drop_cause::NAMES.iter().map(|&n| (n, 0)).collect();
+    for (cause, &n) in &rec.state.lost_events {
+        *lost.entry(cause.as_str()).or_default() += n;
+    }
+    lost
+}
+
+/// One row of a per-(pid, stack) amount (page faults, released bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct StackAmount {
+    pub pid: u32,
+    pub stack: Option<StackIndex>,
+    pub amount: u64,
+}
+
+/// Rows of a per-(pid, stack) amount, largest first, then by (pid, stack).
+pub(super) fn by_amount(map: &AmountsByStack) -> Vec<StackAmount> {
+    let mut rows: Vec<_> = map
+        .iter()
+        .map(|(&(pid, stack), &amount)| StackAmount { pid, stack, amount })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.amount
+            .cmp(&a.amount)
+            .then_with(|| (a.pid, a.stack).cmp(&(b.pid, b.stack)))
+    });
+    rows
+}
+
+/// CUDA calls by (pid, function), all stacks summed, most calls first.
+pub(super) fn cuda_calls_by_function(rec: &Recorded) -> Vec<((u32, &str), CallCounts)> {
+    let mut by_function: BTreeMap<(u32, &str), CallCounts> = BTreeMap::new();
+    for ((pid, function, _), n) in &rec.state.cuda_calls {
+        let e = by_function.entry((*pid, function)).or_default();
+        e.calls += n.calls;
+        e.failed += n.failed;
+    }
+    let mut rows: Vec<_> = by_function.into_iter().collect();
+    rows.sort_by(|a, b| b.1.calls.cmp(&a.1.calls).then_with(|| a.0.cmp(&b.0)));
+    rows
+}
+
+/// The last GPU sample of each process.
+pub fn gpu_residuals(rec: &Recorded) -> Vec<GpuResidual> {
+    let mut last: BTreeMap<u32, GpuSample> = BTreeMap::new();
+    for s in &rec.gpu {
+        last.insert(s.pid, *s);
+    }
+    last.into_values()
+        .map(|s| GpuResidual {
+            pid: s.pid,
+            t_s: s.t_s,
+            used: s.used,
+            traced: s.traced,
+            untraced: s.used as i64 - s.traced as i64,
+        })
+        .collect()
+}
+
+/// The waterfall at the last resident sample of the first target process.
+pub fn waterfall(rec: &Recorded) -> Option<Waterfall> {
+    let pid = *rec.target.pids.first()?;
+    let samples: Vec<_> = rec.rss.iter().filter(|s| s.pid == pid).collect();
+    let (first, last) = (samples.first()?, samples.last()?);
+    let live = |class: Class| rec.state.totals.get(&class).map_or(0, |t| t.live_bytes);
+    let heap_live = live(Class::Heap);
+    // Resident arena the live blocks do not use. (Blocks that live in arena mapped before
+    // attach make this an underestimate, and show in the untraced remainder instead.)
+    let allocator_retained = last.arena_resident.saturating_sub(heap_live);
+    let traced_mappings_mapped =
+        live(Class::Mmap) + live(Class::ThreadStack) + live(Class::PythonArena);
+    let traced_mappings = last.traced_resident;
+    let d = |a: u64, b: u64| b as i64 - a as i64;
+    Some(Waterfall {
+        pid,
+        t_s: last.t_s,
+        rss: last.rss,
+        file: last.file,
+        shmem: last.shmem,
+        anon: last.anon,
+        heap_live,
+        allocator_retained,
+        traced_mappings,
+        traced_mappings_mapped,
+        untraced_anon: last.anon as i64 - (heap_live + allocator_retained + traced_mappings) as i64,
+        first_t_s: first.t_s,
+        rss_growth: d(first.rss, last.rss),
+        anon_growth: d(first.anon, last.anon),
+        file_growth: d(first.file, last.file),
+        shmem_growth: d(first.shmem, last.shmem),
+    })
+}
+
+/// Live figures of every cell at the first and the last second of the series.
+pub(super) struct Growth<'a> {
+    pub first_t: u64,
+    pub last_t: u64,
+    /// (live bytes at the first second, at the last), by cell.
+    pub cells: HashMap<&'a CellKey, (u64, u64)>,
+}
+
+pub(super) fn growth(rec: &Recorded) -> Option<Growth<'_>> {
+    let first_t = rec.series.iter().map(|p| p.t_s).min()?;
+    let last_t = rec.series.iter().map(|p| p.t_s).max()?;
+    let mut cells: HashMap<&CellKey, (u64, u64)> = HashMap::new();
+    // Points are in commit order: the last one of a cell is its latest value. A cell without a
+    // point at the first second did not exist yet (the ledger reports a cell when it is made).
+    for p in &rec.series {
+        let entry = cells.entry(&p.key).or_insert((0, 0));
+        if p.t_s == first_t {
+            entry.0 = p.live_bytes;
+        }
+        entry.1 = p.live_bytes;
+    }
+    Some(Growth {
+        first_t,
+        last_t,
+        cells,
+    })
+}
+
+impl<'a> Growth<'a> {
+    /// The cells whose live bytes grew, by how much, most first (ties by key).
+    pub fn growing(&self) -> Vec<(&'a CellKey, i128)> {
+        let mut growing: Vec<(&CellKey, i128)> = self
+            .cells
+            .iter()
+            .map(|(key, (first, last))| (*key, i128::from(*last) - i128::from(*first)))
+            .filter(|(_, d)| *d > 0)
+            .collect();
+        growing.sort_by(|(ka, a), (kb, b)| b.cmp(a).then_with(|| ka.cmp(kb)));
+        growing
+    }
+}
+
+/// Live bytes of each class at second `first_t` and at the end, from the per-class series
+/// (a class without a point at `first_t` had nothing live then).
+pub(super) fn class_growth(rec: &Recorded, first_t: u64) -> BTreeMap<Class, (u64, u64)> {
+    let mut classes: BTreeMap<Class, (u64, u64)> = BTreeMap::new();
+    for p in &rec.totals_series {
+        let entry = classes.entry(p.class).or_default();
+        if p.t_s <= first_t {
+            entry.0 = p.live_bytes;
+        }
+        entry.1 = p.live_bytes;
+    }
+    classes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::PHASE_NONE,
+        views::fixture::{self, CHURN_STACK},
+    };
+
+    #[test]
+    fn growth_counts_cells_created_later_from_zero() {
+        let rec = fixture::recorded();
+        let g = growth(&rec).unwrap();
+        assert_eq!((g.first_t, g.last_t), (1, 4));
+        let key = |stack| CellKey {
+            class: Class::Heap,
+            pid: 7,
+            phase: PHASE_NONE.to_string(),
+            stack,
+        };
+        // leak_malloc: 5 of 10 blocks of 100 B in the first second.
+        assert_eq!(g.cells[&key(Some(0))], (500, 1000));
+        // The lost-stack block appeared at 4 s.
+        assert_eq!(g.cells[&key(None)], (0, 64));
+        assert_eq!(g.cells[&key(Some(CHURN_STACK))], (0, 0));
+    }
+}

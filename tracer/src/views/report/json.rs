@@ -1,0 +1,355 @@
+//! The JSON report: a contract (docs/recording.md, "The JSON report"). Fields may be added within
+//! a version, never removed or changed in meaning; field order is declaration order.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{
+    GpuResidual, Waterfall,
+    analysis::{
+        by_amount, cells_by_live_bytes, failures_by_count, gpu_residuals, lost_events, per_process,
+        waterfall,
+    },
+};
+use crate::{
+    model::{ClassTotals, PAGE, StackCapture, StackCounters, StackIndex},
+    recording::Recorded,
+};
+
+/// Version of the JSON report contract. Fields may be added within a version, never removed or
+/// changed in meaning.
+pub const JSON_SCHEMA: u32 = 1;
+
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    schema: u32,
+    tool_version: &'a str,
+    complete: bool,
+    target: JsonTarget<'a>,
+    started_unix_ns: u64,
+    duration_s: f64,
+    totals: BTreeMap<&'static str, ClassTotals>,
+    /// Per process and class: the cells' figures summed (peaks are per class only).
+    processes: BTreeMap<u32, BTreeMap<&'static str, StackCounters>>,
+    stacks: Vec<JsonStack>,
+    failures: Vec<JsonFailure<'a>>,
+    unmatched_frees: u64,
+    lost_events: BTreeMap<&'a str, u64>,
+    /// Resident memory reconciled with what was traced, at the last sample; null without one.
+    rss: Option<Waterfall>,
+    /// Sampled page faults by stack, most first: which code made RSS grow.
+    page_faults: Vec<JsonFaults>,
+    /// Bytes released with madvise by stack, most first: which code gave pages back.
+    released: Vec<JsonReleased>,
+    /// GPU memory the driver reports per process against what the device classes traced.
+    gpu: JsonGpu,
+    /// Non-allocating CUDA driver calls (graphs, pools, IPC, registration, contexts, modules) by
+    /// process, function and stack.
+    cuda_calls: Vec<JsonCudaCalls<'a>>,
+    /// How stacks were taken (`record --stack`); null for an older recording.
+    stack_capture: Option<&'a StackCapture>,
+}
+
+#[derive(Serialize)]
+struct JsonCudaCalls<'a> {
+    pid: u32,
+    function: &'a str,
+    calls: u64,
+    failed: u64,
+    stack: Option<StackIndex>,
+    frames: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct JsonGpu {
+    /// Where the samples came from, or why there are none.
+    source: Option<String>,
+    /// The last sample of each process.
+    processes: Vec<GpuResidual>,
+}
+
+#[derive(Serialize)]
+struct JsonReleased {
+    pid: u32,
+    bytes: u64,
+    stack: Option<StackIndex>,
+    frames: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct JsonFaults {
+    pid: u32,
+    /// Faults the samples stand for (samples × sampling period).
+    faults: u64,
+    /// `faults` × the page size.
+    bytes: u64,
+    stack: Option<StackIndex>,
+    frames: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct JsonTarget<'a> {
+    pids: &'a [u32],
+    command: &'a str,
+}
+
+#[derive(Serialize)]
+struct JsonStack {
+    class: &'static str,
+    pid: u32,
+    phase: String,
+    /// Index in the recording's `stacks` table; null when the stack was lost.
+    stack: Option<StackIndex>,
+    live_bytes: u64,
+    live_count: u64,
+    allocated_bytes: u64,
+    allocated_count: u64,
+    freed_bytes: u64,
+    freed_count: u64,
+    frames: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct JsonFailure<'a> {
+    class: &'static str,
+    pid: u32,
+    function: &'a str,
+    size: u64,
+    count: u64,
+    error: &'a str,
+    stack: Option<StackIndex>,
+    frames: Vec<String>,
+}
+
+/// The JSON report, pretty-printed, ending in a newline.
+pub(super) fn render(rec: &Recorded) -> String {
+    let report = JsonReport {
+        schema: JSON_SCHEMA,
+        tool_version: &rec.tool_version,
+        complete: rec.complete,
+        target: JsonTarget {
+            pids: &rec.target.pids,
+            command: &rec.target.command,
+        },
+        started_unix_ns: rec.started_unix_ns,
+        // Milliseconds are all the precision a duration needs; more is noise in diffs.
+        duration_s: (rec.duration_s * 1000.0).round() / 1000.0,
+        totals: rec
+            .state
+            .totals
+            .iter()
+            .map(|(class, totals)| (class.name(), *totals))
+            .collect(),
+        processes: per_process(rec),
+        stacks: stacks(rec),
+        failures: failures(rec),
+        unmatched_frees: rec.state.unmatched_frees,
+        lost_events: lost_events(rec),
+        rss: waterfall(rec),
+        gpu: JsonGpu {
+            source: rec.gpu_source.clone(),
+            processes: gpu_residuals(rec),
+        },
+        stack_capture: rec.stack_capture.as_ref(),
+        cuda_calls: cuda_calls(rec),
+        released: released(rec),
+        page_faults: page_faults(rec),
+    };
+    // Plain structs of numbers and strings with string keys: serializing cannot fail.
+    let mut json = serde_json::to_string_pretty(&report).expect("the report serializes");
+    json.push('\n');
+    json
+}
+
+fn stacks(rec: &Recorded) -> Vec<JsonStack> {
+    cells_by_live_bytes(rec)
+        .into_iter()
+        .map(|(key, c)| JsonStack {
+            class: key.class.name(),
+            pid: key.pid,
+            phase: key.phase.clone(),
+            stack: key.stack,
+            live_bytes: c.live_bytes,
+            live_count: c.live_count,
+            allocated_bytes: c.allocated_bytes,
+            allocated_count: c.allocated_count,
+            freed_bytes: c.freed_bytes,
+            freed_count: c.freed_count,
+            frames: rec.frames(key.stack),
+        })
+        .collect()
+}
+
+fn failures(rec: &Recorded) -> Vec<JsonFailure<'_>> {
+    failures_by_count(rec)
+        .into_iter()
+        .map(|(key, count)| JsonFailure {
+            class: key.class.name(),
+            pid: key.pid,
+            function: &key.function,
+            size: key.size,
+            count,
+            error: &key.error,
+            stack: key.stack,
+            frames: rec.frames(key.stack),
+        })
+        .collect()
+}
+
+fn cuda_calls(rec: &Recorded) -> Vec<JsonCudaCalls<'_>> {
+    rec.state
+        .cuda_calls
+        .iter()
+        .map(|((pid, function, stack), n)| JsonCudaCalls {
+            pid: *pid,
+            function,
+            calls: n.calls,
+            failed: n.failed,
+            stack: *stack,
+            frames: rec.frames(*stack),
+        })
+        .collect()
+}
+
+fn released(rec: &Recorded) -> Vec<JsonReleased> {
+    by_amount(&rec.state.released)
+        .into_iter()
+        .map(|row| JsonReleased {
+            pid: row.pid,
+            bytes: row.amount,
+            stack: row.stack,
+            frames: rec.frames(row.stack),
+        })
+        .collect()
+}
+
+fn page_faults(rec: &Recorded) -> Vec<JsonFaults> {
+    by_amount(&rec.state.faults)
+        .into_iter()
+        .map(|row| JsonFaults {
+            pid: row.pid,
+            faults: row.amount,
+            bytes: row.amount * PAGE,
+            stack: row.stack,
+            frames: rec.frames(row.stack),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+    use tracer_common::drop_cause;
+
+    use crate::{
+        model::PHASE_NONE,
+        recording::STACK_LOST,
+        views::{
+            fixture::{self, CHURN_STACK, LEAKS},
+            report::render_json,
+        },
+    };
+
+    #[test]
+    fn json_has_the_contract_fields_with_exact_figures() {
+        let rec = fixture::recorded();
+        let v: Value = serde_json::from_str(&render_json(&rec)).unwrap();
+        assert_eq!(v["schema"], 1);
+        assert_eq!(v["complete"], true);
+        assert_eq!(v["tool_version"], "0.0.0-test");
+        assert_eq!(v["target"]["pids"], serde_json::json!([4242]));
+        assert_eq!(v["target"]["command"], "heap_fixture leaks attach");
+        assert_eq!(v["duration_s"], 4.5);
+
+        let heap = &v["totals"]["heap"];
+        let leaked: u64 = LEAKS.iter().map(|(_, n, s)| n * s).sum();
+        assert_eq!(leaked, 76710);
+        assert_eq!(heap["live_bytes"], leaked + 64);
+        assert_eq!(heap["live_count"], 126 + 1);
+        assert_eq!(heap["allocated_bytes"], leaked + 5 * 4096 + 64);
+        assert_eq!(heap["allocated_count"], 126 + 5 + 1);
+        assert_eq!(heap["freed_count"], 5);
+        assert_eq!(heap["peak_bytes"], leaked + 4096);
+
+        let stacks = v["stacks"].as_array().unwrap();
+        assert_eq!(stacks.len(), LEAKS.len() + 2);
+        // Largest first: leak_pvalloc, 18 × 1100.
+        let top = &stacks[0];
+        assert_eq!(top["class"], "heap");
+        assert_eq!(top["phase"], PHASE_NONE);
+        assert_eq!(top["live_bytes"], 18 * 1100);
+        assert_eq!(top["live_count"], 18);
+        assert_eq!(top["allocated_bytes"], 18 * 1100);
+        assert_eq!(top["allocated_count"], 18);
+        assert_eq!(
+            top["frames"],
+            serde_json::json!(["leak_pvalloc", "run_scenario", "main"])
+        );
+        // Sorted by live bytes, then allocated bytes, both descending.
+        let order: Vec<(u64, u64)> = stacks
+            .iter()
+            .map(|s| {
+                (
+                    s["live_bytes"].as_u64().unwrap(),
+                    s["allocated_bytes"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] >= w[1]), "{order:?}");
+        // The churning stack is listed, with nothing live.
+        let churn = stacks
+            .iter()
+            .find(|s| s["stack"] == CHURN_STACK)
+            .expect("churn stack listed");
+        assert_eq!(churn["live_bytes"], 0);
+        assert_eq!(churn["allocated_count"], 5);
+        assert_eq!(churn["freed_count"], 5);
+        // The lost stack has a placeholder frame.
+        let lost = stacks.iter().find(|s| s["stack"].is_null()).unwrap();
+        assert_eq!(lost["frames"], serde_json::json!([STACK_LOST]));
+        assert_eq!(lost["live_bytes"], 64);
+        // Stack rows add up to the totals, as the integration tests check.
+        let sum: u64 = stacks
+            .iter()
+            .map(|s| s["live_bytes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(sum, leaked + 64);
+
+        let failures = v["failures"].as_array().unwrap();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0]["function"], "malloc");
+        assert_eq!(failures[0]["size"], 1u64 << 50);
+        assert_eq!(failures[0]["count"], 1);
+        assert_eq!(failures[0]["error"], "ENOMEM");
+        assert_eq!(failures[0]["frames"][0], "leak_malloc");
+
+        assert_eq!(v["unmatched_frees"], 1);
+        let lost = v["lost_events"].as_object().unwrap();
+        for cause in drop_cause::NAMES {
+            assert!(lost.contains_key(cause), "lost_events lacks {cause}");
+        }
+        assert_eq!(lost["ringbuf_full"], 3);
+        assert_eq!(lost["missed_free"], 0);
+    }
+
+    #[test]
+    fn json_lists_user_space_loss_causes_too() {
+        let mut rec = fixture::empty(false);
+        rec.state.lost_events.insert("missed_free".to_string(), 3);
+        let v: Value = serde_json::from_str(&render_json(&rec)).unwrap();
+        assert_eq!(v["lost_events"]["missed_free"], 3);
+        assert_eq!(
+            v["lost_events"].as_object().unwrap().len(),
+            drop_cause::NAMES.len() + 1
+        );
+        assert_eq!(v["complete"], false);
+        assert_eq!(v["stacks"], serde_json::json!([]));
+        assert_eq!(v["totals"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn json_matches_golden() {
+        fixture::assert_golden("report.json", &render_json(&fixture::recorded()));
+    }
+}

@@ -1,0 +1,526 @@
+//! The text postmortem: what the target held when the recording ended, where, and how it grew.
+
+use std::fmt::Write as _;
+
+use super::analysis::{
+    StackAmount, by_amount, cells_by_live_bytes, class_growth, cuda_calls_by_function,
+    failures_by_count, gpu_residuals, growth, lost_events, per_process, waterfall,
+};
+use crate::{
+    model::{CellKey, PAGE, PHASE_NONE},
+    recording::Recorded,
+    views::{human_bytes, human_delta, one_line, target_pids},
+};
+
+/// How many live stacks the text report lists.
+const TEXT_TOP_STACKS: usize = 20;
+/// How many growing stacks the text report lists.
+const TEXT_TOP_GROWING: usize = 10;
+/// Frames shown per stack in the text report; the JSON has them all.
+const TEXT_FRAMES: usize = 8;
+
+/// "74.9 KiB (76710 B)": readable and exact.
+fn bytes_exact(n: u64) -> String {
+    if n < 1024 {
+        format!("{n} B")
+    } else {
+        format!("{} ({n} B)", human_bytes(n))
+    }
+}
+
+/// Innermost frames joined by " ← ", cut after `TEXT_FRAMES`.
+fn frames_line(frames: &[String]) -> String {
+    let mut line = frames
+        .iter()
+        .take(TEXT_FRAMES)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(" ← ");
+    if frames.len() > TEXT_FRAMES {
+        let _ = write!(line, " ← … ({} more)", frames.len() - TEXT_FRAMES);
+    }
+    line
+}
+
+/// "1 block", "2 blocks".
+fn count_of(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// `unix_ns` as "2023-11-14 22:13:20 UTC" (proleptic Gregorian, from Howard Hinnant's
+/// days-to-civil algorithm; no time zone database needed for UTC).
+fn utc(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Bytes that may be negative ("-1.0 MiB"); no sign when positive.
+fn signed_bytes(v: i64) -> String {
+    if v < 0 {
+        format!("-{}", human_bytes(v.unsigned_abs()))
+    } else {
+        human_bytes(v as u64)
+    }
+}
+
+fn phase_suffix(key: &CellKey) -> String {
+    if key.phase == PHASE_NONE {
+        String::new()
+    } else {
+        format!(" [{}]", key.phase)
+    }
+}
+
+/// The text report, section by section.
+pub(super) fn render(rec: &Recorded) -> String {
+    let mut out = String::new();
+    text_header(&mut out, rec);
+    text_totals(&mut out, rec);
+    text_processes(&mut out, rec);
+    text_live_stacks(&mut out, rec);
+    text_failures(&mut out, rec);
+    text_unmatched_and_lost(&mut out, rec);
+    text_growth(&mut out, rec);
+    text_waterfall(&mut out, rec);
+    text_faults(&mut out, rec);
+    text_released(&mut out, rec);
+    text_cuda_calls(&mut out, rec);
+    text_stack_capture(&mut out, rec);
+    text_gpu(&mut out, rec);
+    out
+}
+
+fn text_header(out: &mut String, rec: &Recorded) {
+    let _ = writeln!(out, "alloctrace report (alloctrace {})", rec.tool_version);
+    let _ = writeln!(
+        out,
+        "target:   {}: {}",
+        target_pids(rec),
+        one_line(&rec.target.command)
+    );
+    if rec.started_unix_ns > 0 {
+        let _ = writeln!(out, "started:  {}", utc(rec.started_unix_ns));
+    }
+    if rec.complete {
+        let _ = writeln!(out, "duration: {:.1} s, complete", rec.duration_s);
+    } else {
+        let _ = writeln!(
+            out,
+            "duration: NOT FINALIZED: tracer was killed; data up to {:.0} s",
+            rec.duration_s
+        );
+    }
+}
+
+fn text_totals(out: &mut String, rec: &Recorded) {
+    let _ = writeln!(out, "\nTotals at the end of the recording");
+    if rec.state.totals.is_empty() {
+        let _ = writeln!(out, "  no allocation was seen");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {:<6} {:>22} {:>12} {:>22} {:>22} {:>13} {:>13}",
+        "class", "live", "live blocks", "peak", "allocated", "alloc blocks", "freed blocks"
+    );
+    for (class, t) in &rec.state.totals {
+        let _ = writeln!(
+            out,
+            "  {:<6} {:>22} {:>12} {:>22} {:>22} {:>13} {:>13}",
+            class.name(),
+            bytes_exact(t.live_bytes),
+            t.live_count,
+            bytes_exact(t.peak_bytes),
+            bytes_exact(t.allocated_bytes),
+            t.allocated_count,
+            t.freed_count
+        );
+    }
+}
+
+/// Live figures per process, when the recording followed more than one.
+fn text_processes(out: &mut String, rec: &Recorded) {
+    let processes = per_process(rec);
+    if processes.len() < 2 {
+        return;
+    }
+    let _ = writeln!(out, "\nLive memory per process");
+    for (pid, classes) in &processes {
+        let parts: Vec<String> = classes
+            .iter()
+            .filter(|(_, c)| c.live_bytes > 0)
+            .map(|(class, c)| format!("{class} {} in {}", human_bytes(c.live_bytes), c.live_count))
+            .collect();
+        let parts = if parts.is_empty() {
+            "nothing live".to_string()
+        } else {
+            parts.join(", ")
+        };
+        let _ = writeln!(out, "  PID {pid:<8} {parts}");
+    }
+}
+
+fn text_live_stacks(out: &mut String, rec: &Recorded) {
+    let live: Vec<_> = cells_by_live_bytes(rec)
+        .into_iter()
+        .filter(|(_, c)| c.live_bytes > 0)
+        .collect();
+    if live.is_empty() {
+        let _ = writeln!(out, "\nLive stacks: none (nothing was live at the end)");
+        return;
+    }
+    let shown = live.len().min(TEXT_TOP_STACKS);
+    let _ = writeln!(
+        out,
+        "\nTop live stacks ({shown} of {}; innermost frame first)",
+        live.len()
+    );
+    for (rank, (key, c)) in live.iter().take(TEXT_TOP_STACKS).enumerate() {
+        let _ = writeln!(
+            out,
+            "  {:>2}. {:>22} in {:>11}  {}{}: {}",
+            rank + 1,
+            bytes_exact(c.live_bytes),
+            count_of(c.live_count, "block"),
+            key.class.name(),
+            phase_suffix(key),
+            frames_line(&rec.frames(key.stack))
+        );
+    }
+}
+
+fn text_failures(out: &mut String, rec: &Recorded) {
+    let failures = failures_by_count(rec);
+    if failures.is_empty() {
+        let _ = writeln!(out, "\nFailed allocations: none");
+        return;
+    }
+    let calls: u64 = failures.iter().map(|(_, n)| n).sum();
+    let _ = writeln!(out, "\nFailed allocations: {}", count_of(calls, "call"));
+    for (key, count) in failures {
+        let _ = writeln!(
+            out,
+            "  {}({}) -> {} ×{count}: {}",
+            key.function,
+            bytes_exact(key.size),
+            key.error,
+            frames_line(&rec.frames(key.stack))
+        );
+    }
+}
+
+fn text_unmatched_and_lost(out: &mut String, rec: &Recorded) {
+    let _ = writeln!(
+        out,
+        "\nUnmatched frees: {} (frees of blocks allocated before the tracer attached, or whose \
+         allocation event was lost)",
+        rec.state.unmatched_frees
+    );
+    let lost = lost_events(rec);
+    let total: u64 = lost.values().sum();
+    if total == 0 {
+        let _ = writeln!(out, "Lost events: none (no events lost)");
+        return;
+    }
+    // What each cause means and its remedy are in docs/accounting.md, next to the code that
+    // counts them; repeating them here would drift.
+    let _ = writeln!(
+        out,
+        "Lost events: {total} (causes and remedies: docs/accounting.md)"
+    );
+    for (cause, n) in lost.iter().filter(|(_, n)| **n > 0) {
+        let _ = writeln!(out, "  {cause:<24} {n:>10}");
+    }
+}
+
+fn text_growth(out: &mut String, rec: &Recorded) {
+    let Some(g) = growth(rec) else {
+        let _ = writeln!(out, "\nGrowth: no time series (nothing was committed)");
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\nGrowth from {} s to {} s (live bytes)",
+        g.first_t, g.last_t
+    );
+    for (class, (first, last)) in class_growth(rec, g.first_t) {
+        let _ = writeln!(
+            out,
+            "  {:<6} {} at {} s -> {} at {} s ({})",
+            class.name(),
+            human_bytes(first),
+            g.first_t,
+            human_bytes(last),
+            g.last_t,
+            human_delta(i128::from(last) - i128::from(first))
+        );
+    }
+    let growing = g.growing();
+    if growing.is_empty() {
+        let _ = writeln!(out, "  no stack grew");
+        return;
+    }
+    let _ = writeln!(out, "  top growing stacks:");
+    for (key, delta) in growing.into_iter().take(TEXT_TOP_GROWING) {
+        let _ = writeln!(
+            out,
+            "  {:>12}  {}{}: {}",
+            human_delta(delta),
+            key.class.name(),
+            phase_suffix(key),
+            frames_line(&rec.frames(key.stack))
+        );
+    }
+}
+
+fn text_waterfall(out: &mut String, rec: &Recorded) {
+    let Some(w) = waterfall(rec) else {
+        let _ = writeln!(
+            out,
+            "\nResident memory: no sample (the target exited before the first second)"
+        );
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\nResident memory of PID {} at {} s (/proc/PID/smaps)",
+        w.pid, w.t_s
+    );
+    for (label, bytes) in [
+        ("  RSS", w.rss),
+        ("  = file-backed resident", w.file),
+        ("  + shared memory", w.shmem),
+        ("  + anonymous", w.anon),
+        ("      heap (live)", w.heap_live),
+        ("      allocator-retained", w.allocator_retained),
+    ] {
+        let _ = writeln!(out, "{label:<29}{:>12}", human_bytes(bytes));
+    }
+    let _ = writeln!(
+        out,
+        "      traced mappings        {:>12}   (resident, of {} mapped: mmap, thread-stack, python-arena)",
+        human_bytes(w.traced_mappings),
+        human_bytes(w.traced_mappings_mapped)
+    );
+    let _ = writeln!(
+        out,
+        "      untraced remainder     {:>12}   {}",
+        signed_bytes(w.untraced_anon),
+        if w.untraced_anon < 0 {
+            "(negative: the allocator's arena is not all resident)"
+        } else {
+            "(mapped before attach, or not traced)"
+        }
+    );
+    if w.t_s > w.first_t_s {
+        let _ = writeln!(
+            out,
+            "  grew since {} s: RSS {}, anonymous {}, file-backed {}, shared {}",
+            w.first_t_s,
+            human_delta(i128::from(w.rss_growth)),
+            human_delta(i128::from(w.anon_growth)),
+            human_delta(i128::from(w.file_growth)),
+            human_delta(i128::from(w.shmem_growth))
+        );
+    }
+}
+
+fn text_faults(out: &mut String, rec: &Recorded) {
+    let mut rows = by_amount(&rec.state.faults);
+    for row in &mut rows {
+        row.amount *= PAGE;
+    }
+    text_bytes_by_stack(
+        out,
+        rec,
+        "Pages faulted in (sampled; RSS growth by stack)",
+        &rows,
+    );
+}
+
+fn text_released(out: &mut String, rec: &Recorded) {
+    let rows = by_amount(&rec.state.released);
+    text_bytes_by_stack(
+        out,
+        rec,
+        "Released with madvise (pages given back, mappings kept)",
+        &rows,
+    );
+}
+
+/// A section of bytes by (pid, stack), its total in the heading, the top 10 rows.
+fn text_bytes_by_stack(out: &mut String, rec: &Recorded, heading: &str, rows: &[StackAmount]) {
+    if rows.is_empty() {
+        return;
+    }
+    let total: u64 = rows.iter().map(|r| r.amount).sum();
+    let _ = writeln!(out, "\n{heading}: {} in all", human_bytes(total));
+    for row in rows.iter().take(10) {
+        let _ = writeln!(
+            out,
+            "  {:>12}  PID {}: {}",
+            human_bytes(row.amount),
+            row.pid,
+            frames_line(&rec.frames(row.stack))
+        );
+    }
+}
+
+/// CUDA calls by function (all stacks), most first.
+fn text_cuda_calls(out: &mut String, rec: &Recorded) {
+    let rows = cuda_calls_by_function(rec);
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nCUDA calls (graphs, pools, IPC, registration, contexts, modules):"
+    );
+    for ((pid, function), n) in rows {
+        let failed = if n.failed > 0 {
+            format!(", {} failed", n.failed)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(out, "  {:>8}  PID {pid}: {function}{failed}", n.calls);
+    }
+}
+
+fn text_stack_capture(out: &mut String, rec: &Recorded) {
+    let Some(s) = &rec.stack_capture else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\nStacks: --stack {} ({} KiB copies): {} unwound from copies ({} truncated), {} by frame \
+         pointers while the ring was a quarter full",
+        s.mode,
+        s.copy_bytes >> 10,
+        s.copies,
+        s.truncated,
+        s.fp_under_pressure
+    );
+}
+
+fn text_gpu(out: &mut String, rec: &Recorded) {
+    let residuals = gpu_residuals(rec);
+    if residuals.is_empty() {
+        let used_gpu = rec
+            .state
+            .totals
+            .iter()
+            .any(|(c, t)| c.is_device() && t.allocated_count > 0);
+        if let Some(source) = &rec.gpu_source
+            && source.starts_with("not available")
+            && used_gpu
+        {
+            let _ = writeln!(out, "\nGPU memory: {source}");
+        }
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nGPU memory per process ({})",
+        rec.gpu_source.as_deref().unwrap_or("NVML")
+    );
+    for r in residuals {
+        let _ = writeln!(
+            out,
+            "  PID {:<8} driver {:>12}  traced {:>12}  gpu-untraced {:>12}  (at {} s)",
+            r.pid,
+            human_bytes(r.used),
+            human_bytes(r.traced),
+            signed_bytes(r.untraced),
+            r.t_s
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        recording::STACK_LOST,
+        views::{fixture, report::render_text},
+    };
+
+    #[test]
+    fn text_matches_golden() {
+        fixture::assert_golden("report.txt", &render_text(&fixture::recorded()));
+    }
+
+    #[test]
+    fn text_names_leaks_growth_failures_and_losses() {
+        let text = render_text(&fixture::recorded());
+        for needle in [
+            "PID 4242: heap_fixture leaks attach",
+            "4.5 s, complete",
+            "75.0 KiB (76774 B)",
+            "leak_malloc ← run_scenario ← main",
+            "leak_pvalloc",
+            STACK_LOST,
+            "malloc(1.0 PiB (1125899906842624 B)) -> ENOMEM ×1",
+            "Failed allocations: 1 call\n",
+            "in     1 block  heap: [stack lost]",
+            "started:  2023-11-14 22:13:20 UTC",
+            "Unmatched frees: 1",
+            "ringbuf_full                      3",
+            "from 1 s to 4 s",
+        ] {
+            assert!(
+                text.contains(needle),
+                "text report lacks {needle:?}:\n{text}"
+            );
+        }
+        // 20 at most, and this fixture has 10 live stacks.
+        assert!(text.contains("Top live stacks (10 of 10"), "{text}");
+        assert!(!text.contains("no events lost"), "{text}");
+    }
+
+    #[test]
+    fn text_of_killed_empty_recording_says_so() {
+        let text = render_text(&fixture::empty(false));
+        assert!(
+            text.contains("NOT FINALIZED: tracer was killed; data up to 2 s"),
+            "{text}"
+        );
+        assert!(text.contains("no events lost"), "{text}");
+        assert!(text.contains("no allocation was seen"), "{text}");
+        assert!(text.contains("Growth: no time series"), "{text}");
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_700_000_000_000_000_000), "2023-11-14 22:13:20 UTC");
+        assert_eq!(utc(951_782_400_000_000_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(4_102_444_799_000_000_000), "2099-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn long_stacks_are_cut_in_text() {
+        let frames: Vec<String> = (0..12).map(|i| format!("f{i}")).collect();
+        let line = frames_line(&frames);
+        assert!(line.starts_with("f0 ← f1"), "{line}");
+        assert!(line.ends_with("f7 ← … (4 more)"), "{line}");
+    }
+}
