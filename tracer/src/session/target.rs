@@ -3,7 +3,7 @@
 
 use std::{
     ffi::OsString,
-    fs, io,
+    io,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::process::CommandExt,
@@ -22,13 +22,18 @@ use nix::{
 
 use crate::{
     probes::resolve,
-    proc::maps::{self, Mapping},
+    proc::{
+        ProcError, cmdline,
+        maps::{self, Mapping},
+        stat,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("no process with PID {pid}: check the PID (ps -p {pid})")]
-    NoSuchProcess { pid: u32 },
+    /// The process is gone, may not be looked at, or its /proc files cannot be read.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
     #[error("process {pid} exited while alloctrace was attaching")]
     ExitedDuringAttach { pid: u32 },
     #[error(
@@ -41,62 +46,29 @@ pub enum TargetError {
     NoAllocator { pid: u32 },
     #[error("PID {pid} is alloctrace itself: pass the PID of the process to trace")]
     SelfTarget { pid: u32 },
-    #[error("permission denied reading /proc/{pid}: run alloctrace as root")]
-    PermissionDenied { pid: u32 },
     #[error("cannot start `{command}`: {source}")]
     Spawn { command: String, source: io::Error },
     #[error("`{command}` exited (status {status}) before its C library was loaded")]
     CommandExitedEarly { command: String, status: String },
-    #[error("cannot read /proc/{pid}: {source}")]
-    Proc { pid: u32, source: io::Error },
+    #[error("cannot watch process {pid} for its exit (pidfd_open): {source}")]
+    ExitWatch { pid: u32, source: io::Error },
     #[error("cannot control the launched command: {0}")]
     Ptrace(nix::Error),
 }
-
-impl TargetError {
-    pub fn from_proc(pid: u32, e: io::Error) -> TargetError {
-        match e.kind() {
-            io::ErrorKind::NotFound => TargetError::NoSuchProcess { pid },
-            io::ErrorKind::PermissionDenied => TargetError::PermissionDenied { pid },
-            _ if e.raw_os_error() == Some(libc::ESRCH) => TargetError::NoSuchProcess { pid },
-            _ => TargetError::Proc { pid, source: e },
-        }
-    }
-}
-
-/// `PF_KTHREAD` in /proc/PID/stat's flags field.
-const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Checks that `pid` is a live user-space process other than ourselves; returns its command line.
 pub fn check_pid(pid: u32) -> Result<String, TargetError> {
     if pid == std::process::id() {
         return Err(TargetError::SelfTarget { pid });
     }
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| TargetError::from_proc(pid, e))?;
-    // Fields after the parenthesized comm: state is field 3, flags field 9.
-    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return Err(TargetError::NoSuchProcess { pid });
+    let stat = stat::read_stat(pid)?;
+    if stat.has_exited() {
+        return Err(ProcError::NoSuchProcess { pid }.into());
     }
-    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
-    if flags & PF_KTHREAD != 0 {
+    if stat.is_kernel_thread() {
         return Err(TargetError::KernelThread { pid });
     }
-    command_line(pid)
-}
-
-/// The command line of `pid`, arguments joined by spaces.
-pub fn command_line(pid: u32) -> Result<String, TargetError> {
-    let raw =
-        fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| TargetError::from_proc(pid, e))?;
-    let args: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    Ok(args.join(" "))
+    Ok(cmdline::read_command_line(pid)?)
 }
 
 /// Whether a mapped path is the dynamic loader (present at exec in every dynamic executable).
@@ -209,7 +181,11 @@ impl ExitWatch {
         // SAFETY: plain syscall; the returned fd is owned below.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if fd < 0 {
-            return Err(TargetError::from_proc(pid, io::Error::last_os_error()));
+            let err = io::Error::last_os_error();
+            return Err(match ProcError::gone_or_denied(pid, &err) {
+                Some(known) => known.into(),
+                None => TargetError::ExitWatch { pid, source: err },
+            });
         }
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
