@@ -95,6 +95,13 @@ pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCom
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ");
+    let pid = spawn_stopped(argv, &command)?;
+    let maps = run_to_allocator(pid, &command, wait_for_allocator)?;
+    Ok(LaunchedCommand { pid, command, maps })
+}
+
+/// Starts `argv` under ptrace, stopped at its exec; returns its PID.
+fn spawn_stopped(argv: &[OsString], command: &str) -> Result<u32, TargetError> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     // SAFETY: PTRACE_TRACEME is async-signal-safe and only affects the child.
@@ -102,29 +109,34 @@ pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCom
         cmd.pre_exec(|| ptrace::traceme().map_err(io::Error::from));
     }
     let child = cmd.spawn().map_err(|source| TargetError::Spawn {
-        command: command.clone(),
+        command: command.to_string(),
         source,
     })?;
     let pid = child.id();
     let npid = Pid::from_raw(pid as i32);
     // Dropping `child` neither kills nor waits; we reap it ourselves (see `ExitWatch`).
     drop(child);
-
-    let exited = |status: String| TargetError::CommandExitedEarly {
-        command: command.clone(),
-        status,
-    };
     match waitpid(npid, None).map_err(TargetError::Ptrace)? {
         WaitStatus::Stopped(_, Signal::SIGTRAP) => {}
-        WaitStatus::Exited(_, code) => return Err(exited(code.to_string())),
-        other => return Err(exited(format!("{other:?}"))),
+        WaitStatus::Exited(_, code) => return Err(exited_early(command, code.to_string())),
+        other => return Err(exited_early(command, format!("{other:?}"))),
     }
     ptrace::setoptions(
         npid,
         ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
     )
     .map_err(TargetError::Ptrace)?;
+    Ok(pid)
+}
 
+/// Steps the stopped command `pid` until an object defining `malloc` is mapped (or, without
+/// `wait_for_allocator`, until it is found static); returns its mappings then.
+fn run_to_allocator(
+    pid: u32,
+    command: &str,
+    wait_for_allocator: bool,
+) -> Result<Vec<Mapping>, TargetError> {
+    let npid = Pid::from_raw(pid as i32);
     let mut pending_signal: Option<Signal> = None;
     let mut first_stop = true;
     loop {
@@ -136,12 +148,12 @@ pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCom
                 .iter()
                 .any(|m| m.executable && resolve::is_libc_name(&m.path));
         if worth_looking && resolve::find_allocator(pid, &maps).is_ok() {
-            return Ok(LaunchedCommand { pid, command, maps });
+            return Ok(maps);
         }
         let is_static = first_stop && !maps.iter().any(|m| is_dynamic_loader(&m.path));
         if is_static && !wait_for_allocator {
             // Tracepoints need nothing mapped; nothing more will be.
-            return Ok(LaunchedCommand { pid, command, maps });
+            return Ok(maps);
         }
         if is_static {
             // A static executable without malloc symbols: nothing will ever be mapped to hook.
@@ -151,13 +163,24 @@ pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCom
         }
         first_stop = false;
         ptrace::syscall(npid, pending_signal.take()).map_err(TargetError::Ptrace)?;
-        match waitpid(npid, None).map_err(TargetError::Ptrace)? {
-            WaitStatus::PtraceSyscall(_) => {}
-            WaitStatus::Stopped(_, sig) => pending_signal = Some(sig),
-            WaitStatus::Exited(_, code) => return Err(exited(code.to_string())),
-            WaitStatus::Signaled(_, sig, _) => return Err(exited(format!("killed by {sig}"))),
-            _ => {}
-        }
+        pending_signal = next_stop(npid, command)?;
+    }
+}
+
+/// Waits for the stepped command's next stop; returns the signal to deliver when it resumes.
+fn next_stop(npid: Pid, command: &str) -> Result<Option<Signal>, TargetError> {
+    match waitpid(npid, None).map_err(TargetError::Ptrace)? {
+        WaitStatus::Stopped(_, sig) => Ok(Some(sig)),
+        WaitStatus::Exited(_, code) => Err(exited_early(command, code.to_string())),
+        WaitStatus::Signaled(_, sig, _) => Err(exited_early(command, format!("killed by {sig}"))),
+        _ => Ok(None),
+    }
+}
+
+fn exited_early(command: &str, status: String) -> TargetError {
+    TargetError::CommandExitedEarly {
+        command: command.to_string(),
+        status,
     }
 }
 
