@@ -2,9 +2,11 @@
 //! finalize on duration, signal or target exit.
 //!
 //! `setup` checks, attaches and opens the recording; `recorder` is the loop, one method per
-//! event source; `sink` applies ring records to the ledger layers one event kind at a time; `children` keeps the set of traced processes; `cuda_hooking`,
+//! event source; `batch` hands ring records to `sink`, which applies them to the ledger layers
+//! one event kind at a time; `children` keeps the set of traced processes; `cuda_hooking`,
 //! `python_detection`, `gpu_sampling` and `rss_sampling` are what the loop does besides.
 
+mod batch;
 mod children;
 mod cuda_hooking;
 mod gpu_sampling;

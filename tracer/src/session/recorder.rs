@@ -7,7 +7,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::Signal,
@@ -21,6 +20,7 @@ use crate::{
     recording::Writer,
     session::{
         RecordOptions, RecordSummary,
+        batch::RingReader,
         children::ProcessSet,
         cuda_hooking::{CudaHooked, hook_cuda},
         gpu_sampling::sample_gpu,
@@ -83,7 +83,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// A recording in progress: the probes, the ring, the sink and the recording file.
+/// A recording in progress: the probes, the ring reader, the sink and the recording file.
 pub struct Recorder {
     /// The target.
     pub(super) pid: u32,
@@ -97,7 +97,7 @@ pub struct Recorder {
     pub(super) launched: Option<LaunchedCommand>,
     pub(super) exit_watch: ExitWatch,
     pub(super) cuda_hooked: CudaHooked,
-    pub(super) ring: RingBuf<MapData>,
+    pub(super) reader: RingReader,
     pub(super) sink: EventSink,
     pub(super) writer: Writer,
     pub(super) gpu: Option<Box<dyn GpuMemorySource>>,
@@ -138,8 +138,8 @@ impl Recorder {
 
     /// Applies the records in the ring.
     fn drain(&mut self) {
-        while let Some(record) = self.ring.next() {
-            self.sink.apply(&record);
+        while let Some(batch) = self.reader.next_batch() {
+            self.sink.apply_batch(&batch);
         }
     }
 

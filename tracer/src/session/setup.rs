@@ -23,6 +23,7 @@ use crate::{
     recording::Writer,
     session::{
         RecordOptions, TargetSpec,
+        batch::RingReader,
         children::ProcessSet,
         cuda_hooking::{CudaHooked, hook_cuda},
         python_detection::detect_python,
@@ -160,7 +161,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         command: target.command.clone(),
     };
     let mut writer = Writer::create(&opts.output, &info, unix_ns(), opts.force)?;
-    let ring = probes.take_ring();
+    let reader = RingReader::new(probes.take_ring());
     let gpu = open_gpu(&mut writer)?;
     let fn_names = heap_fn_names(allocator.as_ref());
     let python_frames = opts.probes.python_frames;
@@ -192,7 +193,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         launched: target.launched,
         exit_watch,
         cuda_hooked,
-        ring,
+        reader,
         sink,
         writer,
         gpu,

@@ -22,6 +22,7 @@ use crate::{
     model::{Class, FailureKey, StackIndex},
     proc::{fd, maps::Mapping},
     python::PythonProcess,
+    session::batch::RecordBatch,
     stacks::{
         FrameNamer, StackTable,
         unwind::{ProcessUnwinder, UnwindCache},
@@ -102,6 +103,12 @@ impl EventSink {
             unwinds: 0,
             unwinds_truncated: 0,
             proc_events: Vec::new(),
+        }
+    }
+
+    pub fn apply_batch(&mut self, batch: &RecordBatch) {
+        for record in batch.records() {
+            self.apply(record);
         }
     }
 

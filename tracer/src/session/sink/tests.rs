@@ -9,7 +9,10 @@ use tracer_common::{
 };
 
 use super::EventSink;
-use crate::model::{Class, PAGE};
+use crate::{
+    model::{Class, PAGE},
+    session::batch::BatchBuilder,
+};
 
 /// Above PID_MAX_LIMIT (2^22): never a live process, so nothing is read from /proc.
 const PID: u32 = 999_999_999;
@@ -222,4 +225,16 @@ fn an_exec_ends_the_old_images_memory() {
     assert_eq!(live(&sink, Class::Heap), (0, 0));
     assert_eq!(live(&sink, Class::Mmap), (0, 0));
     assert_eq!(sink.take_proc_events(), vec![fork, exec]);
+}
+
+#[test]
+fn a_batch_applies_its_records_in_order() {
+    let mut sink = sink();
+    let mut batch = BatchBuilder::new();
+    batch.push(&heap_alloc(HeapFn::Malloc, 0x1000, 64, 0));
+    batch.push(&heap_alloc(HeapFn::Malloc, 0x2000, 32, 0));
+    batch.push(&heap_free(0x1000));
+    sink.apply_batch(&batch.take().expect("a batch"));
+    assert_eq!(sink.events, 3);
+    assert_eq!(live(&sink, Class::Heap), (32, 1));
 }
