@@ -106,6 +106,7 @@ impl EventSink {
         }
     }
 
+    /// Applies the records of a batch, in ring order.
     pub fn apply_batch(&mut self, batch: &RecordBatch) {
         for record in batch.records() {
             self.apply(record);
