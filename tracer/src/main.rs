@@ -1,6 +1,11 @@
 //! The `alloctrace` command line.
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use alloctrace::{
     hooks, output,
@@ -9,7 +14,7 @@ use alloctrace::{
     session::{self, RecordOptions, TargetSpec},
     views::{flamegraph, report},
 };
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -29,69 +34,7 @@ enum Command {
     /// Heap tracing hooks malloc and friends with uprobes in the C library the target maps; every
     /// thread of the target is traced, other processes never. Stops when the duration ends,
     /// SIGINT or SIGTERM arrives, or the target exits. Needs root.
-    Record {
-        /// PID of the process to attach to.
-        #[arg(
-            short,
-            long,
-            conflicts_with = "command",
-            required_unless_present = "command"
-        )]
-        pid: Option<u32>,
-        /// Stop after this many seconds.
-        #[arg(short, long, value_name = "SECONDS", value_parser = parse_seconds)]
-        duration: Option<Duration>,
-        /// The recording to write (SQLite, see docs/recording.md).
-        #[arg(short, long, value_name = "FILE")]
-        output: PathBuf,
-        /// Overwrite FILE if it exists.
-        #[arg(short, long)]
-        force: bool,
-        /// Ring buffer size in MiB (power of two). Raise it if lost_events shows ringbuf_full.
-        #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ring_mib)]
-        ring_size: u32,
-        /// Also trace the C allocator (malloc, free and friends) with uprobes: exact live heap by
-        /// stack, at the price of a uprobe trap per call (see docs/performance.md). Without it,
-        /// only mappings and the program break are traced, with tracepoints: cheap enough for
-        /// production.
-        #[arg(long)]
-        heap: bool,
-        /// Do not follow child processes. By default every process the target forks (and what
-        /// they exec) is traced from birth, as inference servers run their engine and GPU workers
-        /// as children; every figure carries its PID.
-        #[arg(long)]
-        no_follow_children: bool,
-        /// Record one of every N page faults that bring a page in, with its stack: which code
-        /// makes RSS grow, without any uprobe (`flamegraph --kind faults`). 0 turns it off.
-        #[arg(long, value_name = "N", default_value_t = 64)]
-        fault_sample: u32,
-        /// How call stacks are taken. `auto`: a copy of the user stack unwound with the modules'
-        /// DWARF call-frame information (.eh_frame), which finds callers in code built without
-        /// frame pointers (libcudart, libtorch, distribution libraries), for mapping, CUDA and
-        /// failure events; frame pointers for heap events and page faults, which can be many.
-        /// `fp`: frame pointers everywhere (cheapest). `dwarf`: stack copies everywhere.
-        #[arg(long, value_enum, default_value_t = StackArg::Auto)]
-        stack: StackArg,
-        /// KiB of user stack copied per stack copy (1 to 32); deeper stacks are marked
-        /// `[truncated]`.
-        #[arg(long, value_name = "KIB", default_value_t = 16,
-              value_parser = clap::value_parser!(u32).range(1..=32))]
-        stack_copy: u32,
-        /// Do not read Python frames. By default, in a CPython 3.10-3.13 process, each stack
-        /// gets the Python frames (function, file, line) of the thread, read at the event, in
-        /// place of the interpreter's evaluation loop.
-        #[arg(long)]
-        no_python_frames: bool,
-        /// Copy stacks even when the ring buffer fills up (benchmark of the copy's cost).
-        #[arg(long, hide = true)]
-        stack_copy_always: bool,
-        /// Attach empty programs at the same points and record nothing (benchmark floor).
-        #[arg(long, hide = true)]
-        probe_floor: bool,
-        /// The command to launch, traced from its first instruction.
-        #[arg(last = true, value_name = "CMD")]
-        command: Vec<OsString>,
-    },
+    Record(RecordArgs),
     /// Summarize a recording: totals per class, top live stacks, failures, lost events.
     Report {
         file: PathBuf,
@@ -122,6 +65,71 @@ enum Command {
     },
     /// Print the table of hooked functions (Markdown; docs/hooks.md is this output).
     Hooks,
+}
+
+#[derive(Args)]
+struct RecordArgs {
+    /// PID of the process to attach to.
+    #[arg(
+        short,
+        long,
+        conflicts_with = "command",
+        required_unless_present = "command"
+    )]
+    pid: Option<u32>,
+    /// Stop after this many seconds.
+    #[arg(short, long, value_name = "SECONDS", value_parser = parse_seconds)]
+    duration: Option<Duration>,
+    /// The recording to write (SQLite, see docs/recording.md).
+    #[arg(short, long, value_name = "FILE")]
+    output: PathBuf,
+    /// Overwrite FILE if it exists.
+    #[arg(short, long)]
+    force: bool,
+    /// Ring buffer size in MiB (power of two). Raise it if lost_events shows ringbuf_full.
+    #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ring_mib)]
+    ring_size: u32,
+    /// Also trace the C allocator (malloc, free and friends) with uprobes: exact live heap by
+    /// stack, at the price of a uprobe trap per call (see docs/performance.md). Without it,
+    /// only mappings and the program break are traced, with tracepoints: cheap enough for
+    /// production.
+    #[arg(long)]
+    heap: bool,
+    /// Do not follow child processes. By default every process the target forks (and what
+    /// they exec) is traced from birth, as inference servers run their engine and GPU workers
+    /// as children; every figure carries its PID.
+    #[arg(long)]
+    no_follow_children: bool,
+    /// Record one of every N page faults that bring a page in, with its stack: which code
+    /// makes RSS grow, without any uprobe (`flamegraph --kind faults`). 0 turns it off.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    fault_sample: u32,
+    /// How call stacks are taken. `auto`: a copy of the user stack unwound with the modules'
+    /// DWARF call-frame information (.eh_frame), which finds callers in code built without
+    /// frame pointers (libcudart, libtorch, distribution libraries), for mapping, CUDA and
+    /// failure events; frame pointers for heap events and page faults, which can be many.
+    /// `fp`: frame pointers everywhere (cheapest). `dwarf`: stack copies everywhere.
+    #[arg(long, value_enum, default_value_t = StackArg::Auto)]
+    stack: StackArg,
+    /// KiB of user stack copied per stack copy (1 to 32); deeper stacks are marked
+    /// `[truncated]`.
+    #[arg(long, value_name = "KIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=32))]
+    stack_copy: u32,
+    /// Do not read Python frames. By default, in a CPython 3.10-3.13 process, each stack
+    /// gets the Python frames (function, file, line) of the thread, read at the event, in
+    /// place of the interpreter's evaluation loop.
+    #[arg(long)]
+    no_python_frames: bool,
+    /// Copy stacks even when the ring buffer fills up (benchmark of the copy's cost).
+    #[arg(long, hide = true)]
+    stack_copy_always: bool,
+    /// Attach empty programs at the same points and record nothing (benchmark floor).
+    #[arg(long, hide = true)]
+    probe_floor: bool,
+    /// The command to launch, traced from its first instruction.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -180,116 +188,119 @@ fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Record {
-            pid,
-            duration,
-            output,
-            force,
-            ring_size,
-            probe_floor,
-            heap,
-            no_follow_children,
-            fault_sample,
-            stack,
-            stack_copy,
-            no_python_frames,
-            stack_copy_always,
-            command,
-        } => {
-            let mode = match stack {
-                StackArg::Auto => StackMode::Auto,
-                StackArg::Fp => StackMode::FramePointers,
-                StackArg::Dwarf => StackMode::Dwarf,
-            };
-            let (stack_copy_heap, stack_copy_other) = mode.copy_sizes(stack_copy << 10);
-            let target = match pid {
-                Some(pid) => TargetSpec::Pid(pid),
-                None => TargetSpec::Command(command),
-            };
-            let opts = RecordOptions {
-                target,
-                output: output.clone(),
-                force,
-                duration,
-                probes: ProbeConfig {
-                    ring_bytes: ring_size << 20,
-                    floor: probe_floor,
-                    follow_children: !no_follow_children,
-                    fault_sample,
-                    stack_copy_heap,
-                    stack_copy_other,
-                    python_frames: !no_python_frames,
-                    stack_copy_always,
-                },
-                heap,
-                poll_interval: Duration::from_millis(10),
-            };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let summary = runtime.block_on(session::record(opts))?;
-            eprintln!(
-                "recorded {} events ({} lost), {}: wrote {} (tracer peak RSS {} KiB)",
-                summary.events,
-                summary.lost,
-                summary.stop_reason,
-                output.display(),
-                summary.tracer_peak_kib
-            );
-            Ok(())
-        }
+        Command::Record(args) => record(args),
         Command::Report {
             file,
             format,
             output,
             force,
-        } => {
-            if let Some(out) = &output {
-                output::check_destination(out, force)?;
-            }
-            // The text report needs the first and last points of the series; JSON none.
-            let series = match format {
-                Format::Text => SeriesRead::Endpoints,
-                Format::Json => SeriesRead::Nothing,
-            };
-            let recorded = Reader::open_with(&file, series)?;
-            let text = match format {
-                Format::Text => report::render_text(&recorded),
-                Format::Json => report::render_json(&recorded),
-            };
-            match output {
-                Some(path) => output::write_atomically(&path, text.as_bytes(), force)?,
-                None => write_stdout(text.as_bytes())?,
-            }
-            Ok(())
-        }
+        } => report(&file, format, output.as_deref(), force),
         Command::Flamegraph {
             file,
             output,
             force,
             title,
             kind,
-        } => {
-            output::check_destination(&output, force)?;
-            let recorded = Reader::open_with(&file, SeriesRead::Nothing)?;
-            let mut options = flamegraph::FlamegraphOptions::default();
-            if let GraphKind::Faults = kind {
-                options.kind = flamegraph::Kind::Faults;
-                options.title = flamegraph::FAULTS_TITLE.to_string();
-            }
-            if let Some(title) = title {
-                options.title = title;
-            }
-            let svg = flamegraph::render_svg(&recorded, &options)?;
-            output::write_atomically(&output, &svg, force)?;
-            eprintln!("wrote {}", output.display());
-            Ok(())
-        }
+        } => flamegraph(&file, &output, force, title, kind),
         Command::Hooks => {
             print!("{}", hooks::markdown());
             Ok(())
         }
     }
+}
+
+/// The session's options from the command line.
+fn record_options(args: RecordArgs) -> RecordOptions {
+    let mode = match args.stack {
+        StackArg::Auto => StackMode::Auto,
+        StackArg::Fp => StackMode::FramePointers,
+        StackArg::Dwarf => StackMode::Dwarf,
+    };
+    let (stack_copy_heap, stack_copy_other) = mode.copy_sizes(args.stack_copy << 10);
+    let target = match args.pid {
+        Some(pid) => TargetSpec::Pid(pid),
+        None => TargetSpec::Command(args.command),
+    };
+    RecordOptions {
+        target,
+        output: args.output,
+        force: args.force,
+        duration: args.duration,
+        probes: ProbeConfig {
+            ring_bytes: args.ring_size << 20,
+            floor: args.probe_floor,
+            follow_children: !args.no_follow_children,
+            fault_sample: args.fault_sample,
+            stack_copy_heap,
+            stack_copy_other,
+            python_frames: !args.no_python_frames,
+            stack_copy_always: args.stack_copy_always,
+        },
+        heap: args.heap,
+        poll_interval: Duration::from_millis(10),
+    }
+}
+
+fn record(args: RecordArgs) -> anyhow::Result<()> {
+    let opts = record_options(args);
+    let output = opts.output.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let summary = runtime.block_on(session::record(opts))?;
+    eprintln!(
+        "recorded {} events ({} lost), {}: wrote {} (tracer peak RSS {} KiB)",
+        summary.events,
+        summary.lost,
+        summary.stop_reason,
+        output.display(),
+        summary.tracer_peak_kib
+    );
+    Ok(())
+}
+
+fn report(file: &Path, format: Format, output: Option<&Path>, force: bool) -> anyhow::Result<()> {
+    if let Some(out) = output {
+        output::check_destination(out, force)?;
+    }
+    // The text report needs the first and last points of the series; JSON none.
+    let series = match format {
+        Format::Text => SeriesRead::Endpoints,
+        Format::Json => SeriesRead::Nothing,
+    };
+    let recorded = Reader::open_with(file, series)?;
+    let text = match format {
+        Format::Text => report::render_text(&recorded),
+        Format::Json => report::render_json(&recorded),
+    };
+    match output {
+        Some(path) => output::write_atomically(path, text.as_bytes(), force)?,
+        None => write_stdout(text.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn flamegraph(
+    file: &Path,
+    output: &Path,
+    force: bool,
+    title: Option<String>,
+    kind: GraphKind,
+) -> anyhow::Result<()> {
+    output::check_destination(output, force)?;
+    let recorded = Reader::open_with(file, SeriesRead::Nothing)?;
+    let mut options = flamegraph::FlamegraphOptions::default();
+    if let GraphKind::Faults = kind {
+        options.kind = flamegraph::Kind::Faults;
+        options.title = flamegraph::FAULTS_TITLE.to_string();
+    }
+    if let Some(title) = title {
+        options.title = title;
+    }
+    let svg = flamegraph::render_svg(&recorded, &options)?;
+    output::write_atomically(output, &svg, force)?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -2,6 +2,8 @@
 //! syscalls (mmap, munmap, mremap, mprotect, brk) and credited to the ledger's cells.
 //!
 //! Rules (docs/accounting.md, "Mappings"):
+//! - a new mapping's class comes from its mmap flags (`mmap_class`): stacks, shared memory
+//!   (anonymous shared, /dev/shm files, memfds), files, else anonymous `mmap`;
 //! - a mapping's live bytes are its accessible (not PROT_NONE) pages; a reservation counts nothing
 //!   until mprotect opens part of it, which then counts in the reservation's own cell;
 //! - munmap removes exactly the unmapped pages; a mapping's block count drops when none of its
@@ -15,7 +17,7 @@
 //!   here so that unmaps and remaps stay exact, but credited to no cell, since class `heap`
 //!   already counts its bytes block by block.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path};
 
 use rustc_hash::FxHashMap;
 
@@ -28,6 +30,36 @@ pub use crate::model::PAGE;
 
 pub fn page_up(x: u64) -> u64 {
     x.saturating_add(PAGE - 1) & !(PAGE - 1)
+}
+
+const MAP_SHARED: u64 = 0x01;
+const MAP_ANONYMOUS: u64 = 0x20;
+const MAP_STACK: u64 = 0x20000;
+
+/// The class of a new mapping from its mmap `flags` and descriptor `fd`. `file` says what the
+/// mapped file is (asked only for a shared file mapping): /dev/shm files and memfds are shared
+/// memory, not files.
+pub fn mmap_class<P: AsRef<Path>>(flags: u64, fd: i32, file: impl FnOnce() -> Option<P>) -> Class {
+    let shared = flags & MAP_SHARED != 0;
+    if flags & MAP_STACK != 0 {
+        Class::ThreadStack
+    } else if flags & MAP_ANONYMOUS != 0 || fd < 0 {
+        if shared {
+            Class::MmapShared
+        } else {
+            Class::Mmap
+        }
+    } else if shared && file().is_some_and(|f| is_shared_memory_file(f.as_ref())) {
+        Class::MmapShared
+    } else {
+        Class::MmapFile
+    }
+}
+
+/// Whether a mapped file is shared memory: a POSIX shared-memory object or a memfd.
+fn is_shared_memory_file(path: &Path) -> bool {
+    let path = path.to_string_lossy();
+    path.starts_with("/dev/shm/") || path.starts_with("/memfd:")
 }
 
 /// One contiguous piece of a mapping.
@@ -426,6 +458,29 @@ mod tests {
 
     fn at(stack: u32) -> Option<CellRef> {
         Some(CellRef::new(1, Class::Mmap, Some(stack)))
+    }
+
+    #[test]
+    fn classifies_mmaps_by_flags_and_file() {
+        let no_file = || -> Option<&str> { panic!("the file is asked only for shared file maps") };
+        let private_anon = MAP_ANONYMOUS | 0x02;
+        assert_eq!(mmap_class(private_anon, -1, no_file), Class::Mmap);
+        assert_eq!(mmap_class(0x02, -1, no_file), Class::Mmap);
+        assert_eq!(
+            mmap_class(MAP_ANONYMOUS | MAP_SHARED, -1, no_file),
+            Class::MmapShared
+        );
+        assert_eq!(
+            mmap_class(private_anon | MAP_STACK, -1, no_file),
+            Class::ThreadStack
+        );
+        assert_eq!(mmap_class(0x02, 3, no_file), Class::MmapFile);
+        let shared_file = |path: &'static str| mmap_class(MAP_SHARED, 3, || Some(path));
+        assert_eq!(shared_file("/dev/shm/torch_123"), Class::MmapShared);
+        assert_eq!(shared_file("/memfd:cuda (deleted)"), Class::MmapShared);
+        assert_eq!(shared_file("/data/weights.bin"), Class::MmapFile);
+        // A descriptor that cannot be read (the process is gone): a file.
+        assert_eq!(mmap_class(MAP_SHARED, 3, || None::<&str>), Class::MmapFile);
     }
 
     fn cell(l: &Ledger, class: Class, stack: u32) -> StackCounters {

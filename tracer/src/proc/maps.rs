@@ -1,8 +1,8 @@
 //! `/proc/PID/maps`: the file-backed mappings of a process, and a path to open each one from here.
 
-use std::{fs, path::PathBuf};
+use std::path::PathBuf;
 
-use crate::session::target::TargetError;
+use super::{ProcError, read_text};
 
 /// One line of `/proc/PID/maps` that maps a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,10 +18,20 @@ pub struct Mapping {
 }
 
 /// File-backed mappings of a process.
-pub fn read_maps(pid: u32) -> Result<Vec<Mapping>, TargetError> {
-    let text = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| TargetError::from_proc(pid, e))?;
-    Ok(parse_maps(&text))
+pub fn read_maps(pid: u32) -> Result<Vec<Mapping>, ProcError> {
+    read_text(pid, "maps").map(|text| parse_maps(&text))
+}
+
+/// The end of the `[heap]` mapping of `pid` (the program break), `None` when it has none.
+pub fn read_heap_end(pid: u32) -> Result<Option<u64>, ProcError> {
+    read_text(pid, "maps").map(|text| parse_heap_end(&text))
+}
+
+/// The end of the `[heap]` mapping in a maps text.
+pub fn parse_heap_end(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.ends_with("[heap]"))?;
+    let range = line.split_whitespace().next()?;
+    u64::from_str_radix(range.split_once('-')?.1, 16).ok()
 }
 
 pub fn parse_maps(text: &str) -> Vec<Mapping> {
@@ -82,5 +92,34 @@ mod tests {
         assert!(maps[0].executable && !maps[0].deleted);
         assert_eq!(maps[1].path, "/tmp/a b");
         assert!(maps[1].deleted);
+    }
+
+    #[test]
+    fn skips_malformed_maps_lines() {
+        let text = "zz-7f80 r-xp 00028000 fe:01 1234 /lib/a.so\n\
+                    7f00-7f80 r-xp 00028000 fe:01 notanumber /lib/b.so\n\
+                    7f00-7f80 r-xp\n\
+                    \n\
+                    7f00 r-xp 00028000 fe:01 1234 /lib/c.so\n\
+                    7f00-7f80 r-xp 0002800g fe:01 1234 /lib/d.so\n\
+                    7f00-7f80 r-xp 00000000 fe:01 1234 /lib/ok.so\n";
+        let maps = parse_maps(text);
+        assert_eq!(maps.len(), 1);
+        assert_eq!(maps[0].path, "/lib/ok.so");
+    }
+
+    #[test]
+    fn finds_the_heap_end() {
+        let text = "55d0-55e0 r-xp 00000000 fe:01 12 /usr/bin/cat\n\
+                    55e0-5a00 rw-p 00000000 00:00 0                          [heap]\n\
+                    7ffd-7ffe rw-p 00000000 00:00 0                          [stack]\n";
+        assert_eq!(parse_heap_end(text), Some(0x5a00));
+        assert_eq!(
+            parse_heap_end("55d0-55e0 r-xp 0 fe:01 12 /usr/bin/cat\n"),
+            None
+        );
+        assert_eq!(parse_heap_end("55e0-zz rw-p 0 00:00 0 [heap]"), None);
+        assert_eq!(parse_heap_end("[heap]"), None);
+        assert_eq!(parse_heap_end(""), None);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     ffi::OsString,
-    fs, io,
+    io,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::process::CommandExt,
@@ -22,13 +22,18 @@ use nix::{
 
 use crate::{
     probes::resolve,
-    proc::maps::{self, Mapping},
+    proc::{
+        ProcError, cmdline,
+        maps::{self, Mapping},
+        stat,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("no process with PID {pid}: check the PID (ps -p {pid})")]
-    NoSuchProcess { pid: u32 },
+    /// The process is gone, may not be looked at, or its /proc files cannot be read.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
     #[error("process {pid} exited while alloctrace was attaching")]
     ExitedDuringAttach { pid: u32 },
     #[error(
@@ -41,62 +46,29 @@ pub enum TargetError {
     NoAllocator { pid: u32 },
     #[error("PID {pid} is alloctrace itself: pass the PID of the process to trace")]
     SelfTarget { pid: u32 },
-    #[error("permission denied reading /proc/{pid}: run alloctrace as root")]
-    PermissionDenied { pid: u32 },
     #[error("cannot start `{command}`: {source}")]
     Spawn { command: String, source: io::Error },
     #[error("`{command}` exited (status {status}) before its C library was loaded")]
     CommandExitedEarly { command: String, status: String },
-    #[error("cannot read /proc/{pid}: {source}")]
-    Proc { pid: u32, source: io::Error },
+    #[error("cannot watch process {pid} for its exit (pidfd_open): {source}")]
+    ExitWatch { pid: u32, source: io::Error },
     #[error("cannot control the launched command: {0}")]
     Ptrace(nix::Error),
 }
-
-impl TargetError {
-    pub fn from_proc(pid: u32, e: io::Error) -> TargetError {
-        match e.kind() {
-            io::ErrorKind::NotFound => TargetError::NoSuchProcess { pid },
-            io::ErrorKind::PermissionDenied => TargetError::PermissionDenied { pid },
-            _ if e.raw_os_error() == Some(libc::ESRCH) => TargetError::NoSuchProcess { pid },
-            _ => TargetError::Proc { pid, source: e },
-        }
-    }
-}
-
-/// `PF_KTHREAD` in /proc/PID/stat's flags field.
-const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Checks that `pid` is a live user-space process other than ourselves; returns its command line.
 pub fn check_pid(pid: u32) -> Result<String, TargetError> {
     if pid == std::process::id() {
         return Err(TargetError::SelfTarget { pid });
     }
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| TargetError::from_proc(pid, e))?;
-    // Fields after the parenthesized comm: state is field 3, flags field 9.
-    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return Err(TargetError::NoSuchProcess { pid });
+    let stat = stat::read_stat(pid)?;
+    if stat.has_exited() {
+        return Err(ProcError::NoSuchProcess { pid }.into());
     }
-    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
-    if flags & PF_KTHREAD != 0 {
+    if stat.is_kernel_thread() {
         return Err(TargetError::KernelThread { pid });
     }
-    command_line(pid)
-}
-
-/// The command line of `pid`, arguments joined by spaces.
-pub fn command_line(pid: u32) -> Result<String, TargetError> {
-    let raw =
-        fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| TargetError::from_proc(pid, e))?;
-    let args: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    Ok(args.join(" "))
+    Ok(cmdline::read_command_line(pid)?)
 }
 
 /// Whether a mapped path is the dynamic loader (present at exec in every dynamic executable).
@@ -123,6 +95,13 @@ pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCom
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ");
+    let pid = spawn_stopped(argv, &command)?;
+    let maps = run_to_allocator(pid, &command, wait_for_allocator)?;
+    Ok(LaunchedCommand { pid, command, maps })
+}
+
+/// Starts `argv` under ptrace, stopped at its exec; returns its PID.
+fn spawn_stopped(argv: &[OsString], command: &str) -> Result<u32, TargetError> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..]);
     // SAFETY: PTRACE_TRACEME is async-signal-safe and only affects the child.
@@ -130,29 +109,34 @@ pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCom
         cmd.pre_exec(|| ptrace::traceme().map_err(io::Error::from));
     }
     let child = cmd.spawn().map_err(|source| TargetError::Spawn {
-        command: command.clone(),
+        command: command.to_string(),
         source,
     })?;
     let pid = child.id();
     let npid = Pid::from_raw(pid as i32);
     // Dropping `child` neither kills nor waits; we reap it ourselves (see `ExitWatch`).
     drop(child);
-
-    let exited = |status: String| TargetError::CommandExitedEarly {
-        command: command.clone(),
-        status,
-    };
     match waitpid(npid, None).map_err(TargetError::Ptrace)? {
         WaitStatus::Stopped(_, Signal::SIGTRAP) => {}
-        WaitStatus::Exited(_, code) => return Err(exited(code.to_string())),
-        other => return Err(exited(format!("{other:?}"))),
+        WaitStatus::Exited(_, code) => return Err(exited_early(command, code.to_string())),
+        other => return Err(exited_early(command, format!("{other:?}"))),
     }
     ptrace::setoptions(
         npid,
         ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL,
     )
     .map_err(TargetError::Ptrace)?;
+    Ok(pid)
+}
 
+/// Steps the stopped command `pid` until an object defining `malloc` is mapped (or, without
+/// `wait_for_allocator`, until it is found static); returns its mappings then.
+fn run_to_allocator(
+    pid: u32,
+    command: &str,
+    wait_for_allocator: bool,
+) -> Result<Vec<Mapping>, TargetError> {
+    let npid = Pid::from_raw(pid as i32);
     let mut pending_signal: Option<Signal> = None;
     let mut first_stop = true;
     loop {
@@ -164,12 +148,12 @@ pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCom
                 .iter()
                 .any(|m| m.executable && resolve::is_libc_name(&m.path));
         if worth_looking && resolve::find_allocator(pid, &maps).is_ok() {
-            return Ok(LaunchedCommand { pid, command, maps });
+            return Ok(maps);
         }
         let is_static = first_stop && !maps.iter().any(|m| is_dynamic_loader(&m.path));
         if is_static && !wait_for_allocator {
             // Tracepoints need nothing mapped; nothing more will be.
-            return Ok(LaunchedCommand { pid, command, maps });
+            return Ok(maps);
         }
         if is_static {
             // A static executable without malloc symbols: nothing will ever be mapped to hook.
@@ -179,13 +163,24 @@ pub fn launch(argv: &[OsString], wait_for_allocator: bool) -> Result<LaunchedCom
         }
         first_stop = false;
         ptrace::syscall(npid, pending_signal.take()).map_err(TargetError::Ptrace)?;
-        match waitpid(npid, None).map_err(TargetError::Ptrace)? {
-            WaitStatus::PtraceSyscall(_) => {}
-            WaitStatus::Stopped(_, sig) => pending_signal = Some(sig),
-            WaitStatus::Exited(_, code) => return Err(exited(code.to_string())),
-            WaitStatus::Signaled(_, sig, _) => return Err(exited(format!("killed by {sig}"))),
-            _ => {}
-        }
+        pending_signal = next_stop(npid, command)?;
+    }
+}
+
+/// Waits for the stepped command's next stop; returns the signal to deliver when it resumes.
+fn next_stop(npid: Pid, command: &str) -> Result<Option<Signal>, TargetError> {
+    match waitpid(npid, None).map_err(TargetError::Ptrace)? {
+        WaitStatus::Stopped(_, sig) => Ok(Some(sig)),
+        WaitStatus::Exited(_, code) => Err(exited_early(command, code.to_string())),
+        WaitStatus::Signaled(_, sig, _) => Err(exited_early(command, format!("killed by {sig}"))),
+        _ => Ok(None),
+    }
+}
+
+fn exited_early(command: &str, status: String) -> TargetError {
+    TargetError::CommandExitedEarly {
+        command: command.to_string(),
+        status,
     }
 }
 
@@ -209,7 +204,11 @@ impl ExitWatch {
         // SAFETY: plain syscall; the returned fd is owned below.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if fd < 0 {
-            return Err(TargetError::from_proc(pid, io::Error::last_os_error()));
+            let err = io::Error::last_os_error();
+            return Err(match ProcError::gone_or_denied(pid, &err) {
+                Some(known) => known.into(),
+                None => TargetError::ExitWatch { pid, source: err },
+            });
         }
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };

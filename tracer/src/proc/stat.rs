@@ -1,0 +1,90 @@
+//! `/proc/PID/stat`: a process's state, flags and program-break start.
+
+use super::{ProcError, read_text};
+
+/// `PF_KTHREAD` in /proc/PID/stat's flags field.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// The fields of `/proc/PID/stat` the session reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    /// Field 3: `R`, `S`, ..., `Z` (zombie), `X` (dead); empty when unreadable.
+    pub state: String,
+    /// Field 9: the `PF_*` flags (0 when unreadable).
+    pub flags: u64,
+    /// Field 47: where the program break started.
+    pub start_brk: Option<u64>,
+}
+
+impl Stat {
+    /// Whether the process has exited (a zombie not reaped yet, or dead).
+    pub fn has_exited(&self) -> bool {
+        self.state == "Z" || self.state == "X"
+    }
+
+    pub fn is_kernel_thread(&self) -> bool {
+        self.flags & PF_KTHREAD != 0
+    }
+}
+
+/// Parses the text of `/proc/PID/stat`. Fields are counted after the parenthesized command name
+/// (which may hold spaces and parentheses itself); missing or unreadable fields stay empty.
+pub fn parse_stat(text: &str) -> Stat {
+    let after_comm = text.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    Stat {
+        state: fields.first().map(|s| s.to_string()).unwrap_or_default(),
+        flags: fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0),
+        start_brk: fields.get(44).and_then(|f| f.parse().ok()),
+    }
+}
+
+/// The stat of process `pid`.
+pub fn read_stat(pid: u32) -> Result<Stat, ProcError> {
+    read_text(pid, "stat").map(|text| parse_stat(&text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stat line with `comm`, state, flags and start_brk; other fields are counters.
+    fn line(comm: &str, state: &str, flags: u64, start_brk: u64) -> String {
+        let mut fields: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+        fields[0] = state.to_string();
+        fields[6] = flags.to_string();
+        fields[44] = start_brk.to_string();
+        format!("1234 ({comm}) {}\n", fields.join(" "))
+    }
+
+    #[test]
+    fn parses_state_flags_and_start_brk() {
+        let stat = parse_stat(&line("a) (b", "S", 0x40_0100, 0x5555_0000));
+        assert_eq!(
+            stat,
+            Stat {
+                state: "S".into(),
+                flags: 0x40_0100,
+                start_brk: Some(0x5555_0000),
+            }
+        );
+        assert!(!stat.has_exited() && !stat.is_kernel_thread());
+        assert!(parse_stat(&line("x", "Z", 0, 0)).has_exited());
+        assert!(parse_stat(&line("x", "X", 0, 0)).has_exited());
+        assert!(parse_stat(&line("kthreadd", "S", PF_KTHREAD | 0x40, 0)).is_kernel_thread());
+    }
+
+    #[test]
+    fn malformed_text_leaves_fields_empty() {
+        assert_eq!(parse_stat(""), Stat::default());
+        assert_eq!(parse_stat("1234 no parenthesis S 1 2 3"), Stat::default());
+        assert_eq!(
+            parse_stat("1 (short) R 1 2 3 4 5 notanumber"),
+            Stat {
+                state: "R".into(),
+                flags: 0,
+                start_brk: None,
+            }
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! Hooking the CUDA libraries of traced processes: the driver, the shared runtime and runtimes
+//! linked statically into other objects, as they appear (they are usually dlopen'ed late).
+
+use std::collections::HashSet;
+
+use crate::{
+    probes::{HeapProbes, resolve},
+    proc::maps,
+};
+
+/// CUDA objects hooked so far, and objects known to hold no CUDA runtime.
+#[derive(Default)]
+pub struct CudaHooked {
+    /// (pid, inode) of the objects hooked in each process.
+    hooked: HashSet<(u32, u64)>,
+    /// Inodes of objects read for a static runtime and found without one.
+    without_runtime: HashSet<u64>,
+}
+
+/// Hooks the CUDA driver of `pid`, its shared runtime and the runtimes linked statically into its
+/// other objects, for those not hooked yet in it (at attach, and each second after: CUDA
+/// libraries are usually dlopen'ed later). Says so on stderr.
+pub fn hook_cuda(pid: u32, probes: &mut HeapProbes, done: &mut CudaHooked) {
+    let Ok(maps) = maps::read_maps(pid) else {
+        return;
+    };
+    // The runtime is hooked before the driver is loaded (it loads the driver inside its first
+    // call), and fails by itself without one.
+    let mut objects: Vec<(&str, resolve::CudaObject)> = Vec::new();
+    objects.extend(resolve::find_cuda_driver(pid, &maps).map(|d| ("CUDA driver", d)));
+    objects.extend(resolve::find_cuda_runtime(pid, &maps).map(|rt| ("CUDA runtime", rt)));
+    let (statics, without) = resolve::find_static_cuda_runtimes(pid, &maps, |inode| {
+        done.without_runtime.contains(&inode) || done.hooked.contains(&(pid, inode))
+    });
+    done.without_runtime.extend(without);
+    objects.extend(statics.into_iter().map(|rt| ("static CUDA runtime", rt)));
+    for (what, object) in objects {
+        if object.points.is_empty() || done.hooked.contains(&(pid, object.inode)) {
+            continue;
+        }
+        match probes.attach_cuda(pid, &object) {
+            Ok(()) => {
+                done.hooked.insert((pid, object.inode));
+                eprintln!(
+                    "hooked {} in PID {pid}: {} {what} probes",
+                    object.target_path,
+                    object.points.len()
+                );
+            }
+            Err(e) => log::warn!("PID {pid}: {what} not hooked: {e}"),
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! What `record` is asked to do, and what it reports when done.
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use crate::probes::ProbeConfig;
+
+/// What to trace.
+#[derive(Clone, Debug)]
+pub enum TargetSpec {
+    Pid(u32),
+    Command(Vec<OsString>),
+}
+
+#[derive(Clone, Debug)]
+pub struct RecordOptions {
+    pub target: TargetSpec,
+    pub output: PathBuf,
+    pub force: bool,
+    pub duration: Option<Duration>,
+    pub probes: ProbeConfig,
+    /// Trace the C allocator with uprobes (exact live heap by stack; costs a trap per call).
+    /// Mappings and the program break are always traced, with tracepoints.
+    pub heap: bool,
+    /// How often the ring buffer is drained.
+    pub poll_interval: Duration,
+}
+
+/// What `record` reports when it is done.
+#[derive(Debug)]
+pub struct RecordSummary {
+    pub events: u64,
+    pub lost: u64,
+    pub stop_reason: String,
+    /// This process's peak resident memory (VmHWM), KiB.
+    pub tracer_peak_kib: u64,
+}

@@ -1,0 +1,253 @@
+//! Setting a recording up: the checks that need nothing attached (privilege, output path), the
+//! probes, the target (found by PID or launched), attaching, and opening the recording.
+
+use std::{
+    collections::HashMap,
+    io::IsTerminal,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cuda::nvml::{self as gpu, GpuMemorySource},
+    model::TargetInfo,
+    probes::{
+        HeapProbes, ProbeError,
+        resolve::{self, AllocatorObject},
+    },
+    proc::{
+        maps::{self, Mapping},
+        stat,
+    },
+    recording::Writer,
+    session::{
+        RecordOptions, TargetSpec,
+        batch::RingReader,
+        children::ProcessSet,
+        cuda_hooking::{CudaHooked, hook_cuda},
+        python_detection::detect_python,
+        recorder::{Recorder, Signals},
+        rss_sampling::sample_rss,
+        sink::EventSink,
+        target::{self, ExitWatch, LaunchedCommand, TargetError},
+    },
+};
+
+/// Checks what needs nothing attached, privilege first (it is the one error whose remedy
+/// applies to every other check), then installs the signal handlers.
+pub fn prepare(opts: &RecordOptions) -> anyhow::Result<Signals> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(ProbeError::NotPermitted.into());
+    }
+    Writer::check_output_path(&opts.output, opts.force)?;
+    // Handlers first: a SIGINT that arrives right after `attached` must finalize, not kill.
+    Ok(Signals {
+        interrupt: signal(SignalKind::interrupt())?,
+        terminate: signal(SignalKind::terminate())?,
+    })
+}
+
+/// The process to trace; a launched command is held stopped until `release`.
+struct Target {
+    pid: u32,
+    command: String,
+    /// Its mappings when found.
+    maps: Vec<Mapping>,
+    launched: Option<LaunchedCommand>,
+}
+
+/// The target with the probes attached.
+pub struct Attached {
+    probes: HeapProbes,
+    target: Target,
+    allocator: Option<AllocatorObject>,
+    exit_watch: ExitWatch,
+    initial_brk: Option<u64>,
+    cuda_hooked: CudaHooked,
+}
+
+/// Loads the probes, finds the target and its allocator, and attaches.
+pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
+    let mut probes = HeapProbes::load(opts.probes.clone())?;
+    let target = find_target(&opts.target, opts.heap)?;
+    let pid = target.pid;
+    let allocator = if opts.heap {
+        Some(resolve::find_allocator(pid, &target.maps)?)
+    } else {
+        None
+    };
+    let exit_watch = ExitWatch::new(pid, target.launched.is_some())?;
+    let initial_brk = current_brk(pid);
+    let attached = probes.trace_mappings(pid).and_then(|()| match &allocator {
+        Some(allocator) => probes.attach(pid, allocator),
+        None => Ok(()),
+    });
+    if let Err(e) = attached {
+        if exit_watch.has_exited() {
+            return Err(TargetError::ExitedDuringAttach { pid }.into());
+        }
+        return Err(e.into());
+    }
+    if exit_watch.has_exited() && target.launched.is_none() {
+        return Err(TargetError::ExitedDuringAttach { pid }.into());
+    }
+    let mut cuda_hooked = CudaHooked::default();
+    hook_cuda(pid, &mut probes, &mut cuda_hooked);
+    Ok(Attached {
+        probes,
+        target,
+        allocator,
+        exit_watch,
+        initial_brk,
+        cuda_hooked,
+    })
+}
+
+/// Finds the target and its mappings; a launched command is held stopped meanwhile.
+fn find_target(spec: &TargetSpec, heap: bool) -> Result<Target, TargetError> {
+    match spec {
+        TargetSpec::Pid(pid) => {
+            let command = target::check_pid(*pid)?;
+            let maps = maps::read_maps(*pid)?;
+            if maps.is_empty() {
+                return Err(TargetError::KernelThread { pid: *pid });
+            }
+            Ok(Target {
+                pid: *pid,
+                command,
+                maps,
+                launched: None,
+            })
+        }
+        TargetSpec::Command(argv) => {
+            // Held until its libc is mapped also without heap tracing: stacks are then named
+            // from a snapshot that has the C library, even for a command that exits at once.
+            let launched = target::launch(argv, heap)?;
+            Ok(Target {
+                pid: launched.pid,
+                command: launched.command.clone(),
+                maps: launched.maps.clone(),
+                launched: Some(launched),
+            })
+        }
+    }
+}
+
+/// The program break of `pid` now: the end of its `[heap]` mapping, else `start_brk` for a
+/// process that has not grown it yet.
+fn current_brk(pid: u32) -> Option<u64> {
+    match maps::read_heap_end(pid).ok()? {
+        Some(end) => Some(end),
+        None => stat::read_stat(pid).ok()?.start_brk,
+    }
+}
+
+/// Opens the recording, takes the first resident sample and lets a launched target go on.
+pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Result<Recorder> {
+    let Attached {
+        mut probes,
+        target,
+        allocator,
+        exit_watch,
+        initial_brk,
+        cuda_hooked,
+    } = attached;
+    let pid = target.pid;
+    let started = Instant::now();
+    let info = TargetInfo {
+        pids: vec![pid],
+        command: target.command.clone(),
+    };
+    let mut writer = Writer::create(&opts.output, &info, unix_ns(), opts.force)?;
+    let reader = RingReader::new(probes.take_ring());
+    let gpu = open_gpu(&mut writer)?;
+    let fn_names = heap_fn_names(allocator.as_ref());
+    let python_frames = opts.probes.python_frames;
+    let mut sink = EventSink::new(pid, target.maps, fn_names, gpu.is_some(), python_frames);
+    sink.learn_code_of(pid);
+    detect_python(pid, &mut sink, &mut probes);
+    if let Some(brk) = initial_brk {
+        sink.mappings.set_initial_brk(pid, brk);
+    }
+    // The first resident sample precedes everything the recording sees: taken before `attached`
+    // tells anyone to go on (a launched command is still held at this point).
+    if let Some(sample) = sample_rss(pid, 0, &sink.mappings) {
+        writer.add_rss_samples(&[sample])?;
+    }
+    announce(pid, &target.command, allocator.as_ref(), &probes);
+    if let Some(launched) = &target.launched {
+        launched.release()?;
+    }
+    Ok(Recorder {
+        pid,
+        follow_children: opts.probes.follow_children,
+        stack_mode: opts.probes.stack_mode_name(),
+        copy_bytes: opts
+            .probes
+            .stack_copy_other
+            .max(opts.probes.stack_copy_heap),
+        probes,
+        allocator,
+        launched: target.launched,
+        exit_watch,
+        cuda_hooked,
+        reader,
+        sink,
+        writer,
+        gpu,
+        processes: ProcessSet::new(pid),
+        started,
+        progress: std::io::stderr().is_terminal(),
+        last_events: 0,
+    })
+}
+
+/// Display names of the hooked heap functions by cookie (aliases joined).
+fn heap_fn_names(allocator: Option<&AllocatorObject>) -> HashMap<u32, String> {
+    allocator
+        .iter()
+        .flat_map(|a| &a.points)
+        .map(|p| (p.hook().func as u32, p.name()))
+        .collect()
+}
+
+/// GPU memory per process, to reconcile with the traced device classes; the recording says
+/// where it comes from, or why there is none.
+fn open_gpu(writer: &mut Writer) -> anyhow::Result<Option<Box<dyn GpuMemorySource>>> {
+    match gpu::open_source() {
+        Ok(source) => {
+            writer.set_gpu_source(&source.describe())?;
+            Ok(Some(source))
+        }
+        Err(why) => {
+            // Said in the report, where it matters (a process that used the GPU).
+            writer.set_gpu_source(&format!("not available: {why}"))?;
+            Ok(None)
+        }
+    }
+}
+
+/// Says on stderr what is traced.
+fn announce(pid: u32, command: &str, allocator: Option<&AllocatorObject>, probes: &HeapProbes) {
+    let heap = match allocator {
+        Some(a) => format!(
+            "; heap: {} probes on {} [{}]",
+            a.points.len(),
+            a.target_path,
+            probes.attached.join(", ")
+        ),
+        None => "; heap: not traced (add --heap for malloc by stack)".to_string(),
+    };
+    eprintln!(
+        "attached to PID {pid} ({command}): mappings: mmap, munmap, mprotect, mremap, brk{heap}"
+    );
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

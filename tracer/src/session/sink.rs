@@ -1,0 +1,353 @@
+//! The event sink: applies ring records to the ledger layers (live blocks, mappings, the CUDA
+//! layer), one method per event kind, interning each event's stack as it comes (`frames`).
+
+mod frames;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+
+use tracer_common::{
+    HeapAllocEvent, HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, map_op, proc_op,
+};
+
+use crate::{
+    cuda::{CudaLayer, vmm::VmmLedger},
+    events::{self, Event, Stack},
+    hooks::{self, CudaHook, Records},
+    ledger::{
+        CellRef, Ledger,
+        mappings::{self, MappingLedger},
+    },
+    model::{Class, FailureKey, StackIndex},
+    proc::{fd, maps::Mapping},
+    python::PythonProcess,
+    session::batch::RecordBatch,
+    stacks::{
+        FrameNamer, StackTable,
+        unwind::{ProcessUnwinder, UnwindCache},
+    },
+};
+
+/// User-space loss causes, besides the kernel's `drop_cause::NAMES`.
+const UNDECODABLE: &str = "undecodable_record";
+
+/// CPython arenas are 256 KiB (up to 3.9) or 1 MiB; smaller mmaps are not worth a look.
+const PYTHON_ARENA_MIN: u64 = 256 << 10;
+
+const PROT_EXEC: u64 = 0x4;
+
+/// Applies events to the ledger, interning stacks as they come.
+pub struct EventSink {
+    pub ledger: Ledger,
+    pub cuda: CudaLayer,
+    vmm: VmmLedger,
+    pub mappings: MappingLedger,
+    stacks: StackTable,
+    /// Display names of hooked functions by cookie (aliases joined: `memalign/aligned_alloc`).
+    fn_names: HashMap<u32, String>,
+    /// Records applied, and those that could not be decoded.
+    pub events: u64,
+    undecodable: u64,
+    /// Reused buffer for a record's stack.
+    ips: Vec<u64>,
+    /// Processes that mapped an executable file since the last look: their frame namers must
+    /// re-read maps while they still live.
+    code_mapped: Vec<u32>,
+    /// Frame namers by process.
+    namers: HashMap<u32, FrameNamer>,
+    /// DWARF unwinders of stack copies by process, sharing parsed unwind tables by build id.
+    unwinders: HashMap<u32, ProcessUnwinder>,
+    unwind_cache: UnwindCache,
+    /// CPython processes whose Python frames are recorded: their code objects are read here.
+    pythons: HashMap<u32, PythonProcess>,
+    python_frames: bool,
+    /// Stack copies unwound, and those that did not reach the outermost frame.
+    pub unwinds: u64,
+    pub unwinds_truncated: u64,
+    /// Process-tree events, for the recorder to act on (attach heap probes, stop when all exit).
+    proc_events: Vec<ProcEvent>,
+}
+
+impl EventSink {
+    /// A sink for a recording of `pid`, whose frames are named from `maps` (its mappings at
+    /// attach). `fn_names`: display names of the hooked heap functions by cookie; `gpu`: whether
+    /// GPU memory is sampled; `python_frames`: whether Python frames are read.
+    pub fn new(
+        pid: u32,
+        maps: Vec<Mapping>,
+        fn_names: HashMap<u32, String>,
+        gpu: bool,
+        python_frames: bool,
+    ) -> EventSink {
+        let mut ledger = Ledger::new();
+        for class in Class::ALL {
+            ledger.track(class);
+        }
+        EventSink {
+            ledger,
+            cuda: CudaLayer::new(gpu),
+            vmm: VmmLedger::new(),
+            mappings: MappingLedger::new(),
+            stacks: StackTable::new(),
+            fn_names,
+            events: 0,
+            undecodable: 0,
+            ips: Vec::new(),
+            code_mapped: Vec::new(),
+            namers: HashMap::from([(pid, FrameNamer::new(pid, maps))]),
+            unwinders: HashMap::new(),
+            unwind_cache: UnwindCache::new(),
+            pythons: HashMap::new(),
+            python_frames,
+            unwinds: 0,
+            unwinds_truncated: 0,
+            proc_events: Vec::new(),
+        }
+    }
+
+    /// Applies the records of a batch, in ring order.
+    pub fn apply_batch(&mut self, batch: &RecordBatch) {
+        for record in batch.records() {
+            self.apply(record);
+        }
+    }
+
+    /// Applies one ring record; one that cannot be decoded is counted as lost.
+    pub fn apply(&mut self, record: &[u8]) {
+        self.events += 1;
+        match events::decode(record) {
+            Some(Event::HeapAlloc(ev, stack)) => self.heap_alloc(&ev, &stack),
+            Some(Event::HeapFree(ev)) => {
+                self.ledger.free(ev.tgid, ev.addr);
+            }
+            Some(Event::Map(ev, stack)) => self.mapping(&ev, &stack),
+            Some(Event::Fault(ev, stack)) => {
+                let stack = self.stack_of(ev.tgid, &stack);
+                self.ledger.fault(ev.tgid, stack, u64::from(ev.weight));
+            }
+            Some(Event::CudaCall(ev, stack)) => {
+                let stack = self.stack_of(ev.tgid, &stack);
+                self.cuda.call(&mut self.ledger, &mut self.vmm, &ev, stack);
+            }
+            Some(Event::Proc(ev)) => self.process(ev),
+            None => self.undecodable += 1,
+        }
+    }
+
+    /// A hooked allocating call returned: a heap block (malloc family) or CUDA memory.
+    fn heap_alloc(&mut self, ev: &HeapAllocEvent, stack: &Stack) {
+        let is_realloc = matches!(
+            HeapFn::from_u32(ev.func),
+            Some(HeapFn::Realloc | HeapFn::Reallocarray)
+        );
+        if ev.addr == 0 && is_realloc && ev.size == 0 && ev.old_addr != 0 {
+            // glibc's realloc(p, 0) frees p and returns NULL.
+            self.ledger.free(ev.tgid, ev.old_addr);
+            return;
+        }
+        let stack = self.stack_of(ev.tgid, stack);
+        if let Some(runtime) = hooks::runtime_hook(ev.func) {
+            self.cuda
+                .runtime_return(&mut self.ledger, ev, runtime, stack);
+            return;
+        }
+        let cuda = hooks::cuda_hook(ev.func);
+        if ev.addr == 0 {
+            self.alloc_failure(ev, cuda, stack);
+            return;
+        }
+        let at = match cuda {
+            Some(hook) => CellRef {
+                stack,
+                ..self.cuda.placement(&mut self.ledger, ev, hook)
+            },
+            None => CellRef::new(ev.tgid, Class::Heap, stack),
+        };
+        if cuda.is_some_and(|hook| self.counted_by_cuda_layer(ev, hook.records, at)) {
+            return;
+        }
+        if is_realloc {
+            self.ledger
+                .realloc(ev.tgid, ev.old_addr, ev.addr, ev.size, at);
+        } else {
+            self.ledger.alloc(ev.tgid, ev.addr, ev.size, at);
+        }
+    }
+
+    /// Driver allocations the CUDA layer counts by itself: VMM handles, and allocations made
+    /// inside a runtime call, counted when it returns, at the runtime caller's stack (libcudart
+    /// has no frame pointers: the driver's own walk stops in it). Whether it took the event.
+    fn counted_by_cuda_layer(
+        &mut self,
+        ev: &HeapAllocEvent,
+        records: Records,
+        at: CellRef,
+    ) -> bool {
+        match records {
+            Records::VmmCreate => {
+                self.vmm
+                    .create(&mut self.ledger, ev.tgid, ev.addr, ev.size, at);
+            }
+            Records::VmmRetain => self.vmm.retain(ev.tgid, ev.addr),
+            Records::Alloc if hooks::runtime_hook(ev.old_addr as u32).is_some() => {
+                self.cuda.defer_alloc(*ev, at);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// A hooked allocating call failed: a failure of its function, class and error.
+    fn alloc_failure(
+        &mut self,
+        ev: &HeapAllocEvent,
+        cuda: Option<&'static CudaHook>,
+        stack: Option<StackIndex>,
+    ) {
+        let (function, error) = match cuda {
+            Some(hook) => (hook.symbol.to_string(), hooks::cuda_error_name(ev.err)),
+            None => (self.heap_fn_name(ev.func), events::errno_name(ev.err)),
+        };
+        let failure = FailureKey {
+            class: cuda.map_or(Class::Heap, |hook| hook.class),
+            pid: ev.tgid,
+            function,
+            size: ev.size,
+            error,
+            stack,
+        };
+        match cuda {
+            Some(_) => self.cuda.driver_failure(&mut self.ledger, ev, failure),
+            None => self.ledger.failure(failure),
+        }
+    }
+
+    /// The name of hooked heap function `func` as failures show it.
+    fn heap_fn_name(&self, func: u32) -> String {
+        self.fn_names
+            .get(&func)
+            .cloned()
+            .unwrap_or_else(|| format!("fn{func}"))
+    }
+
+    /// A memory syscall returned: the mapping layer follows it.
+    fn mapping(&mut self, ev: &MapEvent, stack: &Stack) {
+        let stack = self.stack_of(ev.tgid, stack);
+        let (pid, a) = (ev.tgid, ev.args);
+        let ledger = &mut self.ledger;
+        match ev.op {
+            map_op::MMAP => self.mmap(ev, stack),
+            map_op::MUNMAP => self.mappings.unmap(ledger, pid, a[0], a[1]),
+            map_op::MPROTECT => self.mappings.protect(ledger, pid, a[0], a[1], a[2] != 0),
+            map_op::MREMAP => {
+                let at = |class| map_cell(ev, class, stack);
+                let (old, new) = ((a[0], a[1]), (ev.ret, a[2]));
+                self.mappings
+                    .remap(ledger, pid, old.0, old.1, new.0, new.1, Class::Mmap, at);
+            }
+            map_op::MADVISE => ledger.released(pid, stack, mappings::page_up(a[1])),
+            map_op::BRK => {
+                let at = map_cell(ev, Class::Heap, stack);
+                self.mappings.brk(ledger, pid, ev.ret, at);
+            }
+            _ => self.undecodable += 1,
+        }
+    }
+
+    /// An mmap returned: a new mapping in the class its flags (or its stack, for CPython's
+    /// arenas) say; mapped code makes the process's frame namer look again.
+    fn mmap(&mut self, ev: &MapEvent, stack: Option<StackIndex>) {
+        let (pid, [_, len, prot, flags, fd]) = (ev.tgid, ev.args);
+        let fd = fd as i32;
+        if prot & PROT_EXEC != 0 && fd >= 0 && !self.code_mapped.contains(&pid) {
+            self.code_mapped.push(pid);
+        }
+        let class = match mappings::mmap_class(flags, fd, || fd::fd_target(pid, fd).ok()) {
+            Class::Mmap if len >= PYTHON_ARENA_MIN && self.is_python_arena(pid) => {
+                Class::PythonArena
+            }
+            class => class,
+        };
+        let at = map_cell(ev, class, stack);
+        self.mappings
+            .map(&mut self.ledger, pid, (ev.ret, len), prot != 0, class, at);
+    }
+
+    /// A process-tree event: a child inherits its parent's mappings and frame namer; an exec
+    /// ends what the old image had. Kept for the recorder to act on.
+    fn process(&mut self, ev: ProcEvent) {
+        match ev.op {
+            proc_op::FORK => self.fork(ev.parent, ev.pid),
+            proc_op::EXEC => self.exec(ev.pid),
+            _ => {}
+        }
+        self.proc_events.push(ev);
+    }
+
+    fn fork(&mut self, parent: u32, child: u32) {
+        self.mappings.fork(parent, child);
+        self.learn_code_of(child);
+        if let Some(parent) = self.namers.get(&parent) {
+            let namer = parent.for_child(child);
+            self.namers.insert(child, namer);
+        }
+    }
+
+    fn exec(&mut self, pid: u32) {
+        // The old image's stacks are named with the old image's mappings.
+        self.unwinders.remove(&pid);
+        self.pythons.remove(&pid);
+        if let Some(mut namer) = self.namers.remove(&pid) {
+            self.stacks.name_pending_of(pid, &mut namer);
+        }
+        // Its memory went with the old address space.
+        self.ledger.forget_process(pid);
+        self.mappings.forget_process(&mut self.ledger, pid);
+    }
+
+    /// The process-tree events applied since the last call.
+    pub fn take_proc_events(&mut self) -> Vec<ProcEvent> {
+        std::mem::take(&mut self.proc_events)
+    }
+
+    /// The processes that mapped code since the last call.
+    pub fn take_code_mapped(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.code_mapped)
+    }
+
+    /// The stacks interned since the last call, named.
+    pub fn take_new_stacks(&mut self) -> Vec<crate::model::Stack> {
+        self.stacks.take_new(&mut self.namers)
+    }
+
+    /// Whether the Python frames of `pid` should be read and are not yet.
+    pub fn wants_python(&self, pid: u32) -> bool {
+        self.python_frames && !self.pythons.contains_key(&pid)
+    }
+
+    /// Reads the Python frames of `pid`'s events from now on.
+    pub fn add_python(&mut self, pid: u32, python: PythonProcess) {
+        self.pythons.insert(pid, python);
+    }
+
+    /// Events lost, by cause: the kernel's drops (`drop_cause` order), then records that could
+    /// not be decoded.
+    pub fn lost(&self, kernel_drops: [u64; drop_cause::COUNT as usize]) -> BTreeMap<String, u64> {
+        let mut lost: BTreeMap<String, u64> = drop_cause::NAMES
+            .iter()
+            .zip(kernel_drops)
+            .map(|(name, n)| (name.to_string(), n))
+            .collect();
+        if self.undecodable > 0 {
+            lost.insert(UNDECODABLE.to_string(), self.undecodable);
+        }
+        lost
+    }
+}
+
+/// The cell a mapping event's bytes go to: none for a mapping made inside a hooked allocator
+/// call (the heap counts those bytes block by block).
+fn map_cell(ev: &MapEvent, class: Class, stack: Option<StackIndex>) -> Option<CellRef> {
+    (ev.flags & MAP_FROM_ALLOCATOR == 0).then(|| CellRef::new(ev.tgid, class, stack))
+}
