@@ -539,7 +539,9 @@ fn pitch_pools_registration_graph_nodes_and_executables_are_exact() {
 
 #[test]
 fn driver_memory_is_charged_to_the_opaque_call_after_which_it_appeared() {
-    require_privileges!();
+    // Each call's memory is charged to it only if the recorder samples within the fixture's
+    // 400 ms pause after the call: other recorders running beside it starved those samples.
+    require_privileges!(alone);
     let nvml = tempfile::tempdir().unwrap();
     let kept = nvml.path().join("hidden.trace");
     let run = Run {

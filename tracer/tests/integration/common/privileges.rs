@@ -1,16 +1,45 @@
 //! Whether this machine can run the tests that load eBPF programs, and `require_privileges!`,
-//! which skips (or, under `CI=true`, fails) a test that needs them where it cannot.
+//! which skips (or, under `CI=true`, fails) a test that needs them where it cannot, and makes
+//! room for its recorder.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
 
 /// Returns from the calling test when eBPF programs cannot be loaded here: the test is skipped
-/// with a notice, except under `CI=true`, where it fails instead (see `privileged`).
+/// with a notice, except under `CI=true`, where it fails instead (see `privileged`). Otherwise
+/// the test holds, until it ends, its place among the recorders (`record_beside_others`), or with
+/// `alone` the whole process (`record_alone`).
 macro_rules! require_privileges {
     () => {
         if !$crate::common::privileged() {
             return;
         }
+        let _recording = $crate::common::record_beside_others();
     };
+    (alone) => {
+        if !$crate::common::privileged() {
+            return;
+        }
+        let _recording = $crate::common::record_alone();
+    };
+}
+
+/// The recorders of this process's tests (the suites share one process). Tests record side by
+/// side, each holding a read guard; a test whose figures depend on when its recorder samples
+/// holds the write guard and records alone, so that the suite's other recorders cannot starve
+/// those samples of CPU.
+static RECORDERS: RwLock<()> = RwLock::new(());
+
+/// A place among the recorders that run side by side.
+pub fn record_beside_others() -> RwLockReadGuard<'static, ()> {
+    RECORDERS.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The only place: no other privileged test runs until the guard is dropped.
+pub fn record_alone() -> RwLockWriteGuard<'static, ()> {
+    RECORDERS.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Whether the tests that load eBPF programs can run here. Without root, eBPF, BTF or uprobes
