@@ -18,7 +18,9 @@ use std::{
 };
 
 pub use object::{Architecture, ReadRef, SymbolKind};
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, SegmentFlags};
+
+use crate::model::PAGE;
 
 /// Why an ELF file could not be had; names the file.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,8 @@ pub struct LoadSegment {
     pub file_offset: u64,
     pub file_size: u64,
     pub address: u64,
+    /// `PF_X`: mapped executable.
+    pub executable: bool,
 }
 
 impl LoadSegment {
@@ -86,12 +90,12 @@ impl LoadSegment {
         (into < self.file_size).then(|| self.file_offset + into)
     }
 
-    /// Whether a mapping that starts at `file_offset` maps this segment (a segment without file
-    /// bytes still owns its first offset).
+    /// Whether a mapping that starts at `file_offset` may map this segment: the loader maps a
+    /// segment from the page of its first byte (a segment without file bytes still owns it).
     pub fn maps_offset(&self, file_offset: u64) -> bool {
-        file_offset
-            .checked_sub(self.file_offset)
-            .is_some_and(|into| into < self.file_size.max(1))
+        let first_page = self.file_offset & !(PAGE - 1);
+        let end = self.file_offset.saturating_add(self.file_size.max(1));
+        (first_page..end).contains(&file_offset)
     }
 
     /// The load bias (run-time address minus stated address) of a mapping of this segment that
@@ -108,11 +112,23 @@ impl LoadSegment {
 }
 
 /// The load bias of a mapping of an object with these segments that starts at run-time address
-/// `start` and file offset `file_offset`; `None` when no segment is mapped there.
-pub fn load_bias(segments: &[LoadSegment], start: u64, file_offset: u64) -> Option<u64> {
+/// `start` and file offset `file_offset`, `executable` or not; `None` when no segment is mapped
+/// there.
+///
+/// Two segments can share a page of the file: lld starts each segment in the page where the
+/// previous one ends (`R` at offset 0 up to 0x1db654, `R E` from 0x1db660), so the mapping at
+/// offset 0x1db000 is either's. The one with the mapping's permission is meant; of two with it,
+/// the later (the earlier one's mapping starts at its own first page).
+pub fn load_bias(
+    segments: &[LoadSegment],
+    start: u64,
+    file_offset: u64,
+    executable: bool,
+) -> Option<u64> {
     segments
         .iter()
-        .find(|s| s.maps_offset(file_offset))?
+        .filter(|s| s.maps_offset(file_offset))
+        .max_by_key(|s| s.executable == executable)?
         .bias(start, file_offset)
 }
 
@@ -137,6 +153,10 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
                     file_offset,
                     file_size,
                     address: s.address(),
+                    executable: matches!(
+                        s.flags(),
+                        SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0
+                    ),
                 }
             })
             .collect();
@@ -267,7 +287,7 @@ mod tests {
             .symbols()
             .find(|s| s.name == "malloc" && s.defined)
             .unwrap();
-        let bias = load_bias(elf.load_segments(), m.start, m.file_offset).unwrap();
+        let bias = load_bias(elf.load_segments(), m.start, m.file_offset, true).unwrap();
         assert_eq!(stated.address.wrapping_add(bias), addr);
     }
 
@@ -277,9 +297,10 @@ mod tests {
     }
 
     /// Functions only in `.symtab` (this test binary's own, not exported) are found, read on
-    /// demand, at the file offset they run from.
+    /// demand, at the file offset and the load bias they run at (rustc links with lld: its
+    /// executable segment starts in the page where the read-only one ends).
     #[test]
-    fn symtab_functions_of_this_binary() {
+    fn symtab_functions_and_load_bias_of_this_binary() {
         let maps = own_maps();
         let addr = elf_symtab_marker as fn() -> u64 as usize as u64;
         assert_eq!(elf_symtab_marker(), 7);
@@ -291,6 +312,8 @@ mod tests {
             .symbols()
             .find(|s| s.name.contains("elf_symtab_marker") && s.kind == SymbolKind::Text)
             .expect("the marker function is in .symtab");
+        let bias = load_bias(elf.load_segments(), m.start, m.file_offset, true).unwrap();
+        assert_eq!(marker.address.wrapping_add(bias), addr);
         assert_eq!(
             elf.file_offset(marker.address),
             Some(addr - m.start + m.file_offset)
@@ -321,6 +344,7 @@ mod tests {
             file_offset: 0x1234,
             file_size: 0x100,
             address: 0x40_1234,
+            executable: true,
         };
         assert_eq!(s.file_offset_of(0x40_1240), Some(0x1240));
         assert_eq!(s.file_offset_of(0x40_1334), None, "past the file bytes");
@@ -331,7 +355,7 @@ mod tests {
             s.bias(0x7f00_0000_0000, 0x1000),
             Some(0x7f00_0000_0000 - 0x40_1000)
         );
-        assert!(!s.maps_offset(0x1000) && s.maps_offset(0x1234) && !s.maps_offset(0x1334));
+        assert!(!s.maps_offset(0xfff) && s.maps_offset(0x1000) && !s.maps_offset(0x1334));
         let empty = LoadSegment { file_size: 0, ..s };
         assert!(empty.maps_offset(0x1234));
         let far = LoadSegment {
@@ -340,9 +364,34 @@ mod tests {
         };
         assert_eq!(far.bias(0, 0x2000), None);
         assert_eq!(
-            load_bias(&[s], 0x7f00_0000_5000, 0x1240),
+            load_bias(&[s], 0x7f00_0000_5000, 0x1240, true),
             Some(0x7f00_0000_5000 - 0x40_1240)
         );
-        assert_eq!(load_bias(&[s], 0x7f00_0000_5000, 0x9000), None);
+        assert_eq!(load_bias(&[s], 0x7f00_0000_5000, 0x9000, true), None);
+    }
+
+    /// lld's layout (this test binary's): segments share the pages where they meet.
+    #[test]
+    fn shared_pages_belong_to_the_segment_with_the_mappings_permission() {
+        let segment = |file_offset, address, file_size, executable| LoadSegment {
+            file_offset,
+            file_size,
+            address,
+            executable,
+        };
+        let segments = [
+            segment(0, 0, 0x1d_b654, false),
+            segment(0x1d_b660, 0x1d_c660, 0x63_f580, true),
+            segment(0x81_abe0, 0x81_cbe0, 0x3_6ac8, false),
+            segment(0x85_16a8, 0x85_46a8, 0x60b8, false),
+        ];
+        let base = 0x5555_0000_0000;
+        let bias = |start_page: u64, offset, executable| {
+            load_bias(&segments, base + start_page, offset, executable)
+        };
+        assert_eq!(bias(0, 0, false), Some(base));
+        assert_eq!(bias(0x1d_c000, 0x1d_b000, true), Some(base));
+        assert_eq!(bias(0x81_c000, 0x81_a000, false), Some(base));
+        assert_eq!(bias(0x85_4000, 0x85_1000, false), Some(base));
     }
 }

@@ -113,7 +113,7 @@ impl ModuleUnwindInfo {
 
     /// The load bias of a mapping of this file: run-time address minus stated address.
     pub(super) fn bias(&self, m: &Mapping) -> Option<u64> {
-        elf::load_bias(&self.segments, m.start, m.file_offset)
+        elf::load_bias(&self.segments, m.start, m.file_offset, m.executable)
     }
 
     fn parse<'d, R: ReadRef<'d>>(

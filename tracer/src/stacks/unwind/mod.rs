@@ -489,6 +489,30 @@ mod tests {
         )
     }
 
+    #[inline(never)]
+    fn unwind_bias_marker() -> u64 {
+        std::hint::black_box(11)
+    }
+
+    /// This test binary, linked by lld (its executable segment starts in the page where the
+    /// read-only one ends), is loaded at the bias its functions run at.
+    #[test]
+    fn a_live_process_is_loaded_at_its_true_bias() {
+        let addr = unwind_bias_marker as fn() -> u64 as usize as u64;
+        assert_eq!(unwind_bias_marker(), 11);
+        let cache = UnwindCache::new();
+        let u = ProcessUnwinder::new(std::process::id(), &cache).unwrap();
+        let module = u.modules().find(|m| m.range.contains(&addr)).unwrap();
+        let data = fs::read(module.info.path()).unwrap();
+        let elf = crate::elf::Elf::parse(module.info.path(), &*data).unwrap();
+        let stated = elf
+            .symbols()
+            .find(|s| s.name.contains("unwind_bias_marker"))
+            .unwrap();
+        assert_eq!(module.bias, addr - stated.address);
+        assert!(module.info.covers(stated.address));
+    }
+
     #[test]
     fn maps_updates_add_remove_and_report_failures() {
         let dir = tempfile::tempdir().unwrap();
