@@ -160,8 +160,8 @@ pub fn find_static_cuda_runtimes(
     (found, without)
 }
 
-/// Whether executable mapping `m` may have a CUDA runtime linked in: a file, and not the
-/// driver, the shared runtime, the C library or the dynamic loader.
+/// Whether mapping `m` may hold a statically linked CUDA runtime: an executable file mapping
+/// other than the driver, the shared runtime, the C library and the dynamic loader.
 fn may_link_cuda_runtime(m: &Mapping) -> bool {
     let base = m.path.rsplit('/').next().unwrap_or(&m.path);
     m.executable
