@@ -86,8 +86,10 @@ pub struct LoadSegment {
 impl LoadSegment {
     /// The file offset of stated `address`, if the segment's file bytes hold it.
     pub fn file_offset_of(&self, address: u64) -> Option<u64> {
-        let into = address.checked_sub(self.address)?;
-        (into < self.file_size).then(|| self.file_offset + into)
+        let into = address
+            .checked_sub(self.address)
+            .filter(|&into| into < self.file_size)?;
+        self.file_offset.checked_add(into)
     }
 
     /// Whether a mapping that starts at `file_offset` may map this segment: the loader maps a
@@ -363,6 +365,11 @@ mod tests {
             ..s
         };
         assert_eq!(far.bias(0, 0x2000), None);
+        let garbage = LoadSegment {
+            file_offset: u64::MAX,
+            ..s
+        };
+        assert_eq!(garbage.file_offset_of(0x40_1240), None);
         assert_eq!(
             load_bias(&[s], 0x7f00_0000_5000, 0x1240, true),
             Some(0x7f00_0000_5000 - 0x40_1240)

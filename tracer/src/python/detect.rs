@@ -36,8 +36,9 @@ fn file_maps(pid: u32) -> Result<Vec<Mapping>> {
     Ok(maps::parse_maps(&text))
 }
 
-/// `(minor, is_library, is_variant)` for `libpython3.X.so…` or `python3.X` file names; `3.Xt`/`3.Xd` builds
-/// (free-threaded, debug) have other layouts and are refused by their suffix, as 3.X+1 would be.
+/// `(minor, is_library, is_variant)` for `libpython3.X.so…` or `python3.X` file names;
+/// `3.Xt`/`3.Xd` builds (free-threaded, debug) have other layouts and are refused by their
+/// suffix, as 3.X+1 would be.
 fn interpreter_name(path: &str) -> Option<(u32, bool, bool)> {
     let name = path.rsplit('/').next()?;
     let (rest, lib) = if let Some(r) = name.strip_prefix("libpython3.") {
