@@ -3,13 +3,11 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
     path::{Path, PathBuf},
 };
 
-use object::{Object, ObjectSegment, ObjectSymbol};
-
 use crate::{
+    elf::{self, Elf, ElfError, ReadRef},
     hooks::{CUDA_COOKIE_BASE, CUDA_HOOKS, HOOKS, Hook, RUNTIME_COOKIE_BASE, RUNTIME_HOOKS, Site},
     proc::maps::{Mapping, open_path},
     session::target::TargetError,
@@ -90,59 +88,19 @@ impl AttachPoint {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error("cannot read `{path}`: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("`{path}` is not a readable ELF object: {source}")]
-    Parse {
-        path: PathBuf,
-        source: object::Error,
-    },
-}
-
-/// File offsets of the `wanted` function symbols defined in the ELF `data` (.dynsym first: that
-/// is what callers bind to; .symtab for static executables).
-fn symbol_offsets<'w>(
-    path: &Path,
-    data: &[u8],
-    wanted: &[&'w str],
-) -> Result<BTreeMap<&'w str, u64>, ResolveError> {
-    symbol_offsets_in(data, wanted).map_err(|source| ResolveError::Parse {
-        path: path.into(),
-        source,
-    })
-}
-
-fn symbol_offsets_in<'data, 'w, R: object::ReadRef<'data>>(
-    data: R,
-    wanted: &[&'w str],
-) -> Result<BTreeMap<&'w str, u64>, object::Error> {
-    let file = object::File::parse(data)?;
-    let mut offsets: BTreeMap<&str, u64> = BTreeMap::new();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        if sym.is_undefined() || sym.kind() != object::SymbolKind::Text || sym.address() == 0 {
-            continue;
-        }
-        if let Ok(name) = sym.name()
-            && let Some(w) = wanted.iter().find(|w| **w == name)
-            && !offsets.contains_key(w)
-            && let Some(offset) = vaddr_to_file_offset(&file, sym.address())
-        {
-            offsets.insert(w, offset);
-        }
-    }
-    Ok(offsets)
-}
-
-fn read_object(path: &Path) -> Result<Vec<u8>, ResolveError> {
-    fs::read(path).map_err(|source| ResolveError::Read {
-        path: path.into(),
-        source,
-    })
+/// The hook points of `hooks` in `elf`: (index in `hooks`, file offset) of each symbol it
+/// defines, in table order.
+fn cuda_points<'data, R: ReadRef<'data>>(
+    elf: &Elf<'data, R>,
+    hooks: &[crate::hooks::CudaHook],
+) -> Vec<(usize, u64)> {
+    let wanted: Vec<&str> = hooks.iter().map(|h| h.symbol).collect();
+    let offsets = elf.function_offsets(&wanted);
+    hooks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| offsets.get(h.symbol).map(|&off| (i, off)))
+        .collect()
 }
 
 /// The CUDA driver a process maps (`libcuda.so*`), with the file offsets of the hooked CUDA
@@ -172,36 +130,20 @@ pub fn find_static_cuda_runtimes(
     maps: &[Mapping],
     skip: impl Fn(u64) -> bool,
 ) -> (Vec<CudaObject>, Vec<u64>) {
-    let wanted: Vec<&str> = RUNTIME_HOOKS.iter().map(|h| h.symbol).collect();
     let (mut found, mut without) = (Vec::new(), Vec::new());
     let mut seen = std::collections::HashSet::new();
-    for m in maps.iter().filter(|m| m.executable && m.inode != 0) {
-        let base = m.path.rsplit('/').next().unwrap_or(&m.path);
-        if !m.path.starts_with('/')
-            || base.starts_with("libcuda.so")
-            || base.starts_with("libcudart.so")
-            || is_libc_name(&m.path)
-            || base.starts_with("ld-linux")
-            || skip(m.inode)
-            || !seen.insert(m.inode)
-        {
+    for m in maps.iter().filter(|m| may_link_cuda_runtime(m)) {
+        if skip(m.inode) || !seen.insert(m.inode) {
             continue;
         }
         let open_path = open_path(pid, m);
-        // Read through a cache: only the symbol tables, not a whole 1 GB libtorch.
-        let Ok(file) = fs::File::open(&open_path) else {
+        // On demand: only the symbol tables, not a whole 1 GB libtorch.
+        let Ok(data) = elf::open(&open_path) else {
             continue;
         };
-        let cache = object::ReadCache::new(file);
-        let Ok(offsets) = symbol_offsets_in(&cache, &wanted) else {
-            without.push(m.inode);
-            continue;
-        };
-        let points: Vec<(usize, u64)> = RUNTIME_HOOKS
-            .iter()
-            .enumerate()
-            .filter_map(|(i, h)| offsets.get(h.symbol).map(|&off| (i, off)))
-            .collect();
+        let points = Elf::parse(&open_path, &data)
+            .map(|elf| cuda_points(&elf, RUNTIME_HOOKS))
+            .unwrap_or_default();
         if points.is_empty() {
             without.push(m.inode);
             continue;
@@ -218,6 +160,19 @@ pub fn find_static_cuda_runtimes(
     (found, without)
 }
 
+/// Whether mapping `m` may hold a statically linked CUDA runtime: an executable file mapping
+/// other than the driver, the shared runtime, the C library and the dynamic loader.
+fn may_link_cuda_runtime(m: &Mapping) -> bool {
+    let base = m.path.rsplit('/').next().unwrap_or(&m.path);
+    m.executable
+        && m.inode != 0
+        && m.path.starts_with('/')
+        && !base.starts_with("libcuda.so")
+        && !base.starts_with("libcudart.so")
+        && !is_libc_name(&m.path)
+        && !base.starts_with("ld-linux")
+}
+
 fn find_cuda_object(
     pid: u32,
     maps: &[Mapping],
@@ -230,14 +185,8 @@ fn find_cuda_object(
         m.executable && base.starts_with(name_prefix)
     })?;
     let open_path = open_path(pid, m);
-    let data = read_object(&open_path).ok()?;
-    let wanted: Vec<&str> = hooks.iter().map(|h| h.symbol).collect();
-    let offsets = symbol_offsets(&open_path, &data, &wanted).ok()?;
-    let points = hooks
-        .iter()
-        .enumerate()
-        .filter_map(|(i, h)| offsets.get(h.symbol).map(|&off| (i, off)))
-        .collect();
+    let data = elf::read(&open_path).ok()?;
+    let points = cuda_points(&Elf::parse(&open_path, &*data).ok()?, hooks);
     Some(CudaObject {
         hooks,
         cookie_base,
@@ -262,10 +211,10 @@ pub struct CudaObject {
 }
 
 /// Resolves every hook of the table in the ELF object at `path` (missing symbols are skipped).
-pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ResolveError> {
-    let data = read_object(path)?;
+pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ElfError> {
+    let data = elf::read(path)?;
     let wanted: Vec<&str> = HOOKS.iter().map(|h| h.symbol).collect();
-    let offsets = symbol_offsets(path, &data, &wanted)?;
+    let offsets = Elf::parse(path, &*data)?.function_offsets(&wanted);
 
     let mut by_offset: BTreeMap<u64, AttachPoint> = BTreeMap::new();
     for hook in HOOKS {
@@ -288,17 +237,6 @@ pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ResolveError> {
     }
     points.sort_by_key(|p| p.hook().func as u32);
     Ok(points)
-}
-
-fn vaddr_to_file_offset<'data, R: object::ReadRef<'data>>(
-    file: &object::File<'data, R>,
-    vaddr: u64,
-) -> Option<u64> {
-    file.segments().find_map(|seg| {
-        let (file_start, file_size) = seg.file_range();
-        (vaddr >= seg.address() && vaddr < seg.address() + file_size)
-            .then(|| vaddr - seg.address() + file_start)
-    })
 }
 
 /// Offset of the first instruction past a leading `test %rdi,%rdi; je <out>` when that instruction

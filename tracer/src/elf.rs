@@ -1,0 +1,404 @@
+//! The ELF files a target maps, read the one way every reader shares: the probes' hooked
+//! functions (`probes::resolve`), CPython's runtime symbols (`python`), the unwind sections
+//! (`stacks::unwind`).
+//!
+//! Symbols come from `.dynsym` and `.symtab`: what callers bind to is in the first, while
+//! hidden-visibility functions (a CUDA runtime linked in statically) and static executables'
+//! functions are only in the second. An address stated in the file (a symbol's value) maps to
+//! a file offset (what uprobes attach to) and, given a mapping of the file, to a run-time address
+//! (the load bias), both through the `PT_LOAD` segments.
+
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    fs::{self, File},
+    io,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+pub use object::{Architecture, ReadRef, SymbolKind};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, SegmentFlags};
+
+use crate::model::PAGE;
+
+/// Why an ELF file could not be had; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error("cannot read `{path}`: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("`{path}` is not a readable ELF object: {source}")]
+    Parse {
+        path: PathBuf,
+        source: object::Error,
+    },
+}
+
+/// A file read on demand: only the parts parsed are read (the symbol tables, not all of a 1 GB
+/// libtorch).
+pub type OnDemand = ReadCache<File>;
+
+/// All of the file at `path`, for readers that also read code bytes.
+pub fn read(path: &Path) -> Result<Vec<u8>, ElfError> {
+    fs::read(path).map_err(|source| ElfError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// The file at `path`, read on demand.
+pub fn open(path: &Path) -> Result<OnDemand, ElfError> {
+    File::open(path)
+        .map(on_demand)
+        .map_err(|source| ElfError::Read {
+            path: path.into(),
+            source,
+        })
+}
+
+/// An open file, read on demand.
+pub fn on_demand(file: File) -> OnDemand {
+    ReadCache::new(file)
+}
+
+/// One symbol of `.dynsym` or `.symtab`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Symbol<'data> {
+    pub name: &'data str,
+    /// The value: an address as stated in the file (an offset in the TLS block for `Tls`).
+    pub address: u64,
+    pub size: u64,
+    pub kind: SymbolKind,
+    /// Whether the file defines it (an undefined symbol names what another object provides).
+    pub defined: bool,
+}
+
+/// One `PT_LOAD` segment: which bytes of the file appear at which stated addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadSegment {
+    pub file_offset: u64,
+    pub file_size: u64,
+    pub address: u64,
+    /// `PF_X`: mapped executable.
+    pub executable: bool,
+}
+
+impl LoadSegment {
+    /// The file offset of stated `address`, if the segment's file bytes hold it.
+    pub fn file_offset_of(&self, address: u64) -> Option<u64> {
+        let into = address
+            .checked_sub(self.address)
+            .filter(|&into| into < self.file_size)?;
+        self.file_offset.checked_add(into)
+    }
+
+    /// Whether a mapping that starts at `file_offset` may map this segment: the loader maps a
+    /// segment from the page of its first byte (a segment without file bytes still owns it).
+    pub fn maps_offset(&self, file_offset: u64) -> bool {
+        let first_page = self.file_offset & !(PAGE - 1);
+        let end = self.file_offset.saturating_add(self.file_size.max(1));
+        (first_page..end).contains(&file_offset)
+    }
+
+    /// The load bias (run-time address minus stated address) of a mapping of this segment that
+    /// starts at run-time address `start` and file offset `file_offset`. The offset may be the
+    /// segment's offset rounded down to its page, as the loader maps it.
+    pub fn bias(&self, start: u64, file_offset: u64) -> Option<u64> {
+        let stated = if file_offset >= self.file_offset {
+            self.address.checked_add(file_offset - self.file_offset)?
+        } else {
+            self.address.checked_sub(self.file_offset - file_offset)?
+        };
+        Some(start.wrapping_sub(stated))
+    }
+}
+
+/// The load bias of a mapping of an object with these segments that starts at run-time address
+/// `start` and file offset `file_offset`, `executable` or not; `None` when no segment is mapped
+/// there.
+///
+/// Two segments can share a page of the file: lld starts each segment in the page where the
+/// previous one ends (`R` at offset 0 up to 0x1db654, `R E` from 0x1db660), so the mapping at
+/// offset 0x1db000 is either's. The one with the mapping's permission is meant; of two with it,
+/// the later (the earlier one's mapping starts at its own first page).
+pub fn load_bias(
+    segments: &[LoadSegment],
+    start: u64,
+    file_offset: u64,
+    executable: bool,
+) -> Option<u64> {
+    segments
+        .iter()
+        .filter(|s| s.maps_offset(file_offset))
+        .max_by_key(|s| s.executable == executable)?
+        .bias(start, file_offset)
+}
+
+/// A parsed ELF file over its bytes (`&[u8]` of a file read whole, or `&OnDemand`).
+pub struct Elf<'data, R: ReadRef<'data>> {
+    file: object::File<'data, R>,
+    segments: Vec<LoadSegment>,
+}
+
+impl<'data, R: ReadRef<'data>> Elf<'data, R> {
+    /// Parses `data`, the contents of the file at `path` (named in the error).
+    pub fn parse(path: &Path, data: R) -> Result<Self, ElfError> {
+        let file = object::File::parse(data).map_err(|source| ElfError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        let segments = file
+            .segments()
+            .map(|s| {
+                let (file_offset, file_size) = s.file_range();
+                LoadSegment {
+                    file_offset,
+                    file_size,
+                    address: s.address(),
+                    executable: matches!(
+                        s.flags(),
+                        SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0
+                    ),
+                }
+            })
+            .collect();
+        Ok(Elf { file, segments })
+    }
+
+    /// Every symbol with a UTF-8 name: `.dynsym` first, then `.symtab` (a symbol in both comes
+    /// twice).
+    pub fn symbols(&self) -> impl Iterator<Item = Symbol<'data>> + '_ {
+        self.file
+            .dynamic_symbols()
+            .chain(self.file.symbols())
+            .filter_map(|s| {
+                Some(Symbol {
+                    name: s.name().ok()?,
+                    address: s.address(),
+                    size: s.size(),
+                    kind: s.kind(),
+                    defined: !s.is_undefined(),
+                })
+            })
+    }
+
+    /// File offsets of the `wanted` functions this file defines (`.dynsym` first: that is what
+    /// callers bind to); names it does not define are absent.
+    pub fn function_offsets<'w>(&self, wanted: &[&'w str]) -> BTreeMap<&'w str, u64> {
+        let mut offsets = BTreeMap::new();
+        let functions = self
+            .symbols()
+            .filter(|s| s.defined && s.kind == SymbolKind::Text && s.address != 0);
+        for sym in functions {
+            if let Some(w) = wanted.iter().find(|w| **w == sym.name)
+                && !offsets.contains_key(w)
+                && let Some(offset) = self.file_offset(sym.address)
+            {
+                offsets.insert(*w, offset);
+            }
+        }
+        offsets
+    }
+
+    /// The `PT_LOAD` segments, in program header order.
+    pub fn load_segments(&self) -> &[LoadSegment] {
+        &self.segments
+    }
+
+    /// The file offset of stated `address`.
+    pub fn file_offset(&self, address: u64) -> Option<u64> {
+        self.segments.iter().find_map(|s| s.file_offset_of(address))
+    }
+
+    /// The `len` bytes the file holds at stated `address`.
+    pub fn data_at(&self, address: u64, len: u64) -> Option<&'data [u8]> {
+        self.file
+            .segments()
+            .find_map(|s| s.data_range(address, len).ok().flatten())
+    }
+
+    /// The GNU build id, if the file has a non-empty one.
+    pub fn build_id(&self) -> Option<Vec<u8>> {
+        let id = self.file.build_id().ok().flatten()?;
+        (!id.is_empty()).then(|| id.to_vec())
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        self.file.architecture()
+    }
+
+    /// The stated addresses of section `name`.
+    pub fn section_range(&self, name: &str) -> Option<Range<u64>> {
+        let s = self.file.section_by_name(name)?;
+        Some(s.address()..s.address().saturating_add(s.size()))
+    }
+
+    /// The bytes of section `name`, decompressed; `None` when it is absent or cannot be read
+    /// (compressed without support, truncated file).
+    pub fn section_data(&self, name: &str) -> Option<Cow<'data, [u8]>> {
+        self.file.section_by_name(name)?.uncompressed_data().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        probes::resolve::is_libc_name,
+        proc::maps::{Mapping, read_maps},
+    };
+
+    fn own_maps() -> Vec<Mapping> {
+        read_maps(std::process::id()).unwrap()
+    }
+
+    /// The executable mapping of this process that holds run-time address `addr`.
+    fn mapping_at(maps: &[Mapping], addr: u64) -> Mapping {
+        maps.iter()
+            .find(|m| m.executable && (m.start..m.end).contains(&addr))
+            .unwrap_or_else(|| panic!("{addr:#x} is in no executable mapping"))
+            .clone()
+    }
+
+    fn libc_path(maps: &[Mapping]) -> PathBuf {
+        let m = maps
+            .iter()
+            .find(|m| m.executable && is_libc_name(&m.path))
+            .expect("this process maps a C library");
+        PathBuf::from(&m.path)
+    }
+
+    /// `malloc`'s file offset is where this process's libc mapping has the `malloc` it runs.
+    #[test]
+    fn libc_malloc_offset_is_where_it_is_mapped() {
+        let maps = own_maps();
+        // SAFETY: a NUL-terminated name; dlsym only looks it up.
+        let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as u64;
+        let m = mapping_at(&maps, addr);
+        let data = read(&libc_path(&maps)).unwrap();
+        let elf = Elf::parse(&libc_path(&maps), &*data).unwrap();
+        let offsets = elf.function_offsets(&["malloc", "no_such_function"]);
+        assert_eq!(
+            offsets.get("malloc"),
+            Some(&(addr - m.start + m.file_offset))
+        );
+        assert_eq!(offsets.len(), 1, "{offsets:?}");
+        assert!(elf.build_id().is_some_and(|id| id.len() >= 8));
+
+        let stated = elf
+            .symbols()
+            .find(|s| s.name == "malloc" && s.defined)
+            .unwrap();
+        let bias = load_bias(elf.load_segments(), m.start, m.file_offset, true).unwrap();
+        assert_eq!(stated.address.wrapping_add(bias), addr);
+    }
+
+    #[inline(never)]
+    fn elf_symtab_marker() -> u64 {
+        std::hint::black_box(7)
+    }
+
+    /// Functions only in `.symtab` (this test binary's own, not exported) are found, read on
+    /// demand, at the file offset and the load bias they run at (rustc links with lld: its
+    /// executable segment starts in the page where the read-only one ends).
+    #[test]
+    fn symtab_functions_and_load_bias_of_this_binary() {
+        let maps = own_maps();
+        let addr = elf_symtab_marker as fn() -> u64 as usize as u64;
+        assert_eq!(elf_symtab_marker(), 7);
+        let m = mapping_at(&maps, addr);
+        let path = PathBuf::from(&m.path);
+        let data = open(&path).unwrap();
+        let elf = Elf::parse(&path, &data).unwrap();
+        let marker = elf
+            .symbols()
+            .find(|s| s.name.contains("elf_symtab_marker") && s.kind == SymbolKind::Text)
+            .expect("the marker function is in .symtab");
+        let bias = load_bias(elf.load_segments(), m.start, m.file_offset, true).unwrap();
+        assert_eq!(marker.address.wrapping_add(bias), addr);
+        assert_eq!(
+            elf.file_offset(marker.address),
+            Some(addr - m.start + m.file_offset)
+        );
+        assert_eq!(elf.architecture(), Architecture::X86_64);
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.so");
+        let err = read(&missing).unwrap_err();
+        assert!(matches!(err, ElfError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("missing.so"), "{err}");
+        assert!(matches!(open(&missing), Err(ElfError::Read { .. })));
+
+        let text = dir.path().join("notes.txt");
+        fs::write(&text, "not an ELF file").unwrap();
+        let err = Elf::parse(&text, &*read(&text).unwrap()).err().unwrap();
+        assert!(matches!(err, ElfError::Parse { .. }), "{err:?}");
+        assert!(err.to_string().contains("notes.txt"), "{err}");
+    }
+
+    #[test]
+    fn segments_map_offsets_and_addresses() {
+        // A segment at file offset 0x1234 stated at 0x401234, 0x100 bytes in the file.
+        let s = LoadSegment {
+            file_offset: 0x1234,
+            file_size: 0x100,
+            address: 0x40_1234,
+            executable: true,
+        };
+        assert_eq!(s.file_offset_of(0x40_1240), Some(0x1240));
+        assert_eq!(s.file_offset_of(0x40_1334), None, "past the file bytes");
+        assert_eq!(s.file_offset_of(0x40_1000), None);
+        assert_eq!(s.file_offset_of(u64::MAX), None);
+        // Mapped from its page, 0x1000, at 0x7f00_0000_0000.
+        assert_eq!(
+            s.bias(0x7f00_0000_0000, 0x1000),
+            Some(0x7f00_0000_0000 - 0x40_1000)
+        );
+        assert!(!s.maps_offset(0xfff) && s.maps_offset(0x1000) && !s.maps_offset(0x1334));
+        let empty = LoadSegment { file_size: 0, ..s };
+        assert!(empty.maps_offset(0x1234));
+        let far = LoadSegment {
+            address: u64::MAX,
+            ..s
+        };
+        assert_eq!(far.bias(0, 0x2000), None);
+        let garbage = LoadSegment {
+            file_offset: u64::MAX,
+            ..s
+        };
+        assert_eq!(garbage.file_offset_of(0x40_1240), None);
+        assert_eq!(
+            load_bias(&[s], 0x7f00_0000_5000, 0x1240, true),
+            Some(0x7f00_0000_5000 - 0x40_1240)
+        );
+        assert_eq!(load_bias(&[s], 0x7f00_0000_5000, 0x9000, true), None);
+    }
+
+    /// lld's layout (this test binary's): segments share the pages where they meet.
+    #[test]
+    fn shared_pages_belong_to_the_segment_with_the_mappings_permission() {
+        let segment = |file_offset, address, file_size, executable| LoadSegment {
+            file_offset,
+            file_size,
+            address,
+            executable,
+        };
+        let segments = [
+            segment(0, 0, 0x1d_b654, false),
+            segment(0x1d_b660, 0x1d_c660, 0x63_f580, true),
+            segment(0x81_abe0, 0x81_cbe0, 0x3_6ac8, false),
+            segment(0x85_16a8, 0x85_46a8, 0x60b8, false),
+        ];
+        let base = 0x5555_0000_0000;
+        let bias = |start_page: u64, offset, executable| {
+            load_bias(&segments, base + start_page, offset, executable)
+        };
+        assert_eq!(bias(0, 0, false), Some(base));
+        assert_eq!(bias(0x1d_c000, 0x1d_b000, true), Some(base));
+        assert_eq!(bias(0x81_c000, 0x81_a000, false), Some(base));
+        assert_eq!(bias(0x85_4000, 0x85_1000, false), Some(base));
+    }
+}

@@ -1,0 +1,204 @@
+//! Naming: instruction pointers of one process → function names (inlined frames included),
+//! read with blazesym from the files the process maps.
+
+use std::{collections::HashMap, path::PathBuf};
+
+use blazesym::symbolize::{self, Symbolizer, source::Source};
+use tracer_common::{STACK_SP_CANDIDATE, STACK_TRUNCATED};
+
+use super::table::{StackTable, python_name_index, split_key};
+use crate::proc::maps::{self, Mapping};
+
+/// Marker frame at the outer end of a stack that was cut at `MAX_FRAMES`.
+pub const TRUNCATED_FRAME: &str = "[truncated]";
+
+/// Turns instruction pointers of one process into function names.
+pub struct FrameNamer {
+    pid: u32,
+    maps: Vec<Mapping>,
+    symbolizer: Symbolizer,
+    /// Names by address: the functions inlined at it, innermost first, then the function.
+    cache: HashMap<u64, Vec<String>>,
+    after_call: HashMap<u64, bool>,
+}
+
+/// Whether `code`, the 7 bytes before a return address, ends with an x86-64 call instruction:
+/// `call rel32` (e8), `call *disp32(%rip)` (ff 15), `call *%reg` (ff d0-d7, 41 ff d0-d7),
+/// `call *disp8(%reg)` (ff 50-57 xx), `call *disp32(%reg)` (ff 90-97 xxxxxxxx).
+pub fn is_call_before(code: &[u8; 7]) -> bool {
+    let modrm_call = |m: u8| (m & 0x38) == 0x10; // reg field 2: CALL r/m64
+    code[2] == 0xe8
+        || (code[1] == 0xff && code[2] == 0x15)
+        || (code[5] == 0xff && modrm_call(code[6]) && code[6] >= 0xc0)
+        || (code[4] == 0xff && (0x50..=0x57).contains(&code[5]))
+        || (code[1] == 0xff && (0x90..=0x97).contains(&code[2]))
+}
+
+impl FrameNamer {
+    /// A namer for a forked child: same address space as the parent at the fork.
+    pub fn for_child(&self, child: u32) -> FrameNamer {
+        FrameNamer::new(child, self.maps.clone())
+    }
+
+    pub fn new(pid: u32, maps: Vec<Mapping>) -> FrameNamer {
+        let maps = maps.into_iter().filter(|m| m.executable).collect();
+        FrameNamer {
+            pid,
+            maps,
+            symbolizer: Symbolizer::new(),
+            cache: HashMap::new(),
+            after_call: HashMap::new(),
+        }
+    }
+
+    /// Re-reads the target's mappings (libraries loaded later); keeps the old ones if it is gone.
+    pub fn refresh(&mut self) {
+        if let Ok(maps) = maps::read_maps(self.pid) {
+            for m in maps.into_iter().filter(|m| m.executable) {
+                if !self
+                    .maps
+                    .iter()
+                    .any(|old| old.start == m.start && old.inode == m.inode)
+                {
+                    self.maps.push(m);
+                }
+            }
+        }
+    }
+
+    fn mapping_of(&self, ip: u64) -> Option<&Mapping> {
+        // Later snapshots first: an address range may have been reused by another object.
+        self.maps.iter().rev().find(|m| ip >= m.start && ip < m.end)
+    }
+
+    /// Whether `ip` is in one of `functions` (or in a function inlined there), re-reading the
+    /// mappings once if its module is not known yet.
+    pub fn is_in(&mut self, ip: u64, functions: &[&str]) -> bool {
+        if self.mapping_of(ip).is_none() {
+            self.refresh();
+        }
+        self.names(ip)
+            .iter()
+            .any(|f| functions.contains(&f.as_str()))
+    }
+
+    /// Names a stack key (`StackTable`'s form: addresses, then an optional flags word).
+    pub fn name_stack(&mut self, key: &[u64], python_names: &[String]) -> Vec<String> {
+        let (ips, flags) = split_key(key);
+        if ips
+            .iter()
+            .any(|&ip| !StackTable::is_python_frame(ip) && self.mapping_of(ip).is_none())
+        {
+            self.refresh();
+        }
+        let mut frames: Vec<String> = Vec::with_capacity(ips.len() + 1);
+        for (i, &ip) in ips.iter().enumerate() {
+            if let Some(index) = python_name_index(ip) {
+                let name = python_names.get(index);
+                frames.push(name.cloned().unwrap_or_else(|| "[python]".to_string()));
+                continue;
+            }
+            // The word read at the stack pointer is a frame only if a call instruction precedes
+            // it (it is the return address of a leaf function); otherwise it is data.
+            if i == 1 && flags & STACK_SP_CANDIDATE != 0 && !self.follows_call(ip) {
+                continue;
+            }
+            frames.extend(self.names(ip));
+        }
+        if flags & STACK_TRUNCATED != 0 {
+            frames.push(TRUNCATED_FRAME.to_string());
+        }
+        frames
+    }
+
+    /// Whether the code just before `ip` is a call instruction (read from the mapped file).
+    fn follows_call(&mut self, ip: u64) -> bool {
+        if let Some(&known) = self.after_call.get(&ip) {
+            return known;
+        }
+        let verdict = self.mapping_of(ip).cloned().is_some_and(|m| {
+            let offset = ip - m.start + m.file_offset;
+            let mut before = [0u8; 7];
+            offset >= 7
+                && std::fs::File::open(maps::open_path(self.pid, &m))
+                    .or_else(|_| std::fs::File::open(&m.path))
+                    .and_then(|f| {
+                        std::os::unix::fs::FileExt::read_exact_at(&f, &mut before, offset - 7)
+                    })
+                    .is_ok()
+                && is_call_before(&before)
+        });
+        self.after_call.insert(ip, verdict);
+        verdict
+    }
+
+    /// The frames an address stands for: functions inlined at it, innermost first, then the
+    /// function that contains it (demangled).
+    fn names(&mut self, ip: u64) -> Vec<String> {
+        if let Some(n) = self.cache.get(&ip) {
+            return n.clone();
+        }
+        let names = match self.mapping_of(ip).cloned() {
+            // Stack addresses are return addresses: look up the call instruction before them.
+            Some(m) => self.names_in(&m, ip.saturating_sub(1) - m.start + m.file_offset),
+            None => vec![format!("[unknown] {ip:#x}")],
+        };
+        self.cache.insert(ip, names.clone());
+        names
+    }
+
+    /// The frames at `offset` in the file of mapping `m`.
+    fn names_in(&mut self, m: &Mapping, offset: u64) -> Vec<String> {
+        let path: PathBuf = maps::open_path(self.pid, m);
+        let src_path = if path.exists() {
+            path
+        } else {
+            PathBuf::from(&m.path)
+        };
+        let src = Source::Elf(symbolize::source::Elf::new(src_path));
+        match self
+            .symbolizer
+            .symbolize_single(&src, symbolize::Input::FileOffset(offset))
+        {
+            Ok(symbolize::Symbolized::Sym(sym)) => frames_of(sym),
+            _ => {
+                let base = m.path.rsplit('/').next().unwrap_or(&m.path);
+                vec![format!("[unknown] {base}+{offset:#x}")]
+            }
+        }
+    }
+}
+
+/// The functions inlined at a symbolized address, innermost first, then the one containing it.
+fn frames_of(sym: symbolize::Sym<'_>) -> Vec<String> {
+    let mut names: Vec<String> = Vec::with_capacity(sym.inlined.len() + 1);
+    let inlined = sym.inlined.iter().rev().map(|f| f.name.to_string());
+    for name in inlined.chain(std::iter::once(sym.name.into_owned())) {
+        // An alias inlined into itself (glibc's syscall wrappers) is one frame.
+        if names.last() != Some(&name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognizes_call_instructions_before_return_addresses() {
+        // call rel32
+        assert!(is_call_before(&[0x90, 0x90, 0xe8, 1, 2, 3, 4]));
+        // call *0x10(%rip)
+        assert!(is_call_before(&[0x90, 0xff, 0x15, 1, 2, 3, 4]));
+        // call *%rax ; call *%r8 (41 ff d0)
+        assert!(is_call_before(&[0, 0, 0, 0, 0, 0xff, 0xd0]));
+        assert!(is_call_before(&[0, 0, 0, 0, 0x41, 0xff, 0xd0]));
+        // call *0x8(%rax)
+        assert!(is_call_before(&[0, 0, 0, 0, 0xff, 0x50, 0x08]));
+        // data: a pointer-looking word on the stack, or jmp *%rax (ff e0)
+        assert!(!is_call_before(&[0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10]));
+        assert!(!is_call_before(&[0, 0, 0, 0, 0, 0xff, 0xe0]));
+    }
+}
