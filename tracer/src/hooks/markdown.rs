@@ -32,7 +32,7 @@ fn probes(entry_program: &str, return_program: Option<&str>) -> String {
 fn heap_section(out: &mut String) {
     out.push_str(
         "# Hooked functions\n\n\
-         Generated from `tracer/src/hooks.rs` by `alloctrace hooks`; a test keeps this file in \
+         Generated from `tracer/src/hooks/` by `alloctrace hooks`; a test keeps this file in \
          sync.\n\n\
          | symbol | library | prototype | entry site | probes | records | class | accounting |\n\
          |---|---|---|---|---|---|---|---|\n",

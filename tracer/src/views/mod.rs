@@ -64,7 +64,7 @@ pub(crate) mod fixture {
         recording::{Recorded, TotalsPoint},
     };
 
-    /// (function, blocks, bytes per block), as `tests/common::LEAKS`.
+    /// (function, blocks, bytes per block), as `LEAKS` in tests/integration/common/answers.rs.
     pub const LEAKS: [(&str, u64, u64); 9] = [
         ("leak_malloc", 10, 100),
         ("leak_calloc", 11, 3 * 70),
