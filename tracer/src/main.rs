@@ -3,7 +3,7 @@
 use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use alloctrace::{
-    hooks, output,
+    escape, hooks, output,
     probes::{ProbeConfig, StackMode},
     recording::{Reader, SeriesRead},
     session::{self, RecordOptions, TargetSpec},
@@ -312,7 +312,8 @@ fn main() -> ExitCode {
                 .map(|e| e.to_string())
                 .collect::<Vec<_>>()
                 .join(": ");
-            eprintln!("alloctrace: error: {msg}");
+            // Paths, command lines and messages from a recording may carry control characters.
+            eprintln!("alloctrace: error: {}", escape::for_terminal(&msg));
             ExitCode::FAILURE
         }
     }

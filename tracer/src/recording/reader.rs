@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use rusqlite::{Connection, OpenFlags, types::Value};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, types::Value};
 
 use super::{
     Recorded, RecordingError, TotalsPoint,
@@ -85,6 +85,25 @@ impl Reader {
         }
         recorded
     }
+}
+
+/// Column `i` as an owned value. rusqlite's own conversion (`Value: From<ValueRef>`) panics on
+/// text that is not UTF-8, which a damaged or hostile file can hold: here it is an error.
+fn owned_value(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Value> {
+    use rusqlite::types::{FromSqlError, ValueRef};
+    Ok(match row.get_ref(i)? {
+        ValueRef::Text(t) => match std::str::from_utf8(t) {
+            Ok(s) => Value::Text(s.to_string()),
+            Err(e) => {
+                return Err(rusqlite::Error::FromSqlConversionFailure(
+                    i,
+                    rusqlite::types::Type::Text,
+                    Box::new(FromSqlError::Other(Box::new(e))),
+                ));
+            }
+        },
+        other => Value::from(other),
+    })
 }
 
 /// A read-only connection, and the `-shm` file SQLite had to create for it (to remove after
@@ -284,7 +303,33 @@ impl Reading<'_> {
         if version < 1 {
             return Err(self.corrupt(format!("schema version {version}")));
         }
+        self.check_digest()?;
         Ok(version as u32)
+    }
+
+    /// A finalized recording's content against the digest written at finalize.
+    fn check_digest(&self) -> Result<(), RecordingError> {
+        let read_err = |e| read_error(&self.path, e);
+        let stored: Option<Value> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [meta::CONTENT_DIGEST],
+                |r| owned_value(r, 0),
+            )
+            .optional()
+            .map_err(read_err)?;
+        let Some(stored) = stored else {
+            // Not finalized (the tracer was killed), or written before digests existed.
+            return Ok(());
+        };
+        let actual = super::integrity::content_digest(self.conn).map_err(read_err)?;
+        match stored {
+            Value::Text(stored) if stored == actual => Ok(()),
+            _ => Err(RecordingError::Damaged {
+                path: self.path.clone(),
+            }),
+        }
     }
 
     fn read_all(&self, schema: u32, series_read: SeriesRead) -> Result<Recorded, ReadFailure> {
@@ -367,7 +412,7 @@ impl Reading<'_> {
 
     fn read_meta(&self) -> Result<HashMap<String, Value>, ReadFailure> {
         let mut stmt = self.conn.prepare("SELECT key, value FROM meta")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Value>(1)?)))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, owned_value(r, 1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

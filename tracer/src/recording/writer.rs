@@ -400,6 +400,10 @@ impl Writer {
             put.execute(params![meta::ENDED_UNIX_NS, to_sql(ended_unix_ns)])
                 .map_err(write_err)?;
             put.execute(params![meta::COMPLETE, 1]).map_err(write_err)?;
+            // Last: the digest covers everything above.
+            let digest = super::integrity::content_digest(&tx).map_err(write_err)?;
+            put.execute(params![meta::CONTENT_DIGEST, digest])
+                .map_err(write_err)?;
         }
         tx.commit().map_err(write_err)?;
         // The recording is complete now; what follows only tidies it into one file, and a
