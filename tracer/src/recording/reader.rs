@@ -19,7 +19,7 @@ use crate::{
         CellKey, Class, ClassTotals, CudaCalls, FailureKey, GpuSample, LedgerState, RssSample,
         SeriesPoint, Stack, StackCounters, StackIndex, TargetInfo,
     },
-    output::io_reason,
+    output::{self, io_reason},
 };
 
 /// The first 16 bytes of every SQLite database file.
@@ -67,7 +67,7 @@ impl Reader {
 
     fn read(path: &Path, series: SeriesRead) -> Result<Recorded, RecordingError> {
         let wal_mode = check_file(path)?;
-        let ReadOnly { conn, created_shm } =
+        let ReadOnly { conn, leftover } =
             open_read_only(path, wal_mode).map_err(|e| read_error(path, e))?;
         let reading = Reading {
             conn: &conn,
@@ -80,8 +80,14 @@ impl Reader {
             })
         });
         drop(conn);
-        if let Some(shm) = created_shm {
-            let _ = std::fs::remove_file(shm);
+        match leftover {
+            Leftover::Nothing => {}
+            Leftover::Shm(shm) => {
+                let _ = std::fs::remove_file(shm);
+            }
+            Leftover::Copy(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
         recorded
     }
@@ -106,11 +112,18 @@ fn owned_value(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Value> {
     })
 }
 
-/// A read-only connection, and the `-shm` file SQLite had to create for it (to remove after
-/// closing it).
+/// A read-only connection, and what reading it left that must go after closing it.
 struct ReadOnly {
     conn: Connection,
-    created_shm: Option<PathBuf>,
+    leftover: Leftover,
+}
+
+enum Leftover {
+    Nothing,
+    /// The `-shm` file SQLite had to create beside the recording.
+    Shm(PathBuf),
+    /// A private copy of the recording and its log, in a directory of its own.
+    Copy(PathBuf),
 }
 
 /// Opens `path` for reading, leaving nothing beside it afterwards.
@@ -120,25 +133,96 @@ struct ReadOnly {
 /// `-shm`, was copied) and leaves them behind. So: without a `-wal` there is nothing to replay
 /// and the file is read as immutable; a `-wal` without a `-shm` needs SQLite's index of the log,
 /// which it builds in a new `-shm`, removed after reading (no writer can be using it: a live
-/// writer always has its `-shm`).
+/// writer always has its `-shm`). Where that `-shm` cannot be created (a read-only mount, a
+/// directory this user may not write), the recording and its log are copied to a private
+/// directory and read there: opening it immutable would ignore the log, and with it every commit
+/// since the last checkpoint.
 fn open_read_only(path: &Path, wal_mode: bool) -> rusqlite::Result<ReadOnly> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    if wal_mode && !sidecar(path, "-wal").exists() {
+    let wal = sidecar(path, "-wal");
+    if wal_mode && !wal.exists() {
         let conn = Connection::open_with_flags(
             format!("{}?immutable=1", file_uri(path)),
             flags | OpenFlags::SQLITE_OPEN_URI,
         )?;
         return Ok(ReadOnly {
             conn,
-            created_shm: None,
+            leftover: Leftover::Nothing,
         });
     }
     let shm = sidecar(path, "-shm");
-    let created_shm = (wal_mode && !shm.exists()).then_some(shm);
+    let needs_shm = wal_mode && !shm.exists();
+    if needs_shm && !accepts_new_files(&output::parent_dir(path)) {
+        return open_private_copy(path, &wal);
+    }
     let conn = Connection::open_with_flags(path, flags)?;
     // A live recorder can hold the log's index for a moment (at a checkpoint): wait, not fail.
     conn.busy_timeout(std::time::Duration::from_secs(2))?;
-    Ok(ReadOnly { conn, created_shm })
+    let leftover = if needs_shm {
+        Leftover::Shm(shm)
+    } else {
+        Leftover::Nothing
+    };
+    Ok(ReadOnly { conn, leftover })
+}
+
+/// Whether this process may create files in `dir` (false on a read-only mount even for root).
+fn accepts_new_files(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_dir) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated path; access(2) only reads it.
+    unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+/// Copies the recording and its log into a new owner-only directory and opens the copy.
+fn open_private_copy(path: &Path, wal: &Path) -> rusqlite::Result<ReadOnly> {
+    let cant_open = |e: io::Error| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!(
+                "its directory is read-only and a private copy failed: {}",
+                io_reason(&e)
+            )),
+        )
+    };
+    let dir = private_dir().map_err(cant_open)?;
+    let copy = dir.join("recording");
+    let copied = std::fs::copy(path, &copy)
+        .and_then(|_| std::fs::copy(wal, sidecar(&copy, "-wal")))
+        .map_err(cant_open);
+    let opened = copied.and_then(|_| {
+        Connection::open_with_flags(
+            &copy,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    });
+    match opened {
+        Ok(conn) => Ok(ReadOnly {
+            conn,
+            leftover: Leftover::Copy(dir),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// A new directory only this user can enter, under the temporary directory.
+fn private_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for n in 0u32.. {
+        let dir = base.join(format!("alloctrace-read-{}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::ErrorKind::AlreadyExists.into())
 }
 
 /// `path` as an SQLite `file:` URI, percent-encoding all but unreserved characters and `/`.

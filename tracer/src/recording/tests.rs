@@ -823,6 +823,68 @@ fn copies_of_a_killed_recording_read_without_creating_files() {
     assert_eq!(entries(&all_dir).len(), 3);
 }
 
+/// A bind mount of a directory onto itself, read-only, undone on drop.
+struct ReadOnlyMount(PathBuf);
+
+impl ReadOnlyMount {
+    fn new(dir: &Path) -> ReadOnlyMount {
+        let mount = |args: &[&str]| {
+            let status = std::process::Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "mount {args:?} failed");
+        };
+        mount(&["--bind"]);
+        let guard = ReadOnlyMount(dir.to_path_buf());
+        mount(&["-o", "remount,bind,ro"]);
+        guard
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_killed_recording_on_a_read_only_mount_reads_everything() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "needs root");
+        eprintln!("SKIPPED: mounting needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    fs::create_dir(&ro).unwrap();
+    let killed = ro.join("killed.trace");
+    let s = record_three_seconds(&killed);
+    let committed = s.committed;
+    std::mem::forget(s.writer);
+    fs::remove_file(sidecar(&killed, "-shm")).unwrap();
+    let leftovers = || {
+        let prefix = format!("alloctrace-read-{}-", std::process::id());
+        fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with(&prefix)
+            })
+            .count()
+    };
+    let before = leftovers();
+    {
+        let _mount = ReadOnlyMount::new(&ro);
+        committed.assert_read_back(&Reader::open(&killed).unwrap());
+        assert_eq!(entries(&ro), vec!["killed.trace", "killed.trace-wal"]);
+    }
+    assert_eq!(leftovers(), before);
+}
+
 #[test]
 fn reports_need_only_the_series_endpoints() {
     use crate::views::report::{render_json, render_text};
