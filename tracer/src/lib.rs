@@ -6,6 +6,7 @@
 //! `proc`, `elf`, `stacks` and `python` read the target.
 pub mod cuda;
 pub mod elf;
+pub mod escape;
 pub mod events;
 pub mod hooks;
 pub mod ledger;

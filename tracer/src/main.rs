@@ -8,7 +8,7 @@ use std::{
 };
 
 use alloctrace::{
-    hooks, output,
+    escape, hooks, output,
     probes::{ProbeConfig, StackMode},
     recording::{Reader, SeriesRead},
     session::{self, RecordOptions, TargetSpec},
@@ -151,6 +151,10 @@ enum Format {
     Json,
 }
 
+/// The longest `-d`: a year. Longer is no duration a person means, and far longer ones would
+/// overflow the clock's arithmetic; without `-d` the recording runs until the target exits.
+const MAX_DURATION_S: f64 = 365.0 * 24.0 * 3600.0;
+
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .trim_end_matches('s')
@@ -161,7 +165,12 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
             "`{s}`: the duration must be a positive number of seconds"
         ));
     }
-    Ok(Duration::from_secs_f64(secs))
+    if secs > MAX_DURATION_S {
+        return Err(format!(
+            "`{s}`: the duration must be at most {MAX_DURATION_S} seconds (a year); leave -d out to record until the target exits"
+        ));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
 }
 
 fn parse_ring_mib(s: &str) -> Result<u32, String> {
@@ -314,8 +323,30 @@ fn main() -> ExitCode {
                 .map(|e| e.to_string())
                 .collect::<Vec<_>>()
                 .join(": ");
-            eprintln!("alloctrace: error: {msg}");
+            // Paths, command lines and messages from a recording may carry control characters.
+            eprintln!("alloctrace: error: {}", escape::for_terminal(&msg));
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_beyond_a_year_are_refused_not_panics() {
+        for s in ["1e19", "1e20", "18446744073709551615", "31536001"] {
+            let err = parse_seconds(s).unwrap_err();
+            assert!(err.contains("at most 31536000 seconds"), "{s}: {err}");
+        }
+        assert_eq!(
+            parse_seconds("31536000").unwrap(),
+            Duration::from_secs(31_536_000)
+        );
+        assert_eq!(parse_seconds("1.5s").unwrap(), Duration::from_millis(1500));
+        for s in ["0", "-1", "nan", "inf", "x"] {
+            assert!(parse_seconds(s).is_err(), "{s}");
         }
     }
 }

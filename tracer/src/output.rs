@@ -4,10 +4,17 @@
 //! one file system and is atomic), are fsynced, and only then take the destination's name. A crash
 //! or a full disk at any point leaves either the old file (or none) or the complete new one, never
 //! a half-written report.
+//!
+//! alloctrace runs as root: an existing path is replaced only when it is a regular file (and
+//! `--force` says so). A character device or a FIFO (`/dev/stdout`, a pipe made with mkfifo) is
+//! written into, never replaced; anything else (a block device, a socket) is refused. New files
+//! are created owner-only (0600): recordings and reports hold the target's command line, where
+//! tokens and keys live.
 
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write},
+    os::unix::fs::{FileTypeExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -20,20 +27,43 @@ pub enum OutputError {
     Exists { path: PathBuf },
     #[error("`{}` is a directory: pass a file path", path.display())]
     IsDirectory { path: PathBuf },
+    #[error("`{}` is {what}: {allowed}", path.display())]
+    NotWritable {
+        path: PathBuf,
+        what: &'static str,
+        allowed: &'static str,
+    },
     #[error("cannot write `{}`: directory `{}` does not exist", path.display(), dir.display())]
     NoDirectory { path: PathBuf, dir: PathBuf },
     #[error("cannot write `{}`: {reason}", path.display())]
     Io { path: PathBuf, reason: String },
 }
 
-/// Writes `bytes` to `path` atomically. An existing `path` is refused unless `force`.
+/// The permissions of every file alloctrace creates: owner-only.
+pub const FILE_MODE: u32 = 0o600;
+
+/// What an output path names before anything is written.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// Nothing yet: a new file is created.
+    New,
+    /// A regular file that `--force` allows to replace.
+    RegularFile,
+    /// A character device or a FIFO: written into, never replaced.
+    Stream,
+}
+
+/// Writes `bytes` to `path`: atomically to a file (an existing one is refused unless `force`),
+/// straight into a character device or FIFO.
 pub fn write_atomically(path: &Path, bytes: &[u8], force: bool) -> Result<(), OutputError> {
-    check_destination(path, force)?;
-    let dir = parent_dir(path);
     let io_err = |e: io::Error| OutputError::Io {
         path: path.to_path_buf(),
         reason: io_reason(&e),
     };
+    if check_destination(path, force)? == Destination::Stream {
+        return write_into_stream(path, bytes).map_err(io_err);
+    }
+    let dir = parent_dir(path);
 
     let temp = TempFile::create(&dir, path).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
@@ -73,22 +103,46 @@ pub fn write_atomically(path: &Path, bytes: &[u8], force: bool) -> Result<(), Ou
     Ok(())
 }
 
+/// Writes into an existing character device or FIFO: no temporary, no rename, no truncation.
+fn write_into_stream(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new().write(true).open(path)?;
+    file.write_all(bytes)?;
+    file.flush()
+}
+
 /// The checks `write_atomically` does before writing anything, for callers that want to fail
 /// before doing expensive work (reading a large recording, rendering).
-pub fn check_destination(path: &Path, force: bool) -> Result<(), OutputError> {
+pub fn check_destination(path: &Path, force: bool) -> Result<Destination, OutputError> {
+    let not_writable = |what| OutputError::NotWritable {
+        path: path.to_path_buf(),
+        what,
+        allowed: "alloctrace writes regular files, character devices and FIFOs",
+    };
     match fs::metadata(path) {
-        Ok(m) if m.is_dir() => {
-            return Err(OutputError::IsDirectory {
-                path: path.to_path_buf(),
-            });
+        Ok(m) if m.is_dir() => Err(OutputError::IsDirectory {
+            path: path.to_path_buf(),
+        }),
+        Ok(m) if m.file_type().is_char_device() || m.file_type().is_fifo() => {
+            Ok(Destination::Stream)
         }
-        Ok(_) if !force => {
-            return Err(OutputError::Exists {
-                path: path.to_path_buf(),
-            });
+        Ok(m) if m.file_type().is_block_device() => Err(not_writable("a block device")),
+        Ok(m) if m.file_type().is_socket() => Err(not_writable("a socket")),
+        Ok(_) if !force => Err(OutputError::Exists {
+            path: path.to_path_buf(),
+        }),
+        Ok(_) => {
+            check_directory(path)?;
+            Ok(Destination::RegularFile)
         }
-        _ => {}
+        Err(_) => {
+            check_directory(path)?;
+            Ok(Destination::New)
+        }
     }
+}
+
+/// The directory a new file would go to exists and is one.
+fn check_directory(path: &Path) -> Result<(), OutputError> {
     let dir = parent_dir(path);
     match fs::metadata(&dir) {
         Ok(m) if m.is_dir() => Ok(()),
@@ -148,7 +202,12 @@ impl TempFile {
             // Hidden, and named after the destination, so a leftover from a power loss is
             // recognisable.
             let path = dir.join(format!(".{base}.{}.{n}.tmp", std::process::id()));
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
+            let created = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(&path);
+            match created {
                 Ok(file) => {
                     return Ok(TempFile {
                         path,
@@ -316,5 +375,81 @@ mod tests {
         let e = rename_no_replace(&a, &b).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read_to_string(&b).unwrap(), "b");
+    }
+
+    /// Makes a device or FIFO node at `path` (root only); None where the kernel refuses.
+    fn make_node(path: &Path, kind: libc::mode_t, dev: libc::dev_t) -> Option<()> {
+        use std::{ffi::CString, os::unix::ffi::OsStrExt};
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mknod only reads it.
+        (unsafe { libc::mknod(c.as_ptr(), kind | 0o600, dev) } == 0).then_some(())
+    }
+
+    #[test]
+    fn character_device_is_written_into_not_replaced() {
+        // /dev/null stays a character device, with or without --force.
+        for force in [false, true] {
+            write_atomically(Path::new("/dev/null"), b"report", force).unwrap();
+            let m = fs::metadata("/dev/null").unwrap();
+            assert!(m.file_type().is_char_device());
+        }
+    }
+
+    #[test]
+    fn fifo_is_written_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        make_node(&fifo, libc::S_IFIFO, 0).expect("mkfifo in a temporary directory");
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || fs::read(&fifo).unwrap())
+        };
+        write_atomically(&fifo, b"through the pipe", false).unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        assert_eq!(entries(dir.path()), vec!["pipe"]);
+    }
+
+    #[test]
+    fn block_device_and_socket_are_refused_even_with_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let err = write_atomically(&socket, b"x", true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "`{}` is a socket: alloctrace writes regular files, character devices and FIFOs",
+                socket.display()
+            )
+        );
+        // A block device node (loop device 0's numbers): only root may make one.
+        let block = dir.path().join("disk");
+        if make_node(&block, libc::S_IFBLK, libc::makedev(7, 0)).is_none() {
+            assert_ne!(unsafe { libc::geteuid() }, 0, "root could not mknod");
+            return;
+        }
+        let err = write_atomically(&block, b"x", true).unwrap_err();
+        assert!(err.to_string().contains("is a block device"), "{err}");
+        assert!(fs::metadata(&block).unwrap().file_type().is_block_device());
+    }
+
+    #[test]
+    fn new_files_are_owner_only_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report.txt");
+        // SAFETY: umask has no preconditions; the old mask is put back at once.
+        let old = unsafe { libc::umask(0) };
+        let written = write_atomically(&path, b"x", false);
+        unsafe { libc::umask(old) };
+        written.unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, FILE_MODE);
+        // Replacing keeps it owner-only too.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        write_atomically(&path, b"y", true).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, FILE_MODE);
     }
 }

@@ -6,6 +6,7 @@
 //! log back in so that exactly one file remains. The schema is documented, with example queries,
 //! in docs/recording.md; `schema.rs` holds its DDL.
 
+mod integrity;
 mod merge;
 mod reader;
 mod schema;
@@ -151,6 +152,12 @@ pub enum RecordingError {
         path.display()
     )]
     Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "`{}` is damaged: its content differs from the digest written when it was finalized (a \
+         disk, a copy or an edit changed it): use an intact copy or record again",
+        path.display()
+    )]
+    Damaged { path: PathBuf },
     #[error(
         "`{}` was written by a newer alloctrace (schema {found}; this one reads {supported}): \
          upgrade alloctrace",

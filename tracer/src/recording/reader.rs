@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use rusqlite::{Connection, OpenFlags, Row, types::Value};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, types::Value};
 
 use super::{
     Recorded, RecordingError, TotalsPoint,
@@ -19,7 +19,7 @@ use crate::{
         AmountsByStack, CellKey, Class, ClassTotals, CudaCalls, FailureKey, GpuSample, LedgerState,
         RssSample, SeriesPoint, Stack, StackCounters, StackIndex, TargetInfo,
     },
-    output::io_reason,
+    output::{self, io_reason},
 };
 
 /// The first 16 bytes of every SQLite database file.
@@ -67,7 +67,7 @@ impl Reader {
 
     fn read(path: &Path, series: SeriesRead) -> Result<Recorded, RecordingError> {
         let wal_mode = check_file(path)?;
-        let ReadOnly { conn, created_shm } =
+        let ReadOnly { conn, leftover } =
             open_read_only(path, wal_mode).map_err(|e| read_error(path, e))?;
         let reading = Reading {
             conn: &conn,
@@ -80,18 +80,50 @@ impl Reader {
             })
         });
         drop(conn);
-        if let Some(shm) = created_shm {
-            let _ = std::fs::remove_file(shm);
+        match leftover {
+            Leftover::Nothing => {}
+            Leftover::Shm(shm) => {
+                let _ = std::fs::remove_file(shm);
+            }
+            Leftover::Copy(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
         recorded
     }
 }
 
-/// A read-only connection, and the `-shm` file SQLite had to create for it (to remove after
-/// closing it).
+/// Column `i` as an owned value. rusqlite's own conversion (`Value: From<ValueRef>`) panics on
+/// text that is not UTF-8, which a damaged or hostile file can hold: here it is an error.
+fn owned_value(row: &Row<'_>, i: usize) -> rusqlite::Result<Value> {
+    use rusqlite::types::{FromSqlError, ValueRef};
+    Ok(match row.get_ref(i)? {
+        ValueRef::Text(t) => match std::str::from_utf8(t) {
+            Ok(s) => Value::Text(s.to_string()),
+            Err(e) => {
+                return Err(rusqlite::Error::FromSqlConversionFailure(
+                    i,
+                    rusqlite::types::Type::Text,
+                    Box::new(FromSqlError::Other(Box::new(e))),
+                ));
+            }
+        },
+        other => Value::from(other),
+    })
+}
+
+/// A read-only connection, and what reading it left that must go after closing it.
 struct ReadOnly {
     conn: Connection,
-    created_shm: Option<PathBuf>,
+    leftover: Leftover,
+}
+
+enum Leftover {
+    Nothing,
+    /// The `-shm` file SQLite had to create beside the recording.
+    Shm(PathBuf),
+    /// A private copy of the recording and its log, in a directory of its own.
+    Copy(PathBuf),
 }
 
 /// Opens `path` for reading, leaving nothing beside it afterwards.
@@ -101,25 +133,96 @@ struct ReadOnly {
 /// `-shm`, was copied) and leaves them behind. So: without a `-wal` there is nothing to replay
 /// and the file is read as immutable; a `-wal` without a `-shm` needs SQLite's index of the log,
 /// which it builds in a new `-shm`, removed after reading (no writer can be using it: a live
-/// writer always has its `-shm`).
+/// writer always has its `-shm`). Where that `-shm` cannot be created (a read-only mount, a
+/// directory this user may not write), the recording and its log are copied to a private
+/// directory and read there: opening it immutable would ignore the log, and with it every commit
+/// since the last checkpoint.
 fn open_read_only(path: &Path, wal_mode: bool) -> rusqlite::Result<ReadOnly> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    if wal_mode && !sidecar(path, "-wal").exists() {
+    let wal = sidecar(path, "-wal");
+    if wal_mode && !wal.exists() {
         let conn = Connection::open_with_flags(
             format!("{}?immutable=1", file_uri(path)),
             flags | OpenFlags::SQLITE_OPEN_URI,
         )?;
         return Ok(ReadOnly {
             conn,
-            created_shm: None,
+            leftover: Leftover::Nothing,
         });
     }
     let shm = sidecar(path, "-shm");
-    let created_shm = (wal_mode && !shm.exists()).then_some(shm);
+    let needs_shm = wal_mode && !shm.exists();
+    if needs_shm && !accepts_new_files(&output::parent_dir(path)) {
+        return open_private_copy(path, &wal);
+    }
     let conn = Connection::open_with_flags(path, flags)?;
     // A live recorder can hold the log's index for a moment (at a checkpoint): wait, not fail.
     conn.busy_timeout(std::time::Duration::from_secs(2))?;
-    Ok(ReadOnly { conn, created_shm })
+    let leftover = if needs_shm {
+        Leftover::Shm(shm)
+    } else {
+        Leftover::Nothing
+    };
+    Ok(ReadOnly { conn, leftover })
+}
+
+/// Whether this process may create files in `dir` (false on a read-only mount even for root).
+fn accepts_new_files(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_dir) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated path; access(2) only reads it.
+    unsafe { libc::access(c_dir.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+/// Copies the recording and its log into a new owner-only directory and opens the copy.
+fn open_private_copy(path: &Path, wal: &Path) -> rusqlite::Result<ReadOnly> {
+    let cant_open = |e: io::Error| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!(
+                "its directory is read-only and a private copy failed: {}",
+                io_reason(&e)
+            )),
+        )
+    };
+    let dir = private_dir().map_err(cant_open)?;
+    let copy = dir.join("recording");
+    let copied = std::fs::copy(path, &copy)
+        .and_then(|_| std::fs::copy(wal, sidecar(&copy, "-wal")))
+        .map_err(cant_open);
+    let opened = copied.and_then(|_| {
+        Connection::open_with_flags(
+            &copy,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    });
+    match opened {
+        Ok(conn) => Ok(ReadOnly {
+            conn,
+            leftover: Leftover::Copy(dir),
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
+
+/// A new directory only this user can enter, under the temporary directory.
+fn private_dir() -> io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for n in 0u32.. {
+        let dir = base.join(format!("alloctrace-read-{}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::ErrorKind::AlreadyExists.into())
 }
 
 /// `path` as an SQLite `file:` URI, percent-encoding all but unreserved characters and `/`.
@@ -329,7 +432,33 @@ impl Reading<'_> {
         if version < 1 {
             return Err(self.corrupt(format!("schema version {version}")));
         }
+        self.check_digest()?;
         Ok(version as u32)
+    }
+
+    /// A finalized recording's content against the digest written at finalize.
+    fn check_digest(&self) -> Result<(), RecordingError> {
+        let read_err = |e| read_error(&self.path, e);
+        let stored: Option<Value> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [meta::CONTENT_DIGEST],
+                |r| owned_value(r, 0),
+            )
+            .optional()
+            .map_err(read_err)?;
+        let Some(stored) = stored else {
+            // Not finalized (the tracer was killed), or written before digests existed.
+            return Ok(());
+        };
+        let actual = super::integrity::content_digest(self.conn).map_err(read_err)?;
+        match stored {
+            Value::Text(stored) if stored == actual => Ok(()),
+            _ => Err(RecordingError::Damaged {
+                path: self.path.clone(),
+            }),
+        }
     }
 
     fn read_all(&self, schema: u32, series_read: SeriesRead) -> Result<Recorded, ReadFailure> {
@@ -393,7 +522,7 @@ impl Reading<'_> {
 
     fn read_meta(&self) -> Result<HashMap<String, Value>, ReadFailure> {
         let mut stmt = self.conn.prepare("SELECT key, value FROM meta")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Value>(1)?)))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, owned_value(r, 1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

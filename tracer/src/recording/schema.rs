@@ -147,6 +147,8 @@ pub(crate) mod meta {
     pub const GPU_SOURCE: &str = "gpu_source";
     /// `StackCapture` as JSON.
     pub const STACK_CAPTURE: &str = "stack_capture";
+    /// SHA-256 of the recording's content, written when it is finalized (`integrity.rs`).
+    pub const CONTENT_DIGEST: &str = "content_digest";
 }
 
 /// A table of an amount by (pid, stack) (`model::AmountsByStack`): its statements, so that the

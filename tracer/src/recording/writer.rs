@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs::{self, OpenOptions},
     io,
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -63,7 +64,15 @@ impl Writer {
     /// that outlives the call: the parent directory exists and accepts new files, `path` is not a
     /// directory, and it does not exist unless `force`.
     pub fn check_output_path(path: &Path, force: bool) -> Result<(), RecordingError> {
-        output::check_destination(path, force)?;
+        if output::check_destination(path, force)? == output::Destination::Stream {
+            // SQLite needs a file it can seek in, lock and put a log beside.
+            return Err(output::OutputError::NotWritable {
+                path: path.to_path_buf(),
+                what: "a character device or FIFO",
+                allowed: "a recording is written to a regular file",
+            }
+            .into());
+        }
         let dir = parent_dir(path);
         let unwritable = |reason: String| RecordingError::Unwritable {
             path: path.to_path_buf(),
@@ -119,7 +128,14 @@ impl Writer {
             }
         }
         // Exclusive creation: a file that appeared since the check is not overwritten.
-        match OpenOptions::new().write(true).create_new(true).open(path) {
+        // Owner-only: the recording holds the target's command line. SQLite gives its -wal and
+        // -shm files the database file's permissions.
+        let created = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(output::FILE_MODE)
+            .open(path);
+        match created {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(output::OutputError::Exists {
@@ -357,6 +373,10 @@ impl Writer {
             put.execute(params![meta::ENDED_UNIX_NS, to_sql(ended_unix_ns)])
                 .map_err(write_err)?;
             put.execute(params![meta::COMPLETE, 1]).map_err(write_err)?;
+            // Last: the digest covers everything above.
+            let digest = super::integrity::content_digest(&tx).map_err(write_err)?;
+            put.execute(params![meta::CONTENT_DIGEST, digest])
+                .map_err(write_err)?;
         }
         tx.commit().map_err(write_err)?;
         // The recording is complete now; what follows only tidies it into one file, and a

@@ -70,7 +70,8 @@ impl EventSources {
             tick: tokio::time::interval_at(now + second, second),
             signals,
             exit,
-            deadline: opts.duration.map(|d| now + d),
+            // A deadline past what the clock can hold is no deadline (the CLI caps -d at a year).
+            deadline: opts.duration.and_then(|d| now.checked_add(d)),
         })
     }
 }

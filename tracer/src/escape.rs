@@ -1,0 +1,126 @@
+//! Escaping of strings that come from the target (its command line, paths, symbol names, Python
+//! names) for the medium they are written to. The target controls those bytes: a process started
+//! with `exec -a $'\e]0;...\a'` or a library exporting a symbol with escape sequences must not
+//! reach the operator's terminal as control sequences, nor make an SVG ill-formed XML.
+//!
+//! Printable text, non-ASCII letters included, passes unchanged; every control character (C0,
+//! DEL, C1) and the Unicode bidirectional overrides (which reorder what a terminal shows) become
+//! a visible `\x1b` or `\u{202e}`, so the operator sees that they were there.
+
+use std::borrow::Cow;
+
+/// Whether `c` must not reach a terminal or a text file as is.
+fn is_unsafe(c: char) -> bool {
+    c.is_control() // C0, DEL and C1
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+fn escape_char(out: &mut String, c: char) {
+    use std::fmt::Write;
+    if (c as u32) < 0x80 {
+        let _ = write!(out, "\\x{:02x}", c as u32);
+    } else {
+        let _ = write!(out, "\\u{{{:x}}}", c as u32);
+    }
+}
+
+/// `s` for a terminal or a text file, on one line: control characters (newlines and tabs
+/// included) and bidirectional overrides become visible escapes.
+pub fn for_terminal(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(is_unsafe) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if is_unsafe(c) {
+            escape_char(&mut out, c);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `s` as XML or HTML character data or attribute value: markup characters become entities, and
+/// what XML 1.0 forbids or a terminal would act on (control characters, non-characters,
+/// bidirectional overrides) becomes a visible escape.
+pub fn for_xml(s: &str) -> Cow<'_, str> {
+    let needs = |c: char| {
+        is_unsafe(c) || matches!(c, '&' | '<' | '>' | '"' | '\'' | '\u{fffe}' | '\u{ffff}')
+    };
+    if !s.chars().any(needs) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if needs(c) => escape_char(&mut out, c),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `s` with only the characters a terminal or XML would act on made visible, markup characters
+/// kept: for text that a later stage escapes as markup itself (inferno's SVG writer escapes
+/// `&<>"`, not control characters).
+pub fn visible(s: &str) -> Cow<'_, str> {
+    let needs = |c: char| is_unsafe(c) || matches!(c, '\u{fffe}' | '\u{ffff}');
+    if !s.chars().any(needs) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if needs(c) {
+            escape_char(&mut out, c);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_text_is_borrowed_unchanged() {
+        for s in ["python3 -m vllm --port 8000", "café ∑ 日本", "a<b>&\"'"] {
+            assert!(matches!(for_terminal(s), Cow::Borrowed(t) if t == s));
+            assert!(matches!(visible(s), Cow::Borrowed(t) if t == s));
+        }
+        assert!(matches!(for_xml("café ∑"), Cow::Borrowed("café ∑")));
+    }
+
+    #[test]
+    fn terminal_sequences_become_visible() {
+        let title = "\u{1b}]0;pwned\u{7}server\r\n\t\u{7f}\u{9b}31m";
+        assert_eq!(
+            for_terminal(title),
+            "\\x1b]0;pwned\\x07server\\x0d\\x0a\\x09\\x7f\\u{9b}31m"
+        );
+        assert_eq!(for_terminal("abc\u{202e}gpj.exe"), "abc\\u{202e}gpj.exe");
+    }
+
+    #[test]
+    fn xml_gets_entities_and_no_forbidden_characters() {
+        let s = "f<T>(a&b) \"q\" 'x' \u{1b}[2J\u{0}\u{fffe}";
+        let x = for_xml(s);
+        assert_eq!(
+            x,
+            "f&lt;T&gt;(a&amp;b) &quot;q&quot; &#39;x&#39; \\x1b[2J\\x00\\u{fffe}"
+        );
+        assert!(!x.chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn visible_keeps_markup_for_a_later_escaper() {
+        assert_eq!(visible("a<b>\u{1b}c"), "a<b>\\x1bc");
+    }
+}
