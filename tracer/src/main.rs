@@ -82,6 +82,11 @@ enum Command {
         /// place of the interpreter's evaluation loop.
         #[arg(long)]
         no_python_frames: bool,
+        /// Print the eBPF programs' diagnostics on standard error: why an event or a part of one
+        /// was skipped (a busy in-flight slot, a full ring buffer, a stack copy that fell back
+        /// to frame pointers, Python frames that could not be read). Costs nothing when off.
+        #[arg(long)]
+        debug_bpf: bool,
         /// Copy stacks even when the ring buffer fills up (benchmark of the copy's cost).
         #[arg(long, hide = true)]
         stack_copy_always: bool,
@@ -194,6 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             stack_copy,
             no_python_frames,
             stack_copy_always,
+            debug_bpf,
             command,
         } => {
             let mode = match stack {
@@ -220,6 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     stack_copy_other,
                     python_frames: !no_python_frames,
                     stack_copy_always,
+                    debug_log: debug_bpf,
                 },
                 heap,
                 poll_interval: Duration::from_millis(10),

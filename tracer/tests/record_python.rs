@@ -62,6 +62,37 @@ fn cpython_arenas_are_their_own_class() {
     }
 }
 
+/// `--debug-bpf` prints the programs' log: the main thread of a process with 20 more threads
+/// has its thread state past the 16 the frame walker searches, and the log says so for each of
+/// its allocations.
+#[test]
+fn debug_bpf_logs_why_python_frames_are_missing() {
+    if !privileged() {
+        return;
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/py_threads_fixture.py"
+    );
+    let mut cmd = Command::new(python());
+    cmd.arg(script);
+    let mut target = TestProcess::spawn("python3 py_threads_fixture.py", cmd);
+    target.expect_stdout("ready");
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("py.trace");
+    let mut recorder = start_recorder_args(target.pid(), &trace, &["--heap", "--debug-bpf"]);
+    target.send_line("go");
+    target.expect_stdout("done");
+    common::stop_recording(&mut recorder, &mut target);
+    let expected = format!(
+        "alloctrace: bpf DEBUG: Python frames skipped, thread {}: not among the first 16 thread \
+         states",
+        target.pid()
+    );
+    let log = recorder.stderr_text();
+    assert!(log.lines().any(|l| l == expected), "{expected:?} in\n{log}");
+}
+
 /// The line of `# at:NAME` in a fixture script.
 fn marked_line(script: &str, name: &str) -> usize {
     let text = std::fs::read_to_string(script).unwrap();

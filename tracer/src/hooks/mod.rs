@@ -1,7 +1,7 @@
 //! The hook table: every hooked symbol, where it lives, its argument layout, what it records and
 //! its class. Attach code, tests and docs/hooks.md are generated from this one table.
 
-use tracer_common::HeapFn;
+use tracer_common::{Cookie, HeapFn};
 
 use crate::model::Class;
 
@@ -294,10 +294,6 @@ pub const HOOKS: &[Hook] = &[
         accounting: "`size` bytes (the request, not the page-rounded block); NULL is a failure",
     },
 ];
-
-/// Attach cookies of CUDA hooks: `CUDA_COOKIE_BASE + index in CUDA_HOOKS` (heap hooks use their
-/// `HeapFn`, below 100).
-pub const CUDA_COOKIE_BASE: u32 = 100;
 
 /// A hooked CUDA driver entry point (`libcuda.so.1`, the counting point: the runtime's calls
 /// reach it, whether the runtime is shared or linked statically).
@@ -831,14 +827,11 @@ pub const CUDA_HOOKS: &[CudaHook] = {
 
 /// The CUDA hook behind an event's function code, if it is one.
 pub fn cuda_hook(func: u32) -> Option<&'static CudaHook> {
-    if func >= RUNTIME_COOKIE_BASE {
-        return None;
+    match Cookie::decode(func)? {
+        Cookie::Cuda(index) => CUDA_HOOKS.get(index as usize),
+        _ => None,
     }
-    CUDA_HOOKS.get(func.checked_sub(CUDA_COOKIE_BASE)? as usize)
 }
-
-/// Attach cookies of CUDA runtime hooks: `RUNTIME_COOKIE_BASE + index in RUNTIME_HOOKS`.
-pub const RUNTIME_COOKIE_BASE: u32 = 200;
 
 const RT_RET: Option<&str> = Some("cudart_return");
 
@@ -907,7 +900,10 @@ pub const RUNTIME_HOOKS: &[CudaHook] = &[
 
 /// The runtime hook behind an event's function code, if it is one.
 pub fn runtime_hook(func: u32) -> Option<&'static CudaHook> {
-    RUNTIME_HOOKS.get(func.checked_sub(RUNTIME_COOKIE_BASE)? as usize)
+    match Cookie::decode(func)? {
+        Cookie::Runtime(index) => RUNTIME_HOOKS.get(index as usize),
+        _ => None,
+    }
 }
 
 /// Name of a cudaError_t (cuda_runtime_api.h), as failures show it.

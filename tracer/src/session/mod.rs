@@ -27,7 +27,7 @@ use crate::{
     hooks,
     ledger::{CellRef, Ledger, mappings::MappingLedger},
     model::{Class, FailureKey, GpuSample, RssSample, StackCapture, StackIndex, TargetInfo},
-    probes::{HeapProbes, ProbeConfig, resolve},
+    probes::{ProbeConfig, Probes, resolve},
     proc::maps,
     python::{self, PythonProcess},
     recording::Writer,
@@ -136,7 +136,7 @@ fn current_brk(pid: u32) -> Option<u64> {
 fn follow_process(
     ev: &ProcEvent,
     allocator: Option<&resolve::AllocatorObject>,
-    probes: &mut HeapProbes,
+    probes: &mut Probes,
     pids: &mut Vec<u32>,
     live: &mut Vec<u32>,
     exec_pending: &mut Vec<u32>,
@@ -172,7 +172,7 @@ fn follow_process(
 fn heap_after_exec(
     pid: u32,
     allocator: Option<&resolve::AllocatorObject>,
-    probes: &mut HeapProbes,
+    probes: &mut Probes,
 ) -> bool {
     let Ok(maps) = maps::read_maps(pid) else {
         return true;
@@ -237,7 +237,7 @@ struct CudaHooked {
 /// Hooks the CUDA driver of `pid`, its shared runtime and the runtimes linked statically into its
 /// other objects, for those not hooked yet in it (at attach, and each second after: CUDA
 /// libraries are usually dlopen'ed later). Says so on stderr.
-fn hook_cuda(pid: u32, probes: &mut HeapProbes, done: &mut CudaHooked) {
+fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
     let Ok(maps) = maps::read_maps(pid) else {
         return;
     };
@@ -302,7 +302,7 @@ fn sample_rss(pid: u32, t_s: u64, mappings: &MappingLedger) -> Option<RssSample>
 
 /// Starts reading the Python frames of `pid` if it runs a supported CPython not known yet (at
 /// attach, fork, and when it maps code). Says so on stderr.
-fn detect_python(pid: u32, sink: &mut EventSink, probes: &mut HeapProbes) {
+fn detect_python(pid: u32, sink: &mut EventSink, probes: &mut Probes) {
     if !sink.python_frames || sink.pythons.contains_key(&pid) {
         return;
     }
@@ -407,17 +407,17 @@ impl EventSink {
     fn apply(&mut self, bytes: &[u8]) {
         self.events += 1;
         match events::decode(bytes) {
-            Some(Event::HeapFree(ev)) => {
+            Some(Event::Free(ev)) => {
                 self.ledger.free(ev.tgid, ev.addr);
             }
-            Some(Event::HeapAlloc(ev, ips)) => {
+            Some(Event::Alloc(ev, ips)) => {
                 let is_realloc = matches!(
                     HeapFn::from_u32(ev.func),
                     Some(HeapFn::Realloc | HeapFn::Reallocarray)
                 );
-                if ev.addr == 0 && is_realloc && ev.size == 0 && ev.old_addr != 0 {
+                if ev.addr == 0 && is_realloc && ev.size == 0 && ev.old_block() != 0 {
                     // glibc's realloc(p, 0) frees p and returns NULL.
-                    self.ledger.free(ev.tgid, ev.old_addr);
+                    self.ledger.free(ev.tgid, ev.old_block());
                     return;
                 }
                 let stack = self.stack_of(ev.tgid, &ips);
@@ -447,7 +447,7 @@ impl EventSink {
                 }
                 if ev.addr != 0
                     && vmm == Some(hooks::Records::Alloc)
-                    && hooks::runtime_hook(ev.old_addr as u32).is_some()
+                    && hooks::runtime_hook(ev.enclosing_calls().runtime).is_some()
                 {
                     // Counted when the runtime call around it returns, at the runtime caller's
                     // stack (libcudart has no frame pointers: the driver's own walk stops in it).
@@ -480,7 +480,7 @@ impl EventSink {
                     }
                 } else if is_realloc {
                     self.ledger
-                        .realloc(ev.tgid, ev.old_addr, ev.addr, ev.size, at);
+                        .realloc(ev.tgid, ev.old_block(), ev.addr, ev.size, at);
                 } else {
                     self.ledger.alloc(ev.tgid, ev.addr, ev.size, at);
                 }
@@ -529,7 +529,7 @@ impl EventSink {
     /// Reads an event's stack into `self.ips`, unwinding a stack copy with the process's
     /// call-frame information, and interns it. An unwind that did not reach the outermost frame
     /// is marked truncated.
-    fn stack_of(&mut self, pid: u32, stack: &events::Stack) -> Option<StackIndex> {
+    fn stack_of(&mut self, pid: u32, stack: &events::RawStack) -> Option<StackIndex> {
         let flags = self.native_stack(pid, stack);
         self.merge_python(pid, stack);
         self.stacks.intern(pid, &self.ips, flags)
@@ -538,7 +538,7 @@ impl EventSink {
     /// Puts the Python frames recorded with a stack in place of the interpreter's innermost
     /// evaluation loop in `self.ips` (the outer loops' frames are among them), or after the
     /// native frames when the native walk did not reach the interpreter.
-    fn merge_python(&mut self, pid: u32, stack: &events::Stack) {
+    fn merge_python(&mut self, pid: u32, stack: &events::RawStack) {
         let mut raw = stack.python_frames().peekable();
         if raw.peek().is_none() {
             return;
@@ -579,7 +579,7 @@ impl EventSink {
 
     /// Reads an event's native stack into `self.ips`, unwinding a stack copy; returns the stack
     /// flags to intern it with.
-    fn native_stack(&mut self, pid: u32, stack: &events::Stack) -> u16 {
+    fn native_stack(&mut self, pid: u32, stack: &events::RawStack) -> u16 {
         let Some((regs, bytes)) = stack.copy() else {
             stack.read_into(&mut self.ips);
             return stack.flags & (STACK_TRUNCATED | STACK_SP_CANDIDATE);
@@ -694,7 +694,7 @@ impl EventSink {
         }
     }
 
-    fn lost(&self, probes: &HeapProbes) -> BTreeMap<String, u64> {
+    fn lost(&self, probes: &Probes) -> BTreeMap<String, u64> {
         let mut lost: BTreeMap<String, u64> = drop_cause::NAMES
             .iter()
             .zip(probes.drops())
@@ -733,7 +733,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     // Handlers first: a SIGINT that arrives right after `attached` must finalize, not kill.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut probes = HeapProbes::load(opts.probes.clone())?;
+    let mut probes = Probes::load(opts.probes.clone())?;
 
     // Find the target and its allocator; a launched command is held stopped meanwhile.
     let (pid, command, maps, launched) = match &opts.target {
@@ -880,7 +880,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     let mut exec_pending: Vec<u32> = Vec::new();
     let commit = |sink: &mut EventSink,
                   writer: &mut Writer,
-                  probes: &HeapProbes,
+                  probes: &Probes,
                   live: &[u32]|
      -> anyhow::Result<()> {
         let t_s = started.elapsed().as_secs_f64();
