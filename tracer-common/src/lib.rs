@@ -270,10 +270,10 @@ pub mod global {
     pub const FOLLOW_CHILDREN: &str = "FOLLOW_CHILDREN";
     /// Record one of every N page faults; 0 disables.
     pub const FAULT_SAMPLE: &str = "FAULT_SAMPLE";
-    /// User-stack bytes copied per event (0: frame pointers), for heap events and sampled
-    /// faults (high rate)...
+    /// User-stack bytes copied per heap event and sampled fault (high rate); 0: frame pointers.
     pub const STACK_COPY_HEAP: &str = "STACK_COPY_HEAP";
-    /// ... and for the others (mappings, CUDA calls, failures).
+    /// User-stack bytes copied per other event (mappings, CUDA calls, failures); 0: frame
+    /// pointers.
     pub const STACK_COPY_OTHER: &str = "STACK_COPY_OTHER";
     /// 1 to copy stacks even when the ring buffer is a quarter full.
     pub const STACK_COPY_ALWAYS: &str = "STACK_COPY_ALWAYS";

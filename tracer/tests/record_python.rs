@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use common::{TestProcess, privileged, report_value, start_recorder_args};
 
@@ -18,6 +18,35 @@ fn python() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// A fixture script run by `interpreter` and traced by PID with `args` from its "ready" to its
+/// "done" (its protocol: "ready", a line on stdin, work, "done", then it waits for stdin's end).
+struct ScriptRun {
+    recorder: TestProcess,
+    pid: u32,
+    trace: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn trace_script(interpreter: &str, script: &str, args: &[&str]) -> ScriptRun {
+    let name = script.rsplit('/').next().unwrap_or(script);
+    let mut cmd = Command::new(interpreter);
+    cmd.arg(script);
+    let mut target = TestProcess::spawn(&format!("{interpreter} {name}"), cmd);
+    target.expect_stdout("ready");
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("py.trace");
+    let mut recorder = start_recorder_args(target.pid(), &trace, args);
+    target.send_line("go");
+    target.expect_stdout("done");
+    common::stop_recording(&mut recorder, &mut target);
+    ScriptRun {
+        recorder,
+        pid: target.pid(),
+        trace,
+        _dir: dir,
+    }
+}
+
 #[test]
 fn cpython_arenas_are_their_own_class() {
     if !privileged() {
@@ -27,18 +56,9 @@ fn cpython_arenas_are_their_own_class() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/py_arena_fixture.py"
     );
-    let mut cmd = Command::new(python());
-    cmd.arg(script);
-    let mut target = TestProcess::spawn("python3 py_arena_fixture.py", cmd);
-    target.expect_stdout("ready");
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("py.trace");
-    let mut recorder = start_recorder_args(target.pid(), &trace, &[]);
-    target.send_line("go");
-    target.expect_stdout("done");
-    common::stop_recording(&mut recorder, &mut target);
+    let run = trace_script(&python(), script, &[]);
 
-    let r = report_value(&trace);
+    let r = report_value(&run.trace);
     let arena = &r["totals"]["python-arena"];
     let live = arena["live_bytes"].as_u64().unwrap();
     // 1,000,000 objects of 16 bytes need 16 MB of arena; arenas that existed before attach
@@ -74,22 +94,13 @@ fn debug_bpf_logs_why_python_frames_are_missing() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/py_threads_fixture.py"
     );
-    let mut cmd = Command::new(python());
-    cmd.arg(script);
-    let mut target = TestProcess::spawn("python3 py_threads_fixture.py", cmd);
-    target.expect_stdout("ready");
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("py.trace");
-    let mut recorder = start_recorder_args(target.pid(), &trace, &["--heap", "--debug-bpf"]);
-    target.send_line("go");
-    target.expect_stdout("done");
-    common::stop_recording(&mut recorder, &mut target);
+    let run = trace_script(&python(), script, &["--heap", "--debug-bpf"]);
     let expected = format!(
         "alloctrace: bpf DEBUG: Python frames skipped, thread {}: not among the first 16 thread \
          states",
-        target.pid()
+        run.pid
     );
-    let log = recorder.stderr_text();
+    let log = run.recorder.stderr_text();
     assert!(log.lines().any(|l| l == expected), "{expected:?} in\n{log}");
 }
 
@@ -138,21 +149,14 @@ fn python_leaks_under_their_functions(interpreter: &str) {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/py_leak_fixture.py"
     );
-    let mut cmd = Command::new(interpreter);
-    cmd.arg(script);
-    let mut target = TestProcess::spawn(&format!("{interpreter} py_leak_fixture.py"), cmd);
-    target.expect_stdout("ready");
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("py.trace");
-    let mut recorder = start_recorder_args(target.pid(), &trace, &["--heap"]);
-    target.send_line("go");
-    target.expect_stdout("done");
-    common::stop_recording(&mut recorder, &mut target);
-    let r = report_value(&trace);
+    let run = trace_script(interpreter, script, &["--heap"]);
+    let r = report_value(&run.trace);
     assert!(
-        recorder.stderr_text().contains("Python frames: CPython 3."),
+        run.recorder
+            .stderr_text()
+            .contains("Python frames: CPython 3."),
         "{}",
-        recorder.stderr_text()
+        run.recorder.stderr_text()
     );
 
     let frame = |name: &str| format!("{name} ({script}:{})", marked_line(script, name));
