@@ -1,17 +1,29 @@
-//! Types shared by the eBPF programs and user space: events, in-flight call state, drop causes.
+//! Types shared by the eBPF programs and user space: events, in-flight call state, drop causes,
+//! hook cookies (`cookie`), the stack area of records (`stack`), the names of the object's
+//! load-time globals (`global`).
 //!
 //! Every type is `#[repr(C)]` with explicit padding so that both sides agree on the layout and
 //! `aya::Pod` is sound (no implicit padding bytes).
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 use core::mem::size_of;
 
+mod cookie;
 pub mod python;
+mod stack;
+
+pub use cookie::{Cookie, EnclosingCalls, HeapFn};
+pub use stack::{
+    MAX_FRAMES, PY_FRAMES_AT_MOST, STACK_AREA_WORDS, STACK_COPY, STACK_COPY_MAX,
+    STACK_SP_CANDIDATE, STACK_TRUNCATED, StackArea, StackCopyHeader, StackEvent, StackRecord,
+};
 
 /// Event kinds, the first `u32` of every ring-buffer record.
 pub mod event_kind {
-    pub const HEAP_ALLOC: u32 = 1;
-    pub const HEAP_FREE: u32 = 2;
+    /// `AllocEvent`: a heap or CUDA allocation call returned.
+    pub const ALLOC: u32 = 1;
+    /// `FreeEvent`: a heap or CUDA block was released.
+    pub const FREE: u32 = 2;
     pub const MAP: u32 = 3;
     pub const PROC: u32 = 4;
     pub const FAULT: u32 = 5;
@@ -38,14 +50,6 @@ pub struct CudaCallEvent {
     pub ret: i32,
     pub nframes: u16,
     pub stack_flags: u16,
-}
-
-/// Scratch for one CUDA call record with room for the longest stack.
-#[repr(C)]
-#[derive(Copy, Clone)]
-pub struct CudaCallRecord {
-    pub event: CudaCallEvent,
-    pub ips: StackArea,
 }
 
 /// What a CUDA call's return probe reads through the out-pointer saved at entry.
@@ -86,17 +90,6 @@ pub struct FaultEvent {
     pub address: u64,
 }
 
-/// Scratch for one fault record with room for the longest stack.
-#[repr(C)]
-#[derive(Copy, Clone)]
-pub struct FaultRecord {
-    pub event: FaultEvent,
-    pub ips: StackArea,
-}
-
-/// Global `FAULT_SAMPLE` of the eBPF object: record one of every N page faults; 0 disables.
-pub const FAULT_SAMPLE_GLOBAL: &str = "FAULT_SAMPLE";
-
 /// `ProcEvent::op`.
 pub mod proc_op {
     /// A traced process forked a child (not a thread); the child is traced from its birth.
@@ -120,9 +113,6 @@ pub struct ProcEvent {
     /// FORK: the parent; otherwise 0.
     pub parent: u32,
 }
-
-/// Global `FOLLOW_CHILDREN` of the eBPF object: 1 to trace the children of traced processes.
-pub const FOLLOW_CHILDREN_GLOBAL: &str = "FOLLOW_CHILDREN";
 
 /// Memory syscalls traced with tracepoints (`MapEvent::op`): the x86-64 syscall numbers.
 pub mod map_op {
@@ -148,7 +138,7 @@ pub struct SyscallArgs {
 }
 
 /// A completed memory syscall. Followed in the ring by `nframes` stack addresses, like
-/// `HeapAllocEvent`.
+/// `AllocEvent`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct MapEvent {
@@ -170,156 +160,54 @@ pub struct MapEvent {
     pub args: [u64; 5],
 }
 
-/// Scratch for one mapping record with room for the longest stack.
-#[repr(C)]
-#[derive(Copy, Clone)]
-pub struct MapRecord {
-    pub event: MapEvent,
-    pub ips: StackArea,
-}
-
-/// Heap functions, in the order of user space's hook table. Carried as the uprobe cookie.
-#[repr(u32)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum HeapFn {
-    Malloc = 0,
-    Calloc = 1,
-    Realloc = 2,
-    Reallocarray = 3,
-    Free = 4,
-    PosixMemalign = 5,
-    AlignedAlloc = 6,
-    Memalign = 7,
-    Valloc = 8,
-    Pvalloc = 9,
-}
-
-impl HeapFn {
-    pub const ALL: [HeapFn; 10] = [
-        HeapFn::Malloc,
-        HeapFn::Calloc,
-        HeapFn::Realloc,
-        HeapFn::Reallocarray,
-        HeapFn::Free,
-        HeapFn::PosixMemalign,
-        HeapFn::AlignedAlloc,
-        HeapFn::Memalign,
-        HeapFn::Valloc,
-        HeapFn::Pvalloc,
-    ];
-
-    pub fn from_u32(v: u32) -> Option<HeapFn> {
-        Self::ALL.get(v as usize).copied()
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            HeapFn::Malloc => "malloc",
-            HeapFn::Calloc => "calloc",
-            HeapFn::Realloc => "realloc",
-            HeapFn::Reallocarray => "reallocarray",
-            HeapFn::Free => "free",
-            HeapFn::PosixMemalign => "posix_memalign",
-            HeapFn::AlignedAlloc => "aligned_alloc",
-            HeapFn::Memalign => "memalign",
-            HeapFn::Valloc => "valloc",
-            HeapFn::Pvalloc => "pvalloc",
-        }
-    }
-}
-
-/// Most user frames an event carries (frame-pointer walk in the eBPF program).
-pub const MAX_FRAMES: usize = 64;
-
-/// `stack_flags`: the record carries a copy of the user stack (`StackCopyHeader` then `len`
-/// bytes) instead of frame addresses; user space unwinds it with the modules' call-frame
-/// information (DWARF stack mode).
-pub const STACK_COPY: u16 = 4;
-
-/// The most user-stack bytes a record can carry (`--stack-copy`).
-pub const STACK_COPY_MAX: usize = 32768;
-
-/// The registers and length of a stack copy; the `len` bytes from `sp` up follow it.
-#[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct StackCopyHeader {
-    pub ip: u64,
-    pub sp: u64,
-    pub bp: u64,
-    pub len: u64,
-}
-
-/// Words of a scratch record's stack area: `MAX_FRAMES` addresses in frame-pointer mode, or a
-/// `StackCopyHeader` and up to `STACK_COPY_MAX` bytes, with room past the end for the
-/// verifier's view of a page-sized copy at any offset below `STACK_COPY_MAX`.
-pub const STACK_AREA_WORDS: usize = (32 + STACK_COPY_MAX + 8192) / 8;
-
-/// Bytes of the stack area after which Python frames still fit.
-pub const PY_FRAMES_AT_MOST: usize = 8 * STACK_AREA_WORDS - 16 * python::MAX_PY_FRAMES;
-
-/// The stack area of a scratch record.
-pub type StackArea = [u64; STACK_AREA_WORDS];
-
-/// Globals of the eBPF object: user-stack bytes copied per event (0: frame pointers), for heap
-/// events (`STACK_COPY_HEAP`: high rate) and for the others (`STACK_COPY_OTHER`: mappings,
-/// CUDA calls, failures).
-pub const STACK_COPY_HEAP_GLOBAL: &str = "STACK_COPY_HEAP";
-pub const STACK_COPY_OTHER_GLOBAL: &str = "STACK_COPY_OTHER";
-/// Global of the eBPF object: 1 to copy stacks even when the ring buffer is a quarter full.
-pub const STACK_COPY_ALWAYS_GLOBAL: &str = "STACK_COPY_ALWAYS";
-
-/// `HeapAllocEvent::stack_flags`: the walk stopped at `MAX_FRAMES` with more frames above.
-pub const STACK_TRUNCATED: u16 = 1;
-
-/// `stack_flags`: the second address was read from the stack pointer, not from the frame chain;
-/// it is a real frame only if the instruction before it is a call (see `walk_user_stack`).
-pub const STACK_SP_CANDIDATE: u16 = 2;
-
-/// A completed allocation call (successful or failed), emitted at the function's return. In the
-/// ring buffer it is followed by `nframes` user stack addresses (`u64`, innermost first: the
-/// return address into the allocator's caller, then the frame-pointer chain).
+/// A completed allocation call (successful or failed), heap or CUDA, emitted at the function's
+/// return. In the ring buffer it is followed by its user stack (`StackEvent`: `nframes`
+/// addresses, innermost first: the return address into the allocator's caller, then the
+/// frame-pointer chain; or a stack copy).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct HeapAllocEvent {
-    /// `event_kind::HEAP_ALLOC`.
+pub struct AllocEvent {
+    /// `event_kind::ALLOC`.
     pub kind: u32,
     pub tgid: u32,
     pub tid: u32,
-    /// Valid entries of `ips`.
+    /// Valid entries of the stack.
     pub nframes: u16,
-    /// `STACK_TRUNCATED`.
+    /// `STACK_TRUNCATED`, `STACK_SP_CANDIDATE`, `STACK_COPY`, the Python frame count.
     pub stack_flags: u16,
     /// The returned block, 0 when the call failed (or when `realloc(p, 0)` freed `p`).
     pub addr: u64,
     /// Requested bytes (`nmemb * size` for calloc/reallocarray; saturated on overflow).
     pub size: u64,
-    /// realloc/reallocarray: the block passed in. CUDA allocations: the cookie of the runtime
-    /// call they are made from (low 32 bits) and of the non-allocating driver call in flight on
-    /// the thread, e.g. a graph instantiation (high 32 bits); 0 for none.
-    pub old_addr: u64,
+    /// Where the block comes from, by the kind of call: `old_block` for realloc/reallocarray,
+    /// `enclosing_calls` for CUDA allocations; 0 for none.
+    pub origin: u64,
     /// 0 on success; an errno for failures (posix_memalign's return value, else ENOMEM); a
     /// CUresult / cudaError_t for CUDA calls.
     pub err: i32,
-    /// `HeapFn` as u32, or the CUDA hook's cookie.
+    /// The hook's `Cookie`, encoded.
     pub func: u32,
     /// CUDA: the pool of cuMemAllocFromPoolAsync, the graph of cuGraphAddMemAllocNode; 0 else.
     pub aux: u64,
 }
 
-/// The eBPF program's scratch space for one allocation record: the event and room for the
-/// longest stack. Only `size_of::<HeapAllocEvent>() + 8 * nframes` bytes go into the ring.
-#[repr(C)]
-#[derive(Copy, Clone)]
-pub struct HeapAllocRecord {
-    pub event: HeapAllocEvent,
-    pub ips: StackArea,
+impl AllocEvent {
+    /// realloc/reallocarray: the block passed in (0 for the other heap functions).
+    pub const fn old_block(&self) -> u64 {
+        self.origin
+    }
+
+    /// CUDA allocations: the runtime and driver calls in flight around this one.
+    pub const fn enclosing_calls(&self) -> EnclosingCalls {
+        EnclosingCalls::unpack(self.origin)
+    }
 }
 
-/// A `free` of a non-NULL pointer, emitted at entry.
+/// A release of a non-NULL block (`free`, a CUDA free), emitted at entry.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct HeapFreeEvent {
-    /// `event_kind::HEAP_FREE`.
+pub struct FreeEvent {
+    /// `event_kind::FREE`.
     pub kind: u32,
     pub tgid: u32,
     pub addr: u64,
@@ -335,9 +223,11 @@ pub struct InflightCall {
     /// `pid_tgid` of the thread holding the slot; 0 when free.
     pub owner: u64,
     pub size: u64,
-    pub old_addr: u64,
-    /// posix_memalign's `void **memptr`; 0 for pointer-returning functions.
-    pub memptr: u64,
+    /// realloc/reallocarray: the block passed in (the event's `origin`).
+    pub old_block: u64,
+    /// Where the call writes the block, read at return: posix_memalign's `void **memptr`, a
+    /// CUDA call's out-pointer; 0 for pointer-returning functions.
+    pub out_ptr: u64,
     /// Copied into the event's `aux`.
     pub aux: u64,
     /// cuMemAllocPitch: the `size_t *pPitch` written by the call; the size is `size` (the
@@ -374,11 +264,36 @@ pub mod drop_cause {
         ["ringbuf_full", "inflight_slot_busy", "user_read_failed"];
 }
 
-const _: () = assert!(size_of::<HeapAllocEvent>() == 56);
-const _: () = assert!(size_of::<HeapAllocRecord>() == 56 + 8 * STACK_AREA_WORDS);
+/// Names of the eBPF object's load-time globals (`u32` statics that user space sets at load).
+pub mod global {
+    /// 1 to trace the children of traced processes.
+    pub const FOLLOW_CHILDREN: &str = "FOLLOW_CHILDREN";
+    /// Record one of every N page faults; 0 disables.
+    pub const FAULT_SAMPLE: &str = "FAULT_SAMPLE";
+    /// User-stack bytes copied per heap event and sampled fault (high rate); 0: frame pointers.
+    pub const STACK_COPY_HEAP: &str = "STACK_COPY_HEAP";
+    /// User-stack bytes copied per other event (mappings, CUDA calls, failures); 0: frame
+    /// pointers.
+    pub const STACK_COPY_OTHER: &str = "STACK_COPY_OTHER";
+    /// 1 to copy stacks even when the ring buffer is a quarter full.
+    pub const STACK_COPY_ALWAYS: &str = "STACK_COPY_ALWAYS";
+    /// 1 to read Python frames of processes with offsets in `PY_OFFSETS`.
+    pub const PYTHON_FRAMES: &str = "PYTHON_FRAMES";
+    /// 1 to log why the programs skip events (aya-log, `record --debug-bpf`).
+    pub const DEBUG_LOG: &str = "DEBUG_LOG";
+}
+
+/// Name of the eBPF object's aya-log ring buffer (declared by aya-log-ebpf).
+pub const LOG_RING: &str = "AYA_LOGS";
+
+const _: () = assert!(size_of::<AllocEvent>() == 56);
+const _: () = assert!(size_of::<StackRecord<AllocEvent>>() == 56 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<StackRecord<MapEvent>>() == 72 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<StackRecord<FaultEvent>>() == 24 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<StackRecord<CudaCallEvent>>() == 72 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackCopyHeader>() == 32);
 const _: () = assert!(8 * STACK_AREA_WORDS >= 32 + STACK_COPY_MAX + 8192);
-const _: () = assert!(size_of::<HeapFreeEvent>() == 16);
+const _: () = assert!(size_of::<FreeEvent>() == 16);
 const _: () = assert!(size_of::<MapEvent>() == 72);
 const _: () = assert!(size_of::<ProcEvent>() == 16);
 const _: () = assert!(size_of::<FaultEvent>() == 24);
@@ -386,14 +301,21 @@ const _: () = assert!(size_of::<CudaCallEvent>() == 72);
 const _: () = assert!(size_of::<CudaCallSlot>() == 64);
 const _: () = assert!(size_of::<SyscallArgs>() == 48);
 const _: () = assert!(size_of::<InflightCall>() == 56);
+// The in-flight slots' owner word comes first: the programs claim it through a pointer to it.
+const _: () = assert!(core::mem::offset_of!(InflightCall, owner) == 0);
+const _: () = assert!(core::mem::offset_of!(CudaCallSlot, owner) == 0);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     // SAFETY: plain #[repr(C)] integers without implicit padding (sizes asserted above).
-    unsafe impl aya::Pod for HeapAllocEvent {}
-    unsafe impl aya::Pod for HeapFreeEvent {}
-    unsafe impl aya::Pod for InflightCall {}
+    unsafe impl aya::Pod for AllocEvent {}
+    unsafe impl aya::Pod for FreeEvent {}
     unsafe impl aya::Pod for MapEvent {}
+    unsafe impl aya::Pod for FaultEvent {}
+    unsafe impl aya::Pod for CudaCallEvent {}
+    unsafe impl aya::Pod for ProcEvent {}
+    unsafe impl aya::Pod for StackCopyHeader {}
+    unsafe impl aya::Pod for InflightCall {}
     unsafe impl aya::Pod for SyscallArgs {}
 }

@@ -125,6 +125,3 @@ const _: () = assert!(size_of::<PyRawFrame>() == 16);
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] and only u64 fields, so no padding bytes.
 unsafe impl aya::Pod for PythonOffsets {}
-
-/// Global of the eBPF object: 1 to read Python frames of processes with offsets in `PY_OFFSETS`.
-pub const PYTHON_FRAMES_GLOBAL: &str = "PYTHON_FRAMES";

@@ -2,8 +2,18 @@
 //! frames of the current thread, given the target's `PythonOffsets` (filled by user space,
 //! `alloctrace::python::detect`). docs/python-frames.md says how.
 
-use aya_ebpf::helpers::bpf_probe_read_user;
-use tracer_common::python::{ABSENT, MAX_PY_FRAMES, PyRawFrame, PythonOffsets, instr_kind};
+use core::mem::size_of;
+
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user};
+use tracer_common::{
+    PY_FRAMES_AT_MOST, StackArea,
+    python::{ABSENT, MAX_PY_FRAMES, PY_FRAMES_SHIFT, PyRawFrame, PythonOffsets, instr_kind},
+};
+
+use crate::{
+    diag::{self, PythonMiss},
+    maps::{PY_OFFSETS, PYTHON_FRAMES, global},
+};
 
 /// Thread states examined to find the current thread's (bounded for the verifier).
 pub const MAX_PY_THREADS: usize = 16;
@@ -26,33 +36,81 @@ fn read_u8(addr: u64) -> Option<u8> {
     unsafe { bpf_probe_read_user(addr as *const u8) }.ok()
 }
 
+/// Appends the current thread's Python frames (if it runs CPython) at byte `at` of the stack
+/// area; their number goes into `flags`. Returns the bytes added.
+#[inline(always)]
+pub fn append_frames(area: &mut StackArea, at: usize, flags: &mut u16) -> usize {
+    if global(&PYTHON_FRAMES) == 0 || at > PY_FRAMES_AT_MOST || at % 8 != 0 {
+        return 0;
+    }
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is only read while this program runs.
+    let Some(offsets) = (unsafe { PY_OFFSETS.get(&((key >> 32) as u32)) }) else {
+        return 0;
+    };
+    let tstate = match find_tstate(offsets, key as u32) {
+        Ok(tstate) => tstate,
+        Err(why) => {
+            diag::python_skipped(why);
+            return 0;
+        }
+    };
+    // SAFETY: `at` is 8-byte aligned (stacks are whole words) and leaves room for the frames.
+    let out = unsafe {
+        &mut *area
+            .as_mut_ptr()
+            .cast::<u8>()
+            .add(at)
+            .cast::<[PyRawFrame; MAX_PY_FRAMES]>()
+    };
+    let n = walk(offsets, tstate, out);
+    if n == 0 {
+        diag::python_skipped(PythonMiss::NoFrame);
+    }
+    *flags |= (n as u16) << PY_FRAMES_SHIFT;
+    n * size_of::<PyRawFrame>()
+}
+
 /// The `PyThreadState` of the current thread in the main interpreter: matched by kernel `tid`
 /// (3.11+ `native_thread_id`), with or without the GIL held; on 3.10 the thread holding the GIL
 /// (`gilstate.tstate_current`), which is the allocating thread while it runs Python code.
 #[inline(always)]
-pub fn find_tstate(o: &PythonOffsets, tid: u32) -> Option<u64> {
+fn find_tstate(o: &PythonOffsets, tid: u32) -> Result<u64, PythonMiss> {
     if o.tstate_native_thread_id == ABSENT {
         if o.runtime_tstate_current == ABSENT {
-            return None;
+            return Err(PythonMiss::NoThreadState);
         }
-        let t = read_u64(o.runtime_addr.wrapping_add(o.runtime_tstate_current))?;
-        return (t != 0).then_some(t);
+        let t = read_u64(o.runtime_addr.wrapping_add(o.runtime_tstate_current))
+            .ok_or(PythonMiss::Unreadable)?;
+        return if t != 0 {
+            Ok(t)
+        } else {
+            Err(PythonMiss::NoGilHolder)
+        };
     }
-    let interp = read_u64(o.runtime_addr.wrapping_add(o.runtime_interpreters_head))?;
+    let interp = read_u64(o.runtime_addr.wrapping_add(o.runtime_interpreters_head))
+        .ok_or(PythonMiss::Unreadable)?;
     if interp == 0 {
-        return None;
+        return Err(PythonMiss::NoThreadState);
     }
-    let mut t = read_u64(interp.wrapping_add(o.interp_threads_head))?;
+    let mut t =
+        read_u64(interp.wrapping_add(o.interp_threads_head)).ok_or(PythonMiss::Unreadable)?;
     for _ in 0..MAX_PY_THREADS {
         if t == 0 {
-            return None;
+            return Err(PythonMiss::NoThreadState);
         }
-        if read_u32(t.wrapping_add(o.tstate_native_thread_id))? == tid {
-            return Some(t);
+        let thread_id =
+            read_u32(t.wrapping_add(o.tstate_native_thread_id)).ok_or(PythonMiss::Unreadable)?;
+        if thread_id == tid {
+            return Ok(t);
         }
-        t = read_u64(t.wrapping_add(o.tstate_next))?;
+        t = read_u64(t.wrapping_add(o.tstate_next)).ok_or(PythonMiss::Unreadable)?;
     }
-    None
+    Err(if t == 0 {
+        PythonMiss::NoThreadState
+    } else {
+        PythonMiss::TooManyThreads
+    })
 }
 
 /// The frame walk's state, passed to each `bpf_loop` turn (the verifier checks one turn once,
@@ -69,7 +127,7 @@ struct Walk {
 /// shims (3.12+ `FRAME_OWNED_BY_CSTACK`, 3.13 `None` executables) are skipped; a failed read
 /// ends the walk with what was read so far.
 #[inline(always)]
-pub fn walk(o: &PythonOffsets, tstate: u64, out: &mut [PyRawFrame; MAX_PY_FRAMES]) -> usize {
+fn walk(o: &PythonOffsets, tstate: u64, out: &mut [PyRawFrame; MAX_PY_FRAMES]) -> usize {
     let Some(mut f) = read_u64(tstate.wrapping_add(o.tstate_frame)) else {
         return 0;
     };

@@ -3,26 +3,26 @@
 use std::mem::size_of;
 
 use tracer_common::{
-    CudaCallEvent, FaultEvent, HeapAllocEvent, HeapFreeEvent, MapEvent, ProcEvent, STACK_COPY,
-    StackCopyHeader, event_kind,
+    AllocEvent, CudaCallEvent, FaultEvent, FreeEvent, MapEvent, ProcEvent, STACK_COPY,
+    StackCopyHeader, StackEvent, event_kind,
     python::{PY_FRAMES_MASK, PY_FRAMES_SHIFT, PyRawFrame},
 };
 
 /// A decoded ring record; stacks borrow the record's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    HeapAlloc(HeapAllocEvent, Stack<'a>),
-    HeapFree(HeapFreeEvent),
-    Map(MapEvent, Stack<'a>),
+    Alloc(AllocEvent, RawStack<'a>),
+    Free(FreeEvent),
+    Map(MapEvent, RawStack<'a>),
     Proc(ProcEvent),
-    Fault(FaultEvent, Stack<'a>),
-    CudaCall(CudaCallEvent, Stack<'a>),
+    Fault(FaultEvent, RawStack<'a>),
+    CudaCall(CudaCallEvent, RawStack<'a>),
 }
 
-/// The user stack that follows an event in its record: `u64` addresses, innermost first, or
-/// (`STACK_COPY`) a copy of the stack to unwind.
+/// The user stack that follows an event in its record, as the kernel took it: `u64` addresses,
+/// innermost first, or (`STACK_COPY`) a copy of the stack to unwind; then Python frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stack<'a> {
+pub struct RawStack<'a> {
     bytes: &'a [u8],
     /// Python frames (`PyRawFrame`s) recorded after the stack.
     python: &'a [u8],
@@ -31,34 +31,30 @@ pub struct Stack<'a> {
     pub flags: u16,
 }
 
-impl<'a> Stack<'a> {
+impl<'a> RawStack<'a> {
     /// The registers and bytes of a stack copy, if the record carries one.
     pub fn copy(&self) -> Option<(StackCopyHeader, &'a [u8])> {
         if self.flags & STACK_COPY == 0 {
             return None;
         }
-        let header_len = size_of::<StackCopyHeader>();
-        let header = self.bytes.get(..header_len)?;
-        // SAFETY: length checked; plain old data; the record may be unaligned.
-        let header: StackCopyHeader = unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
-        Some((header, self.bytes.get(header_len..)?))
+        let header: StackCopyHeader = read_pod(self.bytes)?;
+        Some((header, self.bytes.get(size_of::<StackCopyHeader>()..)?))
     }
 
-    /// The stack that starts at `start` in `record`: `nframes` addresses, or a copy (its
-    /// header says how long).
-    fn at(record: &'a [u8], start: usize, nframes: u16, flags: u16) -> Option<Stack<'a>> {
+    /// The stack that follows `event` in `record`: `nframes` addresses, or a copy (its header
+    /// says how long).
+    fn after<E: StackEvent>(record: &'a [u8], event: &E) -> Option<RawStack<'a>> {
+        let start = size_of::<E>();
+        let flags = event.stack_flags();
         let end = if flags & STACK_COPY != 0 {
+            let header: StackCopyHeader = read_pod(record.get(start..)?)?;
             let header_end = start + size_of::<StackCopyHeader>();
-            let header = record.get(start..header_end)?;
-            // SAFETY: length checked; plain old data; the record may be unaligned.
-            let header: StackCopyHeader =
-                unsafe { std::ptr::read_unaligned(header.as_ptr().cast()) };
             header_end.checked_add(usize::try_from(header.len).ok()?)?
         } else {
-            start + 8 * usize::from(nframes)
+            start + 8 * usize::from(event.nframes())
         };
         let py = usize::from(flags >> PY_FRAMES_SHIFT & PY_FRAMES_MASK) * size_of::<PyRawFrame>();
-        Some(Stack {
+        Some(RawStack {
             bytes: record.get(start..end)?,
             python: record.get(end..end + py)?,
             flags,
@@ -75,7 +71,7 @@ impl<'a> Stack<'a> {
     }
 }
 
-impl Stack<'_> {
+impl RawStack<'_> {
     pub fn len(&self) -> usize {
         self.bytes.len() / 8
     }
@@ -95,56 +91,30 @@ impl Stack<'_> {
     }
 }
 
+/// The `T` at the start of `bytes`, if they are long enough.
+fn read_pod<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    let bytes = bytes.get(..size_of::<T>())?;
+    // SAFETY: length checked; `T` is plain old data; the record may be unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+/// The event at the start of `record` and the stack after it.
+fn with_stack<E: StackEvent + aya::Pod>(record: &[u8]) -> Option<(E, RawStack<'_>)> {
+    let event: E = read_pod(record)?;
+    let stack = RawStack::after(record, &event)?;
+    Some((event, stack))
+}
+
 /// Decodes one record; `None` for a record of unknown kind or size (counted as lost by the caller).
 pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
     let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     match kind {
-        event_kind::HEAP_ALLOC if bytes.len() >= size_of::<HeapAllocEvent>() => {
-            // SAFETY: length checked; HeapAllocEvent is plain old data; the record may be unaligned.
-            let ev: HeapAllocEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let stack = Stack::at(
-                bytes,
-                size_of::<HeapAllocEvent>(),
-                ev.nframes,
-                ev.stack_flags,
-            )?;
-            Some(Event::HeapAlloc(ev, stack))
-        }
-        event_kind::MAP if bytes.len() >= size_of::<MapEvent>() => {
-            // SAFETY: length checked; MapEvent is plain old data; the record may be unaligned.
-            let ev: MapEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let stack = Stack::at(bytes, size_of::<MapEvent>(), ev.nframes, ev.stack_flags)?;
-            Some(Event::Map(ev, stack))
-        }
-        event_kind::FAULT if bytes.len() >= size_of::<FaultEvent>() => {
-            // SAFETY: length checked; FaultEvent is plain old data; the record may be unaligned.
-            let ev: FaultEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let stack = Stack::at(bytes, size_of::<FaultEvent>(), ev.nframes, ev.stack_flags)?;
-            Some(Event::Fault(ev, stack))
-        }
-        event_kind::CUDA_CALL if bytes.len() >= size_of::<CudaCallEvent>() => {
-            // SAFETY: length checked; CudaCallEvent is plain old data; the record may be unaligned.
-            let ev: CudaCallEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            let stack = Stack::at(
-                bytes,
-                size_of::<CudaCallEvent>(),
-                ev.nframes,
-                ev.stack_flags,
-            )?;
-            Some(Event::CudaCall(ev, stack))
-        }
-        event_kind::PROC if bytes.len() >= size_of::<ProcEvent>() => {
-            // SAFETY: length checked; ProcEvent is plain old data.
-            Some(Event::Proc(unsafe {
-                std::ptr::read_unaligned(bytes.as_ptr().cast())
-            }))
-        }
-        event_kind::HEAP_FREE if bytes.len() >= size_of::<HeapFreeEvent>() => {
-            // SAFETY: as above.
-            Some(Event::HeapFree(unsafe {
-                std::ptr::read_unaligned(bytes.as_ptr().cast())
-            }))
-        }
+        event_kind::ALLOC => with_stack(bytes).map(|(ev, stack)| Event::Alloc(ev, stack)),
+        event_kind::MAP => with_stack(bytes).map(|(ev, stack)| Event::Map(ev, stack)),
+        event_kind::FAULT => with_stack(bytes).map(|(ev, stack)| Event::Fault(ev, stack)),
+        event_kind::CUDA_CALL => with_stack(bytes).map(|(ev, stack)| Event::CudaCall(ev, stack)),
+        event_kind::PROC => read_pod(bytes).map(Event::Proc),
+        event_kind::FREE => read_pod(bytes).map(Event::Free),
         _ => None,
     }
 }
@@ -171,15 +141,15 @@ mod tests {
 
     #[test]
     fn decodes_both_kinds_and_rejects_garbage() {
-        let a = HeapAllocEvent {
-            kind: event_kind::HEAP_ALLOC,
+        let a = AllocEvent {
+            kind: event_kind::ALLOC,
             tgid: 7,
             tid: 8,
             nframes: 2,
             stack_flags: tracer_common::STACK_TRUNCATED,
             addr: 0x1000,
             size: 64,
-            old_addr: 0,
+            origin: 0,
             err: 0,
             func: 0,
             aux: 0,
@@ -187,7 +157,7 @@ mod tests {
         let mut record = bytes(&a);
         record.extend(0x1111u64.to_ne_bytes());
         record.extend(0x2222u64.to_ne_bytes());
-        let Some(Event::HeapAlloc(ev, stack)) = decode(&record) else {
+        let Some(Event::Alloc(ev, stack)) = decode(&record) else {
             panic!("not decoded")
         };
         assert_eq!(ev, a);
@@ -199,12 +169,12 @@ mod tests {
         );
         // A record shorter than its frame count says is rejected.
         assert_eq!(decode(&record[..record.len() - 8]), None);
-        let f = HeapFreeEvent {
-            kind: event_kind::HEAP_FREE,
+        let f = FreeEvent {
+            kind: event_kind::FREE,
             tgid: 7,
             addr: 0x1000,
         };
-        assert_eq!(decode(&bytes(&f)), Some(Event::HeapFree(f)));
+        assert_eq!(decode(&bytes(&f)), Some(Event::Free(f)));
         assert_eq!(decode(&bytes(&a)[..20]), None);
         assert_eq!(decode(&[9, 0, 0, 0, 1, 2, 3, 4]), None);
         assert_eq!(decode(&[]), None);

@@ -121,6 +121,11 @@ struct RecordArgs {
     /// place of the interpreter's evaluation loop.
     #[arg(long)]
     no_python_frames: bool,
+    /// Print the eBPF programs' diagnostics on standard error: why an event or a part of one
+    /// was skipped (a busy in-flight slot, a full ring buffer, a stack copy that fell back
+    /// to frame pointers, Python frames that could not be read). Costs nothing when off.
+    #[arg(long)]
+    debug_bpf: bool,
     /// Copy stacks even when the ring buffer fills up (benchmark of the copy's cost).
     #[arg(long, hide = true)]
     stack_copy_always: bool,
@@ -244,6 +249,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             stack_copy_other,
             python_frames: !args.no_python_frames,
             stack_copy_always: args.stack_copy_always,
+            debug_log: args.debug_bpf,
         },
         heap: args.heap,
         poll_interval: Duration::from_millis(10),

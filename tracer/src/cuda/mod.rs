@@ -8,7 +8,7 @@ pub mod vmm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use tracer_common::{CudaCallEvent, HeapAllocEvent};
+use tracer_common::{AllocEvent, CudaCallEvent};
 
 use crate::{
     cuda::vmm::VmmLedger,
@@ -55,8 +55,8 @@ impl CudaLayer {
 
     /// Class and phase of a successful CUDA allocation: device memory obtained while its thread
     /// captures a graph, or inside a graph instantiation, belongs to the graph.
-    pub fn placement(&self, ledger: &mut Ledger, ev: &HeapAllocEvent, hook: &CudaHook) -> CellRef {
-        let in_call = hooks::cuda_hook((ev.old_addr >> 32) as u32).map(|h| h.records);
+    pub fn placement(&self, ledger: &mut Ledger, ev: &AllocEvent, hook: &CudaHook) -> CellRef {
+        let in_call = hooks::cuda_hook(ev.enclosing_calls().driver).map(|h| h.records);
         let graph = self.capturing.contains_key(&(ev.tgid, ev.tid))
             || in_call == Some(Records::GraphInstantiate);
         let mut at = CellRef::new(ev.tgid, hook.class, None);
@@ -72,7 +72,7 @@ impl CudaLayer {
     /// A successful driver allocation made inside a runtime call: counted when that call
     /// returns, at the stack of the runtime's caller (libcudart has no frame pointers: the
     /// driver's own walk stops in it).
-    pub fn defer_alloc(&mut self, ev: HeapAllocEvent, at: CellRef) {
+    pub fn defer_alloc(&mut self, ev: AllocEvent, at: CellRef) {
         let calls = self.in_runtime.entry((ev.tgid, ev.tid)).or_default();
         calls.allocs.push((ev, at));
     }
@@ -80,14 +80,9 @@ impl CudaLayer {
     /// A driver allocation failed; inside a runtime call it is named after both and recorded
     /// when the runtime call returns, at its caller's stack (and the runtime's own failure is not
     /// counted again).
-    pub fn driver_failure(
-        &mut self,
-        ledger: &mut Ledger,
-        ev: &HeapAllocEvent,
-        failure: FailureKey,
-    ) {
+    pub fn driver_failure(&mut self, ledger: &mut Ledger, ev: &AllocEvent, failure: FailureKey) {
         let hook = hooks::cuda_hook(ev.func);
-        match (hooks::runtime_hook(ev.old_addr as u32), hook) {
+        match (hooks::runtime_hook(ev.enclosing_calls().runtime), hook) {
             (Some(rt), Some(h)) => {
                 let failure = FailureKey {
                     function: format!("{} → {}", rt.symbol, h.symbol),
@@ -105,7 +100,7 @@ impl CudaLayer {
     pub fn runtime_return(
         &mut self,
         ledger: &mut Ledger,
-        ev: &HeapAllocEvent,
+        ev: &AllocEvent,
         hook: &CudaHook,
         stack: Option<StackIndex>,
     ) {
@@ -239,7 +234,7 @@ impl CudaLayer {
 /// What the driver calls made inside one runtime call did.
 #[derive(Default)]
 struct InRuntime {
-    allocs: Vec<(HeapAllocEvent, CellRef)>,
+    allocs: Vec<(AllocEvent, CellRef)>,
     failures: Vec<FailureKey>,
 }
 

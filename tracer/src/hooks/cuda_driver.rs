@@ -1,11 +1,9 @@
 //! The CUDA driver entry points (`libcuda.so.1`): the counting point of device memory.
 
-use super::{CudaHook, RUNTIME_COOKIE_BASE, Records};
-use crate::model::Class;
+use tracer_common::Cookie;
 
-/// Attach cookies of CUDA hooks: `CUDA_COOKIE_BASE + index in CUDA_HOOKS` (heap hooks use their
-/// `HeapFn`, below 100).
-pub const CUDA_COOKIE_BASE: u32 = 100;
+use super::{CudaHook, Records};
+use crate::model::Class;
 
 const fn cu(
     symbol: &'static str,
@@ -524,10 +522,10 @@ pub const CUDA_HOOKS: &[CudaHook] = {
     ]
 };
 
-/// The CUDA hook behind an event's function code, if it is one.
+/// The CUDA hook behind an event's function code (`Cookie::Cuda(index)`), if it is one.
 pub fn cuda_hook(func: u32) -> Option<&'static CudaHook> {
-    if func >= RUNTIME_COOKIE_BASE {
-        return None;
+    match Cookie::decode(func)? {
+        Cookie::Cuda(index) => CUDA_HOOKS.get(index as usize),
+        _ => None,
     }
-    CUDA_HOOKS.get(func.checked_sub(CUDA_COOKIE_BASE)? as usize)
 }

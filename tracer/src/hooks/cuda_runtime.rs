@@ -1,10 +1,9 @@
 //! The CUDA runtime entry points (`libcudart`): annotation of the driver calls they make.
 
+use tracer_common::Cookie;
+
 use super::{CudaHook, Records};
 use crate::model::Class;
-
-/// Attach cookies of CUDA runtime hooks: `RUNTIME_COOKIE_BASE + index in RUNTIME_HOOKS`.
-pub const RUNTIME_COOKIE_BASE: u32 = 200;
 
 const RT_RET: Option<&str> = Some("cudart_return");
 
@@ -71,7 +70,10 @@ pub const RUNTIME_HOOKS: &[CudaHook] = &[
     },
 ];
 
-/// The runtime hook behind an event's function code, if it is one.
+/// The runtime hook behind an event's function code (`Cookie::Runtime(index)`), if it is one.
 pub fn runtime_hook(func: u32) -> Option<&'static CudaHook> {
-    RUNTIME_HOOKS.get(func.checked_sub(RUNTIME_COOKIE_BASE)? as usize)
+    match Cookie::decode(func)? {
+        Cookie::Runtime(index) => RUNTIME_HOOKS.get(index as usize),
+        _ => None,
+    }
 }

@@ -10,9 +10,9 @@ mod libc_heap;
 mod markdown;
 mod tracepoints;
 
-pub use cuda_driver::{CUDA_COOKIE_BASE, CUDA_HOOKS, cuda_hook};
+pub use cuda_driver::{CUDA_HOOKS, cuda_hook};
 pub use cuda_errors::{cuda_error_name, runtime_error_name};
-pub use cuda_runtime::{RUNTIME_COOKIE_BASE, RUNTIME_HOOKS, runtime_hook};
+pub use cuda_runtime::{RUNTIME_HOOKS, runtime_hook};
 pub use libc_heap::HOOKS;
 pub use markdown::markdown;
 pub use tracepoints::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS, Tracepoint};

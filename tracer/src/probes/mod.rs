@@ -1,5 +1,6 @@
 //! Loading the eBPF object and attaching its programs at the points `resolve` found.
 
+mod kernel_log;
 pub mod resolve;
 
 use std::{io, num::NonZeroU32};
@@ -12,13 +13,22 @@ use aya::{
         uprobe::UProbeScope,
     },
 };
-use tracer_common::{drop_cause, stack_stat};
+use tracer_common::{Cookie, drop_cause, global, stack_stat};
 
-use self::resolve::{AllocatorObject, CudaObject};
+use self::{
+    kernel_log::KernelLog,
+    resolve::{AllocatorObject, CudaObject},
+};
 use crate::hooks::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
 
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// Programs attached by this module rather than through the hook tables: the exit of every
+/// traced syscall, and the benchmark floor's empty entry and return.
+const SYSCALL_EXIT_PROGRAM: &str = "syscall_exit";
+const FLOOR_ENTRY_PROGRAM: &str = "floor_enter";
+const FLOOR_RETURN_PROGRAM: &str = "floor_return";
 
 #[derive(Clone, Debug)]
 pub struct ProbeConfig {
@@ -38,9 +48,24 @@ pub struct ProbeConfig {
     pub python_frames: bool,
     /// Copy stacks even when the ring buffer is a quarter full (benchmark of the copy cost).
     pub stack_copy_always: bool,
+    /// Print the programs' diagnostics (why an event or part of one was skipped) on stderr.
+    pub debug_log: bool,
 }
 
 impl ProbeConfig {
+    /// The object's load-time globals (`tracer_common::global`) for this configuration.
+    fn globals(&self) -> [(&'static str, u32); 7] {
+        [
+            (global::FOLLOW_CHILDREN, u32::from(self.follow_children)),
+            (global::FAULT_SAMPLE, self.fault_sample),
+            (global::PYTHON_FRAMES, u32::from(self.python_frames)),
+            (global::STACK_COPY_ALWAYS, u32::from(self.stack_copy_always)),
+            (global::STACK_COPY_HEAP, self.stack_copy_heap),
+            (global::STACK_COPY_OTHER, self.stack_copy_other),
+            (global::DEBUG_LOG, u32::from(self.debug_log)),
+        ]
+    }
+
     /// The stack mode these copy sizes stand for, by its `--stack` name.
     pub fn stack_mode_name(&self) -> &'static str {
         match (self.stack_copy_heap, self.stack_copy_other) {
@@ -88,6 +113,7 @@ impl Default for ProbeConfig {
             stack_copy_other: DEFAULT_STACK_COPY,
             python_frames: true,
             stack_copy_always: false,
+            debug_log: false,
         }
     }
 }
@@ -203,17 +229,19 @@ where
     Ok(prog)
 }
 
-/// The loaded programs and their maps.
-pub struct HeapProbes {
+/// The loaded programs and their maps: heap, CUDA, syscall, process and fault probes.
+pub struct Probes {
     ebpf: Ebpf,
+    /// Prints the programs' log (`debug_log`); stops with the probes.
+    _kernel_log: Option<KernelLog>,
     config: ProbeConfig,
     mappings_attached: bool,
     /// Names of the attached functions (`malloc`, `memalign/aligned_alloc`, ...).
     pub attached: Vec<String>,
 }
 
-impl HeapProbes {
-    pub fn load(config: ProbeConfig) -> Result<HeapProbes, ProbeError> {
+impl Probes {
+    pub fn load(config: ProbeConfig) -> Result<Probes, ProbeError> {
         if unsafe { libc::geteuid() } != 0 {
             return Err(ProbeError::NotPermitted);
         }
@@ -221,52 +249,36 @@ impl HeapProbes {
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?
             as u32;
-        let ebpf = EbpfLoader::new()
+        let globals = config.globals();
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries("EVENTS", config.ring_bytes)
             .map_max_entries("SCRATCH", cpus)
             .map_max_entries("MAP_SCRATCH", cpus)
             .map_max_entries("CALL_SCRATCH", cpus)
-            .map_max_entries("FAULT_SCRATCH", cpus)
-            .override_global(
-                tracer_common::FOLLOW_CHILDREN_GLOBAL,
-                &u32::from(config.follow_children),
-                true,
-            )
-            .override_global(
-                tracer_common::FAULT_SAMPLE_GLOBAL,
-                &config.fault_sample,
-                true,
-            )
-            .override_global(
-                tracer_common::python::PYTHON_FRAMES_GLOBAL,
-                &u32::from(config.python_frames),
-                true,
-            )
-            .override_global(
-                tracer_common::STACK_COPY_ALWAYS_GLOBAL,
-                &u32::from(config.stack_copy_always),
-                true,
-            )
-            .override_global(
-                tracer_common::STACK_COPY_HEAP_GLOBAL,
-                &config.stack_copy_heap,
-                true,
-            )
-            .override_global(
-                tracer_common::STACK_COPY_OTHER_GLOBAL,
-                &config.stack_copy_other,
-                true,
-            )
-            .load(EBPF_OBJECT)
-            .map_err(|e| {
-                if is_eperm(&e) {
-                    ProbeError::NotPermitted
-                } else {
-                    ProbeError::Load(chain(&e))
-                }
-            })?;
-        Ok(HeapProbes {
+            .map_max_entries("FAULT_SCRATCH", cpus);
+        if !config.debug_log {
+            // Nothing is logged: the smallest ring the kernel takes, not aya-log's 128 KiB.
+            loader.map_max_entries(tracer_common::LOG_RING, page_size());
+        }
+        for (name, value) in &globals {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+            if is_eperm(&e) {
+                ProbeError::NotPermitted
+            } else {
+                ProbeError::Load(chain(&e))
+            }
+        })?;
+        let kernel_log = if config.debug_log {
+            Some(KernelLog::start(&mut ebpf).map_err(ProbeError::Load)?)
+        } else {
+            None
+        };
+        Ok(Probes {
             ebpf,
+            _kernel_log: kernel_log,
             config,
             mappings_attached: false,
             attached: Vec::new(),
@@ -295,7 +307,7 @@ impl HeapProbes {
                 };
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(offset),
-                    cookie: Some(u64::from(object.cookie_base) + index as u64),
+                    cookie: Some(u64::from((object.cookie)(index as u32).encode())),
                 };
                 let path = object.open_path.clone();
                 self.program(program)?
@@ -327,7 +339,7 @@ impl HeapProbes {
                 let (program, offset) = if pass_returns {
                     match hook.return_program {
                         Some(p) => (
-                            if floor { "floor_return" } else { p },
+                            if floor { FLOOR_RETURN_PROGRAM } else { p },
                             point.function_offset,
                         ),
                         None => continue,
@@ -335,7 +347,7 @@ impl HeapProbes {
                 } else {
                     (
                         if floor {
-                            "floor_enter"
+                            FLOOR_ENTRY_PROGRAM
                         } else {
                             hook.entry_program
                         },
@@ -344,7 +356,7 @@ impl HeapProbes {
                 };
                 let attach_point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(offset),
-                    cookie: Some(hook.func as u64),
+                    cookie: Some(u64::from(Cookie::Heap(hook.func).encode())),
                 };
                 let path = object.open_path.clone();
                 self.program(program)?
@@ -385,7 +397,7 @@ impl HeapProbes {
             return Ok(());
         }
         // Exits first, as with uprobes: an entry is never saved without its exit in place.
-        let exit = self.tracepoint("syscall_exit")?;
+        let exit = self.tracepoint(SYSCALL_EXIT_PROGRAM)?;
         for tp in SYSCALL_TRACEPOINTS {
             exit.attach("syscalls", &format!("sys_exit_{}", tp.name))
                 .map_err(|e| attach_err(tp.name, &e))?;
@@ -451,6 +463,13 @@ impl HeapProbes {
     }
 }
 
+/// The system's page size.
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
+}
+
 /// The slots of per-CPU u64 array `name`, each summed over CPUs (zeros if it cannot be read).
 fn sum_per_cpu<const N: usize>(ebpf: &aya::Ebpf, name: &str) -> [u64; N] {
     let mut out = [0u64; N];
@@ -466,4 +485,81 @@ fn sum_per_cpu<const N: usize>(ebpf: &aya::Ebpf, name: &str) -> [u64; N] {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use object::{Object, ObjectSymbol};
+    use tracer_common::HeapFn;
+
+    use super::*;
+    use crate::hooks::{self, CUDA_HOOKS, HOOKS, RUNTIME_HOOKS};
+
+    /// Every program user space loads by name is in the object: the programs live in the eBPF
+    /// crate's modules and are exported under their function names.
+    #[test]
+    fn every_program_loaded_by_name_is_in_the_object() {
+        let object = object::File::parse(EBPF_OBJECT).expect("the eBPF object is ELF");
+        let defined: HashSet<&str> = object
+            .symbols()
+            .filter(|s| s.is_definition())
+            .filter_map(|s| s.name().ok())
+            .collect();
+        let heap = HOOKS
+            .iter()
+            .flat_map(|h| [Some(h.entry_program), h.return_program]);
+        let cuda = CUDA_HOOKS
+            .iter()
+            .chain(RUNTIME_HOOKS)
+            .flat_map(|h| [Some(h.entry_program), h.return_program]);
+        let tracepoints = SYSCALL_TRACEPOINTS
+            .iter()
+            .chain(PROCESS_TRACEPOINTS)
+            .map(|t| Some(t.program));
+        let own = [
+            SYSCALL_EXIT_PROGRAM,
+            FLOOR_ENTRY_PROGRAM,
+            FLOOR_RETURN_PROGRAM,
+        ]
+        .map(Some);
+        for name in heap.chain(cuda).chain(tracepoints).chain(own).flatten() {
+            assert!(
+                defined.contains(name),
+                "program {name} missing from the object"
+            );
+        }
+    }
+
+    /// Each hook's cookie leads back to it and to no other table.
+    #[test]
+    fn every_hook_has_a_cookie_of_its_own() {
+        assert!(CUDA_HOOKS.len() <= Cookie::TABLE_MAX as usize);
+        for (i, hook) in CUDA_HOOKS.iter().enumerate() {
+            let cookie = Cookie::Cuda(i as u32).encode();
+            assert!(hooks::cuda_hook(cookie).is_some_and(|h| h.symbol == hook.symbol));
+            assert!(hooks::runtime_hook(cookie).is_none());
+        }
+        for (i, hook) in RUNTIME_HOOKS.iter().enumerate() {
+            let cookie = Cookie::Runtime(i as u32).encode();
+            assert!(hooks::runtime_hook(cookie).is_some_and(|h| h.symbol == hook.symbol));
+            assert!(hooks::cuda_hook(cookie).is_none());
+        }
+        for func in HeapFn::ALL {
+            let cookie = Cookie::Heap(func).encode();
+            assert!(hooks::cuda_hook(cookie).is_none() && hooks::runtime_hook(cookie).is_none());
+        }
+    }
+
+    #[test]
+    fn debug_log_is_a_global_off_by_default() {
+        let globals = ProbeConfig::default().globals();
+        assert!(globals.contains(&(global::DEBUG_LOG, 0)));
+        let debug = ProbeConfig {
+            debug_log: true,
+            ..ProbeConfig::default()
+        };
+        assert!(debug.globals().contains(&(global::DEBUG_LOG, 1)));
+    }
 }

@@ -6,9 +6,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use tracer_common::Cookie;
+
 use crate::{
     elf::{self, Elf, ElfError, ReadRef},
-    hooks::{CUDA_COOKIE_BASE, CUDA_HOOKS, HOOKS, Hook, RUNTIME_COOKIE_BASE, RUNTIME_HOOKS, Site},
+    hooks::{CUDA_HOOKS, HOOKS, Hook, RUNTIME_HOOKS, Site},
     proc::maps::{Mapping, open_path},
     session::target::TargetError,
 };
@@ -106,18 +108,12 @@ fn cuda_points<'data, R: ReadRef<'data>>(
 /// The CUDA driver a process maps (`libcuda.so*`), with the file offsets of the hooked CUDA
 /// symbols it defines, in `CUDA_HOOKS` order; `None` if it maps none.
 pub fn find_cuda_driver(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
-    find_cuda_object(pid, maps, "libcuda.so", CUDA_HOOKS, CUDA_COOKIE_BASE)
+    find_cuda_object(pid, maps, "libcuda.so", CUDA_HOOKS, Cookie::Cuda)
 }
 
 /// The CUDA runtime a process maps as a shared library (`libcudart.so*`), with `RUNTIME_HOOKS`.
 pub fn find_cuda_runtime(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
-    find_cuda_object(
-        pid,
-        maps,
-        "libcudart.so",
-        RUNTIME_HOOKS,
-        RUNTIME_COOKIE_BASE,
-    )
+    find_cuda_object(pid, maps, "libcudart.so", RUNTIME_HOOKS, Cookie::Runtime)
 }
 
 /// Objects of `pid` with a CUDA runtime linked in statically (executables built by nvcc, NCCL,
@@ -150,7 +146,7 @@ pub fn find_static_cuda_runtimes(
         }
         found.push(CudaObject {
             hooks: RUNTIME_HOOKS,
-            cookie_base: RUNTIME_COOKIE_BASE,
+            cookie: Cookie::Runtime,
             target_path: m.path.clone(),
             inode: m.inode,
             open_path,
@@ -178,7 +174,7 @@ fn find_cuda_object(
     maps: &[Mapping],
     name_prefix: &str,
     hooks: &'static [crate::hooks::CudaHook],
-    cookie_base: u32,
+    cookie: fn(u32) -> Cookie,
 ) -> Option<CudaObject> {
     let m = maps.iter().find(|m| {
         let base = m.path.rsplit('/').next().unwrap_or(&m.path);
@@ -189,7 +185,7 @@ fn find_cuda_object(
     let points = cuda_points(&Elf::parse(&open_path, &*data).ok()?, hooks);
     Some(CudaObject {
         hooks,
-        cookie_base,
+        cookie,
         target_path: m.path.clone(),
         inode: m.inode,
         open_path,
@@ -202,8 +198,8 @@ fn find_cuda_object(
 pub struct CudaObject {
     /// The table `points` index into (`CUDA_HOOKS` or `RUNTIME_HOOKS`).
     pub hooks: &'static [crate::hooks::CudaHook],
-    /// Cookie of `hooks[0]`; the others follow.
-    pub cookie_base: u32,
+    /// The cookie of `hooks[index]`: `Cookie::Cuda` or `Cookie::Runtime`.
+    pub cookie: fn(u32) -> Cookie,
     pub target_path: String,
     pub inode: u64,
     pub open_path: PathBuf,

@@ -5,7 +5,7 @@ use tracer_common::{ProcEvent, proc_op};
 
 use crate::{
     probes::{
-        HeapProbes,
+        Probes,
         resolve::{self, AllocatorObject},
     },
     proc::{self, maps},
@@ -40,7 +40,7 @@ impl ProcessSet {
         &mut self,
         ev: &ProcEvent,
         allocator: Option<&AllocatorObject>,
-        probes: &mut HeapProbes,
+        probes: &mut Probes,
     ) {
         if ev.op == proc_op::EXEC {
             // The new image's interpreter, if any, is detected when it maps its code.
@@ -54,7 +54,7 @@ impl ProcessSet {
         }
     }
 
-    fn forked(&mut self, child: u32, allocator: Option<&AllocatorObject>, probes: &mut HeapProbes) {
+    fn forked(&mut self, child: u32, allocator: Option<&AllocatorObject>, probes: &mut Probes) {
         if !self.pids.contains(&child) {
             self.pids.push(child);
         }
@@ -70,11 +70,7 @@ impl ProcessSet {
     }
 
     /// Puts heap probes on the new allocator of the processes that exec'd, once it is mapped.
-    pub fn attach_after_exec(
-        &mut self,
-        allocator: Option<&AllocatorObject>,
-        probes: &mut HeapProbes,
-    ) {
+    pub fn attach_after_exec(&mut self, allocator: Option<&AllocatorObject>, probes: &mut Probes) {
         self.exec_pending
             .retain(|&p| !heap_after_exec(p, allocator, probes));
     }
@@ -109,7 +105,7 @@ impl ProcessSet {
 /// After an exec with heap tracing: done (true) once the new image's allocator is the one the
 /// process's probes are on (uprobes follow the file, so nothing to do) or probes were attached
 /// to the new one; false to look again later (its libc not mapped yet).
-fn heap_after_exec(pid: u32, allocator: Option<&AllocatorObject>, probes: &mut HeapProbes) -> bool {
+fn heap_after_exec(pid: u32, allocator: Option<&AllocatorObject>, probes: &mut Probes) -> bool {
     let Ok(maps) = maps::read_maps(pid) else {
         return true; // gone
     };

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use crate::{
-    probes::{HeapProbes, resolve},
+    probes::{Probes, resolve},
     proc::maps,
 };
 
@@ -20,7 +20,7 @@ pub struct CudaHooked {
 /// Hooks the CUDA driver of `pid`, its shared runtime and the runtimes linked statically into its
 /// other objects, for those not hooked yet in it (at attach, and each second after: CUDA
 /// libraries are usually dlopen'ed later). Says so on stderr.
-pub fn hook_cuda(pid: u32, probes: &mut HeapProbes, done: &mut CudaHooked) {
+pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
     let Ok(maps) = maps::read_maps(pid) else {
         return;
     };

@@ -1,11 +1,11 @@
 //! Finding the CPython interpreters of traced processes, whose Python frames the probes then
 //! read with each stack.
 
-use crate::{probes::HeapProbes, python::PythonProcess, session::sink::EventSink};
+use crate::{probes::Probes, python::PythonProcess, session::sink::EventSink};
 
 /// Starts reading the Python frames of `pid` if it runs a supported CPython not known yet (at
 /// attach, fork, and when it maps code). Says so on stderr.
-pub fn detect_python(pid: u32, sink: &mut EventSink, probes: &mut HeapProbes) {
+pub fn detect_python(pid: u32, sink: &mut EventSink, probes: &mut Probes) {
     if !sink.wants_python(pid) {
         return;
     }

@@ -16,7 +16,7 @@ use tokio::{
 use crate::{
     cuda::nvml::GpuMemorySource,
     model::{Class, RssSample, StackCapture},
-    probes::{HeapProbes, resolve::AllocatorObject},
+    probes::{Probes, resolve::AllocatorObject},
     recording::Writer,
     session::{
         RecordOptions, RecordSummary,
@@ -92,7 +92,7 @@ pub struct Recorder {
     /// The stack mode's name and the bytes of each stack copy, for the recording.
     pub(super) stack_mode: &'static str,
     pub(super) copy_bytes: u32,
-    pub(super) probes: HeapProbes,
+    pub(super) probes: Probes,
     /// The allocator heap probes are on (heap tracing), for followed children.
     pub(super) allocator: Option<AllocatorObject>,
     pub(super) launched: Option<LaunchedCommand>,

@@ -13,7 +13,7 @@ use crate::{
     cuda::nvml::{self as gpu, GpuMemorySource},
     model::TargetInfo,
     probes::{
-        HeapProbes, ProbeError,
+        ProbeError, Probes,
         resolve::{self, AllocatorObject},
     },
     proc::{
@@ -60,7 +60,7 @@ struct Target {
 
 /// The target with the probes attached.
 pub struct Attached {
-    probes: HeapProbes,
+    probes: Probes,
     target: Target,
     allocator: Option<AllocatorObject>,
     exit_watch: ExitWatch,
@@ -70,7 +70,7 @@ pub struct Attached {
 
 /// Loads the probes, finds the target and its allocator, and attaches.
 pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
-    let mut probes = HeapProbes::load(opts.probes.clone())?;
+    let mut probes = Probes::load(opts.probes.clone())?;
     let target = find_target(&opts.target, opts.heap)?;
     let pid = target.pid;
     let allocator = if opts.heap {
@@ -230,7 +230,7 @@ fn open_gpu(writer: &mut Writer) -> anyhow::Result<Option<Box<dyn GpuMemorySourc
 }
 
 /// Says on stderr what is traced.
-fn announce(pid: u32, command: &str, allocator: Option<&AllocatorObject>, probes: &HeapProbes) {
+fn announce(pid: u32, command: &str, allocator: Option<&AllocatorObject>, probes: &Probes) {
     let heap = match allocator {
         Some(a) => format!(
             "; heap: {} probes on {} [{}]",

@@ -8,12 +8,12 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 
 use tracer_common::{
-    HeapAllocEvent, HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, map_op, proc_op,
+    AllocEvent, HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, map_op, proc_op,
 };
 
 use crate::{
     cuda::{CudaLayer, vmm::VmmLedger},
-    events::{self, Event, Stack},
+    events::{self, Event, RawStack},
     hooks::{self, CudaHook, Records},
     ledger::{
         CellRef, Ledger,
@@ -117,8 +117,8 @@ impl EventSink {
     pub fn apply(&mut self, record: &[u8]) {
         self.events += 1;
         match events::decode(record) {
-            Some(Event::HeapAlloc(ev, stack)) => self.heap_alloc(&ev, &stack),
-            Some(Event::HeapFree(ev)) => {
+            Some(Event::Alloc(ev, stack)) => self.heap_alloc(&ev, &stack),
+            Some(Event::Free(ev)) => {
                 self.ledger.free(ev.tgid, ev.addr);
             }
             Some(Event::Map(ev, stack)) => self.mapping(&ev, &stack),
@@ -136,14 +136,14 @@ impl EventSink {
     }
 
     /// A hooked allocating call returned: a heap block (malloc family) or CUDA memory.
-    fn heap_alloc(&mut self, ev: &HeapAllocEvent, stack: &Stack) {
+    fn heap_alloc(&mut self, ev: &AllocEvent, stack: &RawStack) {
         let is_realloc = matches!(
             HeapFn::from_u32(ev.func),
             Some(HeapFn::Realloc | HeapFn::Reallocarray)
         );
-        if ev.addr == 0 && is_realloc && ev.size == 0 && ev.old_addr != 0 {
+        if ev.addr == 0 && is_realloc && ev.size == 0 && ev.old_block() != 0 {
             // glibc's realloc(p, 0) frees p and returns NULL.
-            self.ledger.free(ev.tgid, ev.old_addr);
+            self.ledger.free(ev.tgid, ev.old_block());
             return;
         }
         let stack = self.stack_of(ev.tgid, stack);
@@ -169,7 +169,7 @@ impl EventSink {
         }
         if is_realloc {
             self.ledger
-                .realloc(ev.tgid, ev.old_addr, ev.addr, ev.size, at);
+                .realloc(ev.tgid, ev.old_block(), ev.addr, ev.size, at);
         } else {
             self.ledger.alloc(ev.tgid, ev.addr, ev.size, at);
         }
@@ -178,19 +178,14 @@ impl EventSink {
     /// Driver allocations the CUDA layer counts by itself: VMM handles, and allocations made
     /// inside a runtime call, counted when it returns, at the runtime caller's stack (libcudart
     /// has no frame pointers: the driver's own walk stops in it). Whether it took the event.
-    fn counted_by_cuda_layer(
-        &mut self,
-        ev: &HeapAllocEvent,
-        records: Records,
-        at: CellRef,
-    ) -> bool {
+    fn counted_by_cuda_layer(&mut self, ev: &AllocEvent, records: Records, at: CellRef) -> bool {
         match records {
             Records::VmmCreate => {
                 self.vmm
                     .create(&mut self.ledger, ev.tgid, ev.addr, ev.size, at);
             }
             Records::VmmRetain => self.vmm.retain(ev.tgid, ev.addr),
-            Records::Alloc if hooks::runtime_hook(ev.old_addr as u32).is_some() => {
+            Records::Alloc if hooks::runtime_hook(ev.enclosing_calls().runtime).is_some() => {
                 self.cuda.defer_alloc(*ev, at);
             }
             _ => return false,
@@ -201,7 +196,7 @@ impl EventSink {
     /// A hooked allocating call failed: a failure of its function, class and error.
     fn alloc_failure(
         &mut self,
-        ev: &HeapAllocEvent,
+        ev: &AllocEvent,
         cuda: Option<&'static CudaHook>,
         stack: Option<StackIndex>,
     ) {
@@ -232,7 +227,7 @@ impl EventSink {
     }
 
     /// A memory syscall returned: the mapping layer follows it.
-    fn mapping(&mut self, ev: &MapEvent, stack: &Stack) {
+    fn mapping(&mut self, ev: &MapEvent, stack: &RawStack) {
         let stack = self.stack_of(ev.tgid, stack);
         let (pid, a) = (ev.tgid, ev.args);
         let ledger = &mut self.ledger;

@@ -170,3 +170,24 @@ fn python_leaks_under_their_functions(interpreter: &str) {
         assert!(frames.iter().any(|f| *f == serve), "{frames:?}");
     }
 }
+
+/// `--debug-bpf` prints the programs' log: the main thread of a process with 20 more threads
+/// has its thread state past the 16 the frame walker searches, and the log says so for each of
+/// its allocations.
+#[test]
+fn debug_bpf_logs_why_python_frames_are_missing() {
+    require_privileges!();
+    let mut cmd = Command::new(python());
+    cmd.arg(fixture_source("py_threads_fixture.py"));
+    let mut target = TestProcess::spawn("python3 py_threads_fixture.py", cmd);
+    target.expect_stdout("ready");
+    let pid = target.pid();
+    let mut s = Session::attach_and_run(target, "py", &["--heap", "--debug-bpf"]);
+    s.end(libc::SIGINT);
+    let expected = format!(
+        "alloctrace: bpf DEBUG: Python frames skipped, thread {pid}: not among the first 16 thread \
+         states"
+    );
+    let log = s.recorder.stderr_text();
+    assert!(log.lines().any(|l| l == expected), "{expected:?} in\n{log}");
+}

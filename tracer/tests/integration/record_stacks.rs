@@ -201,8 +201,8 @@ fn a_short_stack_copy_is_marked_truncated_never_cut_silently() {
 }
 
 /// Every stack configuration loads: the verifier accepts each combination of stack copies,
-/// frame-pointer walks, Python frames and fault sampling (a program too complex for it would
-/// only fail at load, on the user's machine).
+/// frame-pointer walks, Python frames and fault sampling, with and without the programs' log
+/// (`--debug-bpf`) (a program too complex for it would only fail at load, on the user's machine).
 #[test]
 fn every_stack_configuration_passes_the_verifier() {
     require_privileges!();
@@ -228,11 +228,14 @@ fn every_stack_configuration_passes_the_verifier() {
         ],
         &["--no-python-frames", "--fault-sample", "1"],
         &["--stack", "fp", "--no-python-frames", "--fault-sample", "0"],
-    ] {
+    ]
+    .into_iter()
+    .flat_map(|flags| [flags.to_vec(), [flags, &["--debug-bpf"]].concat()])
+    {
         let dir = tempfile::tempdir().unwrap();
         let trace = dir.path().join("t.trace");
         let mut cmd = common::alloctrace_cmd(&["record", "--heap"]);
-        cmd.args(flags)
+        cmd.args(&flags)
             .arg("-o")
             .arg(&trace)
             .arg("--")

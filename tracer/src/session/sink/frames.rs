@@ -8,7 +8,7 @@ use tracer_common::{STACK_SP_CANDIDATE, STACK_TRUNCATED};
 
 use super::EventSink;
 use crate::{
-    events::Stack,
+    events::RawStack,
     model::StackIndex,
     python,
     stacks::{
@@ -43,7 +43,7 @@ impl EventSink {
     /// Reads an event's stack into `self.ips`, unwinding a stack copy with the process's
     /// call-frame information, and interns it. An unwind that did not reach the outermost frame
     /// is marked truncated.
-    pub(super) fn stack_of(&mut self, pid: u32, stack: &Stack) -> Option<StackIndex> {
+    pub(super) fn stack_of(&mut self, pid: u32, stack: &RawStack) -> Option<StackIndex> {
         let flags = self.native_stack(pid, stack);
         self.merge_python(pid, stack);
         self.stacks.intern(pid, &self.ips, flags)
@@ -52,7 +52,7 @@ impl EventSink {
     /// Puts the Python frames recorded with a stack in place of the interpreter's innermost
     /// evaluation loop in `self.ips` (the outer loops' frames are among them), or after the
     /// native frames when the native walk did not reach the interpreter.
-    fn merge_python(&mut self, pid: u32, stack: &Stack) {
+    fn merge_python(&mut self, pid: u32, stack: &RawStack) {
         let Some(words) = self.python_words(pid, stack) else {
             return;
         };
@@ -80,7 +80,7 @@ impl EventSink {
 
     /// The stack words of the Python frames recorded with a stack (named from the process's
     /// code objects), `None` when there are none or the process's Python is not read.
-    fn python_words(&mut self, pid: u32, stack: &Stack) -> Option<Vec<u64>> {
+    fn python_words(&mut self, pid: u32, stack: &RawStack) -> Option<Vec<u64>> {
         let mut raw = stack.python_frames().peekable();
         raw.peek()?;
         let py = self.pythons.get_mut(&pid)?;
@@ -98,7 +98,7 @@ impl EventSink {
 
     /// Reads an event's native stack into `self.ips`, unwinding a stack copy; returns the stack
     /// flags to intern it with.
-    fn native_stack(&mut self, pid: u32, stack: &Stack) -> u16 {
+    fn native_stack(&mut self, pid: u32, stack: &RawStack) -> u16 {
         let Some((regs, bytes)) = stack.copy() else {
             stack.read_into(&mut self.ips);
             return stack.flags & (STACK_TRUNCATED | STACK_SP_CANDIDATE);

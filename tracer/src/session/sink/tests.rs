@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use tracer_common::{
-    HeapAllocEvent, HeapFn, HeapFreeEvent, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause,
-    event_kind, map_op, proc_op,
+    AllocEvent, FreeEvent, HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, event_kind,
+    map_op, proc_op,
 };
 
 use super::EventSink;
@@ -41,15 +41,15 @@ fn with_stack<T: Copy>(event: &T) -> Vec<u8> {
 
 /// A heap function returning `addr` for `size` bytes (`old` is realloc's block).
 fn heap_alloc(func: HeapFn, addr: u64, size: u64, old: u64) -> Vec<u8> {
-    with_stack(&HeapAllocEvent {
-        kind: event_kind::HEAP_ALLOC,
+    with_stack(&AllocEvent {
+        kind: event_kind::ALLOC,
         tgid: PID,
         tid: PID,
         nframes: 1,
         stack_flags: 0,
         addr,
         size,
-        old_addr: old,
+        origin: old,
         err: if addr == 0 { libc::ENOMEM } else { 0 },
         func: func as u32,
         aux: 0,
@@ -57,8 +57,8 @@ fn heap_alloc(func: HeapFn, addr: u64, size: u64, old: u64) -> Vec<u8> {
 }
 
 fn heap_free(addr: u64) -> Vec<u8> {
-    bytes_of(&HeapFreeEvent {
-        kind: event_kind::HEAP_FREE,
+    bytes_of(&FreeEvent {
+        kind: event_kind::FREE,
         tgid: PID,
         addr,
     })

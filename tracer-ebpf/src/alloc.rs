@@ -1,0 +1,154 @@
+//! The two ends of an allocation that user space counts, heap or CUDA: the return of the call
+//! (`AllocEvent`, with the stack of its caller) and the release of a block (`FreeEvent`).
+
+use aya_ebpf::{helpers::bpf_probe_read_user, programs::RetProbeContext};
+use tracer_common::{AllocEvent, EnclosingCalls, FreeEvent, InflightCall, drop_cause, event_kind};
+
+use crate::{
+    diag,
+    inflight::{self, CallKind, call_in_flight},
+    maps::{CALL_INFLIGHT, RUNTIME_INFLIGHT, SCRATCH, scratch},
+    ring::{Wakeup, output_event, output_record},
+    stack::{StackBudget, StackStart, emit_with_stack},
+};
+
+const ENOMEM: i32 = 12;
+
+/// `a * b`, saturated at u64::MAX (BPF has no 128-bit multiply for `saturating_mul`); an
+/// overflowing calloc fails with ENOMEM and is reported as a failure of that size.
+#[inline(always)]
+pub fn mul_saturating(a: u64, b: u64) -> u64 {
+    // Schoolbook multiply on 32-bit halves: LLVM turns the usual overflow checks into a 128-bit
+    // multiply that BPF cannot call.
+    let (ah, al, bh, bl) = (a >> 32, a & 0xffff_ffff, b >> 32, b & 0xffff_ffff);
+    if ah != 0 && bh != 0 {
+        return u64::MAX;
+    }
+    let cross = ah * bl + al * bh;
+    if cross >> 32 != 0 {
+        return u64::MAX;
+    }
+    let low = al * bl;
+    let product = (cross << 32).wrapping_add(low);
+    if product < low { u64::MAX } else { product }
+}
+
+/// What a returned allocation call produced.
+struct Outcome {
+    /// The block; 0 when the call failed.
+    addr: u64,
+    size: u64,
+    /// 0, an errno, or the CUresult / cudaError_t.
+    err: i32,
+}
+
+/// The outcome of `call`, which returned `ret`: a pointer, or (with an out-pointer) a status
+/// code and the block written through the out-pointer.
+#[inline(always)]
+fn outcome(ret: u64, call: &InflightCall) -> Outcome {
+    let failed = |err| Outcome {
+        addr: 0,
+        size: call.size,
+        err,
+    };
+    if call.out_ptr == 0 {
+        return if ret == 0 {
+            failed(ENOMEM)
+        } else {
+            Outcome {
+                addr: ret,
+                size: call.size,
+                err: 0,
+            }
+        };
+    }
+    let rc = ret as i32;
+    if rc != 0 {
+        return failed(rc);
+    }
+    let size = if call.size_ptr != 0 {
+        // SAFETY: bpf_probe_read_user checks the user address.
+        let pitch = unsafe { bpf_probe_read_user(call.size_ptr as *const u64) }.unwrap_or(0);
+        mul_saturating(call.size, pitch)
+    } else {
+        call.size
+    };
+    // SAFETY: bpf_probe_read_user checks the user address.
+    match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
+        Ok(addr) => Outcome { addr, size, err: 0 },
+        Err(_) => {
+            diag::lost(drop_cause::READ_FAILED, "allocation return");
+            Outcome {
+                addr: 0,
+                size,
+                err: ENOMEM,
+            }
+        }
+    }
+}
+
+/// The event's `origin`: realloc's old block; for a CUDA call, the runtime call it is made from
+/// (its failure is named after both) and the non-allocating driver call around it, a graph
+/// instantiation, a module load (what it allocates is attributed to it).
+#[inline(always)]
+fn origin(kind: CallKind, call: &InflightCall) -> u64 {
+    match kind {
+        CallKind::Cuda => EnclosingCalls {
+            runtime: call_in_flight(&RUNTIME_INFLIGHT),
+            driver: call_in_flight(&CALL_INFLIGHT),
+        }
+        .pack(),
+        CallKind::Heap | CallKind::Runtime => call.old_block,
+    }
+}
+
+/// The return of an allocation call of `kind`: emits the completed call with its user stack.
+#[inline(always)]
+pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
+    let Some((call, key)) = inflight::leave(kind) else {
+        return 0;
+    };
+    let done = outcome(ctx.ret(), &call);
+    let Some(record) = scratch(&SCRATCH) else {
+        return 0;
+    };
+    record.event = AllocEvent {
+        kind: event_kind::ALLOC,
+        tgid: (key >> 32) as u32,
+        tid: key as u32,
+        nframes: 0,
+        stack_flags: 0,
+        addr: done.addr,
+        size: done.size,
+        origin: origin(kind, &call),
+        err: done.err,
+        func: call.func,
+        aux: call.aux,
+    };
+    // realloc(p, 0) returning NULL freed p: a free needs no stack.
+    if done.addr == 0 && done.size == 0 && call.old_block != 0 {
+        output_record(record, 0);
+        return 0;
+    }
+    // Heap calls are many: they get the cheaper stack unless asked otherwise; CUDA calls and
+    // failures are few and get the best one.
+    let budget = if kind == CallKind::Heap && done.addr != 0 {
+        StackBudget::Heap
+    } else {
+        StackBudget::Other
+    };
+    emit_with_stack(record, StackStart::at_probe(ctx), budget);
+    0
+}
+
+/// Emits the release of the block at `addr` (heap free, CUDA free).
+#[inline(always)]
+pub fn emit_free(tgid: u32, addr: u64) -> u32 {
+    let event = FreeEvent {
+        kind: event_kind::FREE,
+        tgid,
+        addr,
+    };
+    output_event(&event, Wakeup::AtPoll, "free");
+    0
+}

@@ -1,0 +1,141 @@
+//! Every map and load-time global of the object, in one place: what each holds and who sizes it.
+//! User space (`alloctrace::probes`) finds them by these names.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{
+    AllocEvent, CudaCallEvent, CudaCallSlot, FaultEvent, INFLIGHT_SLOTS, InflightCall, MapEvent,
+    StackRecord, SyscallArgs, drop_cause, python::PythonOffsets, stack_stat,
+};
+
+// ---- Maps ----
+
+/// Events to user space. Sized by user space at load time (`--ring-size`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+/// Arguments of heap allocation calls in flight, one slot per thread (`tid % INFLIGHT_SLOTS`).
+/// An array slot costs a few nanoseconds where a hash-map insert and delete cost hundreds.
+#[map]
+pub static INFLIGHT: Array<InflightCall> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
+/// CUDA driver allocation calls in flight, apart from the heap's: the driver mallocs for itself
+/// inside its calls, and those are heap allocations of their own, not part of the CUDA call.
+#[map]
+pub static CUDA_INFLIGHT: Array<InflightCall> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
+/// CUDA runtime (libcudart) allocation calls in flight: the driver call nested in one is
+/// annotated with it; the runtime call itself counts nothing (the driver does), but its failure
+/// is recorded when the driver did not fail first.
+#[map]
+pub static RUNTIME_INFLIGHT: Array<InflightCall> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
+/// Non-allocating CUDA driver calls in flight (VMM, capture, graphs, pools, IPC, registration,
+/// context and module loads), one slot per thread: their arguments until the CUresult is known.
+#[map]
+pub static CALL_INFLIGHT: Array<CudaCallSlot> = Array::with_max_entries(INFLIGHT_SLOTS, 0);
+
+/// Scratch records hold a stack copy of up to 32 KiB, more than a per-CPU map value may hold:
+/// they are arrays with one slot per possible CPU (user space sets the size at load), indexed by
+/// the current CPU (programs run with migration disabled).
+const SCRATCH_SLOTS: u32 = 1024;
+
+/// Per-CPU scratch where an allocation record is assembled before its used part is copied out.
+#[map]
+pub static SCRATCH: Array<StackRecord<AllocEvent>> = Array::with_max_entries(SCRATCH_SLOTS, 0);
+
+/// Per-CPU scratch for a mapping record.
+#[map]
+pub static MAP_SCRATCH: Array<StackRecord<MapEvent>> = Array::with_max_entries(SCRATCH_SLOTS, 0);
+
+/// Per-CPU scratch for a non-allocating CUDA call record.
+#[map]
+pub static CALL_SCRATCH: Array<StackRecord<CudaCallEvent>> =
+    Array::with_max_entries(SCRATCH_SLOTS, 0);
+
+/// Per-CPU scratch for a page-fault record.
+#[map]
+pub static FAULT_SCRATCH: Array<StackRecord<FaultEvent>> =
+    Array::with_max_entries(SCRATCH_SLOTS, 0);
+
+/// Processes whose memory syscalls are traced (tgid → 1). Tracepoints fire for every process on
+/// the machine; this filter is their first instruction.
+#[map]
+pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Arguments of memory syscalls in flight, by `pid_tgid`.
+#[map]
+pub static SYSCALL_ARGS: HashMap<u64, SyscallArgs> = HashMap::with_max_entries(16384, 0);
+
+/// Where the CPython interpreter of a traced process keeps its frames, by tgid (user space
+/// detects it and fills this in).
+#[map]
+pub static PY_OFFSETS: HashMap<u32, PythonOffsets> = HashMap::with_max_entries(1024, 0);
+
+/// Stack captures by `stack_stat`.
+#[map]
+pub static STACK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stack_stat::COUNT, 0);
+
+/// Lost events by `drop_cause`.
+#[map]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_cause::COUNT, 0);
+
+/// Per-CPU count of faults seen, for sampling.
+#[map]
+pub static FAULT_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// One slot through which a value passes to lose what the verifier knows of it
+/// (`stack::forget_value`).
+#[map]
+pub static LAUNDRY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+// ---- Load-time globals (set by user space, `tracer_common::global`; read with `global`) ----
+
+/// 1: follow the children of traced processes.
+#[unsafe(no_mangle)]
+pub static FOLLOW_CHILDREN: u32 = 0;
+
+/// Record one of every N not-present page faults of traced processes; 0: off.
+#[unsafe(no_mangle)]
+pub static FAULT_SAMPLE: u32 = 0;
+
+/// `--stack`, `--stack-copy`: bytes of user stack copied into heap events (and sampled faults)
+/// and into the others (mappings, CUDA calls, failures); 0: a frame-pointer walk instead.
+#[unsafe(no_mangle)]
+pub static STACK_COPY_HEAP: u32 = 0;
+#[unsafe(no_mangle)]
+pub static STACK_COPY_OTHER: u32 = 0;
+
+/// For the benchmark (`--stack-copy-always`): copy even when the ring is full, to measure what a
+/// copy costs.
+#[unsafe(no_mangle)]
+pub static STACK_COPY_ALWAYS: u32 = 0;
+
+/// 1 to record Python frames (`record --no-python-frames` clears it).
+#[unsafe(no_mangle)]
+pub static PYTHON_FRAMES: u32 = 0;
+
+/// 1 to log why events or parts of them are skipped (`record --debug-bpf`). 0 by default: each
+/// log site is then one branch on a read-only constant, which the verifier prunes.
+#[unsafe(no_mangle)]
+pub static DEBUG_LOG: u32 = 0;
+
+/// The value user space gave a global at load.
+#[inline(always)]
+pub fn global(value: &u32) -> u32 {
+    // SAFETY: volatile read of a global set at load time (volatile: the compiler must not fold
+    // the initializer in).
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+/// The current CPU's scratch record in `map`.
+#[inline(always)]
+pub fn scratch<E>(map: &'static Array<StackRecord<E>>) -> Option<&'static mut StackRecord<E>> {
+    // SAFETY: the helper has no preconditions.
+    let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() };
+    let record = map.get_ptr_mut(cpu)?;
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    Some(unsafe { &mut *record })
+}
