@@ -152,6 +152,56 @@ impl Records {
     }
 }
 
+/// When an entry probe goes live relative to the others of its object. Probes attach one at a
+/// time (a tenth of a second each, the kernel patches every mapping of the file), and a block
+/// whose creation was seen but whose release went unseen would stay live in the ledger forever
+/// (`missed_free`, a phantom peak). So what can release or move a block is live first, what
+/// creates one last: every block seen created has its release watched. Frees of blocks created
+/// before their creator's probe was live are counted as unmatched, which changes no total.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AttachStage {
+    /// free, realloc (which releases its old block), cuMemFree, cuMemRelease, cuMemUnmap, ...
+    Releases,
+    /// Calls that neither create nor release memory the ledger holds.
+    Neutral,
+    /// malloc and friends, cuMemAlloc, cuMemCreate, cuMemMap, ...
+    Creates,
+}
+
+impl Records {
+    /// The stage of a CUDA hook's entry probe.
+    pub fn attach_stage(self) -> AttachStage {
+        match self {
+            Records::Free
+            | Records::VmmRelease
+            | Records::VmmUnmap
+            | Records::GraphMemFree
+            | Records::GraphDestroy
+            | Records::PoolDestroy
+            | Records::PoolTrim
+            | Records::HostUnregister
+            | Records::IpcClose => AttachStage::Releases,
+            Records::Alloc
+            | Records::VmmCreate
+            | Records::VmmRetain
+            | Records::VmmMap
+            | Records::HostRegister
+            | Records::IpcOpen => AttachStage::Creates,
+            _ => AttachStage::Neutral,
+        }
+    }
+}
+
+impl Hook {
+    /// The stage of a heap hook's entry probe: realloc moves (releases) its old block.
+    pub fn attach_stage(&self) -> AttachStage {
+        match self.func {
+            HeapFn::Free | HeapFn::Realloc | HeapFn::Reallocarray => AttachStage::Releases,
+            _ => AttachStage::Creates,
+        }
+    }
+}
+
 /// Where the entry probe is placed.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Site {

@@ -19,7 +19,7 @@ use self::{
     kernel_log::KernelLog,
     resolve::{AllocatorObject, CudaObject},
 };
-use crate::hooks::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
+use crate::hooks::{AttachStage, CudaHook, PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
 
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -165,6 +165,37 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A uprobe that would not attach, named by symbol and library.
+fn uprobe_err(e: &(dyn std::error::Error + 'static), symbol: &str, path: &str) -> ProbeError {
+    if is_eperm(e) {
+        ProbeError::NotPermitted
+    } else {
+        ProbeError::Attach {
+            symbol: symbol.to_string(),
+            path: path.to_string(),
+            reason: chain(e),
+        }
+    }
+}
+
+/// The order the probes of one object go live, as (return probe?, index of the point): every
+/// return probe first, so that no entry is ever saved without its return in place; then the
+/// entries by `AttachStage`, releases before creations, so that no block is seen created whose
+/// release could go unseen (see `AttachStage`).
+fn attach_sequence<T>(
+    points: &[T],
+    has_return: impl Fn(&T) -> bool,
+    stage: impl Fn(&T) -> AttachStage,
+) -> Vec<(bool, usize)> {
+    let returns = (0..points.len()).filter(|&i| has_return(&points[i]));
+    let mut entries: Vec<usize> = (0..points.len()).collect();
+    entries.sort_by_key(|&i| stage(&points[i]));
+    returns
+        .map(|i| (true, i))
+        .chain(entries.into_iter().map(|i| (false, i)))
+        .collect()
+}
+
 fn attach_err(name: &str, e: &(dyn std::error::Error + 'static)) -> ProbeError {
     if is_eperm(e) {
         ProbeError::NotPermitted
@@ -291,88 +322,69 @@ impl Probes {
         })
     }
 
-    /// Attaches the CUDA hooks (driver or runtime) of `object` for process `pid`, returns first.
+    /// Attaches the CUDA hooks (driver or runtime) of `object` for process `pid`, in
+    /// `attach_sequence` order.
     pub fn attach_cuda(&mut self, pid: u32, object: &CudaObject) -> Result<(), ProbeError> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid > 0"));
-        for pass_returns in [true, false] {
-            for &(index, offset) in &object.points {
-                let hook = &object.hooks[index];
-                let program = if pass_returns {
-                    match hook.return_program {
-                        Some(p) => p,
-                        None => continue,
-                    }
-                } else {
-                    hook.entry_program
-                };
-                let point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(offset),
-                    cookie: Some(u64::from((object.cookie)(index as u32).encode())),
-                };
-                let path = object.open_path.clone();
-                self.program(program)?
-                    .attach(point, &path, scope)
-                    .map_err(|e| {
-                        if is_eperm(&e) {
-                            ProbeError::NotPermitted
-                        } else {
-                            ProbeError::Attach {
-                                symbol: hook.symbol.to_string(),
-                                path: object.target_path.clone(),
-                                reason: chain(&e),
-                            }
-                        }
-                    })?;
-            }
+        let hooks: Vec<&CudaHook> = object
+            .points
+            .iter()
+            .map(|&(i, _)| &object.hooks[i])
+            .collect();
+        let sequence = attach_sequence(
+            &hooks,
+            |h| h.return_program.is_some(),
+            |h| h.records.attach_stage(),
+        );
+        for (is_return, at) in sequence {
+            let (index, offset) = object.points[at];
+            let hook = hooks[at];
+            let program = match (is_return, hook.return_program) {
+                (true, Some(p)) => p,
+                _ => hook.entry_program,
+            };
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(u64::from((object.cookie)(index as u32).encode())),
+            };
+            let path = object.open_path.clone();
+            self.program(program)?
+                .attach(point, &path, scope)
+                .map_err(|e| uprobe_err(&e, hook.symbol, &object.target_path))?;
         }
         Ok(())
     }
 
-    /// Attaches every point of `object` for process `pid` (all its threads). Return probes go
-    /// first so that no entry is ever recorded without its return.
+    /// Attaches every point of `object` for process `pid` (all its threads), in
+    /// `attach_sequence` order.
     pub fn attach(&mut self, pid: u32, object: &AllocatorObject) -> Result<(), ProbeError> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid > 0"));
         let floor = self.config.floor;
-        for pass_returns in [true, false] {
-            for point in &object.points {
-                let hook = point.hook();
-                let (program, offset) = if pass_returns {
-                    match hook.return_program {
-                        Some(p) => (
-                            if floor { FLOOR_RETURN_PROGRAM } else { p },
-                            point.function_offset,
-                        ),
-                        None => continue,
-                    }
-                } else {
-                    (
-                        if floor {
-                            FLOOR_ENTRY_PROGRAM
-                        } else {
-                            hook.entry_program
-                        },
-                        point.entry_offset,
-                    )
-                };
-                let attach_point = UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(offset),
-                    cookie: Some(u64::from(Cookie::Heap(hook.func).encode())),
-                };
-                let path = object.open_path.clone();
-                self.program(program)?
-                    .attach(attach_point, &path, scope)
-                    .map_err(|e| {
-                        if is_eperm(&e) {
-                            ProbeError::NotPermitted
-                        } else {
-                            ProbeError::Attach {
-                                symbol: point.name(),
-                                path: object.target_path.clone(),
-                                reason: chain(&e),
-                            }
-                        }
-                    })?;
-            }
+        let sequence = attach_sequence(
+            &object.points,
+            |p| p.hook().return_program.is_some(),
+            |p| p.hook().attach_stage(),
+        );
+        for (is_return, at) in sequence {
+            let point = &object.points[at];
+            let hook = point.hook();
+            let (program, offset) = match (is_return, floor) {
+                (true, true) => (FLOOR_RETURN_PROGRAM, point.function_offset),
+                (true, false) => (
+                    hook.return_program.unwrap_or(hook.entry_program),
+                    point.function_offset,
+                ),
+                (false, true) => (FLOOR_ENTRY_PROGRAM, point.entry_offset),
+                (false, false) => (hook.entry_program, point.entry_offset),
+            };
+            let attach_point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(u64::from(Cookie::Heap(hook.func).encode())),
+            };
+            let path = object.open_path.clone();
+            self.program(program)?
+                .attach(attach_point, &path, scope)
+                .map_err(|e| uprobe_err(&e, &point.name(), &object.target_path))?;
         }
         self.attached = object.points.iter().map(|p| p.name()).collect();
         Ok(())
@@ -561,5 +573,48 @@ mod tests {
             ..ProbeConfig::default()
         };
         assert!(debug.globals().contains(&(global::DEBUG_LOG, 1)));
+    }
+
+    /// Releases go live before creations, every return before every entry: attaching malloc
+    /// before free let blocks be seen allocated and never freed (hundreds of missed frees).
+    #[test]
+    fn releases_go_live_before_creations_and_returns_before_entries() {
+        let heap: Vec<&crate::hooks::Hook> = HOOKS.iter().collect();
+        let order = attach_sequence(&heap, |h| h.return_program.is_some(), |h| h.attach_stage());
+        let position = |symbol: &str, is_return: bool| {
+            order
+                .iter()
+                .position(|&(r, i)| r == is_return && heap[i].symbol == symbol)
+                .unwrap_or_else(|| panic!("{symbol} ({is_return}) not attached"))
+        };
+        let first_entry = order.iter().position(|&(r, _)| !r).unwrap();
+        assert!(order[first_entry..].iter().all(|&(r, _)| !r));
+        assert_eq!(order.len(), first_entry + heap.len());
+        for creator in ["malloc", "calloc", "posix_memalign", "valloc"] {
+            assert!(
+                position("free", false) < position(creator, false),
+                "{creator}"
+            );
+            assert!(
+                position("realloc", false) < position(creator, false),
+                "{creator}"
+            );
+        }
+
+        let cuda: Vec<&CudaHook> = CUDA_HOOKS.iter().collect();
+        let order = attach_sequence(
+            &cuda,
+            |h| h.return_program.is_some(),
+            |h| h.records.attach_stage(),
+        );
+        let entry = |symbol: &str| {
+            order
+                .iter()
+                .position(|&(r, i)| !r && cuda[i].symbol == symbol)
+                .unwrap()
+        };
+        assert!(entry("cuMemFree_v2") < entry("cuMemAlloc_v2"));
+        assert!(entry("cuMemUnmap") < entry("cuMemMap"));
+        assert!(entry("cuMemRelease") < entry("cuMemCreate"));
     }
 }
