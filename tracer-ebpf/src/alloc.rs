@@ -112,6 +112,8 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
     let Some(record) = scratch(&SCRATCH) else {
         return 0;
     };
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    let record = unsafe { &mut *record };
     record.event = AllocEvent {
         kind: event_kind::ALLOC,
         tgid: (key >> 32) as u32,

@@ -253,6 +253,8 @@ pub fn cuda_call_return(ctx: RetProbeContext) -> u32 {
     let Some(record) = scratch(&CALL_SCRATCH) else {
         return 0;
     };
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    let record = unsafe { &mut *record };
     record.event = CudaCallEvent {
         kind: event_kind::CUDA_CALL,
         tgid: (key >> 32) as u32,

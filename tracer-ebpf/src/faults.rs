@@ -36,7 +36,7 @@ pub fn page_fault_user(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if TARGETS.get_ptr(&tgid).is_none() {
+    if TARGETS.get_ptr(tgid).is_none() {
         return 0;
     }
     // SAFETY: reads the tracepoint record.
@@ -50,6 +50,8 @@ pub fn page_fault_user(ctx: TracePointContext) -> u32 {
     let Some(record) = scratch(&FAULT_SCRATCH) else {
         return 0;
     };
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    let record = unsafe { &mut *record };
     record.event = FaultEvent {
         kind: event_kind::FAULT,
         tgid,

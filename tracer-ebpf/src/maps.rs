@@ -130,12 +130,11 @@ pub fn global(value: &u32) -> u32 {
     unsafe { core::ptr::read_volatile(value) }
 }
 
-/// The current CPU's scratch record in `map`.
+/// The current CPU's scratch record in `map`: the running program's until it returns
+/// (programs run with migration disabled, one at a time per CPU).
 #[inline(always)]
-pub fn scratch<E>(map: &'static Array<StackRecord<E>>) -> Option<&'static mut StackRecord<E>> {
+pub fn scratch<E>(map: &Array<StackRecord<E>>) -> Option<*mut StackRecord<E>> {
     // SAFETY: the helper has no preconditions.
     let cpu = unsafe { aya_ebpf::helpers::generated::bpf_get_smp_processor_id() };
-    let record = map.get_ptr_mut(cpu)?;
-    // SAFETY: the per-CPU scratch is ours until this program returns.
-    Some(unsafe { &mut *record })
+    map.get_ptr_mut(cpu)
 }

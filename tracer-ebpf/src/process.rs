@@ -37,7 +37,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if TARGETS.get_ptr(&parent).is_none() {
+    if TARGETS.get_ptr(parent).is_none() {
         return 0;
     }
     // SAFETY: reads the tracepoint record.
@@ -50,7 +50,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if child == 0 || flags & CLONE_THREAD != 0 {
         return 0;
     }
-    if TARGETS.insert(&child, &1, 0).is_err() {
+    if TARGETS.insert(child, 1, 0).is_err() {
         diag::lost(drop_cause::INFLIGHT_BUSY, "new process");
     }
     emit_proc(proc_op::FORK, child, parent);
@@ -61,7 +61,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if TARGETS.get_ptr(&pid).is_some() {
+    if TARGETS.get_ptr(pid).is_some() {
         emit_proc(proc_op::EXEC, pid, 0);
     }
     0
@@ -72,8 +72,8 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
 pub fn process_exit(_ctx: TracePointContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
     let (pid, tid) = ((key >> 32) as u32, key as u32);
-    if pid == tid && TARGETS.get_ptr(&pid).is_some() {
-        let _ = TARGETS.remove(&pid);
+    if pid == tid && TARGETS.get_ptr(pid).is_some() {
+        let _ = TARGETS.remove(pid);
         emit_proc(proc_op::EXIT, pid, 0);
     }
     0

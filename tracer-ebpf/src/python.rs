@@ -40,12 +40,12 @@ fn read_u8(addr: u64) -> Option<u8> {
 /// area; their number goes into `flags`. Returns the bytes added.
 #[inline(always)]
 pub fn append_frames(area: &mut StackArea, at: usize, flags: &mut u16) -> usize {
-    if global(&PYTHON_FRAMES) == 0 || at > PY_FRAMES_AT_MOST || at % 8 != 0 {
+    if global(&PYTHON_FRAMES) == 0 || at > PY_FRAMES_AT_MOST || !at.is_multiple_of(8) {
         return 0;
     }
     let key = bpf_get_current_pid_tgid();
     // SAFETY: the value is only read while this program runs.
-    let Some(offsets) = (unsafe { PY_OFFSETS.get(&((key >> 32) as u32)) }) else {
+    let Some(offsets) = (unsafe { PY_OFFSETS.get((key >> 32) as u32) }) else {
         return 0;
     };
     let tstate = match find_tstate(offsets, key as u32) {

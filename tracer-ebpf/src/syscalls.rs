@@ -27,7 +27,7 @@ const MADV_REMOVE: u64 = 9;
 #[inline(always)]
 fn syscall_enter(ctx: &TracePointContext, op: u32, nargs: usize) -> u32 {
     let key = bpf_get_current_pid_tgid();
-    if TARGETS.get_ptr(&((key >> 32) as u32)).is_none() {
+    if TARGETS.get_ptr((key >> 32) as u32).is_none() {
         return 0;
     }
     let mut saved = SyscallArgs {
@@ -46,7 +46,7 @@ fn syscall_enter(ctx: &TracePointContext, op: u32, nargs: usize) -> u32 {
     if held_slot(&INFLIGHT).is_some() || held_slot(&CUDA_INFLIGHT).is_some() {
         saved.flags = MAP_FROM_ALLOCATOR;
     }
-    if SYSCALL_ARGS.insert(&key, &saved, 0).is_err() {
+    if SYSCALL_ARGS.insert(key, saved, 0).is_err() {
         diag::lost(drop_cause::INFLIGHT_BUSY, "syscall entry");
     }
     0
@@ -92,10 +92,10 @@ pub fn madvise_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn syscall_exit(ctx: TracePointContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
-    let Some(saved) = (unsafe { SYSCALL_ARGS.get(&key) }).copied() else {
+    let Some(saved) = (unsafe { SYSCALL_ARGS.get(key) }).copied() else {
         return 0;
     };
-    let _ = SYSCALL_ARGS.remove(&key);
+    let _ = SYSCALL_ARGS.remove(key);
     // SAFETY: sys_exit tracepoints hold `long ret`.
     let ret = unsafe { ctx.read_at::<i64>(SYSCALL_RET_AT) }.unwrap_or(-1);
     if (-4095..0).contains(&ret) {
@@ -104,6 +104,8 @@ pub fn syscall_exit(ctx: TracePointContext) -> u32 {
     let Some(record) = scratch(&MAP_SCRATCH) else {
         return 0;
     };
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    let record = unsafe { &mut *record };
     record.event = MapEvent {
         kind: event_kind::MAP,
         tgid: (key >> 32) as u32,
