@@ -220,6 +220,9 @@ pub(crate) mod fixture {
                 truncated: 2,
                 fp_under_pressure: 5,
             }),
+            stop_reason: None,
+            write_failure: None,
+            exits: Vec::new(),
         }
     }
 
@@ -244,6 +247,9 @@ pub(crate) mod fixture {
             gpu: Vec::new(),
             gpu_source: None,
             stack_capture: None,
+            stop_reason: None,
+            write_failure: None,
+            exits: Vec::new(),
         }
     }
 
