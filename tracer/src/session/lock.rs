@@ -1,7 +1,9 @@
 //! One recorder per process: a lock file per traced target under `/run/alloctrace/`, named by
 //! the target's PID and start time (so that a reused PID is another file), locked with `flock`
 //! for as long as the recorder lives and holding its PID and output path. The kernel releases the
-//! lock when the recorder dies, however it dies; a recorder that finishes removes the file.
+//! lock when the recorder dies, however it dies; a recorder that finishes removes the file (one
+//! that was killed leaves it, unlocked: the next recorder of that process takes it over, and
+//! `/run` is emptied at boot).
 //! Two recorders on one process would each attach uprobes and see every event twice over the
 //! kernel's uprobe chain, at twice the cost to the target.
 
