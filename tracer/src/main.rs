@@ -2,6 +2,7 @@
 
 use std::{
     ffi::OsString,
+    io::Write as _,
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -33,7 +34,18 @@ enum Command {
     ///
     /// Heap tracing hooks malloc and friends with uprobes in the C library the target maps; every
     /// thread of the target is traced, other processes never. Stops when the duration ends,
-    /// SIGINT or SIGTERM arrives, or the target exits. Needs root.
+    /// SIGINT, SIGTERM or SIGHUP arrives, or the target exits, and finalizes the recording in
+    /// every case. One recorder per process: a second one on a traced process is refused. Needs
+    /// root.
+    ///
+    /// A command launched with -- CMD never outlives the recording: when the duration ends or a
+    /// signal arrives first, it gets SIGTERM (or that signal), then SIGKILL 5 s later (at once on
+    /// a second signal), and the recording ends with it. A process attached to with -p is never
+    /// signalled.
+    ///
+    /// Exit status: with -- CMD, the command's own when the recording ended because it exited
+    /// (128 + N when signal N killed it, as a shell reports it); otherwise 0 once the recording
+    /// is finalized; 1 on an error.
     Record(RecordArgs),
     /// Summarize a recording: totals per class, top live stacks, failures, lost events.
     Report {
@@ -200,27 +212,25 @@ fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Record(args) => record(args),
+        Command::Record(args) => return record(args),
         Command::Report {
             file,
             format,
             output,
             force,
-        } => report(&file, format, output.as_deref(), force),
+        } => report(&file, format, output.as_deref(), force)?,
         Command::Flamegraph {
             file,
             output,
             force,
             title,
             kind,
-        } => flamegraph(&file, &output, force, title, kind),
-        Command::Hooks => {
-            print!("{}", hooks::markdown());
-            Ok(())
-        }
+        } => flamegraph(&file, &output, force, title, kind)?,
+        Command::Hooks => print!("{}", hooks::markdown()),
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The session's options from the command line.
@@ -256,22 +266,27 @@ fn record_options(args: RecordArgs) -> RecordOptions {
     }
 }
 
-fn record(args: RecordArgs) -> anyhow::Result<()> {
+/// Records; returns the exit status (a launched command's own, when it ended by itself).
+fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let opts = record_options(args);
     let output = opts.output.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let summary = runtime.block_on(session::record(opts))?;
-    eprintln!(
+    // After a hang-up stderr may be gone: the recording is finalized, the line is a courtesy.
+    let _ = writeln!(
+        std::io::stderr(),
         "recorded {} events ({} lost), {}: wrote {} (tracer peak RSS {} KiB)",
         summary.events,
         summary.lost,
         summary.stop_reason,
-        output.display(),
+        escape::for_terminal(&output.display().to_string()),
         summary.tracer_peak_kib
     );
-    Ok(())
+    Ok(summary
+        .command_status
+        .map_or(ExitCode::SUCCESS, ExitCode::from))
 }
 
 fn report(file: &Path, format: Format, output: Option<&Path>, force: bool) -> anyhow::Result<()> {
@@ -321,7 +336,7 @@ fn flamegraph(
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             // One line: the outermost message and its causes.
             let msg = err
@@ -330,7 +345,11 @@ fn main() -> ExitCode {
                 .collect::<Vec<_>>()
                 .join(": ");
             // Paths, command lines and messages from a recording may carry control characters.
-            eprintln!("alloctrace: error: {}", escape::for_terminal(&msg));
+            let _ = writeln!(
+                std::io::stderr(),
+                "alloctrace: error: {}",
+                escape::for_terminal(&msg)
+            );
             ExitCode::FAILURE
         }
     }

@@ -2,6 +2,7 @@
 //! the target and is untrusted: the parsers are pure functions over the text that skip what they
 //! cannot read rather than fail.
 
+pub mod cgroup;
 pub mod cmdline;
 pub mod fd;
 pub mod maps;
@@ -60,6 +61,20 @@ fn read_text(pid: u32, file: &'static str) -> Result<String, ProcError> {
 /// Whether process `pid` still exists (possibly as a zombie).
 pub fn exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// How many threads of process `pid` other than its main thread are listed in
+/// `/proc/PID/task` (threads that exited are gone from it; a main thread that exited stays, as a
+/// zombie, while others run). 0 when unreadable.
+pub fn other_threads(pid: u32) -> usize {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let main = pid.to_string();
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str() != Some(main.as_str()))
+        .count()
 }
 
 /// A `N kB` value of /proc's status and smaps files, in bytes.

@@ -1,4 +1,5 @@
-//! `/proc/PID/stat`: a process's state, flags and program-break start.
+//! `/proc/PID/stat`: a process's state, parent, flags, start time, program-break start and, once
+//! it has exited, its wait status.
 
 use super::{ProcError, read_text};
 
@@ -10,14 +11,22 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 pub struct Stat {
     /// Field 3: `R`, `S`, ..., `Z` (zombie), `X` (dead); empty when unreadable.
     pub state: String,
+    /// Field 4: the parent's PID (0 when unreadable).
+    pub ppid: u32,
     /// Field 9: the `PF_*` flags (0 when unreadable).
     pub flags: u64,
+    /// Field 22: when the process started, in clock ticks since boot; with the PID, it names
+    /// one process across PID reuse.
+    pub start_time: Option<u64>,
     /// Field 47: where the program break started.
     pub start_brk: Option<u64>,
+    /// Field 52: the wait status (`waitpid`'s encoding), meaningful once the process is a zombie.
+    pub exit_code: Option<i32>,
 }
 
 impl Stat {
-    /// Whether the process has exited (a zombie not reaped yet, or dead).
+    /// Whether the process has exited (a zombie not reaped yet, or dead). For a thread-group
+    /// leader this is its main thread: other threads may still run (`proc::other_threads`).
     pub fn has_exited(&self) -> bool {
         self.state == "Z" || self.state == "X"
     }
@@ -32,10 +41,15 @@ impl Stat {
 pub fn parse_stat(text: &str) -> Stat {
     let after_comm = text.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Field N of the manual is fields[N - 3].
+    let field = |n: usize| fields.get(n - 3);
     Stat {
-        state: fields.first().map(|s| s.to_string()).unwrap_or_default(),
-        flags: fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0),
-        start_brk: fields.get(44).and_then(|f| f.parse().ok()),
+        state: field(3).map(|s| s.to_string()).unwrap_or_default(),
+        ppid: field(4).and_then(|f| f.parse().ok()).unwrap_or(0),
+        flags: field(9).and_then(|f| f.parse().ok()).unwrap_or(0),
+        start_time: field(22).and_then(|f| f.parse().ok()),
+        start_brk: field(47).and_then(|f| f.parse().ok()),
+        exit_code: field(52).and_then(|f| f.parse().ok()),
     }
 }
 
@@ -48,9 +62,10 @@ pub fn read_stat(pid: u32) -> Result<Stat, ProcError> {
 mod tests {
     use super::*;
 
-    /// A stat line with `comm`, state, flags and start_brk; other fields are counters.
+    /// A stat line with `comm`, state, flags and start_brk; other fields are counters (field N
+    /// holds N: ppid 4, start time 22, exit code 52).
     fn line(comm: &str, state: &str, flags: u64, start_brk: u64) -> String {
-        let mut fields: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+        let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
         fields[0] = state.to_string();
         fields[6] = flags.to_string();
         fields[44] = start_brk.to_string();
@@ -64,8 +79,11 @@ mod tests {
             stat,
             Stat {
                 state: "S".into(),
+                ppid: 4,
                 flags: 0x40_0100,
+                start_time: Some(22),
                 start_brk: Some(0x5555_0000),
+                exit_code: Some(52),
             }
         );
         assert!(!stat.has_exited() && !stat.is_kernel_thread());
@@ -82,8 +100,11 @@ mod tests {
             parse_stat("1 (short) R 1 2 3 4 5 notanumber"),
             Stat {
                 state: "R".into(),
+                ppid: 1,
                 flags: 0,
+                start_time: None,
                 start_brk: None,
+                exit_code: None,
             }
         );
     }

@@ -259,6 +259,9 @@ mod tests {
             gpu: Vec::new(),
             gpu_source: None,
             stack_capture: None,
+            stop_reason: None,
+            write_failure: None,
+            exits: Vec::new(),
         };
         rec.merge_identical_stacks();
         assert_eq!(rec.stacks.keys().copied().collect::<Vec<_>>(), vec![0, 2]);

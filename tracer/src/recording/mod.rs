@@ -20,9 +20,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use serde::{Deserialize, Serialize};
+
 pub use reader::{Reader, SeriesRead};
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
-pub use writer::Writer;
+pub use writer::{DISK_FULL, Writer};
 
 use crate::{
     model::{Class, GpuSample, LedgerState, RssSample, SeriesPoint, Stack, StackIndex, TargetInfo},
@@ -63,6 +65,81 @@ pub struct Recorded {
     pub gpu_source: Option<String>,
     /// How stacks were taken (`None`: an older recording).
     pub stack_capture: Option<crate::model::StackCapture>,
+    /// Why the recording ended ("duration elapsed", "target exited (...)"); `None` unless
+    /// finalized (or an older recording).
+    pub stop_reason: Option<String>,
+    /// Why writing stopped before the end ("the file system was full (ENOSPC)"), when it did.
+    pub write_failure: Option<String>,
+    /// The traced processes that ended during the recording, in the order seen.
+    pub exits: Vec<ProcessExit>,
+}
+
+/// How a traced process ended during the recording (meta `exits`, docs/recording.md). With
+/// neither `code` nor `signal` its status could not be read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessExit {
+    pub pid: u32,
+    /// Seconds from the start of the recording to when the recorder saw it end.
+    pub t_s: f64,
+    /// Its exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it (`SIGKILL`), when one did.
+    pub signal: Option<String>,
+    /// Killed by the kernel's OOM killer.
+    pub oom_kill: bool,
+    pub core_dumped: bool,
+    /// alloctrace stopped it: a command it launched, at the end of `-d` or on a signal.
+    pub stopped_by_alloctrace: bool,
+}
+
+impl ProcessExit {
+    /// An end whose status is not known (yet).
+    pub fn unknown(pid: u32, t_s: f64) -> ProcessExit {
+        ProcessExit {
+            pid,
+            // Milliseconds: the recorder sees an end within its 10 ms poll at best.
+            t_s: (t_s * 1000.0).round() / 1000.0,
+            ..ProcessExit::default()
+        }
+    }
+
+    /// The end that `status` (`waitpid`'s encoding) describes.
+    pub fn from_wait_status(pid: u32, t_s: f64, status: i32) -> ProcessExit {
+        let mut exit = ProcessExit::unknown(pid, t_s);
+        if libc::WIFEXITED(status) {
+            exit.code = Some(libc::WEXITSTATUS(status));
+        } else if libc::WIFSIGNALED(status) {
+            exit.signal = Some(signal_name(libc::WTERMSIG(status)));
+            exit.core_dumped = libc::WCOREDUMP(status);
+        }
+        exit
+    }
+
+    /// Killed by a signal nobody at alloctrace sent: the death a report opens on.
+    pub fn is_death(&self) -> bool {
+        self.signal.is_some() && !self.stopped_by_alloctrace
+    }
+
+    /// "exited with status 1", "killed by SIGKILL (the OOM killer)", ...
+    pub fn describe(&self) -> String {
+        match (&self.signal, self.code) {
+            (Some(signal), _) if self.stopped_by_alloctrace => {
+                format!("stopped by alloctrace with {signal}")
+            }
+            (Some(signal), _) if self.oom_kill => format!("killed by {signal} (the OOM killer)"),
+            (Some(signal), _) if self.core_dumped => format!("killed by {signal} (core dumped)"),
+            (Some(signal), _) => format!("killed by {signal}"),
+            (None, Some(code)) => format!("exited with status {code}"),
+            (None, None) => "ended (its exit status could not be read)".to_string(),
+        }
+    }
+}
+
+/// `SIGKILL` for 9; `signal 34` for signals without a name (real-time ones).
+pub fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {signal}"))
 }
 
 /// One point of the per-class time series.
@@ -113,6 +190,17 @@ pub enum RecordingError {
         path.display()
     )]
     WriterFailed { path: PathBuf },
+    #[error(
+        "cannot write the recording `{}`: the file system is full (ENOSPC): free space there or \
+         record to another file system{}",
+        path.display(),
+        if *kept { "; the file keeps what was committed before" } else { "" }
+    )]
+    DiskFull {
+        path: PathBuf,
+        /// Whether the file stays, with what was committed before.
+        kept: bool,
+    },
 
     #[error("`{}` does not exist", path.display())]
     NotFound { path: PathBuf },

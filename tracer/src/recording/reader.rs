@@ -10,7 +10,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, types::Value};
 
 use super::{
-    Recorded, RecordingError, TotalsPoint,
+    ProcessExit, Recorded, RecordingError, TotalsPoint,
     schema::{APPLICATION_ID, AmountsTable, FAULTS, RELEASED, SCHEMA_VERSION, from_sql, meta},
     sidecar,
 };
@@ -485,6 +485,11 @@ impl Reading<'_> {
         };
         let pids: Vec<u32> = serde_json::from_str(&metadata.text(meta::TARGET_PIDS)?)
             .map_err(|e| self.corrupt(format!("meta `{}`: {e}", meta::TARGET_PIDS)))?;
+        let exits: Vec<ProcessExit> = match metadata.optional_text(meta::EXITS) {
+            Some(json) => serde_json::from_str(json)
+                .map_err(|e| self.corrupt(format!("meta `{}`: {e}", meta::EXITS)))?,
+            None => Vec::new(),
+        };
         let mut recorded = Recorded {
             schema,
             tool_version: metadata.text(meta::TOOL_VERSION)?,
@@ -515,6 +520,13 @@ impl Reading<'_> {
             stack_capture: metadata
                 .optional_text(meta::STACK_CAPTURE)
                 .and_then(|json| serde_json::from_str(json).ok()),
+            stop_reason: metadata
+                .optional_text(meta::STOP_REASON)
+                .map(str::to_string),
+            write_failure: metadata
+                .optional_text(meta::WRITE_FAILURE)
+                .map(str::to_string),
+            exits,
         };
         recorded.merge_identical_stacks();
         Ok(recorded)

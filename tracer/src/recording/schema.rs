@@ -147,6 +147,12 @@ pub(crate) mod meta {
     pub const GPU_SOURCE: &str = "gpu_source";
     /// `StackCapture` as JSON.
     pub const STACK_CAPTURE: &str = "stack_capture";
+    /// Why the recording ended, written when it is finalized.
+    pub const STOP_REASON: &str = "stop_reason";
+    /// Why writing stopped early (a full file system), written when it did.
+    pub const WRITE_FAILURE: &str = "write_failure";
+    /// JSON array of `ProcessExit`: the traced processes that ended during the recording.
+    pub const EXITS: &str = "exits";
     /// SHA-256 of the recording's content, written when it is finalized (`integrity.rs`).
     pub const CONTENT_DIGEST: &str = "content_digest";
 }

@@ -1024,3 +1024,70 @@ fn text_that_is_not_utf8_is_corrupt_not_a_panic() {
     let err = open_error(&path);
     assert!(matches!(err, RecordingError::Corrupt { .. }), "{err}");
 }
+
+#[test]
+fn how_the_recording_and_its_processes_ended_reads_back_under_the_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ended.trace");
+    let mut s = record_three_seconds(&path);
+    let exits = vec![
+        ProcessExit {
+            code: Some(3),
+            ..ProcessExit::unknown(4243, 1.5)
+        },
+        ProcessExit {
+            signal: Some("SIGKILL".into()),
+            oom_kill: true,
+            ..ProcessExit::unknown(4242, 3.25)
+        },
+    ];
+    s.writer.set_exits(&exits).unwrap();
+    s.writer
+        .set_stop_reason("target ended: killed by SIGKILL (the OOM killer)")
+        .unwrap();
+    s.writer.finalize(3.5).unwrap();
+    let rec = Reader::open(&path).unwrap();
+    assert_eq!(rec.exits, exits);
+    assert_eq!(
+        rec.stop_reason.as_deref(),
+        Some("target ended: killed by SIGKILL (the OOM killer)")
+    );
+    assert_eq!(rec.write_failure, None);
+
+    // The new keys are under the digest like every other row.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute(
+        "UPDATE meta SET value = replace(value, '\"oom_kill\":true', '\"oom_kill\":false') \
+         WHERE key = 'exits'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    assert!(matches!(open_error(&path), RecordingError::Damaged { .. }));
+}
+
+#[test]
+fn a_recording_without_the_newer_keys_reads_as_ending_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = finalized_recording(dir.path(), 2);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("DELETE FROM meta WHERE key IN ('content_digest', 'exits', 'stop_reason');")
+        .unwrap();
+    drop(conn);
+    let rec = Reader::open(&path).unwrap();
+    assert!(rec.exits.is_empty() && rec.stop_reason.is_none() && rec.write_failure.is_none());
+}
+
+#[test]
+fn a_full_file_system_is_named_as_such() {
+    let full = rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+        Some("database or disk is full".into()),
+    );
+    let err = writer::write_error(Path::new("/mnt/small/x.trace"), full);
+    assert_eq!(
+        err.to_string(),
+        "cannot write the recording `/mnt/small/x.trace`: the file system is full (ENOSPC): free \
+         space there or record to another file system; the file keeps what was committed before"
+    );
+}

@@ -2,8 +2,8 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fs::{self, OpenOptions},
-    io,
+    fs::{self, File, OpenOptions},
+    io::{self, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
@@ -12,7 +12,7 @@ use std::{
 use rusqlite::{Connection, OpenFlags, Transaction, params};
 
 use super::{
-    RecordingError,
+    ProcessExit, RecordingError,
     schema::{self, APPLICATION_ID, AmountsTable, SCHEMA_VERSION, meta, to_sql},
     sidecar,
 };
@@ -27,6 +27,13 @@ use crate::{
 /// Files SQLite may keep beside a database. A leftover from an earlier recording at the same path
 /// would be replayed into the new file by SQLite's recovery, so they go before a file is created.
 const SIDECAR_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+/// Bytes held in reserve on the recording's file system, released when it is full so that the
+/// recording can still say so (`meta.write_failure`, a few pages of log).
+const RESERVE_BYTES: usize = 128 << 10;
+
+/// What `meta.write_failure` says when the file system filled up.
+pub const DISK_FULL: &str = "the file system was full (ENOSPC)";
 
 const PUT_META: &str = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)";
 
@@ -57,6 +64,10 @@ pub struct Writer {
     /// Set when a commit failed: the in-memory copy of what was written no longer matches the
     /// file, so later commits are refused rather than written wrong.
     failed: bool,
+    /// An unnamed file of `RESERVE_BYTES` on the recording's file system (None where the file
+    /// system has no unnamed files): freed when the file system is full, to write why the
+    /// recording stops there.
+    reserve: Option<File>,
 }
 
 impl Writer {
@@ -145,7 +156,9 @@ impl Writer {
             }
             Err(e) => return Err(unwritable(e)),
         }
-        match Self::initialize(path, target, started_unix_ns) {
+        let initialized = reserve_space(path)
+            .and_then(|reserve| Self::initialize(path, target, started_unix_ns, reserve));
+        match initialized {
             Ok(writer) => Ok(writer),
             Err(e) => {
                 // Nothing useful was written: leave nothing behind.
@@ -153,7 +166,12 @@ impl Writer {
                 for suffix in SIDECAR_SUFFIXES {
                     let _ = fs::remove_file(sidecar(path, suffix));
                 }
-                Err(e)
+                Err(match e {
+                    RecordingError::DiskFull { path, .. } => {
+                        RecordingError::DiskFull { path, kept: false }
+                    }
+                    other => other,
+                })
             }
         }
     }
@@ -162,6 +180,7 @@ impl Writer {
         path: &Path,
         target: &TargetInfo,
         started_unix_ns: u64,
+        reserve: Option<File>,
     ) -> Result<Writer, RecordingError> {
         let write_err = |e: rusqlite::Error| write_error(path, e);
         let mut conn = Connection::open_with_flags(
@@ -209,6 +228,7 @@ impl Writer {
             lost_events: BTreeMap::new(),
             unmatched_frees: 0,
             failed: false,
+            reserve,
         })
     }
 
@@ -227,6 +247,17 @@ impl Writer {
     /// tick, the ledger's complete `state` (only what changed since the last commit is written)
     /// and the `series` points of the cells that changed. `t_s` is seconds since the start.
     pub fn commit_tick(
+        &mut self,
+        t_s: f64,
+        new_stacks: &[Stack],
+        state: &LedgerState,
+        series: &[SeriesPoint],
+    ) -> Result<(), RecordingError> {
+        let written = self.write_tick(t_s, new_stacks, state, series);
+        self.noted(written)
+    }
+
+    fn write_tick(
         &mut self,
         t_s: f64,
         new_stacks: &[Stack],
@@ -280,12 +311,47 @@ impl Writer {
         self.put_meta(meta::TARGET_PIDS, pids)
     }
 
+    /// Records how the traced processes that ended did (the whole list, rewritten).
+    pub fn set_exits(&mut self, exits: &[ProcessExit]) -> Result<(), RecordingError> {
+        let json = serde_json::to_string(exits).expect("numbers and strings serialize");
+        self.put_meta(meta::EXITS, json)
+    }
+
+    /// Records why the recording ends (before `finalize`).
+    pub fn set_stop_reason(&mut self, reason: &str) -> Result<(), RecordingError> {
+        self.put_meta(meta::STOP_REASON, reason)
+    }
+
     /// Sets one value of the `meta` table, outside any tick.
     fn put_meta(&mut self, key: &str, value: impl rusqlite::ToSql) -> Result<(), RecordingError> {
-        self.conn
+        let written = self
+            .conn
             .execute(PUT_META, params![key, value])
-            .map_err(|e| write_error(&self.path, e))?;
-        Ok(())
+            .map(|_| ())
+            .map_err(|e| write_error(&self.path, e));
+        self.noted(written)
+    }
+
+    /// Passes `result` on; when it says the file system is full, first frees the reserve and
+    /// writes so into the recording (`meta.write_failure`), which a reader shows instead of "the
+    /// tracer was killed".
+    fn noted<T>(&mut self, result: Result<T, RecordingError>) -> Result<T, RecordingError> {
+        if let Err(RecordingError::DiskFull { .. }) = &result
+            && let Some(reserve) = self.reserve.take()
+        {
+            let _ = reserve.set_len(0);
+            drop(reserve);
+            if let Err(e) = self
+                .conn
+                .execute(PUT_META, params![meta::WRITE_FAILURE, DISK_FULL])
+            {
+                log::warn!(
+                    "{}: could not note the full file system in the recording: {e}",
+                    self.path.display()
+                );
+            }
+        }
+        result
     }
 
     pub fn add_gpu_samples(&mut self, samples: &[GpuSample]) -> Result<(), RecordingError> {
@@ -334,6 +400,16 @@ impl Writer {
     /// Appends `rows` with `insert`, one execution a row (its columns as stored integers), in a
     /// transaction of their own.
     fn append<T, const COLUMNS: usize>(
+        &mut self,
+        insert: &str,
+        rows: &[T],
+        columns_of: impl Fn(&T) -> [i64; COLUMNS],
+    ) -> Result<(), RecordingError> {
+        let appended = self.append_rows(insert, rows, columns_of);
+        self.noted(appended)
+    }
+
+    fn append_rows<T, const COLUMNS: usize>(
         &mut self,
         insert: &str,
         rows: &[T],
@@ -392,7 +468,11 @@ impl Writer {
                 .pragma_update_and_check(None, "journal_mode", "DELETE", |row| row.get(0));
         match (checkpoint, mode) {
             (Ok(0), Ok(mode)) if mode.eq_ignore_ascii_case("delete") => {}
-            (Err(e), _) | (_, Err(e)) if !is_busy(&e) => return Err(write_err(e)),
+            // A full file system cannot take the log's pages either: the complete recording
+            // stays in the log.
+            (Err(e), _) | (_, Err(e)) if !is_busy(&e) && !is_disk_full(&e) => {
+                return Err(write_err(e));
+            }
             _ => log::warn!(
                 "{} is complete but stays in WAL mode (a reader has it open): keep its -wal \
                  file with it",
@@ -753,6 +833,45 @@ fn execute_update(
     Ok(())
 }
 
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
+/// Holds `RESERVE_BYTES` on the file system of `path`, in an unnamed file beside it that
+/// disappears with this process; None where the file system has no unnamed files (O_TMPFILE).
+fn reserve_space(path: &Path) -> Result<Option<File>, RecordingError> {
+    let reserve = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(output::FILE_MODE)
+        .open(parent_dir(path));
+    let mut reserve = match reserve {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+            return Err(RecordingError::DiskFull {
+                path: path.to_path_buf(),
+                kept: false,
+            });
+        }
+        Err(e) => {
+            log::debug!("no space reserve beside {}: {e}", path.display());
+            return Ok(None);
+        }
+    };
+    match reserve.write_all(&vec![0u8; RESERVE_BYTES]) {
+        Ok(()) => Ok(Some(reserve)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(RecordingError::DiskFull {
+            path: path.to_path_buf(),
+            kept: false,
+        }),
+        Err(e) => Err(RecordingError::Unwritable {
+            path: path.to_path_buf(),
+            reason: io_reason(&e),
+        }),
+    }
+}
+
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
         e.sqlite_error_code(),
@@ -760,12 +879,15 @@ fn is_busy(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// A SQLite error while writing, as one line ("database or disk is full").
-fn write_error(path: &Path, e: rusqlite::Error) -> RecordingError {
+/// A SQLite error while writing, as one line; a full file system is `DiskFull`.
+pub(super) fn write_error(path: &Path, e: rusqlite::Error) -> RecordingError {
+    if is_disk_full(&e) {
+        return RecordingError::DiskFull {
+            path: path.to_path_buf(),
+            kept: true,
+        };
+    }
     let detail = match &e {
-        rusqlite::Error::SqliteFailure(f, Some(msg)) if f.code == rusqlite::ErrorCode::DiskFull => {
-            format!("{msg}: free some space")
-        }
         rusqlite::Error::SqliteFailure(_, Some(msg)) => msg.clone(),
         other => other.to_string(),
     };

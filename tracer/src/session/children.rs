@@ -91,11 +91,6 @@ impl ProcessSet {
         None
     }
 
-    /// Whether the target's exit was seen.
-    pub fn has_target_exited(&self) -> bool {
-        self.target_exited.is_some()
-    }
-
     /// The reason to stop once the target and all followed children have exited.
     pub fn all_exited(&self) -> Option<String> {
         self.target_exited.clone().filter(|_| self.live.is_empty())

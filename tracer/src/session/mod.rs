@@ -1,15 +1,20 @@
 //! `alloctrace record`: attach, drain events into the ledger, commit the recording every second,
 //! finalize on duration, signal or target exit.
 //!
-//! `setup` checks, attaches and opens the recording; `recorder` is the loop, one method per
-//! event source; `batch` hands ring records to `sink`, which applies them to the ledger layers
-//! one event kind at a time; `children` keeps the set of traced processes; `cuda_hooking`,
-//! `python_detection`, `gpu_sampling` and `rss_sampling` are what the loop does besides.
+//! `setup` checks, attaches and opens the recording; `lock` keeps a second recorder off a traced
+//! process; `recorder` is the loop, one method per event source; `batch` hands ring records to
+//! `sink`, which applies them to the ledger layers one event kind at a time; `children` keeps the
+//! set of traced processes, `exits` how they ended (`oom`: whether by the OOM killer);
+//! `cuda_hooking`, `python_detection`, `gpu_sampling` and `rss_sampling` are what the loop does
+//! besides.
 
 mod batch;
 mod children;
 mod cuda_hooking;
+mod exits;
 mod gpu_sampling;
+mod lock;
+mod oom;
 mod options;
 mod python_detection;
 mod recorder;
@@ -26,6 +31,11 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     let attached = setup::attach(&opts)?;
     let mut recorder = setup::open_recording(&opts, attached)?;
     let sources = recorder::EventSources::new(signals, &recorder.exit_watch, &opts)?;
-    let stop_reason = recorder.run(sources).await?;
-    recorder.finish(stop_reason)
+    match recorder.run(sources).await {
+        Ok(stop_reason) => recorder.finish(stop_reason),
+        Err(e) => {
+            recorder.leave_command();
+            Err(e)
+        }
+    }
 }

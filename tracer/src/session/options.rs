@@ -33,4 +33,7 @@ pub struct RecordSummary {
     pub stop_reason: String,
     /// This process's peak resident memory (VmHWM), KiB.
     pub tracer_peak_kib: u64,
+    /// A launched command's exit status (128 + N when killed by signal N), when the recording
+    /// ended because it ended by itself.
+    pub command_status: Option<u8>,
 }

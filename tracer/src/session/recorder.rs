@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::{sys::signal::Signal as Sig, unistd::Pid};
+
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::Signal,
@@ -23,7 +25,9 @@ use crate::{
         batch::RingReader,
         children::ProcessSet,
         cuda_hooking::{CudaHooked, hook_cuda},
+        exits::Exits,
         gpu_sampling::sample_gpu,
+        lock::TargetLock,
         python_detection::detect_python,
         rss_sampling::{own_peak_rss_kib, sample_rss},
         sink::EventSink,
@@ -31,11 +35,61 @@ use crate::{
     },
     views,
 };
+use tracer_common::proc_op;
 
-/// The signals that stop a recording.
+/// How long a launched command may take to exit after the signal that stops it (the end of
+/// `-d`, or the signal alloctrace got) before it gets SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long to wait for its exit after SIGKILL (a task stuck in the kernel) before leaving it.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// The signals that stop a recording: SIGINT, SIGTERM and SIGHUP (a terminal or SSH session
+/// going away) alike.
 pub struct Signals {
     pub interrupt: Signal,
     pub terminate: Signal,
+    pub hangup: Signal,
+}
+
+impl Signals {
+    /// The next of them to arrive.
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => libc::SIGINT,
+            _ = self.terminate.recv() => libc::SIGTERM,
+            _ = self.hangup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
+/// Why the recording stops.
+struct Stop {
+    reason: String,
+    /// The signal that stops a launched command still running (None: the traced processes
+    /// ended by themselves).
+    command_signal: Option<i32>,
+}
+
+impl Stop {
+    /// The traced processes ended by themselves.
+    fn ended(reason: String) -> Stop {
+        Stop {
+            reason,
+            command_signal: None,
+        }
+    }
+
+    fn signal(signal: i32) -> Stop {
+        let reason = match signal {
+            libc::SIGINT => "interrupted (SIGINT)",
+            libc::SIGHUP => "hung up (SIGHUP)",
+            _ => "terminated (SIGTERM)",
+        };
+        Stop {
+            reason: reason.to_string(),
+            command_signal: Some(signal),
+        }
+    }
 }
 
 /// What the loop waits on.
@@ -97,6 +151,14 @@ pub struct Recorder {
     pub(super) allocator: Option<AllocatorObject>,
     pub(super) launched: Option<LaunchedCommand>,
     pub(super) exit_watch: ExitWatch,
+    /// Whether the target's exit was seen.
+    pub(super) target_ended: bool,
+    /// The launched command's wait status, once reaped.
+    pub(super) launched_status: Option<i32>,
+    /// How the traced processes ended.
+    pub(super) exits: Exits,
+    /// This recorder's hold on the target, released when it is done.
+    pub(super) _lock: Option<TargetLock>,
     pub(super) cuda_hooked: CudaHooked,
     pub(super) reader: RingReader,
     pub(super) sink: EventSink,
@@ -110,30 +172,101 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Records until something says to stop; returns why.
+    /// Records until something says to stop, then stops a launched command that still runs;
+    /// returns why the recording stopped.
     pub async fn run(&mut self, mut sources: EventSources) -> anyhow::Result<String> {
+        let stop = self.record_until_stop(&mut sources).await?;
+        if let Some(signal) = stop.command_signal
+            && self.launched.is_some()
+            && !self.target_ended
+        {
+            self.stop_command(&mut sources, signal).await?;
+            if let Some(exit) = self.exits.of(self.pid) {
+                let how = exit.describe();
+                return Ok(format!("{}; the launched command: {how}", stop.reason));
+            }
+        }
+        Ok(stop.reason)
+    }
+
+    async fn record_until_stop(&mut self, sources: &mut EventSources) -> anyhow::Result<Stop> {
         loop {
             let stop = tokio::select! {
-                _ = sources.poll.tick() => self.on_ring_poll()?,
+                _ = sources.poll.tick() => self.on_ring_poll()?.map(Stop::ended),
                 _ = sources.tick.tick() => {
                     self.on_tick()?;
                     None
                 }
-                _ = sources.signals.interrupt.recv() => {
-                    Some(self.on_signal(libc::SIGINT, "interrupted (SIGINT)"))
-                }
-                _ = sources.signals.terminate.recv() => {
-                    Some(self.on_signal(libc::SIGTERM, "terminated (SIGTERM)"))
-                }
-                guard = sources.exit.readable(), if !self.processes.has_target_exited() => {
+                signal = sources.signals.recv() => Some(Stop::signal(signal)),
+                guard = sources.exit.readable(), if !self.target_ended => {
                     drop(guard);
-                    self.on_target_exit()
+                    self.on_target_exit().map(Stop::ended)
                 }
-                _ = sleep_until(sources.deadline) => Some("duration elapsed".to_string()),
+                _ = sleep_until(sources.deadline) => Some(Stop {
+                    reason: "duration elapsed".to_string(),
+                    command_signal: Some(libc::SIGTERM),
+                }),
             };
-            if let Some(reason) = stop {
-                return Ok(reason);
+            if let Some(stop) = stop {
+                return Ok(stop);
             }
+        }
+    }
+
+    /// A command alloctrace launched never outlives the recording (it would be left to PID 1,
+    /// unseen): it gets `signal`, then SIGKILL after `STOP_GRACE` or at the next signal. The
+    /// recording goes on meanwhile, so that what it does on its way out and how it ends are in
+    /// it. A process attached to by PID is never signalled.
+    async fn stop_command(
+        &mut self,
+        sources: &mut EventSources,
+        signal: i32,
+    ) -> anyhow::Result<()> {
+        self.exits.stopping(self.pid);
+        self.send_command(signal);
+        let now = tokio::time::Instant::now();
+        let mut kill_at = Some(now + STOP_GRACE);
+        let give_up = now + STOP_GRACE + KILL_WAIT;
+        while !self.target_ended {
+            tokio::select! {
+                _ = sources.poll.tick() => {
+                    self.on_ring_poll()?;
+                }
+                _ = sources.tick.tick() => self.on_tick()?,
+                _ = sources.signals.recv() => kill_at = Some(tokio::time::Instant::now()),
+                guard = sources.exit.readable() => {
+                    drop(guard);
+                    self.on_target_exit();
+                }
+                _ = sleep_until(kill_at) => {
+                    self.send_command(libc::SIGKILL);
+                    kill_at = None;
+                }
+                _ = tokio::time::sleep_until(give_up) => {
+                    let pid = self.pid;
+                    log::warn!("the launched command (PID {pid}) does not exit after SIGKILL");
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The recording failed: a launched command still running goes on, untraced, and the
+    /// operator is told which it is (it is no longer alloctrace's child once alloctrace exits).
+    pub fn leave_command(&self) {
+        if self.launched.is_some() && !self.target_ended {
+            let _ = writeln!(
+                std::io::stderr(),
+                "alloctrace: the launched command (PID {}) goes on, untraced",
+                self.pid
+            );
+        }
+    }
+
+    fn send_command(&self, signal: i32) {
+        if let Ok(signal) = Sig::try_from(signal) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(self.pid as i32), signal);
         }
     }
 
@@ -149,6 +282,9 @@ impl Recorder {
     /// followed children have all exited.
     fn on_ring_poll(&mut self) -> anyhow::Result<Option<String>> {
         self.drain();
+        if self.exits.has_pending() {
+            self.exits.resolve();
+        }
         for p in self.sink.take_code_mapped() {
             self.sink.refresh_code_of(p);
             detect_python(p, &mut self.sink, &mut self.probes);
@@ -174,6 +310,13 @@ impl Recorder {
     fn on_process_events(&mut self) -> anyhow::Result<()> {
         let before = self.processes.pids.len();
         for ev in self.sink.take_proc_events() {
+            match ev.op {
+                proc_op::FORK => self.exits.watch(ev.pid),
+                proc_op::EXIT => self
+                    .exits
+                    .ended(ev.pid, self.started.elapsed().as_secs_f64()),
+                _ => {}
+            }
             let allocator = self.allocator.as_ref();
             self.processes.follow(&ev, allocator, &mut self.probes);
         }
@@ -206,30 +349,44 @@ impl Recorder {
             )?;
         }
         self.commit()?;
+        if self.exits.take_changed() {
+            self.writer.set_exits(&self.exits.ended)?;
+        }
         self.show_progress();
         Ok(())
     }
 
-    /// A command we launched stops with us, as under `perf record -- CMD`; a process we
-    /// attached to by PID is never disturbed.
-    fn on_signal(&self, sig: i32, reason: &str) -> String {
-        if let Some(launched) = &self.launched {
-            // SAFETY: plain kill(2) of our own child.
-            unsafe { libc::kill(launched.pid as libc::pid_t, sig) };
-        }
-        reason.to_string()
-    }
-
     /// The target exited: stop, unless followed children still run.
     fn on_target_exit(&mut self) -> Option<String> {
-        let how = self
-            .exit_watch
-            .reap()
-            .map(|h| format!(" ({h})"))
-            .unwrap_or_default();
-        let how = format!("target exited{how}");
+        self.target_ended = true;
+        let t_s = self.started.elapsed().as_secs_f64();
+        self.launched_status = self.exit_watch.reap();
+        match self.launched_status {
+            Some(status) => self.exits.ended_with(self.pid, t_s, status),
+            None => self.exits.ended(self.pid, t_s),
+        }
+        let how = match self.exits.of(self.pid) {
+            Some(exit) => format!("target ended: {}", exit.describe()),
+            None => "target exited".to_string(),
+        };
         self.processes
             .target_exited(self.pid, how, self.follow_children)
+    }
+
+    /// The status to exit alloctrace with: the launched command's, as a shell gives it (128 + N
+    /// for signal N), when it ended on its own; None otherwise.
+    fn command_status(&self) -> Option<u8> {
+        let status = self.launched_status?;
+        if self.exits.of(self.pid)?.stopped_by_alloctrace {
+            return None;
+        }
+        if libc::WIFEXITED(status) {
+            Some(libc::WEXITSTATUS(status) as u8)
+        } else if libc::WIFSIGNALED(status) {
+            Some((128 + libc::WTERMSIG(status)) as u8)
+        } else {
+            None
+        }
     }
 
     /// Writes what the last second brought: resident samples, new stacks, the ledger's state.
@@ -266,25 +423,38 @@ impl Recorder {
         }
         let rate = self.sink.events - self.last_events;
         self.last_events = self.sink.events;
-        eprint!(
+        // A terminal that went away (an SSH session dropped) fails the write: no matter.
+        let mut stderr = std::io::stderr();
+        let _ = write!(
+            stderr,
             "\r{rate} events/s, live heap {} in {} blocks, lost {}   ",
             views::human_bytes(self.sink.ledger.totals(Class::Heap).live_bytes),
             self.sink.ledger.live_blocks(),
             self.lost()
         );
-        let _ = std::io::stderr().flush();
+        let _ = stderr.flush();
     }
 
     /// Stops: applies what is left in the ring, writes the last state and closes the recording.
     pub fn finish(mut self, stop_reason: String) -> anyhow::Result<RecordSummary> {
         if self.progress {
-            eprintln!();
+            let _ = writeln!(std::io::stderr());
         }
         // Everything the target did before now is in the ring: drain it, then write the last
         // state.
         self.drain();
+        let t_s = self.started.elapsed().as_secs_f64();
+        for ev in self.sink.take_proc_events() {
+            if ev.op == proc_op::EXIT {
+                self.exits.ended(ev.pid, t_s);
+            }
+        }
         self.sink.cuda.finish(&mut self.sink.ledger);
+        self.exits.finish();
         self.commit()?;
+        self.writer.set_exits(&self.exits.ended)?;
+        self.writer.set_stop_reason(&stop_reason)?;
+        let command_status = self.command_status();
         self.writer.finalize(self.started.elapsed().as_secs_f64())?;
         let lost = self.sink.lost(self.probes.drops()).values().sum();
         Ok(RecordSummary {
@@ -292,6 +462,7 @@ impl Recorder {
             lost,
             stop_reason,
             tracer_peak_kib: own_peak_rss_kib(),
+            command_status,
         })
     }
 }

@@ -3,7 +3,8 @@
 
 use std::{
     collections::HashMap,
-    io::IsTerminal,
+    io::{IsTerminal, Write},
+    path::Path,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -11,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cuda::nvml::{self as gpu, GpuMemorySource},
+    escape,
     model::TargetInfo,
     probes::{
         ProbeError, Probes,
@@ -26,6 +28,8 @@ use crate::{
         batch::RingReader,
         children::ProcessSet,
         cuda_hooking::{CudaHooked, hook_cuda},
+        exits::Exits,
+        lock::{TargetLock, lock_target},
         python_detection::detect_python,
         recorder::{Recorder, Signals},
         rss_sampling::sample_rss,
@@ -46,6 +50,7 @@ pub fn prepare(opts: &RecordOptions) -> anyhow::Result<Signals> {
     Ok(Signals {
         interrupt: signal(SignalKind::interrupt())?,
         terminate: signal(SignalKind::terminate())?,
+        hangup: signal(SignalKind::hangup())?,
     })
 }
 
@@ -56,6 +61,8 @@ struct Target {
     /// Its mappings when found.
     maps: Vec<Mapping>,
     launched: Option<LaunchedCommand>,
+    /// This recorder's hold on it.
+    lock: Option<TargetLock>,
 }
 
 /// The target with the probes attached.
@@ -71,7 +78,7 @@ pub struct Attached {
 /// Loads the probes, finds the target and its allocator, and attaches.
 pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
     let mut probes = Probes::load(opts.probes.clone())?;
-    let target = find_target(&opts.target, opts.heap)?;
+    let target = find_target(&opts.target, &opts.output, opts.heap)?;
     let pid = target.pid;
     let allocator = if opts.heap {
         Some(resolve::find_allocator(pid, &target.maps)?)
@@ -105,11 +112,13 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
     })
 }
 
-/// Finds the target and its mappings; a launched command is held stopped meanwhile.
-fn find_target(spec: &TargetSpec, heap: bool) -> Result<Target, TargetError> {
+/// Finds the target and its mappings, and takes the lock on it (one recorder per process); a
+/// launched command is held stopped meanwhile.
+fn find_target(spec: &TargetSpec, output: &Path, heap: bool) -> Result<Target, TargetError> {
     match spec {
         TargetSpec::Pid(pid) => {
             let command = target::check_pid(*pid)?;
+            let lock = lock_target(*pid, output)?;
             let maps = maps::read_maps(*pid)?;
             if maps.is_empty() {
                 return Err(TargetError::KernelThread { pid: *pid });
@@ -119,17 +128,20 @@ fn find_target(spec: &TargetSpec, heap: bool) -> Result<Target, TargetError> {
                 command,
                 maps,
                 launched: None,
+                lock,
             })
         }
         TargetSpec::Command(argv) => {
             // Held until its libc is mapped also without heap tracing: stacks are then named
             // from a snapshot that has the C library, even for a command that exits at once.
             let launched = target::launch(argv, heap)?;
+            let lock = lock_target(launched.pid, output)?;
             Ok(Target {
                 pid: launched.pid,
                 command: launched.command.clone(),
                 maps: launched.maps.clone(),
                 launched: Some(launched),
+                lock,
             })
         }
     }
@@ -161,6 +173,8 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         command: target.command.clone(),
     };
     let mut writer = Writer::create(&opts.output, &info, unix_ns(), opts.force)?;
+    let mut exits = Exits::new();
+    exits.watch(pid);
     let reader = RingReader::new(probes.take_ring());
     let gpu = open_gpu(&mut writer)?;
     let fn_names = heap_fn_names(allocator.as_ref());
@@ -192,6 +206,10 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         allocator,
         launched: target.launched,
         exit_watch,
+        target_ended: false,
+        launched_status: None,
+        exits,
+        _lock: target.lock,
         cuda_hooked,
         reader,
         sink,
@@ -240,8 +258,13 @@ fn announce(pid: u32, command: &str, allocator: Option<&AllocatorObject>, probes
         ),
         None => "; heap: not traced (add --heap for malloc by stack)".to_string(),
     };
-    eprintln!(
-        "attached to PID {pid} ({command}): mappings: mmap, munmap, mprotect, mremap, brk{heap}"
+    // The command line and the library path are the target's: escaped. A terminal that went
+    // away fails the write: no matter.
+    let _ = writeln!(
+        std::io::stderr(),
+        "attached to PID {pid} ({}): mappings: mmap, munmap, mprotect, mremap, brk{}",
+        escape::for_terminal(command),
+        escape::for_terminal(&heap)
     );
 }
 

@@ -21,9 +21,10 @@ use nix::{
 };
 
 use crate::{
+    output::io_reason,
     probes::resolve,
     proc::{
-        ProcError, cmdline,
+        self, ProcError, cmdline,
         maps::{self, Mapping},
         stat,
     },
@@ -46,12 +47,40 @@ pub enum TargetError {
     NoAllocator { pid: u32 },
     #[error("PID {pid} is alloctrace itself: pass the PID of the process to trace")]
     SelfTarget { pid: u32 },
-    #[error("cannot start `{command}`: {source}")]
-    Spawn { command: String, source: io::Error },
+    #[error(
+        "process {pid} is a zombie (exited, not yet reaped by its parent {ppid}): nothing to trace"
+    )]
+    Zombie { pid: u32, ppid: u32 },
+    #[error(
+        "process {pid}'s main thread has exited ({} still {}): alloctrace cannot trace it: \
+         /proc/{pid}/maps is empty without the main thread, and uprobes attached for a process \
+         follow its main thread's memory map, gone with it",
+        plural(*threads, "other thread"),
+        if *threads == 1 { "runs" } else { "run" }
+    )]
+    MainThreadExited { pid: u32, threads: usize },
+    #[error(
+        "process {pid} is already traced by {}: stop that recording first",
+        match holder {
+            Some((recorder, output)) => format!("alloctrace (PID {recorder}, writing {output})"),
+            None => "another alloctrace".to_string(),
+        }
+    )]
+    AlreadyTraced {
+        pid: u32,
+        /// The other recorder's PID and output path.
+        holder: Option<(u32, String)>,
+    },
+    // Not `source`: the chain of causes would print the OS error a second time.
+    #[error("cannot start `{command}`: {}", io_reason(error))]
+    Spawn { command: String, error: io::Error },
     #[error("`{command}` exited (status {status}) before its C library was loaded")]
     CommandExitedEarly { command: String, status: String },
-    #[error("cannot watch process {pid} for its exit (pidfd_open): {source}")]
-    ExitWatch { pid: u32, source: io::Error },
+    #[error(
+        "cannot watch process {pid} for its exit (pidfd_open): {}",
+        io_reason(error)
+    )]
+    ExitWatch { pid: u32, error: io::Error },
     #[error("cannot control the launched command: {0}")]
     Ptrace(nix::Error),
 }
@@ -63,7 +92,13 @@ pub fn check_pid(pid: u32) -> Result<String, TargetError> {
     }
     let stat = stat::read_stat(pid)?;
     if stat.has_exited() {
-        return Err(ProcError::NoSuchProcess { pid }.into());
+        return Err(match proc::other_threads(pid) {
+            0 => TargetError::Zombie {
+                pid,
+                ppid: stat.ppid,
+            },
+            threads => TargetError::MainThreadExited { pid, threads },
+        });
     }
     if stat.is_kernel_thread() {
         return Err(TargetError::KernelThread { pid });
@@ -108,9 +143,9 @@ fn spawn_stopped(argv: &[OsString], command: &str) -> Result<u32, TargetError> {
     unsafe {
         cmd.pre_exec(|| ptrace::traceme().map_err(io::Error::from));
     }
-    let child = cmd.spawn().map_err(|source| TargetError::Spawn {
+    let child = cmd.spawn().map_err(|error| TargetError::Spawn {
         command: command.to_string(),
-        source,
+        error,
     })?;
     let pid = child.id();
     let npid = Pid::from_raw(pid as i32);
@@ -207,7 +242,7 @@ impl ExitWatch {
             let err = io::Error::last_os_error();
             return Err(match ProcError::gone_or_denied(pid, &err) {
                 Some(known) => known.into(),
-                None => TargetError::ExitWatch { pid, source: err },
+                None => TargetError::ExitWatch { pid, error: err },
             });
         }
         // SAFETY: fd is a fresh descriptor we own.
@@ -230,15 +265,84 @@ impl ExitWatch {
         unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
     }
 
-    /// Reaps a launched command; returns how it ended.
-    pub fn reap(&self) -> Option<String> {
+    /// Reaps a launched command; returns its wait status (None for a process we did not
+    /// launch, which its own parent reaps).
+    pub fn reap(&self) -> Option<i32> {
         if !self.is_child {
             return None;
         }
-        match waitpid(Pid::from_raw(self.pid as i32), None) {
-            Ok(WaitStatus::Exited(_, code)) => Some(format!("exited with status {code}")),
-            Ok(WaitStatus::Signaled(_, sig, _)) => Some(format!("killed by {sig}")),
-            _ => None,
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid on our own child, writing one int.
+            let rc = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, 0) };
+            if rc == self.pid as libc::pid_t {
+                return Some(status);
+            }
+            if rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return None;
         }
+    }
+}
+
+/// "1 other thread", "3 other threads".
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zombie_is_named_with_its_parent() {
+        let mut child = Command::new("sh").args(["-c", "exit 0"]).spawn().unwrap();
+        let pid = child.id();
+        while !stat::read_stat(pid).unwrap().has_exited() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let err = check_pid(pid).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "process {pid} is a zombie (exited, not yet reaped by its parent {}): nothing to \
+                 trace",
+                std::process::id()
+            )
+        );
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_command_that_cannot_start_says_why_once() {
+        let argv = [OsString::from("/nonexistent/alloctrace-no-such-command")];
+        let Err(err) = launch(&argv, false) else {
+            panic!("launched a command that does not exist");
+        };
+        let chain: Vec<String> = anyhow::Error::from(err)
+            .chain()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            chain,
+            ["cannot start `/nonexistent/alloctrace-no-such-command`: no such file or directory"]
+        );
+    }
+
+    #[test]
+    fn thread_counts_read_as_words() {
+        assert_eq!(plural(1, "other thread"), "1 other thread");
+        assert_eq!(plural(3, "other thread"), "3 other threads");
+        let err = TargetError::MainThreadExited { pid: 7, threads: 1 };
+        assert!(
+            err.to_string()
+                .starts_with("process 7's main thread has exited (1 other thread still runs): "),
+            "{err}"
+        );
     }
 }

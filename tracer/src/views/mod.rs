@@ -220,6 +220,13 @@ pub(crate) mod fixture {
                 truncated: 2,
                 fp_under_pressure: 5,
             }),
+            stop_reason: Some("duration elapsed".into()),
+            write_failure: None,
+            // A child that exited by itself: no death to open the report on.
+            exits: vec![crate::recording::ProcessExit {
+                code: Some(0),
+                ..crate::recording::ProcessExit::unknown(4243, 3.25)
+            }],
         }
     }
 
@@ -244,6 +251,9 @@ pub(crate) mod fixture {
             gpu: Vec::new(),
             gpu_source: None,
             stack_capture: None,
+            stop_reason: None,
+            write_failure: None,
+            exits: Vec::new(),
         }
     }
 

@@ -30,6 +30,20 @@ fn finish(mut target: TestProcess) {
     target.wait_success();
 }
 
+/// The bad-input contract (`assert_clean_error`), with the error line exactly `line`.
+fn assert_error_line(out: &std::process::Output, line: &str) {
+    assert_clean_error(out, "");
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), line);
+}
+
+/// `record -p PID` must fail with the error line `line`, leaving no file behind.
+fn assert_record_refused(pid: u32, line: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = record_pid(pid, &dir.path().join("x.trace"), &["-d", "1"]);
+    assert_error_line(&out, line);
+    assert_eq!(dir_entries(dir.path()), Vec::<String>::new(), "left behind");
+}
+
 fn record_pid(pid: u32, output: &Path, extra: &[&str]) -> std::process::Output {
     let mut cmd = alloctrace_cmd(&["record", "-p", &pid.to_string(), "-o"]);
     cmd.arg(output).args(extra);
@@ -121,8 +135,96 @@ fn record_of_a_missing_command_fails_cleanly() {
         .arg("--")
         .arg("/nonexistent/alloctrace-no-such-command");
     let out = run("alloctrace record -- missing", cmd);
-    assert_clean_error(&out, "alloctrace-no-such-command");
+    // The OS's reason once, not once more as the cause of itself.
+    assert_error_line(
+        &out,
+        "alloctrace: error: cannot start `/nonexistent/alloctrace-no-such-command`: no such file \
+         or directory",
+    );
     assert_eq!(dir_entries(dir.path()), Vec::<String>::new(), "left behind");
+}
+
+/// The processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            after.split_whitespace().nth(1) == Some(parent.to_string().as_str())
+        })
+        .collect()
+}
+
+/// The state letter of `/proc/PID/stat` (`Z` for a zombie).
+fn state_of(pid: u32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    after.split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// Waits (up to `TIMEOUT`) for `found` to give something.
+fn wait_for<T>(what: &str, found: impl Fn() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    loop {
+        if let Some(value) = found() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn record_of_a_zombie_names_it_and_its_parent() {
+    require_privileges!();
+    // sh starts `true` and becomes `sleep`, which never reaps it: a zombie whose parent lives.
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", "/bin/true & exec sleep 30"]);
+    let parent = TestProcess::spawn("sh -c true & exec sleep", sh);
+    let zombie = wait_for("the zombie", || {
+        children_of(parent.pid())
+            .into_iter()
+            .find(|&child| state_of(child) == "Z")
+    });
+    assert_record_refused(
+        zombie,
+        &format!(
+            "alloctrace: error: process {zombie} is a zombie (exited, not yet reaped by its parent \
+             {}): nothing to trace",
+            parent.pid()
+        ),
+    );
+}
+
+#[test]
+fn record_of_a_process_whose_main_thread_exited_names_it() {
+    require_privileges!();
+    let mut cmd = std::process::Command::new(common::fixture("lifecycle_fixture"));
+    cmd.arg("main-exits");
+    let mut target = TestProcess::spawn("lifecycle_fixture main-exits", cmd);
+    target.expect_stdout("ready");
+    let pid = target.pid();
+    wait_for("the main thread's exit", || {
+        (state_of(pid) == "Z").then_some(())
+    });
+    assert_record_refused(
+        pid,
+        &format!(
+            "alloctrace: error: process {pid}'s main thread has exited (2 other threads still \
+             run): alloctrace cannot trace it: /proc/{pid}/maps is empty without the main thread, \
+             and uprobes attached for a process follow its main thread's memory map, gone with it"
+        ),
+    );
+    // Its other threads run on, undisturbed, and end it at EOF.
+    target.close_stdin();
+    target.wait_success();
 }
 
 /// `report` and `flamegraph` of `input` must fail cleanly, naming the file, and write nothing.

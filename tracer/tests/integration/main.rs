@@ -12,6 +12,7 @@ mod record_cuda;
 mod record_heap;
 mod record_lifecycle;
 mod record_mappings;
+mod record_oom;
 mod record_python;
 mod record_rss;
 mod record_stacks;

@@ -178,3 +178,88 @@ fn tracefs_is_mounted_when_the_machine_has_not_mounted_it() {
     );
     assert!(trace.exists());
 }
+
+/// Runs `alloctrace record -o DIR/NAME.trace ARGS... -- ARGV...` to completion; returns its
+/// output and the recording's JSON report.
+fn record_to_the_end(
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    argv: &[&str],
+) -> (std::process::Output, serde_json::Value) {
+    let trace = dir.join(format!("{name}.trace"));
+    let mut cmd = alloctrace_cmd(&["record"]);
+    cmd.args(args).arg("-o").arg(&trace).arg("--").args(argv);
+    let out = run(&format!("alloctrace record -- {argv:?}"), cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().any(|l| l.starts_with("attached")),
+        "{argv:?}: no `attached` line:\n{stderr}"
+    );
+    (out, common::report_value(&trace))
+}
+
+#[test]
+fn the_command_exit_status_is_passed_on_and_stored() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, argv, status, code, signal) in [
+        ("false", &["/bin/false"][..], 1, Some(1), None),
+        ("exit7", &["sh", "-c", "exit 7"][..], 7, Some(7), None),
+        ("true", &["/bin/true"][..], 0, Some(0), None),
+        // As a shell reports it: 128 + SIGTERM's 15.
+        (
+            "term",
+            &["sh", "-c", "kill -TERM $$"][..],
+            143,
+            None,
+            Some("SIGTERM"),
+        ),
+    ] {
+        let (out, v) = record_to_the_end(dir.path(), name, &[], argv);
+        assert_eq!(out.status.code(), Some(status), "{argv:?}: {}", out.status);
+        let exit = &v["target_exit"];
+        assert_eq!(exit["pid"], v["target"]["pids"][0], "{argv:?}: {exit}");
+        assert_eq!(exit["code"].as_i64(), code, "{argv:?}: {exit}");
+        assert_eq!(exit["signal"].as_str(), signal, "{argv:?}: {exit}");
+        assert_eq!(exit["stopped_by_alloctrace"], false, "{argv:?}: {exit}");
+        assert_eq!(v["complete"], true);
+    }
+}
+
+#[test]
+fn a_command_still_running_when_the_duration_ends_is_stopped_not_left_to_init() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    // SIGTERM ends `sleep`; one that ignores SIGTERM gets SIGKILL 5 s later.
+    for (name, argv, signal, at_least) in [
+        ("term", &["sleep", "60"][..], "SIGTERM", 1.0),
+        (
+            "kill",
+            &["sh", "-c", "trap '' TERM; exec sleep 60"][..],
+            "SIGKILL",
+            1.0 + 5.0,
+        ),
+    ] {
+        let (out, v) = record_to_the_end(dir.path(), name, &["-d", "1"], argv);
+        // The recording ended by its duration, not by the command: alloctrace's own status.
+        assert!(out.status.success(), "{argv:?}: {}", out.status);
+        let exit = &v["target_exit"];
+        assert_eq!(exit["signal"], signal, "{argv:?}: {exit}");
+        assert_eq!(exit["stopped_by_alloctrace"], true, "{argv:?}: {exit}");
+        assert!(
+            exit["t_s"].as_f64().unwrap() >= at_least,
+            "{argv:?}: {exit}"
+        );
+        assert_eq!(
+            v["stop_reason"],
+            format!("duration elapsed; the launched command: stopped by alloctrace with {signal}")
+        );
+        // Reaped by alloctrace: not running on under PID 1.
+        let pid = exit["pid"].as_u64().unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "{argv:?}: PID {pid} outlived the recording"
+        );
+    }
+}

@@ -1,6 +1,7 @@
-//! The figures both reports render: cells by live bytes, per-process sums, failures, losses,
-//! amounts by stack, CUDA calls by function, the RSS waterfall, GPU residuals and growth. Each
-//! is computed once here, in the order the reports list it.
+//! The figures both reports render: deaths and the seconds before them, cells by live bytes,
+//! per-process sums, failures, losses, amounts by stack, CUDA calls by function, the RSS
+//! waterfall, GPU residuals and growth. Each is computed once here, in the order the reports list
+//! it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,8 +13,59 @@ use crate::{
         AmountsByStack, CallCounts, CellKey, Class, FailureKey, GpuSample, StackCounters,
         StackIndex,
     },
-    recording::Recorded,
+    recording::{ProcessExit, Recorded},
 };
+
+/// Seconds the flight recorder shows before a death.
+pub(super) const LAST_SECONDS: u64 = 5;
+
+/// The traced processes killed by a signal nobody at alloctrace sent, the target first, then in
+/// the order they died.
+pub(super) fn deaths(rec: &Recorded) -> Vec<&ProcessExit> {
+    let target = rec.target.pids.first().copied();
+    let mut deaths: Vec<&ProcessExit> = rec.exits.iter().filter(|e| e.is_death()).collect();
+    deaths.sort_by_key(|e| Some(e.pid) != target);
+    deaths
+}
+
+/// The end of the target (the first traced process), when it ended during the recording.
+pub(super) fn target_exit(rec: &Recorded) -> Option<&ProcessExit> {
+    let target = *rec.target.pids.first()?;
+    rec.exits.iter().find(|e| e.pid == target)
+}
+
+/// One second of the flight recorder: the dead process's resident memory (when sampled that
+/// second) and the live bytes of every class, all traced processes, at that second.
+pub(super) struct LastSecond {
+    pub t_s: u64,
+    /// (RSS, anonymous) of the process.
+    pub resident: Option<(u64, u64)>,
+    pub live: BTreeMap<Class, u64>,
+}
+
+/// The `LAST_SECONDS` whole seconds up to `exit`, from the recording's per-second samples and
+/// per-class series (a class keeps its figure until it changes).
+pub(super) fn last_seconds(rec: &Recorded, exit: &ProcessExit) -> Vec<LastSecond> {
+    let last = exit.t_s.max(0.0) as u64;
+    let first = last.saturating_sub(LAST_SECONDS - 1);
+    let mut live = BTreeMap::new();
+    let mut points = rec.totals_series.iter().peekable();
+    (first..=last)
+        .map(|t_s| {
+            while let Some(p) = points.next_if(|p| p.t_s <= t_s) {
+                live.insert(p.class, p.live_bytes);
+            }
+            let resident = (rec.rss.iter())
+                .find(|s| s.pid == exit.pid && s.t_s == t_s)
+                .map(|s| (s.rss, s.anon));
+            LastSecond {
+                t_s,
+                resident,
+                live: live.clone(),
+            }
+        })
+        .collect()
+}
 
 /// Cells in report order: live bytes, then allocated bytes, descending; ties by key so the
 /// order is the same on every run.

@@ -9,12 +9,12 @@ use super::{
     GpuResidual, Waterfall,
     analysis::{
         by_amount, cells_by_live_bytes, failures_by_count, gpu_residuals, lost_events, per_process,
-        waterfall,
+        target_exit, waterfall,
     },
 };
 use crate::{
     model::{ClassTotals, PAGE, StackCapture, StackCounters, StackIndex},
-    recording::Recorded,
+    recording::{ProcessExit, Recorded},
 };
 
 /// Version of the JSON report contract. Fields may be added within a version, never removed or
@@ -49,6 +49,14 @@ struct JsonReport<'a> {
     cuda_calls: Vec<JsonCudaCalls<'a>>,
     /// How stacks were taken (`record --stack`); null for an older recording.
     stack_capture: Option<&'a StackCapture>,
+    /// Why the recording ended; null unless finalized.
+    stop_reason: Option<&'a str>,
+    /// Why writing stopped before the end (a full file system); null when it did not.
+    write_failure: Option<&'a str>,
+    /// The traced processes that ended during the recording, in the order seen.
+    exits: &'a [ProcessExit],
+    /// The target's end (also in `exits`); null when it outlived the recording.
+    target_exit: Option<&'a ProcessExit>,
 }
 
 #[derive(Serialize)]
@@ -155,6 +163,10 @@ pub(super) fn render(rec: &Recorded) -> String {
         cuda_calls: cuda_calls(rec),
         released: released(rec),
         page_faults: page_faults(rec),
+        stop_reason: rec.stop_reason.as_deref(),
+        write_failure: rec.write_failure.as_deref(),
+        exits: &rec.exits,
+        target_exit: target_exit(rec),
     };
     // Plain structs of numbers and strings with string keys: serializing cannot fail.
     let mut json = serde_json::to_string_pretty(&report).expect("the report serializes");
@@ -346,6 +358,29 @@ mod tests {
         assert_eq!(v["complete"], false);
         assert_eq!(v["stacks"], serde_json::json!([]));
         assert_eq!(v["totals"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn json_says_how_the_target_and_its_children_ended() {
+        let mut rec = fixture::recorded();
+        rec.exits.push(crate::recording::ProcessExit {
+            signal: Some("SIGKILL".into()),
+            oom_kill: true,
+            ..crate::recording::ProcessExit::unknown(4242, 4.3)
+        });
+        let v: Value = serde_json::from_str(&render_json(&rec)).unwrap();
+        assert_eq!(v["target_exit"]["pid"], 4242);
+        assert_eq!(v["target_exit"]["signal"], "SIGKILL");
+        assert_eq!(v["target_exit"]["oom_kill"], true);
+        assert_eq!(v["target_exit"]["code"], Value::Null);
+        let exits = v["exits"].as_array().unwrap();
+        assert_eq!(exits.len(), 2);
+        assert_eq!(
+            (exits[0]["pid"].as_u64(), exits[0]["code"].as_i64()),
+            (Some(4243), Some(0))
+        );
+        assert_eq!(v["stop_reason"], "duration elapsed");
+        assert_eq!(v["write_failure"], Value::Null);
     }
 
     #[test]

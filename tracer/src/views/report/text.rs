@@ -3,12 +3,13 @@
 use std::fmt::Write as _;
 
 use super::analysis::{
-    StackAmount, by_amount, cells_by_live_bytes, class_growth, cuda_calls_by_function,
-    failures_by_count, gpu_residuals, growth, lost_events, per_process, waterfall,
+    StackAmount, by_amount, cells_by_live_bytes, class_growth, cuda_calls_by_function, deaths,
+    failures_by_count, gpu_residuals, growth, last_seconds, lost_events, per_process, waterfall,
 };
 use crate::{
+    escape,
     model::{CellKey, PAGE, PHASE_NONE},
-    recording::Recorded,
+    recording::{ProcessExit, Recorded},
     views::{human_bytes, human_delta, one_line, target_pids},
 };
 
@@ -93,6 +94,7 @@ fn phase_suffix(key: &CellKey) -> String {
 /// The text report, section by section.
 pub(super) fn render(rec: &Recorded) -> String {
     let mut out = String::new();
+    text_deaths(&mut out, rec);
     text_header(&mut out, rec);
     text_totals(&mut out, rec);
     text_processes(&mut out, rec);
@@ -109,6 +111,93 @@ pub(super) fn render(rec: &Recorded) -> String {
     out
 }
 
+/// The report opens on the deaths of traced processes, when any died: how and when, then the
+/// seconds before the first (the target's, when it died). The rest of the report is the final
+/// ledger.
+fn text_deaths(out: &mut String, rec: &Recorded) {
+    let deaths = deaths(rec);
+    let Some(first) = deaths.first() else {
+        return;
+    };
+    let target = rec.target.pids.first().copied();
+    for death in &deaths {
+        let who = if Some(death.pid) == target {
+            "Target process"
+        } else {
+            "Traced process"
+        };
+        let _ = writeln!(
+            out,
+            "{who} {} was killed by {} at {:.1} s.",
+            death.pid,
+            killer(death),
+            death.t_s
+        );
+    }
+    let _ = writeln!(
+        out,
+        "The final ledger and the last seconds before {} follow{}.",
+        if deaths.len() == 1 {
+            "its death".to_string()
+        } else {
+            format!("the death of PID {}", first.pid)
+        },
+        if first.oom_kill {
+            " (the OOM flight recorder)"
+        } else {
+            ""
+        }
+    );
+    text_last_seconds(out, rec, first);
+    let _ = writeln!(out);
+}
+
+/// "the OOM killer", "SIGSEGV (core dumped)", "SIGKILL".
+fn killer(death: &ProcessExit) -> String {
+    // Read from the recording, which anyone may have written.
+    let signal = escape::for_terminal(death.signal.as_deref().unwrap_or("a signal"));
+    if death.oom_kill {
+        "the OOM killer".to_string()
+    } else if death.core_dumped {
+        format!("{signal} (core dumped)")
+    } else {
+        signal.into_owned()
+    }
+}
+
+/// Second by second up to a death: the process's resident memory, every class's live bytes.
+fn text_last_seconds(out: &mut String, rec: &Recorded, death: &ProcessExit) {
+    let seconds = last_seconds(rec, death);
+    // The classes that held anything in those seconds.
+    let mut classes: Vec<_> = (seconds.iter())
+        .flat_map(|s| {
+            s.live
+                .iter()
+                .filter(|&(_, &live)| live > 0)
+                .map(|(&c, _)| c)
+        })
+        .collect();
+    classes.sort();
+    classes.dedup();
+    let mut head = format!("  {:>5} {:>12} {:>12}", "t (s)", "RSS", "anonymous");
+    for class in &classes {
+        let _ = write!(head, " {:>12}", class.name());
+    }
+    let _ = writeln!(out, "{head}");
+    for second in &seconds {
+        let (rss, anon) = match second.resident {
+            Some((rss, anon)) => (human_bytes(rss), human_bytes(anon)),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        let mut row = format!("  {:>5} {rss:>12} {anon:>12}", second.t_s);
+        for class in &classes {
+            let live = second.live.get(class).copied().unwrap_or(0);
+            let _ = write!(row, " {:>12}", human_bytes(live));
+        }
+        let _ = writeln!(out, "{row}");
+    }
+}
+
 fn text_header(out: &mut String, rec: &Recorded) {
     let _ = writeln!(out, "alloctrace report (alloctrace {})", rec.tool_version);
     let _ = writeln!(
@@ -122,6 +211,13 @@ fn text_header(out: &mut String, rec: &Recorded) {
     }
     if rec.complete {
         let _ = writeln!(out, "duration: {:.1} s, complete", rec.duration_s);
+    } else if let Some(failure) = &rec.write_failure {
+        let _ = writeln!(
+            out,
+            "duration: NOT FINALIZED: writing stopped, {}; data up to {:.0} s",
+            escape::for_terminal(failure),
+            rec.duration_s
+        );
     } else {
         let _ = writeln!(
             out,
@@ -129,12 +225,23 @@ fn text_header(out: &mut String, rec: &Recorded) {
             rec.duration_s
         );
     }
+    if let Some(reason) = &rec.stop_reason {
+        let _ = writeln!(out, "ended:    {}", escape::for_terminal(reason));
+    }
 }
 
 fn text_totals(out: &mut String, rec: &Recorded) {
     let _ = writeln!(out, "\nTotals at the end of the recording");
     if rec.state.totals.is_empty() {
-        let _ = writeln!(out, "  no allocation was seen");
+        let nothing = match &rec.write_failure {
+            // The ledger may have counted allocations that never reached the file.
+            Some(failure) => format!(
+                "  nothing was committed before writing stopped ({})",
+                escape::for_terminal(failure)
+            ),
+            None => "  no allocation was seen".to_string(),
+        };
+        let _ = writeln!(out, "{nothing}");
         return;
     }
     let _ = writeln!(
@@ -506,6 +613,91 @@ mod tests {
         assert!(text.contains("no events lost"), "{text}");
         assert!(text.contains("no allocation was seen"), "{text}");
         assert!(text.contains("Growth: no time series"), "{text}");
+    }
+
+    /// The fixture with its target killed at 4.3 s, by `signal`, by the OOM killer or not.
+    fn killed(signal: &str, oom_kill: bool) -> Recorded {
+        let mut rec = fixture::recorded();
+        rec.exits.push(ProcessExit {
+            signal: Some(signal.into()),
+            oom_kill,
+            ..ProcessExit::unknown(4242, 4.3)
+        });
+        rec
+    }
+
+    #[test]
+    fn a_report_of_an_oom_killed_target_opens_on_its_death_and_last_seconds() {
+        let text = render_text(&killed("SIGKILL", true));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..3],
+            [
+                "Target process 4242 was killed by the OOM killer at 4.3 s.",
+                "The final ledger and the last seconds before its death follow (the OOM flight \
+                 recorder).",
+                "  t (s)          RSS    anonymous         heap",
+            ],
+            "{text}"
+        );
+        // Seconds 0 to 4: resident memory where sampled (0 and 4), live heap carried between
+        // the commits that changed it; the whole fixture leaked 76774 B (75.0 KiB) by the end.
+        assert_eq!(
+            lines[3].split_whitespace().collect::<Vec<_>>(),
+            ["0", "10.0", "MiB", "6.0", "MiB", "0", "B"]
+        );
+        assert_eq!(
+            lines[4].split_whitespace().take(3).collect::<Vec<_>>(),
+            ["1", "-", "-"]
+        );
+        assert_eq!(
+            lines[7],
+            format!(
+                "  {:>5} {:>12} {:>12} {:>12}",
+                4, "12.0 MiB", "8.0 MiB", "75.0 KiB"
+            )
+        );
+        assert_eq!(lines[8], "");
+        assert!(lines[9].starts_with("alloctrace report"), "{text}");
+    }
+
+    #[test]
+    fn a_report_of_a_target_killed_by_a_signal_says_which() {
+        let text = render_text(&killed("SIGSEGV", false));
+        assert!(
+            text.starts_with(
+                "Target process 4242 was killed by SIGSEGV at 4.3 s.\nThe final ledger and the \
+                 last seconds before its death follow.\n"
+            ),
+            "{text}"
+        );
+        // No death, no opening: the fixture's child exited by itself.
+        assert!(render_text(&fixture::recorded()).starts_with("alloctrace report"));
+    }
+
+    #[test]
+    fn a_recording_cut_short_by_a_full_disk_says_so() {
+        let mut rec = fixture::empty(false);
+        rec.write_failure = Some(crate::recording::DISK_FULL.to_string());
+        let text = render_text(&rec);
+        assert!(
+            text.contains(
+                "duration: NOT FINALIZED: writing stopped, the file system was full (ENOSPC); data \
+                 up to 2 s\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  nothing was committed before writing stopped (the file system was full \
+                 (ENOSPC))\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("killed") && !text.contains("no allocation was seen"),
+            "{text}"
+        );
     }
 
     #[test]
