@@ -24,21 +24,26 @@ fn escape_char(out: &mut String, c: char) {
     }
 }
 
-/// `s` for a terminal or a text file, on one line: control characters (newlines and tabs
-/// included) and bidirectional overrides become visible escapes.
-pub fn for_terminal(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(is_unsafe) {
+/// `s` with every character `needs` picks as a visible escape; borrowed when there is none.
+fn escaped_where(s: &str, needs: impl Fn(char) -> bool) -> Cow<'_, str> {
+    if !s.chars().any(&needs) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if is_unsafe(c) {
+        if needs(c) {
             escape_char(&mut out, c);
         } else {
             out.push(c);
         }
     }
     Cow::Owned(out)
+}
+
+/// `s` for a terminal or a text file, on one line: control characters (newlines and tabs
+/// included) and bidirectional overrides become visible escapes.
+pub fn for_terminal(s: &str) -> Cow<'_, str> {
+    escaped_where(s, is_unsafe)
 }
 
 /// `s` as XML or HTML character data or attribute value: markup characters become entities, and
@@ -70,19 +75,7 @@ pub fn for_xml(s: &str) -> Cow<'_, str> {
 /// kept: for text that a later stage escapes as markup itself (inferno's SVG writer escapes
 /// `&<>"`, not control characters).
 pub fn visible(s: &str) -> Cow<'_, str> {
-    let needs = |c: char| is_unsafe(c) || matches!(c, '\u{fffe}' | '\u{ffff}');
-    if !s.chars().any(needs) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if needs(c) {
-            escape_char(&mut out, c);
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
+    escaped_where(s, |c| is_unsafe(c) || matches!(c, '\u{fffe}' | '\u{ffff}'))
 }
 
 #[cfg(test)]

@@ -254,14 +254,7 @@ mod tests {
                     live_count: 1,
                 },
             ],
-            totals_series: Vec::new(),
-            rss: Vec::new(),
-            gpu: Vec::new(),
-            gpu_source: None,
-            stack_capture: None,
-            stop_reason: None,
-            write_failure: None,
-            exits: Vec::new(),
+            ..crate::views::fixture::empty(true)
         };
         rec.merge_identical_stacks();
         assert_eq!(rec.stacks.keys().copied().collect::<Vec<_>>(), vec![0, 2]);
