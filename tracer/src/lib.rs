@@ -4,6 +4,7 @@
 //! live blocks and mappings; `cuda`: the driver layer and what it hides) → `recording` (the
 //! crash-safe file) → `views` (report, flamegraph). `hooks` is the hook table every stage reads;
 //! `proc`, `elf`, `stacks` and `python` read the target.
+pub mod arch;
 pub mod cuda;
 pub mod elf;
 pub mod escape;

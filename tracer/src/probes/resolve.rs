@@ -9,6 +9,7 @@ use std::{
 use tracer_common::Cookie;
 
 use crate::{
+    arch,
     elf::{self, Elf, ElfError, ReadRef},
     hooks::{CUDA_HOOKS, HOOKS, Hook, RUNTIME_HOOKS, Site},
     proc::maps::{Mapping, open_path},
@@ -228,77 +229,16 @@ pub fn resolve_hooks(path: &Path) -> Result<Vec<AttachPoint>, ElfError> {
     for p in &mut points {
         if p.hook().site == Site::AfterNullCheck {
             let code = data.get(p.function_offset as usize..).unwrap_or(&[]);
-            p.entry_offset = p.function_offset + after_null_check(code);
+            p.entry_offset = p.function_offset + arch::after_null_check(code);
         }
     }
     points.sort_by_key(|p| p.hook().func as u32);
     Ok(points)
 }
 
-/// Offset of the first instruction past a leading `test %rdi,%rdi; je <out>` when that instruction
-/// is a `push` (emulated by the kernel's uprobe code, no single-step), else 0 (the entry).
-///
-/// At that site neither %rdi nor %rsp has changed, so the probe reads the same argument; only
-/// `free(NULL)`, a no-op, skips it.
-pub fn after_null_check(code: &[u8]) -> u64 {
-    let mut i = 0usize;
-    if code.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
-        i = 4; // endbr64
-    }
-    if code.get(i..i + 3) != Some(&[0x48, 0x85, 0xff]) {
-        return 0; // not `test %rdi,%rdi`
-    }
-    i += 3;
-    let target = match code.get(i..) {
-        Some([0x74, rel, ..]) => (i + 2) as i64 + i64::from(*rel as i8),
-        Some([0x0f, 0x84, a, b, c, d, ..]) => {
-            (i + 6) as i64 + i64::from(i32::from_le_bytes([*a, *b, *c, *d]))
-        }
-        _ => return 0,
-    };
-    i += if code[i] == 0x74 { 2 } else { 6 };
-    if target <= i as i64 {
-        return 0; // the NULL path must leave forwards, past the site
-    }
-    let is_push = match code.get(i..) {
-        Some([op, ..]) if (0x50..=0x57).contains(op) => true,
-        Some([0x41, op, ..]) if (0x50..=0x57).contains(op) => true,
-        _ => false,
-    };
-    if is_push { i as u64 } else { 0 }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_the_push_after_glibc_free_null_check() {
-        // glibc 2.36 free: test %rdi,%rdi; je rel32; push %rbp
-        let code = [
-            0x48, 0x85, 0xff, 0x0f, 0x84, 0x80, 0, 0, 0, 0x55, 0x48, 0x89, 0xe5,
-        ];
-        assert_eq!(after_null_check(&code), 9);
-        // endbr64; test; je rel8; push %r12
-        let code = [
-            0xf3, 0x0f, 0x1e, 0xfa, 0x48, 0x85, 0xff, 0x74, 0x20, 0x41, 0x54,
-        ];
-        assert_eq!(after_null_check(&code), 9);
-    }
-
-    #[test]
-    fn falls_back_to_the_entry() {
-        // push at entry: nothing to skip
-        assert_eq!(after_null_check(&[0x55, 0x48, 0x89, 0xe5]), 0);
-        // test; je; mov (not emulated) -> entry
-        assert_eq!(
-            after_null_check(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x48, 0x8b, 0x07]),
-            0
-        );
-        // backwards jump -> entry
-        assert_eq!(after_null_check(&[0x48, 0x85, 0xff, 0x74, 0xf0, 0x55]), 0);
-        assert_eq!(after_null_check(&[]), 0);
-    }
 
     #[test]
     fn resolves_this_machines_libc_with_aliases_deduplicated() {

@@ -11,6 +11,6 @@ mod table;
 pub mod unwind;
 
 pub use self::{
-    namer::{FrameNamer, TRUNCATED_FRAME, is_call_before},
+    namer::{FrameNamer, TRUNCATED_FRAME},
     table::StackTable,
 };

@@ -7,7 +7,10 @@ use blazesym::symbolize::{self, Symbolizer, source::Source};
 use tracer_common::{STACK_SP_CANDIDATE, STACK_TRUNCATED};
 
 use super::table::{StackTable, python_name_index, split_key};
-use crate::proc::maps::{self, Mapping};
+use crate::{
+    arch,
+    proc::maps::{self, Mapping},
+};
 
 /// Marker frame at the outer end of a stack that was cut at `MAX_FRAMES`.
 pub const TRUNCATED_FRAME: &str = "[truncated]";
@@ -20,18 +23,6 @@ pub struct FrameNamer {
     /// Names by address: the functions inlined at it, innermost first, then the function.
     cache: HashMap<u64, Vec<String>>,
     after_call: HashMap<u64, bool>,
-}
-
-/// Whether `code`, the 7 bytes before a return address, ends with an x86-64 call instruction:
-/// `call rel32` (e8), `call *disp32(%rip)` (ff 15), `call *%reg` (ff d0-d7, 41 ff d0-d7),
-/// `call *disp8(%reg)` (ff 50-57 xx), `call *disp32(%reg)` (ff 90-97 xxxxxxxx).
-pub fn is_call_before(code: &[u8; 7]) -> bool {
-    let modrm_call = |m: u8| (m & 0x38) == 0x10; // reg field 2: CALL r/m64
-    code[2] == 0xe8
-        || (code[1] == 0xff && code[2] == 0x15)
-        || (code[5] == 0xff && modrm_call(code[6]) && code[6] >= 0xc0)
-        || (code[4] == 0xff && (0x50..=0x57).contains(&code[5]))
-        || (code[1] == 0xff && (0x90..=0x97).contains(&code[2]))
 }
 
 impl FrameNamer {
@@ -126,7 +117,7 @@ impl FrameNamer {
                         std::os::unix::fs::FileExt::read_exact_at(&f, &mut before, offset - 7)
                     })
                     .is_ok()
-                && is_call_before(&before)
+                && arch::is_call_before(&before)
         });
         self.after_call.insert(ip, verdict);
         verdict
@@ -180,25 +171,4 @@ fn frames_of(sym: symbolize::Sym<'_>) -> Vec<String> {
         }
     }
     names
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recognizes_call_instructions_before_return_addresses() {
-        // call rel32
-        assert!(is_call_before(&[0x90, 0x90, 0xe8, 1, 2, 3, 4]));
-        // call *0x10(%rip)
-        assert!(is_call_before(&[0x90, 0xff, 0x15, 1, 2, 3, 4]));
-        // call *%rax ; call *%r8 (41 ff d0)
-        assert!(is_call_before(&[0, 0, 0, 0, 0, 0xff, 0xd0]));
-        assert!(is_call_before(&[0, 0, 0, 0, 0x41, 0xff, 0xd0]));
-        // call *0x8(%rax)
-        assert!(is_call_before(&[0, 0, 0, 0, 0xff, 0x50, 0x08]));
-        // data: a pointer-looking word on the stack, or jmp *%rax (ff e0)
-        assert!(!is_call_before(&[0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10]));
-        assert!(!is_call_before(&[0, 0, 0, 0, 0, 0xff, 0xe0]));
-    }
 }
