@@ -365,6 +365,15 @@ impl Recorder {
             Some(status) => self.exits.ended_with(self.pid, t_s, status),
             None => self.exits.ended(self.pid, t_s),
         }
+        // The pidfd says the target exits before its status is readable (the task is not yet a
+        // zombie): wait for it briefly, so that the stop reason names how it ended.
+        for _ in 0..20 {
+            if self.exits.of(self.pid).is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            self.exits.resolve();
+        }
         let how = match self.exits.of(self.pid) {
             Some(exit) => format!("target ended: {}", exit.describe()),
             None => "target exited".to_string(),
