@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cuda::nvml::{self as gpu, GpuMemorySource},
+    escape,
     model::TargetInfo,
     probes::{
         HeapProbes, ProbeError,
@@ -235,11 +236,14 @@ fn announce(pid: u32, command: &str, allocator: Option<&AllocatorObject>, probes
         Some(a) => format!(
             "; heap: {} probes on {} [{}]",
             a.points.len(),
-            a.target_path,
+            escape::for_terminal(&a.target_path),
             probes.attached.join(", ")
         ),
         None => "; heap: not traced (add --heap for malloc by stack)".to_string(),
     };
+    // The command line and the library path are the target's: no control sequence may reach the
+    // operator's terminal.
+    let command = escape::for_terminal(command);
     eprintln!(
         "attached to PID {pid} ({command}): mappings: mmap, munmap, mprotect, mremap, brk{heap}"
     );
