@@ -78,6 +78,29 @@ pub fn visible(s: &str) -> Cow<'_, str> {
     escaped_where(s, |c| is_unsafe(c) || matches!(c, '\u{fffe}' | '\u{ffff}'))
 }
 
+/// JSON text (as serde_json writes it) with the characters a terminal acts on that serde_json
+/// leaves raw, DEL, C1 and the bidirectional overrides, written as `\uXXXX` escapes: the same
+/// JSON value, safe to `cat`. serde_json already escapes C0 in strings (the C0 left, line breaks
+/// and indentation, is the layout). Outside strings JSON text holds none of the others, so every
+/// occurrence is inside a string.
+pub fn for_json(json: String) -> String {
+    let needs = |c: char| is_unsafe(c) && c >= '\u{7f}';
+    if !json.chars().any(needs) {
+        return json;
+    }
+    use std::fmt::Write;
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if needs(c) {
+            // All of them are in the Basic Multilingual Plane: one escape each.
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +133,17 @@ mod tests {
             "f&lt;T&gt;(a&amp;b) &quot;q&quot; &#39;x&#39; \\x1b[2J\\x00\\u{fffe}"
         );
         assert!(!x.chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn json_gets_unicode_escapes_for_what_serde_leaves_raw() {
+        let value = vec!["a\u{7f}b\u{9b}31m\u{202e}c\u{1b}\n"];
+        let json = for_json(serde_json::to_string_pretty(&value).unwrap());
+        assert_eq!(json, "[\n  \"a\\u007fb\\u009b31m\\u202ec\\u001b\\n\"\n]");
+        let back: Vec<String> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, value);
+        let plain = serde_json::to_string_pretty(&["café"]).unwrap();
+        assert_eq!(for_json(plain.clone()), plain);
     }
 
     #[test]

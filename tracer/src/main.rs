@@ -334,7 +334,20 @@ fn flamegraph(
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        // Warnings name the target's paths and libraries: escaped like the error line.
+        .format(|buf, record| {
+            use std::io::Write;
+            let message = record.args().to_string();
+            let level = record.level();
+            let module = record.target();
+            writeln!(
+                buf,
+                "[{level:<5} {module}] {}",
+                escape::for_terminal(&message)
+            )
+        })
+        .init();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(err) => {

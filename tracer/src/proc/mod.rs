@@ -77,10 +77,11 @@ pub fn other_threads(pid: u32) -> usize {
         .count()
 }
 
-/// A `N kB` value of /proc's status and smaps files, in bytes.
+/// A `N kB` value of /proc's status and smaps files, in bytes; `None` when unreadable, also when
+/// the bytes would not fit in a u64 (no kernel says that, a forged file can).
 fn kib_value(value: &str) -> Option<u64> {
     let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024)
+    kib.checked_mul(1024)
 }
 
 #[cfg(test)]
@@ -118,6 +119,10 @@ mod tests {
         assert_eq!(kib_value("0 kB"), Some(0));
         assert_eq!(kib_value(" kB"), None);
         assert_eq!(kib_value("12x kB"), None);
+        // 2^54 kB overflowed the multiplication (a forged status file; the proc_parsers fuzz
+        // target replays it from its corpus).
+        assert_eq!(kib_value("18014398509481983 kB"), Some(u64::MAX - 1023));
+        assert_eq!(kib_value("18014398509481984 kB"), None);
     }
 
     #[test]

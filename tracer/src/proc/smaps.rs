@@ -20,12 +20,13 @@ pub fn parse_smaps(text: &str) -> Smaps {
     for line in text.lines() {
         if let Some(rss) = line.strip_prefix("Rss:") {
             let rss = kib_value(rss).unwrap_or(0);
-            out.rss += rss;
+            // Saturating: a forged file's sum need not fit (the kernel's always does).
+            out.rss = out.rss.saturating_add(rss);
             if let Some((start, end)) = current.take() {
                 out.vmas.push((start, end, rss));
             }
         } else if let Some(anon) = line.strip_prefix("Anonymous:") {
-            out.anon += kib_value(anon).unwrap_or(0);
+            out.anon = out.anon.saturating_add(kib_value(anon).unwrap_or(0));
         } else if let Some(range) = vma_range(line) {
             current = Some(range);
         }
@@ -76,6 +77,16 @@ Anonymous:            12 kB
                 anon: 12 << 10,
             }
         );
+    }
+
+    #[test]
+    fn totals_that_would_overflow_saturate() {
+        // Two huge VMAs overflowed the sums (a forged smaps file; in the proc_parsers corpus).
+        let huge = "Rss: 18014398509481983 kB\nAnonymous: 18014398509481983 kB\n";
+        let text = format!("1000-2000 rw-p 0 00:00 0\n{huge}2000-3000 rw-p 0 00:00 0\n{huge}");
+        let smaps = parse_smaps(&text);
+        assert_eq!((smaps.rss, smaps.anon), (u64::MAX, u64::MAX));
+        assert_eq!(smaps.vmas[1], (0x2000, 0x3000, u64::MAX - 1023));
     }
 
     #[test]

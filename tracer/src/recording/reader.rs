@@ -290,6 +290,110 @@ fn truncation(path: &Path) -> Option<(u64, u64)> {
     (actual < expected).then_some((actual, expected))
 }
 
+/// The largest figure a recording may hold, and the largest sum of one kind of figure over its
+/// rows: 2^60 (1 EiB, or 10^18 calls). No trace comes near: the heap allocated in a recording,
+/// all cells together, would be 10 GB/s for three and a half years. A bound the views can count
+/// on: their arithmetic (a few such totals added, pages times the page size, differences as
+/// i64) never overflows, where a forged recording's 2^63 would panic or wrap.
+pub const FIGURE_LIMIT: u64 = 1 << 60;
+
+/// The sum of `values`, the figures `what`, if it stays within `FIGURE_LIMIT`.
+fn within_limit(what: &str, values: impl IntoIterator<Item = u64>) -> Result<u64, String> {
+    values
+        .into_iter()
+        .try_fold(0u64, |sum, v| {
+            sum.checked_add(v).filter(|&s| s <= FIGURE_LIMIT)
+        })
+        .ok_or_else(|| format!("figures out of range: {what} over 2^60"))
+}
+
+/// Each of `values` (figures of one row, never added up) within `FIGURE_LIMIT`.
+fn each_within_limit(what: &str, values: impl IntoIterator<Item = u64>) -> Result<(), String> {
+    values
+        .into_iter()
+        .try_for_each(|v| within_limit(what, [v]).map(drop))
+}
+
+/// A kind of figure of a row of type `T`: its name and how to get it.
+type Figure<T> = (&'static str, fn(&T) -> u64);
+
+/// Every figure of `rec` within `FIGURE_LIMIT`, and every sum the views or the merge of stacks
+/// make: the figures of one kind over all rows of the final state, over the points of one second
+/// of the series. Samples are never added up: each is bounded alone.
+fn check_figures(rec: &Recorded) -> Result<(), String> {
+    let s = &rec.state;
+    let counters: [Figure<StackCounters>; 6] = [
+        ("live bytes", |c| c.live_bytes),
+        ("live blocks", |c| c.live_count),
+        ("allocated bytes", |c| c.allocated_bytes),
+        ("allocated blocks", |c| c.allocated_count),
+        ("freed bytes", |c| c.freed_bytes),
+        ("freed blocks", |c| c.freed_count),
+    ];
+    for (what, field) in counters {
+        within_limit(&format!("the cells' {what}"), s.cells.values().map(field))?;
+    }
+    let totals: [Figure<ClassTotals>; 6] = [
+        ("live bytes", |t| t.live_bytes),
+        ("live blocks", |t| t.live_count),
+        ("peak bytes", |t| t.peak_bytes),
+        ("allocated bytes", |t| t.allocated_bytes),
+        ("allocated blocks", |t| t.allocated_count),
+        ("freed blocks", |t| t.freed_count),
+    ];
+    for (what, field) in totals {
+        within_limit(
+            &format!("the class totals' {what}"),
+            s.totals.values().map(field),
+        )?;
+    }
+    within_limit("failed calls", s.failures.values().copied())?;
+    within_limit("unmatched frees", [s.unmatched_frees])?;
+    within_limit("lost events", s.lost_events.values().copied())?;
+    // Shown as bytes: pages times the page size.
+    let pages = within_limit("pages faulted in", s.faults.values().copied())?;
+    within_limit(
+        "bytes faulted in",
+        [pages.saturating_mul(crate::model::PAGE)],
+    )?;
+    within_limit("released bytes", s.released.values().copied())?;
+    within_limit("CUDA calls", s.cuda_calls.values().map(|c| c.calls))?;
+    within_limit("failed CUDA calls", s.cuda_calls.values().map(|c| c.failed))?;
+    check_series_and_samples(rec)
+}
+
+/// The time series (summed per second) and the samples (each alone) within `FIGURE_LIMIT`.
+fn check_series_and_samples(rec: &Recorded) -> Result<(), String> {
+    let mut per_second: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for p in &rec.series {
+        within_limit("a second of the series", [p.t_s])?;
+        let (bytes, blocks) = per_second.entry(p.t_s).or_default();
+        *bytes = within_limit("the series' live bytes of a second", [*bytes, p.live_bytes])?;
+        *blocks = within_limit(
+            "the series' live blocks of a second",
+            [*blocks, p.live_count],
+        )?;
+    }
+    for p in &rec.totals_series {
+        each_within_limit(
+            "a point of the class series",
+            [p.t_s, p.live_bytes, p.live_count],
+        )?;
+    }
+    for s in &rec.rss {
+        let figures = [s.t_s, s.rss, s.anon, s.file, s.shmem, s.swap, s.arena];
+        each_within_limit("a resident-memory sample", figures)?;
+        each_within_limit(
+            "a resident-memory sample",
+            [s.traced_resident, s.arena_resident],
+        )?;
+    }
+    for s in &rec.gpu {
+        each_within_limit("a GPU sample", [s.t_s, s.used, s.traced])?;
+    }
+    Ok(())
+}
+
 /// A SQLite error while reading, as the most precise `RecordingError`.
 fn read_error(path: &Path, e: rusqlite::Error) -> RecordingError {
     use rusqlite::ErrorCode;
@@ -528,6 +632,8 @@ impl Reading<'_> {
                 .map(str::to_string),
             exits,
         };
+        // Before merging, which adds figures of stacks that name the same.
+        check_figures(&recorded).map_err(|detail| self.corrupt(detail))?;
         recorded.merge_identical_stacks();
         Ok(recorded)
     }

@@ -1091,3 +1091,61 @@ fn a_full_file_system_is_named_as_such() {
          space there or record to another file system; the file keeps what was committed before"
     );
 }
+
+#[test]
+fn figures_out_of_range_are_corrupt_not_a_panic() {
+    // A forged recording's -1 reads as 2^64 - 1: summing two such cells, or the views' sums,
+    // overflowed (a panic under overflow checks, wrapped figures without).
+    for (sql, what) in [
+        ("UPDATE cells SET live_bytes = -1", "the cells' live bytes"),
+        (
+            "UPDATE totals SET peak_bytes = 1 << 61",
+            "the class totals' peak bytes",
+        ),
+        (
+            "INSERT INTO faults VALUES (1, NULL, 1 << 49)",
+            "bytes faulted in",
+        ),
+        ("UPDATE series SET t_s = -5", "a second of the series"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = finalized_recording(dir.path(), 3);
+        write_as_a_newer_alloctrace(&path, sql);
+        let err = open_error(&path);
+        assert!(
+            matches!(err, RecordingError::Corrupt { .. }),
+            "{sql}: {err}"
+        );
+        let detail = format!("(figures out of range: {what} over 2^60)");
+        assert!(err.to_string().contains(&detail), "{sql}: {err}");
+    }
+}
+
+#[test]
+fn figures_at_the_limit_read_and_render() {
+    use crate::views::{flamegraph, report};
+    let dir = tempfile::tempdir().unwrap();
+    let path = finalized_recording(dir.path(), 3);
+    // Every sum exactly at the limit: one cell, one class, one fault row hold it all.
+    let limit = reader::FIGURE_LIMIT;
+    let pages = limit / crate::model::PAGE;
+    write_as_a_newer_alloctrace(
+        &path,
+        &format!(
+            "UPDATE cells SET live_bytes = 0, allocated_bytes = 0;
+             UPDATE cells SET live_bytes = {limit}, allocated_bytes = {limit} WHERE id = 1;
+             UPDATE totals SET live_bytes = {limit}, peak_bytes = {limit};
+             INSERT INTO faults VALUES (1, NULL, {pages});"
+        ),
+    );
+    let rec = Reader::open(&path).unwrap();
+    assert!(report::render_text(&rec).contains("1024.0 PiB"));
+    assert!(report::render_json(&rec).contains(&limit.to_string()));
+    for kind in [flamegraph::Kind::Live, flamegraph::Kind::Faults] {
+        let options = flamegraph::FlamegraphOptions {
+            kind,
+            ..Default::default()
+        };
+        flamegraph::render_svg(&rec, &options).unwrap();
+    }
+}

@@ -43,7 +43,7 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
                 done.hooked.insert((pid, object.inode));
                 eprintln!(
                     "hooked {} in PID {pid}: {} {what} probes",
-                    object.target_path,
+                    crate::escape::for_terminal(&object.target_path),
                     object.points.len()
                 );
             }

@@ -18,7 +18,7 @@ pub fn detect_python(pid: u32, sink: &mut EventSink, probes: &mut Probes) {
             eprintln!(
                 "Python frames: CPython {} in PID {pid} ({})",
                 interp.version,
-                interp.path.display()
+                crate::escape::for_terminal(&interp.path.to_string_lossy())
             );
             sink.add_python(pid, py);
         }

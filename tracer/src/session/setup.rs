@@ -253,7 +253,7 @@ fn announce(pid: u32, command: &str, allocator: Option<&AllocatorObject>, probes
         Some(a) => format!(
             "; heap: {} probes on {} [{}]",
             a.points.len(),
-            a.target_path,
+            escape::for_terminal(&a.target_path),
             probes.attached.join(", ")
         ),
         None => "; heap: not traced (add --heap for malloc by stack)".to_string(),

@@ -10,6 +10,7 @@ use inferno::flamegraph::{self, Options, Palette, color::BasicPalette};
 
 use super::one_line;
 use crate::{
+    escape,
     model::{PAGE, PHASE_NONE},
     recording::Recorded,
 };
@@ -99,12 +100,14 @@ impl FoldedStacks {
     }
 }
 
-/// A frame name made safe for the folded format: `;` separates frames and a line is one stack.
+/// A frame name made safe for the folded format (`;` separates frames and a line is one stack)
+/// and for the SVG: inferno escapes markup but passes control characters through, which XML
+/// forbids and a terminal showing the file would act on, so they become visible escapes here.
 fn folded_frame(name: &str) -> String {
     if name.is_empty() {
         return "[unnamed]".to_string();
     }
-    name.replace(';', ":").replace(['\n', '\r'], " ")
+    escape::visible(&name.replace(';', ":")).into_owned()
 }
 
 fn subtitle(rec: &Recorded) -> String {
@@ -115,7 +118,7 @@ fn subtitle(rec: &Recorded) -> String {
     };
     format!(
         "{} ({}), {:.1} s{state}",
-        one_line(&rec.target.command),
+        escape::visible(&one_line(&rec.target.command)),
         super::target_pids(rec),
         rec.duration_s
     )
@@ -124,16 +127,22 @@ fn subtitle(rec: &Recorded) -> String {
 /// The flame graph as SVG bytes. A recording with nothing live still gives a valid SVG, with
 /// the titles and a line saying so.
 pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result<Vec<u8>> {
-    let subtitle = options.subtitle.clone().unwrap_or_else(|| subtitle(rec));
+    // The title and a given subtitle come from the command line, where they may also carry
+    // control characters (a title pasted from the target's command line).
+    let title = escape::visible(&options.title).into_owned();
+    let subtitle = match &options.subtitle {
+        Some(given) => escape::visible(given).into_owned(),
+        None => subtitle(rec),
+    };
     let lines = match options.kind {
         Kind::Live => folded_lines(rec),
         Kind::Faults => folded_fault_lines(rec),
     };
     if lines.is_empty() {
-        return Ok(nothing_live_svg(&options.title, &subtitle).into_bytes());
+        return Ok(nothing_live_svg(&title, &subtitle).into_bytes());
     }
     let mut opts = Options::default();
-    opts.title = options.title.clone();
+    opts.title = title;
     opts.subtitle = Some(subtitle);
     opts.count_name = "bytes".to_string();
     opts.colors = Palette::Basic(BasicPalette::Mem);
@@ -143,21 +152,6 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
     flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut svg)
         .map_err(|e| anyhow::anyhow!("cannot render the flame graph: {e}"))?;
     Ok(svg)
-}
-
-fn xml_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// inferno refuses an empty input: this is the graph of nothing, in inferno's look.
@@ -172,8 +166,8 @@ fn nothing_live_svg(title: &str, subtitle: &str) -> String {
 <text x="600" y="90" text-anchor="middle" font-size="14" font-family="Verdana">Nothing was live at the end of the recording: no stack holds any bytes.</text>
 </svg>
 "##,
-        title = xml_escape(title),
-        subtitle = xml_escape(subtitle)
+        title = escape::for_xml(title),
+        subtitle = escape::for_xml(subtitle)
     )
 }
 

@@ -257,6 +257,89 @@ pub(crate) mod fixture {
         }
     }
 
+    /// Control sequences a hostile target can put in its command line or symbol names: a window
+    /// title (OSC ... BEL), a colour (CSI), the 8-bit CSI, NUL, a line break, a bidi override.
+    pub const HOSTILE: &str = "\u{1b}]0;X\u{7}evil\u{1b}[31m\u{9b}2J\u{0}\n\u{202e}";
+
+    /// `recorded()` with `HOSTILE` in every string a view prints: the command, a frame, a phase,
+    /// a failed call, a CUDA call, a lost-event cause, the GPU source, the stack mode, the
+    /// version, and a page-fault stack.
+    pub fn hostile() -> Recorded {
+        use crate::model::{CallCounts, CellKey, FailureKey, StackCounters};
+        let mut rec = recorded();
+        let evil = |what: &str| format!("{what}{HOSTILE}");
+        rec.target.command = evil("cmd");
+        rec.tool_version = evil("v");
+        rec.stacks.get_mut(&0).unwrap().frames[0] = evil("frame");
+        let counters = StackCounters {
+            live_bytes: 5000,
+            live_count: 1,
+            allocated_bytes: 5000,
+            allocated_count: 1,
+            ..Default::default()
+        };
+        let key = |phase: String| CellKey {
+            class: Class::Heap,
+            pid: 7,
+            phase,
+            stack: Some(1),
+        };
+        rec.state.cells.insert(key(evil("phase")), counters);
+        rec.state.failures.insert(
+            FailureKey {
+                class: Class::Heap,
+                pid: 7,
+                function: evil("function"),
+                size: 8,
+                error: evil("error"),
+                stack: Some(0),
+            },
+            1,
+        );
+        let calls = CallCounts {
+            calls: 1,
+            failed: 0,
+        };
+        rec.state.cuda_calls.insert((7, evil("cuda"), None), calls);
+        rec.state.lost_events.insert(evil("cause"), 1);
+        rec.state.faults.insert((7, Some(0)), 3);
+        rec.gpu_source = Some(evil("source"));
+        rec.stack_capture.as_mut().unwrap().mode = evil("mode");
+        rec
+    }
+
+    /// Panics unless `svg` is well-formed XML: only the control characters XML 1.0 allows
+    /// (tab, line feed, carriage return), and a parser reads it to the end, every element
+    /// closed by its own end tag.
+    pub fn assert_well_formed_xml(svg: &[u8]) {
+        let text = std::str::from_utf8(svg).expect("an SVG is UTF-8");
+        if let Some(c) = text
+            .chars()
+            .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        {
+            panic!("control character {c:?} in the SVG");
+        }
+        let mut reader = quick_xml::Reader::from_str(text);
+        let mut depth = 0usize;
+        loop {
+            match reader.read_event() {
+                Ok(quick_xml::events::Event::Start(_)) => depth += 1,
+                Ok(quick_xml::events::Event::End(_)) => depth -= 1,
+                // No DTD declares entities: only XML's own and character references resolve.
+                Ok(quick_xml::events::Event::GeneralRef(r)) => {
+                    let name = r.decode().expect("reference decodes");
+                    let known = ["amp", "lt", "gt", "quot", "apos"].contains(&&*name);
+                    let char_ref = r.resolve_char_ref().is_ok_and(|c| c.is_some());
+                    assert!(known || char_ref, "unknown entity &{name};");
+                }
+                Ok(quick_xml::events::Event::Eof) => break,
+                Ok(_) => {}
+                Err(e) => panic!("not XML at byte {}: {e}", reader.buffer_position()),
+            }
+        }
+        assert_eq!(depth, 0, "unclosed elements");
+    }
+
     /// Compares `actual` with the golden file `tests/golden/NAME`, or rewrites the file when
     /// ALLOCTRACE_BLESS=1.
     pub fn assert_golden(name: &str, actual: &str) {
@@ -286,6 +369,82 @@ pub(crate) mod fixture {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::views::{
+        fixture::{self, HOSTILE},
+        flamegraph::{FlamegraphOptions, Kind, render_svg},
+        report::{render_json, render_text},
+    };
+
+    /// No C0/C1 control character but the line breaks `allowed`, and no bidi override.
+    fn assert_no_control(what: &str, text: &str, allowed: &[char]) {
+        let bad = text.char_indices().find(|&(_, c)| {
+            (c.is_control() && !allowed.contains(&c)) || ('\u{202a}'..='\u{202e}').contains(&c)
+        });
+        assert!(bad.is_none(), "{what}: {bad:?} in\n{text}");
+    }
+
+    #[test]
+    fn hostile_strings_are_visible_escapes_in_the_text_report() {
+        let text = render_text(&fixture::hostile());
+        assert_no_control("text report", &text, &['\n']);
+        // The line break of the command is `\n` (one_line), everywhere else `\x0a`.
+        let escaped = "\\x1b]0;X\\x07evil\\x1b[31m\\u{9b}2J\\x00\\x0a\\u{202e}";
+        let in_command = "cmd\\x1b]0;X\\x07evil\\x1b[31m\\u{9b}2J\\x00\\n\\u{202e}";
+        assert!(
+            text.contains(&format!("PID 4242: {in_command}\n")),
+            "{text}"
+        );
+        for what in [
+            "v", "frame", "phase", "function", "error", "cuda", "cause", "source", "mode",
+        ] {
+            let expected = format!("{what}{escaped}");
+            assert!(text.contains(&expected), "no {expected:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn json_escapes_every_control_character() {
+        let json = render_json(&fixture::hostile());
+        assert_no_control("JSON", &json, &['\n']);
+        // C0 as serde_json writes it, C1 and the bidi override as escape::for_json does: the
+        // same value read back.
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let escaped = r"cmd\u001b]0;X\u0007evil\u001b[31m\u009b2J\u0000\n\u202e";
+        assert!(json.contains(escaped), "{json}");
+        assert_eq!(value["target"]["command"], format!("cmd{HOSTILE}"));
+    }
+
+    #[test]
+    fn svg_of_hostile_names_is_well_formed_xml_with_visible_escapes() {
+        let rec = fixture::hostile();
+        for kind in [Kind::Live, Kind::Faults] {
+            let options = FlamegraphOptions {
+                title: format!("title{HOSTILE}<&>"),
+                kind,
+                subtitle: None,
+            };
+            let svg = render_svg(&rec, &options).unwrap();
+            fixture::assert_well_formed_xml(&svg);
+            let svg = String::from_utf8(svg).unwrap();
+            assert_no_control("SVG", &svg, &['\t', '\n', '\r']);
+            for expected in [
+                "title\\x1b]0;X\\x07evil\\x1b[31m\\u{9b}2J\\x00\\x0a\\u{202e}&lt;&amp;&gt;",
+                "cmd\\x1b]0;X\\x07evil",
+                // `;` separates frames in the folded format: a frame's own is `:`.
+                "frame\\x1b]0:X\\x07evil\\x1b[31m",
+            ] {
+                assert!(svg.contains(expected), "{kind:?}: no {expected:?}");
+            }
+        }
+        // The graph of nothing has its own writer: the same guarantees.
+        let mut empty = fixture::empty(true);
+        empty.target.command = format!("cmd{HOSTILE}<&>");
+        let svg = render_svg(&empty, &FlamegraphOptions::default()).unwrap();
+        fixture::assert_well_formed_xml(&svg);
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(svg.contains("cmd\\x1b]0;X\\x07evil"), "{svg}");
+        assert!(svg.contains("&lt;&amp;&gt;"), "{svg}");
+    }
 
     #[test]
     fn human_bytes_uses_binary_units() {

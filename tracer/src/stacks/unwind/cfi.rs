@@ -14,7 +14,8 @@ use std::{
 
 use framehop::ExplicitModuleSectionInfo;
 use gimli::{
-    BaseAddresses, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian, UnwindSection,
+    BaseAddresses, CieOrFde, DebugFrame, EhFrame, EhFrameHdr, EndianSlice, LittleEndian,
+    UnwindSection,
 };
 
 use super::UnwindError;
@@ -209,16 +210,44 @@ impl CfiSections {
         let Some(covered) = eh_covered else {
             return (sections, CfiKind::None, Vec::new());
         };
-        let kind = if self.eh_frame_hdr.is_some() {
+        let eh_frame_hdr = self
+            .eh_frame_hdr
+            .filter(|hdr| search_table_is_sound(hdr, &bases));
+        let kind = if eh_frame_hdr.is_some() {
             CfiKind::EhFrameHdr
         } else {
             CfiKind::EhFrame
         };
         sections.eh_frame = self.eh_frame;
         sections.eh_frame_svma = self.eh_frame_svma;
-        sections.eh_frame_hdr = self.eh_frame_hdr;
+        sections.eh_frame_hdr = eh_frame_hdr;
         sections.eh_frame_hdr_svma = self.eh_frame_hdr_svma;
         (sections, kind, covered)
+    }
+}
+
+/// Whether every FDE pointer of the `.eh_frame_hdr` search table is at or after the start of
+/// `.eh_frame`, where it says `.eh_frame` is. gimli (0.33) turns the pointer it finds into an
+/// offset by subtracting, unchecked: a forged table overflowed it (a panic under overflow checks,
+/// found by the cfi_unwind fuzz target). A table that fails this is not given to framehop, which
+/// then indexes `.eh_frame` itself (`CfiKind::EhFrame`).
+fn search_table_is_sound(hdr: &[u8], bases: &BaseAddresses) -> bool {
+    let Ok(parsed) = EhFrameHdr::new(hdr, LittleEndian).parse(bases, 8) else {
+        return false;
+    };
+    let Ok(eh_frame) = parsed.eh_frame_ptr().direct() else {
+        return false;
+    };
+    let Some(table) = parsed.table() else {
+        return true; // nothing to look up
+    };
+    let mut entries = table.iter(bases);
+    loop {
+        match entries.next() {
+            Ok(Some((_, fde))) if fde.direct().is_ok_and(|fde| fde >= eh_frame) => {}
+            Ok(None) => return true,
+            _ => return false,
+        }
     }
 }
 

@@ -615,6 +615,61 @@ mod tests {
         assert_eq!(o.truncation(), Some(&Truncation::MaxFrames(5)));
     }
 
+    /// `exe` with every FDE pointer of its `.eh_frame_hdr` search table set to the table's own
+    /// start, before `.eh_frame`: what a forged file can say.
+    fn with_forged_search_table(exe: &Path) -> Vec<u8> {
+        let mut data = fs::read(exe).unwrap();
+        let elf = crate::elf::Elf::parse(exe, &*data).unwrap();
+        let hdr = elf.section_range(".eh_frame_hdr").unwrap();
+        assert!(hdr.start < elf.section_range(".eh_frame").unwrap().start);
+        let at = usize::try_from(elf.file_offset(hdr.start).unwrap()).unwrap();
+        drop(elf);
+        // Version 1; eh_frame_ptr pcrel sdata4, fde_count udata4, table datarel sdata4 (the
+        // encodings GNU ld writes), then (initial location, FDE) pairs of sdata4.
+        assert_eq!(data[at..at + 4], [1, 0x1b, 0x03, 0x3b]);
+        let count = u32::from_le_bytes(data[at + 8..at + 12].try_into().unwrap()) as usize;
+        assert!(count > 0);
+        for i in 0..count {
+            let fde = at + 12 + 8 * i + 4;
+            data[fde..fde + 4].copy_from_slice(&0i32.to_le_bytes());
+        }
+        data
+    }
+
+    /// gimli subtracted the `.eh_frame` address from an FDE pointer before it: a panic under
+    /// overflow checks (found by the cfi_unwind fuzz target). The table is left out, and
+    /// framehop indexes `.eh_frame` itself.
+    #[test]
+    fn a_forged_search_table_is_left_out_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = cc(dir.path(), "a", &[]);
+        assert_eq!(
+            UnwindCache::new().load(&exe).unwrap().cfi_kind(),
+            CfiKind::EhFrameHdr
+        );
+        let forged = dir.path().join("forged");
+        fs::write(&forged, with_forged_search_table(&exe)).unwrap();
+        // A cache of its own: the copy has the original's build id.
+        let cache = UnwindCache::new();
+        let mut u =
+            ProcessUnwinder::from_maps(&maps_line(&forged), FileAccess::Root("/".into()), &cache);
+        let module = u.modules().next().unwrap();
+        assert_eq!(module.info.cfi_kind(), CfiKind::EhFrame);
+        let data = fs::read(&forged).unwrap();
+        let f = crate::elf::Elf::parse(&forged, &*data)
+            .unwrap()
+            .symbols()
+            .find(|s| s.name == "f")
+            .unwrap()
+            .address;
+        // At f's first instruction the return address is on top of the stack.
+        let sp = 0x7fff_0000_0000;
+        let mut out = Vec::new();
+        let ip = module.bias + f;
+        u.unwind((ip, sp, 0), &stack_of(&[module.bias + 0x10, 0]), &mut out);
+        assert_eq!(out[..2], [ip, module.bias + 0x10]);
+    }
+
     #[test]
     fn truncations_explain_themselves() {
         let t = Truncation::StackNotCopied {

@@ -11,9 +11,10 @@ use serde::Serialize;
 
 use crate::recording::Recorded;
 
-/// The JSON report, pretty-printed, ending in a newline.
+/// The JSON report, pretty-printed, ending in a newline; no character a terminal acts on is
+/// written raw.
 pub fn render_json(rec: &Recorded) -> String {
-    json::render(rec)
+    crate::escape::for_json(json::render(rec))
 }
 
 /// The human postmortem: what the target held when the recording ended, where, and how it grew.

@@ -7,7 +7,7 @@ use super::analysis::{
     failures_by_count, gpu_residuals, growth, last_seconds, lost_events, per_process, waterfall,
 };
 use crate::{
-    escape,
+    escape::{self, for_terminal},
     model::{CellKey, PAGE, PHASE_NONE},
     recording::{ProcessExit, Recorded},
     views::{human_bytes, human_delta, one_line, target_pids},
@@ -34,7 +34,7 @@ fn frames_line(frames: &[String]) -> String {
     let mut line = frames
         .iter()
         .take(TEXT_FRAMES)
-        .map(String::as_str)
+        .map(|frame| for_terminal(frame))
         .collect::<Vec<_>>()
         .join(" ← ");
     if frames.len() > TEXT_FRAMES {
@@ -87,7 +87,7 @@ fn phase_suffix(key: &CellKey) -> String {
     if key.phase == PHASE_NONE {
         String::new()
     } else {
-        format!(" [{}]", key.phase)
+        format!(" [{}]", for_terminal(&key.phase))
     }
 }
 
@@ -199,12 +199,16 @@ fn text_last_seconds(out: &mut String, rec: &Recorded, death: &ProcessExit) {
 }
 
 fn text_header(out: &mut String, rec: &Recorded) {
-    let _ = writeln!(out, "alloctrace report (alloctrace {})", rec.tool_version);
+    let _ = writeln!(
+        out,
+        "alloctrace report (alloctrace {})",
+        for_terminal(&rec.tool_version)
+    );
     let _ = writeln!(
         out,
         "target:   {}: {}",
         target_pids(rec),
-        one_line(&rec.target.command)
+        for_terminal(&one_line(&rec.target.command))
     );
     if rec.started_unix_ns > 0 {
         let _ = writeln!(out, "started:  {}", utc(rec.started_unix_ns));
@@ -327,9 +331,9 @@ fn text_failures(out: &mut String, rec: &Recorded) {
         let _ = writeln!(
             out,
             "  {}({}) -> {} ×{count}: {}",
-            key.function,
+            for_terminal(&key.function),
             bytes_exact(key.size),
-            key.error,
+            for_terminal(&key.error),
             frames_line(&rec.frames(key.stack))
         );
     }
@@ -355,7 +359,7 @@ fn text_unmatched_and_lost(out: &mut String, rec: &Recorded) {
         "Lost events: {total} (causes and remedies: docs/accounting.md)"
     );
     for (cause, n) in lost.iter().filter(|(_, n)| **n > 0) {
-        let _ = writeln!(out, "  {cause:<24} {n:>10}");
+        let _ = writeln!(out, "  {:<24} {n:>10}", for_terminal(cause));
     }
 }
 
@@ -508,6 +512,7 @@ fn text_cuda_calls(out: &mut String, rec: &Recorded) {
         } else {
             String::new()
         };
+        let function = for_terminal(function);
         let _ = writeln!(out, "  {:>8}  PID {pid}: {function}{failed}", n.calls);
     }
 }
@@ -520,7 +525,7 @@ fn text_stack_capture(out: &mut String, rec: &Recorded) {
         out,
         "\nStacks: --stack {} ({} KiB copies): {} unwound from copies ({} truncated), {} by frame \
          pointers while the ring was a quarter full",
-        s.mode,
+        for_terminal(&s.mode),
         s.copy_bytes >> 10,
         s.copies,
         s.truncated,
@@ -540,14 +545,14 @@ fn text_gpu(out: &mut String, rec: &Recorded) {
             && source.starts_with("not available")
             && used_gpu
         {
-            let _ = writeln!(out, "\nGPU memory: {source}");
+            let _ = writeln!(out, "\nGPU memory: {}", for_terminal(source));
         }
         return;
     }
     let _ = writeln!(
         out,
         "\nGPU memory per process ({})",
-        rec.gpu_source.as_deref().unwrap_or("NVML")
+        for_terminal(rec.gpu_source.as_deref().unwrap_or("NVML"))
     );
     for r in residuals {
         let _ = writeln!(
