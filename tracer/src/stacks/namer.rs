@@ -130,8 +130,10 @@ impl FrameNamer {
             return n.clone();
         }
         let names = match self.mapping_of(ip).cloned() {
-            // Stack addresses are return addresses: look up the call instruction before them.
-            Some(m) => self.names_in(&m, ip.saturating_sub(1) - m.start + m.file_offset),
+            // Stack addresses are return addresses: look up the call instruction before them. A
+            // fault's first frame is the faulting instruction itself, which may be a mapping's
+            // first byte: nothing precedes it there, so it names itself.
+            Some(m) => self.names_in(&m, (ip - m.start).saturating_sub(1) + m.file_offset),
             None => vec![format!("[unknown] {ip:#x}")],
         };
         self.cache.insert(ip, names.clone());
@@ -171,4 +173,31 @@ fn frames_of(sym: symbolize::Sym<'_>) -> Vec<String> {
         }
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping(start: u64, end: u64, file_offset: u64) -> Mapping {
+        Mapping {
+            start,
+            end,
+            file_offset,
+            executable: true,
+            inode: 1,
+            path: "/nonexistent/libgone.so".to_string(),
+            deleted: false,
+        }
+    }
+
+    /// An address at a mapping's first byte (a fault at the first instruction of a page) names
+    /// the offset it stands at; it does not reach back before the mapping.
+    #[test]
+    fn an_address_at_a_mappings_first_byte_is_named_in_that_mapping() {
+        let mut namer = FrameNamer::new(u32::MAX, vec![mapping(0x1000, 0x2000, 0x5000)]);
+        assert_eq!(namer.names(0x1000), vec!["[unknown] libgone.so+0x5000"]);
+        assert_eq!(namer.names(0x1010), vec!["[unknown] libgone.so+0x500f"]);
+        assert_eq!(namer.names(0x2000), vec!["[unknown] 0x2000"]);
+    }
 }
