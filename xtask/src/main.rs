@@ -17,7 +17,7 @@ fn main() -> Result<()> {
         Some("gpu-check") => gpu_check::gpu_check(&workspace_root(), &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench [--pairs N] [--rounds N] [--live N]\n       \
+                "usage: cargo xtask bench [--pairs N] [--rounds N] [--live N] [--baseline ALLOCTRACE]\n       \
                  cargo xtask gpu-check [--python PATH] [--write-docs]"
             );
             std::process::exit(2);
@@ -91,7 +91,6 @@ fn parse_ns(out: &str) -> Result<f64> {
 /// alike; returns each one's median ns per pair and the events lost over its runs (counted for
 /// those flagged).
 fn measure(
-    alloctrace: &Path,
     trace: &Path,
     rounds: usize,
     configs: &[(&str, Vec<String>, bool)],
@@ -102,7 +101,8 @@ fn measure(
         for (i, (_, argv, count_lost)) in configs.iter().enumerate() {
             samples[i].push(parse_ns(&run_measured(argv)?.0)?);
             if *count_lost || argv.iter().any(|a| a == "--stack-copy-always") {
-                lost[i] += lost_events(alloctrace, trace)?;
+                // Read by the build that wrote it (a baseline's recording may be an older format).
+                lost[i] += lost_events(Path::new(&argv[0]), trace)?;
             }
         }
     }
@@ -130,6 +130,7 @@ fn bench(args: &[String]) -> Result<()> {
     let mut pairs: u64 = 2_000_000;
     let mut rounds = 5;
     let mut live: u64 = 1_000_000;
+    let mut baseline: Option<PathBuf> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = it.next().context("flag needs a value")?;
@@ -137,6 +138,7 @@ fn bench(args: &[String]) -> Result<()> {
             "--pairs" => pairs = v.parse()?,
             "--rounds" => rounds = v.parse()?,
             "--live" => live = v.parse()?,
+            "--baseline" => baseline = Some(PathBuf::from(v)),
             _ => bail!("unknown flag {a}"),
         }
     }
@@ -157,13 +159,14 @@ fn bench(args: &[String]) -> Result<()> {
     let t = trace.display().to_string();
     let pairs_s = pairs.to_string();
     // `alloctrace record --heap FLAGS... -- CMD`.
-    let record = |flags: &[&str], cmd: &[String]| -> Vec<String> {
-        let mut argv = vec![a.clone(), "record".into(), "--heap".into()];
+    let record_with = |binary: &str, flags: &[&str], cmd: &[String]| -> Vec<String> {
+        let mut argv = vec![binary.to_string(), "record".into(), "--heap".into()];
         argv.extend(flags.iter().map(|f| f.to_string()));
         argv.extend(["-f".into(), "-o".into(), t.clone(), "--".into()]);
         argv.extend(cmd.iter().cloned());
         argv
     };
+    let record = |flags: &[&str], cmd: &[String]| record_with(&a, flags, cmd);
     let churn = vec![w.clone(), "pairs".into(), pairs_s.clone()];
 
     println!(
@@ -194,7 +197,19 @@ fn bench(args: &[String]) -> Result<()> {
         ];
         configs.push((name, record(&flags, &churn), false));
     }
-    let ns = measure(&alloctrace, &trace, rounds, &configs)?;
+    // Another build (an earlier commit's release binary), interleaved with this one so that both
+    // ratios see the same machine: a regression shows as a difference measured side by side.
+    let stack_modes = configs.len();
+    if let Some(b) = &baseline {
+        let b = b.display().to_string();
+        configs.push((
+            "baseline: floor",
+            record_with(&b, &["--probe-floor"], &churn),
+            false,
+        ));
+        configs.push(("baseline: record", record_with(&b, &[], &churn), true));
+    }
+    let ns = measure(&trace, rounds, &configs)?;
     let (u, f, r) = (ns[0].0, ns[1].0, ns[2].0);
     let lost = ns[2].1;
     println!("{:<34} {:>10.1}", "untraced", u);
@@ -216,7 +231,17 @@ fn bench(args: &[String]) -> Result<()> {
     println!("overhead above the floor: {:.1} ns/pair", r - f);
     println!("lost events over all traced runs: {lost}   (target 0)");
     println!("\nstack modes (heap events; ratio to the floor; --stack fp is `alloctrace record`):");
-    for (i, (name, _, _)) in configs.iter().enumerate().skip(3) {
+    if baseline.is_some() {
+        let (bf, br) = (ns[stack_modes].0, ns[stack_modes + 1].0);
+        println!(
+            "baseline: floor {bf:.1}, traced {br:.1}, ratio traced / floor {:.3}, {:.1} ns/pair above its floor (this build: {:.3}, {:.1})",
+            br / bf,
+            br - bf,
+            r / f,
+            r - f
+        );
+    }
+    for (i, (name, _, _)) in configs.iter().enumerate().take(stack_modes).skip(3) {
         println!(
             "{:<34} {:>10.1}   ratio / floor {:.3}   (events lost to a full ring: {})",
             name,
@@ -254,7 +279,7 @@ fn bench(args: &[String]) -> Result<()> {
         ),
         ("python, with Python frames", record(&[], &py_churn), true),
     ];
-    let py_ns = measure(&alloctrace, &trace, rounds, &py_configs)?;
+    let py_ns = measure(&trace, rounds, &py_configs)?;
     println!(
         "\nPython frames ({} pairs from Python code; ratio to the floor):",
         pairs / 10

@@ -9,8 +9,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        ProgramError, TracePoint, UProbe, uprobe::UProbeAttachLocation, uprobe::UProbeAttachPoint,
-        uprobe::UProbeScope,
+        ProgramError, TracePoint, UProbe,
+        trace_point::{TracePointLink, TracePointLinkId},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
 use tracer_common::{Cookie, drop_cause, global, stack_stat};
@@ -269,7 +270,19 @@ pub struct Probes {
     mappings_attached: bool,
     /// Names of the attached functions (`malloc`, `memalign/aligned_alloc`, ...).
     pub attached: Vec<String>,
+    /// Every attachment, by program, for `detach_all`.
+    uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
 }
+
+/// An attachment taken out of its program, to be closed on any thread.
+enum Link {
+    UProbe(#[allow(dead_code)] UProbeLink),
+    TracePoint(#[allow(dead_code)] TracePointLink),
+}
+
+/// Threads that close attachments at once when the probes go.
+const DETACH_THREADS: usize = 32;
 
 impl Probes {
     pub fn load(config: ProbeConfig) -> Result<Probes, ProbeError> {
@@ -313,6 +326,8 @@ impl Probes {
             config,
             mappings_attached: false,
             attached: Vec::new(),
+            uprobe_links: Vec::new(),
+            tracepoint_links: Vec::new(),
         })
     }
 
@@ -348,9 +363,11 @@ impl Probes {
                 cookie: Some(u64::from((object.cookie)(index as u32).encode())),
             };
             let path = object.open_path.clone();
-            self.program(program)?
+            let link = self
+                .program(program)?
                 .attach(point, &path, scope)
                 .map_err(|e| uprobe_err(&e, hook.symbol, &object.target_path))?;
+            self.uprobe_links.push((program, link));
         }
         Ok(())
     }
@@ -382,9 +399,11 @@ impl Probes {
                 cookie: Some(u64::from(Cookie::Heap(hook.func).encode())),
             };
             let path = object.open_path.clone();
-            self.program(program)?
+            let link = self
+                .program(program)?
                 .attach(attach_point, &path, scope)
                 .map_err(|e| uprobe_err(&e, &point.name(), &object.target_path))?;
+            self.uprobe_links.push((program, link));
         }
         self.attached = object.points.iter().map(|p| p.name()).collect();
         Ok(())
@@ -409,19 +428,23 @@ impl Probes {
             return Ok(());
         }
         // Exits first, as with uprobes: an entry is never saved without its exit in place.
-        let exit = self.tracepoint(SYSCALL_EXIT_PROGRAM)?;
         for tp in SYSCALL_TRACEPOINTS {
-            exit.attach("syscalls", &format!("sys_exit_{}", tp.name))
+            let link = self
+                .tracepoint(SYSCALL_EXIT_PROGRAM)?
+                .attach("syscalls", &format!("sys_exit_{}", tp.name))
                 .map_err(|e| attach_err(tp.name, &e))?;
+            self.tracepoint_links.push((SYSCALL_EXIT_PROGRAM, link));
         }
         for tp in SYSCALL_TRACEPOINTS.iter().chain(PROCESS_TRACEPOINTS) {
             let name = match tp.category {
                 "syscalls" => format!("sys_enter_{}", tp.name),
                 _ => tp.name.to_string(),
             };
-            self.tracepoint(tp.program)?
+            let link = self
+                .tracepoint(tp.program)?
                 .attach(tp.category, &name)
                 .map_err(|e| attach_err(tp.name, &e))?;
+            self.tracepoint_links.push((tp.program, link));
         }
         self.mappings_attached = true;
         Ok(())
@@ -431,6 +454,28 @@ impl Probes {
         loaded_program(&mut self.ebpf, name, TracePoint::load, |p: &TracePoint| {
             p.fd().is_ok()
         })
+    }
+
+    /// Detaches every probe. Each attachment's close waits for the kernel's grace periods
+    /// (RCU): one after another that took seconds for a hundred CUDA probes; closed from
+    /// `DETACH_THREADS` threads at once, the waits overlap.
+    pub fn detach_all(&mut self) {
+        let mut links: Vec<Link> = Vec::new();
+        for (name, id) in std::mem::take(&mut self.uprobe_links) {
+            if let Ok(program) = self.program(name)
+                && let Ok(link) = program.take_link(id)
+            {
+                links.push(Link::UProbe(link));
+            }
+        }
+        for (name, id) in std::mem::take(&mut self.tracepoint_links) {
+            if let Ok(program) = self.tracepoint(name)
+                && let Ok(link) = program.take_link(id)
+            {
+                links.push(Link::TracePoint(link));
+            }
+        }
+        close_in_parallel(links);
     }
 
     pub fn take_ring(&mut self) -> RingBuf<MapData> {
@@ -476,6 +521,30 @@ impl Probes {
 }
 
 /// The system's page size.
+impl Drop for Probes {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+/// Drops `links` from up to `DETACH_THREADS` threads (on this one if no thread starts).
+fn close_in_parallel<T: Send>(links: Vec<T>) {
+    let per_thread = links.len().div_ceil(DETACH_THREADS).max(1);
+    let mut links = links.into_iter();
+    std::thread::scope(|scope| {
+        loop {
+            let chunk: Vec<T> = links.by_ref().take(per_thread).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            if let Err(e) = std::thread::Builder::new().spawn_scoped(scope, move || drop(chunk)) {
+                // The closure, chunk and all, was dropped on this thread.
+                log::debug!("detaching on this thread: {e}");
+            }
+        }
+    });
+}
+
 fn page_size() -> u32 {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -511,6 +580,33 @@ mod tests {
 
     /// Every program user space loads by name is in the object: the programs live in the eBPF
     /// crate's modules and are exported under their function names.
+    /// Attachments are closed on many threads at once, every one of them.
+    #[test]
+    fn links_close_on_many_threads() {
+        use std::{
+            collections::HashSet,
+            sync::{Arc, Mutex},
+            thread::ThreadId,
+        };
+        struct Closing(Arc<Mutex<Vec<ThreadId>>>);
+        impl Drop for Closing {
+            fn drop(&mut self) {
+                // Long enough that one thread could not take every link before the others start.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                self.0.lock().unwrap().push(std::thread::current().id());
+            }
+        }
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let n = DETACH_THREADS * 3;
+        let links: Vec<Closing> = (0..n).map(|_| Closing(closed.clone())).collect();
+        close_in_parallel(links);
+        let closed = closed.lock().unwrap();
+        assert_eq!(closed.len(), n);
+        let threads: HashSet<&ThreadId> = closed.iter().collect();
+        assert_eq!(threads.len(), DETACH_THREADS);
+        assert!(!threads.contains(&std::thread::current().id()));
+    }
+
     #[test]
     fn every_program_loaded_by_name_is_in_the_object() {
         let object = object::File::parse(EBPF_OBJECT).expect("the eBPF object is ELF");
