@@ -1,7 +1,8 @@
 //! `alloctrace record`: attach, drain events into the ledger, commit the recording every second,
 //! finalize on duration, signal or target exit.
 //!
-//! `setup` checks, attaches and opens the recording; `lock` keeps a second recorder off a traced
+//! `setup` checks, attaches and opens the recording (`launch` starts a command under ptrace and
+//! holds it where the recorder needs it still); `lock` keeps a second recorder off a traced
 //! process; `recorder` is the loop, one method per event source; `batch` hands ring records to
 //! `sink`, which applies them to the ledger layers one event kind at a time; `children` keeps the
 //! set of traced processes, `exits` how they ended (`oom`: whether by the OOM killer);
@@ -13,6 +14,7 @@ mod children;
 mod cuda_hooking;
 mod exits;
 mod gpu_sampling;
+mod launch;
 mod lock;
 mod oom;
 mod options;
@@ -30,7 +32,8 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     let signals = setup::prepare(&opts)?;
     let attached = setup::attach(&opts)?;
     let mut recorder = setup::open_recording(&opts, attached)?;
-    let sources = recorder::EventSources::new(signals, &recorder.exit_watch, &opts)?;
+    let held_exits = recorder.launched.as_mut().and_then(|l| l.take_held_exits());
+    let sources = recorder::EventSources::new(signals, &recorder.exit_watch, held_exits, &opts)?;
     match recorder.run(sources).await {
         Ok(stop_reason) => recorder.finish(stop_reason),
         Err(e) => {

@@ -12,6 +12,7 @@ use nix::{sys::signal::Signal as Sig, unistd::Pid};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::Signal,
+    sync::mpsc::UnboundedReceiver,
     time::{Interval, MissedTickBehavior},
 };
 
@@ -27,11 +28,12 @@ use crate::{
         cuda_hooking::{CudaHooked, hook_cuda},
         exits::Exits,
         gpu_sampling::sample_gpu,
+        launch::{HeldExit, LaunchedCommand},
         lock::TargetLock,
         python_detection::detect_python,
         rss_sampling::{own_peak_rss_kib, sample_rss},
         sink::EventSink,
-        target::{ExitWatch, LaunchedCommand},
+        target::ExitWatch,
     },
     views,
 };
@@ -101,6 +103,8 @@ pub struct EventSources {
     signals: Signals,
     /// Readable when the target exits.
     exit: AsyncFd<i32>,
+    /// A launched command held at its exit (`launch`).
+    held_exits: Option<UnboundedReceiver<HeldExit>>,
     deadline: Option<tokio::time::Instant>,
 }
 
@@ -109,6 +113,7 @@ impl EventSources {
     pub fn new(
         signals: Signals,
         exit_watch: &ExitWatch,
+        held_exits: Option<UnboundedReceiver<HeldExit>>,
         opts: &RecordOptions,
     ) -> anyhow::Result<EventSources> {
         // SAFETY: the pidfd is owned by `exit_watch`, which outlives the sources (`record`
@@ -124,9 +129,21 @@ impl EventSources {
             tick: tokio::time::interval_at(now + second, second),
             signals,
             exit,
+            held_exits,
             // A deadline past what the clock can hold is no deadline (the CLI caps -d at a year).
             deadline: opts.duration.and_then(|d| now.checked_add(d)),
         })
+    }
+}
+
+/// The next launched command held at its exit; never, without one.
+async fn next_held_exit(held: &mut Option<UnboundedReceiver<HeldExit>>) -> HeldExit {
+    match held {
+        Some(rx) => match rx.recv().await {
+            Some(h) => h,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -198,6 +215,10 @@ impl Recorder {
                     None
                 }
                 signal = sources.signals.recv() => Some(Stop::signal(signal)),
+                held = next_held_exit(&mut sources.held_exits) => {
+                    self.on_held_exit(held);
+                    None
+                }
                 guard = sources.exit.readable(), if !self.target_ended => {
                     drop(guard);
                     self.on_target_exit().map(Stop::ended)
@@ -234,6 +255,7 @@ impl Recorder {
                 }
                 _ = sources.tick.tick() => self.on_tick()?,
                 _ = sources.signals.recv() => kill_at = Some(tokio::time::Instant::now()),
+                held = next_held_exit(&mut sources.held_exits) => self.on_held_exit(held),
                 guard = sources.exit.readable() => {
                     drop(guard);
                     self.on_target_exit();
@@ -305,6 +327,18 @@ impl Recorder {
         Ok(self.processes.all_exited())
     }
 
+    /// A launched command stopped at its exit, its address space whole: what it did is read
+    /// from the ring, and the stacks of its events are named from its mappings now, before they
+    /// go. It exits once this returns.
+    fn on_held_exit(&mut self, held: HeldExit) {
+        if let Err(e) = self.on_ring_poll() {
+            log::warn!("while PID {} was held at its exit: {e}", held.pid);
+        }
+        self.sink.refresh_code_of(held.pid);
+        self.sink.name_stacks_of(held.pid);
+        let _ = held.done.send(());
+    }
+
     /// The process-tree events the ring brought: children join the traced processes, exits
     /// leave.
     fn on_process_events(&mut self) -> anyhow::Result<()> {
@@ -360,7 +394,7 @@ impl Recorder {
     fn on_target_exit(&mut self) -> Option<String> {
         self.target_ended = true;
         let t_s = self.started.elapsed().as_secs_f64();
-        self.launched_status = self.exit_watch.reap();
+        self.launched_status = self.launched.as_ref().and_then(|l| l.wait_status());
         match self.launched_status {
             Some(status) => self.exits.ended_with(self.pid, t_s, status),
             None => self.exits.ended(self.pid, t_s),

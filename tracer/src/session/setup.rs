@@ -29,12 +29,13 @@ use crate::{
         children::ProcessSet,
         cuda_hooking::{CudaHooked, hook_cuda},
         exits::Exits,
+        launch::{self, LaunchedCommand},
         lock::{TargetLock, lock_target},
         python_detection::detect_python,
         recorder::{Recorder, Signals},
         rss_sampling::sample_rss,
         sink::EventSink,
-        target::{self, ExitWatch, LaunchedCommand, TargetError},
+        target::{self, ExitWatch, TargetError},
     },
 };
 
@@ -85,7 +86,7 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
     } else {
         None
     };
-    let exit_watch = ExitWatch::new(pid, target.launched.is_some())?;
+    let exit_watch = ExitWatch::new(pid)?;
     let initial_brk = current_brk(pid);
     let attached = probes.trace_mappings(pid).and_then(|()| match &allocator {
         Some(allocator) => probes.attach(pid, allocator),
@@ -134,7 +135,7 @@ fn find_target(spec: &TargetSpec, output: &Path, heap: bool) -> Result<Target, T
         TargetSpec::Command(argv) => {
             // Held until its libc is mapped also without heap tracing: stacks are then named
             // from a snapshot that has the C library, even for a command that exits at once.
-            let launched = target::launch(argv, heap)?;
+            let launched = launch::launch(argv, heap)?;
             let lock = lock_target(launched.pid, output)?;
             Ok(Target {
                 pid: launched.pid,

@@ -155,6 +155,59 @@ fn a_target_that_execs_mid_recording_is_traced_in_its_new_image() {
 }
 
 #[test]
+fn a_short_lived_program_execed_by_the_command_is_named_from_its_own_image() {
+    require_privileges!();
+    // env replaces itself with the fixture, which does its work and exits in a few
+    // milliseconds, within one ring poll: its events are read after it has gone. Held at its exit
+    // under ptrace (`session/launch.rs`), its mappings are read first, and every leak is named.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fixture("heap_fixture");
+    let r = record_command(dir.path(), &["env", exe.to_str().unwrap(), "leaks", "run"]);
+    assert!(r.complete, "{}", r.summary());
+    assert_eq!(r.target.pids.len(), 1, "{}", r.summary());
+    r.assert_leaks();
+    r.assert_no_lost_events();
+}
+
+#[test]
+fn a_long_running_command_is_left_free_of_ptrace() {
+    require_privileges!();
+    // The exit hold lasts while the image is young: a server launched under alloctrace must be
+    // left attachable by a debugger or profiler afterwards, and undisturbed.
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("long.trace");
+    let mut cmd = alloctrace_cmd(&["record", "-o"]);
+    cmd.arg(&trace)
+        .args(["--", "sh", "-c", "read line; echo $$; read line; exit 7"]);
+    let mut target = common::TestProcess::spawn("record -- sh (long)", cmd);
+    target.send_line("go");
+    let pid: u32 = target.read_stdout_line().trim().parse().unwrap();
+    let tracer_of = |pid: u32| -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_ne!(tracer_of(pid), "0", "held while young");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tracer_of(pid) != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still traced after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    target.send_line("end");
+    let status = target.wait();
+    assert_eq!(status.code(), Some(7), "its exit status is passed on");
+    let r = report_json(&trace);
+    assert!(r.complete, "{}", r.summary());
+}
+
+#[test]
 fn tracefs_is_mounted_when_the_machine_has_not_mounted_it() {
     require_privileges!();
     // In a private mount namespace (the machine's own mounts stay as they are), unmount tracefs

@@ -153,6 +153,13 @@ impl EventSink {
         self.learn_code_of(pid);
     }
 
+    /// Names the stacks of `pid` waiting to be named, from its mappings as the namer knows them
+    /// now (a process about to exit: later, they are gone).
+    pub fn name_stacks_of(&mut self, pid: u32) {
+        self.stacks
+            .name_pending_of(pid, namer_of(&mut self.namers, pid));
+    }
+
     /// Whether the mmap whose stack is in `self.ips` comes from CPython's arena allocator: one of
     /// its first frames is `_PyObject_ArenaMmap` (obmalloc, CPython 3.8 to 3.13).
     pub(super) fn is_python_arena(&mut self, pid: u32) -> bool {

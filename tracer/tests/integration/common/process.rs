@@ -139,6 +139,11 @@ impl TestProcess {
         });
     }
 
+    /// Waits for the next stdout line; returns it.
+    pub fn read_stdout_line(&mut self) -> String {
+        self.wait_line(false, "a stdout line", |_| true)
+    }
+
     /// Waits for a stderr line starting with `prefix`; returns it.
     pub fn expect_stderr_prefix(&mut self, prefix: &str) -> String {
         self.wait_line(
