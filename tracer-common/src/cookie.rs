@@ -52,7 +52,7 @@ impl HeapFn {
     }
 }
 
-/// The attach cookie of a uprobe: the hook behind it, in one of user space's three hook
+/// The attach cookie of a uprobe: the hook behind it, in one of user space's four hook
 /// tables. Encoded as one `u32` in disjoint ranges, so that an event's `func` says both.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Cookie {
@@ -62,13 +62,17 @@ pub enum Cookie {
     Cuda(u32),
     /// A CUDA runtime hook: its index in `RUNTIME_HOOKS`.
     Runtime(u32),
+    /// A PyTorch caching-allocator hook: its index in `TORCH_HOOKS`.
+    Torch(u32),
 }
 
 impl Cookie {
     /// Where the CUDA driver range starts; heap functions lie below it.
     const CUDA_BASE: u32 = 100;
-    /// Where the CUDA runtime range starts; it has no end.
+    /// Where the CUDA runtime range starts.
     const RUNTIME_BASE: u32 = 200;
+    /// Where the PyTorch allocator range starts; it has no end.
+    const TORCH_BASE: u32 = 1000;
     /// Hooks a table may have to stay inside its range (the driver's is the bounded one).
     pub const TABLE_MAX: u32 = Self::RUNTIME_BASE - Self::CUDA_BASE;
 
@@ -79,12 +83,15 @@ impl Cookie {
             Cookie::Heap(func) => func as u32,
             Cookie::Cuda(index) => Self::CUDA_BASE + index,
             Cookie::Runtime(index) => Self::RUNTIME_BASE + index,
+            Cookie::Torch(index) => Self::TORCH_BASE + index,
         }
     }
 
     /// The cookie behind `value`, `None` for a heap code that names no `HeapFn`.
     pub fn decode(value: u32) -> Option<Cookie> {
-        if value >= Self::RUNTIME_BASE {
+        if value >= Self::TORCH_BASE {
+            Some(Cookie::Torch(value - Self::TORCH_BASE))
+        } else if value >= Self::RUNTIME_BASE {
             Some(Cookie::Runtime(value - Self::RUNTIME_BASE))
         } else if value >= Self::CUDA_BASE {
             Some(Cookie::Cuda(value - Self::CUDA_BASE))
@@ -128,13 +135,15 @@ mod tests {
             .map(Cookie::Heap)
             .into_iter()
             .chain([Cookie::Cuda(0), Cookie::Cuda(Cookie::TABLE_MAX - 1)])
-            .chain([Cookie::Runtime(0), Cookie::Runtime(500)]);
+            .chain([Cookie::Runtime(0), Cookie::Runtime(500)])
+            .chain([Cookie::Torch(0), Cookie::Torch(7)]);
         for cookie in cookies {
             assert_eq!(Cookie::decode(cookie.encode()), Some(cookie));
         }
         // The ranges as they were: heap below 100, driver from 100, runtime from 200.
         assert_eq!(Cookie::Cuda(3).encode(), 103);
         assert_eq!(Cookie::Runtime(3).encode(), 203);
+        assert_eq!(Cookie::Torch(3).encode(), 1003);
         assert_eq!(Cookie::decode(10), None);
     }
 

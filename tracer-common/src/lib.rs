@@ -28,6 +28,52 @@ pub mod event_kind {
     pub const PROC: u32 = 4;
     pub const FAULT: u32 = 5;
     pub const CUDA_CALL: u32 = 6;
+    /// `TorchEvent`: an event of PyTorch's CUDA caching allocator.
+    pub const TORCH: u32 = 7;
+}
+
+/// PyTorch's caching-allocator actions (`TraceEntry::Action`, the same values in every version
+/// since 2.1), as passed to `DeviceCachingAllocator::record_trace`.
+pub mod torch_action {
+    /// A tensor block handed out: block address, requested size.
+    pub const ALLOC: u32 = 0;
+    /// A tensor block released by its owner (still held while other streams use it).
+    pub const FREE_REQUESTED: u32 = 1;
+    /// The block is back in the cache.
+    pub const FREE_COMPLETED: u32 = 2;
+    /// A segment obtained from the driver: address, size.
+    pub const SEGMENT_ALLOC: u32 = 3;
+    /// A segment given back to the driver.
+    pub const SEGMENT_FREE: u32 = 4;
+    /// Expandable segments: a range mapped into the segment.
+    pub const SEGMENT_MAP: u32 = 5;
+    /// Expandable segments: a range unmapped.
+    pub const SEGMENT_UNMAP: u32 = 6;
+    pub const SNAPSHOT: u32 = 7;
+    /// An allocation the device could not hold: free device bytes, requested size.
+    pub const OOM: u32 = 8;
+}
+
+/// An event of PyTorch's CUDA caching allocator, read at the entry of `record_trace`, with the
+/// stack of the allocator's caller for the actions that create something (`nframes` addresses
+/// follow); none for the others.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct TorchEvent {
+    /// `event_kind::TORCH`.
+    pub kind: u32,
+    pub tgid: u32,
+    /// `torch_action`.
+    pub action: u32,
+    /// The device index (a signed char or int in the allocator).
+    pub device: i32,
+    pub addr: u64,
+    pub size: u64,
+    /// The CUDA stream (an opaque pointer).
+    pub stream: u64,
+    pub _pad: u32,
+    pub nframes: u16,
+    pub stack_flags: u16,
 }
 
 /// A hooked CUDA driver call that is not an allocation (VMM map/unmap/release, capture, graphs,
@@ -298,6 +344,8 @@ const _: () = assert!(size_of::<MapEvent>() == 72);
 const _: () = assert!(size_of::<ProcEvent>() == 16);
 const _: () = assert!(size_of::<FaultEvent>() == 24);
 const _: () = assert!(size_of::<CudaCallEvent>() == 72);
+const _: () = assert!(size_of::<TorchEvent>() == 48);
+const _: () = assert!(size_of::<StackRecord<TorchEvent>>() == 48 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<CudaCallSlot>() == 64);
 const _: () = assert!(size_of::<SyscallArgs>() == 48);
 const _: () = assert!(size_of::<InflightCall>() == 56);
@@ -314,6 +362,7 @@ mod pod {
     unsafe impl aya::Pod for MapEvent {}
     unsafe impl aya::Pod for FaultEvent {}
     unsafe impl aya::Pod for CudaCallEvent {}
+    unsafe impl aya::Pod for TorchEvent {}
     unsafe impl aya::Pod for ProcEvent {}
     unsafe impl aya::Pod for StackCopyHeader {}
     unsafe impl aya::Pod for InflightCall {}

@@ -79,7 +79,8 @@ stack_events!(
     crate::AllocEvent,
     crate::MapEvent,
     crate::FaultEvent,
-    crate::CudaCallEvent
+    crate::CudaCallEvent,
+    crate::TorchEvent
 );
 
 /// The eBPF programs' scratch space for one record: the event and room for the longest stack.

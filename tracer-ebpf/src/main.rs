@@ -40,6 +40,8 @@ mod ring;
 mod stack;
 /// Memory syscall tracepoints.
 mod syscalls;
+/// PyTorch's CUDA caching allocator.
+mod torch;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AllocEvent, CudaCallEvent, CudaCallSlot, FaultEvent, INFLIGHT_SLOTS, InflightCall, MapEvent,
-    StackRecord, SyscallArgs, drop_cause, python::PythonOffsets, stack_stat,
+    StackRecord, SyscallArgs, TorchEvent, drop_cause, python::PythonOffsets, stack_stat,
 };
 
 // ---- Maps ----
@@ -53,6 +53,11 @@ pub static MAP_SCRATCH: Array<StackRecord<MapEvent>> = Array::with_max_entries(S
 /// Per-CPU scratch for a non-allocating CUDA call record.
 #[map]
 pub static CALL_SCRATCH: Array<StackRecord<CudaCallEvent>> =
+    Array::with_max_entries(SCRATCH_SLOTS, 0);
+
+/// Per-CPU scratch for a PyTorch caching-allocator record.
+#[map]
+pub static TORCH_SCRATCH: Array<StackRecord<TorchEvent>> =
     Array::with_max_entries(SCRATCH_SLOTS, 0);
 
 /// Per-CPU scratch for a page-fault record.

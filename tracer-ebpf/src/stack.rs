@@ -60,6 +60,24 @@ impl StackStart {
         }
     }
 
+    /// At a function's entry (a uprobe that emits there): the stack as it will be at the
+    /// function's return, from the return address on top of the stack — the frame pointer is
+    /// still the caller's, so the frame chain alone would skip the caller.
+    #[inline(always)]
+    pub fn at_entry<C: EbpfContext>(ctx: &C) -> StackStart {
+        let regs = UserRegs::of_probe(ctx);
+        // SAFETY: bpf_probe_read_user checks the user address.
+        let ret = unsafe { bpf_probe_read_user(regs.sp as *const u64) }.unwrap_or(0);
+        StackStart {
+            regs: UserRegs {
+                ip: ret,
+                sp: regs.sp + 8,
+                bp: regs.bp,
+            },
+            sp_candidate: false,
+        }
+    }
+
     /// At a tracepoint: the task's saved user registers, with the stack-pointer candidate (the
     /// syscall may come from a leaf wrapper, the fault from a leaf such as memset: no frame).
     #[inline(always)]

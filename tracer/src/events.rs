@@ -4,7 +4,7 @@ use std::mem::size_of;
 
 use tracer_common::{
     AllocEvent, CudaCallEvent, FaultEvent, FreeEvent, MapEvent, ProcEvent, STACK_COPY,
-    StackCopyHeader, StackEvent, event_kind,
+    StackCopyHeader, StackEvent, TorchEvent, event_kind,
     python::{PY_FRAMES_MASK, PY_FRAMES_SHIFT, PyRawFrame},
 };
 
@@ -17,6 +17,8 @@ pub enum Event<'a> {
     Proc(ProcEvent),
     Fault(FaultEvent, RawStack<'a>),
     CudaCall(CudaCallEvent, RawStack<'a>),
+    /// PyTorch's caching allocator; the stack is empty for releases.
+    Torch(TorchEvent, RawStack<'a>),
 }
 
 /// The user stack that follows an event in its record, as the kernel took it: `u64` addresses,
@@ -113,6 +115,7 @@ pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
         event_kind::MAP => with_stack(bytes).map(|(ev, stack)| Event::Map(ev, stack)),
         event_kind::FAULT => with_stack(bytes).map(|(ev, stack)| Event::Fault(ev, stack)),
         event_kind::CUDA_CALL => with_stack(bytes).map(|(ev, stack)| Event::CudaCall(ev, stack)),
+        event_kind::TORCH => with_stack(bytes).map(|(ev, stack)| Event::Torch(ev, stack)),
         event_kind::PROC => read_pod(bytes).map(Event::Proc),
         event_kind::FREE => read_pod(bytes).map(Event::Free),
         _ => None,

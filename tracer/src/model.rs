@@ -52,10 +52,17 @@ pub enum Class {
     /// opaque driver call (context creation, module load, graph instantiation...) after which it
     /// appeared; `unattributed` stack when no such call was in the window.
     GpuUntraced,
+    /// PyTorch's caching allocator: live tensor blocks (at their requested size), charged to the
+    /// stack that allocated the tensor. A view inside the device classes (the segments they lie
+    /// in are `cuda` or `cuda-vmm` bytes): never added to a device total.
+    Torch,
+    /// PyTorch's caching allocator: reserved but not allocated (cached) bytes of its segments,
+    /// charged to the stack that grew the segment. A view inside the device classes, like `torch`.
+    TorchCached,
 }
 
 impl Class {
-    pub const ALL: [Class; 15] = [
+    pub const ALL: [Class; 17] = [
         Class::Heap,
         Class::Mmap,
         Class::MmapShared,
@@ -71,6 +78,8 @@ impl Class {
         Class::CudaIpc,
         Class::CudaRegistered,
         Class::GpuUntraced,
+        Class::Torch,
+        Class::TorchCached,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +99,8 @@ impl Class {
             Class::CudaIpc => "cuda-ipc",
             Class::CudaRegistered => "cuda-registered",
             Class::GpuUntraced => "gpu-untraced",
+            Class::Torch => "torch",
+            Class::TorchCached => "torch-cached",
         }
     }
 
@@ -274,6 +285,64 @@ impl Class {
             Class::Cuda | Class::CudaPool | Class::CudaVmm | Class::CudaGraph | Class::CudaManaged
         )
     }
+}
+
+/// The figures of one device's PyTorch caching allocator at one moment (`ledger::torch`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocatorFigures {
+    pub pid: u32,
+    pub device: i32,
+    /// Bytes of the segments (what the allocator holds from the driver).
+    pub reserved: u64,
+    /// Requested bytes of the live tensor blocks.
+    pub allocated: u64,
+    /// Requested bytes of blocks freed by their owner, still in use on another stream.
+    pub pending: u64,
+    pub segments: u64,
+    pub blocks: u64,
+    /// Free holes: count, bytes in them, the largest.
+    pub holes: u64,
+    pub hole_bytes: u64,
+    pub largest_hole: u64,
+}
+
+impl AllocatorFigures {
+    /// Reserved, neither allocated nor pending.
+    pub fn cached(&self) -> u64 {
+        self.reserved
+            .saturating_sub(self.allocated)
+            .saturating_sub(self.pending)
+    }
+
+    /// `1 − largest hole / bytes in holes`, in thousandths rounded down (0 without holes).
+    pub fn fragmentation_permille(&self) -> u64 {
+        if self.hole_bytes == 0 {
+            return 0;
+        }
+        let outside_largest = u128::from(self.hole_bytes - self.largest_hole);
+        (outside_largest * 1000 / u128::from(self.hole_bytes)) as u64
+    }
+}
+
+/// An allocation the device could not hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocatorOom {
+    /// Seconds from the start of the recording (the second it was committed in).
+    pub t_s: u64,
+    /// Requested bytes.
+    pub requested: u64,
+    /// Free device bytes the allocator saw.
+    pub device_free: u64,
+    pub stack: Option<StackIndex>,
+    /// The allocator's figures right before the failure.
+    pub figures: AllocatorFigures,
+}
+
+/// A caching allocator's figures at a second they changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocatorSample {
+    pub t_s: u64,
+    pub figures: AllocatorFigures,
 }
 
 /// One point of the time series: live bytes of a (class, phase, stack) cell at a second.

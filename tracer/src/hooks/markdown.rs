@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use super::{
     CUDA_HOOKS, HOOKS, PROCESS_TRACEPOINTS, RUNTIME_HOOKS, Records, SYSCALL_TRACEPOINTS, Site,
+    TORCH_HOOKS,
 };
 
 /// The table as the Markdown document docs/hooks.md (kept in sync by a test).
@@ -12,6 +13,7 @@ pub fn markdown() -> String {
     heap_section(&mut out);
     cuda_driver_section(&mut out);
     cuda_runtime_section(&mut out);
+    torch_allocator_section(&mut out);
     tracepoint_section(&mut out);
     out.push_str(
         "\nSymbols that are aliases of each other (same file offset, e.g. glibc 2.36's \
@@ -102,6 +104,27 @@ fn cuda_runtime_section(out: &mut String) {
             h.entry_program,
             h.return_program.unwrap_or("-"),
             h.class.name()
+        );
+    }
+}
+
+fn torch_allocator_section(out: &mut String) {
+    out.push_str(
+        "\n## PyTorch caching allocator (`libc10_cuda.so`, symbols from `.symtab`)\n\n\
+         One entry probe; no return probe. Its bytes are a view inside the device classes: \
+         `torch` (live tensors, by the stack that allocated them) and `torch-cached` (reserved, \
+         not allocated; by the stack that grew the segment) are never added to a device total. \
+         A library with none of these symbols: the layer says so in one line, the rest works.\n\n\
+         | symbol | prototype | probe | records |\n|---|---|---|---|\n",
+    );
+    for h in TORCH_HOOKS {
+        let _ = writeln!(
+            out,
+            "| `{}` | `{}` | `{}` | {} |",
+            h.symbol,
+            h.prototype,
+            h.entry_program,
+            h.records.describe()
         );
     }
 }

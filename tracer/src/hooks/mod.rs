@@ -1,6 +1,7 @@
 //! The hook table: every hooked symbol, where it lives, its argument layout, what it records and
 //! its class. Attach code, tests and docs/hooks.md are generated from this one table: the common
-//! types are here, one table a library (`libc_heap`, `cuda_driver`, `cuda_runtime`), the kernel
+//! types are here, one table a library (`libc_heap`, `cuda_driver`, `cuda_runtime`,
+//! `torch_allocator`), the kernel
 //! tracepoints (`tracepoints`), CUDA error names (`cuda_errors`) and the document (`markdown`).
 
 mod cuda_driver;
@@ -8,6 +9,7 @@ mod cuda_errors;
 mod cuda_runtime;
 mod libc_heap;
 mod markdown;
+mod torch_allocator;
 mod tracepoints;
 
 pub use cuda_driver::{CUDA_HOOKS, cuda_hook};
@@ -15,6 +17,7 @@ pub use cuda_errors::{cuda_error_name, runtime_error_name};
 pub use cuda_runtime::{RUNTIME_HOOKS, runtime_hook};
 pub use libc_heap::HOOKS;
 pub use markdown::markdown;
+pub use torch_allocator::{TORCH_HOOKS, torch_hook};
 pub use tracepoints::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS, Tracepoint};
 use tracer_common::HeapFn;
 
@@ -88,6 +91,9 @@ pub enum Records {
     /// Context creation and release, module and library loads: the driver allocates device
     /// memory of its own that no API returns.
     Opaque,
+    /// PyTorch's caching allocator: every event it has (tensor blocks, segments, OOM), its
+    /// action and figures read at entry.
+    TorchTrace,
 }
 
 impl Records {
@@ -132,6 +138,10 @@ impl Records {
             Records::IpcClose => "the imported block unmapped",
             Records::Opaque => {
                 "the driver's own memory (context, code images), not returned by any call"
+            }
+            Records::TorchTrace => {
+                "every allocator event: tensor blocks handed out and returned, segments obtained, \
+                 mapped and released, OOM (action, address, size, stream, device at entry)"
             }
         }
     }

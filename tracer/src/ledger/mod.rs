@@ -13,6 +13,7 @@
 //!   retired and counted under `missed_free`.
 
 pub mod mappings;
+pub mod torch;
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -300,7 +300,8 @@ impl Probes {
             .map_max_entries("SCRATCH", cpus)
             .map_max_entries("MAP_SCRATCH", cpus)
             .map_max_entries("CALL_SCRATCH", cpus)
-            .map_max_entries("FAULT_SCRATCH", cpus);
+            .map_max_entries("FAULT_SCRATCH", cpus)
+            .map_max_entries("TORCH_SCRATCH", cpus);
         if !config.debug_log {
             // Nothing is logged: the smallest ring the kernel takes, not aya-log's 128 KiB.
             loader.map_max_entries(tracer_common::LOG_RING, page_size());

@@ -11,7 +11,7 @@ use tracer_common::Cookie;
 use crate::{
     arch,
     elf::{self, Elf, ElfError, ReadRef},
-    hooks::{CUDA_HOOKS, HOOKS, Hook, RUNTIME_HOOKS, Site},
+    hooks::{CUDA_HOOKS, HOOKS, Hook, RUNTIME_HOOKS, Site, TORCH_HOOKS},
     proc::maps::{Mapping, open_path},
     session::target::TargetError,
 };
@@ -115,6 +115,12 @@ pub fn find_cuda_driver(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
 /// The CUDA runtime a process maps as a shared library (`libcudart.so*`), with `RUNTIME_HOOKS`.
 pub fn find_cuda_runtime(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
     find_cuda_object(pid, maps, "libcudart.so", RUNTIME_HOOKS, Cookie::Runtime)
+}
+
+/// PyTorch's CUDA library (`libc10_cuda.so`) of a process, with the `TORCH_HOOKS` forms its
+/// `.symtab` defines (none: a torch version whose allocator alloctrace does not know).
+pub fn find_torch_allocator(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
+    find_cuda_object(pid, maps, "libc10_cuda.so", TORCH_HOOKS, Cookie::Torch)
 }
 
 /// Objects of `pid` with a CUDA runtime linked in statically (executables built by nvcc, NCCL,

@@ -24,6 +24,9 @@ impl Recorded {
         state.released = remap.amounts(std::mem::take(&mut state.released));
         state.cuda_calls = remap.cuda_calls(std::mem::take(&mut state.cuda_calls));
         self.series = remap.series(std::mem::take(&mut self.series));
+        for oom in &mut self.torch_ooms {
+            oom.stack = remap.canon(oom.stack);
+        }
         self.stacks.retain(|index, _| !remap.0.contains_key(index));
     }
 }

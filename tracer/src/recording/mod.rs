@@ -27,7 +27,10 @@ pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 pub use writer::{DISK_FULL, Writer};
 
 use crate::{
-    model::{Class, GpuSample, LedgerState, RssSample, SeriesPoint, Stack, StackIndex, TargetInfo},
+    model::{
+        AllocatorOom, AllocatorSample, Class, GpuSample, LedgerState, RssSample, SeriesPoint,
+        Stack, StackIndex, TargetInfo,
+    },
     output::OutputError,
 };
 
@@ -61,6 +64,10 @@ pub struct Recorded {
     pub rss: Vec<RssSample>,
     /// GPU memory samples, in time order.
     pub gpu: Vec<GpuSample>,
+    /// PyTorch caching-allocator figures at the seconds they changed, in time order.
+    pub torch: Vec<AllocatorSample>,
+    /// PyTorch caching-allocator OOMs, in time order.
+    pub torch_ooms: Vec<AllocatorOom>,
     /// Where GPU samples came from, or why there are none (`None`: an older recording).
     pub gpu_source: Option<String>,
     /// How stacks were taken (`None`: an older recording).

@@ -16,8 +16,9 @@ use super::{
 };
 use crate::{
     model::{
-        AmountsByStack, CellKey, Class, ClassTotals, CudaCalls, FailureKey, GpuSample, LedgerState,
-        RssSample, SeriesPoint, Stack, StackCounters, StackIndex, TargetInfo,
+        AllocatorFigures, AllocatorOom, AllocatorSample, AmountsByStack, CellKey, Class,
+        ClassTotals, CudaCalls, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint, Stack,
+        StackCounters, StackIndex, TargetInfo,
     },
     output::{self, io_reason},
 };
@@ -578,6 +579,12 @@ impl Reading<'_> {
         let totals_series = self.read_totals_series()?;
         let rss = self.read_rss_samples()?;
         let gpu = self.read_gpu_samples()?;
+        // Added within version 1: older files have neither table.
+        let (torch, torch_ooms) = if self.has_table("torch_samples")? {
+            (self.read_torch_samples()?, self.read_torch_ooms()?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let faults = self.read_amounts(&FAULTS)?;
         let released = self.read_amounts(&RELEASED)?;
         let cuda_calls = self.read_cuda_calls()?;
@@ -620,6 +627,8 @@ impl Reading<'_> {
             totals_series,
             rss,
             gpu,
+            torch,
+            torch_ooms,
             gpu_source: metadata.optional_text(meta::GPU_SOURCE).map(str::to_string),
             stack_capture: metadata
                 .optional_text(meta::STACK_CAPTURE)
@@ -829,6 +838,42 @@ impl Reading<'_> {
         Ok(amounts)
     }
 
+    fn has_table(&self, name: &str) -> Result<bool, ReadFailure> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+            [name],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
+    fn read_torch_samples(&self) -> Result<Vec<AllocatorSample>, ReadFailure> {
+        let sql = "SELECT t_s, pid, device, reserved, allocated, pending, segments, blocks, holes,
+                          hole_bytes, largest_hole
+                   FROM torch_samples ORDER BY rowid";
+        self.collect_rows(sql, |row| {
+            Ok(AllocatorSample {
+                t_s: from_sql(row.get(0)?),
+                figures: allocator_figures(row, 1)?,
+            })
+        })
+    }
+
+    fn read_torch_ooms(&self) -> Result<Vec<AllocatorOom>, ReadFailure> {
+        let sql = "SELECT t_s, requested, device_free, stack_id, pid, device, reserved, allocated,
+                          pending, segments, blocks, holes, hole_bytes, largest_hole
+                   FROM torch_ooms ORDER BY rowid";
+        self.collect_rows(sql, |row| {
+            Ok(AllocatorOom {
+                t_s: from_sql(row.get(0)?),
+                requested: from_sql(row.get(1)?),
+                device_free: from_sql(row.get(2)?),
+                stack: self.stack_index(row.get(3)?)?,
+                figures: allocator_figures(row, 4)?,
+            })
+        })
+    }
+
     fn read_gpu_samples(&self) -> Result<Vec<GpuSample>, ReadFailure> {
         let sql = "SELECT t_s, pid, used, traced FROM gpu_samples ORDER BY rowid";
         self.collect_rows(sql, |row| {
@@ -873,4 +918,21 @@ impl Reading<'_> {
             })
         })
     }
+}
+
+/// The allocator figures in the columns from `at` on (pid, device, reserved, allocated, pending,
+/// segments, blocks, holes, hole_bytes, largest_hole).
+fn allocator_figures(row: &Row<'_>, at: usize) -> rusqlite::Result<AllocatorFigures> {
+    Ok(AllocatorFigures {
+        pid: row.get(at)?,
+        device: row.get(at + 1)?,
+        reserved: from_sql(row.get(at + 2)?),
+        allocated: from_sql(row.get(at + 3)?),
+        pending: from_sql(row.get(at + 4)?),
+        segments: from_sql(row.get(at + 5)?),
+        blocks: from_sql(row.get(at + 6)?),
+        holes: from_sql(row.get(at + 7)?),
+        hole_bytes: from_sql(row.get(at + 8)?),
+        largest_hole: from_sql(row.get(at + 9)?),
+    })
 }

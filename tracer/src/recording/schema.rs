@@ -127,6 +127,37 @@ CREATE TABLE rss_samples (
     arena_resident  INTEGER NOT NULL
 );
 
+-- PyTorch caching allocators by process and device, at each second their figures changed.
+CREATE TABLE torch_samples (
+    t_s          INTEGER NOT NULL,
+    pid          INTEGER NOT NULL,
+    device       INTEGER NOT NULL,
+    reserved     INTEGER NOT NULL,
+    allocated    INTEGER NOT NULL,
+    pending      INTEGER NOT NULL,
+    segments     INTEGER NOT NULL,
+    blocks       INTEGER NOT NULL,
+    holes        INTEGER NOT NULL,
+    hole_bytes   INTEGER NOT NULL,
+    largest_hole INTEGER NOT NULL
+);
+-- Allocations PyTorch's caching allocator could not satisfy, with its figures right before.
+CREATE TABLE torch_ooms (
+    t_s          INTEGER NOT NULL,
+    requested    INTEGER NOT NULL,
+    device_free  INTEGER NOT NULL,
+    stack_id     INTEGER REFERENCES stacks(id),
+    pid          INTEGER NOT NULL,
+    device       INTEGER NOT NULL,
+    reserved     INTEGER NOT NULL,
+    allocated    INTEGER NOT NULL,
+    pending      INTEGER NOT NULL,
+    segments     INTEGER NOT NULL,
+    blocks       INTEGER NOT NULL,
+    holes        INTEGER NOT NULL,
+    hole_bytes   INTEGER NOT NULL,
+    largest_hole INTEGER NOT NULL
+);
 CREATE VIEW series_by_cell AS
     SELECT s.t_s, c.pid, c.class, c.phase, c.stack_id, s.live_bytes, s.live_count
     FROM series AS s JOIN cells AS c ON c.id = s.cell_id;

@@ -645,6 +645,59 @@ fn newer_schema_asks_for_an_upgrade() {
     );
 }
 
+/// A recording written before the PyTorch allocator layer (no `torch_*` tables) still reads,
+/// with no allocator figures.
+#[test]
+fn a_recording_from_before_the_allocator_tables_reads_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = finalized_recording(dir.path(), 1);
+    write_as_a_newer_alloctrace(&path, "DROP TABLE torch_samples; DROP TABLE torch_ooms;");
+    let rec = Reader::open(&path).unwrap();
+    assert!(rec.torch.is_empty() && rec.torch_ooms.is_empty());
+}
+
+/// Allocator figures and OOMs are read back as written, the OOM with its stack.
+#[test]
+fn allocator_samples_and_ooms_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("torch.trace");
+    let mut s = Session::start(&path);
+    s.alloc(Some(0), 2, 24);
+    s.tick(1, &[0]);
+    let figures = crate::model::AllocatorFigures {
+        pid: 2,
+        device: 1,
+        reserved: 50 << 20,
+        allocated: (32 << 20) + 1024,
+        pending: 0,
+        segments: 4,
+        blocks: 3,
+        holes: 2,
+        hole_bytes: (18 << 20) - 1024,
+        largest_hole: 16 << 20,
+    };
+    let sample = crate::model::AllocatorSample { t_s: 1, figures };
+    let oom = crate::model::AllocatorOom {
+        t_s: 1,
+        requested: 20 << 20,
+        device_free: 14 << 20,
+        stack: Some(0),
+        figures,
+    };
+    let unstacked = crate::model::AllocatorOom {
+        stack: None,
+        ..oom.clone()
+    };
+    s.writer.add_torch_samples(&[sample]).unwrap();
+    s.writer
+        .add_torch_ooms(&[oom.clone(), unstacked.clone()])
+        .unwrap();
+    s.writer.finalize(1.0).unwrap();
+    let rec = Reader::open(&path).unwrap();
+    assert_eq!(rec.torch, vec![sample]);
+    assert_eq!(rec.torch_ooms, vec![oom, unstacked]);
+}
+
 #[test]
 fn unknown_class_asks_for_an_upgrade() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,8 +18,8 @@ use super::{
 };
 use crate::{
     model::{
-        AmountsByStack, CellKey, Class, ClassTotals, FailureKey, GpuSample, LedgerState, RssSample,
-        SeriesPoint, Stack, StackCounters, TargetInfo,
+        AllocatorOom, AllocatorSample, AmountsByStack, CellKey, Class, ClassTotals, FailureKey,
+        GpuSample, LedgerState, RssSample, SeriesPoint, Stack, StackCounters, TargetInfo,
     },
     output::{self, io_reason, parent_dir},
 };
@@ -354,6 +354,68 @@ impl Writer {
         result
     }
 
+    /// Appends PyTorch caching-allocator figures.
+    pub fn add_torch_samples(&mut self, samples: &[AllocatorSample]) -> Result<(), RecordingError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        self.append(
+            "INSERT INTO torch_samples (t_s, pid, device, reserved, allocated, pending, segments,
+                                        blocks, holes, hole_bytes, largest_hole)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            samples,
+            |s| {
+                let f = &s.figures;
+                [
+                    to_sql(s.t_s),
+                    f.pid.into(),
+                    f.device.into(),
+                    to_sql(f.reserved),
+                    to_sql(f.allocated),
+                    to_sql(f.pending),
+                    to_sql(f.segments),
+                    to_sql(f.blocks),
+                    to_sql(f.holes),
+                    to_sql(f.hole_bytes),
+                    to_sql(f.largest_hole),
+                ]
+            },
+        )
+    }
+
+    /// Appends PyTorch caching-allocator OOMs (their stacks are in the stack table already).
+    pub fn add_torch_ooms(&mut self, ooms: &[AllocatorOom]) -> Result<(), RecordingError> {
+        if ooms.is_empty() {
+            return Ok(());
+        }
+        self.append(
+            "INSERT INTO torch_ooms (t_s, requested, device_free, stack_id, pid, device, reserved,
+                                     allocated, pending, segments, blocks, holes, hole_bytes,
+                                     largest_hole)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            ooms,
+            |o| {
+                let f = &o.figures;
+                [
+                    Some(to_sql(o.t_s)),
+                    Some(to_sql(o.requested)),
+                    Some(to_sql(o.device_free)),
+                    o.stack.map(i64::from),
+                    Some(f.pid.into()),
+                    Some(f.device.into()),
+                    Some(to_sql(f.reserved)),
+                    Some(to_sql(f.allocated)),
+                    Some(to_sql(f.pending)),
+                    Some(to_sql(f.segments)),
+                    Some(to_sql(f.blocks)),
+                    Some(to_sql(f.holes)),
+                    Some(to_sql(f.hole_bytes)),
+                    Some(to_sql(f.largest_hole)),
+                ]
+            },
+        )
+    }
+
     pub fn add_gpu_samples(&mut self, samples: &[GpuSample]) -> Result<(), RecordingError> {
         if samples.is_empty() {
             return Ok(());
@@ -399,21 +461,21 @@ impl Writer {
 
     /// Appends `rows` with `insert`, one execution a row (its columns as stored integers), in a
     /// transaction of their own.
-    fn append<T, const COLUMNS: usize>(
+    fn append<T, V: rusqlite::ToSql, const COLUMNS: usize>(
         &mut self,
         insert: &str,
         rows: &[T],
-        columns_of: impl Fn(&T) -> [i64; COLUMNS],
+        columns_of: impl Fn(&T) -> [V; COLUMNS],
     ) -> Result<(), RecordingError> {
         let appended = self.append_rows(insert, rows, columns_of);
         self.noted(appended)
     }
 
-    fn append_rows<T, const COLUMNS: usize>(
+    fn append_rows<T, V: rusqlite::ToSql, const COLUMNS: usize>(
         &mut self,
         insert: &str,
         rows: &[T],
-        columns_of: impl Fn(&T) -> [i64; COLUMNS],
+        columns_of: impl Fn(&T) -> [V; COLUMNS],
     ) -> Result<(), RecordingError> {
         let path = self.path.clone();
         let write_err = |e| write_error(&path, e);

@@ -1,5 +1,6 @@
-//! Hooking the CUDA libraries of traced processes: the driver, the shared runtime and runtimes
-//! linked statically into other objects, as they appear (they are usually dlopen'ed late).
+//! Hooking the CUDA libraries of traced processes: the driver, the shared runtime, runtimes
+//! linked statically into other objects and PyTorch's caching allocator, as they appear (they are
+//! usually dlopen'ed late).
 
 use std::collections::HashSet;
 
@@ -15,6 +16,8 @@ pub struct CudaHooked {
     hooked: HashSet<(u32, u64)>,
     /// Inodes of objects read for a static runtime and found without one.
     without_runtime: HashSet<u64>,
+    /// Inodes of PyTorch libraries without a known allocator hook (said once).
+    unknown_torch: HashSet<u64>,
 }
 
 /// Hooks the CUDA driver of `pid`, its shared runtime and the runtimes linked statically into its
@@ -34,6 +37,18 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
     });
     done.without_runtime.extend(without);
     objects.extend(statics.into_iter().map(|rt| ("static CUDA runtime", rt)));
+    if let Some(torch) = resolve::find_torch_allocator(pid, &maps) {
+        if torch.points.is_empty() && done.unknown_torch.insert(torch.inode) {
+            eprintln!(
+                "torch allocator layer: not available for torch {} (no known hook symbols in {})",
+                torch_version(pid, &torch.target_path)
+                    .as_deref()
+                    .map_or("(version unknown)", |v| v),
+                crate::escape::for_terminal(&torch.target_path)
+            );
+        }
+        objects.push(("PyTorch caching allocator", torch));
+    }
     for (what, object) in objects {
         if object.points.is_empty() || done.hooked.contains(&(pid, object.inode)) {
             continue;
@@ -50,4 +65,16 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
             Err(e) => log::warn!("PID {pid}: {what} not hooked: {e}"),
         }
     }
+}
+
+/// The version of the torch package a `torch/lib/libc10_cuda.so` belongs to, from its
+/// `torch/version.py` (`__version__ = '2.11.0+cu130'`), escaped for the terminal.
+fn torch_version(pid: u32, library: &str) -> Option<String> {
+    // The path as the target sees it, read through its root (its mount namespace).
+    let lib_dir = std::path::Path::new(library).parent()?;
+    let version_py = lib_dir.parent()?.join("version.py");
+    let text = std::fs::read_to_string(format!("/proc/{pid}/root{}", version_py.display())).ok()?;
+    let line = text.lines().find(|l| l.starts_with("__version__"))?;
+    let version = line.split(['\'', '"']).nth(1)?;
+    Some(crate::escape::for_terminal(version).into_owned())
 }

@@ -18,7 +18,7 @@ use tokio::{
 
 use crate::{
     cuda::nvml::GpuMemorySource,
-    model::{Class, RssSample, StackCapture},
+    model::{AllocatorSample, Class, RssSample, StackCapture},
     probes::{Probes, resolve::AllocatorObject},
     recording::Writer,
     session::{
@@ -451,6 +451,16 @@ impl Recorder {
         let series = self.sink.ledger.take_series(t_s as u64);
         let state = self.sink.ledger.state(&self.sink.lost(self.probes.drops()));
         self.writer.commit_tick(t_s, &new_stacks, &state, &series)?;
+        // After the stacks they name.
+        let torch: Vec<AllocatorSample> = (self.sink.torch.take_changed().into_iter())
+            .map(|figures| AllocatorSample {
+                t_s: t_s as u64,
+                figures,
+            })
+            .collect();
+        self.writer.add_torch_samples(&torch)?;
+        self.writer
+            .add_torch_ooms(&self.sink.torch.take_ooms(t_s as u64))?;
         Ok(())
     }
 

@@ -18,6 +18,7 @@ use crate::{
     ledger::{
         CellRef, Ledger,
         mappings::{self, MappingLedger},
+        torch::TorchLayer,
     },
     model::{Class, FailureKey, StackIndex},
     proc::{fd, maps::Mapping},
@@ -43,6 +44,8 @@ pub struct EventSink {
     pub cuda: CudaLayer,
     vmm: VmmLedger,
     pub mappings: MappingLedger,
+    /// PyTorch's caching allocators.
+    pub torch: TorchLayer,
     stacks: StackTable,
     /// Display names of hooked functions by cookie (aliases joined: `memalign/aligned_alloc`).
     fn_names: HashMap<u32, String>,
@@ -89,6 +92,7 @@ impl EventSink {
             cuda: CudaLayer::new(gpu),
             vmm: VmmLedger::new(),
             mappings: MappingLedger::new(),
+            torch: TorchLayer::new(),
             stacks: StackTable::new(),
             fn_names,
             events: 0,
@@ -129,6 +133,15 @@ impl EventSink {
             Some(Event::CudaCall(ev, stack)) => {
                 let stack = self.stack_of(ev.tgid, &stack);
                 self.cuda.call(&mut self.ledger, &mut self.vmm, &ev, stack);
+            }
+            Some(Event::Torch(ev, stack)) => {
+                let creates = ev.nframes > 0 || ev.stack_flags != 0;
+                let stack = if creates {
+                    self.stack_of(ev.tgid, &stack)
+                } else {
+                    None
+                };
+                self.torch.apply(&mut self.ledger, &ev, stack);
             }
             Some(Event::Proc(ev)) => self.process(ev),
             None => self.undecodable += 1,
@@ -297,6 +310,7 @@ impl EventSink {
             self.stacks.name_pending_of(pid, &mut namer);
         }
         // Its memory went with the old address space.
+        self.torch.forget_process(&mut self.ledger, pid);
         self.ledger.forget_process(pid);
         self.mappings.forget_process(&mut self.ledger, pid);
     }

@@ -212,6 +212,8 @@ pub(crate) mod fixture {
                 used: 3 << 30,
                 traced: (2 << 30) + (512 << 20),
             }],
+            torch: Vec::new(),
+            torch_ooms: Vec::new(),
             gpu_source: Some("recorded samples".into()),
             stack_capture: Some(crate::model::StackCapture {
                 mode: "auto".into(),
@@ -249,6 +251,8 @@ pub(crate) mod fixture {
             totals_series: Vec::new(),
             rss: Vec::new(),
             gpu: Vec::new(),
+            torch: Vec::new(),
+            torch_ooms: Vec::new(),
             gpu_source: None,
             stack_capture: None,
             stop_reason: None,

@@ -1,0 +1,53 @@
+//! PyTorch's CUDA caching allocator: one entry probe on `DeviceCachingAllocator::record_trace`,
+//! which the allocator calls for every event it has (tensor blocks handed out and returned,
+//! segments obtained and released, OOM), whether or not its own history recording is on.
+
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
+use tracer_common::{TorchEvent, event_kind, torch_action};
+
+use crate::{
+    maps::{TORCH_SCRATCH, scratch},
+    ring::{Wakeup, output_event},
+    stack::{StackBudget, StackStart, emit_with_stack},
+};
+
+/// `record_trace(this, action, addr, size, stream, device, ...)` (torch 2.2 and later): the
+/// first six arguments are in registers in every form; what follows (pool id, context) is not
+/// read. Blocks and segments handed out, and OOMs, carry the stack of the allocator's caller;
+/// releases need none.
+#[uprobe]
+pub fn torch_record_trace(ctx: ProbeContext) -> u32 {
+    let action: u64 = ctx.arg(1).unwrap_or(u64::MAX);
+    let event = TorchEvent {
+        kind: event_kind::TORCH,
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        action: action as u32,
+        // A signed char or an int, sign-extended by the caller or not: the low byte is it.
+        device: ctx.arg::<u64>(5).unwrap_or(0) as u8 as i8 as i32,
+        addr: ctx.arg(2).unwrap_or(0),
+        size: ctx.arg(3).unwrap_or(0),
+        stream: ctx.arg(4).unwrap_or(0),
+        _pad: 0,
+        nframes: 0,
+        stack_flags: 0,
+    };
+    let with_stack = matches!(
+        event.action,
+        torch_action::ALLOC
+            | torch_action::SEGMENT_ALLOC
+            | torch_action::SEGMENT_MAP
+            | torch_action::OOM
+    );
+    if !with_stack {
+        output_event(&event, Wakeup::AtPoll, "torch allocator event");
+        return 0;
+    }
+    let Some(record) = scratch(&TORCH_SCRATCH) else {
+        return 0;
+    };
+    // SAFETY: the per-CPU scratch is ours until this program returns.
+    let record = unsafe { &mut *record };
+    record.event = event;
+    emit_with_stack(record, StackStart::at_entry(&ctx), StackBudget::Other);
+    0
+}

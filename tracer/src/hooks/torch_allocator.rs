@@ -1,0 +1,106 @@
+//! PyTorch's CUDA caching allocator (`libc10_cuda.so`): the one function every allocator event
+//! goes through, `DeviceCachingAllocator::record_trace`, in each signature PyTorch has given it.
+//!
+//! The library is built with hidden visibility: these symbols are only in `.symtab` (the PyPI
+//! wheels are not stripped). The names are mangled; `torch_symbols.txt` beside this file lists the
+//! real ones per torch version (from the PyPI wheels), and a test checks this table against it.
+//! From 2.2 on the first six arguments sit in the same registers in every form (this, action,
+//! addr, size, stream, device); what the forms add (pool id, context, annotation) is passed after
+//! them and not read.
+
+use tracer_common::Cookie;
+
+use super::{CudaHook, Records};
+use crate::model::Class;
+
+const RECORD_TRACE: &str = "torch_record_trace";
+
+/// `record_trace` in each form, newest first; `prototype` names the torch versions. Torch 2.1's
+/// form is left out on purpose: it has no device argument (the sixth register holds the
+/// context's address) and its callers only call it while memory history is recorded.
+pub const TORCH_HOOKS: &[CudaHook] = &[
+    CudaHook {
+        symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS_22CachingDeviceAllocator10TraceEntry6ActionEmmP11CUstream_staSt4pairIyyESt10shared_ptrINS_15GatheredContextEE",
+        prototype: "torch 2.11: void record_trace(c10::CachingDeviceAllocator::TraceEntry::Action, size_t addr, size_t size, cudaStream_t, c10::DeviceIndex, MempoolId_t, std::shared_ptr<GatheredContext>)",
+        entry_program: RECORD_TRACE,
+        return_program: None,
+        records: Records::TorchTrace,
+        class: Class::Torch,
+    },
+    CudaHook {
+        symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS1_10TraceEntry6ActionEmmP11CUstream_staSt4pairIyyESt10shared_ptrINS_15GatheredContextEE",
+        prototype: "torch 2.8–2.10: void record_trace(TraceEntry::Action, size_t addr, size_t size, cudaStream_t, c10::DeviceIndex, MempoolId_t, std::shared_ptr<GatheredContext>)",
+        entry_program: RECORD_TRACE,
+        return_program: None,
+        records: Records::TorchTrace,
+        class: Class::Torch,
+    },
+    CudaHook {
+        symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS1_10TraceEntry6ActionEmmP11CUstream_staSt10shared_ptrINS_15GatheredContextEE",
+        prototype: "torch 2.4–2.7: void record_trace(TraceEntry::Action, size_t addr, size_t size, cudaStream_t, c10::DeviceIndex, std::shared_ptr<GatheredContext>)",
+        entry_program: RECORD_TRACE,
+        return_program: None,
+        records: Records::TorchTrace,
+        class: Class::Torch,
+    },
+    CudaHook {
+        symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS1_10TraceEntry6ActionElmP11CUstream_stiSt10shared_ptrINS_15GatheredContextEE",
+        prototype: "torch 2.2: void record_trace(TraceEntry::Action, int64_t addr, size_t size, cudaStream_t, int device, std::shared_ptr<GatheredContext>)",
+        entry_program: RECORD_TRACE,
+        return_program: None,
+        records: Records::TorchTrace,
+        class: Class::Torch,
+    },
+];
+
+/// The torch hook behind an event's function code (`Cookie::Torch(index)`), if it is one.
+pub fn torch_hook(func: u32) -> Option<&'static CudaHook> {
+    match Cookie::decode(func)? {
+        Cookie::Torch(index) => TORCH_HOOKS.get(index as usize),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (version, symbol) of `torch_symbols.txt`: the real names, from the PyPI wheels.
+    fn real_symbols() -> Vec<(&'static str, &'static str)> {
+        include_str!("torch_symbols.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| l.split_once('\t').expect("VERSION<TAB>SYMBOL"))
+            .collect()
+    }
+
+    /// Every hooked form is a real symbol, and every real `record_trace` from 2.2 on is hooked.
+    #[test]
+    fn the_hook_table_matches_the_real_symbols_of_each_torch_version() {
+        let real = real_symbols();
+        for hook in TORCH_HOOKS {
+            assert!(
+                real.iter().any(|(_, s)| *s == hook.symbol),
+                "{} is in no torch version's library",
+                hook.prototype
+            );
+        }
+        let record_trace = real
+            .iter()
+            .filter(|(_, s)| s.contains("DeviceCachingAllocator12record_trace"));
+        for (version, symbol) in record_trace {
+            let hooked = TORCH_HOOKS.iter().any(|h| h.symbol == *symbol);
+            assert_eq!(hooked, *version != "2.1.2", "torch {version}: {symbol}");
+        }
+        assert!(real.iter().any(|(v, _)| *v == "2.11.0"));
+    }
+
+    #[test]
+    fn torch_cookies_find_their_hook() {
+        for (i, hook) in TORCH_HOOKS.iter().enumerate() {
+            let func = Cookie::Torch(i as u32).encode();
+            assert_eq!(torch_hook(func).map(|h| h.symbol), Some(hook.symbol));
+        }
+        assert!(torch_hook(Cookie::Runtime(0).encode()).is_none());
+    }
+}

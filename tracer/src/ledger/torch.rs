@@ -1,0 +1,578 @@
+//! The PyTorch caching-allocator layer: what PyTorch's CUDA allocator does inside the device
+//! memory the driver layer counts, from its own events (`DeviceCachingAllocator::record_trace`).
+//!
+//! Accounting rules (docs/accounting.md):
+//! - The driver classes (`cuda`, `cuda-vmm`) stay the device truth: a segment's bytes are counted
+//!   there, at the stack that called the driver. This layer splits the same bytes into two views
+//!   that are never added to a device total: `torch`, the live tensor blocks at their requested
+//!   size, charged to the stack that allocated each tensor; and `torch-cached`, the rest of each
+//!   segment (free blocks and rounding), charged to the stack that grew the segment.
+//! - A tensor is live from `ALLOC` to `FREE_REQUESTED`. Until `FREE_COMPLETED` (other streams
+//!   still use it) its bytes are `pending`: in neither view, still not reusable. So for every
+//!   device, `torch` + `torch-cached` + pending = reserved, to the byte, for the segments seen.
+//! - Fragmentation: the free holes of each segment, the gaps between its blocks, each block taken
+//!   at its size rounded up to 512 bytes (the allocator's smallest block); expandable segments'
+//!   mapped ranges that touch are one span. `1 − largest hole / free in holes` near 1 means the
+//!   free memory is in pieces too small for a large request.
+
+use std::collections::BTreeMap;
+
+use tracer_common::{TorchEvent, torch_action};
+
+use super::{CellRef, Ledger};
+use crate::model::{AllocatorFigures, AllocatorOom, Class, StackIndex};
+
+/// The caching allocator's smallest block: every block size is a multiple of it.
+const MIN_BLOCK: u64 = 512;
+
+/// A segment (or, with expandable segments, a mapped range of one).
+#[derive(Debug)]
+struct Segment {
+    size: u64,
+    /// Bytes of blocks (live or pending) inside it.
+    used: u64,
+    /// Its `torch-cached` cell.
+    cached_cell: u32,
+    /// A mapped range of an expandable segment (`SEGMENT_MAP`).
+    expandable: bool,
+}
+
+#[derive(Debug)]
+struct Block {
+    size: u64,
+    /// Its `torch` cell.
+    cell: u32,
+    /// Freed by its owner, still in use on another stream.
+    pending: bool,
+    /// The segments it lies in and its bytes in each (start address, bytes).
+    parts: Vec<(u64, u64)>,
+}
+
+/// The allocator of one device in one process.
+#[derive(Debug, Default)]
+struct DeviceCache {
+    segments: BTreeMap<u64, Segment>,
+    blocks: BTreeMap<u64, Block>,
+    reserved: u64,
+    allocated: u64,
+    pending: u64,
+    /// Changed since the last sample.
+    dirty: bool,
+}
+
+/// The caching-allocator layer of every traced process.
+#[derive(Default)]
+pub struct TorchLayer {
+    devices: BTreeMap<(u32, i32), DeviceCache>,
+    /// OOMs since the last `take_ooms`.
+    ooms: Vec<AllocatorOom>,
+    /// Frees of blocks never seen allocated (attached after they were made).
+    pub unmatched_frees: u64,
+}
+
+impl TorchLayer {
+    pub fn new() -> TorchLayer {
+        TorchLayer::default()
+    }
+
+    /// Applies one allocator event; `stack` is the allocator caller's (creating actions only).
+    pub fn apply(&mut self, ledger: &mut Ledger, ev: &TorchEvent, stack: Option<StackIndex>) {
+        let pid = ev.tgid;
+        let dev = self.devices.entry((pid, ev.device)).or_default();
+        dev.dirty = true;
+        match ev.action {
+            torch_action::SEGMENT_ALLOC | torch_action::SEGMENT_MAP => {
+                let expandable = ev.action == torch_action::SEGMENT_MAP;
+                dev.add_segment(ledger, pid, ev.addr, ev.size, stack, expandable);
+            }
+            torch_action::SEGMENT_FREE | torch_action::SEGMENT_UNMAP => {
+                dev.remove_range(ledger, ev.addr, ev.size);
+            }
+            torch_action::ALLOC => dev.alloc(ledger, pid, ev.addr, ev.size, stack),
+            torch_action::FREE_REQUESTED => {
+                let seen = dev.free_requested(ledger, ev.addr);
+                self.unmatched_frees += u64::from(!seen);
+            }
+            torch_action::FREE_COMPLETED => dev.free_completed(ledger, ev.addr),
+            torch_action::OOM => {
+                let figures = dev.figures(pid, ev.device);
+                self.ooms.push(AllocatorOom {
+                    t_s: 0,
+                    requested: ev.size,
+                    device_free: ev.addr,
+                    stack,
+                    figures,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// The figures of every device whose allocator changed since the last call.
+    pub fn take_changed(&mut self) -> Vec<AllocatorFigures> {
+        self.devices
+            .iter_mut()
+            .filter(|(_, d)| d.dirty)
+            .map(|(&(pid, device), d)| {
+                d.dirty = false;
+                d.figures(pid, device)
+            })
+            .collect()
+    }
+
+    /// The figures of every device now.
+    pub fn figures(&self) -> Vec<AllocatorFigures> {
+        self.devices
+            .iter()
+            .map(|(&(pid, device), d)| d.figures(pid, device))
+            .collect()
+    }
+
+    /// The OOMs since the last call, dated `t_s`.
+    pub fn take_ooms(&mut self, t_s: u64) -> Vec<AllocatorOom> {
+        let mut ooms = std::mem::take(&mut self.ooms);
+        for oom in &mut ooms {
+            oom.t_s = t_s;
+        }
+        ooms
+    }
+
+    /// The process replaced its image: its allocator is gone, and what the views held.
+    pub fn forget_process(&mut self, ledger: &mut Ledger, pid: u32) {
+        let gone: Vec<(u32, i32)> = self
+            .devices
+            .range((pid, i32::MIN)..=(pid, i32::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in gone {
+            if let Some(dev) = self.devices.remove(&key) {
+                dev.release_all(ledger);
+            }
+        }
+    }
+}
+
+impl DeviceCache {
+    fn add_segment(
+        &mut self,
+        ledger: &mut Ledger,
+        pid: u32,
+        addr: u64,
+        size: u64,
+        stack: Option<StackIndex>,
+        expandable: bool,
+    ) {
+        // A segment already there had its release lost: it goes first.
+        self.remove_range(ledger, addr, size);
+        let cached_cell = ledger.credit(CellRef::new(pid, Class::TorchCached, stack), size, true);
+        self.reserved += size;
+        let mut segment = Segment {
+            size,
+            used: 0,
+            cached_cell,
+            expandable,
+        };
+        // Blocks already inside (a range mapped under a live block of an expandable segment).
+        let end = addr.saturating_add(size);
+        let inside: Vec<u64> = self.blocks.range(..end).map(|(a, _)| *a).collect();
+        for a in inside {
+            let block = self.blocks.get_mut(&a).expect("listed");
+            let bytes = overlap((a, block.size), (addr, size));
+            if bytes > 0 {
+                block.parts.push((addr, bytes));
+                segment.used += bytes;
+                ledger.debit(cached_cell, bytes, false);
+            }
+        }
+        self.segments.insert(addr, segment);
+    }
+
+    /// Releases the segments (or the parts of them) in `[addr, addr + size)`.
+    fn remove_range(&mut self, ledger: &mut Ledger, addr: u64, size: u64) {
+        let end = addr.saturating_add(size);
+        let overlapping: Vec<u64> = self
+            .segments
+            .range(..end)
+            .filter(|(s, seg)| s.saturating_add(seg.size) > addr)
+            .map(|(s, _)| *s)
+            .collect();
+        for start in overlapping {
+            let seg = self.segments.remove(&start).expect("listed");
+            let seg_end = start + seg.size;
+            ledger.debit(seg.cached_cell, seg.size - seg.used, true);
+            self.reserved -= seg.size;
+            for block in self.blocks.values_mut() {
+                block.parts.retain(|(s, _)| *s != start);
+            }
+            // What the release leaves of it (a partial unmap) stays, in the same cell.
+            let keep = [(start, addr.min(seg_end)), (end.max(start), seg_end)];
+            for (k_start, k_end) in keep {
+                if k_end > k_start {
+                    self.keep_piece(ledger, k_start, k_end - k_start, &seg);
+                }
+            }
+        }
+    }
+
+    /// Re-adds the piece `[start, start + size)` of segment `old`, whose rest was released: its
+    /// used bytes recomputed from the blocks in it.
+    fn keep_piece(&mut self, ledger: &mut Ledger, start: u64, size: u64, old: &Segment) {
+        let end = start + size;
+        let mut used = 0;
+        for (&a, block) in self.blocks.range_mut(..end) {
+            let bytes = overlap((a, block.size), (start, size));
+            if bytes > 0 {
+                block.parts.push((start, bytes));
+                used += bytes;
+            }
+        }
+        ledger.credit_existing(old.cached_cell, size - used);
+        self.reserved += size;
+        self.segments.insert(
+            start,
+            Segment {
+                size,
+                used,
+                cached_cell: old.cached_cell,
+                expandable: old.expandable,
+            },
+        );
+    }
+
+    fn alloc(
+        &mut self,
+        ledger: &mut Ledger,
+        pid: u32,
+        addr: u64,
+        size: u64,
+        stack: Option<StackIndex>,
+    ) {
+        if self.blocks.contains_key(&addr) {
+            // Its release was lost.
+            self.free_requested(ledger, addr);
+            self.free_completed(ledger, addr);
+        }
+        let cell = ledger.credit(CellRef::new(pid, Class::Torch, stack), size, true);
+        self.allocated += size;
+        let end = addr.saturating_add(size);
+        let mut parts = Vec::new();
+        let overlapping: Vec<u64> = self
+            .segments
+            .range(..end)
+            .filter(|(s, seg)| s.saturating_add(seg.size) > addr)
+            .map(|(s, _)| *s)
+            .collect();
+        for start in overlapping {
+            let seg = self.segments.get_mut(&start).expect("listed");
+            let bytes = overlap((addr, size), (start, seg.size)).min(seg.size - seg.used);
+            if bytes > 0 {
+                seg.used += bytes;
+                ledger.debit(seg.cached_cell, bytes, false);
+                parts.push((start, bytes));
+            }
+        }
+        self.blocks.insert(
+            addr,
+            Block {
+                size,
+                cell,
+                pending: false,
+                parts,
+            },
+        );
+    }
+
+    /// The owner freed the block at `addr`; false if it was never seen allocated.
+    fn free_requested(&mut self, ledger: &mut Ledger, addr: u64) -> bool {
+        let Some(block) = self.blocks.get_mut(&addr) else {
+            return false;
+        };
+        if !block.pending {
+            block.pending = true;
+            ledger.debit(block.cell, block.size, true);
+            self.allocated -= block.size;
+            self.pending += block.size;
+        }
+        true
+    }
+
+    /// The block at `addr` is back in the cache.
+    fn free_completed(&mut self, ledger: &mut Ledger, addr: u64) {
+        if !self.blocks.get(&addr).is_some_and(|b| b.pending) {
+            self.free_requested(ledger, addr);
+        }
+        let Some(block) = self.blocks.remove(&addr) else {
+            return;
+        };
+        self.pending -= block.size;
+        for (start, bytes) in block.parts {
+            if let Some(seg) = self.segments.get_mut(&start) {
+                seg.used -= bytes;
+                ledger.credit_existing(seg.cached_cell, bytes);
+            }
+        }
+    }
+
+    fn release_all(self, ledger: &mut Ledger) {
+        for block in self.blocks.values().filter(|b| !b.pending) {
+            ledger.debit(block.cell, block.size, true);
+        }
+        for seg in self.segments.values() {
+            ledger.debit(seg.cached_cell, seg.size - seg.used, true);
+        }
+    }
+
+    fn figures(&self, pid: u32, device: i32) -> AllocatorFigures {
+        let (holes, hole_bytes, largest_hole) = self.holes();
+        AllocatorFigures {
+            pid,
+            device,
+            reserved: self.reserved,
+            allocated: self.allocated,
+            pending: self.pending,
+            segments: self.segments.len() as u64,
+            blocks: self.blocks.len() as u64,
+            holes,
+            hole_bytes,
+            largest_hole,
+        }
+    }
+
+    /// (count, bytes, largest) of the free holes: the gaps between blocks in each span of
+    /// segment memory, blocks at their size rounded up to `MIN_BLOCK`.
+    fn holes(&self) -> (u64, u64, u64) {
+        let (mut count, mut bytes, mut largest) = (0, 0, 0);
+        let mut gap = |len: u64| {
+            if len > 0 {
+                count += 1;
+                bytes += len;
+                largest = largest.max(len);
+            }
+        };
+        for (start, end) in self.spans() {
+            let mut at = start;
+            for (&a, block) in self.blocks.range(start..end) {
+                gap(a.saturating_sub(at));
+                at = at.max(a.saturating_add(block.size.div_ceil(MIN_BLOCK) * MIN_BLOCK));
+            }
+            gap(end.saturating_sub(at));
+        }
+        (count, bytes, largest)
+    }
+
+    /// Segment memory as contiguous spans: each segment alone, except the mapped ranges of an
+    /// expandable segment that touch, which are one.
+    fn spans(&self) -> Vec<(u64, u64)> {
+        let mut spans: Vec<(u64, u64, bool)> = Vec::new();
+        for (&start, seg) in &self.segments {
+            let end = start + seg.size;
+            match spans.last_mut() {
+                Some(last) if seg.expandable && last.2 && last.1 == start => last.1 = end,
+                _ => spans.push((start, end, seg.expandable)),
+            }
+        }
+        spans.into_iter().map(|(s, e, _)| (s, e)).collect()
+    }
+}
+
+/// Bytes the ranges `(start, len)` share.
+fn overlap(a: (u64, u64), b: (u64, u64)) -> u64 {
+    let start = a.0.max(b.0);
+    let end = a.0.saturating_add(a.1).min(b.0.saturating_add(b.1));
+    end.saturating_sub(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::event_kind;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn ev(action: u32, addr: u64, size: u64) -> TorchEvent {
+        TorchEvent {
+            kind: event_kind::TORCH,
+            tgid: 7,
+            action,
+            device: 0,
+            addr,
+            size,
+            stream: 1,
+            _pad: 0,
+            nframes: 0,
+            stack_flags: 0,
+        }
+    }
+
+    struct Run {
+        ledger: Ledger,
+        torch: TorchLayer,
+    }
+
+    impl Run {
+        fn new() -> Run {
+            Run {
+                ledger: Ledger::new(),
+                torch: TorchLayer::new(),
+            }
+        }
+        fn apply(&mut self, action: u32, addr: u64, size: u64, stack: u32) {
+            self.torch
+                .apply(&mut self.ledger, &ev(action, addr, size), Some(stack));
+        }
+        fn live(&self, class: Class, stack: u32) -> u64 {
+            self.ledger
+                .state(&BTreeMap::new())
+                .cells
+                .iter()
+                .filter(|(k, _)| k.class == class && k.stack == Some(stack))
+                .map(|(_, c)| c.live_bytes)
+                .sum()
+        }
+        fn total(&self, class: Class) -> u64 {
+            self.ledger.totals(class).live_bytes
+        }
+        fn figures(&self) -> AllocatorFigures {
+            self.torch.figures()[0]
+        }
+    }
+
+    use torch_action::*;
+
+    /// A per-request tensor served from cached segments: no new segment, and still found under
+    /// the stack that allocated it; the segments' bytes split exactly between the two views.
+    #[test]
+    fn a_leak_served_from_cache_is_charged_to_its_allocating_stack() {
+        let mut r = Run::new();
+        let (warm, request) = (1, 2);
+        let base = 0x7e00_0000_0000;
+        for i in 0..8 {
+            let seg = base + i * 16 * MIB;
+            r.apply(SEGMENT_ALLOC, seg, 16 * MIB, warm);
+            r.apply(ALLOC, seg, 16 * MIB, warm);
+        }
+        for i in 0..8 {
+            let seg = base + i * 16 * MIB;
+            r.apply(FREE_REQUESTED, seg, 16 * MIB, 0);
+            r.apply(FREE_COMPLETED, seg, 16 * MIB, 0);
+        }
+        for i in 0..5 {
+            r.apply(ALLOC, base + i * 16 * MIB, 16 * MIB, request);
+        }
+        assert_eq!(r.live(Class::Torch, request), 80 * MIB);
+        assert_eq!(r.live(Class::Torch, warm), 0);
+        assert_eq!(r.live(Class::TorchCached, warm), 48 * MIB);
+        assert_eq!(
+            r.total(Class::Torch) + r.total(Class::TorchCached),
+            128 * MIB
+        );
+        let f = r.figures();
+        assert_eq!(
+            (f.reserved, f.allocated, f.cached()),
+            (128 * MIB, 80 * MIB, 48 * MIB)
+        );
+        assert_eq!(
+            (f.holes, f.hole_bytes, f.largest_hole),
+            (3, 48 * MIB, 16 * MIB)
+        );
+    }
+
+    /// Freed on one stream while another still uses it: pending, in neither view, until it
+    /// completes.
+    #[test]
+    fn a_block_in_use_on_another_stream_is_pending_until_its_free_completes() {
+        let mut r = Run::new();
+        r.apply(SEGMENT_ALLOC, 0x1000_0000, 2 * MIB, 1);
+        r.apply(ALLOC, 0x1000_0000, 4096, 2);
+        r.apply(FREE_REQUESTED, 0x1000_0000, 4096, 0);
+        assert_eq!(r.total(Class::Torch), 0);
+        assert_eq!(r.total(Class::TorchCached), 2 * MIB - 4096);
+        assert_eq!(r.figures().pending, 4096);
+        r.apply(FREE_COMPLETED, 0x1000_0000, 4096, 0);
+        assert_eq!(r.total(Class::TorchCached), 2 * MIB);
+        assert_eq!(r.figures().pending, 0);
+        r.apply(SEGMENT_FREE, 0x1000_0000, 2 * MIB, 0);
+        assert_eq!(r.total(Class::TorchCached), 0);
+        assert_eq!(r.figures().reserved, 0);
+    }
+
+    /// The holes at an OOM, computed by hand: a 1 KiB block in a 2 MiB segment and the middle
+    /// one of three 16 MiB segments freed.
+    #[test]
+    fn an_oom_carries_the_fragmentation_at_that_moment() {
+        let mut r = Run::new();
+        r.apply(SEGMENT_ALLOC, 0x1000_0000, 2 * MIB, 1);
+        r.apply(ALLOC, 0x1000_0000, 1024, 1);
+        for i in 0..3 {
+            let seg = 0x2000_0000 + i * 16 * MIB;
+            r.apply(SEGMENT_ALLOC, seg, 16 * MIB, 2);
+            r.apply(ALLOC, seg, 16 * MIB, 2);
+        }
+        r.apply(FREE_REQUESTED, 0x2000_0000 + 16 * MIB, 16 * MIB, 0);
+        r.apply(FREE_COMPLETED, 0x2000_0000 + 16 * MIB, 16 * MIB, 0);
+        r.apply(OOM, 14 * MIB, 20 * MIB, 3);
+        let oom = &r.torch.take_ooms(3)[0];
+        assert_eq!(oom.t_s, 3);
+        assert_eq!(
+            (oom.requested, oom.device_free, oom.stack),
+            (20 * MIB, 14 * MIB, Some(3))
+        );
+        let f = oom.figures;
+        assert_eq!((f.reserved, f.allocated), (50 * MIB, 32 * MIB + 1024));
+        assert_eq!(
+            (f.holes, f.hole_bytes, f.largest_hole),
+            (2, 18 * MIB - 1024, 16 * MIB)
+        );
+        // 1 − 16 MiB / (18 MiB − 1 KiB), in thousandths.
+        assert_eq!(f.fragmentation_permille(), 111);
+    }
+
+    /// Expandable segments: mapped ranges that touch are one span; unmapping gives their bytes
+    /// back.
+    #[test]
+    fn expandable_segment_ranges_are_one_span_and_unmap_releases_them() {
+        let mut r = Run::new();
+        let base = 0x4000_0000;
+        r.apply(SEGMENT_MAP, base, 2 * MIB, 1);
+        r.apply(SEGMENT_MAP, base + 2 * MIB, 2 * MIB, 1);
+        // A block across both ranges.
+        r.apply(ALLOC, base + MIB, 2 * MIB, 2);
+        assert_eq!(r.live(Class::TorchCached, 1), 2 * MIB);
+        assert_eq!(r.figures().holes, 2);
+        r.apply(FREE_REQUESTED, base + MIB, 2 * MIB, 0);
+        r.apply(FREE_COMPLETED, base + MIB, 2 * MIB, 0);
+        let f = r.figures();
+        assert_eq!(
+            (f.holes, f.hole_bytes, f.largest_hole),
+            (1, 4 * MIB, 4 * MIB)
+        );
+        r.apply(SEGMENT_UNMAP, base + 2 * MIB, 2 * MIB, 0);
+        assert_eq!(r.total(Class::TorchCached), 2 * MIB);
+        assert_eq!(r.figures().reserved, 2 * MIB);
+        // A partial unmap keeps the rest of the range.
+        r.apply(SEGMENT_UNMAP, base + MIB, MIB, 0);
+        assert_eq!(r.total(Class::TorchCached), MIB);
+        assert_eq!(r.figures().segments, 1);
+    }
+
+    /// An exec forgets the allocator and gives back what both views held.
+    #[test]
+    fn forgetting_a_process_empties_both_views() {
+        let mut r = Run::new();
+        r.apply(SEGMENT_ALLOC, 0x1000_0000, 2 * MIB, 1);
+        r.apply(ALLOC, 0x1000_0000, 4096, 2);
+        r.torch.forget_process(&mut r.ledger, 7);
+        assert_eq!(r.total(Class::Torch) + r.total(Class::TorchCached), 0);
+        assert!(r.torch.figures().is_empty());
+    }
+
+    #[test]
+    fn a_free_of_a_block_never_seen_is_unmatched() {
+        let mut r = Run::new();
+        r.apply(FREE_REQUESTED, 0x1000, 4096, 0);
+        r.apply(FREE_COMPLETED, 0x1000, 4096, 0);
+        assert_eq!(r.torch.unmatched_frees, 1);
+        assert_eq!(r.total(Class::Torch), 0);
+    }
+}
