@@ -80,6 +80,31 @@ pub(crate) mod fixture {
     /// Stack index of the churning `churn` stack: allocated and freed, nothing live.
     pub const CHURN_STACK: u32 = 9;
 
+    /// PID 7's device 0 allocator: `reserved`, `allocated`, segments, blocks, holes (the
+    /// smallest of 2 MiB − 1 KiB, the rest in the largest).
+    fn torch_figures(
+        reserved: u64,
+        allocated: u64,
+        segments: u64,
+        blocks: u64,
+        holes: u64,
+        largest_hole: u64,
+    ) -> crate::model::AllocatorFigures {
+        let hole_bytes = reserved - allocated;
+        crate::model::AllocatorFigures {
+            pid: 7,
+            device: 0,
+            reserved,
+            allocated,
+            pending: 0,
+            segments,
+            blocks,
+            holes,
+            hole_bytes,
+            largest_hole,
+        }
+    }
+
     pub fn recorded() -> Recorded {
         let mut ledger = Ledger::new();
         let mut series: Vec<SeriesPoint> = Vec::new();
@@ -212,8 +237,25 @@ pub(crate) mod fixture {
                 used: 3 << 30,
                 traced: (2 << 30) + (512 << 20),
             }],
-            torch: Vec::new(),
-            torch_ooms: Vec::new(),
+            // A caching allocator that grew from 2 to 50 MiB reserved, then failed a 20 MiB
+            // request with 16 MiB of its 18 MiB free in one hole.
+            torch: vec![
+                crate::model::AllocatorSample {
+                    t_s: 1,
+                    figures: torch_figures(2 << 20, 1024, 1, 1, 1, (2 << 20) - 1024),
+                },
+                crate::model::AllocatorSample {
+                    t_s: 4,
+                    figures: torch_figures(50 << 20, (32 << 20) + 1024, 2, 3, 2, 16 << 20),
+                },
+            ],
+            torch_ooms: vec![crate::model::AllocatorOom {
+                t_s: 4,
+                requested: 20 << 20,
+                device_free: 14 << 20,
+                stack: Some(CHURN_STACK),
+                figures: torch_figures(50 << 20, (32 << 20) + 1024, 2, 3, 2, 16 << 20),
+            }],
             gpu_source: Some("recorded samples".into()),
             stack_capture: Some(crate::model::StackCapture {
                 mode: "auto".into(),

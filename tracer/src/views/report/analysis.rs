@@ -10,8 +10,8 @@ use tracer_common::drop_cause;
 use super::{GpuResidual, Waterfall};
 use crate::{
     model::{
-        AmountsByStack, CallCounts, CellKey, Class, FailureKey, GpuSample, StackCounters,
-        StackIndex,
+        AllocatorFigures, AmountsByStack, CallCounts, CellKey, Class, FailureKey, GpuSample,
+        StackCounters, StackIndex,
     },
     recording::{ProcessExit, Recorded},
 };
@@ -141,6 +141,76 @@ pub(super) fn cuda_calls_by_function(rec: &Recorded) -> Vec<((u32, &str), CallCo
     let mut rows: Vec<_> = by_function.into_iter().collect();
     rows.sort_by(|a, b| b.1.calls.cmp(&a.1.calls).then_with(|| a.0.cmp(&b.0)));
     rows
+}
+
+/// A PyTorch caching allocator (one process, one device) over the recording.
+#[derive(serde::Serialize, Clone, Debug, PartialEq)]
+pub struct AllocatorSummary {
+    pub pid: u32,
+    pub device: i32,
+    /// Seconds of its first and last samples.
+    pub first_t_s: u64,
+    pub last_t_s: u64,
+    /// Its figures at the last sample.
+    pub reserved: u64,
+    pub allocated: u64,
+    pub pending: u64,
+    /// Reserved, neither allocated nor pending.
+    pub cached: u64,
+    pub segments: u64,
+    pub blocks: u64,
+    pub holes: u64,
+    pub hole_bytes: u64,
+    pub largest_hole: u64,
+    /// `1 − largest hole / bytes in holes` (0 without holes), three decimals.
+    pub fragmentation: f64,
+    pub peak_reserved: u64,
+    pub peak_allocated: u64,
+    /// Last minus first sample.
+    pub reserved_growth: i64,
+    pub allocated_growth: i64,
+}
+
+/// `1 − largest hole / bytes in holes` of `f`, to three decimals.
+pub fn fragmentation(f: &AllocatorFigures) -> f64 {
+    f.fragmentation_permille() as f64 / 1000.0
+}
+
+/// Each caching allocator's last figures, peaks and growth over the recording.
+pub fn allocator_summaries(rec: &Recorded) -> Vec<AllocatorSummary> {
+    let mut by_device: BTreeMap<(u32, i32), Vec<(u64, &AllocatorFigures)>> = BTreeMap::new();
+    for s in &rec.torch {
+        let key = (s.figures.pid, s.figures.device);
+        by_device.entry(key).or_default().push((s.t_s, &s.figures));
+    }
+    by_device
+        .into_iter()
+        .filter_map(|((pid, device), samples)| {
+            let (first_t, first) = *samples.first()?;
+            let (last_t, last) = *samples.last()?;
+            let d = |a: u64, b: u64| b as i64 - a as i64;
+            Some(AllocatorSummary {
+                pid,
+                device,
+                first_t_s: first_t,
+                last_t_s: last_t,
+                reserved: last.reserved,
+                allocated: last.allocated,
+                pending: last.pending,
+                cached: last.cached(),
+                segments: last.segments,
+                blocks: last.blocks,
+                holes: last.holes,
+                hole_bytes: last.hole_bytes,
+                largest_hole: last.largest_hole,
+                fragmentation: fragmentation(last),
+                peak_reserved: samples.iter().map(|(_, f)| f.reserved).max().unwrap_or(0),
+                peak_allocated: samples.iter().map(|(_, f)| f.allocated).max().unwrap_or(0),
+                reserved_growth: d(first.reserved, last.reserved),
+                allocated_growth: d(first.allocated, last.allocated),
+            })
+        })
+        .collect()
 }
 
 /// The last GPU sample of each process.

@@ -8,8 +8,8 @@ use serde::Serialize;
 use super::{
     GpuResidual, Waterfall,
     analysis::{
-        by_amount, cells_by_live_bytes, failures_by_count, gpu_residuals, lost_events, per_process,
-        target_exit, waterfall,
+        AllocatorSummary, allocator_summaries, by_amount, cells_by_live_bytes, failures_by_count,
+        fragmentation, gpu_residuals, lost_events, per_process, target_exit, waterfall,
     },
 };
 use crate::{
@@ -47,6 +47,8 @@ struct JsonReport<'a> {
     /// Non-allocating CUDA driver calls (graphs, pools, IPC, registration, contexts, modules) by
     /// process, function and stack.
     cuda_calls: Vec<JsonCudaCalls<'a>>,
+    /// PyTorch's caching allocators: figures per process and device, and OOMs.
+    torch_allocator: JsonTorchAllocator,
     /// How stacks were taken (`record --stack`); null for an older recording.
     stack_capture: Option<&'a StackCapture>,
     /// Why the recording ended; null unless finalized.
@@ -65,6 +67,32 @@ struct JsonCudaCalls<'a> {
     function: &'a str,
     calls: u64,
     failed: u64,
+    stack: Option<StackIndex>,
+    frames: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct JsonTorchAllocator {
+    allocators: Vec<AllocatorSummary>,
+    ooms: Vec<JsonTorchOom>,
+}
+
+#[derive(Serialize)]
+struct JsonTorchOom {
+    t_s: u64,
+    pid: u32,
+    device: i32,
+    requested: u64,
+    /// Free device bytes the allocator saw.
+    device_free: u64,
+    /// The allocator's figures right before.
+    reserved: u64,
+    allocated: u64,
+    pending: u64,
+    holes: u64,
+    hole_bytes: u64,
+    largest_hole: u64,
+    fragmentation: f64,
     stack: Option<StackIndex>,
     frames: Vec<String>,
 }
@@ -161,6 +189,10 @@ pub(super) fn render(rec: &Recorded) -> String {
         },
         stack_capture: rec.stack_capture.as_ref(),
         cuda_calls: cuda_calls(rec),
+        torch_allocator: JsonTorchAllocator {
+            allocators: allocator_summaries(rec),
+            ooms: torch_ooms(rec),
+        },
         released: released(rec),
         page_faults: page_faults(rec),
         stop_reason: rec.stop_reason.as_deref(),
@@ -205,6 +237,31 @@ fn failures(rec: &Recorded) -> Vec<JsonFailure<'_>> {
             error: &key.error,
             stack: key.stack,
             frames: rec.frames(key.stack),
+        })
+        .collect()
+}
+
+fn torch_ooms(rec: &Recorded) -> Vec<JsonTorchOom> {
+    rec.torch_ooms
+        .iter()
+        .map(|o| {
+            let f = &o.figures;
+            JsonTorchOom {
+                t_s: o.t_s,
+                pid: f.pid,
+                device: f.device,
+                requested: o.requested,
+                device_free: o.device_free,
+                reserved: f.reserved,
+                allocated: f.allocated,
+                pending: f.pending,
+                holes: f.holes,
+                hole_bytes: f.hole_bytes,
+                largest_hole: f.largest_hole,
+                fragmentation: fragmentation(f),
+                stack: o.stack,
+                frames: rec.frames(o.stack),
+            }
         })
         .collect()
 }

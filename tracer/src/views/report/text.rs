@@ -3,8 +3,9 @@
 use std::fmt::Write as _;
 
 use super::analysis::{
-    StackAmount, by_amount, cells_by_live_bytes, class_growth, cuda_calls_by_function, deaths,
-    failures_by_count, gpu_residuals, growth, last_seconds, lost_events, per_process, waterfall,
+    StackAmount, allocator_summaries, by_amount, cells_by_live_bytes, class_growth,
+    cuda_calls_by_function, deaths, failures_by_count, fragmentation, gpu_residuals, growth,
+    last_seconds, lost_events, per_process, waterfall,
 };
 use crate::{
     escape::{self, for_terminal},
@@ -97,6 +98,7 @@ pub(super) fn render(rec: &Recorded) -> String {
     text_deaths(&mut out, rec);
     text_header(&mut out, rec);
     text_totals(&mut out, rec);
+    text_torch_allocator(&mut out, rec);
     text_processes(&mut out, rec);
     text_live_stacks(&mut out, rec);
     text_failures(&mut out, rec);
@@ -531,6 +533,73 @@ fn text_stack_capture(out: &mut String, rec: &Recorded) {
         s.truncated,
         s.fp_under_pressure
     );
+}
+
+/// PyTorch's caching allocators: what they hold, how it is split, how fragmented, and their
+/// OOMs with the figures right before.
+fn text_torch_allocator(out: &mut String, rec: &Recorded) {
+    let summaries = allocator_summaries(rec);
+    if summaries.is_empty() && rec.torch_ooms.is_empty() {
+        return;
+    }
+    out.push_str(
+        "\nPyTorch caching allocator (`torch` + `torch-cached` + pending = reserved: a view \
+         inside the device classes, not added to them)\n",
+    );
+    for a in &summaries {
+        let _ = writeln!(
+            out,
+            "  PID {} device {}: reserved {} (peak {}), allocated {} (peak {}), cached {}, \
+             pending {}",
+            a.pid,
+            a.device,
+            human_bytes(a.reserved),
+            human_bytes(a.peak_reserved),
+            human_bytes(a.allocated),
+            human_bytes(a.peak_allocated),
+            human_bytes(a.cached),
+            human_bytes(a.pending)
+        );
+        let _ = writeln!(
+            out,
+            "      {} in {}, {} free in {}, largest {}, fragmentation {:.3}",
+            count_of(a.blocks, "block"),
+            count_of(a.segments, "segment"),
+            human_bytes(a.hole_bytes),
+            count_of(a.holes, "hole"),
+            human_bytes(a.largest_hole),
+            a.fragmentation
+        );
+        let _ = writeln!(
+            out,
+            "      from {} s to {} s: reserved {}{}, allocated {}{}",
+            a.first_t_s,
+            a.last_t_s,
+            if a.reserved_growth > 0 { "+" } else { "" },
+            signed_bytes(a.reserved_growth),
+            if a.allocated_growth > 0 { "+" } else { "" },
+            signed_bytes(a.allocated_growth)
+        );
+    }
+    for o in &rec.torch_ooms {
+        let f = &o.figures;
+        let _ = writeln!(
+            out,
+            "  OOM at {} s, PID {} device {}: asked {} with {} free on the device; reserved {}, \
+             allocated {}, largest hole {} of {} free, fragmentation {:.3}",
+            o.t_s,
+            f.pid,
+            f.device,
+            human_bytes(o.requested),
+            human_bytes(o.device_free),
+            human_bytes(f.reserved),
+            human_bytes(f.allocated),
+            human_bytes(f.largest_hole),
+            human_bytes(f.hole_bytes),
+            fragmentation(f)
+        );
+        let _ = writeln!(out, "      {}", frames_line(&rec.frames(o.stack)));
+    }
 }
 
 fn text_gpu(out: &mut String, rec: &Recorded) {
