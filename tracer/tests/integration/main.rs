@@ -17,4 +17,5 @@ mod record_oom;
 mod record_python;
 mod record_rss;
 mod record_stacks;
+mod record_torch;
 mod unwind;
