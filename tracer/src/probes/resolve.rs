@@ -108,19 +108,46 @@ fn cuda_points<'data, R: ReadRef<'data>>(
 
 /// The CUDA driver a process maps (`libcuda.so*`), with the file offsets of the hooked CUDA
 /// symbols it defines, in `CUDA_HOOKS` order; `None` if it maps none.
-pub fn find_cuda_driver(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
-    find_cuda_object(pid, maps, "libcuda.so", CUDA_HOOKS, Cookie::Cuda)
+/// Objects whose inode `skip` names are not read (hooked already).
+pub fn find_cuda_driver(
+    pid: u32,
+    maps: &[Mapping],
+    skip: impl Fn(u64) -> bool,
+) -> Option<CudaObject> {
+    find_cuda_object(pid, maps, "libcuda.so", CUDA_HOOKS, Cookie::Cuda, skip)
 }
 
 /// The CUDA runtime a process maps as a shared library (`libcudart.so*`), with `RUNTIME_HOOKS`.
-pub fn find_cuda_runtime(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
-    find_cuda_object(pid, maps, "libcudart.so", RUNTIME_HOOKS, Cookie::Runtime)
+pub fn find_cuda_runtime(
+    pid: u32,
+    maps: &[Mapping],
+    skip: impl Fn(u64) -> bool,
+) -> Option<CudaObject> {
+    find_cuda_object(
+        pid,
+        maps,
+        "libcudart.so",
+        RUNTIME_HOOKS,
+        Cookie::Runtime,
+        skip,
+    )
 }
 
 /// PyTorch's CUDA library (`libc10_cuda.so`) of a process, with the `TORCH_HOOKS` forms its
 /// `.symtab` defines (none: a torch version whose allocator alloctrace does not know).
-pub fn find_torch_allocator(pid: u32, maps: &[Mapping]) -> Option<CudaObject> {
-    find_cuda_object(pid, maps, "libc10_cuda.so", TORCH_HOOKS, Cookie::Torch)
+pub fn find_torch_allocator(
+    pid: u32,
+    maps: &[Mapping],
+    skip: impl Fn(u64) -> bool,
+) -> Option<CudaObject> {
+    find_cuda_object(
+        pid,
+        maps,
+        "libc10_cuda.so",
+        TORCH_HOOKS,
+        Cookie::Torch,
+        skip,
+    )
 }
 
 /// Objects of `pid` with a CUDA runtime linked in statically (executables built by nvcc, NCCL,
@@ -182,11 +209,16 @@ fn find_cuda_object(
     name_prefix: &str,
     hooks: &'static [crate::hooks::CudaHook],
     cookie: fn(u32) -> Cookie,
+    skip: impl Fn(u64) -> bool,
 ) -> Option<CudaObject> {
     let m = maps.iter().find(|m| {
         let base = m.path.rsplit('/').next().unwrap_or(&m.path);
         m.executable && base.starts_with(name_prefix)
     })?;
+    // Read once: the driver is tens of megabytes, and this runs whenever code is mapped.
+    if skip(m.inode) {
+        return None;
+    }
     let open_path = open_path(pid, m);
     let data = elf::read(&open_path).ok()?;
     let points = cuda_points(&Elf::parse(&open_path, &*data).ok()?, hooks);

@@ -307,11 +307,15 @@ impl Recorder {
         if self.exits.has_pending() {
             self.exits.resolve();
         }
+        // Process events first: an exec forgets the old image's interpreter, and the new image
+        // may have mapped its own in the same batch.
+        self.on_process_events()?;
         for p in self.sink.take_code_mapped() {
             self.sink.refresh_code_of(p);
             detect_python(p, &mut self.sink, &mut self.probes);
+            // A CUDA library or PyTorch's is hooked as soon as it is mapped (also each second).
+            hook_cuda(p, &mut self.probes, &mut self.cuda_hooked);
         }
-        self.on_process_events()?;
         let allocator = self.allocator.as_ref();
         self.processes
             .attach_after_exec(allocator, &mut self.probes);

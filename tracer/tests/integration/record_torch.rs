@@ -97,6 +97,33 @@ fn live(r: &serde_json::Value, class: &str, function: &str) -> (u64, u64) {
     (json_sum(&rows, "live_bytes"), json_sum(&rows, "live_count"))
 }
 
+/// (live bytes, live blocks) of `class` in rows with the Python frame of `function` (Python
+/// frames read "function (file:line)").
+fn python_live(r: &serde_json::Value, class: &str, function: &str) -> (u64, u64) {
+    let prefix = format!("{function} (");
+    let rows: Vec<&serde_json::Value> = r["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["class"] == class)
+        .filter(|row| {
+            let frames = row["frames"].as_array().unwrap();
+            frames
+                .iter()
+                .any(|f| f.as_str().is_some_and(|f| f.starts_with(&prefix)))
+        })
+        .collect();
+    (json_sum(&rows, "live_bytes"), json_sum(&rows, "live_count"))
+}
+
+fn python3() -> String {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 is needed for this test");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// The one allocator of the report.
 fn allocator(r: &serde_json::Value) -> &serde_json::Value {
     let all = r["torch_allocator"]["allocators"].as_array().unwrap();
@@ -283,15 +310,7 @@ fn an_unknown_torch_version_is_said_in_one_line() {
 #[test]
 fn tensors_allocated_from_python_are_charged_to_the_python_function() {
     require_privileges!();
-    let python = String::from_utf8(
-        Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .expect("python3 is needed for this test")
-            .stdout,
-    )
-    .unwrap();
-    let mut cmd = Command::new(python.trim());
+    let mut cmd = Command::new(python3());
     cmd.arg(fixture_source("py_torch_fixture.py"))
         .arg(stub_c10_cuda(211));
     let mut target = TestProcess::spawn("python3 py_torch_fixture.py", cmd);
@@ -299,30 +318,13 @@ fn tensors_allocated_from_python_are_charged_to_the_python_function() {
     let mut s = common::Session::attach_and_run(target, "py_torch", &[]);
     s.end(libc::SIGINT);
     let r = report_value(&s.trace);
-    // Python frames read "function (file:line)".
-    let python_live = |class: &str, function: &str| -> (u64, u64) {
-        let rows: Vec<&serde_json::Value> = r["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|row| row["class"] == class)
-            .filter(|row| {
-                let frames = row["frames"].as_array().unwrap();
-                frames.iter().any(|f| {
-                    f.as_str()
-                        .is_some_and(|f| f.starts_with(&format!("{function} (")))
-                })
-            })
-            .collect();
-        (json_sum(&rows, "live_bytes"), json_sum(&rows, "live_count"))
-    };
     assert_eq!(
-        python_live("torch", "handle_request"),
+        python_live(&r, "torch", "handle_request"),
         (48 * MIB, 3),
         "{r:#}"
     );
     assert_eq!(
-        python_live("torch-cached", "warm_cache").0,
+        python_live(&r, "torch-cached", "warm_cache").0,
         16 * MIB,
         "{r:#}"
     );
@@ -334,5 +336,36 @@ fn tensors_allocated_from_python_are_charged_to_the_python_function() {
         ),
         [66 * MIB, 48 * MIB, 18 * MIB, 2, 16 * MIB],
         "{a:#}"
+    );
+}
+
+/// A Python server launched through a wrapper that execs the interpreter (a shell script, `env`,
+/// pyenv's shim): the exec and the interpreter's own code arrive in one batch of events, and
+/// its frames must still be read from the new image on.
+#[test]
+fn python_launched_through_an_exec_keeps_its_python_frames() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("exec.trace");
+    let script = format!(
+        "exec {} {} {}",
+        python3(),
+        fixture_source("py_torch_fixture.py").display(),
+        stub_c10_cuda(211).display()
+    );
+    let mut cmd = common::alloctrace_cmd(&["record", "-o"]);
+    cmd.arg(&trace).args(["--", "sh", "-c", &script]);
+    let mut recorder = TestProcess::spawn("record -- sh -c exec python3", cmd);
+    recorder.expect_stdout("ready");
+    recorder.expect_stderr_prefix("hooked");
+    recorder.send_line("go");
+    recorder.expect_stdout("done");
+    recorder.close_stdin();
+    recorder.wait_success();
+    let r = report_value(&trace);
+    assert_eq!(
+        python_live(&r, "torch", "handle_request"),
+        (48 * MIB, 3),
+        "{r:#}"
     );
 }
