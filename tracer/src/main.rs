@@ -13,7 +13,7 @@ use alloctrace::{
     probes::{ProbeConfig, StackMode},
     recording::{Reader, SeriesRead},
     session::{self, RecordOptions, TargetSpec},
-    views::{flamegraph, report},
+    views::{flamegraph, names, report},
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -58,6 +58,11 @@ enum Command {
         /// Overwrite OUT if it exists.
         #[arg(short, long)]
         force: bool,
+        /// Text: every frame and whole C++ names (by default stacks start past the allocator's
+        /// own functions and C++ names lose argument lists and template arguments; the JSON
+        /// always has everything).
+        #[arg(long)]
+        full_names: bool,
     },
     /// Render live bytes by stack as a flamegraph SVG (root frames are the classes).
     Flamegraph {
@@ -74,6 +79,9 @@ enum Command {
         /// (sampled page faults), by stack: which code made RSS grow.
         #[arg(long, value_enum, default_value_t = GraphKind::Live)]
         kind: GraphKind,
+        /// Every frame and whole C++ names (see `report --full-names`).
+        #[arg(long)]
+        full_names: bool,
     },
     /// Print the table of hooked functions (Markdown; docs/hooks.md is this output).
     Hooks,
@@ -220,14 +228,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             output,
             force,
-        } => report(&file, format, output.as_deref(), force)?,
+            full_names,
+        } => report(&file, format, output.as_deref(), force, full_names)?,
         Command::Flamegraph {
             file,
             output,
             force,
             title,
             kind,
-        } => flamegraph(&file, &output, force, title, kind)?,
+            full_names,
+        } => flamegraph(&file, &output, force, title, kind, full_names)?,
         Command::Hooks => print!("{}", hooks::markdown()),
     }
     Ok(ExitCode::SUCCESS)
@@ -289,7 +299,13 @@ fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         .map_or(ExitCode::SUCCESS, ExitCode::from))
 }
 
-fn report(file: &Path, format: Format, output: Option<&Path>, force: bool) -> anyhow::Result<()> {
+fn report(
+    file: &Path,
+    format: Format,
+    output: Option<&Path>,
+    force: bool,
+    full_names: bool,
+) -> anyhow::Result<()> {
     if let Some(out) = output {
         output::check_destination(out, force)?;
     }
@@ -298,9 +314,14 @@ fn report(file: &Path, format: Format, output: Option<&Path>, force: bool) -> an
         Format::Text => SeriesRead::Endpoints,
         Format::Json => SeriesRead::Nothing,
     };
-    let recorded = Reader::open_with(file, series)?;
+    let mut recorded = Reader::open_with(file, series)?;
     let text = match format {
-        Format::Text => report::render_text(&recorded),
+        Format::Text => {
+            if !full_names {
+                names::use_display_names(&mut recorded);
+            }
+            report::render_text(&recorded)
+        }
         Format::Json => report::render_json(&recorded),
     };
     match output {
@@ -316,9 +337,13 @@ fn flamegraph(
     force: bool,
     title: Option<String>,
     kind: GraphKind,
+    full_names: bool,
 ) -> anyhow::Result<()> {
     output::check_destination(output, force)?;
-    let recorded = Reader::open_with(file, SeriesRead::Nothing)?;
+    let mut recorded = Reader::open_with(file, SeriesRead::Nothing)?;
+    if !full_names {
+        names::use_display_names(&mut recorded);
+    }
     let mut options = flamegraph::FlamegraphOptions::default();
     if let GraphKind::Faults = kind {
         options.kind = flamegraph::Kind::Faults;

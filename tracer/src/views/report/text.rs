@@ -18,6 +18,9 @@ use crate::{
 const TEXT_TOP_STACKS: usize = 20;
 /// How many growing stacks the text report lists.
 const TEXT_TOP_GROWING: usize = 10;
+/// The longest class name (`cuda-registered`): the class column's width.
+const CLASS_WIDTH: usize = 15;
+
 /// Frames shown per stack in the text report; the JSON has them all.
 const TEXT_FRAMES: usize = 8;
 
@@ -250,15 +253,24 @@ fn text_totals(out: &mut String, rec: &Recorded) {
         let _ = writeln!(out, "{nothing}");
         return;
     }
+    // Classes that saw nothing are left out: most recordings use three or four of them.
+    let used: Vec<_> = (rec.state.totals.iter())
+        .filter(|(_, t)| t.allocated_count > 0 || t.live_bytes > 0 || t.peak_bytes > 0)
+        .collect();
+    if used.is_empty() {
+        let _ = writeln!(out, "  no allocation was seen");
+        return;
+    }
+    let w = CLASS_WIDTH;
     let _ = writeln!(
         out,
-        "  {:<6} {:>22} {:>12} {:>22} {:>22} {:>13} {:>13}",
+        "  {:<w$} {:>22} {:>12} {:>22} {:>22} {:>13} {:>13}",
         "class", "live", "live blocks", "peak", "allocated", "alloc blocks", "freed blocks"
     );
-    for (class, t) in &rec.state.totals {
+    for (class, t) in used {
         let _ = writeln!(
             out,
-            "  {:<6} {:>22} {:>12} {:>22} {:>22} {:>13} {:>13}",
+            "  {:<w$} {:>22} {:>12} {:>22} {:>22} {:>13} {:>13}",
             class.name(),
             bytes_exact(t.live_bytes),
             t.live_count,
@@ -375,10 +387,14 @@ fn text_growth(out: &mut String, rec: &Recorded) {
         "\nGrowth from {} s to {} s (live bytes)",
         g.first_t, g.last_t
     );
+    let w = CLASS_WIDTH;
     for (class, (first, last)) in class_growth(rec, g.first_t) {
+        if first == 0 && last == 0 {
+            continue;
+        }
         let _ = writeln!(
             out,
-            "  {:<6} {} at {} s -> {} at {} s ({})",
+            "  {:<w$} {} at {} s -> {} at {} s ({})",
             class.name(),
             human_bytes(first),
             g.first_t,
@@ -570,6 +586,9 @@ fn text_torch_allocator(out: &mut String, rec: &Recorded) {
             human_bytes(a.largest_hole),
             a.fragmentation
         );
+        if a.first_t_s == a.last_t_s {
+            continue;
+        }
         let _ = writeln!(
             out,
             "      from {} s to {} s: reserved {}{}, allocated {}{}",
@@ -643,6 +662,28 @@ mod tests {
         recording::STACK_LOST,
         views::{fixture, report::render_text},
     };
+
+    /// Classes that saw nothing have no row, in the totals or the growth.
+    #[test]
+    fn classes_that_saw_nothing_are_left_out() {
+        let mut rec = fixture::recorded();
+        rec.state
+            .totals
+            .insert(crate::model::Class::CudaIpc, Default::default());
+        let text = render_text(&rec);
+        assert!(!text.contains("cuda-ipc"), "{text}");
+        assert!(text.contains("\n  heap  "), "{text}");
+    }
+
+    #[test]
+    fn the_class_column_holds_every_class_name() {
+        let longest = crate::model::Class::ALL
+            .iter()
+            .map(|c| c.name().len())
+            .max()
+            .unwrap();
+        assert_eq!(longest, CLASS_WIDTH);
+    }
 
     #[test]
     fn text_matches_golden() {
