@@ -71,6 +71,9 @@ pub struct TorchEvent {
     pub size: u64,
     /// The CUDA stream (an opaque pointer).
     pub stream: u64,
+    /// The memory pool (`MempoolId_t`): {0, 0} for the default pools, else a CUDA graph's or a
+    /// user's private pool. Zero where the form of `record_trace` does not pass it.
+    pub pool: [u64; 2],
     pub _pad: u32,
     pub nframes: u16,
     pub stack_flags: u16,
@@ -344,8 +347,8 @@ const _: () = assert!(size_of::<MapEvent>() == 72);
 const _: () = assert!(size_of::<ProcEvent>() == 16);
 const _: () = assert!(size_of::<FaultEvent>() == 24);
 const _: () = assert!(size_of::<CudaCallEvent>() == 72);
-const _: () = assert!(size_of::<TorchEvent>() == 48);
-const _: () = assert!(size_of::<StackRecord<TorchEvent>>() == 48 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<TorchEvent>() == 64);
+const _: () = assert!(size_of::<StackRecord<TorchEvent>>() == 64 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<CudaCallSlot>() == 64);
 const _: () = assert!(size_of::<SyscallArgs>() == 48);
 const _: () = assert!(size_of::<InflightCall>() == 56);

@@ -2,10 +2,15 @@
 //! which the allocator calls for every event it has (tensor blocks handed out and returned,
 //! segments obtained and released, OOM), whether or not its own history recording is on.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::uprobe,
+    programs::ProbeContext,
+};
 use tracer_common::{TorchEvent, event_kind, torch_action};
 
 use crate::{
+    arch::first_stack_argument,
     maps::{TORCH_SCRATCH, scratch},
     ring::{Wakeup, output_event},
     stack::{StackBudget, StackStart, emit_with_stack},
@@ -17,6 +22,26 @@ use crate::{
 /// releases need none.
 #[uprobe]
 pub fn torch_record_trace(ctx: ProbeContext) -> u32 {
+    emit(&ctx, [0, 0])
+}
+
+/// The forms (torch 2.8 on) whose seventh argument is the pool (`MempoolId_t`, two words passed
+/// in memory, above the return address).
+#[uprobe]
+pub fn torch_record_trace_pool(ctx: ProbeContext) -> u32 {
+    let at = first_stack_argument(&ctx);
+    // SAFETY: bpf_probe_read_user checks the user addresses.
+    let pool = unsafe {
+        [
+            bpf_probe_read_user(at as *const u64).unwrap_or(0),
+            bpf_probe_read_user((at + 8) as *const u64).unwrap_or(0),
+        ]
+    };
+    emit(&ctx, pool)
+}
+
+#[inline(always)]
+fn emit(ctx: &ProbeContext, pool: [u64; 2]) -> u32 {
     let action: u64 = ctx.arg(1).unwrap_or(u64::MAX);
     let event = TorchEvent {
         kind: event_kind::TORCH,
@@ -27,6 +52,7 @@ pub fn torch_record_trace(ctx: ProbeContext) -> u32 {
         addr: ctx.arg(2).unwrap_or(0),
         size: ctx.arg(3).unwrap_or(0),
         stream: ctx.arg(4).unwrap_or(0),
+        pool,
         _pad: 0,
         nframes: 0,
         stack_flags: 0,
@@ -48,6 +74,6 @@ pub fn torch_record_trace(ctx: ProbeContext) -> u32 {
     // SAFETY: the per-CPU scratch is ours until this program returns.
     let record = unsafe { &mut *record };
     record.event = event;
-    emit_with_stack(record, StackStart::at_entry(&ctx), StackBudget::Other);
+    emit_with_stack(record, StackStart::at_entry(ctx), StackBudget::Other);
     0
 }

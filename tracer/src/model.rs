@@ -304,6 +304,11 @@ pub struct AllocatorFigures {
     pub holes: u64,
     pub hole_bytes: u64,
     pub largest_hole: u64,
+    /// Private pools (CUDA graphs' and users' `MempoolId_t` other than {0, 0}) with segments, and
+    /// their share of `reserved` and `allocated` (torch 2.8 on; 0 where the pool is not passed).
+    pub private_pools: u64,
+    pub private_reserved: u64,
+    pub private_allocated: u64,
 }
 
 impl AllocatorFigures {

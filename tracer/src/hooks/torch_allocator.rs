@@ -14,6 +14,8 @@ use super::{CudaHook, Records};
 use crate::model::Class;
 
 const RECORD_TRACE: &str = "torch_record_trace";
+/// The forms that pass the pool (`MempoolId_t`, 2.8 on): the program reads it from the stack.
+const RECORD_TRACE_POOL: &str = "torch_record_trace_pool";
 
 /// `record_trace` in each form, newest first; `prototype` names the torch versions. Torch 2.1's
 /// form is left out on purpose: it has no device argument (the sixth register holds the
@@ -22,7 +24,7 @@ pub const TORCH_HOOKS: &[CudaHook] = &[
     CudaHook {
         symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS_22CachingDeviceAllocator10TraceEntry6ActionEmmP11CUstream_staSt4pairIyyESt10shared_ptrINS_15GatheredContextEE",
         prototype: "torch 2.11: void record_trace(c10::CachingDeviceAllocator::TraceEntry::Action, size_t addr, size_t size, cudaStream_t, c10::DeviceIndex, MempoolId_t, std::shared_ptr<GatheredContext>)",
-        entry_program: RECORD_TRACE,
+        entry_program: RECORD_TRACE_POOL,
         return_program: None,
         records: Records::TorchTrace,
         class: Class::Torch,
@@ -30,7 +32,7 @@ pub const TORCH_HOOKS: &[CudaHook] = &[
     CudaHook {
         symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS1_10TraceEntry6ActionEmmP11CUstream_staSt4pairIyyESt10shared_ptrINS_15GatheredContextEE",
         prototype: "torch 2.8–2.10: void record_trace(TraceEntry::Action, size_t addr, size_t size, cudaStream_t, c10::DeviceIndex, MempoolId_t, std::shared_ptr<GatheredContext>)",
-        entry_program: RECORD_TRACE,
+        entry_program: RECORD_TRACE_POOL,
         return_program: None,
         records: Records::TorchTrace,
         class: Class::Torch,
@@ -93,6 +95,20 @@ mod tests {
             assert_eq!(hooked, *version != "2.1.2", "torch {version}: {symbol}");
         }
         assert!(real.iter().any(|(v, _)| *v == "2.11.0"));
+    }
+
+    /// The forms whose signature has the pool (`MempoolId_t` = `std::pair<ull, ull>`) read it.
+    #[test]
+    fn forms_with_a_pool_argument_read_it() {
+        for hook in TORCH_HOOKS {
+            let has_pool = hook.symbol.contains("St4pairIyyE");
+            assert_eq!(
+                hook.entry_program == RECORD_TRACE_POOL,
+                has_pool,
+                "{}",
+                hook.prototype
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,9 @@ use tracer_common::{TorchEvent, torch_action};
 use super::{CellRef, Ledger};
 use crate::model::{AllocatorFigures, AllocatorOom, Class, StackIndex};
 
+/// Where something was allocated: process, stack, pool.
+type Origin = (u32, Option<StackIndex>, [u64; 2]);
+
 /// The caching allocator's smallest block: every block size is a multiple of it.
 const MIN_BLOCK: u64 = 512;
 
@@ -35,6 +38,8 @@ struct Segment {
     cached_cell: u32,
     /// A mapped range of an expandable segment (`SEGMENT_MAP`).
     expandable: bool,
+    /// Its pool ({0, 0}: the default pools).
+    pool: [u64; 2],
 }
 
 #[derive(Debug)]
@@ -46,6 +51,7 @@ struct Block {
     pending: bool,
     /// The segments it lies in and its bytes in each (start address, bytes).
     parts: Vec<(u64, u64)>,
+    pool: [u64; 2],
 }
 
 /// The allocator of one device in one process.
@@ -83,12 +89,13 @@ impl TorchLayer {
         match ev.action {
             torch_action::SEGMENT_ALLOC | torch_action::SEGMENT_MAP => {
                 let expandable = ev.action == torch_action::SEGMENT_MAP;
-                dev.add_segment(ledger, pid, ev.addr, ev.size, stack, expandable);
+                let at = (pid, stack, ev.pool);
+                dev.add_segment(ledger, at, ev.addr, ev.size, expandable);
             }
             torch_action::SEGMENT_FREE | torch_action::SEGMENT_UNMAP => {
                 dev.remove_range(ledger, ev.addr, ev.size);
             }
-            torch_action::ALLOC => dev.alloc(ledger, pid, ev.addr, ev.size, stack),
+            torch_action::ALLOC => dev.alloc(ledger, (pid, stack, ev.pool), ev.addr, ev.size),
             torch_action::FREE_REQUESTED => {
                 let seen = dev.free_requested(ledger, ev.addr);
                 self.unmatched_frees += u64::from(!seen);
@@ -153,15 +160,17 @@ impl TorchLayer {
 }
 
 impl DeviceCache {
+    /// A segment (or mapped range) of `size` bytes at `addr`, grown at `at` (process, stack,
+    /// pool).
     fn add_segment(
         &mut self,
         ledger: &mut Ledger,
-        pid: u32,
+        at: Origin,
         addr: u64,
         size: u64,
-        stack: Option<StackIndex>,
         expandable: bool,
     ) {
+        let (pid, stack, pool) = at;
         // A segment already there had its release lost: it goes first.
         self.remove_range(ledger, addr, size);
         let cached_cell = ledger.credit(CellRef::new(pid, Class::TorchCached, stack), size, true);
@@ -171,6 +180,7 @@ impl DeviceCache {
             used: 0,
             cached_cell,
             expandable,
+            pool,
         };
         // Blocks already inside (a range mapped under a live block of an expandable segment).
         let end = addr.saturating_add(size);
@@ -235,18 +245,14 @@ impl DeviceCache {
                 used,
                 cached_cell: old.cached_cell,
                 expandable: old.expandable,
+                pool: old.pool,
             },
         );
     }
 
-    fn alloc(
-        &mut self,
-        ledger: &mut Ledger,
-        pid: u32,
-        addr: u64,
-        size: u64,
-        stack: Option<StackIndex>,
-    ) {
+    /// A tensor block of `size` requested bytes at `addr`, allocated at `at`.
+    fn alloc(&mut self, ledger: &mut Ledger, at: Origin, addr: u64, size: u64) {
+        let (pid, stack, pool) = at;
         if self.blocks.contains_key(&addr) {
             // Its release was lost.
             self.free_requested(ledger, addr);
@@ -278,6 +284,7 @@ impl DeviceCache {
                 cell,
                 pending: false,
                 parts,
+                pool,
             },
         );
     }
@@ -324,6 +331,13 @@ impl DeviceCache {
 
     fn figures(&self, pid: u32, device: i32) -> AllocatorFigures {
         let (holes, hole_bytes, largest_hole) = self.holes();
+        let private = |pool: &[u64; 2]| *pool != [0, 0];
+        let mut pools: Vec<[u64; 2]> = (self.segments.values())
+            .filter(|s| private(&s.pool))
+            .map(|s| s.pool)
+            .collect();
+        pools.sort_unstable();
+        pools.dedup();
         AllocatorFigures {
             pid,
             device,
@@ -335,6 +349,15 @@ impl DeviceCache {
             holes,
             hole_bytes,
             largest_hole,
+            private_pools: pools.len() as u64,
+            private_reserved: (self.segments.values())
+                .filter(|s| private(&s.pool))
+                .map(|s| s.size)
+                .sum(),
+            private_allocated: (self.blocks.values())
+                .filter(|b| private(&b.pool) && !b.pending)
+                .map(|b| b.size)
+                .sum(),
         }
     }
 
@@ -399,6 +422,7 @@ mod tests {
             addr,
             size,
             stream: 1,
+            pool: [0, 0],
             _pad: 0,
             nframes: 0,
             stack_flags: 0,
@@ -554,6 +578,39 @@ mod tests {
         r.apply(SEGMENT_UNMAP, base + MIB, MIB, 0);
         assert_eq!(r.total(Class::TorchCached), MIB);
         assert_eq!(r.figures().segments, 1);
+    }
+
+    /// A CUDA graph's private pool (the pool passed from torch 2.8 on): its segments and blocks
+    /// counted apart; the default pools' figures unchanged.
+    #[test]
+    fn a_private_pool_is_counted_apart() {
+        let mut r = Run::new();
+        let graph_pool = |action, addr, size| {
+            let mut e = ev(action, addr, size);
+            e.pool = [1, 0];
+            e
+        };
+        r.apply(SEGMENT_ALLOC, 0x1000_0000, 2 * MIB, 1);
+        r.apply(ALLOC, 0x1000_0000, MIB, 1);
+        for e in [
+            graph_pool(SEGMENT_ALLOC, 0x2000_0000, 20 * MIB),
+            graph_pool(ALLOC, 0x2000_0000, 4 * MIB),
+            graph_pool(ALLOC, 0x2000_0000 + 4 * MIB, 4 * MIB),
+        ] {
+            r.torch.apply(&mut r.ledger, &e, Some(2));
+        }
+        let f = r.figures();
+        assert_eq!(
+            (f.private_pools, f.private_reserved, f.private_allocated),
+            (1, 20 * MIB, 8 * MIB)
+        );
+        assert_eq!((f.reserved, f.allocated), (22 * MIB, 9 * MIB));
+        r.torch.apply(
+            &mut r.ledger,
+            &graph_pool(FREE_REQUESTED, 0x2000_0000, 4 * MIB),
+            None,
+        );
+        assert_eq!(r.figures().private_allocated, 4 * MIB);
     }
 
     /// An exec forgets the allocator and gives back what both views held.

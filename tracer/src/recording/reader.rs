@@ -849,7 +849,8 @@ impl Reading<'_> {
 
     fn read_torch_samples(&self) -> Result<Vec<AllocatorSample>, ReadFailure> {
         let sql = "SELECT t_s, pid, device, reserved, allocated, pending, segments, blocks, holes,
-                          hole_bytes, largest_hole
+                          hole_bytes, largest_hole, private_pools, private_reserved,
+                          private_allocated
                    FROM torch_samples ORDER BY rowid";
         self.collect_rows(sql, |row| {
             Ok(AllocatorSample {
@@ -861,7 +862,8 @@ impl Reading<'_> {
 
     fn read_torch_ooms(&self) -> Result<Vec<AllocatorOom>, ReadFailure> {
         let sql = "SELECT t_s, requested, device_free, stack_id, pid, device, reserved, allocated,
-                          pending, segments, blocks, holes, hole_bytes, largest_hole
+                          pending, segments, blocks, holes, hole_bytes, largest_hole,
+                          private_pools, private_reserved, private_allocated
                    FROM torch_ooms ORDER BY rowid";
         self.collect_rows(sql, |row| {
             Ok(AllocatorOom {
@@ -921,7 +923,8 @@ impl Reading<'_> {
 }
 
 /// The allocator figures in the columns from `at` on (pid, device, reserved, allocated, pending,
-/// segments, blocks, holes, hole_bytes, largest_hole).
+/// segments, blocks, holes, hole_bytes, largest_hole, private_pools, private_reserved,
+/// private_allocated).
 fn allocator_figures(row: &Row<'_>, at: usize) -> rusqlite::Result<AllocatorFigures> {
     Ok(AllocatorFigures {
         pid: row.get(at)?,
@@ -934,5 +937,8 @@ fn allocator_figures(row: &Row<'_>, at: usize) -> rusqlite::Result<AllocatorFigu
         holes: from_sql(row.get(at + 7)?),
         hole_bytes: from_sql(row.get(at + 8)?),
         largest_hole: from_sql(row.get(at + 9)?),
+        private_pools: from_sql(row.get(at + 10)?),
+        private_reserved: from_sql(row.get(at + 11)?),
+        private_allocated: from_sql(row.get(at + 12)?),
     })
 }

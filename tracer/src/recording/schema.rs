@@ -139,7 +139,10 @@ CREATE TABLE torch_samples (
     blocks       INTEGER NOT NULL,
     holes        INTEGER NOT NULL,
     hole_bytes   INTEGER NOT NULL,
-    largest_hole INTEGER NOT NULL
+    largest_hole INTEGER NOT NULL,
+    private_pools     INTEGER NOT NULL,
+    private_reserved  INTEGER NOT NULL,
+    private_allocated INTEGER NOT NULL
 );
 -- Allocations PyTorch's caching allocator could not satisfy, with its figures right before.
 CREATE TABLE torch_ooms (
@@ -156,7 +159,10 @@ CREATE TABLE torch_ooms (
     blocks       INTEGER NOT NULL,
     holes        INTEGER NOT NULL,
     hole_bytes   INTEGER NOT NULL,
-    largest_hole INTEGER NOT NULL
+    largest_hole INTEGER NOT NULL,
+    private_pools     INTEGER NOT NULL,
+    private_reserved  INTEGER NOT NULL,
+    private_allocated INTEGER NOT NULL
 );
 CREATE VIEW series_by_cell AS
     SELECT s.t_s, c.pid, c.class, c.phase, c.stack_id, s.live_bytes, s.live_count

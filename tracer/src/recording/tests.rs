@@ -675,6 +675,9 @@ fn allocator_samples_and_ooms_read_back() {
         holes: 2,
         hole_bytes: (18 << 20) - 1024,
         largest_hole: 16 << 20,
+        private_pools: 1,
+        private_reserved: 20 << 20,
+        private_allocated: 12 << 20,
     };
     let sample = crate::model::AllocatorSample { t_s: 1, figures };
     let oom = crate::model::AllocatorOom {

@@ -361,8 +361,9 @@ impl Writer {
         }
         self.append(
             "INSERT INTO torch_samples (t_s, pid, device, reserved, allocated, pending, segments,
-                                        blocks, holes, hole_bytes, largest_hole)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                        blocks, holes, hole_bytes, largest_hole, private_pools,
+                                        private_reserved, private_allocated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             samples,
             |s| {
                 let f = &s.figures;
@@ -378,6 +379,9 @@ impl Writer {
                     to_sql(f.holes),
                     to_sql(f.hole_bytes),
                     to_sql(f.largest_hole),
+                    to_sql(f.private_pools),
+                    to_sql(f.private_reserved),
+                    to_sql(f.private_allocated),
                 ]
             },
         )
@@ -391,8 +395,9 @@ impl Writer {
         self.append(
             "INSERT INTO torch_ooms (t_s, requested, device_free, stack_id, pid, device, reserved,
                                      allocated, pending, segments, blocks, holes, hole_bytes,
-                                     largest_hole)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                     largest_hole, private_pools, private_reserved,
+                                     private_allocated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             ooms,
             |o| {
                 let f = &o.figures;
@@ -411,6 +416,9 @@ impl Writer {
                     Some(to_sql(f.holes)),
                     Some(to_sql(f.hole_bytes)),
                     Some(to_sql(f.largest_hole)),
+                    Some(to_sql(f.private_pools)),
+                    Some(to_sql(f.private_reserved)),
+                    Some(to_sql(f.private_allocated)),
                 ]
             },
         )

@@ -103,6 +103,9 @@ pub(crate) mod fixture {
             holes,
             hole_bytes,
             largest_hole,
+            private_pools: 0,
+            private_reserved: 0,
+            private_allocated: 0,
         }
     }
 

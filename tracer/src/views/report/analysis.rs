@@ -164,6 +164,10 @@ pub struct AllocatorSummary {
     pub largest_hole: u64,
     /// `1 − largest hole / bytes in holes` (0 without holes), three decimals.
     pub fragmentation: f64,
+    /// CUDA graphs' and users' private pools, and their share of reserved and allocated.
+    pub private_pools: u64,
+    pub private_reserved: u64,
+    pub private_allocated: u64,
     pub peak_reserved: u64,
     pub peak_allocated: u64,
     /// Last minus first sample.
@@ -204,6 +208,9 @@ pub fn allocator_summaries(rec: &Recorded) -> Vec<AllocatorSummary> {
                 hole_bytes: last.hole_bytes,
                 largest_hole: last.largest_hole,
                 fragmentation: fragmentation(last),
+                private_pools: last.private_pools,
+                private_reserved: last.private_reserved,
+                private_allocated: last.private_allocated,
                 peak_reserved: samples.iter().map(|(_, f)| f.reserved).max().unwrap_or(0),
                 peak_allocated: samples.iter().map(|(_, f)| f.allocated).max().unwrap_or(0),
                 reserved_growth: d(first.reserved, last.reserved),

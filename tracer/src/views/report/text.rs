@@ -586,6 +586,16 @@ fn text_torch_allocator(out: &mut String, rec: &Recorded) {
             human_bytes(a.largest_hole),
             a.fragmentation
         );
+        if a.private_pools > 0 {
+            let _ = writeln!(
+                out,
+                "      of which {} (CUDA graphs' or users' memory pools): reserved {}, \
+                 allocated {}",
+                count_of(a.private_pools, "private pool"),
+                human_bytes(a.private_reserved),
+                human_bytes(a.private_allocated)
+            );
+        }
         if a.first_t_s == a.last_t_s {
             continue;
         }
