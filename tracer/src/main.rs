@@ -141,6 +141,12 @@ struct RecordArgs {
     /// place of the interpreter's evaluation loop.
     #[arg(long)]
     no_python_frames: bool,
+    /// Do not hook PyTorch's CUDA caching allocator. By default, in a process that maps
+    /// `libc10_cuda.so`, one probe on the allocator's event function splits its device memory
+    /// into live tensors (`torch`) and cached segments (`torch-cached`); it traps once per
+    /// allocator event, which an eager-mode loop making tens of thousands of them a second pays.
+    #[arg(long)]
+    no_torch_allocator: bool,
     /// Print the eBPF programs' diagnostics on standard error: why an event or a part of one
     /// was skipped (a busy in-flight slot, a full ring buffer, a stack copy that fell back
     /// to frame pointers, Python frames that could not be read). Costs nothing when off.
@@ -272,6 +278,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             debug_log: args.debug_bpf,
         },
         heap: args.heap,
+        torch_allocator: !args.no_torch_allocator,
         poll_interval: Duration::from_millis(10),
     }
 }

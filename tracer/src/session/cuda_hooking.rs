@@ -18,6 +18,17 @@ pub struct CudaHooked {
     without_runtime: HashSet<u64>,
     /// Inodes of PyTorch libraries without a known allocator hook (said once).
     unknown_torch: HashSet<u64>,
+    /// Hook PyTorch's caching allocator (`record --no-torch-allocator` turns it off).
+    torch_allocator: bool,
+}
+
+impl CudaHooked {
+    pub fn new(torch_allocator: bool) -> CudaHooked {
+        CudaHooked {
+            torch_allocator,
+            ..CudaHooked::default()
+        }
+    }
 }
 
 /// Hooks the CUDA driver of `pid`, its shared runtime and the runtimes linked statically into its
@@ -34,7 +45,11 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
     // driver's dozens of probes take a tenth of a second each to go live.
     let known =
         |inode: u64| done.hooked.contains(&(pid, inode)) || done.unknown_torch.contains(&inode);
-    if let Some(torch) = resolve::find_torch_allocator(pid, &maps, known) {
+    let torch = match done.torch_allocator {
+        true => resolve::find_torch_allocator(pid, &maps, known),
+        false => None,
+    };
+    if let Some(torch) = torch {
         if torch.points.is_empty() && done.unknown_torch.insert(torch.inode) {
             eprintln!(
                 "torch allocator layer: not available for torch {} (no known hook symbols in {})",

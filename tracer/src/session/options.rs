@@ -21,6 +21,8 @@ pub struct RecordOptions {
     /// Trace the C allocator with uprobes (exact live heap by stack; costs a trap per call).
     /// Mappings and the program break are always traced, with tracepoints.
     pub heap: bool,
+    /// Hook PyTorch's CUDA caching allocator where a process maps it.
+    pub torch_allocator: bool,
     /// How often the ring buffer is drained.
     pub poll_interval: Duration,
 }

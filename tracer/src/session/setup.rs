@@ -101,7 +101,7 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
     if exit_watch.has_exited() && target.launched.is_none() {
         return Err(TargetError::ExitedDuringAttach { pid }.into());
     }
-    let mut cuda_hooked = CudaHooked::default();
+    let mut cuda_hooked = CudaHooked::new(opts.torch_allocator);
     hook_cuda(pid, &mut probes, &mut cuda_hooked);
     Ok(Attached {
         probes,

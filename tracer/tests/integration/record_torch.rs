@@ -63,11 +63,20 @@ fn stub_libcuda() -> PathBuf {
 /// waits for a line, works, prints "done", waits for EOF) under `record -p`; the libraries are
 /// loaded after attach and must be hooked within a second: the recorder's stderr lines starting
 /// with `said` come first. Returns the JSON report and the recorder's stderr.
-fn record(mut target: TestProcess, said: &[&str]) -> (serde_json::Value, String) {
+fn record(target: TestProcess, said: &[&str]) -> (serde_json::Value, String) {
+    record_with(target, said, &[])
+}
+
+/// `record` with the recorder's options `args`.
+fn record_with(
+    mut target: TestProcess,
+    said: &[&str],
+    args: &[&str],
+) -> (serde_json::Value, String) {
     target.expect_stdout("ready");
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("torch.trace");
-    let mut recorder = common::start_recorder_args(target.pid(), &trace, &[]);
+    let mut recorder = common::start_recorder_args(target.pid(), &trace, args);
     target.send_line("load");
     target.expect_stdout("loaded");
     for prefix in said {
@@ -183,6 +192,26 @@ fn a_per_request_leak_served_from_the_cache_is_found_under_its_function() {
     assert_eq!(a["fragmentation"], 0.68, "{a:#}");
     // GPU memory as NVML would see it is the driver's: the view adds nothing to it.
     assert!(r["torch_allocator"]["ooms"].as_array().unwrap().is_empty());
+}
+
+/// `--no-torch-allocator`: the driver layer alone, as before the allocator layer.
+#[test]
+fn the_allocator_layer_can_be_turned_off() {
+    require_privileges!();
+    let (r, stderr) = record_with(
+        torch_fixture(211, "leak", true),
+        &["hooked"],
+        &["--no-torch-allocator"],
+    );
+    assert!(!stderr.contains("PyTorch caching allocator"), "{stderr}");
+    assert_eq!(r["totals"]["cuda"]["live_bytes"], 130 * MIB, "{r:#}");
+    assert_eq!(r["totals"]["torch"]["allocated_count"], 0, "{r:#}");
+    assert!(
+        r["torch_allocator"]["allocators"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// The "OOM with memory free" case: the failed request, the free device bytes the allocator
