@@ -9,7 +9,7 @@ use super::analysis::{
 };
 use crate::{
     escape::{self, for_terminal},
-    model::{CellKey, PAGE, PHASE_NONE},
+    model::{CellKey, Class, FailureKey, PAGE, PHASE_NONE, StackCounters},
     recording::{ProcessExit, Recorded},
     views::{human_bytes, human_delta, one_line, target_pids},
 };
@@ -304,6 +304,13 @@ fn text_processes(out: &mut String, rec: &Recorded) {
     }
 }
 
+/// Memory that is there from start-up and is no leak suspect: loaded files' code and data, and
+/// thread stacks (reserved at thread creation, mostly not resident). Summarized apart, so that
+/// the top stacks lead to what grew.
+fn is_static(class: Class) -> bool {
+    matches!(class, Class::MmapFile | Class::ThreadStack)
+}
+
 fn text_live_stacks(out: &mut String, rec: &Recorded) {
     let live: Vec<_> = cells_by_live_bytes(rec)
         .into_iter()
@@ -313,13 +320,20 @@ fn text_live_stacks(out: &mut String, rec: &Recorded) {
         let _ = writeln!(out, "\nLive stacks: none (nothing was live at the end)");
         return;
     }
-    let shown = live.len().min(TEXT_TOP_STACKS);
+    let (statics, suspects): (Vec<_>, Vec<_>) =
+        live.into_iter().partition(|(key, _)| is_static(key.class));
+    let shown = suspects.len().min(TEXT_TOP_STACKS);
+    let apart = if statics.is_empty() {
+        ""
+    } else {
+        "; file mappings and thread stacks below"
+    };
     let _ = writeln!(
         out,
-        "\nTop live stacks ({shown} of {}; innermost frame first)",
-        live.len()
+        "\nTop live stacks ({shown} of {}; innermost frame first{apart})",
+        suspects.len()
     );
-    for (rank, (key, c)) in live.iter().take(TEXT_TOP_STACKS).enumerate() {
+    for (rank, (key, c)) in suspects.iter().take(TEXT_TOP_STACKS).enumerate() {
         let _ = writeln!(
             out,
             "  {:>2}. {:>22} in {:>11}  {}{}: {}",
@@ -331,26 +345,79 @@ fn text_live_stacks(out: &mut String, rec: &Recorded) {
             frames_line(&rec.frames(key.stack))
         );
     }
+    text_static(out, rec, &statics);
+}
+
+/// One line per static class: its live total and its largest stack.
+fn text_static(out: &mut String, rec: &Recorded, statics: &[(&CellKey, &StackCounters)]) {
+    if statics.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nStatic memory (loaded files' code and data, thread stacks reserved; their resident part \
+         is in the RSS waterfall)"
+    );
+    for class in [Class::MmapFile, Class::ThreadStack] {
+        let rows: Vec<_> = statics.iter().filter(|(k, _)| k.class == class).collect();
+        let Some((largest, _)) = rows.first() else {
+            continue;
+        };
+        let bytes: u64 = rows.iter().map(|(_, c)| c.live_bytes).sum();
+        let count: u64 = rows.iter().map(|(_, c)| c.live_count).sum();
+        let _ = writeln!(
+            out,
+            "  {:<w$} {} in {}, the most under {}",
+            class.name(),
+            human_bytes(bytes),
+            count_of(count, "mapping"),
+            frames_line(&rec.frames(largest.stack)),
+            w = CLASS_WIDTH
+        );
+    }
+}
+
+/// Whether a failure happened at teardown: the CUDA driver was already deinitialized (the
+/// process was exiting), which says nothing about memory.
+fn is_teardown(key: &FailureKey) -> bool {
+    key.error == "CUDA_ERROR_DEINITIALIZED"
 }
 
 fn text_failures(out: &mut String, rec: &Recorded) {
-    let failures = failures_by_count(rec);
+    let (teardown, failures): (Vec<_>, Vec<_>) = failures_by_count(rec)
+        .into_iter()
+        .partition(|(key, _)| is_teardown(key));
     if failures.is_empty() {
         let _ = writeln!(out, "\nFailed allocations: none");
-        return;
+    } else {
+        let calls: u64 = failures.iter().map(|(_, n)| n).sum();
+        let _ = writeln!(out, "\nFailed allocations: {}", count_of(calls, "call"));
+        for (key, count) in failures {
+            text_failure(out, rec, key, count);
+        }
     }
-    let calls: u64 = failures.iter().map(|(_, n)| n).sum();
-    let _ = writeln!(out, "\nFailed allocations: {}", count_of(calls, "call"));
-    for (key, count) in failures {
+    if !teardown.is_empty() {
+        let calls: u64 = teardown.iter().map(|(_, n)| n).sum();
         let _ = writeln!(
             out,
-            "  {}({}) -> {} ×{count}: {}",
-            for_terminal(&key.function),
-            bytes_exact(key.size),
-            for_terminal(&key.error),
-            frames_line(&rec.frames(key.stack))
+            "\nFailed at teardown (the CUDA driver was already deinitialized): {}",
+            count_of(calls, "call")
         );
+        for (key, count) in teardown {
+            text_failure(out, rec, key, count);
+        }
     }
+}
+
+fn text_failure(out: &mut String, rec: &Recorded, key: &FailureKey, count: u64) {
+    let _ = writeln!(
+        out,
+        "  {}({}) -> {} ×{count}: {}",
+        for_terminal(&key.function),
+        bytes_exact(key.size),
+        for_terminal(&key.error),
+        frames_line(&rec.frames(key.stack))
+    );
 }
 
 fn text_unmatched_and_lost(out: &mut String, rec: &Recorded) {
@@ -673,13 +740,78 @@ mod tests {
         views::{fixture, report::render_text},
     };
 
+    /// File mappings and thread stacks are summarized apart; the top stacks lead to the rest.
+    #[test]
+    fn static_memory_is_summarized_apart_from_the_top_stacks() {
+        let mut rec = fixture::recorded();
+        let stack = *rec.stacks.keys().next().unwrap();
+        let cell = |class| CellKey {
+            class,
+            pid: 4242,
+            phase: PHASE_NONE.to_string(),
+            stack: Some(stack),
+        };
+        let counters = |bytes| StackCounters {
+            live_bytes: bytes,
+            live_count: 2,
+            allocated_bytes: bytes,
+            allocated_count: 2,
+            ..Default::default()
+        };
+        rec.state
+            .cells
+            .insert(cell(Class::MmapFile), counters(64 << 20));
+        rec.state
+            .cells
+            .insert(cell(Class::ThreadStack), counters(16 << 20));
+        let text = render_text(&rec);
+        let top = &text[text.find("Top live stacks").unwrap()..text.find("Static memory").unwrap()];
+        assert!(
+            !top.contains("mmap-file") && !top.contains("thread-stack"),
+            "{top}"
+        );
+        assert!(
+            text.contains("  mmap-file       64.0 MiB in 2 mappings, the most under "),
+            "{text}"
+        );
+        assert!(
+            text.contains("  thread-stack    16.0 MiB in 2 mappings"),
+            "{text}"
+        );
+    }
+
+    /// Calls that failed because the driver was already gone (process exit) are not failures
+    /// while serving.
+    #[test]
+    fn teardown_failures_are_listed_apart() {
+        let mut rec = fixture::recorded();
+        rec.state.failures.insert(
+            FailureKey {
+                class: Class::Cuda,
+                pid: 4242,
+                function: "cuLibraryUnload".to_string(),
+                size: 0,
+                error: "CUDA_ERROR_DEINITIALIZED".to_string(),
+                stack: None,
+            },
+            35,
+        );
+        let text = render_text(&rec);
+        assert!(text.contains("Failed allocations: 1 call\n"), "{text}");
+        assert!(
+            text.contains(
+                "Failed at teardown (the CUDA driver was already deinitialized): 35 calls\n  \
+                 cuLibraryUnload(0 B) -> CUDA_ERROR_DEINITIALIZED ×35"
+            ),
+            "{text}"
+        );
+    }
+
     /// Classes that saw nothing have no row, in the totals or the growth.
     #[test]
     fn classes_that_saw_nothing_are_left_out() {
         let mut rec = fixture::recorded();
-        rec.state
-            .totals
-            .insert(crate::model::Class::CudaIpc, Default::default());
+        rec.state.totals.insert(Class::CudaIpc, Default::default());
         let text = render_text(&rec);
         assert!(!text.contains("cuda-ipc"), "{text}");
         assert!(text.contains("\n  heap  "), "{text}");
