@@ -169,7 +169,7 @@ impl CudaLayer {
             return;
         }
         if hook.records.samples_gpu() {
-            self.hidden.opaque_call(pid, stack);
+            self.hidden.opaque_call(pid, hook.symbol, stack);
         }
         match hook.records {
             Records::VmmRelease => vmm.release(ledger, pid, a[0]),
@@ -182,7 +182,7 @@ impl CudaLayer {
             }
             // The first replay of an executable may back its memory nodes: sample then.
             Records::GraphLaunch if self.launched.insert((pid, a[0])) => {
-                self.hidden.opaque_call(pid, stack);
+                self.hidden.opaque_call(pid, hook.symbol, stack);
             }
             Records::GraphDestroy => {
                 self.launched.remove(&(pid, a[0]));
@@ -259,12 +259,15 @@ impl InRuntime {
 
 /// GPU memory the driver holds beyond the traced device classes (`gpu-untraced`): sampled right
 /// after opaque calls and once a second; each rise of the residual is charged to the opaque
-/// calls since the previous sample (split evenly, the remainder to the last), to no stack when
-/// there were none; a fall gives back the most recent charges first.
+/// call since the previous sample when there was one (or several from one call site), else to
+/// one node that names the calls between the two samples ("between two GPU samples:
+/// cublasCreate_v2, cuModuleLoadData ×2", above the first call's stack) — not split into
+/// per-call figures nobody measured — and to no stack when there were none; a fall gives back
+/// the most recent charges first.
 pub struct HiddenMemory {
     enabled: bool,
-    /// Opaque calls since the last sample, by process.
-    window: BTreeMap<u32, Vec<Option<StackIndex>>>,
+    /// Opaque calls since the last sample, by process: (function, stack).
+    window: BTreeMap<u32, Vec<(&'static str, Option<StackIndex>)>>,
     /// Charges still standing, by process, oldest first: (ledger cell, bytes).
     charges: HashMap<u32, Vec<(u32, u64)>>,
 }
@@ -278,9 +281,9 @@ impl HiddenMemory {
         }
     }
 
-    fn opaque_call(&mut self, pid: u32, stack: Option<StackIndex>) {
+    fn opaque_call(&mut self, pid: u32, function: &'static str, stack: Option<StackIndex>) {
         if self.enabled {
-            self.window.entry(pid).or_default().push(stack);
+            self.window.entry(pid).or_default().push((function, stack));
         }
     }
 
@@ -290,31 +293,28 @@ impl HiddenMemory {
     }
 
     /// NVML says `pid` uses `used` bytes, of which its device classes traced `traced`: charges
-    /// or gives back the change of the residual.
-    pub fn sample(&mut self, ledger: &mut Ledger, pid: u32, used: u64, traced: u64) {
+    /// or gives back the change of the residual. `named_stack(label, first)` makes the stack of
+    /// a frame naming several calls above the first call's stack.
+    pub fn sample(
+        &mut self,
+        ledger: &mut Ledger,
+        pid: u32,
+        (used, traced): (u64, u64),
+        named_stack: impl FnOnce(String, Option<StackIndex>) -> Option<StackIndex>,
+    ) {
         let window = self.window.remove(&pid).unwrap_or_default();
         let residual = used.saturating_sub(traced);
         let charges = self.charges.entry(pid).or_default();
         let charged: u64 = charges.iter().map(|c| c.1).sum();
         if residual > charged {
             let delta = residual - charged;
-            let stacks = if window.is_empty() {
-                vec![None]
-            } else {
-                window
+            let stack = match window.as_slice() {
+                [] => None,
+                [(_, stack), rest @ ..] if rest.iter().all(|(_, s)| s == stack) => *stack,
+                calls => named_stack(between_samples(calls), calls[0].1),
             };
-            let n = stacks.len() as u64;
-            for (i, stack) in stacks.iter().enumerate() {
-                let share = if i as u64 == n - 1 {
-                    delta - delta / n * (n - 1)
-                } else {
-                    delta / n
-                };
-                if share > 0 {
-                    let at = CellRef::new(pid, Class::GpuUntraced, *stack);
-                    charges.push((ledger.credit(at, share, true), share));
-                }
-            }
+            let at = CellRef::new(pid, Class::GpuUntraced, stack);
+            charges.push((ledger.credit(at, delta, true), delta));
         } else {
             let mut excess = charged - residual;
             while excess > 0 {
@@ -337,6 +337,29 @@ impl HiddenMemory {
     }
 }
 
+/// "between two GPU samples: cublasCreate_v2, cuModuleLoadData ×2": the calls in the order they
+/// were first made.
+fn between_samples(calls: &[(&'static str, Option<StackIndex>)]) -> String {
+    let mut counted: Vec<(&str, u32)> = Vec::new();
+    for (function, _) in calls {
+        match counted.iter_mut().find(|(f, _)| f == function) {
+            Some((_, n)) => *n += 1,
+            None => counted.push((function, 1)),
+        }
+    }
+    let names: Vec<String> = counted
+        .into_iter()
+        .map(|(f, n)| {
+            if n == 1 {
+                f.to_string()
+            } else {
+                format!("{f} ×{n}")
+            }
+        })
+        .collect();
+    format!("between two GPU samples: {}", names.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,27 +378,45 @@ mod tests {
     fn residual_rises_are_charged_to_the_opaque_calls_before_them() {
         let mut ledger = Ledger::new();
         let mut hidden = HiddenMemory::new(true);
+        let named = std::cell::RefCell::new(Vec::new());
+        let name = |label: String, first: Option<StackIndex>| {
+            named.borrow_mut().push((label, first));
+            Some(99)
+        };
         // A traced 100-byte device block: not part of the residual.
         ledger.alloc(7, 0x1000, 100, CellRef::new(7, Class::Cuda, Some(9)));
-        hidden.opaque_call(7, Some(1)); // context: +300
-        hidden.sample(&mut ledger, 7, 400, 100);
-        hidden.opaque_call(7, Some(2)); // two module loads: +21, split 10 + 11
-        hidden.opaque_call(7, Some(3));
-        hidden.sample(&mut ledger, 7, 421, 100);
+        hidden.opaque_call(7, "cuCtxCreate_v2", Some(1)); // context: +300
+        hidden.sample(&mut ledger, 7, (400, 100), name);
+        // Three calls from two sites: +21 to one node that names them.
+        hidden.opaque_call(7, "cuModuleLoadData", Some(2));
+        hidden.opaque_call(7, "cublasCreate_v2", Some(3));
+        hidden.opaque_call(7, "cuModuleLoadData", Some(2));
+        hidden.sample(&mut ledger, 7, (421, 100), name);
+        // Two calls from one site: theirs.
+        hidden.opaque_call(7, "cuModuleLoadData", Some(4));
+        hidden.opaque_call(7, "cuModuleLoadData", Some(4));
+        hidden.sample(&mut ledger, 7, (431, 100), name);
         assert_eq!(
             untraced(&ledger),
-            BTreeMap::from([(Some(1), 300), (Some(2), 10), (Some(3), 11)])
+            BTreeMap::from([(Some(1), 300), (Some(99), 21), (Some(4), 10)])
+        );
+        assert_eq!(
+            *named.borrow(),
+            [(
+                "between two GPU samples: cuModuleLoadData ×2, cublasCreate_v2".to_string(),
+                Some(2)
+            )]
         );
         // A rise with no opaque call: unattributed.
-        hidden.sample(&mut ledger, 7, 425, 100);
+        hidden.sample(&mut ledger, 7, (435, 100), name);
         assert_eq!(untraced(&ledger)[&None], 4);
-        // A fall gives back the latest charges first: 4 (unattributed), then 11 and 1 of 10.
-        hidden.sample(&mut ledger, 7, 405, 100);
+        // A fall gives back the latest charges first: 4 (unattributed), 10, then 11 of 21.
+        hidden.sample(&mut ledger, 7, (406, 100), name);
         assert_eq!(
             untraced(&ledger),
-            BTreeMap::from([(Some(1), 300), (Some(2), 5)])
+            BTreeMap::from([(Some(1), 300), (Some(99), 6)])
         );
-        assert_eq!(ledger.totals(Class::GpuUntraced).live_bytes, 305);
+        assert_eq!(ledger.totals(Class::GpuUntraced).live_bytes, 306);
         assert!(hidden.waiting().is_empty());
     }
 }

@@ -24,7 +24,7 @@ pub fn sample_gpu(
             Some(&used) => {
                 // (gpu-untraced is not a device class: charging it leaves this unchanged.)
                 let traced = sink.ledger.live_of(p, Class::is_device);
-                sink.cuda.hidden.sample(&mut sink.ledger, p, used, traced);
+                sink.sample_hidden(p, used, traced);
                 samples.push(GpuSample {
                     t_s,
                     pid: p,

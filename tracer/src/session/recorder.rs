@@ -313,8 +313,6 @@ impl Recorder {
         for p in self.sink.take_code_mapped() {
             self.sink.refresh_code_of(p);
             detect_python(p, &mut self.sink, &mut self.probes);
-            // A CUDA library or PyTorch's is hooked as soon as it is mapped (also each second).
-            hook_cuda(p, &mut self.probes, &mut self.cuda_hooked);
         }
         let allocator = self.allocator.as_ref();
         self.processes

@@ -70,6 +70,8 @@ pub struct EventSink {
     pub unwinds_truncated: u64,
     /// Process-tree events, for the recorder to act on (attach heap probes, stop when all exit).
     proc_events: Vec<ProcEvent>,
+    /// The addresses of the stacks of opaque CUDA calls (context, module, graph), by stack.
+    opaque_ips: HashMap<StackIndex, Vec<u64>>,
 }
 
 impl EventSink {
@@ -107,6 +109,7 @@ impl EventSink {
             unwinds: 0,
             unwinds_truncated: 0,
             proc_events: Vec::new(),
+            opaque_ips: HashMap::new(),
         }
     }
 
@@ -132,6 +135,12 @@ impl EventSink {
             }
             Some(Event::CudaCall(ev, stack)) => {
                 let stack = self.stack_of(ev.tgid, &stack);
+                let opaque = hooks::cuda_hook(ev.func)
+                    .is_some_and(|h| h.records.samples_gpu() || h.records == Records::GraphLaunch);
+                if opaque && let Some(s) = stack {
+                    // Rare calls: their addresses are kept for the hidden memory's named node.
+                    self.opaque_ips.entry(s).or_insert_with(|| self.ips.clone());
+                }
                 self.cuda.call(&mut self.ledger, &mut self.vmm, &ev, stack);
             }
             Some(Event::Torch(ev, stack)) => {
@@ -323,6 +332,20 @@ impl EventSink {
     /// The processes that mapped code since the last call.
     pub fn take_code_mapped(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.code_mapped)
+    }
+
+    /// NVML's figure for `pid` against its traced device bytes: the driver's hidden memory
+    /// charged (`cuda::HiddenMemory`), several calls named by a one-frame stack of their own.
+    pub fn sample_hidden(&mut self, pid: u32, used: u64, traced: u64) {
+        let (stacks, opaque_ips) = (&mut self.stacks, &self.opaque_ips);
+        let named = |label: String, first: Option<StackIndex>| {
+            let mut ips = vec![stacks.python_frame(label)];
+            ips.extend(first.and_then(|s| opaque_ips.get(&s)).into_iter().flatten());
+            stacks.intern(pid, &ips, 0)
+        };
+        self.cuda
+            .hidden
+            .sample(&mut self.ledger, pid, (used, traced), named);
     }
 
     /// The stacks interned since the last call, named.
