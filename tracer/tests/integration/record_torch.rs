@@ -246,6 +246,49 @@ fn an_oom_is_recorded_with_the_fragmentation_before_it() {
     assert_eq!(live(&r, "torch", "fragment_large"), (32 * MIB, 2), "{r:#}");
 }
 
+/// A CUDA graph's private pool (2.8+ forms pass the pool): counted apart, its blocks never
+/// mixed with the default pools' (torch_fixture.c, `graph_pool_kept`, `graph_pool`).
+#[test]
+fn a_cuda_graph_private_pool_is_counted_apart() {
+    require_privileges!();
+    let (r, _) = record(torch_fixture(211, "graph_pool_kept", false), &["hooked"]);
+    let a = allocator(&r);
+    assert_eq!(
+        figures(
+            a,
+            &[
+                "reserved",
+                "allocated",
+                "private_pools",
+                "private_reserved",
+                "private_allocated"
+            ]
+        ),
+        [42 * MIB, 13 * MIB, 1, 20 * MIB, 12 * MIB],
+        "{a:#}"
+    );
+    assert_eq!(live(&r, "torch", "capture_graph"), (12 * MIB, 3), "{r:#}");
+    // Released, its segment is freed: the default pools remain.
+    let (r, _) = record(torch_fixture(208, "graph_pool", false), &["hooked"]);
+    let a = allocator(&r);
+    assert_eq!(
+        figures(
+            a,
+            &["reserved", "allocated", "private_pools", "private_reserved"]
+        ),
+        [22 * MIB, MIB, 0, 0],
+        "{a:#}"
+    );
+    // Before 2.8 the pool is not passed: the same memory, no pool told apart.
+    let (r, _) = record(torch_fixture(204, "graph_pool_kept", false), &["hooked"]);
+    let a = allocator(&r);
+    assert_eq!(
+        figures(a, &["reserved", "allocated", "private_pools"]),
+        [42 * MIB, 13 * MIB, 0],
+        "{a:#}"
+    );
+}
+
 /// Blocks freed while another stream still uses them are pending: in neither view.
 #[test]
 fn blocks_freed_while_another_stream_uses_them_are_pending() {
