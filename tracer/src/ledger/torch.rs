@@ -197,16 +197,19 @@ impl DeviceCache {
         self.segments.insert(addr, segment);
     }
 
+    /// The start addresses of the segments that overlap `[addr, addr + size)`.
+    fn segments_overlapping(&self, addr: u64, size: u64) -> Vec<u64> {
+        let end = addr.saturating_add(size);
+        (self.segments.range(..end))
+            .filter(|(s, seg)| s.saturating_add(seg.size) > addr)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
     /// Releases the segments (or the parts of them) in `[addr, addr + size)`.
     fn remove_range(&mut self, ledger: &mut Ledger, addr: u64, size: u64) {
         let end = addr.saturating_add(size);
-        let overlapping: Vec<u64> = self
-            .segments
-            .range(..end)
-            .filter(|(s, seg)| s.saturating_add(seg.size) > addr)
-            .map(|(s, _)| *s)
-            .collect();
-        for start in overlapping {
+        for start in self.segments_overlapping(addr, size) {
             let seg = self.segments.remove(&start).expect("listed");
             let seg_end = start + seg.size;
             ledger.debit(seg.cached_cell, seg.size - seg.used, true);
@@ -260,15 +263,8 @@ impl DeviceCache {
         }
         let cell = ledger.credit(CellRef::new(pid, Class::Torch, stack), size, true);
         self.allocated += size;
-        let end = addr.saturating_add(size);
         let mut parts = Vec::new();
-        let overlapping: Vec<u64> = self
-            .segments
-            .range(..end)
-            .filter(|(s, seg)| s.saturating_add(seg.size) > addr)
-            .map(|(s, _)| *s)
-            .collect();
-        for start in overlapping {
+        for start in self.segments_overlapping(addr, size) {
             let seg = self.segments.get_mut(&start).expect("listed");
             let bytes = overlap((addr, size), (start, seg.size)).min(seg.size - seg.used);
             if bytes > 0 {

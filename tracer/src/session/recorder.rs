@@ -311,8 +311,10 @@ impl Recorder {
         // may have mapped its own in the same batch.
         self.on_process_events()?;
         for p in self.sink.take_code_mapped() {
-            self.sink.refresh_code_of(p);
+            // Detection first: reading the new modules' unwind tables can take a while (a
+            // libtorch), and Python frames are read in the kernel only from detection on.
             detect_python(p, &mut self.sink, &mut self.probes);
+            self.sink.refresh_code_of(p);
         }
         let allocator = self.allocator.as_ref();
         self.processes

@@ -4,17 +4,7 @@
 
 use std::{path::Path, process::Command};
 
-use crate::common::{Session, TestProcess, fixture_source, report_value};
-
-/// The real interpreter behind `python3` (not a shim script), so that the traced process is
-/// CPython itself.
-fn python() -> String {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 is needed for this test");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
+use crate::common::{Session, TestProcess, fixture_source, python, report_value};
 
 #[test]
 fn cpython_arenas_are_their_own_class() {

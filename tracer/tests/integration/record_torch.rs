@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::Command};
 
 use crate::common::{
     self, TestProcess, build_dir, fixture_source, fixture_variant, json_class_rows, json_sum,
-    report_value,
+    python, report_value,
 };
 
 const MIB: u64 = 1 << 20;
@@ -123,14 +123,6 @@ fn python_live(r: &serde_json::Value, class: &str, function: &str) -> (u64, u64)
         })
         .collect();
     (json_sum(&rows, "live_bytes"), json_sum(&rows, "live_count"))
-}
-
-fn python3() -> String {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 is needed for this test");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// The one allocator of the report.
@@ -382,7 +374,7 @@ fn an_unknown_torch_version_is_said_in_one_line() {
 #[test]
 fn tensors_allocated_from_python_are_charged_to_the_python_function() {
     require_privileges!();
-    let mut cmd = Command::new(python3());
+    let mut cmd = Command::new(python());
     cmd.arg(fixture_source("py_torch_fixture.py"))
         .arg(stub_c10_cuda(211));
     let mut target = TestProcess::spawn("python3 py_torch_fixture.py", cmd);
@@ -421,7 +413,7 @@ fn python_launched_through_an_exec_keeps_its_python_frames() {
     let trace = dir.path().join("exec.trace");
     let script = format!(
         "exec {} {} {}",
-        python3(),
+        python(),
         fixture_source("py_torch_fixture.py").display(),
         stub_c10_cuda(211).display()
     );
@@ -429,9 +421,14 @@ fn python_launched_through_an_exec_keeps_its_python_frames() {
     cmd.arg(&trace).args(["--", "sh", "-c", &script]);
     let mut recorder = TestProcess::spawn("record -- sh -c exec python3", cmd);
     recorder.expect_stdout("ready");
+    recorder.expect_stderr_prefix("Python frames: CPython");
     recorder.expect_stderr_prefix("hooked");
     recorder.send_line("go");
     recorder.expect_stdout("done");
+    // Python frames are named from the process's code objects when the events are applied; a
+    // debug build reading the unwind tables of the modules the interpreter just loaded can be a
+    // second behind, and the code objects go with the process.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     recorder.close_stdin();
     recorder.wait_success();
     let r = report_value(&trace);

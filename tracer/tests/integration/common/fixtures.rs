@@ -78,3 +78,13 @@ pub fn compile(out: &Path, args: &[std::ffi::OsString]) {
     );
     std::fs::rename(&tmp, out).expect("move the build into place");
 }
+
+/// The real interpreter behind `python3` (not a shim script such as pyenv's), so that the
+/// traced process is CPython itself.
+pub fn python() -> String {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 is needed for this test");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
