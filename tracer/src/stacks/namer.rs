@@ -12,6 +12,16 @@ use crate::{
     proc::maps::{self, Mapping},
 };
 
+/// Marker frame where a native frame chain stopped making sense (an address no code can be at).
+pub const UNWIND_STOPPED_FRAME: &str = "[unwind stopped]";
+
+/// Whether `ip` could be a user-space code address: above the never-mapped first page and within
+/// the 47-bit user half (4-level paging; a process mapping code above it has a file mapping the
+/// caller found first).
+fn could_be_code(ip: u64) -> bool {
+    (0x1000..=0x7fff_ffff_ffff).contains(&ip)
+}
+
 /// Marker frame at the outer end of a stack that was cut at `MAX_FRAMES`.
 pub const TRUNCATED_FRAME: &str = "[truncated]";
 
@@ -83,6 +93,7 @@ impl FrameNamer {
             self.refresh();
         }
         let mut frames: Vec<String> = Vec::with_capacity(ips.len() + 1);
+        let mut stopped = false;
         for (i, &ip) in ips.iter().enumerate() {
             if let Some(index) = python_name_index(ip) {
                 let name = python_names.get(index);
@@ -92,6 +103,17 @@ impl FrameNamer {
             // The word read at the stack pointer is a frame only if a call instruction precedes
             // it (it is the return address of a leaf function); otherwise it is data.
             if i == 1 && flags & STACK_SP_CANDIDATE != 0 && !self.follows_call(ip) {
+                continue;
+            }
+            if stopped {
+                continue;
+            }
+            // A frame chain that ran into data (a frame without a frame pointer) yields numbers
+            // no code can be at: the native frames end there, marked; the Python frames, read
+            // apart, still follow.
+            if self.mapping_of(ip).is_none() && !could_be_code(ip) {
+                frames.push(UNWIND_STOPPED_FRAME.to_string());
+                stopped = true;
                 continue;
             }
             frames.extend(self.names(ip));
@@ -189,6 +211,27 @@ mod tests {
             path: "/nonexistent/libgone.so".to_string(),
             deleted: false,
         }
+    }
+
+    /// Garbage read as a return address ends the native frames with a marker; what is unknown but
+    /// could be code (JIT code in an anonymous mapping) is kept as an address; Python frames
+    /// after it remain.
+    #[test]
+    fn a_chain_that_runs_into_data_ends_with_a_marker() {
+        let mut namer = FrameNamer::new(u32::MAX, vec![mapping(0x1000, 0x2000, 0)]);
+        let mut table = StackTable::new();
+        let py = table.python_frame("handle_request (server.py:3)".to_string());
+        let key = [0x1010, 0x7f00_0000_1234, 0x0064_0000_0006_ff01, 0x1020, py];
+        let names = namer.name_stack(&key, &["handle_request (server.py:3)".to_string()]);
+        assert_eq!(
+            names,
+            vec![
+                "[unknown] libgone.so+0xf".to_string(),
+                "[unknown] 0x7f0000001234".to_string(),
+                UNWIND_STOPPED_FRAME.to_string(),
+                "handle_request (server.py:3)".to_string(),
+            ]
+        );
     }
 
     /// An address at a mapping's first byte (a fault at the first instruction of a page) names
