@@ -324,7 +324,8 @@ impl AllocatorFigures {
         if self.hole_bytes == 0 {
             return 0;
         }
-        let outside_largest = u128::from(self.hole_bytes - self.largest_hole);
+        // (A recording is input: a largest hole over the total reads as no fragmentation.)
+        let outside_largest = u128::from(self.hole_bytes.saturating_sub(self.largest_hole));
         (outside_largest * 1000 / u128::from(self.hole_bytes)) as u64
     }
 }

@@ -15,7 +15,7 @@
 //!   mapped ranges that touch are one span. `1 − largest hole / free in holes` near 1 means the
 //!   free memory is in pieces too small for a large request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tracer_common::{TorchEvent, torch_action};
 
@@ -40,6 +40,9 @@ struct Segment {
     expandable: bool,
     /// Its pool ({0, 0}: the default pools).
     pool: [u64; 2],
+    /// The segment it is (a piece of, after partial unmaps): its cell counts one live block for
+    /// all its pieces.
+    origin: u64,
 }
 
 #[derive(Debug)]
@@ -62,6 +65,9 @@ struct DeviceCache {
     reserved: u64,
     allocated: u64,
     pending: u64,
+    /// Live pieces of each segment (`Segment::origin`), and the next origin.
+    pieces: HashMap<u64, u32>,
+    next_origin: u64,
     /// Changed since the last sample.
     dirty: bool,
 }
@@ -175,19 +181,23 @@ impl DeviceCache {
         self.remove_range(ledger, addr, size);
         let cached_cell = ledger.credit(CellRef::new(pid, Class::TorchCached, stack), size, true);
         self.reserved += size;
+        let origin = self.next_origin;
+        self.next_origin += 1;
+        self.pieces.insert(origin, 1);
         let mut segment = Segment {
             size,
             used: 0,
             cached_cell,
             expandable,
             pool,
+            origin,
         };
         // Blocks already inside (a range mapped under a live block of an expandable segment).
         let end = addr.saturating_add(size);
         let inside: Vec<u64> = self.blocks.range(..end).map(|(a, _)| *a).collect();
         for a in inside {
             let block = self.blocks.get_mut(&a).expect("listed");
-            let bytes = overlap((a, block.size), (addr, size));
+            let bytes = claimed((a, block.size), (addr, size), segment.used);
             if bytes > 0 {
                 block.parts.push((addr, bytes));
                 segment.used += bytes;
@@ -212,19 +222,32 @@ impl DeviceCache {
         for start in self.segments_overlapping(addr, size) {
             let seg = self.segments.remove(&start).expect("listed");
             let seg_end = start + seg.size;
-            ledger.debit(seg.cached_cell, seg.size - seg.used, true);
+            // What the release leaves of it (a partial unmap) stays, in the same cell.
+            let keep: Vec<(u64, u64)> = [(start, addr.min(seg_end)), (end.max(start), seg_end)]
+                .into_iter()
+                .filter(|(k_start, k_end)| k_end > k_start)
+                .collect();
+            let gone = self.piece_count(seg.origin, keep.len() as u32) == 0;
+            ledger.debit(seg.cached_cell, seg.size - seg.used, gone);
             self.reserved -= seg.size;
             for block in self.blocks.values_mut() {
                 block.parts.retain(|(s, _)| *s != start);
             }
-            // What the release leaves of it (a partial unmap) stays, in the same cell.
-            let keep = [(start, addr.min(seg_end)), (end.max(start), seg_end)];
             for (k_start, k_end) in keep {
-                if k_end > k_start {
-                    self.keep_piece(ledger, k_start, k_end - k_start, &seg);
-                }
+                self.keep_piece(ledger, k_start, k_end - k_start, &seg);
             }
         }
+    }
+
+    /// One piece of segment `origin` goes, `kept` new ones take its place; the pieces left.
+    fn piece_count(&mut self, origin: u64, kept: u32) -> u32 {
+        let left = self.pieces.get(&origin).map_or(0, |n| n - 1) + kept;
+        if left == 0 {
+            self.pieces.remove(&origin);
+        } else {
+            self.pieces.insert(origin, left);
+        }
+        left
     }
 
     /// Re-adds the piece `[start, start + size)` of segment `old`, whose rest was released: its
@@ -233,7 +256,7 @@ impl DeviceCache {
         let end = start + size;
         let mut used = 0;
         for (&a, block) in self.blocks.range_mut(..end) {
-            let bytes = overlap((a, block.size), (start, size));
+            let bytes = claimed((a, block.size), (start, size), used);
             if bytes > 0 {
                 block.parts.push((start, bytes));
                 used += bytes;
@@ -249,6 +272,7 @@ impl DeviceCache {
                 cached_cell: old.cached_cell,
                 expandable: old.expandable,
                 pool: old.pool,
+                origin: old.origin,
             },
         );
     }
@@ -266,7 +290,7 @@ impl DeviceCache {
         let mut parts = Vec::new();
         for start in self.segments_overlapping(addr, size) {
             let seg = self.segments.get_mut(&start).expect("listed");
-            let bytes = overlap((addr, size), (start, seg.size)).min(seg.size - seg.used);
+            let bytes = claimed((addr, size), (start, seg.size), seg.used);
             if bytes > 0 {
                 seg.used += bytes;
                 ledger.debit(seg.cached_cell, bytes, false);
@@ -320,8 +344,11 @@ impl DeviceCache {
         for block in self.blocks.values().filter(|b| !b.pending) {
             ledger.debit(block.cell, block.size, true);
         }
+        let mut pieces = self.pieces;
         for seg in self.segments.values() {
-            ledger.debit(seg.cached_cell, seg.size - seg.used, true);
+            let left = pieces.entry(seg.origin).or_insert(1);
+            *left -= 1;
+            ledger.debit(seg.cached_cell, seg.size - seg.used, *left == 0);
         }
     }
 
@@ -392,6 +419,13 @@ impl DeviceCache {
         }
         spans.into_iter().map(|(s, e, _)| (s, e)).collect()
     }
+}
+
+/// The bytes of `block` that segment `segment` (of which `used` bytes are taken) holds for it:
+/// their overlap, never more than the segment has left. (The events come from the target: blocks
+/// that overlap each other must not take a segment past its size.)
+fn claimed(block: (u64, u64), segment: (u64, u64), used: u64) -> u64 {
+    overlap(block, segment).min(segment.1.saturating_sub(used))
 }
 
 /// Bytes the ranges `(start, len)` share.
@@ -607,6 +641,30 @@ mod tests {
             None,
         );
         assert_eq!(r.figures().private_allocated, 4 * MIB);
+    }
+
+    /// Blocks that overlap (events a broken or hostile target made) never take a segment past its
+    /// size: the views stay consistent, and reserved = torch + torch-cached still holds.
+    #[test]
+    fn overlapping_blocks_never_overfill_a_segment() {
+        let mut r = Run::new();
+        r.apply(ALLOC, 0x1000_0000, MIB, 1);
+        r.apply(ALLOC, 0x1000_0000 + MIB / 2, MIB, 1);
+        r.apply(SEGMENT_ALLOC, 0x1000_0000, MIB, 2);
+        r.apply(ALLOC, 0x1000_0000 + MIB / 4, MIB, 1);
+        assert_eq!(r.total(Class::TorchCached), 0);
+        r.apply(SEGMENT_UNMAP, 0x1000_0000 + MIB / 2, MIB / 4, 0);
+        // Two pieces left of one segment: one live block in its cell.
+        assert_eq!(r.ledger.totals(Class::TorchCached).live_count, 1);
+        r.apply(SEGMENT_FREE, 0x1000_0000, MIB, 0);
+        assert_eq!(r.total(Class::TorchCached), 0);
+        assert_eq!(r.ledger.totals(Class::TorchCached).live_count, 0);
+        assert_eq!(r.figures().reserved, 0);
+        // The same split forgotten at an exec.
+        r.apply(SEGMENT_ALLOC, 0x2000_0000, MIB, 2);
+        r.apply(SEGMENT_UNMAP, 0x2000_0000 + MIB / 2, MIB / 4, 0);
+        r.torch.forget_process(&mut r.ledger, 7);
+        assert_eq!(r.ledger.totals(Class::TorchCached).live_count, 0);
     }
 
     /// An exec forgets the allocator and gives back what both views held.

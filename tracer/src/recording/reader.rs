@@ -392,6 +392,28 @@ fn check_series_and_samples(rec: &Recorded) -> Result<(), String> {
     for s in &rec.gpu {
         each_within_limit("a GPU sample", [s.t_s, s.used, s.traced])?;
     }
+    let allocator = (rec.torch.iter().map(|s| (s.t_s, &s.figures)))
+        .chain(rec.torch_ooms.iter().map(|o| (o.t_s, &o.figures)));
+    for (t_s, f) in allocator {
+        let figures = [
+            t_s,
+            f.reserved,
+            f.allocated,
+            f.pending,
+            f.segments,
+            f.blocks,
+            f.holes,
+            f.hole_bytes,
+            f.largest_hole,
+            f.private_pools,
+            f.private_reserved,
+            f.private_allocated,
+        ];
+        each_within_limit("a PyTorch allocator sample", figures)?;
+    }
+    for o in &rec.torch_ooms {
+        each_within_limit("a PyTorch allocator OOM", [o.requested, o.device_free])?;
+    }
     Ok(())
 }
 

@@ -701,6 +701,28 @@ fn allocator_samples_and_ooms_read_back() {
     assert_eq!(rec.torch_ooms, vec![oom, unstacked]);
 }
 
+/// Allocator figures past 2^60 are damage, said like any other figure out of range.
+#[test]
+fn allocator_figures_out_of_range_are_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("torch.trace");
+    let mut s = Session::start(&path);
+    s.tick(1, &[]);
+    let figures = crate::model::AllocatorFigures {
+        reserved: 1 << 61,
+        ..Default::default()
+    };
+    let sample = crate::model::AllocatorSample { t_s: 1, figures };
+    s.writer.add_torch_samples(&[sample]).unwrap();
+    s.writer.finalize(1.0).unwrap();
+    let err = open_error(&path);
+    assert!(
+        err.to_string()
+            .contains("figures out of range: a PyTorch allocator sample over 2^60"),
+        "{err}"
+    );
+}
+
 #[test]
 fn unknown_class_asks_for_an_upgrade() {
     let dir = tempfile::tempdir().unwrap();
