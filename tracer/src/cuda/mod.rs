@@ -136,7 +136,7 @@ impl CudaLayer {
         ledger: &mut Ledger,
         vmm: &mut VmmLedger,
         ev: &CudaCallEvent,
-        stack: Option<StackIndex>,
+        (stack, ips): (Option<StackIndex>, &[u64]),
     ) {
         let Some(hook) = hooks::cuda_hook(ev.func) else {
             return;
@@ -169,7 +169,7 @@ impl CudaLayer {
             return;
         }
         if hook.records.samples_gpu() {
-            self.hidden.opaque_call(pid, hook.symbol, stack);
+            self.hidden.opaque_call(pid, hook.symbol, stack, ips);
         }
         match hook.records {
             Records::VmmRelease => vmm.release(ledger, pid, a[0]),
@@ -182,7 +182,7 @@ impl CudaLayer {
             }
             // The first replay of an executable may back its memory nodes: sample then.
             Records::GraphLaunch if self.launched.insert((pid, a[0])) => {
-                self.hidden.opaque_call(pid, hook.symbol, stack);
+                self.hidden.opaque_call(pid, hook.symbol, stack, ips);
             }
             Records::GraphDestroy => {
                 self.launched.remove(&(pid, a[0]));
@@ -257,6 +257,13 @@ impl InRuntime {
     }
 }
 
+/// A call after which the driver may hold memory no API returned.
+struct OpaqueCall {
+    function: &'static str,
+    stack: Option<StackIndex>,
+    ips: Vec<u64>,
+}
+
 /// GPU memory the driver holds beyond the traced device classes (`gpu-untraced`): sampled right
 /// after opaque calls and once a second; each rise of the residual is charged to the opaque
 /// call since the previous sample when there was one (or several from one call site), else to
@@ -266,8 +273,8 @@ impl InRuntime {
 /// the most recent charges first.
 pub struct HiddenMemory {
     enabled: bool,
-    /// Opaque calls since the last sample, by process: (function, stack).
-    window: BTreeMap<u32, Vec<(&'static str, Option<StackIndex>)>>,
+    /// Opaque calls since the last sample, by process.
+    window: BTreeMap<u32, Vec<OpaqueCall>>,
     /// Charges still standing, by process, oldest first: (ledger cell, bytes).
     charges: HashMap<u32, Vec<(u32, u64)>>,
 }
@@ -281,9 +288,20 @@ impl HiddenMemory {
         }
     }
 
-    fn opaque_call(&mut self, pid: u32, function: &'static str, stack: Option<StackIndex>) {
+    /// An opaque call at `stack` (its addresses `ips`, for a node that would name it).
+    fn opaque_call(
+        &mut self,
+        pid: u32,
+        function: &'static str,
+        stack: Option<StackIndex>,
+        ips: &[u64],
+    ) {
         if self.enabled {
-            self.window.entry(pid).or_default().push((function, stack));
+            self.window.entry(pid).or_default().push(OpaqueCall {
+                function,
+                stack,
+                ips: ips.to_vec(),
+            });
         }
     }
 
@@ -293,14 +311,14 @@ impl HiddenMemory {
     }
 
     /// NVML says `pid` uses `used` bytes, of which its device classes traced `traced`: charges
-    /// or gives back the change of the residual. `named_stack(label, first)` makes the stack of
-    /// a frame naming several calls above the first call's stack.
+    /// or gives back the change of the residual. `named_stack(label, ips)` makes the stack of a
+    /// frame naming several calls above the first call's addresses.
     pub fn sample(
         &mut self,
         ledger: &mut Ledger,
         pid: u32,
         (used, traced): (u64, u64),
-        named_stack: impl FnOnce(String, Option<StackIndex>) -> Option<StackIndex>,
+        named_stack: impl FnOnce(String, &[u64]) -> Option<StackIndex>,
     ) {
         let window = self.window.remove(&pid).unwrap_or_default();
         let residual = used.saturating_sub(traced);
@@ -310,8 +328,8 @@ impl HiddenMemory {
             let delta = residual - charged;
             let stack = match window.as_slice() {
                 [] => None,
-                [(_, stack), rest @ ..] if rest.iter().all(|(_, s)| s == stack) => *stack,
-                calls => named_stack(between_samples(calls), calls[0].1),
+                [first, rest @ ..] if rest.iter().all(|c| c.stack == first.stack) => first.stack,
+                calls => named_stack(between_samples(calls), &calls[0].ips),
             };
             let at = CellRef::new(pid, Class::GpuUntraced, stack);
             charges.push((ledger.credit(at, delta, true), delta));
@@ -339,12 +357,12 @@ impl HiddenMemory {
 
 /// "between two GPU samples: cublasCreate_v2, cuModuleLoadData ×2": the calls in the order they
 /// were first made.
-fn between_samples(calls: &[(&'static str, Option<StackIndex>)]) -> String {
+fn between_samples(calls: &[OpaqueCall]) -> String {
     let mut counted: Vec<(&str, u32)> = Vec::new();
-    for (function, _) in calls {
-        match counted.iter_mut().find(|(f, _)| f == function) {
+    for call in calls {
+        match counted.iter_mut().find(|(f, _)| *f == call.function) {
             Some((_, n)) => *n += 1,
-            None => counted.push((function, 1)),
+            None => counted.push((call.function, 1)),
         }
     }
     let names: Vec<String> = counted
@@ -379,22 +397,22 @@ mod tests {
         let mut ledger = Ledger::new();
         let mut hidden = HiddenMemory::new(true);
         let named = std::cell::RefCell::new(Vec::new());
-        let name = |label: String, first: Option<StackIndex>| {
-            named.borrow_mut().push((label, first));
+        let name = |label: String, ips: &[u64]| {
+            named.borrow_mut().push((label, ips.to_vec()));
             Some(99)
         };
         // A traced 100-byte device block: not part of the residual.
         ledger.alloc(7, 0x1000, 100, CellRef::new(7, Class::Cuda, Some(9)));
-        hidden.opaque_call(7, "cuCtxCreate_v2", Some(1)); // context: +300
+        hidden.opaque_call(7, "cuCtxCreate_v2", Some(1), &[0x10]); // context: +300
         hidden.sample(&mut ledger, 7, (400, 100), name);
         // Three calls from two sites: +21 to one node that names them.
-        hidden.opaque_call(7, "cuModuleLoadData", Some(2));
-        hidden.opaque_call(7, "cublasCreate_v2", Some(3));
-        hidden.opaque_call(7, "cuModuleLoadData", Some(2));
+        hidden.opaque_call(7, "cuModuleLoadData", Some(2), &[0x20, 0x21]);
+        hidden.opaque_call(7, "cublasCreate_v2", Some(3), &[0x30]);
+        hidden.opaque_call(7, "cuModuleLoadData", Some(2), &[0x20, 0x21]);
         hidden.sample(&mut ledger, 7, (421, 100), name);
         // Two calls from one site: theirs.
-        hidden.opaque_call(7, "cuModuleLoadData", Some(4));
-        hidden.opaque_call(7, "cuModuleLoadData", Some(4));
+        hidden.opaque_call(7, "cuModuleLoadData", Some(4), &[0x40]);
+        hidden.opaque_call(7, "cuModuleLoadData", Some(4), &[0x40]);
         hidden.sample(&mut ledger, 7, (431, 100), name);
         assert_eq!(
             untraced(&ledger),
@@ -404,7 +422,7 @@ mod tests {
             *named.borrow(),
             [(
                 "between two GPU samples: cuModuleLoadData ×2, cublasCreate_v2".to_string(),
-                Some(2)
+                vec![0x20, 0x21]
             )]
         );
         // A rise with no opaque call: unattributed.

@@ -18,8 +18,9 @@ use super::{
 };
 use crate::{
     model::{
-        AllocatorOom, AllocatorSample, AmountsByStack, CellKey, Class, ClassTotals, FailureKey,
-        GpuSample, LedgerState, RssSample, SeriesPoint, Stack, StackCounters, TargetInfo,
+        AllocatorFigures, AllocatorOom, AllocatorSample, AmountsByStack, CellKey, Class,
+        ClassTotals, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint, Stack,
+        StackCounters, TargetInfo,
     },
     output::{self, io_reason, parent_dir},
 };
@@ -366,23 +367,10 @@ impl Writer {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             samples,
             |s| {
-                let f = &s.figures;
-                [
-                    to_sql(s.t_s),
-                    f.pid.into(),
-                    f.device.into(),
-                    to_sql(f.reserved),
-                    to_sql(f.allocated),
-                    to_sql(f.pending),
-                    to_sql(f.segments),
-                    to_sql(f.blocks),
-                    to_sql(f.holes),
-                    to_sql(f.hole_bytes),
-                    to_sql(f.largest_hole),
-                    to_sql(f.private_pools),
-                    to_sql(f.private_reserved),
-                    to_sql(f.private_allocated),
-                ]
+                let mut row = [0; 14];
+                row[0] = to_sql(s.t_s);
+                row[1..].copy_from_slice(&figure_columns(&s.figures));
+                row
             },
         )
     }
@@ -400,26 +388,17 @@ impl Writer {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             ooms,
             |o| {
-                let f = &o.figures;
-                [
+                let mut row = [None; 17];
+                row[..4].copy_from_slice(&[
                     Some(to_sql(o.t_s)),
                     Some(to_sql(o.requested)),
                     Some(to_sql(o.device_free)),
                     o.stack.map(i64::from),
-                    Some(f.pid.into()),
-                    Some(f.device.into()),
-                    Some(to_sql(f.reserved)),
-                    Some(to_sql(f.allocated)),
-                    Some(to_sql(f.pending)),
-                    Some(to_sql(f.segments)),
-                    Some(to_sql(f.blocks)),
-                    Some(to_sql(f.holes)),
-                    Some(to_sql(f.hole_bytes)),
-                    Some(to_sql(f.largest_hole)),
-                    Some(to_sql(f.private_pools)),
-                    Some(to_sql(f.private_reserved)),
-                    Some(to_sql(f.private_allocated)),
-                ]
+                ]);
+                for (column, value) in row[4..].iter_mut().zip(figure_columns(&o.figures)) {
+                    *column = Some(value);
+                }
+                row
             },
         )
     }
@@ -965,4 +944,24 @@ pub(super) fn write_error(path: &Path, e: rusqlite::Error) -> RecordingError {
         path: path.to_path_buf(),
         detail: detail.replace('\n', " "),
     }
+}
+
+/// The columns of an allocator's figures, in the order of the `torch_samples` and `torch_ooms`
+/// tables (from `pid` to `private_allocated`; the reader's `allocator_figures` reads them back).
+fn figure_columns(f: &AllocatorFigures) -> [i64; 13] {
+    [
+        f.pid.into(),
+        f.device.into(),
+        to_sql(f.reserved),
+        to_sql(f.allocated),
+        to_sql(f.pending),
+        to_sql(f.segments),
+        to_sql(f.blocks),
+        to_sql(f.holes),
+        to_sql(f.hole_bytes),
+        to_sql(f.largest_hole),
+        to_sql(f.private_pools),
+        to_sql(f.private_reserved),
+        to_sql(f.private_allocated),
+    ]
 }

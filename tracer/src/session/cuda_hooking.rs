@@ -45,9 +45,10 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
     // driver's dozens of probes take a tenth of a second each to go live.
     let known =
         |inode: u64| done.hooked.contains(&(pid, inode)) || done.unknown_torch.contains(&inode);
-    let torch = match done.torch_allocator {
-        true => resolve::find_torch_allocator(pid, &maps, known),
-        false => None,
+    let torch = if done.torch_allocator {
+        resolve::find_torch_allocator(pid, &maps, known)
+    } else {
+        None
     };
     if let Some(torch) = torch {
         if torch.points.is_empty() && done.unknown_torch.insert(torch.inode) {

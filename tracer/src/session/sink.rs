@@ -70,8 +70,6 @@ pub struct EventSink {
     pub unwinds_truncated: u64,
     /// Process-tree events, for the recorder to act on (attach heap probes, stop when all exit).
     proc_events: Vec<ProcEvent>,
-    /// The addresses of the stacks of opaque CUDA calls (context, module, graph), by stack.
-    opaque_ips: HashMap<StackIndex, Vec<u64>>,
 }
 
 impl EventSink {
@@ -109,7 +107,6 @@ impl EventSink {
             unwinds: 0,
             unwinds_truncated: 0,
             proc_events: Vec::new(),
-            opaque_ips: HashMap::new(),
         }
     }
 
@@ -135,13 +132,8 @@ impl EventSink {
             }
             Some(Event::CudaCall(ev, stack)) => {
                 let stack = self.stack_of(ev.tgid, &stack);
-                let opaque = hooks::cuda_hook(ev.func)
-                    .is_some_and(|h| h.records.samples_gpu() || h.records == Records::GraphLaunch);
-                if opaque && let Some(s) = stack {
-                    // Rare calls: their addresses are kept for the hidden memory's named node.
-                    self.opaque_ips.entry(s).or_insert_with(|| self.ips.clone());
-                }
-                self.cuda.call(&mut self.ledger, &mut self.vmm, &ev, stack);
+                let at = (stack, self.ips.as_slice());
+                self.cuda.call(&mut self.ledger, &mut self.vmm, &ev, at);
             }
             Some(Event::Torch(ev, stack)) => {
                 let creates = ev.nframes > 0 || ev.stack_flags != 0;
@@ -337,10 +329,10 @@ impl EventSink {
     /// NVML's figure for `pid` against its traced device bytes: the driver's hidden memory
     /// charged (`cuda::HiddenMemory`), several calls named by a one-frame stack of their own.
     pub fn sample_hidden(&mut self, pid: u32, used: u64, traced: u64) {
-        let (stacks, opaque_ips) = (&mut self.stacks, &self.opaque_ips);
-        let named = |label: String, first: Option<StackIndex>| {
+        let stacks = &mut self.stacks;
+        let named = |label: String, first: &[u64]| {
             let mut ips = vec![stacks.python_frame(label)];
-            ips.extend(first.and_then(|s| opaque_ips.get(&s)).into_iter().flatten());
+            ips.extend_from_slice(first);
             stacks.intern(pid, &ips, 0)
         };
         self.cuda

@@ -79,11 +79,9 @@ const ALLOCATOR_FRAMES: &[&str] = &[
 /// Namespaces whose functions are allocator machinery (PyTorch's caching allocator).
 const ALLOCATOR_NAMESPACES: &[&str] = &["c10::cuda::CUDACachingAllocator::"];
 
-/// Whether `frame` (a shortened or full name) is an allocator's own function.
-fn is_allocator_frame(frame: &str) -> bool {
-    let name = short_name(frame);
-    ALLOCATOR_FRAMES.contains(&name.as_str())
-        || ALLOCATOR_NAMESPACES.iter().any(|ns| name.starts_with(ns))
+/// Whether `name` (shortened) is an allocator's own function.
+fn is_allocator_frame(name: &str) -> bool {
+    ALLOCATOR_FRAMES.contains(&name) || ALLOCATOR_NAMESPACES.iter().any(|ns| name.starts_with(ns))
 }
 
 /// The frames of a stack (innermost first) as the views show them: from the first frame that is
@@ -93,11 +91,13 @@ pub fn display_frames(frames: &[String], full: bool) -> Vec<String> {
     if full {
         return frames.to_vec();
     }
-    let first = frames
+    let mut short: Vec<String> = frames.iter().map(|f| short_name(f)).collect();
+    let first = short
         .iter()
         .position(|f| !is_allocator_frame(f))
         .unwrap_or(0);
-    frames[first..].iter().map(|f| short_name(f)).collect()
+    short.drain(..first);
+    short
 }
 
 /// A C++ name without its argument list, qualifiers and template arguments
@@ -146,13 +146,11 @@ fn strip_arguments(name: &str) -> &str {
 fn collapse_templates(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     let mut depth = 0usize;
-    let bytes: Vec<char> = name.chars().collect();
-    let mut i = 0;
-    while i < bytes.len() {
-        let c = bytes[i];
-        let after_operator = out.ends_with("operator") || out.ends_with("operator<");
+    for c in name.chars() {
         match c {
-            '<' if depth == 0 && after_operator => out.push(c),
+            '<' if depth == 0 && (out.ends_with("operator") || out.ends_with("operator<")) => {
+                out.push(c)
+            }
             '>' if depth == 0 && (out.ends_with("operator") || out.ends_with("operator-")) => {
                 out.push(c)
             }
@@ -171,7 +169,6 @@ fn collapse_templates(name: &str) -> String {
             _ if depth == 0 => out.push(c),
             _ => {}
         }
-        i += 1;
     }
     if depth > 0 {
         // Unbalanced (a truncated name): leave it whole.
