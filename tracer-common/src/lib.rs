@@ -52,11 +52,17 @@ pub mod torch_action {
     pub const SNAPSHOT: u32 = 7;
     /// An allocation the device could not hold: free device bytes, requested size.
     pub const OOM: u32 = 8;
+    /// Not PyTorch's: the `cudaMallocAsync` backend's `mallocAsync` was entered (requested size,
+    /// device, stream; the block is the driver allocation this thread makes next of that size).
+    pub const ASYNC_MALLOC: u32 = 100;
+    /// Not PyTorch's: the `cudaMallocAsync` backend's `freeAsync` (the block's address).
+    pub const ASYNC_FREE: u32 = 101;
 }
 
-/// An event of PyTorch's CUDA caching allocator, read at the entry of `record_trace`, with the
-/// stack of the allocator's caller for the actions that create something (`nframes` addresses
-/// follow); none for the others.
+/// An event of PyTorch's CUDA caching allocator, read at the entry of `record_trace` (or of the
+/// `cudaMallocAsync` backend's `mallocAsync`/`freeAsync`), with the stack of the allocator's
+/// caller for the actions that create something (`nframes` addresses follow); none for the
+/// others.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct TorchEvent {
@@ -74,7 +80,8 @@ pub struct TorchEvent {
     /// The memory pool (`MempoolId_t`): {0, 0} for the default pools, else a CUDA graph's or a
     /// user's private pool. Zero where the form of `record_trace` does not pass it.
     pub pool: [u64; 2],
-    pub _pad: u32,
+    /// The calling thread.
+    pub tid: u32,
     pub nframes: u16,
     pub stack_flags: u16,
 }

@@ -1,6 +1,12 @@
 //! PyTorch's CUDA caching allocator: one entry probe on `DeviceCachingAllocator::record_trace`,
 //! which the allocator calls for every event it has (tensor blocks handed out and returned,
-//! segments obtained and released, OOM), whether or not its own history recording is on.
+//! segments obtained and released, OOM), whether or not its own history recording is on; and the
+//! entries of the `cudaMallocAsync` backend's `mallocAsync` and `freeAsync`, which has no
+//! `record_trace`.
+//!
+//! Entry probes only, never a return probe: these functions throw C++ exceptions (an OOM is
+//! `OutOfMemoryError`), and an exception unwinding through a return probe's trampoline finds no
+//! unwind information for it and terminates the process.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
@@ -40,20 +46,63 @@ pub fn torch_record_trace_pool(ctx: ProbeContext) -> u32 {
     emit(&ctx, pool)
 }
 
+/// `mallocAsync(void** devPtr, DeviceIndex device, size_t size, cudaStream_t stream)`: the
+/// tensor's size, device and stream and its allocating stack; the block itself is the driver
+/// allocation (`cuMemAllocAsync`) this thread makes next inside it, matched in user space.
+#[uprobe]
+pub fn torch_async_malloc(ctx: ProbeContext) -> u32 {
+    let args = [
+        torch_action::ASYNC_MALLOC as u64,
+        ctx.arg(1).unwrap_or(0),
+        ctx.arg(0).unwrap_or(0),
+        ctx.arg(2).unwrap_or(0),
+        ctx.arg(3).unwrap_or(0),
+    ];
+    send(&ctx, args, [0, 0])
+}
+
+/// `freeAsync(void* ptr)`.
+#[uprobe]
+pub fn torch_async_free(ctx: ProbeContext) -> u32 {
+    let addr: u64 = ctx.arg(0).unwrap_or(0);
+    if addr == 0 {
+        return 0;
+    }
+    send(
+        &ctx,
+        [torch_action::ASYNC_FREE as u64, 0, addr, 0, 0],
+        [0, 0],
+    )
+}
+
 #[inline(always)]
 fn emit(ctx: &ProbeContext, pool: [u64; 2]) -> u32 {
-    let action: u64 = ctx.arg(1).unwrap_or(u64::MAX);
+    let args = [
+        ctx.arg(1).unwrap_or(u64::MAX),
+        ctx.arg(5).unwrap_or(0),
+        ctx.arg(2).unwrap_or(0),
+        ctx.arg(3).unwrap_or(0),
+        ctx.arg(4).unwrap_or(0),
+    ];
+    send(ctx, args, pool)
+}
+
+/// Emits the event of `[action, device, addr, size, stream]`, with the caller's stack for the
+/// actions that create something.
+#[inline(always)]
+fn send(ctx: &ProbeContext, [action, device, addr, size, stream]: [u64; 5], pool: [u64; 2]) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
     let event = TorchEvent {
         kind: event_kind::TORCH,
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        tgid: (pid_tgid >> 32) as u32,
         action: action as u32,
         // A signed char or an int, sign-extended by the caller or not: the low byte is it.
-        device: ctx.arg::<u64>(5).unwrap_or(0) as u8 as i8 as i32,
-        addr: ctx.arg(2).unwrap_or(0),
-        size: ctx.arg(3).unwrap_or(0),
-        stream: ctx.arg(4).unwrap_or(0),
+        device: device as u8 as i8 as i32,
+        addr,
+        size,
+        stream,
         pool,
-        _pad: 0,
+        tid: pid_tgid as u32,
         nframes: 0,
         stack_flags: 0,
     };
@@ -63,6 +112,7 @@ fn emit(ctx: &ProbeContext, pool: [u64; 2]) -> u32 {
             | torch_action::SEGMENT_ALLOC
             | torch_action::SEGMENT_MAP
             | torch_action::OOM
+            | torch_action::ASYNC_MALLOC
     );
     if !with_stack {
         output_event(&event, Wakeup::AtPoll, "torch allocator event");

@@ -292,6 +292,10 @@ impl Class {
 pub struct AllocatorFigures {
     pub pid: u32,
     pub device: i32,
+    /// Served by the `cudaMallocAsync` backend: no segments of its own, tensors only.
+    pub async_backend: bool,
+    /// Segment bytes unmapped at the driver while the allocator holds them (vLLM's sleep mode).
+    pub sleeping: u64,
     /// Bytes of the segments (what the allocator holds from the driver).
     pub reserved: u64,
     /// Requested bytes of the live tensor blocks.

@@ -17,7 +17,7 @@ pub use cuda_errors::{cuda_error_name, runtime_error_name};
 pub use cuda_runtime::{RUNTIME_HOOKS, runtime_hook};
 pub use libc_heap::HOOKS;
 pub use markdown::markdown;
-pub use torch_allocator::{TORCH_HOOKS, torch_hook};
+pub use torch_allocator::{TORCH_HOOKS, has_record_trace, torch_hook};
 pub use tracepoints::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS, Tracepoint};
 use tracer_common::HeapFn;
 
@@ -94,6 +94,11 @@ pub enum Records {
     /// PyTorch's caching allocator: every event it has (tensor blocks, segments, OOM), its
     /// action and figures read at entry.
     TorchTrace,
+    /// PyTorch's `cudaMallocAsync` backend allocates a tensor: its size and stack; the block is
+    /// the driver allocation made inside.
+    TorchAsyncMalloc,
+    /// The backend frees a tensor.
+    TorchAsyncFree,
 }
 
 impl Records {
@@ -143,6 +148,11 @@ impl Records {
                 "every allocator event: tensor blocks handed out and returned, segments obtained, \
                  mapped and released, OOM (action, address, size, stream, device at entry)"
             }
+            Records::TorchAsyncMalloc => {
+                "a tensor (size, device, stream, stack at entry); its block is the driver \
+                 allocation this thread makes next inside the call, of that size"
+            }
+            Records::TorchAsyncFree => "the tensor at the pointer freed",
         }
     }
 
@@ -190,13 +200,15 @@ impl Records {
             | Records::PoolDestroy
             | Records::PoolTrim
             | Records::HostUnregister
-            | Records::IpcClose => AttachStage::Releases,
+            | Records::IpcClose
+            | Records::TorchAsyncFree => AttachStage::Releases,
             Records::Alloc
             | Records::VmmCreate
             | Records::VmmRetain
             | Records::VmmMap
             | Records::HostRegister
-            | Records::IpcOpen => AttachStage::Creates,
+            | Records::IpcOpen
+            | Records::TorchAsyncMalloc => AttachStage::Creates,
             _ => AttachStage::Neutral,
         }
     }

@@ -1,5 +1,13 @@
 //! PyTorch's CUDA caching allocator (`libc10_cuda.so`): the one function every allocator event
-//! goes through, `DeviceCachingAllocator::record_trace`, in each signature PyTorch has given it.
+//! goes through, `DeviceCachingAllocator::record_trace`, in each signature PyTorch has given it;
+//! and the `cudaMallocAsync` backend (`PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync`), whose
+//! `mallocAsync`/`freeAsync` record no trace.
+//!
+//! Entry probes only: these functions throw (an OOM is a C++ exception), and an exception that
+//! unwinds through a return probe's trampoline terminates the process. That is why torch 2.1 is
+//! not hooked: its `record_trace` is only called while memory history is recorded, and its other
+//! allocation entry, `NativeCachingAllocator::malloc`, hands the block out through an
+//! out-pointer that only a return probe could read.
 //!
 //! The library is built with hidden visibility: these symbols are only in `.symtab` (the PyPI
 //! wheels are not stripped). The names are mangled; `torch_symbols.txt` beside this file lists the
@@ -16,14 +24,24 @@ use crate::model::Class;
 const RECORD_TRACE: &str = "torch_record_trace";
 /// The forms that pass the pool (`MempoolId_t`, 2.8 on): the program reads it from the stack.
 const RECORD_TRACE_POOL: &str = "torch_record_trace_pool";
+const ASYNC_MALLOC: &str = "torch_async_malloc";
+const ASYNC_FREE: &str = "torch_async_free";
 
 /// `record_trace` in each form, newest first; `prototype` names the torch versions. Torch 2.1's
 /// form is left out on purpose: it has no device argument (the sixth register holds the
 /// context's address) and its callers only call it while memory history is recorded.
 pub const TORCH_HOOKS: &[CudaHook] = &[
     CudaHook {
+        symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS_22CachingDeviceAllocator10TraceEntry6ActionEmmP11CUstream_staSt4pairIyyESt10shared_ptrINS_15GatheredContextEESt8optionalINSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEEE",
+        prototype: "torch 2.14–2.15: void record_trace(c10::CachingDeviceAllocator::TraceEntry::Action, size_t addr, size_t size, cudaStream_t, c10::DeviceIndex, MempoolId_t, std::shared_ptr<GatheredContext>, std::optional<std::string> compile_context)",
+        entry_program: RECORD_TRACE_POOL,
+        return_program: None,
+        records: Records::TorchTrace,
+        class: Class::Torch,
+    },
+    CudaHook {
         symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS_22CachingDeviceAllocator10TraceEntry6ActionEmmP11CUstream_staSt4pairIyyESt10shared_ptrINS_15GatheredContextEE",
-        prototype: "torch 2.11: void record_trace(c10::CachingDeviceAllocator::TraceEntry::Action, size_t addr, size_t size, cudaStream_t, c10::DeviceIndex, MempoolId_t, std::shared_ptr<GatheredContext>)",
+        prototype: "torch 2.11–2.13: void record_trace(c10::CachingDeviceAllocator::TraceEntry::Action, size_t addr, size_t size, cudaStream_t, c10::DeviceIndex, MempoolId_t, std::shared_ptr<GatheredContext>)",
         entry_program: RECORD_TRACE_POOL,
         return_program: None,
         records: Records::TorchTrace,
@@ -46,6 +64,14 @@ pub const TORCH_HOOKS: &[CudaHook] = &[
         class: Class::Torch,
     },
     CudaHook {
+        symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS1_10TraceEntry6ActionElmP11CUstream_staSt10shared_ptrINS_15GatheredContextEE",
+        prototype: "torch 2.3: void record_trace(TraceEntry::Action, int64_t addr, size_t size, cudaStream_t, c10::DeviceIndex, std::shared_ptr<GatheredContext>)",
+        entry_program: RECORD_TRACE,
+        return_program: None,
+        records: Records::TorchTrace,
+        class: Class::Torch,
+    },
+    CudaHook {
         symbol: "_ZN3c104cuda20CUDACachingAllocator6Native22DeviceCachingAllocator12record_traceENS1_10TraceEntry6ActionElmP11CUstream_stiSt10shared_ptrINS_15GatheredContextEE",
         prototype: "torch 2.2: void record_trace(TraceEntry::Action, int64_t addr, size_t size, cudaStream_t, int device, std::shared_ptr<GatheredContext>)",
         entry_program: RECORD_TRACE,
@@ -53,7 +79,41 @@ pub const TORCH_HOOKS: &[CudaHook] = &[
         records: Records::TorchTrace,
         class: Class::Torch,
     },
+    CudaHook {
+        symbol: "_ZN3c104cuda20CUDACachingAllocator15CudaMallocAsync12_GLOBAL__N_111mallocAsyncEPPvamP11CUstream_st",
+        prototype: "torch 2.3–2.15, cudaMallocAsync backend: void mallocAsync(void** devPtr, c10::DeviceIndex, size_t size, cudaStream_t)",
+        entry_program: ASYNC_MALLOC,
+        return_program: None,
+        records: Records::TorchAsyncMalloc,
+        class: Class::Torch,
+    },
+    CudaHook {
+        symbol: "_ZN3c104cuda20CUDACachingAllocator15CudaMallocAsync12_GLOBAL__N_111mallocAsyncEPPvimP11CUstream_st",
+        prototype: "torch 2.1–2.2, cudaMallocAsync backend: void mallocAsync(void** devPtr, int device, size_t size, cudaStream_t)",
+        entry_program: ASYNC_MALLOC,
+        return_program: None,
+        records: Records::TorchAsyncMalloc,
+        class: Class::Torch,
+    },
+    CudaHook {
+        symbol: "_ZN3c104cuda20CUDACachingAllocator15CudaMallocAsync12_GLOBAL__N_19freeAsyncEPv",
+        prototype: "torch 2.1–2.15, cudaMallocAsync backend: void freeAsync(void* ptr)",
+        entry_program: ASYNC_FREE,
+        return_program: None,
+        records: Records::TorchAsyncFree,
+        class: Class::Torch,
+    },
 ];
+
+/// Whether a library's hooks (indices into `TORCH_HOOKS`) include the caching allocator's
+/// `record_trace`: without it only the `cudaMallocAsync` backend is followed.
+pub fn has_record_trace(hooks: impl IntoIterator<Item = usize>) -> bool {
+    hooks.into_iter().any(|i| {
+        TORCH_HOOKS
+            .get(i)
+            .is_some_and(|h| h.records == Records::TorchTrace)
+    })
+}
 
 /// The torch hook behind an event's function code (`Cookie::Torch(index)`), if it is one.
 pub fn torch_hook(func: u32) -> Option<&'static CudaHook> {
@@ -76,7 +136,8 @@ mod tests {
             .collect()
     }
 
-    /// Every hooked form is a real symbol, and every real `record_trace` from 2.2 on is hooked.
+    /// Every hooked form is a real symbol; every real `record_trace` from 2.2 on and the
+    /// `cudaMallocAsync` backend's `mallocAsync` and `freeAsync` of every version are hooked.
     #[test]
     fn the_hook_table_matches_the_real_symbols_of_each_torch_version() {
         let real = real_symbols();
@@ -94,13 +155,50 @@ mod tests {
             let hooked = TORCH_HOOKS.iter().any(|h| h.symbol == *symbol);
             assert_eq!(hooked, *version != "2.1.2", "torch {version}: {symbol}");
         }
-        assert!(real.iter().any(|(v, _)| *v == "2.11.0"));
+        let versions: std::collections::BTreeSet<&str> = real.iter().map(|(v, _)| *v).collect();
+        for version in &versions {
+            let hooked = |name: &str| {
+                real.iter().any(|(v, s)| {
+                    v == version && s.contains(name) && TORCH_HOOKS.iter().any(|h| h.symbol == *s)
+                })
+            };
+            assert!(hooked("11mallocAsync"), "torch {version}: mallocAsync");
+            assert!(hooked("9freeAsync"), "torch {version}: freeAsync");
+        }
+        assert!(versions.contains("2.15.0"), "{versions:?}");
+    }
+
+    /// No torch hook has a return probe: an exception through its trampoline kills the target.
+    #[test]
+    fn no_torch_hook_has_a_return_probe() {
+        for hook in TORCH_HOOKS {
+            assert_eq!(hook.return_program, None, "{}", hook.prototype);
+        }
+    }
+
+    #[test]
+    fn only_a_record_trace_form_makes_the_caching_allocator_layer() {
+        let index = |records| {
+            TORCH_HOOKS
+                .iter()
+                .position(|h| h.records == records)
+                .unwrap()
+        };
+        assert!(has_record_trace([index(Records::TorchAsyncFree), 0]));
+        let async_only = [
+            index(Records::TorchAsyncMalloc),
+            index(Records::TorchAsyncFree),
+        ];
+        assert!(!has_record_trace(async_only));
     }
 
     /// The forms whose signature has the pool (`MempoolId_t` = `std::pair<ull, ull>`) read it.
     #[test]
     fn forms_with_a_pool_argument_read_it() {
-        for hook in TORCH_HOOKS {
+        for hook in TORCH_HOOKS
+            .iter()
+            .filter(|h| h.records == Records::TorchTrace)
+        {
             let has_pool = hook.symbol.contains("St4pairIyyE");
             assert_eq!(
                 hook.entry_program == RECORD_TRACE_POOL,

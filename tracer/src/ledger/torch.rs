@@ -14,6 +14,15 @@
 //!   at its size rounded up to 512 bytes (the allocator's smallest block); expandable segments'
 //!   mapped ranges that touch are one span. `1 − largest hole / free in holes` near 1 means the
 //!   free memory is in pieces too small for a large request.
+//! - The `cudaMallocAsync` backend has no segments of its own: each tensor is a driver
+//!   allocation from the device's CUDA memory pool, which the driver layer counts (`cuda` at the
+//!   driver call's stack); here it is a `torch` block at the stack that called `mallocAsync`.
+//!   What the CUDA pool keeps beyond its live blocks is the driver's (`gpu-untraced`).
+//! - Sleeping memory: segment bytes unmapped at the driver (`cuMemUnmap`) while the allocator
+//!   still holds the segment, as vLLM's sleep mode does (its `CuMemAllocator` releases the
+//!   physical memory behind PyTorch's back and maps new memory at the same addresses on wake).
+//!   Those bytes are named `sleeping` in the figures: held by PyTorch, backed by nothing, not a
+//!   leak. The driver classes already count them as gone.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -60,6 +69,10 @@ struct Block {
 /// The allocator of one device in one process.
 #[derive(Debug, Default)]
 struct DeviceCache {
+    /// Served by the `cudaMallocAsync` backend (no segments of its own).
+    async_backend: bool,
+    /// Segment ranges unmapped at the driver while the allocator holds them (start → end).
+    sleeping: BTreeMap<u64, u64>,
     segments: BTreeMap<u64, Segment>,
     blocks: BTreeMap<u64, Block>,
     reserved: u64,
@@ -72,10 +85,21 @@ struct DeviceCache {
     dirty: bool,
 }
 
+/// A `mallocAsync` call whose block is the driver allocation its thread makes next.
+#[derive(Debug)]
+struct AsyncCall {
+    pid: u32,
+    device: i32,
+    size: u64,
+    stack: Option<StackIndex>,
+}
+
 /// The caching-allocator layer of every traced process.
 #[derive(Default)]
 pub struct TorchLayer {
     devices: BTreeMap<(u32, i32), DeviceCache>,
+    /// `mallocAsync` calls in flight, by thread.
+    async_calls: HashMap<u32, AsyncCall>,
     /// OOMs since the last `take_ooms`.
     ooms: Vec<AllocatorOom>,
     /// Frees of blocks never seen allocated (attached after they were made).
@@ -90,6 +114,24 @@ impl TorchLayer {
     /// Applies one allocator event; `stack` is the allocator caller's (creating actions only).
     pub fn apply(&mut self, ledger: &mut Ledger, ev: &TorchEvent, stack: Option<StackIndex>) {
         let pid = ev.tgid;
+        match ev.action {
+            torch_action::ASYNC_MALLOC => {
+                let call = AsyncCall {
+                    pid,
+                    device: ev.device,
+                    size: ev.size,
+                    stack,
+                };
+                self.async_calls.insert(ev.tid, call);
+                return;
+            }
+            torch_action::ASYNC_FREE => {
+                let seen = self.free_async(ledger, pid, ev.addr);
+                self.unmatched_frees += u64::from(!seen);
+                return;
+            }
+            _ => {}
+        }
         let dev = self.devices.entry((pid, ev.device)).or_default();
         dev.dirty = true;
         match ev.action {
@@ -118,6 +160,55 @@ impl TorchLayer {
                 });
             }
             _ => {}
+        }
+    }
+
+    /// A driver allocation returned `addr` (`size` bytes) on thread `tid`: the block of the
+    /// `mallocAsync` call the thread is in, if it is in one and asked for that size.
+    pub fn driver_allocated(&mut self, ledger: &mut Ledger, tid: u32, addr: u64, size: u64) {
+        let Some(call) = self.async_calls.remove(&tid) else {
+            return;
+        };
+        if call.size != size {
+            // Not the tensor (mallocAsync allocates it first): another call's.
+            self.async_calls.insert(tid, call);
+            return;
+        }
+        let dev = self.devices.entry((call.pid, call.device)).or_default();
+        dev.async_backend = true;
+        dev.dirty = true;
+        dev.alloc(ledger, (call.pid, call.stack, [0, 0]), addr, size);
+    }
+
+    /// `freeAsync` of the tensor at `addr`; false if it was never seen allocated.
+    fn free_async(&mut self, ledger: &mut Ledger, pid: u32, addr: u64) -> bool {
+        for (_, dev) in self.devices.range_mut((pid, i32::MIN)..=(pid, i32::MAX)) {
+            if dev.blocks.contains_key(&addr) {
+                dev.dirty = true;
+                dev.free_completed(ledger, addr);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The driver unmapped `[addr, addr + size)` in process `pid`: what of it the allocator
+    /// holds as segment memory is sleeping.
+    pub fn driver_unmapped(&mut self, pid: u32, addr: u64, size: u64) {
+        for (_, dev) in self.devices.range_mut((pid, i32::MIN)..=(pid, i32::MAX)) {
+            for start in dev.segments_overlapping(addr, size) {
+                let seg_end = start + dev.segments[&start].size;
+                let from = addr.max(start);
+                let to = addr.saturating_add(size).min(seg_end);
+                dev.dirty |= add_range(&mut dev.sleeping, from, to);
+            }
+        }
+    }
+
+    /// The driver mapped memory at `[addr, addr + size)` in process `pid`: it sleeps no more.
+    pub fn driver_mapped(&mut self, pid: u32, addr: u64, size: u64) {
+        for (_, dev) in self.devices.range_mut((pid, i32::MIN)..=(pid, i32::MAX)) {
+            dev.dirty |= remove_range(&mut dev.sleeping, addr, addr.saturating_add(size));
         }
     }
 
@@ -219,6 +310,7 @@ impl DeviceCache {
     /// Releases the segments (or the parts of them) in `[addr, addr + size)`.
     fn remove_range(&mut self, ledger: &mut Ledger, addr: u64, size: u64) {
         let end = addr.saturating_add(size);
+        remove_range(&mut self.sleeping, addr, end);
         for start in self.segments_overlapping(addr, size) {
             let seg = self.segments.remove(&start).expect("listed");
             let seg_end = start + seg.size;
@@ -364,6 +456,8 @@ impl DeviceCache {
         AllocatorFigures {
             pid,
             device,
+            async_backend: self.async_backend,
+            sleeping: self.sleeping.iter().map(|(s, e)| e - s).sum(),
             reserved: self.reserved,
             allocated: self.allocated,
             pending: self.pending,
@@ -421,6 +515,50 @@ impl DeviceCache {
     }
 }
 
+/// Adds `[start, end)` to a set of disjoint ranges (start → end), merging what touches;
+/// whether the set changed.
+fn add_range(ranges: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) -> bool {
+    if end <= start {
+        return false;
+    }
+    let touching: Vec<(u64, u64)> = (ranges.range(..=end))
+        .filter(|(_, e)| **e >= start)
+        .map(|(s, e)| (*s, *e))
+        .collect();
+    if let [(s, e)] = touching[..]
+        && s <= start
+        && e >= end
+    {
+        return false;
+    }
+    for (s, e) in touching {
+        ranges.remove(&s);
+        start = start.min(s);
+        end = end.max(e);
+    }
+    ranges.insert(start, end);
+    true
+}
+
+/// Removes `[start, end)` from a set of disjoint ranges, splitting what it cuts; whether the set
+/// changed.
+fn remove_range(ranges: &mut BTreeMap<u64, u64>, start: u64, end: u64) -> bool {
+    let cut: Vec<(u64, u64)> = (ranges.range(..end))
+        .filter(|(_, e)| **e > start)
+        .map(|(s, e)| (*s, *e))
+        .collect();
+    for &(s, e) in &cut {
+        ranges.remove(&s);
+        if s < start {
+            ranges.insert(s, start);
+        }
+        if e > end {
+            ranges.insert(end, e);
+        }
+    }
+    !cut.is_empty()
+}
+
 /// The bytes of `block` that segment `segment` (of which `used` bytes are taken) holds for it:
 /// their overlap, never more than the segment has left. (The events come from the target: blocks
 /// that overlap each other must not take a segment past its size.)
@@ -453,7 +591,7 @@ mod tests {
             size,
             stream: 1,
             pool: [0, 0],
-            _pad: 0,
+            tid: 70,
             nframes: 0,
             stack_flags: 0,
         }
@@ -685,5 +823,87 @@ mod tests {
         r.apply(FREE_COMPLETED, 0x1000, 4096, 0);
         assert_eq!(r.torch.unmatched_frees, 1);
         assert_eq!(r.total(Class::Torch), 0);
+    }
+
+    /// The cudaMallocAsync backend: each tensor is the driver allocation made inside
+    /// `mallocAsync` on the same thread, of the size asked; frees by address.
+    #[test]
+    fn async_backend_tensors_are_the_driver_blocks_made_inside_malloc_async() {
+        let mut r = Run::new();
+        let (warm, request) = (1, 2);
+        r.apply(ASYNC_MALLOC, 0, 16 * MIB, warm);
+        // Another size first (not the tensor), then the tensor's.
+        r.torch
+            .driver_allocated(&mut r.ledger, 70, 0xa000_0000, 4096);
+        r.torch
+            .driver_allocated(&mut r.ledger, 70, 0xb000_0000, 16 * MIB);
+        r.apply(ASYNC_FREE, 0xb000_0000, 0, 0);
+        for i in 0..5 {
+            r.apply(ASYNC_MALLOC, 0, 16 * MIB, request);
+            r.torch
+                .driver_allocated(&mut r.ledger, 70, 0xc000_0000 + i * 16 * MIB, 16 * MIB);
+        }
+        // A driver allocation outside mallocAsync is not a tensor.
+        r.torch
+            .driver_allocated(&mut r.ledger, 70, 0xd000_0000, 16 * MIB);
+        // Another thread's mallocAsync is not this thread's.
+        r.torch
+            .driver_allocated(&mut r.ledger, 71, 0xe000_0000, 16 * MIB);
+        assert_eq!(r.live(Class::Torch, warm), 0);
+        assert_eq!(r.live(Class::Torch, request), 80 * MIB);
+        assert_eq!(r.total(Class::TorchCached), 0);
+        let f = r.figures();
+        assert!(f.async_backend);
+        assert_eq!(
+            (f.allocated, f.blocks, f.reserved, f.segments),
+            (80 * MIB, 5, 0, 0)
+        );
+        r.apply(ASYNC_FREE, 0xf000_0000, 0, 0);
+        assert_eq!(r.torch.unmatched_frees, 1);
+    }
+
+    /// vLLM's sleep: the driver unmaps segment memory the allocator still holds; its bytes are
+    /// sleeping until mapped again, and a released segment sleeps no more.
+    #[test]
+    fn segment_memory_unmapped_at_the_driver_is_sleeping() {
+        let mut r = Run::new();
+        let base = 0x7000_0000;
+        r.apply(SEGMENT_MAP, base, 40 * MIB, 1);
+        r.apply(ALLOC, base, 40 * MIB, 1);
+        r.apply(SEGMENT_MAP, base + 40 * MIB, 20 * MIB, 2);
+        r.apply(ALLOC, base + 40 * MIB, 20 * MIB, 2);
+        // Unmapped page by page, and a range outside every segment.
+        for page in 0..30 {
+            r.torch.driver_unmapped(7, base + page * 2 * MIB, 2 * MIB);
+        }
+        r.torch.driver_unmapped(7, 0x1000, 2 * MIB);
+        r.torch.driver_unmapped(8, base, 2 * MIB);
+        let f = r.figures();
+        assert_eq!(
+            (f.sleeping, f.allocated, f.reserved),
+            (60 * MIB, 60 * MIB, 60 * MIB)
+        );
+        // Woken in part: 10 pages mapped again.
+        r.torch.driver_mapped(7, base + 4 * MIB, 20 * MIB);
+        assert_eq!(r.figures().sleeping, 40 * MIB);
+        // The second segment's range released by the allocator: not sleeping any more.
+        r.apply(FREE_REQUESTED, base + 40 * MIB, 20 * MIB, 0);
+        r.apply(FREE_COMPLETED, base + 40 * MIB, 20 * MIB, 0);
+        r.apply(SEGMENT_UNMAP, base + 40 * MIB, 20 * MIB, 0);
+        assert_eq!(r.figures().sleeping, 20 * MIB);
+    }
+
+    #[test]
+    fn range_sets_merge_and_split() {
+        let mut set = BTreeMap::new();
+        assert!(add_range(&mut set, 10, 20));
+        assert!(add_range(&mut set, 20, 30));
+        assert!(!add_range(&mut set, 12, 18));
+        assert!(add_range(&mut set, 40, 50));
+        assert_eq!(set, BTreeMap::from([(10, 30), (40, 50)]));
+        assert!(remove_range(&mut set, 15, 45));
+        assert_eq!(set, BTreeMap::from([(10, 15), (45, 50)]));
+        assert!(!remove_range(&mut set, 20, 40));
+        assert!(!add_range(&mut set, 5, 5));
     }
 }

@@ -408,6 +408,7 @@ fn check_series_and_samples(rec: &Recorded) -> Result<(), String> {
             f.private_pools,
             f.private_reserved,
             f.private_allocated,
+            f.sleeping,
         ];
         each_within_limit("a PyTorch allocator sample", figures)?;
     }
@@ -872,7 +873,7 @@ impl Reading<'_> {
     fn read_torch_samples(&self) -> Result<Vec<AllocatorSample>, ReadFailure> {
         let sql = "SELECT t_s, pid, device, reserved, allocated, pending, segments, blocks, holes,
                           hole_bytes, largest_hole, private_pools, private_reserved,
-                          private_allocated
+                          private_allocated, sleeping, async_backend
                    FROM torch_samples ORDER BY rowid";
         self.collect_rows(sql, |row| {
             Ok(AllocatorSample {
@@ -885,7 +886,8 @@ impl Reading<'_> {
     fn read_torch_ooms(&self) -> Result<Vec<AllocatorOom>, ReadFailure> {
         let sql = "SELECT t_s, requested, device_free, stack_id, pid, device, reserved, allocated,
                           pending, segments, blocks, holes, hole_bytes, largest_hole,
-                          private_pools, private_reserved, private_allocated
+                          private_pools, private_reserved, private_allocated, sleeping,
+                          async_backend
                    FROM torch_ooms ORDER BY rowid";
         self.collect_rows(sql, |row| {
             Ok(AllocatorOom {
@@ -946,7 +948,7 @@ impl Reading<'_> {
 
 /// The allocator figures in the columns from `at` on (pid, device, reserved, allocated, pending,
 /// segments, blocks, holes, hole_bytes, largest_hole, private_pools, private_reserved,
-/// private_allocated).
+/// private_allocated, sleeping, async_backend).
 fn allocator_figures(row: &Row<'_>, at: usize) -> rusqlite::Result<AllocatorFigures> {
     Ok(AllocatorFigures {
         pid: row.get(at)?,
@@ -962,5 +964,7 @@ fn allocator_figures(row: &Row<'_>, at: usize) -> rusqlite::Result<AllocatorFigu
         private_pools: from_sql(row.get(at + 10)?),
         private_reserved: from_sql(row.get(at + 11)?),
         private_allocated: from_sql(row.get(at + 12)?),
+        sleeping: from_sql(row.get(at + 13)?),
+        async_backend: row.get(at + 14)?,
     })
 }

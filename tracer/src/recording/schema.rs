@@ -142,7 +142,9 @@ CREATE TABLE torch_samples (
     largest_hole INTEGER NOT NULL,
     private_pools     INTEGER NOT NULL,
     private_reserved  INTEGER NOT NULL,
-    private_allocated INTEGER NOT NULL
+    private_allocated INTEGER NOT NULL,
+    sleeping          INTEGER NOT NULL,  -- segment bytes unmapped at the driver (vLLM sleep mode)
+    async_backend     INTEGER NOT NULL   -- 1: the cudaMallocAsync backend (tensors only)
 );
 -- Allocations PyTorch's caching allocator could not satisfy, with its figures right before.
 CREATE TABLE torch_ooms (
@@ -162,7 +164,9 @@ CREATE TABLE torch_ooms (
     largest_hole INTEGER NOT NULL,
     private_pools     INTEGER NOT NULL,
     private_reserved  INTEGER NOT NULL,
-    private_allocated INTEGER NOT NULL
+    private_allocated INTEGER NOT NULL,
+    sleeping          INTEGER NOT NULL,  -- segment bytes unmapped at the driver (vLLM sleep mode)
+    async_backend     INTEGER NOT NULL   -- 1: the cudaMallocAsync backend (tensors only)
 );
 CREATE VIEW series_by_cell AS
     SELECT s.t_s, c.pid, c.class, c.phase, c.stack_id, s.live_bytes, s.live_count

@@ -678,6 +678,8 @@ fn allocator_samples_and_ooms_read_back() {
         private_pools: 1,
         private_reserved: 20 << 20,
         private_allocated: 12 << 20,
+        sleeping: 6 << 20,
+        async_backend: true,
     };
     let sample = crate::model::AllocatorSample { t_s: 1, figures };
     let oom = crate::model::AllocatorOom {

@@ -363,11 +363,12 @@ impl Writer {
         self.append(
             "INSERT INTO torch_samples (t_s, pid, device, reserved, allocated, pending, segments,
                                         blocks, holes, hole_bytes, largest_hole, private_pools,
-                                        private_reserved, private_allocated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                        private_reserved, private_allocated, sleeping,
+                                        async_backend)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             samples,
             |s| {
-                let mut row = [0; 14];
+                let mut row = [0; 16];
                 row[0] = to_sql(s.t_s);
                 row[1..].copy_from_slice(&figure_columns(&s.figures));
                 row
@@ -384,11 +385,12 @@ impl Writer {
             "INSERT INTO torch_ooms (t_s, requested, device_free, stack_id, pid, device, reserved,
                                      allocated, pending, segments, blocks, holes, hole_bytes,
                                      largest_hole, private_pools, private_reserved,
-                                     private_allocated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                                     private_allocated, sleeping, async_backend)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                     ?18, ?19)",
             ooms,
             |o| {
-                let mut row = [None; 17];
+                let mut row = [None; 19];
                 row[..4].copy_from_slice(&[
                     Some(to_sql(o.t_s)),
                     Some(to_sql(o.requested)),
@@ -948,7 +950,7 @@ pub(super) fn write_error(path: &Path, e: rusqlite::Error) -> RecordingError {
 
 /// The columns of an allocator's figures, in the order of the `torch_samples` and `torch_ooms`
 /// tables (from `pid` to `private_allocated`; the reader's `allocator_figures` reads them back).
-fn figure_columns(f: &AllocatorFigures) -> [i64; 13] {
+fn figure_columns(f: &AllocatorFigures) -> [i64; 15] {
     [
         f.pid.into(),
         f.device.into(),
@@ -963,5 +965,7 @@ fn figure_columns(f: &AllocatorFigures) -> [i64; 13] {
         to_sql(f.private_pools),
         to_sql(f.private_reserved),
         to_sql(f.private_allocated),
+        to_sql(f.sleeping),
+        f.async_backend.into(),
     ]
 }

@@ -16,8 +16,10 @@ pub struct CudaHooked {
     hooked: HashSet<(u32, u64)>,
     /// Inodes of objects read for a static runtime and found without one.
     without_runtime: HashSet<u64>,
-    /// Inodes of PyTorch libraries without a known allocator hook (said once).
+    /// Inodes of PyTorch libraries without the caching allocator's known hook (said once).
     unknown_torch: HashSet<u64>,
+    /// Inodes of PyTorch libraries without any known hook (not read again).
+    no_torch_hooks: HashSet<u64>,
     /// Hook PyTorch's caching allocator (`record --no-torch-allocator` turns it off).
     torch_allocator: bool,
 }
@@ -44,14 +46,19 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
     // PyTorch's allocator first: one probe, and the layer a PyTorch server is debugged at; the
     // driver's dozens of probes take a tenth of a second each to go live.
     let known =
-        |inode: u64| done.hooked.contains(&(pid, inode)) || done.unknown_torch.contains(&inode);
+        |inode: u64| done.hooked.contains(&(pid, inode)) || done.no_torch_hooks.contains(&inode);
     let torch = if done.torch_allocator {
         resolve::find_torch_allocator(pid, &maps, known)
     } else {
         None
     };
     if let Some(torch) = torch {
-        if torch.points.is_empty() && done.unknown_torch.insert(torch.inode) {
+        if torch.points.is_empty() {
+            done.no_torch_hooks.insert(torch.inode);
+        }
+        let caching = crate::hooks::has_record_trace(torch.points.iter().map(|&(i, _)| i));
+        if !caching && done.unknown_torch.insert(torch.inode) {
+            // The cudaMallocAsync backend's hooks, if any, are still attached.
             eprintln!(
                 "torch allocator layer: not available for torch {} (no known hook symbols in {})",
                 torch_version(pid, &torch.target_path)
@@ -60,7 +67,12 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
                 crate::escape::for_terminal(&torch.target_path)
             );
         }
-        objects.push(("PyTorch caching allocator", torch));
+        let what = if caching {
+            "PyTorch caching allocator"
+        } else {
+            "PyTorch cudaMallocAsync backend"
+        };
+        objects.push((what, torch));
     }
     let hooked = |inode: u64| done.hooked.contains(&(pid, inode));
     objects.extend(resolve::find_cuda_driver(pid, &maps, hooked).map(|d| ("CUDA driver", d)));

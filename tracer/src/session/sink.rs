@@ -8,7 +8,8 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 
 use tracer_common::{
-    AllocEvent, HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, map_op, proc_op,
+    AllocEvent, CudaCallEvent, HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, map_op,
+    proc_op,
 };
 
 use crate::{
@@ -134,6 +135,7 @@ impl EventSink {
                 let stack = self.stack_of(ev.tgid, &stack);
                 let at = (stack, self.ips.as_slice());
                 self.cuda.call(&mut self.ledger, &mut self.vmm, &ev, at);
+                self.torch_sees_mapping(&ev);
             }
             Some(Event::Torch(ev, stack)) => {
                 let creates = ev.nframes > 0 || ev.stack_flags != 0;
@@ -171,6 +173,10 @@ impl EventSink {
             self.alloc_failure(ev, cuda, stack);
             return;
         }
+        if cuda.is_some() {
+            // A tensor of PyTorch's cudaMallocAsync backend, if the thread is in mallocAsync.
+            (self.torch).driver_allocated(&mut self.ledger, ev.tid, ev.addr, ev.size);
+        }
         let at = match cuda {
             Some(hook) => CellRef {
                 stack,
@@ -205,6 +211,19 @@ impl EventSink {
             _ => return false,
         }
         true
+    }
+
+    /// A driver mapping changed under PyTorch's allocator (vLLM's sleep and wake do this).
+    fn torch_sees_mapping(&mut self, ev: &CudaCallEvent) {
+        if ev.ret != 0 {
+            return;
+        }
+        let [addr, size, ..] = ev.args;
+        match hooks::cuda_hook(ev.func).map(|h| h.records) {
+            Some(Records::VmmUnmap) => self.torch.driver_unmapped(ev.tgid, addr, size),
+            Some(Records::VmmMap) => self.torch.driver_mapped(ev.tgid, addr, size),
+            _ => {}
+        }
     }
 
     /// A hooked allocating call failed: a failure of its function, class and error.

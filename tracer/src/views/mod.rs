@@ -106,6 +106,8 @@ pub(crate) mod fixture {
             private_pools: 0,
             private_reserved: 0,
             private_allocated: 0,
+            async_backend: false,
+            sleeping: 0,
         }
     }
 

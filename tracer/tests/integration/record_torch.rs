@@ -14,7 +14,7 @@ use crate::common::{
 const MIB: u64 = 1 << 20;
 
 /// The stub built as `libc10_cuda.so` (the name alloctrace looks for) in the form of torch
-/// `abi` (`TORCH_ABI`: 211, 208, 204, 202, 201), once per test run.
+/// `abi` (`TORCH_ABI`: 214, 211, 208, 206, 204, 202, 201), once per test run.
 fn stub_c10_cuda(abi: u32) -> PathBuf {
     let lib = build_dir(&format!("stub-torch-{abi}")).join("libc10_cuda.so");
     static BUILT: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
@@ -318,25 +318,28 @@ fn expandable_segments_are_followed_range_by_range() {
     );
 }
 
-/// The 2.2 form; churn leaves nothing live, and `empty_cache` (release) gives every segment back.
+/// The 2.2 and 2.3 forms (int64 addresses; an int, then a signed char device); churn leaves
+/// nothing live, and `empty_cache` (release) gives every segment back.
 #[test]
-fn the_torch_2_2_form_is_hooked_and_churn_and_release_leave_nothing() {
+fn the_torch_2_2_and_2_3_forms_are_hooked_and_churn_and_release_leave_nothing() {
     require_privileges!();
-    let (r, _) = record(torch_fixture(202, "churn", false), &["hooked"]);
-    let a = allocator(&r);
-    assert_eq!(
-        figures(a, &["reserved", "allocated", "cached"]),
-        [2 * MIB, 0, 2 * MIB]
-    );
-    let rows = json_class_rows(&r, "torch", "churn_tensors");
-    assert_eq!(
-        (
-            json_sum(&rows, "allocated_count"),
-            json_sum(&rows, "live_count")
-        ),
-        (1000, 0),
-        "{r:#}"
-    );
+    for abi in [202, 203] {
+        let (r, _) = record(torch_fixture(abi, "churn", false), &["hooked"]);
+        let a = allocator(&r);
+        assert_eq!(
+            figures(a, &["reserved", "allocated", "cached"]),
+            [2 * MIB, 0, 2 * MIB]
+        );
+        let rows = json_class_rows(&r, "torch", "churn_tensors");
+        assert_eq!(
+            (
+                json_sum(&rows, "allocated_count"),
+                json_sum(&rows, "live_count")
+            ),
+            (1000, 0),
+            "{abi}: {r:#}"
+        );
+    }
     let (r, _) = record(torch_fixture(211, "release", false), &["hooked"]);
     let a = allocator(&r);
     assert_eq!(
@@ -438,4 +441,90 @@ fn python_launched_through_an_exec_keeps_its_python_frames() {
         (48 * MIB, 3),
         "{r:#}"
     );
+}
+
+/// The newest form (torch 2.14–2.15: `record_trace` also takes a compile context): the same
+/// per-request leak, the same figures.
+#[test]
+fn the_torch_2_14_form_is_hooked() {
+    require_privileges!();
+    let (r, _) = record(torch_fixture(214, "leak", true), &["hooked", "hooked"]);
+    assert_eq!(live(&r, "torch", "handle_request"), (80 * MIB, 5), "{r:#}");
+    let a = allocator(&r);
+    assert_eq!(
+        figures(a, &["reserved", "allocated", "cached", "segments"]),
+        [130 * MIB, 80 * MIB, 50 * MIB, 9],
+        "{a:#}"
+    );
+}
+
+/// The cudaMallocAsync backend records no trace: each tensor is the driver allocation made
+/// inside `mallocAsync`, charged in the `torch` view to the function that asked for it; the
+/// driver layer counts the same bytes once, as device memory.
+#[test]
+fn the_cuda_malloc_async_backend_is_followed_tensor_by_tensor() {
+    require_privileges!();
+    let (r, _) = record(
+        torch_fixture(211, "async_leak", true),
+        &["hooked", "hooked"],
+    );
+    assert_eq!(live(&r, "torch", "handle_request"), (80 * MIB, 5), "{r:#}");
+    assert_eq!(live(&r, "torch", "warm_async_cache"), (0, 0), "{r:#}");
+    let rows = json_class_rows(&r, "torch", "handle_request");
+    assert_eq!(json_sum(&rows, "allocated_count"), 10, "{r:#}");
+    assert_eq!(r["totals"]["torch-cached"]["live_bytes"], 0, "{r:#}");
+    let device: u64 = ["cuda", "cuda-pool"]
+        .iter()
+        .filter_map(|c| r["totals"][*c]["live_bytes"].as_u64())
+        .sum();
+    assert_eq!(device, 80 * MIB, "{r:#}");
+    let a = allocator(&r);
+    assert_eq!(a["async_backend"], true, "{a:#}");
+    assert_eq!(
+        figures(a, &["allocated", "blocks", "reserved", "segments", "holes"]),
+        [80 * MIB, 5, 0, 0, 0],
+        "{a:#}"
+    );
+    // torch 2.2's mallocAsync (int device), with churn: nothing live.
+    let (r, stderr) = record(
+        torch_fixture(202, "async_churn", true),
+        &["hooked", "hooked"],
+    );
+    assert!(!stderr.contains("not available"), "{stderr}");
+    let rows = json_class_rows(&r, "torch", "churn_tensors");
+    assert_eq!(
+        (
+            json_sum(&rows, "allocated_count"),
+            json_sum(&rows, "live_count")
+        ),
+        (1000, 0),
+        "{r:#}"
+    );
+}
+
+/// vLLM's sleep mode: the memory behind PyTorch's segments is unmapped and released at the
+/// driver while PyTorch keeps its blocks. Named sleeping, not a leak; woken, it is memory again.
+#[test]
+fn memory_put_to_sleep_under_the_allocator_is_named_sleeping() {
+    require_privileges!();
+    let (r, _) = record(torch_fixture(211, "sleep", true), &["hooked", "hooked"]);
+    assert_eq!(live(&r, "torch", "load_weights"), (40 * MIB, 1), "{r:#}");
+    assert_eq!(
+        live(&r, "torch", "allocate_kv_cache"),
+        (20 * MIB, 1),
+        "{r:#}"
+    );
+    assert_eq!(r["totals"]["cuda-vmm"]["live_bytes"], 0, "{r:#}");
+    let a = allocator(&r);
+    assert_eq!(
+        figures(a, &["sleeping", "allocated", "reserved"]),
+        [60 * MIB, 60 * MIB, 60 * MIB],
+        "{a:#}"
+    );
+    let (r, _) = record(
+        torch_fixture(211, "sleep_wake", true),
+        &["hooked", "hooked"],
+    );
+    assert_eq!(r["totals"]["cuda-vmm"]["live_bytes"], 60 * MIB, "{r:#}");
+    assert_eq!(allocator(&r)["sleeping"], 0, "{r:#}");
 }

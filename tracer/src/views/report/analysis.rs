@@ -168,6 +168,10 @@ pub struct AllocatorSummary {
     pub private_pools: u64,
     pub private_reserved: u64,
     pub private_allocated: u64,
+    /// Served by the `cudaMallocAsync` backend (tensors only, no segments).
+    pub async_backend: bool,
+    /// Segment bytes unmapped at the driver while the allocator holds them (vLLM's sleep).
+    pub sleeping: u64,
     pub peak_reserved: u64,
     pub peak_allocated: u64,
     /// Last minus first sample.
@@ -211,6 +215,8 @@ pub fn allocator_summaries(rec: &Recorded) -> Vec<AllocatorSummary> {
                 private_pools: last.private_pools,
                 private_reserved: last.private_reserved,
                 private_allocated: last.private_allocated,
+                async_backend: last.async_backend,
+                sleeping: last.sleeping,
                 peak_reserved: samples.iter().map(|(_, f)| f.reserved).max().unwrap_or(0),
                 peak_allocated: samples.iter().map(|(_, f)| f.allocated).max().unwrap_or(0),
                 reserved_growth: d(first.reserved, last.reserved),

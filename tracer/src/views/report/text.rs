@@ -630,6 +630,19 @@ fn text_torch_allocator(out: &mut String, rec: &Recorded) {
          inside the device classes, not added to them)\n",
     );
     for a in &summaries {
+        if a.async_backend {
+            let _ = writeln!(
+                out,
+                "  PID {} device {}, cudaMallocAsync backend: allocated {} (peak {}) in {}; what \
+                 its CUDA memory pool keeps beyond them is the driver's (gpu-untraced)",
+                a.pid,
+                a.device,
+                human_bytes(a.allocated),
+                human_bytes(a.peak_allocated),
+                count_of(a.blocks, "tensor")
+            );
+            continue;
+        }
         let _ = writeln!(
             out,
             "  PID {} device {}: reserved {} (peak {}), allocated {} (peak {}), cached {}, \
@@ -653,6 +666,14 @@ fn text_torch_allocator(out: &mut String, rec: &Recorded) {
             human_bytes(a.largest_hole),
             a.fragmentation
         );
+        if a.sleeping > 0 {
+            let _ = writeln!(
+                out,
+                "      sleeping: {} of it unmapped at the driver while PyTorch holds it (vLLM's \
+                 sleep mode): backed by no memory, not a leak",
+                human_bytes(a.sleeping)
+            );
+        }
         if a.private_pools > 0 {
             let _ = writeln!(
                 out,
