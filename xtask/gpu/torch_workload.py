@@ -6,6 +6,8 @@ on a real GPU, with PyTorch's own figures written to the file named by argv[1] a
 - activations: 50 steps of transient tensors (churn; nothing live after);
 - a captured CUDA graph (private memory pool, graph instantiation);
 - pinned host memory: a 64 MiB page-locked staging tensor;
+- the same with PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (each tensor a driver allocation
+  from the device's CUDA memory pool; no segments, no snapshot);
 - a planted per-request leak: after the cache is warm, `handle_request` keeps a 16 MiB tensor per
   request (served from cached segments: no driver call), which the allocator layer must find
   under that Python function.
@@ -71,8 +73,11 @@ def serve(device):
 
 
 def snapshot_figures():
-    """The live and free blocks of PyTorch's own snapshot of its allocator."""
+    """The live and free blocks of PyTorch's own snapshot of its allocator (the
+    cudaMallocAsync backend has none)."""
     active_count = active_bytes = free_bytes = largest_free = 0
+    if backend() == "cudaMallocAsync":
+        return {}
     for segment in torch.cuda.memory._snapshot()["segments"]:
         for block in segment["blocks"]:
             if block["state"] == "active_allocated":
@@ -87,6 +92,10 @@ def snapshot_figures():
         "snapshot_free_bytes": free_bytes,
         "snapshot_largest_free": largest_free,
     }
+
+
+def backend():
+    return torch.cuda.get_allocator_backend()
 
 
 def pin_staging():
@@ -105,6 +114,7 @@ def main():
     stats = torch.cuda.memory_stats()
     figures = {
         "torch_version": torch.__version__,
+        "backend": backend(),
         "cuda_version": torch.version.cuda,
         "device": torch.cuda.get_device_name(0),
         "memory_reserved": torch.cuda.memory_reserved(),

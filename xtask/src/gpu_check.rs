@@ -1,5 +1,5 @@
 //! `cargo xtask gpu-check`: a PyTorch workload (caching allocator with and without expandable
-//! segments, a captured CUDA graph, pinned memory, a planted per-request tensor leak) on a real
+//! segments, the cudaMallocAsync backend, a captured CUDA graph, pinned memory, a planted per-request tensor leak) on a real
 //! GPU under alloctrace, its ledger compared with PyTorch's own figures (`memory_reserved()`,
 //! `memory_stats()`, the `_snapshot()` block list) and NVML. `--write-docs` puts the results into
 //! docs/gpu-validation.md.
@@ -83,7 +83,6 @@ pub fn evaluate(report: &Value, figures: &Value) -> Vec<Check> {
         .and_then(|all| all.iter().find(|a| a["pid"].as_u64() == pid_number))
         .cloned()
         .unwrap_or(Value::Null);
-    let layer = |field: &str| allocator[field].as_u64().unwrap_or(0);
     let figure = |field: &str| figures[field].as_u64().unwrap_or(0);
     // The planted leak: live `torch` bytes under the Python function that keeps the tensors.
     let leak_found: u64 = report["stacks"]
@@ -103,42 +102,16 @@ pub fn evaluate(report: &Value, figures: &Value) -> Vec<Check> {
                 .sum()
         })
         .unwrap_or(0);
-    vec![
-        Check {
-            name: "allocator layer reserved vs torch.cuda.memory_reserved()",
-            expected: mib(reserved),
-            observed: mib(layer("reserved")),
-            pass: reserved > 0 && layer("reserved") == reserved,
-        },
-        Check {
-            name: "live tensors vs memory_stats requested_bytes",
-            expected: format!("{} B", figure("requested_bytes")),
-            observed: format!("{} B", layer("allocated")),
-            pass: figure("requested_bytes") > 0 && layer("allocated") == figure("requested_bytes"),
-        },
-        Check {
-            name: "live tensor blocks vs _snapshot() active blocks",
-            expected: format!(
-                "{} blocks, {} B",
-                figure("snapshot_active_blocks"),
-                figure("snapshot_active_requested")
-            ),
-            observed: format!(
-                "{} blocks, {} B",
-                layer("blocks").saturating_sub(pending_blocks(&allocator)),
-                layer("allocated")
-            ),
-            pass: figure("snapshot_active_blocks") > 0
-                && layer("blocks").saturating_sub(pending_blocks(&allocator))
-                    == figure("snapshot_active_blocks")
-                && layer("allocated") == figure("snapshot_active_requested"),
-        },
-        Check {
-            name: "largest hole vs _snapshot() largest free block",
-            expected: format!("{} B", figure("snapshot_largest_free")),
-            observed: format!("{} B", layer("largest_hole")),
-            pass: layer("largest_hole") == figure("snapshot_largest_free"),
-        },
+    let is_async = figures["backend"] == "cudaMallocAsync";
+    let (mut checks, allocator_share) = if is_async {
+        (
+            async_backend_checks(&allocator, figures),
+            figure("memory_allocated"),
+        )
+    } else {
+        (caching_allocator_checks(&allocator, figures), reserved)
+    };
+    checks.extend([
         Check {
             name: "planted per-request leak under handle_request",
             expected: format!("≥ {}", mib(figure("leak_bytes"))),
@@ -148,10 +121,10 @@ pub fn evaluate(report: &Value, figures: &Value) -> Vec<Check> {
         Check {
             // Libraries outside the caching allocator (cuBLAS's workspace) add to the device
             // classes: the allocator's share is at most what the driver layer counted.
-            name: "device classes hold the allocator's segments",
-            expected: format!("≥ {}", mib(reserved)),
+            name: "device classes hold the allocator's memory",
+            expected: format!("≥ {}", mib(allocator_share)),
             observed: mib(device),
-            pass: reserved > 0 && device >= reserved,
+            pass: allocator_share > 0 && device >= allocator_share,
         },
         Check {
             name: "traced + gpu-untraced vs NVML",
@@ -192,6 +165,71 @@ pub fn evaluate(report: &Value, figures: &Value) -> Vec<Check> {
                 .map_or(0, |f| f.len())
                 .to_string(),
             pass: report["failures"].as_array().is_some_and(|f| f.is_empty()),
+        },
+    ]);
+    checks
+}
+
+/// PyTorch's native caching allocator: segments, blocks and holes against its own figures.
+fn caching_allocator_checks(allocator: &Value, figures: &Value) -> Vec<Check> {
+    let layer = |field: &str| allocator[field].as_u64().unwrap_or(0);
+    let figure = |field: &str| figures[field].as_u64().unwrap_or(0);
+    let reserved = figure("memory_reserved");
+    vec![
+        Check {
+            name: "allocator layer reserved vs torch.cuda.memory_reserved()",
+            expected: mib(reserved),
+            observed: mib(layer("reserved")),
+            pass: reserved > 0 && layer("reserved") == reserved,
+        },
+        Check {
+            name: "live tensors vs memory_stats requested_bytes",
+            expected: format!("{} B", figure("requested_bytes")),
+            observed: format!("{} B", layer("allocated")),
+            pass: figure("requested_bytes") > 0 && layer("allocated") == figure("requested_bytes"),
+        },
+        Check {
+            name: "live tensor blocks vs _snapshot() active blocks",
+            expected: format!(
+                "{} blocks, {} B",
+                figure("snapshot_active_blocks"),
+                figure("snapshot_active_requested")
+            ),
+            observed: format!(
+                "{} blocks, {} B",
+                layer("blocks").saturating_sub(pending_blocks(allocator)),
+                layer("allocated")
+            ),
+            pass: figure("snapshot_active_blocks") > 0
+                && layer("blocks").saturating_sub(pending_blocks(allocator))
+                    == figure("snapshot_active_blocks")
+                && layer("allocated") == figure("snapshot_active_requested"),
+        },
+        Check {
+            name: "largest hole vs _snapshot() largest free block",
+            expected: format!("{} B", figure("snapshot_largest_free")),
+            observed: format!("{} B", layer("largest_hole")),
+            pass: layer("largest_hole") == figure("snapshot_largest_free"),
+        },
+    ]
+}
+
+/// The cudaMallocAsync backend: tensors only, each a driver allocation.
+fn async_backend_checks(allocator: &Value, figures: &Value) -> Vec<Check> {
+    let layer = |field: &str| allocator[field].as_u64().unwrap_or(0);
+    let allocated = figures["memory_allocated"].as_u64().unwrap_or(0);
+    vec![
+        Check {
+            name: "cudaMallocAsync backend recognized",
+            expected: "true".into(),
+            observed: allocator["async_backend"].to_string(),
+            pass: allocator["async_backend"] == true,
+        },
+        Check {
+            name: "live tensors vs torch.cuda.memory_allocated()",
+            expected: format!("{allocated} B"),
+            observed: format!("{} B", layer("allocated")),
+            pass: allocated > 0 && layer("allocated") == allocated,
         },
     ]
 }
@@ -278,6 +316,10 @@ pub fn gpu_check(root: &Path, args: &[String]) -> Result<()> {
         (
             "expandable segments (cuMemCreate/cuMemMap)",
             "expandable_segments:True",
+        ),
+        (
+            "cudaMallocAsync backend (a CUDA memory pool, no segments)",
+            "backend:cudaMallocAsync",
         ),
     ] {
         let trace = dir.join("run.trace");
@@ -395,6 +437,39 @@ mod tests {
         assert!(checks.iter().all(|c| c.pass), "{checks:#?}");
     }
 
+    /// The cudaMallocAsync backend: no segments, no snapshot; live tensors against
+    /// `memory_allocated()`, and the device classes hold at least them.
+    #[test]
+    fn the_cuda_malloc_async_backend_is_checked_by_its_own_figures() {
+        let mut r = report(364 * MIB, 500 * MIB, 864 * MIB, true);
+        r["torch_allocator"]["allocators"][0] =
+            json!({"pid": 42, "async_backend": true, "allocated": 100 * MIB, "reserved": 0});
+        let figures = json!({
+            "backend": "cudaMallocAsync", "memory_allocated": 100 * MIB,
+            "memory_reserved": 200 * MIB, "pinned_bytes": 64 * MIB, "leak_bytes": 80 * MIB,
+        });
+        let checks = evaluate(&r, &figures);
+        assert!(checks.iter().all(|c| c.pass), "{checks:#?}");
+        assert!(
+            checks
+                .iter()
+                .any(|c| c.name == "cudaMallocAsync backend recognized")
+        );
+        r["torch_allocator"]["allocators"][0]["async_backend"] = json!(false);
+        r["torch_allocator"]["allocators"][0]["allocated"] = json!(99 * MIB);
+        let failing: Vec<&str> = (evaluate(&r, &figures).into_iter())
+            .filter(|c| !c.pass)
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            failing,
+            [
+                "cudaMallocAsync backend recognized",
+                "live tensors vs torch.cuda.memory_allocated()"
+            ]
+        );
+    }
+
     #[test]
     fn each_inconsistency_fails_its_own_check() {
         let figures = figures();
@@ -407,7 +482,7 @@ mod tests {
         };
         assert_eq!(
             failing(report(100 * MIB, 700 * MIB, 800 * MIB, true)),
-            vec!["device classes hold the allocator's segments"]
+            vec!["device classes hold the allocator's memory"]
         );
         let with = |field: &str, value: Value| {
             let mut r = report(300 * MIB, 500 * MIB, 800 * MIB, true);
