@@ -57,6 +57,21 @@ pub mod torch_action {
     pub const ASYNC_MALLOC: u32 = 100;
     /// Not PyTorch's: the `cudaMallocAsync` backend's `freeAsync` (the block's address).
     pub const ASYNC_FREE: u32 = 101;
+    /// Not PyTorch's: the pinned host caching allocator handed a block to a tensor (address,
+    /// the block's size; `stream` holds the `HostBlock*`).
+    pub const PINNED_ALLOC: u32 = 102;
+    /// Not PyTorch's: a tensor released its pinned block (the same fields).
+    pub const PINNED_FREE: u32 = 103;
+}
+
+/// PyTorch's pinned host `HostBlock` (torch 2.4–2.15): where its size and address lie.
+pub mod host_block {
+    /// `size_t size_`, the block's (rounded) size.
+    pub const SIZE_AT: u64 = 0x28;
+    /// `void* ptr_`, its memory.
+    pub const PTR_AT: u64 = 0x30;
+    /// In the `at::DataPtr` the allocator returns: the context (the `HostBlock*`).
+    pub const DATA_PTR_CTX_AT: u64 = 0x10;
 }
 
 /// An event of PyTorch's CUDA caching allocator, read at the entry of `record_trace` (or of the
@@ -337,6 +352,9 @@ pub mod global {
     pub const PYTHON_FRAMES: &str = "PYTHON_FRAMES";
     /// 1 to log why the programs skip events (aya-log, `record --debug-bpf`).
     pub const DEBUG_LOG: &str = "DEBUG_LOG";
+    /// 1 when the heap probes are attached for every process mapping the allocator (children
+    /// from their first instruction): their programs keep only the processes in `TARGETS`.
+    pub const HEAP_SYSTEMWIDE: &str = "HEAP_SYSTEMWIDE";
 }
 
 /// Name of the eBPF object's aya-log ring buffer (declared by aya-log-ebpf).

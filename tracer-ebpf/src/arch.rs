@@ -38,6 +38,14 @@ impl UserRegs {
         }
     }
 
+    /// At a uprobe on a `ret` instruction: the value being returned.
+    #[inline(always)]
+    pub fn rax<C: EbpfContext>(ctx: &C) -> u64 {
+        let regs = ctx.as_ptr() as *const pt_regs;
+        // SAFETY: the context of a uprobe program is the user pt_regs.
+        unsafe { (*regs).rax }
+    }
+
     /// At a tracepoint, whose context holds no registers: the current task's saved user
     /// registers (for a syscall, its return address and the caller's frame pointer).
     #[inline(always)]

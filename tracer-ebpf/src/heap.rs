@@ -3,6 +3,7 @@
 //! and free itself) are folded into the outer call.
 
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -10,12 +11,26 @@ use aya_ebpf::{
 use crate::{
     alloc::{emit_free, finish_call, mul_saturating},
     inflight::{CallKind, Entry, attach_cookie, enter, holds, my_slot},
-    maps::INFLIGHT,
+    maps::{HEAP_SYSTEMWIDE, INFLIGHT, TARGETS, global},
 };
 
-/// A heap call of `size` bytes, as its entry saves it.
+/// Whether the calling process is not traced: only possible when the probes are attached for
+/// every process mapping the allocator (`HEAP_SYSTEMWIDE`, children followed from birth).
+#[inline(always)]
+fn untraced_caller() -> bool {
+    global(&HEAP_SYSTEMWIDE) != 0
+        && TARGETS
+            .get_ptr((bpf_get_current_pid_tgid() >> 32) as u32)
+            .is_none()
+}
+
+/// A heap call of `size` bytes, as its entry saves it. (Its return finds no saved call for an
+/// untraced caller, and emits nothing.)
 #[inline(always)]
 fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u32 {
+    if untraced_caller() {
+        return 0;
+    }
     let entry = Entry {
         old_block,
         out_ptr,
@@ -81,7 +96,7 @@ pub fn heap_return(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn heap_free(ctx: ProbeContext) -> u32 {
     let addr: u64 = ctx.arg(0).unwrap_or(0);
-    if addr == 0 {
+    if addr == 0 || untraced_caller() {
         return 0;
     }
     let Some((slot, key)) = my_slot(&INFLIGHT) else {

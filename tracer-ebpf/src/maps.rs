@@ -127,6 +127,10 @@ pub static PYTHON_FRAMES: u32 = 0;
 #[unsafe(no_mangle)]
 pub static DEBUG_LOG: u32 = 0;
 
+/// 1: the heap probes fire for every process mapping the allocator; only traced ones count.
+#[unsafe(no_mangle)]
+pub static HEAP_SYSTEMWIDE: u32 = 0;
+
 /// The value user space gave a global at load.
 #[inline(always)]
 pub fn global(value: &u32) -> u32 {

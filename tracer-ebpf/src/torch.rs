@@ -13,10 +13,10 @@ use aya_ebpf::{
     macros::uprobe,
     programs::ProbeContext,
 };
-use tracer_common::{TorchEvent, event_kind, torch_action};
+use tracer_common::{TorchEvent, event_kind, host_block, torch_action};
 
 use crate::{
-    arch::first_stack_argument,
+    arch::{UserRegs, first_stack_argument},
     maps::{TORCH_SCRATCH, scratch},
     ring::{Wakeup, output_event},
     stack::{StackBudget, StackStart, emit_with_stack},
@@ -75,6 +75,54 @@ pub fn torch_async_free(ctx: ProbeContext) -> u32 {
     )
 }
 
+/// The pinned host allocator's `at::Allocator::allocate` override, at its one `ret` (a plain
+/// probe there: no return trampoline for an exception to meet): `rax` is the `DataPtr` it
+/// returns, whose data is the block's memory and whose context is the `HostBlock`.
+#[uprobe]
+pub fn torch_pinned_alloc(ctx: ProbeContext) -> u32 {
+    let data_ptr = UserRegs::rax(&ctx);
+    // SAFETY: bpf_probe_read_user checks the user addresses.
+    let (data, block) = unsafe {
+        (
+            bpf_probe_read_user(data_ptr as *const u64).unwrap_or(0),
+            bpf_probe_read_user((data_ptr + host_block::DATA_PTR_CTX_AT) as *const u64)
+                .unwrap_or(0),
+        )
+    };
+    if block == 0 {
+        return 0; // nothing allocated (0 bytes asked)
+    }
+    // SAFETY: as above.
+    let size =
+        unsafe { bpf_probe_read_user((block + host_block::SIZE_AT) as *const u64) }.unwrap_or(0);
+    send(
+        &ctx,
+        [torch_action::PINNED_ALLOC as u64, 0, data, size, block],
+        [0, 0],
+    )
+}
+
+/// The pinned blocks' deleter, `raw_local_deleter(void* ctx)`: the tensor lets its block go.
+#[uprobe]
+pub fn torch_pinned_free(ctx: ProbeContext) -> u32 {
+    let block: u64 = ctx.arg(0).unwrap_or(0);
+    if block == 0 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_user checks the user addresses.
+    let (data, size) = unsafe {
+        (
+            bpf_probe_read_user((block + host_block::PTR_AT) as *const u64).unwrap_or(0),
+            bpf_probe_read_user((block + host_block::SIZE_AT) as *const u64).unwrap_or(0),
+        )
+    };
+    send(
+        &ctx,
+        [torch_action::PINNED_FREE as u64, 0, data, size, block],
+        [0, 0],
+    )
+}
+
 #[inline(always)]
 fn emit(ctx: &ProbeContext, pool: [u64; 2]) -> u32 {
     let args = [
@@ -113,6 +161,7 @@ fn send(ctx: &ProbeContext, [action, device, addr, size, stream]: [u64; 5], pool
             | torch_action::SEGMENT_MAP
             | torch_action::OOM
             | torch_action::ASYNC_MALLOC
+            | torch_action::PINNED_ALLOC
     );
     if !with_stack {
         output_event(&event, Wakeup::AtPoll, "torch allocator event");

@@ -200,6 +200,20 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
         offsets
     }
 
+    /// The (stated address, size) of each of the `wanted` functions the file defines.
+    pub fn function_ranges<'w>(&self, wanted: &[&'w str]) -> BTreeMap<&'w str, (u64, u64)> {
+        let mut ranges = BTreeMap::new();
+        let functions = self
+            .symbols()
+            .filter(|s| s.defined && s.kind == SymbolKind::Text && s.address != 0);
+        for sym in functions {
+            if let Some(w) = wanted.iter().find(|w| **w == sym.name) {
+                ranges.entry(*w).or_insert((sym.address, sym.size));
+            }
+        }
+        ranges
+    }
+
     /// The `PT_LOAD` segments, in program header order.
     pub fn load_segments(&self) -> &[LoadSegment] {
         &self.segments

@@ -276,6 +276,11 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             python_frames: !args.no_python_frames,
             stack_copy_always: args.stack_copy_always,
             debug_log: args.debug_bpf,
+            // A launched command's children allocate from their first instruction (a shell,
+            // `timeout`, a server spawning its engine): the heap probes cover every process
+            // mapping the allocator, the kernel keeps the traced ones. Attached by PID, a
+            // production process's node is spared that: its children get probes when seen.
+            heap_systemwide: args.heap && !args.no_follow_children && args.pid.is_none(),
         },
         heap: args.heap,
         torch_allocator: !args.no_torch_allocator,

@@ -59,10 +59,16 @@ pub enum Class {
     /// PyTorch's caching allocator: reserved but not allocated (cached) bytes of its segments,
     /// charged to the stack that grew the segment. A view inside the device classes, like `torch`.
     TorchCached,
+    /// PyTorch's pinned host caching allocator: blocks held by tensors (at the block's size),
+    /// charged to the stack that allocated the tensor. A view inside `cuda-pinned`, never added.
+    TorchPinned,
+    /// PyTorch's pinned host caching allocator: blocks no tensor holds (cached, or waiting on
+    /// their CUDA events), charged to the stack that made the block. A view inside `cuda-pinned`.
+    TorchPinnedCached,
 }
 
 impl Class {
-    pub const ALL: [Class; 17] = [
+    pub const ALL: [Class; 19] = [
         Class::Heap,
         Class::Mmap,
         Class::MmapShared,
@@ -80,6 +86,8 @@ impl Class {
         Class::GpuUntraced,
         Class::Torch,
         Class::TorchCached,
+        Class::TorchPinned,
+        Class::TorchPinnedCached,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,6 +109,8 @@ impl Class {
             Class::GpuUntraced => "gpu-untraced",
             Class::Torch => "torch",
             Class::TorchCached => "torch-cached",
+            Class::TorchPinned => "torch-pinned",
+            Class::TorchPinnedCached => "torch-pinned-cached",
         }
     }
 

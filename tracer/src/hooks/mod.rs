@@ -99,6 +99,12 @@ pub enum Records {
     TorchAsyncMalloc,
     /// The backend frees a tensor.
     TorchAsyncFree,
+    /// PyTorch's pinned host caching allocator hands a block to a tensor: a plain probe on the
+    /// `ret` of its `at::Allocator::allocate` override (the function's last byte), where the
+    /// returned `DataPtr` is read.
+    TorchPinnedAlloc,
+    /// A tensor lets its pinned block go (the blocks' deleter).
+    TorchPinnedFree,
 }
 
 impl Records {
@@ -153,6 +159,11 @@ impl Records {
                  allocation this thread makes next inside the call, of that size"
             }
             Records::TorchAsyncFree => "the tensor at the pointer freed",
+            Records::TorchPinnedAlloc => {
+                "a pinned block handed to a tensor: probed at the function's one `ret` (its last \
+                 byte), the returned DataPtr's data and HostBlock (its size at +0x28)"
+            }
+            Records::TorchPinnedFree => "the tensor's pinned block back to the cache (HostBlock*)",
         }
     }
 
@@ -201,14 +212,16 @@ impl Records {
             | Records::PoolTrim
             | Records::HostUnregister
             | Records::IpcClose
-            | Records::TorchAsyncFree => AttachStage::Releases,
+            | Records::TorchAsyncFree
+            | Records::TorchPinnedFree => AttachStage::Releases,
             Records::Alloc
             | Records::VmmCreate
             | Records::VmmRetain
             | Records::VmmMap
             | Records::HostRegister
             | Records::IpcOpen
-            | Records::TorchAsyncMalloc => AttachStage::Creates,
+            | Records::TorchAsyncMalloc
+            | Records::TorchPinnedAlloc => AttachStage::Creates,
             _ => AttachStage::Neutral,
         }
     }

@@ -26,6 +26,8 @@ const RECORD_TRACE: &str = "torch_record_trace";
 const RECORD_TRACE_POOL: &str = "torch_record_trace_pool";
 const ASYNC_MALLOC: &str = "torch_async_malloc";
 const ASYNC_FREE: &str = "torch_async_free";
+const PINNED_ALLOC: &str = "torch_pinned_alloc";
+const PINNED_FREE: &str = "torch_pinned_free";
 
 /// `record_trace` in each form, newest first; `prototype` names the torch versions. Torch 2.1's
 /// form is left out on purpose: it has no device argument (the sixth register holds the
@@ -103,6 +105,32 @@ pub const TORCH_HOOKS: &[CudaHook] = &[
         records: Records::TorchAsyncFree,
         class: Class::Torch,
     },
+    // The pinned host caching allocator, in libtorch_cuda.so (HostBlock's size at +0x28 and
+    // its memory at +0x30 in 2.4–2.15; torch 2.1–2.3 had another allocator, not followed).
+    CudaHook {
+        symbol: "_ZN2at29CachingHostAllocatorInterfaceINS_4cuda12_GLOBAL__N_128CUDACachingHostAllocatorImplEXadL_ZNS2_17raw_local_deleterEPvEEE8allocateEm",
+        prototype: "torch 2.8–2.15, libtorch_cuda.so: at::DataPtr at::CachingHostAllocatorInterface<CUDACachingHostAllocatorImpl, &raw_local_deleter>::allocate(size_t)",
+        entry_program: PINNED_ALLOC,
+        return_program: None,
+        records: Records::TorchPinnedAlloc,
+        class: Class::TorchPinned,
+    },
+    CudaHook {
+        symbol: "_ZN2at4cuda12_GLOBAL__N_124CUDACachingHostAllocator8allocateEm",
+        prototype: "torch 2.4–2.7, libtorch_cuda.so: at::DataPtr at::cuda::CUDACachingHostAllocator::allocate(size_t)",
+        entry_program: PINNED_ALLOC,
+        return_program: None,
+        records: Records::TorchPinnedAlloc,
+        class: Class::TorchPinned,
+    },
+    CudaHook {
+        symbol: "_ZN2at4cuda12_GLOBAL__N_117raw_local_deleterEPv",
+        prototype: "torch 2.4–2.15, libtorch_cuda.so: void at::cuda::raw_local_deleter(void* ctx)",
+        entry_program: PINNED_FREE,
+        return_program: None,
+        records: Records::TorchPinnedFree,
+        class: Class::TorchPinned,
+    },
 ];
 
 /// Whether a library's hooks (indices into `TORCH_HOOKS`) include the caching allocator's
@@ -136,14 +164,29 @@ mod tests {
             .collect()
     }
 
+    /// (version, symbol, last byte) of `torch_pinned_symbols.txt`: libtorch_cuda.so's.
+    fn real_pinned_symbols() -> Vec<(&'static str, &'static str, &'static str)> {
+        include_str!("torch_pinned_symbols.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                assert_eq!(f.len(), 3, "VERSION<TAB>SYMBOL<TAB>LAST_BYTE: {l}");
+                (f[0], f[1], f[2])
+            })
+            .collect()
+    }
+
     /// Every hooked form is a real symbol; every real `record_trace` from 2.2 on and the
     /// `cudaMallocAsync` backend's `mallocAsync` and `freeAsync` of every version are hooked.
     #[test]
     fn the_hook_table_matches_the_real_symbols_of_each_torch_version() {
         let real = real_symbols();
+        let pinned = real_pinned_symbols();
         for hook in TORCH_HOOKS {
             assert!(
-                real.iter().any(|(_, s)| *s == hook.symbol),
+                real.iter().any(|(_, s)| *s == hook.symbol)
+                    || pinned.iter().any(|(_, s, _)| *s == hook.symbol),
                 "{} is in no torch version's library",
                 hook.prototype
             );
@@ -166,6 +209,31 @@ mod tests {
             assert!(hooked("9freeAsync"), "torch {version}: freeAsync");
         }
         assert!(versions.contains("2.15.0"), "{versions:?}");
+    }
+
+    /// The pinned host allocator of every torch from 2.4 on has the blocks' deleter and one
+    /// allocate override, hooked; the override ends in a `ret` everywhere but in 2.5.1.
+    #[test]
+    fn the_pinned_host_allocator_of_each_torch_version_is_hooked() {
+        let pinned = real_pinned_symbols();
+        let versions: std::collections::BTreeSet<&str> = pinned.iter().map(|r| r.0).collect();
+        assert_eq!(versions.len(), 12, "{versions:?}");
+        for version in versions {
+            let of = |records| {
+                let hooked = |s: &str| {
+                    TORCH_HOOKS
+                        .iter()
+                        .any(|h| h.symbol == s && h.records == records)
+                };
+                (pinned.iter())
+                    .filter(|(v, s, _)| *v == version && hooked(s))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(of(Records::TorchPinnedFree).len(), 1, "torch {version}");
+            let alloc = of(Records::TorchPinnedAlloc);
+            assert_eq!(alloc.len(), 1, "torch {version}");
+            assert_eq!(alloc[0].2 == "c3", version != "2.5.1", "torch {version}");
+        }
     }
 
     /// No torch hook has a return probe: an exception through its trampoline kills the target.

@@ -85,6 +85,25 @@ struct DeviceCache {
     dirty: bool,
 }
 
+/// A block of the pinned host caching allocator (`HostBlock`).
+#[derive(Debug)]
+struct PinnedBlock {
+    ptr: u64,
+    size: u64,
+    /// Its `torch-pinned-cached` cell: the stack that made it (the first seen to get it).
+    cached_cell: u32,
+    /// Its `torch-pinned` cell while a tensor holds it.
+    live_cell: Option<u32>,
+}
+
+/// The pinned host caching allocator of one process: blocks by `HostBlock` address, and by the
+/// memory they hold (what the driver frees).
+#[derive(Debug, Default)]
+struct PinnedCache {
+    blocks: HashMap<u64, PinnedBlock>,
+    by_ptr: HashMap<u64, u64>,
+}
+
 /// A `mallocAsync` call whose block is the driver allocation its thread makes next.
 #[derive(Debug)]
 struct AsyncCall {
@@ -100,6 +119,8 @@ pub struct TorchLayer {
     devices: BTreeMap<(u32, i32), DeviceCache>,
     /// `mallocAsync` calls in flight, by thread.
     async_calls: HashMap<u32, AsyncCall>,
+    /// Pinned host caching allocators by process.
+    pinned: HashMap<u32, PinnedCache>,
     /// OOMs since the last `take_ooms`.
     ooms: Vec<AllocatorOom>,
     /// Frees of blocks never seen allocated (attached after they were made).
@@ -127,6 +148,16 @@ impl TorchLayer {
             }
             torch_action::ASYNC_FREE => {
                 let seen = self.free_async(ledger, pid, ev.addr);
+                self.unmatched_frees += u64::from(!seen);
+                return;
+            }
+            torch_action::PINNED_ALLOC => {
+                let at = (pid, stack);
+                self.pinned.entry(pid).or_default().alloc(ledger, at, ev);
+                return;
+            }
+            torch_action::PINNED_FREE => {
+                let seen = self.pinned.entry(pid).or_default().release(ledger, ev);
                 self.unmatched_frees += u64::from(!seen);
                 return;
             }
@@ -205,6 +236,19 @@ impl TorchLayer {
         }
     }
 
+    /// The driver freed (or unregistered) the host memory at `addr` in process `pid`: a cached
+    /// pinned block there is gone.
+    pub fn driver_freed(&mut self, ledger: &mut Ledger, pid: u32, addr: u64) {
+        if let Some(cache) = self.pinned.get_mut(&pid) {
+            cache.driver_freed(ledger, addr);
+        }
+    }
+
+    /// Whether any process has a pinned host caching allocator (frees are looked at).
+    pub fn has_pinned(&self) -> bool {
+        !self.pinned.is_empty()
+    }
+
     /// The driver mapped memory at `[addr, addr + size)` in process `pid`: it sleeps no more.
     pub fn driver_mapped(&mut self, pid: u32, addr: u64, size: u64) {
         for (_, dev) in self.devices.range_mut((pid, i32::MIN)..=(pid, i32::MAX)) {
@@ -252,6 +296,105 @@ impl TorchLayer {
             if let Some(dev) = self.devices.remove(&key) {
                 dev.release_all(ledger);
             }
+        }
+        if let Some(cache) = self.pinned.remove(&pid) {
+            cache.release_all(ledger);
+        }
+    }
+}
+
+impl PinnedCache {
+    /// A tensor got the block in `ev` (`stream`: the `HostBlock*`) at `at` (process, stack).
+    fn alloc(&mut self, ledger: &mut Ledger, at: (u32, Option<StackIndex>), ev: &TorchEvent) {
+        let (pid, stack) = at;
+        let (key, ptr, size) = (ev.stream, ev.addr, ev.size);
+        if self
+            .blocks
+            .get(&key)
+            .is_some_and(|b| b.ptr != ptr || b.size != size)
+        {
+            // The HostBlock was freed and its memory reused for another: the old one is gone.
+            self.forget(ledger, key);
+        }
+        let block = match self.blocks.entry(key) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                // New (or made before attach): charged to the stack that first got it.
+                let cell = CellRef::new(pid, Class::TorchPinnedCached, stack);
+                let cached_cell = ledger.credit(cell, size, true);
+                self.by_ptr.insert(ptr, key);
+                v.insert(PinnedBlock {
+                    ptr,
+                    size,
+                    cached_cell,
+                    live_cell: None,
+                })
+            }
+        };
+        if let Some(cell) = block.live_cell.take() {
+            // Its release was lost.
+            ledger.debit(cell, size, true);
+            ledger.credit_existing(block.cached_cell, size);
+        }
+        ledger.debit(block.cached_cell, size, false);
+        let live = CellRef::new(pid, Class::TorchPinned, stack);
+        block.live_cell = Some(ledger.credit(live, size, true));
+    }
+
+    /// The tensor holding the block in `ev` let it go: cached now (or once its CUDA events
+    /// complete: either way no tensor holds it). False if the block was never seen; it is
+    /// then known as cached from now on, charged to no stack.
+    fn release(&mut self, ledger: &mut Ledger, ev: &TorchEvent) -> bool {
+        let Some(block) = self.blocks.get_mut(&ev.stream) else {
+            if ev.addr != 0 && ev.size != 0 {
+                let cell = CellRef::new(ev.tgid, Class::TorchPinnedCached, None);
+                let cached_cell = ledger.credit(cell, ev.size, true);
+                self.by_ptr.insert(ev.addr, ev.stream);
+                let block = PinnedBlock {
+                    ptr: ev.addr,
+                    size: ev.size,
+                    cached_cell,
+                    live_cell: None,
+                };
+                self.blocks.insert(ev.stream, block);
+            }
+            return false;
+        };
+        if let Some(cell) = block.live_cell.take() {
+            ledger.debit(cell, block.size, true);
+            ledger.credit_existing(block.cached_cell, block.size);
+        }
+        true
+    }
+
+    /// The driver freed the memory at `ptr`: the block holding it is gone.
+    fn driver_freed(&mut self, ledger: &mut Ledger, ptr: u64) {
+        if let Some(key) = self.by_ptr.get(&ptr).copied() {
+            self.forget(ledger, key);
+        }
+    }
+
+    fn forget(&mut self, ledger: &mut Ledger, key: u64) {
+        let Some(block) = self.blocks.remove(&key) else {
+            return;
+        };
+        self.by_ptr.remove(&block.ptr);
+        Self::drop_block(ledger, &block);
+    }
+
+    fn drop_block(ledger: &mut Ledger, block: &PinnedBlock) {
+        match block.live_cell {
+            Some(cell) => {
+                ledger.debit(cell, block.size, true);
+                ledger.debit(block.cached_cell, 0, true);
+            }
+            None => ledger.debit(block.cached_cell, block.size, true),
+        }
+    }
+
+    fn release_all(self, ledger: &mut Ledger) {
+        for block in self.blocks.values() {
+            Self::drop_block(ledger, block);
         }
     }
 }
@@ -905,5 +1048,67 @@ mod tests {
         assert_eq!(set, BTreeMap::from([(10, 15), (45, 50)]));
         assert!(!remove_range(&mut set, 20, 40));
         assert!(!add_range(&mut set, 5, 5));
+    }
+
+    /// The pinned host allocator: a block is `torch-pinned` at the tensor's stack while held,
+    /// `torch-pinned-cached` at the stack that made it while not; the driver's free ends it.
+    #[test]
+    fn pinned_blocks_are_held_or_cached_until_the_driver_frees_them() {
+        let mut r = Run::new();
+        let pinned = |action, ptr: u64, size, block: u64| TorchEvent {
+            stream: block,
+            ..ev(action, ptr, size)
+        };
+        let (warm, request) = (1, 2);
+        let apply = |r: &mut Run, e: TorchEvent, stack| r.torch.apply(&mut r.ledger, &e, stack);
+        // Two blocks made by `warm`, both released; one reused by `request` and kept.
+        apply(
+            &mut r,
+            pinned(PINNED_ALLOC, 0x1000_0000, MIB, 0xb0),
+            Some(warm),
+        );
+        apply(
+            &mut r,
+            pinned(PINNED_ALLOC, 0x2000_0000, MIB, 0xb1),
+            Some(warm),
+        );
+        apply(&mut r, pinned(PINNED_FREE, 0x1000_0000, MIB, 0xb0), None);
+        apply(&mut r, pinned(PINNED_FREE, 0x2000_0000, MIB, 0xb1), None);
+        apply(
+            &mut r,
+            pinned(PINNED_ALLOC, 0x2000_0000, MIB, 0xb1),
+            Some(request),
+        );
+        assert_eq!(r.live(Class::TorchPinned, request), MIB);
+        assert_eq!(r.live(Class::TorchPinned, warm), 0);
+        assert_eq!(r.live(Class::TorchPinnedCached, warm), MIB);
+        assert_eq!(
+            r.total(Class::TorchPinned) + r.total(Class::TorchPinnedCached),
+            2 * MIB
+        );
+        // The driver frees the cached one (empty_cache); another address is not PyTorch's.
+        r.torch.driver_freed(&mut r.ledger, 7, 0x1000_0000);
+        r.torch.driver_freed(&mut r.ledger, 7, 0x3000_0000);
+        assert_eq!(r.total(Class::TorchPinnedCached), 0);
+        assert_eq!(r.total(Class::TorchPinned), MIB);
+        // A block released that was never seen (made before attach) is cached from then on.
+        apply(&mut r, pinned(PINNED_FREE, 0x4000_0000, 4096, 0xb4), None);
+        assert_eq!(
+            (r.total(Class::TorchPinnedCached), r.torch.unmatched_frees),
+            (4096, 1)
+        );
+        // A HostBlock whose memory changed was replaced: the old block is gone.
+        apply(
+            &mut r,
+            pinned(PINNED_ALLOC, 0x5000_0000, 8192, 0xb4),
+            Some(request),
+        );
+        assert_eq!(r.total(Class::TorchPinnedCached), 0);
+        assert_eq!(r.total(Class::TorchPinned), MIB + 8192);
+        r.torch.forget_process(&mut r.ledger, 7);
+        assert_eq!(
+            r.total(Class::TorchPinned) + r.total(Class::TorchPinnedCached),
+            0
+        );
     }
 }

@@ -51,11 +51,14 @@ pub struct ProbeConfig {
     pub stack_copy_always: bool,
     /// Print the programs' diagnostics (why an event or part of one was skipped) on stderr.
     pub debug_log: bool,
+    /// Heap probes for every process that maps the allocator (`attach_systemwide`), filtered in
+    /// the kernel by the traced set: children are followed from their first instruction.
+    pub heap_systemwide: bool,
 }
 
 impl ProbeConfig {
     /// The object's load-time globals (`tracer_common::global`) for this configuration.
-    fn globals(&self) -> [(&'static str, u32); 7] {
+    fn globals(&self) -> [(&'static str, u32); 8] {
         [
             (global::FOLLOW_CHILDREN, u32::from(self.follow_children)),
             (global::FAULT_SAMPLE, self.fault_sample),
@@ -64,6 +67,7 @@ impl ProbeConfig {
             (global::STACK_COPY_HEAP, self.stack_copy_heap),
             (global::STACK_COPY_OTHER, self.stack_copy_other),
             (global::DEBUG_LOG, u32::from(self.debug_log)),
+            (global::HEAP_SYSTEMWIDE, u32::from(self.heap_systemwide)),
         ]
     }
 
@@ -115,6 +119,7 @@ impl Default for ProbeConfig {
             python_frames: true,
             stack_copy_always: false,
             debug_log: false,
+            heap_systemwide: false,
         }
     }
 }
@@ -377,6 +382,33 @@ impl Probes {
     /// `attach_sequence` order.
     pub fn attach(&mut self, pid: u32, object: &AllocatorObject) -> Result<(), ProbeError> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid > 0"));
+        self.attach_heap(object, scope)
+    }
+
+    /// Whether the heap probes cover every process mapping the allocator (`attach_systemwide`).
+    pub fn heap_systemwide(&self) -> bool {
+        self.config.heap_systemwide
+    }
+
+    /// Attaches every point of `object` for every process that maps it, now and later (the
+    /// kernel installs the breakpoints in each new mapping of the file: a forked child has them
+    /// from its first instruction, an exec'd image as soon as it maps the file). The programs
+    /// keep only traced processes (`heap_systemwide` must be set); the others pay a trap per
+    /// call while the recording lasts.
+    pub fn attach_systemwide(&mut self, object: &AllocatorObject) -> Result<(), ProbeError> {
+        if !self.config.heap_systemwide {
+            return Err(ProbeError::Load(
+                "heap probes for every process need the kernel-side filter".into(),
+            ));
+        }
+        self.attach_heap(object, UProbeScope::AllProcesses)
+    }
+
+    fn attach_heap(
+        &mut self,
+        object: &AllocatorObject,
+        scope: UProbeScope,
+    ) -> Result<(), ProbeError> {
         let floor = self.config.floor;
         let sequence = attach_sequence(
             &object.points,

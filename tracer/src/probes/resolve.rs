@@ -11,7 +11,7 @@ use tracer_common::Cookie;
 use crate::{
     arch,
     elf::{self, Elf, ElfError, ReadRef},
-    hooks::{CUDA_HOOKS, HOOKS, Hook, RUNTIME_HOOKS, Site, TORCH_HOOKS},
+    hooks::{CUDA_HOOKS, HOOKS, Hook, RUNTIME_HOOKS, Records, Site, TORCH_HOOKS},
     proc::maps::{Mapping, open_path},
     session::target::TargetError,
 };
@@ -98,12 +98,32 @@ fn cuda_points<'data, R: ReadRef<'data>>(
     hooks: &[crate::hooks::CudaHook],
 ) -> Vec<(usize, u64)> {
     let wanted: Vec<&str> = hooks.iter().map(|h| h.symbol).collect();
-    let offsets = elf.function_offsets(&wanted);
+    let ranges = elf.function_ranges(&wanted);
     hooks
         .iter()
         .enumerate()
-        .filter_map(|(i, h)| offsets.get(h.symbol).map(|&off| (i, off)))
+        .filter_map(|(i, h)| {
+            let &(address, size) = ranges.get(h.symbol)?;
+            let at = match h.records {
+                Records::TorchPinnedAlloc => return_site(elf, address, size)?,
+                _ => address,
+            };
+            Some((i, elf.file_offset(at)?))
+        })
         .collect()
+}
+
+/// The `ret` a function ends with, probed instead of its return (no return trampoline for a
+/// C++ exception to unwind into): its last byte, if that is a `ret` (0xc3) that no other
+/// instruction's bytes overlap — none does when the function is a few instructions ending in
+/// one, which the hooked ones are. None otherwise: the hook is left out (one line says so).
+fn return_site<'data, R: ReadRef<'data>>(
+    elf: &Elf<'data, R>,
+    address: u64,
+    size: u64,
+) -> Option<u64> {
+    let last = address.checked_add(size.checked_sub(1)?)?;
+    (elf.data_at(last, 1)? == [0xc3]).then_some(last)
 }
 
 /// The CUDA driver a process maps (`libcuda.so*`), with the file offsets of the hooked CUDA
@@ -131,6 +151,33 @@ pub fn find_cuda_runtime(
         Cookie::Runtime,
         skip,
     )
+}
+
+/// PyTorch's CUDA operators library (`libtorch_cuda.so`) of a process, with the pinned host
+/// caching allocator's `TORCH_HOOKS` it defines. Read on demand: it is a gigabyte.
+pub fn find_torch_pinned(
+    pid: u32,
+    maps: &[Mapping],
+    skip: impl Fn(u64) -> bool,
+) -> Option<CudaObject> {
+    let m = maps.iter().find(|m| {
+        let base = m.path.rsplit('/').next().unwrap_or(&m.path);
+        m.executable && base.starts_with("libtorch_cuda.so")
+    })?;
+    if skip(m.inode) {
+        return None;
+    }
+    let open_path = open_path(pid, m);
+    let data = elf::open(&open_path).ok()?;
+    let points = cuda_points(&Elf::parse(&open_path, &data).ok()?, TORCH_HOOKS);
+    Some(CudaObject {
+        hooks: TORCH_HOOKS,
+        cookie: Cookie::Torch,
+        target_path: m.path.clone(),
+        inode: m.inode,
+        open_path,
+        points,
+    })
 }
 
 /// PyTorch's CUDA library (`libc10_cuda.so`) of a process, with the `TORCH_HOOKS` forms its

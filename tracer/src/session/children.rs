@@ -59,8 +59,9 @@ impl ProcessSet {
             self.pids.push(child);
         }
         self.live.push(child);
-        // The child maps the parent's libc: the same file, the same offsets.
-        if let Some(allocator) = allocator
+        // The child maps the parent's libc: the same file, the same offsets; probes attached for
+        // every process mapping it cover the child already, from its first instruction.
+        if let Some(allocator) = allocator.filter(|_| !probes.heap_systemwide())
             && let Err(e) = probes.attach(child, allocator)
             && proc::exists(child)
         {

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 
 use crate::{
+    hooks::Records,
     probes::{Probes, resolve},
     proc::maps,
 };
@@ -52,6 +53,11 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
     } else {
         None
     };
+    let pinned = if done.torch_allocator {
+        resolve::find_torch_pinned(pid, &maps, known)
+    } else {
+        None
+    };
     if let Some(torch) = torch {
         if torch.points.is_empty() {
             done.no_torch_hooks.insert(torch.inode);
@@ -73,6 +79,22 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
             "PyTorch cudaMallocAsync backend"
         };
         objects.push((what, torch));
+    }
+    if let Some(pinned) = pinned {
+        let has =
+            |records| (pinned.points.iter()).any(|&(i, _)| pinned.hooks[i].records == records);
+        if has(Records::TorchPinnedAlloc) {
+            objects.push(("PyTorch pinned host allocator", pinned));
+        } else {
+            done.no_torch_hooks.insert(pinned.inode);
+            if has(Records::TorchPinnedFree) {
+                eprintln!(
+                    "torch pinned host allocator: not available in {} (its allocate does not end \
+                     in a ret alloctrace can probe)",
+                    crate::escape::for_terminal(&pinned.target_path)
+                );
+            }
+        }
     }
     let hooked = |inode: u64| done.hooked.contains(&(pid, inode));
     objects.extend(resolve::find_cuda_driver(pid, &maps, hooked).map(|d| ("CUDA driver", d)));

@@ -89,6 +89,7 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
     let exit_watch = ExitWatch::new(pid)?;
     let initial_brk = current_brk(pid);
     let attached = probes.trace_mappings(pid).and_then(|()| match &allocator {
+        Some(allocator) if opts.probes.heap_systemwide => probes.attach_systemwide(allocator),
         Some(allocator) => probes.attach(pid, allocator),
         None => Ok(()),
     });
@@ -252,10 +253,16 @@ fn open_gpu(writer: &mut Writer) -> anyhow::Result<Option<Box<dyn GpuMemorySourc
 fn announce(pid: u32, command: &str, allocator: Option<&AllocatorObject>, probes: &Probes) {
     let heap = match allocator {
         Some(a) => format!(
-            "; heap: {} probes on {} [{}]",
+            "; heap: {} probes on {} [{}]{}",
             a.points.len(),
             escape::for_terminal(&a.target_path),
-            probes.attached.join(", ")
+            probes.attached.join(", "),
+            if probes.heap_systemwide() {
+                " for every process mapping it, the traced ones kept (children from their first \
+                 instruction; the others pay a trap per call while recording)"
+            } else {
+                ""
+            }
         ),
         None => "; heap: not traced (add --heap for malloc by stack)".to_string(),
     };

@@ -125,6 +125,10 @@ impl EventSink {
             Some(Event::Alloc(ev, stack)) => self.heap_alloc(&ev, &stack),
             Some(Event::Free(ev)) => {
                 self.ledger.free(ev.tgid, ev.addr);
+                if self.torch.has_pinned() {
+                    // cuMemFreeHost of a pinned block PyTorch cached.
+                    (self.torch).driver_freed(&mut self.ledger, ev.tgid, ev.addr);
+                }
             }
             Some(Event::Map(ev, stack)) => self.mapping(&ev, &stack),
             Some(Event::Fault(ev, stack)) => {
@@ -213,7 +217,8 @@ impl EventSink {
         true
     }
 
-    /// A driver mapping changed under PyTorch's allocator (vLLM's sleep and wake do this).
+    /// A driver mapping changed under PyTorch's allocators: vLLM's sleep and wake unmap and
+    /// map device memory, the pinned allocator's host-register mode unregisters its blocks.
     fn torch_sees_mapping(&mut self, ev: &CudaCallEvent) {
         if ev.ret != 0 {
             return;
@@ -222,6 +227,9 @@ impl EventSink {
         match hooks::cuda_hook(ev.func).map(|h| h.records) {
             Some(Records::VmmUnmap) => self.torch.driver_unmapped(ev.tgid, addr, size),
             Some(Records::VmmMap) => self.torch.driver_mapped(ev.tgid, addr, size),
+            Some(Records::HostUnregister) => {
+                (self.torch).driver_freed(&mut self.ledger, ev.tgid, addr);
+            }
             _ => {}
         }
     }

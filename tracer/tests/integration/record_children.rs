@@ -87,6 +87,42 @@ fn forked_and_execed_children_are_traced_with_their_pids() {
     assert_eq!(lost, 0, "{r:#}");
 }
 
+/// Children that allocate from their first instructions (a forked one, and one that execs at
+/// once): the heap probes cover every process mapping the allocator from the start, so nothing
+/// they do before the recorder hears of them is missed.
+#[test]
+fn children_allocating_at_once_are_traced_from_their_first_instruction() {
+    require_privileges!();
+    let r = record_proc_fixture("at-once");
+    let heap = child_leak_rows(&r, "heap");
+    assert_eq!(
+        (json_sum(&heap, "live_bytes"), json_sum(&heap, "live_count")),
+        (10 * 1000, 10),
+        "{r:#}"
+    );
+    let big = json_class_rows(&r, "heap", "child_big_leak");
+    assert_eq!(
+        (json_sum(&big, "live_bytes"), json_sum(&big, "live_count")),
+        (16 << 20, 2),
+        "{r:#}"
+    );
+    let pids: BTreeSet<u64> = (heap.iter().chain(&big))
+        .map(|s| s["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{r:#}");
+    // Nothing of the untraced processes that trapped meanwhile (the recorder's own tools, the
+    // system's daemons) is in the recording: every stack row is a target's.
+    let targets: BTreeSet<u64> = r["target"]["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    for row in r["stacks"].as_array().unwrap() {
+        assert!(targets.contains(&row["pid"].as_u64().unwrap()), "{row:#}");
+    }
+}
+
 #[test]
 fn a_sigkilled_child_keeps_what_it_had_at_exit_and_the_recording_completes() {
     require_privileges!();

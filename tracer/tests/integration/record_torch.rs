@@ -40,6 +40,45 @@ fn stub_c10_cuda(abi: u32) -> PathBuf {
     lib
 }
 
+/// The stub pinned host caching allocator (tests/fixtures/stub_torch_cuda.cpp) built as
+/// `libtorch_cuda.so` in the form of torch `abi` (`PINNED_ABI`: 208 for 2.8–2.15, 207 for
+/// 2.4–2.7), once per test run.
+fn stub_torch_cuda(abi: u32) -> PathBuf {
+    let lib = build_dir(&format!("stub-pinned-{abi}")).join("libtorch_cuda.so");
+    static BUILT: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.contains(&abi) {
+        let args: Vec<std::ffi::OsString> = vec![
+            "-x".into(),
+            "c++".into(),
+            "-shared".into(),
+            "-fPIC".into(),
+            "-fvisibility=hidden".into(),
+            "-O1".into(),
+            "-g".into(),
+            "-fno-omit-frame-pointer".into(),
+            format!("-DPINNED_ABI={abi}").into(),
+            fixture_source("stub_torch_cuda.cpp").into(),
+            "-ldl".into(),
+            "-lstdc++".into(),
+        ];
+        common::compile(&lib, &args);
+        built.push(abi);
+    }
+    lib
+}
+
+/// `pinned_fixture STUB SCENARIO LIBCUDA` in the attach protocol.
+fn pinned_fixture(abi: u32, scenario: &str) -> TestProcess {
+    let exe = fixture_variant("pinned_fixture", "", &["-ldl"]);
+    let mut cmd = Command::new(exe);
+    cmd.arg(stub_torch_cuda(abi))
+        .arg(scenario)
+        .arg(stub_libcuda());
+    cmd.env("FIXTURE_PROTOCOL", "attach");
+    TestProcess::spawn(&format!("pinned_fixture {scenario}"), cmd)
+}
+
 /// The repository's stub CUDA driver (tests/fixtures/stub_cuda.c) as `libcuda.so.1`.
 fn stub_libcuda() -> PathBuf {
     let lib = build_dir("stub-torch-cuda").join("libcuda.so.1");
@@ -527,4 +566,44 @@ fn memory_put_to_sleep_under_the_allocator_is_named_sleeping() {
     );
     assert_eq!(r["totals"]["cuda-vmm"]["live_bytes"], 60 * MIB, "{r:#}");
     assert_eq!(allocator(&r)["sleeping"], 0, "{r:#}");
+}
+
+/// PyTorch's pinned host caching allocator: blocks a tensor holds (`torch-pinned`, at the
+/// tensor's stack) and blocks it caches (`torch-pinned-cached`, at the stack that made them),
+/// a view inside the driver's `cuda-pinned`; a per-request staging buffer kept is found under
+/// its function although it was served from the cache.
+#[test]
+fn pinned_host_blocks_are_split_into_held_and_cached() {
+    require_privileges!();
+    let (r, _) = record(pinned_fixture(208, "pinned_leak"), &["hooked", "hooked"]);
+    assert_eq!(
+        live(&r, "torch-pinned", "stage_request"),
+        (3 * MIB, 3),
+        "{r:#}"
+    );
+    assert_eq!(live(&r, "torch-pinned", "warm_pinned"), (0, 0), "{r:#}");
+    assert_eq!(
+        live(&r, "torch-pinned-cached", "warm_pinned").0,
+        MIB,
+        "{r:#}"
+    );
+    assert_eq!(
+        live(&r, "torch-pinned-cached", "stage_request").0,
+        131072,
+        "{r:#}"
+    );
+    let total = |class: &str| r["totals"][class]["live_bytes"].as_u64().unwrap();
+    assert_eq!(total("cuda-pinned"), 4 * MIB + 131072, "{r:#}");
+    assert_eq!(
+        total("torch-pinned") + total("torch-pinned-cached"),
+        total("cuda-pinned"),
+        "{r:#}"
+    );
+    // The 2.4–2.7 form; the cache emptied gives every block back.
+    let (r, _) = record(pinned_fixture(207, "pinned_release"), &["hooked", "hooked"]);
+    for class in ["torch-pinned", "torch-pinned-cached", "cuda-pinned"] {
+        assert_eq!(r["totals"][class]["live_bytes"], 0, "{class}: {r:#}");
+    }
+    let rows = json_class_rows(&r, "torch-pinned", "stage_request");
+    assert_eq!(json_sum(&rows, "allocated_count"), 6, "{r:#}");
 }

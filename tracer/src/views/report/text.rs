@@ -18,8 +18,8 @@ use crate::{
 const TEXT_TOP_STACKS: usize = 20;
 /// How many growing stacks the text report lists.
 const TEXT_TOP_GROWING: usize = 10;
-/// The longest class name (`cuda-registered`): the class column's width.
-const CLASS_WIDTH: usize = 15;
+/// The longest class name (`torch-pinned-cached`): the class column's width.
+const CLASS_WIDTH: usize = 19;
 
 /// Frames shown per stack in the text report; the JSON has them all.
 const TEXT_FRAMES: usize = 8;
@@ -618,9 +618,28 @@ fn text_stack_capture(out: &mut String, rec: &Recorded) {
     );
 }
 
+/// PyTorch's pinned host caching allocator: how much of the page-locked memory tensors hold.
+fn text_pinned_allocator(out: &mut String, rec: &Recorded) {
+    let total = |class| rec.state.totals.get(&class).copied().unwrap_or_default();
+    let (held, cached) = (total(Class::TorchPinned), total(Class::TorchPinnedCached));
+    if held.allocated_count == 0 && cached.allocated_count == 0 {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nPyTorch pinned host allocator (a view inside `cuda-pinned`, not added to it): held by \
+         tensors {} in {}, cached {} (peak held {})",
+        human_bytes(held.live_bytes),
+        count_of(held.live_count, "block"),
+        human_bytes(cached.live_bytes),
+        human_bytes(held.peak_bytes)
+    );
+}
+
 /// PyTorch's caching allocators: what they hold, how it is split, how fragmented, and their
 /// OOMs with the figures right before.
 fn text_torch_allocator(out: &mut String, rec: &Recorded) {
+    text_pinned_allocator(out, rec);
     let summaries = allocator_summaries(rec);
     if summaries.is_empty() && rec.torch_ooms.is_empty() {
         return;
@@ -792,11 +811,11 @@ mod tests {
             "{top}"
         );
         assert!(
-            text.contains("  mmap-file       64.0 MiB in 2 mappings, the most under "),
+            text.contains("  mmap-file           64.0 MiB in 2 mappings, the most under "),
             "{text}"
         );
         assert!(
-            text.contains("  thread-stack    16.0 MiB in 2 mappings"),
+            text.contains("  thread-stack        16.0 MiB in 2 mappings"),
             "{text}"
         );
     }
