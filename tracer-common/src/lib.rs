@@ -329,10 +329,17 @@ pub mod drop_cause {
     pub const INFLIGHT_BUSY: u32 = 1;
     /// posix_memalign's result pointer could not be read from user memory: event kept as failure.
     pub const READ_FAILED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// `--heap-sample`: the kernel's set of sampled live blocks was full; the block was not
+    /// recorded (its free could not have been matched).
+    pub const SAMPLED_SET_FULL: u32 = 3;
+    pub const COUNT: u32 = 4;
 
-    pub const NAMES: [&str; COUNT as usize] =
-        ["ringbuf_full", "inflight_slot_busy", "user_read_failed"];
+    pub const NAMES: [&str; COUNT as usize] = [
+        "ringbuf_full",
+        "inflight_slot_busy",
+        "user_read_failed",
+        "sampled_set_full",
+    ];
 }
 
 /// Names of the eBPF object's load-time globals (`u32` statics that user space sets at load).
@@ -355,6 +362,30 @@ pub mod global {
     /// 1 when the heap probes are attached for every process mapping the allocator (children
     /// from their first instruction): their programs keep only the processes in `TARGETS`.
     pub const HEAP_SYSTEMWIDE: &str = "HEAP_SYSTEMWIDE";
+    /// `--heap-sample`: the mean bytes between sampled heap allocations; 0 records every one.
+    pub const HEAP_SAMPLE_MEAN: &str = "HEAP_SAMPLE_MEAN";
+}
+
+/// Byte-sampled heap tracing (`record --heap-sample MEAN`): an allocation of `size` bytes is
+/// recorded with probability `p = 1 − exp(−size / MEAN)` (as tcmalloc's and pprof's samplers,
+/// per allocation), drawn in the kernel; its event carries `p` as a 32-bit fraction, and user
+/// space counts it as `size / p` bytes: an unbiased estimate of the live bytes of each stack.
+pub mod heap_sample {
+    /// Entries of the `exp(−x)` table (`SAMPLE_EXP`): x from 0 to 16 in steps of 1/64.
+    pub const TABLE_LEN: u32 = 16 * 64 + 1;
+    /// At and above this many means, an allocation is always recorded (`p` = `ALWAYS`).
+    pub const ALWAYS_AT_MEANS: u64 = 16;
+    /// `p` for an allocation recorded with certainty (its size is the estimate).
+    pub const ALWAYS: u32 = u32::MAX;
+
+    /// The bytes a recorded allocation of `size` bytes stands for, given its `p` (0: not
+    /// sampled mode, the size itself).
+    pub fn estimate(size: u64, p: u32) -> u64 {
+        if p == 0 || p == ALWAYS {
+            return size;
+        }
+        ((u128::from(size) << 32) / u128::from(p)).min(u128::from(u64::MAX)) as u64
+    }
 }
 
 /// Name of the eBPF object's aya-log ring buffer (declared by aya-log-ebpf).
@@ -395,4 +426,18 @@ mod pod {
     unsafe impl aya::Pod for StackCopyHeader {}
     unsafe impl aya::Pod for InflightCall {}
     unsafe impl aya::Pod for SyscallArgs {}
+}
+
+#[cfg(test)]
+mod sample_tests {
+    use super::heap_sample::*;
+
+    #[test]
+    fn a_recorded_block_stands_for_its_size_over_its_probability() {
+        assert_eq!(estimate(1000, 0), 1000, "not sampling");
+        assert_eq!(estimate(1000, ALWAYS), 1000, "certain");
+        assert_eq!(estimate(1000, 1 << 31), 2000, "p = 1/2");
+        assert_eq!(estimate(1000, 1 << 24), 256_000, "p = 1/256");
+        assert_eq!(estimate(u64::MAX, 1), u64::MAX, "saturated");
+    }
 }

@@ -109,6 +109,15 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
         return 0;
     };
     let done = outcome(ctx.ret(), &call);
+    if kind == CallKind::Heap {
+        // --heap-sample: the recorded block joins the sampled set (its free is then emitted),
+        // realloc's old one leaves it.
+        crate::heap::forget_sampled(call.old_block);
+        if done.addr != 0 && !crate::heap::remember_sampled(done.addr) {
+            diag::lost(drop_cause::SAMPLED_SET_FULL, "sampled heap block");
+            return 0;
+        }
+    }
     let Some(record) = scratch(&SCRATCH) else {
         return 0;
     };

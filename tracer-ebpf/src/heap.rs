@@ -3,16 +3,94 @@
 //! and free itself) are folded into the outer call.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
+use tracer_common::heap_sample;
 
 use crate::{
     alloc::{emit_free, finish_call, mul_saturating},
     inflight::{CallKind, Entry, attach_cookie, enter, holds, my_slot},
-    maps::{HEAP_SYSTEMWIDE, INFLIGHT, TARGETS, global},
+    maps::{
+        HEAP_SAMPLE_MEAN, HEAP_SYSTEMWIDE, INFLIGHT, SAMPLE_EXP, SAMPLED, SampledBlock, TARGETS,
+        global,
+    },
 };
+
+/// `--heap-sample`: whether to record an allocation of `size` bytes, and its probability `p`
+/// as a fraction of 2^32 (`heap_sample::ALWAYS`: certain; 0: not sampling, every call).
+/// `p = 1 − exp(−size / mean)`, `exp` interpolated between the entries of `SAMPLE_EXP`.
+#[inline(always)]
+fn sample(size: u64) -> Option<u32> {
+    let mean = u64::from(global(&HEAP_SAMPLE_MEAN));
+    if mean == 0 {
+        return Some(0);
+    }
+    if size >= mean * heap_sample::ALWAYS_AT_MEANS {
+        return Some(heap_sample::ALWAYS);
+    }
+    // size / mean in units of 1/64, with 16 bits of fraction (size < 2^36: no overflow).
+    let t = (size << 22) / mean;
+    let (i, f) = ((t >> 16) as u32, t & 0xffff);
+    let entry = |i: u32| SAMPLE_EXP.get(i).copied().map(u64::from);
+    let (Some(e0), Some(e1)) = (entry(i), entry(i + 1)) else {
+        return Some(heap_sample::ALWAYS);
+    };
+    let e = e0 - (((e0 - e1) * f) >> 16);
+    let p = (u64::from(u32::MAX) - e.min(u64::from(u32::MAX))) as u32;
+    // SAFETY: the helper only returns a pseudo-random number.
+    let draw = unsafe { bpf_get_prandom_u32() };
+    (draw < p).then_some(p)
+}
+
+/// The calling process's block at `addr` in the sampled set.
+#[inline(always)]
+fn sampled_block(addr: u64) -> SampledBlock {
+    SampledBlock {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        addr,
+    }
+}
+
+/// Whether `addr` is a recorded block of a sampled heap.
+#[inline(always)]
+fn is_sampled(addr: u64) -> bool {
+    // SAFETY: a lookup of a plain value.
+    unsafe { SAMPLED.get(&sampled_block(addr)) }.is_some()
+}
+
+/// Whether `addr` was a recorded block of a sampled heap (it is no longer in the set); true
+/// when not sampling.
+#[inline(always)]
+fn take_sampled(addr: u64) -> bool {
+    if global(&HEAP_SAMPLE_MEAN) == 0 {
+        return true;
+    }
+    let key = sampled_block(addr);
+    // SAFETY: a lookup of a plain value.
+    if unsafe { SAMPLED.get(&key) }.is_none() {
+        return false;
+    }
+    let _ = SAMPLED.remove(&key);
+    true
+}
+
+/// `--heap-sample`: a recorded block's address goes into the sampled set before its event is
+/// emitted; false if the set is full (the block is then not recorded, and counted lost).
+#[inline(always)]
+pub fn remember_sampled(addr: u64) -> bool {
+    global(&HEAP_SAMPLE_MEAN) == 0 || SAMPLED.insert(&sampled_block(addr), &1, 0).is_ok()
+}
+
+/// `--heap-sample`: forgets a block the recorded call released (realloc's old block).
+#[inline(always)]
+pub fn forget_sampled(addr: u64) {
+    if global(&HEAP_SAMPLE_MEAN) != 0 && addr != 0 {
+        let _ = SAMPLED.remove(&sampled_block(addr));
+    }
+}
 
 /// Whether the calling process is not traced: only possible when the probes are attached for
 /// every process mapping the allocator (`HEAP_SYSTEMWIDE`, children followed from birth).
@@ -31,9 +109,24 @@ fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u3
     if untraced_caller() {
         return 0;
     }
+    let Some(p) = sample(size) else {
+        // Not recorded. A realloc still releases its old block: if that one was recorded,
+        // its release is (the realloc may grow it in place, with no free inside).
+        if old_block != 0 && take_sampled(old_block) {
+            emit_free((bpf_get_current_pid_tgid() >> 32) as u32, old_block);
+        }
+        return 0;
+    };
+    // A realloc of a block that was not recorded is, for the ledger, a new allocation.
+    let old_block = if p != 0 && old_block != 0 && !is_sampled(old_block) {
+        0
+    } else {
+        old_block
+    };
     let entry = Entry {
         old_block,
         out_ptr,
+        aux: u64::from(p),
         ..Entry::new(attach_cookie(ctx), size)
     };
     enter(CallKind::Heap, entry)
@@ -105,6 +198,9 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     if holds(slot, key) {
         // realloc freeing its old block: the realloc event accounts for it.
         return 0;
+    }
+    if !take_sampled(addr) {
+        return 0; // a block that was not recorded
     }
     emit_free((key >> 32) as u32, addr)
 }

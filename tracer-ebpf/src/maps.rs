@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     AllocEvent, CudaCallEvent, CudaCallSlot, FaultEvent, INFLIGHT_SLOTS, InflightCall, MapEvent,
-    StackRecord, SyscallArgs, TorchEvent, drop_cause, python::PythonOffsets, stack_stat,
+    StackRecord, SyscallArgs, TorchEvent, drop_cause, heap_sample, python::PythonOffsets,
+    stack_stat,
 };
 
 // ---- Maps ----
@@ -96,6 +97,25 @@ pub static FAULT_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static LAUNDRY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// `--heap-sample`: the live blocks recorded, by process and address, so that only their frees
+/// are emitted. Sized by user space (1 entry when not sampling).
+#[map]
+pub static SAMPLED: HashMap<SampledBlock, u32> = HashMap::with_max_entries(1 << 18, 0);
+
+/// A recorded block of a sampled heap.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct SampledBlock {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// `--heap-sample`: `exp(−i / 64)` as a fraction of 2^32 (`tracer_common::heap_sample`), filled
+/// by user space at load.
+#[map]
+pub static SAMPLE_EXP: Array<u32> = Array::with_max_entries(heap_sample::TABLE_LEN, 0);
+
 // ---- Load-time globals (set by user space, `tracer_common::global`; read with `global`) ----
 
 /// 1: follow the children of traced processes.
@@ -126,6 +146,10 @@ pub static PYTHON_FRAMES: u32 = 0;
 /// log site is then one branch on a read-only constant, which the verifier prunes.
 #[unsafe(no_mangle)]
 pub static DEBUG_LOG: u32 = 0;
+
+/// `--heap-sample`: mean bytes between recorded heap allocations; 0: every one is recorded.
+#[unsafe(no_mangle)]
+pub static HEAP_SAMPLE_MEAN: u32 = 0;
 
 /// 1: the heap probes fire for every process mapping the allocator; only traced ones count.
 #[unsafe(no_mangle)]

@@ -115,6 +115,13 @@ struct RecordArgs {
     /// production.
     #[arg(long)]
     heap: bool,
+    /// With --heap: record one allocation per BYTES on average (each with probability
+    /// 1 − exp(−size / BYTES), drawn in the kernel) instead of every one; live heap bytes by
+    /// stack are unbiased estimates, frees of unrecorded blocks are dropped in the kernel, and
+    /// user space does a fraction of the work (docs/performance.md). Blocks of 16 × BYTES and
+    /// more are always recorded.
+    #[arg(long, value_name = "BYTES", requires = "heap", value_parser = clap::value_parser!(u32).range(1..))]
+    heap_sample: Option<u32>,
     /// Do not follow child processes. By default every process the target forks (and what
     /// they exec) is traced from birth, as inference servers run their engine and GPU workers
     /// as children; every figure carries its PID.
@@ -281,6 +288,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             // mapping the allocator, the kernel keeps the traced ones. Attached by PID, a
             // production process's node is spared that: its children get probes when seen.
             heap_systemwide: args.heap && !args.no_follow_children && args.pid.is_none(),
+            heap_sample_mean: args.heap_sample.unwrap_or(0),
         },
         heap: args.heap,
         torch_allocator: !args.no_torch_allocator,

@@ -240,6 +240,10 @@ pub struct StackCapture {
     /// Stacks that were to be copied but were walked by frame pointers because the ring buffer
     /// was a quarter full (a burst of events).
     pub fp_under_pressure: u64,
+    /// `--heap-sample`: mean bytes between recorded heap allocations (0: every one; heap
+    /// bytes are then exact, else unbiased estimates).
+    #[serde(default)]
+    pub heap_sample_bytes: u64,
 }
 
 /// Non-allocating CUDA calls by (pid, function, stack).

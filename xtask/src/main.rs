@@ -181,6 +181,13 @@ fn bench(args: &[String]) -> Result<()> {
         ),
         ("alloctrace record", record(&[], &churn), true),
     ];
+    // Byte-sampled heap: the traps are the same, the work behind them a fraction.
+    let sampled_row = configs.len();
+    configs.push((
+        "--heap-sample 512 KiB",
+        record(&["--heap-sample", "524288"], &churn),
+        true,
+    ));
     // Stack modes, each event copying its stack (none falling back under ring pressure).
     let dwarf: [(&str, &str); 3] = [
         ("--stack dwarf, 8 KiB copies", "8"),
@@ -230,6 +237,13 @@ fn bench(args: &[String]) -> Result<()> {
     println!("ratio floor / untraced:   {:.3}", f / u);
     println!("overhead above the floor: {:.1} ns/pair", r - f);
     println!("lost events over all traced runs: {lost}   (target 0)");
+    println!(
+        "{:<34} {:>10.1}   ratio / floor {:.3}   (events lost: {})",
+        "--heap-sample 512 KiB",
+        ns[sampled_row].0,
+        ns[sampled_row].0 / f,
+        ns[sampled_row].1
+    );
     println!("\nstack modes (heap events; ratio to the floor; --stack fp is `alloctrace record`):");
     if baseline.is_some() {
         let (bf, br) = (ns[stack_modes].0, ns[stack_modes + 1].0);
@@ -241,7 +255,12 @@ fn bench(args: &[String]) -> Result<()> {
             r - f
         );
     }
-    for (i, (name, _, _)) in configs.iter().enumerate().take(stack_modes).skip(3) {
+    for (i, (name, _, _)) in configs
+        .iter()
+        .enumerate()
+        .take(stack_modes)
+        .skip(sampled_row + 1)
+    {
         println!(
             "{:<34} {:>10.1}   ratio / floor {:.3}   (events lost to a full ring: {})",
             name,

@@ -54,11 +54,13 @@ pub struct ProbeConfig {
     /// Heap probes for every process that maps the allocator (`attach_systemwide`), filtered in
     /// the kernel by the traced set: children are followed from their first instruction.
     pub heap_systemwide: bool,
+    /// `--heap-sample`: mean bytes between recorded heap allocations; 0: every one.
+    pub heap_sample_mean: u32,
 }
 
 impl ProbeConfig {
     /// The object's load-time globals (`tracer_common::global`) for this configuration.
-    fn globals(&self) -> [(&'static str, u32); 8] {
+    fn globals(&self) -> [(&'static str, u32); 9] {
         [
             (global::FOLLOW_CHILDREN, u32::from(self.follow_children)),
             (global::FAULT_SAMPLE, self.fault_sample),
@@ -68,6 +70,7 @@ impl ProbeConfig {
             (global::STACK_COPY_OTHER, self.stack_copy_other),
             (global::DEBUG_LOG, u32::from(self.debug_log)),
             (global::HEAP_SYSTEMWIDE, u32::from(self.heap_systemwide)),
+            (global::HEAP_SAMPLE_MEAN, self.heap_sample_mean),
         ]
     }
 
@@ -120,6 +123,7 @@ impl Default for ProbeConfig {
             stack_copy_always: false,
             debug_log: false,
             heap_systemwide: false,
+            heap_sample_mean: 0,
         }
     }
 }
@@ -286,6 +290,27 @@ enum Link {
     TracePoint(#[allow(dead_code)] TracePointLink),
 }
 
+/// `exp(−i / 64)` as a fraction of 2^32 (saturated): entry `i` of the kernel's table (it has no
+/// floating point).
+fn sample_table_entry(i: u32) -> u32 {
+    let e = (-f64::from(i) / 64.0).exp() * 4_294_967_296.0;
+    e.min(f64::from(u32::MAX)) as u32
+}
+
+/// `--heap-sample`: the kernel's `exp(−x)` table (`tracer_common::heap_sample`).
+fn fill_sample_table(ebpf: &mut aya::Ebpf) -> Result<(), ProbeError> {
+    let load_err = |e: &dyn std::error::Error| ProbeError::Load(e.to_string());
+    let map = (ebpf.map_mut("SAMPLE_EXP"))
+        .ok_or_else(|| ProbeError::Load("SAMPLE_EXP map missing".into()))?;
+    let mut table: aya::maps::Array<&mut MapData, u32> =
+        aya::maps::Array::try_from(map).map_err(|e| load_err(&e))?;
+    for i in 0..tracer_common::heap_sample::TABLE_LEN {
+        let entry = sample_table_entry(i);
+        table.set(i, entry, 0).map_err(|e| load_err(&e))?;
+    }
+    Ok(())
+}
+
 /// Threads that close attachments at once when the probes go.
 const DETACH_THREADS: usize = 32;
 
@@ -306,7 +331,16 @@ impl Probes {
             .map_max_entries("MAP_SCRATCH", cpus)
             .map_max_entries("CALL_SCRATCH", cpus)
             .map_max_entries("FAULT_SCRATCH", cpus)
-            .map_max_entries("TORCH_SCRATCH", cpus);
+            .map_max_entries("TORCH_SCRATCH", cpus)
+            // The sampled set only when sampling: preallocated, it is 16 MiB of kernel memory.
+            .map_max_entries(
+                "SAMPLED",
+                if config.heap_sample_mean > 0 {
+                    1 << 18
+                } else {
+                    1
+                },
+            );
         if !config.debug_log {
             // Nothing is logged: the smallest ring the kernel takes, not aya-log's 128 KiB.
             loader.map_max_entries(tracer_common::LOG_RING, page_size());
@@ -321,6 +355,9 @@ impl Probes {
                 ProbeError::Load(chain(&e))
             }
         })?;
+        if config.heap_sample_mean > 0 {
+            fill_sample_table(&mut ebpf)?;
+        }
         let kernel_log = if config.debug_log {
             Some(KernelLog::start(&mut ebpf).map_err(ProbeError::Load)?)
         } else {

@@ -163,6 +163,8 @@ pub struct Recorder {
     /// The stack mode's name and the bytes of each stack copy, for the recording.
     pub(super) stack_mode: &'static str,
     pub(super) copy_bytes: u32,
+    /// `--heap-sample`'s mean (0: every heap call), for the recording.
+    pub(super) heap_sample_bytes: u64,
     pub(super) probes: Probes,
     /// The allocator heap probes are on (heap tracing), for followed children.
     pub(super) allocator: Option<AllocatorObject>,
@@ -451,6 +453,7 @@ impl Recorder {
             copies: self.sink.unwinds,
             truncated: self.sink.unwinds_truncated,
             fp_under_pressure,
+            heap_sample_bytes: self.heap_sample_bytes,
         })?;
         let series = self.sink.ledger.take_series(t_s as u64);
         let state = self.sink.ledger.state(&self.sink.lost(self.probes.drops()));

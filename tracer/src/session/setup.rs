@@ -200,6 +200,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         pid,
         follow_children: opts.probes.follow_children,
         stack_mode: opts.probes.stack_mode_name(),
+        heap_sample_bytes: u64::from(opts.probes.heap_sample_mean),
         copy_bytes: opts
             .probes
             .stack_copy_other

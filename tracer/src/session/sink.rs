@@ -191,11 +191,16 @@ impl EventSink {
         if cuda.is_some_and(|hook| self.counted_by_cuda_layer(ev, hook.records, at)) {
             return;
         }
+        // --heap-sample: a recorded block stands for size / p bytes (exact without sampling).
+        let bytes = match cuda {
+            Some(_) => ev.size,
+            None => tracer_common::heap_sample::estimate(ev.size, ev.aux as u32),
+        };
         if is_realloc {
             self.ledger
-                .realloc(ev.tgid, ev.old_block(), ev.addr, ev.size, at);
+                .realloc(ev.tgid, ev.old_block(), ev.addr, bytes, at);
         } else {
-            self.ledger.alloc(ev.tgid, ev.addr, ev.size, at);
+            self.ledger.alloc(ev.tgid, ev.addr, bytes, at);
         }
     }
 

@@ -269,6 +269,7 @@ pub(crate) mod fixture {
                 copies: 40,
                 truncated: 2,
                 fp_under_pressure: 5,
+                heap_sample_bytes: 0,
             }),
             stop_reason: Some("duration elapsed".into()),
             write_failure: None,

@@ -2,7 +2,8 @@
 //! construction (see tests/fixtures/heap_fixture.c). Privileged: needs root, eBPF and uprobes.
 
 use crate::common::{
-    Cell, LEAKS, Session, Totals, all_freed, all_live, leaks_totals, record_scenario,
+    Cell, LEAKS, Session, Totals, all_freed, all_live, fixture, leaks_totals,
+    record_fixture_command, record_scenario,
 };
 
 #[test]
@@ -210,6 +211,48 @@ fn many_threads_leak_an_exact_total() {
         allocated_count: 8000,
         freed_count: 0,
     });
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+}
+
+/// `--heap-sample`: each allocation recorded with probability `p = 1 − exp(−size / mean)` and
+/// counted as `size / p` bytes. Blocks of 16 means and more are always recorded (exact), churn
+/// leaves nothing (frees of unrecorded blocks never reach user space, those of recorded ones
+/// do), a realloc of an unrecorded block is a new allocation, and 100000 small blocks are
+/// estimated within five standard deviations of the sampling error (`n s² (1 − p) / p`).
+#[test]
+fn sampled_heap_estimates_are_exact_for_large_blocks_and_within_the_sampling_error() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--heap", "--heap-sample", "65536"];
+    let exe = fixture("heap_fixture");
+    let r = record_fixture_command(dir.path(), &exe, "sampled", &args);
+    let live = |f: &str| -> (u64, u64) {
+        let rows = r.stacks_of(f);
+        (
+            rows.iter().map(|s| s.live_bytes).sum(),
+            rows.iter().map(|s| s.live_count).sum(),
+        )
+    };
+    assert_eq!(live("sample_large"), (20 << 21, 20), "{}", r.summary());
+    assert_eq!(live("sample_churn"), (0, 0), "{}", r.summary());
+    assert_eq!(live("sample_grow"), (100 << 20, 100), "{}", r.summary());
+    let (n, size, mean) = (100_000.0_f64, 1000.0_f64, 65536.0_f64);
+    let p = 1.0 - (-size / mean).exp();
+    let sd = (n * size * size * (1.0 - p) / p).sqrt();
+    let (estimate, recorded) = live("sample_small");
+    assert!(
+        (estimate as f64 - n * size).abs() <= 5.0 * sd,
+        "estimate {estimate} for {} (sd {sd:.0})\n{}",
+        n * size,
+        r.summary()
+    );
+    // A sample: about n·p = 1514 blocks recorded (sd 39), not 100000.
+    assert!(
+        (1300..1750).contains(&recorded),
+        "{recorded}\n{}",
+        r.summary()
+    );
     assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
     r.assert_no_lost_events();
 }

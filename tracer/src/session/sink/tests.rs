@@ -193,7 +193,7 @@ fn undecodable_records_count_as_lost() {
     sink.apply(&map_event(99, [0; 5], 0, 0));
     assert_eq!(sink.events, 4);
     assert_eq!(live(&sink, Class::Heap), (0, 0));
-    let lost = sink.lost([3, 0, 1]);
+    let lost = sink.lost([3, 0, 1, 0]);
     assert_eq!(lost.get("undecodable_record"), Some(&4));
     assert_eq!(lost.get(drop_cause::NAMES[0]), Some(&3));
     assert_eq!(lost.values().sum::<u64>(), 8);

@@ -241,6 +241,18 @@ fn text_header(out: &mut String, rec: &Recorded) {
 
 fn text_totals(out: &mut String, rec: &Recorded) {
     let _ = writeln!(out, "\nTotals at the end of the recording");
+    let sampled = rec
+        .stack_capture
+        .as_ref()
+        .map_or(0, |s| s.heap_sample_bytes);
+    if sampled > 0 {
+        let _ = writeln!(
+            out,
+            "  heap sampled (--heap-sample {sampled}: one allocation per {} on average): heap bytes \
+             are unbiased estimates, block counts the blocks recorded",
+            human_bytes(sampled)
+        );
+    }
     if rec.state.totals.is_empty() {
         let nothing = match &rec.write_failure {
             // The ledger may have counted allocations that never reached the file.
