@@ -58,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
         let cache = UnwindCache::new();
         let files = FileAccess::Root(dir.path().to_path_buf());
         let mut unwinder = ProcessUnwinder::from_maps(&maps, files, &cache);
+        unwinder.load_all();
         let ip = start.wrapping_add(ip_offset % (end - start).max(1));
         for module in unwinder.modules() {
             let _ = (

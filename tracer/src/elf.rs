@@ -134,6 +134,116 @@ pub fn load_bias(
         .bias(start, file_offset)
 }
 
+/// Bytes read at a time from a symbol or string table.
+const TABLE_CHUNK: usize = 1 << 20;
+
+/// Reads up to `buf.len()` bytes of `file` at `offset`; how many (0 at its end).
+fn read_at(file: &File, offset: u64, buf: &mut [u8]) -> usize {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    done
+}
+
+/// The offsets in the string table at `[at, at + len)` of `file` where a wanted name starts:
+/// the strings ending with it (a linker may keep one string for names that end alike).
+fn wanted_name_offsets<'w>(
+    file: &File,
+    (at, len): (u64, u64),
+    wanted: &[&'w str],
+    chunk_len: usize,
+) -> BTreeMap<u32, &'w str> {
+    let mut found = BTreeMap::new();
+    let mut chunk = vec![0u8; chunk_len];
+    // The unfinished string the previous chunk ended with, and where it starts.
+    let mut carry: Vec<u8> = Vec::new();
+    let mut carry_at = 0u64;
+    let mut pos = 0u64;
+    while pos < len {
+        let want = (len - pos).min(chunk_len as u64) as usize;
+        let n = read_at(file, at + pos, &mut chunk[..want]);
+        if n == 0 {
+            break;
+        }
+        let mut start = 0;
+        for (i, &b) in chunk[..n].iter().enumerate() {
+            if b != 0 {
+                continue;
+            }
+            let (string, string_at) = if carry.is_empty() {
+                (&chunk[start..i], pos + start as u64)
+            } else {
+                carry.extend_from_slice(&chunk[..i]);
+                (&carry[..], carry_at)
+            };
+            for w in wanted {
+                if string.ends_with(w.as_bytes())
+                    && let Ok(offset) = u32::try_from(string_at + (string.len() - w.len()) as u64)
+                {
+                    found.insert(offset, *w);
+                }
+            }
+            carry.clear();
+            start = i + 1;
+        }
+        if start < n {
+            if carry.is_empty() {
+                carry_at = pos + start as u64;
+            }
+            // A name longer than a megabyte is no hooked one: not kept whole.
+            if carry.len() < TABLE_CHUNK {
+                carry.extend_from_slice(&chunk[start..n]);
+            }
+        }
+        pos += n as u64;
+    }
+    found
+}
+
+/// The defined functions of the symbol table at `[at, at + len)` of `file` whose name offset
+/// is one of `names`: (name, stated address, size).
+fn defined_functions<'w>(
+    file: &File,
+    (at, len): (u64, u64),
+    names: &BTreeMap<u32, &'w str>,
+    chunk_len: usize,
+) -> Vec<(&'w str, u64, u64)> {
+    const ENTRY: usize = 24; // Elf64_Sym
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; (chunk_len - chunk_len % ENTRY).max(ENTRY)];
+    let mut pos = 0u64;
+    while pos < len {
+        let want = (len - pos).min(chunk.len() as u64) as usize;
+        let n = read_at(file, at + pos, &mut chunk[..want]);
+        let whole = n - n % ENTRY;
+        if whole == 0 {
+            break;
+        }
+        for sym in chunk[..whole].chunks_exact(ENTRY) {
+            let word = |r: Range<usize>| -> u64 {
+                sym[r].iter().rev().fold(0, |v, &b| (v << 8) | u64::from(b))
+            };
+            let Some(&name) = names.get(&(word(0..4) as u32)) else {
+                continue;
+            };
+            let kind = sym[4] & 0xf; // STT_FUNC = 2, STT_GNU_IFUNC = 10
+            let (shndx, address, size) = (word(6..8), word(8..16), word(16..24));
+            if (kind == 2 || kind == 10) && shndx != 0 && address != 0 {
+                out.push((name, address, size));
+            }
+        }
+        pos += whole as u64;
+    }
+    out
+}
+
 /// A parsed ELF file over its bytes (`&[u8]` of a file read whole, or `&OnDemand`).
 pub struct Elf<'data, R: ReadRef<'data>> {
     file: object::File<'data, R>,
@@ -214,6 +324,60 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
         ranges
     }
 
+    /// `function_ranges` read from `file` (the file this was parsed from) a chunk at a time:
+    /// memory stays bounded by the chunk whatever the size of the tables. A libtorch_cuda.so's
+    /// `.strtab` is 73 MB of mangled names; read through `OnDemand` every name it holds would be
+    /// kept until the parse is dropped. `.dynsym` first, as `symbols`.
+    pub fn function_ranges_streamed<'w>(
+        &self,
+        file: &File,
+        wanted: &[&'w str],
+    ) -> BTreeMap<&'w str, (u64, u64)> {
+        self.function_ranges_in_chunks(file, wanted, TABLE_CHUNK)
+    }
+
+    fn function_ranges_in_chunks<'w>(
+        &self,
+        file: &File,
+        wanted: &[&'w str],
+        chunk: usize,
+    ) -> BTreeMap<&'w str, (u64, u64)> {
+        use object::read::elf::SectionHeader;
+        let object::File::Elf64(elf) = &self.file else {
+            return self.function_ranges(wanted);
+        };
+        let endian = elf.endian();
+        let sections = elf.elf_section_table();
+        let mut tables: Vec<(u64, u64, u64, u64)> = Vec::new();
+        for kind in [object::elf::SHT_DYNSYM, object::elf::SHT_SYMTAB] {
+            for s in sections.iter().filter(|s| s.sh_type(endian) == kind) {
+                let Ok(strings) =
+                    sections.section(object::SectionIndex(s.sh_link(endian) as usize))
+                else {
+                    continue;
+                };
+                tables.push((
+                    s.sh_offset(endian),
+                    s.sh_size(endian),
+                    strings.sh_offset(endian),
+                    strings.sh_size(endian),
+                ));
+            }
+        }
+        let mut ranges = BTreeMap::new();
+        for (sym_at, sym_len, str_at, str_len) in tables {
+            let names = wanted_name_offsets(file, (str_at, str_len), wanted, chunk);
+            if names.is_empty() {
+                continue;
+            }
+            let symbols = defined_functions(file, (sym_at, sym_len), &names, chunk);
+            for (name, address, size) in symbols {
+                ranges.entry(name).or_insert((address, size));
+            }
+        }
+        ranges
+    }
+
     /// The `PT_LOAD` segments, in program header order.
     pub fn load_segments(&self) -> &[LoadSegment] {
         &self.segments
@@ -257,6 +421,38 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streamed search finds what the whole-table search finds, whatever the chunk (names
+    /// and symbols cut across chunks), in the C library's .dynsym and this binary's .symtab.
+    #[test]
+    fn streamed_symbol_search_finds_what_the_whole_search_finds() {
+        let exe = std::env::current_exe().unwrap();
+        let libc = read_maps(std::process::id())
+            .unwrap()
+            .into_iter()
+            .find(|m| is_libc_name(&m.path))
+            .map(|m| PathBuf::from(m.path))
+            .unwrap();
+        let wanted = [
+            "malloc",
+            "free",
+            "posix_memalign",
+            "main",
+            "no_such_function_anywhere",
+            "streamed_symbol_search_finds_what_the_whole_search_finds",
+        ];
+        for path in [libc, exe] {
+            let data = read(&path).unwrap();
+            let elf = Elf::parse(&path, &*data).unwrap();
+            let whole = elf.function_ranges(&wanted);
+            let file = File::open(&path).unwrap();
+            for chunk in [7, 24, 4096, TABLE_CHUNK] {
+                let streamed = elf.function_ranges_in_chunks(&file, &wanted, chunk);
+                assert_eq!(streamed, whole, "{} in chunks of {chunk}", path.display());
+            }
+            assert!(!whole.is_empty(), "{}", path.display());
+        }
+    }
     use crate::{
         probes::resolve::is_libc_name,
         proc::maps::{Mapping, read_maps},

@@ -95,17 +95,18 @@ impl AttachPoint {
 /// defines, in table order.
 fn cuda_points<'data, R: ReadRef<'data>>(
     elf: &Elf<'data, R>,
+    file: &std::fs::File,
     hooks: &[crate::hooks::CudaHook],
 ) -> Vec<(usize, u64)> {
     let wanted: Vec<&str> = hooks.iter().map(|h| h.symbol).collect();
-    let ranges = elf.function_ranges(&wanted);
+    let ranges = elf.function_ranges_streamed(file, &wanted);
     hooks
         .iter()
         .enumerate()
         .filter_map(|(i, h)| {
             let &(address, size) = ranges.get(h.symbol)?;
             let at = match h.records {
-                Records::TorchPinnedAlloc => return_site(elf, address, size)?,
+                Records::TorchPinnedAlloc => return_site(elf, file, address, size)?,
                 _ => address,
             };
             Some((i, elf.file_offset(at)?))
@@ -119,11 +120,16 @@ fn cuda_points<'data, R: ReadRef<'data>>(
 /// one, which the hooked ones are. None otherwise: the hook is left out (one line says so).
 fn return_site<'data, R: ReadRef<'data>>(
     elf: &Elf<'data, R>,
+    file: &std::fs::File,
     address: u64,
     size: u64,
 ) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
     let last = address.checked_add(size.checked_sub(1)?)?;
-    (elf.data_at(last, 1)? == [0xc3]).then_some(last)
+    let mut byte = [0u8];
+    // One byte from the file: read through the parse it would be the whole segment.
+    file.read_exact_at(&mut byte, elf.file_offset(last)?).ok()?;
+    (byte == [0xc3]).then_some(last)
 }
 
 /// The CUDA driver a process maps (`libcuda.so*`), with the file offsets of the hooked CUDA
@@ -153,6 +159,14 @@ pub fn find_cuda_runtime(
     )
 }
 
+/// The file at `path` read on demand (its headers), and a second handle to stream its symbol
+/// tables from.
+fn open_twice(path: &Path) -> Option<(elf::OnDemand, std::fs::File)> {
+    let file = std::fs::File::open(path).ok()?;
+    let stream = file.try_clone().ok()?;
+    Some((elf::on_demand(file), stream))
+}
+
 /// PyTorch's CUDA operators library (`libtorch_cuda.so`) of a process, with the pinned host
 /// caching allocator's `TORCH_HOOKS` it defines. Read on demand: it is a gigabyte.
 pub fn find_torch_pinned(
@@ -168,8 +182,8 @@ pub fn find_torch_pinned(
         return None;
     }
     let open_path = open_path(pid, m);
-    let data = elf::open(&open_path).ok()?;
-    let points = cuda_points(&Elf::parse(&open_path, &data).ok()?, TORCH_HOOKS);
+    let (data, file) = open_twice(&open_path)?;
+    let points = cuda_points(&Elf::parse(&open_path, &data).ok()?, &file, TORCH_HOOKS);
     Some(CudaObject {
         hooks: TORCH_HOOKS,
         cookie: Cookie::Torch,
@@ -214,12 +228,13 @@ pub fn find_static_cuda_runtimes(
             continue;
         }
         let open_path = open_path(pid, m);
-        // On demand: only the symbol tables, not a whole 1 GB libtorch.
-        let Ok(data) = elf::open(&open_path) else {
+        // On demand: the headers, then the symbol tables a chunk at a time, not a whole 1 GB
+        // libtorch nor its 73 MB of names.
+        let Some((data, file)) = open_twice(&open_path) else {
             continue;
         };
         let points = Elf::parse(&open_path, &data)
-            .map(|elf| cuda_points(&elf, RUNTIME_HOOKS))
+            .map(|elf| cuda_points(&elf, &file, RUNTIME_HOOKS))
             .unwrap_or_default();
         if points.is_empty() {
             without.push(m.inode);
@@ -267,8 +282,8 @@ fn find_cuda_object(
         return None;
     }
     let open_path = open_path(pid, m);
-    let data = elf::read(&open_path).ok()?;
-    let points = cuda_points(&Elf::parse(&open_path, &*data).ok()?, hooks);
+    let (data, file) = open_twice(&open_path)?;
+    let points = cuda_points(&Elf::parse(&open_path, &data).ok()?, &file, hooks);
     Some(CudaObject {
         hooks,
         cookie,

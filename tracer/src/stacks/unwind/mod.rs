@@ -204,12 +204,10 @@ pub struct ModuleView {
 /// What a refresh changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RefreshReport {
-    /// Paths of executable mappings added.
+    /// Paths of executable mappings added (their unwind data is read when first needed).
     pub added: Vec<String>,
     /// Executable mappings gone (or replaced).
     pub removed: usize,
-    /// New mappings whose unwind data could not be read, with why.
-    pub failed: Vec<String>,
 }
 
 struct LoadedModule {
@@ -230,6 +228,10 @@ pub struct ProcessUnwinder {
     rules: CacheX86_64,
     /// Keyed by the start of the executable mapping.
     modules: BTreeMap<u64, LoadedModule>,
+    /// Executable mappings whose unwind information is not read yet: it is, the first time an
+    /// unwind reaches an address in them (a PyTorch process maps a hundred libraries, a few of
+    /// which its stacks pass through; the rest would cost their `.eh_frame` for nothing).
+    pending: BTreeMap<u64, Mapping>,
     /// Mappings (start, inode) whose files could not be read, with why; not retried.
     failed: BTreeMap<(u64, u64), (String, String)>,
 }
@@ -260,6 +262,7 @@ impl ProcessUnwinder {
             unwinder: UnwinderX86_64::new(),
             rules: CacheX86_64::new(),
             modules: BTreeMap::new(),
+            pending: BTreeMap::new(),
             failed: BTreeMap::new(),
         }
     }
@@ -305,23 +308,46 @@ impl ProcessUnwinder {
             self.unwinder.remove_module(start);
             report.removed += 1;
         }
+        self.pending.retain(|start, old| {
+            wanted
+                .get(start)
+                .is_some_and(|m| m.end == old.end && m.inode == old.inode && m.path == old.path)
+        });
         self.failed
             .retain(|(start, inode), _| wanted.get(start).is_some_and(|m| m.inode == *inode));
-        for (start, m) in &wanted {
-            if self.modules.contains_key(start) || self.failed.contains_key(&(m.start, m.inode)) {
+        for (start, m) in wanted {
+            let known = self.modules.contains_key(&start) || self.pending.contains_key(&start);
+            if known || self.failed.contains_key(&(m.start, m.inode)) {
                 continue;
             }
-            match self.load(m) {
-                Ok(()) => report.added.push(m.path.clone()),
-                Err(e) => {
-                    let msg = e.to_string();
-                    report.failed.push(msg.clone());
-                    self.failed
-                        .insert((m.start, m.inode), (m.path.clone(), msg));
-                }
-            }
+            report.added.push(m.path.clone());
+            self.pending.insert(start, m);
         }
         report
+    }
+
+    /// Reads the unwind information of the pending mapping that holds `address`, if any.
+    fn ensure_loaded(&mut self, address: u64) {
+        let Some((&start, m)) = self.pending.range(..=address).next_back() else {
+            return;
+        };
+        if address >= m.end {
+            return;
+        }
+        let m = self.pending.remove(&start).expect("found");
+        if let Err(e) = self.load(&m) {
+            self.failed
+                .insert((m.start, m.inode), (m.path, e.to_string()));
+        }
+    }
+
+    /// Reads the unwind information of every mapping now (tests; the fuzzer); unwinding reads
+    /// each when it first needs it.
+    pub fn load_all(&mut self) {
+        let pending: Vec<u64> = self.pending.keys().copied().collect();
+        for start in pending {
+            self.ensure_loaded(start);
+        }
     }
 
     fn load(&mut self, m: &Mapping) -> Result<(), UnwindError> {
@@ -405,6 +431,7 @@ impl ProcessUnwinder {
         out.push(ip);
         loop {
             let lookup = address.address_for_lookup();
+            self.ensure_loaded(lookup);
             let uncovered = self.coverage(lookup).err();
             if let Some(module) = &uncovered {
                 if self.options.missing_cfi == MissingCfi::Stop {
@@ -501,7 +528,8 @@ mod tests {
         let addr = unwind_bias_marker as fn() -> u64 as usize as u64;
         assert_eq!(unwind_bias_marker(), 11);
         let cache = UnwindCache::new();
-        let u = ProcessUnwinder::new(std::process::id(), &cache).unwrap();
+        let mut u = ProcessUnwinder::new(std::process::id(), &cache).unwrap();
+        u.load_all();
         let module = u.modules().find(|m| m.range.contains(&addr)).unwrap();
         let data = fs::read(module.info.path()).unwrap();
         let elf = crate::elf::Elf::parse(module.info.path(), &*data).unwrap();
@@ -521,6 +549,12 @@ mod tests {
         let gone = "600000-601000 r-xp 00000000 08:01 77 /nonexistent/libgone.so\n";
         let maps = format!("{}{gone}", maps_line(&exe));
         let mut u = ProcessUnwinder::from_maps(&maps, FileAccess::Root("/".into()), &cache);
+        // Nothing is read before an unwind needs it.
+        assert_eq!(
+            (u.modules().count(), u.load_errors().count(), cache.len()),
+            (0, 0, 0)
+        );
+        u.load_all();
         let modules: Vec<_> = u.modules().collect();
         assert_eq!(modules.len(), 1);
         assert_eq!(modules[0].range, 0x400000..0x500000);
@@ -542,9 +576,33 @@ mod tests {
         assert_eq!(u.load_errors().count(), 0);
         // Deleted files of a process that is gone cannot be read.
         let deleted = format!("{} (deleted)\n", maps_line(&exe).trim_end());
-        let report = u.update_maps(&deleted);
-        assert!(report.added.is_empty());
-        assert!(report.failed[0].contains("deleted"), "{report:?}");
+        u.update_maps(&deleted);
+        u.load_all();
+        let errors: Vec<_> = u.load_errors().collect();
+        assert!(errors[0].1.contains("deleted"), "{errors:?}");
+        assert_eq!(u.modules().count(), 0);
+    }
+
+    /// Unwind data is read for the modules a stack passes through, when it first does.
+    #[test]
+    fn only_the_modules_an_unwind_reaches_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (cc(dir.path(), "a", &[]), cc(dir.path(), "b", &[]));
+        let inode = |p: &Path| fs::metadata(p).unwrap().ino();
+        let maps = format!(
+            "400000-500000 r-xp 00000000 08:01 {} {}\n600000-700000 r-xp 00000000 08:01 {} {}\n",
+            inode(&a),
+            a.display(),
+            inode(&b),
+            b.display()
+        );
+        let cache = UnwindCache::new();
+        let mut u = ProcessUnwinder::from_maps(&maps, FileAccess::Root("/".into()), &cache);
+        let mut out = Vec::new();
+        u.unwind((0x400100, 0x7000, 0), &stack_of(&[0; 4]), &mut out);
+        let loaded: Vec<String> = u.modules().map(|m| m.path).collect();
+        assert_eq!(loaded, [a.display().to_string()]);
+        assert_eq!(cache.len(), 1, "b was never read");
     }
 
     fn stack_of(words: &[u64]) -> Vec<u8> {
@@ -653,6 +711,7 @@ mod tests {
         let cache = UnwindCache::new();
         let mut u =
             ProcessUnwinder::from_maps(&maps_line(&forged), FileAccess::Root("/".into()), &cache);
+        u.load_all();
         let module = u.modules().next().unwrap();
         assert_eq!(module.info.cfi_kind(), CfiKind::EhFrame);
         let data = fs::read(&forged).unwrap();
