@@ -318,5 +318,67 @@ fn bench(args: &[String]) -> Result<()> {
         "tracer peak RSS with {live} live allocations: {:.1} MB   (target <= 150 MB)",
         peak_kib as f64 * 1024.0 / 1e6
     );
+    big_libraries(&root, &dir, &a, &t)
+}
+
+/// Tracer memory in default mode for a process that maps large libraries (a PyTorch process
+/// maps gigabytes of them): the largest shared objects of this machine (LLVM's, rustc's: the
+/// toolchain `scripts/setup` installs), mapped by `map_libraries.c`.
+fn big_libraries(root: &Path, dir: &Path, alloctrace: &str, trace: &str) -> Result<()> {
+    let exe = dir.join("map_libraries");
+    run_ok(
+        Command::new("cc")
+            .args(["-O1", "-fno-omit-frame-pointer", "-o"])
+            .arg(&exe)
+            .arg(root.join("xtask/bench/map_libraries.c")),
+    )?;
+    let mut libs: Vec<(u64, PathBuf)> = Vec::new();
+    let home = std::env::var("HOME").unwrap_or_default();
+    for top in ["/usr/lib/x86_64-linux-gnu", &format!("{home}/.rustup/toolchains")] {
+        collect_shared_objects(Path::new(top), 3, &mut libs);
+    }
+    libs.sort_by(|a, b| b.0.cmp(&a.0));
+    libs.truncate(8);
+    if libs.is_empty() {
+        println!("tracer peak RSS with large libraries mapped: no shared object over 50 MB here");
+        return Ok(());
+    }
+    let total: u64 = libs.iter().map(|(s, _)| s).sum();
+    let mut argv = vec![
+        alloctrace.to_string(),
+        "record".into(),
+        "-f".into(),
+        "-o".into(),
+        trace.to_string(),
+        "--".into(),
+        exe.display().to_string(),
+    ];
+    argv.extend(libs.iter().map(|(_, p)| p.display().to_string()));
+    let peak_kib = tracer_peak_kib(&run_measured(&argv)?.1)?;
+    println!(
+        "tracer peak RSS, default mode, target mapping {} libraries of {:.0} MB: {:.1} MB   (target <= 150 MB)",
+        libs.len(),
+        total as f64 / 1e6,
+        peak_kib as f64 * 1024.0 / 1e6
+    );
     Ok(())
+}
+
+/// Shared objects over 50 MB under `dir`, `depth` levels down.
+fn collect_shared_objects(dir: &Path, depth: u32, out: &mut Vec<(u64, PathBuf)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if meta.is_dir() && depth > 0 {
+            collect_shared_objects(&path, depth - 1, out);
+        } else if meta.is_file() && name.contains(".so") && meta.len() > 50_000_000 {
+            out.push((meta.len(), path));
+        }
+    }
 }
