@@ -334,10 +334,13 @@ fn big_libraries(root: &Path, dir: &Path, alloctrace: &str, trace: &str) -> Resu
     )?;
     let mut libs: Vec<(u64, PathBuf)> = Vec::new();
     let home = std::env::var("HOME").unwrap_or_default();
-    for top in ["/usr/lib/x86_64-linux-gnu", &format!("{home}/.rustup/toolchains")] {
+    for top in [
+        "/usr/lib/x86_64-linux-gnu",
+        &format!("{home}/.rustup/toolchains"),
+    ] {
         collect_shared_objects(Path::new(top), 3, &mut libs);
     }
-    libs.sort_by(|a, b| b.0.cmp(&a.0));
+    libs.sort_by_key(|l| std::cmp::Reverse(l.0));
     libs.truncate(8);
     if libs.is_empty() {
         println!("tracer peak RSS with large libraries mapped: no shared object over 50 MB here");

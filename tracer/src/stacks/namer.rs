@@ -1,7 +1,8 @@
 //! Naming: instruction pointers of one process → function names (inlined frames included),
-//! read with blazesym from the files the process maps.
+//! read with blazesym from the files the process maps. The symbols of a file are read once for
+//! every process that maps it (an inference server's engine and workers map the same libtorch).
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{cell::RefCell, collections::HashMap, os::unix::fs::MetadataExt, path::PathBuf, rc::Rc};
 
 use blazesym::symbolize::{self, Symbolizer, source::Source};
 use tracer_common::{STACK_SP_CANDIDATE, STACK_TRUNCATED};
@@ -25,11 +26,40 @@ fn could_be_code(ip: u64) -> bool {
 /// Marker frame at the outer end of a stack that was cut at `MAX_FRAMES`.
 pub const TRUNCATED_FRAME: &str = "[truncated]";
 
+/// The symbolizer every process's namer shares, and the path each file is read through: a file
+/// is known to blazesym by its path, and each process reaches it by a path of its own
+/// (`/proc/PID/root/...`), which would read it once per process.
+#[derive(Default)]
+pub struct SharedSymbols {
+    symbolizer: Symbolizer,
+    /// By (device, inode, size, mtime): the path the file was first read through.
+    paths: RefCell<HashMap<(u64, u64, u64, i64), PathBuf>>,
+}
+
+impl SharedSymbols {
+    /// The path to read the file at `path` through: the one it was read through before, while
+    /// that still leads to it (the process it was read for may be gone).
+    fn path_for(&self, path: PathBuf) -> PathBuf {
+        let Ok(m) = std::fs::metadata(&path) else {
+            return path;
+        };
+        let key = (m.dev(), m.ino(), m.size(), m.mtime());
+        let mut paths = self.paths.borrow_mut();
+        if let Some(known) = paths.get(&key)
+            && std::fs::metadata(known).is_ok_and(|k| (k.dev(), k.ino()) == (key.0, key.1))
+        {
+            return known.clone();
+        }
+        paths.insert(key, path.clone());
+        path
+    }
+}
+
 /// Turns instruction pointers of one process into function names.
 pub struct FrameNamer {
     pid: u32,
     maps: Vec<Mapping>,
-    symbolizer: Symbolizer,
+    symbols: Rc<SharedSymbols>,
     /// Names by address: the functions inlined at it, innermost first, then the function.
     cache: HashMap<u64, Vec<String>>,
     after_call: HashMap<u64, bool>,
@@ -38,15 +68,42 @@ pub struct FrameNamer {
 impl FrameNamer {
     /// A namer for a forked child: same address space as the parent at the fork.
     pub fn for_child(&self, child: u32) -> FrameNamer {
-        FrameNamer::new(child, self.maps.clone())
+        self.sharing(child, self.maps.clone())
     }
 
+    /// The namer of `pid` in `namers`, made with `maps` when missing, sharing the others'
+    /// symbols.
+    pub fn of(
+        namers: &mut HashMap<u32, FrameNamer>,
+        pid: u32,
+        maps: impl FnOnce() -> Vec<Mapping>,
+    ) -> &mut FrameNamer {
+        if !namers.contains_key(&pid) {
+            let namer = match namers.values().next() {
+                Some(other) => other.sharing(pid, maps()),
+                None => FrameNamer::new(pid, maps()),
+            };
+            namers.insert(pid, namer);
+        }
+        namers.get_mut(&pid).expect("inserted above")
+    }
+
+    /// A namer with symbols of its own.
     pub fn new(pid: u32, maps: Vec<Mapping>) -> FrameNamer {
+        FrameNamer::with_symbols(pid, maps, Rc::default())
+    }
+
+    /// A namer of another process that reads each file's symbols once with this one.
+    pub fn sharing(&self, pid: u32, maps: Vec<Mapping>) -> FrameNamer {
+        FrameNamer::with_symbols(pid, maps, self.symbols.clone())
+    }
+
+    fn with_symbols(pid: u32, maps: Vec<Mapping>, symbols: Rc<SharedSymbols>) -> FrameNamer {
         let maps = maps.into_iter().filter(|m| m.executable).collect();
         FrameNamer {
             pid,
             maps,
-            symbolizer: Symbolizer::new(),
+            symbols,
             cache: HashMap::new(),
             after_call: HashMap::new(),
         }
@@ -170,10 +227,9 @@ impl FrameNamer {
         } else {
             PathBuf::from(&m.path)
         };
+        let src_path = self.symbols.path_for(src_path);
         let src = Source::Elf(symbolize::source::Elf::new(src_path));
-        match self
-            .symbolizer
-            .symbolize_single(&src, symbolize::Input::FileOffset(offset))
+        match (self.symbols.symbolizer).symbolize_single(&src, symbolize::Input::FileOffset(offset))
         {
             Ok(symbolize::Symbolized::Sym(sym)) => frames_of(sym),
             _ => {
@@ -242,5 +298,23 @@ mod tests {
         assert_eq!(namer.names(0x1000), vec!["[unknown] libgone.so+0x5000"]);
         assert_eq!(namer.names(0x1010), vec!["[unknown] libgone.so+0x500f"]);
         assert_eq!(namer.names(0x2000), vec!["[unknown] 0x2000"]);
+    }
+
+    /// One file reached by two paths (two processes' `/proc/PID/root/...`) is read through the
+    /// first, while it still leads to the file.
+    #[test]
+    fn a_file_is_read_through_the_path_it_was_first_read_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("lib-a.so"), dir.path().join("lib-b.so"));
+        std::fs::write(&first, b"\x7fELF").unwrap();
+        std::fs::hard_link(&first, &second).unwrap();
+        let symbols = SharedSymbols::default();
+        assert_eq!(symbols.path_for(first.clone()), first);
+        assert_eq!(symbols.path_for(second.clone()), first);
+        std::fs::remove_file(&first).unwrap();
+        assert_eq!(symbols.path_for(second.clone()), second);
+        let other = dir.path().join("other.so");
+        std::fs::write(&other, b"other").unwrap();
+        assert_eq!(symbols.path_for(other.clone()), other);
     }
 }

@@ -127,9 +127,8 @@ impl StackTable {
             std::mem::take(&mut self.pending)
                 .into_iter()
                 .map(|(index, pid, key)| {
-                    let namer = namers.entry(pid).or_insert_with(|| {
-                        FrameNamer::new(pid, maps::read_maps(pid).unwrap_or_default())
-                    });
+                    let namer =
+                        FrameNamer::of(namers, pid, || maps::read_maps(pid).unwrap_or_default());
                     Stack {
                         index,
                         frames: namer.name_stack(&key, &self.python_names),

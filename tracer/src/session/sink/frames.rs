@@ -26,11 +26,10 @@ const PYTHON_EVAL_FUNCTIONS: [&str; 1] = ["_PyEval_EvalFrameDefault"];
 /// The functions of CPython's arena allocator that mmap arenas.
 const PYTHON_ARENA_FUNCTIONS: [&str; 2] = ["_PyObject_ArenaMmap", "new_arena"];
 
-/// The frame namer of `pid`, made from its current mappings when missing.
+/// The frame namer of `pid`, made from its current mappings when missing (sharing the others'
+/// symbols).
 fn namer_of(namers: &mut HashMap<u32, FrameNamer>, pid: u32) -> &mut FrameNamer {
-    namers
-        .entry(pid)
-        .or_insert_with(|| FrameNamer::new(pid, Vec::new()))
+    FrameNamer::of(namers, pid, Vec::new)
 }
 
 /// The unwinder of live process `pid`, or an empty one (every stack truncated) if it is gone.
