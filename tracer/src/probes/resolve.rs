@@ -174,24 +174,14 @@ pub fn find_torch_pinned(
     maps: &[Mapping],
     skip: impl Fn(u64) -> bool,
 ) -> Option<CudaObject> {
-    let m = maps.iter().find(|m| {
-        let base = m.path.rsplit('/').next().unwrap_or(&m.path);
-        m.executable && base.starts_with("libtorch_cuda.so")
-    })?;
-    if skip(m.inode) {
-        return None;
-    }
-    let open_path = open_path(pid, m);
-    let (data, file) = open_twice(&open_path)?;
-    let points = cuda_points(&Elf::parse(&open_path, &data).ok()?, &file, TORCH_HOOKS);
-    Some(CudaObject {
-        hooks: TORCH_HOOKS,
-        cookie: Cookie::Torch,
-        target_path: m.path.clone(),
-        inode: m.inode,
-        open_path,
-        points,
-    })
+    find_cuda_object(
+        pid,
+        maps,
+        "libtorch_cuda.so",
+        TORCH_HOOKS,
+        Cookie::Torch,
+        skip,
+    )
 }
 
 /// PyTorch's CUDA library (`libc10_cuda.so`) of a process, with the `TORCH_HOOKS` forms its
@@ -277,7 +267,8 @@ fn find_cuda_object(
         let base = m.path.rsplit('/').next().unwrap_or(&m.path);
         m.executable && base.starts_with(name_prefix)
     })?;
-    // Read once: the driver is tens of megabytes, and this runs whenever code is mapped.
+    // Read once: the driver is tens of megabytes (a libtorch_cuda.so a gigabyte), and this runs
+    // whenever code is mapped.
     if skip(m.inode) {
         return None;
     }

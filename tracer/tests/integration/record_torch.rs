@@ -14,40 +14,26 @@ use crate::common::{
 const MIB: u64 = 1 << 20;
 
 /// The stub built as `libc10_cuda.so` (the name alloctrace looks for) in the form of torch
-/// `abi` (`TORCH_ABI`: 214, 211, 208, 206, 204, 202, 201), once per test run.
+/// `abi` (`TORCH_ABI`: 214, 211, 208, 206, 204, 203, 202, 201), once per test run.
 fn stub_c10_cuda(abi: u32) -> PathBuf {
-    let lib = build_dir(&format!("stub-torch-{abi}")).join("libc10_cuda.so");
-    static BUILT: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.contains(&abi) {
-        let args: Vec<std::ffi::OsString> = vec![
-            "-x".into(),
-            "c++".into(),
-            "-shared".into(),
-            "-fPIC".into(),
-            "-fvisibility=hidden".into(),
-            "-O1".into(),
-            "-g".into(),
-            "-fno-omit-frame-pointer".into(),
-            format!("-DTORCH_ABI={abi}").into(),
-            fixture_source("stub_c10_cuda.cpp").into(),
-            "-ldl".into(),
-            "-lstdc++".into(),
-        ];
-        common::compile(&lib, &args);
-        built.push(abi);
-    }
-    lib
+    stub_library("stub_c10_cuda.cpp", "libc10_cuda.so", "TORCH_ABI", abi)
 }
 
 /// The stub pinned host caching allocator (tests/fixtures/stub_torch_cuda.cpp) built as
 /// `libtorch_cuda.so` in the form of torch `abi` (`PINNED_ABI`: 208 for 2.8–2.15, 207 for
 /// 2.4–2.7), once per test run.
 fn stub_torch_cuda(abi: u32) -> PathBuf {
-    let lib = build_dir(&format!("stub-pinned-{abi}")).join("libtorch_cuda.so");
-    static BUILT: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+    stub_library("stub_torch_cuda.cpp", "libtorch_cuda.so", "PINNED_ABI", abi)
+}
+
+/// The C++ stub `source` built as `library` with `-D{form}={abi}`, hidden visibility (its
+/// functions only in `.symtab`, as PyTorch's), once per test run.
+fn stub_library(source: &str, library: &str, form: &str, abi: u32) -> PathBuf {
+    let dir = format!("stub-{}-{abi}", library.trim_end_matches(".so"));
+    let lib = build_dir(&dir).join(library);
+    static BUILT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.contains(&abi) {
+    if !built.contains(&lib) {
         let args: Vec<std::ffi::OsString> = vec![
             "-x".into(),
             "c++".into(),
@@ -57,13 +43,13 @@ fn stub_torch_cuda(abi: u32) -> PathBuf {
             "-O1".into(),
             "-g".into(),
             "-fno-omit-frame-pointer".into(),
-            format!("-DPINNED_ABI={abi}").into(),
-            fixture_source("stub_torch_cuda.cpp").into(),
+            format!("-D{form}={abi}").into(),
+            fixture_source(source).into(),
             "-ldl".into(),
             "-lstdc++".into(),
         ];
         common::compile(&lib, &args);
-        built.push(abi);
+        built.push(lib.clone());
     }
     lib
 }
