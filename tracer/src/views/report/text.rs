@@ -34,17 +34,49 @@ fn bytes_exact(n: u64) -> String {
 }
 
 /// Innermost frames joined by " ← ", cut after `TEXT_FRAMES`.
+/// A stack that reaches Python code shows its first `NATIVE_BEFORE_PYTHON` native frames, then
+/// the Python frames: the code a person wrote, past the interpreter's and the bindings' calls
+/// (ctypes, pybind11, torch's dispatch) that would fill the line.
 fn frames_line(frames: &[String]) -> String {
-    let mut line = frames
-        .iter()
-        .take(TEXT_FRAMES)
-        .map(|frame| for_terminal(frame))
-        .collect::<Vec<_>>()
-        .join(" ← ");
-    if frames.len() > TEXT_FRAMES {
-        let _ = write!(line, " ← … ({} more)", frames.len() - TEXT_FRAMES);
+    const NATIVE_BEFORE_PYTHON: usize = 2;
+    let first_python = frames.iter().position(|f| is_python_frame(f));
+    let (mut parts, shown_to) = match first_python {
+        Some(first) if first > NATIVE_BEFORE_PYTHON + 1 => {
+            let end = (first + TEXT_FRAMES - NATIVE_BEFORE_PYTHON).min(frames.len());
+            let mut parts: Vec<String> = (frames[..NATIVE_BEFORE_PYTHON].iter())
+                .map(|f| for_terminal(f).into_owned())
+                .collect();
+            parts.push(format!(
+                "… {} native frames …",
+                first - NATIVE_BEFORE_PYTHON
+            ));
+            parts.extend(
+                frames[first..end]
+                    .iter()
+                    .map(|f| for_terminal(f).into_owned()),
+            );
+            (parts, end)
+        }
+        _ => {
+            let end = frames.len().min(TEXT_FRAMES);
+            let parts = (frames[..end].iter())
+                .map(|f| for_terminal(f).into_owned())
+                .collect();
+            (parts, end)
+        }
+    };
+    if frames.len() > shown_to {
+        parts.push(format!("… ({} more)", frames.len() - shown_to));
     }
-    line
+    parts.join(" ← ")
+}
+
+/// Whether `frame` is a Python frame, `function (file.py:line)`.
+fn is_python_frame(frame: &str) -> bool {
+    frame.ends_with(')')
+        && frame
+            .rsplit_once(" (")
+            .is_some_and(|(_, at)| at.contains(".py:"))
 }
 
 /// "1 block", "2 blocks".
@@ -1023,5 +1055,27 @@ mod tests {
         let line = frames_line(&frames);
         assert!(line.starts_with("f0 ← f1"), "{line}");
         assert!(line.ends_with("f7 ← … (4 more)"), "{line}");
+    }
+
+    /// A stack that reaches Python shows its Python frames after two native ones, however many
+    /// binding and interpreter frames lie between.
+    #[test]
+    fn python_frames_are_shown_past_the_bindings() {
+        let mut frames: Vec<String> = (0..12).map(|i| format!("native{i}")).collect();
+        frames.extend((0..10).map(|i| format!("py{i} (server.py:{i})")));
+        let line = frames_line(&frames);
+        assert_eq!(
+            line,
+            "native0 ← native1 ← … 10 native frames … ← py0 (server.py:0) ← py1 (server.py:1) \
+             ← py2 (server.py:2) ← py3 (server.py:3) ← py4 (server.py:4) ← py5 (server.py:5) \
+             ← … (4 more)"
+        );
+        // Python right after the first frames: the usual cut.
+        let short = ["malloc_caller", "f (a.py:1)", "g (a.py:2)"].map(String::from);
+        assert_eq!(
+            frames_line(&short),
+            "malloc_caller ← f (a.py:1) ← g (a.py:2)"
+        );
+        assert!(!is_python_frame("operator() (x.cpp:3)"));
     }
 }
