@@ -211,9 +211,14 @@ impl TorchLayer {
         dev.alloc(ledger, (call.pid, call.stack, [0, 0]), addr, size);
     }
 
+    /// The allocators of process `pid`, one per device.
+    fn devices_of(&mut self, pid: u32) -> impl Iterator<Item = &mut DeviceCache> {
+        (self.devices.range_mut((pid, i32::MIN)..=(pid, i32::MAX))).map(|(_, dev)| dev)
+    }
+
     /// `freeAsync` of the tensor at `addr`; false if it was never seen allocated.
     fn free_async(&mut self, ledger: &mut Ledger, pid: u32, addr: u64) -> bool {
-        for (_, dev) in self.devices.range_mut((pid, i32::MIN)..=(pid, i32::MAX)) {
+        for dev in self.devices_of(pid) {
             if dev.blocks.contains_key(&addr) {
                 dev.dirty = true;
                 dev.free_completed(ledger, addr);
@@ -226,7 +231,7 @@ impl TorchLayer {
     /// The driver unmapped `[addr, addr + size)` in process `pid`: what of it the allocator
     /// holds as segment memory is sleeping.
     pub fn driver_unmapped(&mut self, pid: u32, addr: u64, size: u64) {
-        for (_, dev) in self.devices.range_mut((pid, i32::MIN)..=(pid, i32::MAX)) {
+        for dev in self.devices_of(pid) {
             for start in dev.segments_overlapping(addr, size) {
                 let seg_end = start + dev.segments[&start].size;
                 let from = addr.max(start);
@@ -251,7 +256,7 @@ impl TorchLayer {
 
     /// The driver mapped memory at `[addr, addr + size)` in process `pid`: it sleeps no more.
     pub fn driver_mapped(&mut self, pid: u32, addr: u64, size: u64) {
-        for (_, dev) in self.devices.range_mut((pid, i32::MIN)..=(pid, i32::MAX)) {
+        for dev in self.devices_of(pid) {
             dev.dirty |= remove_range(&mut dev.sleeping, addr, addr.saturating_add(size));
         }
     }
@@ -316,20 +321,16 @@ impl PinnedCache {
             // The HostBlock was freed and its memory reused for another: the old one is gone.
             self.forget(ledger, key);
         }
-        let block = match self.blocks.entry(key) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                // New (or made before attach): charged to the stack that first got it.
-                let cell = CellRef::new(pid, Class::TorchPinnedCached, stack);
-                let cached_cell = ledger.credit(cell, size, true);
-                self.by_ptr.insert(ptr, key);
-                v.insert(PinnedBlock {
-                    ptr,
-                    size,
-                    cached_cell,
-                    live_cell: None,
-                })
-            }
+        if !self.blocks.contains_key(&key) {
+            // New (or made before attach): charged to the stack that first got it.
+            self.insert(
+                ledger,
+                CellRef::new(pid, Class::TorchPinnedCached, stack),
+                ev,
+            );
+        }
+        let Some(block) = self.blocks.get_mut(&key) else {
+            return;
         };
         if let Some(cell) = block.live_cell.take() {
             // Its release was lost.
@@ -347,16 +348,11 @@ impl PinnedCache {
     fn release(&mut self, ledger: &mut Ledger, ev: &TorchEvent) -> bool {
         let Some(block) = self.blocks.get_mut(&ev.stream) else {
             if ev.addr != 0 && ev.size != 0 {
-                let cell = CellRef::new(ev.tgid, Class::TorchPinnedCached, None);
-                let cached_cell = ledger.credit(cell, ev.size, true);
-                self.by_ptr.insert(ev.addr, ev.stream);
-                let block = PinnedBlock {
-                    ptr: ev.addr,
-                    size: ev.size,
-                    cached_cell,
-                    live_cell: None,
-                };
-                self.blocks.insert(ev.stream, block);
+                self.insert(
+                    ledger,
+                    CellRef::new(ev.tgid, Class::TorchPinnedCached, None),
+                    ev,
+                );
             }
             return false;
         };
@@ -365,6 +361,18 @@ impl PinnedCache {
             ledger.credit_existing(block.cached_cell, block.size);
         }
         true
+    }
+
+    /// The block in `ev` (`stream`: the `HostBlock*`, `addr` its memory), cached, in `cell`.
+    fn insert(&mut self, ledger: &mut Ledger, cell: CellRef, ev: &TorchEvent) {
+        let block = PinnedBlock {
+            ptr: ev.addr,
+            size: ev.size,
+            cached_cell: ledger.credit(cell, ev.size, true),
+            live_cell: None,
+        };
+        self.by_ptr.insert(ev.addr, ev.stream);
+        self.blocks.insert(ev.stream, block);
     }
 
     /// The driver freed the memory at `ptr`: the block holding it is gone.

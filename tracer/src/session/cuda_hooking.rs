@@ -48,15 +48,11 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
     // driver's dozens of probes take a tenth of a second each to go live.
     let known =
         |inode: u64| done.hooked.contains(&(pid, inode)) || done.no_torch_hooks.contains(&inode);
-    let torch = if done.torch_allocator {
-        resolve::find_torch_allocator(pid, &maps, known)
+    let (torch, pinned) = if done.torch_allocator {
+        let torch = resolve::find_torch_allocator(pid, &maps, known);
+        (torch, resolve::find_torch_pinned(pid, &maps, known))
     } else {
-        None
-    };
-    let pinned = if done.torch_allocator {
-        resolve::find_torch_pinned(pid, &maps, known)
-    } else {
-        None
+        (None, None)
     };
     if let Some(torch) = torch {
         if torch.points.is_empty() {

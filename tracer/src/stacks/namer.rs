@@ -78,14 +78,10 @@ impl FrameNamer {
         pid: u32,
         maps: impl FnOnce() -> Vec<Mapping>,
     ) -> &mut FrameNamer {
-        if !namers.contains_key(&pid) {
-            let namer = match namers.values().next() {
-                Some(other) => other.sharing(pid, maps()),
-                None => FrameNamer::new(pid, maps()),
-            };
-            namers.insert(pid, namer);
-        }
-        namers.get_mut(&pid).expect("inserted above")
+        let shared = namers.values().next().map(|other| other.symbols.clone());
+        namers
+            .entry(pid)
+            .or_insert_with(|| FrameNamer::with_symbols(pid, maps(), shared.unwrap_or_default()))
     }
 
     /// A namer with symbols of its own.

@@ -334,7 +334,9 @@ impl ProcessUnwinder {
         if address >= m.end {
             return;
         }
-        let m = self.pending.remove(&start).expect("found");
+        let Some(m) = self.pending.remove(&start) else {
+            return;
+        };
         if let Err(e) = self.load(&m) {
             self.failed
                 .insert((m.start, m.inode), (m.path, e.to_string()));
