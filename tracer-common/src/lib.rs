@@ -260,6 +260,9 @@ pub struct AllocEvent {
     pub func: u32,
     /// CUDA: the pool of cuMemAllocFromPoolAsync, the graph of cuGraphAddMemAllocNode; 0 else.
     pub aux: u64,
+    /// Heap allocations while the kernel keeps the heap ledger (`heap_ledger`): the key its
+    /// stack is counted under there; 0 else.
+    pub stack_key: u64,
 }
 
 impl AllocEvent {
@@ -332,14 +335,104 @@ pub mod drop_cause {
     /// `--heap-sample`: the kernel's set of sampled live blocks was full; the block was not
     /// recorded (its free could not have been matched).
     pub const SAMPLED_SET_FULL: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// The kernel's heap ledger saw an allocation at an address it held live: the free of
+    /// the block that lived there was not seen (the user-space ledger counts its own alike).
+    pub const MISSED_FREE: u32 = 4;
+    pub const COUNT: u32 = 5;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "ringbuf_full",
         "inflight_slot_busy",
         "user_read_failed",
         "sampled_set_full",
+        "missed_free",
     ];
+}
+
+/// The kernel's heap ledger (exact `--heap` with frame-pointer heap stacks): a heap block whose
+/// stack user space already knows stays in the kernel, keyed by process and address, and is
+/// counted in its stack's totals; its free is matched there. The ring carries one record per
+/// distinct stack (and failures, and what the kernel could not hold), user space reads each
+/// stack's totals once a second: no call rate can outrun it. The kernel also knows the blocks
+/// user space counts (their frees still go to it), so that it keeps the heap's live bytes and
+/// exact peak at every call.
+pub mod heap_ledger {
+    /// A live block's key in `HELD_BLOCKS`.
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct BlockKey {
+        pub tgid: u32,
+        pub _pad: u32,
+        pub addr: u64,
+    }
+
+    /// A live block the kernel knows: its size, its stack's key in `STACK_TOTALS`, the image
+    /// generation of its process when it was made, and who counts it.
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+    pub struct HeldBlock {
+        pub size: u64,
+        pub stack_key: u64,
+        pub generation: u32,
+        /// 1: user space counts it (it went through the ring): its free goes there too.
+        pub in_user: u32,
+    }
+
+    /// Live heap bytes of the traced processes as the kernel counts them at every call, and
+    /// their highest value (`HEAP_LIVE`): the heap's exact peak.
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+    pub struct HeapLive {
+        pub live: u64,
+        pub peak: u64,
+    }
+
+    /// What the kernel counted for one stack since user space registered it; only ever grows,
+    /// so that user space applies the difference since its last read.
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+    pub struct StackTotals {
+        pub allocated_bytes: u64,
+        pub allocated_count: u64,
+        pub freed_bytes: u64,
+        pub freed_count: u64,
+    }
+
+    impl StackTotals {
+        /// What `self` counts beyond `earlier` (an earlier read of the same stack).
+        pub fn since(&self, earlier: &StackTotals) -> StackTotals {
+            StackTotals {
+                allocated_bytes: self.allocated_bytes.wrapping_sub(earlier.allocated_bytes),
+                allocated_count: self.allocated_count.wrapping_sub(earlier.allocated_count),
+                freed_bytes: self.freed_bytes.wrapping_sub(earlier.freed_bytes),
+                freed_count: self.freed_count.wrapping_sub(earlier.freed_count),
+            }
+        }
+
+        /// Bytes and blocks live: allocated and not freed.
+        pub fn live(&self) -> (u64, u64) {
+            (
+                self.allocated_bytes.saturating_sub(self.freed_bytes),
+                self.allocated_count.saturating_sub(self.freed_count),
+            )
+        }
+    }
+
+    /// Live blocks the kernel holds at most by default (`record --heap-ledger-blocks`); past
+    /// that, blocks go through the ring (counted, `ledger_stat::BLOCKS_FULL`).
+    pub const DEFAULT_BLOCKS: u32 = 1 << 20;
+    /// Distinct stacks (per process and image) the kernel counts at most; past that, a new
+    /// stack's blocks go through the ring (counted, `ledger_stat::STACKS_FULL`).
+    pub const STACKS: u32 = 1 << 17;
+}
+
+/// What the kernel's heap ledger could not hold. Index into the per-CPU `LEDGER_STATS` array.
+pub mod ledger_stat {
+    /// Blocks that went through the ring because `HELD_BLOCKS` was full.
+    pub const BLOCKS_FULL: u32 = 0;
+    /// Blocks that went through the ring because `STACK_TOTALS` was full.
+    pub const STACKS_FULL: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Names of the eBPF object's load-time globals (`u32` statics that user space sets at load).
@@ -364,6 +457,8 @@ pub mod global {
     pub const HEAP_SYSTEMWIDE: &str = "HEAP_SYSTEMWIDE";
     /// `--heap-sample`: the mean bytes between sampled heap allocations; 0 records every one.
     pub const HEAP_SAMPLE_MEAN: &str = "HEAP_SAMPLE_MEAN";
+    /// 1: heap blocks with known stacks are held and counted in the kernel (`heap_ledger`).
+    pub const HEAP_KERNEL_LEDGER: &str = "HEAP_KERNEL_LEDGER";
 }
 
 /// Byte-sampled heap tracing (`record --heap-sample MEAN`): an allocation of `size` bytes is
@@ -391,8 +486,12 @@ pub mod heap_sample {
 /// Name of the eBPF object's aya-log ring buffer (declared by aya-log-ebpf).
 pub const LOG_RING: &str = "AYA_LOGS";
 
-const _: () = assert!(size_of::<AllocEvent>() == 56);
-const _: () = assert!(size_of::<StackRecord<AllocEvent>>() == 56 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<AllocEvent>() == 64);
+const _: () = assert!(size_of::<StackRecord<AllocEvent>>() == 64 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<heap_ledger::BlockKey>() == 16);
+const _: () = assert!(size_of::<heap_ledger::HeldBlock>() == 24);
+const _: () = assert!(size_of::<heap_ledger::HeapLive>() == 16);
+const _: () = assert!(size_of::<heap_ledger::StackTotals>() == 32);
 const _: () = assert!(size_of::<StackRecord<MapEvent>>() == 72 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<FaultEvent>>() == 24 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<CudaCallEvent>>() == 72 + 8 * STACK_AREA_WORDS);
@@ -426,6 +525,10 @@ mod pod {
     unsafe impl aya::Pod for StackCopyHeader {}
     unsafe impl aya::Pod for InflightCall {}
     unsafe impl aya::Pod for SyscallArgs {}
+    unsafe impl aya::Pod for heap_ledger::BlockKey {}
+    unsafe impl aya::Pod for heap_ledger::HeldBlock {}
+    unsafe impl aya::Pod for heap_ledger::StackTotals {}
+    unsafe impl aya::Pod for heap_ledger::HeapLive {}
 }
 
 #[cfg(test)]

@@ -2,14 +2,17 @@
 //! (`AllocEvent`, with the stack of its caller) and the release of a block (`FreeEvent`).
 
 use aya_ebpf::{helpers::bpf_probe_read_user, programs::RetProbeContext};
-use tracer_common::{AllocEvent, EnclosingCalls, FreeEvent, InflightCall, drop_cause, event_kind};
+use tracer_common::{
+    AllocEvent, EnclosingCalls, FreeEvent, InflightCall, StackRecord, drop_cause, event_kind,
+};
 
 use crate::{
     diag,
+    heap_ledger::{self, Held, Released},
     inflight::{self, CallKind, call_in_flight},
     maps::{CALL_INFLIGHT, RUNTIME_INFLIGHT, SCRATCH, scratch},
     ring::{Wakeup, output_event, output_record},
-    stack::{StackBudget, StackStart, emit_with_stack},
+    stack::{StackBudget, StackStart, capture, emit_with_stack},
 };
 
 const ENOMEM: i32 = 12;
@@ -102,7 +105,8 @@ fn origin(kind: CallKind, call: &InflightCall) -> u64 {
     }
 }
 
-/// The return of an allocation call of `kind`: emits the completed call with its user stack.
+/// The return of an allocation call of `kind`: emits the completed call with its user stack,
+/// or, for a heap block the kernel's ledger holds, nothing.
 #[inline(always)]
 pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
     let Some((call, key)) = inflight::leave(kind) else {
@@ -118,6 +122,13 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
             return 0;
         }
     }
+    let tgid = (key >> 32) as u32;
+    // The kernel's heap ledger: a realloc that released its old block (moved, grew in place,
+    // or freed it with size 0) releases it here if it is held here.
+    let ledger = kind == CallKind::Heap && heap_ledger::enabled();
+    let releases_old = call.old_block != 0 && (done.addr != 0 || done.size == 0);
+    let old_held =
+        ledger && releases_old && heap_ledger::release(tgid, call.old_block) == Released::Kernel;
     let Some(record) = scratch(&SCRATCH) else {
         return 0;
     };
@@ -125,31 +136,65 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
     let record = unsafe { &mut *record };
     record.event = AllocEvent {
         kind: event_kind::ALLOC,
-        tgid: (key >> 32) as u32,
+        tgid,
         tid: key as u32,
         nframes: 0,
         stack_flags: 0,
         addr: done.addr,
         size: done.size,
-        origin: origin(kind, &call),
+        // User space releases realloc's old block, unless the kernel did.
+        origin: if old_held { 0 } else { origin(kind, &call) },
         err: done.err,
         func: call.func,
         aux: call.aux,
+        stack_key: 0,
     };
     // realloc(p, 0) returning NULL freed p: a free needs no stack.
     if done.addr == 0 && done.size == 0 && call.old_block != 0 {
-        output_record(record, 0);
+        if !old_held {
+            output_record(record, 0);
+        }
         return 0;
     }
     // Heap calls are many: they get the cheaper stack unless asked otherwise; CUDA calls and
     // failures are few and get the best one.
-    let budget = if kind == CallKind::Heap && done.addr != 0 {
-        StackBudget::Heap
+    let start = StackStart::at_probe(ctx);
+    if kind != CallKind::Heap || done.addr == 0 {
+        emit_with_stack(record, start, StackBudget::Other);
+    } else if ledger {
+        hold_or_emit(record, start);
     } else {
-        StackBudget::Other
-    };
-    emit_with_stack(record, StackStart::at_probe(ctx), budget);
+        emit_with_stack(record, start, StackBudget::Heap);
+    }
     0
+}
+
+/// A heap block, with the kernel's ledger on: held there if user space knows its stack, else
+/// emitted with its stack (and the stack registered, so that the next block there is held).
+#[inline(always)]
+fn hold_or_emit(record: &mut StackRecord<AllocEvent>, start: StackStart) {
+    let bytes = capture(record, start, StackBudget::Heap);
+    let ev = &mut record.event;
+    let generation = heap_ledger::generation(ev.tgid);
+    let key = heap_ledger::stack_key(ev.tgid, generation, ev.stack_flags, &record.stack, bytes);
+    match heap_ledger::hold(ev.tgid, generation, ev.addr, ev.size, key) {
+        Held::Yes => {
+            // A realloc of a block user space holds: that block's release goes to it alone.
+            if ev.origin != 0 {
+                emit_free(ev.tgid, ev.origin);
+            }
+        }
+        Held::NewStack => {
+            ev.stack_key = key;
+            if output_record(record, bytes) {
+                heap_ledger::register(key);
+            }
+        }
+        Held::Full => {
+            ev.stack_key = key;
+            output_record(record, bytes);
+        }
+    }
 }
 
 /// Emits the release of the block at `addr` (heap free, CUDA free).

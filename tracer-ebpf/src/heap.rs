@@ -7,15 +7,13 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::heap_sample;
+use tracer_common::{heap_ledger::BlockKey, heap_sample};
 
 use crate::{
     alloc::{emit_free, finish_call, mul_saturating},
+    heap_ledger::{self, Released},
     inflight::{CallKind, Entry, attach_cookie, enter, holds, my_slot},
-    maps::{
-        HEAP_SAMPLE_MEAN, HEAP_SYSTEMWIDE, INFLIGHT, SAMPLE_EXP, SAMPLED, SampledBlock, TARGETS,
-        global,
-    },
+    maps::{HEAP_SAMPLE_MEAN, HEAP_SYSTEMWIDE, INFLIGHT, SAMPLE_EXP, SAMPLED, TARGETS, global},
 };
 
 /// `--heap-sample`: whether to record an allocation of `size` bytes, and its probability `p`
@@ -46,8 +44,8 @@ fn sample(size: u64) -> Option<u32> {
 
 /// The calling process's block at `addr` in the sampled set.
 #[inline(always)]
-fn sampled_block(addr: u64) -> SampledBlock {
-    SampledBlock {
+fn sampled_block(addr: u64) -> BlockKey {
+    BlockKey {
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,
         addr,
@@ -202,7 +200,11 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     if !take_sampled(addr) {
         return 0; // a block that was not recorded
     }
-    emit_free((key >> 32) as u32, addr)
+    let tgid = (key >> 32) as u32;
+    if heap_ledger::enabled() && heap_ledger::release(tgid, addr) == Released::Kernel {
+        return 0; // counted in the kernel's ledger
+    }
+    emit_free(tgid, addr)
 }
 
 /// Empty programs at the same attach points: the benchmark's floor (trap cost alone).

@@ -26,6 +26,8 @@ mod diag;
 mod faults;
 /// The C allocator's probes.
 mod heap;
+/// The kernel's heap ledger: blocks with known stacks held and counted in the kernel.
+mod heap_ledger;
 /// In-flight call slots: claim, enter, leave.
 mod inflight;
 /// Every map and load-time global.

@@ -1,13 +1,17 @@
 //! Every map and load-time global of the object, in one place: what each holds and who sizes it.
 //! User space (`alloctrace::probes`) finds them by these names.
 
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
     AllocEvent, CudaCallEvent, CudaCallSlot, FaultEvent, INFLIGHT_SLOTS, InflightCall, MapEvent,
-    StackRecord, SyscallArgs, TorchEvent, drop_cause, heap_sample, python::PythonOffsets,
+    StackRecord, SyscallArgs, TorchEvent, drop_cause, heap_ledger,
+    heap_ledger::{BlockKey, HeapLive, HeldBlock, StackTotals},
+    heap_sample, ledger_stat,
+    python::PythonOffsets,
     stack_stat,
 };
 
@@ -66,7 +70,8 @@ pub static TORCH_SCRATCH: Array<StackRecord<TorchEvent>> =
 pub static FAULT_SCRATCH: Array<StackRecord<FaultEvent>> =
     Array::with_max_entries(SCRATCH_SLOTS, 0);
 
-/// Processes whose memory syscalls are traced (tgid → 1). Tracepoints fire for every process on
+/// Processes whose memory syscalls are traced (tgid → 1 + the execs seen since traced: the
+/// image generation, which the heap ledger's stack keys include). Tracepoints fire for every process on
 /// the machine; this filter is their first instruction.
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
@@ -100,16 +105,34 @@ pub static LAUNDRY: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// `--heap-sample`: the live blocks recorded, by process and address, so that only their frees
 /// are emitted. Sized by user space (1 entry when not sampling).
 #[map]
-pub static SAMPLED: HashMap<SampledBlock, u32> = HashMap::with_max_entries(1 << 18, 0);
+pub static SAMPLED: HashMap<BlockKey, u32> = HashMap::with_max_entries(1 << 18, 0);
 
-/// A recorded block of a sampled heap.
-#[repr(C)]
-#[derive(Copy, Clone)]
-pub struct SampledBlock {
-    pub tgid: u32,
-    pub _pad: u32,
-    pub addr: u64,
-}
+/// The kernel's heap ledger (`heap_ledger.rs`): live blocks whose stacks user space knows.
+/// Sized by user space (1 entry when the kernel keeps no ledger); allocated as it fills.
+#[map]
+pub static HELD_BLOCKS: HashMap<BlockKey, HeldBlock> =
+    HashMap::with_max_entries(heap_ledger::DEFAULT_BLOCKS, BPF_F_NO_PREALLOC);
+
+/// The kernel's heap ledger: what was allocated and freed per stack key, for the stacks user
+/// space was sent. User space reads it once a second and removes a process image's keys when
+/// the image goes (exec).
+#[map]
+pub static STACK_TOTALS: HashMap<u64, StackTotals> =
+    HashMap::with_max_entries(heap_ledger::STACKS, BPF_F_NO_PREALLOC);
+
+/// The kernel's heap ledger: live heap bytes of every traced process together, and their peak
+/// (one entry).
+#[map]
+pub static HEAP_LIVE: Array<HeapLive> = Array::with_max_entries(1, 0);
+
+/// The kernel's heap ledger: live heap bytes per process (tgid), taken from `HEAP_LIVE` when
+/// an exec ends the process's image.
+#[map]
+pub static PROCESS_HEAP: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
+
+/// What the kernel's heap ledger could not hold, by `ledger_stat`.
+#[map]
+pub static LEDGER_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ledger_stat::COUNT, 0);
 
 /// `--heap-sample`: `exp(−i / 64)` as a fraction of 2^32 (`tracer_common::heap_sample`), filled
 /// by user space at load.
@@ -154,6 +177,11 @@ pub static HEAP_SAMPLE_MEAN: u32 = 0;
 /// 1: the heap probes fire for every process mapping the allocator; only traced ones count.
 #[unsafe(no_mangle)]
 pub static HEAP_SYSTEMWIDE: u32 = 0;
+
+/// 1: heap blocks whose stacks user space knows are held and counted in the kernel
+/// (`heap_ledger.rs`): exact heap tracing with frame-pointer heap stacks.
+#[unsafe(no_mangle)]
+pub static HEAP_KERNEL_LEDGER: u32 = 0;
 
 /// The value user space gave a global at load.
 #[inline(always)]

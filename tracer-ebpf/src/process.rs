@@ -7,7 +7,7 @@ use aya_ebpf::{
 use tracer_common::{ProcEvent, drop_cause, event_kind, proc_op};
 
 use crate::{
-    diag,
+    diag, heap_ledger,
     maps::{FOLLOW_CHILDREN, TARGETS, global},
     ring::{Wakeup, output_event},
 };
@@ -61,7 +61,12 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if TARGETS.get_ptr(pid).is_some() {
+    if let Some(generation) = TARGETS.get_ptr_mut(pid) {
+        // A new image: the heap ledger's stack keys change with it, the old image's heap is
+        // gone.
+        // SAFETY: a map value, valid while this program runs.
+        unsafe { *generation += 1 };
+        heap_ledger::forget_image(pid);
         emit_proc(proc_op::EXEC, pid, 0);
     }
     0

@@ -29,9 +29,9 @@ pub fn output_event<T>(event: &T, wakeup: Wakeup, site: &'static str) {
 }
 
 /// Copies the used part of a scratch record into the ring: its event and the first
-/// `stack_bytes` bytes of its stack area.
+/// `stack_bytes` bytes of its stack area. Whether it went in.
 #[inline(always)]
-pub fn output_record<E>(record: &StackRecord<E>, stack_bytes: usize) {
+pub fn output_record<E>(record: &StackRecord<E>, stack_bytes: usize) -> bool {
     let len = size_of::<E>() + (stack_bytes & 0xffff);
     let len = if len > size_of::<StackRecord<E>>() {
         size_of::<StackRecord<E>>()
@@ -46,5 +46,7 @@ pub fn output_record<E>(record: &StackRecord<E>, stack_bytes: usize) {
         .is_err()
     {
         diag::lost(drop_cause::RINGBUF_FULL, "stack record");
+        return false;
     }
+    true
 }

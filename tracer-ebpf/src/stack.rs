@@ -89,14 +89,25 @@ impl StackStart {
     }
 }
 
-/// Emits `record`, whose event is filled in, with the stack from `start` (copied or walked as
-/// `budget` says) and the Python frames of the thread.
+/// Emits `record`, whose event is filled in, with the stack from `start` (`capture`).
 #[inline(always)]
 pub fn emit_with_stack<E: StackEvent>(
     record: &mut StackRecord<E>,
     start: StackStart,
     budget: StackBudget,
 ) {
+    let bytes = capture(record, start, budget);
+    output_record(record, bytes);
+}
+
+/// Fills the stack of `record` from `start` (copied or walked as `budget` says) and the Python
+/// frames of the thread; returns the bytes of its stack area used.
+#[inline(always)]
+pub fn capture<E: StackEvent>(
+    record: &mut StackRecord<E>,
+    start: StackStart,
+    budget: StackBudget,
+) -> usize {
     let mut flags = 0u16;
     let (nframes, bytes) = capture_stack(start, budget.copy_bytes(), &mut record.stack, &mut flags);
     // Stored now rather than kept in a register: the Python walk after it is then verified
@@ -104,7 +115,7 @@ pub fn emit_with_stack<E: StackEvent>(
     record.event.set_nframes(nframes);
     let bytes = finish_stack(&mut record.stack, bytes, &mut flags);
     record.event.set_stack_flags(flags);
-    output_record(record, bytes);
+    bytes
 }
 
 /// `value`, as a number the verifier knows nothing about. After a stack walk, the stack's

@@ -156,6 +156,7 @@ mod tests {
             err: 0,
             func: 0,
             aux: 0,
+            stack_key: 0,
         };
         let mut record = bytes(&a);
         record.extend(0x1111u64.to_ne_bytes());

@@ -122,6 +122,16 @@ struct RecordArgs {
     /// more are always recorded.
     #[arg(long, value_name = "BYTES", requires = "heap", value_parser = clap::value_parser!(u32).range(1..))]
     heap_sample: Option<u32>,
+    /// With --heap (exact, frame-pointer heap stacks): live heap blocks the kernel holds at
+    /// most. The first block of each stack goes to user space with its stack; later ones stay
+    /// in the kernel, counted per stack, so that no call rate loses events. Past this many, blocks
+    /// go through the ring buffer (counted in the report).
+    #[arg(long, value_name = "BLOCKS", default_value_t = tracer_common::heap_ledger::DEFAULT_BLOCKS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    heap_ledger_blocks: u32,
+    /// Every heap block through the ring to user space (benchmark of the kernel ledger).
+    #[arg(long, hide = true)]
+    no_kernel_heap_ledger: bool,
     /// Do not follow child processes. By default every process the target forks (and what
     /// they exec) is traced from birth, as inference servers run their engine and GPU workers
     /// as children; every figure carries its PID.
@@ -289,6 +299,18 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             // production process's node is spared that: its children get probes when seen.
             heap_systemwide: args.heap && !args.no_follow_children && args.pid.is_none(),
             heap_sample_mean: args.heap_sample.unwrap_or(0),
+            // Blocks are held in the kernel by stack key: the frame-pointer walk gives one per
+            // call site, a stack copy does not (it is unwound in user space); sampled heaps are
+            // a fraction of the calls already.
+            heap_ledger_blocks: if args.heap
+                && args.heap_sample.is_none()
+                && stack_copy_heap == 0
+                && !args.no_kernel_heap_ledger
+            {
+                args.heap_ledger_blocks
+            } else {
+                0
+            },
         },
         heap: args.heap,
         torch_allocator: !args.no_torch_allocator,

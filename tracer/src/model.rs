@@ -244,6 +244,14 @@ pub struct StackCapture {
     /// bytes are then exact, else unbiased estimates).
     #[serde(default)]
     pub heap_sample_bytes: u64,
+    /// Stacks whose heap blocks the kernel held and counted (exact `--heap`, frame-pointer heap
+    /// stacks); 0 when the kernel kept no heap ledger.
+    #[serde(default)]
+    pub kernel_heap_stacks: u64,
+    /// Heap blocks that went to user space through the ring because the kernel's ledger was
+    /// full (still counted exactly, at the cost of a ring record each).
+    #[serde(default)]
+    pub kernel_heap_full: u64,
 }
 
 /// Non-allocating CUDA calls by (pid, function, stack).

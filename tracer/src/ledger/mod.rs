@@ -12,12 +12,14 @@
 //! - an allocation at an address that is still live means its free was lost: the old block is
 //!   retired and counted under `missed_free`.
 
+pub mod kernel_heap;
 pub mod mappings;
 pub mod torch;
 
 use std::collections::{BTreeMap, HashMap};
 
 use rustc_hash::FxHashMap;
+use tracer_common::heap_ledger::StackTotals;
 
 use crate::model::{
     CellKey, Class, ClassTotals, CudaCalls, FailureKey, LedgerState, PHASE_NONE, SeriesPoint,
@@ -256,6 +258,40 @@ impl Ledger {
         totals.live_count -= n;
         totals.freed_count += n;
         self.mark_dirty(cell);
+    }
+
+    /// What another layer counted for a cell's blocks (the kernel's heap ledger, `kernel_heap`):
+    /// `delta` allocated and freed since the last time, applied as one change of its live figures.
+    pub fn apply_counts(&mut self, cell: u32, delta: &StackTotals) {
+        if *delta == StackTotals::default() {
+            return;
+        }
+        let (key, counters) = &mut self.cells[cell as usize];
+        counters.live_bytes = (counters.live_bytes + delta.allocated_bytes) - delta.freed_bytes;
+        counters.live_count = (counters.live_count + delta.allocated_count) - delta.freed_count;
+        counters.allocated_bytes += delta.allocated_bytes;
+        counters.allocated_count += delta.allocated_count;
+        counters.freed_bytes += delta.freed_bytes;
+        counters.freed_count += delta.freed_count;
+        let totals = self.totals.entry(key.class).or_default();
+        totals.live_bytes = (totals.live_bytes + delta.allocated_bytes) - delta.freed_bytes;
+        totals.live_count = (totals.live_count + delta.allocated_count) - delta.freed_count;
+        totals.allocated_bytes += delta.allocated_bytes;
+        totals.allocated_count += delta.allocated_count;
+        totals.freed_count += delta.freed_count;
+        totals.peak_bytes = totals.peak_bytes.max(totals.live_bytes);
+        self.mark_dirty(cell);
+    }
+
+    /// The peak of `class` as a layer that saw every call counted it (the kernel's heap
+    /// ledger).
+    pub fn set_peak(&mut self, class: Class, bytes: u64) {
+        self.totals.entry(class).or_default().peak_bytes = bytes;
+    }
+
+    /// The cell of `at`, made if new: where a layer that counts blocks elsewhere puts them.
+    pub fn cell_of(&mut self, at: CellRef) -> u32 {
+        self.cell(at)
     }
 
     /// A successful allocation of `size` bytes at `addr` in process `pid`.

@@ -7,20 +7,27 @@ use std::{io, num::NonZeroU32};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         ProgramError, TracePoint, UProbe,
         trace_point::{TracePointLink, TracePointLinkId},
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
-use tracer_common::{Cookie, drop_cause, global, stack_stat};
+use tracer_common::{
+    Cookie, drop_cause, global,
+    heap_ledger::{HeapLive, StackTotals},
+    ledger_stat, stack_stat,
+};
 
 use self::{
     kernel_log::KernelLog,
     resolve::{AllocatorObject, CudaObject},
 };
-use crate::hooks::{AttachStage, CudaHook, PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS};
+use crate::{
+    hooks::{AttachStage, CudaHook, PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS},
+    ledger::kernel_heap::KernelTotals,
+};
 
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -56,11 +63,14 @@ pub struct ProbeConfig {
     pub heap_systemwide: bool,
     /// `--heap-sample`: mean bytes between recorded heap allocations; 0: every one.
     pub heap_sample_mean: u32,
+    /// Live heap blocks the kernel's heap ledger holds at most; 0: no kernel ledger (heap
+    /// stacks copied for DWARF unwinding, sampling, or asked so), every block to user space.
+    pub heap_ledger_blocks: u32,
 }
 
 impl ProbeConfig {
     /// The object's load-time globals (`tracer_common::global`) for this configuration.
-    fn globals(&self) -> [(&'static str, u32); 9] {
+    fn globals(&self) -> [(&'static str, u32); 10] {
         [
             (global::FOLLOW_CHILDREN, u32::from(self.follow_children)),
             (global::FAULT_SAMPLE, self.fault_sample),
@@ -71,6 +81,10 @@ impl ProbeConfig {
             (global::DEBUG_LOG, u32::from(self.debug_log)),
             (global::HEAP_SYSTEMWIDE, u32::from(self.heap_systemwide)),
             (global::HEAP_SAMPLE_MEAN, self.heap_sample_mean),
+            (
+                global::HEAP_KERNEL_LEDGER,
+                u32::from(self.heap_ledger_blocks > 0),
+            ),
         ]
     }
 
@@ -124,6 +138,7 @@ impl Default for ProbeConfig {
             debug_log: false,
             heap_systemwide: false,
             heap_sample_mean: 0,
+            heap_ledger_blocks: 0,
         }
     }
 }
@@ -337,6 +352,16 @@ impl Probes {
                 "SAMPLED",
                 if config.heap_sample_mean > 0 {
                     1 << 18
+                } else {
+                    1
+                },
+            )
+            // The kernel's heap ledger, allocated as it fills.
+            .map_max_entries("HELD_BLOCKS", config.heap_ledger_blocks.max(1))
+            .map_max_entries(
+                "STACK_TOTALS",
+                if config.heap_ledger_blocks > 0 {
+                    tracer_common::heap_ledger::STACKS
                 } else {
                     1
                 },
@@ -587,6 +612,42 @@ impl Probes {
     /// Drop counters summed over CPUs, by `drop_cause`.
     pub fn drops(&self) -> [u64; drop_cause::COUNT as usize] {
         sum_per_cpu(&self.ebpf, "DROPS")
+    }
+
+    /// What the kernel's heap ledger could not hold, by `ledger_stat`.
+    pub fn ledger_stats(&self) -> [u64; ledger_stat::COUNT as usize] {
+        sum_per_cpu(&self.ebpf, "LEDGER_STATS")
+    }
+
+    /// The kernel heap ledger's per-stack totals and peak, for the sink to read (once: the
+    /// maps move out); None when the kernel keeps no heap ledger.
+    pub fn take_kernel_totals(&mut self) -> Option<Box<dyn KernelTotals>> {
+        if self.config.heap_ledger_blocks == 0 {
+            return None;
+        }
+        let totals = AyaHashMap::try_from(self.ebpf.take_map("STACK_TOTALS")?).ok()?;
+        let live = Array::try_from(self.ebpf.take_map("HEAP_LIVE")?).ok()?;
+        Some(Box::new(KernelLedgerMaps { totals, live }))
+    }
+}
+
+/// The kernel heap ledger's maps that user space reads.
+struct KernelLedgerMaps {
+    totals: AyaHashMap<MapData, u64, StackTotals>,
+    live: Array<MapData, HeapLive>,
+}
+
+impl KernelTotals for KernelLedgerMaps {
+    fn read(&self, key: u64) -> Option<StackTotals> {
+        self.totals.get(&key, 0).ok()
+    }
+
+    fn forget(&mut self, key: u64) {
+        let _ = self.totals.remove(&key);
+    }
+
+    fn heap_peak(&self) -> Option<u64> {
+        self.live.get(&0, 0).ok().map(|live| live.peak)
     }
 }
 

@@ -445,6 +445,8 @@ impl Recorder {
             .filter_map(|&p| sample_rss(p, t_s as u64, &self.sink.mappings))
             .collect();
         self.writer.add_rss_samples(&samples)?;
+        let [blocks_full, stacks_full] = self.probes.ledger_stats();
+        self.sink.sync_kernel_heap(blocks_full == 0);
         let new_stacks = self.sink.take_new_stacks();
         let [_, fp_under_pressure] = self.probes.stack_stats();
         self.writer.set_stack_capture(&StackCapture {
@@ -454,6 +456,8 @@ impl Recorder {
             truncated: self.sink.unwinds_truncated,
             fp_under_pressure,
             heap_sample_bytes: self.heap_sample_bytes,
+            kernel_heap_stacks: self.sink.kernel_heap.stacks() as u64,
+            kernel_heap_full: blocks_full + stacks_full,
         })?;
         let series = self.sink.ledger.take_series(t_s as u64);
         let state = self.sink.ledger.state(&self.sink.lost(self.probes.drops()));
@@ -485,11 +489,12 @@ impl Recorder {
         self.last_events = self.sink.events;
         // A terminal that went away (an SSH session dropped) fails the write: no matter.
         let mut stderr = std::io::stderr();
+        let heap = self.sink.ledger.totals(Class::Heap);
         let _ = write!(
             stderr,
             "\r{rate} events/s, live heap {} in {} blocks, lost {}   ",
-            views::human_bytes(self.sink.ledger.totals(Class::Heap).live_bytes),
-            self.sink.ledger.live_blocks(),
+            views::human_bytes(heap.live_bytes),
+            heap.live_count,
             self.lost()
         );
         let _ = stderr.flush();

@@ -183,6 +183,9 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
     let python_frames = opts.probes.python_frames;
     let mut sink = EventSink::new(pid, target.maps, fn_names, gpu.is_some(), python_frames);
     sink.learn_code_of(pid);
+    if let Some(kernel) = probes.take_kernel_totals() {
+        sink.set_kernel_totals(kernel);
+    }
     detect_python(pid, &mut sink, &mut probes);
     if let Some(brk) = initial_brk {
         sink.mappings.set_initial_brk(pid, brk);

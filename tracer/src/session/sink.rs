@@ -18,6 +18,7 @@ use crate::{
     hooks::{self, CudaHook, Records},
     ledger::{
         CellRef, Ledger,
+        kernel_heap::{KernelHeap, KernelTotals},
         mappings::{self, MappingLedger},
         torch::TorchLayer,
     },
@@ -47,6 +48,9 @@ pub struct EventSink {
     pub mappings: MappingLedger,
     /// PyTorch's caching allocators.
     pub torch: TorchLayer,
+    /// Heap blocks the kernel holds, by stack; and where their totals are read.
+    pub kernel_heap: KernelHeap,
+    kernel_totals: Option<Box<dyn KernelTotals>>,
     stacks: StackTable,
     /// Display names of hooked functions by cookie (aliases joined: `memalign/aligned_alloc`).
     fn_names: HashMap<u32, String>,
@@ -94,6 +98,8 @@ impl EventSink {
             vmm: VmmLedger::new(),
             mappings: MappingLedger::new(),
             torch: TorchLayer::new(),
+            kernel_heap: KernelHeap::default(),
+            kernel_totals: None,
             stacks: StackTable::new(),
             fn_names,
             events: 0,
@@ -202,6 +208,24 @@ impl EventSink {
         } else {
             self.ledger.alloc(ev.tgid, ev.addr, bytes, at);
         }
+        if ev.stack_key != 0 {
+            // The first block at a stack the kernel counts from now on.
+            let cell = self.ledger.cell_of(at);
+            self.kernel_heap.register(ev.stack_key, ev.tgid, cell);
+        }
+    }
+
+    /// Reads what the kernel's heap ledger counted (`set_kernel_totals`) since the last call;
+    /// `complete`: it knew every block (none went past a full ledger).
+    pub fn sync_kernel_heap(&mut self, complete: bool) {
+        if let Some(kernel) = self.kernel_totals.as_deref() {
+            self.kernel_heap.sync(&mut self.ledger, kernel, complete);
+        }
+    }
+
+    /// The kernel keeps a heap ledger: its totals are read from `kernel`.
+    pub fn set_kernel_totals(&mut self, kernel: Box<dyn KernelTotals>) {
+        self.kernel_totals = Some(kernel);
     }
 
     /// Driver allocations the CUDA layer counts by itself: VMM handles, and allocations made
@@ -345,6 +369,9 @@ impl EventSink {
         // Its memory went with the old address space.
         self.torch.forget_process(&mut self.ledger, pid);
         self.ledger.forget_process(pid);
+        if let Some(kernel) = self.kernel_totals.as_deref_mut() {
+            (self.kernel_heap).forget_process(&mut self.ledger, pid, kernel);
+        }
         self.mappings.forget_process(&mut self.ledger, pid);
     }
 

@@ -270,6 +270,8 @@ pub(crate) mod fixture {
                 truncated: 2,
                 fp_under_pressure: 5,
                 heap_sample_bytes: 0,
+                kernel_heap_stacks: 0,
+                kernel_heap_full: 0,
             }),
             stop_reason: Some("duration elapsed".into()),
             write_failure: None,

@@ -13,7 +13,7 @@ use std::{
 
 use crate::common::{
     Session, TestProcess, all_live, alloctrace_cmd, build_dir, compile, fixture_source,
-    report_json, run,
+    report_json, run, view,
 };
 
 /// The name of the library function that allocates: a colour change (CSI) and a bell.
@@ -101,20 +101,6 @@ fn assert_no_control_bytes(what: &str, bytes: &[u8], allowed: &[u8]) {
             &text[from..at]
         );
     }
-}
-
-/// `alloctrace ARGS... TRACE` run to completion: its stdout, asserted successful.
-fn view(args: &[&str], trace: &Path) -> Vec<u8> {
-    let mut cmd = alloctrace_cmd(args);
-    cmd.arg(trace);
-    let out = cmd.output().expect("run alloctrace");
-    assert!(
-        out.status.success(),
-        "alloctrace {args:?} failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 /// The flame graph of `trace` under `title`, as bytes, checked well-formed XML.

@@ -3,7 +3,7 @@
 
 use crate::common::{
     Cell, LEAKS, Session, Totals, all_freed, all_live, fixture, leaks_totals,
-    record_fixture_command, record_scenario,
+    record_fixture_command, record_scenario, report_json, view,
 };
 
 #[test]
@@ -255,4 +255,66 @@ fn sampled_heap_estimates_are_exact_for_large_blocks_and_within_the_sampling_err
     );
     assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
     r.assert_no_lost_events();
+}
+
+/// The kernel's heap ledger: two threads make ten million traced calls at once, through a
+/// ring buffer of one MiB. After the first block of each stack, blocks are held and counted in
+/// the kernel and their frees matched there: nothing is lost, the figures are exact, and the
+/// recorder handled a few hundred records, not millions.
+#[test]
+fn ten_million_calls_from_two_threads_lose_nothing() {
+    require_privileges!();
+    let s = Session::run_scenario("flood", "attach", &["--ring-size", "1"]);
+    let r = s.stop(libc::SIGINT);
+    r.assert_well_formed(None);
+    r.assert_no_lost_events();
+    r.assert_cell("flood_leak", all_live(100, 4096));
+    // 2 x 2,500,000 pairs of 64, 96, 128, 160 bytes in turn.
+    r.assert_cell(
+        "flood_churn",
+        Cell {
+            live_bytes: 0,
+            live_count: 0,
+            allocated_bytes: 560_000_000,
+            allocated_count: 5_000_000,
+        },
+    );
+    let heap = r.totals.get("heap").copied().unwrap_or_default();
+    assert_eq!(
+        (heap.live_bytes, heap.live_count, heap.allocated_count),
+        (409_600, 100, 5_000_100),
+        "{}",
+        r.summary()
+    );
+    // The kernel's peak: the leaks and at most one churn block per thread on top.
+    assert!(
+        (409_600..=409_600 + 2 * 160).contains(&heap.peak_bytes),
+        "peak {}\n{}",
+        heap.peak_bytes,
+        r.summary()
+    );
+    let capture = r.stack_capture.as_ref().expect("stack capture figures");
+    assert!(capture.kernel_heap_stacks >= 2, "{}", r.summary());
+    assert_eq!(capture.kernel_heap_full, 0, "{}", r.summary());
+}
+
+/// A kernel ledger too small for the live blocks: the blocks past it go through the ring to
+/// user space, counted in the report, and every figure stays exact.
+#[test]
+fn a_full_kernel_ledger_sends_blocks_through_the_ring_and_stays_exact() {
+    require_privileges!();
+    let mut s = Session::run_scenario("leaks", "attach", &["--heap-ledger-blocks", "16"]);
+    s.end(libc::SIGINT);
+    let r = report_json(&s.trace);
+    r.assert_well_formed(None);
+    r.assert_leaks();
+    r.assert_totals(leaks_totals());
+    r.assert_no_lost_events();
+    let capture = r.stack_capture.as_ref().expect("stack capture figures");
+    assert!(capture.kernel_heap_full > 0, "{}", r.summary());
+    let text = String::from_utf8_lossy(&view(&["report"], &s.trace)).into_owned();
+    assert!(
+        text.contains("it was full for"),
+        "the report says so\n{text}"
+    );
 }

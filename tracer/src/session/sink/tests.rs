@@ -5,11 +5,12 @@ use std::collections::HashMap;
 
 use tracer_common::{
     AllocEvent, FreeEvent, HeapFn, MAP_FROM_ALLOCATOR, MapEvent, ProcEvent, drop_cause, event_kind,
-    map_op, proc_op,
+    heap_ledger::StackTotals, map_op, proc_op,
 };
 
 use super::EventSink;
 use crate::{
+    ledger::kernel_heap::KernelTotals,
     model::{Class, PAGE},
     session::batch::BatchBuilder,
 };
@@ -53,6 +54,7 @@ fn heap_alloc(func: HeapFn, addr: u64, size: u64, old: u64) -> Vec<u8> {
         err: if addr == 0 { libc::ENOMEM } else { 0 },
         func: func as u32,
         aux: 0,
+        stack_key: 0,
     })
 }
 
@@ -193,7 +195,7 @@ fn undecodable_records_count_as_lost() {
     sink.apply(&map_event(99, [0; 5], 0, 0));
     assert_eq!(sink.events, 4);
     assert_eq!(live(&sink, Class::Heap), (0, 0));
-    let lost = sink.lost([3, 0, 1, 0]);
+    let lost = sink.lost([3, 0, 1, 0, 0]);
     assert_eq!(lost.get("undecodable_record"), Some(&4));
     assert_eq!(lost.get(drop_cause::NAMES[0]), Some(&3));
     assert_eq!(lost.values().sum::<u64>(), 8);
@@ -237,4 +239,51 @@ fn a_batch_applies_its_records_in_order() {
     sink.apply_batch(&batch.take().expect("a batch"));
     assert_eq!(sink.events, 3);
     assert_eq!(live(&sink, Class::Heap), (32, 1));
+}
+
+/// The kernel's heap ledger as the sink sees it: totals per stack key.
+#[derive(Default)]
+struct KernelFake(std::sync::Arc<std::sync::Mutex<HashMap<u64, StackTotals>>>);
+
+impl KernelTotals for KernelFake {
+    fn read(&self, key: u64) -> Option<StackTotals> {
+        self.0.lock().unwrap().get(&key).copied()
+    }
+    fn forget(&mut self, key: u64) {
+        self.0.lock().unwrap().remove(&key);
+    }
+    fn heap_peak(&self) -> Option<u64> {
+        None
+    }
+}
+
+#[test]
+fn blocks_the_kernel_holds_count_at_the_stack_of_the_first_and_go_with_an_exec() {
+    let mut sink = sink();
+    let kernel = KernelFake::default();
+    let totals = kernel.0.clone();
+    sink.set_kernel_totals(Box::new(kernel));
+    // The first block of a stack, with the key the kernel counts the next ones under.
+    let mut first = heap_alloc(HeapFn::Malloc, 0x1000, 64, 0);
+    let at = std::mem::offset_of!(AllocEvent, stack_key);
+    first[at..at + 8].copy_from_slice(&77u64.to_ne_bytes());
+    sink.apply(&first);
+    totals.lock().unwrap().insert(
+        77,
+        StackTotals {
+            allocated_bytes: 6400,
+            allocated_count: 100,
+            freed_bytes: 640,
+            freed_count: 10,
+        },
+    );
+    sink.sync_kernel_heap(true);
+    assert_eq!(live(&sink, Class::Heap), (64 + 5760, 1 + 90));
+    let stacks = sink.take_new_stacks();
+    assert_eq!(stacks.len(), 1, "one stack for both");
+    // An exec: the old image's blocks are gone, its key forgotten in the kernel.
+    sink.apply(&bytes_of(&proc_event(proc_op::EXEC, PID, 0)));
+    assert_eq!(live(&sink, Class::Heap), (0, 0));
+    assert!(totals.lock().unwrap().is_empty());
+    assert_eq!(sink.ledger.totals(Class::Heap).allocated_count, 101);
 }

@@ -405,9 +405,11 @@ mod tests {
     #[test]
     fn json_lists_user_space_loss_causes_too() {
         let mut rec = fixture::empty(false);
-        rec.state.lost_events.insert("missed_free".to_string(), 3);
+        rec.state
+            .lost_events
+            .insert("undecodable_record".to_string(), 3);
         let v: Value = serde_json::from_str(&render_json(&rec)).unwrap();
-        assert_eq!(v["lost_events"]["missed_free"], 3);
+        assert_eq!(v["lost_events"]["undecodable_record"], 3);
         assert_eq!(
             v["lost_events"].as_object().unwrap().len(),
             drop_cause::NAMES.len() + 1

@@ -660,6 +660,21 @@ fn text_stack_capture(out: &mut String, rec: &Recorded) {
         s.truncated,
         s.fp_under_pressure
     );
+    if s.kernel_heap_stacks > 0 {
+        let full = match s.kernel_heap_full {
+            0 => String::new(),
+            n => format!(
+                "; it was full for {}, which went through the ring instead (raise \
+                 --heap-ledger-blocks)",
+                count_of(n, "block")
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "Heap blocks after the first of each stack were held and counted in the kernel ({}){full}",
+            count_of(s.kernel_heap_stacks, "stack")
+        );
+    }
 }
 
 /// PyTorch's pinned host caching allocator: how much of the page-locked memory tensors hold.

@@ -34,6 +34,10 @@ pub struct StackCapture {
     pub truncated: u64,
     #[expect(dead_code, reason = "parsed: the report must have it (the contract)")]
     pub fp_under_pressure: u64,
+    #[serde(default)]
+    pub kernel_heap_stacks: u64,
+    #[serde(default)]
+    pub kernel_heap_full: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -244,6 +248,20 @@ impl Report {
             self.summary()
         );
     }
+}
+
+/// `alloctrace ARGS... TRACE` run to completion: its stdout, asserted successful.
+pub fn view(args: &[&str], trace: &Path) -> Vec<u8> {
+    let mut cmd = alloctrace_cmd(args);
+    cmd.arg(trace);
+    let out = cmd.output().expect("run alloctrace");
+    assert!(
+        out.status.success(),
+        "alloctrace {args:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 /// `alloctrace report TRACE --format json`, asserted successful, as untyped JSON (for the fields

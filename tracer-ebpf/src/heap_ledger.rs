@@ -1,0 +1,311 @@
+//! The kernel's heap ledger (exact `--heap` with frame-pointer heap stacks). Every heap block
+//! made while it is on is known here (`HELD_BLOCKS`: process and address → size, stack key,
+//! image generation, who counts it):
+//! - a block whose stack user space already knows is counted here, in its stack's totals
+//!   (`STACK_TOTALS`), and its free is matched here: such a call puts nothing in the ring;
+//! - the first block of a stack goes through the ring with its stack (user space counts it and
+//!   registers the key), and so does what the kernel could not hold (counted, `LEDGER_STATS`).
+//!
+//! The ring then carries one record per distinct stack, failures and the frees of blocks user
+//! space counts, so no call rate outruns user space. Knowing every block, the kernel also keeps
+//! the heap's live bytes and peak at every call (`HEAP_LIVE`), and each process's share
+//! (`PROCESS_HEAP`), which an exec takes out. The accounting rules are the user-space ledger's
+//! (`tracer/src/ledger/mod.rs`).
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use tracer_common::{
+    MAX_FRAMES, StackArea, drop_cause,
+    heap_ledger::{BlockKey, HeldBlock, StackTotals},
+    ledger_stat,
+    python::MAX_PY_FRAMES,
+};
+
+use crate::{
+    diag,
+    maps::{
+        HEAP_KERNEL_LEDGER, HEAP_LIVE, HELD_BLOCKS, LEDGER_STATS, PROCESS_HEAP, STACK_TOTALS,
+        TARGETS, global,
+    },
+};
+
+const EEXIST: i32 = 17;
+
+/// Words a stack key covers at most: the native frames and two words per Python frame.
+const KEY_WORDS: usize = MAX_FRAMES + 2 * MAX_PY_FRAMES;
+
+/// Whether the kernel keeps the heap ledger in this recording.
+#[inline(always)]
+pub fn enabled() -> bool {
+    global(&HEAP_KERNEL_LEDGER) != 0
+}
+
+/// The image generation of process `tgid`: the execs seen since it was traced.
+#[inline(always)]
+pub fn generation(tgid: u32) -> u32 {
+    // SAFETY: a lookup of a plain value.
+    unsafe { TARGETS.get(tgid) }.copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn mix(h: u64) -> u64 {
+    let h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
+}
+
+/// The key of a stack: its first `bytes` bytes of words (frames, then Python frames) and flags,
+/// mixed with the process and its image generation (an exec'd image's stacks get new keys, so
+/// that user space can retire the old image's). Never 0 (0 is "no key" in `AllocEvent`).
+#[inline(always)]
+pub fn stack_key(tgid: u32, generation: u32, flags: u16, area: &StackArea, bytes: usize) -> u64 {
+    let mut h = mix((u64::from(tgid) << 32 | u64::from(generation)) ^ 0x5bd1_e995);
+    let words = bytes / 8;
+    for i in 0..KEY_WORDS {
+        if i >= words {
+            break;
+        }
+        h = mix(h ^ area[i]);
+    }
+    let h = mix(h ^ u64::from(flags));
+    if h == 0 { 1 } else { h }
+}
+
+/// Adds `n` (wrapping: a subtraction as its complement) to a counter other CPUs update too.
+#[inline(always)]
+fn add(counter: *mut u64, n: u64) {
+    // SAFETY: the counter lives in a map value (8-byte aligned) for as long as this program
+    // runs.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
+}
+
+/// `add` that returns the counter's new value (the BPF target's generic CPU has no fetching
+/// add: a compare-and-exchange, retried a few times; None if other CPUs kept winning, and
+/// the plain add was made).
+#[inline(always)]
+fn add_fetch(counter: *mut u64, n: u64) -> Option<u64> {
+    // SAFETY: as in `add`.
+    let mut seen = unsafe { core::ptr::read_volatile(counter) };
+    for _ in 0..4 {
+        let new = seen.wrapping_add(n);
+        // SAFETY: as in `add`.
+        let (was, done) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                counter, seen, new,
+            )
+        };
+        if done {
+            return Some(new);
+        }
+        seen = was;
+    }
+    add(counter, n);
+    None
+}
+
+/// Raises `peak` to `now` unless another CPU raised it past `now` meanwhile.
+#[inline(always)]
+fn raise(peak: *mut u64, now: u64) {
+    // SAFETY: as in `add`.
+    let mut seen = unsafe { core::ptr::read_volatile(peak) };
+    for _ in 0..4 {
+        if now <= seen {
+            return;
+        }
+        // SAFETY: as in `add`.
+        let (was, done) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                peak, seen, now,
+            )
+        };
+        if done {
+            return;
+        }
+        seen = was;
+    }
+}
+
+#[inline(always)]
+fn count(stat: u32) {
+    if let Some(slot) = LEDGER_STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot: no other writer while this program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// `size` bytes of process `tgid` became live (`grew`) or stopped being live: the heap's live
+/// bytes, its peak and the process's share follow.
+#[inline(always)]
+fn count_live(tgid: u32, size: u64, grew: bool) {
+    let n = if grew { size } else { size.wrapping_neg() };
+    match PROCESS_HEAP.get_ptr_mut(tgid) {
+        Some(share) => {
+            add(share, n);
+        }
+        None if grew => {
+            let _ = PROCESS_HEAP.insert(tgid, size, 0);
+        }
+        None => {}
+    }
+    let Some(heap) = HEAP_LIVE.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the map's one value, valid while this program runs.
+    let (live, peak) = unsafe { (&raw mut (*heap).live, &raw mut (*heap).peak) };
+    if !grew {
+        add(live, n);
+        return;
+    }
+    match add_fetch(live, n) {
+        Some(now) => raise(peak, now),
+        // Contended: the live figure read now, at most the other CPUs' blocks away.
+        // SAFETY: as above.
+        None => raise(peak, unsafe { core::ptr::read_volatile(live) }),
+    }
+}
+
+/// An exec replaced process `tgid`'s image: its heap went with the old address space.
+#[inline(always)]
+pub fn forget_image(tgid: u32) {
+    let Some(share) = PROCESS_HEAP.get_ptr_mut(tgid) else {
+        return;
+    };
+    // SAFETY: a map value, valid while this program runs; other threads of the process are
+    // gone by the time its exec completes.
+    let bytes = unsafe { core::ptr::replace(share, 0) };
+    if let Some(heap) = HEAP_LIVE.get_ptr_mut(0) {
+        // SAFETY: the map's one value, valid while this program runs.
+        add(unsafe { &raw mut (*heap).live }, bytes.wrapping_neg());
+    }
+}
+
+/// Counts `block` as freed in its stack's totals (none once user space retired the stack).
+#[inline(always)]
+fn count_freed(block: &HeldBlock) {
+    let Some(totals) = STACK_TOTALS.get_ptr_mut(block.stack_key) else {
+        return;
+    };
+    // SAFETY: a map value, valid while this program runs.
+    unsafe {
+        add(&raw mut (*totals).freed_bytes, block.size);
+        add(&raw mut (*totals).freed_count, 1);
+    }
+}
+
+/// Who counted a block that was released.
+#[derive(Copy, Clone, PartialEq, Eq)]
+pub enum Released {
+    /// The kernel did, and now counted it freed.
+    Kernel,
+    /// User space does: its release goes there.
+    User,
+    /// Nobody: made before the ledger knew the process (or its image), or not held.
+    Unknown,
+}
+
+/// A block `tgid` releases: it leaves the live bytes it was counted in.
+#[inline(always)]
+fn end_block(tgid: u32, block: &HeldBlock) -> Released {
+    if block.generation != generation(tgid) {
+        // The old image's block, gone with it at the exec.
+        return Released::Unknown;
+    }
+    count_live(tgid, block.size, false);
+    if block.in_user != 0 {
+        return Released::User;
+    }
+    count_freed(block);
+    Released::Kernel
+}
+
+/// A release of the block at `addr` by `tgid` (free, realloc's old block).
+#[inline(always)]
+pub fn release(tgid: u32, addr: u64) -> Released {
+    let key = BlockKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    // SAFETY: a lookup of a plain value.
+    let Some(block) = (unsafe { HELD_BLOCKS.get(&key) }).copied() else {
+        return Released::Unknown;
+    };
+    let _ = HELD_BLOCKS.remove(&key);
+    end_block(tgid, &block)
+}
+
+/// What `hold` did with a block.
+#[derive(Copy, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// Held and counted here: nothing to emit.
+    Yes,
+    /// Known here, counted by user space: its stack is new there. The block goes through the
+    /// ring with its stack.
+    NewStack,
+    /// The kernel had no room: the block goes through the ring (counted).
+    Full,
+}
+
+/// A successful allocation of `size` bytes at `addr` by `tgid` (image `generation`), at the
+/// stack with `key`.
+#[inline(always)]
+pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held {
+    let totals = STACK_TOTALS.get_ptr_mut(key);
+    let block_key = BlockKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    let block = HeldBlock {
+        size,
+        stack_key: key,
+        generation,
+        in_user: u32::from(totals.is_none()),
+    };
+    if let Err(e) = HELD_BLOCKS.insert(&block_key, &block, u64::from(BPF_NOEXIST)) {
+        if e != -EEXIST {
+            count(ledger_stat::BLOCKS_FULL);
+            return Held::Full;
+        }
+        // A block still live at this address: its free was not seen (the user-space ledger
+        // counts its own blocks' alike), or it belonged to an exec'd image.
+        // SAFETY: a lookup of a plain value.
+        if let Some(old) = unsafe { HELD_BLOCKS.get(&block_key) }.copied()
+            && end_block(tgid, &old) == Released::Kernel
+        {
+            diag::lost(drop_cause::MISSED_FREE, "held heap block");
+        }
+        if HELD_BLOCKS.insert(&block_key, &block, 0).is_err() {
+            count(ledger_stat::BLOCKS_FULL);
+            return Held::Full;
+        }
+    }
+    count_live(tgid, size, true);
+    let Some(totals) = totals else {
+        return Held::NewStack;
+    };
+    // SAFETY: a map value, valid while this program runs.
+    unsafe {
+        add(&raw mut (*totals).allocated_bytes, size);
+        add(&raw mut (*totals).allocated_count, 1);
+    }
+    Held::Yes
+}
+
+/// Registers the stack with `key` after its first block went to user space: later blocks at
+/// it are counted here. A full table leaves it unregistered (its blocks keep going through the
+/// ring), counted.
+#[inline(always)]
+pub fn register(key: u64) {
+    let zero = StackTotals {
+        allocated_bytes: 0,
+        allocated_count: 0,
+        freed_bytes: 0,
+        freed_count: 0,
+    };
+    match STACK_TOTALS.insert(key, &zero, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {}
+        Err(_) => count(ledger_stat::STACKS_FULL),
+    }
+}
