@@ -385,6 +385,9 @@ pub mod heap_ledger {
     pub struct HeapLive {
         pub live: u64,
         pub peak: u64,
+        /// 1 once a block found `HELD_BLOCKS` full (user space then holds blocks the kernel
+        /// does not know: frees it does not know must reach user space).
+        pub full: u64,
     }
 
     /// What the kernel counted for one stack since user space registered it; only ever grows,
@@ -426,13 +429,34 @@ pub mod heap_ledger {
     pub const STACKS: u32 = 1 << 17;
 }
 
-/// What the kernel's heap ledger could not hold. Index into the per-CPU `LEDGER_STATS` array.
+/// Duty-cycled heap: which of the heap probes' windows are open (`HEAP_WINDOW`, 1: open),
+/// set by user space. The probes stay attached a little longer than their window (detaching
+/// takes the kernel tens of milliseconds each); the flags make the window's edges exact.
+pub mod heap_window {
+    /// The allocation probes record.
+    pub const ALLOC: u32 = 0;
+    /// The free probe records.
+    pub const FREE: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// The heap probes' own counters. Index into the per-CPU `LEDGER_STATS` array.
 pub mod ledger_stat {
     /// Blocks that went through the ring because `HELD_BLOCKS` was full.
     pub const BLOCKS_FULL: u32 = 0;
     /// Blocks that went through the ring because `STACK_TOTALS` was full.
     pub const STACKS_FULL: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Duty-cycled heap: blocks found freed while the probes were off (their address was
+    /// allocated again in a later window).
+    pub const FREED_UNSEEN: u32 = 2;
+    /// Heap calls of traced processes the probes saw (allocations and frees): the call rate
+    /// that prices heap tracing.
+    pub const HEAP_CALLS: u32 = 3;
+    /// Frees of blocks the kernel's heap ledger never knew (allocated before it knew the
+    /// process, or between a duty-cycled heap's windows), counted there and not sent: while it
+    /// never was full, user space does not know them either.
+    pub const UNMATCHED_FREES: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Names of the eBPF object's load-time globals (`u32` statics that user space sets at load).
@@ -459,6 +483,9 @@ pub mod global {
     pub const HEAP_SAMPLE_MEAN: &str = "HEAP_SAMPLE_MEAN";
     /// 1: heap blocks with known stacks are held and counted in the kernel (`heap_ledger`).
     pub const HEAP_KERNEL_LEDGER: &str = "HEAP_KERNEL_LEDGER";
+    /// 1: the heap probes are attached in windows (`--heap-budget`, `--heap-duty`): a block
+    /// live at an address allocated again was freed while they were off, not a lost event.
+    pub const HEAP_DUTY_CYCLED: &str = "HEAP_DUTY_CYCLED";
 }
 
 /// Byte-sampled heap tracing (`record --heap-sample MEAN`): an allocation of `size` bytes is
@@ -490,7 +517,7 @@ const _: () = assert!(size_of::<AllocEvent>() == 64);
 const _: () = assert!(size_of::<StackRecord<AllocEvent>>() == 64 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<heap_ledger::BlockKey>() == 16);
 const _: () = assert!(size_of::<heap_ledger::HeldBlock>() == 24);
-const _: () = assert!(size_of::<heap_ledger::HeapLive>() == 16);
+const _: () = assert!(size_of::<heap_ledger::HeapLive>() == 24);
 const _: () = assert!(size_of::<heap_ledger::StackTotals>() == 32);
 const _: () = assert!(size_of::<StackRecord<MapEvent>>() == 72 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<FaultEvent>>() == 24 + 8 * STACK_AREA_WORDS);

@@ -7,13 +7,16 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{heap_ledger::BlockKey, heap_sample};
+use tracer_common::{heap_ledger::BlockKey, heap_sample, heap_window, ledger_stat};
 
 use crate::{
     alloc::{emit_free, finish_call, mul_saturating},
     heap_ledger::{self, Released},
     inflight::{CallKind, Entry, attach_cookie, enter, holds, my_slot},
-    maps::{HEAP_SAMPLE_MEAN, HEAP_SYSTEMWIDE, INFLIGHT, SAMPLE_EXP, SAMPLED, TARGETS, global},
+    maps::{
+        HEAP_DUTY_CYCLED, HEAP_SAMPLE_MEAN, HEAP_SYSTEMWIDE, HEAP_WINDOW, INFLIGHT, SAMPLE_EXP,
+        SAMPLED, TARGETS, global,
+    },
 };
 
 /// `--heap-sample`: whether to record an allocation of `size` bytes, and its probability `p`
@@ -100,13 +103,21 @@ fn untraced_caller() -> bool {
             .is_none()
 }
 
+/// Duty-cycled heap: whether the `which` window (`heap_window`) is closed; the probes then
+/// record nothing until they are detached.
+#[inline(always)]
+fn window_closed(which: u32) -> bool {
+    global(&HEAP_DUTY_CYCLED) != 0 && HEAP_WINDOW.get(which).is_none_or(|open| *open == 0)
+}
+
 /// A heap call of `size` bytes, as its entry saves it. (Its return finds no saved call for an
 /// untraced caller, and emits nothing.)
 #[inline(always)]
 fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u32 {
-    if untraced_caller() {
+    if untraced_caller() || window_closed(heap_window::ALLOC) {
         return 0;
     }
+    heap_ledger::count(ledger_stat::HEAP_CALLS);
     let Some(p) = sample(size) else {
         // Not recorded. A realloc still releases its old block: if that one was recorded,
         // its release is (the realloc may grow it in place, with no free inside).
@@ -187,9 +198,10 @@ pub fn heap_return(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn heap_free(ctx: ProbeContext) -> u32 {
     let addr: u64 = ctx.arg(0).unwrap_or(0);
-    if addr == 0 || untraced_caller() {
+    if addr == 0 || untraced_caller() || window_closed(heap_window::FREE) {
         return 0;
     }
+    heap_ledger::count(ledger_stat::HEAP_CALLS);
     let Some((slot, key)) = my_slot(&INFLIGHT) else {
         return 0;
     };
@@ -201,8 +213,16 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
         return 0; // a block that was not recorded
     }
     let tgid = (key >> 32) as u32;
-    if heap_ledger::enabled() && heap_ledger::release(tgid, addr) == Released::Kernel {
-        return 0; // counted in the kernel's ledger
+    if heap_ledger::enabled() {
+        match heap_ledger::release(tgid, addr) {
+            Released::Kernel => return 0, // counted in the kernel's ledger
+            Released::Unknown if !heap_ledger::ever_full() => {
+                // Nobody knows this block: an unmatched free, counted here.
+                heap_ledger::count(ledger_stat::UNMATCHED_FREES);
+                return 0;
+            }
+            _ => {}
+        }
     }
     emit_free(tgid, addr)
 }

@@ -25,8 +25,8 @@ use tracer_common::{
 use crate::{
     diag,
     maps::{
-        HEAP_KERNEL_LEDGER, HEAP_LIVE, HELD_BLOCKS, LEDGER_STATS, PROCESS_HEAP, STACK_TOTALS,
-        TARGETS, global,
+        HEAP_DUTY_CYCLED, HEAP_KERNEL_LEDGER, HEAP_LIVE, HELD_BLOCKS, LEDGER_STATS, PROCESS_HEAP,
+        STACK_TOTALS, TARGETS, global,
     },
 };
 
@@ -125,8 +125,9 @@ fn raise(peak: *mut u64, now: u64) {
     }
 }
 
+/// Counts one more of `stat` (a `ledger_stat`).
 #[inline(always)]
-fn count(stat: u32) {
+pub fn count(stat: u32) {
     if let Some(slot) = LEDGER_STATS.get_ptr_mut(stat) {
         // SAFETY: per-CPU slot: no other writer while this program runs.
         unsafe { *slot += 1 };
@@ -264,8 +265,7 @@ pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held 
     };
     if let Err(e) = HELD_BLOCKS.insert(&block_key, &block, u64::from(BPF_NOEXIST)) {
         if e != -EEXIST {
-            count(ledger_stat::BLOCKS_FULL);
-            return Held::Full;
+            return full();
         }
         // A block still live at this address: its free was not seen (the user-space ledger
         // counts its own blocks' alike), or it belonged to an exec'd image.
@@ -273,11 +273,14 @@ pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held 
         if let Some(old) = unsafe { HELD_BLOCKS.get(&block_key) }.copied()
             && end_block(tgid, &old) == Released::Kernel
         {
-            diag::lost(drop_cause::MISSED_FREE, "held heap block");
+            if global(&HEAP_DUTY_CYCLED) != 0 {
+                count(ledger_stat::FREED_UNSEEN);
+            } else {
+                diag::lost(drop_cause::MISSED_FREE, "held heap block");
+            }
         }
         if HELD_BLOCKS.insert(&block_key, &block, 0).is_err() {
-            count(ledger_stat::BLOCKS_FULL);
-            return Held::Full;
+            return full();
         }
     }
     count_live(tgid, size, true);
@@ -290,6 +293,27 @@ pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held 
         add(&raw mut (*totals).allocated_count, 1);
     }
     Held::Yes
+}
+
+/// `HELD_BLOCKS` had no room for a block: it goes to user space, which from now on holds
+/// blocks the kernel does not know (`ever_full`).
+#[inline(always)]
+fn full() -> Held {
+    count(ledger_stat::BLOCKS_FULL);
+    if let Some(heap) = HEAP_LIVE.get_ptr_mut(0) {
+        // SAFETY: the map's one value, valid while this program runs; any CPU writes only 1.
+        unsafe { core::ptr::write_volatile(&raw mut (*heap).full, 1) };
+    }
+    Held::Full
+}
+
+/// Whether `HELD_BLOCKS` was ever full: user space may then hold blocks the kernel never knew.
+#[inline(always)]
+pub fn ever_full() -> bool {
+    // SAFETY: the map's one value, valid while this program runs.
+    HEAP_LIVE
+        .get_ptr(0)
+        .is_none_or(|heap| unsafe { core::ptr::read_volatile(&raw const (*heap).full) } != 0)
 }
 
 /// Registers the stack with `key` after its first block went to user space: later blocks at

@@ -10,7 +10,7 @@ use tracer_common::{
     AllocEvent, CudaCallEvent, CudaCallSlot, FaultEvent, INFLIGHT_SLOTS, InflightCall, MapEvent,
     StackRecord, SyscallArgs, TorchEvent, drop_cause, heap_ledger,
     heap_ledger::{BlockKey, HeapLive, HeldBlock, StackTotals},
-    heap_sample, ledger_stat,
+    heap_sample, heap_window, ledger_stat,
     python::PythonOffsets,
     stack_stat,
 };
@@ -130,7 +130,12 @@ pub static HEAP_LIVE: Array<HeapLive> = Array::with_max_entries(1, 0);
 #[map]
 pub static PROCESS_HEAP: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
 
-/// What the kernel's heap ledger could not hold, by `ledger_stat`.
+/// Duty-cycled heap: whether the allocation and free probes' windows are open, by
+/// `heap_window` (user space writes it).
+#[map]
+pub static HEAP_WINDOW: Array<u32> = Array::with_max_entries(heap_window::COUNT, 0);
+
+/// The heap probes' counters, by `ledger_stat`.
 #[map]
 pub static LEDGER_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ledger_stat::COUNT, 0);
 
@@ -182,6 +187,11 @@ pub static HEAP_SYSTEMWIDE: u32 = 0;
 /// (`heap_ledger.rs`): exact heap tracing with frame-pointer heap stacks.
 #[unsafe(no_mangle)]
 pub static HEAP_KERNEL_LEDGER: u32 = 0;
+
+/// 1: the heap probes are attached in windows (duty-cycled heap): a held block found live at an
+/// address allocated again was freed while the probes were off.
+#[unsafe(no_mangle)]
+pub static HEAP_DUTY_CYCLED: u32 = 0;
 
 /// The value user space gave a global at load.
 #[inline(always)]

@@ -12,7 +12,7 @@ use alloctrace::{
     escape, hooks, output,
     probes::{ProbeConfig, StackMode},
     recording::{Reader, SeriesRead},
-    session::{self, RecordOptions, TargetSpec},
+    session::{self, RecordOptions, TargetSpec, heap_duty::DutyOptions},
     views::{flamegraph, names, report},
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -122,6 +122,26 @@ struct RecordArgs {
     /// more are always recorded.
     #[arg(long, value_name = "BYTES", requires = "heap", value_parser = clap::value_parser!(u32).range(1..))]
     heap_sample: Option<u32>,
+    /// With --heap: attach the heap probes in windows, for a process whose malloc rate makes
+    /// exact tracing too slow, and choose how often from the heap calls and CPU time a window
+    /// measures so that the expected slowdown stays within PCT percent. Blocks allocated in a
+    /// window and still live after its grace period are the leak candidates; the report gives
+    /// each stack's leak rate.
+    #[arg(long, value_name = "PCT", requires = "heap", conflicts_with_all = ["heap_sample", "heap_duty"],
+          value_parser = parse_percent)]
+    heap_budget: Option<f64>,
+    /// With --heap: attach the heap probes in windows, on PCT percent of the time (a fixed
+    /// --heap-budget).
+    #[arg(long, value_name = "PCT", requires = "heap", conflicts_with = "heap_sample",
+          value_parser = parse_percent)]
+    heap_duty: Option<f64>,
+    /// Duty-cycled heap: how long a window's allocation probes stay attached.
+    #[arg(long, value_name = "SECONDS", default_value = "0.25", value_parser = parse_seconds)]
+    heap_window: Duration,
+    /// Duty-cycled heap: how long the free probes stay attached after a window: blocks freed
+    /// within it (a request's own buffers) are not leak candidates.
+    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
+    heap_grace: Duration,
     /// With --heap (exact, frame-pointer heap stacks): live heap blocks the kernel holds at
     /// most. The first block of each stack goes to user space with its stack; later ones stay
     /// in the kernel, counted per stack, so that no call rate loses events. Past this many, blocks
@@ -221,6 +241,20 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
 }
 
+/// A percentage above 0 and at most 100, as a fraction.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let pct: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a percentage"))?;
+    if !(pct > 0.0 && pct <= 100.0) {
+        return Err(format!(
+            "`{s}`: the percentage must be above 0 and at most 100"
+        ));
+    }
+    Ok(pct / 100.0)
+}
+
 fn parse_ring_mib(s: &str) -> Result<u32, String> {
     let mib: u32 = s
         .parse()
@@ -274,6 +308,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
         StackArg::Dwarf => StackMode::Dwarf,
     };
     let (stack_copy_heap, stack_copy_other) = mode.copy_sizes(args.stack_copy << 10);
+    let heap_duty = heap_duty_options(&args);
     let target = match args.pid {
         Some(pid) => TargetSpec::Pid(pid),
         None => TargetSpec::Command(args.command),
@@ -302,6 +337,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             // Blocks are held in the kernel by stack key: the frame-pointer walk gives one per
             // call site, a stack copy does not (it is unwound in user space); sampled heaps are
             // a fraction of the calls already.
+            heap_duty_cycled: args.heap_budget.is_some() || args.heap_duty.is_some(),
             heap_ledger_blocks: if args.heap
                 && args.heap_sample.is_none()
                 && stack_copy_heap == 0
@@ -313,9 +349,26 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             },
         },
         heap: args.heap,
+        heap_duty,
         torch_allocator: !args.no_torch_allocator,
         poll_interval: Duration::from_millis(10),
     }
+}
+
+/// A duty-cycled heap's windows, if asked for: with a budget, the first window measures at
+/// a duty of the budget itself, until it knows what the probes cost.
+fn heap_duty_options(args: &RecordArgs) -> Option<DutyOptions> {
+    let (budget, duty) = match (args.heap_budget, args.heap_duty) {
+        (Some(budget), _) => (Some(budget), budget),
+        (None, Some(duty)) => (None, duty),
+        (None, None) => return None,
+    };
+    Some(DutyOptions {
+        budget,
+        duty,
+        window: args.heap_window,
+        grace: args.heap_grace,
+    })
 }
 
 /// Records; returns the exit status (a launched command's own, when it ended by itself).

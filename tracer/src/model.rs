@@ -227,7 +227,7 @@ pub struct LedgerState {
 pub type AmountsByStack = BTreeMap<(u32, Option<StackIndex>), u64>;
 
 /// How the recording's stacks were taken (`record --stack`), and how that went.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StackCapture {
     /// `auto`, `fp` or `dwarf`.
     pub mode: String,
@@ -252,6 +252,38 @@ pub struct StackCapture {
     /// full (still counted exactly, at the cost of a ring record each).
     #[serde(default)]
     pub kernel_heap_full: u64,
+    /// Duty-cycled heap (`--heap-budget`, `--heap-duty`): how the windows went; None when the
+    /// heap probes were on for the whole recording.
+    #[serde(default)]
+    pub heap_duty: Option<HeapDuty>,
+}
+
+/// A duty-cycled heap: the allocation probes are attached for a window, the free probes for
+/// the window and a grace period, then both detached until the next window. The heap's figures
+/// are those of the blocks allocated inside windows; `live` are those that outlived their window
+/// and grace: the long-lived candidates, whose steady growth across windows is a leak.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeapDuty {
+    /// `--heap-budget`, percent of the traced processes' time; None with a fixed `--heap-duty`.
+    pub budget_percent: Option<f64>,
+    /// Share of the time the allocation probes were meant to be on (the last one chosen).
+    pub duty: f64,
+    /// Seconds a window was meant to last, and of grace after it.
+    pub window_s: f64,
+    pub grace_s: f64,
+    /// Windows opened.
+    pub windows: u64,
+    /// Seconds the allocation probes were on, all windows together (attaching and detaching
+    /// included): what a stack's leak rate is estimated over.
+    pub on_s: f64,
+    /// Heap calls per second of the traced processes while the probes were on (last window).
+    pub calls_per_s: f64,
+    /// Share of the traced processes' CPU time the probes took while on (last window; from the
+    /// calls and the cost per call, docs/performance.md).
+    pub probe_share: f64,
+    /// Blocks found freed while the probes were off (their address was allocated again in a
+    /// later window): no longer live, not lost.
+    pub freed_unseen: u64,
 }
 
 /// Non-allocating CUDA calls by (pid, function, stack).

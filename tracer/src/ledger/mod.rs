@@ -140,6 +140,11 @@ pub struct Ledger {
     failures: HashMap<FailureKey, u64>,
     unmatched_frees: u64,
     missed_frees: u64,
+    /// Duty-cycled heap: frees happen while the probes are off, so a live address allocated
+    /// again is a block freed unseen (`freed_unseen`), not a lost event.
+    duty_cycled: bool,
+    freed_unseen: u64,
+    kernel_unmatched_frees: u64,
     faults: BTreeMap<(u32, Option<StackIndex>), u64>,
     released: BTreeMap<(u32, Option<StackIndex>), u64>,
     cuda_calls: CudaCalls,
@@ -158,6 +163,9 @@ impl Default for Ledger {
             failures: HashMap::new(),
             unmatched_frees: 0,
             missed_frees: 0,
+            duty_cycled: false,
+            freed_unseen: 0,
+            kernel_unmatched_frees: 0,
             faults: BTreeMap::new(),
             released: BTreeMap::new(),
             cuda_calls: BTreeMap::new(),
@@ -298,10 +306,35 @@ impl Ledger {
     pub fn alloc(&mut self, pid: u32, addr: u64, size: u64, at: CellRef) {
         let cell = self.credit(at, size, true);
         if let Some(old) = self.live.insert(pid, addr, LiveBlock { size, cell }) {
-            // The free of the block that lived here was lost (dropped event).
-            self.missed_frees += 1;
+            // The free of the block that lived here was lost (dropped event), or made while a
+            // duty-cycled heap's probes were off.
+            if self.duty_cycled {
+                self.freed_unseen += 1;
+            } else {
+                self.missed_frees += 1;
+            }
             self.debit(old.cell, old.size, true);
         }
+    }
+
+    /// The heap probes are attached in windows: frees are seen only inside them.
+    pub fn set_duty_cycled(&mut self) {
+        self.duty_cycled = true;
+    }
+
+    /// Whether the heap probes are attached in windows.
+    pub fn duty_cycled(&self) -> bool {
+        self.duty_cycled
+    }
+
+    /// Unmatched frees the kernel's heap ledger counted itself (a running total).
+    pub fn set_kernel_unmatched_frees(&mut self, frees: u64) {
+        self.kernel_unmatched_frees = frees;
+    }
+
+    /// Duty-cycled heap: blocks found freed while the probes were off.
+    pub fn freed_unseen(&self) -> u64 {
+        self.freed_unseen
     }
 
     /// The process replaced its image (exec): its blocks are gone with the old address space.
@@ -409,7 +442,7 @@ impl Ledger {
             totals: self.totals.clone(),
             cells: self.cells.iter().cloned().collect(),
             failures: self.failures.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            unmatched_frees: self.unmatched_frees,
+            unmatched_frees: self.unmatched_frees + self.kernel_unmatched_frees,
             faults: self.faults.clone(),
             released: self.released.clone(),
             cuda_calls: self.cuda_calls.clone(),

@@ -15,9 +15,9 @@ use aya::{
     },
 };
 use tracer_common::{
-    Cookie, drop_cause, global,
+    Cookie, HeapFn, drop_cause, global,
     heap_ledger::{HeapLive, StackTotals},
-    ledger_stat, stack_stat,
+    heap_window, ledger_stat, stack_stat,
 };
 
 use self::{
@@ -66,11 +66,14 @@ pub struct ProbeConfig {
     /// Live heap blocks the kernel's heap ledger holds at most; 0: no kernel ledger (heap
     /// stacks copied for DWARF unwinding, sampling, or asked so), every block to user space.
     pub heap_ledger_blocks: u32,
+    /// Heap probes attached in windows (`open_heap_window`, `close_heap`), not for the whole
+    /// recording.
+    pub heap_duty_cycled: bool,
 }
 
 impl ProbeConfig {
     /// The object's load-time globals (`tracer_common::global`) for this configuration.
-    fn globals(&self) -> [(&'static str, u32); 10] {
+    fn globals(&self) -> [(&'static str, u32); 11] {
         [
             (global::FOLLOW_CHILDREN, u32::from(self.follow_children)),
             (global::FAULT_SAMPLE, self.fault_sample),
@@ -85,6 +88,7 @@ impl ProbeConfig {
                 global::HEAP_KERNEL_LEDGER,
                 u32::from(self.heap_ledger_blocks > 0),
             ),
+            (global::HEAP_DUTY_CYCLED, u32::from(self.heap_duty_cycled)),
         ]
     }
 
@@ -139,6 +143,7 @@ impl Default for ProbeConfig {
             heap_systemwide: false,
             heap_sample_mean: 0,
             heap_ledger_blocks: 0,
+            heap_duty_cycled: false,
         }
     }
 }
@@ -294,9 +299,54 @@ pub struct Probes {
     mappings_attached: bool,
     /// Names of the attached functions (`malloc`, `memalign/aligned_alloc`, ...).
     pub attached: Vec<String>,
-    /// Every attachment, by program, for `detach_all`.
+    /// Every attachment, by program, for `detach_all` (the heap's apart: duty-cycled windows
+    /// detach them by role).
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
+    heap_links: Vec<HeapLink>,
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
+    /// Duty-cycled heap: where the heap probes go each time a window opens, and which of them
+    /// are attached now.
+    heap_sites: Vec<(AllocatorObject, UProbeScope)>,
+    heap_attached: HeapRoles,
+    /// Threads detaching a closed window's probes.
+    heap_detaching: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// What a heap attachment does in a duty-cycled window: allocation probes are on for the
+/// window, free probes for the window and its grace period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeapRole {
+    Alloc,
+    Free,
+}
+
+/// Which heap roles are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapRoles {
+    pub alloc: bool,
+    pub free: bool,
+}
+
+impl HeapRoles {
+    const BOTH: HeapRoles = HeapRoles {
+        alloc: true,
+        free: true,
+    };
+
+    fn has(self, role: HeapRole) -> bool {
+        match role {
+            HeapRole::Alloc => self.alloc,
+            HeapRole::Free => self.free,
+        }
+    }
+}
+
+/// A heap attachment.
+struct HeapLink {
+    program: &'static str,
+    id: UProbeLinkId,
+    role: HeapRole,
+    is_return: bool,
 }
 
 /// An attachment taken out of its program, to be closed on any thread.
@@ -395,7 +445,11 @@ impl Probes {
             mappings_attached: false,
             attached: Vec::new(),
             uprobe_links: Vec::new(),
+            heap_links: Vec::new(),
             tracepoint_links: Vec::new(),
+            heap_sites: Vec::new(),
+            heap_attached: HeapRoles::default(),
+            heap_detaching: Vec::new(),
         })
     }
 
@@ -471,6 +525,22 @@ impl Probes {
         object: &AllocatorObject,
         scope: UProbeScope,
     ) -> Result<(), ProbeError> {
+        self.attached = object.points.iter().map(|p| p.name()).collect();
+        if !self.config.heap_duty_cycled {
+            return self.attach_heap_roles(object, scope, HeapRoles::BOTH);
+        }
+        // Duty-cycled: attached with the next window, or now if one is open.
+        self.heap_sites.push((object.clone(), scope));
+        self.attach_heap_roles(object, scope, self.heap_attached)
+    }
+
+    /// Attaches the points of `object` whose role is in `roles`, in `attach_sequence` order.
+    fn attach_heap_roles(
+        &mut self,
+        object: &AllocatorObject,
+        scope: UProbeScope,
+        roles: HeapRoles,
+    ) -> Result<(), ProbeError> {
         let floor = self.config.floor;
         let sequence = attach_sequence(
             &object.points,
@@ -480,6 +550,14 @@ impl Probes {
         for (is_return, at) in sequence {
             let point = &object.points[at];
             let hook = point.hook();
+            let role = if hook.func == HeapFn::Free {
+                HeapRole::Free
+            } else {
+                HeapRole::Alloc
+            };
+            if !roles.has(role) {
+                continue;
+            }
             let (program, offset) = match (is_return, floor) {
                 (true, true) => (FLOOR_RETURN_PROGRAM, point.function_offset),
                 (true, false) => (
@@ -494,14 +572,92 @@ impl Probes {
                 cookie: Some(u64::from(Cookie::Heap(hook.func).encode())),
             };
             let path = object.open_path.clone();
-            let link = self
+            let id = self
                 .program(program)?
                 .attach(attach_point, &path, scope)
                 .map_err(|e| uprobe_err(&e, &point.name(), &object.target_path))?;
-            self.uprobe_links.push((program, link));
+            self.heap_links.push(HeapLink {
+                program,
+                id,
+                role,
+                is_return,
+            });
         }
-        self.attached = object.points.iter().map(|p| p.name()).collect();
         Ok(())
+    }
+
+    /// Duty-cycled heap: opens a window (attaches the allocation probes, and the free probes
+    /// unless their grace period kept them). A site whose process is gone is dropped; the
+    /// others' failures are returned after all were tried.
+    pub fn open_heap_window(&mut self) -> Result<(), ProbeError> {
+        let missing = HeapRoles {
+            alloc: !self.heap_attached.alloc,
+            free: !self.heap_attached.free,
+        };
+        self.heap_attached = HeapRoles::BOTH;
+        let mut first_error = None;
+        for (object, scope) in std::mem::take(&mut self.heap_sites) {
+            // Its file is reached through the process that mapped it (`/proc/PID/root/...`):
+            // gone with it.
+            let gone = !object.open_path.exists()
+                || matches!(scope, UProbeScope::OneProcess(pid) if !crate::proc::exists(pid.get()));
+            if gone {
+                continue;
+            }
+            if let Err(e) = self.attach_heap_roles(&object, scope, missing) {
+                first_error.get_or_insert(e);
+            }
+            self.heap_sites.push((object, scope));
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Duty-cycled heap: opens or closes the `role` window's edge in the kernel (the probes
+    /// record from the moment it opens to the moment it closes, whatever attaching and
+    /// detaching them takes).
+    pub fn set_heap_window(&mut self, role: HeapRole, open: bool) -> Result<(), ProbeError> {
+        let load_err = |e: &dyn std::error::Error| ProbeError::Load(e.to_string());
+        let map = (self.ebpf.map_mut("HEAP_WINDOW"))
+            .ok_or_else(|| ProbeError::Load("HEAP_WINDOW map missing".into()))?;
+        let mut windows: Array<&mut MapData, u32> =
+            Array::try_from(map).map_err(|e| load_err(&e))?;
+        let which = match role {
+            HeapRole::Alloc => heap_window::ALLOC,
+            HeapRole::Free => heap_window::FREE,
+        };
+        windows
+            .set(which, u32::from(open), 0)
+            .map_err(|e| load_err(&e))
+    }
+
+    /// Duty-cycled heap: detaches the probes of `role` — for allocations, entries before returns,
+    /// so that a call in flight still finds its return probe.
+    pub fn close_heap(&mut self, role: HeapRole) {
+        for returns in [false, true] {
+            let (closing, kept): (Vec<HeapLink>, Vec<HeapLink>) =
+                std::mem::take(&mut self.heap_links)
+                    .into_iter()
+                    .partition(|l| l.role == role && l.is_return == returns);
+            self.heap_links = kept;
+            let links: Vec<UProbeLink> = closing
+                .into_iter()
+                .filter_map(|l| self.program(l.program).ok()?.take_link(l.id).ok())
+                .collect();
+            // The kernel takes tens of milliseconds per detach (docs/performance.md): on a
+            // thread of their own, so that the recorder goes on draining meanwhile. The window's
+            // edge in the kernel already closed; the probes record nothing more.
+            match std::thread::Builder::new()
+                .name("heap-detach".into())
+                .spawn(move || close_in_parallel(links))
+            {
+                Ok(handle) => self.heap_detaching.push(handle),
+                Err(e) => log::debug!("detaching on the recorder's thread: {e}"),
+            }
+        }
+        match role {
+            HeapRole::Alloc => self.heap_attached.alloc = false,
+            HeapRole::Free => self.heap_attached.free = false,
+        }
     }
 
     /// Traces the memory syscalls (mmap, munmap, mprotect, mremap, brk) of process `pid` with
@@ -556,7 +712,14 @@ impl Probes {
     /// `DETACH_THREADS` threads at once, the waits overlap.
     pub fn detach_all(&mut self) {
         let mut links: Vec<Link> = Vec::new();
-        for (name, id) in std::mem::take(&mut self.uprobe_links) {
+        let heap = std::mem::take(&mut self.heap_links)
+            .into_iter()
+            .map(|l| (l.program, l.id));
+        let uprobes: Vec<_> = std::mem::take(&mut self.uprobe_links)
+            .into_iter()
+            .chain(heap)
+            .collect();
+        for (name, id) in uprobes {
             if let Ok(program) = self.program(name)
                 && let Ok(link) = program.take_link(id)
             {
@@ -571,6 +734,9 @@ impl Probes {
             }
         }
         close_in_parallel(links);
+        for handle in std::mem::take(&mut self.heap_detaching) {
+            let _ = handle.join();
+        }
     }
 
     pub fn take_ring(&mut self) -> RingBuf<MapData> {

@@ -58,7 +58,7 @@ pub fn find_allocator(pid: u32, maps: &[Mapping]) -> Result<AllocatorObject, Tar
 }
 
 /// The allocator object and its resolved attach points.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AllocatorObject {
     pub target_path: String,
     pub open_path: PathBuf,

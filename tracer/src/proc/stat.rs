@@ -22,6 +22,8 @@ pub struct Stat {
     pub start_brk: Option<u64>,
     /// Field 52: the wait status (`waitpid`'s encoding), meaningful once the process is a zombie.
     pub exit_code: Option<i32>,
+    /// Fields 14 and 15: CPU time in user and kernel mode of all its threads, in clock ticks.
+    pub cpu_ticks: Option<u64>,
 }
 
 impl Stat {
@@ -50,6 +52,10 @@ pub fn parse_stat(text: &str) -> Stat {
         start_time: field(22).and_then(|f| f.parse().ok()),
         start_brk: field(47).and_then(|f| f.parse().ok()),
         exit_code: field(52).and_then(|f| f.parse().ok()),
+        cpu_ticks: field(14)
+            .and_then(|f| f.parse::<u64>().ok())
+            .zip(field(15).and_then(|f| f.parse::<u64>().ok()))
+            .map(|(user, system)| user + system),
     }
 }
 
@@ -63,7 +69,7 @@ mod tests {
     use super::*;
 
     /// A stat line with `comm`, state, flags and start_brk; other fields are counters (field N
-    /// holds N: ppid 4, start time 22, exit code 52).
+    /// holds N: ppid 4, utime 14, stime 15, start time 22, exit code 52).
     fn line(comm: &str, state: &str, flags: u64, start_brk: u64) -> String {
         let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
         fields[0] = state.to_string();
@@ -84,6 +90,7 @@ mod tests {
                 start_time: Some(22),
                 start_brk: Some(0x5555_0000),
                 exit_code: Some(52),
+                cpu_ticks: Some(14 + 15),
             }
         );
         assert!(!stat.has_exited() && !stat.is_kernel_thread());
@@ -105,6 +112,7 @@ mod tests {
                 start_time: None,
                 start_brk: None,
                 exit_code: None,
+                cpu_ticks: None,
             }
         );
     }

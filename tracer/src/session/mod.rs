@@ -7,13 +7,14 @@
 //! `sink`, which applies them to the ledger layers one event kind at a time; `children` keeps the
 //! set of traced processes, `exits` how they ended (`oom`: whether by the OOM killer);
 //! `cuda_hooking`, `python_detection`, `gpu_sampling` and `rss_sampling` are what the loop does
-//! besides.
+//! besides; `heap_duty` opens and closes a duty-cycled heap's windows.
 
 mod batch;
 mod children;
 mod cuda_hooking;
 mod exits;
 mod gpu_sampling;
+pub mod heap_duty;
 mod launch;
 mod lock;
 mod oom;

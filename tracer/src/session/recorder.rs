@@ -28,6 +28,7 @@ use crate::{
         cuda_hooking::{CudaHooked, hook_cuda},
         exits::Exits,
         gpu_sampling::sample_gpu,
+        heap_duty::DutyCycle,
         launch::{HeldExit, LaunchedCommand},
         lock::TargetLock,
         python_detection::detect_python,
@@ -184,6 +185,8 @@ pub struct Recorder {
     pub(super) writer: Writer,
     pub(super) gpu: Option<Box<dyn GpuMemorySource>>,
     pub(super) processes: ProcessSet,
+    /// A duty-cycled heap's windows.
+    pub(super) duty: Option<DutyCycle>,
     pub(super) started: Instant,
     /// Whether to show the event rate on stderr (a terminal), and the event count last shown.
     pub(super) progress: bool,
@@ -321,6 +324,9 @@ impl Recorder {
         let allocator = self.allocator.as_ref();
         self.processes
             .attach_after_exec(allocator, &mut self.probes);
+        if let Some(duty) = self.duty.as_mut() {
+            duty.poll(&mut self.probes, &self.processes.live);
+        }
         // Right after an opaque driver call (context, module, graph), while what it
         // allocated for itself is new.
         let waiting = self.sink.cuda.hidden.waiting();
@@ -445,7 +451,8 @@ impl Recorder {
             .filter_map(|&p| sample_rss(p, t_s as u64, &self.sink.mappings))
             .collect();
         self.writer.add_rss_samples(&samples)?;
-        let [blocks_full, stacks_full] = self.probes.ledger_stats();
+        let [blocks_full, stacks_full, freed_unseen, _, unmatched] = self.probes.ledger_stats();
+        self.sink.ledger.set_kernel_unmatched_frees(unmatched);
         self.sink.sync_kernel_heap(blocks_full == 0);
         let new_stacks = self.sink.take_new_stacks();
         let [_, fp_under_pressure] = self.probes.stack_stats();
@@ -458,6 +465,10 @@ impl Recorder {
             heap_sample_bytes: self.heap_sample_bytes,
             kernel_heap_stacks: self.sink.kernel_heap.stacks() as u64,
             kernel_heap_full: blocks_full + stacks_full,
+            heap_duty: self.duty.as_mut().map(|duty| {
+                duty.set_freed_unseen(freed_unseen + self.sink.ledger.freed_unseen());
+                duty.figures()
+            }),
         })?;
         let series = self.sink.ledger.take_series(t_s as u64);
         let state = self.sink.ledger.state(&self.sink.lost(self.probes.drops()));

@@ -29,6 +29,7 @@ use crate::{
         children::ProcessSet,
         cuda_hooking::{CudaHooked, hook_cuda},
         exits::Exits,
+        heap_duty::DutyCycle,
         launch::{self, LaunchedCommand},
         lock::{TargetLock, lock_target},
         python_detection::detect_python,
@@ -195,6 +196,11 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
     if let Some(sample) = sample_rss(pid, 0, &sink.mappings) {
         writer.add_rss_samples(&[sample])?;
     }
+    // A duty-cycled heap's first window opens before the target is released.
+    let duty = (opts.heap_duty).map(|d| DutyCycle::start(d, &mut probes, &[pid]));
+    if duty.is_some() {
+        sink.ledger.set_duty_cycled();
+    }
     announce(pid, &target.command, allocator.as_ref(), &probes);
     if let Some(launched) = &target.launched {
         launched.release()?;
@@ -222,6 +228,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         writer,
         gpu,
         processes: ProcessSet::new(pid),
+        duty,
         started,
         progress: std::io::stderr().is_terminal(),
         last_events: 0,

@@ -313,7 +313,9 @@ impl EventSink {
             }
             map_op::MADVISE => ledger.released(pid, stack, mappings::page_up(a[1])),
             map_op::BRK => {
-                let at = map_cell(ev, Class::Heap, stack);
+                // A duty-cycled heap's allocator grows the break between windows too, where no
+                // probe marks it: the break is the allocator's, whose blocks the windows count.
+                let at = map_cell(ev, Class::Heap, stack).filter(|_| !ledger.duty_cycled());
                 self.mappings.brk(ledger, pid, ev.ret, at);
             }
             _ => self.undecodable += 1,

@@ -272,6 +272,7 @@ pub(crate) mod fixture {
                 heap_sample_bytes: 0,
                 kernel_heap_stacks: 0,
                 kernel_heap_full: 0,
+                heap_duty: None,
             }),
             stop_reason: Some("duration elapsed".into()),
             write_failure: None,

@@ -3,7 +3,7 @@
 
 use crate::common::{
     Cell, LEAKS, Session, Totals, all_freed, all_live, fixture, leaks_totals,
-    record_fixture_command, record_scenario, report_json, view,
+    record_fixture_command, record_scenario, report_json, report_value, view,
 };
 
 #[test]
@@ -317,4 +317,101 @@ fn a_full_kernel_ledger_sends_blocks_through_the_ring_and_stays_exact() {
         text.contains("it was full for"),
         "the report says so\n{text}"
     );
+}
+
+/// A duty-cycled heap (`--heap-duty`): the heap probes attached a fifth of the time, in
+/// windows of 0.2 s with 0.3 s of grace. A server leaking 512 bytes per request at 1000
+/// requests a second is found from the windows alone: every block remember_request made in a
+/// window survived it, and the survivors over the windows' time give its leak rate; the churn
+/// of each request leaves nothing; the program break the allocator grows between windows is
+/// not counted on top.
+#[test]
+fn a_duty_cycled_heap_finds_a_steady_leak_and_its_rate_and_leaves_churn() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--heap",
+        "--heap-duty",
+        "20",
+        "--heap-window",
+        "0.2",
+        "--heap-grace",
+        "0.3",
+    ];
+    let exe = fixture("heap_fixture");
+    let r = record_fixture_command(dir.path(), &exe, "requests", &args);
+    r.assert_no_lost_events();
+    let cells = |f: &str| -> (u64, u64, u64) {
+        let rows = r.stacks_of(f);
+        let sum = |get: fn(&crate::common::StackRow) -> u64| rows.iter().map(|s| get(s)).sum();
+        (
+            sum(|s| s.live_bytes),
+            sum(|s| s.live_count),
+            sum(|s| s.allocated_count),
+        )
+    };
+    let (leaked, survivors, made) = cells("remember_request");
+    assert!(survivors > 0, "{}", r.summary());
+    assert_eq!((leaked, survivors), (512 * made, made), "{}", r.summary());
+    let (churn_live, _, churn_made) = cells("request_churn");
+    assert_eq!(churn_live, 0, "{}", r.summary());
+    assert!(churn_made >= 20, "{}", r.summary());
+    // Nothing else in the heap class: the survivors are all of it.
+    let heap = r.totals.get("heap").copied().unwrap_or_default();
+    assert_eq!(heap.live_bytes, leaked, "{}", r.summary());
+    let json = report_value(&dir.path().join("requests.trace"));
+    let duty = &json["stack_capture"]["heap_duty"];
+    let (windows, on_s) = (
+        duty["windows"].as_u64().unwrap(),
+        duty["on_s"].as_f64().unwrap(),
+    );
+    assert!(windows >= 2, "{duty}");
+    // 512 bytes a request, 1000 requests a second: 512000 bytes a second.
+    let rate = leaked as f64 / on_s;
+    assert!(
+        (rate - 512_000.0).abs() <= 0.25 * 512_000.0,
+        "leak rate {rate:.0} B/s over {on_s:.2} s of windows\n{duty}"
+    );
+    let text = String::from_utf8_lossy(&view(&["report"], &dir.path().join("requests.trace")))
+        .into_owned();
+    let survivors_section = text
+        .split("Heap survivors (duty-cycled)")
+        .nth(1)
+        .unwrap_or_default();
+    let first = survivors_section.lines().nth(1).unwrap_or_default();
+    assert!(first.contains("remember_request"), "{text}");
+}
+
+/// `--heap-budget`: the first window measures the heap calls and the CPU time they cost; the
+/// duty chosen keeps the expected slowdown, `duty · share / (1 − share)`, at the budget. The
+/// leak is still found.
+#[test]
+fn a_heap_budget_chooses_the_duty_from_what_the_first_window_measured() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--heap", "--heap-budget", "5", "--heap-window", "0.2"];
+    let exe = fixture("heap_fixture");
+    let r = record_fixture_command(dir.path(), &exe, "requests", &args);
+    r.assert_no_lost_events();
+    let json = report_value(&dir.path().join("requests.trace"));
+    let duty = &json["stack_capture"]["heap_duty"];
+    let (chosen, share) = (
+        duty["duty"].as_f64().unwrap(),
+        duty["probe_share"].as_f64().unwrap(),
+    );
+    assert_eq!(duty["budget_percent"].as_f64(), Some(5.0), "{duty}");
+    // 21 mallocs and 20 frees a millisecond: the probes take a good share of the time.
+    assert!(
+        share > 0.05 && duty["calls_per_s"].as_f64().unwrap() > 20_000.0,
+        "{duty}"
+    );
+    let expected = (0.05 * (1.0 - share) / share).clamp(0.001, 1.0);
+    assert!((chosen - expected).abs() < 1e-9, "{duty}");
+    assert!(chosen < 1.0, "{duty}");
+    let leaked: u64 = r
+        .stacks_of("remember_request")
+        .iter()
+        .map(|s| s.live_bytes)
+        .sum();
+    assert!(leaked > 0, "{}", r.summary());
 }

@@ -9,7 +9,7 @@ use super::analysis::{
 };
 use crate::{
     escape::{self, for_terminal},
-    model::{CellKey, Class, FailureKey, PAGE, PHASE_NONE, StackCounters},
+    model::{CellKey, Class, FailureKey, HeapDuty, PAGE, PHASE_NONE, StackCounters},
     recording::{ProcessExit, Recorded},
     views::{human_bytes, human_delta, one_line, target_pids},
 };
@@ -136,6 +136,7 @@ pub(super) fn render(rec: &Recorded) -> String {
     text_torch_allocator(&mut out, rec);
     text_processes(&mut out, rec);
     text_live_stacks(&mut out, rec);
+    text_heap_survivors(&mut out, rec);
     text_failures(&mut out, rec);
     text_unmatched_and_lost(&mut out, rec);
     text_growth(&mut out, rec);
@@ -285,6 +286,13 @@ fn text_totals(out: &mut String, rec: &Recorded) {
             human_bytes(sampled)
         );
     }
+    if let Some(duty) = rec
+        .stack_capture
+        .as_ref()
+        .and_then(|s| s.heap_duty.as_ref())
+    {
+        text_heap_duty_line(out, duty);
+    }
     if rec.state.totals.is_empty() {
         let nothing = match &rec.write_failure {
             // The ledger may have counted allocations that never reached the file.
@@ -390,6 +398,75 @@ fn text_live_stacks(out: &mut String, rec: &Recorded) {
         );
     }
     text_static(out, rec, &statics);
+}
+
+/// What a duty-cycled heap's figures mean, in the totals.
+fn text_heap_duty_line(out: &mut String, duty: &HeapDuty) {
+    let budget = match duty.budget_percent {
+        Some(pct) => format!("--heap-budget {pct:.1} %: "),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "  heap duty-cycled ({budget}probes on {:.2} % of the time, {} of {:.2} s plus {:.1} s of \
+         grace, {:.1} s in all; {:.0} heap calls/s while on, {:.0} % of the processes' time in \
+         probes then): heap figures are blocks allocated inside windows, `live` those that \
+         outlived their window and grace{}",
+        duty.duty * 100.0,
+        count_of(duty.windows, "window"),
+        duty.window_s,
+        duty.grace_s,
+        duty.on_s,
+        duty.calls_per_s,
+        duty.probe_share * 100.0,
+        match duty.freed_unseen {
+            0 => String::new(),
+            n => format!(" ({} of them found freed later)", count_of(n, "block")),
+        }
+    );
+}
+
+/// A duty-cycled heap: the stacks whose blocks outlived their windows, with the rate they
+/// leak at if they go on so (their survivors over the windows' time).
+fn text_heap_survivors(out: &mut String, rec: &Recorded) {
+    let Some(duty) = rec
+        .stack_capture
+        .as_ref()
+        .and_then(|s| s.heap_duty.as_ref())
+    else {
+        return;
+    };
+    let survivors: Vec<_> = cells_by_live_bytes(rec)
+        .into_iter()
+        .filter(|(key, c)| key.class == Class::Heap && c.live_bytes > 0)
+        .collect();
+    if survivors.is_empty() || duty.on_s <= 0.0 {
+        let _ = writeln!(
+            out,
+            "\nHeap survivors (duty-cycled): none: every block allocated in a window was freed \
+             within it or its grace"
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nHeap survivors (duty-cycled): blocks that outlived their window, and the leak rate \
+         they stand for (survivors over {:.1} s of windows)",
+        duty.on_s
+    );
+    for (rank, (key, c)) in survivors.iter().take(TEXT_TOP_GROWING).enumerate() {
+        let rate = c.live_bytes as f64 / duty.on_s;
+        let _ = writeln!(
+            out,
+            "  {:>2}. {:>10}/s  {:>11} in {:>11} of {:>11} allocated: {}",
+            rank + 1,
+            human_bytes(rate as u64),
+            human_bytes(c.live_bytes),
+            count_of(c.live_count, "block"),
+            count_of(c.allocated_count, "block"),
+            frames_line(&rec.frames(key.stack))
+        );
+    }
 }
 
 /// One line per static class: its live total and its largest stack.

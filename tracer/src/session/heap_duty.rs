@@ -1,0 +1,263 @@
+//! A duty-cycled heap (`record --heap-budget PCT` or `--heap-duty PCT`): uprobes trap on every
+//! call, so a process making millions of mallocs a second cannot be traced exactly for cheap.
+//! Here the allocation probes are attached for a window, the free probes for the window and a
+//! grace period, then both are detached until the next window. Blocks allocated in a window and
+//! still live after its grace are the long-lived candidates; the same stacks' survivors piling up
+//! window after window are the leak, at a rate estimated over the windows' time.
+//!
+//! With a budget, the duty is chosen after each window from what it measured: the traced
+//! processes' heap calls and CPU time while the probes were on give the share of that time the
+//! probes took (`f`, at `COST_PER_CALL` each); on for a fraction `d` of the time, they slow the
+//! processes by about `d · f / (1 − f)`, which the duty keeps within the budget.
+
+use std::time::{Duration, Instant};
+
+use tracer_common::ledger_stat;
+
+use crate::{
+    model::HeapDuty,
+    probes::{HeapRole, Probes},
+    proc::stat,
+};
+
+/// What one heap call costs a traced process while the probes are on: its traps (entry and
+/// return) and the programs' work, as measured by `cargo xtask bench` on the development VM
+/// (docs/performance.md: about 4.4 µs per malloc/free pair).
+pub const COST_PER_CALL: Duration = Duration::from_nanos(2200);
+
+/// The least duty a budget chooses: a window every 1000 windows' time.
+const MIN_DUTY: f64 = 0.001;
+
+/// How the windows are set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DutyOptions {
+    /// `--heap-budget`: the slowdown allowed, as a fraction; None with a fixed duty.
+    pub budget: Option<f64>,
+    /// `--heap-duty` (fixed), or the duty before the first window measured anything.
+    pub duty: f64,
+    pub window: Duration,
+    pub grace: Duration,
+}
+
+enum State {
+    /// Allocation and free probes attached since `since`; measured from `mark`, when the
+    /// heap calls and CPU ticks were `calls` and `cpu_ticks`.
+    Open {
+        since: Instant,
+        mark: Instant,
+        calls: u64,
+        cpu_ticks: u64,
+    },
+    /// Allocation probes detached; free probes until `until`; the next window at `next`.
+    Grace { until: Instant, next: Instant },
+    /// Everything detached (or free probes kept, when the next window comes before their grace
+    /// would end) until `next`.
+    Closed { next: Instant },
+}
+
+/// The windows of a duty-cycled heap.
+pub struct DutyCycle {
+    opts: DutyOptions,
+    state: State,
+    figures: HeapDuty,
+    ticks_per_s: f64,
+}
+
+impl DutyCycle {
+    /// Opens the first window now, on the heap probes' sites attached so far.
+    pub fn start(opts: DutyOptions, probes: &mut Probes, pids: &[u32]) -> DutyCycle {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let mut cycle = DutyCycle {
+            opts,
+            state: State::Closed {
+                next: Instant::now(),
+            },
+            figures: HeapDuty {
+                budget_percent: opts.budget.map(|b| b * 100.0),
+                duty: opts.duty,
+                window_s: opts.window.as_secs_f64(),
+                grace_s: opts.grace.as_secs_f64(),
+                ..HeapDuty::default()
+            },
+            ticks_per_s: if ticks > 0 { ticks as f64 } else { 100.0 },
+        };
+        cycle.open(probes, pids);
+        cycle
+    }
+
+    /// Moves the windows on: called at every poll of the ring.
+    pub fn poll(&mut self, probes: &mut Probes, pids: &[u32]) {
+        let now = Instant::now();
+        match self.state {
+            State::Open {
+                since,
+                mark,
+                calls,
+                cpu_ticks: ticks,
+            } if now >= mark + self.opts.window => {
+                self.measure(probes, pids, now - mark, (calls, ticks));
+                if self.opts.duty < 1.0 {
+                    self.close(probes, since);
+                } else {
+                    // Always on, for now: measured again after another window's time.
+                    self.state = State::Open {
+                        since,
+                        mark: now,
+                        calls: heap_calls(probes),
+                        cpu_ticks: cpu_ticks(pids),
+                    };
+                }
+            }
+            State::Grace { until, next } if now >= until => {
+                window_edge(probes, HeapRole::Free, false);
+                probes.close_heap(HeapRole::Free);
+                self.state = State::Closed { next };
+            }
+            State::Closed { next } if now >= next => self.open(probes, pids),
+            _ => {}
+        }
+    }
+
+    /// The figures so far, a window still open counted up to now.
+    pub fn figures(&self) -> HeapDuty {
+        let mut figures = self.figures.clone();
+        if let State::Open { since, .. } = self.state {
+            figures.on_s += since.elapsed().as_secs_f64();
+        }
+        figures
+    }
+
+    /// Blocks found freed while the probes were off, counted in the kernel and by user space.
+    pub fn set_freed_unseen(&mut self, blocks: u64) {
+        self.figures.freed_unseen = blocks;
+    }
+
+    fn open(&mut self, probes: &mut Probes, pids: &[u32]) {
+        if let Err(e) = probes.open_heap_window() {
+            log::warn!("duty-cycled heap: a window's probes were not all attached: {e}");
+        }
+        for role in [HeapRole::Free, HeapRole::Alloc] {
+            window_edge(probes, role, true);
+        }
+        self.figures.windows += 1;
+        let now = Instant::now();
+        self.state = State::Open {
+            since: now,
+            mark: now,
+            calls: heap_calls(probes),
+            cpu_ticks: cpu_ticks(pids),
+        };
+    }
+
+    /// What the probes cost over the last `span`, from the heap calls and CPU ticks counted at
+    /// its start; with a budget, the duty that keeps within it.
+    fn measure(&mut self, probes: &Probes, pids: &[u32], span: Duration, at_mark: (u64, u64)) {
+        let calls = heap_calls(probes).saturating_sub(at_mark.0);
+        let cpu_s = cpu_ticks(pids).saturating_sub(at_mark.1) as f64 / self.ticks_per_s;
+        let share = probe_share(calls, cpu_s);
+        self.figures.calls_per_s = calls as f64 / span.as_secs_f64().max(1e-6);
+        self.figures.probe_share = share;
+        if let Some(budget) = self.opts.budget {
+            self.opts.duty = duty_for(budget, share);
+            self.figures.duty = self.opts.duty;
+        }
+    }
+
+    /// Ends the window opened at `since`: allocation probes off, free probes for the grace.
+    fn close(&mut self, probes: &mut Probes, since: Instant) {
+        window_edge(probes, HeapRole::Alloc, false);
+        let closed = Instant::now();
+        let on = closed - since;
+        self.figures.on_s += on.as_secs_f64();
+        probes.close_heap(HeapRole::Alloc);
+        let closed = Instant::now();
+        // The next window comes one period after this one opened.
+        let period = on.div_f64(self.opts.duty.max(MIN_DUTY));
+        let next = (since + period).max(closed);
+        let until = closed + self.opts.grace;
+        self.state = if until < next {
+            State::Grace { until, next }
+        } else {
+            // The free probes stay on into the next window.
+            State::Closed { next }
+        };
+    }
+}
+
+/// Opens or closes a window's edge in the kernel; a failure (the map write) is said once and
+/// leaves the probes recording, which only costs.
+fn window_edge(probes: &mut Probes, role: HeapRole, open: bool) {
+    if let Err(e) = probes.set_heap_window(role, open) {
+        log::warn!("duty-cycled heap: window flag not set: {e}");
+    }
+}
+
+/// Heap calls the probes saw so far.
+fn heap_calls(probes: &Probes) -> u64 {
+    probes.ledger_stats()[ledger_stat::HEAP_CALLS as usize]
+}
+
+/// CPU time of the traced processes so far, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|&p| stat::read_stat(p).ok()?.cpu_ticks)
+        .sum()
+}
+
+/// The share of the traced processes' CPU time that `calls` heap calls took in probes, over
+/// `cpu_s` seconds of it (at most 0.99; 0.99 as well when calls came with no measurable time).
+pub fn probe_share(calls: u64, cpu_s: f64) -> f64 {
+    if calls == 0 {
+        return 0.0;
+    }
+    let probes = calls as f64 * COST_PER_CALL.as_secs_f64();
+    if cpu_s <= 0.0 {
+        return 0.99;
+    }
+    (probes / cpu_s).min(0.99)
+}
+
+/// The duty whose expected slowdown, `duty · share / (1 − share)`, is `budget`; at most 1, at
+/// least `MIN_DUTY`.
+pub fn duty_for(budget: f64, share: f64) -> f64 {
+    if share <= 0.0 {
+        return 1.0;
+    }
+    (budget * (1.0 - share) / share).clamp(MIN_DUTY, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_duty_keeps_the_expected_slowdown_within_the_budget() {
+        // Exact tracing slows a loop 20x: the probes take 95 % of its time while on.
+        let duty = duty_for(0.05, 0.95);
+        assert!((duty - 0.05 * 0.05 / 0.95).abs() < 1e-12, "{duty}");
+        assert!(
+            (duty * 0.95 / 0.05 - 0.05).abs() < 1e-12,
+            "slowdown = budget"
+        );
+        // A modest malloc rate (8 % in probes): on most of the time.
+        assert!((duty_for(0.05, 0.08) - 0.575).abs() < 1e-9);
+        // No calls: always on; a budget that allows everything: always on.
+        assert_eq!(duty_for(0.05, 0.0), 1.0);
+        assert_eq!(duty_for(1.0, 0.2), 1.0);
+        assert_eq!(duty_for(0.0001, 0.99), MIN_DUTY);
+    }
+
+    #[test]
+    fn the_probe_share_comes_from_the_calls_and_the_cpu_time() {
+        // A million calls at 2.2 µs in 4.4 s of CPU: half of it.
+        assert!((probe_share(1_000_000, 4.4) - 0.5).abs() < 1e-9);
+        assert_eq!(probe_share(0, 1.0), 0.0);
+        assert_eq!(
+            probe_share(10, 0.0),
+            0.99,
+            "calls but no measurable CPU time"
+        );
+        assert_eq!(probe_share(100_000_000, 1.0), 0.99);
+    }
+}
