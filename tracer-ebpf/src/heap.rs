@@ -227,6 +227,14 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     emit_free(tgid, addr)
 }
 
+/// malloc's entry, for a moment before the heap probes go on (`record -p PID --heap`): counts
+/// the calls, so that the recorder can say what tracing each of them will cost.
+#[uprobe]
+pub fn heap_count(_ctx: ProbeContext) -> u32 {
+    heap_ledger::count(ledger_stat::HEAP_CALLS);
+    0
+}
+
 /// Empty programs at the same attach points: the benchmark's floor (trap cost alone).
 #[uprobe]
 pub fn floor_enter(_ctx: ProbeContext) -> u32 {

@@ -3,7 +3,7 @@
 mod kernel_log;
 pub mod resolve;
 
-use std::{io, num::NonZeroU32};
+use std::{io, num::NonZeroU32, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -36,6 +36,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// traced syscall, and the benchmark floor's empty entry and return.
 const SYSCALL_EXIT_PROGRAM: &str = "syscall_exit";
 const FLOOR_ENTRY_PROGRAM: &str = "floor_enter";
+/// Counts malloc calls before the heap probes go on (`count_mallocs`).
+const HEAP_COUNT_PROGRAM: &str = "heap_count";
 const FLOOR_RETURN_PROGRAM: &str = "floor_return";
 
 #[derive(Clone, Debug)]
@@ -501,6 +503,40 @@ impl Probes {
         self.attach_heap(object, scope)
     }
 
+    /// Counts the malloc calls process `pid` makes in `span`, with a probe that does nothing
+    /// else, before the heap probes go on: what tracing them will cost.
+    pub fn count_mallocs(
+        &mut self,
+        pid: u32,
+        object: &AllocatorObject,
+        span: Duration,
+    ) -> Result<u64, ProbeError> {
+        let Some(malloc) = object
+            .points
+            .iter()
+            .find(|p| p.hook().func == HeapFn::Malloc)
+        else {
+            return Ok(0);
+        };
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid > 0"));
+        let attach_point = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(malloc.entry_offset),
+            cookie: None,
+        };
+        let path = object.open_path.clone();
+        let program = self.program(HEAP_COUNT_PROGRAM)?;
+        let id = (program.attach(attach_point, &path, scope))
+            .map_err(|e| uprobe_err(&e, "malloc", &object.target_path))?;
+        let before = self.ledger_stats()[ledger_stat::HEAP_CALLS as usize];
+        std::thread::sleep(span);
+        let after = self.ledger_stats()[ledger_stat::HEAP_CALLS as usize];
+        if let Ok(link) = self.program(HEAP_COUNT_PROGRAM)?.take_link(id) {
+            // Detaching waits for the kernel (tens of milliseconds): not on the way to attaching.
+            std::thread::spawn(move || drop(link));
+        }
+        Ok(after.saturating_sub(before))
+    }
+
     /// Whether the heap probes cover every process mapping the allocator (`attach_systemwide`).
     pub fn heap_systemwide(&self) -> bool {
         self.config.heap_systemwide
@@ -927,6 +963,7 @@ mod tests {
             SYSCALL_EXIT_PROGRAM,
             FLOOR_ENTRY_PROGRAM,
             FLOOR_RETURN_PROGRAM,
+            HEAP_COUNT_PROGRAM,
         ]
         .map(Some);
         for name in heap.chain(cuda).chain(tracepoints).chain(own).flatten() {

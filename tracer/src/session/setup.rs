@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     io::{IsTerminal, Write},
     path::Path,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -29,7 +29,7 @@ use crate::{
         children::ProcessSet,
         cuda_hooking::{CudaHooked, hook_cuda},
         exits::Exits,
-        heap_duty::DutyCycle,
+        heap_duty::{self, DutyCycle},
         launch::{self, LaunchedCommand},
         lock::{TargetLock, lock_target},
         python_detection::detect_python,
@@ -88,6 +88,11 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
         None
     };
     let exit_watch = ExitWatch::new(pid)?;
+    if let (TargetSpec::Pid(_), Some(allocator), None) = (&opts.target, &allocator, opts.heap_duty)
+        && !opts.probes.floor
+    {
+        say_heap_cost(&mut probes, pid, allocator);
+    }
     let initial_brk = current_brk(pid);
     let attached = probes.trace_mappings(pid).and_then(|()| match &allocator {
         Some(allocator) if opts.probes.heap_systemwide => probes.attach_systemwide(allocator),
@@ -284,6 +289,31 @@ fn announce(pid: u32, command: &str, allocator: Option<&AllocatorObject>, probes
         "attached to PID {pid} ({}): mappings: mmap, munmap, mprotect, mremap, brk{}",
         escape::for_terminal(command),
         escape::for_terminal(&heap)
+    );
+}
+
+/// `-p PID --heap`: before the heap probes go on, counts the process's malloc calls for a
+/// moment and says what tracing them will cost (one line on stderr).
+fn say_heap_cost(probes: &mut Probes, pid: u32, allocator: &AllocatorObject) {
+    const SPAN: Duration = Duration::from_millis(200);
+    let cpu_ticks = || stat::read_stat(pid).ok().and_then(|s| s.cpu_ticks);
+    let before = cpu_ticks();
+    let mallocs = match probes.count_mallocs(pid, allocator, SPAN) {
+        Ok(n) => n,
+        Err(e) => {
+            log::debug!("malloc calls not counted: {e}");
+            return;
+        }
+    };
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu_s = before
+        .zip(cpu_ticks())
+        .map(|(b, a)| a.saturating_sub(b) as f64 / ticks_per_s);
+    let _ = writeln!(
+        std::io::stderr(),
+        "{}",
+        heap_duty::heap_cost_line(pid, mallocs, SPAN, cpu_s)
     );
 }
 

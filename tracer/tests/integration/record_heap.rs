@@ -11,6 +11,15 @@ fn leaks_through_every_allocator_function_are_exact() {
     require_privileges!();
     let s = Session::run_scenario("leaks", "attach", &[]);
     let pid = s.target.pid();
+    // Before the heap probes went on, the malloc calls were counted: the fixture waited on
+    // its stdin then, making none.
+    let stderr = s.recorder.stderr_text();
+    assert!(
+        stderr.contains(&format!(
+            "heap cost: PID {pid} makes 0 malloc calls a second"
+        )),
+        "{stderr}"
+    );
     let r = s.stop(libc::SIGINT);
     r.assert_well_formed(Some(pid));
     assert!(
