@@ -152,6 +152,11 @@ struct RecordArgs {
     /// Every heap block through the ring to user space (benchmark of the kernel ledger).
     #[arg(long, hide = true)]
     no_kernel_heap_ledger: bool,
+    /// Keep the recorder's own resident memory within MIB: past it, it drops what it can read
+    /// again (unwind tables, symbols), then records events without their stacks (every byte
+    /// still counted, under one frame that says so). What it gave up is in the report.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    max_memory: Option<u64>,
     /// Do not follow child processes. By default every process the target forks (and what
     /// they exec) is traced from birth, as inference servers run their engine and GPU workers
     /// as children; every figure carries its PID.
@@ -350,6 +355,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
         },
         heap: args.heap,
         heap_duty,
+        max_memory: args.max_memory.map(|mib| mib << 20),
         torch_allocator: !args.no_torch_allocator,
         poll_interval: Duration::from_millis(10),
     }

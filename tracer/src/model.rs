@@ -256,6 +256,21 @@ pub struct StackCapture {
     /// heap probes were on for the whole recording.
     #[serde(default)]
     pub heap_duty: Option<HeapDuty>,
+    /// `--max-memory`: the limit, and what the recorder gave up to stay within it; None
+    /// without a limit.
+    #[serde(default)]
+    pub memory_limit: Option<MemoryLimit>,
+}
+
+/// The tracer's own memory limit (`record --max-memory`) and what it cost the recording.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLimit {
+    pub limit_bytes: u64,
+    /// Times the tracer's caches (unwind tables, symbols) were dropped to stay within it.
+    pub caches_dropped: u64,
+    /// Events recorded without their stack (under one `[stack not kept ...]` frame) once
+    /// dropping caches was not enough; every byte is still counted.
+    pub stacks_not_kept: u64,
 }
 
 /// A duty-cycled heap: the allocation probes are attached for a window, the free probes for

@@ -25,6 +25,8 @@ pub struct RecordOptions {
     pub heap_duty: Option<DutyOptions>,
     /// Hook PyTorch's CUDA caching allocator where a process maps it.
     pub torch_allocator: bool,
+    /// `--max-memory`: the recorder's resident memory, in bytes, past which it sheds detail.
+    pub max_memory: Option<u64>,
     /// How often the ring buffer is drained.
     pub poll_interval: Duration,
 }

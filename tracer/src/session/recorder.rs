@@ -18,8 +18,9 @@ use tokio::{
 
 use crate::{
     cuda::nvml::GpuMemorySource,
-    model::{AllocatorSample, Class, RssSample, StackCapture},
+    model::{AllocatorSample, Class, MemoryLimit, RssSample, StackCapture},
     probes::{Probes, resolve::AllocatorObject},
+    proc::status::own_status,
     recording::Writer,
     session::{
         RecordOptions, RecordSummary,
@@ -187,6 +188,8 @@ pub struct Recorder {
     pub(super) processes: ProcessSet,
     /// A duty-cycled heap's windows.
     pub(super) duty: Option<DutyCycle>,
+    /// `--max-memory`, bytes.
+    pub(super) max_memory: Option<u64>,
     pub(super) started: Instant,
     /// Whether to show the event rate on stderr (a terminal), and the event count last shown.
     pub(super) progress: bool,
@@ -212,6 +215,8 @@ impl Recorder {
     }
 
     async fn record_until_stop(&mut self, sources: &mut EventSources) -> anyhow::Result<Stop> {
+        // Setting up may have taken the tracer over --max-memory already.
+        self.keep_within_memory();
         loop {
             let stop = tokio::select! {
                 _ = sources.poll.tick() => self.on_ring_poll()?.map(Stop::ended),
@@ -395,11 +400,35 @@ impl Recorder {
             )?;
         }
         self.commit()?;
+        self.keep_within_memory();
         if self.exits.take_changed() {
             self.writer.set_exits(&self.exits.ended)?;
         }
         self.show_progress();
         Ok(())
+    }
+
+    /// `--max-memory`: over the limit, the caches that can be read again are dropped (right
+    /// after a commit named the pending stacks); still over, events keep no stack from then on.
+    /// Figures stay exact; what was given up is counted in the recording.
+    fn keep_within_memory(&mut self) {
+        let Some(limit) = self.max_memory else {
+            return;
+        };
+        let rss = || own_status().map_or(0, |s| s.rss);
+        if self.sink.shed.collapse || rss() <= limit {
+            return;
+        }
+        self.sink.drop_caches();
+        // SAFETY: malloc_trim has no preconditions; it returns freed heap to the kernel.
+        unsafe { libc::malloc_trim(0) };
+        if rss() > limit {
+            log::warn!(
+                "the recorder is over --max-memory ({}) with its caches dropped: events keep no stack from now on",
+                views::human_bytes(limit)
+            );
+            self.sink.collapse_stacks();
+        }
     }
 
     /// The target exited: stop, unless followed children still run.
@@ -465,6 +494,11 @@ impl Recorder {
             heap_sample_bytes: self.heap_sample_bytes,
             kernel_heap_stacks: self.sink.kernel_heap.stacks() as u64,
             kernel_heap_full: blocks_full + stacks_full,
+            memory_limit: self.max_memory.map(|limit_bytes| MemoryLimit {
+                limit_bytes,
+                caches_dropped: self.sink.shed.caches_dropped,
+                stacks_not_kept: self.sink.shed.stacks_collapsed,
+            }),
             heap_duty: self.duty.as_mut().map(|duty| {
                 duty.set_freed_unseen(freed_unseen + self.sink.ledger.freed_unseen());
                 duty.figures()

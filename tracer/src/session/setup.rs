@@ -234,6 +234,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         gpu,
         processes: ProcessSet::new(pid),
         duty,
+        max_memory: opts.max_memory,
         started,
         progress: std::io::stderr().is_terminal(),
         last_events: 0,

@@ -75,6 +75,19 @@ pub struct EventSink {
     pub unwinds_truncated: u64,
     /// Process-tree events, for the recorder to act on (attach heap probes, stop when all exit).
     proc_events: Vec<ProcEvent>,
+    /// What `--max-memory` made the sink give up.
+    pub shed: Shed,
+}
+
+/// What the sink gave up to stay within `--max-memory`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Shed {
+    /// Events keep no stack from now on.
+    pub collapse: bool,
+    /// Times the caches were dropped.
+    pub caches_dropped: u64,
+    /// Events whose stack was not kept.
+    pub stacks_collapsed: u64,
 }
 
 impl EventSink {
@@ -114,6 +127,7 @@ impl EventSink {
             unwinds: 0,
             unwinds_truncated: 0,
             proc_events: Vec::new(),
+            shed: Shed::default(),
         }
     }
 

@@ -273,6 +273,7 @@ pub(crate) mod fixture {
                 kernel_heap_stacks: 0,
                 kernel_heap_full: 0,
                 heap_duty: None,
+                memory_limit: None,
             }),
             stop_reason: Some("duration elapsed".into()),
             write_failure: None,

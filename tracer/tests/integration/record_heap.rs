@@ -424,3 +424,37 @@ fn a_heap_budget_chooses_the_duty_from_what_the_first_window_measured() {
         .sum();
     assert!(leaked > 0, "{}", r.summary());
 }
+
+/// `--max-memory` below what the recorder needs from the start (1 MiB): it drops its caches,
+/// then records events without their stacks, under one frame that says so. Every figure stays
+/// exact and the report says what was given up.
+#[test]
+fn over_max_memory_the_recorder_keeps_every_figure_and_gives_up_stacks() {
+    require_privileges!();
+    let mut s = Session::run_scenario("leaks", "attach", &["--max-memory", "1"]);
+    s.end(libc::SIGINT);
+    let r = report_json(&s.trace);
+    r.assert_well_formed(None);
+    r.assert_totals(leaks_totals());
+    r.assert_no_lost_events();
+    let heap_rows: Vec<_> = r.stacks.iter().filter(|s| s.class == "heap").collect();
+    assert!(!heap_rows.is_empty(), "{}", r.summary());
+    for row in heap_rows {
+        assert_eq!(
+            row.frames,
+            ["[stack not kept: tracer over --max-memory]"],
+            "{}",
+            r.summary()
+        );
+    }
+    let json = report_value(&s.trace);
+    let limit = &json["stack_capture"]["memory_limit"];
+    assert_eq!(limit["limit_bytes"], 1 << 20, "{limit}");
+    assert!(limit["caches_dropped"].as_u64() >= Some(1), "{limit}");
+    assert!(limit["stacks_not_kept"].as_u64() >= Some(1), "{limit}");
+    let text = String::from_utf8_lossy(&view(&["report"], &s.trace)).into_owned();
+    assert!(
+        text.contains("Tracer memory limit (--max-memory 1.0 MiB) reached"),
+        "{text}"
+    );
+}

@@ -20,6 +20,9 @@ use crate::{
 /// Where every stack of a process or thread starts.
 const ENTRY_POINTS: [&str; 4] = ["_start", "__clone3", "__clone", "clone3"];
 
+/// The one frame of an event's stack once the tracer is over `--max-memory`.
+pub const STACK_NOT_KEPT: &str = "[stack not kept: tracer over --max-memory]";
+
 /// CPython's bytecode evaluation loop: the native frames the Python frames replace.
 const PYTHON_EVAL_FUNCTIONS: [&str; 1] = ["_PyEval_EvalFrameDefault"];
 
@@ -43,9 +46,31 @@ impl EventSink {
     /// call-frame information, and interns it. An unwind that did not reach the outermost frame
     /// is marked truncated.
     pub(super) fn stack_of(&mut self, pid: u32, stack: &RawStack) -> Option<StackIndex> {
+        if self.shed.collapse {
+            // Over `--max-memory`: no more stacks, one frame that says why.
+            self.shed.stacks_collapsed += 1;
+            self.ips.clear();
+            self.ips
+                .push(self.stacks.python_frame(STACK_NOT_KEPT.to_string()));
+            return self.stacks.intern(pid, &self.ips, 0);
+        }
         let flags = self.native_stack(pid, stack);
         self.merge_python(pid, stack);
         self.stacks.intern(pid, &self.ips, flags)
+    }
+
+    /// Over `--max-memory`: what can be read again is dropped (unwind tables, symbols, the
+    /// processes' frame namers). Called right after the new stacks were taken (named).
+    pub fn drop_caches(&mut self) {
+        self.unwinders.clear();
+        self.unwind_cache = UnwindCache::new();
+        self.namers.clear();
+        self.shed.caches_dropped += 1;
+    }
+
+    /// Over `--max-memory` with the caches dropped: events from now on keep no stack.
+    pub fn collapse_stacks(&mut self) {
+        self.shed.collapse = true;
     }
 
     /// Puts the Python frames recorded with a stack in place of the interpreter's innermost

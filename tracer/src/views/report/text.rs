@@ -737,6 +737,18 @@ fn text_stack_capture(out: &mut String, rec: &Recorded) {
         s.truncated,
         s.fp_under_pressure
     );
+    if let Some(limit) = &s.memory_limit
+        && limit.caches_dropped + limit.stacks_not_kept > 0
+    {
+        let _ = writeln!(
+            out,
+            "Tracer memory limit (--max-memory {}) reached: caches dropped {}; {} recorded \
+             without their stack (every byte counted)",
+            human_bytes(limit.limit_bytes),
+            count_of(limit.caches_dropped, "time"),
+            count_of(limit.stacks_not_kept, "event")
+        );
+    }
     if s.kernel_heap_stacks > 0 {
         let full = match s.kernel_heap_full {
             0 => String::new(),
