@@ -30,6 +30,9 @@ pub mod event_kind {
     pub const CUDA_CALL: u32 = 6;
     /// `TorchEvent`: an event of PyTorch's CUDA caching allocator.
     pub const TORCH: u32 = 7;
+    /// `AllocEvent` layout: the stack of a heap stack key the kernel's heap ledger counts
+    /// (`heap_ledger`), with the call that first made it; counts nothing itself.
+    pub const HEAP_STACK: u32 = 8;
 }
 
 /// PyTorch's caching-allocator actions (`TraceEntry::Action`, the same values in every version
@@ -260,8 +263,8 @@ pub struct AllocEvent {
     pub func: u32,
     /// CUDA: the pool of cuMemAllocFromPoolAsync, the graph of cuGraphAddMemAllocNode; 0 else.
     pub aux: u64,
-    /// Heap allocations while the kernel keeps the heap ledger (`heap_ledger`): the key its
-    /// stack is counted under there; 0 else.
+    /// `event_kind::HEAP_STACK`: the key the kernel's heap ledger counts this stack under;
+    /// 0 else.
     pub stack_key: u64,
 }
 
@@ -349,13 +352,12 @@ pub mod drop_cause {
     ];
 }
 
-/// The kernel's heap ledger (exact `--heap` with frame-pointer heap stacks): a heap block whose
-/// stack user space already knows stays in the kernel, keyed by process and address, and is
-/// counted in its stack's totals; its free is matched there. The ring carries one record per
-/// distinct stack (and failures, and what the kernel could not hold), user space reads each
-/// stack's totals once a second: no call rate can outrun it. The kernel also knows the blocks
-/// user space counts (their frees still go to it), so that it keeps the heap's live bytes and
-/// exact peak at every call.
+/// The kernel's heap ledger (exact `--heap` with frame-pointer heap stacks): every heap block
+/// stays in the kernel, keyed by process and address, and is counted in its stack's totals
+/// (keyed by a hash of the stack); its free is matched there. The ring carries each stack once
+/// (`event_kind::HEAP_STACK`, retried until the ring takes it), failures, and what the kernel
+/// could not hold; user space reads each stack's totals once a second: no call rate can outrun
+/// it. The kernel also keeps the heap's live bytes and exact peak at every call.
 pub mod heap_ledger {
     /// A live block's key in `HELD_BLOCKS`.
     #[repr(C)]
@@ -366,16 +368,15 @@ pub mod heap_ledger {
         pub addr: u64,
     }
 
-    /// A live block the kernel knows: its size, its stack's key in `STACK_TOTALS`, the image
-    /// generation of its process when it was made, and who counts it.
+    /// A live block the kernel holds: its size, its stack's key in `STACK_TOTALS`, and the
+    /// image generation of its process when it was made.
     #[repr(C)]
     #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
     pub struct HeldBlock {
         pub size: u64,
         pub stack_key: u64,
         pub generation: u32,
-        /// 1: user space counts it (it went through the ring): its free goes there too.
-        pub in_user: u32,
+        pub _pad: u32,
     }
 
     /// Live heap bytes of the traced processes as the kernel counts them at every call, and
@@ -390,8 +391,8 @@ pub mod heap_ledger {
         pub full: u64,
     }
 
-    /// What the kernel counted for one stack since user space registered it; only ever grows,
-    /// so that user space applies the difference since its last read.
+    /// What the kernel counted for one stack; the counters only ever grow, so that user space
+    /// applies the difference since its last read.
     #[repr(C)]
     #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
     pub struct StackTotals {
@@ -399,16 +400,25 @@ pub mod heap_ledger {
         pub allocated_count: u64,
         pub freed_bytes: u64,
         pub freed_count: u64,
+        /// The process whose stack it is.
+        pub tgid: u32,
+        /// 1 once the stack went to user space (`event_kind::HEAP_STACK`); until then every
+        /// block at it tries again.
+        pub delivered: u32,
     }
 
     impl StackTotals {
         /// What `self` counts beyond `earlier` (an earlier read of the same stack).
+        /// The counts of `self` beyond `earlier` (an earlier read of the same stack); the
+        /// process and delivery fields zero.
         pub fn since(&self, earlier: &StackTotals) -> StackTotals {
             StackTotals {
                 allocated_bytes: self.allocated_bytes.wrapping_sub(earlier.allocated_bytes),
                 allocated_count: self.allocated_count.wrapping_sub(earlier.allocated_count),
                 freed_bytes: self.freed_bytes.wrapping_sub(earlier.freed_bytes),
                 freed_count: self.freed_count.wrapping_sub(earlier.freed_count),
+                tgid: 0,
+                delivered: 0,
             }
         }
 
@@ -518,7 +528,7 @@ const _: () = assert!(size_of::<StackRecord<AllocEvent>>() == 64 + 8 * STACK_ARE
 const _: () = assert!(size_of::<heap_ledger::BlockKey>() == 16);
 const _: () = assert!(size_of::<heap_ledger::HeldBlock>() == 24);
 const _: () = assert!(size_of::<heap_ledger::HeapLive>() == 24);
-const _: () = assert!(size_of::<heap_ledger::StackTotals>() == 32);
+const _: () = assert!(size_of::<heap_ledger::StackTotals>() == 40);
 const _: () = assert!(size_of::<StackRecord<MapEvent>>() == 72 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<FaultEvent>>() == 24 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<CudaCallEvent>>() == 72 + 8 * STACK_AREA_WORDS);

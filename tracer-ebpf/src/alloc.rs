@@ -11,7 +11,7 @@ use crate::{
     heap_ledger::{self, Held, Released},
     inflight::{self, CallKind, call_in_flight},
     maps::{CALL_INFLIGHT, RUNTIME_INFLIGHT, SCRATCH, scratch},
-    ring::{Wakeup, output_event, output_record},
+    ring::{Wakeup, output_event, output_record, try_output_record},
     stack::{StackBudget, StackStart, capture, emit_with_stack},
 };
 
@@ -169,29 +169,30 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
     0
 }
 
-/// A heap block, with the kernel's ledger on: held there if user space knows its stack, else
-/// emitted with its stack (and the stack registered, so that the next block there is held).
+/// A heap block, with the kernel's ledger on: held and counted there; its stack sent to user
+/// space the first time (and again while the ring has no room); through the ring as an event
+/// when the ledger is full.
 #[inline(always)]
 fn hold_or_emit(record: &mut StackRecord<AllocEvent>, start: StackStart) {
     let bytes = capture(record, start, StackBudget::Heap);
     let ev = &mut record.event;
     let generation = heap_ledger::generation(ev.tgid);
     let key = heap_ledger::stack_key(ev.tgid, generation, ev.stack_flags, &record.stack, bytes);
-    match heap_ledger::hold(ev.tgid, generation, ev.addr, ev.size, key) {
-        Held::Yes => {
-            // A realloc of a block user space holds: that block's release goes to it alone.
-            if ev.origin != 0 {
-                emit_free(ev.tgid, ev.origin);
-            }
-        }
-        Held::NewStack => {
+    let held = heap_ledger::hold(ev.tgid, generation, ev.addr, ev.size, key);
+    if held != Held::Full && ev.origin != 0 {
+        // A realloc of a block the kernel did not hold: its release goes to user space.
+        emit_free(ev.tgid, ev.origin);
+    }
+    match held {
+        Held::Yes => {}
+        Held::Undelivered => {
+            ev.kind = event_kind::HEAP_STACK;
             ev.stack_key = key;
-            if output_record(record, bytes) {
-                heap_ledger::register(key);
+            if try_output_record(record, bytes) {
+                heap_ledger::delivered(key);
             }
         }
         Held::Full => {
-            ev.stack_key = key;
             output_record(record, bytes);
         }
     }

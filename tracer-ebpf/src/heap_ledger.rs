@@ -1,14 +1,12 @@
 //! The kernel's heap ledger (exact `--heap` with frame-pointer heap stacks). Every heap block
-//! made while it is on is known here (`HELD_BLOCKS`: process and address → size, stack key,
-//! image generation, who counts it):
-//! - a block whose stack user space already knows is counted here, in its stack's totals
-//!   (`STACK_TOTALS`), and its free is matched here: such a call puts nothing in the ring;
-//! - the first block of a stack goes through the ring with its stack (user space counts it and
-//!   registers the key), and so does what the kernel could not hold (counted, `LEDGER_STATS`).
-//!
-//! The ring then carries one record per distinct stack, failures and the frees of blocks user
-//! space counts, so no call rate outruns user space. Knowing every block, the kernel also keeps
-//! the heap's live bytes and peak at every call (`HEAP_LIVE`), and each process's share
+//! made while it is on is held here (`HELD_BLOCKS`: process and address → size, stack key, image
+//! generation) and counted in its stack's totals (`STACK_TOTALS`, keyed by a hash of the stack);
+//! its free is matched here. Such a call puts nothing in the ring: each stack goes to user space
+//! once (`event_kind::HEAP_STACK`), tried again at the stack's next block while the ring has no
+//! room, so a burst of new stacks delays names, never bytes. Failures and what the kernel could
+//! not hold (counted, `LEDGER_STATS`) go through the ring as events. No call rate outruns user
+//! space, which reads each stack's totals once a second. Holding every block, the kernel also
+//! keeps the heap's live bytes and peak at every call (`HEAP_LIVE`), and each process's share
 //! (`PROCESS_HEAP`), which an exec takes out. The accounting rules are the user-space ledger's
 //! (`tracer/src/ledger/mod.rs`).
 
@@ -193,18 +191,17 @@ fn count_freed(block: &HeldBlock) {
     }
 }
 
-/// Who counted a block that was released.
+/// Whether a released block was held here.
 #[derive(Copy, Clone, PartialEq, Eq)]
 pub enum Released {
-    /// The kernel did, and now counted it freed.
+    /// It was, and is now counted freed.
     Kernel,
-    /// User space does: its release goes there.
-    User,
-    /// Nobody: made before the ledger knew the process (or its image), or not held.
+    /// Not here: made before the ledger knew the process (or its image), or went through the
+    /// ring when the ledger was full.
     Unknown,
 }
 
-/// A block `tgid` releases: it leaves the live bytes it was counted in.
+/// A block `tgid` releases: it leaves the live bytes and its stack's totals.
 #[inline(always)]
 fn end_block(tgid: u32, block: &HeldBlock) -> Released {
     if block.generation != generation(tgid) {
@@ -212,9 +209,6 @@ fn end_block(tgid: u32, block: &HeldBlock) -> Released {
         return Released::Unknown;
     }
     count_live(tgid, block.size, false);
-    if block.in_user != 0 {
-        return Released::User;
-    }
     count_freed(block);
     Released::Kernel
 }
@@ -238,20 +232,47 @@ pub fn release(tgid: u32, addr: u64) -> Released {
 /// What `hold` did with a block.
 #[derive(Copy, Clone, PartialEq, Eq)]
 pub enum Held {
+    /// Held and counted here; the stack still has to go to user space (`deliver`).
+    Undelivered,
     /// Held and counted here: nothing to emit.
     Yes,
-    /// Known here, counted by user space: its stack is new there. The block goes through the
-    /// ring with its stack.
-    NewStack,
     /// The kernel had no room: the block goes through the ring (counted).
     Full,
+}
+
+/// The totals of stack `key` of process `tgid`, made (zero, undelivered) if new; None when the
+/// table is full.
+#[inline(always)]
+fn totals_of(tgid: u32, key: u64) -> Option<*mut StackTotals> {
+    if let Some(totals) = STACK_TOTALS.get_ptr_mut(key) {
+        return Some(totals);
+    }
+    let zero = StackTotals {
+        allocated_bytes: 0,
+        allocated_count: 0,
+        freed_bytes: 0,
+        freed_count: 0,
+        tgid,
+        delivered: 0,
+    };
+    match STACK_TOTALS.insert(key, &zero, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {}
+        Err(_) => {
+            count(ledger_stat::STACKS_FULL);
+            return None;
+        }
+    }
+    STACK_TOTALS.get_ptr_mut(key)
 }
 
 /// A successful allocation of `size` bytes at `addr` by `tgid` (image `generation`), at the
 /// stack with `key`.
 #[inline(always)]
 pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held {
-    let totals = STACK_TOTALS.get_ptr_mut(key);
+    let Some(totals) = totals_of(tgid, key) else {
+        return Held::Full;
+    };
     let block_key = BlockKey {
         tgid,
         _pad: 0,
@@ -261,14 +282,14 @@ pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held 
         size,
         stack_key: key,
         generation,
-        in_user: u32::from(totals.is_none()),
+        _pad: 0,
     };
     if let Err(e) = HELD_BLOCKS.insert(&block_key, &block, u64::from(BPF_NOEXIST)) {
         if e != -EEXIST {
             return full();
         }
-        // A block still live at this address: its free was not seen (the user-space ledger
-        // counts its own blocks' alike), or it belonged to an exec'd image.
+        // A block still live at this address: its free was not seen (or it belonged to an
+        // exec'd image).
         // SAFETY: a lookup of a plain value.
         if let Some(old) = unsafe { HELD_BLOCKS.get(&block_key) }.copied()
             && end_block(tgid, &old) == Released::Kernel
@@ -284,15 +305,24 @@ pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held 
         }
     }
     count_live(tgid, size, true);
-    let Some(totals) = totals else {
-        return Held::NewStack;
-    };
     // SAFETY: a map value, valid while this program runs.
     unsafe {
         add(&raw mut (*totals).allocated_bytes, size);
         add(&raw mut (*totals).allocated_count, 1);
+        if core::ptr::read_volatile(&raw const (*totals).delivered) == 0 {
+            return Held::Undelivered;
+        }
     }
     Held::Yes
+}
+
+/// The stack with `key` reached user space: its next blocks need not send it again.
+#[inline(always)]
+pub fn delivered(key: u64) {
+    if let Some(totals) = STACK_TOTALS.get_ptr_mut(key) {
+        // SAFETY: a map value, valid while this program runs; any CPU writes only 1.
+        unsafe { core::ptr::write_volatile(&raw mut (*totals).delivered, 1) };
+    }
 }
 
 /// `HELD_BLOCKS` had no room for a block: it goes to user space, which from now on holds
@@ -314,22 +344,4 @@ pub fn ever_full() -> bool {
     HEAP_LIVE
         .get_ptr(0)
         .is_none_or(|heap| unsafe { core::ptr::read_volatile(&raw const (*heap).full) } != 0)
-}
-
-/// Registers the stack with `key` after its first block went to user space: later blocks at
-/// it are counted here. A full table leaves it unregistered (its blocks keep going through the
-/// ring), counted.
-#[inline(always)]
-pub fn register(key: u64) {
-    let zero = StackTotals {
-        allocated_bytes: 0,
-        allocated_count: 0,
-        freed_bytes: 0,
-        freed_count: 0,
-    };
-    match STACK_TOTALS.insert(key, &zero, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {}
-        Err(e) if e == -EEXIST => {}
-        Err(_) => count(ledger_stat::STACKS_FULL),
-    }
 }

@@ -29,9 +29,18 @@ pub fn output_event<T>(event: &T, wakeup: Wakeup, site: &'static str) {
 }
 
 /// Copies the used part of a scratch record into the ring: its event and the first
-/// `stack_bytes` bytes of its stack area. Whether it went in.
+/// `stack_bytes` bytes of its stack area. A full ring loses it, counted.
 #[inline(always)]
-pub fn output_record<E>(record: &StackRecord<E>, stack_bytes: usize) -> bool {
+pub fn output_record<E>(record: &StackRecord<E>, stack_bytes: usize) {
+    if !try_output_record(record, stack_bytes) {
+        diag::lost(drop_cause::RINGBUF_FULL, "stack record");
+    }
+}
+
+/// `output_record` for a record that is sent again later if the ring has no room now (the heap
+/// ledger's stacks): whether it went in; nothing is counted lost.
+#[inline(always)]
+pub fn try_output_record<E>(record: &StackRecord<E>, stack_bytes: usize) -> bool {
     let len = size_of::<E>() + (stack_bytes & 0xffff);
     let len = if len > size_of::<StackRecord<E>>() {
         size_of::<StackRecord<E>>()
@@ -41,12 +50,7 @@ pub fn output_record<E>(record: &StackRecord<E>, stack_bytes: usize) -> bool {
     // SAFETY: `record` is `len` readable bytes (bounded above for the verifier).
     let bytes =
         unsafe { core::slice::from_raw_parts((record as *const StackRecord<E>).cast::<u8>(), len) };
-    if EVENTS
+    EVENTS
         .output::<[u8]>(bytes, BPF_RB_NO_WAKEUP as u64)
-        .is_err()
-    {
-        diag::lost(drop_cause::RINGBUF_FULL, "stack record");
-        return false;
-    }
-    true
+        .is_ok()
 }

@@ -12,6 +12,9 @@ use tracer_common::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     Alloc(AllocEvent, RawStack<'a>),
+    /// The stack of a key the kernel's heap ledger counts (`AllocEvent::stack_key`), with the
+    /// call that first made it (counted in the kernel, not here).
+    HeapStack(AllocEvent, RawStack<'a>),
     Free(FreeEvent),
     Map(MapEvent, RawStack<'a>),
     Proc(ProcEvent),
@@ -112,6 +115,7 @@ pub fn decode(bytes: &[u8]) -> Option<Event<'_>> {
     let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     match kind {
         event_kind::ALLOC => with_stack(bytes).map(|(ev, stack)| Event::Alloc(ev, stack)),
+        event_kind::HEAP_STACK => with_stack(bytes).map(|(ev, stack)| Event::HeapStack(ev, stack)),
         event_kind::MAP => with_stack(bytes).map(|(ev, stack)| Event::Map(ev, stack)),
         event_kind::FAULT => with_stack(bytes).map(|(ev, stack)| Event::Fault(ev, stack)),
         event_kind::CUDA_CALL => with_stack(bytes).map(|(ev, stack)| Event::CudaCall(ev, stack)),

@@ -143,9 +143,9 @@ struct RecordArgs {
     #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
     heap_grace: Duration,
     /// With --heap (exact, frame-pointer heap stacks): live heap blocks the kernel holds at
-    /// most. The first block of each stack goes to user space with its stack; later ones stay
-    /// in the kernel, counted per stack, so that no call rate loses events. Past this many, blocks
-    /// go through the ring buffer (counted in the report).
+    /// most. Blocks stay in the kernel, counted per stack, and each stack goes to user space
+    /// once, so that no call rate loses events. Past this many, blocks go through the ring
+    /// buffer (counted in the report).
     #[arg(long, value_name = "BLOCKS", default_value_t = tracer_common::heap_ledger::DEFAULT_BLOCKS,
           value_parser = clap::value_parser!(u32).range(1..))]
     heap_ledger_blocks: u32,

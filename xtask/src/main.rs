@@ -17,7 +17,7 @@ fn main() -> Result<()> {
         Some("gpu-check") => gpu_check::gpu_check(&workspace_root(), &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask bench [--pairs N] [--rounds N] [--live N] [--baseline ALLOCTRACE]\n       \
+                "usage: cargo xtask bench [--pairs N] [--rounds N] [--live N] [--baseline ALLOCTRACE] [--serve-seconds N] [--skip-torch yes]\n       \
                  cargo xtask gpu-check [--python PATH] [--write-docs]"
             );
             std::process::exit(2);
@@ -131,6 +131,8 @@ fn bench(args: &[String]) -> Result<()> {
     let mut rounds = 5;
     let mut live: u64 = 1_000_000;
     let mut baseline: Option<PathBuf> = None;
+    let mut serve_seconds: u64 = 60;
+    let mut skip_torch = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let v = it.next().context("flag needs a value")?;
@@ -139,6 +141,8 @@ fn bench(args: &[String]) -> Result<()> {
             "--rounds" => rounds = v.parse()?,
             "--live" => live = v.parse()?,
             "--baseline" => baseline = Some(PathBuf::from(v)),
+            "--serve-seconds" => serve_seconds = v.parse()?,
+            "--skip-torch" => skip_torch = v == "yes",
             _ => bail!("unknown flag {a}"),
         }
     }
@@ -283,7 +287,7 @@ fn bench(args: &[String]) -> Result<()> {
     .to_string();
     let py = root.join("xtask/bench/py_churn.py").display().to_string();
     let py_pairs = (pairs / 10).to_string();
-    let py_churn = vec![python, py, py_pairs];
+    let py_churn = vec![python.clone(), py, py_pairs];
     let py_configs: Vec<(&str, Vec<String>, bool)> = vec![
         ("python, untraced", py_churn.clone(), false),
         (
@@ -310,6 +314,13 @@ fn bench(args: &[String]) -> Result<()> {
             py_ns[i].0,
             py_ns[i].0 / py_ns[1].0
         );
+    }
+
+    deep_stacks(&root, &dir, &a, &t, rounds, &python)?;
+    if skip_torch {
+        println!("\nPyTorch serving loop: skipped (--skip-torch yes)");
+    } else {
+        torch_serving(&root, &a, &t, serve_seconds)?;
     }
 
     let live_argv = record(&[], &[w.clone(), "live".into(), live.to_string()]);
@@ -384,4 +395,257 @@ fn collect_shared_objects(dir: &Path, depth: u32, out: &mut Vec<(u64, PathBuf)>)
             out.push((meta.len(), path));
         }
     }
+}
+
+/// How each workload of the multi-mode benches is recorded: flags after `record`.
+const MODES: [(&str, &[&str]); 5] = [
+    ("untraced", &[]),
+    ("default (mappings, faults)", &[]),
+    ("exact heap (--heap)", &["--heap"]),
+    (
+        "sampled heap (--heap-sample 512 KiB)",
+        &["--heap", "--heap-sample", "524288"],
+    ),
+    (
+        "duty-cycled heap (--heap-budget 5)",
+        &["--heap", "--heap-budget", "5"],
+    ),
+];
+
+/// One run of a workload in each of `MODES`: its figure, the events lost, the tracer's peak
+/// RSS and what the report says, per mode.
+struct ModeRun {
+    figure: f64,
+    lost: u64,
+    peak_mb: f64,
+    leak_first: Option<bool>,
+}
+
+/// Runs `workload` in mode `i` of `MODES`, recording into `trace` with `alloctrace`; `key` names
+/// the figure the workload prints; `leak` the function a planted leak is made in.
+fn run_mode(
+    alloctrace: &str,
+    trace: &str,
+    i: usize,
+    workload: &[String],
+    key: &str,
+    leak: Option<&str>,
+) -> Result<ModeRun> {
+    let argv: Vec<String> = if i == 0 {
+        workload.to_vec()
+    } else {
+        let mut argv = vec![alloctrace.to_string(), "record".into()];
+        argv.extend(MODES[i].1.iter().map(|f| f.to_string()));
+        argv.extend(["-f".into(), "-o".into(), trace.to_string(), "--".into()]);
+        argv.extend(workload.iter().cloned());
+        argv
+    };
+    let (stdout, stderr) = run_measured(&argv)?;
+    let figure = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+        .with_context(|| format!("no {key} in {stdout:?}"))?;
+    if i == 0 {
+        return Ok(ModeRun {
+            figure,
+            lost: 0,
+            peak_mb: 0.0,
+            leak_first: None,
+        });
+    }
+    let lost = lost_events(Path::new(alloctrace), Path::new(trace))?;
+    let peak_mb = tracer_peak_kib(&stderr)? as f64 * 1024.0 / 1e6;
+    let leak_first = match leak {
+        Some(function) => Some(leak_ranked_first(alloctrace, trace, function)?),
+        None => None,
+    };
+    Ok(ModeRun {
+        figure,
+        lost,
+        peak_mb,
+        leak_first,
+    })
+}
+
+/// Whether the live stack with the most bytes, static memory (code, file mappings, thread
+/// stacks) aside, goes through `function`.
+fn leak_ranked_first(alloctrace: &str, trace: &str, function: &str) -> Result<bool> {
+    let out = Command::new(alloctrace)
+        .args(["report", "--format", "json", trace])
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("report json")?;
+    let mut stacks: Vec<&serde_json::Value> = json["stacks"]
+        .as_array()
+        .map(|s| s.iter().collect())
+        .unwrap_or_default();
+    stacks.retain(|s| !matches!(s["class"].as_str(), Some("mmap-file" | "thread-stack")));
+    stacks.sort_by_key(|s| std::cmp::Reverse(s["live_bytes"].as_u64().unwrap_or(0)));
+    Ok(stacks.first().is_some_and(|s| {
+        s["frames"].as_array().is_some_and(|f| {
+            f.iter()
+                .any(|f| f.as_str().is_some_and(|f| f.contains(function)))
+        })
+    }))
+}
+
+/// Runs `workload` in every mode, `rounds` times interleaved; prints a table of the median
+/// figure, its ratio to the untraced run (`higher_is_better`: a throughput), the events lost
+/// over all runs, the largest tracer peak RSS and whether the leak was ranked first.
+fn modes_table(
+    title: &str,
+    alloctrace: &str,
+    trace: &str,
+    rounds: usize,
+    workload: &[String],
+    (key, higher_is_better): (&str, bool),
+    leak: Option<&str>,
+) -> Result<()> {
+    let mut runs: Vec<Vec<ModeRun>> = (0..MODES.len()).map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, mode_runs) in runs.iter_mut().enumerate() {
+            mode_runs.push(run_mode(alloctrace, trace, i, workload, key, leak)?);
+        }
+    }
+    println!("\n{title} ({rounds} rounds interleaved, median):");
+    println!(
+        "{:<40} {:>12} {:>10} {:>8} {:>12} {:>12}",
+        "mode", key, "slowdown", "lost", "tracer MB", "leak first"
+    );
+    let median_of = |r: &[ModeRun]| median(r.iter().map(|m| m.figure).collect());
+    let untraced = median_of(&runs[0]);
+    for (i, mode_runs) in runs.iter().enumerate() {
+        let figure = median_of(mode_runs);
+        let slowdown = if higher_is_better {
+            untraced / figure
+        } else {
+            figure / untraced
+        };
+        let lost: u64 = mode_runs.iter().map(|m| m.lost).sum();
+        let peak = mode_runs.iter().map(|m| m.peak_mb).fold(0.0, f64::max);
+        let first = match mode_runs
+            .iter()
+            .map(|m| m.leak_first)
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(firsts) if !firsts.is_empty() => {
+                format!("{}/{}", firsts.iter().filter(|f| **f).count(), firsts.len())
+            }
+            _ => "-".to_string(),
+        };
+        println!(
+            "{:<40} {:>12.1} {:>10.2} {:>8} {:>12.1} {:>12}",
+            MODES[i].0,
+            figure,
+            slowdown,
+            if i == 0 {
+                "-".to_string()
+            } else {
+                lost.to_string()
+            },
+            peak,
+            first
+        );
+    }
+    Ok(())
+}
+
+/// Two threads making malloc/free pairs from 32768 distinct deep stacks: 1024 C++ call paths
+/// ten levels deep under 32 Python ones (`deep_stacks.cpp`, `deep_stacks.py`).
+fn deep_stacks(
+    root: &Path,
+    dir: &Path,
+    alloctrace: &str,
+    trace: &str,
+    rounds: usize,
+    python: &str,
+) -> Result<()> {
+    let lib = dir.join("libdeep_stacks.so");
+    run_ok(
+        Command::new("c++")
+            .args(["-O2", "-fno-omit-frame-pointer", "-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(root.join("xtask/bench/deep_stacks.cpp")),
+    )?;
+    let workload = vec![
+        python.to_string(),
+        root.join("xtask/bench/deep_stacks.py")
+            .display()
+            .to_string(),
+        lib.display().to_string(),
+        "2".into(),
+        "4".into(),
+        "40000".into(),
+    ];
+    modes_table(
+        "32768 distinct deep stacks (C++ and Python frames), 2 threads, ns per malloc/free pair",
+        alloctrace,
+        trace,
+        rounds,
+        &workload,
+        ("ns_per_pair", false),
+        None,
+    )
+}
+
+/// The venv with torch and transformers (`target/bench-venv`), made when absent: its Python,
+/// or None (said) when it cannot be made here.
+fn torch_python(root: &Path) -> Option<PathBuf> {
+    let venv = root.join("target/bench-venv");
+    let python = venv.join("bin/python");
+    let has_torch = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import torch, transformers"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_torch(&python) {
+        return Some(python);
+    }
+    println!(
+        "\nPyTorch serving loop: installing torch and transformers into {} ...",
+        venv.display()
+    );
+    let made = run_ok(Command::new("python3").arg("-m").arg("venv").arg(&venv)).is_ok()
+        && run_ok(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "torch",
+            "transformers",
+        ]))
+        .is_ok();
+    if made && has_torch(&python) {
+        Some(python)
+    } else {
+        println!("PyTorch serving loop: skipped (torch and transformers could not be installed)");
+        None
+    }
+}
+
+/// A tiny Llama served on the CPU for `seconds` with a per-request leak planted at
+/// `remember_request` (`torch_serve.py`): requests a second in each mode.
+fn torch_serving(root: &Path, alloctrace: &str, trace: &str, seconds: u64) -> Result<()> {
+    let Some(python) = torch_python(root) else {
+        return Ok(());
+    };
+    let workload = vec![
+        python.display().to_string(),
+        root.join("xtask/bench/torch_serve.py")
+            .display()
+            .to_string(),
+        seconds.to_string(),
+    ];
+    modes_table(
+        &format!(
+            "PyTorch CPU serving loop, {seconds} s (requests per second; slowdown = untraced / traced)"
+        ),
+        alloctrace,
+        trace,
+        1,
+        &workload,
+        ("requests_per_s", true),
+        Some("remember_request"),
+    )
 }

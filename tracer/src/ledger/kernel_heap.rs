@@ -1,8 +1,8 @@
 //! The heap blocks the kernel holds (`tracer-ebpf/src/heap_ledger.rs`): with exact `--heap` and
-//! frame-pointer heap stacks, the first block of each stack comes through the ring with its
-//! stack and a key; later blocks at that stack stay in the kernel, counted in the key's totals.
-//! This layer maps keys to ledger cells and, once a second and at the end, applies what the
-//! totals grew by since it last read them. The accounting rules are the ledger's own (module
+//! frame-pointer heap stacks, every block stays in the kernel, counted in its stack key's totals,
+//! and each stack comes through the ring once with its key. This layer maps keys to ledger cells
+//! and, once a second and at the end, applies what the totals grew by since it last read them;
+//! at the end, keys whose stacks never arrived are counted under one frame that says so. The accounting rules are the ledger's own (module
 //! `ledger`): a block counts from its allocation to its free, at its allocation's stack.
 //! The heap's peak is the kernel's, kept at every call over every block it knew.
 
@@ -21,6 +21,8 @@ pub trait KernelTotals: Send {
     fn forget(&mut self, key: u64);
     /// The heap's peak live bytes as the kernel counted them at every call.
     fn heap_peak(&self) -> Option<u64>;
+    /// Every key the kernel counts, with its totals.
+    fn all(&self) -> Vec<(u64, StackTotals)>;
 }
 
 /// A stack the kernel counts: its ledger cell and what was applied of its totals.
@@ -69,6 +71,20 @@ impl KernelHeap {
                 ledger.set_peak(Class::Heap, peak.max(ours));
             }
             None => {}
+        }
+    }
+
+    /// At the end: the keys the kernel counts whose stacks never arrived are registered at
+    /// `cell_of(pid)` and their totals applied, so that no byte stays in the kernel.
+    pub fn adopt_undelivered(
+        &mut self,
+        kernel: &dyn KernelTotals,
+        cell_of: &mut dyn FnMut(u32) -> u32,
+    ) {
+        for (key, totals) in kernel.all() {
+            if !self.stacks.contains_key(&key) {
+                self.register(key, totals.tgid, cell_of(totals.tgid));
+            }
         }
     }
 
@@ -121,6 +137,9 @@ mod tests {
         fn heap_peak(&self) -> Option<u64> {
             self.1
         }
+        fn all(&self) -> Vec<(u64, StackTotals)> {
+            self.0.iter().map(|(k, v)| (*k, *v)).collect()
+        }
     }
 
     fn totals(ab: u64, ac: u64, fb: u64, fc: u64) -> StackTotals {
@@ -129,6 +148,8 @@ mod tests {
             allocated_count: ac,
             freed_bytes: fb,
             freed_count: fc,
+            tgid: 7,
+            delivered: 1,
         }
     }
 
@@ -184,5 +205,59 @@ mod tests {
         assert!(!kernel.0.contains_key(&1) && heap.stacks() == 1);
         heap.sync(&mut ledger, &kernel, true);
         assert_eq!(ledger.totals(Class::Heap).live_bytes, 50);
+    }
+}
+
+#[cfg(test)]
+mod adopt_tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::ledger::CellRef;
+
+    struct Kernel(HashMap<u64, StackTotals>);
+
+    impl KernelTotals for Kernel {
+        fn read(&self, key: u64) -> Option<StackTotals> {
+            self.0.get(&key).copied()
+        }
+        fn forget(&mut self, key: u64) {
+            self.0.remove(&key);
+        }
+        fn heap_peak(&self) -> Option<u64> {
+            None
+        }
+        fn all(&self) -> Vec<(u64, StackTotals)> {
+            self.0.iter().map(|(k, v)| (*k, *v)).collect()
+        }
+    }
+
+    #[test]
+    fn stacks_that_never_arrived_are_counted_at_the_end_under_their_process() {
+        let mut ledger = Ledger::new();
+        let known = ledger.cell_of(CellRef::new(7, Class::Heap, Some(1)));
+        let unknown = ledger.cell_of(CellRef::new(9, Class::Heap, Some(2)));
+        let mut heap = KernelHeap::default();
+        heap.register(1, 7, known);
+        let totals = |tgid, bytes| StackTotals {
+            allocated_bytes: bytes,
+            allocated_count: 1,
+            tgid,
+            ..StackTotals::default()
+        };
+        let kernel = Kernel(HashMap::from([(1, totals(7, 100)), (2, totals(9, 40))]));
+        let mut asked = Vec::new();
+        heap.adopt_undelivered(&kernel, &mut |pid| {
+            asked.push(pid);
+            unknown
+        });
+        assert_eq!(
+            asked,
+            [9],
+            "only the key whose stack never came, by its process"
+        );
+        heap.sync(&mut ledger, &kernel, true);
+        assert_eq!(ledger.totals(Class::Heap).live_bytes, 140);
+        assert_eq!(ledger.live_of(9, |c| c == Class::Heap), 40);
     }
 }

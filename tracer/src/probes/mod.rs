@@ -851,6 +851,10 @@ impl KernelTotals for KernelLedgerMaps {
     fn heap_peak(&self) -> Option<u64> {
         self.live.get(&0, 0).ok().map(|live| live.peak)
     }
+
+    fn all(&self) -> Vec<(u64, StackTotals)> {
+        self.totals.iter().filter_map(Result::ok).collect()
+    }
 }
 
 /// The system's page size.

@@ -560,6 +560,7 @@ impl Recorder {
             }
         }
         self.sink.cuda.finish(&mut self.sink.ledger);
+        self.sink.adopt_undelivered_heap();
         self.exits.finish();
         self.commit()?;
         self.writer.set_exits(&self.exits.ended)?;

@@ -32,6 +32,9 @@ use crate::{
     },
 };
 
+/// The frame of the heap stacks whose names never reached user space.
+pub const STACK_NOT_RECEIVED: &str = "[stack not received: the ring was full each time]";
+
 /// User-space loss causes, besides the kernel's `drop_cause::NAMES`.
 const UNDECODABLE: &str = "undecodable_record";
 
@@ -143,6 +146,7 @@ impl EventSink {
         self.events += 1;
         match events::decode(record) {
             Some(Event::Alloc(ev, stack)) => self.heap_alloc(&ev, &stack),
+            Some(Event::HeapStack(ev, stack)) => self.heap_stack(&ev, &stack),
             Some(Event::Free(ev)) => {
                 self.ledger.free(ev.tgid, ev.addr);
                 if self.torch.has_pinned() {
@@ -222,11 +226,15 @@ impl EventSink {
         } else {
             self.ledger.alloc(ev.tgid, ev.addr, bytes, at);
         }
-        if ev.stack_key != 0 {
-            // The first block at a stack the kernel counts from now on.
-            let cell = self.ledger.cell_of(at);
-            self.kernel_heap.register(ev.stack_key, ev.tgid, cell);
-        }
+    }
+
+    /// The stack of a key the kernel's heap ledger counts: its blocks go to that stack's cell.
+    fn heap_stack(&mut self, ev: &AllocEvent, stack: &RawStack) {
+        let stack = self.stack_of(ev.tgid, stack);
+        let cell = self
+            .ledger
+            .cell_of(CellRef::new(ev.tgid, Class::Heap, stack));
+        self.kernel_heap.register(ev.stack_key, ev.tgid, cell);
     }
 
     /// Reads what the kernel's heap ledger counted (`set_kernel_totals`) since the last call;
@@ -235,6 +243,21 @@ impl EventSink {
         if let Some(kernel) = self.kernel_totals.as_deref() {
             self.kernel_heap.sync(&mut self.ledger, kernel, complete);
         }
+    }
+
+    /// At the end: stacks the kernel counted whose names never reached user space (the ring had
+    /// no room each time one of their blocks came) are counted under one frame that says so.
+    pub fn adopt_undelivered_heap(&mut self) {
+        let Some(kernel) = self.kernel_totals.as_deref() else {
+            return;
+        };
+        let (stacks, ledger) = (&mut self.stacks, &mut self.ledger);
+        let mut cell_of = |pid: u32| {
+            let frame = stacks.python_frame(STACK_NOT_RECEIVED.to_string());
+            let stack = stacks.intern(pid, &[frame], 0);
+            ledger.cell_of(CellRef::new(pid, Class::Heap, stack))
+        };
+        self.kernel_heap.adopt_undelivered(kernel, &mut cell_of);
     }
 
     /// The kernel keeps a heap ledger: its totals are read from `kernel`.

@@ -760,7 +760,7 @@ fn text_stack_capture(out: &mut String, rec: &Recorded) {
         };
         let _ = writeln!(
             out,
-            "Heap blocks after the first of each stack were held and counted in the kernel ({}){full}",
+            "Heap blocks were held and counted in the kernel, each stack sent once ({}){full}",
             count_of(s.kernel_heap_stacks, "stack")
         );
     }
