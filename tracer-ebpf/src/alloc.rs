@@ -12,7 +12,7 @@ use crate::{
     inflight::{self, CallKind, call_in_flight},
     maps::{CALL_INFLIGHT, RUNTIME_INFLIGHT, SCRATCH, scratch},
     ring::{Wakeup, output_event, output_record, try_output_record},
-    stack::{StackBudget, StackStart, capture, emit_with_stack},
+    stack::{StackBudget, StackStart, capture, emit_with_stack, ring_fuller_than},
 };
 
 const ENOMEM: i32 = 12;
@@ -177,7 +177,15 @@ fn hold_or_emit(record: &mut StackRecord<AllocEvent>, start: StackStart) {
     let bytes = capture(record, start, StackBudget::Heap);
     let ev = &mut record.event;
     let generation = heap_ledger::generation(ev.tgid);
-    let key = heap_ledger::stack_key(ev.tgid, generation, ev.stack_flags, &record.stack, bytes);
+    let covered = heap_ledger::key_frames(ev.tgid);
+    let frames = (usize::from(ev.nframes), bytes);
+    let key = heap_ledger::stack_key(
+        (ev.tgid, generation),
+        ev.stack_flags,
+        &record.stack,
+        frames,
+        covered,
+    );
     let held = heap_ledger::hold(ev.tgid, generation, ev.addr, ev.size, key);
     if held != Held::Full && ev.origin != 0 {
         // A realloc of a block the kernel did not hold: its release goes to user space.
@@ -185,13 +193,18 @@ fn hold_or_emit(record: &mut StackRecord<AllocEvent>, start: StackStart) {
     }
     match held {
         Held::Yes => {}
-        Held::Undelivered => {
+        // Stacks wait while the ring is half full: the events that cannot wait (failures,
+        // mappings, frees user space holds) keep their room.
+        Held::Undelivered if !ring_fuller_than(2) => {
             ev.kind = event_kind::HEAP_STACK;
             ev.stack_key = key;
+            // The native frames the key covers: user space keeps only those.
+            ev.aux = covered as u64;
             if try_output_record(record, bytes) {
                 heap_ledger::delivered(key);
             }
         }
+        Held::Undelivered => {}
         Held::Full => {
             output_record(record, bytes);
         }

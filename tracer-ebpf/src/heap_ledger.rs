@@ -23,15 +23,26 @@ use tracer_common::{
 use crate::{
     diag,
     maps::{
-        HEAP_DUTY_CYCLED, HEAP_KERNEL_LEDGER, HEAP_LIVE, HELD_BLOCKS, LEDGER_STATS, PROCESS_HEAP,
-        STACK_TOTALS, TARGETS, global,
+        HEAP_DUTY_CYCLED, HEAP_KERNEL_LEDGER, HEAP_LIVE, HELD_BLOCKS, KEY_FRAMES, LEDGER_STATS,
+        PROCESS_HEAP, STACK_TOTALS, TARGETS, global,
     },
+    stack::forget_value,
 };
 
 const EEXIST: i32 = 17;
 
-/// Words a stack key covers at most: the native frames and two words per Python frame.
-const KEY_WORDS: usize = MAX_FRAMES + 2 * MAX_PY_FRAMES;
+/// Python frames' words a stack key covers at most (two per frame).
+const KEY_PY_WORDS: usize = 2 * MAX_PY_FRAMES;
+
+/// The native frames the stack keys of `tgid` cover (`KEY_FRAMES`; all by default).
+#[inline(always)]
+pub fn key_frames(tgid: u32) -> usize {
+    // SAFETY: a lookup of a plain value.
+    match unsafe { KEY_FRAMES.get(tgid) } {
+        Some(&n) => n as usize,
+        None => MAX_FRAMES,
+    }
+}
 
 /// Whether the kernel keeps the heap ledger in this recording.
 #[inline(always)]
@@ -52,18 +63,40 @@ fn mix(h: u64) -> u64 {
     h ^ (h >> 29)
 }
 
-/// The key of a stack: its first `bytes` bytes of words (frames, then Python frames) and flags,
-/// mixed with the process and its image generation (an exec'd image's stacks get new keys, so
-/// that user space can retire the old image's). Never 0 (0 is "no key" in `AllocEvent`).
+/// The key of a stack of `nframes` native frames then Python frames up to `bytes` bytes:
+/// its first `covered` native frames, its Python frames and flags, mixed with the process and its
+/// image generation (an exec'd image's stacks get new keys, so that user space can retire the old
+/// image's). Never 0 (0 is "no key" in `AllocEvent`).
 #[inline(always)]
-pub fn stack_key(tgid: u32, generation: u32, flags: u16, area: &StackArea, bytes: usize) -> u64 {
+pub fn stack_key(
+    (tgid, generation): (u32, u32),
+    flags: u16,
+    area: &StackArea,
+    (nframes, bytes): (usize, usize),
+    covered: usize,
+) -> u64 {
     let mut h = mix((u64::from(tgid) << 32 | u64::from(generation)) ^ 0x5bd1_e995);
-    let words = bytes / 8;
-    for i in 0..KEY_WORDS {
-        if i >= words {
+    h = mix(h ^ covered as u64);
+    // Each bound is laundered (`forget_value`): the walk before knows the frame count exactly
+    // on each of its paths, and a loop's exit pins its bound; verified with a known bound, the
+    // loops would be verified once per frame count, and the program would be too large.
+    let native_end = forget_value(nframes.min(covered));
+    for i in 0..MAX_FRAMES {
+        if i >= native_end {
             break;
         }
         h = mix(h ^ area[i]);
+    }
+    // The Python words follow the native frames. The index is masked so that the verifier
+    // sees it bounded (a sum with the frame count would not be).
+    let start = forget_value(nframes);
+    let words = bytes / 8;
+    for j in 0..KEY_PY_WORDS {
+        let at = (start + j) & 0x7f;
+        if at >= words || at < start {
+            break;
+        }
+        h = mix(h ^ area[at]);
     }
     let h = mix(h ^ u64::from(flags));
     if h == 0 { 1 } else { h }

@@ -120,6 +120,12 @@ pub static HELD_BLOCKS: HashMap<BlockKey, HeldBlock> =
 pub static STACK_TOTALS: HashMap<u64, StackTotals> =
     HashMap::with_max_entries(heap_ledger::STACKS, BPF_F_NO_PREALLOC);
 
+/// The kernel's heap ledger: native frames a stack key covers, by tgid (user space sets it for
+/// a process whose frame-pointer walks run into code built without frame pointers, where every
+/// frame past the first is whatever the stack held: keys would never repeat). Absent: all.
+#[map]
+pub static KEY_FRAMES: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
 /// The kernel's heap ledger: live heap bytes of every traced process together, and their peak
 /// (one entry).
 #[map]

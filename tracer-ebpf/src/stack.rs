@@ -121,7 +121,7 @@ pub fn capture<E: StackEvent>(
 /// `value`, as a number the verifier knows nothing about. After a stack walk, the stack's
 /// length differs on every path; the Python walk after it would be verified once per length.
 #[inline(always)]
-fn forget_value(value: usize) -> usize {
+pub fn forget_value(value: usize) -> usize {
     let Some(slot) = LAUNDRY.get_ptr_mut(0) else {
         return value;
     };
@@ -138,6 +138,12 @@ fn forget_value(value: usize) -> usize {
 fn finish_stack(area: &mut StackArea, bytes: usize, flags: &mut u16) -> usize {
     let at = forget_value(bytes);
     at + python::append_frames(area, at, flags)
+}
+
+/// Whether the ring holds more than `size / divisor` bytes not yet read.
+#[inline(always)]
+pub fn ring_fuller_than(divisor: u64) -> bool {
+    EVENTS.query(BPF_RB_AVAIL_DATA as u64) > EVENTS.query(BPF_RB_RING_SIZE as u64) / divisor
 }
 
 /// Whether the ring is over a quarter full (a burst of events): a stack copy, thousands of

@@ -349,6 +349,7 @@ struct HeapLink {
     id: UProbeLinkId,
     role: HeapRole,
     is_return: bool,
+    func: HeapFn,
 }
 
 /// An attachment taken out of its program, to be closed on any thread.
@@ -617,6 +618,7 @@ impl Probes {
                 id,
                 role,
                 is_return,
+                func: hook.func,
             });
         }
         Ok(())
@@ -648,6 +650,17 @@ impl Probes {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// The kernel heap ledger's stack keys for `pid` cover its allocator's caller alone (and
+    /// the Python frames): its frame-pointer walks run through code without frame pointers.
+    pub fn shorten_heap_keys(&mut self, pid: u32) -> Result<(), ProbeError> {
+        let map = (self.ebpf.map_mut("KEY_FRAMES"))
+            .ok_or_else(|| ProbeError::Load("KEY_FRAMES map missing".into()))?;
+        let mut map: AyaHashMap<&mut MapData, u32, u32> =
+            AyaHashMap::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
+        map.insert(pid, 1, 0)
+            .map_err(|e| ProbeError::Load(chain(&e)))
+    }
+
     /// Duty-cycled heap: opens or closes the `role` window's edge in the kernel (the probes
     /// record from the moment it opens to the moment it closes, whatever attaching and
     /// detaching them takes).
@@ -666,29 +679,28 @@ impl Probes {
             .map_err(|e| load_err(&e))
     }
 
-    /// Duty-cycled heap: detaches the probes of `role` — for allocations, entries before returns,
-    /// so that a call in flight still finds its return probe.
+    /// Duty-cycled heap: detaches the probes of `role`, on a thread: the kernel waits tens of
+    /// milliseconds per detach (docs/performance.md), one after another, while the recorder
+    /// goes on draining (the window's edge in the kernel is closed already: they record
+    /// nothing more). The hottest go first, so that their traps stop soonest: malloc's entry
+    /// (no entry, no return trap), then the other entries, then the returns.
     pub fn close_heap(&mut self, role: HeapRole) {
-        for returns in [false, true] {
-            let (closing, kept): (Vec<HeapLink>, Vec<HeapLink>) =
-                std::mem::take(&mut self.heap_links)
-                    .into_iter()
-                    .partition(|l| l.role == role && l.is_return == returns);
-            self.heap_links = kept;
-            let links: Vec<UProbeLink> = closing
+        let (mut closing, kept): (Vec<HeapLink>, Vec<HeapLink>) =
+            std::mem::take(&mut self.heap_links)
                 .into_iter()
-                .filter_map(|l| self.program(l.program).ok()?.take_link(l.id).ok())
-                .collect();
-            // The kernel takes tens of milliseconds per detach (docs/performance.md): on a
-            // thread of their own, so that the recorder goes on draining meanwhile. The window's
-            // edge in the kernel already closed; the probes record nothing more.
-            match std::thread::Builder::new()
-                .name("heap-detach".into())
-                .spawn(move || close_in_parallel(links))
-            {
-                Ok(handle) => self.heap_detaching.push(handle),
-                Err(e) => log::debug!("detaching on the recorder's thread: {e}"),
-            }
+                .partition(|l| l.role == role);
+        self.heap_links = kept;
+        closing.sort_by_key(|l| (l.is_return, l.func != HeapFn::Malloc));
+        let links: Vec<UProbeLink> = closing
+            .into_iter()
+            .filter_map(|l| self.program(l.program).ok()?.take_link(l.id).ok())
+            .collect();
+        match std::thread::Builder::new()
+            .name("heap-detach".into())
+            .spawn(move || links.into_iter().for_each(drop))
+        {
+            Ok(handle) => self.heap_detaching.push(handle),
+            Err(e) => log::debug!("detached on the recorder's thread: {e}"),
         }
         match role {
             HeapRole::Alloc => self.heap_attached.alloc = false,

@@ -96,6 +96,10 @@ impl Stop {
     }
 }
 
+/// How long one poll, and one tick, may spend applying ring records before the loop moves on.
+const DRAIN_PER_POLL: Duration = Duration::from_millis(50);
+const DRAIN_PER_TICK: Duration = Duration::from_millis(200);
+
 /// What the loop waits on.
 pub struct EventSources {
     /// When to look into the ring.
@@ -309,11 +313,32 @@ impl Recorder {
         }
     }
 
+    /// Applies the records in the ring for at most `budget`: a burst (thousands of new stacks
+    /// to name) must not hold up what the loop does on time (a duty-cycled heap's windows, the
+    /// commit); the next poll goes on where this one stopped.
+    fn drain_for(&mut self, budget: Duration) {
+        let started = Instant::now();
+        while let Some(batch) = self.reader.next_batch() {
+            self.sink.apply_batch(&batch);
+            if started.elapsed() >= budget {
+                break;
+            }
+        }
+    }
+
+    /// Moves a duty-cycled heap's windows on.
+    fn poll_duty(&mut self) {
+        if let Some(duty) = self.duty.as_mut() {
+            duty.poll(&mut self.probes, &self.processes.live);
+        }
+    }
+
     /// The ring may hold records: applies them, then acts on what they said (code mapped,
     /// processes forked, exec'd or exited, opaque CUDA calls). Stops once the target and its
     /// followed children have all exited.
     fn on_ring_poll(&mut self) -> anyhow::Result<Option<String>> {
-        self.drain();
+        self.poll_duty();
+        self.drain_for(DRAIN_PER_POLL);
         if self.exits.has_pending() {
             self.exits.resolve();
         }
@@ -329,8 +354,17 @@ impl Recorder {
         let allocator = self.allocator.as_ref();
         self.processes
             .attach_after_exec(allocator, &mut self.probes);
-        if let Some(duty) = self.duty.as_mut() {
-            duty.poll(&mut self.probes, &self.processes.live);
+        self.poll_duty();
+        for pid in self.sink.take_short_key_requests() {
+            // Each walk past the allocator's caller would make a key of its own.
+            match self.probes.shorten_heap_keys(pid) {
+                Ok(()) => log::warn!(
+                    "PID {pid}: its heap stacks run through code without frame pointers: kept as \
+                     the allocator's caller and the Python frames (--stack dwarf unwinds them, \
+                     block by block in user space)"
+                ),
+                Err(e) => log::warn!("PID {pid}: heap stack keys not shortened: {e}"),
+            }
         }
         // Right after an opaque driver call (context, module, graph), while what it
         // allocated for itself is new.
@@ -388,7 +422,7 @@ impl Recorder {
         for &p in &self.processes.live {
             hook_cuda(p, &mut self.probes, &mut self.cuda_hooked);
         }
-        self.drain();
+        self.drain_for(DRAIN_PER_TICK);
         if let Some(source) = self.gpu.as_mut() {
             let live = &self.processes.live;
             sample_gpu(

@@ -80,6 +80,10 @@ pub struct EventSink {
     proc_events: Vec<ProcEvent>,
     /// What `--max-memory` made the sink give up.
     pub shed: Shed,
+    /// Heap stack walks judged per process (walks, walks with frames that are not return
+    /// addresses), and the processes whose keys are to be shortened.
+    walks: HashMap<u32, (u32, u32)>,
+    short_keys: Vec<u32>,
 }
 
 /// What the sink gave up to stay within `--max-memory`.
@@ -131,6 +135,8 @@ impl EventSink {
             unwinds_truncated: 0,
             proc_events: Vec::new(),
             shed: Shed::default(),
+            walks: HashMap::new(),
+            short_keys: Vec::new(),
         }
     }
 
@@ -230,7 +236,8 @@ impl EventSink {
 
     /// The stack of a key the kernel's heap ledger counts: its blocks go to that stack's cell.
     fn heap_stack(&mut self, ev: &AllocEvent, stack: &RawStack) {
-        let stack = self.stack_of(ev.tgid, stack);
+        let covered = usize::try_from(ev.aux).unwrap_or(usize::MAX);
+        let stack = self.heap_stack_of(ev.tgid, stack, covered);
         let cell = self
             .ledger
             .cell_of(CellRef::new(ev.tgid, Class::Heap, stack));

@@ -177,6 +177,16 @@ impl FrameNamer {
         frames
     }
 
+    /// Whether `ip` can be a return address: in a mapped file, right after a call instruction
+    /// (a frame-pointer walk through code built without frame pointers finds whatever the stack
+    /// held instead).
+    pub fn is_return_address(&mut self, ip: u64) -> bool {
+        if self.mapping_of(ip).is_none() {
+            self.refresh();
+        }
+        self.follows_call(ip)
+    }
+
     /// Whether the code just before `ip` is a call instruction (read from the mapped file).
     fn follows_call(&mut self, ip: u64) -> bool {
         if let Some(&known) = self.after_call.get(&ip) {

@@ -59,6 +59,54 @@ impl EventSink {
         self.stacks.intern(pid, &self.ips, flags)
     }
 
+    /// The stack of a heap stack key that covers the first `covered` native frames (all, unless
+    /// the process's keys were shortened): those and the Python frames. Walks whose frames past
+    /// the first are not return addresses are counted per process: where most are, the walks run
+    /// through code without frame pointers, and the process's keys are to be shortened
+    /// (`take_short_key_requests`).
+    pub(super) fn heap_stack_of(
+        &mut self,
+        pid: u32,
+        stack: &RawStack,
+        covered: usize,
+    ) -> Option<StackIndex> {
+        if self.shed.collapse {
+            return self.stack_of(pid, stack);
+        }
+        let flags = self.native_stack(pid, stack);
+        if covered < self.ips.len() {
+            self.ips.truncate(covered);
+        } else {
+            self.judge_walk(pid);
+        }
+        self.merge_python(pid, stack);
+        self.stacks.intern(pid, &self.ips, flags)
+    }
+
+    /// Counts whether the native frames in `self.ips` past the first are all return addresses;
+    /// asks for short keys for `pid` once a quarter of its first `WALKS_JUDGED` walks were not.
+    fn judge_walk(&mut self, pid: u32) {
+        const WALKS_JUDGED: u32 = 64;
+        let judged = self.walks.entry(pid).or_default();
+        if judged.0 >= WALKS_JUDGED {
+            return;
+        }
+        let namer = namer_of(&mut self.namers, pid);
+        let broken = (self.ips.iter().skip(1))
+            .filter(|&&ip| !StackTable::is_python_frame(ip))
+            .any(|&ip| !namer.is_return_address(ip));
+        judged.0 += 1;
+        judged.1 += u32::from(broken);
+        if judged.0 == WALKS_JUDGED && judged.1 * 4 >= WALKS_JUDGED {
+            self.short_keys.push(pid);
+        }
+    }
+
+    /// Processes whose heap stack keys should cover the allocator's caller alone.
+    pub fn take_short_key_requests(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.short_keys)
+    }
+
     /// Over `--max-memory`: what can be read again is dropped (unwind tables, symbols, the
     /// processes' frame namers). Called right after the new stacks were taken (named).
     pub fn drop_caches(&mut self) {
