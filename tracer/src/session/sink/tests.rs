@@ -276,6 +276,9 @@ fn blocks_the_kernel_holds_count_at_their_stack_and_go_with_an_exec() {
     let at = std::mem::offset_of!(AllocEvent, stack_key);
     stack[at..at + 8].copy_from_slice(&77u64.to_ne_bytes());
     stack[..4].copy_from_slice(&event_kind::HEAP_STACK.to_ne_bytes());
+    // Its key covers every native frame.
+    let aux = std::mem::offset_of!(AllocEvent, aux);
+    stack[aux..aux + 8].copy_from_slice(&64u64.to_ne_bytes());
     sink.apply(&stack);
     assert_eq!(live(&sink, Class::Heap), (0, 0), "the kernel counts it");
     totals.lock().unwrap().insert(
