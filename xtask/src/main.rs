@@ -475,13 +475,15 @@ fn leak_ranked_first(alloctrace: &str, trace: &str, function: &str) -> Result<bo
     let first_survivor = text
         .split_once("Heap survivors (duty-cycled)")
         .and_then(|(_, rest)| rest.lines().nth(1).map(str::to_string));
-    let first_growing = text.split_once("top growing stacks:").and_then(|(_, rest)| {
-        rest.lines()
-            .skip(1)
-            .take_while(|l| l.starts_with("    "))
-            .find(|l| !l.contains("mmap-file:") && !l.contains("thread-stack:"))
-            .map(str::to_string)
-    });
+    let first_growing = text
+        .split_once("top growing stacks:")
+        .and_then(|(_, rest)| {
+            rest.lines()
+                .skip(1)
+                .take_while(|l| l.starts_with("    "))
+                .find(|l| !l.contains("mmap-file:") && !l.contains("thread-stack:"))
+                .map(str::to_string)
+        });
     Ok(first_survivor
         .or(first_growing)
         .is_some_and(|line| line.contains(function)))

@@ -206,31 +206,6 @@ mod tests {
         heap.sync(&mut ledger, &kernel, true);
         assert_eq!(ledger.totals(Class::Heap).live_bytes, 50);
     }
-}
-
-#[cfg(test)]
-mod adopt_tests {
-    use std::collections::HashMap;
-
-    use super::*;
-    use crate::ledger::CellRef;
-
-    struct Kernel(HashMap<u64, StackTotals>);
-
-    impl KernelTotals for Kernel {
-        fn read(&self, key: u64) -> Option<StackTotals> {
-            self.0.get(&key).copied()
-        }
-        fn forget(&mut self, key: u64) {
-            self.0.remove(&key);
-        }
-        fn heap_peak(&self) -> Option<u64> {
-            None
-        }
-        fn all(&self) -> Vec<(u64, StackTotals)> {
-            self.0.iter().map(|(k, v)| (*k, *v)).collect()
-        }
-    }
 
     #[test]
     fn stacks_that_never_arrived_are_counted_at_the_end_under_their_process() {
@@ -245,7 +220,10 @@ mod adopt_tests {
             tgid,
             ..StackTotals::default()
         };
-        let kernel = Kernel(HashMap::from([(1, totals(7, 100)), (2, totals(9, 40))]));
+        let kernel = Fake(
+            HashMap::from([(1, totals(7, 100)), (2, totals(9, 40))]),
+            None,
+        );
         let mut asked = Vec::new();
         heap.adopt_undelivered(&kernel, &mut |pid| {
             asked.push(pid);
