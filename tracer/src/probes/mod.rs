@@ -3,7 +3,12 @@
 mod kernel_log;
 pub mod resolve;
 
-use std::{io, num::NonZeroU32, time::Duration};
+use std::{
+    io,
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -312,6 +317,8 @@ pub struct Probes {
     heap_attached: HeapRoles,
     /// Threads detaching a closed window's probes.
     heap_detaching: Vec<std::thread::JoinHandle<()>>,
+    /// The window flags, once taken out of the object (`heap_window_flags`).
+    heap_window: Option<HeapWindowFlags>,
 }
 
 /// What a heap attachment does in a duty-cycled window: allocation probes are on for the
@@ -320,6 +327,25 @@ pub struct Probes {
 pub enum HeapRole {
     Alloc,
     Free,
+}
+
+/// The duty-cycled heap's window flags in the kernel (`HEAP_WINDOW`), shared between the
+/// recorder's loop and the thread that closes windows on time.
+#[derive(Clone)]
+pub struct HeapWindowFlags(Arc<Mutex<Array<MapData, u32>>>);
+
+impl HeapWindowFlags {
+    /// Opens or closes the `role` window.
+    pub fn set(&self, role: HeapRole, open: bool) -> Result<(), ProbeError> {
+        let which = match role {
+            HeapRole::Alloc => heap_window::ALLOC,
+            HeapRole::Free => heap_window::FREE,
+        };
+        let mut windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        windows
+            .set(which, u32::from(open), 0)
+            .map_err(|e| ProbeError::Load(chain(&e)))
+    }
 }
 
 /// Which heap roles are attached.
@@ -453,6 +479,7 @@ impl Probes {
             heap_sites: Vec::new(),
             heap_attached: HeapRoles::default(),
             heap_detaching: Vec::new(),
+            heap_window: None,
         })
     }
 
@@ -665,18 +692,21 @@ impl Probes {
     /// record from the moment it opens to the moment it closes, whatever attaching and
     /// detaching them takes).
     pub fn set_heap_window(&mut self, role: HeapRole, open: bool) -> Result<(), ProbeError> {
-        let load_err = |e: &dyn std::error::Error| ProbeError::Load(e.to_string());
-        let map = (self.ebpf.map_mut("HEAP_WINDOW"))
+        self.heap_window_flags()?.set(role, open)
+    }
+
+    /// The duty-cycled heap's window flags, shared: a window closes on time from a thread of
+    /// its own, whatever the recorder's loop is busy with.
+    pub fn heap_window_flags(&mut self) -> Result<HeapWindowFlags, ProbeError> {
+        if let Some(flags) = &self.heap_window {
+            return Ok(flags.clone());
+        }
+        let map = (self.ebpf.take_map("HEAP_WINDOW"))
             .ok_or_else(|| ProbeError::Load("HEAP_WINDOW map missing".into()))?;
-        let mut windows: Array<&mut MapData, u32> =
-            Array::try_from(map).map_err(|e| load_err(&e))?;
-        let which = match role {
-            HeapRole::Alloc => heap_window::ALLOC,
-            HeapRole::Free => heap_window::FREE,
-        };
-        windows
-            .set(which, u32::from(open), 0)
-            .map_err(|e| load_err(&e))
+        let array = Array::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
+        let flags = HeapWindowFlags(Arc::new(Mutex::new(array)));
+        self.heap_window = Some(flags.clone());
+        Ok(flags)
     }
 
     /// Duty-cycled heap: detaches the probes of `role`, on a thread: the kernel waits tens of

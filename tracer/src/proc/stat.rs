@@ -55,7 +55,7 @@ pub fn parse_stat(text: &str) -> Stat {
         cpu_ticks: field(14)
             .and_then(|f| f.parse::<u64>().ok())
             .zip(field(15).and_then(|f| f.parse::<u64>().ok()))
-            .map(|(user, system)| user + system),
+            .map(|(user, system)| user.saturating_add(system)),
     }
 }
 
@@ -97,6 +97,16 @@ mod tests {
         assert!(parse_stat(&line("x", "Z", 0, 0)).has_exited());
         assert!(parse_stat(&line("x", "X", 0, 0)).has_exited());
         assert!(parse_stat(&line("kthreadd", "S", PF_KTHREAD | 0x40, 0)).is_kernel_thread());
+    }
+
+    /// Found by the fuzzer: fields are the file's, whatever they hold.
+    #[test]
+    fn cpu_time_past_u64_saturates() {
+        let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+        fields[11] = u64::MAX.to_string();
+        fields[12] = u64::MAX.to_string();
+        let stat = parse_stat(&format!("1 (x) {}", fields.join(" ")));
+        assert_eq!(stat.cpu_ticks, Some(u64::MAX));
     }
 
     #[test]

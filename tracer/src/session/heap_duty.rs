@@ -11,13 +11,16 @@
 //! its window (and the malloc probe's detach) and by about `(f/2) / (1 − f/2)` for its grace
 //! (frees alone); the period between windows spreads that within the budget (`duty_for`).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
 
 use tracer_common::ledger_stat;
 
 use crate::{
     model::HeapDuty,
-    probes::{HeapRole, Probes},
+    probes::{HeapRole, HeapWindowFlags, Probes},
     proc::stat,
 };
 
@@ -64,6 +67,7 @@ enum State {
 pub struct DutyCycle {
     opts: DutyOptions,
     state: State,
+    clock: WindowClock,
     figures: HeapDuty,
     ticks_per_s: f64,
 }
@@ -73,8 +77,16 @@ impl DutyCycle {
     pub fn start(opts: DutyOptions, probes: &mut Probes, pids: &[u32]) -> DutyCycle {
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let flags = match probes.heap_window_flags() {
+            Ok(flags) => Some(flags),
+            Err(e) => {
+                log::warn!("duty-cycled heap: windows close when the recorder gets to them: {e}");
+                None
+            }
+        };
         let mut cycle = DutyCycle {
             opts,
+            clock: WindowClock::start(flags),
             state: State::Closed {
                 next: Instant::now(),
             },
@@ -100,12 +112,18 @@ impl DutyCycle {
                 mark,
                 calls,
                 cpu_ticks: ticks,
-            } if now >= mark + self.opts.window => {
-                self.measure(probes, pids, now - mark, (calls, ticks));
+            } => {
+                let Some((ended, ticks_then)) = self.clock.ended(pids) else {
+                    return;
+                };
+                self.measure(probes, ended - mark, (calls, ticks), ticks_then);
                 if self.opts.duty < 1.0 {
-                    self.close(probes, since);
+                    self.close(probes, since, ended);
                 } else {
-                    // Always on, for now: measured again after another window's time.
+                    // Always on, for now: open again at once, measured again after another
+                    // window's time.
+                    window_edge(probes, HeapRole::Alloc, true);
+                    self.clock.schedule(now + self.opts.window, pids);
                     self.state = State::Open {
                         since,
                         mark: now,
@@ -147,6 +165,7 @@ impl DutyCycle {
         }
         self.figures.windows += 1;
         let now = Instant::now();
+        self.clock.schedule(now + self.opts.window, pids);
         self.state = State::Open {
             since: now,
             mark: now,
@@ -156,10 +175,12 @@ impl DutyCycle {
     }
 
     /// What the probes cost over the last `span`, from the heap calls and CPU ticks counted at
-    /// its start; with a budget, the duty that keeps within it.
-    fn measure(&mut self, probes: &Probes, pids: &[u32], span: Duration, at_mark: (u64, u64)) {
+    /// its start and the CPU ticks at its end; with a budget, the duty that keeps within it.
+    fn measure(&mut self, probes: &Probes, span: Duration, at_mark: (u64, u64), ticks: u64) {
+        // The probes count no call once the window's edge closed: read now, it is the
+        // window's count.
         let calls = heap_calls(probes).saturating_sub(at_mark.0);
-        let cpu_s = cpu_ticks(pids).saturating_sub(at_mark.1) as f64 / self.ticks_per_s;
+        let cpu_s = ticks.saturating_sub(at_mark.1) as f64 / self.ticks_per_s;
         let share = probe_share(calls, cpu_s);
         self.figures.calls_per_s = calls as f64 / span.as_secs_f64().max(1e-6);
         self.figures.probe_share = share;
@@ -169,24 +190,92 @@ impl DutyCycle {
         }
     }
 
-    /// Ends the window opened at `since`: allocation probes off, free probes for the grace.
-    fn close(&mut self, probes: &mut Probes, since: Instant) {
-        window_edge(probes, HeapRole::Alloc, false);
-        let closed = Instant::now();
-        let on = closed - since;
+    /// The window opened at `since` ended at `ended` (its edge closed): its allocation probes
+    /// are detached, the free probes kept for the grace.
+    fn close(&mut self, probes: &mut Probes, since: Instant, ended: Instant) {
+        let on = ended - since;
         self.figures.on_s += on.as_secs_f64();
         probes.close_heap(HeapRole::Alloc);
-        let closed = Instant::now();
+        let now = Instant::now();
         // The next window comes one period after this one opened.
         let period = on.div_f64(self.opts.duty.max(MIN_DUTY));
-        let next = (since + period).max(closed);
-        let until = closed + self.opts.grace;
+        let next = (since + period).max(now);
+        let until = ended + self.opts.grace;
         self.state = if until < next {
             State::Grace { until, next }
         } else {
             // The free probes stay on into the next window.
             State::Closed { next }
         };
+    }
+}
+
+/// Closes allocation windows on time: a thread sleeps until a window's end and closes its edge
+/// in the kernel, reading the traced processes' CPU time then, whatever the recorder's loop is
+/// busy with (hooking a large library can take it seconds). Without the thread, the loop closes
+/// the edge itself when it sees the end passed.
+struct WindowClock {
+    flags: Option<HeapWindowFlags>,
+    deadlines: Option<mpsc::Sender<(Instant, Vec<u32>)>>,
+    deadline: Option<Instant>,
+    /// When the current window's edge closed, and the CPU ticks then.
+    ended: Arc<Mutex<Option<(Instant, u64)>>>,
+}
+
+impl WindowClock {
+    fn start(flags: Option<HeapWindowFlags>) -> WindowClock {
+        let ended = Arc::new(Mutex::new(None));
+        let (tx, rx) = mpsc::channel::<(Instant, Vec<u32>)>();
+        let thread_flags = flags.clone();
+        let thread_ended = ended.clone();
+        let spawned = thread_flags.is_some()
+            && std::thread::Builder::new()
+                .name("heap-window".into())
+                .spawn(move || {
+                    for (deadline, pids) in rx {
+                        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                        if let Some(flags) = &thread_flags {
+                            let _ = flags.set(HeapRole::Alloc, false);
+                        }
+                        let end = (Instant::now(), cpu_ticks(&pids));
+                        *thread_ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(end);
+                    }
+                })
+                .is_ok();
+        WindowClock {
+            flags,
+            deadlines: spawned.then_some(tx),
+            deadline: None,
+            ended,
+        }
+    }
+
+    /// The window now open ends at `deadline`.
+    fn schedule(&mut self, deadline: Instant, pids: &[u32]) {
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.deadline = Some(deadline);
+        if let Some(tx) = &self.deadlines
+            && tx.send((deadline, pids.to_vec())).is_ok()
+        {
+            return;
+        }
+        self.deadlines = None;
+    }
+
+    /// When the window ended and the CPU ticks then, once it has.
+    fn ended(&mut self, pids: &[u32]) -> Option<(Instant, u64)> {
+        if self.deadlines.is_some() {
+            return self.ended.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        let deadline = self.deadline?;
+        if Instant::now() < deadline {
+            return None;
+        }
+        if let Some(flags) = &self.flags {
+            let _ = flags.set(HeapRole::Alloc, false);
+        }
+        self.deadline = None;
+        Some((Instant::now(), cpu_ticks(pids)))
     }
 }
 
