@@ -460,7 +460,8 @@ pub mod ledger_stat {
     /// allocated again in a later window).
     pub const FREED_UNSEEN: u32 = 2;
     /// Heap calls of traced processes the probes saw (allocations and frees): the call rate
-    /// that prices heap tracing.
+    /// that prices heap tracing. Counted by a duty-cycled heap's probes and by the count-only
+    /// probe `record -p PID --heap` attaches first; not by exact or sampled heap probes.
     pub const HEAP_CALLS: u32 = 3;
     /// Frees of blocks the kernel's heap ledger never knew (allocated before it knew the
     /// process, or between a duty-cycled heap's windows), counted there and not sent: while it

@@ -110,6 +110,16 @@ fn window_closed(which: u32) -> bool {
     global(&HEAP_DUTY_CYCLED) != 0 && HEAP_WINDOW.get(which).is_none_or(|open| *open == 0)
 }
 
+/// Counts a heap call for a duty-cycled heap's budget (`heap_duty.rs` reads the count after
+/// each window); nothing reads it otherwise, so nothing is counted: a branch on a load-time
+/// constant, pruned by the verifier.
+#[inline(always)]
+fn count_call() {
+    if global(&HEAP_DUTY_CYCLED) != 0 {
+        heap_ledger::count(ledger_stat::HEAP_CALLS);
+    }
+}
+
 /// A heap call of `size` bytes, as its entry saves it. (Its return finds no saved call for an
 /// untraced caller, and emits nothing.)
 #[inline(always)]
@@ -117,7 +127,7 @@ fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u3
     if untraced_caller() || window_closed(heap_window::ALLOC) {
         return 0;
     }
-    heap_ledger::count(ledger_stat::HEAP_CALLS);
+    count_call();
     let Some(p) = sample(size) else {
         // Not recorded. A realloc still releases its old block: if that one was recorded,
         // its release is (the realloc may grow it in place, with no free inside).
@@ -201,7 +211,7 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     if addr == 0 || untraced_caller() || window_closed(heap_window::FREE) {
         return 0;
     }
-    heap_ledger::count(ledger_stat::HEAP_CALLS);
+    count_call();
     let Some((slot, key)) = my_slot(&INFLIGHT) else {
         return 0;
     };
