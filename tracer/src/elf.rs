@@ -18,7 +18,9 @@ use std::{
 };
 
 pub use object::{Architecture, ReadRef, SymbolKind};
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, SegmentFlags};
+use object::{
+    CompressionFormat, Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, SegmentFlags,
+};
 
 use crate::model::PAGE;
 
@@ -409,6 +411,17 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
     pub fn section_range(&self, name: &str) -> Option<Range<u64>> {
         let s = self.file.section_by_name(name)?;
         Some(s.address()..s.address().saturating_add(s.size()))
+    }
+
+    /// Where the bytes of section `name` are in the file (offset, size), when they are stored as
+    /// they are: not compressed, not empty, not `SHT_NOBITS`.
+    pub fn section_file_range(&self, name: &str) -> Option<(u64, u64)> {
+        let s = self.file.section_by_name(name)?;
+        let stored = s.compressed_file_range().ok()?;
+        if stored.format != CompressionFormat::None {
+            return None;
+        }
+        s.file_range().filter(|&(_, size)| size > 0)
     }
 
     /// The bytes of section `name`, decompressed; `None` when it is absent or cannot be read

@@ -37,6 +37,7 @@ use crate::{
         sink::EventSink,
         target::ExitWatch,
     },
+    stacks::resident,
     views,
 };
 use tracer_common::proc_op;
@@ -434,6 +435,7 @@ impl Recorder {
             )?;
         }
         self.commit()?;
+        resident::release_file_pages();
         self.keep_within_memory();
         if self.exits.take_changed() {
             self.writer.set_exits(&self.exits.ended)?;

@@ -7,6 +7,7 @@
 //! before the target exits are therefore still symbolized after it is gone.
 
 mod namer;
+pub mod resident;
 mod table;
 pub mod unwind;
 

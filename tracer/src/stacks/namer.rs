@@ -2,14 +2,20 @@
 //! read with blazesym from the files the process maps. The symbols of a file are read once for
 //! every process that maps it (an inference server's engine and workers map the same libtorch).
 
-use std::{cell::RefCell, collections::HashMap, os::unix::fs::MetadataExt, path::PathBuf, rc::Rc};
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    rc::Rc,
+};
 
 use blazesym::symbolize::{self, Symbolizer, source::Source};
 use tracer_common::{STACK_SP_CANDIDATE, STACK_TRUNCATED};
 
 use super::table::{StackTable, python_name_index, split_key};
 use crate::{
-    arch,
+    arch, elf,
     proc::maps::{self, Mapping},
 };
 
@@ -26,6 +32,14 @@ fn could_be_code(ip: u64) -> bool {
 /// Marker frame at the outer end of a stack that was cut at `MAX_FRAMES`.
 pub const TRUNCATED_FRAME: &str = "[truncated]";
 
+/// The most DWARF (`.debug_info` as stored) a file may have to be named through it. blazesym
+/// parses every unit's abbreviations and line program when it opens a file's DWARF: for
+/// triton's 135 MiB that was 30 MB of the tracer's heap and 68 MB of the file resident, to name
+/// a handful of import-time frames. Above this, the file's frames are named from its symbol
+/// tables (no inlined frames); the fixtures, CPython and the C library's debug file are well
+/// under it.
+pub const DWARF_LIMIT: u64 = 32 << 20;
+
 /// The symbolizer every process's namer shares, and the path each file is read through: a file
 /// is known to blazesym by its path, and each process reaches it by a path of its own
 /// (`/proc/PID/root/...`), which would read it once per process.
@@ -34,7 +48,15 @@ pub struct SharedSymbols {
     symbolizer: Symbolizer,
     /// By (device, inode, size, mtime): the path the file was first read through.
     paths: RefCell<HashMap<(u64, u64, u64, i64), PathBuf>>,
+    /// By that path: whether its DWARF is read (`DWARF_LIMIT`).
+    dwarf: RefCell<HashMap<PathBuf, bool>>,
+    /// Addresses looked up in files since their pages were last released.
+    lookups: std::cell::Cell<u32>,
 }
+
+/// Lookups between two releases of the file pages they left resident (`resident`): one import
+/// storm names thousands of frames in one tick, each lookup mapping 64 KiB of a string table.
+const LOOKUPS_PER_RELEASE: u32 = 64;
 
 impl SharedSymbols {
     /// The path to read the file at `path` through: the one it was read through before, while
@@ -53,6 +75,32 @@ impl SharedSymbols {
         paths.insert(key, path.clone());
         path
     }
+
+    /// Whether frames in the file at `path` are named through its DWARF: it has no more than
+    /// `DWARF_LIMIT` of it.
+    fn reads_dwarf(&self, path: &Path) -> bool {
+        *self
+            .dwarf
+            .borrow_mut()
+            .entry(path.to_path_buf())
+            .or_insert_with(|| debug_info_size(path) <= DWARF_LIMIT)
+    }
+}
+
+/// The size of the file's `.debug_info` as stored (0 when it has none or cannot be read).
+fn debug_info_size(path: &Path) -> u64 {
+    let Ok(data) = elf::open(path) else {
+        return 0;
+    };
+    let Ok(obj) = elf::Elf::parse(path, &data) else {
+        return 0;
+    };
+    obj.section_file_range(".debug_info")
+        .or_else(|| {
+            obj.section_range(".debug_info")
+                .map(|r| (0, r.end - r.start))
+        })
+        .map_or(0, |(_, size)| size)
 }
 
 /// Turns instruction pointers of one process into function names.
@@ -234,7 +282,14 @@ impl FrameNamer {
             PathBuf::from(&m.path)
         };
         let src_path = self.symbols.path_for(src_path);
-        let src = Source::Elf(symbolize::source::Elf::new(src_path));
+        let mut elf = symbolize::source::Elf::new(src_path);
+        elf.debug_syms = self.symbols.reads_dwarf(&elf.path);
+        let src = Source::Elf(elf);
+        let lookups = self.symbols.lookups.get() + 1;
+        self.symbols.lookups.set(lookups % LOOKUPS_PER_RELEASE);
+        if lookups == LOOKUPS_PER_RELEASE {
+            super::resident::release_file_pages();
+        }
         match (self.symbols.symbolizer).symbolize_single(&src, symbolize::Input::FileOffset(offset))
         {
             Ok(symbolize::Symbolized::Sym(sym)) => frames_of(sym),
@@ -304,6 +359,39 @@ mod tests {
         assert_eq!(namer.names(0x1000), vec!["[unknown] libgone.so+0x5000"]);
         assert_eq!(namer.names(0x1010), vec!["[unknown] libgone.so+0x500f"]);
         assert_eq!(namer.names(0x2000), vec!["[unknown] 0x2000"]);
+    }
+
+    /// The DWARF limit weighs `.debug_info` as stored: a `-g` build has some, a stripped copy of
+    /// it none, and a file that is not ELF none.
+    #[test]
+    fn debug_info_is_measured_as_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("g.c");
+        std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
+        let exe = dir.path().join("g");
+        let status = std::process::Command::new("cc")
+            .args(["-g", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let size = debug_info_size(&exe);
+        assert!(size > 0 && size < DWARF_LIMIT, "{size}");
+        let stripped = dir.path().join("stripped");
+        let status = std::process::Command::new("strip")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(&exe)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(debug_info_size(&stripped), 0);
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "not ELF").unwrap();
+        assert_eq!(debug_info_size(&text), 0);
+        let symbols = SharedSymbols::default();
+        assert!(symbols.reads_dwarf(&exe));
     }
 
     /// One file reached by two paths (two processes' `/proc/PID/root/...`) is read through the

@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     fmt,
     fs::{self, File},
-    ops::Range,
+    ops::{Deref, Range},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -26,7 +26,76 @@ use crate::{
 
 /// Section bytes shared by every process that maps the same build (cheap to clone into a
 /// framehop `Module`).
-pub(super) type Bytes = Arc<[u8]>;
+#[derive(Clone)]
+pub(crate) struct Bytes {
+    backing: Arc<Backing>,
+}
+
+enum Backing {
+    /// The section as stored in the file, mapped read-only: only the pages unwinding touches
+    /// become resident. libtorch's `.eh_frame` is 17 MiB and a run's stacks touch a few pages of
+    /// it; copied, the CFI of a PyTorch process's libraries took 60 MB of the tracer's heap.
+    Mapped(memmap2::Mmap),
+    /// A copy: a compressed section, decompressed, or a file that could not be mapped.
+    Owned(Box<[u8]>),
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &*self.backing {
+            Backing::Mapped(map) => map,
+            Backing::Owned(bytes) => bytes,
+        }
+    }
+}
+
+/// No bytes (framehop's section info is built from a default).
+impl Default for Bytes {
+    fn default() -> Bytes {
+        Bytes::owned(&[])
+    }
+}
+
+impl fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Bytes({} bytes)", self.len())
+    }
+}
+
+impl Bytes {
+    /// `size` bytes of `file` from `offset`, mapped; `None` when they are not all in the file
+    /// (a section header pointing past the end: touching such a mapping would be a SIGBUS).
+    fn mapped(file: &File, offset: u64, size: u64) -> Option<Bytes> {
+        let file_len = file.metadata().ok()?.len();
+        if offset.checked_add(size)? > file_len {
+            return None;
+        }
+        let len = usize::try_from(size).ok()?;
+        // SAFETY: a read-only private mapping of bytes checked to lie in the file. The file is
+        // one the target maps as code: truncating it under the mapping would break the target
+        // as well (blazesym reads the same files through mappings for names).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .map(file)
+        }
+        .ok()?;
+        // Lookups jump around the section: read-ahead would only make more of it resident.
+        let _ = map.advise(memmap2::Advice::Random);
+        Some(Bytes {
+            backing: Arc::new(Backing::Mapped(map)),
+        })
+    }
+
+    fn owned(bytes: &[u8]) -> Bytes {
+        Bytes {
+            backing: Arc::new(Backing::Owned(bytes.into())),
+        }
+    }
+}
 
 /// Which call-frame information framehop was given for a module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,8 +146,17 @@ pub struct ModuleUnwindInfo {
     segments: Vec<LoadSegment>,
     pub(super) sections: ExplicitModuleSectionInfo<Bytes>,
     kind: CfiKind,
-    /// Sorted, merged address ranges (as stated in the file) that the chosen CFI covers.
-    covered: Vec<Range<u64>>,
+    coverage: Coverage,
+}
+
+/// How to tell which addresses the chosen CFI covers.
+enum Coverage {
+    /// Through the `.eh_frame_hdr` search table, one lookup per address: nothing is read ahead
+    /// of need (the usual case).
+    SearchTable(BaseAddresses),
+    /// Sorted, merged address ranges (as stated in the file), read from every FDE: for
+    /// `.debug_frame` and for `.eh_frame` without a sound search table.
+    Ranges(Vec<Range<u64>>),
 }
 
 impl fmt::Debug for ModuleUnwindInfo {
@@ -87,7 +165,13 @@ impl fmt::Debug for ModuleUnwindInfo {
             .field("path", &self.path)
             .field("build_id", &self.build_id.as_deref().map(hex))
             .field("kind", &self.kind)
-            .field("covered_ranges", &self.covered.len())
+            .field(
+                "covered_ranges",
+                &match &self.coverage {
+                    Coverage::SearchTable(_) => None,
+                    Coverage::Ranges(ranges) => Some(ranges.len()),
+                },
+            )
             .finish()
     }
 }
@@ -108,8 +192,32 @@ impl ModuleUnwindInfo {
 
     /// Whether the CFI framehop uses has a row for `address` (as stated in the file).
     pub fn covers(&self, address: u64) -> bool {
-        let i = self.covered.partition_point(|r| r.start <= address);
-        i > 0 && self.covered[i - 1].end > address
+        match &self.coverage {
+            Coverage::Ranges(covered) => {
+                let i = covered.partition_point(|r| r.start <= address);
+                i > 0 && covered[i - 1].end > address
+            }
+            Coverage::SearchTable(bases) => self.search_table_covers(bases, address),
+        }
+    }
+
+    /// Whether the `.eh_frame_hdr` search table leads to an FDE containing `address`.
+    fn search_table_covers(&self, bases: &BaseAddresses, address: u64) -> bool {
+        let (Some(eh_frame), Some(hdr)) = (&self.sections.eh_frame, &self.sections.eh_frame_hdr)
+        else {
+            return false;
+        };
+        let Ok(parsed) = EhFrameHdr::new(hdr, LittleEndian).parse(bases, 8) else {
+            return false;
+        };
+        let Some(table) = parsed.table() else {
+            return false;
+        };
+        let mut section = EhFrame::new(eh_frame, LittleEndian);
+        section.set_address_size(8);
+        table
+            .fde_for_address(&section, bases, address, |s, b, o| s.cie_from_offset(b, o))
+            .is_ok_and(|fde| fde.len() > 0)
     }
 
     /// The load bias of a mapping of this file: run-time address minus stated address.
@@ -119,6 +227,7 @@ impl ModuleUnwindInfo {
 
     fn parse<'d, R: ReadRef<'d>>(
         path: &Path,
+        file: &File,
         obj: &Elf<'d, R>,
         build_id: Option<Vec<u8>>,
     ) -> Result<ModuleUnwindInfo, UnwindError> {
@@ -128,14 +237,14 @@ impl ModuleUnwindInfo {
                 reason: format!("architecture {:?}, not x86-64", obj.architecture()),
             });
         }
-        let (sections, kind, covered) = CfiSections::read(obj).choose();
+        let (sections, kind, coverage) = CfiSections::read(file, obj).choose();
         Ok(ModuleUnwindInfo {
             path: path.to_path_buf(),
             build_id,
             segments: obj.load_segments().to_vec(),
             sections,
             kind,
-            covered,
+            coverage,
         })
     }
 }
@@ -152,12 +261,17 @@ struct CfiSections {
 }
 
 impl CfiSections {
-    fn read<'d, R: ReadRef<'d>>(obj: &Elf<'d, R>) -> CfiSections {
+    fn read<'d, R: ReadRef<'d>>(file: &File, obj: &Elf<'d, R>) -> CfiSections {
         // A section that cannot be read (compressed without support, truncated file) counts
         // as absent: the addresses it would cover are then reported as uncovered.
         let data = |name: &str| -> Option<Bytes> {
+            if let Some((offset, size)) = obj.section_file_range(name)
+                && let Some(mapped) = Bytes::mapped(file, offset, size)
+            {
+                return Some(mapped);
+            }
             let bytes = obj.section_data(name)?;
-            (!bytes.is_empty()).then(|| Arc::from(&*bytes))
+            (!bytes.is_empty()).then(|| Bytes::owned(&bytes))
         };
         CfiSections {
             text_svma: obj.section_range(".text"),
@@ -170,15 +284,36 @@ impl CfiSections {
         }
     }
 
-    /// framehop's section info with the CFI it is to use, which one that is, and the address
-    /// ranges it covers.
-    fn choose(self) -> (ExplicitModuleSectionInfo<Bytes>, CfiKind, Vec<Range<u64>>) {
+    /// framehop's section info with the CFI it is to use, which one that is, and how to tell
+    /// what it covers.
+    fn choose(self) -> (ExplicitModuleSectionInfo<Bytes>, CfiKind, Coverage) {
         let start = |r: &Option<Range<u64>>| r.as_ref().map_or(0, |r| r.start);
         let bases = BaseAddresses::default()
             .set_eh_frame(start(&self.eh_frame_svma))
             .set_eh_frame_hdr(start(&self.eh_frame_hdr_svma))
             .set_text(start(&self.text_svma))
             .set_got(start(&self.got_svma));
+        let mut sections = ExplicitModuleSectionInfo {
+            base_svma: 0,
+            text_svma: self.text_svma.clone(),
+            got_svma: self.got_svma.clone(),
+            ..Default::default()
+        };
+        // The usual case: `.eh_frame` with a sound search table and no `.debug_frame` to weigh
+        // it against. Nothing is scanned: framehop and coverage both look addresses up.
+        if self.debug_frame.is_none()
+            && self.eh_frame.is_some()
+            && self
+                .eh_frame_hdr
+                .as_deref()
+                .is_some_and(|hdr| search_table_is_sound(hdr, &bases))
+        {
+            sections.eh_frame = self.eh_frame;
+            sections.eh_frame_svma = self.eh_frame_svma;
+            sections.eh_frame_hdr = self.eh_frame_hdr;
+            sections.eh_frame_hdr_svma = self.eh_frame_hdr_svma;
+            return (sections, CfiKind::EhFrameHdr, Coverage::SearchTable(bases));
+        }
         let eh_covered = self.eh_frame.as_deref().map(|d| {
             let mut s = EhFrame::new(d, LittleEndian);
             s.set_address_size(8);
@@ -189,12 +324,6 @@ impl CfiSections {
             s.set_address_size(8);
             fde_ranges(&s, &bases)
         });
-        let mut sections = ExplicitModuleSectionInfo {
-            base_svma: 0,
-            text_svma: self.text_svma,
-            got_svma: self.got_svma,
-            ..Default::default()
-        };
         // framehop uses one CFI section per module and prefers .eh_frame. A binary built with
         // `-fno-asynchronous-unwind-tables -g` still has a small .eh_frame from the C runtime's
         // start files, and its own code only in .debug_frame: give framehop the one that covers
@@ -204,11 +333,11 @@ impl CfiSections {
             return (
                 sections,
                 CfiKind::DebugFrame,
-                debug_covered.unwrap_or_default(),
+                Coverage::Ranges(debug_covered.unwrap_or_default()),
             );
         }
         let Some(covered) = eh_covered else {
-            return (sections, CfiKind::None, Vec::new());
+            return (sections, CfiKind::None, Coverage::Ranges(Vec::new()));
         };
         let eh_frame_hdr = self
             .eh_frame_hdr
@@ -222,7 +351,7 @@ impl CfiSections {
         sections.eh_frame_svma = self.eh_frame_svma;
         sections.eh_frame_hdr = eh_frame_hdr;
         sections.eh_frame_hdr_svma = self.eh_frame_hdr_svma;
-        (sections, kind, covered)
+        (sections, kind, Coverage::Ranges(covered))
     }
 }
 
@@ -332,7 +461,7 @@ impl UnwindCache {
             state.stats.hits += 1;
             return Ok(info);
         }
-        let data = elf::on_demand(file);
+        let data = elf::on_demand(file.try_clone().map_err(open_err)?);
         let obj = Elf::parse(path, &data)?;
         let build_id = obj.build_id();
         let key = match &build_id {
@@ -344,7 +473,7 @@ impl UnwindCache {
             state.by_file.insert(ident, info.clone());
             return Ok(info);
         }
-        let info = Arc::new(ModuleUnwindInfo::parse(path, &obj, build_id)?);
+        let info = Arc::new(ModuleUnwindInfo::parse(path, &file, &obj, build_id)?);
         state.stats.parsed += 1;
         state.by_key.insert(key, info.clone());
         state.by_file.insert(ident, info.clone());
@@ -491,5 +620,28 @@ pub(super) mod tests {
         }
         assert!(!info.covers(0));
         assert!(!info.covers(u64::MAX));
+    }
+
+    /// The usual object (`.eh_frame` with its search table) is read through a mapping, and the
+    /// per-address lookup covers exactly what a scan of all its FDEs covers.
+    #[test]
+    fn search_table_lookups_agree_with_a_scan_of_every_fde() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = cc(dir.path(), "a", &["-fasynchronous-unwind-tables"]);
+        let info = UnwindCache::new().load(&exe).unwrap();
+        let Coverage::SearchTable(bases) = &info.coverage else {
+            panic!("expected lookups through the search table");
+        };
+        let eh_frame = info.sections.eh_frame.clone().unwrap();
+        assert!(matches!(*eh_frame.backing, Backing::Mapped(_)));
+        let mut section = EhFrame::new(&eh_frame, LittleEndian);
+        section.set_address_size(8);
+        let ranges = fde_ranges(&section, bases);
+        assert!(!ranges.is_empty());
+        let (low, high) = (ranges[0].start - 64, ranges[ranges.len() - 1].end + 64);
+        for address in low..high {
+            let scanned = ranges.iter().any(|r| r.contains(&address));
+            assert_eq!(info.covers(address), scanned, "{address:#x}");
+        }
     }
 }
