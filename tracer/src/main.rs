@@ -17,6 +17,12 @@ use alloctrace::{
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The recorder allocates through mimalloc, not the C library's malloc: the heap probes are on
+/// that malloc in every process mapping it (filtered in the kernel), so each of the recorder's
+/// own calls would trap as well.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "alloctrace",

@@ -371,8 +371,13 @@ impl EventSink {
     fn mmap(&mut self, ev: &MapEvent, stack: Option<StackIndex>) {
         let (pid, [_, len, prot, flags, fd]) = (ev.tgid, ev.args);
         let fd = fd as i32;
-        if prot & PROT_EXEC != 0 && fd >= 0 && !self.code_mapped.contains(&pid) {
-            self.code_mapped.push(pid);
+        if prot & PROT_EXEC != 0 && fd >= 0 {
+            if let Some(namer) = self.namers.get_mut(&pid) {
+                namer.maps_changed();
+            }
+            if !self.code_mapped.contains(&pid) {
+                self.code_mapped.push(pid);
+            }
         }
         let class = match mappings::mmap_class(flags, fd, || fd::fd_target(pid, fd).ok()) {
             Class::Mmap if len >= PYTHON_ARENA_MIN && self.is_python_arena(pid) => {

@@ -8,6 +8,7 @@ use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     rc::Rc,
+    time::{Duration, Instant},
 };
 
 use blazesym::symbolize::{self, Symbolizer, source::Source};
@@ -111,7 +112,17 @@ pub struct FrameNamer {
     /// Names by address: the functions inlined at it, innermost first, then the function.
     cache: HashMap<u64, Vec<String>>,
     after_call: HashMap<u64, bool>,
+    /// The process mapped code since its mappings were last read (`maps_changed`).
+    stale: bool,
+    /// When its mappings were last read.
+    read_at: Instant,
 }
+
+/// An address outside every known mapping re-reads the mappings only when the process mapped
+/// code since (`FrameNamer::maps_changed`), or at most this often: a frame-pointer walk through
+/// code without frame pointers yields such addresses by the thousand, and a PyTorch process's
+/// maps are thousands of lines (a quarter of the recorder's time went to re-reading them).
+const UNPROMPTED_REFRESH: Duration = Duration::from_secs(1);
 
 impl FrameNamer {
     /// A namer for a forked child: same address space as the parent at the fork.
@@ -150,11 +161,27 @@ impl FrameNamer {
             symbols,
             cache: HashMap::new(),
             after_call: HashMap::new(),
+            stale: false,
+            read_at: Instant::now(),
+        }
+    }
+
+    /// The process mapped code: the next address outside the known mappings re-reads them.
+    pub fn maps_changed(&mut self) {
+        self.stale = true;
+    }
+
+    /// Re-reads the mappings for an address outside the known ones, if they may have changed.
+    fn refresh_for_unknown(&mut self) {
+        if self.stale || self.read_at.elapsed() >= UNPROMPTED_REFRESH {
+            self.refresh();
         }
     }
 
     /// Re-reads the target's mappings (libraries loaded later); keeps the old ones if it is gone.
     pub fn refresh(&mut self) {
+        self.stale = false;
+        self.read_at = Instant::now();
         if let Ok(maps) = maps::read_maps(self.pid) {
             for m in maps.into_iter().filter(|m| m.executable) {
                 if !self
@@ -177,7 +204,7 @@ impl FrameNamer {
     /// mappings once if its module is not known yet.
     pub fn is_in(&mut self, ip: u64, functions: &[&str]) -> bool {
         if self.mapping_of(ip).is_none() {
-            self.refresh();
+            self.refresh_for_unknown();
         }
         self.names(ip)
             .iter()
@@ -191,7 +218,7 @@ impl FrameNamer {
             .iter()
             .any(|&ip| !StackTable::is_python_frame(ip) && self.mapping_of(ip).is_none())
         {
-            self.refresh();
+            self.refresh_for_unknown();
         }
         let mut frames: Vec<String> = Vec::with_capacity(ips.len() + 1);
         let mut stopped = false;
@@ -230,7 +257,7 @@ impl FrameNamer {
     /// held instead).
     pub fn is_return_address(&mut self, ip: u64) -> bool {
         if self.mapping_of(ip).is_none() {
-            self.refresh();
+            self.refresh_for_unknown();
         }
         self.follows_call(ip)
     }
@@ -359,6 +386,24 @@ mod tests {
         assert_eq!(namer.names(0x1000), vec!["[unknown] libgone.so+0x5000"]);
         assert_eq!(namer.names(0x1010), vec!["[unknown] libgone.so+0x500f"]);
         assert_eq!(namer.names(0x2000), vec!["[unknown] 0x2000"]);
+    }
+
+    /// An address outside the known mappings re-reads them only once the process mapped code
+    /// (or after `UNPROMPTED_REFRESH`): not for every stray address a walk yields.
+    #[test]
+    fn mappings_are_read_again_when_the_process_mapped_code() {
+        let me = std::process::id();
+        let mut namer = FrameNamer::new(me, Vec::new());
+        let code = a_chain_that_runs_into_data_ends_with_a_marker as *const () as u64;
+        assert_eq!(
+            namer.name_stack(&[code], &[]),
+            vec![format!("[unknown] {code:#x}")],
+            "known mappings unchanged: not read again"
+        );
+        namer.maps_changed();
+        let names = namer.name_stack(&[code + 1], &[]);
+        assert!(!names[0].starts_with("[unknown] 0x"), "{names:?}");
+        assert!(!namer.stale);
     }
 
     /// The DWARF limit weighs `.debug_info` as stored: a `-g` build has some, a stripped copy of
