@@ -416,10 +416,11 @@ fn report(
     if let Some(out) = output {
         output::check_destination(out, force)?;
     }
-    // The text report needs the first and last points of the series; JSON none.
+    // The text report needs the first and last points of the series; both need the batches
+    // the leak suspects are judged from.
     let series = match format {
         Format::Text => SeriesRead::Endpoints,
-        Format::Json => SeriesRead::Nothing,
+        Format::Json => SeriesRead::Batches,
     };
     let mut recorded = Reader::open_with(file, series)?;
     let text = match format {

@@ -468,25 +468,18 @@ fn run_mode(
 }
 
 /// Whether the report names `function` as the first suspect: the first of a duty-cycled heap's
-/// survivors, else the first growing stack that is not a loaded file or a thread stack.
+/// survivors, else the first leak suspect (what rose in every batch after the warm-up).
 fn leak_ranked_first(alloctrace: &str, trace: &str, function: &str) -> Result<bool> {
     let out = Command::new(alloctrace).args(["report", trace]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let first_survivor = text
-        .split_once("Heap survivors (duty-cycled)")
-        .and_then(|(_, rest)| rest.lines().nth(1).map(str::to_string));
-    let first_growing = text
-        .split_once("top growing stacks:")
-        .and_then(|(_, rest)| {
-            rest.lines()
-                .skip(1)
-                .take_while(|l| l.starts_with("    "))
-                .find(|l| !l.contains("mmap-file:") && !l.contains("thread-stack:"))
-                .map(str::to_string)
-        });
-    Ok(first_survivor
-        .or(first_growing)
-        .is_some_and(|line| line.contains(function)))
+    let first_after = |heading: &str| {
+        text.split_once(heading)
+            .and_then(|(_, rest)| rest.lines().nth(1).map(str::to_string))
+            .filter(|line| line.starts_with("  "))
+    };
+    let first =
+        first_after("Heap survivors (duty-cycled)").or_else(|| first_after("Leak suspects: live"));
+    Ok(first.is_some_and(|line| line.contains(function)))
 }
 
 /// Runs `workload` in every mode, `rounds` times interleaved; prints a table of the median

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::Recorded;
+use super::{Recorded, batches::BATCHES};
 use crate::model::{
     AmountsByStack, CellKey, CudaCalls, FailureKey, SeriesPoint, Stack, StackCounters, StackIndex,
 };
@@ -24,6 +24,9 @@ impl Recorded {
         state.released = remap.amounts(std::mem::take(&mut state.released));
         state.cuda_calls = remap.cuda_calls(std::mem::take(&mut state.cuda_calls));
         self.series = remap.series(std::mem::take(&mut self.series));
+        if let Some(batches) = &mut self.batches {
+            batches.cells = remap.batch_means(std::mem::take(&mut batches.cells));
+        }
         for oom in &mut self.torch_ooms {
             oom.stack = remap.canon(oom.stack);
         }
@@ -62,6 +65,22 @@ impl StackRemap {
             merged.entry(key).or_default().add(&counters);
         }
         merged
+    }
+
+    /// Batch means add up: a merged cell's are the sum of its members'.
+    fn batch_means(&self, cells: Vec<(CellKey, [u64; BATCHES])>) -> Vec<(CellKey, [u64; BATCHES])> {
+        let mut merged: BTreeMap<CellKey, [u64; BATCHES]> = BTreeMap::new();
+        for (key, means) in cells {
+            let key = CellKey {
+                stack: self.canon(key.stack),
+                ..key
+            };
+            let sum = merged.entry(key).or_default();
+            for (s, m) in sum.iter_mut().zip(means) {
+                *s += m;
+            }
+        }
+        merged.into_iter().collect()
     }
 
     fn failures(&self, failures: BTreeMap<FailureKey, u64>) -> BTreeMap<FailureKey, u64> {

@@ -6,6 +6,7 @@
 //! log back in so that exactly one file remains. The schema is documented, with example queries,
 //! in docs/recording.md; `schema.rs` holds its DDL.
 
+pub mod batches;
 mod integrity;
 mod merge;
 mod reader;
@@ -60,6 +61,9 @@ pub struct Recorded {
     pub series: Vec<SeriesPoint>,
     /// Live figures of classes at the seconds they changed, in commit order.
     pub totals_series: Vec<TotalsPoint>,
+    /// The cells that grew after the warm-up, batch by batch (`None`: too short to judge, or
+    /// not read).
+    pub batches: Option<batches::SeriesBatches>,
     /// Resident memory samples, in time order.
     pub rss: Vec<RssSample>,
     /// GPU memory samples, in time order.

@@ -11,6 +11,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, types::Value};
 
 use super::{
     ProcessExit, Recorded, RecordingError, TotalsPoint,
+    batches::{self, SeriesBatches, StepMeans},
     schema::{APPLICATION_ID, AmountsTable, FAULTS, RELEASED, SCHEMA_VERSION, from_sql, meta},
     sidecar,
 };
@@ -37,7 +38,9 @@ pub enum SeriesRead {
     /// Only the points at the first second and each cell's last point: enough for growth from
     /// start to end (the text report), in memory proportional to the cells.
     Endpoints,
-    /// None: the JSON report and the flame graph use the final state only.
+    /// No point, only the batches (the JSON report).
+    Batches,
+    /// None: the flame graph uses the final state only.
     Nothing,
 }
 
@@ -599,6 +602,18 @@ impl Reading<'_> {
         let failures = self.read_failures()?;
         let lost_events = self.read_lost_events()?;
         let series = self.read_series(&keys_by_id, series_read)?;
+        let duration_s = meta_values
+            .get(meta::DURATION_S)
+            .and_then(|v| match v {
+                Value::Real(s) => Some(*s),
+                Value::Integer(s) => Some(*s as f64),
+                _ => None,
+            })
+            .unwrap_or(0.0);
+        let batches = match series_read {
+            SeriesRead::Nothing => None,
+            _ => self.read_batches(&keys_by_id, duration_s)?,
+        };
         let totals_series = self.read_totals_series()?;
         let rss = self.read_rss_samples()?;
         let gpu = self.read_gpu_samples()?;
@@ -648,6 +663,7 @@ impl Reading<'_> {
             stacks,
             series,
             totals_series,
+            batches,
             rss,
             gpu,
             torch,
@@ -803,13 +819,59 @@ impl Reading<'_> {
         })
     }
 
+    /// The cells that grew after the warm-up, batch by batch, streamed one cell at a time.
+    fn read_batches(
+        &self,
+        keys: &HashMap<i64, CellKey>,
+        duration_s: f64,
+    ) -> Result<Option<SeriesBatches>, ReadFailure> {
+        let last_t: Option<i64> =
+            self.conn
+                .query_row("SELECT MAX(t_s) FROM series", [], |row| row.get(0))?;
+        let Some(window) = last_t.and_then(|t| batches::judged_window(from_sql(t), duration_s))
+        else {
+            return Ok(None);
+        };
+        let mut out = SeriesBatches {
+            from_s: window.0,
+            to_s: window.1,
+            cells: Vec::new(),
+        };
+        let mut current: Option<(i64, StepMeans)> = None;
+        let mut finish = |current: Option<(i64, StepMeans)>| -> Result<(), ReadFailure> {
+            if let Some((id, means)) = current {
+                let key = keys
+                    .get(&id)
+                    .ok_or_else(|| self.corrupt(format!("series point of unknown cell {id}")))?;
+                out.add(key, means.finish());
+            }
+            Ok(())
+        };
+        self.for_each_row(
+            "SELECT cell_id, t_s, live_bytes FROM series ORDER BY cell_id, rowid",
+            |row| {
+                let id: i64 = row.get(0)?;
+                if current.as_ref().is_none_or(|(c, _)| *c != id) {
+                    finish(current.replace((id, StepMeans::new(window))))?;
+                }
+                if let Some((_, means)) = current.as_mut() {
+                    let t: u64 = from_sql(row.get(1)?);
+                    means.push(t as f64, from_sql(row.get(2)?));
+                }
+                Ok(())
+            },
+        )?;
+        finish(current)?;
+        Ok(Some(out))
+    }
+
     fn read_series(
         &self,
         keys: &HashMap<i64, CellKey>,
         read: SeriesRead,
     ) -> Result<Vec<SeriesPoint>, ReadFailure> {
         let sql = match read {
-            SeriesRead::Nothing => return Ok(Vec::new()),
+            SeriesRead::Nothing | SeriesRead::Batches => return Ok(Vec::new()),
             SeriesRead::All => {
                 "SELECT t_s, cell_id, live_bytes, live_count FROM series ORDER BY rowid"
             }

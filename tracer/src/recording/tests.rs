@@ -980,12 +980,52 @@ fn reports_need_only_the_series_endpoints() {
 
     let all = Reader::open(&path).unwrap();
     let ends = Reader::open_with(&path, SeriesRead::Endpoints).unwrap();
+    let batches = Reader::open_with(&path, SeriesRead::Batches).unwrap();
     let none = Reader::open_with(&path, SeriesRead::Nothing).unwrap();
     assert!(ends.series.len() < all.series.len());
-    assert!(none.series.is_empty());
+    assert!(none.series.is_empty() && batches.series.is_empty());
     assert_eq!(render_text(&ends), render_text(&all));
-    assert_eq!(render_json(&none), render_json(&all));
+    assert_eq!(render_json(&batches), render_json(&all));
     assert!(render_text(&all).contains("Growth from 1 s to 4 s"));
+}
+
+/// The batches the reader streams from the file (cell by cell) are those of the series read
+/// whole; a stack that grew every second after the warm-up is the first suspect.
+#[test]
+fn batches_are_streamed_as_the_whole_series_gives_them() {
+    use crate::{recording::batches::SeriesBatches, views::report::render_json};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("batches.trace");
+    let mut s = record_three_seconds(&path);
+    for t in 3..12 {
+        s.alloc(Some(5), 1, 1000);
+        let freed = s.alloc(Some(6), 3, 10);
+        if t % 2 == 0 {
+            for addr in freed {
+                s.ledger.free(1, addr);
+            }
+        }
+        s.tick(t, &[5, 6]);
+    }
+    s.writer.finalize(12.0).unwrap();
+    let all = Reader::open(&path).unwrap();
+    let streamed = Reader::open_with(&path, SeriesRead::Batches).unwrap();
+    let expected = SeriesBatches::from_points(&all.series, all.duration_s).unwrap();
+    let mut got = streamed.batches.clone().unwrap();
+    let mut want = expected.clone();
+    got.cells.sort_by(|a, b| a.0.cmp(&b.0));
+    want.cells.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(got, want);
+    assert_eq!((want.from_s, want.to_s), (4.0, 12.0));
+    let json: serde_json::Value = serde_json::from_str(&render_json(&streamed)).unwrap();
+    let first = &json["suspects"]["stacks"][0];
+    assert_eq!(first["stack"].as_u64(), Some(5), "{json:#}");
+    // 1000 bytes a second from second 3: batch means of 2 s each from 4 s.
+    assert_eq!(
+        first["batch_means"],
+        serde_json::json!([2500, 4500, 6500, 8500]),
+        "{json:#}"
+    );
 }
 
 #[test]

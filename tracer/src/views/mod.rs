@@ -210,6 +210,7 @@ pub(crate) mod fixture {
             stacks,
             series,
             totals_series,
+            batches: None,
             // Anonymous memory grew by 2 MiB; the heap fixture's live bytes are part of it.
             rss: vec![
                 crate::model::RssSample {
@@ -302,6 +303,7 @@ pub(crate) mod fixture {
             stacks: BTreeMap::new(),
             series: Vec::new(),
             totals_series: Vec::new(),
+            batches: None,
             rss: Vec::new(),
             gpu: Vec::new(),
             torch: Vec::new(),

@@ -391,6 +391,51 @@ fn a_duty_cycled_heap_finds_a_steady_leak_and_its_rate_and_leaves_churn() {
     assert!(first.contains("remember_request"), "{text}");
 }
 
+/// Leak suspects from a whole recording: a server leaking 512 bytes per request at 1000
+/// requests a second, traced exactly, has one stack whose live bytes rose in every batch after
+/// the warm-up, `remember_request`, at about 512000 bytes a second; the churn of each request
+/// (allocated and freed) is no suspect. The text report names it first.
+#[test]
+fn a_steady_per_request_leak_is_the_first_suspect_with_its_rate() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fixture("heap_fixture");
+    let r = record_fixture_command(dir.path(), &exe, "requests", &["--heap"]);
+    r.assert_no_lost_events();
+    let trace = dir.path().join("requests.trace");
+    let json = report_value(&trace);
+    let suspects = &json["suspects"];
+    let stacks = suspects["stacks"].as_array().expect("judged");
+    assert_eq!(suspects["batches"].as_u64(), Some(4), "{suspects}");
+    let frames = |s: &serde_json::Value| {
+        (s["frames"].as_array().unwrap().iter())
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let first = &stacks[0];
+    assert_eq!(first["class"].as_str(), Some("heap"), "{suspects}");
+    assert_eq!(frames(first)[0], "remember_request", "{suspects}");
+    let rate = first["bytes_per_s"].as_f64().unwrap();
+    assert!(
+        (rate - 512_000.0).abs() <= 0.25 * 512_000.0,
+        "leak rate {rate:.0} B/s\n{suspects}"
+    );
+    let means: Vec<u64> = (first["batch_means"].as_array().unwrap().iter())
+        .map(|m| m.as_u64().unwrap())
+        .collect();
+    assert!(means.windows(2).all(|w| w[1] > w[0]), "{suspects}");
+    assert!(
+        stacks
+            .iter()
+            .all(|s| !frames(s).iter().any(|f| f == "request_churn")),
+        "churn is no suspect\n{suspects}"
+    );
+    let text = String::from_utf8_lossy(&view(&["report"], &trace)).into_owned();
+    let section = text.split("Leak suspects: live").nth(1).unwrap_or_default();
+    let line = section.lines().nth(1).unwrap_or_default();
+    assert!(line.contains("remember_request"), "{text}");
+}
+
 /// `--heap-budget`: the first window measures the heap calls and the CPU time they cost; the
 /// period chosen spreads a cycle's expected slowdown (window and grace) to the budget. The leak
 /// is still found.

@@ -33,6 +33,9 @@ struct JsonReport<'a> {
     /// Per process and class: the cells' figures summed (peaks are per class only).
     processes: BTreeMap<u32, BTreeMap<&'static str, StackCounters>>,
     stacks: Vec<JsonStack>,
+    /// What kept growing once the program was warm; null when the recording is too short to
+    /// judge.
+    suspects: Option<JsonSuspects>,
     failures: Vec<JsonFailure<'a>>,
     unmatched_frees: u64,
     lost_events: BTreeMap<&'a str, u64>,
@@ -146,6 +149,31 @@ struct JsonStack {
     frames: Vec<String>,
 }
 
+/// Leak suspects (docs/accounting.md, "Leak suspects").
+#[derive(Serialize)]
+struct JsonSuspects {
+    /// The judged part of the recording: from the end of the warm-up to the end (seconds).
+    from_s: f64,
+    to_s: f64,
+    batches: usize,
+    /// Steady growers, the most growth first.
+    stacks: Vec<JsonSuspect>,
+    /// Stacks that grew but not in every batch.
+    not_steady: usize,
+}
+
+#[derive(Serialize)]
+struct JsonSuspect {
+    class: &'static str,
+    pid: u32,
+    phase: String,
+    stack: Option<StackIndex>,
+    growth_bytes: u64,
+    bytes_per_s: f64,
+    batch_means: Vec<u64>,
+    frames: Vec<String>,
+}
+
 #[derive(Serialize)]
 struct JsonFailure<'a> {
     class: &'static str,
@@ -179,6 +207,7 @@ pub(super) fn render(rec: &Recorded) -> String {
             .collect(),
         processes: per_process(rec),
         stacks: stacks(rec),
+        suspects: suspects(rec),
         failures: failures(rec),
         unmatched_frees: rec.state.unmatched_frees,
         lost_events: lost_events(rec),
@@ -223,6 +252,28 @@ fn stacks(rec: &Recorded) -> Vec<JsonStack> {
             frames: rec.frames(key.stack),
         })
         .collect()
+}
+
+fn suspects(rec: &Recorded) -> Option<JsonSuspects> {
+    let s = super::suspects::suspects(rec)?;
+    Some(JsonSuspects {
+        from_s: s.from_s,
+        to_s: s.to_s,
+        batches: crate::recording::batches::BATCHES,
+        stacks: (s.rows.iter())
+            .map(|row| JsonSuspect {
+                class: row.key.class.name(),
+                pid: row.key.pid,
+                phase: row.key.phase.clone(),
+                stack: row.key.stack,
+                growth_bytes: row.growth,
+                bytes_per_s: row.bytes_per_s,
+                batch_means: row.batch_means.to_vec(),
+                frames: rec.frames(row.key.stack),
+            })
+            .collect(),
+        not_steady: s.not_steady,
+    })
 }
 
 fn failures(rec: &Recorded) -> Vec<JsonFailure<'_>> {

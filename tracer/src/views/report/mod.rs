@@ -3,6 +3,7 @@
 
 mod analysis;
 mod json;
+mod suspects;
 mod text;
 
 pub use analysis::{gpu_residuals, waterfall};

@@ -2,14 +2,18 @@
 
 use std::fmt::Write as _;
 
-use super::analysis::{
-    StackAmount, allocator_summaries, by_amount, cells_by_live_bytes, class_growth,
-    cuda_calls_by_function, deaths, failures_by_count, fragmentation, gpu_residuals, growth,
-    last_seconds, lost_events, per_process, waterfall,
+use super::{
+    analysis::{
+        StackAmount, allocator_summaries, by_amount, cells_by_live_bytes, class_growth,
+        cuda_calls_by_function, deaths, failures_by_count, fragmentation, gpu_residuals, growth,
+        last_seconds, lost_events, per_process, waterfall,
+    },
+    suspects::{self, is_static},
 };
 use crate::{
     escape::{self, for_terminal},
     model::{CellKey, Class, FailureKey, HeapDuty, PAGE, PHASE_NONE, StackCounters},
+    recording::batches::BATCHES,
     recording::{ProcessExit, Recorded},
     views::{human_bytes, human_delta, one_line, target_pids},
 };
@@ -18,6 +22,8 @@ use crate::{
 const TEXT_TOP_STACKS: usize = 20;
 /// How many growing stacks the text report lists.
 const TEXT_TOP_GROWING: usize = 10;
+/// How many leak suspects the text report lists.
+const TEXT_TOP_SUSPECTS: usize = 10;
 /// The longest class name (`torch-pinned-cached`): the class column's width.
 const CLASS_WIDTH: usize = 19;
 
@@ -133,6 +139,7 @@ pub(super) fn render(rec: &Recorded) -> String {
     text_deaths(&mut out, rec);
     text_header(&mut out, rec);
     text_totals(&mut out, rec);
+    text_suspects(&mut out, rec);
     text_torch_allocator(&mut out, rec);
     text_processes(&mut out, rec);
     text_live_stacks(&mut out, rec);
@@ -334,6 +341,61 @@ fn text_totals(out: &mut String, rec: &Recorded) {
     }
 }
 
+/// What kept growing once the program was warm (`suspects`), the most first.
+fn text_suspects(out: &mut String, rec: &Recorded) {
+    let Some(s) = suspects::suspects(rec) else {
+        let _ = writeln!(
+            out,
+            "\nLeak suspects: not judged (the recording is too short after its warm-up, the \
+             first third)"
+        );
+        return;
+    };
+    let window = format!(
+        "{:.0} s to {:.0} s, after a warm-up of {:.0} s",
+        s.from_s, s.to_s, s.from_s
+    );
+    let levelled = match s.not_steady {
+        0 => String::new(),
+        n => format!(
+            "; {} grew but not in every batch (caches and pools that level off, or noise)",
+            count_of(n as u64, "stack")
+        ),
+    };
+    if s.rows.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nLeak suspects: none: no stack's live memory rose in each of {BATCHES} batches of \
+             {window}{levelled}"
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nLeak suspects: live memory that rose in each of {BATCHES} batches of {window} (growth \
+         from the first batch to the last){levelled}"
+    );
+    for (i, row) in s.rows.iter().take(TEXT_TOP_SUSPECTS).enumerate() {
+        let _ = writeln!(
+            out,
+            "  {:>2}. {:>12} ({}/s)  {}{}: {}",
+            i + 1,
+            human_delta(i128::from(row.growth)),
+            human_bytes(row.bytes_per_s.round() as u64),
+            row.key.class.name(),
+            phase_suffix(row.key),
+            frames_line(&rec.frames(row.key.stack))
+        );
+    }
+    if s.rows.len() > TEXT_TOP_SUSPECTS {
+        let _ = writeln!(
+            out,
+            "  ... {} more in the JSON report",
+            s.rows.len() - TEXT_TOP_SUSPECTS
+        );
+    }
+}
+
 /// Live figures per process, when the recording followed more than one.
 fn text_processes(out: &mut String, rec: &Recorded) {
     let processes = per_process(rec);
@@ -354,13 +416,6 @@ fn text_processes(out: &mut String, rec: &Recorded) {
         };
         let _ = writeln!(out, "  PID {pid:<8} {parts}");
     }
-}
-
-/// Memory that is there from start-up and is no leak suspect: loaded files' code and data, and
-/// thread stacks (reserved at thread creation, mostly not resident). Summarized apart, so that
-/// the top stacks lead to what grew.
-fn is_static(class: Class) -> bool {
-    matches!(class, Class::MmapFile | Class::ThreadStack)
 }
 
 fn text_live_stacks(out: &mut String, rec: &Recorded) {

@@ -1,0 +1,152 @@
+//! The per-cell time series cut into batches after a warm-up: the form the leak judgement reads
+//! (`views::report::suspects`, rules in docs/accounting.md, "Leak suspects"). The reader computes
+//! it while streaming the series one cell at a time, so that hours of points take memory in
+//! proportion to the cells, not to the points.
+//!
+//! The recording starts at 0 s; its first third is the warm-up; the rest, up to the end (the last
+//! series point holds through its second, and the last values hold to the end of the recording),
+//! is cut into `BATCHES` equal batches. A cell's series is a step function (each point holds
+//! until the cell's next one, 0 before its first); a batch's figure is its mean there.
+
+use crate::model::{CellKey, SeriesPoint};
+
+/// Batches the judged part of a recording is cut into.
+pub const BATCHES: usize = 4;
+
+/// The shortest judged part a judgement rests on: a second per batch.
+const MIN_JUDGED_S: f64 = BATCHES as f64;
+
+/// Every cell's mean live bytes in each batch of the judged part.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeriesBatches {
+    /// The judged part: from the end of the warm-up to the end of the recording (seconds).
+    pub from_s: f64,
+    pub to_s: f64,
+    /// Cells with anything live in the judged part, with the mean of every batch. Means add up:
+    /// merged cells (`Recorded::merge_identical_stacks`) sum theirs.
+    pub cells: Vec<(CellKey, [u64; BATCHES])>,
+}
+
+/// The judged part of a recording whose last series point is at second `last_t` and that lasted
+/// `duration_s`: `None` when it is shorter than `MIN_JUDGED_S`.
+pub fn judged_window(last_t: u64, duration_s: f64) -> Option<(f64, f64)> {
+    let end = (last_t as f64 + 1.0).max(duration_s);
+    let from = end / 3.0;
+    (end - from >= MIN_JUDGED_S).then_some((from, end))
+}
+
+/// The means of one cell's step function over each batch of `[from, to)`, fed its points in
+/// time order.
+pub struct StepMeans {
+    from: f64,
+    width: f64,
+    area: [f64; BATCHES],
+    /// The point that holds until the next one.
+    holding: Option<(f64, u64)>,
+}
+
+impl StepMeans {
+    pub fn new((from, to): (f64, f64)) -> StepMeans {
+        StepMeans {
+            from,
+            width: (to - from) / BATCHES as f64,
+            area: [0.0; BATCHES],
+            holding: None,
+        }
+    }
+
+    /// The cell's live bytes became `value` at second `t` (not before the previous point).
+    pub fn push(&mut self, t: f64, value: u64) {
+        if let Some((since, held)) = self.holding {
+            self.add(since, t, held);
+        }
+        self.holding = Some((t, value));
+    }
+
+    fn add(&mut self, since: f64, until: f64, value: u64) {
+        for (b, area) in self.area.iter_mut().enumerate() {
+            let lo = self.from + self.width * b as f64;
+            let overlap = until.min(lo + self.width) - since.max(lo);
+            if overlap > 0.0 {
+                *area += value as f64 * overlap;
+            }
+        }
+    }
+
+    /// The mean of each batch (the last point holds to the end).
+    pub fn finish(mut self) -> [u64; BATCHES] {
+        if let Some((since, held)) = self.holding.take() {
+            let end = self.from + self.width * BATCHES as f64;
+            self.add(since, end, held);
+        }
+        self.area.map(|a| (a / self.width).round() as u64)
+    }
+}
+
+impl SeriesBatches {
+    /// From a series held in memory (points in commit order, so in time order per cell).
+    pub fn from_points(series: &[SeriesPoint], duration_s: f64) -> Option<SeriesBatches> {
+        let last_t = series.iter().map(|p| p.t_s).max()?;
+        let window = judged_window(last_t, duration_s)?;
+        let mut cells: Vec<(&CellKey, StepMeans)> = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        for p in series {
+            let i = *index.entry(&p.key).or_insert_with(|| {
+                cells.push((&p.key, StepMeans::new(window)));
+                cells.len() - 1
+            });
+            cells[i].1.push(p.t_s as f64, p.live_bytes);
+        }
+        let mut batches = SeriesBatches {
+            from_s: window.0,
+            to_s: window.1,
+            cells: Vec::new(),
+        };
+        for (key, means) in cells {
+            batches.add(key, means.finish());
+        }
+        Some(batches)
+    }
+
+    /// Keeps `key`'s means unless it had nothing live in the judged part.
+    pub fn add(&mut self, key: &CellKey, means: [u64; BATCHES]) {
+        if means.iter().any(|&m| m > 0) {
+            self.cells.push((key.clone(), means));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn means(points: &[(f64, u64)], window: (f64, f64)) -> [u64; BATCHES] {
+        let mut m = StepMeans::new(window);
+        for &(t, v) in points {
+            m.push(t, v);
+        }
+        m.finish()
+    }
+
+    #[test]
+    fn a_step_function_is_averaged_over_each_batch() {
+        // 0 until 2, then 10 until 6, then 30: batches [0,2) [2,4) [4,6) [6,8).
+        assert_eq!(
+            means(&[(0.0, 0), (2.0, 10), (6.0, 30)], (0.0, 8.0)),
+            [0, 10, 10, 30]
+        );
+        // A change inside a batch is weighed by how long it held; nothing before the first point.
+        assert_eq!(means(&[(1.0, 100)], (0.0, 8.0)), [50, 100, 100, 100]);
+        // Points before the window count from its start.
+        assert_eq!(means(&[(0.0, 7), (1.0, 9)], (4.0, 8.0)), [9, 9, 9, 9]);
+    }
+
+    #[test]
+    fn the_judged_part_is_the_last_two_thirds_and_at_least_four_seconds() {
+        assert_eq!(judged_window(29, 29.5), Some((10.0, 30.0)));
+        assert_eq!(judged_window(5, 5.03), Some((2.0, 6.0)));
+        assert_eq!(judged_window(4, 5.0), None);
+        // The last values hold to the end of the recording.
+        assert_eq!(judged_window(2, 9.0), Some((3.0, 9.0)));
+    }
+}
