@@ -467,8 +467,8 @@ fn run_mode(
     })
 }
 
-/// Whether the report names `function` as the first suspect: the first of a duty-cycled heap's
-/// survivors, else the first leak suspect (what rose in every batch after the warm-up).
+/// Whether the report names `function` as the first suspect: the first leak suspect (what rose
+/// in every batch after the warm-up), else the first of a duty-cycled heap's survivors.
 fn leak_ranked_first(alloctrace: &str, trace: &str, function: &str) -> Result<bool> {
     let out = Command::new(alloctrace).args(["report", trace]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -478,7 +478,7 @@ fn leak_ranked_first(alloctrace: &str, trace: &str, function: &str) -> Result<bo
             .filter(|line| line.starts_with("  "))
     };
     let first =
-        first_after("Heap survivors (duty-cycled)").or_else(|| first_after("Leak suspects: live"));
+        first_after("Leak suspects: live").or_else(|| first_after("Heap survivors (duty-cycled)"));
     Ok(first.is_some_and(|line| line.contains(function)))
 }
 
