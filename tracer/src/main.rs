@@ -467,6 +467,7 @@ fn flamegraph(
 }
 
 fn main() -> ExitCode {
+    alloctrace::stacks::resident::guard_truncated_files();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         // Warnings name the target's paths and libraries: escaped like the error line.
         .format(|buf, record| {

@@ -597,6 +597,13 @@ impl Recorder {
         }
         self.sink.cuda.finish(&mut self.sink.ledger);
         self.sink.adopt_undelivered_heap();
+        if resident::truncated_pages() > 0 {
+            log::warn!(
+                "{} pages of files the recorder read symbols or unwind tables from were truncated \
+                 while mapped and read as zeros: frames in them may be unnamed",
+                resident::truncated_pages()
+            );
+        }
         self.exits.finish();
         self.commit()?;
         self.writer.set_exits(&self.exits.ended)?;

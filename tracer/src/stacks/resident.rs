@@ -8,8 +8,70 @@
 //! monitoring and the OOM killer weigh. Once a tick has named its stacks, those pages are
 //! unmapped from the tracer (`MADV_DONTNEED`: the mapping stays, the cache keeps the data, the
 //! next lookup faults them back in).
+//!
+//! A file read through a mapping can also be truncated under it by whoever may write it (a
+//! target's own library in its virtual environment): touching a page past the new end raises
+//! SIGBUS, which would kill the recorder. `guard_truncated_files` maps a page of zeros there
+//! instead: the reader sees zeros (a section that does not parse, a name that does not decode)
+//! and the recording goes on; `truncated_pages` counts them.
 
-use std::fs;
+use std::{
+    fs,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use crate::model::PAGE;
+
+/// `si_code` of a SIGBUS for an address past the end of a mapped file (Linux's
+/// `asm-generic/siginfo.h`; the libc crate does not export it for Linux).
+const BUS_ADRERR: libc::c_int = 2;
+
+static TRUNCATED_PAGES: AtomicU64 = AtomicU64::new(0);
+
+/// Pages of files truncated under the recorder's mappings that read as zeros since start.
+pub fn truncated_pages() -> u64 {
+    TRUNCATED_PAGES.load(Ordering::Relaxed)
+}
+
+/// Installs the SIGBUS handler that maps zeros over a page of a truncated file.
+pub fn guard_truncated_files() {
+    // SAFETY: a sigaction with a handler that only makes async-signal-safe calls (mmap, signal)
+    // and an atomic add.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigbus as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
+    }
+}
+
+extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    if code == BUS_ADRERR {
+        let page = addr & !(PAGE as usize - 1);
+        // SAFETY: replaces one page of a file mapping whose file no longer reaches it with a
+        // private page of zeros; the faulting read then completes on it.
+        let mapped = unsafe {
+            libc::mmap(
+                page as *mut libc::c_void,
+                PAGE as usize,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if mapped != libc::MAP_FAILED {
+            TRUNCATED_PAGES.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    // Not a truncated file: the default action, when the access repeats on return.
+    // SAFETY: signal() is async-signal-safe.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
 
 /// A read-only shared file mapping (how blazesym and `unwind::cfi` map files; a shared mapping
 /// holds no private copy-on-write data) that is not one of the tracer's own objects.
@@ -109,6 +171,24 @@ mod tests {
         let again: u64 = map.iter().step_by(4096).map(|&b| u64::from(b)).sum();
         assert_eq!(touched, again);
         assert_eq!(&map[..], &data[..]);
+    }
+
+    /// A file truncated under its mapping reads as zeros past its new end; the process lives.
+    #[test]
+    fn a_file_truncated_under_its_mapping_reads_as_zeros() {
+        guard_truncated_files();
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(4 * PAGE).unwrap();
+        file.write_all_at(&[7u8; 4 * PAGE as usize], 0).unwrap();
+        // SAFETY: a read-only mapping of a private temporary file; its truncation is the test.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        assert_eq!(map[PAGE as usize], 7);
+        let before = truncated_pages();
+        file.set_len(PAGE).unwrap();
+        assert_eq!(map[0], 7, "still in the file");
+        assert_eq!(map[2 * PAGE as usize + 5], 0, "past the end: zeros");
+        assert_eq!(map[3 * PAGE as usize], 0);
+        assert_eq!(truncated_pages() - before, 2);
     }
 
     #[test]
