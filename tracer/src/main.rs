@@ -82,7 +82,8 @@ enum Command {
         #[arg(long)]
         title: Option<String>,
         /// `live`: bytes live at the end, by class and stack; `faults`: bytes faulted in
-        /// (sampled page faults), by stack: which code made RSS grow.
+        /// (sampled page faults), by stack: which code made RSS grow; `leaks`: the leak
+        /// suspects' growth after the warm-up (what kept growing).
         #[arg(long, value_enum, default_value_t = GraphKind::Live)]
         kind: GraphKind,
         /// Every frame and whole C++ names (see `report --full-names`).
@@ -222,6 +223,7 @@ enum StackArg {
 enum GraphKind {
     Live,
     Faults,
+    Leaks,
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -448,14 +450,26 @@ fn flamegraph(
     full_names: bool,
 ) -> anyhow::Result<()> {
     output::check_destination(output, force)?;
-    let mut recorded = Reader::open_with(file, SeriesRead::Nothing)?;
+    // Leak suspects are judged from the series' batches; the other graphs read the final state.
+    let series = match kind {
+        GraphKind::Leaks => SeriesRead::Batches,
+        GraphKind::Live | GraphKind::Faults => SeriesRead::Nothing,
+    };
+    let mut recorded = Reader::open_with(file, series)?;
     if !full_names {
         names::use_display_names(&mut recorded);
     }
     let mut options = flamegraph::FlamegraphOptions::default();
-    if let GraphKind::Faults = kind {
-        options.kind = flamegraph::Kind::Faults;
-        options.title = flamegraph::FAULTS_TITLE.to_string();
+    match kind {
+        GraphKind::Live => {}
+        GraphKind::Faults => {
+            options.kind = flamegraph::Kind::Faults;
+            options.title = flamegraph::FAULTS_TITLE.to_string();
+        }
+        GraphKind::Leaks => {
+            options.kind = flamegraph::Kind::Leaks;
+            options.title = flamegraph::LEAKS_TITLE.to_string();
+        }
     }
     if let Some(title) = title {
         options.title = title;

@@ -44,9 +44,36 @@ pub enum Kind {
     Live,
     /// Bytes faulted in (sampled page faults × page size): which code made RSS grow.
     Faults,
+    /// The leak suspects' growth after the warm-up (docs/accounting.md, "Leak suspects"),
+    /// under their class: only what kept growing, none of what is merely large.
+    Leaks,
 }
 
 pub const FAULTS_TITLE: &str = "alloctrace: bytes faulted in by stack (sampled)";
+pub const LEAKS_TITLE: &str = "alloctrace: leak suspects, growth after the warm-up by stack";
+
+/// Folded lines of the leak suspects' growth, `class;outermost;...;innermost BYTES` (none when
+/// the recording was too short to judge).
+pub fn folded_leak_lines(rec: &Recorded) -> Vec<String> {
+    let mut folded = FoldedStacks::default();
+    for row in super::report::suspects(rec).map_or_else(Vec::new, |s| s.rows) {
+        folded.add(
+            root_of(row.key.class.name(), &row.key.phase),
+            &rec.frames(row.key.stack),
+            row.growth,
+        );
+    }
+    folded.into_lines()
+}
+
+/// The frames above "all": the class, then the phase when there is one.
+fn root_of(class: &str, phase: &str) -> String {
+    let mut root = class.to_string();
+    if phase != PHASE_NONE {
+        root.push_str(&format!(";[phase {}]", folded_frame(phase)));
+    }
+    root
+}
 
 /// Folded lines of the sampled page faults, `page-faults;outermost;...;innermost BYTES`.
 pub fn folded_fault_lines(rec: &Recorded) -> Vec<String> {
@@ -65,10 +92,7 @@ pub fn folded_lines(rec: &Recorded) -> Vec<String> {
         if counters.live_bytes == 0 {
             continue;
         }
-        let mut root = key.class.name().to_string();
-        if key.phase != PHASE_NONE {
-            root.push_str(&format!(";[phase {}]", folded_frame(&key.phase)));
-        }
+        let root = root_of(key.class.name(), &key.phase);
         folded.add(root, &rec.frames(key.stack), counters.live_bytes);
     }
     folded.into_lines()
@@ -137,9 +161,18 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
     let lines = match options.kind {
         Kind::Live => folded_lines(rec),
         Kind::Faults => folded_fault_lines(rec),
+        Kind::Leaks => folded_leak_lines(rec),
     };
     if lines.is_empty() {
-        return Ok(nothing_live_svg(&title, &subtitle).into_bytes());
+        let nothing = match options.kind {
+            Kind::Live => "Nothing was live at the end of the recording: no stack holds any bytes.",
+            Kind::Faults => "No page fault was sampled.",
+            Kind::Leaks => {
+                "No leak suspect: no stack grew in every batch after the warm-up (or the \
+                 recording is too short to judge)."
+            }
+        };
+        return Ok(nothing_svg(&title, &subtitle, nothing).into_bytes());
     }
     let mut opts = Options::default();
     opts.title = title;
@@ -154,8 +187,9 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
     Ok(svg)
 }
 
-/// inferno refuses an empty input: this is the graph of nothing, in inferno's look.
-fn nothing_live_svg(title: &str, subtitle: &str) -> String {
+/// inferno refuses an empty input: this is the graph of nothing, in inferno's look, saying what
+/// there was none of.
+fn nothing_svg(title: &str, subtitle: &str, nothing: &str) -> String {
     format!(
         r##"<?xml version="1.0" standalone="no"?>
 <!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd">
@@ -163,11 +197,12 @@ fn nothing_live_svg(title: &str, subtitle: &str) -> String {
 <rect x="0" y="0" width="100%" height="100%" fill="#eef2ee"/>
 <text x="600" y="24" text-anchor="middle" font-size="17" font-family="Verdana">{title}</text>
 <text x="600" y="48" text-anchor="middle" font-size="12" font-family="Verdana" fill="#a0a0a0">{subtitle}</text>
-<text x="600" y="90" text-anchor="middle" font-size="14" font-family="Verdana">Nothing was live at the end of the recording: no stack holds any bytes.</text>
+<text x="600" y="90" text-anchor="middle" font-size="14" font-family="Verdana">{nothing}</text>
 </svg>
 "##,
         title = escape::for_xml(title),
-        subtitle = escape::for_xml(subtitle)
+        subtitle = escape::for_xml(subtitle),
+        nothing = escape::for_xml(nothing)
     )
 }
 
@@ -178,6 +213,43 @@ mod tests {
         model::{CellKey, Class, Stack, StackCounters, TargetInfo},
         views::fixture::{self, LEAKS},
     };
+
+    /// `--kind leaks`: only the stacks that grew in every batch after the warm-up, as wide as
+    /// their growth; a recording too short to judge draws a graph that says so.
+    #[test]
+    fn the_leaks_graph_shows_only_what_grew_in_every_batch() {
+        use crate::{model::SeriesPoint, recording::batches::SeriesBatches};
+        let mut rec = fixture::recorded();
+        let cell = |stack| CellKey {
+            class: Class::Heap,
+            pid: 7,
+            phase: PHASE_NONE.to_string(),
+            stack: Some(stack),
+        };
+        let (leak, flat) = (cell(0), cell(1));
+        let point = |t_s, key: &CellKey, live_bytes| SeriesPoint {
+            t_s,
+            key: key.clone(),
+            live_bytes,
+            live_count: 1,
+        };
+        let series: Vec<SeriesPoint> = (0..12)
+            .flat_map(|t| [point(t, &leak, 100 * (t + 1)), point(t, &flat, 5000)])
+            .collect();
+        rec.batches = SeriesBatches::from_points(&series, 12.0);
+        // Judged from 4 s to 12 s in batches of 2 s: means 550, 750, 950, 1150.
+        assert_eq!(
+            folded_leak_lines(&rec),
+            vec!["heap;main;run_scenario;leak_malloc 600".to_string()]
+        );
+        rec.batches = None;
+        let options = FlamegraphOptions {
+            kind: Kind::Leaks,
+            ..FlamegraphOptions::default()
+        };
+        let svg = String::from_utf8(render_svg(&rec, &options).unwrap()).unwrap();
+        assert!(svg.contains("No leak suspect"), "{svg}");
+    }
 
     #[test]
     fn folded_lines_match_golden() {

@@ -9,6 +9,7 @@ mod text;
 pub use analysis::{gpu_residuals, waterfall};
 pub use json::JSON_SCHEMA;
 use serde::Serialize;
+pub use suspects::suspects;
 
 use crate::recording::Recorded;
 
