@@ -434,6 +434,13 @@ fn a_steady_per_request_leak_is_the_first_suspect_with_its_rate() {
     let section = text.split("Leak suspects: live").nth(1).unwrap_or_default();
     let line = section.lines().nth(1).unwrap_or_default();
     assert!(line.contains("remember_request"), "{text}");
+    // The leaks flame graph is the suspects' growth: remember_request's, nothing of the churn.
+    let svg_path = dir.path().join("leaks.svg");
+    let svg_arg = svg_path.to_str().unwrap();
+    view(&["flamegraph", "--kind", "leaks", "-o", svg_arg], &trace);
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.contains("remember_request"), "{svg}");
+    assert!(!svg.contains("request_churn"), "{svg}");
 }
 
 /// `--heap-budget`: the first window measures the heap calls and the CPU time they cost; the
