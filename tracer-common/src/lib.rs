@@ -376,7 +376,9 @@ pub mod heap_ledger {
         pub size: u64,
         pub stack_key: u64,
         pub generation: u32,
-        pub _pad: u32,
+        /// 1 while a realloc of the block is in flight: the realloc may free it inside, and
+        /// another thread's allocation may get the address before the realloc returns.
+        pub reallocating: u32,
     }
 
     /// Live heap bytes of the traced processes as the kernel counts them at every call, and

@@ -127,8 +127,13 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
     // or freed it with size 0) releases it here if it is held here.
     let ledger = kind == CallKind::Heap && heap_ledger::enabled();
     let releases_old = call.old_block != 0 && (done.addr != 0 || done.size == 0);
-    let old_held =
-        ledger && releases_old && heap_ledger::release(tgid, call.old_block) == Released::Kernel;
+    let old_held = ledger
+        && releases_old
+        && heap_ledger::release_reallocated(tgid, call.old_block) == Released::Kernel;
+    if ledger && call.old_block != 0 && !releases_old {
+        // The realloc failed: its block stays as it was.
+        heap_ledger::mark_reallocating(tgid, call.old_block, false);
+    }
     let Some(record) = scratch(&SCRATCH) else {
         return 0;
     };

@@ -142,6 +142,10 @@ fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u3
     } else {
         old_block
     };
+    if old_block != 0 && crate::heap_ledger::enabled() {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        crate::heap_ledger::mark_reallocating(tgid, old_block, true);
+    }
     let entry = Entry {
         old_block,
         out_ptr,

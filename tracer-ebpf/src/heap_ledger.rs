@@ -262,6 +262,43 @@ pub fn release(tgid: u32, addr: u64) -> Released {
     end_block(tgid, &block)
 }
 
+/// A realloc of the block at `addr` by `tgid` begins: until it returns, an allocation of the
+/// same address by another thread is the realloc's release, seen early (not a missed free).
+#[inline(always)]
+pub fn mark_reallocating(tgid: u32, addr: u64, reallocating: bool) {
+    let key = BlockKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    if let Some(block) = HELD_BLOCKS.get_ptr_mut(&key) {
+        // SAFETY: a map value, valid while this program runs.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*block).reallocating, u32::from(reallocating))
+        };
+    }
+}
+
+/// The release of realloc's old block at its return: only if the block held at `addr` is still
+/// the one the realloc was given. When another thread's allocation took the address in between,
+/// it already counted this block freed, and the block now held there is that thread's.
+#[inline(always)]
+pub fn release_reallocated(tgid: u32, addr: u64) -> Released {
+    let key = BlockKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    // SAFETY: a lookup of a plain value.
+    match unsafe { HELD_BLOCKS.get(&key) }.copied() {
+        Some(block) if block.reallocating != 0 => {
+            let _ = HELD_BLOCKS.remove(&key);
+            end_block(tgid, &block)
+        }
+        _ => Released::Unknown,
+    }
+}
+
 /// What `hold` did with a block.
 #[derive(Copy, Clone, PartialEq, Eq)]
 pub enum Held {
@@ -315,17 +352,19 @@ pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held 
         size,
         stack_key: key,
         generation,
-        _pad: 0,
+        reallocating: 0,
     };
     if let Err(e) = HELD_BLOCKS.insert(&block_key, &block, u64::from(BPF_NOEXIST)) {
         if e != -EEXIST {
             return full();
         }
-        // A block still live at this address: its free was not seen (or it belonged to an
-        // exec'd image).
+        // A block still live at this address: a realloc in flight freed it inside (counted
+        // freed here, before that realloc returns), or its free was not seen (or it belonged
+        // to an exec'd image).
         // SAFETY: a lookup of a plain value.
         if let Some(old) = unsafe { HELD_BLOCKS.get(&block_key) }.copied()
             && end_block(tgid, &old) == Released::Kernel
+            && old.reallocating == 0
         {
             if global(&HEAP_DUTY_CYCLED) != 0 {
                 count(ledger_stat::FREED_UNSEEN);
