@@ -6,7 +6,8 @@
 //! The recording starts at 0 s; its first third is the warm-up; the rest, up to the end (the last
 //! series point holds through its second, and the last values hold to the end of the recording),
 //! is cut into `BATCHES` equal batches. A cell's series is a step function (each point holds
-//! until the cell's next one, 0 before its first); a batch's figure is its mean there.
+//! until the cell's next one, 0 before its first); a batch's figures are its mean there and its
+//! spread (standard deviation) around that mean.
 
 use crate::model::{CellKey, SeriesPoint};
 
@@ -16,15 +17,32 @@ pub const BATCHES: usize = 4;
 /// The shortest judged part a judgement rests on: a second per batch.
 const MIN_JUDGED_S: f64 = BATCHES as f64;
 
-/// Every cell's mean live bytes in each batch of the judged part.
+/// Every cell's live bytes in each batch of the judged part.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SeriesBatches {
     /// The judged part: from the end of the warm-up to the end of the recording (seconds).
     pub from_s: f64,
     pub to_s: f64,
-    /// Cells with anything live in the judged part, with the mean of every batch. Means add up:
-    /// merged cells (`Recorded::merge_identical_stacks`) sum theirs.
-    pub cells: Vec<(CellKey, [u64; BATCHES])>,
+    /// Cells with anything live in the judged part, with their figures in every batch.
+    pub cells: Vec<(CellKey, BatchFigures)>,
+}
+
+/// A cell's live bytes in each batch: the mean, and the spread around it (standard deviation
+/// over the batch's time). Merged cells (`Recorded::merge_identical_stacks`) add both: means
+/// add exactly, spreads add to a bound of the merged spread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchFigures {
+    pub means: [u64; BATCHES],
+    pub spreads: [u64; BATCHES],
+}
+
+impl BatchFigures {
+    pub fn add(&mut self, other: &BatchFigures) {
+        for b in 0..BATCHES {
+            self.means[b] += other.means[b];
+            self.spreads[b] += other.spreads[b];
+        }
+    }
 }
 
 /// The judged part of a recording whose last series point is at second `last_t` and that lasted
@@ -41,6 +59,8 @@ pub struct StepMeans {
     from: f64,
     width: f64,
     area: [f64; BATCHES],
+    /// The integral of the square, for the spread.
+    square: [f64; BATCHES],
     /// The point that holds until the next one.
     holding: Option<(f64, u64)>,
 }
@@ -51,6 +71,7 @@ impl StepMeans {
             from,
             width: (to - from) / BATCHES as f64,
             area: [0.0; BATCHES],
+            square: [0.0; BATCHES],
             holding: None,
         }
     }
@@ -64,22 +85,31 @@ impl StepMeans {
     }
 
     fn add(&mut self, since: f64, until: f64, value: u64) {
-        for (b, area) in self.area.iter_mut().enumerate() {
+        let v = value as f64;
+        for b in 0..BATCHES {
             let lo = self.from + self.width * b as f64;
             let overlap = until.min(lo + self.width) - since.max(lo);
             if overlap > 0.0 {
-                *area += value as f64 * overlap;
+                self.area[b] += v * overlap;
+                self.square[b] += v * v * overlap;
             }
         }
     }
 
-    /// The mean of each batch (the last point holds to the end).
-    pub fn finish(mut self) -> [u64; BATCHES] {
+    /// The figures of each batch (the last point holds to the end).
+    pub fn finish(mut self) -> BatchFigures {
         if let Some((since, held)) = self.holding.take() {
             let end = self.from + self.width * BATCHES as f64;
             self.add(since, end, held);
         }
-        self.area.map(|a| (a / self.width).round() as u64)
+        let mut figures = BatchFigures::default();
+        for b in 0..BATCHES {
+            let mean = self.area[b] / self.width;
+            let variance = (self.square[b] / self.width - mean * mean).max(0.0);
+            figures.means[b] = mean.round() as u64;
+            figures.spreads[b] = variance.sqrt().round() as u64;
+        }
+        figures
     }
 }
 
@@ -108,10 +138,10 @@ impl SeriesBatches {
         Some(batches)
     }
 
-    /// Keeps `key`'s means unless it had nothing live in the judged part.
-    pub fn add(&mut self, key: &CellKey, means: [u64; BATCHES]) {
-        if means.iter().any(|&m| m > 0) {
-            self.cells.push((key.clone(), means));
+    /// Keeps `key`'s figures unless it had nothing live in the judged part.
+    pub fn add(&mut self, key: &CellKey, figures: BatchFigures) {
+        if figures.means.iter().any(|&m| m > 0) {
+            self.cells.push((key.clone(), figures));
         }
     }
 }
@@ -120,12 +150,25 @@ impl SeriesBatches {
 mod tests {
     use super::*;
 
-    fn means(points: &[(f64, u64)], window: (f64, f64)) -> [u64; BATCHES] {
+    fn figures(points: &[(f64, u64)], window: (f64, f64)) -> BatchFigures {
         let mut m = StepMeans::new(window);
         for &(t, v) in points {
             m.push(t, v);
         }
         m.finish()
+    }
+
+    fn means(points: &[(f64, u64)], window: (f64, f64)) -> [u64; BATCHES] {
+        figures(points, window).means
+    }
+
+    /// The spread is the standard deviation over the batch's time: 0 where the value held, half
+    /// the swing where it spent half the batch at each of two values.
+    #[test]
+    fn a_batch_spread_is_the_standard_deviation_over_its_time() {
+        let f = figures(&[(0.0, 10), (1.0, 30), (2.0, 30), (5.0, 0)], (0.0, 8.0));
+        assert_eq!(f.means, [20, 30, 15, 0]);
+        assert_eq!(f.spreads, [10, 0, 15, 0]);
     }
 
     #[test]

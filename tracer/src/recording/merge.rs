@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{Recorded, batches::BATCHES};
+use super::{Recorded, batches::BatchFigures};
 use crate::model::{
     AmountsByStack, CellKey, CudaCalls, FailureKey, SeriesPoint, Stack, StackCounters, StackIndex,
 };
@@ -25,7 +25,7 @@ impl Recorded {
         state.cuda_calls = remap.cuda_calls(std::mem::take(&mut state.cuda_calls));
         self.series = remap.series(std::mem::take(&mut self.series));
         if let Some(batches) = &mut self.batches {
-            batches.cells = remap.batch_means(std::mem::take(&mut batches.cells));
+            batches.cells = remap.batch_figures(std::mem::take(&mut batches.cells));
         }
         for oom in &mut self.torch_ooms {
             oom.stack = remap.canon(oom.stack);
@@ -67,18 +67,15 @@ impl StackRemap {
         merged
     }
 
-    /// Batch means add up: a merged cell's are the sum of its members'.
-    fn batch_means(&self, cells: Vec<(CellKey, [u64; BATCHES])>) -> Vec<(CellKey, [u64; BATCHES])> {
-        let mut merged: BTreeMap<CellKey, [u64; BATCHES]> = BTreeMap::new();
-        for (key, means) in cells {
+    /// Batch figures add up: a merged cell's are the sum of its members' (`BatchFigures::add`).
+    fn batch_figures(&self, cells: Vec<(CellKey, BatchFigures)>) -> Vec<(CellKey, BatchFigures)> {
+        let mut merged: BTreeMap<CellKey, BatchFigures> = BTreeMap::new();
+        for (key, figures) in cells {
             let key = CellKey {
                 stack: self.canon(key.stack),
                 ..key
             };
-            let sum = merged.entry(key).or_default();
-            for (s, m) in sum.iter_mut().zip(means) {
-                *s += m;
-            }
+            merged.entry(key).or_default().add(&figures);
         }
         merged.into_iter().collect()
     }

@@ -160,6 +160,17 @@ struct JsonSuspects {
     stacks: Vec<JsonSuspect>,
     /// Stacks that grew but not in every batch.
     not_steady: usize,
+    /// Stacks that rose in every batch by less than they swing within one: too noisy to judge.
+    too_noisy: Vec<JsonNoisy>,
+}
+
+#[derive(Serialize)]
+struct JsonNoisy {
+    class: &'static str,
+    pid: u32,
+    phase: String,
+    stack: Option<StackIndex>,
+    frames: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -273,6 +284,15 @@ fn suspects(rec: &Recorded) -> Option<JsonSuspects> {
             })
             .collect(),
         not_steady: s.not_steady,
+        too_noisy: (s.too_noisy.iter())
+            .map(|key| JsonNoisy {
+                class: key.class.name(),
+                pid: key.pid,
+                phase: key.phase.clone(),
+                stack: key.stack,
+                frames: rec.frames(key.stack),
+            })
+            .collect(),
     })
 }
 

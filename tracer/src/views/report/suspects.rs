@@ -6,8 +6,9 @@
 //! come from its series, a step function (each point holds until the cell's next one). A cell is
 //! a suspect when its mean rose from every batch to the next: memory that grows while the
 //! program repeats the same work. A cache or pool that filled and stopped (a plateau) is not,
-//! nor is static memory (loaded files, thread stacks reserved at start). Suspects are ranked by
-//! their growth from the first batch to the last.
+//! nor is static memory (loaded files, thread stacks reserved at start). A cell whose values
+//! swing within a batch by more than it grows from one batch to the next is too noisy to judge,
+//! and said so. Suspects are ranked by their growth from the first batch to the last.
 
 use crate::{
     model::{CellKey, Class},
@@ -27,6 +28,8 @@ pub struct Suspects<'a> {
     pub rows: Vec<Suspect<'a>>,
     /// Cells that grew over the judged part but not in every batch (levelled off, or noisy).
     pub not_steady: usize,
+    /// Cells that rose in every batch, by less than they swing within one: too noisy to judge.
+    pub too_noisy: Vec<&'a CellKey>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -56,7 +59,9 @@ fn judge(batches: &SeriesBatches) -> Option<Suspects<'_>> {
     let batch = (batches.to_s - batches.from_s) / BATCHES as f64;
     let mut rows = Vec::new();
     let mut not_steady = 0;
-    for (key, means) in &batches.cells {
+    let mut too_noisy = Vec::new();
+    for (key, figures) in &batches.cells {
+        let means = &figures.means;
         if is_static(key.class) || means[BATCHES - 1] <= means[0] {
             continue;
         }
@@ -65,6 +70,13 @@ fn judge(batches: &SeriesBatches) -> Option<Suspects<'_>> {
             continue;
         }
         let growth = means[BATCHES - 1] - means[0];
+        // A steady ramp spreads by a step/√12 within a batch; values that swing by more than a
+        // whole step say nothing about the trend.
+        let step = growth / (BATCHES as u64 - 1);
+        if figures.spreads.iter().any(|&spread| spread > step) {
+            too_noisy.push(key);
+            continue;
+        }
         rows.push(Suspect {
             key,
             batch_means: *means,
@@ -73,11 +85,13 @@ fn judge(batches: &SeriesBatches) -> Option<Suspects<'_>> {
         });
     }
     rows.sort_by(|a, b| b.growth.cmp(&a.growth).then_with(|| a.key.cmp(b.key)));
+    too_noisy.sort();
     Some(Suspects {
         from_s: batches.from_s,
         to_s: batches.to_s,
         rows,
         not_steady,
+        too_noisy,
     })
 }
 
@@ -146,6 +160,30 @@ mod tests {
         assert_eq!(leak_row.growth, 15 * 1024);
         assert!((leak_row.bytes_per_s - 1024.0).abs() < 1e-9);
         assert_eq!(s.not_steady, 1, "the cache levelled off");
+        assert!(s.too_noisy.is_empty());
+    }
+
+    /// A cell that rises a little from batch to batch while it swings far more within each is
+    /// too noisy to judge: said, not ranked.
+    #[test]
+    fn growth_smaller_than_the_swing_is_too_noisy_to_judge() {
+        let noisy = key(Class::Heap, 1);
+        let leak = key(Class::Heap, 2);
+        let series: Vec<SeriesPoint> = (0..30u64)
+            .flat_map(|t| {
+                // Once in every 5 s (each batch's width): the batch means still rise.
+                let swing = if t % 5 == 0 { 1 << 20 } else { 0 };
+                [
+                    point(t, &noisy, 1000 * t + swing),
+                    point(t, &leak, 1000 * t),
+                ]
+            })
+            .collect();
+        let rec = recording(series);
+        let s = suspects(&rec).unwrap();
+        assert_eq!(s.too_noisy, vec![&noisy]);
+        assert_eq!(s.rows.len(), 1);
+        assert_eq!(s.rows[0].key, &leak);
     }
 
     #[test]

@@ -355,13 +355,19 @@ fn text_suspects(out: &mut String, rec: &Recorded) {
         "{:.0} s to {:.0} s, after a warm-up of {:.0} s",
         s.from_s, s.to_s, s.from_s
     );
-    let levelled = match s.not_steady {
+    let mut levelled = match s.not_steady {
         0 => String::new(),
         n => format!(
             "; {} grew but not in every batch (caches and pools that level off, or noise)",
             count_of(n as u64, "stack")
         ),
     };
+    if !s.too_noisy.is_empty() {
+        levelled.push_str(&format!(
+            "; {} rose in every batch by less than it swings within one: too noisy to judge",
+            count_of(s.too_noisy.len() as u64, "stack")
+        ));
+    }
     if s.rows.is_empty() {
         let _ = writeln!(
             out,
