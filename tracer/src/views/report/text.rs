@@ -140,6 +140,10 @@ pub(super) fn render(rec: &Recorded) -> String {
     text_header(&mut out, rec);
     text_totals(&mut out, rec);
     text_suspects(&mut out, rec);
+    // The memory layers side by side: resident memory, the GPU driver's figure, the framework's
+    // allocator; then where the bytes are.
+    text_waterfall(&mut out, rec);
+    text_gpu(&mut out, rec);
     text_torch_allocator(&mut out, rec);
     text_processes(&mut out, rec);
     text_live_stacks(&mut out, rec);
@@ -147,12 +151,10 @@ pub(super) fn render(rec: &Recorded) -> String {
     text_failures(&mut out, rec);
     text_unmatched_and_lost(&mut out, rec);
     text_growth(&mut out, rec);
-    text_waterfall(&mut out, rec);
     text_faults(&mut out, rec);
     text_released(&mut out, rec);
     text_cuda_calls(&mut out, rec);
     text_stack_capture(&mut out, rec);
-    text_gpu(&mut out, rec);
     out
 }
 
