@@ -102,6 +102,9 @@ pub struct TorchEvent {
     pub tid: u32,
     pub nframes: u16,
     pub stack_flags: u16,
+    /// The calling thread's phase (`phase`), 0 for none.
+    pub phase: u32,
+    pub _pad: u32,
 }
 
 /// A hooked CUDA driver call that is not an allocation (VMM map/unmap/release, capture, graphs,
@@ -232,6 +235,9 @@ pub struct MapEvent {
     /// mprotect (addr, len, prot), mremap (old_addr, old_len, new_len, flags, new_addr), brk (brk),
     /// madvise (addr, len, advice).
     pub args: [u64; 5],
+    /// The calling thread's phase (`phase`), 0 for none.
+    pub phase: u32,
+    pub _pad: u32,
 }
 
 /// A completed allocation call (successful or failed), heap or CUDA, emitted at the function's
@@ -266,6 +272,10 @@ pub struct AllocEvent {
     /// `event_kind::HEAP_STACK`: the key the kernel's heap ledger counts this stack under;
     /// 0 else.
     pub stack_key: u64,
+    /// The calling thread's phase (`phase`) when the call was made, 0 for none; a
+    /// `HEAP_STACK`'s is its key's.
+    pub phase: u32,
+    pub _pad: u32,
 }
 
 impl AllocEvent {
@@ -288,6 +298,9 @@ pub struct FreeEvent {
     pub kind: u32,
     pub tgid: u32,
     pub addr: u64,
+    /// The freeing thread's phase (`phase`), 0 for none.
+    pub phase: u32,
+    pub _pad: u32,
 }
 
 /// Slots of the in-flight call table: a thread uses slot `tid % INFLIGHT_SLOTS`.
@@ -378,7 +391,9 @@ pub mod heap_ledger {
         pub generation: u32,
         /// 1 while a realloc of the block is in flight: the realloc may free it inside, and
         /// another thread's allocation may get the address before the realloc returns.
-        pub reallocating: u32,
+        pub reallocating: u16,
+        /// The phase it was allocated in (`phase`): its free is counted in `PHASE_FREES`.
+        pub phase: u16,
     }
 
     /// Live heap bytes of the traced processes as the kernel counts them at every call, and
@@ -441,6 +456,53 @@ pub mod heap_ledger {
     pub const STACKS: u32 = 1 << 17;
 }
 
+/// Request phases (`record --phase NAME=LIB:SYMBOL`): a label on each thread, set by an entry
+/// probe on a function and restored by its return probe, carried by every allocation, free and
+/// mapping the thread makes. Phase 0 is none; rule `i` (in the order given) is phase `i + 1`.
+pub mod phase {
+    /// Phases nested in one thread at most; deeper entries are counted, not tracked.
+    pub const MAX_DEPTH: usize = 8;
+    /// Rules at most (phase ids 1 to `MAX_RULES`).
+    pub const MAX_RULES: usize = 30;
+    /// Phase ids: none, the rules, and one spare so that the table is a power of two.
+    pub const IDS: usize = 32;
+    /// Cells of the free matrix (`PhaseFrees`): a (allocated-in, freed-in) pair each.
+    pub const MATRIX_CELLS: usize = IDS * IDS;
+
+    /// The phases a thread is in (`THREAD_PHASES`, by tid), innermost last.
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+    pub struct ThreadPhases {
+        /// Entries in `ids` (at most `MAX_DEPTH`); entries past that are counted in `overflow`.
+        pub depth: u32,
+        /// Entries beyond `MAX_DEPTH` not yet returned.
+        pub overflow: u32,
+        pub ids: [u32; MAX_DEPTH],
+    }
+
+    impl ThreadPhases {
+        /// The innermost phase, 0 for none.
+        pub fn current(&self) -> u32 {
+            match self.depth as usize {
+                0 => 0,
+                d => self.ids[(d - 1) & (MAX_DEPTH - 1)],
+            }
+        }
+    }
+
+    /// The kernel's heap ledger's frees by (allocated-in, freed-in) phase: bytes and blocks,
+    /// cell `allocated * IDS + freed` (`PHASE_FREES`, one value; user space reads it whole).
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+    pub struct PhaseFrees {
+        pub bytes: [u64; MATRIX_CELLS],
+        pub count: [u64; MATRIX_CELLS],
+    }
+
+    /// Entries of each phase (`PHASE_ENTRIES`, per CPU): the requests a serving phase saw.
+    pub const ENTRIES: u32 = IDS as u32;
+}
+
 /// Duty-cycled heap: which of the heap probes' windows are open (`HEAP_WINDOW`, 1: open),
 /// set by user space. The probes stay attached a little longer than their window (detaching
 /// takes the kernel tens of milliseconds each); the flags make the window's edges exact.
@@ -499,6 +561,8 @@ pub mod global {
     /// 1: the heap probes are attached in windows (`--heap-budget`, `--heap-duty`): a block
     /// live at an address allocated again was freed while they were off, not a lost event.
     pub const HEAP_DUTY_CYCLED: &str = "HEAP_DUTY_CYCLED";
+    /// 1: phase rules are attached (`record --phase`): events carry their thread's phase.
+    pub const PHASES: &str = "PHASES";
 }
 
 /// Byte-sampled heap tracing (`record --heap-sample MEAN`): an allocation of `size` bytes is
@@ -526,25 +590,28 @@ pub mod heap_sample {
 /// Name of the eBPF object's aya-log ring buffer (declared by aya-log-ebpf).
 pub const LOG_RING: &str = "AYA_LOGS";
 
-const _: () = assert!(size_of::<AllocEvent>() == 64);
-const _: () = assert!(size_of::<StackRecord<AllocEvent>>() == 64 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<AllocEvent>() == 72);
+const _: () = assert!(size_of::<StackRecord<AllocEvent>>() == 72 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<heap_ledger::BlockKey>() == 16);
 const _: () = assert!(size_of::<heap_ledger::HeldBlock>() == 24);
 const _: () = assert!(size_of::<heap_ledger::HeapLive>() == 24);
 const _: () = assert!(size_of::<heap_ledger::StackTotals>() == 40);
-const _: () = assert!(size_of::<StackRecord<MapEvent>>() == 72 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<StackRecord<MapEvent>>() == 80 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<FaultEvent>>() == 24 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<CudaCallEvent>>() == 72 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackCopyHeader>() == 32);
 const _: () = assert!(8 * STACK_AREA_WORDS >= 32 + STACK_COPY_MAX + 8192);
-const _: () = assert!(size_of::<FreeEvent>() == 16);
-const _: () = assert!(size_of::<MapEvent>() == 72);
+const _: () = assert!(size_of::<FreeEvent>() == 24);
+const _: () = assert!(size_of::<MapEvent>() == 80);
 const _: () = assert!(size_of::<ProcEvent>() == 16);
 const _: () = assert!(size_of::<FaultEvent>() == 24);
 const _: () = assert!(size_of::<CudaCallEvent>() == 72);
-const _: () = assert!(size_of::<TorchEvent>() == 64);
-const _: () = assert!(size_of::<StackRecord<TorchEvent>>() == 64 + 8 * STACK_AREA_WORDS);
+const _: () = assert!(size_of::<TorchEvent>() == 72);
+const _: () = assert!(size_of::<StackRecord<TorchEvent>>() == 72 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<CudaCallSlot>() == 64);
+const _: () = assert!(size_of::<phase::ThreadPhases>() == 40);
+const _: () = assert!(phase::MAX_DEPTH.is_power_of_two() && phase::IDS.is_power_of_two());
+const _: () = assert!(phase::MAX_RULES < phase::IDS);
 const _: () = assert!(size_of::<SyscallArgs>() == 48);
 const _: () = assert!(size_of::<InflightCall>() == 56);
 // The in-flight slots' owner word comes first: the programs claim it through a pointer to it.
@@ -569,6 +636,8 @@ mod pod {
     unsafe impl aya::Pod for heap_ledger::HeldBlock {}
     unsafe impl aya::Pod for heap_ledger::StackTotals {}
     unsafe impl aya::Pod for heap_ledger::HeapLive {}
+    unsafe impl aya::Pod for phase::ThreadPhases {}
+    unsafe impl aya::Pod for phase::PhaseFrees {}
 }
 
 #[cfg(test)]

@@ -153,6 +153,8 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
         func: call.func,
         aux: call.aux,
         stack_key: 0,
+        phase: crate::phase::current(),
+        _pad: 0,
     };
     // realloc(p, 0) returning NULL freed p: a free needs no stack.
     if done.addr == 0 && done.size == 0 && call.old_block != 0 {
@@ -186,12 +188,12 @@ fn hold_or_emit(record: &mut StackRecord<AllocEvent>, start: StackStart) {
     let frames = (usize::from(ev.nframes), bytes);
     let key = heap_ledger::stack_key(
         (ev.tgid, generation),
-        ev.stack_flags,
+        (ev.stack_flags, ev.phase),
         &record.stack,
         frames,
         covered,
     );
-    let held = heap_ledger::hold(ev.tgid, generation, ev.addr, ev.size, key);
+    let held = heap_ledger::hold(ev.tgid, generation, ev.addr, ev.size, (key, ev.phase));
     if held != Held::Full && ev.origin != 0 {
         // A realloc of a block the kernel did not hold: its release goes to user space.
         emit_free(ev.tgid, ev.origin);
@@ -223,6 +225,8 @@ pub fn emit_free(tgid: u32, addr: u64) -> u32 {
         kind: event_kind::FREE,
         tgid,
         addr,
+        phase: crate::phase::current(),
+        _pad: 0,
     };
     output_event(&event, Wakeup::AtPoll, "free");
     0

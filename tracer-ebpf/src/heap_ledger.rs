@@ -66,11 +66,11 @@ fn mix(h: u64) -> u64 {
 /// The key of a stack of `nframes` native frames then Python frames up to `bytes` bytes:
 /// its first `covered` native frames, its Python frames and flags, mixed with the process and its
 /// image generation (an exec'd image's stacks get new keys, so that user space can retire the old
-/// image's). Never 0 (0 is "no key" in `AllocEvent`).
+/// image's) and the phase it was made in. Never 0 (0 is "no key" in `AllocEvent`).
 #[inline(always)]
 pub fn stack_key(
     (tgid, generation): (u32, u32),
-    flags: u16,
+    (flags, phase): (u16, u32),
     area: &StackArea,
     (nframes, bytes): (usize, usize),
     covered: usize,
@@ -98,7 +98,7 @@ pub fn stack_key(
         }
         h = mix(h ^ area[at]);
     }
-    let h = mix(h ^ u64::from(flags));
+    let h = mix(h ^ u64::from(flags) ^ u64::from(phase) << 16);
     if h == 0 { 1 } else { h }
 }
 
@@ -243,6 +243,7 @@ fn end_block(tgid: u32, block: &HeldBlock) -> Released {
     }
     count_live(tgid, block.size, false);
     count_freed(block);
+    crate::phase::count_free(u32::from(block.phase), block.size);
     Released::Kernel
 }
 
@@ -274,7 +275,7 @@ pub fn mark_reallocating(tgid: u32, addr: u64, reallocating: bool) {
     if let Some(block) = HELD_BLOCKS.get_ptr_mut(&key) {
         // SAFETY: a map value, valid while this program runs.
         unsafe {
-            core::ptr::write_volatile(&raw mut (*block).reallocating, u32::from(reallocating))
+            core::ptr::write_volatile(&raw mut (*block).reallocating, u16::from(reallocating))
         };
     }
 }
@@ -337,9 +338,9 @@ fn totals_of(tgid: u32, key: u64) -> Option<*mut StackTotals> {
 }
 
 /// A successful allocation of `size` bytes at `addr` by `tgid` (image `generation`), at the
-/// stack with `key`.
+/// stack with `key`, in `phase`.
 #[inline(always)]
-pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held {
+pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, (key, phase): (u64, u32)) -> Held {
     let Some(totals) = totals_of(tgid, key) else {
         return Held::Full;
     };
@@ -353,6 +354,7 @@ pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, key: u64) -> Held 
         stack_key: key,
         generation,
         reallocating: 0,
+        phase: phase as u16,
     };
     if let Err(e) = HELD_BLOCKS.insert(&block_key, &block, u64::from(BPF_NOEXIST)) {
         if e != -EEXIST {

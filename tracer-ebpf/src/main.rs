@@ -32,6 +32,8 @@ mod heap_ledger;
 mod inflight;
 /// Every map and load-time global.
 mod maps;
+/// Request phases: the phase stack of each thread.
+mod phase;
 /// Process-tree tracepoints.
 mod process;
 /// CPython frames.

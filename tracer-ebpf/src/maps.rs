@@ -4,13 +4,14 @@
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
     AllocEvent, CudaCallEvent, CudaCallSlot, FaultEvent, INFLIGHT_SLOTS, InflightCall, MapEvent,
     StackRecord, SyscallArgs, TorchEvent, drop_cause, heap_ledger,
     heap_ledger::{BlockKey, HeapLive, HeldBlock, StackTotals},
     heap_sample, heap_window, ledger_stat,
+    phase::{self, PhaseFrees, ThreadPhases},
     python::PythonOffsets,
     stack_stat,
 };
@@ -150,6 +151,20 @@ pub static LEDGER_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ledger
 #[map]
 pub static SAMPLE_EXP: Array<u32> = Array::with_max_entries(heap_sample::TABLE_LEN, 0);
 
+/// `record --phase`: the phases each thread is in, by tid (`phase.rs`). LRU: a thread that
+/// exits inside a phase leaves its entry behind.
+#[map]
+pub static THREAD_PHASES: LruHashMap<u32, ThreadPhases> = LruHashMap::with_max_entries(1 << 16, 0);
+
+/// `record --phase`: entries of each phase (by phase id), per CPU.
+#[map]
+pub static PHASE_ENTRIES: PerCpuArray<u64> = PerCpuArray::with_max_entries(phase::ENTRIES, 0);
+
+/// `record --phase`: the kernel's heap ledger's frees by (allocated-in, freed-in) phase (one
+/// value).
+#[map]
+pub static PHASE_FREES: Array<PhaseFrees> = Array::with_max_entries(1, 0);
+
 // ---- Load-time globals (set by user space, `tracer_common::global`; read with `global`) ----
 
 /// 1: follow the children of traced processes.
@@ -198,6 +213,10 @@ pub static HEAP_KERNEL_LEDGER: u32 = 0;
 /// address allocated again was freed while the probes were off.
 #[unsafe(no_mangle)]
 pub static HEAP_DUTY_CYCLED: u32 = 0;
+
+/// 1: phase rules are attached (`record --phase`): records carry their thread's phase.
+#[unsafe(no_mangle)]
+pub static PHASES: u32 = 0;
 
 /// The value user space gave a global at load.
 #[inline(always)]

@@ -116,6 +116,8 @@ pub fn syscall_exit(ctx: TracePointContext) -> u32 {
         flags: saved.flags,
         ret: ret as u64,
         args: saved.args,
+        phase: crate::phase::current(),
+        _pad: 0,
     };
     let Some(start) = StackStart::at_tracepoint() else {
         return 0;

@@ -153,6 +153,8 @@ fn send(ctx: &ProbeContext, [action, device, addr, size, stream]: [u64; 5], pool
         tid: pid_tgid as u32,
         nframes: 0,
         stack_flags: 0,
+        phase: crate::phase::current(),
+        _pad: 0,
     };
     let with_stack = matches!(
         event.action,

@@ -12,7 +12,7 @@ use alloctrace::{
     escape, hooks, output,
     probes::{ProbeConfig, StackMode},
     recording::{Reader, SeriesRead},
-    session::{self, RecordOptions, TargetSpec, heap_duty::DutyOptions},
+    session::{self, RecordOptions, TargetSpec, heap_duty::DutyOptions, phases::PhaseRule},
     views::{flamegraph, names, report},
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -164,6 +164,14 @@ struct RecordArgs {
     /// still counted, under one frame that says so). What it gave up is in the report.
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
     max_memory: Option<u64>,
+    /// Request phases: while a thread is inside function SYMBOL of LIB (a library's or the
+    /// executable's file name, or a path), what it allocates, frees and maps is in phase NAME
+    /// (nested rules stack; the return restores the phase before). Repeatable, up to 30. The
+    /// report shows live bytes by phase and which phase freed what another allocated:
+    /// memory allocated while serving a request and still live is the per-request leak.
+    /// Example: --phase serve=libllama.so:llama_decode
+    #[arg(long, value_name = "NAME=LIB:SYMBOL")]
+    phase: Vec<PhaseRule>,
     /// Do not follow child processes. By default every process the target forks (and what
     /// they exec) is traced from birth, as inference servers run their engine and GPU workers
     /// as children; every figure carries its PID.
@@ -351,6 +359,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             // call site, a stack copy does not (it is unwound in user space); sampled heaps are
             // a fraction of the calls already.
             heap_duty_cycled: args.heap_budget.is_some() || args.heap_duty.is_some(),
+            phases: !args.phase.is_empty(),
             heap_ledger_blocks: if args.heap
                 && args.heap_sample.is_none()
                 && stack_copy_heap == 0
@@ -362,6 +371,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             },
         },
         heap: args.heap,
+        phases: args.phase,
         heap_duty,
         max_memory: args.max_memory.map(|mib| mib << 20),
         torch_allocator: !args.no_torch_allocator,

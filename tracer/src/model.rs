@@ -119,7 +119,8 @@ impl Class {
     }
 }
 
-/// Request phase. Only `none` exists until phase tracking lands.
+/// The phase of memory allocated outside every phase (`record --phase`), and of everything
+/// when no phase rule is given.
 pub const PHASE_NONE: &str = "none";
 
 /// Index of a stack in the recording's stack table (dense, from 0).
@@ -260,6 +261,36 @@ pub struct StackCapture {
     /// without a limit.
     #[serde(default)]
     pub memory_limit: Option<MemoryLimit>,
+}
+
+/// `record --phase`: the rules, how often each phase was entered, and which phase freed what
+/// another allocated (meta `phases`, docs/recording.md).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phases {
+    pub rules: Vec<PhaseRuleFigures>,
+    /// Frees by (class, allocated-in, freed-in phase), in that order.
+    pub frees: Vec<PhaseFrees>,
+}
+
+/// One `--phase` rule and how often its function was entered (requests, for a serving phase).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseRuleFigures {
+    pub name: String,
+    /// As given: `NAME=LIB:SYMBOL`.
+    pub rule: String,
+    /// The file its function is in.
+    pub file: String,
+    pub entries: u64,
+}
+
+/// Blocks of a class allocated in one phase and freed in another (or the same).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PhaseFrees {
+    pub class: Class,
+    pub allocated_in: String,
+    pub freed_in: String,
+    pub bytes: u64,
+    pub count: u64,
 }
 
 /// The tracer's own memory limit (`record --max-memory`) and what it cost the recording.

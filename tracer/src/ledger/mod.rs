@@ -131,6 +131,8 @@ impl CellRef {
 pub struct Ledger {
     live: LiveBlocks,
     cells: Vec<(CellKey, StackCounters)>,
+    /// Each cell's phase id (its key spells the name).
+    cell_phases: Vec<PhaseId>,
     cell_index: HashMap<CellRef, u32>,
     phases: Vec<String>,
     /// Cells whose live figures changed since the last `take_series`.
@@ -148,13 +150,20 @@ pub struct Ledger {
     faults: BTreeMap<(u32, Option<StackIndex>), u64>,
     released: BTreeMap<(u32, Option<StackIndex>), u64>,
     cuda_calls: CudaCalls,
+    /// `record --phase`: frees by (class, allocated-in, freed-in phase): bytes and blocks.
+    /// Counted only when phases are (`count_phase_frees`).
+    phase_frees: Option<BTreeMap<PhaseFree, (u64, u64)>>,
 }
+
+/// A cell of the phase free matrix: (class, allocated-in phase, freed-in phase).
+pub type PhaseFree = (Class, PhaseId, PhaseId);
 
 impl Default for Ledger {
     fn default() -> Self {
         Ledger {
             live: LiveBlocks::default(),
             cells: Vec::new(),
+            cell_phases: Vec::new(),
             cell_index: HashMap::new(),
             phases: vec![PHASE_NONE.to_string()],
             dirty: Vec::new(),
@@ -169,6 +178,7 @@ impl Default for Ledger {
             faults: BTreeMap::new(),
             released: BTreeMap::new(),
             cuda_calls: BTreeMap::new(),
+            phase_frees: None,
         }
     }
 }
@@ -182,6 +192,26 @@ impl Ledger {
     /// of it was seen.
     pub fn track(&mut self, class: Class) {
         self.totals.entry(class).or_default();
+    }
+
+    /// Phase rules are attached: frees are counted by the phase of the block and of the free.
+    pub fn count_phase_frees(&mut self) {
+        self.phase_frees.get_or_insert_default();
+    }
+
+    /// Frees by (class, allocated-in, freed-in phase) so far, phases by name: (bytes, blocks).
+    pub fn phase_frees(&self) -> Vec<((Class, &str, &str), (u64, u64))> {
+        let name = |id: PhaseId| self.phases[id as usize].as_str();
+        (self.phase_frees.iter().flatten())
+            .map(|(&(class, a, f), &n)| ((class, name(a), name(f)), n))
+            .collect()
+    }
+
+    /// The name of phase `id`.
+    pub fn phase_name(&self, id: PhaseId) -> &str {
+        self.phases
+            .get(id as usize)
+            .map_or(PHASE_NONE, String::as_str)
     }
 
     /// The id of a phase name, interning it on first use.
@@ -207,6 +237,7 @@ impl Ledger {
             stack: at.stack,
         };
         self.cells.push((key, StackCounters::default()));
+        self.cell_phases.push(at.phase);
         self.dirty_flag.push(false);
         self.cell_index.insert(at, i);
         i
@@ -344,10 +375,25 @@ impl Ledger {
         }
     }
 
-    /// A free of `addr` in process `pid`. Returns false for an unmatched free.
+    /// A free of `addr` in process `pid`, in no phase. Returns false for an unmatched free.
     pub fn free(&mut self, pid: u32, addr: u64) -> bool {
+        self.free_in(pid, addr, 0)
+    }
+
+    /// A free of `addr` in process `pid` made in phase `freed_in`. Returns false for an
+    /// unmatched free.
+    pub fn free_in(&mut self, pid: u32, addr: u64, freed_in: PhaseId) -> bool {
         match self.live.remove(pid, addr) {
             Some(block) => {
+                if let Some(frees) = self.phase_frees.as_mut() {
+                    let (key, _) = &self.cells[block.cell as usize];
+                    let allocated_in = self.cell_phases[block.cell as usize];
+                    let n = frees
+                        .entry((key.class, allocated_in, freed_in))
+                        .or_default();
+                    n.0 += block.size;
+                    n.1 += 1;
+                }
                 self.debit(block.cell, block.size, true);
                 true
             }
@@ -358,10 +404,11 @@ impl Ledger {
         }
     }
 
-    /// A successful realloc: `old` (may be 0) is replaced by `addr` of `size` bytes.
+    /// A successful realloc: `old` (may be 0) is replaced by `addr` of `size` bytes (the old
+    /// block freed in the realloc's phase).
     pub fn realloc(&mut self, pid: u32, old: u64, addr: u64, size: u64, at: CellRef) {
         if old != 0 {
-            self.free(pid, old);
+            self.free_in(pid, old, at.phase);
         }
         self.alloc(pid, addr, size, at);
     }

@@ -22,7 +22,9 @@ use aya::{
 use tracer_common::{
     Cookie, HeapFn, drop_cause, global,
     heap_ledger::{HeapLive, StackTotals},
-    heap_window, ledger_stat, stack_stat,
+    heap_window, ledger_stat,
+    phase::{self, PhaseFrees},
+    stack_stat,
 };
 
 use self::{
@@ -32,6 +34,7 @@ use self::{
 use crate::{
     hooks::{AttachStage, CudaHook, PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS},
     ledger::kernel_heap::KernelTotals,
+    session::phases::ResolvedRule,
 };
 
 /// The compiled eBPF object (built by build.rs).
@@ -44,6 +47,9 @@ const FLOOR_ENTRY_PROGRAM: &str = "floor_enter";
 /// Counts malloc calls before the heap probes go on (`count_mallocs`).
 const HEAP_COUNT_PROGRAM: &str = "heap_count";
 const FLOOR_RETURN_PROGRAM: &str = "floor_return";
+/// A phase rule's function entered and returned (`attach_phase`).
+const PHASE_ENTER_PROGRAM: &str = "phase_enter";
+const PHASE_EXIT_PROGRAM: &str = "phase_exit";
 
 #[derive(Clone, Debug)]
 pub struct ProbeConfig {
@@ -76,11 +82,13 @@ pub struct ProbeConfig {
     /// Heap probes attached in windows (`open_heap_window`, `close_heap`), not for the whole
     /// recording.
     pub heap_duty_cycled: bool,
+    /// Phase rules are attached (`attach_phase`): records carry their thread's phase.
+    pub phases: bool,
 }
 
 impl ProbeConfig {
     /// The object's load-time globals (`tracer_common::global`) for this configuration.
-    fn globals(&self) -> [(&'static str, u32); 11] {
+    fn globals(&self) -> [(&'static str, u32); 12] {
         [
             (global::FOLLOW_CHILDREN, u32::from(self.follow_children)),
             (global::FAULT_SAMPLE, self.fault_sample),
@@ -96,6 +104,7 @@ impl ProbeConfig {
                 u32::from(self.heap_ledger_blocks > 0),
             ),
             (global::HEAP_DUTY_CYCLED, u32::from(self.heap_duty_cycled)),
+            (global::PHASES, u32::from(self.phases)),
         ]
     }
 
@@ -151,6 +160,7 @@ impl Default for ProbeConfig {
             heap_sample_mean: 0,
             heap_ledger_blocks: 0,
             heap_duty_cycled: false,
+            phases: false,
         }
     }
 }
@@ -822,6 +832,35 @@ impl Probes {
             .expect("EVENTS is a ring buffer")
     }
 
+    /// Attaches phase rule `rule`'s return probe, then its entry probe (a return without an
+    /// entry changes nothing; an entry without its return would leave the thread in the phase),
+    /// for every process mapping the file: the programs keep the traced ones.
+    pub fn attach_phase(&mut self, rule: &ResolvedRule) -> Result<(), ProbeError> {
+        for program in [PHASE_EXIT_PROGRAM, PHASE_ENTER_PROGRAM] {
+            let point = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(rule.offset),
+                cookie: Some(u64::from(rule.id)),
+            };
+            let link = self
+                .program(program)?
+                .attach(point, &rule.open_path, UProbeScope::AllProcesses)
+                .map_err(|e| uprobe_err(&e, &rule.rule.symbol, &rule.shown_path))?;
+            self.uprobe_links.push((program, link));
+        }
+        Ok(())
+    }
+
+    /// Entries of each phase so far, by phase id.
+    pub fn phase_entries(&self) -> [u64; phase::IDS] {
+        sum_per_cpu(&self.ebpf, "PHASE_ENTRIES")
+    }
+
+    /// The kernel heap ledger's frees by (allocated-in, freed-in) phase so far.
+    pub fn phase_frees(&self) -> Option<PhaseFrees> {
+        let array = Array::<&MapData, PhaseFrees>::try_from(self.ebpf.map("PHASE_FREES")?).ok()?;
+        array.get(&0, 0).ok()
+    }
+
     /// Tells the kernel side where the CPython interpreter of `pid` keeps its frames.
     pub fn set_python(
         &mut self,
@@ -1010,6 +1049,8 @@ mod tests {
             FLOOR_ENTRY_PROGRAM,
             FLOOR_RETURN_PROGRAM,
             HEAP_COUNT_PROGRAM,
+            PHASE_ENTER_PROGRAM,
+            PHASE_EXIT_PROGRAM,
         ]
         .map(Some);
         for name in heap.chain(cuda).chain(tracepoints).chain(own).flatten() {

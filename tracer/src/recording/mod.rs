@@ -76,6 +76,8 @@ pub struct Recorded {
     pub gpu_source: Option<String>,
     /// How stacks were taken (`None`: an older recording).
     pub stack_capture: Option<crate::model::StackCapture>,
+    /// `record --phase`: the rules and their figures (`None`: no rule was given).
+    pub phases: Option<crate::model::Phases>,
     /// Why the recording ended ("duration elapsed", "target exited (...)"); `None` unless
     /// finalized (or an older recording).
     pub stop_reason: Option<String>,

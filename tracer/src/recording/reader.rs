@@ -672,6 +672,9 @@ impl Reading<'_> {
             stack_capture: metadata
                 .optional_text(meta::STACK_CAPTURE)
                 .and_then(|json| serde_json::from_str(json).ok()),
+            phases: metadata
+                .optional_text(meta::PHASES)
+                .and_then(|json| serde_json::from_str(json).ok()),
             stop_reason: metadata
                 .optional_text(meta::STOP_REASON)
                 .map(str::to_string),

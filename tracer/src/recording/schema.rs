@@ -188,6 +188,8 @@ pub(crate) mod meta {
     pub const GPU_SOURCE: &str = "gpu_source";
     /// `StackCapture` as JSON.
     pub const STACK_CAPTURE: &str = "stack_capture";
+    /// `Phases` as JSON (`record --phase`), rewritten every second.
+    pub const PHASES: &str = "phases";
     /// Why the recording ended, written when it is finalized.
     pub const STOP_REASON: &str = "stop_reason";
     /// Why writing stopped early (a full file system), written when it did.

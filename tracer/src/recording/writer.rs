@@ -301,6 +301,12 @@ impl Writer {
         self.put_meta(meta::STACK_CAPTURE, json)
     }
 
+    /// The phase rules and their figures so far (`record --phase`).
+    pub fn set_phases(&mut self, phases: &crate::model::Phases) -> Result<(), RecordingError> {
+        let json = serde_json::to_string(phases).unwrap_or_default();
+        self.put_meta(meta::PHASES, json)
+    }
+
     /// Says where GPU samples come from (or why there are none).
     pub fn set_gpu_source(&mut self, source: &str) -> Result<(), RecordingError> {
         self.put_meta(meta::GPU_SOURCE, source)

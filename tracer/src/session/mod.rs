@@ -19,6 +19,7 @@ mod launch;
 mod lock;
 mod oom;
 mod options;
+pub mod phases;
 mod python_detection;
 mod recorder;
 mod rss_sampling;

@@ -2,7 +2,10 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use crate::{probes::ProbeConfig, session::heap_duty::DutyOptions};
+use crate::{
+    probes::ProbeConfig,
+    session::{heap_duty::DutyOptions, phases::PhaseRule},
+};
 
 /// What to trace.
 #[derive(Clone, Debug)]
@@ -21,6 +24,8 @@ pub struct RecordOptions {
     /// Trace the C allocator with uprobes (exact live heap by stack; costs a trap per call).
     /// Mappings and the program break are always traced, with tracepoints.
     pub heap: bool,
+    /// `--phase` rules.
+    pub phases: Vec<PhaseRule>,
     /// Duty-cycled heap (`--heap-budget`, `--heap-duty`): the heap probes attached in windows.
     pub heap_duty: Option<DutyOptions>,
     /// Hook PyTorch's CUDA caching allocator where a process maps it.

@@ -3,6 +3,7 @@
 //! ends, a signal arrives or the traced processes have exited.
 
 use std::{
+    collections::BTreeMap,
     io::Write,
     time::{Duration, Instant},
 };
@@ -18,7 +19,10 @@ use tokio::{
 
 use crate::{
     cuda::nvml::GpuMemorySource,
-    model::{AllocatorSample, Class, MemoryLimit, RssSample, StackCapture},
+    model::{
+        AllocatorSample, Class, MemoryLimit, PhaseFrees, PhaseRuleFigures, Phases, RssSample,
+        StackCapture,
+    },
     probes::{Probes, resolve::AllocatorObject},
     proc::status::own_status,
     recording::Writer,
@@ -32,6 +36,7 @@ use crate::{
         heap_duty::DutyCycle,
         launch::{HeldExit, LaunchedCommand},
         lock::TargetLock,
+        phases::{self, ResolvedRule},
         python_detection::detect_python,
         rss_sampling::{own_peak_rss_kib, sample_rss},
         sink::EventSink,
@@ -40,7 +45,7 @@ use crate::{
     stacks::resident,
     views,
 };
-use tracer_common::proc_op;
+use tracer_common::{phase, proc_op};
 
 /// How long a launched command may take to exit after the signal that stops it (the end of
 /// `-d`, or the signal alloctrace got) before it gets SIGKILL.
@@ -199,6 +204,8 @@ pub struct Recorder {
     /// Whether to show the event rate on stderr (a terminal), and the event count last shown.
     pub(super) progress: bool,
     pub(super) last_events: u64,
+    /// `--phase` rules, attached.
+    pub(super) phase_rules: Vec<ResolvedRule>,
 }
 
 impl Recorder {
@@ -540,6 +547,9 @@ impl Recorder {
                 duty.figures()
             }),
         })?;
+        if let Some(phases) = self.phases() {
+            self.writer.set_phases(&phases)?;
+        }
         let series = self.sink.ledger.take_series(t_s as u64);
         let state = self.sink.ledger.state(&self.sink.lost(self.probes.drops()));
         self.writer.commit_tick(t_s, &new_stacks, &state, &series)?;
@@ -554,6 +564,57 @@ impl Recorder {
         self.writer
             .add_torch_ooms(&self.sink.torch.take_ooms(t_s as u64))?;
         Ok(())
+    }
+
+    /// The phase rules' figures so far: entries, and frees by phase, those the kernel's heap
+    /// ledger counted and those user space did (each block is counted by one of them).
+    fn phases(&self) -> Option<Phases> {
+        if self.phase_rules.is_empty() {
+            return None;
+        }
+        let entries = self.probes.phase_entries();
+        let rules = (self.phase_rules.iter())
+            .map(|r| PhaseRuleFigures {
+                name: r.rule.name.clone(),
+                rule: r.rule.to_string(),
+                file: r.shown_path.clone(),
+                entries: entries[r.id as usize],
+            })
+            .collect();
+        let mut frees: BTreeMap<(Class, String, String), (u64, u64)> = BTreeMap::new();
+        for ((class, a, f), (bytes, count)) in self.sink.ledger.phase_frees() {
+            let n = frees.entry((class, a.into(), f.into())).or_default();
+            n.0 += bytes;
+            n.1 += count;
+        }
+        if let Some(kernel) = self.probes.phase_frees() {
+            let names = phases::names(&self.phase_rules);
+            for (cell, (&bytes, &count)) in kernel.bytes.iter().zip(&kernel.count).enumerate() {
+                let (a, f) = (cell / phase::IDS, cell % phase::IDS);
+                let (Some(a), Some(f)) = (names.get(a), names.get(f)) else {
+                    continue;
+                };
+                if count > 0 {
+                    let n = frees
+                        .entry((Class::Heap, a.clone(), f.clone()))
+                        .or_default();
+                    n.0 += bytes;
+                    n.1 += count;
+                }
+            }
+        }
+        let frees = (frees.into_iter())
+            .map(
+                |((class, allocated_in, freed_in), (bytes, count))| PhaseFrees {
+                    class,
+                    allocated_in,
+                    freed_in,
+                    bytes,
+                    count,
+                },
+            )
+            .collect();
+        Some(Phases { rules, frees })
     }
 
     /// Events lost so far, all causes.

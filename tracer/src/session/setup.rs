@@ -32,6 +32,7 @@ use crate::{
         heap_duty::{self, DutyCycle},
         launch::{self, LaunchedCommand},
         lock::{TargetLock, lock_target},
+        phases::{self, ResolvedRule},
         python_detection::detect_python,
         recorder::{Recorder, Signals},
         rss_sampling::sample_rss,
@@ -75,6 +76,7 @@ pub struct Attached {
     exit_watch: ExitWatch,
     initial_brk: Option<u64>,
     cuda_hooked: CudaHooked,
+    phase_rules: Vec<ResolvedRule>,
 }
 
 /// Loads the probes, finds the target and its allocator, and attaches.
@@ -93,8 +95,13 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
     {
         say_heap_cost(&mut probes, pid, allocator);
     }
+    let phase_rules = phases::resolve(&opts.phases, pid, &target.maps)?;
     let initial_brk = current_brk(pid);
-    let attached = probes.trace_mappings(pid).and_then(|()| match &allocator {
+    let attached = (phase_rules
+        .iter()
+        .try_for_each(|rule| probes.attach_phase(rule)))
+    .and_then(|()| probes.trace_mappings(pid))
+    .and_then(|()| match &allocator {
         Some(allocator) if opts.probes.heap_systemwide => probes.attach_systemwide(allocator),
         Some(allocator) => probes.attach(pid, allocator),
         None => Ok(()),
@@ -117,6 +124,7 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
         exit_watch,
         initial_brk,
         cuda_hooked,
+        phase_rules,
     })
 }
 
@@ -173,6 +181,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         exit_watch,
         initial_brk,
         cuda_hooked,
+        phase_rules,
     } = attached;
     let pid = target.pid;
     let started = Instant::now();
@@ -189,6 +198,9 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
     let python_frames = opts.probes.python_frames;
     let mut sink = EventSink::new(pid, target.maps, fn_names, gpu.is_some(), python_frames);
     sink.learn_code_of(pid);
+    if !phase_rules.is_empty() {
+        sink.set_phases(&phases::names(&phase_rules));
+    }
     if let Some(kernel) = probes.take_kernel_totals() {
         sink.set_kernel_totals(kernel);
     }
@@ -238,6 +250,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         started,
         progress: std::io::stderr().is_terminal(),
         last_events: 0,
+        phase_rules,
     })
 }
 

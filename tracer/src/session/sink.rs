@@ -17,7 +17,7 @@ use crate::{
     events::{self, Event, RawStack},
     hooks::{self, CudaHook, Records},
     ledger::{
-        CellRef, Ledger,
+        CellRef, Ledger, PhaseId,
         kernel_heap::{KernelHeap, KernelTotals},
         mappings::{self, MappingLedger},
         torch::TorchLayer,
@@ -84,6 +84,8 @@ pub struct EventSink {
     /// addresses), and the processes whose keys are to be shortened.
     walks: HashMap<u32, (u32, u32)>,
     short_keys: Vec<u32>,
+    /// `record --phase`: the ledger's id of each kernel phase id.
+    phase_ids: Vec<PhaseId>,
 }
 
 /// What the sink gave up to stay within `--max-memory`.
@@ -137,7 +139,20 @@ impl EventSink {
             shed: Shed::default(),
             walks: HashMap::new(),
             short_keys: Vec::new(),
+            phase_ids: Vec::new(),
         }
+    }
+
+    /// Phase rules are attached: kernel phase id `i` is `names[i]` (0 is none), and frees are
+    /// counted by phase.
+    pub fn set_phases(&mut self, names: &[String]) {
+        self.phase_ids = names.iter().map(|n| self.ledger.phase(n)).collect();
+        self.ledger.count_phase_frees();
+    }
+
+    /// The ledger's phase of a record's kernel phase id (none for an id no rule has).
+    fn phase(&self, kernel: u32) -> PhaseId {
+        self.phase_ids.get(kernel as usize).copied().unwrap_or(0)
     }
 
     /// Applies the records of a batch, in ring order.
@@ -154,7 +169,7 @@ impl EventSink {
             Some(Event::Alloc(ev, stack)) => self.heap_alloc(&ev, &stack),
             Some(Event::HeapStack(ev, stack)) => self.heap_stack(&ev, &stack),
             Some(Event::Free(ev)) => {
-                self.ledger.free(ev.tgid, ev.addr);
+                (self.ledger).free_in(ev.tgid, ev.addr, self.phase(ev.phase));
                 if self.torch.has_pinned() {
                     // cuMemFreeHost of a pinned block PyTorch cached.
                     (self.torch).driver_freed(&mut self.ledger, ev.tgid, ev.addr);
@@ -193,7 +208,7 @@ impl EventSink {
         );
         if ev.addr == 0 && is_realloc && ev.size == 0 && ev.old_block() != 0 {
             // glibc's realloc(p, 0) frees p and returns NULL.
-            self.ledger.free(ev.tgid, ev.old_block());
+            (self.ledger).free_in(ev.tgid, ev.old_block(), self.phase(ev.phase));
             return;
         }
         let stack = self.stack_of(ev.tgid, stack);
@@ -211,12 +226,18 @@ impl EventSink {
             // A tensor of PyTorch's cudaMallocAsync backend, if the thread is in mallocAsync.
             (self.torch).driver_allocated(&mut self.ledger, ev.tid, ev.addr, ev.size);
         }
+        let phase = self.phase(ev.phase);
         let at = match cuda {
-            Some(hook) => CellRef {
-                stack,
-                ..self.cuda.placement(&mut self.ledger, ev, hook)
+            Some(hook) => {
+                let at = self.cuda.placement(&mut self.ledger, ev, hook);
+                // A graph capture's own phase stands.
+                let phase = if at.phase == 0 { phase } else { at.phase };
+                CellRef { stack, phase, ..at }
+            }
+            None => CellRef {
+                phase,
+                ..CellRef::new(ev.tgid, Class::Heap, stack)
             },
-            None => CellRef::new(ev.tgid, Class::Heap, stack),
         };
         if cuda.is_some_and(|hook| self.counted_by_cuda_layer(ev, hook.records, at)) {
             return;
@@ -238,9 +259,11 @@ impl EventSink {
     fn heap_stack(&mut self, ev: &AllocEvent, stack: &RawStack) {
         let covered = usize::try_from(ev.aux).unwrap_or(usize::MAX);
         let stack = self.heap_stack_of(ev.tgid, stack, covered);
-        let cell = self
-            .ledger
-            .cell_of(CellRef::new(ev.tgid, Class::Heap, stack));
+        let at = CellRef {
+            phase: self.phase(ev.phase),
+            ..CellRef::new(ev.tgid, Class::Heap, stack)
+        };
+        let cell = self.ledger.cell_of(at);
         self.kernel_heap.register(ev.stack_key, ev.tgid, cell);
     }
 
@@ -343,6 +366,7 @@ impl EventSink {
     /// A memory syscall returned: the mapping layer follows it.
     fn mapping(&mut self, ev: &MapEvent, stack: &RawStack) {
         let stack = self.stack_of(ev.tgid, stack);
+        let stack = (stack, self.phase(ev.phase));
         let (pid, a) = (ev.tgid, ev.args);
         let ledger = &mut self.ledger;
         match ev.op {
@@ -355,7 +379,7 @@ impl EventSink {
                 self.mappings
                     .remap(ledger, pid, old.0, old.1, new.0, new.1, Class::Mmap, at);
             }
-            map_op::MADVISE => ledger.released(pid, stack, mappings::page_up(a[1])),
+            map_op::MADVISE => ledger.released(pid, stack.0, mappings::page_up(a[1])),
             map_op::BRK => {
                 // A duty-cycled heap's allocator grows the break between windows too, where no
                 // probe marks it: the break is the allocator's, whose blocks the windows count.
@@ -368,7 +392,7 @@ impl EventSink {
 
     /// An mmap returned: a new mapping in the class its flags (or its stack, for CPython's
     /// arenas) say; mapped code makes the process's frame namer look again.
-    fn mmap(&mut self, ev: &MapEvent, stack: Option<StackIndex>) {
+    fn mmap(&mut self, ev: &MapEvent, stack: (Option<StackIndex>, PhaseId)) {
         let (pid, [_, len, prot, flags, fd]) = (ev.tgid, ev.args);
         let fd = fd as i32;
         if prot & PROT_EXEC != 0 && fd >= 0 {
@@ -480,8 +504,15 @@ impl EventSink {
     }
 }
 
-/// The cell a mapping event's bytes go to: none for a mapping made inside a hooked allocator
-/// call (the heap counts those bytes block by block).
-fn map_cell(ev: &MapEvent, class: Class, stack: Option<StackIndex>) -> Option<CellRef> {
-    (ev.flags & MAP_FROM_ALLOCATOR == 0).then(|| CellRef::new(ev.tgid, class, stack))
+/// The cell a mapping event's bytes go to, at its (stack, phase): none for a mapping made
+/// inside a hooked allocator call (the heap counts those bytes block by block).
+fn map_cell(
+    ev: &MapEvent,
+    class: Class,
+    (stack, phase): (Option<StackIndex>, PhaseId),
+) -> Option<CellRef> {
+    (ev.flags & MAP_FROM_ALLOCATOR == 0).then(|| CellRef {
+        phase,
+        ..CellRef::new(ev.tgid, class, stack)
+    })
 }

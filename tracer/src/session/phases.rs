@@ -1,0 +1,297 @@
+//! Request phases from user rules (`record --phase NAME=LIB:SYMBOL`): parsing a rule, finding
+//! its function in the target's files, and what the kernel's phase ids stand for. Entering the
+//! function puts the calling thread in phase NAME until it returns (nested rules stack); every
+//! allocation, free and mapping the thread makes meanwhile carries the phase
+//! (`tracer-ebpf/src/phase.rs`). The entry and return probes are attached for every process
+//! mapping the file and kept in the kernel for the traced ones only, so that children have their
+//! phases from their first instruction.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use tracer_common::phase::MAX_RULES;
+
+use crate::{
+    cuda::PHASE_GRAPH_CAPTURE,
+    elf::{self, Elf},
+    escape,
+    model::PHASE_NONE,
+    proc::maps::{self, Mapping},
+};
+
+/// `s` as a terminal may show it (a rule's text may come from anywhere).
+fn printable(s: &str) -> String {
+    escape::for_terminal(s).into_owned()
+}
+
+/// Phases alloctrace names itself: a rule may not take their names.
+pub const BUILT_IN: [&str; 3] = [PHASE_NONE, PHASE_GRAPH_CAPTURE, PHASE_PRE_ATTACH];
+
+/// Memory already there when the recorder attached (mappings read from /proc at attach).
+pub const PHASE_PRE_ATTACH: &str = "pre-attach";
+
+/// Longest phase name.
+const NAME_MAX: usize = 32;
+
+/// `NAME=LIB:SYMBOL`, as given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhaseRule {
+    pub name: String,
+    /// A path, or the file name of an object the target maps (its executable included).
+    pub lib: String,
+    pub symbol: String,
+}
+
+impl FromStr for PhaseRule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PhaseRule, String> {
+        let shape = "expected NAME=LIB:SYMBOL, for example serve=libllama.so:llama_decode";
+        let (name, site) = s.split_once('=').ok_or(shape)?;
+        let (lib, symbol) = site.split_once(':').ok_or(shape)?;
+        if name.is_empty() || lib.is_empty() || symbol.is_empty() {
+            return Err(shape.into());
+        }
+        if name.len() > NAME_MAX
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "phase name '{}': use at most {NAME_MAX} letters, digits, '-', '_' or '.'",
+                printable(name)
+            ));
+        }
+        if BUILT_IN.contains(&name) {
+            return Err(format!(
+                "phase name '{name}' is alloctrace's own: pick another"
+            ));
+        }
+        if lib == "py" {
+            return Err(
+                "Python functions as phases (py:module:function) are not supported yet: give a \
+                 native function, LIB:SYMBOL"
+                    .into(),
+            );
+        }
+        Ok(PhaseRule {
+            name: name.into(),
+            lib: lib.into(),
+            symbol: symbol.into(),
+        })
+    }
+}
+
+impl fmt::Display for PhaseRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}:{}", self.name, self.lib, self.symbol)
+    }
+}
+
+/// A rule whose function was found: where its probes go.
+#[derive(Clone, Debug)]
+pub struct ResolvedRule {
+    /// The kernel's phase id (`tracer_common::phase`): the rule's position, from 1.
+    pub id: u32,
+    pub rule: PhaseRule,
+    /// Where to open the file from here (the target may live in another mount namespace).
+    pub open_path: PathBuf,
+    /// The file as the target names it.
+    pub shown_path: String,
+    /// The function's file offset.
+    pub offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PhaseError {
+    #[error("--phase is given {0} times: {MAX_RULES} phase rules at most")]
+    TooMany(usize),
+    #[error("--phase {rule}: phase '{name}' has two rules: give each phase one function")]
+    Twice { rule: String, name: String },
+    #[error(
+        "--phase {rule}: process {pid} maps no file named '{lib}': give the library's path (NAME=/path/to/lib.so:SYMBOL)"
+    )]
+    NotMapped { rule: String, pid: u32, lib: String },
+    #[error("--phase {rule}: cannot read {path}: {why}")]
+    Unreadable {
+        rule: String,
+        path: String,
+        why: String,
+    },
+    #[error(
+        "--phase {rule}: {path} has no function '{symbol}' in its symbol tables (C++ functions go by their mangled names; `nm -D` lists them)"
+    )]
+    NoSymbol {
+        rule: String,
+        path: String,
+        symbol: String,
+    },
+}
+
+/// Finds each rule's function in the files process `pid` maps (`maps`), or at the path given.
+pub fn resolve(
+    rules: &[PhaseRule],
+    pid: u32,
+    maps: &[Mapping],
+) -> Result<Vec<ResolvedRule>, PhaseError> {
+    if rules.len() > MAX_RULES {
+        return Err(PhaseError::TooMany(rules.len()));
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        if rules[..i].iter().any(|r| r.name == rule.name) {
+            return Err(PhaseError::Twice {
+                rule: printable(&rule.to_string()),
+                name: rule.name.clone(),
+            });
+        }
+    }
+    let mut resolved: Vec<ResolvedRule> = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let shown = printable(&rule.to_string());
+        let (open_path, shown_path) = locate(rule, pid, maps).ok_or(PhaseError::NotMapped {
+            rule: shown.clone(),
+            pid,
+            lib: printable(&rule.lib),
+        })?;
+        let unreadable = |why: String| PhaseError::Unreadable {
+            rule: shown.clone(),
+            path: printable(&shown_path),
+            why,
+        };
+        let data = elf::read(&open_path).map_err(|e| unreadable(e.to_string()))?;
+        let elf = Elf::parse(&open_path, &*data).map_err(|e| unreadable(e.to_string()))?;
+        let offset = *elf
+            .function_offsets(&[rule.symbol.as_str()])
+            .get(rule.symbol.as_str())
+            .ok_or_else(|| PhaseError::NoSymbol {
+                rule: shown.clone(),
+                path: printable(&shown_path),
+                symbol: printable(&rule.symbol),
+            })?;
+        resolved.push(ResolvedRule {
+            id: i as u32 + 1,
+            rule: rule.clone(),
+            open_path,
+            shown_path,
+            offset,
+        });
+    }
+    Ok(resolved)
+}
+
+/// The file a rule names: a path as given (mapped or not: a library loaded later), else the
+/// mapped file with that file name. (where to open it, its name).
+fn locate(rule: &PhaseRule, pid: u32, maps: &[Mapping]) -> Option<(PathBuf, String)> {
+    let file_name = |m: &&Mapping| Path::new(&m.path).file_name().map(|n| n.to_os_string());
+    if rule.lib.contains('/') {
+        let mapped = maps.iter().find(|m| m.path == rule.lib);
+        return Some(match mapped {
+            Some(m) => (maps::open_path(pid, m), m.path.clone()),
+            None => (PathBuf::from(&rule.lib), rule.lib.clone()),
+        });
+    }
+    let m = maps
+        .iter()
+        .filter(|m| !m.deleted && m.path.starts_with('/'))
+        .find(|m| file_name(m).is_some_and(|n| n == rule.lib.as_str()))?;
+    Some((maps::open_path(pid, m), m.path.clone()))
+}
+
+/// The name of each kernel phase id: index 0 is none, then the rules in order.
+pub fn names(rules: &[ResolvedRule]) -> Vec<String> {
+    let mut names = vec![PHASE_NONE.to_string()];
+    names.extend(rules.iter().map(|r| r.rule.name.clone()));
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_is_a_name_a_file_and_a_function() {
+        let rule: PhaseRule = "serve=libllama.so:llama_decode".parse().unwrap();
+        assert_eq!(
+            rule,
+            PhaseRule {
+                name: "serve".into(),
+                lib: "libllama.so".into(),
+                symbol: "llama_decode".into(),
+            }
+        );
+        // The first ':' ends the file: a C++ symbol keeps its own.
+        let rule: PhaseRule = "decode=/opt/a.so:_ZN13llama_context6decodeER11llama_batch"
+            .parse()
+            .unwrap();
+        assert_eq!(rule.lib, "/opt/a.so");
+        assert_eq!(rule.symbol, "_ZN13llama_context6decodeER11llama_batch");
+    }
+
+    #[test]
+    fn a_bad_rule_says_what_is_wrong() {
+        for (bad, says) in [
+            ("serve", "expected NAME=LIB:SYMBOL"),
+            ("serve=libllama.so", "expected NAME=LIB:SYMBOL"),
+            ("=lib:f", "expected NAME=LIB:SYMBOL"),
+            ("serve=lib:", "expected NAME=LIB:SYMBOL"),
+            ("a b=lib:f", "letters, digits"),
+            ("none=lib:f", "alloctrace's own"),
+            ("graph-capture=lib:f", "alloctrace's own"),
+            ("serve=py:server:handle", "not supported yet"),
+        ] {
+            let err = bad.parse::<PhaseRule>().unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let long = format!("{}=lib:f", "x".repeat(33));
+        assert!(long.parse::<PhaseRule>().is_err());
+    }
+
+    #[test]
+    fn a_rule_finds_its_function_in_a_mapped_file_by_name() {
+        let exe = std::env::current_exe().unwrap();
+        let me = std::process::id();
+        let maps = maps::read_maps(me).unwrap();
+        let libc = maps
+            .iter()
+            .find(|m| crate::probes::resolve::is_libc_name(&m.path))
+            .expect("this test maps a C library");
+        let libc_name = Path::new(&libc.path).file_name().unwrap().to_str().unwrap();
+        let rules: Vec<PhaseRule> = [
+            format!("alloc={libc_name}:malloc"),
+            format!("release={}:free", libc.path),
+        ]
+        .iter()
+        .map(|r| r.parse().unwrap())
+        .collect();
+        let resolved = resolve(&rules, me, &maps).unwrap();
+        assert_eq!(resolved.len(), 2);
+        assert_eq!((resolved[0].id, resolved[1].id), (1, 2));
+        assert_eq!(resolved[0].shown_path, libc.path);
+        assert!(resolved.iter().all(|r| r.offset > 0));
+        assert_ne!(resolved[0].offset, resolved[1].offset);
+        assert_eq!(names(&resolved), ["none", "alloc", "release"]);
+
+        let err = |rule: &str| {
+            resolve(&[rule.parse().unwrap()], me, &maps)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("x=no_such_lib.so:f").contains("maps no file named 'no_such_lib.so'"));
+        assert!(err(&format!("x={libc_name}:no_such_function")).contains("has no function"));
+        let exe = exe.display();
+        assert!(err(&format!("x={exe}.missing:f")).contains("cannot read"));
+        let twice: Vec<PhaseRule> = ["a=x:f", "a=y:g"]
+            .iter()
+            .map(|r| r.parse().unwrap())
+            .collect();
+        assert!(
+            resolve(&twice, me, &maps)
+                .unwrap_err()
+                .to_string()
+                .contains("two rules")
+        );
+    }
+}
