@@ -457,10 +457,10 @@ pub mod heap_ledger {
 }
 
 /// Request phases (`record --phase NAME=LIB:SYMBOL`): a label on each thread, set by an entry
-/// probe on a function and restored by its return probe, carried by every allocation, free and
-/// mapping the thread makes. Phase 0 is none; rule `i` (in the order given) is phase `i + 1`.
+/// probe on a function and ended when that call has returned, carried by every allocation, free
+/// and mapping the thread makes. Phase 0 is none; rule `i` (in the order given) is phase `i + 1`.
 pub mod phase {
-    /// Phases nested in one thread at most; deeper entries are counted, not tracked.
+    /// Phases nested in one thread at most; deeper entries are not tracked.
     pub const MAX_DEPTH: usize = 8;
     /// Rules at most (phase ids 1 to `MAX_RULES`).
     pub const MAX_RULES: usize = 30;
@@ -469,15 +469,22 @@ pub mod phase {
     /// Cells of the free matrix (`PhaseFrees`): a (allocated-in, freed-in) pair each.
     pub const MATRIX_CELLS: usize = IDS * IDS;
 
-    /// The phases a thread is in (`THREAD_PHASES`, by tid), innermost last.
+    /// The phases a thread entered (`THREAD_PHASES`, by tid), innermost last. No return probe
+    /// ends a phase (its trampoline would hide the caller from every stack walk, and a C++
+    /// exception unwinding through it ends the process): a call is known to be running while
+    /// the thread's stack pointer is at or below the slot its return address was pushed to
+    /// (`sp`) and that slot still holds it (`ret`); past that, it has returned (or was unwound).
     #[repr(C)]
     #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
     pub struct ThreadPhases {
-        /// Entries in `ids` (at most `MAX_DEPTH`); entries past that are counted in `overflow`.
+        /// Entries in use (at most `MAX_DEPTH`).
         pub depth: u32,
-        /// Entries beyond `MAX_DEPTH` not yet returned.
-        pub overflow: u32,
+        pub _pad: u32,
         pub ids: [u32; MAX_DEPTH],
+        /// The stack pointer at each call's entry: where its return address lies.
+        pub sp: [u64; MAX_DEPTH],
+        /// The return address each call was entered with.
+        pub ret: [u64; MAX_DEPTH],
     }
 
     impl ThreadPhases {
@@ -609,7 +616,7 @@ const _: () = assert!(size_of::<CudaCallEvent>() == 72);
 const _: () = assert!(size_of::<TorchEvent>() == 72);
 const _: () = assert!(size_of::<StackRecord<TorchEvent>>() == 72 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<CudaCallSlot>() == 64);
-const _: () = assert!(size_of::<phase::ThreadPhases>() == 40);
+const _: () = assert!(size_of::<phase::ThreadPhases>() == 168);
 const _: () = assert!(phase::MAX_DEPTH.is_power_of_two() && phase::IDS.is_power_of_two());
 const _: () = assert!(phase::MAX_RULES < phase::IDS);
 const _: () = assert!(size_of::<SyscallArgs>() == 48);

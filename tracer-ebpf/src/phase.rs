@@ -1,28 +1,58 @@
 //! Request phases (`record --phase NAME=LIB:SYMBOL`): an entry probe on a rule's function pushes
-//! its phase on the calling thread's phase stack (`THREAD_PHASES`), the return probe pops it.
-//! Every allocation, free and mapping record carries the thread's innermost phase; the kernel's
-//! heap ledger keys its stacks by it and counts each held block's free by (allocated-in,
-//! freed-in) phase (`PHASE_FREES`). Without rules (`PHASES` 0) each read is a branch on a
-//! load-time constant, pruned by the verifier: no cost.
+//! its phase on the calling thread's phase stack (`THREAD_PHASES`) with where the call's return
+//! address lies; the phase lasts while the call runs, which the thread's stack pointer and that
+//! slot tell at every event (`ThreadPhases`): no return probe. Every allocation, free and mapping
+//! record carries the thread's innermost phase; the kernel's heap ledger keys its stacks by it and
+//! counts each held block's free by (allocated-in, freed-in) phase (`PHASE_FREES`). Without rules
+//! (`PHASES` 0) each read is a branch on a load-time constant, pruned by the verifier: no cost.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::{uprobe, uretprobe},
-    programs::{ProbeContext, RetProbeContext},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::uprobe,
+    programs::ProbeContext,
 };
 use tracer_common::phase::{IDS, MAX_DEPTH, ThreadPhases};
 
 use crate::{
+    arch::UserRegs,
     inflight::attach_cookie,
     maps::{PHASE_ENTRIES, PHASE_FREES, PHASES, TARGETS, THREAD_PHASES, global},
+    stack::forget_value,
 };
 
 /// Whether phase rules are attached in this recording.
 #[inline(always)]
 pub fn enabled() -> bool {
     global(&PHASES) != 0
+}
+
+/// Whether the call entered with return address `ret` at stack slot `slot` still runs when the
+/// thread's stack pointer is `sp`: `sp` is at or below the slot (`inclusive`; a function it
+/// tail-called runs there too) and the slot still holds `ret`.
+#[inline(always)]
+fn still_running(slot: u64, ret: u64, sp: u64, inclusive: bool) -> bool {
+    let below = if inclusive { sp <= slot } else { sp < slot };
+    // SAFETY: bpf_probe_read_user checks the user address.
+    below && unsafe { bpf_probe_read_user(slot as *const u64) }.is_ok_and(|r| r == ret)
+}
+
+/// Drops the entries of `phases` whose calls have returned, innermost first, as seen from stack
+/// pointer `sp` (`inclusive`: whether a call whose slot is at `sp` may still run).
+#[inline(always)]
+fn drop_returned(phases: &mut ThreadPhases, sp: u64, inclusive: bool) {
+    for _ in 0..MAX_DEPTH {
+        let depth = phases.depth as usize;
+        if depth == 0 {
+            return;
+        }
+        let i = (depth - 1) & (MAX_DEPTH - 1);
+        if still_running(phases.sp[i], phases.ret[i], sp, inclusive) {
+            return;
+        }
+        phases.depth -= 1;
+    }
 }
 
 /// The calling thread's innermost phase, 0 for none.
@@ -32,11 +62,22 @@ pub fn current() -> u32 {
         return 0;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    // SAFETY: a lookup of a plain value.
-    unsafe { THREAD_PHASES.get(tid) }.map_or(0, |p| p.current() & (IDS as u32 - 1))
+    let Some(phases) = THREAD_PHASES.get_ptr_mut(&tid) else {
+        return 0;
+    };
+    // SAFETY: a map value, valid while this program runs; only this thread writes it.
+    let phases = unsafe { &mut *phases };
+    if let Some(regs) = UserRegs::of_current_task() {
+        drop_returned(phases, regs.sp, true);
+    }
+    match phases.depth as usize {
+        0 => 0,
+        d => phases.ids[(d - 1) & (MAX_DEPTH - 1)] & (IDS as u32 - 1),
+    }
 }
 
-/// A rule's function was entered: its phase (the attach cookie) becomes the thread's.
+/// A rule's function was entered: its phase (the attach cookie) becomes the thread's until the
+/// call returns.
 #[uprobe]
 pub fn phase_enter(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -47,6 +88,12 @@ pub fn phase_enter(ctx: ProbeContext) -> u32 {
     }
     let id = attach_cookie(&ctx) & (IDS as u32 - 1);
     let tid = pid_tgid as u32;
+    // At the entry, the stack pointer is the slot of the return address.
+    let sp = UserRegs::of_probe(&ctx).sp;
+    // SAFETY: bpf_probe_read_user checks the user address.
+    let Ok(ret) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
+        return 0;
+    };
     if THREAD_PHASES.get_ptr_mut(&tid).is_none() {
         let _ = THREAD_PHASES.insert(&tid, &ThreadPhases::default(), 0);
     }
@@ -55,36 +102,22 @@ pub fn phase_enter(ctx: ProbeContext) -> u32 {
     };
     // SAFETY: a map value, valid while this program runs; only this thread writes it.
     let phases = unsafe { &mut *phases };
-    let depth = phases.depth as usize;
+    // A call whose slot is at or below this one's cannot enclose it: it has returned (the same
+    // call site calling again, in a loop, finds its own return address there).
+    drop_returned(phases, sp, false);
+    // Laundered: the loop above pins the depth on each of its paths, and the compiler drops
+    // a mask the bound makes redundant; the verifier needs the bound it sees checked.
+    let depth = forget_value(phases.depth as usize);
     if depth < MAX_DEPTH {
-        phases.ids[depth & (MAX_DEPTH - 1)] = id;
+        let i = depth & (MAX_DEPTH - 1);
+        phases.ids[i] = id;
+        phases.sp[i] = sp;
+        phases.ret[i] = ret;
         phases.depth += 1;
-    } else {
-        phases.overflow += 1;
     }
     if let Some(entries) = PHASE_ENTRIES.get_ptr_mut(id) {
         // SAFETY: per-CPU slot: no other writer while this program runs.
         unsafe { *entries += 1 };
-    }
-    0
-}
-
-/// A rule's function returned: the thread is back in the phase it was in before.
-#[uretprobe]
-pub fn phase_exit(_ctx: RetProbeContext) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(phases) = THREAD_PHASES.get_ptr_mut(&tid) else {
-        return 0;
-    };
-    // SAFETY: a map value, valid while this program runs; only this thread writes it.
-    let phases = unsafe { &mut *phases };
-    if phases.overflow > 0 {
-        phases.overflow -= 1;
-    } else if phases.depth > 0 {
-        phases.depth -= 1;
-    }
-    if phases.depth == 0 && phases.overflow == 0 {
-        let _ = THREAD_PHASES.remove(&tid);
     }
     0
 }

@@ -47,9 +47,8 @@ const FLOOR_ENTRY_PROGRAM: &str = "floor_enter";
 /// Counts malloc calls before the heap probes go on (`count_mallocs`).
 const HEAP_COUNT_PROGRAM: &str = "heap_count";
 const FLOOR_RETURN_PROGRAM: &str = "floor_return";
-/// A phase rule's function entered and returned (`attach_phase`).
+/// A phase rule's function entered (`attach_phase`).
 const PHASE_ENTER_PROGRAM: &str = "phase_enter";
-const PHASE_EXIT_PROGRAM: &str = "phase_exit";
 
 #[derive(Clone, Debug)]
 pub struct ProbeConfig {
@@ -832,21 +831,19 @@ impl Probes {
             .expect("EVENTS is a ring buffer")
     }
 
-    /// Attaches phase rule `rule`'s return probe, then its entry probe (a return without an
-    /// entry changes nothing; an entry without its return would leave the thread in the phase),
-    /// for every process mapping the file: the programs keep the traced ones.
+    /// Attaches phase rule `rule`'s entry probe (an entry probe only: the kernel tells a
+    /// returned call from the stack, `tracer-ebpf/src/phase.rs`) for every process mapping the
+    /// file: the program keeps the traced ones.
     pub fn attach_phase(&mut self, rule: &ResolvedRule) -> Result<(), ProbeError> {
-        for program in [PHASE_EXIT_PROGRAM, PHASE_ENTER_PROGRAM] {
-            let point = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(rule.offset),
-                cookie: Some(u64::from(rule.id)),
-            };
-            let link = self
-                .program(program)?
-                .attach(point, &rule.open_path, UProbeScope::AllProcesses)
-                .map_err(|e| uprobe_err(&e, &rule.rule.symbol, &rule.shown_path))?;
-            self.uprobe_links.push((program, link));
-        }
+        let point = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(rule.offset),
+            cookie: Some(u64::from(rule.id)),
+        };
+        let link = self
+            .program(PHASE_ENTER_PROGRAM)?
+            .attach(point, &rule.open_path, UProbeScope::AllProcesses)
+            .map_err(|e| uprobe_err(&e, &rule.rule.symbol, &rule.shown_path))?;
+        self.uprobe_links.push((PHASE_ENTER_PROGRAM, link));
         Ok(())
     }
 
@@ -1050,7 +1047,6 @@ mod tests {
             FLOOR_RETURN_PROGRAM,
             HEAP_COUNT_PROGRAM,
             PHASE_ENTER_PROGRAM,
-            PHASE_EXIT_PROGRAM,
         ]
         .map(Some);
         for name in heap.chain(cuda).chain(tracepoints).chain(own).flatten() {

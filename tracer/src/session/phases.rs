@@ -2,9 +2,10 @@
 //! its function in the target's files, and what the kernel's phase ids stand for. Entering the
 //! function puts the calling thread in phase NAME until it returns (nested rules stack); every
 //! allocation, free and mapping the thread makes meanwhile carries the phase
-//! (`tracer-ebpf/src/phase.rs`). The entry and return probes are attached for every process
-//! mapping the file and kept in the kernel for the traced ones only, so that children have their
-//! phases from their first instruction.
+//! (`tracer-ebpf/src/phase.rs`: an entry probe, and no return probe, whose trampoline would hide
+//! the function's caller from every stack and end a C++ process that throws through it). The
+//! probe is attached for every process mapping the file and kept in the kernel for the traced
+//! ones only, so that children have their phases from their first instruction.
 
 use std::{
     fmt,

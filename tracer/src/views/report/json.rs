@@ -11,9 +11,12 @@ use super::{
         AllocatorSummary, allocator_summaries, by_amount, cells_by_live_bytes, failures_by_count,
         fragmentation, gpu_residuals, lost_events, per_process, target_exit, waterfall,
     },
+    phases::{PhaseRow, phase_rows},
 };
 use crate::{
-    model::{ClassTotals, PAGE, StackCapture, StackCounters, StackIndex},
+    model::{
+        ClassTotals, PAGE, PhaseFrees, PhaseRuleFigures, StackCapture, StackCounters, StackIndex,
+    },
     recording::{ProcessExit, Recorded},
 };
 
@@ -36,6 +39,8 @@ struct JsonReport<'a> {
     /// What kept growing once the program was warm; null when the recording is too short to
     /// judge.
     suspects: Option<JsonSuspects>,
+    /// Memory by request phase (`record --phase`); null without phase rules.
+    phases: Option<JsonPhases<'a>>,
     failures: Vec<JsonFailure<'a>>,
     unmatched_frees: u64,
     lost_events: BTreeMap<&'a str, u64>,
@@ -62,6 +67,17 @@ struct JsonReport<'a> {
     exits: &'a [ProcessExit],
     /// The target's end (also in `exits`); null when it outlived the recording.
     target_exit: Option<&'a ProcessExit>,
+}
+
+#[derive(Serialize)]
+struct JsonPhases<'a> {
+    /// The rules as given, with the file of each function and its entries.
+    rules: &'a [PhaseRuleFigures],
+    /// Per phase, summed over classes and processes: the rules' phases in order, then the
+    /// others (none last).
+    by_phase: Vec<PhaseRow>,
+    /// Blocks by (class, allocated-in, freed-in phase).
+    frees: &'a [PhaseFrees],
 }
 
 #[derive(Serialize)]
@@ -219,6 +235,11 @@ pub(super) fn render(rec: &Recorded) -> String {
         processes: per_process(rec),
         stacks: stacks(rec),
         suspects: suspects(rec),
+        phases: rec.phases.as_ref().map(|p| JsonPhases {
+            rules: &p.rules,
+            by_phase: phase_rows(rec).unwrap_or_default(),
+            frees: &p.frees,
+        }),
         failures: failures(rec),
         unmatched_frees: rec.state.unmatched_frees,
         lost_events: lost_events(rec),

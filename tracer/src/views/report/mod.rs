@@ -3,6 +3,7 @@
 
 mod analysis;
 mod json;
+mod phases;
 mod suspects;
 mod text;
 

@@ -8,6 +8,7 @@ use super::{
         cuda_calls_by_function, deaths, failures_by_count, fragmentation, gpu_residuals, growth,
         last_seconds, lost_events, per_process, waterfall,
     },
+    phases,
     suspects::{self, is_static},
 };
 use crate::{
@@ -26,6 +27,8 @@ const TEXT_TOP_GROWING: usize = 10;
 const TEXT_TOP_SUSPECTS: usize = 10;
 /// The longest class name (`torch-pinned-cached`): the class column's width.
 const CLASS_WIDTH: usize = 19;
+/// A phase name's column (names are at most 32 characters; most are short).
+const PHASE_WIDTH: usize = 14;
 
 /// Frames shown per stack in the text report; the JSON has them all.
 const TEXT_FRAMES: usize = 8;
@@ -140,6 +143,7 @@ pub(super) fn render(rec: &Recorded) -> String {
     text_header(&mut out, rec);
     text_totals(&mut out, rec);
     text_suspects(&mut out, rec);
+    text_phases(&mut out, rec);
     // The memory layers side by side: resident memory, the GPU driver's figure, the framework's
     // allocator; then where the bytes are.
     text_waterfall(&mut out, rec);
@@ -400,6 +404,60 @@ fn text_suspects(out: &mut String, rec: &Recorded) {
             out,
             "  ... {} more in the JSON report",
             s.rows.len() - TEXT_TOP_SUSPECTS
+        );
+    }
+}
+
+/// Memory by the phase it was allocated in (`record --phase`), and where it was freed.
+fn text_phases(out: &mut String, rec: &Recorded) {
+    let Some(rows) = phases::phase_rows(rec) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\nPhases: memory by the phase it was allocated in (entries: calls of the phase's \
+         function; live per entry: what each left behind)"
+    );
+    let w = PHASE_WIDTH;
+    let _ = writeln!(
+        out,
+        "  {:<w$} {:>9} {:>12} {:>12} {:>15} {:>12} {:>12} {:>16}",
+        "phase",
+        "entries",
+        "live",
+        "live blocks",
+        "live per entry",
+        "allocated",
+        "freed within",
+        "freed elsewhere"
+    );
+    for row in &rows {
+        let entries = row.entries.map_or("-".to_string(), |n| n.to_string());
+        let per_entry =
+            (row.live_per_entry).map_or("-".to_string(), |b| human_bytes(b.round() as u64));
+        let _ = writeln!(
+            out,
+            "  {:<w$} {:>9} {:>12} {:>12} {:>15} {:>12} {:>12} {:>16}",
+            for_terminal(&row.phase),
+            entries,
+            human_bytes(row.live_bytes),
+            row.live_count,
+            per_entry,
+            human_bytes(row.allocated_bytes),
+            human_bytes(row.freed_within_bytes),
+            human_bytes(row.freed_elsewhere_bytes)
+        );
+    }
+    let frees = rec.phases.iter().flat_map(|p| &p.frees);
+    for f in frees.filter(|f| f.allocated_in != f.freed_in) {
+        let _ = writeln!(
+            out,
+            "  {} allocated in {} was freed in {}: {} in {}",
+            f.class.name(),
+            for_terminal(&f.allocated_in),
+            for_terminal(&f.freed_in),
+            human_bytes(f.bytes),
+            count_of(f.count, "block")
         );
     }
 }

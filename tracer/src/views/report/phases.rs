@@ -1,0 +1,152 @@
+//! Memory by request phase (`record --phase`): per phase, what was allocated in it and is still
+//! live, and where what it allocated was freed (in the same phase, or later in another). Memory
+//! allocated while serving a request and still live after the request ended is the classic
+//! per-request leak; `live_per_entry` puts it per request.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::{model::PHASE_NONE, recording::Recorded};
+
+/// The figures of one phase, summed over classes and processes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PhaseRow {
+    pub phase: String,
+    /// Times the phase's function was entered; null for a phase no rule sets (none,
+    /// graph-capture).
+    pub entries: Option<u64>,
+    pub live_bytes: u64,
+    pub live_count: u64,
+    pub allocated_bytes: u64,
+    pub allocated_count: u64,
+    /// Freed in the phase that allocated it.
+    pub freed_within_bytes: u64,
+    pub freed_within_count: u64,
+    /// Freed in another phase (or outside every phase).
+    pub freed_elsewhere_bytes: u64,
+    pub freed_elsewhere_count: u64,
+    /// `live_bytes / entries`: what each entry left behind on average; null without entries.
+    pub live_per_entry: Option<f64>,
+}
+
+/// One row per phase: the rules' in their order, then the others the ledger used (none last);
+/// `None` when the recording has no phase rules.
+pub fn phase_rows(rec: &Recorded) -> Option<Vec<PhaseRow>> {
+    let phases = rec.phases.as_ref()?;
+    let mut rows: Vec<PhaseRow> = (phases.rules.iter())
+        .map(|r| PhaseRow {
+            phase: r.name.clone(),
+            entries: Some(r.entries),
+            ..PhaseRow::default()
+        })
+        .collect();
+    let mut others: BTreeMap<&str, PhaseRow> = BTreeMap::new();
+    for (key, c) in &rec.state.cells {
+        let row = match rows.iter_mut().find(|r| r.phase == key.phase) {
+            Some(row) => row,
+            None => others.entry(&key.phase).or_insert_with(|| PhaseRow {
+                phase: key.phase.clone(),
+                ..PhaseRow::default()
+            }),
+        };
+        row.live_bytes += c.live_bytes;
+        row.live_count += c.live_count;
+        row.allocated_bytes += c.allocated_bytes;
+        row.allocated_count += c.allocated_count;
+    }
+    let none = others.remove(PHASE_NONE);
+    rows.extend(others.into_values());
+    rows.extend(none);
+    for f in &phases.frees {
+        let Some(row) = rows.iter_mut().find(|r| r.phase == f.allocated_in) else {
+            continue;
+        };
+        if f.freed_in == f.allocated_in {
+            row.freed_within_bytes += f.bytes;
+            row.freed_within_count += f.count;
+        } else {
+            row.freed_elsewhere_bytes += f.bytes;
+            row.freed_elsewhere_count += f.count;
+        }
+    }
+    for row in &mut rows {
+        row.live_per_entry = (row.entries)
+            .filter(|&n| n > 0)
+            .map(|n| row.live_bytes as f64 / n as f64);
+    }
+    Some(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{CellKey, Class, PhaseFrees, PhaseRuleFigures, Phases, StackCounters},
+        views::tests::recorded,
+    };
+
+    fn cell(rec: &mut Recorded, class: Class, phase: &str, stack: u32, live: u64, alloc: u64) {
+        let key = CellKey {
+            class,
+            pid: 7,
+            phase: phase.into(),
+            stack: Some(stack),
+        };
+        let counters = StackCounters {
+            live_bytes: live,
+            live_count: live / 100,
+            allocated_bytes: alloc,
+            allocated_count: alloc / 100,
+            freed_bytes: alloc - live,
+            freed_count: (alloc - live) / 100,
+        };
+        rec.state.cells.insert(key, counters);
+    }
+
+    #[test]
+    fn each_phase_sums_its_cells_and_splits_its_frees_by_where_they_happened() {
+        let mut rec = recorded();
+        assert_eq!(phase_rows(&rec), None, "no rules, no phases section");
+        rec.state.cells.clear();
+        let rule = |name: &str, entries| PhaseRuleFigures {
+            name: name.into(),
+            rule: format!("{name}=lib:f"),
+            file: "/lib".into(),
+            entries,
+        };
+        let free = |a: &str, f: &str, bytes| PhaseFrees {
+            class: Class::Heap,
+            allocated_in: a.into(),
+            freed_in: f.into(),
+            bytes,
+            count: bytes / 100,
+        };
+        rec.phases = Some(Phases {
+            rules: vec![rule("serve", 50), rule("load", 0)],
+            frees: vec![free("serve", "serve", 20_000), free("serve", "none", 1_000)],
+        });
+        cell(&mut rec, Class::Heap, "serve", 1, 5_000, 26_000);
+        cell(&mut rec, Class::Mmap, "serve", 2, 65_500, 65_500);
+        cell(&mut rec, Class::Heap, "none", 3, 300, 300);
+        cell(&mut rec, Class::Cuda, "graph-capture", 4, 1_000, 1_000);
+        let rows = phase_rows(&rec).unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r.phase.as_str()).collect();
+        assert_eq!(names, ["serve", "load", "graph-capture", "none"]);
+        let serve = &rows[0];
+        assert_eq!((serve.live_bytes, serve.allocated_bytes), (70_500, 91_500));
+        assert_eq!(
+            (serve.freed_within_bytes, serve.freed_within_count),
+            (20_000, 200)
+        );
+        assert_eq!(
+            (serve.freed_elsewhere_bytes, serve.freed_elsewhere_count),
+            (1_000, 10)
+        );
+        assert_eq!(serve.live_per_entry, Some(1_410.0));
+        assert_eq!(rows[1].entries, Some(0));
+        assert_eq!(rows[1].live_per_entry, None, "never entered");
+        assert_eq!((rows[2].entries, rows[2].live_bytes), (None, 1_000));
+        assert_eq!(rows[3].live_bytes, 300);
+    }
+}
