@@ -161,6 +161,8 @@ mod tests {
             func: 0,
             aux: 0,
             stack_key: 0,
+            phase: 3,
+            _pad: 0,
         };
         let mut record = bytes(&a);
         record.extend(0x1111u64.to_ne_bytes());
@@ -181,6 +183,8 @@ mod tests {
             kind: event_kind::FREE,
             tgid: 7,
             addr: 0x1000,
+            phase: 2,
+            _pad: 0,
         };
         assert_eq!(decode(&bytes(&f)), Some(Event::Free(f)));
         assert_eq!(decode(&bytes(&a)[..20]), None);

@@ -157,6 +157,8 @@ pub struct Ledger {
 
 /// A cell of the phase free matrix: (class, allocated-in phase, freed-in phase).
 pub type PhaseFree = (Class, PhaseId, PhaseId);
+/// `PhaseFree` with the phases by name.
+pub type PhaseFreeNamed<'a> = (Class, &'a str, &'a str);
 
 impl Default for Ledger {
     fn default() -> Self {
@@ -200,7 +202,7 @@ impl Ledger {
     }
 
     /// Frees by (class, allocated-in, freed-in phase) so far, phases by name: (bytes, blocks).
-    pub fn phase_frees(&self) -> Vec<((Class, &str, &str), (u64, u64))> {
+    pub fn phase_frees(&self) -> Vec<(PhaseFreeNamed<'_>, (u64, u64))> {
         let name = |id: PhaseId| self.phases[id as usize].as_str();
         (self.phase_frees.iter().flatten())
             .map(|(&(class, a, f), &n)| ((class, name(a), name(f)), n))

@@ -745,6 +745,8 @@ mod tests {
             tid: 70,
             nframes: 0,
             stack_flags: 0,
+            phase: 0,
+            _pad: 0,
         }
     }
 

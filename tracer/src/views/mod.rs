@@ -163,14 +163,16 @@ pub(crate) mod fixture {
                 frames: vec!["churn".to_string(), "main".to_string()],
             },
         );
+        // Made and freed by the requests of a `--phase` rule.
+        ledger.count_phase_frees();
+        let serve = ledger.phase("serve");
         for _ in 0..5 {
-            ledger.alloc(
-                7,
-                0x9000_0000,
-                4096,
-                CellRef::new(7, Class::Heap, Some(CHURN_STACK)),
-            );
-            ledger.free(7, 0x9000_0000);
+            let at = CellRef {
+                phase: serve,
+                ..CellRef::new(7, Class::Heap, Some(CHURN_STACK))
+            };
+            ledger.alloc(7, 0x9000_0000, 4096, at);
+            ledger.free_in(7, 0x9000_0000, serve);
         }
         // A block whose stack was lost.
         ledger.alloc(7, 0xa000_0000, 64, CellRef::new(7, Class::Heap, None));
@@ -264,6 +266,23 @@ pub(crate) mod fixture {
                 figures: torch_figures(50 << 20, (32 << 20) + 1024, 2, 3, 2, 16 << 20),
             }],
             gpu_source: Some("recorded samples".into()),
+            phases: Some(crate::model::Phases {
+                rules: vec![crate::model::PhaseRuleFigures {
+                    name: "serve".into(),
+                    rule: "serve=heap_fixture:handle".into(),
+                    file: "/opt/heap_fixture".into(),
+                    entries: 5,
+                }],
+                frees: (ledger.phase_frees().into_iter())
+                    .map(|((class, a, f), (bytes, count))| crate::model::PhaseFrees {
+                        class,
+                        allocated_in: a.into(),
+                        freed_in: f.into(),
+                        bytes,
+                        count,
+                    })
+                    .collect(),
+            }),
             stack_capture: Some(crate::model::StackCapture {
                 mode: "auto".into(),
                 copy_bytes: 16384,
@@ -309,6 +328,7 @@ pub(crate) mod fixture {
             torch: Vec::new(),
             torch_ooms: Vec::new(),
             gpu_source: None,
+            phases: None,
             stack_capture: None,
             stop_reason: None,
             write_failure: None,

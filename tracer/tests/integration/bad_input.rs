@@ -327,3 +327,42 @@ fn which_setpriv() -> Result<std::path::PathBuf, ()> {
         .find(|p| p.exists())
         .ok_or(())
 }
+
+/// A phase rule whose file the target does not map, or whose function the file does not have:
+/// one line that says which and what to do; the target is not disturbed.
+#[test]
+fn record_with_a_phase_rule_that_finds_nothing_says_so_and_leaves_the_target_alone() {
+    require_privileges!();
+    let target = start_fixture("leaks", "attach");
+    let pid = target.pid();
+    let dir = tempfile::tempdir().unwrap();
+    let out = record_pid(
+        pid,
+        &dir.path().join("x.trace"),
+        &["-d", "1", "--phase", "serve=libnothing.so:serve"],
+    );
+    assert_error_line(
+        &out,
+        &format!(
+            "alloctrace: error: --phase serve=libnothing.so:serve: process {pid} maps no file \
+             named 'libnothing.so': give the library's path (NAME=/path/to/lib.so:SYMBOL)"
+        ),
+    );
+    let out = record_pid(
+        pid,
+        &dir.path().join("x.trace"),
+        &["-d", "1", "--phase", "serve=heap_fixture:no_such_function"],
+    );
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_error_line(
+        &out,
+        &format!(
+            "alloctrace: error: --phase serve=heap_fixture:no_such_function: {} has no function \
+             'no_such_function' in its symbol tables (C++ functions go by their mangled names; \
+             `nm -D` lists them)",
+            exe.display()
+        ),
+    );
+    assert_eq!(dir_entries(dir.path()), Vec::<String>::new(), "left behind");
+    finish(target);
+}

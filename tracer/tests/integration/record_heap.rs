@@ -514,3 +514,116 @@ fn over_max_memory_the_recorder_keeps_every_figure_and_gives_up_stacks() {
         "{text}"
     );
 }
+
+/// `--phase`: what each phase's calls allocated, still live or freed (within the phase or in
+/// another), exact, in both heap paths: the kernel's heap ledger (frame-pointer heap stacks) and
+/// every block through the ring (`--stack dwarf`). Nested phases stack, and a phase ends when
+/// its call returns (no return probe: the stacks keep every caller).
+#[test]
+fn phases_split_live_memory_by_the_request_phase_that_allocated_it() {
+    require_privileges!();
+    let exe = fixture("heap_fixture");
+    let rules = [
+        "--phase",
+        "load=heap_fixture:load_model",
+        "--phase",
+        "serve=heap_fixture:serve_request",
+        "--phase",
+        "decode=heap_fixture:decode_step",
+    ];
+    for mode in [&["--heap"][..], &["--heap", "--stack", "dwarf"]] {
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<&str> = mode.iter().chain(&rules).copied().collect();
+        let r = record_fixture_command(dir.path(), &exe, "phases", &args);
+        r.assert_no_lost_events();
+        let trace = dir.path().join("phases.trace");
+        let json = report_value(&trace);
+        let phases = &json["phases"];
+        let entries: Vec<(&str, u64)> = (phases["rules"].as_array().unwrap().iter())
+            .map(|r| (r["name"].as_str().unwrap(), r["entries"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            entries,
+            [("load", 1), ("serve", 50), ("decode", 50)],
+            "{mode:?}"
+        );
+        let row = |name: &str| {
+            let rows = phases["by_phase"].as_array().unwrap();
+            let row = rows.iter().find(|r| r["phase"] == name).unwrap();
+            let n = |f: &str| row[f].as_u64().unwrap();
+            [
+                n("live_bytes"),
+                n("live_count"),
+                n("allocated_bytes"),
+                n("freed_within_bytes"),
+                n("freed_within_count"),
+                n("freed_elsewhere_bytes"),
+                n("freed_elsewhere_count"),
+            ]
+        };
+        // serve: 40 x 512 (heap) and 64 KiB mapped live; 200 x 1000 churned within; 10 x 512
+        // freed after the requests, outside every phase.
+        let serve = [
+            86_016,
+            41,
+            200_000 + 25_600 + 65_536,
+            200_000,
+            200,
+            5_120,
+            10,
+        ];
+        assert_eq!(row("serve"), serve, "{mode:?}\n{phases}");
+        assert_eq!(row("decode"), [12_800, 50, 12_800, 0, 0, 0, 0], "{mode:?}");
+        let load = [1_048_576, 1, 1_048_576, 0, 0, 0, 0];
+        assert_eq!(row("load"), load, "{mode:?}");
+        let frees: Vec<(&str, &str, &str, u64, u64)> = (phases["frees"].as_array().unwrap())
+            .iter()
+            .map(|f| {
+                let s = |k: &str| f[k].as_str().unwrap();
+                let n = |k: &str| f[k].as_u64().unwrap();
+                (
+                    s("class"),
+                    s("allocated_in"),
+                    s("freed_in"),
+                    n("bytes"),
+                    n("count"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            frees,
+            [
+                ("heap", "serve", "none", 5_120, 10),
+                ("heap", "serve", "serve", 200_000, 200)
+            ],
+            "{mode:?}"
+        );
+        // Each live stack in its phase, with the caller of the phase's function still there.
+        let stack = |first: &str| {
+            let stacks = json["stacks"].as_array().unwrap();
+            let s = (stacks.iter())
+                .find(|s| s["frames"].as_array().unwrap().iter().any(|f| f == first))
+                .unwrap_or_else(|| panic!("no stack with {first}"));
+            let frames: Vec<&str> = (s["frames"].as_array().unwrap().iter())
+                .map(|f| f.as_str().unwrap())
+                .collect();
+            assert!(frames.contains(&"scenario_phases"), "{frames:?}");
+            (
+                s["class"].as_str().unwrap().to_string(),
+                s["phase"].as_str().unwrap().to_string(),
+                s["live_bytes"].as_u64().unwrap(),
+            )
+        };
+        let own = |c: &str, p: &str, n| (c.to_string(), p.to_string(), n);
+        assert_eq!(stack("serve_leak"), own("heap", "serve", 20_480));
+        assert_eq!(stack("decode_step"), own("heap", "decode", 12_800));
+        assert_eq!(stack("load_model"), own("heap", "load", 1_048_576));
+        assert_eq!(stack("serve_map"), own("mmap", "serve", 65_536));
+        let text = String::from_utf8_lossy(&view(&["report"], &trace)).into_owned();
+        assert!(text.contains("\nPhases: memory by the phase"), "{text}");
+        assert!(
+            text.contains("heap allocated in serve was freed in none: 5.0 KiB in 10 blocks"),
+            "{text}"
+        );
+    }
+}

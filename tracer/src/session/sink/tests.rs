@@ -55,6 +55,8 @@ fn heap_alloc(func: HeapFn, addr: u64, size: u64, old: u64) -> Vec<u8> {
         func: func as u32,
         aux: 0,
         stack_key: 0,
+        phase: 0,
+        _pad: 0,
     })
 }
 
@@ -63,6 +65,8 @@ fn heap_free(addr: u64) -> Vec<u8> {
         kind: event_kind::FREE,
         tgid: PID,
         addr,
+        phase: 0,
+        _pad: 0,
     })
 }
 
@@ -78,6 +82,8 @@ fn map_event(op: u32, args: [u64; 5], ret: u64, flags: u32) -> Vec<u8> {
         flags,
         ret,
         args,
+        phase: 0,
+        _pad: 0,
     })
 }
 
@@ -300,4 +306,71 @@ fn blocks_the_kernel_holds_count_at_their_stack_and_go_with_an_exec() {
     assert_eq!(live(&sink, Class::Heap), (0, 0));
     assert!(totals.lock().unwrap().is_empty());
     assert_eq!(sink.ledger.totals(Class::Heap).allocated_count, 100);
+}
+
+/// `--phase`: records carry the kernel's phase id; the sink puts each block and mapping in its
+/// phase's cell, and counts each free by (allocated-in, freed-in) phase; an id no rule has is
+/// none.
+#[test]
+fn blocks_and_mappings_go_to_their_phase_and_frees_are_counted_by_phase() {
+    let mut sink = sink();
+    sink.set_phases(&["none".into(), "load".into(), "serve".into()]);
+    let in_phase = |mut record: Vec<u8>, phase: u32, at: usize| {
+        record[at..at + 4].copy_from_slice(&phase.to_ne_bytes());
+        record
+    };
+    let alloc_at = std::mem::offset_of!(AllocEvent, phase);
+    let free_at = std::mem::offset_of!(FreeEvent, phase);
+    let map_at = std::mem::offset_of!(MapEvent, phase);
+    sink.apply(&in_phase(
+        heap_alloc(HeapFn::Malloc, 0x1000, 100, 0),
+        1,
+        alloc_at,
+    ));
+    sink.apply(&in_phase(
+        heap_alloc(HeapFn::Malloc, 0x2000, 200, 0),
+        2,
+        alloc_at,
+    ));
+    sink.apply(&in_phase(
+        heap_alloc(HeapFn::Malloc, 0x3000, 300, 0),
+        2,
+        alloc_at,
+    ));
+    sink.apply(&in_phase(
+        heap_alloc(HeapFn::Malloc, 0x4000, 400, 0),
+        9,
+        alloc_at,
+    ));
+    let mmap = [0, 2 * PAGE, PROT_RW, PRIVATE_ANONYMOUS, NO_FD];
+    sink.apply(&in_phase(
+        map_event(map_op::MMAP, mmap, 0x7000_0000, 0),
+        2,
+        map_at,
+    ));
+    sink.apply(&in_phase(heap_free(0x2000), 2, free_at));
+    sink.apply(&in_phase(heap_free(0x3000), 0, free_at));
+    sink.apply(&in_phase(heap_free(0x1000), 2, free_at));
+    let state = sink.ledger.state(&Default::default());
+    let mut live: Vec<(Class, &str, u64, u64)> = (state.cells.iter())
+        .map(|(k, c)| (k.class, k.phase.as_str(), c.live_bytes, c.allocated_bytes))
+        .collect();
+    live.sort();
+    assert_eq!(
+        live,
+        [
+            (Class::Heap, "load", 0, 100),
+            (Class::Heap, "none", 400, 400),
+            (Class::Heap, "serve", 0, 500),
+            (Class::Mmap, "serve", 2 * PAGE, 2 * PAGE),
+        ]
+    );
+    assert_eq!(
+        sink.ledger.phase_frees(),
+        [
+            ((Class::Heap, "load", "serve"), (100, 1)),
+            ((Class::Heap, "serve", "none"), (300, 1)),
+            ((Class::Heap, "serve", "serve"), (200, 1)),
+        ]
+    );
 }

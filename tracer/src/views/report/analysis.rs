@@ -356,6 +356,10 @@ mod tests {
         assert_eq!(g.cells[&key(Some(0))], (500, 1000));
         // The lost-stack block appeared at 4 s.
         assert_eq!(g.cells[&key(None)], (0, 64));
-        assert_eq!(g.cells[&key(Some(CHURN_STACK))], (0, 0));
+        let churn = CellKey {
+            phase: "serve".into(),
+            ..key(Some(CHURN_STACK))
+        };
+        assert_eq!(g.cells[&churn], (0, 0));
     }
 }

@@ -83,7 +83,7 @@ mod tests {
     use super::*;
     use crate::{
         model::{CellKey, Class, PhaseFrees, PhaseRuleFigures, Phases, StackCounters},
-        views::tests::recorded,
+        views::fixture::recorded,
     };
 
     fn cell(rec: &mut Recorded, class: Class, phase: &str, stack: u32, live: u64, alloc: u64) {
@@ -107,6 +107,7 @@ mod tests {
     #[test]
     fn each_phase_sums_its_cells_and_splits_its_frees_by_where_they_happened() {
         let mut rec = recorded();
+        rec.phases = None;
         assert_eq!(phase_rows(&rec), None, "no rules, no phases section");
         rec.state.cells.clear();
         let rule = |name: &str, entries| PhaseRuleFigures {

@@ -22,6 +22,18 @@ pub struct Report {
     pub unmatched_frees: u64,
     pub lost_events: BTreeMap<String, u64>,
     pub stack_capture: Option<StackCapture>,
+    /// `record --phase`: the rules (null without).
+    pub phases: Option<Phases>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Phases {
+    pub rules: Vec<PhaseRule>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PhaseRule {
+    pub name: String,
 }
 
 /// How the recording's stacks were taken (`record --stack`).
@@ -220,8 +232,16 @@ impl Report {
                 self.summary()
             );
         }
+        // A cell's phase is none, a rule's, or graph-capture (CUDA).
+        let rules = self.phases.iter().flat_map(|p| &p.rules);
+        let mut phases: Vec<&str> = rules.map(|r| r.name.as_str()).collect();
+        phases.extend(["none", "graph-capture"]);
         for s in &self.stacks {
-            assert_eq!(s.phase, "none", "phase of {:?}", s.frames);
+            assert!(
+                phases.contains(&s.phase.as_str()),
+                "phase of {:?}",
+                s.frames
+            );
             assert!(
                 !s.frames.is_empty(),
                 "a stack without frames\n{}",
