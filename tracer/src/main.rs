@@ -166,10 +166,12 @@ struct RecordArgs {
     max_memory: Option<u64>,
     /// Request phases: while a thread is inside function SYMBOL of LIB (a library's or the
     /// executable's file name, or a path), what it allocates, frees and maps is in phase NAME
-    /// (nested rules stack; the return restores the phase before). Repeatable, up to 30. The
-    /// report shows live bytes by phase and which phase freed what another allocated:
-    /// memory allocated while serving a request and still live is the per-request leak.
-    /// Example: --phase serve=libllama.so:llama_decode
+    /// (nested rules stack; the return restores the phase before). NAME=py:MODULE:QUALNAME
+    /// names a Python function instead: what is allocated under it (in the Python frames of the
+    /// stack) is in phase NAME. Repeatable, up to 30. The report shows live bytes by phase and
+    /// which phase freed what another allocated: memory allocated while serving a request and
+    /// still live is the per-request leak. Examples: --phase serve=libllama.so:llama_decode,
+    /// --phase serve=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model
     #[arg(long, value_name = "NAME=LIB:SYMBOL")]
     phase: Vec<PhaseRule>,
     /// Do not follow child processes. By default every process the target forks (and what
@@ -359,7 +361,8 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             // call site, a stack copy does not (it is unwound in user space); sampled heaps are
             // a fraction of the calls already.
             heap_duty_cycled: args.heap_budget.is_some() || args.heap_duty.is_some(),
-            phases: !args.phase.is_empty(),
+            // Python phases are told from stacks: only native rules need the kernel's.
+            phases: args.phase.iter().any(|r| r.python().is_none()),
             heap_ledger_blocks: if args.heap
                 && args.heap_sample.is_none()
                 && stack_copy_heap == 0

@@ -276,11 +276,13 @@ pub struct Phases {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PhaseRuleFigures {
     pub name: String,
-    /// As given: `NAME=LIB:SYMBOL`.
+    /// As given: `NAME=LIB:SYMBOL` or `NAME=py:MODULE:QUALNAME`.
     pub rule: String,
-    /// The file its function is in.
-    pub file: String,
-    pub entries: u64,
+    /// The file its native function is in; None for a Python function.
+    pub file: Option<String>,
+    /// Calls of its native function; None for a Python function (told from stacks, not
+    /// counted).
+    pub entries: Option<u64>,
 }
 
 /// Blocks of a class allocated in one phase and freed in another (or the same).

@@ -153,6 +153,9 @@ pub struct Ledger {
     /// `record --phase`: frees by (class, allocated-in, freed-in phase): bytes and blocks.
     /// Counted only when phases are (`count_phase_frees`).
     phase_frees: Option<BTreeMap<PhaseFree, (u64, u64)>>,
+    /// Phases told from Python frames: a free has no stack, so the free matrix counts a block
+    /// of such a phase as allocated in none (the thread's phase, as the kernel counts it).
+    python_phases: Vec<PhaseId>,
 }
 
 /// A cell of the phase free matrix: (class, allocated-in phase, freed-in phase).
@@ -181,6 +184,7 @@ impl Default for Ledger {
             released: BTreeMap::new(),
             cuda_calls: BTreeMap::new(),
             phase_frees: None,
+            python_phases: Vec::new(),
         }
     }
 }
@@ -196,9 +200,11 @@ impl Ledger {
         self.totals.entry(class).or_default();
     }
 
-    /// Phase rules are attached: frees are counted by the phase of the block and of the free.
-    pub fn count_phase_frees(&mut self) {
+    /// Phase rules are attached: frees are counted by the phase of the block and of the free
+    /// (`python`: the phases told from Python frames, not in that count).
+    pub fn count_phase_frees(&mut self, python: &[PhaseId]) {
         self.phase_frees.get_or_insert_default();
+        self.python_phases = python.to_vec();
     }
 
     /// Frees by (class, allocated-in, freed-in phase) so far, phases by name: (bytes, blocks).
@@ -389,7 +395,10 @@ impl Ledger {
             Some(block) => {
                 if let Some(frees) = self.phase_frees.as_mut() {
                     let (key, _) = &self.cells[block.cell as usize];
-                    let allocated_in = self.cell_phases[block.cell as usize];
+                    let allocated_in = match self.cell_phases[block.cell as usize] {
+                        p if self.python_phases.contains(&p) => 0,
+                        p => p,
+                    };
                     let n = frees
                         .entry((key.class, allocated_in, freed_in))
                         .or_default();

@@ -28,11 +28,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use tracer_common::{TorchEvent, torch_action};
 
-use super::{CellRef, Ledger};
+use super::{CellRef, Ledger, PhaseId};
 use crate::model::{AllocatorFigures, AllocatorOom, Class, StackIndex};
 
-/// Where something was allocated: process, stack, pool.
-type Origin = (u32, Option<StackIndex>, [u64; 2]);
+/// Where something was allocated: process, stack, pool, phase.
+type Origin = (u32, Option<StackIndex>, [u64; 2], PhaseId);
 
 /// The caching allocator's smallest block: every block size is a multiple of it.
 const MIN_BLOCK: u64 = 512;
@@ -111,6 +111,7 @@ struct AsyncCall {
     device: i32,
     size: u64,
     stack: Option<StackIndex>,
+    phase: PhaseId,
 }
 
 /// The caching-allocator layer of every traced process.
@@ -134,6 +135,17 @@ impl TorchLayer {
 
     /// Applies one allocator event; `stack` is the allocator caller's (creating actions only).
     pub fn apply(&mut self, ledger: &mut Ledger, ev: &TorchEvent, stack: Option<StackIndex>) {
+        self.apply_in(ledger, ev, stack, 0);
+    }
+
+    /// `apply` of an event made in `phase`: what it creates is in that phase.
+    pub fn apply_in(
+        &mut self,
+        ledger: &mut Ledger,
+        ev: &TorchEvent,
+        stack: Option<StackIndex>,
+        phase: PhaseId,
+    ) {
         let pid = ev.tgid;
         match ev.action {
             torch_action::ASYNC_MALLOC => {
@@ -142,6 +154,7 @@ impl TorchLayer {
                     device: ev.device,
                     size: ev.size,
                     stack,
+                    phase,
                 };
                 self.async_calls.insert(ev.tid, call);
                 return;
@@ -152,7 +165,7 @@ impl TorchLayer {
                 return;
             }
             torch_action::PINNED_ALLOC => {
-                let at = (pid, stack);
+                let at = (pid, stack, phase);
                 self.pinned.entry(pid).or_default().alloc(ledger, at, ev);
                 return;
             }
@@ -168,13 +181,15 @@ impl TorchLayer {
         match ev.action {
             torch_action::SEGMENT_ALLOC | torch_action::SEGMENT_MAP => {
                 let expandable = ev.action == torch_action::SEGMENT_MAP;
-                let at = (pid, stack, ev.pool);
+                let at = (pid, stack, ev.pool, phase);
                 dev.add_segment(ledger, at, ev.addr, ev.size, expandable);
             }
             torch_action::SEGMENT_FREE | torch_action::SEGMENT_UNMAP => {
                 dev.remove_range(ledger, ev.addr, ev.size);
             }
-            torch_action::ALLOC => dev.alloc(ledger, (pid, stack, ev.pool), ev.addr, ev.size),
+            torch_action::ALLOC => {
+                dev.alloc(ledger, (pid, stack, ev.pool, phase), ev.addr, ev.size);
+            }
             torch_action::FREE_REQUESTED => {
                 let seen = dev.free_requested(ledger, ev.addr);
                 self.unmatched_frees += u64::from(!seen);
@@ -208,7 +223,12 @@ impl TorchLayer {
         let dev = self.devices.entry((call.pid, call.device)).or_default();
         dev.async_backend = true;
         dev.dirty = true;
-        dev.alloc(ledger, (call.pid, call.stack, [0, 0]), addr, size);
+        dev.alloc(
+            ledger,
+            (call.pid, call.stack, [0, 0], call.phase),
+            addr,
+            size,
+        );
     }
 
     /// The allocators of process `pid`, one per device.
@@ -310,8 +330,17 @@ impl TorchLayer {
 
 impl PinnedCache {
     /// A tensor got the block in `ev` (`stream`: the `HostBlock*`) at `at` (process, stack).
-    fn alloc(&mut self, ledger: &mut Ledger, at: (u32, Option<StackIndex>), ev: &TorchEvent) {
-        let (pid, stack) = at;
+    fn alloc(
+        &mut self,
+        ledger: &mut Ledger,
+        at: (u32, Option<StackIndex>, PhaseId),
+        ev: &TorchEvent,
+    ) {
+        let (pid, stack, phase) = at;
+        let cell = |class| CellRef {
+            phase,
+            ..CellRef::new(pid, class, stack)
+        };
         let (key, ptr, size) = (ev.stream, ev.addr, ev.size);
         if self
             .blocks
@@ -323,11 +352,7 @@ impl PinnedCache {
         }
         if !self.blocks.contains_key(&key) {
             // New (or made before attach): charged to the stack that first got it.
-            self.insert(
-                ledger,
-                CellRef::new(pid, Class::TorchPinnedCached, stack),
-                ev,
-            );
+            self.insert(ledger, cell(Class::TorchPinnedCached), ev);
         }
         let Some(block) = self.blocks.get_mut(&key) else {
             return;
@@ -338,7 +363,7 @@ impl PinnedCache {
             ledger.credit_existing(block.cached_cell, size);
         }
         ledger.debit(block.cached_cell, size, false);
-        let live = CellRef::new(pid, Class::TorchPinned, stack);
+        let live = cell(Class::TorchPinned);
         block.live_cell = Some(ledger.credit(live, size, true));
     }
 
@@ -418,10 +443,14 @@ impl DeviceCache {
         size: u64,
         expandable: bool,
     ) {
-        let (pid, stack, pool) = at;
+        let (pid, stack, pool, phase) = at;
         // A segment already there had its release lost: it goes first.
         self.remove_range(ledger, addr, size);
-        let cached_cell = ledger.credit(CellRef::new(pid, Class::TorchCached, stack), size, true);
+        let at = CellRef {
+            phase,
+            ..CellRef::new(pid, Class::TorchCached, stack)
+        };
+        let cached_cell = ledger.credit(at, size, true);
         self.reserved += size;
         let origin = self.next_origin;
         self.next_origin += 1;
@@ -522,13 +551,17 @@ impl DeviceCache {
 
     /// A tensor block of `size` requested bytes at `addr`, allocated at `at`.
     fn alloc(&mut self, ledger: &mut Ledger, at: Origin, addr: u64, size: u64) {
-        let (pid, stack, pool) = at;
+        let (pid, stack, pool, phase) = at;
         if self.blocks.contains_key(&addr) {
             // Its release was lost.
             self.free_requested(ledger, addr);
             self.free_completed(ledger, addr);
         }
-        let cell = ledger.credit(CellRef::new(pid, Class::Torch, stack), size, true);
+        let at = CellRef {
+            phase,
+            ..CellRef::new(pid, Class::Torch, stack)
+        };
+        let cell = ledger.credit(at, size, true);
         self.allocated += size;
         let mut parts = Vec::new();
         for start in self.segments_overlapping(addr, size) {
@@ -825,6 +858,30 @@ mod tests {
 
     /// Freed on one stream while another still uses it: pending, in neither view, until it
     /// completes.
+    /// A segment and the tensors cut from it are in the phase of the event that made each.
+    #[test]
+    fn segments_and_tensors_are_in_the_phase_they_were_made_in() {
+        let mut r = Run::new();
+        let (load, serve) = (r.ledger.phase("load"), r.ledger.phase("serve"));
+        let apply = |r: &mut Run, action, addr, size, phase| {
+            (r.torch).apply_in(&mut r.ledger, &ev(action, addr, size), Some(1), phase);
+        };
+        apply(&mut r, SEGMENT_ALLOC, 0x1000_0000, 2 * MIB, load);
+        apply(&mut r, ALLOC, 0x1000_0000, MIB, serve);
+        let state = r.ledger.state(&BTreeMap::new());
+        let mut cells: Vec<(Class, &str, u64)> = (state.cells.iter())
+            .map(|(k, c)| (k.class, k.phase.as_str(), c.live_bytes))
+            .collect();
+        cells.sort();
+        assert_eq!(
+            cells,
+            [
+                (Class::Torch, "serve", MIB),
+                (Class::TorchCached, "load", MIB)
+            ]
+        );
+    }
+
     #[test]
     fn a_block_in_use_on_another_stream_is_pending_until_its_free_completes() {
         let mut r = Run::new();

@@ -37,13 +37,62 @@ pub const PHASE_PRE_ATTACH: &str = "pre-attach";
 /// Longest phase name.
 const NAME_MAX: usize = 32;
 
-/// `NAME=LIB:SYMBOL`, as given.
+/// `NAME=LIB:SYMBOL` (a native function) or `NAME=py:MODULE:QUALNAME` (a Python function), as
+/// given.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PhaseRule {
     pub name: String,
-    /// A path, or the file name of an object the target maps (its executable included).
+    /// A path, or the file name of an object the target maps (its executable included); `py`
+    /// for a Python function.
     pub lib: String,
+    /// The native function's symbol; for a Python function, `MODULE:QUALNAME`.
     pub symbol: String,
+}
+
+/// The `lib` of a Python function's rule.
+const PYTHON_LIB: &str = "py";
+
+impl PhaseRule {
+    /// A Python function's rule, as matched against the Python frames of stacks.
+    pub fn python(&self) -> Option<PythonRule> {
+        if self.lib != PYTHON_LIB {
+            return None;
+        }
+        let (module, qualname) = self.symbol.split_once(':')?;
+        let path = module.replace('.', "/");
+        Some(PythonRule {
+            name: self.name.clone(),
+            files: [format!("{path}.py"), format!("{path}/__init__.py")],
+            qualname: qualname.to_string(),
+        })
+    }
+}
+
+/// A Python function as a phase: a stack is in the phase when one of its Python frames is that
+/// function (the innermost such frame's rule, when several match). Python phases are told from
+/// stacks, not probes: they have no entry counts, and a free (which has no stack) is never in one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PythonRule {
+    pub name: String,
+    /// The module's file, relative: `pkg/mod.py` or `pkg/mod/__init__.py`.
+    files: [String; 2],
+    /// `Class.method` or `function`.
+    qualname: String,
+}
+
+impl PythonRule {
+    /// Whether a Python frame of `function` (its `co_qualname`, or `co_name` before 3.11) in
+    /// `file` is this rule's function.
+    pub fn matches(&self, function: &str, file: &str) -> bool {
+        let in_module = self.files.iter().any(|f| {
+            file == f
+                || file
+                    .strip_suffix(f.as_str())
+                    .is_some_and(|dir| dir.ends_with('/'))
+        });
+        let last = self.qualname.rsplit('.').next().unwrap_or_default();
+        in_module && (function == self.qualname || (!function.contains('.') && function == last))
+    }
 }
 
 impl FromStr for PhaseRule {
@@ -71,12 +120,22 @@ impl FromStr for PhaseRule {
                 "phase name '{name}' is alloctrace's own: pick another"
             ));
         }
-        if lib == "py" {
-            return Err(
-                "Python functions as phases (py:module:function) are not supported yet: give a \
-                 native function, LIB:SYMBOL"
-                    .into(),
-            );
+        if lib == PYTHON_LIB {
+            let python = "expected NAME=py:MODULE:QUALNAME, for example \
+                          serve=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model";
+            let (module, qualname) = symbol.split_once(':').ok_or(python)?;
+            let identifier = |s: &str| {
+                !s.is_empty()
+                    && s.split('.').all(|part| {
+                        !part.is_empty()
+                            && part
+                                .chars()
+                                .all(|c| c.is_alphanumeric() || "_<>".contains(c))
+                    })
+            };
+            if !identifier(module) || !identifier(qualname) {
+                return Err(python.into());
+            }
         }
         Ok(PhaseRule {
             name: name.into(),
@@ -132,7 +191,9 @@ pub enum PhaseError {
     },
 }
 
-/// Finds each rule's function in the files process `pid` maps (`maps`), or at the path given.
+/// Finds each native rule's function in the files process `pid` maps (`maps`), or at the path
+/// given (Python rules need nothing found: they are matched in stacks). The native rules' kernel
+/// ids count from 1 in the order given.
 pub fn resolve(
     rules: &[PhaseRule],
     pid: u32,
@@ -150,7 +211,7 @@ pub fn resolve(
         }
     }
     let mut resolved: Vec<ResolvedRule> = Vec::new();
-    for (i, rule) in rules.iter().enumerate() {
+    for rule in rules.iter().filter(|r| r.python().is_none()) {
         let shown = printable(&rule.to_string());
         let (open_path, shown_path) = locate(rule, pid, maps).ok_or(PhaseError::NotMapped {
             rule: shown.clone(),
@@ -173,7 +234,7 @@ pub fn resolve(
                 symbol: printable(&rule.symbol),
             })?;
         resolved.push(ResolvedRule {
-            id: i as u32 + 1,
+            id: resolved.len() as u32 + 1,
             rule: rule.clone(),
             open_path,
             shown_path,
@@ -241,7 +302,9 @@ mod tests {
             ("a b=lib:f", "letters, digits"),
             ("none=lib:f", "alloctrace's own"),
             ("graph-capture=lib:f", "alloctrace's own"),
-            ("serve=py:server:handle", "not supported yet"),
+            ("serve=py:server", "NAME=py:MODULE:QUALNAME"),
+            ("serve=py:server.:handle", "NAME=py:MODULE:QUALNAME"),
+            ("serve=py:server:a b", "NAME=py:MODULE:QUALNAME"),
         ] {
             let err = bad.parse::<PhaseRule>().unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
@@ -294,5 +357,56 @@ mod tests {
                 .to_string()
                 .contains("two rules")
         );
+    }
+}
+
+#[cfg(test)]
+mod python_tests {
+    use super::*;
+
+    #[test]
+    fn a_python_rule_matches_its_function_in_its_module_file() {
+        let rule: PhaseRule =
+            "serve=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model"
+                .parse()
+                .unwrap();
+        let py = rule.python().expect("a Python rule");
+        let file = "/usr/lib/python3/site-packages/vllm/v1/worker/gpu_model_runner.py";
+        assert!(py.matches("GPUModelRunner.execute_model", file));
+        // Before 3.11 a frame has the bare name.
+        assert!(py.matches("execute_model", file));
+        assert!(py.matches(
+            "GPUModelRunner.execute_model",
+            "vllm/v1/worker/gpu_model_runner.py"
+        ));
+        assert!(!py.matches("Other.execute_model", file));
+        assert!(!py.matches(
+            "GPUModelRunner.execute_model",
+            "/x/myvllm/v1/worker/gpu_model_runner.py"
+        ));
+        assert!(!py.matches(
+            "GPUModelRunner.execute_model",
+            "/x/vllm/v1/worker/gpu_worker.py"
+        ));
+        let package: PhaseRule = "load=py:server:main".parse().unwrap();
+        assert!(
+            package
+                .python()
+                .unwrap()
+                .matches("main", "/srv/app/server/__init__.py")
+        );
+        let native: PhaseRule = "serve=libllama.so:llama_decode".parse().unwrap();
+        assert_eq!(native.python(), None);
+    }
+
+    #[test]
+    fn python_rules_take_no_kernel_id() {
+        let rules: Vec<PhaseRule> = ["load=py:server:load", "serve=py:server:serve"]
+            .iter()
+            .map(|r| r.parse().unwrap())
+            .collect();
+        let resolved = resolve(&rules, std::process::id(), &[]).unwrap();
+        assert!(resolved.is_empty());
+        assert_eq!(names(&resolved), ["none"]);
     }
 }

@@ -36,7 +36,7 @@ use crate::{
         heap_duty::DutyCycle,
         launch::{HeldExit, LaunchedCommand},
         lock::TargetLock,
-        phases::{self, ResolvedRule},
+        phases::{self, PhaseRule, ResolvedRule},
         python_detection::detect_python,
         rss_sampling::{own_peak_rss_kib, sample_rss},
         sink::EventSink,
@@ -204,7 +204,8 @@ pub struct Recorder {
     /// Whether to show the event rate on stderr (a terminal), and the event count last shown.
     pub(super) progress: bool,
     pub(super) last_events: u64,
-    /// `--phase` rules, attached.
+    /// `--phase` rules as given, and the native ones attached.
+    pub(super) phases_given: Vec<PhaseRule>,
     pub(super) phase_rules: Vec<ResolvedRule>,
 }
 
@@ -569,16 +570,19 @@ impl Recorder {
     /// The phase rules' figures so far: entries, and frees by phase, those the kernel's heap
     /// ledger counted and those user space did (each block is counted by one of them).
     fn phases(&self) -> Option<Phases> {
-        if self.phase_rules.is_empty() {
+        if self.phases_given.is_empty() {
             return None;
         }
         let entries = self.probes.phase_entries();
-        let rules = (self.phase_rules.iter())
-            .map(|r| PhaseRuleFigures {
-                name: r.rule.name.clone(),
-                rule: r.rule.to_string(),
-                file: r.shown_path.clone(),
-                entries: entries[r.id as usize],
+        let rules = (self.phases_given.iter())
+            .map(|given| {
+                let native = self.phase_rules.iter().find(|r| r.rule == *given);
+                PhaseRuleFigures {
+                    name: given.name.clone(),
+                    rule: given.to_string(),
+                    file: native.map(|r| r.shown_path.clone()),
+                    entries: native.map(|r| entries[r.id as usize]),
+                }
             })
             .collect();
         let mut frees: BTreeMap<(Class, String, String), (u64, u64)> = BTreeMap::new();

@@ -32,7 +32,7 @@ use crate::{
         heap_duty::{self, DutyCycle},
         launch::{self, LaunchedCommand},
         lock::{TargetLock, lock_target},
-        phases::{self, ResolvedRule},
+        phases::{self, PhaseRule, PythonRule, ResolvedRule},
         python_detection::detect_python,
         recorder::{Recorder, Signals},
         rss_sampling::sample_rss,
@@ -198,8 +198,9 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
     let python_frames = opts.probes.python_frames;
     let mut sink = EventSink::new(pid, target.maps, fn_names, gpu.is_some(), python_frames);
     sink.learn_code_of(pid);
-    if !phase_rules.is_empty() {
-        sink.set_phases(&phases::names(&phase_rules));
+    if !opts.phases.is_empty() {
+        let python: Vec<PythonRule> = opts.phases.iter().filter_map(PhaseRule::python).collect();
+        sink.set_phases(&phases::names(&phase_rules), &python);
     }
     if let Some(kernel) = probes.take_kernel_totals() {
         sink.set_kernel_totals(kernel);
@@ -251,6 +252,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         progress: std::io::stderr().is_terminal(),
         last_events: 0,
         phase_rules,
+        phases_given: opts.phases.clone(),
     })
 }
 

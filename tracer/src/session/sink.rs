@@ -25,7 +25,7 @@ use crate::{
     model::{Class, FailureKey, StackIndex},
     proc::{fd, maps::Mapping},
     python::PythonProcess,
-    session::batch::RecordBatch,
+    session::{batch::RecordBatch, phases::PythonRule},
     stacks::{
         FrameNamer, StackTable,
         unwind::{ProcessUnwinder, UnwindCache},
@@ -86,6 +86,12 @@ pub struct EventSink {
     short_keys: Vec<u32>,
     /// `record --phase`: the ledger's id of each kernel phase id.
     phase_ids: Vec<PhaseId>,
+    /// `record --phase NAME=py:...`: the rules matched in Python frames, with their phase ids;
+    /// what each Python frame matched (by its stack word); the phase the last stack read is in
+    /// by its Python frames (0: none).
+    python_rules: Vec<(PythonRule, PhaseId)>,
+    python_phase_of: HashMap<u64, PhaseId>,
+    stack_python_phase: PhaseId,
 }
 
 /// What the sink gave up to stay within `--max-memory`.
@@ -140,19 +146,35 @@ impl EventSink {
             walks: HashMap::new(),
             short_keys: Vec::new(),
             phase_ids: Vec::new(),
+            python_rules: Vec::new(),
+            python_phase_of: HashMap::new(),
+            stack_python_phase: 0,
         }
     }
 
-    /// Phase rules are attached: kernel phase id `i` is `names[i]` (0 is none), and frees are
-    /// counted by phase.
-    pub fn set_phases(&mut self, names: &[String]) {
+    /// Phase rules are given: kernel phase id `i` is `names[i]` (0 is none), `python` are
+    /// matched in stacks' Python frames; frees are counted by phase.
+    pub fn set_phases(&mut self, names: &[String], python: &[PythonRule]) {
         self.phase_ids = names.iter().map(|n| self.ledger.phase(n)).collect();
-        self.ledger.count_phase_frees();
+        self.python_rules = (python.iter())
+            .map(|r| (r.clone(), self.ledger.phase(&r.name)))
+            .collect();
+        let python_ids: Vec<PhaseId> = self.python_rules.iter().map(|r| r.1).collect();
+        self.ledger.count_phase_frees(&python_ids);
     }
 
     /// The ledger's phase of a record's kernel phase id (none for an id no rule has).
     fn phase(&self, kernel: u32) -> PhaseId {
         self.phase_ids.get(kernel as usize).copied().unwrap_or(0)
+    }
+
+    /// The phase of an event whose stack was just read: the thread's (a native rule's), else
+    /// that of the stack's Python frames.
+    fn event_phase(&self, kernel: u32) -> PhaseId {
+        match self.phase(kernel) {
+            0 => self.stack_python_phase,
+            native => native,
+        }
     }
 
     /// Applies the records of a batch, in ring order.
@@ -165,6 +187,7 @@ impl EventSink {
     /// Applies one ring record; one that cannot be decoded is counted as lost.
     pub fn apply(&mut self, record: &[u8]) {
         self.events += 1;
+        self.stack_python_phase = 0;
         match events::decode(record) {
             Some(Event::Alloc(ev, stack)) => self.heap_alloc(&ev, &stack),
             Some(Event::HeapStack(ev, stack)) => self.heap_stack(&ev, &stack),
@@ -193,7 +216,8 @@ impl EventSink {
                 } else {
                     None
                 };
-                self.torch.apply(&mut self.ledger, &ev, stack);
+                let phase = self.event_phase(ev.phase);
+                self.torch.apply_in(&mut self.ledger, &ev, stack, phase);
             }
             Some(Event::Proc(ev)) => self.process(ev),
             None => self.undecodable += 1,
@@ -226,7 +250,7 @@ impl EventSink {
             // A tensor of PyTorch's cudaMallocAsync backend, if the thread is in mallocAsync.
             (self.torch).driver_allocated(&mut self.ledger, ev.tid, ev.addr, ev.size);
         }
-        let phase = self.phase(ev.phase);
+        let phase = self.event_phase(ev.phase);
         let at = match cuda {
             Some(hook) => {
                 let at = self.cuda.placement(&mut self.ledger, ev, hook);
@@ -260,7 +284,7 @@ impl EventSink {
         let covered = usize::try_from(ev.aux).unwrap_or(usize::MAX);
         let stack = self.heap_stack_of(ev.tgid, stack, covered);
         let at = CellRef {
-            phase: self.phase(ev.phase),
+            phase: self.event_phase(ev.phase),
             ..CellRef::new(ev.tgid, Class::Heap, stack)
         };
         let cell = self.ledger.cell_of(at);
@@ -366,7 +390,7 @@ impl EventSink {
     /// A memory syscall returned: the mapping layer follows it.
     fn mapping(&mut self, ev: &MapEvent, stack: &RawStack) {
         let stack = self.stack_of(ev.tgid, stack);
-        let stack = (stack, self.phase(ev.phase));
+        let stack = (stack, self.event_phase(ev.phase));
         let (pid, a) = (ev.tgid, ev.args);
         let ledger = &mut self.ledger;
         match ev.op {

@@ -164,7 +164,7 @@ pub(crate) mod fixture {
             },
         );
         // Made and freed by the requests of a `--phase` rule.
-        ledger.count_phase_frees();
+        ledger.count_phase_frees(&[]);
         let serve = ledger.phase("serve");
         for _ in 0..5 {
             let at = CellRef {
@@ -270,8 +270,8 @@ pub(crate) mod fixture {
                 rules: vec![crate::model::PhaseRuleFigures {
                     name: "serve".into(),
                     rule: "serve=heap_fixture:handle".into(),
-                    file: "/opt/heap_fixture".into(),
-                    entries: 5,
+                    file: Some("/opt/heap_fixture".into()),
+                    entries: Some(5),
                 }],
                 frees: (ledger.phase_frees().into_iter())
                     .map(|((class, a, f), (bytes, count))| crate::model::PhaseFrees {

@@ -181,3 +181,67 @@ fn debug_bpf_logs_why_python_frames_are_missing() {
     let log = s.recorder.stderr_text();
     assert!(log.lines().any(|l| l == expected), "{expected:?} in\n{log}");
 }
+
+/// `--phase NAME=py:MODULE:QUALNAME`: a Python function's phase is told from the Python frames
+/// of each stack (the innermost rule's function wins); it has no entry count, and the split of
+/// its frees by phase is unknown (a free has no stack).
+#[test]
+fn python_functions_are_phases_told_from_the_stacks() {
+    require_privileges!();
+    let script = &fixture_source("py_leak_fixture.py");
+    let mut cmd = Command::new(python());
+    cmd.arg(script);
+    let mut target = TestProcess::spawn("python3 py_leak_fixture.py", cmd);
+    target.expect_stdout("ready");
+    let rules = [
+        "--heap",
+        "--phase",
+        "serve=py:py_leak_fixture:serve",
+        "--phase",
+        "buffers=py:py_leak_fixture:leak_buffers",
+    ];
+    let mut s = Session::attach_and_run(target, "py", &rules);
+    s.end(libc::SIGINT);
+    let r = report_value(&s.trace);
+    let phases = &r["phases"];
+    let rules = phases["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 2, "{phases}");
+    for rule in rules {
+        assert_eq!(rule["entries"], serde_json::Value::Null, "{rule}");
+        assert_eq!(rule["file"], serde_json::Value::Null, "{rule}");
+    }
+    let frame = |name: &str| {
+        let line = marked_line(script, name);
+        format!("{name} ({}:{line})", script.display())
+    };
+    let live_in = |class: &str, frame: &str, phase: &str| -> u64 {
+        (r["stacks"].as_array().unwrap().iter())
+            .filter(|s| s["class"] == class && s["phase"] == phase)
+            .filter(|s| s["frames"].as_array().unwrap().iter().any(|f| f == frame))
+            .map(|s| s["live_bytes"].as_u64().unwrap())
+            .sum()
+    };
+    // leak_buffers runs inside serve: its own rule, the innermost, names the phase.
+    let buffers = live_in("heap", &frame("leak_buffers"), "buffers");
+    assert!(
+        (100 * 65537..100 * 65537 + 4096).contains(&buffers),
+        "heap under leak_buffers in phase buffers: {buffers} B\n{phases:#}"
+    );
+    assert_eq!(live_in("heap", &frame("leak_buffers"), "serve"), 0);
+    assert_eq!(live_in("heap", &frame("leak_buffers"), "none"), 0);
+    // The arenas leak_objects maps are serve's.
+    let arenas = live_in("python-arena", &frame("leak_objects"), "serve");
+    assert!(arenas >= 300_000 * 16 - (1 << 20), "{arenas} B\n{phases:#}");
+    let rows = phases["by_phase"].as_array().unwrap();
+    let row = |name: &str| rows.iter().find(|r| r["phase"] == name).unwrap().clone();
+    let buffers_row = row("buffers");
+    assert!(buffers_row["live_bytes"].as_u64().unwrap() >= buffers);
+    assert_eq!(buffers_row["entries"], serde_json::Value::Null);
+    assert_eq!(buffers_row["live_per_entry"], serde_json::Value::Null);
+    assert_eq!(buffers_row["freed_within_bytes"], serde_json::Value::Null);
+    assert_eq!(
+        buffers_row["freed_elsewhere_bytes"],
+        serde_json::Value::Null
+    );
+    assert!(row("serve")["live_bytes"].as_u64().unwrap() >= arenas);
+}

@@ -156,15 +156,32 @@ impl EventSink {
         let mut raw = stack.python_frames().peekable();
         raw.peek()?;
         let py = self.pythons.get_mut(&pid)?;
+        let (stacks, rules) = (&mut self.stacks, &self.python_rules);
+        let (phase_of, mut phase) = (&mut self.python_phase_of, 0);
         let words = raw
             .map(|(code, instr_offset)| {
-                let name = match py.symbolize(python::RawFrame { code, instr_offset }) {
-                    Ok(frame) => frame.to_string(),
-                    Err(_) => format!("[python] code {code:#x}"),
-                };
-                self.stacks.python_frame(name)
+                let (name, frame_phase) =
+                    match py.symbolize(python::RawFrame { code, instr_offset }) {
+                        Ok(frame) => {
+                            let rule = rules
+                                .iter()
+                                .find(|(r, _)| r.matches(&frame.function, &frame.file));
+                            (frame.to_string(), rule.map_or(0, |r| r.1))
+                        }
+                        Err(_) => (format!("[python] code {code:#x}"), 0),
+                    };
+                let word = stacks.python_frame(name);
+                if !rules.is_empty() {
+                    let frame_phase = *phase_of.entry(word).or_insert(frame_phase);
+                    // Innermost first: the first frame in a phase gives the stack's.
+                    if phase == 0 {
+                        phase = frame_phase;
+                    }
+                }
+                word
             })
             .collect();
+        self.stack_python_phase = phase;
         Some(words)
     }
 

@@ -314,7 +314,7 @@ fn blocks_the_kernel_holds_count_at_their_stack_and_go_with_an_exec() {
 #[test]
 fn blocks_and_mappings_go_to_their_phase_and_frees_are_counted_by_phase() {
     let mut sink = sink();
-    sink.set_phases(&["none".into(), "load".into(), "serve".into()]);
+    sink.set_phases(&["none".into(), "load".into(), "serve".into()], &[]);
     let in_phase = |mut record: Vec<u8>, phase: u32, at: usize| {
         record[at..at + 4].copy_from_slice(&phase.to_ne_bytes());
         record

@@ -20,12 +20,15 @@ pub struct PhaseRow {
     pub live_count: u64,
     pub allocated_bytes: u64,
     pub allocated_count: u64,
-    /// Freed in the phase that allocated it.
-    pub freed_within_bytes: u64,
-    pub freed_within_count: u64,
-    /// Freed in another phase (or outside every phase).
-    pub freed_elsewhere_bytes: u64,
-    pub freed_elsewhere_count: u64,
+    pub freed_bytes: u64,
+    pub freed_count: u64,
+    /// Of those, freed in the phase that allocated them; null for a Python rule's phase (a
+    /// free has no stack to tell it by).
+    pub freed_within_bytes: Option<u64>,
+    pub freed_within_count: Option<u64>,
+    /// Freed in another phase (or outside every phase); null for a Python rule's phase.
+    pub freed_elsewhere_bytes: Option<u64>,
+    pub freed_elsewhere_count: Option<u64>,
     /// `live_bytes / entries`: what each entry left behind on average; null without entries.
     pub live_per_entry: Option<f64>,
 }
@@ -34,40 +37,51 @@ pub struct PhaseRow {
 /// `None` when the recording has no phase rules.
 pub fn phase_rows(rec: &Recorded) -> Option<Vec<PhaseRow>> {
     let phases = rec.phases.as_ref()?;
+    // Phases the free matrix covers start at zero; Python rules' stay null.
+    let counted = |python: bool| (!python).then_some(0);
+    let row_of = |phase: &str, entries, python| PhaseRow {
+        phase: phase.to_string(),
+        entries,
+        freed_within_bytes: counted(python),
+        freed_within_count: counted(python),
+        freed_elsewhere_bytes: counted(python),
+        freed_elsewhere_count: counted(python),
+        ..PhaseRow::default()
+    };
     let mut rows: Vec<PhaseRow> = (phases.rules.iter())
-        .map(|r| PhaseRow {
-            phase: r.name.clone(),
-            entries: Some(r.entries),
-            ..PhaseRow::default()
-        })
+        .map(|r| row_of(&r.name, r.entries, r.file.is_none()))
         .collect();
     let mut others: BTreeMap<&str, PhaseRow> = BTreeMap::new();
     for (key, c) in &rec.state.cells {
         let row = match rows.iter_mut().find(|r| r.phase == key.phase) {
             Some(row) => row,
-            None => others.entry(&key.phase).or_insert_with(|| PhaseRow {
-                phase: key.phase.clone(),
-                ..PhaseRow::default()
-            }),
+            None => (others.entry(&key.phase)).or_insert_with(|| row_of(&key.phase, None, false)),
         };
         row.live_bytes += c.live_bytes;
         row.live_count += c.live_count;
         row.allocated_bytes += c.allocated_bytes;
         row.allocated_count += c.allocated_count;
+        row.freed_bytes += c.freed_bytes;
+        row.freed_count += c.freed_count;
     }
     let none = others.remove(PHASE_NONE);
     rows.extend(others.into_values());
     rows.extend(none);
+    let add = |n: &mut Option<u64>, v: u64| {
+        if let Some(n) = n {
+            *n += v;
+        }
+    };
     for f in &phases.frees {
         let Some(row) = rows.iter_mut().find(|r| r.phase == f.allocated_in) else {
             continue;
         };
         if f.freed_in == f.allocated_in {
-            row.freed_within_bytes += f.bytes;
-            row.freed_within_count += f.count;
+            add(&mut row.freed_within_bytes, f.bytes);
+            add(&mut row.freed_within_count, f.count);
         } else {
-            row.freed_elsewhere_bytes += f.bytes;
-            row.freed_elsewhere_count += f.count;
+            add(&mut row.freed_elsewhere_bytes, f.bytes);
+            add(&mut row.freed_elsewhere_count, f.count);
         }
     }
     for row in &mut rows {
@@ -113,8 +127,8 @@ mod tests {
         let rule = |name: &str, entries| PhaseRuleFigures {
             name: name.into(),
             rule: format!("{name}=lib:f"),
-            file: "/lib".into(),
-            entries,
+            file: Some("/lib".into()),
+            entries: Some(entries),
         };
         let free = |a: &str, f: &str, bytes| PhaseFrees {
             class: Class::Heap,
@@ -124,30 +138,50 @@ mod tests {
             count: bytes / 100,
         };
         rec.phases = Some(Phases {
-            rules: vec![rule("serve", 50), rule("load", 0)],
+            rules: vec![
+                rule("serve", 50),
+                rule("load", 0),
+                PhaseRuleFigures {
+                    name: "prefill".into(),
+                    rule: "prefill=py:server:prefill".into(),
+                    file: None,
+                    entries: None,
+                },
+            ],
             frees: vec![free("serve", "serve", 20_000), free("serve", "none", 1_000)],
         });
         cell(&mut rec, Class::Heap, "serve", 1, 5_000, 26_000);
         cell(&mut rec, Class::Mmap, "serve", 2, 65_500, 65_500);
         cell(&mut rec, Class::Heap, "none", 3, 300, 300);
         cell(&mut rec, Class::Cuda, "graph-capture", 4, 1_000, 1_000);
+        cell(&mut rec, Class::Torch, "prefill", 5, 2_000, 3_000);
         let rows = phase_rows(&rec).unwrap();
         let names: Vec<&str> = rows.iter().map(|r| r.phase.as_str()).collect();
-        assert_eq!(names, ["serve", "load", "graph-capture", "none"]);
+        assert_eq!(names, ["serve", "load", "prefill", "graph-capture", "none"]);
         let serve = &rows[0];
         assert_eq!((serve.live_bytes, serve.allocated_bytes), (70_500, 91_500));
+        assert_eq!((serve.freed_bytes, serve.freed_count), (21_000, 210));
         assert_eq!(
             (serve.freed_within_bytes, serve.freed_within_count),
-            (20_000, 200)
+            (Some(20_000), Some(200))
         );
         assert_eq!(
             (serve.freed_elsewhere_bytes, serve.freed_elsewhere_count),
-            (1_000, 10)
+            (Some(1_000), Some(10))
         );
         assert_eq!(serve.live_per_entry, Some(1_410.0));
         assert_eq!(rows[1].entries, Some(0));
         assert_eq!(rows[1].live_per_entry, None, "never entered");
-        assert_eq!((rows[2].entries, rows[2].live_bytes), (None, 1_000));
-        assert_eq!(rows[3].live_bytes, 300);
+        let prefill = &rows[2];
+        assert_eq!((prefill.live_bytes, prefill.freed_bytes), (2_000, 1_000));
+        assert_eq!((prefill.entries, prefill.live_per_entry), (None, None));
+        assert_eq!(
+            (prefill.freed_within_bytes, prefill.freed_elsewhere_bytes),
+            (None, None),
+            "a free has no Python stack"
+        );
+        assert_eq!((rows[3].entries, rows[3].live_bytes), (None, 1_000));
+        assert_eq!(rows[3].freed_within_bytes, Some(0));
+        assert_eq!(rows[4].live_bytes, 300);
     }
 }

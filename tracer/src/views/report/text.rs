@@ -416,36 +416,37 @@ fn text_phases(out: &mut String, rec: &Recorded) {
     let _ = writeln!(
         out,
         "\nPhases: memory by the phase it was allocated in (entries: calls of the phase's \
-         function; live per entry: what each left behind)"
+         function; live per entry: what each left behind; freed within the phase or later \
+         elsewhere: '-' for a Python function's phase, as a free has no stack)"
     );
     let w = PHASE_WIDTH;
     let _ = writeln!(
         out,
-        "  {:<w$} {:>9} {:>12} {:>12} {:>15} {:>12} {:>12} {:>16}",
+        "  {:<w$} {:>9} {:>12} {:>12} {:>15} {:>12} {:>12} {:>13} {:>16}",
         "phase",
         "entries",
         "live",
         "live blocks",
         "live per entry",
         "allocated",
+        "freed",
         "freed within",
         "freed elsewhere"
     );
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
     for row in &rows {
-        let entries = row.entries.map_or("-".to_string(), |n| n.to_string());
-        let per_entry =
-            (row.live_per_entry).map_or("-".to_string(), |b| human_bytes(b.round() as u64));
         let _ = writeln!(
             out,
-            "  {:<w$} {:>9} {:>12} {:>12} {:>15} {:>12} {:>12} {:>16}",
+            "  {:<w$} {:>9} {:>12} {:>12} {:>15} {:>12} {:>12} {:>13} {:>16}",
             for_terminal(&row.phase),
-            entries,
+            or_dash(row.entries.map(|n| n.to_string())),
             human_bytes(row.live_bytes),
             row.live_count,
-            per_entry,
+            or_dash(row.live_per_entry.map(|b| human_bytes(b.round() as u64))),
             human_bytes(row.allocated_bytes),
-            human_bytes(row.freed_within_bytes),
-            human_bytes(row.freed_elsewhere_bytes)
+            human_bytes(row.freed_bytes),
+            or_dash(row.freed_within_bytes.map(human_bytes)),
+            or_dash(row.freed_elsewhere_bytes.map(human_bytes))
         );
     }
     let frees = rec.phases.iter().flat_map(|p| &p.frees);
