@@ -5,6 +5,7 @@
 //! crash-safe file) → `views` (report, flamegraph). `hooks` is the hook table every stage reads;
 //! `proc`, `elf`, `stacks` and `python` read the target.
 pub mod arch;
+pub mod check;
 pub mod cuda;
 pub mod elf;
 pub mod escape;

@@ -9,7 +9,10 @@ use std::{
 };
 
 use alloctrace::{
-    escape, hooks, output,
+    check::{self, LoadPlan},
+    escape, hooks,
+    model::Thresholds,
+    output,
     probes::{ProbeConfig, StackMode},
     recording::{Reader, SeriesRead},
     session::{self, RecordOptions, TargetSpec, heap_duty::DutyOptions, phases::PhaseRule},
@@ -53,6 +56,17 @@ enum Command {
     /// (128 + N when signal N killed it, as a shell reports it); otherwise 0 once the recording
     /// is finalized; 1 on an error.
     Record(RecordArgs),
+    /// A leak test from outside the process, for CI: records the target (-p PID, or -- CMD
+    /// launched) while running a load command: --warmup runs, then --batches runs, marking the
+    /// traced live memory (heap, mappings, device memory) at the end of each; then prints the
+    /// Memory Growth Analysis (initial and final averages, growth and its percent, noise) and
+    /// the stacks whose memory rose in every batch. The load command (run with sh -c) must
+    /// return once its requests are answered. Every `record` option applies; the recording
+    /// stays at -o FILE for the postmortem.
+    ///
+    /// Exit status: 0 no leak; 1 a leak (growth past --threshold); 2 too noisy to judge; 3 the
+    /// check could not be made (an error, or fewer than two batches ran).
+    Check(CheckArgs),
     /// Summarize a recording: totals per class, top live stacks, failures, lost events.
     Report {
         file: PathBuf,
@@ -222,6 +236,31 @@ struct RecordArgs {
     command: Vec<OsString>,
 }
 
+#[derive(Args)]
+struct CheckArgs {
+    /// One batch of load: a shell command run with `sh -c` (for example a load generator
+    /// sending 100 requests and waiting for their answers).
+    #[arg(long, value_name = "COMMAND")]
+    load: String,
+    /// Load runs before the measured batches (model loading, caches filling, warm-up).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    warmup: u32,
+    /// Measured batches (one load run each).
+    #[arg(long, value_name = "M", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(2..))]
+    batches: u32,
+    /// Growth in percent of the traced live memory, from the first third of the batches to
+    /// the last, above which the check fails.
+    #[arg(long, value_name = "PCT", default_value_t = 10.0, value_parser = parse_percent)]
+    threshold: f64,
+    /// Spread of the batches around their trend, in percent of their mean, above which the
+    /// check says it is too noisy to judge (unless the growth is more than twice it).
+    #[arg(long, value_name = "PCT", default_value_t = 5.0, value_parser = parse_percent)]
+    max_noise: f64,
+    #[command(flatten)]
+    record: RecordArgs,
+}
+
 #[derive(Copy, Clone, ValueEnum)]
 enum StackArg {
     Auto,
@@ -303,6 +342,7 @@ fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Record(args) => return record(args),
+        Command::Check(args) => return check(args),
         Command::Report {
             file,
             format,
@@ -375,6 +415,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
         },
         heap: args.heap,
         phases: args.phase,
+        check: None,
         heap_duty,
         max_memory: args.max_memory.map(|mib| mib << 20),
         torch_allocator: !args.no_torch_allocator,
@@ -419,6 +460,69 @@ fn record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     Ok(summary
         .command_status
         .map_or(ExitCode::SUCCESS, ExitCode::from))
+}
+
+/// The leak test: records while running the load, then judges the recording. Its errors exit
+/// with 3 (1 and 2 are verdicts).
+fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    const CHECK_FAILED: u8 = 3;
+    // The parser gives fractions.
+    let thresholds = Thresholds {
+        growth_percent: args.threshold * 100.0,
+        noise_percent: args.max_noise * 100.0,
+    };
+    let plan = LoadPlan {
+        command: args.load,
+        warmup: args.warmup,
+        batches: args.batches,
+    };
+    let mut opts = record_options(args.record);
+    opts.check = Some(thresholds);
+    let output = opts.output.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (summary, load) = runtime.block_on(check::run(opts, &plan));
+    let fail = |e: anyhow::Error| -> anyhow::Result<ExitCode> {
+        let _ = writeln!(
+            std::io::stderr(),
+            "alloctrace: error: {}",
+            escape::for_terminal(&format!("{e:#}"))
+        );
+        Ok(ExitCode::from(CHECK_FAILED))
+    };
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let shown = escape::for_terminal(&output.display().to_string()).into_owned();
+    let _ = writeln!(
+        std::io::stderr(),
+        "recorded {} events ({} lost), {}: wrote {shown}; load: {} runs, {} failed",
+        summary.events,
+        summary.lost,
+        summary.stop_reason,
+        load.runs,
+        load.failed_runs
+    );
+    let recorded = match Reader::open_with(&output, SeriesRead::Nothing) {
+        Ok(mut r) => {
+            names::use_display_names(&mut r);
+            r
+        }
+        Err(e) => return fail(e.into()),
+    };
+    let Some(verdict) = report::check_verdict(&recorded) else {
+        return fail(anyhow::anyhow!(
+            "the load ran {} of {} batches before the recording ended ({}): nothing to judge; \
+             see the recording {shown}",
+            load.batches_marked,
+            plan.batches,
+            summary.stop_reason
+        ));
+    };
+    write_stdout(report::render_check_text(&recorded).as_bytes())?;
+    Ok(ExitCode::from(verdict.exit_code()))
 }
 
 fn report(

@@ -114,6 +114,23 @@ impl Class {
         }
     }
 
+    /// Whether the class's live bytes are memory the traced processes hold and could leak:
+    /// not file mappings and thread stacks reserved at start (static), not the views inside
+    /// other classes (PyTorch's, host registration), not another process's memory (IPC).
+    pub fn can_leak(self) -> bool {
+        !matches!(
+            self,
+            Class::MmapFile
+                | Class::ThreadStack
+                | Class::CudaIpc
+                | Class::CudaRegistered
+                | Class::Torch
+                | Class::TorchCached
+                | Class::TorchPinned
+                | Class::TorchPinnedCached
+        )
+    }
+
     pub fn from_name(name: &str) -> Option<Class> {
         Self::ALL.into_iter().find(|c| c.name() == name)
     }
@@ -261,6 +278,49 @@ pub struct StackCapture {
     /// without a limit.
     #[serde(default)]
     pub memory_limit: Option<MemoryLimit>,
+}
+
+/// How `alloctrace check` judges the growth of the traced live memory over its batches (meta
+/// `check`: the recording was made by it).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// Growth from the first batches' mean to the last ones', in percent, above which the
+    /// memory leaks.
+    pub growth_percent: f64,
+    /// Noise (the batches' spread around their trend, percent of their mean) above which
+    /// nothing is concluded unless the growth is more than twice it.
+    pub noise_percent: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            growth_percent: 10.0,
+            noise_percent: 5.0,
+        }
+    }
+}
+
+/// A moment a recording's driver marked (`alloctrace check`: the end of each batch of load): the
+/// traced live memory then, every record the ring held applied (meta `marks`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Mark {
+    pub label: String,
+    /// Seconds from the start of the recording.
+    pub t_s: f64,
+    /// Live bytes of the classes that can grow (`Class::can_leak`), all traced processes.
+    pub traced_live: u64,
+    /// The target's resident memory (VmRSS), if it could be read.
+    pub rss: Option<u64>,
+    /// The live bytes of each cell of those classes with any.
+    pub cells: Vec<MarkCell>,
+}
+
+/// A cell's live bytes at a mark.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MarkCell {
+    pub key: CellKey,
+    pub live_bytes: u64,
 }
 
 /// `record --phase`: the rules, how often each phase was entered, and which phase freed what

@@ -449,6 +449,14 @@ impl Ledger {
         *self.failures.entry(key).or_default() += 1;
     }
 
+    /// The cells of the classes `which` selects with live bytes, and those bytes.
+    pub fn live_cells(&self, which: impl Fn(Class) -> bool) -> Vec<(CellKey, u64)> {
+        (self.cells.iter())
+            .filter(|(k, c)| c.live_bytes > 0 && which(k.class))
+            .map(|(k, c)| (k.clone(), c.live_bytes))
+            .collect()
+    }
+
     /// Live bytes of process `pid` in the classes `which` selects.
     pub fn live_of(&self, pid: u32, which: impl Fn(Class) -> bool) -> u64 {
         self.cells

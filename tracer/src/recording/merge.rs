@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::{Recorded, batches::BatchFigures};
 use crate::model::{
-    AmountsByStack, CellKey, CudaCalls, FailureKey, SeriesPoint, Stack, StackCounters, StackIndex,
+    AmountsByStack, CellKey, CudaCalls, FailureKey, MarkCell, SeriesPoint, Stack, StackCounters,
+    StackIndex,
 };
 
 impl Recorded {
@@ -30,6 +31,9 @@ impl Recorded {
         for oom in &mut self.torch_ooms {
             oom.stack = remap.canon(oom.stack);
         }
+        for mark in &mut self.marks {
+            mark.cells = remap.mark_cells(std::mem::take(&mut mark.cells));
+        }
         self.stacks.retain(|index, _| !remap.0.contains_key(index));
     }
 }
@@ -53,6 +57,20 @@ impl StackRemap {
     /// The stack `stack` merges into (itself when it merges into none).
     fn canon(&self, stack: Option<StackIndex>) -> Option<StackIndex> {
         stack.map(|s| self.0.get(&s).copied().unwrap_or(s))
+    }
+
+    fn mark_cells(&self, cells: Vec<MarkCell>) -> Vec<MarkCell> {
+        let mut merged: BTreeMap<CellKey, u64> = BTreeMap::new();
+        for cell in cells {
+            let key = CellKey {
+                stack: self.canon(cell.key.stack),
+                ..cell.key
+            };
+            *merged.entry(key).or_default() += cell.live_bytes;
+        }
+        (merged.into_iter())
+            .map(|(key, live_bytes)| MarkCell { key, live_bytes })
+            .collect()
     }
 
     fn cells(&self, cells: BTreeMap<CellKey, StackCounters>) -> BTreeMap<CellKey, StackCounters> {

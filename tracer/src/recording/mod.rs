@@ -76,6 +76,10 @@ pub struct Recorded {
     pub gpu_source: Option<String>,
     /// How stacks were taken (`None`: an older recording).
     pub stack_capture: Option<crate::model::StackCapture>,
+    /// `alloctrace check`'s thresholds, when it made the recording.
+    pub check: Option<crate::model::Thresholds>,
+    /// Moments a driver marked (`alloctrace check`), in order; empty for a plain recording.
+    pub marks: Vec<crate::model::Mark>,
     /// `record --phase`: the rules and their figures (`None`: no rule was given).
     pub phases: Option<crate::model::Phases>,
     /// Why the recording ended ("duration elapsed", "target exited (...)"); `None` unless

@@ -672,6 +672,13 @@ impl Reading<'_> {
             stack_capture: metadata
                 .optional_text(meta::STACK_CAPTURE)
                 .and_then(|json| serde_json::from_str(json).ok()),
+            check: metadata
+                .optional_text(meta::CHECK)
+                .and_then(|json| serde_json::from_str(json).ok()),
+            marks: metadata
+                .optional_text(meta::MARKS)
+                .and_then(|json| serde_json::from_str(json).ok())
+                .unwrap_or_default(),
             phases: metadata
                 .optional_text(meta::PHASES)
                 .and_then(|json| serde_json::from_str(json).ok()),

@@ -188,6 +188,11 @@ pub(crate) mod meta {
     pub const GPU_SOURCE: &str = "gpu_source";
     /// `StackCapture` as JSON.
     pub const STACK_CAPTURE: &str = "stack_capture";
+    /// `Thresholds` as JSON: the recording was made by `alloctrace check`, which judges with
+    /// them.
+    pub const CHECK: &str = "check";
+    /// JSON array of `Mark`: the moments a driver marked (`alloctrace check`).
+    pub const MARKS: &str = "marks";
     /// `Phases` as JSON (`record --phase`), rewritten every second.
     pub const PHASES: &str = "phases";
     /// Why the recording ended, written when it is finalized.

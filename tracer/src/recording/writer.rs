@@ -301,6 +301,21 @@ impl Writer {
         self.put_meta(meta::STACK_CAPTURE, json)
     }
 
+    /// The recording is `alloctrace check`'s, judged with `thresholds`.
+    pub fn set_check(
+        &mut self,
+        thresholds: &crate::model::Thresholds,
+    ) -> Result<(), RecordingError> {
+        let json = serde_json::to_string(thresholds).unwrap_or_default();
+        self.put_meta(meta::CHECK, json)
+    }
+
+    /// The moments marked so far (`alloctrace check`).
+    pub fn set_marks(&mut self, marks: &[crate::model::Mark]) -> Result<(), RecordingError> {
+        let json = serde_json::to_string(marks).unwrap_or_default();
+        self.put_meta(meta::MARKS, json)
+    }
+
     /// The phase rules and their figures so far (`record --phase`).
     pub fn set_phases(&mut self, phases: &crate::model::Phases) -> Result<(), RecordingError> {
         let json = serde_json::to_string(phases).unwrap_or_default();

@@ -11,6 +11,7 @@
 
 mod batch;
 mod children;
+pub mod control;
 mod cuda_hooking;
 mod exits;
 mod gpu_sampling;
@@ -31,11 +32,27 @@ pub use options::{RecordOptions, RecordSummary, TargetSpec};
 
 /// Attaches to the target and records until done.
 pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
+    record_controlled(opts, None).await
+}
+
+/// `record`, driven by `control` when given (`alloctrace check`).
+pub async fn record_controlled(
+    opts: RecordOptions,
+    control: Option<control::Control>,
+) -> anyhow::Result<RecordSummary> {
     let signals = setup::prepare(&opts)?;
     let attached = setup::attach(&opts)?;
     let mut recorder = setup::open_recording(&opts, attached)?;
     let held_exits = recorder.launched.as_mut().and_then(|l| l.take_held_exits());
-    let sources = recorder::EventSources::new(signals, &recorder.exit_watch, held_exits, &opts)?;
+    let (started, requests) = match control {
+        Some(c) => (c.started, Some(c.requests)),
+        None => (None, None),
+    };
+    let sources = recorder::EventSources::new(signals, &recorder.exit_watch, held_exits, &opts)?
+        .with_control(requests);
+    if let Some(started) = started {
+        let _ = started.send(recorder.started);
+    }
     match recorder.run(sources).await {
         Ok(stop_reason) => recorder.finish(stop_reason),
         Err(e) => {

@@ -20,16 +20,17 @@ use tokio::{
 use crate::{
     cuda::nvml::GpuMemorySource,
     model::{
-        AllocatorSample, Class, MemoryLimit, PhaseFrees, PhaseRuleFigures, Phases, RssSample,
-        StackCapture,
+        AllocatorSample, Class, Mark, MarkCell, MemoryLimit, PhaseFrees, PhaseRuleFigures, Phases,
+        RssSample, StackCapture,
     },
     probes::{Probes, resolve::AllocatorObject},
-    proc::status::own_status,
+    proc::status::{own_status, read_status},
     recording::Writer,
     session::{
         RecordOptions, RecordSummary,
         batch::RingReader,
         children::ProcessSet,
+        control::{Request, next_request},
         cuda_hooking::{CudaHooked, hook_cuda},
         exits::Exits,
         gpu_sampling::sample_gpu,
@@ -118,6 +119,8 @@ pub struct EventSources {
     /// A launched command held at its exit (`launch`).
     held_exits: Option<UnboundedReceiver<HeldExit>>,
     deadline: Option<tokio::time::Instant>,
+    /// A driver's requests (`alloctrace check`).
+    control: Option<UnboundedReceiver<Request>>,
 }
 
 impl EventSources {
@@ -144,7 +147,14 @@ impl EventSources {
             held_exits,
             // A deadline past what the clock can hold is no deadline (the CLI caps -d at a year).
             deadline: opts.duration.and_then(|d| now.checked_add(d)),
+            control: None,
         })
+    }
+
+    /// The recording takes a driver's requests.
+    pub fn with_control(mut self, requests: Option<UnboundedReceiver<Request>>) -> EventSources {
+        self.control = requests;
+        self
     }
 }
 
@@ -204,6 +214,9 @@ pub struct Recorder {
     /// Whether to show the event rate on stderr (a terminal), and the event count last shown.
     pub(super) progress: bool,
     pub(super) last_events: u64,
+    /// What a driver marked (`alloctrace check`), and how many of them the recording has.
+    pub(super) marks: Vec<Mark>,
+    pub(super) marks_written: usize,
     /// `--phase` rules as given, and the native ones attached.
     pub(super) phases_given: Vec<PhaseRule>,
     pub(super) phase_rules: Vec<ResolvedRule>,
@@ -250,6 +263,16 @@ impl Recorder {
                     reason: "duration elapsed".to_string(),
                     command_signal: Some(libc::SIGTERM),
                 }),
+                request = next_request(&mut sources.control) => match request {
+                    Request::Mark { label, reply } => {
+                        let _ = reply.send(self.mark(label));
+                        None
+                    }
+                    Request::Stop => Some(Stop {
+                        reason: "the load was done".to_string(),
+                        command_signal: Some(libc::SIGTERM),
+                    }),
+                },
             };
             if let Some(stop) = stop {
                 return Ok(stop);
@@ -333,6 +356,28 @@ impl Recorder {
                 break;
             }
         }
+    }
+
+    /// A driver's mark: every record the ring holds applied, the kernel's heap counts read, the
+    /// traced live memory and the target's RSS now (kept for the recording's meta `marks`).
+    fn mark(&mut self, label: String) -> Mark {
+        self.drain();
+        let [blocks_full, ..] = self.probes.ledger_stats();
+        self.sink.sync_kernel_heap(blocks_full == 0);
+        let ledger = &self.sink.ledger;
+        let mark = Mark {
+            label,
+            t_s: self.started.elapsed().as_secs_f64(),
+            traced_live: (Class::ALL.into_iter().filter(|c| c.can_leak()))
+                .map(|c| ledger.totals(c).live_bytes)
+                .sum(),
+            rss: read_status(self.pid).ok().map(|s| s.rss),
+            cells: (ledger.live_cells(Class::can_leak).into_iter())
+                .map(|(key, live_bytes)| MarkCell { key, live_bytes })
+                .collect(),
+        };
+        self.marks.push(mark.clone());
+        mark
     }
 
     /// Moves a duty-cycled heap's windows on.
@@ -550,6 +595,10 @@ impl Recorder {
         })?;
         if let Some(phases) = self.phases() {
             self.writer.set_phases(&phases)?;
+        }
+        if self.marks.len() > self.marks_written {
+            self.writer.set_marks(&self.marks)?;
+            self.marks_written = self.marks.len();
         }
         let series = self.sink.ledger.take_series(t_s as u64);
         let state = self.sink.ledger.state(&self.sink.lost(self.probes.drops()));

@@ -194,6 +194,9 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
     exits.watch(pid);
     let reader = RingReader::new(probes.take_ring());
     let gpu = open_gpu(&mut writer)?;
+    if let Some(thresholds) = &opts.check {
+        writer.set_check(thresholds)?;
+    }
     let fn_names = heap_fn_names(allocator.as_ref());
     let python_frames = opts.probes.python_frames;
     let mut sink = EventSink::new(pid, target.maps, fn_names, gpu.is_some(), python_frames);
@@ -253,6 +256,8 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         last_events: 0,
         phase_rules,
         phases_given: opts.phases.clone(),
+        marks: Vec::new(),
+        marks_written: 0,
     })
 }
 

@@ -1,6 +1,7 @@
 //! Views of a recording: the report (text postmortem and the JSON contract) and the flamegraph of
 //! live bytes. Views only read a `Recorded`; writing the result is `output::write_atomically`'s.
 
+pub mod check;
 pub mod flamegraph;
 pub mod names;
 pub mod report;
@@ -266,6 +267,8 @@ pub(crate) mod fixture {
                 figures: torch_figures(50 << 20, (32 << 20) + 1024, 2, 3, 2, 16 << 20),
             }],
             gpu_source: Some("recorded samples".into()),
+            check: None,
+            marks: Vec::new(),
             phases: Some(crate::model::Phases {
                 rules: vec![crate::model::PhaseRuleFigures {
                     name: "serve".into(),
@@ -328,6 +331,8 @@ pub(crate) mod fixture {
             torch: Vec::new(),
             torch_ooms: Vec::new(),
             gpu_source: None,
+            check: None,
+            marks: Vec::new(),
             phases: None,
             stack_capture: None,
             stop_reason: None,

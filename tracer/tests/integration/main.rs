@@ -5,6 +5,7 @@
 mod common;
 
 mod bad_input;
+mod check;
 mod hostile_target;
 mod python_frames;
 mod record_children;

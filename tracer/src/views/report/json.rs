@@ -18,6 +18,7 @@ use crate::{
         ClassTotals, PAGE, PhaseFrees, PhaseRuleFigures, StackCapture, StackCounters, StackIndex,
     },
     recording::{ProcessExit, Recorded},
+    views::check::{Thresholds, Verdict, analyse},
 };
 
 /// Version of the JSON report contract. Fields may be added within a version, never removed or
@@ -41,6 +42,9 @@ struct JsonReport<'a> {
     suspects: Option<JsonSuspects>,
     /// Memory by request phase (`record --phase`); null without phase rules.
     phases: Option<JsonPhases<'a>>,
+    /// The leak test's judgement (a recording `alloctrace check` made); null otherwise, or with
+    /// fewer than two batches.
+    check: Option<JsonCheck>,
     failures: Vec<JsonFailure<'a>>,
     unmatched_frees: u64,
     lost_events: BTreeMap<&'a str, u64>,
@@ -67,6 +71,59 @@ struct JsonReport<'a> {
     exits: &'a [ProcessExit],
     /// The target's end (also in `exits`); null when it outlived the recording.
     target_exit: Option<&'a ProcessExit>,
+}
+
+#[derive(Serialize)]
+struct JsonCheck {
+    thresholds: Thresholds,
+    /// Traced live bytes at the end of each batch after the warm-up.
+    batches: Vec<u64>,
+    /// Batches each average covers.
+    averaged: usize,
+    initial_avg: f64,
+    final_avg: f64,
+    growth_bytes: f64,
+    growth_percent: f64,
+    noise_percent: f64,
+    verdict: Verdict,
+    /// Cells whose live bytes rose from each batch to the next, by growth since the warm-up.
+    suspects: Vec<JsonCheckSuspect>,
+}
+
+#[derive(Serialize)]
+struct JsonCheckSuspect {
+    class: &'static str,
+    pid: u32,
+    phase: String,
+    stack: Option<StackIndex>,
+    growth_bytes: i64,
+    frames: Vec<String>,
+}
+
+/// The leak test's figures, with the suspects' frames.
+fn check(rec: &Recorded) -> Option<JsonCheck> {
+    let a = analyse(&rec.marks, rec.check?)?;
+    Some(JsonCheck {
+        thresholds: a.thresholds,
+        batches: a.batches,
+        averaged: a.averaged,
+        initial_avg: a.initial_avg,
+        final_avg: a.final_avg,
+        growth_bytes: a.growth_bytes,
+        growth_percent: a.growth_percent,
+        noise_percent: a.noise_percent,
+        verdict: a.verdict,
+        suspects: (a.suspects.iter())
+            .map(|(key, growth)| JsonCheckSuspect {
+                class: key.class.name(),
+                pid: key.pid,
+                phase: key.phase.clone(),
+                stack: key.stack,
+                growth_bytes: i64::try_from(*growth).unwrap_or(i64::MAX),
+                frames: rec.frames(key.stack),
+            })
+            .collect(),
+    })
 }
 
 #[derive(Serialize)]
@@ -235,6 +292,7 @@ pub(super) fn render(rec: &Recorded) -> String {
         processes: per_process(rec),
         stacks: stacks(rec),
         suspects: suspects(rec),
+        check: check(rec),
         phases: rec.phases.as_ref().map(|p| JsonPhases {
             rules: &p.rules,
             by_phase: phase_rows(rec).unwrap_or_default(),

@@ -25,6 +25,19 @@ pub fn render_text(rec: &Recorded) -> String {
     text::render(rec)
 }
 
+/// The leak test's section of the text report alone (`alloctrace check` prints it).
+pub fn render_check_text(rec: &Recorded) -> String {
+    let mut out = String::new();
+    text::text_check(&mut out, rec);
+    out.trim_start_matches('\n').to_string()
+}
+
+/// The leak test's verdict on a recording `alloctrace check` made; None for another recording,
+/// or one with fewer than two batches marked.
+pub fn check_verdict(rec: &Recorded) -> Option<crate::views::check::Verdict> {
+    crate::views::check::analyse(&rec.marks, rec.check?).map(|a| a.verdict)
+}
+
 /// NVML's figure for a process and what alloctrace traced: `untraced` is the memory nobody
 /// traced (driver context, modules, graph pools, ...), class `gpu-untraced` of the accounting.
 #[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]

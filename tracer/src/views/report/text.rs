@@ -11,6 +11,7 @@ use super::{
     phases,
     suspects::{self, is_static},
 };
+use crate::views::check::{self, Verdict};
 use crate::{
     escape::{self, for_terminal},
     model::{CellKey, Class, FailureKey, HeapDuty, PAGE, PHASE_NONE, StackCounters},
@@ -141,6 +142,7 @@ pub(super) fn render(rec: &Recorded) -> String {
     let mut out = String::new();
     text_deaths(&mut out, rec);
     text_header(&mut out, rec);
+    text_check(&mut out, rec);
     text_totals(&mut out, rec);
     text_suspects(&mut out, rec);
     text_phases(&mut out, rec);
@@ -404,6 +406,88 @@ fn text_suspects(out: &mut String, rec: &Recorded) {
             out,
             "  ... {} more in the JSON report",
             s.rows.len() - TEXT_TOP_SUSPECTS
+        );
+    }
+}
+
+/// The leak test's judgement, for a recording `alloctrace check` made: the traced live memory
+/// at the end of each batch, its growth against the threshold, the noise, the verdict and the
+/// stacks that grew in every batch.
+pub(super) fn text_check(out: &mut String, rec: &Recorded) {
+    let Some(thresholds) = rec.check else {
+        return;
+    };
+    let Some(a) = check::analyse(&rec.marks, thresholds) else {
+        let _ = writeln!(
+            out,
+            "\nMemory Growth Analysis: not judged (fewer than two batches of load were marked)"
+        );
+        return;
+    };
+    let n = a.batches.len();
+    let _ = writeln!(
+        out,
+        "\nMemory Growth Analysis: traced live memory (heap, mappings, device memory; not file \
+         mappings or thread stacks) at the end of each of {n} batches after the warm-up"
+    );
+    let values: Vec<String> = a.batches.iter().map(|&b| human_bytes(b)).collect();
+    let _ = writeln!(out, "  batches:       {}", values.join(", "));
+    let _ = writeln!(
+        out,
+        "  initial avg:   {} (batches 1-{})",
+        human_bytes(a.initial_avg.round() as u64),
+        a.averaged
+    );
+    let _ = writeln!(
+        out,
+        "  final avg:     {} (batches {}-{n})",
+        human_bytes(a.final_avg.round() as u64),
+        n - a.averaged + 1
+    );
+    let _ = writeln!(
+        out,
+        "  growth:        {} ({:+.1} %), threshold {} %",
+        human_delta(a.growth_bytes.round() as i128),
+        a.growth_percent,
+        thresholds.growth_percent
+    );
+    let _ = writeln!(
+        out,
+        "  noise:         {:.1} % around the trend (limit {} %)",
+        a.noise_percent, thresholds.noise_percent
+    );
+    let verdict = match a.verdict {
+        Verdict::Pass => format!(
+            "PASS: the traced live memory grew {:.1} % (at most {} %)",
+            a.growth_percent, thresholds.growth_percent
+        ),
+        Verdict::Leak => format!(
+            "LEAK: the traced live memory grew {:.1} % from the first batches to the last",
+            a.growth_percent
+        ),
+        Verdict::TooNoisy => format!(
+            "TOO NOISY to judge: the batches swing by {:.1} % around their trend",
+            a.noise_percent
+        ),
+    };
+    let _ = writeln!(out, "  verdict:       {verdict}");
+    if a.suspects.is_empty() {
+        let _ = writeln!(out, "  no stack's live memory rose in every batch");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  stacks whose live memory rose in every batch (growth since the warm-up):"
+    );
+    for (i, (key, growth)) in a.suspects.iter().take(TEXT_TOP_SUSPECTS).enumerate() {
+        let _ = writeln!(
+            out,
+            "  {:>2}. {:>12}  {}{}: {}",
+            i + 1,
+            human_delta(*growth),
+            key.class.name(),
+            phase_suffix(key),
+            frames_line(&rec.frames(key.stack))
         );
     }
 }

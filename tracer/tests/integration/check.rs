@@ -1,0 +1,140 @@
+//! `alloctrace check`: the leak test from outside the process, against a request server whose
+//! memory per request is known by construction (tests/fixtures/server_fixture.c). The load
+//! writes 50 requests to the server's FIFO and waits for their 50 answers. Privileged.
+
+use std::path::Path;
+
+use crate::common::{alloctrace_cmd, fixture, report_value, run};
+
+/// Runs `alloctrace check` against `server_fixture MODE` (2 warm-up runs, 6 batches); returns
+/// its exit code, standard output and the recording's JSON report.
+fn check(dir: &Path, mode: &str) -> (i32, String, serde_json::Value) {
+    let (requests, answers) = (dir.join("requests"), dir.join("answers"));
+    for fifo in [&requests, &answers] {
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    }
+    let load = format!(
+        "for i in $(seq 50); do echo r; done > {} && head -c 50 {} > /dev/null",
+        requests.display(),
+        answers.display()
+    );
+    let trace = dir.join(format!("{mode}.trace"));
+    let mut cmd = alloctrace_cmd(&["check", "--heap", "--warmup", "2", "--batches", "6"]);
+    cmd.arg("--load").arg(&load).arg("-o").arg(&trace).arg("--");
+    cmd.arg(fixture("server_fixture"))
+        .arg(&requests)
+        .arg(&answers)
+        .arg(mode);
+    let out = run(&format!("alloctrace check ({mode})"), cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("load: 8 runs, 0 failed"),
+        "{mode}: {stderr}\n{stdout}"
+    );
+    let code = out.status.code().unwrap_or(-1);
+    (code, format!("{stdout}\n{stderr}"), report_value(&trace))
+}
+
+#[test]
+fn a_per_request_leak_fails_the_check_and_names_its_stack() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, json) = check(dir.path(), "leak");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("Memory Growth Analysis"), "{out}");
+    assert!(out.contains("verdict:       LEAK"), "{out}");
+    let check = &json["check"];
+    let batches: Vec<u64> = (check["batches"].as_array().unwrap().iter())
+        .map(|b| b.as_u64().unwrap())
+        .collect();
+    assert_eq!(batches.len(), 6, "{check}");
+    // 50 requests of 512 leaked bytes per batch, every batch, exactly.
+    for pair in batches.windows(2) {
+        assert_eq!(pair[1] - pair[0], 50 * 512, "{check}");
+    }
+    assert_eq!(
+        check["growth_bytes"].as_f64(),
+        Some(4.0 * 50.0 * 512.0),
+        "{check}"
+    );
+    assert_eq!(check["verdict"], "leak");
+    let first = &check["suspects"][0];
+    assert_eq!(first["frames"][0], "remember_request", "{check}");
+    // Grown since the warm-up's end: six batches of 50 leaks.
+    assert_eq!(
+        first["growth_bytes"].as_i64(),
+        Some(6 * 50 * 512),
+        "{check}"
+    );
+    assert_eq!(check["suspects"].as_array().unwrap().len(), 1, "{check}");
+    // The text names the stack too.
+    let line = out.lines().find(|l| l.contains(" 1. ")).unwrap_or_default();
+    assert!(line.contains("remember_request"), "{out}");
+}
+
+#[test]
+fn a_clean_server_and_a_cache_that_levels_off_pass() {
+    require_privileges!();
+    for mode in ["clean", "cache"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, out, json) = check(dir.path(), mode);
+        assert_eq!(code, 0, "{mode}: {out}");
+        assert!(out.contains("verdict:       PASS"), "{mode}: {out}");
+        let check = &json["check"];
+        assert_eq!(check["growth_bytes"].as_f64(), Some(0.0), "{mode}: {check}");
+        assert_eq!(check["suspects"], serde_json::json!([]), "{mode}: {check}");
+    }
+}
+
+#[test]
+fn a_swinging_server_is_too_noisy_to_judge() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, json) = check(dir.path(), "noisy");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("TOO NOISY"), "{out}");
+    assert_eq!(json["check"]["verdict"], "too-noisy");
+}
+
+/// A target that exits before the batches ran: exit status 3 and one line that says so; the
+/// load command left waiting on the dead server is not left behind.
+#[test]
+fn a_target_that_dies_before_the_batches_cannot_be_judged() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let (requests, answers) = (dir.path().join("requests"), dir.path().join("answers"));
+    for fifo in [&requests, &answers] {
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    }
+    let load = format!(
+        "echo r > {} && head -c 1 {}",
+        requests.display(),
+        answers.display()
+    );
+    let trace = dir.path().join("x.trace");
+    let mut cmd = alloctrace_cmd(&["check", "--load", &load, "-o"]);
+    cmd.arg(&trace).arg("--").arg(fixture("server_fixture"));
+    cmd.arg(&requests).arg(&answers).arg("no-such-mode");
+    let out = run("alloctrace check (dies)", cmd);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("alloctrace: error: the load ran 0 of 10 batches before the recording ended (target ended: exited with status 2)"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    // No process runs the load any more.
+    let needle = requests.to_string_lossy().into_owned();
+    let left: Vec<String> = (std::fs::read_dir("/proc").unwrap().flatten())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle) && !c.contains("server_fixture"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
+}
