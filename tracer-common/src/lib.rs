@@ -568,8 +568,6 @@ pub mod global {
     /// 1: the heap probes are attached in windows (`--heap-budget`, `--heap-duty`): a block
     /// live at an address allocated again was freed while they were off, not a lost event.
     pub const HEAP_DUTY_CYCLED: &str = "HEAP_DUTY_CYCLED";
-    /// 1: phase rules are attached (`record --phase`): events carry their thread's phase.
-    pub const PHASES: &str = "PHASES";
 }
 
 /// Byte-sampled heap tracing (`record --heap-sample MEAN`): an allocation of `size` bytes is

@@ -156,6 +156,12 @@ pub static SAMPLE_EXP: Array<u32> = Array::with_max_entries(heap_sample::TABLE_L
 #[map]
 pub static THREAD_PHASES: LruHashMap<u32, ThreadPhases> = LruHashMap::with_max_entries(1 << 16, 0);
 
+/// `record --phase`: 1 once a native phase rule is attached (user space sets it then, which may
+/// be late: a server library mapped after start); records carry their thread's phase from then
+/// on. A map, not a load-time global: one array read per event while 0.
+#[map]
+pub static PHASES_ON: Array<u32> = Array::with_max_entries(1, 0);
+
 /// `record --phase`: entries of each phase (by phase id), per CPU.
 #[map]
 pub static PHASE_ENTRIES: PerCpuArray<u64> = PerCpuArray::with_max_entries(phase::ENTRIES, 0);
@@ -213,10 +219,6 @@ pub static HEAP_KERNEL_LEDGER: u32 = 0;
 /// address allocated again was freed while the probes were off.
 #[unsafe(no_mangle)]
 pub static HEAP_DUTY_CYCLED: u32 = 0;
-
-/// 1: phase rules are attached (`record --phase`): records carry their thread's phase.
-#[unsafe(no_mangle)]
-pub static PHASES: u32 = 0;
 
 /// The value user space gave a global at load.
 #[inline(always)]

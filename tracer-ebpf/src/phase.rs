@@ -3,8 +3,8 @@
 //! address lies; the phase lasts while the call runs, which the thread's stack pointer and that
 //! slot tell at every event (`ThreadPhases`): no return probe. Every allocation, free and mapping
 //! record carries the thread's innermost phase; the kernel's heap ledger keys its stacks by it and
-//! counts each held block's free by (allocated-in, freed-in) phase (`PHASE_FREES`). Without rules
-//! (`PHASES` 0) each read is a branch on a load-time constant, pruned by the verifier: no cost.
+//! counts each held block's free by (allocated-in, freed-in) phase (`PHASE_FREES`). Until a rule
+//! is attached (`PHASES_ON` 0) each read is one array lookup.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -18,14 +18,14 @@ use tracer_common::phase::{IDS, MAX_DEPTH, ThreadPhases};
 use crate::{
     arch::UserRegs,
     inflight::attach_cookie,
-    maps::{PHASE_ENTRIES, PHASE_FREES, PHASES, TARGETS, THREAD_PHASES, global},
+    maps::{PHASE_ENTRIES, PHASE_FREES, PHASES_ON, TARGETS, THREAD_PHASES},
     stack::forget_value,
 };
 
 /// Whether phase rules are attached in this recording.
 #[inline(always)]
 pub fn enabled() -> bool {
-    global(&PHASES) != 0
+    PHASES_ON.get(0).is_some_and(|on| *on != 0)
 }
 
 /// Whether the call entered with return address `ret` at stack slot `slot` still runs when the

@@ -188,6 +188,12 @@ struct RecordArgs {
     /// --phase serve=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model
     #[arg(long, value_name = "NAME=LIB:SYMBOL")]
     phase: Vec<PhaseRule>,
+    /// Do not use the built-in phase profiles. By default the phases of the servers alloctrace
+    /// knows are recorded where they run: vLLM (V0 and V1), SGLang and TGI by their Python
+    /// functions (load, profile, kv-cache, graph-capture, serve, prefill, decode, sleep, wake),
+    /// llama.cpp by libllama's functions (load, kv-cache, serve) when the target maps it.
+    #[arg(long)]
+    no_phase_profiles: bool,
     /// Do not follow child processes. By default every process the target forks (and what
     /// they exec) is traced from birth, as inference servers run their engine and GPU workers
     /// as children; every figure carries its PID.
@@ -401,8 +407,6 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             // call site, a stack copy does not (it is unwound in user space); sampled heaps are
             // a fraction of the calls already.
             heap_duty_cycled: args.heap_budget.is_some() || args.heap_duty.is_some(),
-            // Python phases are told from stacks: only native rules need the kernel's.
-            phases: args.phase.iter().any(|r| r.python().is_none()),
             heap_ledger_blocks: if args.heap
                 && args.heap_sample.is_none()
                 && stack_copy_heap == 0
@@ -415,6 +419,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
         },
         heap: args.heap,
         phases: args.phase,
+        phase_profiles: !args.no_phase_profiles,
         check: None,
         heap_duty,
         max_memory: args.max_memory.map(|mib| mib << 20),

@@ -327,6 +327,10 @@ pub struct MarkCell {
 /// another allocated (meta `phases`, docs/recording.md).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Phases {
+    /// The built-in profiles in use (a rule of theirs matched or was attached): `vLLM`, ...
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    /// The user's rules, then the profiles' in use.
     pub rules: Vec<PhaseRuleFigures>,
     /// Frees by (class, allocated-in, freed-in phase), in that order.
     pub frees: Vec<PhaseFrees>,

@@ -109,12 +109,31 @@ impl LiveBlocks {
 pub type PhaseId = u16;
 
 /// A cheap, copyable cell address used on the hot path; `CellKey` is its spelled-out form.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug)]
 pub struct CellRef {
     pub class: Class,
     pub pid: u32,
     pub phase: PhaseId,
     pub stack: Option<StackIndex>,
+    /// Not part of the address: the allocating thread's phase (the kernel's, from native
+    /// rules), which the free matrix counts blocks by; `phase` may come from Python frames
+    /// instead, which a free cannot be told by.
+    pub thread_phase: PhaseId,
+}
+
+impl PartialEq for CellRef {
+    fn eq(&self, other: &CellRef) -> bool {
+        (self.class, self.pid, self.phase, self.stack)
+            == (other.class, other.pid, other.phase, other.stack)
+    }
+}
+
+impl Eq for CellRef {}
+
+impl std::hash::Hash for CellRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.class, self.pid, self.phase, self.stack).hash(state);
+    }
 }
 
 impl CellRef {
@@ -124,6 +143,7 @@ impl CellRef {
             pid,
             phase: 0,
             stack,
+            thread_phase: 0,
         }
     }
 }
@@ -131,7 +151,7 @@ impl CellRef {
 pub struct Ledger {
     live: LiveBlocks,
     cells: Vec<(CellKey, StackCounters)>,
-    /// Each cell's phase id (its key spells the name).
+    /// Each cell's allocating thread's phase (`CellRef::thread_phase`), for the free matrix.
     cell_phases: Vec<PhaseId>,
     cell_index: HashMap<CellRef, u32>,
     phases: Vec<String>,
@@ -150,12 +170,9 @@ pub struct Ledger {
     faults: BTreeMap<(u32, Option<StackIndex>), u64>,
     released: BTreeMap<(u32, Option<StackIndex>), u64>,
     cuda_calls: CudaCalls,
-    /// `record --phase`: frees by (class, allocated-in, freed-in phase): bytes and blocks.
-    /// Counted only when phases are (`count_phase_frees`).
+    /// `record --phase`: frees by (class, allocated-in, freed-in thread phase): bytes and
+    /// blocks. Counted only when phases are (`count_phase_frees`).
     phase_frees: Option<BTreeMap<PhaseFree, (u64, u64)>>,
-    /// Phases told from Python frames: a free has no stack, so the free matrix counts a block
-    /// of such a phase as allocated in none (the thread's phase, as the kernel counts it).
-    python_phases: Vec<PhaseId>,
 }
 
 /// A cell of the phase free matrix: (class, allocated-in phase, freed-in phase).
@@ -184,7 +201,6 @@ impl Default for Ledger {
             released: BTreeMap::new(),
             cuda_calls: BTreeMap::new(),
             phase_frees: None,
-            python_phases: Vec::new(),
         }
     }
 }
@@ -200,11 +216,10 @@ impl Ledger {
         self.totals.entry(class).or_default();
     }
 
-    /// Phase rules are attached: frees are counted by the phase of the block and of the free
-    /// (`python`: the phases told from Python frames, not in that count).
-    pub fn count_phase_frees(&mut self, python: &[PhaseId]) {
+    /// Phase rules are given: frees are counted by the allocating and the freeing thread's
+    /// phase.
+    pub fn count_phase_frees(&mut self) {
         self.phase_frees.get_or_insert_default();
-        self.python_phases = python.to_vec();
     }
 
     /// Frees by (class, allocated-in, freed-in phase) so far, phases by name: (bytes, blocks).
@@ -245,7 +260,7 @@ impl Ledger {
             stack: at.stack,
         };
         self.cells.push((key, StackCounters::default()));
-        self.cell_phases.push(at.phase);
+        self.cell_phases.push(at.thread_phase);
         self.dirty_flag.push(false);
         self.cell_index.insert(at, i);
         i
@@ -395,10 +410,7 @@ impl Ledger {
             Some(block) => {
                 if let Some(frees) = self.phase_frees.as_mut() {
                     let (key, _) = &self.cells[block.cell as usize];
-                    let allocated_in = match self.cell_phases[block.cell as usize] {
-                        p if self.python_phases.contains(&p) => 0,
-                        p => p,
-                    };
+                    let allocated_in = self.cell_phases[block.cell as usize];
                     let n = frees
                         .entry((key.class, allocated_in, freed_in))
                         .or_default();
@@ -419,7 +431,7 @@ impl Ledger {
     /// block freed in the realloc's phase).
     pub fn realloc(&mut self, pid: u32, old: u64, addr: u64, size: u64, at: CellRef) {
         if old != 0 {
-            self.free_in(pid, old, at.phase);
+            self.free_in(pid, old, at.thread_phase);
         }
         self.alloc(pid, addr, size, at);
     }

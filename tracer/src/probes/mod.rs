@@ -81,13 +81,11 @@ pub struct ProbeConfig {
     /// Heap probes attached in windows (`open_heap_window`, `close_heap`), not for the whole
     /// recording.
     pub heap_duty_cycled: bool,
-    /// Phase rules are attached (`attach_phase`): records carry their thread's phase.
-    pub phases: bool,
 }
 
 impl ProbeConfig {
     /// The object's load-time globals (`tracer_common::global`) for this configuration.
-    fn globals(&self) -> [(&'static str, u32); 12] {
+    fn globals(&self) -> [(&'static str, u32); 11] {
         [
             (global::FOLLOW_CHILDREN, u32::from(self.follow_children)),
             (global::FAULT_SAMPLE, self.fault_sample),
@@ -103,7 +101,6 @@ impl ProbeConfig {
                 u32::from(self.heap_ledger_blocks > 0),
             ),
             (global::HEAP_DUTY_CYCLED, u32::from(self.heap_duty_cycled)),
-            (global::PHASES, u32::from(self.phases)),
         ]
     }
 
@@ -159,7 +156,6 @@ impl Default for ProbeConfig {
             heap_sample_mean: 0,
             heap_ledger_blocks: 0,
             heap_duty_cycled: false,
-            phases: false,
         }
     }
 }
@@ -844,7 +840,12 @@ impl Probes {
             .attach(point, &rule.open_path, UProbeScope::AllProcesses)
             .map_err(|e| uprobe_err(&e, &rule.rule.symbol, &rule.shown_path))?;
         self.uprobe_links.push((PHASE_ENTER_PROGRAM, link));
-        Ok(())
+        // Records carry phases from now on.
+        let map = (self.ebpf.map_mut("PHASES_ON"))
+            .ok_or_else(|| ProbeError::Load("no PHASES_ON map".into()))?;
+        let mut on: Array<_, u32> =
+            Array::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
+        on.set(0, 1, 0).map_err(|e| ProbeError::Load(chain(&e)))
     }
 
     /// Entries of each phase so far, by phase id.

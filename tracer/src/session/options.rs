@@ -26,6 +26,8 @@ pub struct RecordOptions {
     pub heap: bool,
     /// `--phase` rules.
     pub phases: Vec<PhaseRule>,
+    /// The built-in phase profiles' rules too (`hooks::PROFILES`).
+    pub phase_profiles: bool,
     /// `alloctrace check`'s thresholds, written into the recording it makes.
     pub check: Option<crate::model::Thresholds>,
     /// Duty-cycled heap (`--heap-budget`, `--heap-duty`): the heap probes attached in windows.

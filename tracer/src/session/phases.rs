@@ -19,6 +19,7 @@ use crate::{
     cuda::PHASE_GRAPH_CAPTURE,
     elf::{self, Elf},
     escape,
+    hooks::PROFILES,
     model::PHASE_NONE,
     proc::maps::{self, Mapping},
 };
@@ -53,6 +54,11 @@ pub struct PhaseRule {
 const PYTHON_LIB: &str = "py";
 
 impl PhaseRule {
+    /// `NAME=LIB:SYMBOL` as a key (a Python rule's matches are kept by it).
+    pub fn name_and_site(&self) -> String {
+        self.to_string()
+    }
+
     /// A Python function's rule, as matched against the Python frames of stacks.
     pub fn python(&self) -> Option<PythonRule> {
         if self.lib != PYTHON_LIB {
@@ -62,6 +68,7 @@ impl PhaseRule {
         let path = module.replace('.', "/");
         Some(PythonRule {
             name: self.name.clone(),
+            rule: self.to_string(),
             files: [format!("{path}.py"), format!("{path}/__init__.py")],
             qualname: qualname.to_string(),
         })
@@ -74,6 +81,8 @@ impl PhaseRule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PythonRule {
     pub name: String,
+    /// As given, `NAME=py:MODULE:QUALNAME`.
+    pub rule: String,
     /// The module's file, relative: `pkg/mod.py` or `pkg/mod/__init__.py`.
     files: [String; 2],
     /// `Class.method` or `function`.
@@ -191,14 +200,49 @@ pub enum PhaseError {
     },
 }
 
-/// Finds each native rule's function in the files process `pid` maps (`maps`), or at the path
-/// given (Python rules need nothing found: they are matched in stacks). The native rules' kernel
-/// ids count from 1 in the order given.
-pub fn resolve(
-    rules: &[PhaseRule],
-    pid: u32,
+/// The rules in effect: the user's, then the built-in profiles' (`hooks::PROFILES`): every
+/// Python rule (it matches only its own module's frames), and the native rules whose library
+/// process `pid` maps now (`maps`), at that mapping's path. Each with the server of its profile.
+pub fn with_profiles(
+    user: &[PhaseRule],
     maps: &[Mapping],
-) -> Result<Vec<ResolvedRule>, PhaseError> {
+) -> Vec<(PhaseRule, Option<&'static str>)> {
+    let mut rules: Vec<(PhaseRule, Option<&'static str>)> =
+        user.iter().map(|r| (r.clone(), None)).collect();
+    for profile in PROFILES {
+        for rule in profile.rules {
+            let Some((lib, symbol)) = rule.site.split_once(':') else {
+                continue;
+            };
+            let lib = if lib == PYTHON_LIB {
+                lib.to_string()
+            } else {
+                // `libllama.so` maps as itself or with its version (`libllama.so.0`).
+                let mapped = maps.iter().find(|m| {
+                    !m.deleted
+                        && Path::new(&m.path)
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n == lib || n.starts_with(&format!("{lib}.")))
+                });
+                match mapped {
+                    Some(m) => m.path.clone(),
+                    None => continue,
+                }
+            };
+            let rule = PhaseRule {
+                name: rule.phase.to_string(),
+                lib,
+                symbol: symbol.to_string(),
+            };
+            rules.push((rule, Some(profile.server)));
+        }
+    }
+    rules
+}
+
+/// The user's rules (`--phase`): at most `MAX_RULES`, one a phase.
+pub fn check_user_rules(rules: &[PhaseRule]) -> Result<(), PhaseError> {
     if rules.len() > MAX_RULES {
         return Err(PhaseError::TooMany(rules.len()));
     }
@@ -210,8 +254,40 @@ pub fn resolve(
             });
         }
     }
+    Ok(())
+}
+
+/// Finds each native rule's function in the files process `pid` maps (`maps`), or at the path
+/// given (Python rules need nothing found: they are matched in stacks). The native rules' kernel
+/// ids count from 1 in the order given. A user's rule that finds nothing is an error; a
+/// profile's (with its server) is left out, and so is any rule past `MAX_RULES` native ones.
+pub fn resolve(
+    rules: &[(PhaseRule, Option<&'static str>)],
+    pid: u32,
+    maps: &[Mapping],
+) -> Result<Vec<ResolvedRule>, PhaseError> {
     let mut resolved: Vec<ResolvedRule> = Vec::new();
-    for rule in rules.iter().filter(|r| r.python().is_none()) {
+    for (rule, profile) in rules.iter().filter(|(r, _)| r.python().is_none()) {
+        if resolved.len() == MAX_RULES {
+            break;
+        }
+        match resolve_one(rule, pid, maps, resolved.len() as u32 + 1) {
+            Ok(r) => resolved.push(r),
+            Err(e) if profile.is_some() => log::debug!("phase profile rule left out: {e}"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(resolved)
+}
+
+/// A native rule's function, as kernel phase `id`.
+fn resolve_one(
+    rule: &PhaseRule,
+    pid: u32,
+    maps: &[Mapping],
+    id: u32,
+) -> Result<ResolvedRule, PhaseError> {
+    {
         let shown = printable(&rule.to_string());
         let (open_path, shown_path) = locate(rule, pid, maps).ok_or(PhaseError::NotMapped {
             rule: shown.clone(),
@@ -233,15 +309,14 @@ pub fn resolve(
                 path: printable(&shown_path),
                 symbol: printable(&rule.symbol),
             })?;
-        resolved.push(ResolvedRule {
-            id: resolved.len() as u32 + 1,
+        Ok(ResolvedRule {
+            id,
             rule: rule.clone(),
             open_path,
             shown_path,
             offset,
-        });
+        })
     }
-    Ok(resolved)
 }
 
 /// The file a rule names: a path as given (mapped or not: a library loaded later), else the
@@ -323,12 +398,12 @@ mod tests {
             .find(|m| crate::probes::resolve::is_libc_name(&m.path))
             .expect("this test maps a C library");
         let libc_name = Path::new(&libc.path).file_name().unwrap().to_str().unwrap();
-        let rules: Vec<PhaseRule> = [
+        let rules: Vec<(PhaseRule, Option<&str>)> = [
             format!("alloc={libc_name}:malloc"),
             format!("release={}:free", libc.path),
         ]
         .iter()
-        .map(|r| r.parse().unwrap())
+        .map(|r| (r.parse().unwrap(), None))
         .collect();
         let resolved = resolve(&rules, me, &maps).unwrap();
         assert_eq!(resolved.len(), 2);
@@ -339,7 +414,7 @@ mod tests {
         assert_eq!(names(&resolved), ["none", "alloc", "release"]);
 
         let err = |rule: &str| {
-            resolve(&[rule.parse().unwrap()], me, &maps)
+            resolve(&[(rule.parse().unwrap(), None)], me, &maps)
                 .unwrap_err()
                 .to_string()
         };
@@ -352,7 +427,7 @@ mod tests {
             .map(|r| r.parse().unwrap())
             .collect();
         assert!(
-            resolve(&twice, me, &maps)
+            check_user_rules(&twice)
                 .unwrap_err()
                 .to_string()
                 .contains("two rules")
@@ -399,13 +474,51 @@ mod python_tests {
         assert_eq!(native.python(), None);
     }
 
+    /// The profiles' Python rules are all in effect after the user's; their native rules only
+    /// where their library is mapped, at its path.
+    #[test]
+    fn profiles_add_their_python_rules_and_the_native_ones_of_mapped_libraries() {
+        let user: PhaseRule = "serve=py:server:handle".parse().unwrap();
+        let none = with_profiles(std::slice::from_ref(&user), &[]);
+        assert_eq!(none[0], (user.clone(), None));
+        assert!(
+            none[1..]
+                .iter()
+                .all(|(r, p)| r.python().is_some() && p.is_some())
+        );
+        assert!(none.iter().any(|(r, p)| r.to_string()
+            == "serve=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model"
+            && *p == Some("vLLM")));
+        let maps = maps::parse_maps(
+            "7f0000000000-7f0000100000 r-xp 00000000 08:01 42 /opt/llama/libllama.so.0.0.1\n",
+        );
+        let with = with_profiles(&[], &maps);
+        let native: Vec<String> = (with.iter())
+            .filter(|(r, _)| r.python().is_none())
+            .map(|(r, _)| r.to_string())
+            .collect();
+        assert_eq!(
+            native,
+            [
+                "load=/opt/llama/libllama.so.0.0.1:llama_model_load_from_file",
+                "kv-cache=/opt/llama/libllama.so.0.0.1:llama_init_from_model",
+                "serve=/opt/llama/libllama.so.0.0.1:llama_decode",
+                "serve=/opt/llama/libllama.so.0.0.1:llama_encode",
+            ]
+        );
+        // A profile's rule whose function is not there is left out, not an error.
+        let missing = resolve(&with, std::process::id(), &maps).unwrap();
+        assert!(missing.is_empty());
+    }
+
     #[test]
     fn python_rules_take_no_kernel_id() {
         let rules: Vec<PhaseRule> = ["load=py:server:load", "serve=py:server:serve"]
             .iter()
             .map(|r| r.parse().unwrap())
             .collect();
-        let resolved = resolve(&rules, std::process::id(), &[]).unwrap();
+        let given: Vec<(PhaseRule, Option<&str>)> = rules.into_iter().map(|r| (r, None)).collect();
+        let resolved = resolve(&given, std::process::id(), &[]).unwrap();
         assert!(resolved.is_empty());
         assert_eq!(names(&resolved), ["none"]);
     }

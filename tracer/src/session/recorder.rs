@@ -217,8 +217,9 @@ pub struct Recorder {
     /// What a driver marked (`alloctrace check`), and how many of them the recording has.
     pub(super) marks: Vec<Mark>,
     pub(super) marks_written: usize,
-    /// `--phase` rules as given, and the native ones attached.
-    pub(super) phases_given: Vec<PhaseRule>,
+    /// `--phase` rules as given, then the built-in profiles' (with their server), and the
+    /// native ones attached.
+    pub(super) phases_given: Vec<(PhaseRule, Option<&'static str>)>,
     pub(super) phase_rules: Vec<ResolvedRule>,
 }
 
@@ -619,21 +620,32 @@ impl Recorder {
     /// The phase rules' figures so far: entries, and frees by phase, those the kernel's heap
     /// ledger counted and those user space did (each block is counted by one of them).
     fn phases(&self) -> Option<Phases> {
-        if self.phases_given.is_empty() {
+        let entries = self.probes.phase_entries();
+        let matched = self.sink.python_rules_matched();
+        let mut profiles: Vec<String> = Vec::new();
+        let mut rules: Vec<PhaseRuleFigures> = Vec::new();
+        for (given, profile) in &self.phases_given {
+            let native = self.phase_rules.iter().find(|r| r.rule == *given);
+            // A profile's rule is listed once it was attached or matched a frame.
+            let used = native.is_some() || matched.contains(&given.name_and_site());
+            if profile.is_some() && !used {
+                continue;
+            }
+            if let Some(server) = profile
+                && !profiles.iter().any(|p| p == server)
+            {
+                profiles.push(server.to_string());
+            }
+            rules.push(PhaseRuleFigures {
+                name: given.name.clone(),
+                rule: given.to_string(),
+                file: native.map(|r| r.shown_path.clone()),
+                entries: native.map(|r| entries[r.id as usize]),
+            });
+        }
+        if rules.is_empty() {
             return None;
         }
-        let entries = self.probes.phase_entries();
-        let rules = (self.phases_given.iter())
-            .map(|given| {
-                let native = self.phase_rules.iter().find(|r| r.rule == *given);
-                PhaseRuleFigures {
-                    name: given.name.clone(),
-                    rule: given.to_string(),
-                    file: native.map(|r| r.shown_path.clone()),
-                    entries: native.map(|r| entries[r.id as usize]),
-                }
-            })
-            .collect();
         let mut frees: BTreeMap<(Class, String, String), (u64, u64)> = BTreeMap::new();
         for ((class, a, f), (bytes, count)) in self.sink.ledger.phase_frees() {
             let n = frees.entry((class, a.into(), f.into())).or_default();
@@ -667,7 +679,11 @@ impl Recorder {
                 },
             )
             .collect();
-        Some(Phases { rules, frees })
+        Some(Phases {
+            profiles,
+            rules,
+            frees,
+        })
     }
 
     /// Events lost so far, all causes.

@@ -76,6 +76,7 @@ pub struct Attached {
     exit_watch: ExitWatch,
     initial_brk: Option<u64>,
     cuda_hooked: CudaHooked,
+    phases_given: Vec<(PhaseRule, Option<&'static str>)>,
     phase_rules: Vec<ResolvedRule>,
 }
 
@@ -95,7 +96,12 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
     {
         say_heap_cost(&mut probes, pid, allocator);
     }
-    let phase_rules = phases::resolve(&opts.phases, pid, &target.maps)?;
+    phases::check_user_rules(&opts.phases)?;
+    let phases_given = match opts.phase_profiles {
+        true => phases::with_profiles(&opts.phases, &target.maps),
+        false => opts.phases.iter().map(|r| (r.clone(), None)).collect(),
+    };
+    let phase_rules = phases::resolve(&phases_given, pid, &target.maps)?;
     let initial_brk = current_brk(pid);
     let attached = (phase_rules
         .iter()
@@ -124,6 +130,7 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
         exit_watch,
         initial_brk,
         cuda_hooked,
+        phases_given,
         phase_rules,
     })
 }
@@ -181,6 +188,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         exit_watch,
         initial_brk,
         cuda_hooked,
+        phases_given,
         phase_rules,
     } = attached;
     let pid = target.pid;
@@ -201,8 +209,11 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
     let python_frames = opts.probes.python_frames;
     let mut sink = EventSink::new(pid, target.maps, fn_names, gpu.is_some(), python_frames);
     sink.learn_code_of(pid);
-    if !opts.phases.is_empty() {
-        let python: Vec<PythonRule> = opts.phases.iter().filter_map(PhaseRule::python).collect();
+    if !phases_given.is_empty() {
+        let python: Vec<PythonRule> = phases_given
+            .iter()
+            .filter_map(|(r, _)| r.python())
+            .collect();
         sink.set_phases(&phases::names(&phase_rules), &python);
     }
     if let Some(kernel) = probes.take_kernel_totals() {
@@ -255,7 +266,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         progress: std::io::stderr().is_terminal(),
         last_events: 0,
         phase_rules,
-        phases_given: opts.phases.clone(),
+        phases_given,
         marks: Vec::new(),
         marks_written: 0,
     })

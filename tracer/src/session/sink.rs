@@ -90,6 +90,8 @@ pub struct EventSink {
     /// what each Python frame matched (by its stack word); the phase the last stack read is in
     /// by its Python frames (0: none).
     python_rules: Vec<(PythonRule, PhaseId)>,
+    /// Which of them matched a frame so far.
+    python_matched: Vec<bool>,
     python_phase_of: HashMap<u64, PhaseId>,
     stack_python_phase: PhaseId,
 }
@@ -147,6 +149,7 @@ impl EventSink {
             short_keys: Vec::new(),
             phase_ids: Vec::new(),
             python_rules: Vec::new(),
+            python_matched: Vec::new(),
             python_phase_of: HashMap::new(),
             stack_python_phase: 0,
         }
@@ -159,8 +162,16 @@ impl EventSink {
         self.python_rules = (python.iter())
             .map(|r| (r.clone(), self.ledger.phase(&r.name)))
             .collect();
-        let python_ids: Vec<PhaseId> = self.python_rules.iter().map(|r| r.1).collect();
-        self.ledger.count_phase_frees(&python_ids);
+        self.python_matched = vec![false; self.python_rules.len()];
+        self.ledger.count_phase_frees();
+    }
+
+    /// The Python rules that matched a frame so far, as given.
+    pub fn python_rules_matched(&self) -> Vec<String> {
+        (self.python_rules.iter().zip(&self.python_matched))
+            .filter(|(_, m)| **m)
+            .map(|((r, _), _)| r.rule.clone())
+            .collect()
     }
 
     /// The ledger's phase of a record's kernel phase id (none for an id no rule has).
@@ -250,16 +261,22 @@ impl EventSink {
             // A tensor of PyTorch's cudaMallocAsync backend, if the thread is in mallocAsync.
             (self.torch).driver_allocated(&mut self.ledger, ev.tid, ev.addr, ev.size);
         }
-        let phase = self.event_phase(ev.phase);
+        let (phase, thread_phase) = (self.event_phase(ev.phase), self.phase(ev.phase));
         let at = match cuda {
             Some(hook) => {
                 let at = self.cuda.placement(&mut self.ledger, ev, hook);
                 // A graph capture's own phase stands.
                 let phase = if at.phase == 0 { phase } else { at.phase };
-                CellRef { stack, phase, ..at }
+                CellRef {
+                    stack,
+                    phase,
+                    thread_phase,
+                    ..at
+                }
             }
             None => CellRef {
                 phase,
+                thread_phase,
                 ..CellRef::new(ev.tgid, Class::Heap, stack)
             },
         };

@@ -165,11 +165,12 @@ pub(crate) mod fixture {
             },
         );
         // Made and freed by the requests of a `--phase` rule.
-        ledger.count_phase_frees(&[]);
+        ledger.count_phase_frees();
         let serve = ledger.phase("serve");
         for _ in 0..5 {
             let at = CellRef {
                 phase: serve,
+                thread_phase: serve,
                 ..CellRef::new(7, Class::Heap, Some(CHURN_STACK))
             };
             ledger.alloc(7, 0x9000_0000, 4096, at);
@@ -270,6 +271,7 @@ pub(crate) mod fixture {
             check: None,
             marks: Vec::new(),
             phases: Some(crate::model::Phases {
+                profiles: Vec::new(),
                 rules: vec![crate::model::PhaseRuleFigures {
                     name: "serve".into(),
                     rule: "serve=heap_fixture:handle".into(),

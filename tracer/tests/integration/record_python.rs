@@ -245,3 +245,74 @@ fn python_functions_are_phases_told_from_the_stacks() {
     );
     assert!(row("serve")["live_bytes"].as_u64().unwrap() >= arenas);
 }
+
+/// The built-in vLLM profile, with no `--phase`: a package laid out as vLLM's, whose
+/// `GPUModelRunner.load_model` and `execute_model` are where vLLM has them, puts what they
+/// allocate in phases `load` and `serve`; the report names the profile.
+#[test]
+fn the_vllm_profile_names_the_phases_of_a_vllm_shaped_program() {
+    require_privileges!();
+    let root = tempfile::tempdir().unwrap();
+    let worker = root.path().join("vllm/v1/worker");
+    std::fs::create_dir_all(&worker).unwrap();
+    for init in ["vllm", "vllm/v1", "vllm/v1/worker"] {
+        std::fs::write(root.path().join(init).join("__init__.py"), "").unwrap();
+    }
+    std::fs::write(
+        worker.join("gpu_model_runner.py"),
+        "kept = []\n\n\nclass GPUModelRunner:\n    def load_model(self):\n        \
+         kept.append(bytearray(4 << 20))\n\n    def execute_model(self):\n        \
+         kept.append(bytearray(256 << 10))\n",
+    )
+    .unwrap();
+    let driver = root.path().join("serve.py");
+    std::fs::write(
+        &driver,
+        "import sys\nfrom vllm.v1.worker.gpu_model_runner import GPUModelRunner\n\
+         runner = GPUModelRunner()\nprint('ready', flush=True)\nsys.stdin.readline()\n\
+         runner.load_model()\nfor _ in range(8):\n    runner.execute_model()\n\
+         print('done', flush=True)\nsys.stdin.read()\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(python());
+    cmd.arg(&driver).env("PYTHONPATH", root.path());
+    let mut target = TestProcess::spawn("python3 serve.py", cmd);
+    target.expect_stdout("ready");
+    let mut s = Session::attach_and_run(target, "vllm", &["--heap"]);
+    s.end(libc::SIGINT);
+    let r = report_value(&s.trace);
+    let phases = &r["phases"];
+    assert_eq!(
+        phases["profiles"],
+        serde_json::json!(["vLLM"]),
+        "{phases:#}"
+    );
+    let rules: Vec<&str> = (phases["rules"].as_array().unwrap().iter())
+        .map(|r| r["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "load=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.load_model",
+            "serve=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model"
+        ],
+        "only the rules that matched are listed"
+    );
+    let live = |phase: &str| -> u64 {
+        (r["stacks"].as_array().unwrap().iter())
+            .filter(|s| s["class"] == "heap" && s["phase"] == phase)
+            .map(|s| s["live_bytes"].as_u64().unwrap())
+            .sum()
+    };
+    // The bytearrays (and their NUL), with at most a list's growth beside them.
+    let serve = live("serve");
+    assert!(
+        (8 * ((256 << 10) + 1)..8 * ((256 << 10) + 1) + 4096).contains(&serve),
+        "serve: {serve} B\n{phases:#}"
+    );
+    let load = live("load");
+    assert!(
+        ((4 << 20) + 1..(4 << 20) + 4096).contains(&load),
+        "load: {load} B\n{phases:#}"
+    );
+}

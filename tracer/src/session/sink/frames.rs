@@ -157,26 +157,32 @@ impl EventSink {
         raw.peek()?;
         let py = self.pythons.get_mut(&pid)?;
         let (stacks, rules) = (&mut self.stacks, &self.python_rules);
+        let matched = &mut self.python_matched;
         let (phase_of, mut phase) = (&mut self.python_phase_of, 0);
         let words = raw
             .map(|(code, instr_offset)| {
-                let (name, frame_phase) =
-                    match py.symbolize(python::RawFrame { code, instr_offset }) {
-                        Ok(frame) => {
-                            let rule = rules
-                                .iter()
-                                .find(|(r, _)| r.matches(&frame.function, &frame.file));
-                            (frame.to_string(), rule.map_or(0, |r| r.1))
-                        }
-                        Err(_) => (format!("[python] code {code:#x}"), 0),
-                    };
+                let frame = py.symbolize(python::RawFrame { code, instr_offset }).ok();
+                let name = match &frame {
+                    Some(frame) => frame.to_string(),
+                    None => format!("[python] code {code:#x}"),
+                };
                 let word = stacks.python_frame(name);
-                if !rules.is_empty() {
-                    let frame_phase = *phase_of.entry(word).or_insert(frame_phase);
-                    // Innermost first: the first frame in a phase gives the stack's.
-                    if phase == 0 {
-                        phase = frame_phase;
-                    }
+                if rules.is_empty() {
+                    return word;
+                }
+                // Each distinct frame is matched against the rules once.
+                let frame_phase = *phase_of.entry(word).or_insert_with(|| {
+                    let at = frame.as_ref().and_then(|f| {
+                        (rules.iter()).position(|(r, _)| r.matches(&f.function, &f.file))
+                    });
+                    at.map_or(0, |i| {
+                        matched[i] = true;
+                        rules[i].1
+                    })
+                });
+                // Innermost first: the first frame in a phase gives the stack's.
+                if phase == 0 {
+                    phase = frame_phase;
                 }
                 word
             })

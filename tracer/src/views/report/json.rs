@@ -128,7 +128,10 @@ fn check(rec: &Recorded) -> Option<JsonCheck> {
 
 #[derive(Serialize)]
 struct JsonPhases<'a> {
-    /// The rules as given, with the file of each function and its entries.
+    /// The built-in profiles in use (`vLLM`, `SGLang`, `TGI`, `llama.cpp`).
+    profiles: &'a [String],
+    /// The rules as given (the profiles' in use after them), with the file of each native
+    /// function and its entries.
     rules: &'a [PhaseRuleFigures],
     /// Per phase, summed over classes and processes: the rules' phases in order, then the
     /// others (none last).
@@ -294,6 +297,7 @@ pub(super) fn render(rec: &Recorded) -> String {
         suspects: suspects(rec),
         check: check(rec),
         phases: rec.phases.as_ref().map(|p| JsonPhases {
+            profiles: &p.profiles,
             rules: &p.rules,
             by_phase: phase_rows(rec).unwrap_or_default(),
             frees: &p.frees,

@@ -48,9 +48,22 @@ pub fn phase_rows(rec: &Recorded) -> Option<Vec<PhaseRow>> {
         freed_elsewhere_count: counted(python),
         ..PhaseRow::default()
     };
-    let mut rows: Vec<PhaseRow> = (phases.rules.iter())
-        .map(|r| row_of(&r.name, r.entries, r.file.is_none()))
-        .collect();
+    // One row a phase: a phase's rules (a profile has several) add their entries; its frees are
+    // split unless every rule of it is a Python one.
+    let mut rows: Vec<PhaseRow> = Vec::new();
+    for rule in &phases.rules {
+        match rows.iter_mut().find(|r| r.phase == rule.name) {
+            Some(row) => {
+                if let Some(n) = rule.entries {
+                    row.entries = Some(row.entries.unwrap_or(0) + n);
+                }
+                if rule.file.is_some() && row.freed_within_bytes.is_none() {
+                    *row = row_of(&rule.name, row.entries, false);
+                }
+            }
+            None => rows.push(row_of(&rule.name, rule.entries, rule.file.is_none())),
+        }
+    }
     let mut others: BTreeMap<&str, PhaseRow> = BTreeMap::new();
     for (key, c) in &rec.state.cells {
         let row = match rows.iter_mut().find(|r| r.phase == key.phase) {
@@ -138,8 +151,17 @@ mod tests {
             count: bytes / 100,
         };
         rec.phases = Some(Phases {
+            profiles: Vec::new(),
             rules: vec![
                 rule("serve", 50),
+                // A phase of several rules (a profile's): one row, entries added.
+                rule("serve", 7),
+                PhaseRuleFigures {
+                    name: "serve".into(),
+                    rule: "serve=py:server:serve".into(),
+                    file: None,
+                    entries: None,
+                },
                 rule("load", 0),
                 PhaseRuleFigures {
                     name: "prefill".into(),
@@ -169,7 +191,8 @@ mod tests {
             (serve.freed_elsewhere_bytes, serve.freed_elsewhere_count),
             (Some(1_000), Some(10))
         );
-        assert_eq!(serve.live_per_entry, Some(1_410.0));
+        assert_eq!(serve.entries, Some(57));
+        assert_eq!(serve.live_per_entry, Some(70_500.0 / 57.0));
         assert_eq!(rows[1].entries, Some(0));
         assert_eq!(rows[1].live_per_entry, None, "never entered");
         let prefill = &rows[2];

@@ -497,9 +497,13 @@ fn text_phases(out: &mut String, rec: &Recorded) {
     let Some(rows) = phases::phase_rows(rec) else {
         return;
     };
+    let profiles = match rec.phases.as_ref().map(|p| p.profiles.join(", ")) {
+        Some(p) if !p.is_empty() => format!(" (phases of {}, built in)", for_terminal(&p)),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
-        "\nPhases: memory by the phase it was allocated in (entries: calls of the phase's \
+        "\nPhases{profiles}: memory by the phase it was allocated in (entries: calls of the phase's \
          function; live per entry: what each left behind; freed within the phase or later \
          elsewhere: '-' for a Python function's phase, as a free has no stack)"
     );
