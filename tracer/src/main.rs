@@ -83,6 +83,11 @@ enum Command {
         /// always has everything).
         #[arg(long)]
         full_names: bool,
+        /// Judge the leak suspects after a warm-up of SECONDS from the start of the recording
+        /// (by default its first third: imports, model loading and caches filling are not
+        /// judged).
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        warmup: Option<Duration>,
     },
     /// Render live bytes by stack as a flamegraph SVG (root frames are the classes).
     Flamegraph {
@@ -103,6 +108,9 @@ enum Command {
         /// Every frame and whole C++ names (see `report --full-names`).
         #[arg(long)]
         full_names: bool,
+        /// `--kind leaks`: judge after a warm-up of SECONDS (see `report --warmup`).
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+        warmup: Option<Duration>,
     },
     /// Print the table of hooked functions (Markdown; docs/hooks.md is this output).
     Hooks,
@@ -355,7 +363,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             force,
             full_names,
-        } => report(&file, format, output.as_deref(), force, full_names)?,
+            warmup,
+        } => {
+            let warmup = warmup.map(|w| w.as_secs_f64());
+            report(&file, format, output.as_deref(), force, full_names, warmup)?;
+        }
         Command::Flamegraph {
             file,
             output,
@@ -363,7 +375,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             title,
             kind,
             full_names,
-        } => flamegraph(&file, &output, force, title, kind, full_names)?,
+            warmup,
+        } => {
+            let warmup = warmup.map(|w| w.as_secs_f64());
+            flamegraph(&file, &output, force, title, kind, full_names, warmup)?;
+        }
         Command::Hooks => print!("{}", hooks::markdown()),
     }
     Ok(ExitCode::SUCCESS)
@@ -536,6 +552,7 @@ fn report(
     output: Option<&Path>,
     force: bool,
     full_names: bool,
+    warmup_s: Option<f64>,
 ) -> anyhow::Result<()> {
     if let Some(out) = output {
         output::check_destination(out, force)?;
@@ -546,7 +563,7 @@ fn report(
         Format::Text => SeriesRead::Endpoints,
         Format::Json => SeriesRead::Batches,
     };
-    let mut recorded = Reader::open_with(file, series)?;
+    let mut recorded = Reader::open_judged(file, series, warmup_s)?;
     let text = match format {
         Format::Text => {
             if !full_names {
@@ -570,6 +587,7 @@ fn flamegraph(
     title: Option<String>,
     kind: GraphKind,
     full_names: bool,
+    warmup_s: Option<f64>,
 ) -> anyhow::Result<()> {
     output::check_destination(output, force)?;
     // Leak suspects are judged from the series' batches; the other graphs read the final state.
@@ -577,7 +595,7 @@ fn flamegraph(
         GraphKind::Leaks => SeriesRead::Batches,
         GraphKind::Live | GraphKind::Faults => SeriesRead::Nothing,
     };
-    let mut recorded = Reader::open_with(file, series)?;
+    let mut recorded = Reader::open_judged(file, series, warmup_s)?;
     if !full_names {
         names::use_display_names(&mut recorded);
     }

@@ -46,10 +46,11 @@ impl BatchFigures {
 }
 
 /// The judged part of a recording whose last series point is at second `last_t` and that lasted
-/// `duration_s`: `None` when it is shorter than `MIN_JUDGED_S`.
-pub fn judged_window(last_t: u64, duration_s: f64) -> Option<(f64, f64)> {
+/// `duration_s`, after a warm-up of `warmup_s` seconds (the first third by default): `None` when
+/// it is shorter than `MIN_JUDGED_S`.
+pub fn judged_window(last_t: u64, duration_s: f64, warmup_s: Option<f64>) -> Option<(f64, f64)> {
     let end = (last_t as f64 + 1.0).max(duration_s);
-    let from = end / 3.0;
+    let from = warmup_s.unwrap_or(end / 3.0);
     (end - from >= MIN_JUDGED_S).then_some((from, end))
 }
 
@@ -117,7 +118,7 @@ impl SeriesBatches {
     /// From a series held in memory (points in commit order, so in time order per cell).
     pub fn from_points(series: &[SeriesPoint], duration_s: f64) -> Option<SeriesBatches> {
         let last_t = series.iter().map(|p| p.t_s).max()?;
-        let window = judged_window(last_t, duration_s)?;
+        let window = judged_window(last_t, duration_s, None)?;
         let mut cells: Vec<(&CellKey, StepMeans)> = Vec::new();
         let mut index = std::collections::HashMap::new();
         for p in series {
@@ -186,10 +187,17 @@ mod tests {
 
     #[test]
     fn the_judged_part_is_the_last_two_thirds_and_at_least_four_seconds() {
-        assert_eq!(judged_window(29, 29.5), Some((10.0, 30.0)));
-        assert_eq!(judged_window(5, 5.03), Some((2.0, 6.0)));
-        assert_eq!(judged_window(4, 5.0), None);
+        assert_eq!(judged_window(29, 29.5, None), Some((10.0, 30.0)));
+        assert_eq!(judged_window(5, 5.03, None), Some((2.0, 6.0)));
+        assert_eq!(judged_window(4, 5.0, None), None);
         // The last values hold to the end of the recording.
-        assert_eq!(judged_window(2, 9.0), Some((3.0, 9.0)));
+        assert_eq!(judged_window(2, 9.0, None), Some((3.0, 9.0)));
+        // A warm-up given (`report --warmup`).
+        assert_eq!(judged_window(29, 29.5, Some(2.0)), Some((2.0, 30.0)));
+        assert_eq!(
+            judged_window(29, 29.5, Some(27.0)),
+            None,
+            "4 s at least after it"
+        );
     }
 }

@@ -54,7 +54,17 @@ impl Reader {
 
     /// `open`, loading only `series` of the per-cell time series (`Recorded::series`).
     pub fn open_with(path: &Path, series: SeriesRead) -> Result<Recorded, RecordingError> {
-        match Self::read(path, series) {
+        Self::open_judged(path, series, None)
+    }
+
+    /// `open_with`, the leak suspects judged after a warm-up of `warmup_s` seconds (by default
+    /// the recording's first third).
+    pub fn open_judged(
+        path: &Path,
+        series: SeriesRead,
+        warmup_s: Option<f64>,
+    ) -> Result<Recorded, RecordingError> {
+        match Self::read(path, series, warmup_s) {
             // Say "truncated" only when the header proves it: a copy or download cut short is
             // the common case, and its remedy differs.
             Err(RecordingError::Corrupt { path, detail }) => match truncation(&path) {
@@ -69,7 +79,11 @@ impl Reader {
         }
     }
 
-    fn read(path: &Path, series: SeriesRead) -> Result<Recorded, RecordingError> {
+    fn read(
+        path: &Path,
+        series: SeriesRead,
+        warmup_s: Option<f64>,
+    ) -> Result<Recorded, RecordingError> {
         let wal_mode = check_file(path)?;
         let ReadOnly { conn, leftover } =
             open_read_only(path, wal_mode).map_err(|e| read_error(path, e))?;
@@ -78,10 +92,12 @@ impl Reader {
             path: path.to_path_buf(),
         };
         let recorded = reading.verify().and_then(|schema| {
-            reading.read_all(schema, series).map_err(|e| match e {
-                ReadFailure::Sqlite(e) => read_error(path, e),
-                ReadFailure::Recording(e) => e,
-            })
+            reading
+                .read_all(schema, series, warmup_s)
+                .map_err(|e| match e {
+                    ReadFailure::Sqlite(e) => read_error(path, e),
+                    ReadFailure::Recording(e) => e,
+                })
         });
         drop(conn);
         match leftover {
@@ -592,7 +608,12 @@ impl Reading<'_> {
         }
     }
 
-    fn read_all(&self, schema: u32, series_read: SeriesRead) -> Result<Recorded, ReadFailure> {
+    fn read_all(
+        &self,
+        schema: u32,
+        series_read: SeriesRead,
+        warmup_s: Option<f64>,
+    ) -> Result<Recorded, ReadFailure> {
         // One read transaction: a recording being written meanwhile is read at one commit.
         self.conn.execute_batch("BEGIN")?;
         let meta_values = self.read_meta()?;
@@ -612,7 +633,7 @@ impl Reading<'_> {
             .unwrap_or(0.0);
         let batches = match series_read {
             SeriesRead::Nothing => None,
-            _ => self.read_batches(&keys_by_id, duration_s)?,
+            _ => self.read_batches(&keys_by_id, duration_s, warmup_s)?,
         };
         let totals_series = self.read_totals_series()?;
         let rss = self.read_rss_samples()?;
@@ -834,11 +855,13 @@ impl Reading<'_> {
         &self,
         keys: &HashMap<i64, CellKey>,
         duration_s: f64,
+        warmup_s: Option<f64>,
     ) -> Result<Option<SeriesBatches>, ReadFailure> {
         let last_t: Option<i64> =
             self.conn
                 .query_row("SELECT MAX(t_s) FROM series", [], |row| row.get(0))?;
-        let Some(window) = last_t.and_then(|t| batches::judged_window(from_sql(t), duration_s))
+        let Some(window) =
+            last_t.and_then(|t| batches::judged_window(from_sql(t), duration_s, warmup_s))
         else {
             return Ok(None);
         };

@@ -441,6 +441,14 @@ fn a_steady_per_request_leak_is_the_first_suspect_with_its_rate() {
     let svg = std::fs::read_to_string(&svg_path).unwrap();
     assert!(svg.contains("remember_request"), "{svg}");
     assert!(!svg.contains("request_churn"), "{svg}");
+    // A warm-up given: judged from there, the same leak first.
+    let json = view(&["report", "--format", "json", "--warmup", "1"], &trace);
+    let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(json["suspects"]["from_s"].as_f64(), Some(1.0), "{json}");
+    assert_eq!(
+        json["suspects"]["stacks"][0]["frames"][0],
+        "remember_request"
+    );
 }
 
 /// `--heap-budget`: the first window measures the heap calls and the CPU time they cost; the

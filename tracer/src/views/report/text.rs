@@ -354,8 +354,8 @@ fn text_suspects(out: &mut String, rec: &Recorded) {
     let Some(s) = suspects::suspects(rec) else {
         let _ = writeln!(
             out,
-            "\nLeak suspects: not judged (the recording is too short after its warm-up, the \
-             first third)"
+            "\nLeak suspects: not judged (under 4 s of the recording after its warm-up: the \
+             first third, or `report --warmup`)"
         );
         return;
     };
