@@ -414,6 +414,11 @@ fn a_steady_per_request_leak_is_the_first_suspect_with_its_rate() {
     };
     let first = &stacks[0];
     assert_eq!(first["class"].as_str(), Some("heap"), "{suspects}");
+    assert_eq!(
+        json["verdict"][0]["category"], "leaks",
+        "{}",
+        json["verdict"]
+    );
     assert_eq!(frames(first)[0], "remember_request", "{suspects}");
     let rate = first["bytes_per_s"].as_f64().unwrap();
     assert!(

@@ -12,6 +12,7 @@ use super::{
         fragmentation, gpu_residuals, lost_events, per_process, target_exit, waterfall,
     },
     phases::{PhaseRow, phase_rows},
+    verdict::{Finding, classify},
 };
 use crate::{
     model::{
@@ -40,6 +41,10 @@ struct JsonReport<'a> {
     /// What kept growing once the program was warm; null when the recording is too short to
     /// judge.
     suspects: Option<JsonSuspects>,
+    /// The recording classified: each category (`ends-in-oom`, `leaks`, `grows-while-serving`,
+    /// `grows-without-traffic`, `too-noisy`, `no-leak`, `not-judged`) with its evidence, the
+    /// gravest first.
+    verdict: Vec<Finding>,
     /// Memory by request phase (`record --phase`); null without phase rules.
     phases: Option<JsonPhases<'a>>,
     /// The leak test's judgement (a recording `alloctrace check` made); null otherwise, or with
@@ -296,6 +301,7 @@ pub(super) fn render(rec: &Recorded) -> String {
         stacks: stacks(rec),
         suspects: suspects(rec),
         check: check(rec),
+        verdict: classify(rec),
         phases: rec.phases.as_ref().map(|p| JsonPhases {
             profiles: &p.profiles,
             rules: &p.rules,

@@ -6,6 +6,7 @@ mod json;
 mod phases;
 mod suspects;
 mod text;
+mod verdict;
 
 pub use analysis::{gpu_residuals, waterfall};
 pub use json::JSON_SCHEMA;

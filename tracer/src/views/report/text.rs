@@ -10,6 +10,7 @@ use super::{
     },
     phases,
     suspects::{self, is_static},
+    verdict::{self, Category},
 };
 use crate::views::check::{self, Verdict};
 use crate::{
@@ -143,6 +144,7 @@ pub(super) fn render(rec: &Recorded) -> String {
     text_deaths(&mut out, rec);
     text_header(&mut out, rec);
     text_check(&mut out, rec);
+    text_verdict(&mut out, rec);
     text_totals(&mut out, rec);
     text_suspects(&mut out, rec);
     text_phases(&mut out, rec);
@@ -489,6 +491,30 @@ pub(super) fn text_check(out: &mut String, rec: &Recorded) {
             phase_suffix(key),
             frames_line(&rec.frames(key.stack))
         );
+    }
+}
+
+/// The recording classified: each category with its evidence.
+fn text_verdict(out: &mut String, rec: &Recorded) {
+    let findings = verdict::classify(rec);
+    let names: Vec<&str> = findings.iter().map(|f| category_name(f.category)).collect();
+    let _ = writeln!(out, "\nVerdict: {}", names.join("; "));
+    for f in &findings {
+        for line in &f.evidence {
+            let _ = writeln!(out, "  {}: {}", category_name(f.category), line);
+        }
+    }
+}
+
+fn category_name(c: Category) -> &'static str {
+    match c {
+        Category::EndsInOom => "ends in an OOM",
+        Category::Leaks => "leaks",
+        Category::GrowsWhileServing => "grows while serving (scales with traffic)",
+        Category::GrowsWithoutTraffic => "grows without traffic",
+        Category::TooNoisy => "too noisy to judge",
+        Category::NoLeak => "no leak",
+        Category::NotJudged => "not judged",
     }
 }
 

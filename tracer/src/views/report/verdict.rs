@@ -1,0 +1,291 @@
+//! The recording classified, with the evidence for each class: the categories of a memory-leak
+//! triage (ends in an OOM; leaks; grows while serving, or without traffic; too noisy to judge;
+//! no leak), from the deaths, the OOMs and failed allocations, the leak suspects and their
+//! phases. Rules in docs/accounting.md, "The verdict".
+
+use serde::Serialize;
+
+use super::{analysis::deaths, suspects::suspects};
+use crate::{model::CellKey, recording::Recorded};
+
+/// Phases in which a server serves requests (the built-in profiles' and the usual rule names):
+/// growth there scales with traffic.
+const SERVING_PHASES: [&str; 4] = ["serve", "prefill", "decode", "request"];
+
+/// A category of the triage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Category {
+    /// A traced process was killed by the OOM killer, or an allocation failed for want of
+    /// memory (PyTorch's caching allocator, the CUDA driver, malloc).
+    EndsInOom,
+    /// Live memory rose in every batch after the warm-up.
+    Leaks,
+    /// It rose in a serving phase: it scales with traffic.
+    GrowsWhileServing,
+    /// It rose outside every serving phase (phases known).
+    GrowsWithoutTraffic,
+    /// Stacks rose in every batch by less than they swing within one.
+    TooNoisy,
+    /// Nothing rose in every batch after the warm-up.
+    NoLeak,
+    /// Too short after the warm-up to judge growth.
+    NotJudged,
+}
+
+/// One category with what it rests on.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Finding {
+    pub category: Category,
+    /// One line each.
+    pub evidence: Vec<String>,
+}
+
+/// The recording's categories, the gravest first.
+pub fn classify(rec: &Recorded) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let oom = oom_evidence(rec);
+    if !oom.is_empty() {
+        findings.push(Finding {
+            category: Category::EndsInOom,
+            evidence: oom,
+        });
+    }
+    let Some(s) = suspects(rec) else {
+        findings.push(Finding {
+            category: Category::NotJudged,
+            evidence: vec!["under 4 s of the recording after its warm-up".to_string()],
+        });
+        return findings;
+    };
+    let window = format!("{:.0} s to {:.0} s", s.from_s, s.to_s);
+    if s.rows.is_empty() {
+        let category = if s.too_noisy.is_empty() {
+            Category::NoLeak
+        } else {
+            Category::TooNoisy
+        };
+        let evidence = match category {
+            Category::TooNoisy => vec![format!(
+                "{} rose in every batch of {window} by less than it swings within one",
+                count(s.too_noisy.len(), "stack")
+            )],
+            _ => vec![format!(
+                "no stack's live memory rose in every batch of {window}"
+            )],
+        };
+        findings.push(Finding { category, evidence });
+        return findings;
+    }
+    let total: u64 = s.rows.iter().map(|r| r.growth).sum();
+    let rate: f64 = s.rows.iter().map(|r| r.bytes_per_s).sum();
+    findings.push(Finding {
+        category: Category::Leaks,
+        evidence: vec![format!(
+            "{} rose in every batch of {window}: +{} B, {:.0} B/s together",
+            count(s.rows.len(), "stack"),
+            total,
+            rate
+        )],
+    });
+    let phased = |serving: bool| -> Vec<&CellKey> {
+        (s.rows.iter().map(|r| r.key))
+            .filter(|k| SERVING_PHASES.contains(&k.phase.as_str()) == serving)
+            .collect()
+    };
+    let phases_known = rec.phases.is_some();
+    let serving = phased(true);
+    if !serving.is_empty() {
+        findings.push(Finding {
+            category: Category::GrowsWhileServing,
+            evidence: vec![format!(
+                "{} of them allocated in a serving phase ({})",
+                count(serving.len(), "stack"),
+                phase_list(&serving)
+            )],
+        });
+    }
+    let idle = phased(false);
+    if phases_known && !idle.is_empty() {
+        findings.push(Finding {
+            category: Category::GrowsWithoutTraffic,
+            evidence: vec![format!(
+                "{} of them allocated outside the serving phases ({})",
+                count(idle.len(), "stack"),
+                phase_list(&idle)
+            )],
+        });
+    }
+    if !s.too_noisy.is_empty() {
+        findings.push(Finding {
+            category: Category::TooNoisy,
+            evidence: vec![format!(
+                "{} more rose by less than they swing: not judged",
+                count(s.too_noisy.len(), "stack")
+            )],
+        });
+    }
+    findings
+}
+
+/// What says the memory ran out: deaths by the OOM killer, PyTorch's OOMs, allocations that
+/// failed for want of memory.
+fn oom_evidence(rec: &Recorded) -> Vec<String> {
+    let mut evidence: Vec<String> = (deaths(rec).into_iter())
+        .filter(|d| d.oom_kill)
+        .map(|d| format!("PID {} killed by the OOM killer at {:.1} s", d.pid, d.t_s))
+        .collect();
+    if let Some(first) = rec.torch_ooms.first() {
+        evidence.push(format!(
+            "PyTorch's caching allocator ran out {} (first at {} s, {} B asked)",
+            count(rec.torch_ooms.len(), "time"),
+            first.t_s,
+            first.requested
+        ));
+    }
+    // A request of 16 TiB or more is a bad size, not a machine out of memory.
+    let out_of_memory = [
+        "ENOMEM",
+        "CUDA_ERROR_OUT_OF_MEMORY",
+        "cudaErrorMemoryAllocation",
+    ];
+    let failed: u64 = (rec.state.failures.iter())
+        .filter(|(k, _)| out_of_memory.contains(&k.error.as_str()) && k.size < 1 << 44)
+        .map(|(_, n)| n)
+        .sum();
+    if failed > 0 {
+        evidence.push(format!(
+            "{} failed for want of memory",
+            count(failed as usize, "allocation")
+        ));
+    }
+    evidence
+}
+
+/// The distinct phases of `keys`, in order.
+fn phase_list(keys: &[&CellKey]) -> String {
+    let mut phases: Vec<&str> = keys.iter().map(|k| k.phase.as_str()).collect();
+    phases.sort_unstable();
+    phases.dedup();
+    phases.join(", ")
+}
+
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{Class, FailureKey, PHASE_NONE, SeriesPoint},
+        recording::batches::SeriesBatches,
+        views::fixture::recorded,
+    };
+
+    fn key(phase: &str, stack: u32) -> CellKey {
+        CellKey {
+            class: Class::Heap,
+            pid: 7,
+            phase: phase.into(),
+            stack: Some(stack),
+        }
+    }
+
+    /// A recording of 12 s (no OOM, no failure) where each of `growing` rose by 1000 B a
+    /// second, and a stack stayed flat.
+    fn growing(keys: &[CellKey]) -> Recorded {
+        let mut rec = recorded();
+        rec.torch_ooms.clear();
+        rec.state.failures.clear();
+        let flat = key(PHASE_NONE, 99);
+        let series: Vec<SeriesPoint> = (0..12)
+            .flat_map(|t| {
+                let point = move |k: &CellKey, live_bytes| SeriesPoint {
+                    t_s: t,
+                    key: k.clone(),
+                    live_bytes,
+                    live_count: 1,
+                };
+                let mut points: Vec<SeriesPoint> =
+                    keys.iter().map(|k| point(k, 1000 * t)).collect();
+                points.push(point(&flat, 5000));
+                points
+            })
+            .collect();
+        rec.duration_s = 12.0;
+        rec.batches = SeriesBatches::from_points(&series, rec.duration_s);
+        rec
+    }
+
+    fn categories(rec: &Recorded) -> Vec<Category> {
+        classify(rec).iter().map(|f| f.category).collect()
+    }
+
+    #[test]
+    fn growth_is_a_leak_and_its_phase_says_whether_it_scales_with_traffic() {
+        let mut rec = growing(&[key("serve", 1), key("load", 2)]);
+        assert_eq!(
+            categories(&rec),
+            [
+                Category::Leaks,
+                Category::GrowsWhileServing,
+                Category::GrowsWithoutTraffic
+            ]
+        );
+        let evidence = &classify(&rec)[1].evidence[0];
+        assert_eq!(
+            evidence,
+            "1 stack of them allocated in a serving phase (serve)"
+        );
+        // Without phases, where it grew is not known.
+        rec = growing(&[key(PHASE_NONE, 1)]);
+        rec.phases = None;
+        assert_eq!(categories(&rec), [Category::Leaks]);
+    }
+
+    #[test]
+    fn an_oom_comes_first_and_a_flat_recording_has_no_leak() {
+        let mut rec = growing(&[]);
+        rec.phases = None;
+        assert_eq!(categories(&rec), [Category::NoLeak]);
+        rec.state.failures.insert(
+            FailureKey {
+                class: Class::Heap,
+                pid: 7,
+                function: "malloc".into(),
+                size: 4096,
+                error: "ENOMEM".into(),
+                stack: None,
+            },
+            3,
+        );
+        let findings = classify(&rec);
+        assert_eq!(findings[0].category, Category::EndsInOom);
+        assert_eq!(
+            findings[0].evidence,
+            ["3 allocations failed for want of memory"]
+        );
+        // 2^50 bytes asked: a bad size, not a full machine.
+        rec.state.failures = [(k_huge(), 1)].into_iter().collect();
+        assert_eq!(categories(&rec), [Category::NoLeak]);
+        rec.duration_s = 3.0;
+        rec.batches = None;
+        assert_eq!(categories(&rec), [Category::NotJudged]);
+    }
+
+    fn k_huge() -> FailureKey {
+        FailureKey {
+            class: Class::Heap,
+            pid: 7,
+            function: "malloc".into(),
+            size: 1 << 50,
+            error: "ENOMEM".into(),
+            stack: None,
+        }
+    }
+}
