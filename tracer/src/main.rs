@@ -16,7 +16,7 @@ use alloctrace::{
     probes::{ProbeConfig, StackMode},
     recording::{Reader, SeriesRead},
     session::{self, RecordOptions, TargetSpec, heap_duty::DutyOptions, phases::PhaseRule},
-    views::{flamegraph, names, report},
+    views::{self, flamegraph, names, report},
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -88,6 +88,24 @@ enum Command {
         /// judged).
         #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
         warmup: Option<Duration>,
+    },
+    /// Compare two recordings (before and after an upgrade, a configuration change): live bytes
+    /// per class and per stack (matched by class, phase and frames), and the leak suspects of
+    /// AFTER that BEFORE did not have or that grow at least twice as fast there.
+    Diff {
+        before: PathBuf,
+        after: PathBuf,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Write to this file instead of standard output.
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// Overwrite OUT if it exists.
+        #[arg(short, long)]
+        force: bool,
+        /// Match and show stacks by their whole frames (see `report --full-names`).
+        #[arg(long)]
+        full_names: bool,
     },
     /// Render live bytes by stack as a flamegraph SVG (root frames are the classes).
     Flamegraph {
@@ -380,6 +398,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let warmup = warmup.map(|w| w.as_secs_f64());
             flamegraph(&file, &output, force, title, kind, full_names, warmup)?;
         }
+        Command::Diff {
+            before,
+            after,
+            format,
+            output,
+            force,
+            full_names,
+        } => diff(
+            &before,
+            &after,
+            format,
+            output.as_deref(),
+            force,
+            full_names,
+        )?,
         Command::Hooks => print!("{}", hooks::markdown()),
     }
     Ok(ExitCode::SUCCESS)
@@ -572,6 +605,39 @@ fn report(
             report::render_text(&recorded)
         }
         Format::Json => report::render_json(&recorded),
+    };
+    match output {
+        Some(path) => output::write_atomically(path, text.as_bytes(), force)?,
+        None => write_stdout(text.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn diff(
+    before: &Path,
+    after: &Path,
+    format: Format,
+    output: Option<&Path>,
+    force: bool,
+    full_names: bool,
+) -> anyhow::Result<()> {
+    if let Some(out) = output {
+        output::check_destination(out, force)?;
+    }
+    let read = |path: &Path| -> anyhow::Result<_> {
+        let mut recorded = Reader::open_with(path, SeriesRead::Batches)?;
+        if !full_names {
+            names::use_display_names(&mut recorded);
+        }
+        Ok(recorded)
+    };
+    let compared = views::diff::diff(&read(before)?, &read(after)?);
+    let text = match format {
+        Format::Text => views::diff::render_text(&compared),
+        Format::Json => {
+            let json = serde_json::to_string_pretty(&compared)? + "\n";
+            escape::for_json(json)
+        }
     };
     match output {
         Some(path) => output::write_atomically(path, text.as_bytes(), force)?,

@@ -2,6 +2,7 @@
 //! live bytes. Views only read a `Recorded`; writing the result is `output::write_atomically`'s.
 
 pub mod check;
+pub mod diff;
 pub mod flamegraph;
 pub mod names;
 pub mod report;

@@ -138,3 +138,31 @@ fn a_target_that_dies_before_the_batches_cannot_be_judged() {
         .collect();
     assert_eq!(left, Vec::<String>::new());
 }
+
+/// `alloctrace diff`: the clean run against the leaking one names what the leak left, exactly
+/// (50 requests of 512 bytes in each of the 8 runs), matched by stack across the recordings.
+#[test]
+fn diff_of_a_clean_and_a_leaking_run_names_the_leak() {
+    require_privileges!();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    check(dirs[0].path(), "clean");
+    check(dirs[1].path(), "leak");
+    let mut cmd = alloctrace_cmd(&["diff", "--format", "json"]);
+    cmd.arg(dirs[0].path().join("clean.trace"))
+        .arg(dirs[1].path().join("leak.trace"));
+    let out = run("alloctrace diff", cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &d["stacks"][0];
+    assert_eq!(first["frames"][0], "remember_request", "{d:#}");
+    assert_eq!(first["delta"].as_i64(), Some(8 * 50 * 512), "{d:#}");
+    assert_eq!(first["before"].as_u64(), Some(0));
+    let heap = (d["totals"].as_array().unwrap().iter())
+        .find(|t| t["class"] == "heap")
+        .unwrap();
+    assert_eq!(heap["delta"].as_i64(), Some(8 * 50 * 512), "{d:#}");
+}
