@@ -162,7 +162,7 @@ fn new_growth(before: &Recorded, after: &Recorded) -> Vec<NewGrowth> {
             let name = (r.key.class, r.key.phase.clone(), after.frames(r.key.stack));
             let was = rates_before.get(&name).copied();
             let grew = was.is_none_or(|b| r.bytes_per_s >= 2.0 * b);
-            grew.then(|| NewGrowth {
+            grew.then_some(NewGrowth {
                 class: name.0,
                 phase: name.1,
                 frames: name.2,
