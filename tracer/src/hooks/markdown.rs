@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 
 use super::{
-    CUDA_HOOKS, HOOKS, PROCESS_TRACEPOINTS, RUNTIME_HOOKS, Records, SYSCALL_TRACEPOINTS, Site,
-    TORCH_HOOKS,
+    CUDA_HOOKS, HOOKS, PROCESS_TRACEPOINTS, PROFILES, RUNTIME_HOOKS, Records, SYSCALL_TRACEPOINTS,
+    Site, TORCH_HOOKS,
 };
 
 /// The table as the Markdown document docs/hooks.md (kept in sync by a test).
@@ -15,6 +15,7 @@ pub fn markdown() -> String {
     cuda_runtime_section(&mut out);
     torch_allocator_section(&mut out);
     tracepoint_section(&mut out);
+    phase_profiles_section(&mut out);
     out.push_str(
         "\nSymbols that are aliases of each other (same file offset, e.g. glibc 2.36's \
          `aligned_alloc` and `memalign`) get one probe, named after both in table order (`aligned_alloc/memalign`), \
@@ -140,6 +141,31 @@ fn tracepoint_section(out: &mut String) {
             _ => format!("`{}:{}`", tp.category, tp.name),
         };
         let _ = writeln!(out, "| {name} | `{}` | {} |", tp.program, tp.records);
+    }
+}
+
+fn phase_profiles_section(out: &mut String) {
+    out.push_str(
+        "\n## Phase profiles\n\nThe functions that begin each phase of the servers alloctrace \
+         knows (`record --phase` rules, built in; `--no-phase-profiles` turns them off). Python \
+         functions (`py:MODULE:QUALNAME`) are matched in the Python frames of stacks: no probe. \
+         Native functions get an entry probe (`phase_enter`) where a traced process maps their \
+         library. Checked against the releases in \
+         `tracer/src/hooks/phase_profile_names.txt`.\n\n\
+         | server | phase | function | releases read that have it |\n|---|---|---|---|\n",
+    );
+    for profile in PROFILES {
+        for rule in profile.rules {
+            let releases = super::phase_profiles::releases_of(profile.package, rule.site);
+            let _ = writeln!(
+                out,
+                "| {} | `{}` | `{}` | {} |",
+                profile.server,
+                rule.phase,
+                rule.site,
+                releases.join(", ")
+            );
+        }
     }
 }
 

@@ -18,7 +18,7 @@ pub use cuda_errors::{cuda_error_name, runtime_error_name};
 pub use cuda_runtime::{RUNTIME_HOOKS, runtime_hook};
 pub use libc_heap::HOOKS;
 pub use markdown::markdown;
-pub use phase_profiles::{PROFILES, Profile, ProfileRule};
+pub use phase_profiles::{PROFILES, Profile, ProfileRule, releases_of};
 pub use torch_allocator::{TORCH_HOOKS, has_record_trace, torch_hook};
 pub use tracepoints::{PROCESS_TRACEPOINTS, SYSCALL_TRACEPOINTS, Tracepoint};
 use tracer_common::HeapFn;
