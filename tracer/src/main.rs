@@ -106,6 +106,10 @@ enum Command {
         /// Match and show stacks by their whole frames (see `report --full-names`).
         #[arg(long)]
         full_names: bool,
+        /// Also write the differential flame graph: widths are AFTER's live bytes, colours the
+        /// change from BEFORE (red grew, blue shrank).
+        #[arg(long, value_name = "OUT.svg")]
+        flamegraph: Option<PathBuf>,
     },
     /// Render live bytes by stack as a flamegraph SVG (root frames are the classes).
     Flamegraph {
@@ -129,6 +133,17 @@ enum Command {
         /// `--kind leaks`: judge after a warm-up of SECONDS (see `report --warmup`).
         #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
         warmup: Option<Duration>,
+    },
+    /// Render live bytes by class over time as an SVG chart, with the target's RSS and marks
+    /// where a process died (the OOM killer), PyTorch's allocator ran out, or a check batch
+    /// ended.
+    Timeline {
+        file: PathBuf,
+        #[arg(short, long, value_name = "OUT.svg")]
+        output: PathBuf,
+        /// Overwrite OUT.svg if it exists.
+        #[arg(short, long)]
+        force: bool,
     },
     /// Print the table of hooked functions (Markdown; docs/hooks.md is this output).
     Hooks,
@@ -405,14 +420,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
             force,
             full_names,
-        } => diff(
-            &before,
-            &after,
-            format,
-            output.as_deref(),
+            flamegraph,
+        } => {
+            let outputs = (output.as_deref(), flamegraph.as_deref());
+            diff(&before, &after, format, outputs, force, full_names)?;
+        }
+        Command::Timeline {
+            file,
+            output,
             force,
-            full_names,
-        )?,
+        } => {
+            output::check_destination(&output, force)?;
+            let recorded = Reader::open_with(&file, SeriesRead::Nothing)?;
+            let svg = views::timeline::render(&recorded);
+            output::write_atomically(&output, svg.as_bytes(), force)?;
+        }
         Command::Hooks => print!("{}", hooks::markdown()),
     }
     Ok(ExitCode::SUCCESS)
@@ -617,11 +639,11 @@ fn diff(
     before: &Path,
     after: &Path,
     format: Format,
-    output: Option<&Path>,
+    (output, svg): (Option<&Path>, Option<&Path>),
     force: bool,
     full_names: bool,
 ) -> anyhow::Result<()> {
-    if let Some(out) = output {
+    for out in output.into_iter().chain(svg) {
         output::check_destination(out, force)?;
     }
     let read = |path: &Path| -> anyhow::Result<_> {
@@ -631,7 +653,12 @@ fn diff(
         }
         Ok(recorded)
     };
-    let compared = views::diff::diff(&read(before)?, &read(after)?);
+    let (before, after) = (read(before)?, read(after)?);
+    let compared = views::diff::diff(&before, &after);
+    if let Some(path) = svg {
+        let picture = flamegraph::render_diff_svg(&before, &after)?;
+        output::write_atomically(path, &picture, force)?;
+    }
     let text = match format {
         Format::Text => views::diff::render_text(&compared),
         Format::Json => {

@@ -187,6 +187,50 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
     Ok(svg)
 }
 
+/// The differential flame graph of two recordings' live bytes (`alloctrace diff --flamegraph`):
+/// widths are AFTER's bytes, colours the change from BEFORE (red grew, blue shrank; a stack only
+/// BEFORE had is a thin sliver, as flamegraph.pl draws them).
+pub fn render_diff_svg(before: &Recorded, after: &Recorded) -> anyhow::Result<Vec<u8>> {
+    let parse = |lines: Vec<String>| -> BTreeMap<String, u64> {
+        (lines.into_iter())
+            .filter_map(|l| {
+                let (stack, n) = l.rsplit_once(' ')?;
+                Some((stack.to_string(), n.parse().ok()?))
+            })
+            .collect()
+    };
+    let (old, new) = (parse(folded_lines(before)), parse(folded_lines(after)));
+    let mut stacks: Vec<&String> = old.keys().chain(new.keys()).collect();
+    stacks.sort();
+    stacks.dedup();
+    let lines: Vec<String> = (stacks.into_iter())
+        .map(|s| {
+            let (b, a) = (old.get(s).copied(), new.get(s).copied());
+            format!("{s} {} {}", b.unwrap_or(0), a.unwrap_or(0))
+        })
+        .collect();
+    let title = "alloctrace: live bytes, after against before".to_string();
+    let subtitle = escape::visible(&format!(
+        "before: {} · after: {} (red: grew, blue: shrank)",
+        before.target.command, after.target.command
+    ))
+    .into_owned();
+    if lines.is_empty() {
+        return Ok(
+            nothing_svg(&title, &subtitle, "Nothing was live in either recording.").into_bytes(),
+        );
+    }
+    let mut opts = Options::default();
+    opts.title = title;
+    opts.subtitle = Some(subtitle);
+    opts.count_name = "bytes".to_string();
+    opts.deterministic = true;
+    let mut svg = Vec::new();
+    flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut svg)
+        .map_err(|e| anyhow::anyhow!("cannot render the flame graph: {e}"))?;
+    Ok(svg)
+}
+
 /// inferno refuses an empty input: this is the graph of nothing, in inferno's look, saying what
 /// there was none of.
 fn nothing_svg(title: &str, subtitle: &str, nothing: &str) -> String {
@@ -249,6 +293,29 @@ mod tests {
         };
         let svg = String::from_utf8(render_svg(&rec, &options).unwrap()).unwrap();
         assert!(svg.contains("No leak suspect"), "{svg}");
+    }
+
+    /// `diff --flamegraph`: AFTER's widths, the change from BEFORE as colour; a stack only
+    /// BEFORE had is still there (as zero wide).
+    #[test]
+    fn the_differential_graph_draws_after_coloured_by_the_change() {
+        let before = fixture::recorded();
+        let mut after = fixture::recorded();
+        for counters in after.state.cells.values_mut() {
+            counters.live_bytes *= 2;
+        }
+        let svg = String::from_utf8(render_diff_svg(&before, &after).unwrap()).unwrap();
+        assert!(svg.contains("leak_malloc"), "{svg}");
+        assert!(svg.contains("after against before"), "{svg}");
+        // inferno colours a grown frame red (rgb(255,..)): every live stack doubled.
+        assert!(svg.contains("rgb(255,"), "{svg}");
+        let mut empty = fixture::recorded();
+        empty.state.cells.clear();
+        let svg = String::from_utf8(render_diff_svg(&empty, &empty).unwrap()).unwrap();
+        assert!(
+            svg.contains("Nothing was live in either recording"),
+            "{svg}"
+        );
     }
 
     #[test]

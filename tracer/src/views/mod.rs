@@ -6,6 +6,7 @@ pub mod diff;
 pub mod flamegraph;
 pub mod names;
 pub mod report;
+pub mod timeline;
 
 /// "PID 42" or "PIDs 42, 43": the recording's target processes.
 pub fn target_pids(rec: &crate::recording::Recorded) -> String {

@@ -73,6 +73,16 @@ fn a_per_request_leak_fails_the_check_and_names_its_stack() {
     // The text names the stack too.
     let line = out.lines().find(|l| l.contains(" 1. ")).unwrap_or_default();
     assert!(line.contains("remember_request"), "{out}");
+    // The timeline draws the heap's line and marks each batch.
+    let svg_path = dir.path().join("t.svg");
+    let mut cmd = alloctrace_cmd(&["timeline", "-o"]);
+    cmd.arg(&svg_path).arg(dir.path().join("leak.trace"));
+    assert!(run("alloctrace timeline", cmd).status.success());
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.contains("<title>heap</title>"), "{svg}");
+    for i in 1..=6 {
+        assert!(svg.contains(&format!("<title>batch {i}</title>")), "{svg}");
+    }
 }
 
 #[test]
@@ -147,8 +157,10 @@ fn diff_of_a_clean_and_a_leaking_run_names_the_leak() {
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     check(dirs[0].path(), "clean");
     check(dirs[1].path(), "leak");
-    let mut cmd = alloctrace_cmd(&["diff", "--format", "json"]);
-    cmd.arg(dirs[0].path().join("clean.trace"))
+    let svg = dirs[0].path().join("diff.svg");
+    let mut cmd = alloctrace_cmd(&["diff", "--format", "json", "--flamegraph"]);
+    cmd.arg(&svg)
+        .arg(dirs[0].path().join("clean.trace"))
         .arg(dirs[1].path().join("leak.trace"));
     let out = run("alloctrace diff", cmd);
     assert!(
@@ -165,4 +177,8 @@ fn diff_of_a_clean_and_a_leaking_run_names_the_leak() {
         .find(|t| t["class"] == "heap")
         .unwrap();
     assert_eq!(heap["delta"].as_i64(), Some(8 * 50 * 512), "{d:#}");
+    // The differential flame graph: the leak's stack, drawn as grown.
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.contains("remember_request"), "{svg}");
+    assert!(svg.contains("after against before"), "{svg}");
 }
