@@ -11,12 +11,17 @@ use std::{
 use alloctrace::{
     check::{self, LoadPlan},
     escape, hooks,
+    model::Class,
     model::Thresholds,
     output,
     probes::{ProbeConfig, StackMode},
     recording::{Reader, SeriesRead},
     session::{self, RecordOptions, TargetSpec, heap_duty::DutyOptions, phases::PhaseRule},
-    views::{self, flamegraph, names, report},
+    views::{
+        self,
+        filter::{CellFilter, Layer},
+        flamegraph, names, report,
+    },
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -133,6 +138,19 @@ enum Command {
         /// `--kind leaks`: judge after a warm-up of SECONDS (see `report --warmup`).
         #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
         warmup: Option<Duration>,
+        /// Only host memory (heap, mappings, pinned host memory) or only device memory (CUDA,
+        /// PyTorch's tensors and cache, the driver's own): one scale each.
+        #[arg(long, value_enum)]
+        layer: Option<LayerArg>,
+        /// Only these classes (repeatable): heap, mmap, cuda, torch, ...
+        #[arg(long, value_name = "CLASS", value_parser = parse_class)]
+        class: Vec<Class>,
+        /// Only these phases (repeatable): serve, load, none, ...
+        #[arg(long, value_name = "NAME")]
+        phase: Vec<String>,
+        /// Only these processes (repeatable).
+        #[arg(long, value_name = "PID")]
+        pid: Vec<u32>,
     },
     /// Render live bytes by class over time as an SVG chart, with the target's RSS and marks
     /// where a process died (the OOM killer), PyTorch's allocator ran out, or a check batch
@@ -316,6 +334,12 @@ enum StackArg {
 }
 
 #[derive(Copy, Clone, ValueEnum)]
+enum LayerArg {
+    Host,
+    Device,
+}
+
+#[derive(Copy, Clone, ValueEnum)]
 enum GraphKind {
     Live,
     Faults,
@@ -364,6 +388,13 @@ fn parse_percent(s: &str) -> Result<f64, String> {
     Ok(pct / 100.0)
 }
 
+fn parse_class(s: &str) -> Result<Class, String> {
+    Class::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = Class::ALL.iter().map(|c| c.name()).collect();
+        format!("`{s}` is not a class: one of {}", names.join(", "))
+    })
+}
+
 fn parse_ring_mib(s: &str) -> Result<u32, String> {
     let mib: u32 = s
         .parse()
@@ -409,9 +440,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kind,
             full_names,
             warmup,
+            layer,
+            class,
+            phase,
+            pid,
         } => {
             let warmup = warmup.map(|w| w.as_secs_f64());
-            flamegraph(&file, &output, force, title, kind, full_names, warmup)?;
+            let mut classes = class;
+            if let Some(layer) = layer {
+                let layer = match layer {
+                    LayerArg::Host => Layer::Host,
+                    LayerArg::Device => Layer::Device,
+                };
+                let of_layer = layer.classes();
+                classes = match classes.is_empty() {
+                    true => of_layer,
+                    false => classes
+                        .into_iter()
+                        .filter(|c| of_layer.contains(c))
+                        .collect(),
+                };
+            }
+            let filter = CellFilter {
+                classes,
+                phases: phase,
+                pids: pid,
+            };
+            let picture = (title, kind, full_names, warmup);
+            flamegraph(&file, &output, force, picture, &filter)?;
         }
         Command::Diff {
             before,
@@ -677,10 +733,8 @@ fn flamegraph(
     file: &Path,
     output: &Path,
     force: bool,
-    title: Option<String>,
-    kind: GraphKind,
-    full_names: bool,
-    warmup_s: Option<f64>,
+    (title, kind, full_names, warmup_s): (Option<String>, GraphKind, bool, Option<f64>),
+    filter: &CellFilter,
 ) -> anyhow::Result<()> {
     output::check_destination(output, force)?;
     // Leak suspects are judged from the series' batches; the other graphs read the final state.
@@ -692,7 +746,11 @@ fn flamegraph(
     if !full_names {
         names::use_display_names(&mut recorded);
     }
+    filter.apply(&mut recorded);
     let mut options = flamegraph::FlamegraphOptions::default();
+    if !filter.is_empty() {
+        options.note = Some(filter.describe());
+    }
     match kind {
         GraphKind::Live => {}
         GraphKind::Faults => {

@@ -25,6 +25,8 @@ pub struct FlamegraphOptions {
     pub kind: Kind,
     /// `None`: the target's command, PID(s) and the recording's duration.
     pub subtitle: Option<String>,
+    /// Added to the subtitle: what a filter kept (`views::filter`).
+    pub note: Option<String>,
 }
 
 impl Default for FlamegraphOptions {
@@ -33,6 +35,7 @@ impl Default for FlamegraphOptions {
             title: DEFAULT_TITLE.to_string(),
             kind: Kind::Live,
             subtitle: None,
+            note: None,
         }
     }
 }
@@ -154,10 +157,13 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
     // The title and a given subtitle come from the command line, where they may also carry
     // control characters (a title pasted from the target's command line).
     let title = escape::visible(&options.title).into_owned();
-    let subtitle = match &options.subtitle {
+    let mut subtitle = match &options.subtitle {
         Some(given) => escape::visible(given).into_owned(),
         None => subtitle(rec),
     };
+    if let Some(note) = &options.note {
+        subtitle.push_str(&format!(" · only {}", escape::visible(note)));
+    }
     let lines = match options.kind {
         Kind::Live => folded_lines(rec),
         Kind::Faults => folded_fault_lines(rec),
@@ -409,6 +415,7 @@ mod tests {
                 title: "prefill leak".into(),
                 kind: Kind::Live,
                 subtitle: None,
+                note: None,
             },
         )
         .unwrap();

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod diff;
+pub mod filter;
 pub mod flamegraph;
 pub mod names;
 pub mod report;
@@ -510,6 +511,7 @@ mod tests {
                 title: format!("title{HOSTILE}<&>"),
                 kind,
                 subtitle: None,
+                note: Some(format!("phase {HOSTILE}")),
             };
             let svg = render_svg(&rec, &options).unwrap();
             fixture::assert_well_formed_xml(&svg);

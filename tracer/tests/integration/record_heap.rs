@@ -638,5 +638,15 @@ fn phases_split_live_memory_by_the_request_phase_that_allocated_it() {
             text.contains("heap allocated in serve was freed in none: 5.0 KiB in 10 blocks"),
             "{text}"
         );
+        // The flame graph of one phase: serve's stacks, none of load's.
+        let svg_path = dir.path().join("serve.svg");
+        let args = ["flamegraph", "--phase", "serve", "--layer", "host", "-o"];
+        view(&[&args[..], &[svg_path.to_str().unwrap()]].concat(), &trace);
+        let svg = std::fs::read_to_string(&svg_path).unwrap();
+        assert!(
+            svg.contains("serve_leak") && svg.contains("only class heap"),
+            "{svg}"
+        );
+        assert!(!svg.contains("load_model"), "{svg}");
     }
 }
