@@ -2,7 +2,10 @@
 //! information (`record --stack auto|dwarf`), against fixtures built with
 //! `-O2 -fomit-frame-pointer` whose exact answers are known by construction. Privileged.
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use crate::common::{
     self, LEAKS, Report, Session, TestProcess, all_live, build_dir, fixture_source,
@@ -275,5 +278,105 @@ fn cpp_names_are_demangled() {
             "{function}\n{}",
             r.summary()
         );
+    }
+}
+
+/// Runs `tool ARGS`, panicking with its message if it fails.
+fn tool(tool: &str, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(tool).args(args).output().expect(tool);
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// libmini.so stripped of its symbol table, with it (or not) as xz-compressed MiniDebugInfo
+/// (`.gnu_debugdata`), and minidebug_caller linked to it; in `dir`.
+fn minidebug_caller(dir: &Path, with_minidebuginfo: bool) -> PathBuf {
+    let full = dir.join("libmini.full.so");
+    let args: Vec<std::ffi::OsString> = ["-shared", "-fPIC", "-O1", "-fno-omit-frame-pointer"]
+        .iter()
+        .map(Into::into)
+        .chain([fixture_source("minidebug_lib.c").into()])
+        .collect();
+    common::compile(&full, &args);
+    let (mini, lib) = (dir.join("mini.debug"), dir.join("libmini.so"));
+    // The symbol table alone (no DWARF, no code), compressed, as distributions make it.
+    tool(
+        "objcopy",
+        &[
+            "--only-keep-debug".as_ref(),
+            "--strip-debug".as_ref(),
+            full.as_os_str(),
+            mini.as_os_str(),
+        ],
+    );
+    tool("xz", &["-f".as_ref(), mini.as_os_str()]);
+    tool(
+        "strip",
+        &[
+            "--strip-all".as_ref(),
+            "-o".as_ref(),
+            lib.as_os_str(),
+            full.as_os_str(),
+        ],
+    );
+    if with_minidebuginfo {
+        let section = format!(".gnu_debugdata={}.xz", mini.display());
+        tool(
+            "objcopy",
+            &["--add-section".as_ref(), section.as_ref(), lib.as_os_str()],
+        );
+    }
+    let exe = dir.join("minidebug_caller");
+    let args: Vec<std::ffi::OsString> = vec![
+        "-O0".into(),
+        "-fno-omit-frame-pointer".into(),
+        fixture_source("minidebug_caller.c").into(),
+        format!("-L{}", dir.display()).into(),
+        "-lmini".into(),
+        format!("-Wl,-rpath,{}", dir.display()).into(),
+    ];
+    common::compile(&exe, &args);
+    exe
+}
+
+/// A stripped library's static function is named from its MiniDebugInfo (`.gnu_debugdata`, an
+/// xz-compressed symbol table): the 7 blocks of 3000 bytes are at `hidden_alloc`; without the
+/// section, that frame has no name.
+#[test]
+fn a_stripped_library_is_named_from_its_minidebuginfo() {
+    require_privileges!();
+    for with in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = minidebug_caller(dir.path(), with);
+        let mut target = TestProcess::spawn("minidebug_caller", Command::new(exe));
+        target.expect_stdout("ready");
+        let r = Session::attach_and_run(target, "mini", &["--heap"]).stop(libc::SIGINT);
+        let named = through(&r, "heap", "hidden_alloc");
+        if with {
+            assert_eq!(named.len(), 1, "{}", r.summary());
+            assert_eq!(
+                (named[0].live_bytes, named[0].live_count),
+                (7 * 3000, 7),
+                "{}",
+                r.summary()
+            );
+            let frames = &named[0].frames;
+            assert_eq!(frames[..2], ["hidden_alloc", "mini_alloc"], "{frames:?}");
+        } else {
+            assert!(
+                named.is_empty(),
+                "no symbol table, no name\n{}",
+                r.summary()
+            );
+            assert_eq!(
+                through(&r, "heap", "mini_alloc").len(),
+                1,
+                "{}",
+                r.summary()
+            );
+        }
     }
 }
