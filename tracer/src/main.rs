@@ -75,8 +75,8 @@ enum Command {
     /// Summarize a recording: totals per class, top live stacks, failures, lost events.
     Report {
         file: PathBuf,
-        #[arg(long, value_enum, default_value_t = Format::Text)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
         /// Write to this file instead of standard output.
         #[arg(short, long, value_name = "OUT")]
         output: Option<PathBuf>,
@@ -350,6 +350,15 @@ enum GraphKind {
 enum Format {
     Text,
     Json,
+}
+
+/// `report --format`: also `pprof`, a gzipped protobuf profile (`go tool pprof`, Pyroscope,
+/// Grafana), written with -o.
+#[derive(Copy, Clone, ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
+    Pprof,
 }
 
 /// The longest `-d`: a year. Longer is no duration a person means, and far longer ones would
@@ -659,7 +668,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
 
 fn report(
     file: &Path,
-    format: Format,
+    format: ReportFormat,
     output: Option<&Path>,
     force: bool,
     full_names: bool,
@@ -668,25 +677,35 @@ fn report(
     if let Some(out) = output {
         output::check_destination(out, force)?;
     }
-    // The text report needs the first and last points of the series; both need the batches
-    // the leak suspects are judged from.
+    if matches!(format, ReportFormat::Pprof) && output.is_none() {
+        anyhow::bail!("--format pprof writes a binary file: give it with -o FILE.pb.gz");
+    }
+    // The text report needs the first and last points of the series; the JSON the batches
+    // the leak suspects are judged from; the profile the final state.
     let series = match format {
-        Format::Text => SeriesRead::Endpoints,
-        Format::Json => SeriesRead::Batches,
+        ReportFormat::Text => SeriesRead::Endpoints,
+        ReportFormat::Json => SeriesRead::Batches,
+        ReportFormat::Pprof => SeriesRead::Nothing,
     };
     let mut recorded = Reader::open_judged(file, series, warmup_s)?;
-    let text = match format {
-        Format::Text => {
+    let bytes = match format {
+        ReportFormat::Text => {
             if !full_names {
                 names::use_display_names(&mut recorded);
             }
-            report::render_text(&recorded)
+            report::render_text(&recorded).into_bytes()
         }
-        Format::Json => report::render_json(&recorded),
+        ReportFormat::Json => report::render_json(&recorded).into_bytes(),
+        ReportFormat::Pprof => {
+            if !full_names {
+                names::use_display_names(&mut recorded);
+            }
+            views::pprof::render(&recorded)?
+        }
     };
     match output {
-        Some(path) => output::write_atomically(path, text.as_bytes(), force)?,
-        None => write_stdout(text.as_bytes())?,
+        Some(path) => output::write_atomically(path, &bytes, force)?,
+        None => write_stdout(&bytes)?,
     }
     Ok(())
 }

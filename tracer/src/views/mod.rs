@@ -6,6 +6,7 @@ pub mod diff;
 pub mod filter;
 pub mod flamegraph;
 pub mod names;
+pub mod pprof;
 pub mod report;
 pub mod timeline;
 

@@ -83,6 +83,49 @@ fn a_per_request_leak_fails_the_check_and_names_its_stack() {
     for i in 1..=6 {
         assert!(svg.contains(&format!("<title>batch {i}</title>")), "{svg}");
     }
+    pprof_reads_the_leak(dir.path(), &dir.path().join("leak.trace"));
+}
+
+/// `report --format pprof`: `go tool pprof` (Debian's golang, from scripts/setup) opens the
+/// profile and puts the leak's 8 runs × 50 × 512 bytes at remember_request.
+fn pprof_reads_the_leak(dir: &Path, trace: &Path) {
+    let profile = dir.join("leak.pb.gz");
+    let mut cmd = alloctrace_cmd(&["report", "--format", "pprof", "-o"]);
+    cmd.arg(&profile).arg(trace);
+    assert!(
+        run("alloctrace report --format pprof", cmd)
+            .status
+            .success()
+    );
+    let go = std::process::Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-sample_index=inuse_space",
+            "-unit=B",
+        ])
+        .arg(&profile)
+        .env("HOME", dir)
+        .output();
+    let out = match go {
+        Ok(out) => out,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("go tool pprof not run (no go: {e}); scripts/setup installs it");
+            return;
+        }
+        Err(e) => panic!("go is missing under CI=true (scripts/setup installs golang-go): {e}"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = (text.lines())
+        .find(|l| l.trim_end().ends_with("remember_request"))
+        .unwrap_or_else(|| panic!("no remember_request in\n{text}"));
+    assert!(line.trim_start().starts_with("204800B"), "{line}\n{text}");
 }
 
 #[test]
