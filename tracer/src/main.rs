@@ -353,12 +353,13 @@ enum Format {
 }
 
 /// `report --format`: also `pprof`, a gzipped protobuf profile (`go tool pprof`, Pyroscope,
-/// Grafana), written with -o.
+/// Grafana), written with -o; and `html`, the postmortem as one self-contained page.
 #[derive(Copy, Clone, ValueEnum)]
 enum ReportFormat {
     Text,
     Json,
     Pprof,
+    Html,
 }
 
 /// The longest `-d`: a year. Longer is no duration a person means, and far longer ones would
@@ -686,6 +687,7 @@ fn report(
         ReportFormat::Text => SeriesRead::Endpoints,
         ReportFormat::Json => SeriesRead::Batches,
         ReportFormat::Pprof => SeriesRead::Nothing,
+        ReportFormat::Html => SeriesRead::Batches,
     };
     let mut recorded = Reader::open_judged(file, series, warmup_s)?;
     let bytes = match format {
@@ -701,6 +703,12 @@ fn report(
                 names::use_display_names(&mut recorded);
             }
             views::pprof::render(&recorded)?
+        }
+        ReportFormat::Html => {
+            if !full_names {
+                names::use_display_names(&mut recorded);
+            }
+            report::render_html(&recorded).into_bytes()
         }
     };
     match output {

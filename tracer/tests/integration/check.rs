@@ -84,6 +84,88 @@ fn a_per_request_leak_fails_the_check_and_names_its_stack() {
         assert!(svg.contains(&format!("<title>batch {i}</title>")), "{svg}");
     }
     pprof_reads_the_leak(dir.path(), &dir.path().join("leak.trace"));
+    html_renders_in_chromium(dir.path(), &dir.path().join("leak.trace"));
+    assert_eq!(
+        json["verdict"][0]["category"], "leaks",
+        "{}",
+        json["verdict"]
+    );
+}
+
+/// `report --format html`, opened in headless Chromium (Debian's, from scripts/setup): the
+/// page's sections are in the DOM it built, the console logs no error, and the screenshot is
+/// the size asked with something drawn (a blank page compresses to a few KiB).
+fn html_renders_in_chromium(dir: &Path, trace: &Path) {
+    let page = dir.join("postmortem.html");
+    let mut cmd = alloctrace_cmd(&["report", "--format", "html", "-o"]);
+    cmd.arg(&page).arg(trace);
+    assert!(run("alloctrace report --format html", cmd).status.success());
+    let chromium = |extra: &[&str]| {
+        std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--enable-logging=stderr",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.join("chromium").display()
+            ))
+            .args(extra)
+            .arg(format!("file://{}", page.display()))
+            .env("HOME", dir)
+            .output()
+    };
+    let dom = match chromium(&["--dump-dom"]) {
+        Ok(out) => out,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("chromium not run ({e}); scripts/setup installs it");
+            return;
+        }
+        Err(e) => panic!("chromium is missing under CI=true (scripts/setup installs it): {e}"),
+    };
+    let html = String::from_utf8_lossy(&dom.stdout);
+    for id in [
+        "verdict",
+        "check",
+        "totals",
+        "timeline",
+        "flamegraphs",
+        "stacks",
+    ] {
+        assert!(
+            html.contains(&format!("<section id=\"{id}\">")),
+            "{id}:\n{html}"
+        );
+    }
+    assert!(html.contains("remember_request"), "{html}");
+    let log = String::from_utf8_lossy(&dom.stderr);
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("CONSOLE") || l.contains("Uncaught")),
+        "the page logged errors:\n{log}"
+    );
+    let shot = dir.join("postmortem.png");
+    let out = chromium(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=1280,2000",
+    ])
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&shot).unwrap();
+    let dimension = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+    assert_eq!(&png[1..4], b"PNG");
+    assert_eq!((dimension(16), dimension(20)), (1280, 2000));
+    assert!(
+        png.len() > 50_000,
+        "a near-blank screenshot: {} bytes",
+        png.len()
+    );
 }
 
 /// `report --format pprof`: `go tool pprof` (Debian's golang, from scripts/setup) opens the

@@ -2,6 +2,7 @@
 //! the text postmortem (`text`), both rendering the figures of `analysis`.
 
 mod analysis;
+mod html;
 mod json;
 mod phases;
 mod suspects;
@@ -19,6 +20,11 @@ use crate::recording::Recorded;
 /// written raw.
 pub fn render_json(rec: &Recorded) -> String {
     crate::escape::for_json(json::render(rec))
+}
+
+/// The postmortem as one self-contained HTML page.
+pub fn render_html(rec: &Recorded) -> String {
+    html::render(rec)
 }
 
 /// The human postmortem: what the target held when the recording ended, where, and how it grew.

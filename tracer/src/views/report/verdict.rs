@@ -6,7 +6,11 @@
 use serde::Serialize;
 
 use super::{analysis::deaths, suspects::suspects};
-use crate::{model::CellKey, recording::Recorded};
+use crate::{
+    model::CellKey,
+    recording::Recorded,
+    views::check::{self, Verdict},
+};
 
 /// Phases in which a server serves requests (the built-in profiles' and the usual rule names):
 /// growth there scales with traffic.
@@ -50,6 +54,29 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
             category: Category::EndsInOom,
             evidence: oom,
         });
+    }
+    // A leak test's recording (`alloctrace check`) is judged by its batches.
+    if let Some(a) = rec.check.and_then(|t| check::analyse(&rec.marks, t)) {
+        let (category, what, figure) = match a.verdict {
+            Verdict::Leak => (Category::Leaks, "grew", a.growth_percent),
+            Verdict::Pass => (Category::NoLeak, "grew", a.growth_percent),
+            Verdict::TooNoisy => (Category::TooNoisy, "swung by", a.noise_percent),
+        };
+        let mut evidence = vec![format!(
+            "the leak test: the traced live memory {what} {figure:.1} % over {} batches \
+             (threshold {} %, noise {:.1} %)",
+            a.batches.len(),
+            a.thresholds.growth_percent,
+            a.noise_percent
+        )];
+        if !a.suspects.is_empty() {
+            evidence.push(format!(
+                "{} rose in every batch",
+                count(a.suspects.len(), "stack")
+            ));
+        }
+        findings.push(Finding { category, evidence });
+        return findings;
     }
     let Some(s) = suspects(rec) else {
         findings.push(Finding {
