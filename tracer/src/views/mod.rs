@@ -34,6 +34,15 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// A signed byte difference in binary units ("+62.9 KiB", "-1.0 MiB", "0 B").
+/// "1 block", "3 blocks".
+pub fn count_of(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 pub fn human_delta(delta: i128) -> String {
     let magnitude = human_bytes(delta.unsigned_abs().min(u128::from(u64::MAX)) as u64);
     match delta {

@@ -18,7 +18,7 @@ use crate::{
     model::{CellKey, Class, FailureKey, HeapDuty, PAGE, PHASE_NONE, StackCounters},
     recording::batches::BATCHES,
     recording::{ProcessExit, Recorded},
-    views::{human_bytes, human_delta, one_line, target_pids},
+    views::{count_of, human_bytes, human_delta, one_line, target_pids},
 };
 
 /// How many live stacks the text report lists.
@@ -88,15 +88,6 @@ fn is_python_frame(frame: &str) -> bool {
         && frame
             .rsplit_once(" (")
             .is_some_and(|(_, at)| at.contains(".py:"))
-}
-
-/// "1 block", "2 blocks".
-fn count_of(n: u64, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
 }
 
 /// `unix_ns` as "2023-11-14 22:13:20 UTC" (proleptic Gregorian, from Howard Hinnant's

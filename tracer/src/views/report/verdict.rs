@@ -9,7 +9,10 @@ use super::{analysis::deaths, suspects::suspects};
 use crate::{
     model::CellKey,
     recording::Recorded,
-    views::check::{self, Verdict},
+    views::{
+        check::{self, Verdict},
+        count_of,
+    },
 };
 
 /// Phases in which a server serves requests (the built-in profiles' and the usual rule names):
@@ -72,7 +75,7 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
         if !a.suspects.is_empty() {
             evidence.push(format!(
                 "{} rose in every batch",
-                count(a.suspects.len(), "stack")
+                count_of(a.suspects.len() as u64, "stack")
             ));
         }
         findings.push(Finding { category, evidence });
@@ -95,7 +98,7 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
         let evidence = match category {
             Category::TooNoisy => vec![format!(
                 "{} rose in every batch of {window} by less than it swings within one",
-                count(s.too_noisy.len(), "stack")
+                count_of(s.too_noisy.len() as u64, "stack")
             )],
             _ => vec![format!(
                 "no stack's live memory rose in every batch of {window}"
@@ -110,36 +113,33 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
         category: Category::Leaks,
         evidence: vec![format!(
             "{} rose in every batch of {window}: +{} B, {:.0} B/s together",
-            count(s.rows.len(), "stack"),
+            count_of(s.rows.len() as u64, "stack"),
             total,
             rate
         )],
     });
-    let phased = |serving: bool| -> Vec<&CellKey> {
-        (s.rows.iter().map(|r| r.key))
+    // Where the suspects were allocated: in a serving phase, or (phases known) outside them.
+    let cases = [
+        (true, Category::GrowsWhileServing, "in a serving phase"),
+        (
+            false,
+            Category::GrowsWithoutTraffic,
+            "outside the serving phases",
+        ),
+    ];
+    for (serving, category, place) in cases {
+        let keys: Vec<&CellKey> = (s.rows.iter().map(|r| r.key))
             .filter(|k| SERVING_PHASES.contains(&k.phase.as_str()) == serving)
-            .collect()
-    };
-    let phases_known = rec.phases.is_some();
-    let serving = phased(true);
-    if !serving.is_empty() {
+            .collect();
+        if keys.is_empty() || (!serving && rec.phases.is_none()) {
+            continue;
+        }
         findings.push(Finding {
-            category: Category::GrowsWhileServing,
+            category,
             evidence: vec![format!(
-                "{} of them allocated in a serving phase ({})",
-                count(serving.len(), "stack"),
-                phase_list(&serving)
-            )],
-        });
-    }
-    let idle = phased(false);
-    if phases_known && !idle.is_empty() {
-        findings.push(Finding {
-            category: Category::GrowsWithoutTraffic,
-            evidence: vec![format!(
-                "{} of them allocated outside the serving phases ({})",
-                count(idle.len(), "stack"),
-                phase_list(&idle)
+                "{} of them allocated {place} ({})",
+                count_of(keys.len() as u64, "stack"),
+                phase_list(&keys)
             )],
         });
     }
@@ -148,7 +148,7 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
             category: Category::TooNoisy,
             evidence: vec![format!(
                 "{} more rose by less than they swing: not judged",
-                count(s.too_noisy.len(), "stack")
+                count_of(s.too_noisy.len() as u64, "stack")
             )],
         });
     }
@@ -165,7 +165,7 @@ fn oom_evidence(rec: &Recorded) -> Vec<String> {
     if let Some(first) = rec.torch_ooms.first() {
         evidence.push(format!(
             "PyTorch's caching allocator ran out {} (first at {} s, {} B asked)",
-            count(rec.torch_ooms.len(), "time"),
+            count_of(rec.torch_ooms.len() as u64, "time"),
             first.t_s,
             first.requested
         ));
@@ -183,7 +183,7 @@ fn oom_evidence(rec: &Recorded) -> Vec<String> {
     if failed > 0 {
         evidence.push(format!(
             "{} failed for want of memory",
-            count(failed as usize, "allocation")
+            count_of(failed as usize as u64, "allocation")
         ));
     }
     evidence
@@ -195,14 +195,6 @@ fn phase_list(keys: &[&CellKey]) -> String {
     phases.sort_unstable();
     phases.dedup();
     phases.join(", ")
-}
-
-fn count(n: usize, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
 }
 
 #[cfg(test)]
