@@ -6,15 +6,21 @@ use std::path::Path;
 
 use crate::common::{alloctrace_cmd, fixture, report_value, run};
 
-/// Runs `alloctrace check` against `server_fixture MODE` (2 warm-up runs, 6 batches); returns
-/// its exit code, standard output and the recording's JSON report.
-fn check(dir: &Path, mode: &str) -> (i32, String, serde_json::Value) {
+/// The server's request and answer FIFOs, made in `dir`.
+fn fifos(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (requests, answers) = (dir.join("requests"), dir.join("answers"));
     for fifo in [&requests, &answers] {
         let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: a valid C string.
         assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
     }
+    (requests, answers)
+}
+
+/// Runs `alloctrace check` against `server_fixture MODE` (2 warm-up runs, 6 batches); returns
+/// its exit code, standard output and the recording's JSON report.
+fn check(dir: &Path, mode: &str) -> (i32, String, serde_json::Value) {
+    let (requests, answers) = fifos(dir);
     let load = format!(
         "for i in $(seq 50); do echo r; done > {} && head -c 50 {} > /dev/null",
         requests.display(),
@@ -240,12 +246,7 @@ fn a_swinging_server_is_too_noisy_to_judge() {
 fn a_target_that_dies_before_the_batches_cannot_be_judged() {
     require_privileges!();
     let dir = tempfile::tempdir().unwrap();
-    let (requests, answers) = (dir.path().join("requests"), dir.path().join("answers"));
-    for fifo in [&requests, &answers] {
-        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string.
-        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
-    }
+    let (requests, answers) = fifos(dir.path());
     let load = format!(
         "echo r > {} && head -c 1 {}",
         requests.display(),
