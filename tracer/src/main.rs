@@ -127,9 +127,11 @@ enum Command {
         /// Title of the picture.
         #[arg(long)]
         title: Option<String>,
-        /// `live`: bytes live at the end, by class and stack; `faults`: bytes faulted in
+        /// `live`: bytes live at the end, by class and stack (file mappings and thread stacks
+        /// apart, in `static`: they never dwarf what can grow); `faults`: bytes faulted in
         /// (sampled page faults), by stack: which code made RSS grow; `leaks`: the leak
-        /// suspects' growth after the warm-up (what kept growing).
+        /// suspects' growth after the warm-up (what kept growing); `static`: file mappings and
+        /// thread stacks reserved, at their mapped size.
         #[arg(long, value_enum, default_value_t = GraphKind::Live)]
         kind: GraphKind,
         /// Every frame and whole C++ names (see `report --full-names`).
@@ -344,6 +346,7 @@ enum GraphKind {
     Live,
     Faults,
     Leaks,
+    Static,
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -767,7 +770,7 @@ fn flamegraph(
     // Leak suspects are judged from the series' batches; the other graphs read the final state.
     let series = match kind {
         GraphKind::Leaks => SeriesRead::Batches,
-        GraphKind::Live | GraphKind::Faults => SeriesRead::Nothing,
+        GraphKind::Live | GraphKind::Faults | GraphKind::Static => SeriesRead::Nothing,
     };
     let mut recorded = Reader::open_judged(file, series, warmup_s)?;
     if !full_names {
@@ -787,6 +790,10 @@ fn flamegraph(
         GraphKind::Leaks => {
             options.kind = flamegraph::Kind::Leaks;
             options.title = flamegraph::LEAKS_TITLE.to_string();
+        }
+        GraphKind::Static => {
+            options.kind = flamegraph::Kind::Static;
+            options.title = flamegraph::STATIC_TITLE.to_string();
         }
     }
     if let Some(title) = title {

@@ -114,6 +114,12 @@ impl Class {
         }
     }
 
+    /// Memory there by construction, not grown by work: loaded files' code and data, thread
+    /// stacks reserved (mostly not resident). Reported apart from what can grow.
+    pub fn is_static(self) -> bool {
+        matches!(self, Class::MmapFile | Class::ThreadStack)
+    }
+
     /// Whether the class's live bytes are memory the traced processes hold and could leak:
     /// not file mappings and thread stacks reserved at start (static), not the views inside
     /// other classes (PyTorch's, host registration), not another process's memory (IPC).

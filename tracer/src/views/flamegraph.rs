@@ -50,10 +50,16 @@ pub enum Kind {
     /// The leak suspects' growth after the warm-up (docs/accounting.md, "Leak suspects"),
     /// under their class: only what kept growing, none of what is merely large.
     Leaks,
+    /// Static memory, apart: file mappings (code and data of loaded files) and thread stacks
+    /// reserved, at their mapped size (mostly not resident). `Live` leaves them out, so that
+    /// they never dwarf what can grow.
+    Static,
 }
 
 pub const FAULTS_TITLE: &str = "alloctrace: bytes faulted in by stack (sampled)";
 pub const LEAKS_TITLE: &str = "alloctrace: leak suspects, growth after the warm-up by stack";
+pub const STATIC_TITLE: &str =
+    "alloctrace: static memory by stack (file mappings, thread stacks; mapped, not resident)";
 
 /// Folded lines of the leak suspects' growth, `class;outermost;...;innermost BYTES` (none when
 /// the recording was too short to judge).
@@ -88,11 +94,21 @@ pub fn folded_fault_lines(rec: &Recorded) -> Vec<String> {
 }
 
 /// The folded stack lines of the live bytes, sorted, one per distinct stack (equal stacks of
-/// different cells merged), cells with nothing live left out.
+/// different cells merged), cells with nothing live left out, static memory (`Kind::Static`)
+/// too.
 pub fn folded_lines(rec: &Recorded) -> Vec<String> {
+    folded_live(rec, false)
+}
+
+/// The folded lines of the static memory alone.
+pub fn folded_static_lines(rec: &Recorded) -> Vec<String> {
+    folded_live(rec, true)
+}
+
+fn folded_live(rec: &Recorded, statics: bool) -> Vec<String> {
     let mut folded = FoldedStacks::default();
     for (key, counters) in &rec.state.cells {
-        if counters.live_bytes == 0 {
+        if counters.live_bytes == 0 || key.class.is_static() != statics {
             continue;
         }
         let root = root_of(key.class.name(), &key.phase);
@@ -168,6 +184,7 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
         Kind::Live => folded_lines(rec),
         Kind::Faults => folded_fault_lines(rec),
         Kind::Leaks => folded_leak_lines(rec),
+        Kind::Static => folded_static_lines(rec),
     };
     if lines.is_empty() {
         let nothing = match options.kind {
@@ -177,6 +194,7 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
                 "No leak suspect: no stack grew in every batch after the warm-up (or the \
                  recording is too short to judge)."
             }
+            Kind::Static => "No file mapping or thread stack was live at the end.",
         };
         return Ok(nothing_svg(&title, &subtitle, nothing).into_bytes());
     }
@@ -321,6 +339,33 @@ mod tests {
         assert!(
             svg.contains("Nothing was live in either recording"),
             "{svg}"
+        );
+    }
+
+    /// Thread stacks and file mappings go to their own graph, never into the live one.
+    #[test]
+    fn static_memory_has_a_graph_of_its_own() {
+        let mut rec = fixture::recorded();
+        let key = CellKey {
+            class: Class::ThreadStack,
+            pid: 7,
+            phase: PHASE_NONE.to_string(),
+            stack: Some(0),
+        };
+        let counters = StackCounters {
+            live_bytes: 8 << 20,
+            live_count: 1,
+            ..StackCounters::default()
+        };
+        rec.state.cells.insert(key, counters);
+        assert!(
+            folded_lines(&rec)
+                .iter()
+                .all(|l| !l.starts_with("thread-stack"))
+        );
+        assert_eq!(
+            folded_static_lines(&rec),
+            ["thread-stack;main;run_scenario;leak_malloc 8388608"]
         );
     }
 

@@ -43,10 +43,9 @@ pub struct Suspect<'a> {
     pub bytes_per_s: f64,
 }
 
-/// Memory that is there by construction, not grown by work: loaded files' code and data, thread
-/// stacks reserved.
+/// Memory that is there by construction, not grown by work (`Class::is_static`).
 pub(super) fn is_static(class: Class) -> bool {
-    matches!(class, Class::MmapFile | Class::ThreadStack)
+    class.is_static()
 }
 
 /// The suspects, `None` when the recording is too short to judge (or was read without its
