@@ -291,9 +291,20 @@ fn tool(tool: &str, args: &[&std::ffi::OsStr]) {
     );
 }
 
-/// libmini.so stripped of its symbol table, with it (or not) as xz-compressed MiniDebugInfo
-/// (`.gnu_debugdata`), and minidebug_caller linked to it; in `dir`.
-fn minidebug_caller(dir: &Path, with_minidebuginfo: bool) -> PathBuf {
+/// Where a stripped library's symbols are.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Symbols {
+    /// Nowhere.
+    Stripped,
+    /// In its `.gnu_debugdata` section (MiniDebugInfo).
+    MiniDebugInfo,
+    /// In a separate debug file beside it, named by its `.gnu_debuglink`.
+    DebugLink,
+}
+
+/// libmini.so stripped of its symbol table, with its symbols where `symbols` says, and
+/// minidebug_caller linked to it; in `dir`.
+fn minidebug_caller(dir: &Path, symbols: Symbols) -> PathBuf {
     let full = dir.join("libmini.full.so");
     let args: Vec<std::ffi::OsString> = ["-shared", "-fPIC", "-O1", "-fno-omit-frame-pointer"]
         .iter()
@@ -322,12 +333,26 @@ fn minidebug_caller(dir: &Path, with_minidebuginfo: bool) -> PathBuf {
             full.as_os_str(),
         ],
     );
-    if with_minidebuginfo {
-        let section = format!(".gnu_debugdata={}.xz", mini.display());
-        tool(
-            "objcopy",
-            &["--add-section".as_ref(), section.as_ref(), lib.as_os_str()],
-        );
+    match symbols {
+        Symbols::Stripped => {}
+        Symbols::MiniDebugInfo => {
+            let section = format!(".gnu_debugdata={}.xz", mini.display());
+            tool(
+                "objcopy",
+                &["--add-section".as_ref(), section.as_ref(), lib.as_os_str()],
+            );
+        }
+        Symbols::DebugLink => {
+            let debug = dir.join("libmini.so.debug");
+            let keep = [
+                "--only-keep-debug".as_ref(),
+                full.as_os_str(),
+                debug.as_os_str(),
+            ];
+            tool("objcopy", &keep);
+            let link = format!("--add-gnu-debuglink={}", debug.display());
+            tool("objcopy", &[link.as_ref(), lib.as_os_str()]);
+        }
     }
     let exe = dir.join("minidebug_caller");
     let args: Vec<std::ffi::OsString> = vec![
@@ -343,20 +368,25 @@ fn minidebug_caller(dir: &Path, with_minidebuginfo: bool) -> PathBuf {
 }
 
 /// A stripped library's static function is named from its MiniDebugInfo (`.gnu_debugdata`, an
-/// xz-compressed symbol table): the 7 blocks of 3000 bytes are at `hidden_alloc`; without the
-/// section, that frame has no name.
+/// xz-compressed symbol table), or from the separate debug file its `.gnu_debuglink` names:
+/// the 7 blocks of 3000 bytes are at `hidden_alloc`; with neither, that frame has no name.
 #[test]
-fn a_stripped_library_is_named_from_its_minidebuginfo() {
+fn a_stripped_library_is_named_from_its_minidebuginfo_or_debug_file() {
     require_privileges!();
-    for with in [true, false] {
+    for symbols in [
+        Symbols::MiniDebugInfo,
+        Symbols::DebugLink,
+        Symbols::Stripped,
+    ] {
+        let with = symbols != Symbols::Stripped;
         let dir = tempfile::tempdir().unwrap();
-        let exe = minidebug_caller(dir.path(), with);
+        let exe = minidebug_caller(dir.path(), symbols);
         let mut target = TestProcess::spawn("minidebug_caller", Command::new(exe));
         target.expect_stdout("ready");
         let r = Session::attach_and_run(target, "mini", &["--heap"]).stop(libc::SIGINT);
         let named = through(&r, "heap", "hidden_alloc");
         if with {
-            assert_eq!(named.len(), 1, "{}", r.summary());
+            assert_eq!(named.len(), 1, "{symbols:?}\n{}", r.summary());
             assert_eq!(
                 (named[0].live_bytes, named[0].live_count),
                 (7 * 3000, 7),
