@@ -342,6 +342,45 @@ mod tests {
         );
     }
 
+    /// A recording with 20,000 distinct stacks (deep, C++-length names) still draws in under
+    /// 1 MB: frames narrower than a pixel's tenth are pruned (inferno), and a live graph of
+    /// thousands of slivers stays small and searchable.
+    #[test]
+    fn many_small_stacks_keep_the_svg_under_a_megabyte() {
+        let mut rec = fixture::recorded();
+        rec.state.cells.clear();
+        for i in 0..20_000u32 {
+            let frames: Vec<String> = (0..24)
+                .map(|d| format!("at::native::some_long_operator_name_{d}_{}", i % 500))
+                .chain([format!("leaf_{i}")])
+                .collect();
+            rec.stacks.insert(
+                1000 + i,
+                Stack {
+                    index: 1000 + i,
+                    frames,
+                },
+            );
+            let key = CellKey {
+                class: Class::Heap,
+                pid: 7,
+                phase: PHASE_NONE.to_string(),
+                stack: Some(1000 + i),
+            };
+            let bytes = if i == 0 { 1 << 30 } else { 4096 };
+            let counters = StackCounters {
+                live_bytes: bytes,
+                live_count: 1,
+                ..StackCounters::default()
+            };
+            rec.state.cells.insert(key, counters);
+        }
+        let svg = render_svg(&rec, &FlamegraphOptions::default()).unwrap();
+        assert!(svg.len() < 1 << 20, "{} bytes", svg.len());
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(svg.contains("leaf_0"), "the big stack is drawn");
+    }
+
     /// Thread stacks and file mappings go to their own graph, never into the live one.
     #[test]
     fn static_memory_has_a_graph_of_its_own() {
