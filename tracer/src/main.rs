@@ -130,8 +130,9 @@ enum Command {
         /// `live`: bytes live at the end, by class and stack (file mappings and thread stacks
         /// apart, in `static`: they never dwarf what can grow); `faults`: bytes faulted in
         /// (sampled page faults), by stack: which code made RSS grow; `leaks`: the leak
-        /// suspects' growth after the warm-up (what kept growing); `static`: file mappings and
-        /// thread stacks reserved, at their mapped size.
+        /// suspects' growth after the warm-up (what kept growing); `allocated`: bytes allocated
+        /// over the recording, freed or not (churn); `static`: file mappings and thread stacks
+        /// reserved, at their mapped size.
         #[arg(long, value_enum, default_value_t = GraphKind::Live)]
         kind: GraphKind,
         /// Every frame and whole C++ names (see `report --full-names`).
@@ -346,6 +347,7 @@ enum GraphKind {
     Live,
     Faults,
     Leaks,
+    Allocated,
     Static,
 }
 
@@ -770,7 +772,9 @@ fn flamegraph(
     // Leak suspects are judged from the series' batches; the other graphs read the final state.
     let series = match kind {
         GraphKind::Leaks => SeriesRead::Batches,
-        GraphKind::Live | GraphKind::Faults | GraphKind::Static => SeriesRead::Nothing,
+        GraphKind::Live | GraphKind::Faults | GraphKind::Allocated | GraphKind::Static => {
+            SeriesRead::Nothing
+        }
     };
     let mut recorded = Reader::open_judged(file, series, warmup_s)?;
     if !full_names {
@@ -790,6 +794,10 @@ fn flamegraph(
         GraphKind::Leaks => {
             options.kind = flamegraph::Kind::Leaks;
             options.title = flamegraph::LEAKS_TITLE.to_string();
+        }
+        GraphKind::Allocated => {
+            options.kind = flamegraph::Kind::Allocated;
+            options.title = flamegraph::ALLOCATED_TITLE.to_string();
         }
         GraphKind::Static => {
             options.kind = flamegraph::Kind::Static;

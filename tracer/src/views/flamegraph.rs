@@ -50,6 +50,9 @@ pub enum Kind {
     /// The leak suspects' growth after the warm-up (docs/accounting.md, "Leak suspects"),
     /// under their class: only what kept growing, none of what is merely large.
     Leaks,
+    /// Bytes allocated over the recording, freed or not, by class and stack: where the
+    /// allocator is busy (churn), which the live graph does not show.
+    Allocated,
     /// Static memory, apart: file mappings (code and data of loaded files) and thread stacks
     /// reserved, at their mapped size (mostly not resident). `Live` leaves them out, so that
     /// they never dwarf what can grow.
@@ -58,6 +61,7 @@ pub enum Kind {
 
 pub const FAULTS_TITLE: &str = "alloctrace: bytes faulted in by stack (sampled)";
 pub const LEAKS_TITLE: &str = "alloctrace: leak suspects, growth after the warm-up by stack";
+pub const ALLOCATED_TITLE: &str = "alloctrace: bytes allocated by stack (freed or not)";
 pub const STATIC_TITLE: &str =
     "alloctrace: static memory by stack (file mappings, thread stacks; mapped, not resident)";
 
@@ -98,6 +102,19 @@ pub fn folded_fault_lines(rec: &Recorded) -> Vec<String> {
 /// too.
 pub fn folded_lines(rec: &Recorded) -> Vec<String> {
     folded_live(rec, false)
+}
+
+/// The folded lines of the bytes allocated over the recording (static memory left out).
+pub fn folded_allocated_lines(rec: &Recorded) -> Vec<String> {
+    let mut folded = FoldedStacks::default();
+    for (key, counters) in &rec.state.cells {
+        if counters.allocated_bytes == 0 || key.class.is_static() {
+            continue;
+        }
+        let root = root_of(key.class.name(), &key.phase);
+        folded.add(root, &rec.frames(key.stack), counters.allocated_bytes);
+    }
+    folded.into_lines()
 }
 
 /// The folded lines of the static memory alone.
@@ -185,6 +202,7 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
         Kind::Faults => folded_fault_lines(rec),
         Kind::Leaks => folded_leak_lines(rec),
         Kind::Static => folded_static_lines(rec),
+        Kind::Allocated => folded_allocated_lines(rec),
     };
     if lines.is_empty() {
         let nothing = match options.kind {
@@ -195,6 +213,7 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
                  recording is too short to judge)."
             }
             Kind::Static => "No file mapping or thread stack was live at the end.",
+            Kind::Allocated => "Nothing was allocated during the recording.",
         };
         return Ok(nothing_svg(&title, &subtitle, nothing).into_bytes());
     }
@@ -406,6 +425,13 @@ mod tests {
             folded_static_lines(&rec),
             ["thread-stack;main;run_scenario;leak_malloc 8388608"]
         );
+        // The allocated graph: the churn (nothing live) is there, the thread stack is not.
+        let allocated = folded_allocated_lines(&rec);
+        assert!(
+            allocated.iter().any(|l| l.contains("churn")),
+            "{allocated:?}"
+        );
+        assert!(allocated.iter().all(|l| !l.starts_with("thread-stack")));
     }
 
     #[test]
