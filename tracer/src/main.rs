@@ -154,6 +154,10 @@ enum Command {
         /// Only these processes (repeatable).
         #[arg(long, value_name = "PID")]
         pid: Vec<u32>,
+        /// The differential graph of two time points: the live bytes at the end against those
+        /// at SECONDS (red grew since, blue shrank).
+        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, conflicts_with = "kind")]
+        since: Option<Duration>,
     },
     /// Render live bytes by class over time as an SVG chart, with the target's RSS and marks
     /// where a process died (the OOM killer), PyTorch's allocator ran out, or a check batch
@@ -459,6 +463,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             class,
             phase,
             pid,
+            since,
         } => {
             let warmup = warmup.map(|w| w.as_secs_f64());
             let mut classes = class;
@@ -482,7 +487,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pids: pid,
             };
             let picture = (title, kind, full_names, warmup);
-            flamegraph(&file, &output, force, picture, &filter)?;
+            match since {
+                Some(since) => {
+                    let from = (file.as_path(), since.as_secs());
+                    flamegraph_since(from, &output, force, full_names, &filter)?;
+                }
+                None => flamegraph(&file, &output, force, picture, &filter)?,
+            }
         }
         Command::Diff {
             before,
@@ -758,6 +769,26 @@ fn diff(
         Some(path) => output::write_atomically(path, text.as_bytes(), force)?,
         None => write_stdout(text.as_bytes())?,
     }
+    Ok(())
+}
+
+/// `flamegraph --since SECONDS`: the end against that second.
+fn flamegraph_since(
+    (file, since): (&Path, u64),
+    output: &Path,
+    force: bool,
+    full_names: bool,
+    filter: &CellFilter,
+) -> anyhow::Result<()> {
+    output::check_destination(output, force)?;
+    let mut recorded = Reader::open_with(file, SeriesRead::All)?;
+    if !full_names {
+        names::use_display_names(&mut recorded);
+    }
+    filter.apply(&mut recorded);
+    let then = flamegraph::at_second(&recorded, since);
+    let svg = flamegraph::render_diff_svg(&then, &recorded)?;
+    output::write_atomically(output, &svg, force)?;
     Ok(())
 }
 

@@ -274,6 +274,24 @@ pub fn render_diff_svg(before: &Recorded, after: &Recorded) -> anyhow::Result<Ve
     Ok(svg)
 }
 
+/// The recording as it stood at second `t_s`: each cell's live bytes from its series (the last
+/// point at or before `t_s`; none yet: nothing), for a differential graph of two time points.
+/// Needs the series read whole (`SeriesRead::All`).
+pub fn at_second(rec: &Recorded, t_s: u64) -> Recorded {
+    let mut then = rec.clone();
+    for counters in then.state.cells.values_mut() {
+        counters.live_bytes = 0;
+        counters.live_count = 0;
+    }
+    for p in rec.series.iter().filter(|p| p.t_s <= t_s) {
+        if let Some(counters) = then.state.cells.get_mut(&p.key) {
+            counters.live_bytes = p.live_bytes;
+            counters.live_count = p.live_count;
+        }
+    }
+    then
+}
+
 /// inferno refuses an empty input: this is the graph of nothing, in inferno's look, saying what
 /// there was none of.
 fn nothing_svg(title: &str, subtitle: &str, nothing: &str) -> String {
@@ -336,6 +354,36 @@ mod tests {
         };
         let svg = String::from_utf8(render_svg(&rec, &options).unwrap()).unwrap();
         assert!(svg.contains("No leak suspect"), "{svg}");
+    }
+
+    /// `flamegraph --since`: the recording as it stood at a second, from its series.
+    #[test]
+    fn a_recording_at_a_second_has_each_cells_value_then() {
+        use crate::model::SeriesPoint;
+        let mut rec = fixture::recorded();
+        let key = rec.state.cells.keys().next().unwrap().clone();
+        rec.series = [(1, 100), (3, 300), (5, 500)]
+            .map(|(t_s, live_bytes)| SeriesPoint {
+                t_s,
+                key: key.clone(),
+                live_bytes,
+                live_count: 1,
+            })
+            .to_vec();
+        let live_at = |t| at_second(&rec, t).state.cells[&key].live_bytes;
+        assert_eq!(
+            (live_at(0), live_at(1), live_at(4), live_at(9)),
+            (0, 100, 300, 500)
+        );
+        // Another cell without points had nothing then.
+        let then = at_second(&rec, 9);
+        assert!(
+            then.state
+                .cells
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .all(|(_, c)| c.live_bytes == 0)
+        );
     }
 
     /// `diff --flamegraph`: AFTER's widths, the change from BEFORE as colour; a stack only

@@ -446,6 +446,18 @@ fn a_steady_per_request_leak_is_the_first_suspect_with_its_rate() {
     let svg = std::fs::read_to_string(&svg_path).unwrap();
     assert!(svg.contains("remember_request"), "{svg}");
     assert!(!svg.contains("request_churn"), "{svg}");
+    // The differential graph of the end against second 1: the leak drawn as grown.
+    let since_path = dir.path().join("since.svg");
+    let args = [
+        "flamegraph",
+        "--since",
+        "1",
+        "-o",
+        since_path.to_str().unwrap(),
+    ];
+    view(&args, &trace);
+    let since = std::fs::read_to_string(&since_path).unwrap();
+    assert!(since.contains("remember_request") && since.contains("after against before"));
     // A warm-up given: judged from there, the same leak first.
     let json = view(&["report", "--format", "json", "--warmup", "1"], &trace);
     let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
