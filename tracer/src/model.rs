@@ -342,6 +342,14 @@ pub struct Phases {
     pub frees: Vec<PhaseFrees>,
 }
 
+/// Entries of a phase in one second (`phase_activity`): the requests a serving phase saw then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseActivity {
+    pub t_s: u64,
+    pub phase: String,
+    pub entries: u64,
+}
+
 /// One `--phase` rule and how often its function was entered (requests, for a serving phase).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PhaseRuleFigures {

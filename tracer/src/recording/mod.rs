@@ -78,6 +78,9 @@ pub struct Recorded {
     pub stack_capture: Option<crate::model::StackCapture>,
     /// `alloctrace check`'s thresholds, when it made the recording.
     pub check: Option<crate::model::Thresholds>,
+    /// Phases' entries by second (`record --phase`, native rules), in time order; empty for an
+    /// older recording.
+    pub phase_activity: Vec<crate::model::PhaseActivity>,
     /// Moments a driver marked (`alloctrace check`), in order; empty for a plain recording.
     pub marks: Vec<crate::model::Mark>,
     /// `record --phase`: the rules and their figures (`None`: no rule was given).

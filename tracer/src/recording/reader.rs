@@ -644,6 +644,12 @@ impl Reading<'_> {
         } else {
             (Vec::new(), Vec::new())
         };
+        // Added within version 1 too.
+        let phase_activity = if self.has_table("phase_activity")? {
+            self.read_phase_activity()?
+        } else {
+            Vec::new()
+        };
         let faults = self.read_amounts(&FAULTS)?;
         let released = self.read_amounts(&RELEASED)?;
         let cuda_calls = self.read_cuda_calls()?;
@@ -696,6 +702,7 @@ impl Reading<'_> {
             check: metadata
                 .optional_text(meta::CHECK)
                 .and_then(|json| serde_json::from_str(json).ok()),
+            phase_activity,
             marks: metadata
                 .optional_text(meta::MARKS)
                 .and_then(|json| serde_json::from_str(json).ok())
@@ -963,6 +970,17 @@ impl Reading<'_> {
             |r| r.get(0),
         )?;
         Ok(n > 0)
+    }
+
+    fn read_phase_activity(&self) -> Result<Vec<crate::model::PhaseActivity>, ReadFailure> {
+        let sql = "SELECT t_s, phase, entries FROM phase_activity ORDER BY rowid";
+        self.collect_rows(sql, |row| {
+            Ok(crate::model::PhaseActivity {
+                t_s: from_sql(row.get(0)?),
+                phase: row.get(1)?,
+                entries: from_sql(row.get(2)?),
+            })
+        })
     }
 
     fn read_torch_samples(&self) -> Result<Vec<AllocatorSample>, ReadFailure> {

@@ -168,6 +168,13 @@ CREATE TABLE torch_ooms (
     sleeping          INTEGER NOT NULL,  -- segment bytes unmapped at the driver (vLLM sleep mode)
     async_backend     INTEGER NOT NULL   -- 1: the cudaMallocAsync backend (tensors only)
 );
+-- `record --phase`: how many times each native rule's phase was entered, by second (seconds
+-- without entries have no row).
+CREATE TABLE phase_activity (
+    t_s     INTEGER NOT NULL,
+    phase   TEXT NOT NULL,
+    entries INTEGER NOT NULL
+);
 CREATE VIEW series_by_cell AS
     SELECT s.t_s, c.pid, c.class, c.phase, c.stack_id, s.live_bytes, s.live_count
     FROM series AS s JOIN cells AS c ON c.id = s.cell_id;

@@ -397,6 +397,27 @@ impl Writer {
         )
     }
 
+    /// Appends phases' entries of the last second (`record --phase`).
+    pub fn add_phase_activity(
+        &mut self,
+        rows: &[crate::model::PhaseActivity],
+    ) -> Result<(), RecordingError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.append(
+            "INSERT INTO phase_activity (t_s, phase, entries) VALUES (?1, ?2, ?3)",
+            rows,
+            |a| {
+                [
+                    rusqlite::types::Value::Integer(to_sql(a.t_s)),
+                    rusqlite::types::Value::Text(a.phase.clone()),
+                    rusqlite::types::Value::Integer(to_sql(a.entries)),
+                ]
+            },
+        )
+    }
+
     /// Appends PyTorch caching-allocator OOMs (their stacks are in the stack table already).
     pub fn add_torch_ooms(&mut self, ooms: &[AllocatorOom]) -> Result<(), RecordingError> {
         if ooms.is_empty() {

@@ -20,8 +20,8 @@ use tokio::{
 use crate::{
     cuda::nvml::GpuMemorySource,
     model::{
-        AllocatorSample, Class, Mark, MarkCell, MemoryLimit, PhaseFrees, PhaseRuleFigures, Phases,
-        RssSample, StackCapture,
+        AllocatorSample, Class, Mark, MarkCell, MemoryLimit, PhaseActivity, PhaseFrees,
+        PhaseRuleFigures, Phases, RssSample, StackCapture,
     },
     probes::{Probes, resolve::AllocatorObject},
     proc::status::{own_status, read_status},
@@ -214,6 +214,8 @@ pub struct Recorder {
     /// Whether to show the event rate on stderr (a terminal), and the event count last shown.
     pub(super) progress: bool,
     pub(super) last_events: u64,
+    /// Entries of each kernel phase id at the last commit.
+    pub(super) phase_entries_seen: [u64; phase::IDS],
     /// What a driver marked (`alloctrace check`), and how many of them the recording has.
     pub(super) marks: Vec<Mark>,
     pub(super) marks_written: usize,
@@ -596,6 +598,8 @@ impl Recorder {
         })?;
         if let Some(phases) = self.phases() {
             self.writer.set_phases(&phases)?;
+            let activity = self.phase_activity(t_s as u64);
+            self.writer.add_phase_activity(&activity)?;
         }
         if self.marks.len() > self.marks_written {
             self.writer.set_marks(&self.marks)?;
@@ -684,6 +688,28 @@ impl Recorder {
             rules,
             frees,
         })
+    }
+
+    /// Each native phase's entries since the last call, at second `t_s` (phases of several
+    /// rules added up).
+    fn phase_activity(&mut self, t_s: u64) -> Vec<PhaseActivity> {
+        let entries = self.probes.phase_entries();
+        let mut by_phase: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in &self.phase_rules {
+            let i = r.id as usize;
+            let new = entries[i].saturating_sub(self.phase_entries_seen[i]);
+            if new > 0 {
+                *by_phase.entry(r.rule.name.as_str()).or_default() += new;
+            }
+        }
+        self.phase_entries_seen = entries;
+        (by_phase.into_iter())
+            .map(|(phase, entries)| PhaseActivity {
+                t_s,
+                phase: phase.to_string(),
+                entries,
+            })
+            .collect()
     }
 
     /// Events lost so far, all causes.

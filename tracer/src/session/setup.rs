@@ -269,6 +269,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         phases_given,
         marks: Vec::new(),
         marks_written: 0,
+        phase_entries_seen: [0; tracer_common::phase::IDS],
     })
 }
 

@@ -282,6 +282,7 @@ pub(crate) mod fixture {
             }],
             gpu_source: Some("recorded samples".into()),
             check: None,
+            phase_activity: Vec::new(),
             marks: Vec::new(),
             phases: Some(crate::model::Phases {
                 profiles: Vec::new(),
@@ -347,6 +348,7 @@ pub(crate) mod fixture {
             torch_ooms: Vec::new(),
             gpu_source: None,
             check: None,
+            phase_activity: Vec::new(),
             marks: Vec::new(),
             phases: None,
             stack_capture: None,

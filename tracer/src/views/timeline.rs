@@ -1,5 +1,6 @@
 //! `alloctrace timeline`: an SVG chart of live bytes by class over the recording, with the
-//! target's resident memory, and marks where something happened: a death (the OOM killer's
+//! target's resident memory, bands where the phases of native rules were entered (requests,
+//! for a serving phase), and marks where something happened: a death (the OOM killer's
 //! included), PyTorch's allocator running out, the batches of `alloctrace check`. Drawn by hand:
 //! one step line a class (fixed colours), axes in bytes and seconds. Everything from the
 //! recording is escaped for XML.
@@ -131,6 +132,7 @@ pub fn render(rec: &Recorded) -> String {
             );
         }
     }
+    let phases = phase_bands(&mut svg, rec, &x);
     for (class, points) in &lines {
         let _ = writeln!(
             svg,
@@ -148,7 +150,7 @@ pub fn render(rec: &Recorded) -> String {
             steps(&rss, end, &x, &y)
         );
     }
-    legend(&mut svg, lines.keys().copied(), !rss.is_empty());
+    legend(&mut svg, lines.keys().copied(), !rss.is_empty(), &phases);
     svg.push_str("</svg>\n");
     svg
 }
@@ -187,11 +189,53 @@ fn axes(svg: &mut String, scale: u64, end: f64, x: &impl Fn(f64) -> f64, y: &imp
     }
 }
 
-/// The legend under the plot: a swatch and a name per class, then RSS.
-fn legend(svg: &mut String, classes: impl Iterator<Item = Class>, rss: bool) {
-    let mut entries: Vec<(&str, &str, &str)> = classes.map(|c| (colour(c), c.name(), "")).collect();
+/// Colours of the phase bands, by a phase's rank of first entry.
+const PHASE_COLOURS: [&str; 6] = [
+    "#ffd54f", "#81c784", "#64b5f6", "#ba68c8", "#ff8a65", "#a1887f",
+];
+
+/// A band a phase along the plot's top: a box over each second the phase was entered in, its
+/// entries in the box's title. The phases drawn, in band order.
+fn phase_bands(svg: &mut String, rec: &Recorded, x: &impl Fn(f64) -> f64) -> Vec<String> {
+    let mut phases: Vec<String> = Vec::new();
+    for a in &rec.phase_activity {
+        if !phases.contains(&a.phase) {
+            phases.push(a.phase.clone());
+        }
+    }
+    for a in &rec.phase_activity {
+        let row = phases.iter().position(|p| *p == a.phase).unwrap_or(0);
+        let (from, to) = (x(a.t_s as f64), x(a.t_s as f64 + 1.0));
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{from:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"8\" fill=\"{}\" \
+             fill-opacity=\"0.8\"><title>phase {}: {} entries at {} s</title></rect>",
+            TOP + 2.0 + 10.0 * row as f64,
+            (to - from).max(1.0),
+            PHASE_COLOURS[row % PHASE_COLOURS.len()],
+            for_xml(&a.phase),
+            a.entries,
+            a.t_s
+        );
+    }
+    phases
+}
+
+/// The legend under the plot: a swatch and a name per class, then RSS, then the phases.
+fn legend(svg: &mut String, classes: impl Iterator<Item = Class>, rss: bool, phases: &[String]) {
+    let mut entries: Vec<(&str, String, &str)> = classes
+        .map(|c| (colour(c), c.name().to_string(), ""))
+        .collect();
     if rss {
-        entries.push(("#000000", "RSS", " stroke-dasharray=\"6,3\""));
+        entries.push(("#000000", "RSS".into(), " stroke-dasharray=\"6,3\""));
+    }
+    for (i, phase) in phases.iter().enumerate() {
+        let name = format!("phase {}", for_xml(phase));
+        entries.push((
+            PHASE_COLOURS[i % PHASE_COLOURS.len()],
+            name,
+            " stroke-width=\"8\"",
+        ));
     }
     for (i, (colour, name, dash)) in entries.iter().enumerate() {
         let (col, row) = (i % 6, i / 6);
@@ -292,6 +336,29 @@ mod tests {
     #[test]
     fn timeline_matches_golden() {
         fixture::assert_golden("timeline.svg", &render(&fixture::recorded()));
+    }
+
+    /// Phase bands: a box over each second a phase was entered, in the phase's band.
+    #[test]
+    fn phases_are_bands_over_the_seconds_they_were_entered() {
+        let mut rec = fixture::recorded();
+        rec.phase_activity = [(1, "serve", 3), (2, "serve", 5), (1, "load", 1)]
+            .map(|(t_s, phase, entries)| crate::model::PhaseActivity {
+                t_s,
+                phase: phase.into(),
+                entries,
+            })
+            .to_vec();
+        let svg = render(&rec);
+        assert!(
+            svg.contains("<title>phase serve: 3 entries at 1 s</title>"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("<title>phase load: 1 entries at 1 s</title>"),
+            "{svg}"
+        );
+        assert!(svg.contains(">phase serve</text>") && svg.contains(">phase load</text>"));
     }
 
     #[test]

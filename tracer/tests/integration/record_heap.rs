@@ -572,6 +572,18 @@ fn phases_split_live_memory_by_the_request_phase_that_allocated_it() {
             [("load", 1), ("serve", 50), ("decode", 50)],
             "{mode:?}"
         );
+        // The same entries, second by second (the timeline's bands).
+        let mut by_second: std::collections::BTreeMap<&str, u64> = Default::default();
+        for a in phases["activity"].as_array().unwrap() {
+            *by_second.entry(a["phase"].as_str().unwrap()).or_default() +=
+                a["entries"].as_u64().unwrap();
+        }
+        let expected = [("decode", 50), ("load", 1), ("serve", 50)];
+        assert_eq!(
+            by_second.into_iter().collect::<Vec<_>>(),
+            expected,
+            "{phases}"
+        );
         let row = |name: &str| {
             let rows = phases["by_phase"].as_array().unwrap();
             let row = rows.iter().find(|r| r["phase"] == name).unwrap();

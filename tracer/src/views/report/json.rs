@@ -16,7 +16,8 @@ use super::{
 };
 use crate::{
     model::{
-        ClassTotals, PAGE, PhaseFrees, PhaseRuleFigures, StackCapture, StackCounters, StackIndex,
+        ClassTotals, PAGE, PhaseActivity, PhaseFrees, PhaseRuleFigures, StackCapture,
+        StackCounters, StackIndex,
     },
     recording::{ProcessExit, Recorded},
     views::check::{Thresholds, Verdict, analyse},
@@ -143,6 +144,8 @@ struct JsonPhases<'a> {
     by_phase: Vec<PhaseRow>,
     /// Blocks by (class, allocated-in, freed-in phase).
     frees: &'a [PhaseFrees],
+    /// Native phases' entries by second (`t_s`, `phase`, `entries`).
+    activity: &'a [PhaseActivity],
 }
 
 #[derive(Serialize)]
@@ -307,6 +310,7 @@ pub(super) fn render(rec: &Recorded) -> String {
             rules: &p.rules,
             by_phase: phase_rows(rec).unwrap_or_default(),
             frees: &p.frees,
+            activity: &rec.phase_activity,
         }),
         failures: failures(rec),
         unmatched_frees: rec.state.unmatched_frees,
