@@ -342,6 +342,16 @@ pub struct Phases {
     pub frees: Vec<PhaseFrees>,
 }
 
+/// Failed allocations of one second (`failure_seconds`): which call, how it failed, how many.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureSecond {
+    pub t_s: u64,
+    pub class: Class,
+    pub function: String,
+    pub error: String,
+    pub count: u64,
+}
+
 /// Entries of a phase in one second (`phase_activity`): the requests a serving phase saw then.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhaseActivity {

@@ -78,6 +78,8 @@ pub struct Recorded {
     pub stack_capture: Option<crate::model::StackCapture>,
     /// `alloctrace check`'s thresholds, when it made the recording.
     pub check: Option<crate::model::Thresholds>,
+    /// Failed allocations by second, in time order; empty for an older recording.
+    pub failure_seconds: Vec<crate::model::FailureSecond>,
     /// Phases' entries by second (`record --phase`, native rules), in time order; empty for an
     /// older recording.
     pub phase_activity: Vec<crate::model::PhaseActivity>,

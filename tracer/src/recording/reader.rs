@@ -650,6 +650,11 @@ impl Reading<'_> {
         } else {
             Vec::new()
         };
+        let failure_seconds = if self.has_table("failure_seconds")? {
+            self.read_failure_seconds()?
+        } else {
+            Vec::new()
+        };
         let faults = self.read_amounts(&FAULTS)?;
         let released = self.read_amounts(&RELEASED)?;
         let cuda_calls = self.read_cuda_calls()?;
@@ -703,6 +708,7 @@ impl Reading<'_> {
                 .optional_text(meta::CHECK)
                 .and_then(|json| serde_json::from_str(json).ok()),
             phase_activity,
+            failure_seconds,
             marks: metadata
                 .optional_text(meta::MARKS)
                 .and_then(|json| serde_json::from_str(json).ok())
@@ -970,6 +976,22 @@ impl Reading<'_> {
             |r| r.get(0),
         )?;
         Ok(n > 0)
+    }
+
+    fn read_failure_seconds(&self) -> Result<Vec<crate::model::FailureSecond>, ReadFailure> {
+        let sql = "SELECT s.t_s, f.class, f.function, f.error, s.count
+                   FROM failure_seconds AS s JOIN failures AS f ON f.id = s.failure_id
+                   ORDER BY s.rowid";
+        self.collect_rows(sql, |row| {
+            let class: String = row.get(1)?;
+            Ok(crate::model::FailureSecond {
+                t_s: from_sql(row.get(0)?),
+                class: self.class(&class)?,
+                function: row.get(2)?,
+                error: row.get(3)?,
+                count: from_sql(row.get(4)?),
+            })
+        })
     }
 
     fn read_phase_activity(&self) -> Result<Vec<crate::model::PhaseActivity>, ReadFailure> {

@@ -58,6 +58,14 @@ CREATE TABLE failures (
     pid      INTEGER NOT NULL
 );
 
+-- The second each failure (a `failures` row) was first committed, its count's growth by
+-- second (absent from older files).
+CREATE TABLE failure_seconds (
+    failure_id INTEGER NOT NULL,  -- failures(id); kept after a merge removed that row
+    t_s        INTEGER NOT NULL,
+    count      INTEGER NOT NULL
+);
+
 CREATE TABLE lost_events (
     cause TEXT PRIMARY KEY NOT NULL,
     count INTEGER NOT NULL

@@ -181,6 +181,17 @@ fn finalized_recording_reads_back_exactly_as_one_file() {
     assert!(rec.ended_unix_ns.is_some_and(|ns| ns > rec.started_unix_ns));
     committed.assert_read_back(&rec);
 
+    // The failure, in the second it was committed.
+    assert_eq!(
+        rec.failure_seconds,
+        [crate::model::FailureSecond {
+            t_s: 2,
+            class: Class::Heap,
+            function: "malloc".into(),
+            error: "ENOMEM".into(),
+            count: 1,
+        }]
+    );
     // The figures themselves, not only their equality with the ledger's.
     let heap = rec.state.totals[&Class::Heap];
     assert_eq!(heap.live_bytes, 10 * 100 + 600 + 2 * 64 + 50 - 600);

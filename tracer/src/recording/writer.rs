@@ -603,7 +603,7 @@ impl Tick<'_> {
         self.write_series(series)?;
         // Whole seconds, as the ledger stamps the cell series.
         self.write_totals(t_s.max(0.0) as u64, state)?;
-        self.write_failures(state)?;
+        self.write_failures(t_s.max(0.0) as u64, state)?;
         self.write_lost_events(state)?;
         self.write_amounts(&schema::FAULTS, &state.faults)?;
         self.write_amounts(&schema::RELEASED, &state.released)?;
@@ -799,20 +799,25 @@ impl Tick<'_> {
         Ok(())
     }
 
-    fn write_failures(&mut self, state: &LedgerState) -> rusqlite::Result<()> {
+    fn write_failures(&mut self, t_s: u64, state: &LedgerState) -> rusqlite::Result<()> {
         let mut upsert = self.tx.prepare_cached(
             "INSERT OR REPLACE INTO failures (id, class, function, size, error, stack_id, count, pid)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
+        // When: the failures of each second, for the timeline and the verdict.
+        let mut when = self.tx.prepare_cached(
+            "INSERT INTO failure_seconds (failure_id, t_s, count) VALUES (?1, ?2, ?3)",
+        )?;
         for (key, &count) in &state.failures {
-            let id = match self.failures.get(key) {
+            let (id, before) = match self.failures.get(key) {
                 Some(&(_, written)) if written == count => continue,
-                Some(&(id, _)) => id,
+                Some(&(id, written)) => (id, written),
                 None => {
                     *self.next_failure_id += 1;
-                    *self.next_failure_id - 1
+                    (*self.next_failure_id - 1, 0)
                 }
             };
+
             upsert.execute(params![
                 id,
                 key.class.name(),
@@ -824,6 +829,11 @@ impl Tick<'_> {
                 key.pid
             ])?;
             self.failures.insert(key.clone(), (id, count));
+            when.execute(params![
+                id,
+                to_sql(t_s),
+                to_sql(count.saturating_sub(before))
+            ])?;
         }
         if self.failures.len() > state.failures.len() {
             let mut delete = self

@@ -282,6 +282,7 @@ pub(crate) mod fixture {
             }],
             gpu_source: Some("recorded samples".into()),
             check: None,
+            failure_seconds: Vec::new(),
             phase_activity: Vec::new(),
             marks: Vec::new(),
             phases: Some(crate::model::Phases {
@@ -348,6 +349,7 @@ pub(crate) mod fixture {
             torch_ooms: Vec::new(),
             gpu_source: None,
             check: None,
+            failure_seconds: Vec::new(),
             phase_activity: Vec::new(),
             marks: Vec::new(),
             phases: None,

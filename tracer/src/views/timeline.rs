@@ -270,6 +270,24 @@ fn marks(rec: &Recorded) -> Vec<Mark> {
         label: format!("PyTorch OOM ({} asked)", human_bytes(o.requested)),
         alarm: true,
     }));
+    // Failed allocations, one mark a second with failures (teardown's, after the driver was
+    // deinitialized, are no alarm).
+    let mut failed: Vec<(u64, u64, bool)> = Vec::new();
+    for f in &rec.failure_seconds {
+        let teardown = f.error == "CUDA_ERROR_DEINITIALIZED";
+        match failed.last_mut() {
+            Some((t, n, all_teardown)) if *t == f.t_s => {
+                *n += f.count;
+                *all_teardown &= teardown;
+            }
+            _ => failed.push((f.t_s, f.count, teardown)),
+        }
+    }
+    marks.extend(failed.into_iter().map(|(t_s, n, teardown)| Mark {
+        t_s: t_s as f64,
+        label: format!("{n} failed allocation{}", if n == 1 { "" } else { "s" }),
+        alarm: !teardown,
+    }));
     marks.extend(rec.marks.iter().map(|m| Mark {
         t_s: m.t_s,
         label: m.label.clone(),
@@ -359,6 +377,15 @@ mod tests {
             "{svg}"
         );
         assert!(svg.contains(">phase serve</text>") && svg.contains(">phase load</text>"));
+        // Failed allocations are marked where they happened.
+        rec.failure_seconds = vec![crate::model::FailureSecond {
+            t_s: 2,
+            class: Class::Heap,
+            function: "malloc".into(),
+            error: "ENOMEM".into(),
+            count: 3,
+        }];
+        assert!(render(&rec).contains("<title>3 failed allocations</title>"));
     }
 
     #[test]

@@ -42,7 +42,7 @@ struct JsonReport<'a> {
     /// What kept growing once the program was warm; null when the recording is too short to
     /// judge.
     suspects: Option<JsonSuspects>,
-    /// The recording classified: each category (`ends-in-oom`, `leaks`, `grows-while-serving`,
+    /// The recording classified: each category (`ends-in-oom`, `error-induced`, `leaks`, `grows-while-serving`,
     /// `grows-without-traffic`, `too-noisy`, `no-leak`, `not-judged`) with its evidence, the
     /// gravest first.
     verdict: Vec<Finding>,

@@ -500,6 +500,7 @@ fn text_verdict(out: &mut String, rec: &Recorded) {
 fn category_name(c: Category) -> &'static str {
     match c {
         Category::EndsInOom => "ends in an OOM",
+        Category::ErrorInduced => "grows after errors",
         Category::Leaks => "leaks",
         Category::GrowsWhileServing => "grows while serving (scales with traffic)",
         Category::GrowsWithoutTraffic => "grows without traffic",

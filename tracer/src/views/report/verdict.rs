@@ -3,11 +3,13 @@
 //! no leak), from the deaths, the OOMs and failed allocations, the leak suspects and their
 //! phases. Rules in docs/accounting.md, "The verdict".
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::{analysis::deaths, suspects::suspects};
 use crate::{
-    model::CellKey,
+    model::{CellKey, Class},
     recording::Recorded,
     views::{
         check::{self, Verdict},
@@ -26,6 +28,9 @@ pub enum Category {
     /// A traced process was killed by the OOM killer, or an allocation failed for want of
     /// memory (PyTorch's caching allocator, the CUDA driver, malloc).
     EndsInOom,
+    /// Allocations failed, and the live memory rose then and did not come back: an error path
+    /// that leaks.
+    ErrorInduced,
     /// Live memory rose in every batch after the warm-up.
     Leaks,
     /// It rose in a serving phase: it scales with traffic.
@@ -56,6 +61,13 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
         findings.push(Finding {
             category: Category::EndsInOom,
             evidence: oom,
+        });
+    }
+    let errors = error_induced(rec);
+    if !errors.is_empty() {
+        findings.push(Finding {
+            category: Category::ErrorInduced,
+            evidence: errors,
         });
     }
     // A leak test's recording (`alloctrace check`) is judged by its batches.
@@ -189,6 +201,56 @@ fn oom_evidence(rec: &Recorded) -> Vec<String> {
     evidence
 }
 
+/// Failures followed by growth that stayed: at each second with failed allocations (not the
+/// teardown's), the traced live memory of the classes that can leak rose from the second before
+/// to the second after, and never fell back by half that rise afterwards.
+fn error_induced(rec: &Recorded) -> Vec<String> {
+    let Some(last) = rec.totals_series.iter().map(|p| p.t_s).max() else {
+        return Vec::new();
+    };
+    // Each second's total, from the classes' step functions.
+    let mut totals = vec![0u64; last as usize + 2];
+    let mut current: BTreeMap<Class, u64> = BTreeMap::new();
+    let mut points = rec
+        .totals_series
+        .iter()
+        .filter(|p| p.class.can_leak())
+        .peekable();
+    for (t, total) in totals.iter_mut().enumerate() {
+        while let Some(p) = points.next_if(|p| p.t_s <= t as u64) {
+            current.insert(p.class, p.live_bytes);
+        }
+        *total = current.values().sum();
+    }
+    let at = |t: u64| totals[(t as usize).min(totals.len() - 1)];
+    let mut by_second: BTreeMap<u64, (u64, &str, &str)> = BTreeMap::new();
+    for f in rec
+        .failure_seconds
+        .iter()
+        .filter(|f| f.error != "CUDA_ERROR_DEINITIALIZED")
+    {
+        let e = by_second.entry(f.t_s).or_insert((0, &f.function, &f.error));
+        e.0 += f.count;
+    }
+    let mut evidence = Vec::new();
+    for (&t, &(n, function, error)) in &by_second {
+        let (before, after) = (at(t.saturating_sub(1)), at(t + 1));
+        if after <= before {
+            continue;
+        }
+        let rise = after - before;
+        let lowest_since = (t + 1..=last + 1).map(at).min().unwrap_or(after);
+        if lowest_since >= before + rise / 2 {
+            evidence.push(format!(
+                "{} at {t} s ({function} → {error}); the traced live memory rose by {rise} B \
+                 then and did not come back",
+                count_of(n, "failed allocation")
+            ));
+        }
+    }
+    evidence
+}
+
 /// The distinct phases of `keys`, in order.
 fn phase_list(keys: &[&CellKey]) -> String {
     let mut phases: Vec<&str> = keys.iter().map(|k| k.phase.as_str()).collect();
@@ -295,6 +357,47 @@ mod tests {
         rec.duration_s = 3.0;
         rec.batches = None;
         assert_eq!(categories(&rec), [Category::NotJudged]);
+    }
+
+    /// Growth at failures that stays is error-induced; growth that comes back is not; the
+    /// teardown's failures are no error path.
+    #[test]
+    fn growth_that_stays_after_failures_is_error_induced() {
+        use crate::{model::FailureSecond, recording::TotalsPoint};
+        let mut rec = growing(&[]);
+        let heap = |t_s, live_bytes| TotalsPoint {
+            t_s,
+            class: Class::Heap,
+            live_bytes,
+            live_count: 1,
+        };
+        let failed = |t_s, error: &str| FailureSecond {
+            t_s,
+            class: Class::Cuda,
+            function: "cuMemAlloc_v2".into(),
+            error: error.into(),
+            count: 2,
+        };
+        rec.totals_series = vec![heap(0, 100), heap(3, 5100), heap(8, 5000)];
+        rec.failure_seconds = vec![failed(3, "CUDA_ERROR_OUT_OF_MEMORY")];
+        let findings = classify(&rec);
+        let errors = findings
+            .iter()
+            .find(|f| f.category == Category::ErrorInduced);
+        assert_eq!(
+            errors.unwrap().evidence,
+            [
+                "2 failed allocations at 3 s (cuMemAlloc_v2 → CUDA_ERROR_OUT_OF_MEMORY); the \
+              traced live memory rose by 5000 B then and did not come back"
+            ]
+        );
+        // It came back: no error path kept it.
+        rec.totals_series.push(heap(9, 100));
+        assert!(!categories(&rec).contains(&Category::ErrorInduced));
+        // The teardown's failures are not looked at.
+        rec.totals_series.pop();
+        rec.failure_seconds = vec![failed(3, "CUDA_ERROR_DEINITIALIZED")];
+        assert!(!categories(&rec).contains(&Category::ErrorInduced));
     }
 
     fn k_huge() -> FailureKey {
