@@ -146,14 +146,28 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
         if keys.is_empty() || (!serving && rec.phases.is_none()) {
             continue;
         }
-        findings.push(Finding {
-            category,
-            evidence: vec![format!(
-                "{} of them allocated {place} ({})",
-                count_of(keys.len() as u64, "stack"),
-                phase_list(&keys)
-            )],
-        });
+        let mut evidence = vec![format!(
+            "{} of them allocated {place} ({})",
+            count_of(keys.len() as u64, "stack"),
+            phase_list(&keys)
+        )];
+        // Per request: their growth over the serving phases' entries in the judged part.
+        let requests: u64 = (rec.phase_activity.iter())
+            .filter(|a| SERVING_PHASES.contains(&a.phase.as_str()))
+            .filter(|a| (a.t_s as f64) >= s.from_s && (a.t_s as f64) < s.to_s)
+            .map(|a| a.entries)
+            .sum();
+        if serving && requests > 0 {
+            let growth: u64 = (s.rows.iter())
+                .filter(|r| keys.contains(&r.key))
+                .map(|r| r.growth)
+                .sum();
+            evidence.push(format!(
+                "about {} B per request: +{growth} B over {requests} serving-phase entries",
+                growth / requests
+            ));
+        }
+        findings.push(Finding { category, evidence });
     }
     if !s.too_noisy.is_empty() {
         findings.push(Finding {
@@ -322,6 +336,21 @@ mod tests {
         assert_eq!(
             evidence,
             "1 stack of them allocated in a serving phase (serve)"
+        );
+        // With the requests counted (entries by second), the growth per request.
+        rec.phase_activity = (0..12)
+            .map(|t_s| crate::model::PhaseActivity {
+                t_s,
+                phase: "serve".into(),
+                entries: 10,
+            })
+            .collect();
+        let findings = classify(&rec);
+        // Judged from 4 s to 12 s: 80 entries; the stack's means rose 1000 B a second over the
+        // 6 s between the first and last batches' middles: +6000 B.
+        assert_eq!(
+            findings[1].evidence[1],
+            "about 75 B per request: +6000 B over 80 serving-phase entries"
         );
         // Without phases, where it grew is not known.
         rec = growing(&[key(PHASE_NONE, 1)]);
