@@ -464,8 +464,16 @@ pub mod phase {
     pub const MAX_DEPTH: usize = 8;
     /// Rules at most (phase ids 1 to `MAX_RULES`).
     pub const MAX_RULES: usize = 30;
-    /// Phase ids: none, the rules, and one spare so that the table is a power of two.
+    /// Phase ids: none, the rules, and `IDLE` (which makes the table a power of two).
     pub const IDS: usize = 32;
+    /// The phase of a thread outside every rule's call in a process that saw no activity (a
+    /// rule's entry, an event inside a phase, PyTorch allocator traffic) for the idle threshold
+    /// (`PHASES_ON[IDLE_MS]`), once it saw some.
+    pub const IDLE: u32 = IDS as u32 - 1;
+    /// `PHASES_ON` slots: whether a rule is attached, and the idle threshold in ms (0: no idle
+    /// phase).
+    pub const ON: u32 = 0;
+    pub const IDLE_MS: u32 = 1;
     /// Cells of the free matrix (`PhaseFrees`): a (allocated-in, freed-in) pair each.
     pub const MATRIX_CELLS: usize = IDS * IDS;
 

@@ -156,11 +156,17 @@ pub static SAMPLE_EXP: Array<u32> = Array::with_max_entries(heap_sample::TABLE_L
 #[map]
 pub static THREAD_PHASES: LruHashMap<u32, ThreadPhases> = LruHashMap::with_max_entries(1 << 16, 0);
 
-/// `record --phase`: 1 once a native phase rule is attached (user space sets it then, which may
-/// be late: a server library mapped after start); records carry their thread's phase from then
-/// on. A map, not a load-time global: one array read per event while 0.
+/// `record --phase`: slot `phase::ON` is 1 once a native phase rule is attached (user space sets
+/// it then, which may be late: a server library mapped after start); records carry their
+/// thread's phase from then on. Slot `phase::IDLE_MS`: the idle threshold (`--idle-after`). A
+/// map, not a load-time global: one array read per event while 0.
 #[map]
-pub static PHASES_ON: Array<u32> = Array::with_max_entries(1, 0);
+pub static PHASES_ON: Array<u32> = Array::with_max_entries(2, 0);
+
+/// `record --phase`: when each traced process (by tgid) last showed activity (ns since boot):
+/// the idle phase begins the idle threshold after it.
+#[map]
+pub static LAST_ACTIVITY: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 12, 0);
 
 /// `record --phase`: entries of each phase (by phase id), per CPU.
 #[map]

@@ -5,27 +5,68 @@
 //! record carries the thread's innermost phase; the kernel's heap ledger keys its stacks by it and
 //! counts each held block's free by (allocated-in, freed-in) phase (`PHASE_FREES`). Until a rule
 //! is attached (`PHASES_ON` 0) each read is one array lookup.
+//!
+//! Idle: a thread outside every rule's call is in phase `IDLE` when its process showed no
+//! activity (`LAST_ACTIVITY`: a rule's entry, an event of a thread inside a phase, PyTorch
+//! allocator traffic) for the idle threshold, once it showed some: what a server allocates with
+//! no request in flight. Before the first activity (start-up, loading) it is in none.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::uprobe,
     programs::ProbeContext,
 };
-use tracer_common::phase::{IDS, MAX_DEPTH, ThreadPhases};
+use tracer_common::phase::{IDLE, IDLE_MS, IDS, MAX_DEPTH, ON, ThreadPhases};
 
 use crate::{
     arch::UserRegs,
     inflight::attach_cookie,
-    maps::{PHASE_ENTRIES, PHASE_FREES, PHASES_ON, TARGETS, THREAD_PHASES},
+    maps::{LAST_ACTIVITY, PHASE_ENTRIES, PHASE_FREES, PHASES_ON, TARGETS, THREAD_PHASES},
     stack::forget_value,
 };
 
 /// Whether phase rules are attached in this recording.
 #[inline(always)]
 pub fn enabled() -> bool {
-    PHASES_ON.get(0).is_some_and(|on| *on != 0)
+    PHASES_ON.get(ON).is_some_and(|on| *on != 0)
+}
+
+/// The calling thread's process shows activity now: its idle phase starts over.
+#[inline(always)]
+pub fn note_activity() {
+    if !enabled() {
+        return;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = LAST_ACTIVITY.insert(&tgid, &now, 0);
+}
+
+/// Phase `IDLE` when the calling thread's process has shown no activity for the idle threshold
+/// (and showed some before), else none.
+#[inline(always)]
+fn idle_or_none() -> u32 {
+    let Some(ms) = PHASES_ON.get(IDLE_MS).map(|ms| u64::from(*ms)) else {
+        return 0;
+    };
+    if ms == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: a lookup of a plain value.
+    let Some(last) = (unsafe { LAST_ACTIVITY.get(&tgid) }).copied() else {
+        return 0;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(last) >= ms * 1_000_000 {
+        IDLE
+    } else {
+        0
+    }
 }
 
 /// Whether the call entered with return address `ret` at stack slot `slot` still runs when the
@@ -63,7 +104,7 @@ pub fn current() -> u32 {
     }
     let tid = bpf_get_current_pid_tgid() as u32;
     let Some(phases) = THREAD_PHASES.get_ptr_mut(&tid) else {
-        return 0;
+        return idle_or_none();
     };
     // SAFETY: a map value, valid while this program runs; only this thread writes it.
     let phases = unsafe { &mut *phases };
@@ -71,8 +112,12 @@ pub fn current() -> u32 {
         drop_returned(phases, regs.sp, true);
     }
     match phases.depth as usize {
-        0 => 0,
-        d => phases.ids[(d - 1) & (MAX_DEPTH - 1)] & (IDS as u32 - 1),
+        0 => idle_or_none(),
+        d => {
+            // A request in flight is activity, however long it runs without a new entry.
+            note_activity();
+            phases.ids[(d - 1) & (MAX_DEPTH - 1)] & (IDS as u32 - 1)
+        }
     }
 }
 
@@ -115,6 +160,7 @@ pub fn phase_enter(ctx: ProbeContext) -> u32 {
         phases.ret[i] = ret;
         phases.depth += 1;
     }
+    note_activity();
     if let Some(entries) = PHASE_ENTRIES.get_ptr_mut(id) {
         // SAFETY: per-CPU slot: no other writer while this program runs.
         unsafe { *entries += 1 };

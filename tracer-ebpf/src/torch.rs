@@ -140,6 +140,8 @@ fn emit(ctx: &ProbeContext, pool: [u64; 2]) -> u32 {
 #[inline(always)]
 fn send(ctx: &ProbeContext, [action, device, addr, size, stream]: [u64; 5], pool: [u64; 2]) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
+    // PyTorch allocator traffic is activity: the process is not idle (`phase.rs`).
+    crate::phase::note_activity();
     let event = TorchEvent {
         kind: event_kind::TORCH,
         tgid: (pid_tgid >> 32) as u32,

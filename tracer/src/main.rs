@@ -260,6 +260,13 @@ struct RecordArgs {
     /// llama.cpp by libllama's functions (load, kv-cache, serve) when the target maps it.
     #[arg(long)]
     no_phase_profiles: bool,
+    /// A process with phases (a --phase rule, or a profile's that matched) is idle once it has
+    /// shown no activity for MS milliseconds: no phase entered, no thread inside one, no
+    /// PyTorch allocator traffic. What its threads allocate outside every phase from then on is
+    /// in phase idle (before its first activity, start-up, it is in none): memory that grows
+    /// with no request in flight. 0 turns the idle phase off.
+    #[arg(long, value_name = "MS", default_value_t = session::phases::IDLE_AFTER_MS)]
+    idle_after: u32,
     /// Do not follow child processes. By default every process the target forks (and what
     /// they exec) is traced from birth, as inference servers run their engine and GPU workers
     /// as children; every figure carries its PID.
@@ -573,6 +580,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
         heap: args.heap,
         phases: args.phase,
         phase_profiles: !args.no_phase_profiles,
+        idle_after_ms: args.idle_after,
         check: None,
         heap_duty,
         max_memory: args.max_memory.map(|mib| mib << 20),

@@ -146,6 +146,10 @@ impl Class {
 /// when no phase rule is given.
 pub const PHASE_NONE: &str = "none";
 
+/// A thread outside every phase of a process that showed no activity (a rule's entry, work
+/// inside a phase, PyTorch allocator traffic) for `record --idle-after` ms, once it showed some.
+pub const PHASE_IDLE: &str = "idle";
+
 /// Index of a stack in the recording's stack table (dense, from 0).
 pub type StackIndex = u32;
 

@@ -841,11 +841,23 @@ impl Probes {
             .map_err(|e| uprobe_err(&e, &rule.rule.symbol, &rule.shown_path))?;
         self.uprobe_links.push((PHASE_ENTER_PROGRAM, link));
         // Records carry phases from now on.
+        self.set_phases_on(phase::ON, 1)
+    }
+
+    /// Records carry phases, and a process quiet for `idle_ms` is idle (`tracer-ebpf/src/
+    /// phase.rs`): for Python rules, which attach no probe, and for the idle phase itself.
+    pub fn enable_idle_phase(&mut self, idle_ms: u32) -> Result<(), ProbeError> {
+        self.set_phases_on(phase::IDLE_MS, idle_ms)?;
+        self.set_phases_on(phase::ON, 1)
+    }
+
+    fn set_phases_on(&mut self, slot: u32, value: u32) -> Result<(), ProbeError> {
         let map = (self.ebpf.map_mut("PHASES_ON"))
             .ok_or_else(|| ProbeError::Load("no PHASES_ON map".into()))?;
         let mut on: Array<_, u32> =
             Array::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
-        on.set(0, 1, 0).map_err(|e| ProbeError::Load(chain(&e)))
+        on.set(slot, value, 0)
+            .map_err(|e| ProbeError::Load(chain(&e)))
     }
 
     /// Entries of each phase so far, by phase id.

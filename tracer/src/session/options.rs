@@ -28,6 +28,8 @@ pub struct RecordOptions {
     pub phases: Vec<PhaseRule>,
     /// The built-in phase profiles' rules too (`hooks::PROFILES`).
     pub phase_profiles: bool,
+    /// `--idle-after`: quiet ms after which a process with phases is idle (0: never).
+    pub idle_after_ms: u32,
     /// `alloctrace check`'s thresholds, written into the recording it makes.
     pub check: Option<crate::model::Thresholds>,
     /// Duty-cycled heap (`--heap-budget`, `--heap-duty`): the heap probes attached in windows.

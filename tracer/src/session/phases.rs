@@ -13,14 +13,14 @@ use std::{
     str::FromStr,
 };
 
-use tracer_common::phase::MAX_RULES;
+use tracer_common::phase::{self, MAX_RULES};
 
 use crate::{
     cuda::PHASE_GRAPH_CAPTURE,
     elf::{self, Elf},
     escape,
     hooks::PROFILES,
-    model::PHASE_NONE,
+    model::{PHASE_IDLE, PHASE_NONE},
     proc::maps::{self, Mapping},
 };
 
@@ -30,7 +30,15 @@ fn printable(s: &str) -> String {
 }
 
 /// Phases alloctrace names itself: a rule may not take their names.
-pub const BUILT_IN: [&str; 3] = [PHASE_NONE, PHASE_GRAPH_CAPTURE, PHASE_PRE_ATTACH];
+pub const BUILT_IN: [&str; 4] = [
+    PHASE_NONE,
+    PHASE_GRAPH_CAPTURE,
+    PHASE_PRE_ATTACH,
+    PHASE_IDLE,
+];
+
+/// `record --idle-after`'s default, in ms.
+pub const IDLE_AFTER_MS: u32 = 1000;
 
 /// Memory already there when the recorder attached (mappings read from /proc at attach).
 pub const PHASE_PRE_ATTACH: &str = "pre-attach";
@@ -337,10 +345,14 @@ fn locate(rule: &PhaseRule, pid: u32, maps: &[Mapping]) -> Option<(PathBuf, Stri
     Some((maps::open_path(pid, m), m.path.clone()))
 }
 
-/// The name of each kernel phase id: index 0 is none, then the rules in order.
+/// The name of each kernel phase id: index 0 is none, then the rules in order, and idle at
+/// `phase::IDLE` (ids no rule has are none).
 pub fn names(rules: &[ResolvedRule]) -> Vec<String> {
-    let mut names = vec![PHASE_NONE.to_string()];
-    names.extend(rules.iter().map(|r| r.rule.name.clone()));
+    let mut names = vec![PHASE_NONE.to_string(); phase::IDS];
+    for (name, rule) in names[1..].iter_mut().zip(rules) {
+        name.clone_from(&rule.rule.name);
+    }
+    names[phase::IDLE as usize] = PHASE_IDLE.to_string();
     names
 }
 
@@ -411,7 +423,10 @@ mod tests {
         assert_eq!(resolved[0].shown_path, libc.path);
         assert!(resolved.iter().all(|r| r.offset > 0));
         assert_ne!(resolved[0].offset, resolved[1].offset);
-        assert_eq!(names(&resolved), ["none", "alloc", "release"]);
+        let names = names(&resolved);
+        assert_eq!(names[..4], ["none", "alloc", "release", "none"]);
+        assert_eq!(names[phase::IDLE as usize], "idle");
+        assert_eq!(names.len(), phase::IDS);
 
         let err = |rule: &str| {
             resolve(&[(rule.parse().unwrap(), None)], me, &maps)
@@ -520,6 +535,10 @@ mod python_tests {
         let given: Vec<(PhaseRule, Option<&str>)> = rules.into_iter().map(|r| (r, None)).collect();
         let resolved = resolve(&given, std::process::id(), &[]).unwrap();
         assert!(resolved.is_empty());
-        assert_eq!(names(&resolved), ["none"]);
+        assert!(
+            names(&resolved)[..phase::IDLE as usize]
+                .iter()
+                .all(|n| n == "none")
+        );
     }
 }

@@ -223,6 +223,8 @@ pub struct Recorder {
     /// native ones attached.
     pub(super) phases_given: Vec<(PhaseRule, Option<&'static str>)>,
     pub(super) phase_rules: Vec<ResolvedRule>,
+    /// `--idle-after` ms, while the idle phase waits for a profile's Python rule to match.
+    pub(super) idle_pending_ms: Option<u32>,
 }
 
 impl Recorder {
@@ -596,6 +598,15 @@ impl Recorder {
                 duty.figures()
             }),
         })?;
+        if let Some(ms) = self.idle_pending_ms
+            && !self.sink.python_rules_matched().is_empty()
+        {
+            // A server of a profile shows itself: its idle time is told from now on.
+            self.idle_pending_ms = None;
+            if let Err(e) = self.probes.enable_idle_phase(ms) {
+                eprintln!("alloctrace: no idle phase: {e}");
+            }
+        }
         if let Some(phases) = self.phases() {
             self.writer.set_phases(&phases)?;
             let activity = self.phase_activity(t_s as u64);

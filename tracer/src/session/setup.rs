@@ -78,6 +78,8 @@ pub struct Attached {
     cuda_hooked: CudaHooked,
     phases_given: Vec<(PhaseRule, Option<&'static str>)>,
     phase_rules: Vec<ResolvedRule>,
+    /// Whether the idle phase is on (`--idle-after`).
+    idle_on: bool,
 }
 
 /// Loads the probes, finds the target and its allocator, and attaches.
@@ -103,9 +105,16 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
     };
     let phase_rules = phases::resolve(&phases_given, pid, &target.maps)?;
     let initial_brk = current_brk(pid);
+    // The idle phase where phases are: the user's rules, or a profile's native rule attached
+    // (a profile's Python rule turns it on when it first matches, `Recorder::tick`).
+    let idle_now = opts.idle_after_ms > 0 && (!opts.phases.is_empty() || !phase_rules.is_empty());
     let attached = (phase_rules
         .iter()
         .try_for_each(|rule| probes.attach_phase(rule)))
+    .and_then(|()| match idle_now {
+        true => probes.enable_idle_phase(opts.idle_after_ms),
+        false => Ok(()),
+    })
     .and_then(|()| probes.trace_mappings(pid))
     .and_then(|()| match &allocator {
         Some(allocator) if opts.probes.heap_systemwide => probes.attach_systemwide(allocator),
@@ -132,6 +141,7 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
         cuda_hooked,
         phases_given,
         phase_rules,
+        idle_on: idle_now,
     })
 }
 
@@ -190,6 +200,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         cuda_hooked,
         phases_given,
         phase_rules,
+        idle_on,
     } = attached;
     let pid = target.pid;
     let started = Instant::now();
@@ -270,6 +281,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         marks: Vec::new(),
         marks_written: 0,
         phase_entries_seen: [0; tracer_common::phase::IDS],
+        idle_pending_ms: (opts.idle_after_ms > 0 && !idle_on).then_some(opts.idle_after_ms),
     })
 }
 

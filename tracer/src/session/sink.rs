@@ -184,6 +184,10 @@ impl EventSink {
     fn event_phase(&self, kernel: u32) -> PhaseId {
         match self.phase(kernel) {
             0 => self.stack_python_phase,
+            // Idle is what no phase explains: a Python phase of the stack does.
+            _ if kernel == tracer_common::phase::IDLE && self.stack_python_phase != 0 => {
+                self.stack_python_phase
+            }
             native => native,
         }
     }

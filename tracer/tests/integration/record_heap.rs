@@ -674,3 +674,54 @@ fn phases_split_live_memory_by_the_request_phase_that_allocated_it() {
         assert!(!svg.contains("load_model"), "{svg}");
     }
 }
+
+/// The idle phase: what a process allocates outside every phase once it has shown no activity
+/// for `--idle-after` ms is idle; right after a request, or before the first one (start-up), it
+/// is none. In both heap paths, and with the idle phase off.
+#[test]
+fn memory_allocated_with_no_request_in_flight_is_idle() {
+    require_privileges!();
+    let exe = fixture("heap_fixture");
+    let rule = ["--phase", "serve=heap_fixture:serve_request"];
+    let cases: [(&[&str], &str); 3] = [
+        (&["--heap", "--idle-after", "100"], "idle"),
+        (
+            &["--heap", "--stack", "dwarf", "--idle-after", "100"],
+            "idle",
+        ),
+        (&["--heap", "--idle-after", "0"], "none"),
+    ];
+    for (mode, idle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<&str> = mode.iter().chain(&rule).copied().collect();
+        let r = record_fixture_command(dir.path(), &exe, "idle", &args);
+        r.assert_no_lost_events();
+        let json = report_value(&dir.path().join("idle.trace"));
+        let phase_of = |first: &str| {
+            let stacks = json["stacks"].as_array().unwrap();
+            let s = (stacks.iter())
+                .find(|s| s["frames"].as_array().unwrap().iter().any(|f| f == first))
+                .unwrap_or_else(|| panic!("no stack with {first}"));
+            (
+                s["phase"].as_str().unwrap().to_string(),
+                s["live_bytes"].as_u64().unwrap(),
+                s["live_count"].as_u64().unwrap(),
+            )
+        };
+        let own = |p: &str, bytes, count| (p.to_string(), bytes, count);
+        assert_eq!(phase_of("idle_leak"), own(idle, 2_100, 3), "{mode:?}");
+        assert_eq!(phase_of("after_requests"), own("none", 900, 3), "{mode:?}");
+        assert_eq!(phase_of("before_requests"), own("none", 400, 1), "{mode:?}");
+        assert_eq!(phase_of("serve_leak"), own("serve", 2_560, 5), "{mode:?}");
+        let rows = json["phases"]["by_phase"].as_array().unwrap();
+        let idle_row = rows.iter().find(|r| r["phase"] == "idle");
+        match idle {
+            "idle" => {
+                let row = idle_row.unwrap_or_else(|| panic!("no idle row: {rows:?}"));
+                assert_eq!(row["live_bytes"], 2_100, "{row}");
+                assert_eq!(row["live_count"], 3, "{row}");
+            }
+            _ => assert!(idle_row.is_none(), "{rows:?}"),
+        }
+    }
+}

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{analysis::deaths, suspects::suspects};
 use crate::{
-    model::{CellKey, Class},
+    model::{CellKey, Class, PHASE_IDLE},
     recording::Recorded,
     views::{
         check::{self, Verdict},
@@ -157,6 +157,13 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
             .filter(|a| (a.t_s as f64) >= s.from_s && (a.t_s as f64) < s.to_s)
             .map(|a| a.entries)
             .sum();
+        let idle = keys.iter().filter(|k| k.phase == PHASE_IDLE).count() as u64;
+        if !serving && idle > 0 {
+            evidence.push(format!(
+                "{} allocated while the process was idle: no request in flight",
+                count_of(idle, "stack")
+            ));
+        }
         if serving && requests > 0 {
             let growth: u64 = (s.rows.iter())
                 .filter(|r| keys.contains(&r.key))
@@ -323,13 +330,20 @@ mod tests {
 
     #[test]
     fn growth_is_a_leak_and_its_phase_says_whether_it_scales_with_traffic() {
-        let mut rec = growing(&[key("serve", 1), key("load", 2)]);
+        let mut rec = growing(&[key("serve", 1), key("load", 2), key(PHASE_IDLE, 3)]);
         assert_eq!(
             categories(&rec),
             [
                 Category::Leaks,
                 Category::GrowsWhileServing,
                 Category::GrowsWithoutTraffic
+            ]
+        );
+        assert_eq!(
+            classify(&rec)[2].evidence,
+            [
+                "2 stacks of them allocated outside the serving phases (idle, load)",
+                "1 stack allocated while the process was idle: no request in flight"
             ]
         );
         let evidence = &classify(&rec)[1].evidence[0];

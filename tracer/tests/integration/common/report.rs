@@ -232,9 +232,12 @@ impl Report {
                 self.summary()
             );
         }
-        // A cell's phase is none, a rule's, or graph-capture (CUDA).
+        // A cell's phase is none, a rule's, graph-capture (CUDA), or idle (where rules are).
         let rules = self.phases.iter().flat_map(|p| &p.rules);
         let mut phases: Vec<&str> = rules.map(|r| r.name.as_str()).collect();
+        if !phases.is_empty() {
+            phases.push("idle");
+        }
         phases.extend(["none", "graph-capture"]);
         for s in &self.stacks {
             assert!(
