@@ -150,6 +150,11 @@ pub const PHASE_NONE: &str = "none";
 /// inside a phase, PyTorch allocator traffic) for `record --idle-after` ms, once it showed some.
 pub const PHASE_IDLE: &str = "idle";
 
+/// Memory a process attached to by PID already held when the recorder attached: no probe saw it
+/// made (the GPU's from the first NVML sample; the host's, resident anonymous memory, from the
+/// first /proc sample).
+pub const PHASE_PRE_ATTACH: &str = "pre-attach";
+
 /// Index of a stack in the recording's stack table (dense, from 0).
 pub type StackIndex = u32;
 
@@ -225,6 +230,10 @@ pub struct TargetInfo {
     pub pids: Vec<u32>,
     /// The command line, arguments separated by spaces.
     pub command: String,
+    /// Attached to by PID (`-p`): it ran before the recorder, and what it held then was
+    /// allocated where no probe saw it (`pre-attach`). False for a launched command.
+    #[serde(default)]
+    pub attached: bool,
 }
 
 /// The ledger's state at one moment: everything a report needs. The recorder writes one of these

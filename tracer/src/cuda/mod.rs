@@ -14,7 +14,7 @@ use crate::{
     cuda::vmm::VmmLedger,
     hooks::{self, CudaHook, Records},
     ledger::{CellRef, Ledger},
-    model::{Class, FailureKey, StackIndex},
+    model::{Class, FailureKey, PHASE_PRE_ATTACH, StackIndex},
 };
 
 /// The built-in phase of allocations made while a CUDA graph is being captured or instantiated.
@@ -277,6 +277,9 @@ pub struct HiddenMemory {
     window: BTreeMap<u32, Vec<OpaqueCall>>,
     /// Charges still standing, by process, oldest first: (ledger cell, bytes).
     charges: HashMap<u32, Vec<(u32, u64)>>,
+    /// Processes attached to by PID whose first sample is still to come: what the driver
+    /// holds for them then is memory no probe saw made (phase `pre-attach`).
+    pre_attach: HashSet<u32>,
 }
 
 impl HiddenMemory {
@@ -285,7 +288,13 @@ impl HiddenMemory {
             enabled,
             window: BTreeMap::new(),
             charges: HashMap::new(),
+            pre_attach: HashSet::new(),
         }
+    }
+
+    /// `pid` ran before the recorder attached: its first sample's residual is pre-attach.
+    pub fn attached_to(&mut self, pid: u32) {
+        self.pre_attach.insert(pid);
     }
 
     /// An opaque call at `stack` (its addresses `ips`, for a node that would name it).
@@ -321,6 +330,7 @@ impl HiddenMemory {
         named_stack: impl FnOnce(String, &[u64]) -> Option<StackIndex>,
     ) {
         let window = self.window.remove(&pid).unwrap_or_default();
+        let pre_attach = self.pre_attach.remove(&pid);
         let residual = used.saturating_sub(traced);
         let charges = self.charges.entry(pid).or_default();
         let charged: u64 = charges.iter().map(|c| c.1).sum();
@@ -331,7 +341,10 @@ impl HiddenMemory {
                 [first, rest @ ..] if rest.iter().all(|c| c.stack == first.stack) => first.stack,
                 calls => named_stack(between_samples(calls), &calls[0].ips),
             };
-            let at = CellRef::new(pid, Class::GpuUntraced, stack);
+            let mut at = CellRef::new(pid, Class::GpuUntraced, stack);
+            if pre_attach && window.is_empty() {
+                at.phase = ledger.phase(PHASE_PRE_ATTACH);
+            }
             charges.push((ledger.credit(at, delta, true), delta));
         } else {
             let mut excess = charged - residual;
@@ -436,5 +449,32 @@ mod tests {
         );
         assert_eq!(ledger.totals(Class::GpuUntraced).live_bytes, 306);
         assert!(hidden.waiting().is_empty());
+    }
+
+    #[test]
+    fn what_the_driver_held_at_attach_is_pre_attach() {
+        let mut ledger = Ledger::new();
+        let mut hidden = HiddenMemory::new(true);
+        let never = |_: String, _: &[u64]| -> Option<StackIndex> { unreachable!() };
+        let phases = |ledger: &Ledger| -> Vec<(u32, String, u64)> {
+            let cells = ledger.state(&BTreeMap::new()).cells;
+            (cells.into_iter())
+                .filter(|(k, c)| k.class == Class::GpuUntraced && c.live_bytes > 0)
+                .map(|(k, c)| (k.pid, k.phase, c.live_bytes))
+                .collect()
+        };
+        // PID 7 was attached to, PID 8 launched: only 7's first residual predates the recorder.
+        hidden.attached_to(7);
+        hidden.sample(&mut ledger, 7, (500, 0), never);
+        hidden.sample(&mut ledger, 8, (200, 0), never);
+        hidden.sample(&mut ledger, 7, (540, 0), never);
+        assert_eq!(
+            phases(&ledger),
+            [
+                (7, "none".to_string(), 40),
+                (7, "pre-attach".to_string(), 500),
+                (8, "none".to_string(), 200)
+            ]
+        );
     }
 }

@@ -677,6 +677,7 @@ impl Reading<'_> {
             target: TargetInfo {
                 pids,
                 command: metadata.text(meta::TARGET_COMMAND)?,
+                attached: metadata.int(meta::TARGET_ATTACHED)? == Some(1),
             },
             started_unix_ns: metadata.int(meta::STARTED_UNIX_NS)?.unwrap_or(0),
             ended_unix_ns: metadata.int(meta::ENDED_UNIX_NS)?,

@@ -194,6 +194,8 @@ pub(crate) mod meta {
     pub const TOOL_VERSION: &str = "tool_version";
     pub const TARGET_PIDS: &str = "target_pids";
     pub const TARGET_COMMAND: &str = "target_command";
+    /// 1 when the target was attached to by PID, 0 when launched (absent in older recordings).
+    pub const TARGET_ATTACHED: &str = "target_attached";
     pub const STARTED_UNIX_NS: &str = "started_unix_ns";
     pub const ENDED_UNIX_NS: &str = "ended_unix_ns";
     pub const DURATION_S: &str = "duration_s";

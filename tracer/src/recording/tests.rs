@@ -18,6 +18,7 @@ fn target() -> TargetInfo {
     TargetInfo {
         pids: vec![4242],
         command: "server --port 8080 'quoted arg'".to_string(),
+        attached: true,
     }
 }
 

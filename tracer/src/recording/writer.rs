@@ -890,6 +890,7 @@ fn insert_initial_meta(
     put.execute(params![meta::TOOL_VERSION, env!("CARGO_PKG_VERSION")])?;
     put.execute(params![meta::TARGET_PIDS, pids])?;
     put.execute(params![meta::TARGET_COMMAND, target.command])?;
+    put.execute(params![meta::TARGET_ATTACHED, i64::from(target.attached)])?;
     put.execute(params![meta::STARTED_UNIX_NS, to_sql(started_unix_ns)])?;
     put.execute(params![meta::DURATION_S, 0.0])?;
     put.execute(params![meta::COMPLETE, 0])?;

@@ -20,7 +20,7 @@ use crate::{
     elf::{self, Elf},
     escape,
     hooks::PROFILES,
-    model::{PHASE_IDLE, PHASE_NONE},
+    model::{PHASE_IDLE, PHASE_NONE, PHASE_PRE_ATTACH},
     proc::maps::{self, Mapping},
 };
 
@@ -39,9 +39,6 @@ pub const BUILT_IN: [&str; 4] = [
 
 /// `record --idle-after`'s default, in ms.
 pub const IDLE_AFTER_MS: u32 = 1000;
-
-/// Memory already there when the recorder attached (mappings read from /proc at attach).
-pub const PHASE_PRE_ATTACH: &str = "pre-attach";
 
 /// Longest phase name.
 const NAME_MAX: usize = 32;

@@ -29,6 +29,7 @@ use crate::{
         children::ProcessSet,
         cuda_hooking::{CudaHooked, hook_cuda},
         exits::Exits,
+        gpu_sampling::sample_gpu,
         heap_duty::{self, DutyCycle},
         launch::{self, LaunchedCommand},
         lock::{TargetLock, lock_target},
@@ -207,12 +208,13 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
     let info = TargetInfo {
         pids: vec![pid],
         command: target.command.clone(),
+        attached: target.launched.is_none(),
     };
     let mut writer = Writer::create(&opts.output, &info, unix_ns(), opts.force)?;
     let mut exits = Exits::new();
     exits.watch(pid);
     let reader = RingReader::new(probes.take_ring());
-    let gpu = open_gpu(&mut writer)?;
+    let mut gpu = open_gpu(&mut writer)?;
     if let Some(thresholds) = &opts.check {
         writer.set_check(thresholds)?;
     }
@@ -238,6 +240,13 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
     // tells anyone to go on (a launched command is still held at this point).
     if let Some(sample) = sample_rss(pid, 0, &sink.mappings) {
         writer.add_rss_samples(&[sample])?;
+    }
+    // What the driver holds for a process that ran before the recorder: pre-attach.
+    if let Some(source) = gpu.as_mut()
+        && target.launched.is_none()
+    {
+        sink.cuda.hidden.attached_to(pid);
+        sample_gpu(source.as_mut(), &mut sink, &[pid], started, &mut writer)?;
     }
     // A duty-cycled heap's first window opens before the target is released.
     let duty = (opts.heap_duty).map(|d| DutyCycle::start(d, &mut probes, &[pid]));

@@ -589,6 +589,7 @@ mod tests {
         rec.target = TargetInfo {
             pids: vec![9],
             command: "x <&> y".into(),
+            attached: false,
         };
         rec.duration_s = 1.0;
         let svg =

@@ -218,6 +218,7 @@ pub(crate) mod fixture {
             target: TargetInfo {
                 pids: vec![4242],
                 command: "heap_fixture leaks attach".to_string(),
+                attached: true,
             },
             started_unix_ns: 1_700_000_000_000_000_000,
             ended_unix_ns: Some(1_700_000_004_500_000_000),
@@ -333,6 +334,7 @@ pub(crate) mod fixture {
             target: TargetInfo {
                 pids: vec![1],
                 command: "idle".to_string(),
+                attached: false,
             },
             started_unix_ns: 0,
             ended_unix_ns: None,

@@ -723,3 +723,62 @@ fn runtime_calls_count_once_at_the_runtime_callers_stack_however_linked() {
         assert_eq!(r["failures"].as_array().unwrap().len(), 1, "{mode}: {r:#}");
     }
 }
+
+/// A process attached to by PID held memory no probe saw made: on the host, the resident
+/// mappings it made before the recorder (5 MiB, `rss_fixture preattach`) are the untraced
+/// remainder's `pre-attach` part; on the GPU, what the driver reported at attach (64 MiB, the
+/// stub NVML) is `gpu-untraced` in phase `pre-attach`, with no stack.
+#[test]
+fn memory_held_before_attach_is_pre_attach() {
+    require_privileges!();
+    let nvml = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(common::fixture("rss_fixture"));
+    cmd.arg("preattach");
+    let mut target = TestProcess::spawn("rss_fixture preattach", cmd);
+    target.expect_stdout("ready");
+    std::fs::write(
+        nvml.path().join(target.pid().to_string()),
+        format!("{}\n", 64 * MIB),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("preattach.trace");
+    let mut rec_cmd = Command::new(common::alloctrace());
+    rec_cmd
+        .args(["record", "-p", &target.pid().to_string(), "-o"])
+        .arg(&trace)
+        .env("STUB_NVML_DIR", nvml.path())
+        .env("LD_LIBRARY_PATH", stub_dir());
+    let mut recorder = TestProcess::spawn("alloctrace record", rec_cmd);
+    recorder.expect_stderr_prefix("attached");
+    target.send_line("go");
+    target.expect_stdout("done");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    common::stop_recording(&mut recorder, &mut target);
+    let r = report_value(&trace);
+    assert_eq!(r["target"]["attached"], true, "{:#}", r["target"]);
+    let untraced: Vec<(&str, &serde_json::Value, u64)> = (r["stacks"].as_array().unwrap().iter())
+        .filter(|s| s["class"] == "gpu-untraced")
+        .map(|s| {
+            let phase = s["phase"].as_str().unwrap();
+            (phase, &s["frames"], s["live_bytes"].as_u64().unwrap())
+        })
+        .collect();
+    let no_stack = serde_json::json!(["[stack lost]"]);
+    assert_eq!(untraced, [("pre-attach", &no_stack, 64 * MIB)], "{r:#}");
+    let w = &r["rss"];
+    let mapped = 20 * 64 * common::page();
+    let pre_attach = w["pre_attach"].as_u64().unwrap();
+    // The mappings, and what the process had resident besides them (a C program's data,
+    // stack and libc's: well under 1 MiB).
+    assert!(
+        pre_attach >= mapped && pre_attach < mapped + MIB,
+        "pre-attach {pre_attach} B, mapped before attach {mapped} B: {w:#}"
+    );
+    assert!(
+        pre_attach as i64 <= w["untraced_anon"].as_i64().unwrap(),
+        "{w:#}"
+    );
+    let text = String::from_utf8_lossy(&common::view(&["report"], &trace)).into_owned();
+    assert!(text.contains("of which pre-attach"), "{text}");
+}

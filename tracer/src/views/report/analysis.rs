@@ -257,6 +257,11 @@ pub fn waterfall(rec: &Recorded) -> Option<Waterfall> {
         live(Class::Mmap) + live(Class::ThreadStack) + live(Class::PythonArena);
     let traced_mappings = last.traced_resident;
     let d = |a: u64, b: u64| b as i64 - a as i64;
+    let untraced_anon =
+        last.anon as i64 - (heap_live + allocator_retained + traced_mappings) as i64;
+    // The sample taken at attach, before any event: what the target held then.
+    let at_attach = (rec.target.attached && first.t_s == 0)
+        .then(|| (first.anon).saturating_sub(first.traced_resident.max(first.arena_resident)));
     Some(Waterfall {
         pid,
         t_s: last.t_s,
@@ -268,7 +273,8 @@ pub fn waterfall(rec: &Recorded) -> Option<Waterfall> {
         allocator_retained,
         traced_mappings,
         traced_mappings_mapped,
-        untraced_anon: last.anon as i64 - (heap_live + allocator_retained + traced_mappings) as i64,
+        untraced_anon,
+        pre_attach: at_attach.map(|held| held.min(untraced_anon.max(0) as u64)),
         first_t_s: first.t_s,
         rss_growth: d(first.rss, last.rss),
         anon_growth: d(first.anon, last.anon),

@@ -176,7 +176,7 @@ fn resident(out: &mut String, rec: &Recorded) {
     };
     out.push_str("<section id=\"resident\"><h2>Resident memory</h2><table>\n");
     let untraced = human_delta(i128::from(w.untraced_anon));
-    for (k, v) in [
+    let rows = [
         ("RSS", human_bytes(w.rss)),
         ("= file-backed", human_bytes(w.file)),
         ("+ shared memory", human_bytes(w.shmem)),
@@ -191,7 +191,10 @@ fn resident(out: &mut String, rec: &Recorded) {
             human_bytes(w.traced_mappings),
         ),
         ("&nbsp;&nbsp;untraced remainder", untraced),
-    ] {
+    ];
+    let pre_attach =
+        (w.pre_attach.map(human_bytes)).map(|v| ("&nbsp;&nbsp;&nbsp;&nbsp;of which pre-attach", v));
+    for (k, v) in rows.into_iter().chain(pre_attach) {
         let _ = writeln!(out, "<tr><th>{k}</th><td>{v}</td></tr>");
     }
     out.push_str("</table></section>\n");

@@ -215,6 +215,8 @@ struct JsonFaults {
 struct JsonTarget<'a> {
     pids: &'a [u32],
     command: &'a str,
+    /// Attached to by PID (false: launched by the recorder).
+    attached: bool,
 }
 
 #[derive(Serialize)]
@@ -290,6 +292,7 @@ pub(super) fn render(rec: &Recorded) -> String {
         target: JsonTarget {
             pids: &rec.target.pids,
             command: &rec.target.command,
+            attached: rec.target.attached,
         },
         started_unix_ns: rec.started_unix_ns,
         // Milliseconds are all the precision a duration needs; more is noise in diffs.

@@ -80,6 +80,10 @@ pub struct Waterfall {
     /// `anon` minus the three above; negative when the allocator's mapped arena is not all
     /// resident.
     pub untraced_anon: i64,
+    /// Of `untraced_anon`, at most what was anonymous and resident when the recorder attached
+    /// to a running target (phase `pre-attach`: no probe saw it made); null for a launched
+    /// command.
+    pub pre_attach: Option<u64>,
     /// Changes since the first sample (t = `first_t_s`).
     pub first_t_s: u64,
     pub rss_growth: i64,

@@ -876,6 +876,13 @@ fn text_waterfall(out: &mut String, rec: &Recorded) {
             "(mapped before attach, or not traced)"
         }
     );
+    if let Some(pre_attach) = w.pre_attach {
+        let _ = writeln!(
+            out,
+            "        of which pre-attach  {:>12}   (at most what was resident at attach)",
+            human_bytes(pre_attach)
+        );
+    }
     if w.t_s > w.first_t_s {
         let _ = writeln!(
             out,
