@@ -206,8 +206,9 @@ pub enum PhaseError {
 }
 
 /// The rules in effect: the user's, then the built-in profiles' (`hooks::PROFILES`): every
-/// Python rule (it matches only its own module's frames), and the native rules whose library
-/// process `pid` maps now (`maps`), at that mapping's path. Each with the server of its profile.
+/// Python rule (it matches only its own module's frames), and every native rule, at the path of
+/// its library where process `pid` maps it now (`maps`), else by its file name (resolved when a
+/// traced process maps it). Each with the server of its profile.
 pub fn with_profiles(
     user: &[PhaseRule],
     maps: &[Mapping],
@@ -222,17 +223,10 @@ pub fn with_profiles(
             let lib = if lib == PYTHON_LIB {
                 lib.to_string()
             } else {
-                // `libllama.so` maps as itself or with its version (`libllama.so.0`).
-                let mapped = maps.iter().find(|m| {
-                    !m.deleted
-                        && Path::new(&m.path)
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .is_some_and(|n| n == lib || n.starts_with(&format!("{lib}.")))
-                });
+                let mapped = maps.iter().find(|m| !m.deleted && names_file(lib, &m.path));
                 match mapped {
                     Some(m) => m.path.clone(),
-                    None => continue,
+                    None => lib.to_string(),
                 }
             };
             let rule = PhaseRule {
@@ -262,27 +256,76 @@ pub fn check_user_rules(rules: &[PhaseRule]) -> Result<(), PhaseError> {
     Ok(())
 }
 
+/// A rule with the server of its profile (None: the user's).
+pub type GivenRule = (PhaseRule, Option<&'static str>);
+
+/// Native rules found, and those whose library no traced process maps yet.
+#[derive(Debug, Default)]
+pub struct Resolution {
+    pub resolved: Vec<ResolvedRule>,
+    /// Resolved when a traced process maps their file (`resolve_pending`).
+    pub pending: Vec<GivenRule>,
+}
+
 /// Finds each native rule's function in the files process `pid` maps (`maps`), or at the path
 /// given (Python rules need nothing found: they are matched in stacks). The native rules' kernel
-/// ids count from 1 in the order given. A user's rule that finds nothing is an error; a
-/// profile's (with its server) is left out, and so is any rule past `MAX_RULES` native ones.
-pub fn resolve(
-    rules: &[(PhaseRule, Option<&'static str>)],
-    pid: u32,
-    maps: &[Mapping],
-) -> Result<Vec<ResolvedRule>, PhaseError> {
-    let mut resolved: Vec<ResolvedRule> = Vec::new();
-    for (rule, profile) in rules.iter().filter(|(r, _)| r.python().is_none()) {
-        if resolved.len() == MAX_RULES {
-            break;
-        }
-        match resolve_one(rule, pid, maps, resolved.len() as u32 + 1) {
-            Ok(r) => resolved.push(r),
-            Err(e) if profile.is_some() => log::debug!("phase profile rule left out: {e}"),
+/// ids count from 1 in the order found. A rule naming a file (not a path) that is not mapped yet
+/// is pending: a library loaded later (dlopen, an engine process). A user's rule that is wrong
+/// otherwise is an error; a profile's (with its server) is left out, and so is any rule past
+/// `MAX_RULES` native ones.
+pub fn resolve(rules: &[GivenRule], pid: u32, maps: &[Mapping]) -> Result<Resolution, PhaseError> {
+    let mut found = Resolution::default();
+    for given in rules.iter().filter(|(r, _)| r.python().is_none()) {
+        match resolve_one(&given.0, pid, maps, found.resolved.len() as u32 + 1) {
+            Ok(_) if found.resolved.len() == MAX_RULES => break,
+            Ok(r) => found.resolved.push(r),
+            Err(PhaseError::NotMapped { .. }) => found.pending.push(given.clone()),
+            Err(e) if given.1.is_some() => log::debug!("phase profile rule left out: {e}"),
             Err(e) => return Err(e),
         }
     }
-    Ok(resolved)
+    Ok(found)
+}
+
+/// The pending rules whose file process `pid` maps now (`maps`), found and numbered after the
+/// `known` rules (none past `MAX_RULES`); they leave `pending`. A rule found wrong there (no such
+/// function) leaves it too, said on stderr.
+pub fn resolve_pending(
+    pending: &mut Vec<GivenRule>,
+    known: usize,
+    pid: u32,
+    maps: &[Mapping],
+) -> Vec<ResolvedRule> {
+    let mut found: Vec<ResolvedRule> = Vec::new();
+    pending.retain(|(rule, profile)| {
+        if known + found.len() == MAX_RULES {
+            return true;
+        }
+        match resolve_one(rule, pid, maps, (known + found.len()) as u32 + 1) {
+            Ok(r) => {
+                found.push(r);
+                false
+            }
+            Err(PhaseError::NotMapped { .. }) => true,
+            Err(e) => {
+                match profile {
+                    Some(_) => log::debug!("phase profile rule left out: {e}"),
+                    None => eprintln!("alloctrace: {e}"),
+                }
+                false
+            }
+        }
+    });
+    found
+}
+
+/// Whether the mapped file `path` is the file named `lib`: as itself, or with a version after
+/// it (`libllama.so` maps as `libllama.so.0`).
+fn names_file(lib: &str, path: &str) -> bool {
+    Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n == lib || n.strip_prefix(lib).is_some_and(|v| v.starts_with('.')))
 }
 
 /// A native rule's function, as kernel phase `id`.
@@ -327,7 +370,6 @@ fn resolve_one(
 /// The file a rule names: a path as given (mapped or not: a library loaded later), else the
 /// mapped file with that file name. (where to open it, its name).
 fn locate(rule: &PhaseRule, pid: u32, maps: &[Mapping]) -> Option<(PathBuf, String)> {
-    let file_name = |m: &&Mapping| Path::new(&m.path).file_name().map(|n| n.to_os_string());
     if rule.lib.contains('/') {
         let mapped = maps.iter().find(|m| m.path == rule.lib);
         return Some(match mapped {
@@ -338,7 +380,7 @@ fn locate(rule: &PhaseRule, pid: u32, maps: &[Mapping]) -> Option<(PathBuf, Stri
     let m = maps
         .iter()
         .filter(|m| !m.deleted && m.path.starts_with('/'))
-        .find(|m| file_name(m).is_some_and(|n| n == rule.lib.as_str()))?;
+        .find(|m| names_file(&rule.lib, &m.path))?;
     Some((maps::open_path(pid, m), m.path.clone()))
 }
 
@@ -414,7 +456,7 @@ mod tests {
         .iter()
         .map(|r| (r.parse().unwrap(), None))
         .collect();
-        let resolved = resolve(&rules, me, &maps).unwrap();
+        let resolved = resolve(&rules, me, &maps).unwrap().resolved;
         assert_eq!(resolved.len(), 2);
         assert_eq!((resolved[0].id, resolved[1].id), (1, 2));
         assert_eq!(resolved[0].shown_path, libc.path);
@@ -430,10 +472,27 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        assert!(err("x=no_such_lib.so:f").contains("maps no file named 'no_such_lib.so'"));
         assert!(err(&format!("x={libc_name}:no_such_function")).contains("has no function"));
         let exe = exe.display();
         assert!(err(&format!("x={exe}.missing:f")).contains("cannot read"));
+
+        // A file no process maps yet: pending, found once a process maps it (here, the C
+        // library by its file name without its version: `libc.so` names `libc.so.6`).
+        let later: Vec<GivenRule> = ["x=no_such_lib.so:f", "y=libc.so:free"]
+            .iter()
+            .map(|r| (r.parse().unwrap(), None))
+            .collect();
+        let mut pending = resolve(&later, me, &[]).unwrap().pending;
+        assert_eq!(pending.len(), 2);
+        let found = resolve_pending(&mut pending, 3, me, &maps);
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].id, found[0].rule.name.as_str()), (4, "y"));
+        assert_eq!(found[0].shown_path, libc.path);
+        assert_eq!(pending, [later[0].clone()]);
+        // No more than MAX_RULES in all.
+        let mut pending = later[1..].to_vec();
+        assert!(resolve_pending(&mut pending, MAX_RULES, me, &maps).is_empty());
+        assert_eq!(pending.len(), 1);
         let twice: Vec<PhaseRule> = ["a=x:f", "a=y:g"]
             .iter()
             .map(|r| r.parse().unwrap())
@@ -486,8 +545,8 @@ mod python_tests {
         assert_eq!(native.python(), None);
     }
 
-    /// The profiles' Python rules are all in effect after the user's; their native rules only
-    /// where their library is mapped, at its path.
+    /// The profiles' Python rules are all in effect after the user's; their native rules at
+    /// their library's path where it is mapped, else by its file name (pending).
     #[test]
     fn profiles_add_their_python_rules_and_the_native_ones_of_mapped_libraries() {
         let user: PhaseRule = "serve=py:server:handle".parse().unwrap();
@@ -496,7 +555,7 @@ mod python_tests {
         assert!(
             none[1..]
                 .iter()
-                .all(|(r, p)| r.python().is_some() && p.is_some())
+                .all(|(r, p)| p.is_some() && (r.python().is_some() || r.lib == "libllama.so"))
         );
         assert!(none.iter().any(|(r, p)| r.to_string()
             == "serve=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model"
@@ -520,7 +579,16 @@ mod python_tests {
         );
         // A profile's rule whose function is not there is left out, not an error.
         let missing = resolve(&with, std::process::id(), &maps).unwrap();
-        assert!(missing.is_empty());
+        assert!(missing.resolved.is_empty() && missing.pending.is_empty());
+        // Without the library: by its file name, pending.
+        let later = with_profiles(&[], &[]);
+        let native: Vec<String> = (later.iter())
+            .filter(|(r, _)| r.python().is_none())
+            .map(|(r, _)| r.to_string())
+            .collect();
+        assert_eq!(native[0], "load=libllama.so:llama_model_load_from_file");
+        let pending = resolve(&later, std::process::id(), &[]).unwrap().pending;
+        assert_eq!(pending.len(), native.len());
     }
 
     #[test]
@@ -530,7 +598,7 @@ mod python_tests {
             .map(|r| r.parse().unwrap())
             .collect();
         let given: Vec<(PhaseRule, Option<&str>)> = rules.into_iter().map(|r| (r, None)).collect();
-        let resolved = resolve(&given, std::process::id(), &[]).unwrap();
+        let resolved = resolve(&given, std::process::id(), &[]).unwrap().resolved;
         assert!(resolved.is_empty());
         assert!(
             names(&resolved)[..phase::IDLE as usize]

@@ -19,6 +19,7 @@ use tokio::{
 
 use crate::{
     cuda::nvml::GpuMemorySource,
+    escape,
     model::{
         AllocatorSample, Class, Mark, MarkCell, MemoryLimit, PhaseActivity, PhaseFrees,
         PhaseRuleFigures, Phases, RssSample, StackCapture,
@@ -223,6 +224,8 @@ pub struct Recorder {
     /// native ones attached.
     pub(super) phases_given: Vec<(PhaseRule, Option<&'static str>)>,
     pub(super) phase_rules: Vec<ResolvedRule>,
+    /// Native rules whose library no traced process mapped yet: looked for each second.
+    pub(super) phases_pending: Vec<phases::GivenRule>,
     /// `--idle-after` ms, while the idle phase waits for a profile's Python rule to match.
     pub(super) idle_pending_ms: Option<u32>,
 }
@@ -481,6 +484,7 @@ impl Recorder {
         for &p in &self.processes.live {
             hook_cuda(p, &mut self.probes, &mut self.cuda_hooked);
         }
+        self.attach_pending_phases();
         self.drain_for(DRAIN_PER_TICK);
         if let Some(source) = self.gpu.as_mut() {
             let live = &self.processes.live;
@@ -655,7 +659,10 @@ impl Recorder {
                 name: given.name.clone(),
                 rule: given.to_string(),
                 file: native.map(|r| r.shown_path.clone()),
-                entries: native.map(|r| entries[r.id as usize]),
+                // A native rule not attached yet: its function was never entered.
+                entries: native
+                    .map(|r| entries[r.id as usize])
+                    .or_else(|| (self.phases_pending.iter().any(|(r, _)| r == given)).then_some(0)),
             });
         }
         if rules.is_empty() {
@@ -699,6 +706,51 @@ impl Recorder {
             rules,
             frees,
         })
+    }
+
+    /// Attaches the pending phase rules whose library a traced process maps now (a library
+    /// loaded after attach: dlopen, an engine started later); records carry their phases from
+    /// then on.
+    fn attach_pending_phases(&mut self) {
+        if self.phases_pending.is_empty() {
+            return;
+        }
+        let mut found: Vec<ResolvedRule> = Vec::new();
+        for &pid in &self.processes.live {
+            let Ok(maps) = crate::proc::maps::read_maps(pid) else {
+                continue;
+            };
+            let known = self.phase_rules.len() + found.len();
+            found.extend(phases::resolve_pending(
+                &mut self.phases_pending,
+                known,
+                pid,
+                &maps,
+            ));
+        }
+        if found.is_empty() {
+            return;
+        }
+        for rule in found {
+            let shown = escape::for_terminal(&rule.rule.to_string()).into_owned();
+            match self.probes.attach_phase(&rule) {
+                Ok(()) => {
+                    eprintln!(
+                        "phase rule {shown} attached: {}",
+                        escape::for_terminal(&rule.shown_path)
+                    );
+                    self.phase_rules.push(rule);
+                }
+                Err(e) => eprintln!("alloctrace: phase rule {shown}: {e}"),
+            }
+        }
+        self.sink
+            .set_kernel_phases(&phases::names(&self.phase_rules));
+        if let Some(ms) = self.idle_pending_ms.take()
+            && let Err(e) = self.probes.enable_idle_phase(ms)
+        {
+            eprintln!("alloctrace: no idle phase: {e}");
+        }
     }
 
     /// Each native phase's entries since the last call, at second `t_s` (phases of several

@@ -33,7 +33,7 @@ use crate::{
         heap_duty::{self, DutyCycle},
         launch::{self, LaunchedCommand},
         lock::{TargetLock, lock_target},
-        phases::{self, PhaseRule, PythonRule, ResolvedRule},
+        phases::{self, GivenRule, PythonRule, ResolvedRule},
         python_detection::detect_python,
         recorder::{Recorder, Signals},
         rss_sampling::sample_rss,
@@ -77,8 +77,10 @@ pub struct Attached {
     exit_watch: ExitWatch,
     initial_brk: Option<u64>,
     cuda_hooked: CudaHooked,
-    phases_given: Vec<(PhaseRule, Option<&'static str>)>,
+    phases_given: Vec<GivenRule>,
     phase_rules: Vec<ResolvedRule>,
+    /// Native rules whose library is not mapped yet.
+    phases_pending: Vec<GivenRule>,
     /// Whether the idle phase is on (`--idle-after`).
     idle_on: bool,
 }
@@ -104,7 +106,20 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
         true => phases::with_profiles(&opts.phases, &target.maps),
         false => opts.phases.iter().map(|r| (r.clone(), None)).collect(),
     };
-    let phase_rules = phases::resolve(&phases_given, pid, &target.maps)?;
+    let phases::Resolution {
+        resolved: phase_rules,
+        pending: phases_pending,
+    } = phases::resolve(&phases_given, pid, &target.maps)?;
+    for (rule, _) in phases_pending
+        .iter()
+        .filter(|(_, profile)| profile.is_none())
+    {
+        eprintln!(
+            "phase rule {}: no traced process maps '{}' yet: attached when one does",
+            escape::for_terminal(&rule.to_string()),
+            escape::for_terminal(&rule.lib)
+        );
+    }
     let initial_brk = current_brk(pid);
     // The idle phase where phases are: the user's rules, or a profile's native rule attached
     // (a profile's Python rule turns it on when it first matches, `Recorder::tick`).
@@ -142,6 +157,7 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
         cuda_hooked,
         phases_given,
         phase_rules,
+        phases_pending,
         idle_on: idle_now,
     })
 }
@@ -201,6 +217,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         cuda_hooked,
         phases_given,
         phase_rules,
+        phases_pending,
         idle_on,
     } = attached;
     let pid = target.pid;
@@ -286,6 +303,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         progress: std::io::stderr().is_terminal(),
         last_events: 0,
         phase_rules,
+        phases_pending,
         phases_given,
         marks: Vec::new(),
         marks_written: 0,

@@ -166,6 +166,11 @@ impl EventSink {
         self.ledger.count_phase_frees();
     }
 
+    /// Kernel phase id `i` is `names[i]` from now on (a rule attached late).
+    pub fn set_kernel_phases(&mut self, names: &[String]) {
+        self.phase_ids = names.iter().map(|n| self.ledger.phase(n)).collect();
+    }
+
     /// The Python rules that matched a frame so far, as given.
     pub fn python_rules_matched(&self) -> Vec<String> {
         (self.python_rules.iter().zip(&self.python_matched))

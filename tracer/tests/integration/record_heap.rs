@@ -2,7 +2,7 @@
 //! construction (see tests/fixtures/heap_fixture.c). Privileged: needs root, eBPF and uprobes.
 
 use crate::common::{
-    Cell, LEAKS, Session, Totals, all_freed, all_live, fixture, leaks_totals,
+    Cell, LEAKS, Session, TestProcess, Totals, all_freed, all_live, fixture, leaks_totals,
     record_fixture_command, record_scenario, report_json, report_value, view,
 };
 
@@ -724,4 +724,56 @@ fn memory_allocated_with_no_request_in_flight_is_idle() {
             _ => assert!(idle_row.is_none(), "{rows:?}"),
         }
     }
+}
+
+/// A phase rule whose library the target loads after attach (dlopen) is pending until a traced
+/// process maps it, then attached within a second: the calls made after that are in its phase,
+/// exact, with their entries.
+#[test]
+fn a_phase_rule_on_a_library_loaded_later_is_attached_when_it_is_mapped() {
+    require_privileges!();
+    let lib = crate::common::build_dir("late-lib").join("late_lib.so");
+    let source = crate::common::fixture_source("late_lib.c");
+    let args: Vec<std::ffi::OsString> = ["-O1", "-fno-omit-frame-pointer", "-shared", "-fPIC"]
+        .iter()
+        .map(Into::into)
+        .chain([source.into_os_string()])
+        .collect();
+    crate::common::compile(&lib, &args);
+    let mut cmd = std::process::Command::new(fixture("heap_fixture"));
+    cmd.args(["late_lib", "attach"]).env("LATE_LIB", &lib);
+    let mut target = TestProcess::spawn("heap_fixture late_lib attach", cmd);
+    target.expect_stdout("ready");
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("late.trace");
+    let rule = "serve=late_lib.so:late_serve";
+    let mut recorder =
+        crate::common::start_recorder_args(target.pid(), &trace, &["--heap", "--phase", rule]);
+    assert!(
+        recorder.stderr_text().contains(&format!(
+            "phase rule {rule}: no traced process maps 'late_lib.so' yet: attached when one does"
+        )),
+        "{}",
+        recorder.stderr_text()
+    );
+    target.send_line("go");
+    target.expect_stdout("loaded");
+    let line = recorder.expect_stderr_prefix(&format!("phase rule {rule} attached: "));
+    assert!(line.ends_with("/late_lib.so"), "{line}");
+    target.send_line("serve");
+    target.expect_stdout("done");
+    crate::common::stop_recording(&mut recorder, &mut target);
+    let json = report_value(&trace);
+    let phases = &json["phases"];
+    let rules: Vec<(&str, u64)> = (phases["rules"].as_array().unwrap().iter())
+        .map(|r| (r["rule"].as_str().unwrap(), r["entries"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(rules, [(rule, 5)], "{phases:#}");
+    let rows = phases["by_phase"].as_array().unwrap();
+    let serve = rows.iter().find(|r| r["phase"] == "serve").unwrap();
+    assert_eq!(
+        (&serve["live_bytes"], &serve["live_count"]),
+        (&serde_json::json!(15_000), &serde_json::json!(5)),
+        "{serve:#}"
+    );
 }
