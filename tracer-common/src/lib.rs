@@ -516,6 +516,71 @@ pub mod phase {
 
     /// Entries of each phase (`PHASE_ENTRIES`, per CPU): the requests a serving phase saw.
     pub const ENTRIES: u32 = IDS as u32;
+
+    /// A condition on a rule's call, checked at its entry: the call is in the rule's phase only
+    /// when it holds (`PHASE_PREDICATES`, by phase id). llama.cpp's `llama_decode` with more
+    /// than one token in its batch is a prefill: `sp+8:i32 > 1`.
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+    pub struct PhasePredicate {
+        /// `predicate::NONE` (always holds), `ARG` or `STACK`.
+        pub kind: u32,
+        /// `predicate::GT` ... `predicate::NE`.
+        pub op: u32,
+        /// ARG: the integer argument's number from 0 (rdi, rsi, rdx, rcx, r8, r9); STACK: the
+        /// byte offset from the stack pointer at entry (8: the first argument passed in memory).
+        pub at: u32,
+        /// The value's size in bytes: 4 or 8.
+        pub width: u32,
+        /// 1: compared as a signed integer.
+        pub signed: u32,
+        pub _pad: u32,
+        pub value: i64,
+    }
+
+    pub mod predicate {
+        pub const NONE: u32 = 0;
+        pub const ARG: u32 = 1;
+        pub const STACK: u32 = 2;
+        pub const GT: u32 = 0;
+        pub const GE: u32 = 1;
+        pub const LT: u32 = 2;
+        pub const LE: u32 = 3;
+        pub const EQ: u32 = 4;
+        pub const NE: u32 = 5;
+    }
+
+    impl PhasePredicate {
+        /// Whether the condition holds for `raw`, the 8 bytes read at its place (of which
+        /// `width` count).
+        #[inline(always)]
+        pub fn holds(&self, raw: u64) -> bool {
+            let ordering = if self.signed != 0 {
+                let v = if self.width == 4 {
+                    raw as u32 as i32 as i64
+                } else {
+                    raw as i64
+                };
+                v.cmp(&self.value)
+            } else {
+                let v = if self.width == 4 {
+                    raw as u32 as u64
+                } else {
+                    raw
+                };
+                v.cmp(&(self.value as u64))
+            };
+            use core::cmp::Ordering::*;
+            match self.op {
+                predicate::GT => ordering == Greater,
+                predicate::GE => ordering != Less,
+                predicate::LT => ordering == Less,
+                predicate::LE => ordering != Greater,
+                predicate::EQ => ordering == Equal,
+                _ => ordering != Equal,
+            }
+        }
+    }
 }
 
 /// Duty-cycled heap: which of the heap probes' windows are open (`HEAP_WINDOW`, 1: open),
@@ -651,6 +716,7 @@ mod pod {
     unsafe impl aya::Pod for heap_ledger::HeapLive {}
     unsafe impl aya::Pod for phase::ThreadPhases {}
     unsafe impl aya::Pod for phase::PhaseFrees {}
+    unsafe impl aya::Pod for phase::PhasePredicate {}
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use tracer_common::{
     StackRecord, SyscallArgs, TorchEvent, drop_cause, heap_ledger,
     heap_ledger::{BlockKey, HeapLive, HeldBlock, StackTotals},
     heap_sample, heap_window, ledger_stat,
-    phase::{self, PhaseFrees, ThreadPhases},
+    phase::{self, PhaseFrees, PhasePredicate, ThreadPhases},
     python::PythonOffsets,
     stack_stat,
 };
@@ -167,6 +167,10 @@ pub static PHASES_ON: Array<u32> = Array::with_max_entries(2, 0);
 /// the idle phase begins the idle threshold after it.
 #[map]
 pub static LAST_ACTIVITY: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1 << 12, 0);
+
+/// `record --phase`: each rule's condition on its call (by phase id; none: always).
+#[map]
+pub static PHASE_PREDICATES: Array<PhasePredicate> = Array::with_max_entries(phase::IDS as u32, 0);
 
 /// `record --phase`: entries of each phase (by phase id), per CPU.
 #[map]

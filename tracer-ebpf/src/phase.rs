@@ -18,12 +18,15 @@ use aya_ebpf::{
     macros::uprobe,
     programs::ProbeContext,
 };
-use tracer_common::phase::{IDLE, IDLE_MS, IDS, MAX_DEPTH, ON, ThreadPhases};
+use tracer_common::phase::{IDLE, IDLE_MS, IDS, MAX_DEPTH, ON, ThreadPhases, predicate};
 
 use crate::{
     arch::UserRegs,
     inflight::attach_cookie,
-    maps::{LAST_ACTIVITY, PHASE_ENTRIES, PHASE_FREES, PHASES_ON, TARGETS, THREAD_PHASES},
+    maps::{
+        LAST_ACTIVITY, PHASE_ENTRIES, PHASE_FREES, PHASE_PREDICATES, PHASES_ON, TARGETS,
+        THREAD_PHASES,
+    },
     stack::forget_value,
 };
 
@@ -135,6 +138,9 @@ pub fn phase_enter(ctx: ProbeContext) -> u32 {
     let tid = pid_tgid as u32;
     // At the entry, the stack pointer is the slot of the return address.
     let sp = UserRegs::of_probe(&ctx).sp;
+    if !predicate_holds(&ctx, id, sp) {
+        return 0;
+    }
     // SAFETY: bpf_probe_read_user checks the user address.
     let Ok(ret) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
         return 0;
@@ -166,6 +172,29 @@ pub fn phase_enter(ctx: ProbeContext) -> u32 {
         unsafe { *entries += 1 };
     }
     0
+}
+
+/// Whether rule `id`'s condition on the call (if any) holds at its entry, `sp` the stack
+/// pointer there. A value that cannot be read fails it.
+#[inline(always)]
+fn predicate_holds(ctx: &ProbeContext, id: u32, sp: u64) -> bool {
+    let Some(p) = PHASE_PREDICATES.get(id) else {
+        return true;
+    };
+    let raw: Option<u64> = match p.kind {
+        predicate::NONE => return true,
+        predicate::ARG => match p.at {
+            0 => ctx.arg(0),
+            1 => ctx.arg(1),
+            2 => ctx.arg(2),
+            3 => ctx.arg(3),
+            4 => ctx.arg(4),
+            _ => ctx.arg(5),
+        },
+        // SAFETY: bpf_probe_read_user checks the user address.
+        _ => unsafe { bpf_probe_read_user((sp + u64::from(p.at)) as *const u64) }.ok(),
+    };
+    raw.is_some_and(|raw| p.holds(raw))
 }
 
 /// A block of `size` bytes allocated in phase `allocated_in` is freed by the calling thread:

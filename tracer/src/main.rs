@@ -251,13 +251,18 @@ struct RecordArgs {
     /// stack) is in phase NAME. Repeatable, up to 30. The report shows live bytes by phase and
     /// which phase freed what another allocated: memory allocated while serving a request and
     /// still live is the per-request leak. Examples: --phase serve=libllama.so:llama_decode,
-    /// --phase serve=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model
+    /// --phase serve=py:vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model. A native
+    /// rule may add a condition on the call, [PLACE:TYPE OP NUMBER] with PLACE argN (N from 1)
+    /// or sp+OFFSET (the stack at entry), TYPE i32, u32, i64 or u64: llama.cpp's prefill is
+    /// --phase 'prefill=libllama.so:llama_decode[sp+8:i32>1]'. A library not mapped yet is
+    /// waited for (attached when a traced process maps it)
     #[arg(long, value_name = "NAME=LIB:SYMBOL")]
     phase: Vec<PhaseRule>,
     /// Do not use the built-in phase profiles. By default the phases of the servers alloctrace
     /// knows are recorded where they run: vLLM (V0 and V1), SGLang and TGI by their Python
     /// functions (load, profile, kv-cache, graph-capture, serve, prefill, decode, sleep, wake),
-    /// llama.cpp by libllama's functions (load, kv-cache, serve) when the target maps it.
+    /// llama.cpp by libllama's functions (load, kv-cache, prefill and decode by llama_decode's
+    /// token count, serve) when a traced process maps it, at attach or later.
     #[arg(long)]
     no_phase_profiles: bool,
     /// A process with phases (a --phase rule, or a profile's that matched) is idle once it has

@@ -225,13 +225,15 @@ const TGI: &[ProfileRule] = &[
     ),
 ];
 
-/// llama.cpp's library, as `llama-server` and the bindings load it. `llama_decode` takes its
-/// batch by value (on the stack): a prefill/decode split would read its token count there; not
-/// done, one `serve` phase.
+/// llama.cpp's library, as `llama-server` and the bindings load it. `llama_decode(ctx,
+/// llama_batch)` takes its 56-byte batch by value, on the stack, token count first (at sp+8 on
+/// entry): a batch of more than one token is `prefill` (prompt tokens; in llama-server one
+/// batch may also carry several slots' decode steps), one token `decode`.
 const LLAMA_CPP: &[ProfileRule] = &[
     rule("load", "libllama.so:llama_model_load_from_file"),
     rule("kv-cache", "libllama.so:llama_init_from_model"),
-    rule("serve", "libllama.so:llama_decode"),
+    rule("prefill", "libllama.so:llama_decode[sp+8:i32>1]"),
+    rule("decode", "libllama.so:llama_decode[sp+8:i32<=1]"),
     rule("serve", "libllama.so:llama_encode"),
 ];
 

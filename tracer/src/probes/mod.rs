@@ -831,6 +831,15 @@ impl Probes {
     /// returned call from the stack, `tracer-ebpf/src/phase.rs`) for every process mapping the
     /// file: the program keeps the traced ones.
     pub fn attach_phase(&mut self, rule: &ResolvedRule) -> Result<(), ProbeError> {
+        if let Some(p) = rule.rule.predicate {
+            let map = (self.ebpf.map_mut("PHASE_PREDICATES"))
+                .ok_or_else(|| ProbeError::Load("no PHASE_PREDICATES map".into()))?;
+            let mut predicates: Array<_, phase::PhasePredicate> =
+                Array::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
+            predicates
+                .set(rule.id, p.to_kernel(), 0)
+                .map_err(|e| ProbeError::Load(chain(&e)))?;
+        }
         let point = UProbeAttachPoint {
             location: UProbeAttachLocation::AbsoluteOffset(rule.offset),
             cookie: Some(u64::from(rule.id)),

@@ -20,6 +20,7 @@ mod launch;
 mod lock;
 mod oom;
 mod options;
+pub mod phase_predicate;
 pub mod phases;
 mod python_detection;
 mod recorder;

@@ -15,6 +15,7 @@ use std::{
 
 use tracer_common::phase::{self, MAX_RULES};
 
+use super::phase_predicate::{self, Predicate};
 use crate::{
     cuda::PHASE_GRAPH_CAPTURE,
     elf::{self, Elf},
@@ -53,6 +54,8 @@ pub struct PhaseRule {
     pub lib: String,
     /// The native function's symbol; for a Python function, `MODULE:QUALNAME`.
     pub symbol: String,
+    /// A native rule's condition on the call (`[sp+8:i32>1]` after the symbol).
+    pub predicate: Option<Predicate>,
 }
 
 /// The `lib` of a Python function's rule.
@@ -116,8 +119,12 @@ impl FromStr for PhaseRule {
         let shape = "expected NAME=LIB:SYMBOL, for example serve=libllama.so:llama_decode";
         let (name, site) = s.split_once('=').ok_or(shape)?;
         let (lib, symbol) = site.split_once(':').ok_or(shape)?;
+        let (symbol, predicate) = phase_predicate::split(symbol)?;
         if name.is_empty() || lib.is_empty() || symbol.is_empty() {
             return Err(shape.into());
+        }
+        if predicate.is_some() && lib == PYTHON_LIB {
+            return Err("a Python function's rule takes no condition".into());
         }
         if name.len() > NAME_MAX
             || !name
@@ -155,13 +162,18 @@ impl FromStr for PhaseRule {
             name: name.into(),
             lib: lib.into(),
             symbol: symbol.into(),
+            predicate,
         })
     }
 }
 
 impl fmt::Display for PhaseRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}={}:{}", self.name, self.lib, self.symbol)
+        write!(f, "{}={}:{}", self.name, self.lib, self.symbol)?;
+        match &self.predicate {
+            Some(p) => write!(f, "[{p}]"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -229,10 +241,14 @@ pub fn with_profiles(
                     None => lib.to_string(),
                 }
             };
+            let Ok((symbol, predicate)) = phase_predicate::split(symbol) else {
+                continue;
+            };
             let rule = PhaseRule {
                 name: rule.phase.to_string(),
                 lib,
                 symbol: symbol.to_string(),
+                predicate,
             };
             rules.push((rule, Some(profile.server)));
         }
@@ -408,6 +424,7 @@ mod tests {
                 name: "serve".into(),
                 lib: "libllama.so".into(),
                 symbol: "llama_decode".into(),
+                predicate: None,
             }
         );
         // The first ':' ends the file: a C++ symbol keeps its own.
@@ -416,6 +433,17 @@ mod tests {
             .unwrap();
         assert_eq!(rule.lib, "/opt/a.so");
         assert_eq!(rule.symbol, "_ZN13llama_context6decodeER11llama_batch");
+        // A condition on the call, after the symbol.
+        let rule: PhaseRule = "prefill=libllama.so:llama_decode[sp+8:i32>1]"
+            .parse()
+            .unwrap();
+        assert_eq!(rule.symbol, "llama_decode");
+        assert_eq!(rule.predicate.unwrap().to_string(), "sp+8:i32>1");
+        assert_eq!(
+            rule.to_string(),
+            "prefill=libllama.so:llama_decode[sp+8:i32>1]"
+        );
+        assert!("p=py:m:f[arg1>1]".parse::<PhaseRule>().is_err());
     }
 
     #[test]
@@ -573,7 +601,8 @@ mod python_tests {
             [
                 "load=/opt/llama/libllama.so.0.0.1:llama_model_load_from_file",
                 "kv-cache=/opt/llama/libllama.so.0.0.1:llama_init_from_model",
-                "serve=/opt/llama/libllama.so.0.0.1:llama_decode",
+                "prefill=/opt/llama/libllama.so.0.0.1:llama_decode[sp+8:i32>1]",
+                "decode=/opt/llama/libllama.so.0.0.1:llama_decode[sp+8:i32<=1]",
                 "serve=/opt/llama/libllama.so.0.0.1:llama_encode",
             ]
         );

@@ -777,3 +777,57 @@ fn a_phase_rule_on_a_library_loaded_later_is_attached_when_it_is_mapped() {
         "{serve:#}"
     );
 }
+
+/// Conditions on a rule's call: llama.cpp's prefill/decode split (a batch passed by value, on
+/// the stack, token count first) and an integer argument; a call whose condition fails is in
+/// no phase and not an entry. Exact, in both heap paths.
+#[test]
+fn a_condition_on_the_call_splits_one_function_into_phases() {
+    require_privileges!();
+    let exe = fixture("heap_fixture");
+    let rules = [
+        "--phase",
+        "prefill=heap_fixture:batch_decode[sp+8:i32>1]",
+        "--phase",
+        "decode=heap_fixture:batch_decode[sp+8:i32<=1]",
+        "--phase",
+        "large=heap_fixture:sized_request[arg1>=1000]",
+    ];
+    for mode in [&["--heap"][..], &["--heap", "--stack", "dwarf"]] {
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<&str> = mode.iter().chain(&rules).copied().collect();
+        let r = record_fixture_command(dir.path(), &exe, "conditions", &args);
+        r.assert_no_lost_events();
+        let json = report_value(&dir.path().join("conditions.trace"));
+        let phases = &json["phases"];
+        let entries: Vec<(&str, u64)> = (phases["rules"].as_array().unwrap().iter())
+            .map(|r| (r["rule"].as_str().unwrap(), r["entries"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                ("prefill=heap_fixture:batch_decode[sp+8:i32>1]", 2),
+                ("decode=heap_fixture:batch_decode[sp+8:i32<=1]", 5),
+                ("large=heap_fixture:sized_request[arg1:i64>=1000]", 2)
+            ],
+            "{mode:?}"
+        );
+        let live = |phase: &str, first: &str| -> (u64, u64) {
+            let stacks = json["stacks"].as_array().unwrap();
+            (stacks.iter())
+                .filter(|s| s["phase"] == phase)
+                .filter(|s| s["frames"].as_array().unwrap().iter().any(|f| f == first))
+                .map(|s| {
+                    (
+                        s["live_bytes"].as_u64().unwrap(),
+                        s["live_count"].as_u64().unwrap(),
+                    )
+                })
+                .fold((0, 0), |(b, c), (sb, sc)| (b + sb, c + sc))
+        };
+        assert_eq!(live("prefill", "batch_decode"), (1_600, 2), "{mode:?}");
+        assert_eq!(live("decode", "batch_decode"), (500, 5), "{mode:?}");
+        assert_eq!(live("large", "sized_request"), (5_000, 2), "{mode:?}");
+        assert_eq!(live("none", "sized_request"), (500, 1), "{mode:?}");
+    }
+}
