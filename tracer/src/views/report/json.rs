@@ -25,7 +25,7 @@ use crate::{
 
 /// Version of the JSON report contract. Fields may be added within a version, never removed or
 /// changed in meaning.
-pub const JSON_SCHEMA: u32 = 1;
+pub const JSON_SCHEMA: u32 = 2;
 
 #[derive(Serialize)]
 struct JsonReport<'a> {
@@ -491,7 +491,7 @@ mod tests {
     fn json_has_the_contract_fields_with_exact_figures() {
         let rec = fixture::recorded();
         let v: Value = serde_json::from_str(&render_json(&rec)).unwrap();
-        assert_eq!(v["schema"], 1);
+        assert_eq!(v["schema"], 2);
         assert_eq!(v["complete"], true);
         assert_eq!(v["tool_version"], "0.0.0-test");
         assert_eq!(v["target"]["pids"], serde_json::json!([4242]));
