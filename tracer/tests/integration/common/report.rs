@@ -215,10 +215,10 @@ impl Report {
         );
     }
 
-    /// The well-formedness every report must have: schema 1, one target PID, a sane duration, and
+    /// The well-formedness every report must have: schema 2, one target PID, a sane duration, and
     /// stack rows that add up to the totals.
     pub fn assert_well_formed(&self, pid: Option<u32>) {
-        assert_eq!(self.schema, 1, "schema\n{}", self.summary());
+        assert_eq!(self.schema, 2, "schema\n{}", self.summary());
         assert!(
             self.duration_s.is_finite() && self.duration_s >= 0.0,
             "duration_s\n{}",
