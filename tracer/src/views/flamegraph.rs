@@ -483,6 +483,12 @@ mod tests {
     }
 
     #[test]
+    fn svg_matches_golden() {
+        let svg = render_svg(&fixture::recorded(), &FlamegraphOptions::default()).unwrap();
+        fixture::assert_golden("flamegraph.svg", &String::from_utf8(svg).unwrap());
+    }
+
+    #[test]
     fn folded_lines_match_golden() {
         let lines = folded_lines(&fixture::recorded());
         fixture::assert_golden("flamegraph.folded", &(lines.join("\n") + "\n"));

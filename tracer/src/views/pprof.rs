@@ -267,4 +267,52 @@ mod tests {
             [("class", "heap", 0), ("phase", "none", 0), ("pid", "", 7)]
         );
     }
+
+    /// The decoded profile as text: its header, then one line a sample (values; frames,
+    /// innermost first; labels) — what `go tool pprof -raw` shows, kept as a golden.
+    fn as_text(p: &proto::Profile) -> String {
+        let s = |i: i64| p.string_table[i as usize].as_str();
+        let mut out = String::new();
+        let types: Vec<String> = (p.sample_type.iter())
+            .map(|t| format!("{}/{}", s(t.r#type), s(t.unit)))
+            .collect();
+        out += &format!(
+            "sample types: {} (default {})\ntime {} ns, duration {} ns\n",
+            types.join(" "),
+            s(p.default_sample_type),
+            p.time_nanos,
+            p.duration_nanos
+        );
+        for c in &p.comment {
+            out += &format!("comment: {}\n", s(*c));
+        }
+        for x in &p.sample {
+            let frames: Vec<String> = (x.location_id.iter())
+                .map(|&l| {
+                    let loc = &p.location[l as usize - 1];
+                    let f = &p.function[loc.line[0].function_id as usize - 1];
+                    s(f.name).to_string()
+                })
+                .collect();
+            let labels: Vec<String> = (x.label.iter())
+                .map(|l| match l.str {
+                    0 => format!("{}={}", s(l.key), l.num),
+                    str => format!("{}={}", s(l.key), s(str)),
+                })
+                .collect();
+            out += &format!(
+                "{:?} {} | {}\n",
+                x.value,
+                frames.join(" <- "),
+                labels.join(" ")
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn profile_matches_golden() {
+        let p = decode(&render(&fixture::recorded()).unwrap());
+        fixture::assert_golden("pprof.txt", &as_text(&p));
+    }
 }
