@@ -6,6 +6,7 @@ mod common;
 
 mod bad_input;
 mod check;
+mod demo;
 mod hostile_target;
 mod python_frames;
 mod record_children;
