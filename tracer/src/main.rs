@@ -12,7 +12,7 @@ use alloctrace::{
     check::{self, LoadPlan},
     escape, hooks,
     model::Class,
-    model::Thresholds,
+    model::{Thresholds, Warmup},
     output,
     probes::{ProbeConfig, StackMode},
     recording::{Reader, SeriesRead},
@@ -93,6 +93,11 @@ enum Command {
         /// judged).
         #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
         warmup: Option<Duration>,
+        /// Judge the leak suspects after the first N requests (entries of the serving phase
+        /// that counts them: request, serve, prefill or decode, the first recorded), from the
+        /// end of the second the Nth came in.
+        #[arg(long, value_name = "N", conflicts_with = "warmup")]
+        warmup_requests: Option<u64>,
     },
     /// Compare two recordings (before and after an upgrade, a configuration change): live bytes
     /// per class and per stack (matched by class, phase and frames), and the leak suspects of
@@ -141,6 +146,9 @@ enum Command {
         /// `--kind leaks`: judge after a warm-up of SECONDS (see `report --warmup`).
         #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
         warmup: Option<Duration>,
+        /// `--kind leaks`: judge after the first N requests (see `report --warmup-requests`).
+        #[arg(long, value_name = "N", conflicts_with = "warmup")]
+        warmup_requests: Option<u64>,
         /// Only host memory (heap, mappings, pinned host memory) or only device memory (CUDA,
         /// PyTorch's tensors and cache, the driver's own): one scale each.
         #[arg(long, value_enum)]
@@ -459,8 +467,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             full_names,
             warmup,
+            warmup_requests,
         } => {
-            let warmup = warmup.map(|w| w.as_secs_f64());
+            let warmup = warmup_of(warmup, warmup_requests);
             report(&file, format, output.as_deref(), force, full_names, warmup)?;
         }
         Command::Flamegraph {
@@ -471,13 +480,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kind,
             full_names,
             warmup,
+            warmup_requests,
             layer,
             class,
             phase,
             pid,
             since,
         } => {
-            let warmup = warmup.map(|w| w.as_secs_f64());
+            let warmup = warmup_of(warmup, warmup_requests);
             let mut classes = class;
             if let Some(layer) = layer {
                 let layer = match layer {
@@ -702,7 +712,7 @@ fn report(
     output: Option<&Path>,
     force: bool,
     full_names: bool,
-    warmup_s: Option<f64>,
+    warmup: Option<Warmup>,
 ) -> anyhow::Result<()> {
     if let Some(out) = output {
         output::check_destination(out, force)?;
@@ -718,7 +728,7 @@ fn report(
         ReportFormat::Pprof => SeriesRead::Nothing,
         ReportFormat::Html => SeriesRead::Batches,
     };
-    let mut recorded = Reader::open_judged(file, series, warmup_s)?;
+    let mut recorded = Reader::open_judged(file, series, warmup)?;
     let bytes = match format {
         ReportFormat::Text => {
             if !full_names {
@@ -805,11 +815,20 @@ fn flamegraph_since(
     Ok(())
 }
 
+/// The warm-up asked for: seconds, or requests.
+fn warmup_of(seconds: Option<Duration>, requests: Option<u64>) -> Option<Warmup> {
+    match (seconds, requests) {
+        (Some(s), _) => Some(Warmup::Seconds(s.as_secs_f64())),
+        (None, Some(n)) => Some(Warmup::Requests(n)),
+        (None, None) => None,
+    }
+}
+
 fn flamegraph(
     file: &Path,
     output: &Path,
     force: bool,
-    (title, kind, full_names, warmup_s): (Option<String>, GraphKind, bool, Option<f64>),
+    (title, kind, full_names, warmup): (Option<String>, GraphKind, bool, Option<Warmup>),
     filter: &CellFilter,
 ) -> anyhow::Result<()> {
     output::check_destination(output, force)?;
@@ -820,7 +839,7 @@ fn flamegraph(
             SeriesRead::Nothing
         }
     };
-    let mut recorded = Reader::open_judged(file, series, warmup_s)?;
+    let mut recorded = Reader::open_judged(file, series, warmup)?;
     if !full_names {
         names::use_display_names(&mut recorded);
     }

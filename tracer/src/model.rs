@@ -373,6 +373,52 @@ pub struct PhaseActivity {
     pub entries: u64,
 }
 
+/// Phases in which a server serves requests (the built-in profiles' and the usual rule names):
+/// growth there scales with traffic. In order of preference for counting requests: a phase
+/// entered once a request first (llama.cpp's decode is entered once a token).
+pub const SERVING_PHASES: [&str; 4] = ["request", "serve", "prefill", "decode"];
+
+/// The serving phase whose entries count the requests: the first of `SERVING_PHASES` that was
+/// entered at all.
+pub fn request_phase(activity: &[PhaseActivity]) -> Option<&'static str> {
+    (SERVING_PHASES.iter())
+        .find(|p| activity.iter().any(|a| a.phase == **p && a.entries > 0))
+        .copied()
+}
+
+/// Where the leak suspects' judged part begins.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Warmup {
+    /// This many seconds into the recording.
+    Seconds(f64),
+    /// After this many requests (entries of `request_phase`): the end of the second in which
+    /// they were reached.
+    Requests(u64),
+}
+
+impl Warmup {
+    /// In seconds, for a recording with `activity`; `Err` says why requests cannot tell it.
+    pub fn seconds(self, activity: &[PhaseActivity], duration_s: f64) -> Result<f64, String> {
+        let n = match self {
+            Warmup::Seconds(s) => return Ok(s),
+            Warmup::Requests(n) => n,
+        };
+        let phase = request_phase(activity).ok_or(
+            "--warmup-requests: the recording counted no requests (no entries of a serving \
+             phase: record with --phase serve=LIB:FUNCTION, or a built-in profile's server)",
+        )?;
+        let mut seen = 0;
+        for a in activity.iter().filter(|a| a.phase == phase) {
+            seen += a.entries;
+            if seen >= n {
+                return Ok((a.t_s + 1) as f64);
+            }
+        }
+        // Never reached: nothing is judged (the warm-up covers the whole recording).
+        Ok(duration_s.max(0.0) + 1.0)
+    }
+}
+
 /// One `--phase` rule and how often its function was entered (requests, for a serving phase).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PhaseRuleFigures {

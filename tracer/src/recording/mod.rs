@@ -226,6 +226,10 @@ pub enum RecordingError {
 
     #[error("`{}` does not exist", path.display())]
     NotFound { path: PathBuf },
+    /// The recording cannot answer what was asked of it (`--warmup-requests` without
+    /// requests).
+    #[error("{what} (`{}`)", path.display())]
+    CannotTell { path: PathBuf, what: String },
     #[error("`{}` is a directory: pass a file written by `alloctrace record`", path.display())]
     IsDirectory { path: PathBuf },
     #[error("cannot read `{}`: {reason}", path.display())]

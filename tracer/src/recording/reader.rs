@@ -19,7 +19,7 @@ use crate::{
     model::{
         AllocatorFigures, AllocatorOom, AllocatorSample, AmountsByStack, CellKey, Class,
         ClassTotals, CudaCalls, FailureKey, GpuSample, LedgerState, RssSample, SeriesPoint, Stack,
-        StackCounters, StackIndex, TargetInfo,
+        StackCounters, StackIndex, TargetInfo, Warmup,
     },
     output::{self, io_reason},
 };
@@ -57,14 +57,14 @@ impl Reader {
         Self::open_judged(path, series, None)
     }
 
-    /// `open_with`, the leak suspects judged after a warm-up of `warmup_s` seconds (by default
+    /// `open_with`, the leak suspects judged after the warm-up `warmup` (by default
     /// the recording's first third).
     pub fn open_judged(
         path: &Path,
         series: SeriesRead,
-        warmup_s: Option<f64>,
+        warmup: Option<Warmup>,
     ) -> Result<Recorded, RecordingError> {
-        match Self::read(path, series, warmup_s) {
+        match Self::read(path, series, warmup) {
             // Say "truncated" only when the header proves it: a copy or download cut short is
             // the common case, and its remedy differs.
             Err(RecordingError::Corrupt { path, detail }) => match truncation(&path) {
@@ -82,7 +82,7 @@ impl Reader {
     fn read(
         path: &Path,
         series: SeriesRead,
-        warmup_s: Option<f64>,
+        warmup: Option<Warmup>,
     ) -> Result<Recorded, RecordingError> {
         let wal_mode = check_file(path)?;
         let ReadOnly { conn, leftover } =
@@ -93,7 +93,7 @@ impl Reader {
         };
         let recorded = reading.verify().and_then(|schema| {
             reading
-                .read_all(schema, series, warmup_s)
+                .read_all(schema, series, warmup)
                 .map_err(|e| match e {
                     ReadFailure::Sqlite(e) => read_error(path, e),
                     ReadFailure::Recording(e) => e,
@@ -612,7 +612,7 @@ impl Reading<'_> {
         &self,
         schema: u32,
         series_read: SeriesRead,
-        warmup_s: Option<f64>,
+        warmup: Option<Warmup>,
     ) -> Result<Recorded, ReadFailure> {
         // One read transaction: a recording being written meanwhile is read at one commit.
         self.conn.execute_batch("BEGIN")?;
@@ -631,6 +631,22 @@ impl Reading<'_> {
                 _ => None,
             })
             .unwrap_or(0.0);
+        // Added within version 1: older files have no such table.
+        let phase_activity = if self.has_table("phase_activity")? {
+            self.read_phase_activity()?
+        } else {
+            Vec::new()
+        };
+        let warmup_s = match warmup.map(|w| w.seconds(&phase_activity, duration_s)) {
+            Some(Err(what)) => {
+                return Err(ReadFailure::Recording(RecordingError::CannotTell {
+                    path: self.path.clone(),
+                    what,
+                }));
+            }
+            Some(Ok(s)) => Some(s),
+            None => None,
+        };
         let batches = match series_read {
             SeriesRead::Nothing => None,
             _ => self.read_batches(&keys_by_id, duration_s, warmup_s)?,
@@ -643,12 +659,6 @@ impl Reading<'_> {
             (self.read_torch_samples()?, self.read_torch_ooms()?)
         } else {
             (Vec::new(), Vec::new())
-        };
-        // Added within version 1 too.
-        let phase_activity = if self.has_table("phase_activity")? {
-            self.read_phase_activity()?
-        } else {
-            Vec::new()
         };
         let failure_seconds = if self.has_table("failure_seconds")? {
             self.read_failure_seconds()?

@@ -1281,3 +1281,39 @@ fn figures_at_the_limit_read_and_render() {
         flamegraph::render_svg(&rec, &options).unwrap();
     }
 }
+
+/// `--warmup-requests`: the judged part starts at the end of the second the Nth request came
+/// in; a recording that counted no requests says so, naming the file.
+#[test]
+fn a_warm_up_in_requests_is_the_second_the_nth_came_in() {
+    use crate::model::{PhaseActivity, Warmup};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("requests.trace");
+    let mut s = Session::start(&path);
+    s.alloc(Some(0), 2, 24);
+    for t in 1..=12 {
+        s.tick(t, &[0]);
+        let serve = PhaseActivity {
+            t_s: t,
+            phase: "serve".into(),
+            entries: 10,
+        };
+        s.writer.add_phase_activity(&[serve]).unwrap();
+    }
+    s.writer.finalize(12.0).unwrap();
+    let judged = |w| Reader::open_judged(&path, SeriesRead::Batches, Some(w));
+    // 25 requests: reached in second 3 (10 + 10 + 10): judged from 4 s.
+    let rec = judged(Warmup::Requests(25)).unwrap();
+    assert_eq!(rec.batches.map(|b| b.from_s), Some(4.0));
+    // More than the recording saw: nothing judged.
+    assert!(judged(Warmup::Requests(1000)).unwrap().batches.is_none());
+    let quiet = finalized_recording(dir.path(), 1);
+    let err = Reader::open_judged(&quiet, SeriesRead::Batches, Some(Warmup::Requests(5)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("--warmup-requests: the recording counted no requests")
+            && err.ends_with(&format!("(`{}`)", quiet.display())),
+        "{err}"
+    );
+}

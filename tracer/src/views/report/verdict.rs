@@ -9,17 +9,13 @@ use serde::Serialize;
 
 use super::{analysis::deaths, suspects::suspects};
 use crate::{
-    model::{CellKey, Class, PHASE_IDLE},
+    model::{CellKey, Class, PHASE_IDLE, SERVING_PHASES, request_phase},
     recording::Recorded,
     views::{
         check::{self, Verdict},
         count_of,
     },
 };
-
-/// Phases in which a server serves requests (the built-in profiles' and the usual rule names):
-/// growth there scales with traffic.
-const SERVING_PHASES: [&str; 4] = ["serve", "prefill", "decode", "request"];
 
 /// A category of the triage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -151,9 +147,10 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
             count_of(keys.len() as u64, "stack"),
             phase_list(&keys)
         )];
-        // Per request: their growth over the serving phases' entries in the judged part.
+        // Per request: their growth over the requests' entries in the judged part.
+        let counted = request_phase(&rec.phase_activity);
         let requests: u64 = (rec.phase_activity.iter())
-            .filter(|a| SERVING_PHASES.contains(&a.phase.as_str()))
+            .filter(|a| Some(a.phase.as_str()) == counted)
             .filter(|a| (a.t_s as f64) >= s.from_s && (a.t_s as f64) < s.to_s)
             .map(|a| a.entries)
             .sum();
@@ -164,13 +161,13 @@ pub fn classify(rec: &Recorded) -> Vec<Finding> {
                 count_of(idle, "stack")
             ));
         }
-        if serving && requests > 0 {
+        if let (true, Some(phase)) = (serving && requests > 0, counted) {
             let growth: u64 = (s.rows.iter())
                 .filter(|r| keys.contains(&r.key))
                 .map(|r| r.growth)
                 .sum();
             evidence.push(format!(
-                "about {} B per request: +{growth} B over {requests} serving-phase entries",
+                "about {} B per request: +{growth} B over {requests} entries of {phase}",
                 growth / requests
             ));
         }
@@ -364,7 +361,7 @@ mod tests {
         // 6 s between the first and last batches' middles: +6000 B.
         assert_eq!(
             findings[1].evidence[1],
-            "about 75 B per request: +6000 B over 80 serving-phase entries"
+            "about 75 B per request: +6000 B over 80 entries of serve"
         );
         // Without phases, where it grew is not known.
         rec = growing(&[key(PHASE_NONE, 1)]);
