@@ -128,21 +128,56 @@ pub fn current() -> u32 {
 /// call returns.
 #[uprobe]
 pub fn phase_enter(ctx: ProbeContext) -> u32 {
+    // At the entry, the stack pointer is the slot of the return address.
+    let sp = UserRegs::of_probe(&ctx).sp;
+    enter(&ctx, sp, sp)
+}
+
+/// A rule's USDT probe fired: its phase becomes the thread's until the function around the
+/// probe returns. That function keeps a frame pointer (checked at attach): its return address
+/// is just above the saved frame pointer.
+#[uprobe]
+pub fn phase_enter_usdt(ctx: ProbeContext) -> u32 {
+    let regs = UserRegs::of_probe(&ctx);
+    enter(&ctx, regs.bp.wrapping_add(8), regs.sp)
+}
+
+/// The function around a rule's USDT probe is entered: a phase its earlier call set has ended,
+/// though the new call's return address lies in the same slot (a loop calling it from one
+/// site) until the probe fires again.
+#[uprobe]
+pub fn phase_call(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a lookup of a plain value.
+    if unsafe { TARGETS.get((pid_tgid >> 32) as u32) }.is_none() {
+        return 0;
+    }
+    let Some(phases) = THREAD_PHASES.get_ptr_mut(&(pid_tgid as u32)) else {
+        return 0;
+    };
+    // SAFETY: a map value, valid while this program runs; only this thread writes it.
+    let phases = unsafe { &mut *phases };
+    drop_returned(phases, UserRegs::of_probe(&ctx).sp, false);
+    0
+}
+
+/// Pushes the probe's phase (the attach cookie) on the calling thread's phase stack, for the
+/// call whose return address is at stack slot `slot`; `sp` is the stack pointer now.
+#[inline(always)]
+fn enter(ctx: &ProbeContext, slot: u64, sp: u64) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // Attached for every process mapping the file: only traced processes have phases.
     // SAFETY: a lookup of a plain value.
     if unsafe { TARGETS.get((pid_tgid >> 32) as u32) }.is_none() {
         return 0;
     }
-    let id = attach_cookie(&ctx) & (IDS as u32 - 1);
+    let id = attach_cookie(ctx) & (IDS as u32 - 1);
     let tid = pid_tgid as u32;
-    // At the entry, the stack pointer is the slot of the return address.
-    let sp = UserRegs::of_probe(&ctx).sp;
-    if !predicate_holds(&ctx, id, sp) {
+    if slot < sp || !predicate_holds(ctx, id, sp) {
         return 0;
     }
     // SAFETY: bpf_probe_read_user checks the user address.
-    let Ok(ret) = (unsafe { bpf_probe_read_user(sp as *const u64) }) else {
+    let Ok(ret) = (unsafe { bpf_probe_read_user(slot as *const u64) }) else {
         return 0;
     };
     if THREAD_PHASES.get_ptr_mut(&tid).is_none() {
@@ -154,15 +189,16 @@ pub fn phase_enter(ctx: ProbeContext) -> u32 {
     // SAFETY: a map value, valid while this program runs; only this thread writes it.
     let phases = unsafe { &mut *phases };
     // A call whose slot is at or below this one's cannot enclose it: it has returned (the same
-    // call site calling again, in a loop, finds its own return address there).
-    drop_returned(phases, sp, false);
+    // call site calling again, in a loop, finds its own return address there; a USDT probe
+    // firing again in the same call replaces its own entry).
+    drop_returned(phases, slot, false);
     // Laundered: the loop above pins the depth on each of its paths, and the compiler drops
     // a mask the bound makes redundant; the verifier needs the bound it sees checked.
     let depth = forget_value(phases.depth as usize);
     if depth < MAX_DEPTH {
         let i = depth & (MAX_DEPTH - 1);
         phases.ids[i] = id;
-        phases.sp[i] = sp;
+        phases.sp[i] = slot;
         phases.ret[i] = ret;
         phases.depth += 1;
     }

@@ -429,11 +429,139 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
     pub fn section_data(&self, name: &str) -> Option<Cow<'data, [u8]>> {
         self.file.section_by_name(name)?.uncompressed_data().ok()
     }
+
+    /// The USDT probes the file declares (`.note.stapsdt`), at their stated addresses as the
+    /// file is laid out now (a prelinked file's notes are moved by `.stapsdt.base`).
+    pub fn usdt_probes(&self) -> Vec<UsdtProbe> {
+        let Some(notes) = self.section_data(".note.stapsdt") else {
+            return Vec::new();
+        };
+        let base = self.section_range(".stapsdt.base").map(|r| r.start);
+        parse_stapsdt(&notes, base)
+    }
+
+    /// The function symbol whose range holds stated `address`: (its name, its start).
+    pub fn function_at(&self, address: u64) -> Option<(&'data str, u64)> {
+        self.symbols()
+            .filter(|s| s.defined && s.kind == object::SymbolKind::Text && s.size > 0)
+            .find(|s| (s.address..s.address + s.size).contains(&address))
+            .map(|s| (s.name, s.address))
+    }
+}
+
+/// A USDT probe (`.note.stapsdt`): where the probe's `nop` is, and its semaphore (0: none; a
+/// probe with one fires only while a tracer counts itself in it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsdtProbe {
+    pub provider: String,
+    pub name: String,
+    pub address: u64,
+    pub semaphore: u64,
+}
+
+/// The probes of a `.note.stapsdt` section: notes of type 3 named `stapsdt`, each (pc, base,
+/// semaphore) then the provider's, the probe's and the arguments' C strings. `base`: where
+/// `.stapsdt.base` is now, which the notes' addresses are relative to. Malformed notes end the
+/// list.
+fn parse_stapsdt(data: &[u8], base: Option<u64>) -> Vec<UsdtProbe> {
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?))
+    };
+    let align = |n: usize| n.div_ceil(4) * 4;
+    let mut probes = Vec::new();
+    let mut at = 0;
+    while let (Some(namesz), Some(descsz), Some(kind)) = (word(at), word(at + 4), word(at + 8)) {
+        let (namesz, descsz) = (namesz as usize, descsz as usize);
+        let name_at = at + 12;
+        let desc_at = name_at + align(namesz);
+        let Some(desc) = data.get(desc_at..desc_at + descsz) else {
+            break;
+        };
+        at = desc_at + align(descsz);
+        if kind != 3 || data.get(name_at..name_at + namesz) != Some(b"stapsdt\0") {
+            continue;
+        }
+        let addr = |i: usize| u64::from_le_bytes(desc[i * 8..i * 8 + 8].try_into().unwrap());
+        if desc.len() < 24 {
+            continue;
+        }
+        let (pc, stated_base, semaphore) = (addr(0), addr(1), addr(2));
+        let mut strings = desc[24..].split(|&b| b == 0).map(String::from_utf8_lossy);
+        let (Some(provider), Some(name)) = (strings.next(), strings.next()) else {
+            continue;
+        };
+        // Prelinking moves the file; the notes keep the old addresses.
+        let shift = |a: u64| match base {
+            Some(now) if a != 0 => a.wrapping_add(now).wrapping_sub(stated_base),
+            _ => a,
+        };
+        probes.push(UsdtProbe {
+            provider: provider.into_owned(),
+            name: name.into_owned(),
+            address: shift(pc),
+            semaphore: shift(semaphore),
+        });
+    }
+    probes
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `.note.stapsdt` as `sys/sdt.h` lays it out: two probes (the second with a semaphore),
+    /// a note of another kind between them, and addresses stated against a `.stapsdt.base`
+    /// that has moved by 0x1000 since.
+    #[test]
+    fn usdt_notes_give_each_probe_and_its_semaphore() {
+        fn note(out: &mut Vec<u8>, name: &[u8], kind: u32, desc: &[u8]) {
+            out.extend((name.len() as u32).to_le_bytes());
+            out.extend((desc.len() as u32).to_le_bytes());
+            out.extend(kind.to_le_bytes());
+            out.extend(name);
+            out.resize(out.len().div_ceil(4) * 4, 0);
+            out.extend(desc);
+            out.resize(out.len().div_ceil(4) * 4, 0);
+        }
+        let desc = |pc: u64, sem: u64, strings: &[u8]| {
+            let mut d: Vec<u8> = [pc, 0x5000, sem]
+                .iter()
+                .flat_map(|a| a.to_le_bytes())
+                .collect();
+            d.extend(strings);
+            d
+        };
+        let mut data = Vec::new();
+        note(
+            &mut data,
+            b"stapsdt\0",
+            3,
+            &desc(0x1234, 0, b"server\0request__start\0\0"),
+        );
+        note(&mut data, b"GNU\0", 3, b"not a probe");
+        note(
+            &mut data,
+            b"stapsdt\0",
+            3,
+            &desc(0x2000, 0x9000, b"py\0gc\0-4@%eax\0"),
+        );
+        let probes = parse_stapsdt(&data, Some(0x6000));
+        let seen: Vec<(&str, &str, u64, u64)> = (probes.iter())
+            .map(|p| (p.provider.as_str(), p.name.as_str(), p.address, p.semaphore))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("server", "request__start", 0x2234, 0),
+                ("py", "gc", 0x3000, 0xa000)
+            ]
+        );
+        // Cut short: what is whole is kept, no panic.
+        assert_eq!(
+            parse_stapsdt(&data[..data.len() - 3], Some(0x6000)).len(),
+            1
+        );
+    }
 
     /// The streamed search finds what the whole-table search finds, whatever the chunk (names
     /// and symbols cut across chunks), in the C library's .dynsym and this binary's .symtab.

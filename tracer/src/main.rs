@@ -263,7 +263,8 @@ struct RecordArgs {
     /// rule may add a condition on the call, [PLACE:TYPE OP NUMBER] with PLACE argN (N from 1)
     /// or sp+OFFSET (the stack at entry), TYPE i32, u32, i64 or u64: llama.cpp's prefill is
     /// --phase 'prefill=libllama.so:llama_decode[sp+8:i32>1]'. A library not mapped yet is
-    /// waited for (attached when a traced process maps it)
+    /// waited for (attached when a traced process maps it). NAME=usdt:LIB:PROVIDER:PROBE starts
+    /// the phase at a USDT probe of LIB, until the function around it returns
     #[arg(long, value_name = "NAME=LIB:SYMBOL")]
     phase: Vec<PhaseRule>,
     /// Do not use the built-in phase profiles. By default the phases of the servers alloctrace

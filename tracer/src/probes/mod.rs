@@ -49,6 +49,10 @@ const HEAP_COUNT_PROGRAM: &str = "heap_count";
 const FLOOR_RETURN_PROGRAM: &str = "floor_return";
 /// A phase rule's function entered (`attach_phase`).
 const PHASE_ENTER_PROGRAM: &str = "phase_enter";
+/// A USDT probe's phase rule (`tracer-ebpf/src/phase.rs`), and the entry of the function
+/// around it.
+const PHASE_ENTER_USDT_PROGRAM: &str = "phase_enter_usdt";
+const PHASE_CALL_PROGRAM: &str = "phase_call";
 
 #[derive(Clone, Debug)]
 pub struct ProbeConfig {
@@ -844,11 +848,22 @@ impl Probes {
             location: UProbeAttachLocation::AbsoluteOffset(rule.offset),
             cookie: Some(u64::from(rule.id)),
         };
+        let program = match rule.rule.usdt {
+            true => PHASE_ENTER_USDT_PROGRAM,
+            false => PHASE_ENTER_PROGRAM,
+        };
         let link = self
-            .program(PHASE_ENTER_PROGRAM)?
+            .program(program)?
             .attach(point, &rule.open_path, UProbeScope::AllProcesses)
             .map_err(|e| uprobe_err(&e, &rule.rule.symbol, &rule.shown_path))?;
-        self.uprobe_links.push((PHASE_ENTER_PROGRAM, link));
+        self.uprobe_links.push((program, link));
+        if let Some(around) = rule.around {
+            let link = self
+                .program(PHASE_CALL_PROGRAM)?
+                .attach(around, &rule.open_path, UProbeScope::AllProcesses)
+                .map_err(|e| uprobe_err(&e, &rule.rule.symbol, &rule.shown_path))?;
+            self.uprobe_links.push((PHASE_CALL_PROGRAM, link));
+        }
         // Records carry phases from now on.
         self.set_phases_on(phase::ON, 1)
     }
@@ -1069,6 +1084,8 @@ mod tests {
             FLOOR_RETURN_PROGRAM,
             HEAP_COUNT_PROGRAM,
             PHASE_ENTER_PROGRAM,
+            PHASE_ENTER_USDT_PROGRAM,
+            PHASE_CALL_PROGRAM,
         ]
         .map(Some);
         for name in heap.chain(cuda).chain(tracepoints).chain(own).flatten() {

@@ -56,10 +56,16 @@ pub struct PhaseRule {
     pub symbol: String,
     /// A native rule's condition on the call (`[sp+8:i32>1]` after the symbol).
     pub predicate: Option<Predicate>,
+    /// `NAME=usdt:LIB:PROVIDER:PROBE`: `symbol` is `PROVIDER:PROBE`, a USDT probe of LIB
+    /// (`.note.stapsdt`); the phase lasts from the probe until the function around it returns.
+    pub usdt: bool,
 }
 
 /// The `lib` of a Python function's rule.
 const PYTHON_LIB: &str = "py";
+
+/// What a USDT probe's rule starts with after `NAME=`.
+const USDT_PREFIX: &str = "usdt:";
 
 impl PhaseRule {
     /// `NAME=LIB:SYMBOL` as a key (a Python rule's matches are kept by it).
@@ -118,6 +124,30 @@ impl FromStr for PhaseRule {
     fn from_str(s: &str) -> Result<PhaseRule, String> {
         let shape = "expected NAME=LIB:SYMBOL, for example serve=libllama.so:llama_decode";
         let (name, site) = s.split_once('=').ok_or(shape)?;
+        let (site, usdt) = match site.strip_prefix(USDT_PREFIX) {
+            Some(probe) => {
+                let usdt_shape = "expected NAME=usdt:LIB:PROVIDER:PROBE, for example \
+                                  serve=usdt:libserver.so:server:request__start";
+                let mut parts = probe.split(':');
+                let (Some(lib), Some(provider), Some(probe), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(usdt_shape.into());
+                };
+                if [lib, provider, probe]
+                    .iter()
+                    .any(|p| p.is_empty() || p.contains('['))
+                {
+                    return Err(usdt_shape.into());
+                }
+                (site, true)
+            }
+            None => (site, false),
+        };
+        let site = match usdt {
+            true => &site[USDT_PREFIX.len()..],
+            false => site,
+        };
         let (lib, symbol) = site.split_once(':').ok_or(shape)?;
         let (symbol, predicate) = phase_predicate::split(symbol)?;
         if name.is_empty() || lib.is_empty() || symbol.is_empty() {
@@ -163,13 +193,15 @@ impl FromStr for PhaseRule {
             lib: lib.into(),
             symbol: symbol.into(),
             predicate,
+            usdt,
         })
     }
 }
 
 impl fmt::Display for PhaseRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}={}:{}", self.name, self.lib, self.symbol)?;
+        let usdt = if self.usdt { USDT_PREFIX } else { "" };
+        write!(f, "{}={usdt}{}:{}", self.name, self.lib, self.symbol)?;
         match &self.predicate {
             Some(p) => write!(f, "[{p}]"),
             None => Ok(()),
@@ -187,8 +219,11 @@ pub struct ResolvedRule {
     pub open_path: PathBuf,
     /// The file as the target names it.
     pub shown_path: String,
-    /// The function's file offset.
+    /// The function's file offset (a USDT probe's own offset).
     pub offset: u64,
+    /// A USDT rule: the file offset of the function around the probe, whose entry ends the
+    /// phase an earlier call set.
+    pub around: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +250,14 @@ pub enum PhaseError {
         path: String,
         symbol: String,
     },
+    #[error("--phase {rule}: {path} declares no USDT probe {probe} (`readelf -n` lists them)")]
+    NoProbe {
+        rule: String,
+        path: String,
+        probe: String,
+    },
+    #[error("--phase {rule}: {why}")]
+    UnusableProbe { rule: String, why: String },
 }
 
 /// The rules in effect: the user's, then the built-in profiles' (`hooks::PROFILES`): every
@@ -249,6 +292,7 @@ pub fn with_profiles(
                 lib,
                 symbol: symbol.to_string(),
                 predicate,
+                usdt: false,
             };
             rules.push((rule, Some(profile.server)));
         }
@@ -365,6 +409,17 @@ fn resolve_one(
         };
         let data = elf::read(&open_path).map_err(|e| unreadable(e.to_string()))?;
         let elf = Elf::parse(&open_path, &*data).map_err(|e| unreadable(e.to_string()))?;
+        if rule.usdt {
+            let (offset, around) = usdt_offset(rule, &elf, &shown, &shown_path)?;
+            return Ok(ResolvedRule {
+                id,
+                rule: rule.clone(),
+                open_path,
+                shown_path,
+                offset,
+                around: Some(around),
+            });
+        }
         let offset = *elf
             .function_offsets(&[rule.symbol.as_str()])
             .get(rule.symbol.as_str())
@@ -379,8 +434,79 @@ fn resolve_one(
             open_path,
             shown_path,
             offset,
+            around: None,
         })
     }
+}
+
+/// Where USDT rule `rule`'s probe is in the file (`elf`): its file offset, and that of the
+/// function around it. The probe must have
+/// no semaphore (one with a semaphore fires only while a tracer counts itself in it, which
+/// would write to the target) and sit in a function that keeps a frame pointer (`push rbp; mov
+/// rbp, rsp`, after an `endbr64`): the return address the phase ends at is found through it.
+fn usdt_offset<'d, R: object::ReadRef<'d>>(
+    rule: &PhaseRule,
+    elf: &Elf<'d, R>,
+    shown: &str,
+    shown_path: &str,
+) -> Result<(u64, u64), PhaseError> {
+    let unusable = |why: String| PhaseError::UnusableProbe {
+        rule: shown.to_string(),
+        why,
+    };
+    let (provider, name) = rule.symbol.split_once(':').unwrap_or_default();
+    let probes = elf.usdt_probes();
+    let probe = (probes.iter())
+        .find(|p| p.provider == provider && p.name == name)
+        .ok_or_else(|| PhaseError::NoProbe {
+            rule: shown.to_string(),
+            path: printable(shown_path),
+            probe: printable(&rule.symbol),
+        })?;
+    if probes
+        .iter()
+        .filter(|p| p.provider == provider && p.name == name)
+        .count()
+        > 1
+    {
+        return Err(unusable(format!(
+            "{} has several sites of probe {}: give a function rule instead",
+            printable(shown_path),
+            printable(&rule.symbol)
+        )));
+    }
+    if probe.semaphore != 0 {
+        return Err(unusable(format!(
+            "probe {} has a semaphore (it fires only while a tracer writes a count into the \
+             target, which alloctrace does not do): give a function rule instead",
+            printable(&rule.symbol)
+        )));
+    }
+    let (function, start) = elf.function_at(probe.address).ok_or_else(|| {
+        unusable(format!(
+            "probe {} is in no function of the symbol table",
+            printable(&rule.symbol)
+        ))
+    })?;
+    let prologue = elf.data_at(start, 8).unwrap_or_default();
+    let body = prologue
+        .strip_prefix(&[0xf3, 0x0f, 0x1e, 0xfa])
+        .unwrap_or(prologue);
+    if !body.starts_with(&[0x55, 0x48, 0x89, 0xe5]) {
+        return Err(unusable(format!(
+            "probe {} is in {} which keeps no frame pointer: where it returns cannot be known \
+             (build it with -fno-omit-frame-pointer, or give a function rule)",
+            printable(&rule.symbol),
+            printable(function)
+        )));
+    }
+    let offsets = elf.file_offset(probe.address).zip(elf.file_offset(start));
+    offsets.ok_or_else(|| {
+        unusable(format!(
+            "probe {} is outside the file's loaded segments",
+            printable(&rule.symbol)
+        ))
+    })
 }
 
 /// The file a rule names: a path as given (mapped or not: a library loaded later), else the
@@ -425,6 +551,7 @@ mod tests {
                 lib: "libllama.so".into(),
                 symbol: "llama_decode".into(),
                 predicate: None,
+                usdt: false,
             }
         );
         // The first ':' ends the file: a C++ symbol keeps its own.
@@ -444,6 +571,27 @@ mod tests {
             "prefill=libllama.so:llama_decode[sp+8:i32>1]"
         );
         assert!("p=py:m:f[arg1>1]".parse::<PhaseRule>().is_err());
+        // A USDT probe.
+        let rule: PhaseRule = "serve=usdt:libserver.so:server:request__start"
+            .parse()
+            .unwrap();
+        assert!(rule.usdt && rule.python().is_none());
+        assert_eq!(
+            (rule.lib.as_str(), rule.symbol.as_str()),
+            ("libserver.so", "server:request__start")
+        );
+        assert_eq!(
+            rule.to_string(),
+            "serve=usdt:libserver.so:server:request__start"
+        );
+        for bad in [
+            "s=usdt:lib.so:p",
+            "s=usdt:lib.so:p:n:x",
+            "s=usdt::p:n",
+            "s=usdt:l:p:n[arg1>1]",
+        ] {
+            assert!(bad.parse::<PhaseRule>().is_err(), "{bad}");
+        }
     }
 
     #[test]

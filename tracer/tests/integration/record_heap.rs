@@ -732,14 +732,7 @@ fn memory_allocated_with_no_request_in_flight_is_idle() {
 #[test]
 fn a_phase_rule_on_a_library_loaded_later_is_attached_when_it_is_mapped() {
     require_privileges!();
-    let lib = crate::common::build_dir("late-lib").join("late_lib.so");
-    let source = crate::common::fixture_source("late_lib.c");
-    let args: Vec<std::ffi::OsString> = ["-O1", "-fno-omit-frame-pointer", "-shared", "-fPIC"]
-        .iter()
-        .map(Into::into)
-        .chain([source.into_os_string()])
-        .collect();
-    crate::common::compile(&lib, &args);
+    let lib = crate::common::late_lib();
     let mut cmd = std::process::Command::new(fixture("heap_fixture"));
     cmd.args(["late_lib", "attach"]).env("LATE_LIB", &lib);
     let mut target = TestProcess::spawn("heap_fixture late_lib attach", cmd);
@@ -829,5 +822,45 @@ fn a_condition_on_the_call_splits_one_function_into_phases() {
         assert_eq!(live("decode", "batch_decode"), (500, 5), "{mode:?}");
         assert_eq!(live("large", "sized_request"), (5_000, 2), "{mode:?}");
         assert_eq!(live("none", "sized_request"), (500, 1), "{mode:?}");
+    }
+}
+
+/// A USDT probe as a phase's start (`NAME=usdt:LIB:PROVIDER:PROBE`): the phase runs from the
+/// probe until the function around it returns; what that function allocated before the probe,
+/// and what is allocated after it returned, is not in it. Exact, in both heap paths.
+#[test]
+fn a_usdt_probe_starts_a_phase_until_its_function_returns() {
+    require_privileges!();
+    let exe = fixture("heap_fixture");
+    let rule = "serve=usdt:heap_fixture:alloctrace_fixture:request__start";
+    for mode in [&["--heap"][..], &["--heap", "--stack", "dwarf"]] {
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<&str> = mode.iter().chain(&["--phase", rule]).copied().collect();
+        let r = record_fixture_command(dir.path(), &exe, "usdt", &args);
+        r.assert_no_lost_events();
+        let json = report_value(&dir.path().join("usdt.trace"));
+        let phases = &json["phases"];
+        assert_eq!(phases["rules"][0]["rule"], rule, "{phases:#}");
+        assert_eq!(phases["rules"][0]["entries"], 4, "{phases:#}");
+        let live = |phase: &str, first: &str, size: u64| -> (u64, u64) {
+            let stacks = json["stacks"].as_array().unwrap();
+            (stacks.iter())
+                .filter(|s| s["phase"] == phase && s["frames"][0] == first)
+                .map(|s| {
+                    (
+                        s["live_bytes"].as_u64().unwrap(),
+                        s["live_count"].as_u64().unwrap(),
+                    )
+                })
+                .filter(|&(bytes, count)| count > 0 && bytes % size == 0 && bytes / count == size)
+                .fold((0, 0), |(b, c), (sb, sc)| (b + sb, c + sc))
+        };
+        assert_eq!(live("serve", "usdt_request", 222), (888, 4), "{mode:?}");
+        assert_eq!(live("serve", "usdt_helper", 333), (1_332, 4), "{mode:?}");
+        assert_eq!(live("none", "usdt_request", 111), (444, 4), "{mode:?}");
+        assert_eq!(live("serve", "usdt_request", 111), (0, 0), "{mode:?}");
+        let rows = phases["by_phase"].as_array().unwrap();
+        let serve = rows.iter().find(|r| r["phase"] == "serve").unwrap();
+        assert_eq!(serve["live_bytes"], 2_220, "{serve:#}");
     }
 }

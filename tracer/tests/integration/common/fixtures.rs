@@ -88,3 +88,21 @@ pub fn python() -> String {
         .expect("python3 is needed for this test");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
+
+/// `tests/fixtures/late_lib.c` built as the shared library `late_lib.so` (once per test run).
+pub fn late_lib() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let lib = build_dir("late-lib").join("late_lib.so");
+            let args: Vec<std::ffi::OsString> =
+                ["-O1", "-fno-omit-frame-pointer", "-shared", "-fPIC"]
+                    .iter()
+                    .map(Into::into)
+                    .chain([fixture_source("late_lib.c").into_os_string()])
+                    .collect();
+            compile(&lib, &args);
+            lib
+        })
+        .clone()
+}
