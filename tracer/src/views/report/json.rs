@@ -267,6 +267,8 @@ struct JsonSuspect {
     stack: Option<StackIndex>,
     growth_bytes: u64,
     bytes_per_s: f64,
+    /// Of the first batch's mean; null when that was 0.
+    growth_percent: Option<f64>,
     batch_means: Vec<u64>,
     frames: Vec<String>,
 }
@@ -375,6 +377,7 @@ fn suspects(rec: &Recorded) -> Option<JsonSuspects> {
                 stack: row.key.stack,
                 growth_bytes: row.growth,
                 bytes_per_s: row.bytes_per_s,
+                growth_percent: row.growth_percent,
                 batch_means: row.batch_means.to_vec(),
                 frames: rec.frames(row.key.stack),
             })

@@ -41,6 +41,9 @@ pub struct Suspect<'a> {
     pub growth: u64,
     /// `growth` over the time between the first and the last batches' middles.
     pub bytes_per_s: f64,
+    /// `growth` as a percentage of the first batch's mean (`None` when that was 0: grown from
+    /// nothing).
+    pub growth_percent: Option<f64>,
 }
 
 /// Memory that is there by construction, not grown by work (`Class::is_static`).
@@ -81,6 +84,7 @@ fn judge(batches: &SeriesBatches) -> Option<Suspects<'_>> {
             batch_means: *means,
             growth,
             bytes_per_s: growth as f64 / (batch * (BATCHES - 1) as f64),
+            growth_percent: (means[0] > 0).then(|| growth as f64 * 100.0 / means[0] as f64),
         });
     }
     rows.sort_by(|a, b| b.growth.cmp(&a.growth).then_with(|| a.key.cmp(b.key)));
@@ -158,6 +162,9 @@ mod tests {
         );
         assert_eq!(leak_row.growth, 15 * 1024);
         assert!((leak_row.bytes_per_s - 1024.0).abs() < 1e-9);
+        let first = leak_row.batch_means[0] as f64;
+        let percent = leak_row.growth_percent.unwrap();
+        assert!((percent - leak_row.growth as f64 * 100.0 / first).abs() < 1e-9);
         assert_eq!(s.not_steady, 1, "the cache levelled off");
         assert!(s.too_noisy.is_empty());
     }

@@ -385,10 +385,13 @@ fn text_suspects(out: &mut String, rec: &Recorded) {
     for (i, row) in s.rows.iter().take(TEXT_TOP_SUSPECTS).enumerate() {
         let _ = writeln!(
             out,
-            "  {:>2}. {:>12} ({}/s)  {}{}: {}",
+            "  {:>2}. {:>12} ({}/s{})  {}{}: {}",
             i + 1,
             human_delta(i128::from(row.growth)),
             human_bytes(row.bytes_per_s.round() as u64),
+            row.growth_percent
+                .map(|p| format!(", +{p:.0} %"))
+                .unwrap_or_default(),
             row.key.class.name(),
             phase_suffix(row.key),
             frames_line(&rec.frames(row.key.stack))
