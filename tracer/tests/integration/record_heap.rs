@@ -864,3 +864,31 @@ fn a_usdt_probe_starts_a_phase_until_its_function_returns() {
         assert_eq!(serve["live_bytes"], 2_220, "{serve:#}");
     }
 }
+
+/// An error-induced leak: allocations fail, the error path keeps memory that never comes back;
+/// the verdict says "grows after errors" with the failures and the rise, exact.
+#[test]
+fn memory_kept_by_an_error_path_is_an_error_induced_leak() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fixture("heap_fixture");
+    let r = record_fixture_command(dir.path(), &exe, "error_leak", &["--heap"]);
+    r.assert_no_lost_events();
+    let json = report_value(&dir.path().join("error_leak.trace"));
+    let verdict = json["verdict"].as_array().unwrap();
+    let errors = (verdict.iter())
+        .find(|f| f["category"] == "error-induced")
+        .unwrap_or_else(|| panic!("no error-induced finding: {verdict:#?}"));
+    let evidence = errors["evidence"][0].as_str().unwrap();
+    assert!(
+        evidence.starts_with("3 failed allocations at ")
+            && evidence.ends_with(
+                " s (malloc → ENOMEM); the traced live memory rose by 262144 B then and did \
+                 not come back"
+            ),
+        "{evidence}"
+    );
+    let text = String::from_utf8_lossy(&view(&["report"], &dir.path().join("error_leak.trace")))
+        .into_owned();
+    assert!(text.contains("grows after errors"), "{text}");
+}
