@@ -83,6 +83,10 @@ pub struct Recorded {
     /// Phases' entries by second (`record --phase`, native rules), in time order; empty for an
     /// older recording.
     pub phase_activity: Vec<crate::model::PhaseActivity>,
+    /// Seconds in which the live memory of a Python function's phase changed (`record --phase
+    /// NAME=py:...`, whose calls are not counted), as (second, phase), in time order: where the
+    /// timeline draws those phases' bands.
+    pub phase_seconds: Vec<(u64, String)>,
     /// Moments a driver marked (`alloctrace check`), in order; empty for a plain recording.
     pub marks: Vec<crate::model::Mark>,
     /// `record --phase`: the rules and their figures (`None`: no rule was given).

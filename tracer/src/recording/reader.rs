@@ -24,6 +24,23 @@ use crate::{
     output::{self, io_reason},
 };
 
+/// The phases of the recording's Python rules (`NAME=py:...`), from meta `phases`.
+fn python_phases(meta_values: &HashMap<String, Value>) -> Vec<String> {
+    let Some(Value::Text(json)) = meta_values.get(meta::PHASES) else {
+        return Vec::new();
+    };
+    let Ok(phases) = serde_json::from_str::<crate::model::Phases>(json) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = (phases.rules.into_iter())
+        .filter(|r| r.rule.contains("=py:"))
+        .map(|r| r.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// The first 16 bytes of every SQLite database file.
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
@@ -660,6 +677,7 @@ impl Reading<'_> {
         } else {
             (Vec::new(), Vec::new())
         };
+        let phase_seconds = self.read_phase_seconds(&python_phases(&meta_values))?;
         let failure_seconds = if self.has_table("failure_seconds")? {
             self.read_failure_seconds()?
         } else {
@@ -719,6 +737,7 @@ impl Reading<'_> {
                 .optional_text(meta::CHECK)
                 .and_then(|json| serde_json::from_str(json).ok()),
             phase_activity,
+            phase_seconds,
             failure_seconds,
             marks: metadata
                 .optional_text(meta::MARKS)
@@ -1014,6 +1033,23 @@ impl Reading<'_> {
                 entries: from_sql(row.get(2)?),
             })
         })
+    }
+
+    /// The seconds with a series point of a cell in one of `phases`.
+    fn read_phase_seconds(&self, phases: &[String]) -> Result<Vec<(u64, String)>, ReadFailure> {
+        let mut seconds = Vec::new();
+        let mut stmt = self.conn.prepare(
+            "SELECT DISTINCT s.t_s FROM series AS s JOIN cells AS c ON c.id = s.cell_id
+             WHERE c.phase = ?1",
+        )?;
+        for phase in phases {
+            let rows = stmt.query_map([phase], |row| row.get::<_, i64>(0))?;
+            for t in rows {
+                seconds.push((from_sql(t?), phase.clone()));
+            }
+        }
+        seconds.sort();
+        Ok(seconds)
     }
 
     fn read_torch_samples(&self) -> Result<Vec<AllocatorSample>, ReadFailure> {

@@ -285,6 +285,7 @@ pub(crate) mod fixture {
             check: None,
             failure_seconds: Vec::new(),
             phase_activity: Vec::new(),
+            phase_seconds: Vec::new(),
             marks: Vec::new(),
             phases: Some(crate::model::Phases {
                 profiles: Vec::new(),
@@ -353,6 +354,7 @@ pub(crate) mod fixture {
             check: None,
             failure_seconds: Vec::new(),
             phase_activity: Vec::new(),
+            phase_seconds: Vec::new(),
             marks: Vec::new(),
             phases: None,
             stack_capture: None,

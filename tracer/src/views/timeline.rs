@@ -195,13 +195,31 @@ const PHASE_COLOURS: [&str; 6] = [
 ];
 
 /// A band a phase along the plot's top: a box over each second the phase was entered in, its
-/// entries in the box's title. The phases drawn, in band order.
+/// entries in the box's title; for a Python function's phase (no entry count), over each second
+/// its memory changed. The phases drawn, in band order.
 fn phase_bands(svg: &mut String, rec: &Recorded, x: &impl Fn(f64) -> f64) -> Vec<String> {
     let mut phases: Vec<String> = Vec::new();
-    for a in &rec.phase_activity {
-        if !phases.contains(&a.phase) {
-            phases.push(a.phase.clone());
+    let named = (rec.phase_activity.iter().map(|a| &a.phase))
+        .chain(rec.phase_seconds.iter().map(|(_, p)| p));
+    for phase in named {
+        if !phases.contains(phase) {
+            phases.push(phase.clone());
         }
+    }
+    for (t_s, phase) in &rec.phase_seconds {
+        let row = phases.iter().position(|p| p == phase).unwrap_or(0);
+        let (from, to) = (x(*t_s as f64), x(*t_s as f64 + 1.0));
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{from:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"8\" fill=\"{}\" \
+             fill-opacity=\"0.5\"><title>phase {}: its memory changed at {} s (a Python \
+             function's phase: calls not counted)</title></rect>",
+            TOP + 2.0 + 10.0 * row as f64,
+            (to - from).max(1.0),
+            PHASE_COLOURS[row % PHASE_COLOURS.len()],
+            for_xml(phase),
+            t_s
+        );
     }
     for a in &rec.phase_activity {
         let row = phases.iter().position(|p| *p == a.phase).unwrap_or(0);
@@ -377,6 +395,17 @@ mod tests {
             "{svg}"
         );
         assert!(svg.contains(">phase serve</text>") && svg.contains(">phase load</text>"));
+        // A Python function's phase: over the seconds its memory changed, in a row of its own.
+        rec.phase_seconds = vec![(3, "prefill".into())];
+        let svg = render(&rec);
+        assert!(
+            svg.contains(
+                "<title>phase prefill: its memory changed at 3 s (a Python function's phase: \
+                 calls not counted)</title>"
+            ),
+            "{svg}"
+        );
+        assert!(svg.contains(">phase prefill</text>"), "{svg}");
         // Failed allocations are marked where they happened.
         rec.failure_seconds = vec![crate::model::FailureSecond {
             t_s: 2,

@@ -4,7 +4,7 @@
 
 use std::{path::Path, process::Command};
 
-use crate::common::{Session, TestProcess, fixture_source, python, report_value};
+use crate::common::{Session, TestProcess, fixture_source, python, report_value, view};
 
 #[test]
 fn cpython_arenas_are_their_own_class() {
@@ -244,6 +244,16 @@ fn python_functions_are_phases_told_from_the_stacks() {
         serde_json::Value::Null
     );
     assert!(row("serve")["live_bytes"].as_u64().unwrap() >= arenas);
+    // The timeline draws both phases' bands over the seconds their memory changed.
+    let svg_path = s.dir.path().join("timeline.svg");
+    view(&["timeline", "-o", svg_path.to_str().unwrap()], &s.trace);
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    for phase in ["serve", "buffers"] {
+        assert!(
+            svg.contains(&format!("<title>phase {phase}: its memory changed at ")),
+            "{phase}: {svg}"
+        );
+    }
 }
 
 /// The built-in vLLM profile, with no `--phase`: a package laid out as vLLM's, whose
