@@ -300,16 +300,40 @@ enum Symbols {
     MiniDebugInfo,
     /// In a separate debug file beside it, named by its `.gnu_debuglink`.
     DebugLink,
+    /// In the system's build-id debug directory (`/usr/lib/debug/.build-id/xx/yyyy.debug`), as a
+    /// distribution's debug-symbol package installs it; the library keeps its debug link.
+    BuildIdDir,
+}
+
+/// A file under /usr/lib/debug/.build-id made for a test, removed when dropped.
+struct InstalledDebugFile(PathBuf);
+
+impl Drop for InstalledDebugFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 /// libmini.so stripped of its symbol table, with its symbols where `symbols` says, and
 /// minidebug_caller linked to it; in `dir`.
-fn minidebug_caller(dir: &Path, symbols: Symbols) -> PathBuf {
+fn minidebug_caller(dir: &Path, symbols: Symbols) -> (PathBuf, Option<InstalledDebugFile>) {
     let full = dir.join("libmini.full.so");
+    // A build id of this run's own (the debug directory is the system's).
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let build_id = format!("{:08x}{:032x}", std::process::id(), nanos);
     let args: Vec<std::ffi::OsString> = ["-shared", "-fPIC", "-O1", "-fno-omit-frame-pointer"]
         .iter()
         .map(Into::into)
-        .chain([fixture_source("minidebug_lib.c").into()])
+        .chain([
+            fixture_source("minidebug_lib.c").into(),
+            format!("-Wl,--build-id=0x{build_id}").into(),
+        ])
         .collect();
     common::compile(&full, &args);
     let (mini, lib) = (dir.join("mini.debug"), dir.join("libmini.so"));
@@ -333,8 +357,27 @@ fn minidebug_caller(dir: &Path, symbols: Symbols) -> PathBuf {
             full.as_os_str(),
         ],
     );
+    let mut installed = None;
     match symbols {
         Symbols::Stripped => {}
+        Symbols::BuildIdDir => {
+            let debug = dir.join("libmini.so.debug");
+            let keep = [
+                "--only-keep-debug".as_ref(),
+                full.as_os_str(),
+                debug.as_os_str(),
+            ];
+            tool("objcopy", &keep);
+            let link = format!("--add-gnu-debuglink={}", debug.display());
+            tool("objcopy", &[link.as_ref(), lib.as_os_str()]);
+            let at = Path::new("/usr/lib/debug/.build-id")
+                .join(&build_id[..2])
+                .join(format!("{}.debug", &build_id[2..]));
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            std::fs::copy(&debug, &at).unwrap();
+            std::fs::remove_file(&debug).unwrap();
+            installed = Some(InstalledDebugFile(at));
+        }
         Symbols::MiniDebugInfo => {
             let section = format!(".gnu_debugdata={}.xz", mini.display());
             tool(
@@ -364,11 +407,12 @@ fn minidebug_caller(dir: &Path, symbols: Symbols) -> PathBuf {
         format!("-Wl,-rpath,{}", dir.display()).into(),
     ];
     common::compile(&exe, &args);
-    exe
+    (exe, installed)
 }
 
 /// A stripped library's static function is named from its MiniDebugInfo (`.gnu_debugdata`, an
-/// xz-compressed symbol table), or from the separate debug file its `.gnu_debuglink` names:
+/// xz-compressed symbol table), or from the separate debug file its `.gnu_debuglink` names,
+/// beside it or in the system's build-id debug directory:
 /// the 7 blocks of 3000 bytes are at `hidden_alloc`; with neither, that frame has no name.
 #[test]
 fn a_stripped_library_is_named_from_its_minidebuginfo_or_debug_file() {
@@ -376,11 +420,12 @@ fn a_stripped_library_is_named_from_its_minidebuginfo_or_debug_file() {
     for symbols in [
         Symbols::MiniDebugInfo,
         Symbols::DebugLink,
+        Symbols::BuildIdDir,
         Symbols::Stripped,
     ] {
         let with = symbols != Symbols::Stripped;
         let dir = tempfile::tempdir().unwrap();
-        let exe = minidebug_caller(dir.path(), symbols);
+        let (exe, _installed) = minidebug_caller(dir.path(), symbols);
         let mut target = TestProcess::spawn("minidebug_caller", Command::new(exe));
         target.expect_stdout("ready");
         let r = Session::attach_and_run(target, "mini", &["--heap"]).stop(libc::SIGINT);
