@@ -88,16 +88,8 @@ enum Command {
         /// always has everything).
         #[arg(long)]
         full_names: bool,
-        /// Judge the leak suspects after a warm-up of SECONDS from the start of the recording
-        /// (by default its first third: imports, model loading and caches filling are not
-        /// judged).
-        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-        warmup: Option<Duration>,
-        /// Judge the leak suspects after the first N requests (entries of the serving phase
-        /// that counts them: request, serve, prefill or decode, the first recorded), from the
-        /// end of the second the Nth came in.
-        #[arg(long, value_name = "N", conflicts_with = "warmup")]
-        warmup_requests: Option<u64>,
+        #[command(flatten)]
+        warmup: WarmupArgs,
     },
     /// Compare two recordings (before and after an upgrade, a configuration change): live bytes
     /// per class and per stack (matched by class, phase and frames), and the leak suspects of
@@ -143,12 +135,8 @@ enum Command {
         /// Every frame and whole C++ names (see `report --full-names`).
         #[arg(long)]
         full_names: bool,
-        /// `--kind leaks`: judge after a warm-up of SECONDS (see `report --warmup`).
-        #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-        warmup: Option<Duration>,
-        /// `--kind leaks`: judge after the first N requests (see `report --warmup-requests`).
-        #[arg(long, value_name = "N", conflicts_with = "warmup")]
-        warmup_requests: Option<u64>,
+        #[command(flatten)]
+        warmup: WarmupArgs,
         /// Only host memory (heap, mappings, pinned host memory) or only device memory (CUDA,
         /// PyTorch's tensors and cache, the driver's own): one scale each.
         #[arg(long, value_enum)]
@@ -468,9 +456,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             full_names,
             warmup,
-            warmup_requests,
         } => {
-            let warmup = warmup_of(warmup, warmup_requests);
+            let warmup = warmup.warmup();
             report(&file, format, output.as_deref(), force, full_names, warmup)?;
         }
         Command::Flamegraph {
@@ -481,14 +468,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kind,
             full_names,
             warmup,
-            warmup_requests,
             layer,
             class,
             phase,
             pid,
             since,
         } => {
-            let warmup = warmup_of(warmup, warmup_requests);
+            let warmup = warmup.warmup();
             let mut classes = class;
             if let Some(layer) = layer {
                 let layer = match layer {
@@ -816,12 +802,27 @@ fn flamegraph_since(
     Ok(())
 }
 
-/// The warm-up asked for: seconds, or requests.
-fn warmup_of(seconds: Option<Duration>, requests: Option<u64>) -> Option<Warmup> {
-    match (seconds, requests) {
-        (Some(s), _) => Some(Warmup::Seconds(s.as_secs_f64())),
-        (None, Some(n)) => Some(Warmup::Requests(n)),
-        (None, None) => None,
+/// Where the leak suspects' judged part starts (`report`, `flamegraph --kind leaks`).
+#[derive(Args, Debug, Clone, Copy)]
+struct WarmupArgs {
+    /// Judge the leak suspects after a warm-up of SECONDS from the start of the recording (by
+    /// default its first third: imports, model loading and caches filling are not judged).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    warmup: Option<Duration>,
+    /// Judge the leak suspects after the first N requests (entries of the serving phase that
+    /// counts them: request, serve, prefill or decode, the first recorded), from the end of the
+    /// second the Nth came in.
+    #[arg(long, value_name = "N", conflicts_with = "warmup")]
+    warmup_requests: Option<u64>,
+}
+
+impl WarmupArgs {
+    fn warmup(self) -> Option<Warmup> {
+        match (self.warmup, self.warmup_requests) {
+            (Some(s), _) => Some(Warmup::Seconds(s.as_secs_f64())),
+            (None, Some(n)) => Some(Warmup::Requests(n)),
+            (None, None) => None,
+        }
     }
 }
 

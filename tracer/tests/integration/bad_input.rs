@@ -376,39 +376,30 @@ fn record_with_a_phase_rule_that_finds_nothing_says_so_and_leaves_the_target_alo
     // USDT probes: one the file does not declare, and one with a semaphore.
     let lib = crate::common::late_lib();
     let lib = lib.display();
-    let out = record_pid(
-        pid,
-        &dir.path().join("x.trace"),
-        &[
-            "-d",
-            "1",
-            "--phase",
-            &format!("s=usdt:{lib}:alloctrace_fixture:nothing"),
-        ],
-    );
+    let usdt_rule = |probe: &str| {
+        let rule = format!("s=usdt:{lib}:alloctrace_fixture:{probe}");
+        let out = record_pid(
+            pid,
+            &dir.path().join("x.trace"),
+            &["-d", "1", "--phase", &rule],
+        );
+        (out, format!("alloctrace: error: --phase {rule}: "))
+    };
+    let (out, prefix) = usdt_rule("nothing");
     assert_error_line(
         &out,
         &format!(
-            "alloctrace: error: --phase s=usdt:{lib}:alloctrace_fixture:nothing: {lib} declares \
-             no USDT probe alloctrace_fixture:nothing (`readelf -n` lists them)"
+            "{prefix}{lib} declares no USDT probe alloctrace_fixture:nothing (`readelf -n` lists \
+             them)"
         ),
     );
-    let out = record_pid(
-        pid,
-        &dir.path().join("x.trace"),
-        &[
-            "-d",
-            "1",
-            "--phase",
-            &format!("s=usdt:{lib}:alloctrace_fixture:guarded"),
-        ],
-    );
+    let (out, prefix) = usdt_rule("guarded");
     assert_error_line(
         &out,
         &format!(
-            "alloctrace: error: --phase s=usdt:{lib}:alloctrace_fixture:guarded: probe \
-             alloctrace_fixture:guarded has a semaphore (it fires only while a tracer writes a \
-             count into the target, which alloctrace does not do): give a function rule instead"
+            "{prefix}probe alloctrace_fixture:guarded has a semaphore (it fires only while a \
+             tracer writes a count into the target, which alloctrace does not do): give a \
+             function rule instead"
         ),
     );
     assert_eq!(dir_entries(dir.path()), Vec::<String>::new(), "left behind");

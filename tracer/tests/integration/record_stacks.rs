@@ -360,24 +360,6 @@ fn minidebug_caller(dir: &Path, symbols: Symbols) -> (PathBuf, Option<InstalledD
     let mut installed = None;
     match symbols {
         Symbols::Stripped => {}
-        Symbols::BuildIdDir => {
-            let debug = dir.join("libmini.so.debug");
-            let keep = [
-                "--only-keep-debug".as_ref(),
-                full.as_os_str(),
-                debug.as_os_str(),
-            ];
-            tool("objcopy", &keep);
-            let link = format!("--add-gnu-debuglink={}", debug.display());
-            tool("objcopy", &[link.as_ref(), lib.as_os_str()]);
-            let at = Path::new("/usr/lib/debug/.build-id")
-                .join(&build_id[..2])
-                .join(format!("{}.debug", &build_id[2..]));
-            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
-            std::fs::copy(&debug, &at).unwrap();
-            std::fs::remove_file(&debug).unwrap();
-            installed = Some(InstalledDebugFile(at));
-        }
         Symbols::MiniDebugInfo => {
             let section = format!(".gnu_debugdata={}.xz", mini.display());
             tool(
@@ -385,7 +367,7 @@ fn minidebug_caller(dir: &Path, symbols: Symbols) -> (PathBuf, Option<InstalledD
                 &["--add-section".as_ref(), section.as_ref(), lib.as_os_str()],
             );
         }
-        Symbols::DebugLink => {
+        Symbols::DebugLink | Symbols::BuildIdDir => {
             let debug = dir.join("libmini.so.debug");
             let keep = [
                 "--only-keep-debug".as_ref(),
@@ -395,6 +377,15 @@ fn minidebug_caller(dir: &Path, symbols: Symbols) -> (PathBuf, Option<InstalledD
             tool("objcopy", &keep);
             let link = format!("--add-gnu-debuglink={}", debug.display());
             tool("objcopy", &[link.as_ref(), lib.as_os_str()]);
+            if symbols == Symbols::BuildIdDir {
+                let at = Path::new("/usr/lib/debug/.build-id")
+                    .join(&build_id[..2])
+                    .join(format!("{}.debug", &build_id[2..]));
+                std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+                std::fs::copy(&debug, &at).unwrap();
+                std::fs::remove_file(&debug).unwrap();
+                installed = Some(InstalledDebugFile(at));
+            }
         }
     }
     let exe = dir.join("minidebug_caller");
