@@ -217,17 +217,55 @@ pub fn render_svg(rec: &Recorded, options: &FlamegraphOptions) -> anyhow::Result
         };
         return Ok(nothing_svg(&title, &subtitle, nothing).into_bytes());
     }
-    let mut opts = Options::default();
-    opts.title = title;
-    opts.subtitle = Some(subtitle);
-    opts.count_name = "bytes".to_string();
-    opts.colors = Palette::Basic(BasicPalette::Mem);
-    // Colours from the function names, so the same recording always gives the same file.
-    opts.deterministic = true;
-    let mut svg = Vec::new();
-    flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut svg)
-        .map_err(|e| anyhow::anyhow!("cannot render the flame graph: {e}"))?;
-    Ok(svg)
+    let options = |min_width: f64, pruned: &str| {
+        let mut opts = Options::default();
+        opts.title = title.clone();
+        opts.subtitle = Some(format!("{subtitle}{pruned}"));
+        opts.count_name = "bytes".to_string();
+        opts.colors = Palette::Basic(BasicPalette::Mem);
+        // Colours from the function names, so the same recording always gives the same file.
+        opts.deterministic = true;
+        opts.min_width = min_width;
+        opts
+    };
+    render_within_budget(&lines, options)
+}
+
+/// The most an SVG may weigh: a browser opens it at once, and search stays quick.
+const SVG_BUDGET: usize = 1 << 20;
+
+/// Renders `lines` with inferno's options from `options(min_width, note)`, pruning frames
+/// narrower than `min_width` percent of the whole (inferno's default first: a tenth of a
+/// pixel), and doubling it until the SVG is within `SVG_BUDGET`: a deep stack (a PyTorch
+/// process's, over a hundred frames with the Python ones) adds a box a frame, and thousands of
+/// them weigh megabytes. The subtitle says what was left out.
+fn render_within_budget(
+    lines: &[String],
+    options: impl Fn(f64, &str) -> Options<'static>,
+) -> anyhow::Result<Vec<u8>> {
+    let mut min_width = Options::default().min_width;
+    let mut note = String::new();
+    loop {
+        let mut opts = options(min_width, &note);
+        let mut svg = Vec::new();
+        flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut svg)
+            .map_err(|e| anyhow::anyhow!("cannot render the flame graph: {e}"))?;
+        // Past a twentieth of the width the graph says nothing small anyway: kept as it is.
+        if svg.len() <= SVG_BUDGET || min_width >= 5.0 {
+            return Ok(svg);
+        }
+        min_width *= 2.0;
+        note = format!(
+            " · frames under {} % of the total not drawn (to keep the file under 1 MB)",
+            trim_percent(min_width)
+        );
+    }
+}
+
+/// A percentage without trailing zeros: 0.08, 0.16, 1.28.
+fn trim_percent(p: f64) -> String {
+    let s = format!("{p:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// The differential flame graph of two recordings' live bytes (`alloctrace diff --flamegraph`):
@@ -263,15 +301,16 @@ pub fn render_diff_svg(before: &Recorded, after: &Recorded) -> anyhow::Result<Ve
             nothing_svg(&title, &subtitle, "Nothing was live in either recording.").into_bytes(),
         );
     }
-    let mut opts = Options::default();
-    opts.title = title;
-    opts.subtitle = Some(subtitle);
-    opts.count_name = "bytes".to_string();
-    opts.deterministic = true;
-    let mut svg = Vec::new();
-    flamegraph::from_lines(&mut opts, lines.iter().map(String::as_str), &mut svg)
-        .map_err(|e| anyhow::anyhow!("cannot render the flame graph: {e}"))?;
-    Ok(svg)
+    let options = |min_width: f64, pruned: &str| {
+        let mut opts = Options::default();
+        opts.title = title.clone();
+        opts.subtitle = Some(format!("{subtitle}{pruned}"));
+        opts.count_name = "bytes".to_string();
+        opts.deterministic = true;
+        opts.min_width = min_width;
+        opts
+    };
+    render_within_budget(&lines, options)
 }
 
 /// The recording as it stood at second `t_s`: each cell's live bytes from its series (the last
@@ -446,6 +485,49 @@ mod tests {
         assert!(svg.len() < 1 << 20, "{} bytes", svg.len());
         let svg = String::from_utf8(svg).unwrap();
         assert!(svg.contains("leaf_0"), "the big stack is drawn");
+    }
+
+    /// Deep stacks of every weight (a PyTorch process's: a hundred frames with the Python ones,
+    /// no stack dominating), whose boxes would weigh megabytes at inferno's default pruning:
+    /// the narrowest are left out until the file is under 1 MB, and the subtitle says so.
+    #[test]
+    fn deep_stacks_are_pruned_to_a_megabyte_and_say_so() {
+        let mut rec = fixture::recorded();
+        rec.state.cells.clear();
+        for i in 0..3000u32 {
+            // Innermost first: a leaf of its own under one of 300 paths of 100 frames.
+            let frames: Vec<String> = std::iter::once(format!("leaf_{i}"))
+                .chain((0..100).map(|d| {
+                    format!(
+                        "Module._call_impl_{d}_{} (torch/nn/modules/module.py:1798)",
+                        i % 300
+                    )
+                }))
+                .collect();
+            let index = 1000 + i;
+            rec.stacks.insert(index, Stack { index, frames });
+            let key = CellKey {
+                class: Class::Heap,
+                pid: 7,
+                phase: PHASE_NONE.to_string(),
+                stack: Some(index),
+            };
+            // Paths of every weight, the last the widest.
+            let counters = StackCounters {
+                live_bytes: 4096 * u64::from(i % 300 + 1),
+                live_count: 1,
+                ..StackCounters::default()
+            };
+            rec.state.cells.insert(key, counters);
+        }
+        let svg = render_svg(&rec, &FlamegraphOptions::default()).unwrap();
+        assert!(svg.len() <= SVG_BUDGET, "{} bytes", svg.len());
+        let svg = String::from_utf8(svg).unwrap();
+        assert!(svg.contains("% of the total not drawn (to keep the file under 1 MB)"));
+        assert!(
+            svg.contains("Module._call_impl_99_299 "),
+            "the widest path is drawn whole"
+        );
     }
 
     /// Thread stacks and file mappings go to their own graph, never into the live one.
