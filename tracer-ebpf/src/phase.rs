@@ -36,12 +36,17 @@ pub fn enabled() -> bool {
     PHASES_ON.get(ON).is_some_and(|on| *on != 0)
 }
 
-/// The calling thread's process shows activity now: its idle phase starts over.
+/// The calling thread's process shows activity now (phases on): its idle phase starts over.
 #[inline(always)]
 pub fn note_activity() {
-    if !enabled() {
-        return;
+    if enabled() {
+        touch_activity();
     }
+}
+
+/// `note_activity` where phases are known to be on.
+#[inline(always)]
+fn touch_activity() {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -118,7 +123,7 @@ pub fn current() -> u32 {
         0 => idle_or_none(),
         d => {
             // A request in flight is activity, however long it runs without a new entry.
-            note_activity();
+            touch_activity();
             phases.ids[(d - 1) & (MAX_DEPTH - 1)] & (IDS as u32 - 1)
         }
     }
@@ -148,8 +153,7 @@ pub fn phase_enter_usdt(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn phase_call(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: a lookup of a plain value.
-    if unsafe { TARGETS.get((pid_tgid >> 32) as u32) }.is_none() {
+    if !traced(pid_tgid) {
         return 0;
     }
     let Some(phases) = THREAD_PHASES.get_ptr_mut(&(pid_tgid as u32)) else {
@@ -161,14 +165,20 @@ pub fn phase_call(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Whether the thread `pid_tgid` is of a traced process: the phase probes are attached for
+/// every process mapping the file, and only traced ones have phases.
+#[inline(always)]
+fn traced(pid_tgid: u64) -> bool {
+    // SAFETY: a lookup of a plain value.
+    unsafe { TARGETS.get((pid_tgid >> 32) as u32) }.is_some()
+}
+
 /// Pushes the probe's phase (the attach cookie) on the calling thread's phase stack, for the
 /// call whose return address is at stack slot `slot`; `sp` is the stack pointer now.
 #[inline(always)]
 fn enter(ctx: &ProbeContext, slot: u64, sp: u64) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // Attached for every process mapping the file: only traced processes have phases.
-    // SAFETY: a lookup of a plain value.
-    if unsafe { TARGETS.get((pid_tgid >> 32) as u32) }.is_none() {
+    if !traced(pid_tgid) {
         return 0;
     }
     let id = attach_cookie(ctx) & (IDS as u32 - 1);
@@ -202,7 +212,7 @@ fn enter(ctx: &ProbeContext, slot: u64, sp: u64) -> u32 {
         phases.ret[i] = ret;
         phases.depth += 1;
     }
-    note_activity();
+    touch_activity();
     if let Some(entries) = PHASE_ENTRIES.get_ptr_mut(id) {
         // SAFETY: per-CPU slot: no other writer while this program runs.
         unsafe { *entries += 1 };

@@ -444,7 +444,7 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
     pub fn function_at(&self, address: u64) -> Option<(&'data str, u64)> {
         self.symbols()
             .filter(|s| s.defined && s.kind == object::SymbolKind::Text && s.size > 0)
-            .find(|s| (s.address..s.address + s.size).contains(&address))
+            .find(|s| (s.address..s.address.saturating_add(s.size)).contains(&address))
             .map(|s| (s.name, s.address))
     }
 }
@@ -481,12 +481,17 @@ fn parse_stapsdt(data: &[u8], base: Option<u64>) -> Vec<UsdtProbe> {
         if kind != 3 || data.get(name_at..name_at + namesz) != Some(b"stapsdt\0") {
             continue;
         }
-        let addr = |i: usize| u64::from_le_bytes(desc[i * 8..i * 8 + 8].try_into().unwrap());
-        if desc.len() < 24 {
+        // pc, base, semaphore: 3 words, then the strings.
+        let Some((words, strings)) = desc.split_first_chunk::<24>() else {
             continue;
-        }
+        };
+        let addr = |i: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&words[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(word)
+        };
         let (pc, stated_base, semaphore) = (addr(0), addr(1), addr(2));
-        let mut strings = desc[24..].split(|&b| b == 0).map(String::from_utf8_lossy);
+        let mut strings = strings.split(|&b| b == 0).map(String::from_utf8_lossy);
         let (Some(provider), Some(name)) = (strings.next(), strings.next()) else {
             continue;
         };

@@ -24,17 +24,12 @@ use crate::{
     output::{self, io_reason},
 };
 
-/// The phases of the recording's Python rules (`NAME=py:...`), from meta `phases`.
-fn python_phases(meta_values: &HashMap<String, Value>) -> Vec<String> {
-    let Some(Value::Text(json)) = meta_values.get(meta::PHASES) else {
-        return Vec::new();
-    };
-    let Ok(phases) = serde_json::from_str::<crate::model::Phases>(json) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = (phases.rules.into_iter())
+/// The phases of the recording's Python rules (`NAME=py:...`).
+fn python_phases(phases: Option<&crate::model::Phases>) -> Vec<String> {
+    let rules = phases.iter().flat_map(|p| &p.rules);
+    let mut names: Vec<String> = rules
         .filter(|r| r.rule.contains("=py:"))
-        .map(|r| r.name)
+        .map(|r| r.name.clone())
         .collect();
     names.sort();
     names.dedup();
@@ -677,7 +672,11 @@ impl Reading<'_> {
         } else {
             (Vec::new(), Vec::new())
         };
-        let phase_seconds = self.read_phase_seconds(&python_phases(&meta_values))?;
+        let phases: Option<crate::model::Phases> = match meta_values.get(meta::PHASES) {
+            Some(Value::Text(json)) => serde_json::from_str(json).ok(),
+            _ => None,
+        };
+        let phase_seconds = self.read_phase_seconds(&python_phases(phases.as_ref()))?;
         let failure_seconds = if self.has_table("failure_seconds")? {
             self.read_failure_seconds()?
         } else {
@@ -743,9 +742,7 @@ impl Reading<'_> {
                 .optional_text(meta::MARKS)
                 .and_then(|json| serde_json::from_str(json).ok())
                 .unwrap_or_default(),
-            phases: metadata
-                .optional_text(meta::PHASES)
-                .and_then(|json| serde_json::from_str(json).ok()),
+            phases,
             stop_reason: metadata
                 .optional_text(meta::STOP_REASON)
                 .map(str::to_string),

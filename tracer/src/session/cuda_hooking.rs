@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use crate::{
     hooks::Records,
     probes::{Probes, resolve},
-    proc::maps,
+    proc::maps::Mapping,
 };
 
 /// CUDA objects hooked so far, and objects known to hold no CUDA runtime.
@@ -36,11 +36,9 @@ impl CudaHooked {
 
 /// Hooks the CUDA driver of `pid`, its shared runtime and the runtimes linked statically into its
 /// other objects, for those not hooked yet in it (at attach, and each second after: CUDA
-/// libraries are usually dlopen'ed later). Says so on stderr.
-pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
-    let Ok(maps) = maps::read_maps(pid) else {
-        return;
-    };
+/// libraries are usually dlopen'ed later), as `maps` (its mappings now) show them. Says so on
+/// stderr.
+pub fn hook_cuda(pid: u32, maps: &[Mapping], probes: &mut Probes, done: &mut CudaHooked) {
     // The runtime is hooked before the driver is loaded (it loads the driver inside its first
     // call), and fails by itself without one.
     let mut objects: Vec<(&str, resolve::CudaObject)> = Vec::new();
@@ -49,8 +47,8 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
     let known =
         |inode: u64| done.hooked.contains(&(pid, inode)) || done.no_torch_hooks.contains(&inode);
     let (torch, pinned) = if done.torch_allocator {
-        let torch = resolve::find_torch_allocator(pid, &maps, known);
-        (torch, resolve::find_torch_pinned(pid, &maps, known))
+        let torch = resolve::find_torch_allocator(pid, maps, known);
+        (torch, resolve::find_torch_pinned(pid, maps, known))
     } else {
         (None, None)
     };
@@ -93,9 +91,9 @@ pub fn hook_cuda(pid: u32, probes: &mut Probes, done: &mut CudaHooked) {
         }
     }
     let hooked = |inode: u64| done.hooked.contains(&(pid, inode));
-    objects.extend(resolve::find_cuda_driver(pid, &maps, hooked).map(|d| ("CUDA driver", d)));
-    objects.extend(resolve::find_cuda_runtime(pid, &maps, hooked).map(|rt| ("CUDA runtime", rt)));
-    let (statics, without) = resolve::find_static_cuda_runtimes(pid, &maps, |inode| {
+    objects.extend(resolve::find_cuda_driver(pid, maps, hooked).map(|d| ("CUDA driver", d)));
+    objects.extend(resolve::find_cuda_runtime(pid, maps, hooked).map(|rt| ("CUDA runtime", rt)));
+    let (statics, without) = resolve::find_static_cuda_runtimes(pid, maps, |inode| {
         done.without_runtime.contains(&inode) || done.hooked.contains(&(pid, inode))
     });
     done.without_runtime.extend(without);

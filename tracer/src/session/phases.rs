@@ -456,19 +456,13 @@ fn usdt_offset<'d, R: object::ReadRef<'d>>(
     };
     let (provider, name) = rule.symbol.split_once(':').unwrap_or_default();
     let probes = elf.usdt_probes();
-    let probe = (probes.iter())
-        .find(|p| p.provider == provider && p.name == name)
-        .ok_or_else(|| PhaseError::NoProbe {
-            rule: shown.to_string(),
-            path: printable(shown_path),
-            probe: printable(&rule.symbol),
-        })?;
-    if probes
-        .iter()
-        .filter(|p| p.provider == provider && p.name == name)
-        .count()
-        > 1
-    {
+    let mut sites = (probes.iter()).filter(|p| p.provider == provider && p.name == name);
+    let probe = sites.next().ok_or_else(|| PhaseError::NoProbe {
+        rule: shown.to_string(),
+        path: printable(shown_path),
+        probe: printable(&rule.symbol),
+    })?;
+    if sites.next().is_some() {
         return Err(unusable(format!(
             "{} has several sites of probe {}: give a function rule instead",
             printable(shown_path),

@@ -25,7 +25,10 @@ use crate::{
         PhaseRuleFigures, Phases, RssSample, StackCapture,
     },
     probes::{Probes, resolve::AllocatorObject},
-    proc::status::{own_status, read_status},
+    proc::{
+        maps::read_maps,
+        status::{own_status, read_status},
+    },
     recording::Writer,
     session::{
         RecordOptions, RecordSummary,
@@ -473,18 +476,32 @@ impl Recorder {
         self.writer.set_target_pids(&self.processes.pids)?;
         // A child inherits the parent's CUDA libraries, not its uprobes.
         for &p in &self.processes.pids[before..] {
-            hook_cuda(p, &mut self.probes, &mut self.cuda_hooked);
+            if let Ok(maps) = read_maps(p) {
+                hook_cuda(p, &maps, &mut self.probes, &mut self.cuda_hooked);
+            }
             detect_python(p, &mut self.sink, &mut self.probes);
         }
         Ok(())
     }
 
-    /// Once a second: hooks newly loaded CUDA libraries, samples GPU memory, commits.
+    /// Once a second: hooks newly loaded CUDA libraries and attaches the phase rules whose
+    /// library is now mapped (one read of each process's maps for both), samples GPU memory,
+    /// commits.
     fn on_tick(&mut self) -> anyhow::Result<()> {
+        let mut found: Vec<ResolvedRule> = Vec::new();
         for &p in &self.processes.live {
-            hook_cuda(p, &mut self.probes, &mut self.cuda_hooked);
+            let Ok(maps) = read_maps(p) else {
+                continue;
+            };
+            hook_cuda(p, &maps, &mut self.probes, &mut self.cuda_hooked);
+            // A library loaded after attach (dlopen, an engine started later).
+            if !self.phases_pending.is_empty() {
+                let known = self.phase_rules.len() + found.len();
+                let pending = &mut self.phases_pending;
+                found.extend(phases::resolve_pending(pending, known, p, &maps));
+            }
         }
-        self.attach_pending_phases();
+        self.attach_phases(found);
         self.drain_for(DRAIN_PER_TICK);
         if let Some(source) = self.gpu.as_mut() {
             let live = &self.processes.live;
@@ -602,14 +619,9 @@ impl Recorder {
                 duty.figures()
             }),
         })?;
-        if let Some(ms) = self.idle_pending_ms
-            && !self.sink.python_rules_matched().is_empty()
-        {
+        if self.idle_pending_ms.is_some() && !self.sink.python_rules_matched().is_empty() {
             // A server of a profile shows itself: its idle time is told from now on.
-            self.idle_pending_ms = None;
-            if let Err(e) = self.probes.enable_idle_phase(ms) {
-                eprintln!("alloctrace: no idle phase: {e}");
-            }
+            self.enable_pending_idle();
         }
         if let Some(phases) = self.phases() {
             self.writer.set_phases(&phases)?;
@@ -708,26 +720,9 @@ impl Recorder {
         })
     }
 
-    /// Attaches the pending phase rules whose library a traced process maps now (a library
-    /// loaded after attach: dlopen, an engine started later); records carry their phases from
-    /// then on.
-    fn attach_pending_phases(&mut self) {
-        if self.phases_pending.is_empty() {
-            return;
-        }
-        let mut found: Vec<ResolvedRule> = Vec::new();
-        for &pid in &self.processes.live {
-            let Ok(maps) = crate::proc::maps::read_maps(pid) else {
-                continue;
-            };
-            let known = self.phase_rules.len() + found.len();
-            found.extend(phases::resolve_pending(
-                &mut self.phases_pending,
-                known,
-                pid,
-                &maps,
-            ));
-        }
+    /// Attaches the pending phase rules `found` (their library mapped by now); records carry
+    /// their phases from then on.
+    fn attach_phases(&mut self, found: Vec<ResolvedRule>) {
         if found.is_empty() {
             return;
         }
@@ -746,6 +741,11 @@ impl Recorder {
         }
         self.sink
             .set_kernel_phases(&phases::names(&self.phase_rules));
+        self.enable_pending_idle();
+    }
+
+    /// Turns the idle phase on if it waits for phases (`--idle-after`), once they are there.
+    fn enable_pending_idle(&mut self) {
         if let Some(ms) = self.idle_pending_ms.take()
             && let Err(e) = self.probes.enable_idle_phase(ms)
         {

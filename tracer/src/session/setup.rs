@@ -147,7 +147,9 @@ pub fn attach(opts: &RecordOptions) -> anyhow::Result<Attached> {
         return Err(TargetError::ExitedDuringAttach { pid }.into());
     }
     let mut cuda_hooked = CudaHooked::new(opts.torch_allocator);
-    hook_cuda(pid, &mut probes, &mut cuda_hooked);
+    if let Ok(maps) = maps::read_maps(pid) {
+        hook_cuda(pid, &maps, &mut probes, &mut cuda_hooked);
+    }
     Ok(Attached {
         probes,
         target,

@@ -158,7 +158,7 @@ impl EventSink {
     /// Phase rules are given: kernel phase id `i` is `names[i]` (0 is none), `python` are
     /// matched in stacks' Python frames; frees are counted by phase.
     pub fn set_phases(&mut self, names: &[String], python: &[PythonRule]) {
-        self.phase_ids = names.iter().map(|n| self.ledger.phase(n)).collect();
+        self.set_kernel_phases(names);
         self.python_rules = (python.iter())
             .map(|r| (r.clone(), self.ledger.phase(&r.name)))
             .collect();
