@@ -260,8 +260,10 @@ pub fn waterfall(rec: &Recorded) -> Option<Waterfall> {
     let untraced_anon =
         last.anon as i64 - (heap_live + allocator_retained + traced_mappings) as i64;
     // The sample taken at attach, before any event: what the target held then.
-    let at_attach = (rec.target.attached && first.t_s == 0)
-        .then(|| (first.anon).saturating_sub(first.traced_resident.max(first.arena_resident)));
+    // Traced then, as in the waterfall: the arena (live heap and retained) and the mappings.
+    let traced_then = first.traced_resident.saturating_add(first.arena_resident);
+    let at_attach =
+        (rec.target.attached && first.t_s == 0).then(|| first.anon.saturating_sub(traced_then));
     Some(Waterfall {
         pid,
         t_s: last.t_s,
