@@ -124,11 +124,12 @@ impl FromStr for PhaseRule {
     fn from_str(s: &str) -> Result<PhaseRule, String> {
         let shape = "expected NAME=LIB:SYMBOL, for example serve=libllama.so:llama_decode";
         let (name, site) = s.split_once('=').ok_or(shape)?;
+        // A USDT rule's site is LIB:PROVIDER:PROBE after the prefix.
         let (site, usdt) = match site.strip_prefix(USDT_PREFIX) {
-            Some(probe) => {
+            Some(probe_site) => {
                 let usdt_shape = "expected NAME=usdt:LIB:PROVIDER:PROBE, for example \
                                   serve=usdt:libserver.so:server:request__start";
-                let mut parts = probe.split(':');
+                let mut parts = probe_site.split(':');
                 let (Some(lib), Some(provider), Some(probe), None) =
                     (parts.next(), parts.next(), parts.next(), parts.next())
                 else {
@@ -140,13 +141,9 @@ impl FromStr for PhaseRule {
                 {
                     return Err(usdt_shape.into());
                 }
-                (site, true)
+                (probe_site, true)
             }
             None => (site, false),
-        };
-        let site = match usdt {
-            true => &site[USDT_PREFIX.len()..],
-            false => site,
         };
         let (lib, symbol) = site.split_once(':').ok_or(shape)?;
         let (symbol, predicate) = phase_predicate::split(symbol)?;
