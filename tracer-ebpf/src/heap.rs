@@ -259,3 +259,10 @@ pub fn floor_enter(_ctx: ProbeContext) -> u32 {
 pub fn floor_return(_ctx: RetProbeContext) -> u32 {
     0
 }
+
+/// Loaded for a multi-uprobe link and linked to nothing: whether the kernel makes such links
+/// (`tracer/src/probes/uprobe_multi.rs`).
+#[uprobe]
+pub fn multi_link_probe(_ctx: ProbeContext) -> u32 {
+    0
+}

@@ -2,10 +2,12 @@
 
 mod kernel_log;
 pub mod resolve;
+mod uprobe_multi;
 
 use std::{
     io,
     num::NonZeroU32,
+    os::fd::{AsFd, OwnedFd},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -47,6 +49,11 @@ const FLOOR_ENTRY_PROGRAM: &str = "floor_enter";
 /// Counts malloc calls before the heap probes go on (`count_mallocs`).
 const HEAP_COUNT_PROGRAM: &str = "heap_count";
 const FLOOR_RETURN_PROGRAM: &str = "floor_return";
+/// Loaded for multi-uprobe links to ask whether the kernel makes them (`uprobe_multi`).
+const MULTI_LINK_PROBE_PROGRAM: &str = "multi_link_probe";
+/// Set (to anything) to attach the heap probes as perf-event uprobes, as on a kernel without
+/// multi-uprobe links (before 6.6): the tests cover both ways.
+pub const PERF_UPROBES_ENV: &str = "ALLOCTRACE_PERF_UPROBES";
 /// A phase rule's function entered (`attach_phase`).
 const PHASE_ENTER_PROGRAM: &str = "phase_enter";
 /// A USDT probe's phase rule (`tracer-ebpf/src/phase.rs`), and the entry of the function
@@ -319,6 +326,9 @@ pub struct Probes {
     /// detach them by role).
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
     heap_links: Vec<HeapLink>,
+    /// Whether the heap programs are loaded for multi-uprobe links (decided at the first heap
+    /// attachment, `heap_links_multi`).
+    heap_multi: Option<bool>,
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
     /// Duty-cycled heap: where the heap probes go each time a window opens, and which of them
     /// are attached now.
@@ -378,19 +388,93 @@ impl HeapRoles {
     }
 }
 
-/// A heap attachment.
+/// A heap attachment: a program on one or (multi-uprobe link) several points of a file.
 struct HeapLink {
-    program: &'static str,
-    id: UProbeLinkId,
+    attachment: HeapAttachment,
     role: HeapRole,
     is_return: bool,
-    func: HeapFn,
+    /// Malloc's entry is among its points: the hottest, detached first.
+    has_malloc_entry: bool,
+}
+
+enum HeapAttachment {
+    Perf(&'static str, UProbeLinkId),
+    Multi(OwnedFd),
 }
 
 /// An attachment taken out of its program, to be closed on any thread.
 enum Link {
     UProbe(#[allow(dead_code)] UProbeLink),
     TracePoint(#[allow(dead_code)] TracePointLink),
+    Multi(#[allow(dead_code)] OwnedFd),
+}
+
+/// The heap probes of one program and role on one file, in the order they go live: one
+/// multi-uprobe link, or a perf-event uprobe per point.
+#[derive(Debug, PartialEq)]
+struct HeapGroup {
+    program: &'static str,
+    role: HeapRole,
+    is_return: bool,
+    offsets: Vec<u64>,
+    cookies: Vec<u64>,
+    funcs: Vec<HeapFn>,
+}
+
+/// The points of an allocator object grouped by (program, role, entry or return), in the order
+/// of `sequence` (`attach_sequence`) at each group's first point: returns before entries,
+/// releases before creations, as long as no program serves two stages (one program per stage
+/// in the hook table; `heap_groups_keep_the_attach_order` checks it).
+fn heap_groups(
+    object: &AllocatorObject,
+    sequence: &[(bool, usize)],
+    floor: bool,
+    roles: HeapRoles,
+) -> Vec<HeapGroup> {
+    let mut groups: Vec<HeapGroup> = Vec::new();
+    for &(is_return, at) in sequence {
+        let point = &object.points[at];
+        let hook = point.hook();
+        let role = if hook.func == HeapFn::Free {
+            HeapRole::Free
+        } else {
+            HeapRole::Alloc
+        };
+        if !roles.has(role) {
+            continue;
+        }
+        let (program, offset) = match (is_return, floor) {
+            (true, true) => (FLOOR_RETURN_PROGRAM, point.function_offset),
+            (true, false) => (
+                hook.return_program.unwrap_or(hook.entry_program),
+                point.function_offset,
+            ),
+            (false, true) => (FLOOR_ENTRY_PROGRAM, point.entry_offset),
+            (false, false) => (hook.entry_program, point.entry_offset),
+        };
+        let cookie = u64::from(Cookie::Heap(hook.func).encode());
+        let group = match groups
+            .iter_mut()
+            .position(|g| g.program == program && g.role == role && g.is_return == is_return)
+        {
+            Some(i) => &mut groups[i],
+            None => {
+                groups.push(HeapGroup {
+                    program,
+                    role,
+                    is_return,
+                    offsets: Vec::new(),
+                    cookies: Vec::new(),
+                    funcs: Vec::new(),
+                });
+                groups.last_mut().expect("pushed")
+            }
+        };
+        group.offsets.push(offset);
+        group.cookies.push(cookie);
+        group.funcs.push(hook.func);
+    }
+    groups
 }
 
 /// `exp(−i / 64)` as a fraction of 2^32 (saturated): entry `i` of the kernel's table (it has no
@@ -484,6 +568,7 @@ impl Probes {
             attached: Vec::new(),
             uprobe_links: Vec::new(),
             heap_links: Vec::new(),
+            heap_multi: None,
             tracepoint_links: Vec::new(),
             heap_sites: Vec::new(),
             heap_attached: HeapRoles::default(),
@@ -607,57 +692,103 @@ impl Probes {
         self.attach_heap_roles(object, scope, self.heap_attached)
     }
 
-    /// Attaches the points of `object` whose role is in `roles`, in `attach_sequence` order.
+    /// Attaches the points of `object` whose role is in `roles`, in `attach_sequence` order:
+    /// a multi-uprobe link per program where the kernel makes them, else a perf-event uprobe
+    /// per point.
     fn attach_heap_roles(
         &mut self,
         object: &AllocatorObject,
         scope: UProbeScope,
         roles: HeapRoles,
     ) -> Result<(), ProbeError> {
-        let floor = self.config.floor;
         let sequence = attach_sequence(
             &object.points,
             |p| p.hook().return_program.is_some(),
             |p| p.hook().attach_stage(),
         );
-        for (is_return, at) in sequence {
-            let point = &object.points[at];
-            let hook = point.hook();
-            let role = if hook.func == HeapFn::Free {
-                HeapRole::Free
-            } else {
-                HeapRole::Alloc
+        let multi = self.heap_links_multi()?;
+        for group in heap_groups(object, &sequence, self.config.floor, roles) {
+            let has_malloc_entry = !group.is_return && group.funcs.contains(&HeapFn::Malloc);
+            let link = |attachment| HeapLink {
+                attachment,
+                role: group.role,
+                is_return: group.is_return,
+                has_malloc_entry,
             };
-            if !roles.has(role) {
+            if multi {
+                let pid = match scope {
+                    UProbeScope::AllProcesses => None,
+                    UProbeScope::OneProcess(pid) => Some(pid),
+                    UProbeScope::CallingProcess => NonZeroU32::new(std::process::id()),
+                };
+                let points = uprobe_multi::MultiPoints {
+                    path: &object.open_path,
+                    offsets: &group.offsets,
+                    cookies: &group.cookies,
+                    pid,
+                    is_return: group.is_return,
+                };
+                let program = self.heap_program(group.program)?;
+                let fd = program.fd().map_err(|e| ProbeError::Load(chain(&e)))?;
+                let made = uprobe_multi::attach(fd.as_fd(), &points).map_err(|e| {
+                    let names: Vec<String> = group.funcs.iter().map(|f| format!("{f:?}")).collect();
+                    uprobe_err(&e, &names.join(", "), &object.target_path)
+                })?;
+                self.heap_links.push(link(HeapAttachment::Multi(made)));
                 continue;
             }
-            let (program, offset) = match (is_return, floor) {
-                (true, true) => (FLOOR_RETURN_PROGRAM, point.function_offset),
-                (true, false) => (
-                    hook.return_program.unwrap_or(hook.entry_program),
-                    point.function_offset,
-                ),
-                (false, true) => (FLOOR_ENTRY_PROGRAM, point.entry_offset),
-                (false, false) => (hook.entry_program, point.entry_offset),
-            };
-            let attach_point = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(offset),
-                cookie: Some(u64::from(Cookie::Heap(hook.func).encode())),
-            };
-            let path = object.open_path.clone();
-            let id = self
-                .program(program)?
-                .attach(attach_point, &path, scope)
-                .map_err(|e| uprobe_err(&e, &point.name(), &object.target_path))?;
-            self.heap_links.push(HeapLink {
-                program,
-                id,
-                role,
-                is_return,
-                func: hook.func,
-            });
+            for (i, (&offset, &cookie)) in group.offsets.iter().zip(&group.cookies).enumerate() {
+                let attach_point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(offset),
+                    cookie: Some(cookie),
+                };
+                let path = object.open_path.clone();
+                let id = self
+                    .heap_program(group.program)?
+                    .attach(attach_point, &path, scope)
+                    .map_err(|e| {
+                        uprobe_err(&e, &format!("{:?}", group.funcs[i]), &object.target_path)
+                    })?;
+                let mut made = link(HeapAttachment::Perf(group.program, id));
+                made.has_malloc_entry = !group.is_return && group.funcs[i] == HeapFn::Malloc;
+                self.heap_links.push(made);
+            }
         }
         Ok(())
+    }
+
+    /// Whether the heap programs go on multi-uprobe links: asked of the kernel once, before
+    /// the first heap program is loaded (a program is loaded for one kind of link or the
+    /// other), unless `PERF_UPROBES_ENV` says not to.
+    fn heap_links_multi(&mut self) -> Result<bool, ProbeError> {
+        if let Some(multi) = self.heap_multi {
+            return Ok(multi);
+        }
+        let multi = std::env::var_os(PERF_UPROBES_ENV).is_none() && {
+            let probe = loaded_program(
+                &mut self.ebpf,
+                MULTI_LINK_PROBE_PROGRAM,
+                UProbe::load_multi,
+                |p: &UProbe| p.fd().is_ok(),
+            )?;
+            let fd = probe.fd().map_err(|e| ProbeError::Load(chain(&e)))?;
+            uprobe_multi::supported(fd.as_fd())
+        };
+        if !multi {
+            log::debug!("heap probes: perf-event uprobes, one per point");
+        }
+        self.heap_multi = Some(multi);
+        Ok(multi)
+    }
+
+    /// Heap program `name`, loaded for the kind of link `heap_links_multi` chose.
+    fn heap_program(&mut self, name: &str) -> Result<&mut UProbe, ProbeError> {
+        let load = if self.heap_links_multi()? {
+            UProbe::load_multi
+        } else {
+            UProbe::load
+        };
+        loaded_program(&mut self.ebpf, name, load, |p: &UProbe| p.fd().is_ok())
     }
 
     /// Duty-cycled heap: opens a window (attaches the allocation probes, and the free probes
@@ -729,14 +860,14 @@ impl Probes {
                 .into_iter()
                 .partition(|l| l.role == role);
         self.heap_links = kept;
-        closing.sort_by_key(|l| (l.is_return, l.func != HeapFn::Malloc));
-        let links: Vec<UProbeLink> = closing
+        closing.sort_by_key(|l| (l.is_return, !l.has_malloc_entry));
+        let links: Vec<Link> = closing
             .into_iter()
-            .filter_map(|l| self.program(l.program).ok()?.take_link(l.id).ok())
+            .filter_map(|l| self.take_heap_link(l))
             .collect();
         match std::thread::Builder::new()
             .name("heap-detach".into())
-            .spawn(move || links.into_iter().for_each(drop))
+            .spawn(move || close_in_parallel(links))
         {
             Ok(handle) => self.heap_detaching.push(handle),
             Err(e) => log::debug!("detached on the recorder's thread: {e}"),
@@ -799,14 +930,10 @@ impl Probes {
     /// `DETACH_THREADS` threads at once, the waits overlap.
     pub fn detach_all(&mut self) {
         let mut links: Vec<Link> = Vec::new();
-        let heap = std::mem::take(&mut self.heap_links)
-            .into_iter()
-            .map(|l| (l.program, l.id));
-        let uprobes: Vec<_> = std::mem::take(&mut self.uprobe_links)
-            .into_iter()
-            .chain(heap)
-            .collect();
-        for (name, id) in uprobes {
+        for heap_link in std::mem::take(&mut self.heap_links) {
+            links.extend(self.take_heap_link(heap_link));
+        }
+        for (name, id) in std::mem::take(&mut self.uprobe_links) {
             if let Ok(program) = self.program(name)
                 && let Ok(link) = program.take_link(id)
             {
@@ -823,6 +950,16 @@ impl Probes {
         close_in_parallel(links);
         for handle in std::mem::take(&mut self.heap_detaching) {
             let _ = handle.join();
+        }
+    }
+
+    /// A heap attachment as a link to close, out of its program for a perf-event uprobe.
+    fn take_heap_link(&mut self, link: HeapLink) -> Option<Link> {
+        match link.attachment {
+            HeapAttachment::Perf(name, id) => Some(Link::UProbe(
+                self.heap_program(name).ok()?.take_link(id).ok()?,
+            )),
+            HeapAttachment::Multi(fd) => Some(Link::Multi(fd)),
         }
     }
 
@@ -1083,6 +1220,7 @@ mod tests {
             FLOOR_ENTRY_PROGRAM,
             FLOOR_RETURN_PROGRAM,
             HEAP_COUNT_PROGRAM,
+            MULTI_LINK_PROBE_PROGRAM,
             PHASE_ENTER_PROGRAM,
             PHASE_ENTER_USDT_PROGRAM,
             PHASE_CALL_PROGRAM,
@@ -1125,6 +1263,65 @@ mod tests {
             ..ProbeConfig::default()
         };
         assert!(debug.globals().contains(&(global::DEBUG_LOG, 1)));
+    }
+
+    /// One group per program and role, in the order the probes must go live: the return
+    /// program first (every allocation's return), free (a release) before the creations; each
+    /// point in exactly one group, with its own cookie.
+    #[test]
+    fn heap_groups_keep_the_attach_order() {
+        let object = AllocatorObject {
+            target_path: "libc.so.6".into(),
+            open_path: "/libc.so.6".into(),
+            points: HOOKS
+                .iter()
+                .enumerate()
+                .map(|(i, hook)| resolve::AttachPoint {
+                    hooks: vec![hook],
+                    function_offset: 0x1000 * (i as u64 + 1),
+                    entry_offset: 0x1000 * (i as u64 + 1) + 9,
+                })
+                .collect(),
+        };
+        let sequence = attach_sequence(
+            &object.points,
+            |p| p.hook().return_program.is_some(),
+            |p| p.hook().attach_stage(),
+        );
+        let groups = heap_groups(&object, &sequence, false, HeapRoles::BOTH);
+        assert!(groups[0].is_return, "{groups:?}");
+        assert_eq!(
+            groups[0].offsets.len(),
+            HOOKS.len() - 1,
+            "all but free return"
+        );
+        assert!(groups[1..].iter().all(|g| !g.is_return));
+        let group_of = |func: HeapFn| {
+            groups
+                .iter()
+                .position(|g| !g.is_return && g.funcs.contains(&func))
+                .unwrap()
+        };
+        for creator in [HeapFn::Malloc, HeapFn::Calloc, HeapFn::PosixMemalign] {
+            assert!(group_of(HeapFn::Free) < group_of(creator), "{creator:?}");
+            assert!(group_of(HeapFn::Realloc) < group_of(creator), "{creator:?}");
+        }
+        assert_eq!(groups[group_of(HeapFn::Free)].role, HeapRole::Free);
+        let entries: usize = groups[1..].iter().map(|g| g.offsets.len()).sum();
+        assert_eq!(entries, HOOKS.len());
+        for g in &groups {
+            for (func, cookie) in g.funcs.iter().zip(&g.cookies) {
+                assert_eq!(*cookie, u64::from(Cookie::Heap(*func).encode()));
+            }
+        }
+        // A window's free probes alone: one group.
+        let free_only = HeapRoles {
+            alloc: false,
+            free: true,
+        };
+        let groups = heap_groups(&object, &sequence, false, free_only);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].offsets, [0x1000 * 5 + 9]);
     }
 
     /// Releases go live before creations, every return before every entry: attaching malloc

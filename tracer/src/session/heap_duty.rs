@@ -188,6 +188,13 @@ impl DutyCycle {
             self.opts.duty = duty_for(budget, share, self.opts.window, self.opts.grace);
             self.figures.duty = self.opts.duty;
         }
+        log::debug!(
+            "heap window {}: {calls} calls in {:.3} s, {cpu_s:.3} s of CPU, probes {:.1} %, duty {:.4}",
+            self.figures.windows,
+            span.as_secs_f64(),
+            share * 100.0,
+            self.opts.duty
+        );
     }
 
     /// The window opened at `since` ended at `ended` (its edge closed): its allocation probes
@@ -201,6 +208,12 @@ impl DutyCycle {
         let period = on.div_f64(self.opts.duty.max(MIN_DUTY));
         let next = (since + period).max(now);
         let until = ended + self.opts.grace;
+        log::debug!(
+            "heap window {} closed after {:.3} s; next in {:.1} s",
+            self.figures.windows,
+            on.as_secs_f64(),
+            next.saturating_duration_since(now).as_secs_f64()
+        );
         self.state = if until < next {
             State::Grace { until, next }
         } else {

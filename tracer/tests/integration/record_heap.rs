@@ -3,7 +3,8 @@
 
 use crate::common::{
     Cell, LEAKS, Session, TestProcess, Totals, all_freed, all_live, fixture, leaks_totals,
-    record_fixture_command, record_scenario, report_json, report_value, view,
+    record_fixture_command, record_fixture_command_env, record_scenario, report_json, report_value,
+    view,
 };
 
 #[test]
@@ -44,6 +45,22 @@ fn leaks_through_every_allocator_function_are_exact() {
     assert!(r.failures.is_empty(), "no failures\n{}", r.summary());
     assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
     r.assert_no_lost_events();
+}
+
+/// The heap probes go on multi-uprobe links where the kernel makes them (6.6 on), else on
+/// perf-event uprobes, one per point: the same exact answer either way.
+#[test]
+fn perf_event_uprobes_give_the_same_exact_heap_as_multi_uprobe_links() {
+    require_privileges!();
+    let exe = fixture("heap_fixture");
+    for env in [&[][..], &[("ALLOCTRACE_PERF_UPROBES", "1")][..]] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let r = record_fixture_command_env(dir.path(), &exe, "leaks", &["--heap"], env);
+        r.assert_leaks();
+        r.assert_totals(leaks_totals());
+        assert_eq!(r.unmatched_frees, 0, "{env:?}\n{}", r.summary());
+        r.assert_no_lost_events();
+    }
 }
 
 #[test]

@@ -140,8 +140,20 @@ pub fn run_recording(what: &str, cmd: Command) {
 /// Runs `alloctrace record ARGS... -o DIR/SCENARIO.trace -- EXE SCENARIO run` to completion
 /// (within `TIMEOUT`) and returns its report, checked complete and well formed.
 pub fn record_fixture_command(dir: &Path, exe: &Path, scenario: &str, args: &[&str]) -> Report {
+    record_fixture_command_env(dir, exe, scenario, args, &[])
+}
+
+/// `record_fixture_command` with the recorder's environment variables `env` set.
+pub fn record_fixture_command_env(
+    dir: &Path,
+    exe: &Path,
+    scenario: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Report {
     let trace = dir.join(format!("{scenario}.trace"));
     let mut cmd = alloctrace_cmd(&["record"]);
+    cmd.envs(env.iter().copied());
     cmd.args(args)
         .arg("-o")
         .arg(&trace)
