@@ -473,9 +473,15 @@ pub struct HeapDuty {
     pub on_s: f64,
     /// Heap calls per second of the traced processes while the probes were on (last window).
     pub calls_per_s: f64,
-    /// Share of the traced processes' CPU time the probes took while on (last window; from the
-    /// calls and the cost per call, docs/performance.md).
+    /// Share of the traced processes' CPU time the probes took while on (the last windows; the
+    /// kernel's count of the programs' run time and runs, docs/performance.md).
     pub probe_share: f64,
+    /// The same share for the free probe alone (what a grace period costs).
+    #[serde(default)]
+    pub free_probe_share: f64,
+    /// Seconds detaching a window's allocation probes took (the last one timed).
+    #[serde(default)]
+    pub detach_s: f64,
     /// Blocks found freed while the probes were off (their address was allocated again in a
     /// later window): no longer live, not lost.
     pub freed_unseen: u64,

@@ -336,6 +336,9 @@ pub struct Probes {
     heap_attached: HeapRoles,
     /// Threads detaching a closed window's probes.
     heap_detaching: Vec<std::thread::JoinHandle<()>>,
+    /// How long detaching the last window's allocation probes took (the traps they cost
+    /// meanwhile are a window's too).
+    heap_alloc_detach: Arc<Mutex<Option<Duration>>>,
     /// The window flags, once taken out of the object (`heap_window_flags`).
     heap_window: Option<HeapWindowFlags>,
 }
@@ -388,8 +391,23 @@ impl HeapRoles {
     }
 }
 
+/// The kernel's count of what heap programs cost: their run time and runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProgramCost {
+    pub run_time: Duration,
+    pub runs: u64,
+}
+
+/// `ProgramCost` of the allocation and the free probes.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HeapCosts {
+    pub alloc: ProgramCost,
+    pub free: ProgramCost,
+}
+
 /// A heap attachment: a program on one or (multi-uprobe link) several points of a file.
 struct HeapLink {
+    program: &'static str,
     attachment: HeapAttachment,
     role: HeapRole,
     is_return: bool,
@@ -398,7 +416,7 @@ struct HeapLink {
 }
 
 enum HeapAttachment {
-    Perf(&'static str, UProbeLinkId),
+    Perf(UProbeLinkId),
     Multi(OwnedFd),
 }
 
@@ -573,6 +591,7 @@ impl Probes {
             heap_sites: Vec::new(),
             heap_attached: HeapRoles::default(),
             heap_detaching: Vec::new(),
+            heap_alloc_detach: Arc::default(),
             heap_window: None,
         })
     }
@@ -710,6 +729,7 @@ impl Probes {
         for group in heap_groups(object, &sequence, self.config.floor, roles) {
             let has_malloc_entry = !group.is_return && group.funcs.contains(&HeapFn::Malloc);
             let link = |attachment| HeapLink {
+                program: group.program,
                 attachment,
                 role: group.role,
                 is_return: group.is_return,
@@ -749,7 +769,7 @@ impl Probes {
                     .map_err(|e| {
                         uprobe_err(&e, &format!("{:?}", group.funcs[i]), &object.target_path)
                     })?;
-                let mut made = link(HeapAttachment::Perf(group.program, id));
+                let mut made = link(HeapAttachment::Perf(id));
                 made.has_malloc_entry = !group.is_return && group.funcs[i] == HeapFn::Malloc;
                 self.heap_links.push(made);
             }
@@ -853,7 +873,8 @@ impl Probes {
     /// milliseconds per detach (docs/performance.md), one after another, while the recorder
     /// goes on draining (the window's edge in the kernel is closed already: they record
     /// nothing more). The hottest go first, so that their traps stop soonest: malloc's entry
-    /// (no entry, no return trap), then the other entries, then the returns.
+    /// (no entry, no return trap), then the other entries, then the returns; on multi-uprobe
+    /// links all at once, their waits overlapping.
     pub fn close_heap(&mut self, role: HeapRole) {
         let (mut closing, kept): (Vec<HeapLink>, Vec<HeapLink>) =
             std::mem::take(&mut self.heap_links)
@@ -865,9 +886,17 @@ impl Probes {
             .into_iter()
             .filter_map(|l| self.take_heap_link(l))
             .collect();
+        let took = (role == HeapRole::Alloc).then(|| self.heap_alloc_detach.clone());
+        let detach = move || {
+            let start = std::time::Instant::now();
+            close_in_parallel(links);
+            if let Some(took) = took {
+                *took.lock().unwrap_or_else(|e| e.into_inner()) = Some(start.elapsed());
+            }
+        };
         match std::thread::Builder::new()
             .name("heap-detach".into())
-            .spawn(move || close_in_parallel(links))
+            .spawn(detach)
         {
             Ok(handle) => self.heap_detaching.push(handle),
             Err(e) => log::debug!("detached on the recorder's thread: {e}"),
@@ -876,6 +905,43 @@ impl Probes {
             HeapRole::Alloc => self.heap_attached.alloc = false,
             HeapRole::Free => self.heap_attached.free = false,
         }
+    }
+
+    /// How long detaching the last window's allocation probes took, once one was.
+    pub fn heap_alloc_detach(&self) -> Option<Duration> {
+        *self
+            .heap_alloc_detach
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the heap probes attached now have cost so far, by role: the programs' run time and
+    /// their runs (traps), as the kernel counts them while `BPF_ENABLE_STATS` is on
+    /// (`heap_duty::CostMeter`). Programs the kernel cannot describe count nothing.
+    pub fn heap_program_costs(&mut self) -> HeapCosts {
+        let mut seen: Vec<&'static str> = Vec::new();
+        let mut costs = HeapCosts::default();
+        let programs: Vec<(&'static str, HeapRole)> = self
+            .heap_links
+            .iter()
+            .map(|l| (l.program, l.role))
+            .collect();
+        for (program, role) in programs {
+            if seen.contains(&program) {
+                continue;
+            }
+            seen.push(program);
+            let Some(info) = self.heap_program(program).ok().and_then(|p| p.info().ok()) else {
+                continue;
+            };
+            let cost = match role {
+                HeapRole::Alloc => &mut costs.alloc,
+                HeapRole::Free => &mut costs.free,
+            };
+            cost.run_time += info.run_time();
+            cost.runs += info.run_count();
+        }
+        costs
     }
 
     /// Traces the memory syscalls (mmap, munmap, mprotect, mremap, brk) of process `pid` with
@@ -956,8 +1022,8 @@ impl Probes {
     /// A heap attachment as a link to close, out of its program for a perf-event uprobe.
     fn take_heap_link(&mut self, link: HeapLink) -> Option<Link> {
         match link.attachment {
-            HeapAttachment::Perf(name, id) => Some(Link::UProbe(
-                self.heap_program(name).ok()?.take_link(id).ok()?,
+            HeapAttachment::Perf(id) => Some(Link::UProbe(
+                self.heap_program(link.program).ok()?.take_link(id).ok()?,
             )),
             HeapAttachment::Multi(fd) => Some(Link::Multi(fd)),
         }

@@ -5,13 +5,17 @@
 //! still live after its grace are the long-lived candidates; the same stacks' survivors piling up
 //! window after window are the leak, at a rate estimated over the windows' time.
 //!
-//! With a budget, the duty is chosen after each window from what it measured: the traced
-//! processes' heap calls and CPU time while the probes were on give the share of that time the
-//! probes took (`f`, at `COST_PER_CALL` each). A cycle slows the processes by `f / (1 − f)` for
-//! its window (and the malloc probe's detach) and by about `(f/2) / (1 − f/2)` for its grace
-//! (frees alone); the period between windows spreads that within the budget (`duty_for`).
+//! With a budget, the duty is chosen after each window from what it measured: what the probes
+//! cost while on (the kernel's count of their programs' run time and runs, each run a trap at
+//! `TRAP_COST`; `CostMeter`) against the traced processes' CPU time then gives the share of
+//! that time the probes took, `f` (all probes) and `f_free` (the free probe alone). A cycle
+//! slows the processes by `f / (1 − f)` for its window (and the allocation probes' detach) and
+//! by `f_free / (1 − f_free)` for its grace; the period between windows spreads that within the
+//! budget (`duty_for`). Without the kernel's counts, every call is priced at `COST_PER_CALL`
+//! and the free probe at half the calls.
 
 use std::{
+    os::fd::OwnedFd,
     sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
@@ -20,7 +24,7 @@ use tracer_common::ledger_stat;
 
 use crate::{
     model::HeapDuty,
-    probes::{HeapRole, HeapWindowFlags, Probes},
+    probes::{HeapCosts, HeapRole, HeapWindowFlags, Probes, ProgramCost},
     proc::stat,
 };
 
@@ -29,11 +33,17 @@ use crate::{
 /// (docs/performance.md: about 4.4 µs per malloc/free pair).
 pub const COST_PER_CALL: Duration = Duration::from_nanos(2200);
 
+/// What one uprobe hit costs beyond its program: the trap, the kernel's entry and exit (the
+/// empty programs of `cargo xtask bench`'s floor: about 3 µs for a malloc/free pair's three
+/// traps on the development VM).
+pub const TRAP_COST: Duration = Duration::from_nanos(1000);
+
 /// The least duty a budget chooses: a window every 1000 windows' time.
 const MIN_DUTY: f64 = 0.001;
 
-/// What detaching a window's malloc probe (detached first) adds to the time its traps are paid:
-/// the kernel's wait per detach (docs/performance.md).
+/// What detaching a window's allocation probes adds to the time their traps are paid, until a
+/// detach was timed (`Probes::heap_alloc_detach`): the kernel's wait for one perf-event uprobe
+/// (docs/performance.md).
 const DETACH_ALLOWANCE: Duration = Duration::from_millis(75);
 
 /// How the windows are set.
@@ -55,6 +65,8 @@ enum State {
         mark: Instant,
         calls: u64,
         cpu_ticks: u64,
+        /// The heap programs' costs at `mark` (None: the kernel does not count them).
+        costs: Option<HeapCosts>,
     },
     /// Allocation probes detached; free probes until `until`; the next window at `next`.
     Grace { until: Instant, next: Instant },
@@ -70,7 +82,14 @@ pub struct DutyCycle {
     clock: WindowClock,
     figures: HeapDuty,
     ticks_per_s: f64,
+    meter: CostMeter,
+    /// The last windows' probe cost, free probe's cost and CPU time, in seconds: shares are
+    /// taken over them (CPU time is counted in clock ticks, coarse for one short window).
+    recent: std::collections::VecDeque<(f64, f64, f64)>,
 }
+
+/// Windows the probe shares are taken over.
+const RECENT_WINDOWS: usize = 4;
 
 impl DutyCycle {
     /// Opens the first window now, on the heap probes' sites attached so far.
@@ -98,6 +117,8 @@ impl DutyCycle {
                 ..HeapDuty::default()
             },
             ticks_per_s: if ticks > 0 { ticks as f64 } else { 100.0 },
+            meter: CostMeter::default(),
+            recent: std::collections::VecDeque::new(),
         };
         cycle.open(probes, pids);
         cycle
@@ -112,11 +133,13 @@ impl DutyCycle {
                 mark,
                 calls,
                 cpu_ticks: ticks,
+                costs,
             } => {
                 let Some((ended, ticks_then)) = self.clock.ended(pids) else {
                     return;
                 };
-                self.measure(probes, ended - mark, (calls, ticks), ticks_then);
+                let spent = self.meter.spent(probes, costs);
+                self.measure(probes, ended - mark, (calls, ticks), ticks_then, spent);
                 if self.opts.duty < 1.0 {
                     self.close(probes, since, ended);
                 } else {
@@ -129,6 +152,7 @@ impl DutyCycle {
                         mark: now,
                         calls: heap_calls(probes),
                         cpu_ticks: cpu_ticks(pids),
+                        costs: self.meter.read(probes),
                     };
                 }
             }
@@ -157,6 +181,7 @@ impl DutyCycle {
     }
 
     fn open(&mut self, probes: &mut Probes, pids: &[u32]) {
+        self.meter.start();
         if let Err(e) = probes.open_heap_window() {
             log::warn!("duty-cycled heap: a window's probes were not all attached: {e}");
         }
@@ -171,28 +196,69 @@ impl DutyCycle {
             mark: now,
             calls: heap_calls(probes),
             cpu_ticks: cpu_ticks(pids),
+            costs: self.meter.read(probes),
         };
     }
 
     /// What the probes cost over the last `span`, from the heap calls and CPU ticks counted at
     /// its start and the CPU ticks at its end; with a budget, the duty that keeps within it.
-    fn measure(&mut self, probes: &Probes, span: Duration, at_mark: (u64, u64), ticks: u64) {
+    fn measure(
+        &mut self,
+        probes: &Probes,
+        span: Duration,
+        at_mark: (u64, u64),
+        ticks: u64,
+        spent: Option<HeapCosts>,
+    ) {
         // The probes count no call once the window's edge closed: read now, it is the
         // window's count.
         let calls = heap_calls(probes).saturating_sub(at_mark.0);
         let cpu_s = ticks.saturating_sub(at_mark.1) as f64 / self.ticks_per_s;
-        let share = probe_share(calls, cpu_s);
+        let (share, free_share) = match spent {
+            Some(spent) => {
+                let all = probe_cost(spent.alloc) + probe_cost(spent.free);
+                let free = probe_cost(spent.free);
+                if self.recent.len() == RECENT_WINDOWS {
+                    self.recent.pop_front();
+                }
+                self.recent
+                    .push_back((all.as_secs_f64(), free.as_secs_f64(), cpu_s));
+                let sum = |f: fn(&(f64, f64, f64)) -> f64| self.recent.iter().map(f).sum::<f64>();
+                let cpu = sum(|r| r.2);
+                (
+                    cost_share(Duration::from_secs_f64(sum(|r| r.0)), cpu),
+                    cost_share(Duration::from_secs_f64(sum(|r| r.1)), cpu),
+                )
+            }
+            None => {
+                let share = probe_share(calls, cpu_s);
+                (share, share / 2.0)
+            }
+        };
         self.figures.calls_per_s = calls as f64 / span.as_secs_f64().max(1e-6);
         self.figures.probe_share = share;
+        self.figures.free_probe_share = free_share;
+        let detach = probes.heap_alloc_detach();
+        self.figures.detach_s = detach.map_or(0.0, |d| d.as_secs_f64());
         if let Some(budget) = self.opts.budget {
-            self.opts.duty = duty_for(budget, share, self.opts.window, self.opts.grace);
+            let detach = detach.unwrap_or(DETACH_ALLOWANCE);
+            self.opts.duty = duty_for(
+                budget,
+                (share, free_share),
+                self.opts.window,
+                detach,
+                self.opts.grace,
+            );
             self.figures.duty = self.opts.duty;
         }
         log::debug!(
-            "heap window {}: {calls} calls in {:.3} s, {cpu_s:.3} s of CPU, probes {:.1} %, duty {:.4}",
+            "heap window {}: {calls} calls in {:.3} s, {cpu_s:.3} s of CPU, probes {:.1} % \
+             (free {:.1} %), detach {:.3} s, duty {:.4}",
             self.figures.windows,
             span.as_secs_f64(),
             share * 100.0,
+            free_share * 100.0,
+            self.figures.detach_s,
             self.opts.duty
         );
     }
@@ -203,6 +269,7 @@ impl DutyCycle {
         let on = ended - since;
         self.figures.on_s += on.as_secs_f64();
         probes.close_heap(HeapRole::Alloc);
+        self.meter.stop();
         let now = Instant::now();
         // The next window comes one period after this one opened.
         let period = on.div_f64(self.opts.duty.max(MIN_DUTY));
@@ -292,6 +359,53 @@ impl WindowClock {
     }
 }
 
+/// The kernel's count of what the heap programs cost (`BPF_ENABLE_STATS`), on only while a
+/// window is open: it times every eBPF program on the machine (two clock reads a run).
+#[derive(Default)]
+struct CostMeter {
+    stats: Option<OwnedFd>,
+    /// Said once: the kernel would not count (an older kernel, or no permission).
+    refused: bool,
+}
+
+impl CostMeter {
+    fn start(&mut self) {
+        if self.stats.is_some() || self.refused {
+            return;
+        }
+        match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => self.stats = Some(fd),
+            Err(e) => {
+                self.refused = true;
+                log::debug!("duty-cycled heap: the probes priced per call, not counted: {e}");
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stats = None;
+    }
+
+    /// The heap programs' costs now, while the kernel counts them.
+    fn read(&self, probes: &mut Probes) -> Option<HeapCosts> {
+        self.stats.as_ref()?;
+        Some(probes.heap_program_costs())
+    }
+
+    /// What the heap programs cost since `mark`.
+    fn spent(&self, probes: &mut Probes, mark: Option<HeapCosts>) -> Option<HeapCosts> {
+        let (now, mark) = (self.read(probes)?, mark?);
+        let since = |now: ProgramCost, then: ProgramCost| ProgramCost {
+            run_time: now.run_time.saturating_sub(then.run_time),
+            runs: now.runs.saturating_sub(then.runs),
+        };
+        Some(HeapCosts {
+            alloc: since(now.alloc, mark.alloc),
+            free: since(now.free, mark.free),
+        })
+    }
+}
+
 /// Opens or closes a window's edge in the kernel; a failure (the map write) is said once and
 /// leaves the probes recording, which only costs.
 fn window_edge(probes: &mut Probes, role: HeapRole, open: bool) {
@@ -325,18 +439,42 @@ pub fn probe_share(calls: u64, cpu_s: f64) -> f64 {
     (probes / cpu_s).min(0.99)
 }
 
+/// The share of `cpu_s` seconds of the traced processes' CPU time that `cost` took (at most
+/// 0.99; 0.99 as well for a cost with no measurable time).
+pub fn cost_share(cost: Duration, cpu_s: f64) -> f64 {
+    if cost.is_zero() {
+        return 0.0;
+    }
+    if cpu_s <= 0.0 {
+        return 0.99;
+    }
+    (cost.as_secs_f64() / cpu_s).min(0.99)
+}
+
+/// What probes cost the processes they ran in: their programs' run time and a trap per run.
+pub fn probe_cost(cost: ProgramCost) -> Duration {
+    cost.run_time + TRAP_COST.saturating_mul(u32::try_from(cost.runs).unwrap_or(u32::MAX))
+}
+
 /// The duty (the share of the time the allocation probes are on) whose expected slowdown is
-/// `budget`, for probes that take `share` of the processes' time while on. A cycle costs its
-/// window (plus the malloc probe's detach) with every probe on, slowing by `share / (1 −
-/// share)`, and its grace with the free probe alone, about half the calls; the cycle's period
-/// spreads that cost to the budget. At most 1, at least `MIN_DUTY`.
-pub fn duty_for(budget: f64, share: f64, window: Duration, grace: Duration) -> f64 {
+/// `budget`, for probes that take `shares.0` of the processes' time while all are on and
+/// `shares.1` with the free probe alone. A cycle costs its window and the allocation probes'
+/// detach slowing by `f / (1 − f)`, and its grace slowing by `f_free / (1 − f_free)`; the
+/// cycle's period spreads that cost to the budget. At most 1, at least `MIN_DUTY`.
+pub fn duty_for(
+    budget: f64,
+    shares: (f64, f64),
+    window: Duration,
+    detach: Duration,
+    grace: Duration,
+) -> f64 {
+    let (share, free_share) = shares;
     if share <= 0.0 {
         return 1.0;
     }
     let slowdown = |f: f64| f / (1.0 - f);
-    let cost = (window + DETACH_ALLOWANCE).as_secs_f64() * slowdown(share)
-        + grace.as_secs_f64() * slowdown(share / 2.0);
+    let cost = (window + detach).as_secs_f64() * slowdown(share)
+        + grace.as_secs_f64() * slowdown(free_share);
     let period = cost / budget;
     (window.as_secs_f64() / period).clamp(MIN_DUTY, 1.0)
 }
@@ -410,7 +548,7 @@ mod tests {
         // Exact tracing slows a loop 20x: the probes take 95 % of its time while on. A cycle
         // costs 0.325 s x 19 (window and detach) + 2 s x 0.475/0.525 (grace, frees alone):
         // 7.985 s of slowdown, spread over 159.7 s at 5 %: the window is on 0.157 % of the time.
-        let duty = duty_for(0.05, 0.95, window, grace);
+        let duty = duty_for(0.05, (0.95, 0.475), window, DETACH_ALLOWANCE, grace);
         let cost = 0.325 * 19.0 + 2.0 * (0.475 / 0.525);
         assert!((duty - 0.25 / (cost / 0.05)).abs() < 1e-12, "{duty}");
         assert!(
@@ -418,12 +556,43 @@ mod tests {
             "slowdown over a period = budget"
         );
         // A modest malloc rate (2 % in probes): on most of the time.
-        let modest = duty_for(0.05, 0.02, window, grace);
+        let modest = duty_for(0.05, (0.02, 0.01), window, DETACH_ALLOWANCE, grace);
         assert!(modest > 0.25 && modest < 1.0, "{modest}");
         // No calls: always on; a budget that allows everything: always on.
-        assert_eq!(duty_for(0.05, 0.0, window, grace), 1.0);
-        assert_eq!(duty_for(1.0, 0.01, window, grace), 1.0);
-        assert_eq!(duty_for(0.0001, 0.99, window, grace), MIN_DUTY);
+        assert_eq!(
+            duty_for(0.05, (0.0, 0.0), window, DETACH_ALLOWANCE, grace),
+            1.0
+        );
+        assert_eq!(
+            duty_for(1.0, (0.01, 0.005), window, DETACH_ALLOWANCE, grace),
+            1.0
+        );
+        assert_eq!(
+            duty_for(0.0001, (0.99, 0.5), window, DETACH_ALLOWANCE, grace),
+            MIN_DUTY
+        );
+        // A free probe that costs little (no stack to walk) leaves room for more windows: a
+        // cycle costs 6.175 s + 2 s x 0.05/0.95.
+        let cheap_frees = duty_for(0.05, (0.95, 0.05), window, DETACH_ALLOWANCE, grace);
+        let cheap_cost = 0.325 * 19.0 + 2.0 * (0.05 / 0.95);
+        assert!(
+            (cheap_frees / duty - cost / cheap_cost).abs() < 1e-9,
+            "{cheap_frees}"
+        );
+    }
+
+    #[test]
+    fn the_counted_cost_is_the_programs_run_time_and_a_trap_per_run() {
+        let counted = ProgramCost {
+            run_time: Duration::from_millis(150),
+            runs: 100_000,
+        };
+        // 0.15 s in the programs, 0.1 s of traps, over 0.5 s of CPU: half of it.
+        assert_eq!(probe_cost(counted), Duration::from_millis(250));
+        assert!((cost_share(probe_cost(counted), 0.5) - 0.5).abs() < 1e-12);
+        assert_eq!(cost_share(Duration::ZERO, 0.5), 0.0);
+        assert_eq!(cost_share(Duration::from_millis(1), 0.0), 0.99);
+        assert_eq!(cost_share(Duration::from_secs(2), 1.0), 0.99);
     }
 
     #[test]
