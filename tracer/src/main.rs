@@ -206,10 +206,11 @@ struct RecordArgs {
     #[arg(long, value_name = "BYTES", requires = "heap", value_parser = clap::value_parser!(u32).range(1..))]
     heap_sample: Option<u32>,
     /// With --heap: attach the heap probes in windows, for a process whose malloc rate makes
-    /// exact tracing too slow, and choose how often from the heap calls and CPU time a window
-    /// measures so that the expected slowdown stays within PCT percent. Blocks allocated in a
-    /// window and still live after its grace period are the leak candidates; the report gives
-    /// each stack's leak rate.
+    /// exact tracing too slow, and choose how often from what the probes cost while on (the
+    /// kernel's count of their run time and traps, against the processes' CPU time) so that
+    /// the expected slowdown stays within PCT percent. Blocks allocated in a window and still
+    /// live after its grace period are the leak candidates; the report ranks the stacks whose
+    /// survivors rose in the most windows first, with each one's leak rate.
     #[arg(long, value_name = "PCT", requires = "heap", conflicts_with_all = ["heap_sample", "heap_duty"],
           value_parser = parse_percent)]
     heap_budget: Option<f64>,

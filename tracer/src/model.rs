@@ -453,6 +453,10 @@ pub struct MemoryLimit {
     pub stacks_not_kept: u64,
 }
 
+/// Windows whose start a recording keeps (`HeapDuty::window_starts_s`): a day and more of
+/// windows every ten seconds, in 100 KB or so of the JSON report.
+pub const MAX_WINDOW_STARTS: usize = 10_000;
+
 /// A duty-cycled heap: the allocation probes are attached for a window, the free probes for
 /// the window and a grace period, then both detached until the next window. The heap's figures
 /// are those of the blocks allocated inside windows; `live` are those that outlived their window
@@ -482,6 +486,10 @@ pub struct HeapDuty {
     /// Seconds detaching a window's allocation probes took (the last one timed).
     #[serde(default)]
     pub detach_s: f64,
+    /// When each window opened, seconds since the recording started (the first
+    /// `MAX_WINDOW_STARTS`): which windows a stack's survivors came from.
+    #[serde(default)]
+    pub window_starts_s: Vec<f64>,
     /// Blocks found freed while the probes were off (their address was allocated again in a
     /// later window): no longer live, not lost.
     pub freed_unseen: u64,

@@ -11,6 +11,56 @@
 
 use crate::model::{CellKey, SeriesPoint};
 
+/// The windows of a duty-cycled heap that a cell's live bytes rose in, from its series streamed
+/// in order (`push`). A rise at second `t` belongs to the last window opened by the end of that
+/// second, if `t` is within that window's reach (window, detach and grace) and a second more:
+/// series points are whole seconds. A block made in a window and still live after its grace
+/// leaves a rise there; a stack that leaks per request rises in every window that sees a
+/// request, a start-up allocation in one.
+pub struct WindowRises<'a> {
+    starts: &'a [f64],
+    reach_s: f64,
+    last_live: u64,
+    last_window: Option<usize>,
+    windows: u32,
+}
+
+impl<'a> WindowRises<'a> {
+    /// `starts`: the windows' openings in seconds, in order; `reach_s`: how long after its
+    /// opening a window's blocks can still show.
+    pub fn new(starts: &'a [f64], reach_s: f64) -> WindowRises<'a> {
+        WindowRises {
+            starts,
+            reach_s,
+            last_live: 0,
+            last_window: None,
+            windows: 0,
+        }
+    }
+
+    pub fn push(&mut self, t_s: u64, live: u64) {
+        let rose = live > self.last_live;
+        self.last_live = live;
+        if !rose {
+            return;
+        }
+        let t = t_s as f64;
+        let opened = self.starts.partition_point(|&s| s <= t + 1.0);
+        let Some(window) = opened.checked_sub(1) else {
+            return;
+        };
+        if t <= self.starts[window] + self.reach_s + 1.0 && self.last_window != Some(window) {
+            self.last_window = Some(window);
+            self.windows += 1;
+        }
+    }
+
+    /// The windows the cell rose in.
+    pub fn windows(&self) -> u32 {
+        self.windows
+    }
+}
+
 /// Batches the judged part of a recording is cut into.
 pub const BATCHES: usize = 4;
 
@@ -149,6 +199,32 @@ impl SeriesBatches {
 
 #[cfg(test)]
 mod tests {
+    /// Windows at 10, 24 and 38 s reaching 2.5 s: a per-request leak rises in each; a start-up
+    /// block in the first only; rises outside any window's reach, or twice in one window,
+    /// count once or not at all; falls count nothing.
+    #[test]
+    fn a_cell_rising_in_every_window_is_told_from_one_that_rose_once() {
+        let starts = [10.0, 24.0, 38.0];
+        let rises = |points: &[(u64, u64)]| {
+            let mut w = super::WindowRises::new(&starts, 2.5);
+            for &(t, live) in points {
+                w.push(t, live);
+            }
+            w.windows()
+        };
+        assert_eq!(
+            rises(&[(10, 16), (12, 32), (24, 48), (25, 64), (38, 80)]),
+            3
+        );
+        assert_eq!(rises(&[(10, 1000)]), 1);
+        // Rounded down to the second before the window opened: still its own.
+        assert_eq!(rises(&[(9, 10)]), 1);
+        // Before the first window, and past a window's reach: no window's.
+        assert_eq!(rises(&[(3, 10), (17, 20)]), 0);
+        // A fall and the same level again: not a rise.
+        assert_eq!(rises(&[(10, 50), (11, 40), (24, 40)]), 1);
+    }
+
     use super::*;
 
     fn figures(points: &[(f64, u64)], window: (f64, f64)) -> BatchFigures {

@@ -34,6 +34,7 @@ impl Recorded {
         for mark in &mut self.marks {
             mark.cells = remap.mark_cells(std::mem::take(&mut mark.cells));
         }
+        self.heap_windows_grown = remap.windows_grown(std::mem::take(&mut self.heap_windows_grown));
         self.stacks.retain(|index, _| !remap.0.contains_key(index));
     }
 }
@@ -57,6 +58,20 @@ impl StackRemap {
     /// The stack `stack` merges into (itself when it merges into none).
     fn canon(&self, stack: Option<StackIndex>) -> Option<StackIndex> {
         stack.map(|s| self.0.get(&s).copied().unwrap_or(s))
+    }
+
+    /// Merged cells rose in the windows either rose in: at least the most of them.
+    fn windows_grown(&self, grown: BTreeMap<CellKey, u32>) -> BTreeMap<CellKey, u32> {
+        let mut merged: BTreeMap<CellKey, u32> = BTreeMap::new();
+        for (key, windows) in grown {
+            let key = CellKey {
+                stack: self.canon(key.stack),
+                ..key
+            };
+            let at = merged.entry(key).or_default();
+            *at = (*at).max(windows);
+        }
+        merged
     }
 
     fn mark_cells(&self, cells: Vec<MarkCell>) -> Vec<MarkCell> {

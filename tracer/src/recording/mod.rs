@@ -29,8 +29,8 @@ pub use writer::{DISK_FULL, Writer};
 
 use crate::{
     model::{
-        AllocatorOom, AllocatorSample, Class, GpuSample, LedgerState, RssSample, SeriesPoint,
-        Stack, StackIndex, TargetInfo,
+        AllocatorOom, AllocatorSample, CellKey, Class, GpuSample, LedgerState, RssSample,
+        SeriesPoint, Stack, StackIndex, TargetInfo,
     },
     output::OutputError,
 };
@@ -98,6 +98,9 @@ pub struct Recorded {
     pub write_failure: Option<String>,
     /// The traced processes that ended during the recording, in the order seen.
     pub exits: Vec<ProcessExit>,
+    /// A duty-cycled heap: for each heap cell, the windows its live bytes rose in
+    /// (`survivor_windows`); empty otherwise, or when the series was not read.
+    pub heap_windows_grown: BTreeMap<CellKey, u32>,
 }
 
 /// How a traced process ended during the recording (meta `exits`, docs/recording.md). With

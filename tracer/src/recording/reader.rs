@@ -685,6 +685,17 @@ impl Reading<'_> {
         let faults = self.read_amounts(&FAULTS)?;
         let released = self.read_amounts(&RELEASED)?;
         let cuda_calls = self.read_cuda_calls()?;
+        let stack_capture: Option<crate::model::StackCapture> =
+            match meta_values.get(meta::STACK_CAPTURE) {
+                Some(Value::Text(json)) => serde_json::from_str(json).ok(),
+                _ => None,
+            };
+        let heap_windows_grown = match stack_capture.as_ref().and_then(|s| s.heap_duty.as_ref()) {
+            Some(duty) if series_read != SeriesRead::Nothing => {
+                self.read_windows_grown(&keys_by_id, duty)?
+            }
+            _ => BTreeMap::new(),
+        };
         self.conn.execute_batch("COMMIT")?;
 
         let metadata = Meta {
@@ -729,9 +740,7 @@ impl Reading<'_> {
             torch,
             torch_ooms,
             gpu_source: metadata.optional_text(meta::GPU_SOURCE).map(str::to_string),
-            stack_capture: metadata
-                .optional_text(meta::STACK_CAPTURE)
-                .and_then(|json| serde_json::from_str(json).ok()),
+            stack_capture,
             check: metadata
                 .optional_text(meta::CHECK)
                 .and_then(|json| serde_json::from_str(json).ok()),
@@ -750,6 +759,7 @@ impl Reading<'_> {
                 .optional_text(meta::WRITE_FAILURE)
                 .map(str::to_string),
             exits,
+            heap_windows_grown,
         };
         // Before merging, which adds figures of stacks that name the same.
         check_figures(&recorded).map_err(|detail| self.corrupt(detail))?;
@@ -936,6 +946,48 @@ impl Reading<'_> {
         )?;
         finish(current)?;
         Ok(Some(out))
+    }
+
+    /// A duty-cycled heap: the windows each heap cell's live bytes rose in
+    /// (`batches::WindowRises`), streamed one cell at a time.
+    fn read_windows_grown(
+        &self,
+        keys: &HashMap<i64, CellKey>,
+        duty: &crate::model::HeapDuty,
+    ) -> Result<BTreeMap<CellKey, u32>, ReadFailure> {
+        let mut grown = BTreeMap::new();
+        if duty.window_starts_s.is_empty() {
+            return Ok(grown);
+        }
+        let reach_s = duty.window_s + duty.detach_s + duty.grace_s;
+        let mut current: Option<(i64, batches::WindowRises)> = None;
+        let mut finish = |current: Option<(i64, batches::WindowRises)>| {
+            if let Some((id, rises)) = current
+                && rises.windows() > 0
+                && let Some(key) = keys.get(&id)
+            {
+                grown.insert(key.clone(), rises.windows());
+            }
+        };
+        self.for_each_row(
+            "SELECT cell_id, t_s, live_bytes FROM series ORDER BY cell_id, rowid",
+            |row| {
+                let id: i64 = row.get(0)?;
+                if keys.get(&id).is_none_or(|k| k.class != Class::Heap) {
+                    return Ok(());
+                }
+                if current.as_ref().is_none_or(|(c, _)| *c != id) {
+                    let rises = batches::WindowRises::new(&duty.window_starts_s, reach_s);
+                    finish(current.replace((id, rises)));
+                }
+                if let Some((_, rises)) = current.as_mut() {
+                    rises.push(from_sql(row.get(1)?), from_sql(row.get(2)?));
+                }
+                Ok(())
+            },
+        )?;
+        finish(current);
+        Ok(grown)
     }
 
     fn read_series(

@@ -23,7 +23,7 @@ use std::{
 use tracer_common::ledger_stat;
 
 use crate::{
-    model::HeapDuty,
+    model::{HeapDuty, MAX_WINDOW_STARTS},
     probes::{HeapCosts, HeapRole, HeapWindowFlags, Probes, ProgramCost},
     proc::stat,
 };
@@ -83,6 +83,8 @@ pub struct DutyCycle {
     figures: HeapDuty,
     ticks_per_s: f64,
     meter: CostMeter,
+    /// When the recording started: window starts are counted from it.
+    started: Instant,
     /// The last windows' probe cost, free probe's cost and CPU time, in seconds: shares are
     /// taken over them (CPU time is counted in clock ticks, coarse for one short window).
     recent: std::collections::VecDeque<(f64, f64, f64)>,
@@ -93,7 +95,12 @@ const RECENT_WINDOWS: usize = 4;
 
 impl DutyCycle {
     /// Opens the first window now, on the heap probes' sites attached so far.
-    pub fn start(opts: DutyOptions, probes: &mut Probes, pids: &[u32]) -> DutyCycle {
+    pub fn start(
+        opts: DutyOptions,
+        probes: &mut Probes,
+        pids: &[u32],
+        started: Instant,
+    ) -> DutyCycle {
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         let flags = match probes.heap_window_flags() {
@@ -118,6 +125,7 @@ impl DutyCycle {
             },
             ticks_per_s: if ticks > 0 { ticks as f64 } else { 100.0 },
             meter: CostMeter::default(),
+            started,
             recent: std::collections::VecDeque::new(),
         };
         cycle.open(probes, pids);
@@ -190,6 +198,10 @@ impl DutyCycle {
         }
         self.figures.windows += 1;
         let now = Instant::now();
+        if self.figures.window_starts_s.len() < MAX_WINDOW_STARTS {
+            let start = now.saturating_duration_since(self.started);
+            self.figures.window_starts_s.push(start.as_secs_f64());
+        }
         self.clock.schedule(now + self.opts.window, pids);
         self.state = State::Open {
             since: now,

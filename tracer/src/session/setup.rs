@@ -268,7 +268,7 @@ pub fn open_recording(opts: &RecordOptions, attached: Attached) -> anyhow::Resul
         sample_gpu(source.as_mut(), &mut sink, &[pid], started, &mut writer)?;
     }
     // A duty-cycled heap's first window opens before the target is released.
-    let duty = (opts.heap_duty).map(|d| DutyCycle::start(d, &mut probes, &[pid]));
+    let duty = (opts.heap_duty).map(|d| DutyCycle::start(d, &mut probes, &[pid], started));
     if duty.is_some() {
         sink.ledger.set_duty_cycled();
     }

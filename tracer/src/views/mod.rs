@@ -324,6 +324,7 @@ pub(crate) mod fixture {
                 code: Some(0),
                 ..crate::recording::ProcessExit::unknown(4243, 3.25)
             }],
+            heap_windows_grown: BTreeMap::new(),
         }
     }
 
@@ -361,6 +362,7 @@ pub(crate) mod fixture {
             stop_reason: None,
             write_failure: None,
             exits: Vec::new(),
+            heap_windows_grown: BTreeMap::new(),
         }
     }
 

@@ -658,7 +658,9 @@ fn text_heap_duty_line(out: &mut String, duty: &HeapDuty) {
 }
 
 /// A duty-cycled heap: the stacks whose blocks outlived their windows, with the rate they
-/// leak at if they go on so (their survivors over the windows' time).
+/// leak at if they go on so (their survivors over the windows' time). Those that rose in the
+/// most windows first: survivors piling up window after window are the leak signal, where a
+/// start-up allocation survives the one window it was made in, however large.
 fn text_heap_survivors(out: &mut String, rec: &Recorded) {
     let Some(duty) = rec
         .stack_capture
@@ -667,10 +669,13 @@ fn text_heap_survivors(out: &mut String, rec: &Recorded) {
     else {
         return;
     };
-    let survivors: Vec<_> = cells_by_live_bytes(rec)
+    let mut survivors: Vec<_> = cells_by_live_bytes(rec)
         .into_iter()
         .filter(|(key, c)| key.class == Class::Heap && c.live_bytes > 0)
         .collect();
+    let windows_grown = |key: &CellKey| rec.heap_windows_grown.get(key).copied().unwrap_or(0);
+    // Stable: equal window counts keep the live-bytes order.
+    survivors.sort_by_key(|(key, _)| std::cmp::Reverse(windows_grown(key)));
     if survivors.is_empty() || duty.on_s <= 0.0 {
         let _ = writeln!(
             out,
@@ -685,11 +690,21 @@ fn text_heap_survivors(out: &mut String, rec: &Recorded) {
          they stand for (survivors over {:.1} s of windows)",
         duty.on_s
     );
+    let grown_known = !rec.heap_windows_grown.is_empty();
     for (rank, (key, c)) in survivors.iter().take(TEXT_TOP_GROWING).enumerate() {
         let rate = c.live_bytes as f64 / duty.on_s;
+        let windows = if grown_known {
+            format!(
+                ", rose in {} of {}",
+                windows_grown(key),
+                count_of(duty.windows, "window")
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "  {:>2}. {:>10}/s  {:>11} in {:>11} of {:>11} allocated: {}",
+            "  {:>2}. {:>10}/s  {:>11} in {:>11} of {:>11} allocated{windows}: {}",
             rank + 1,
             human_bytes(rate as u64),
             human_bytes(c.live_bytes),
