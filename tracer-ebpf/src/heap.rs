@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{heap_ledger::BlockKey, heap_sample, heap_window, ledger_stat};
+use tracer_common::{HeapFn, heap_ledger::BlockKey, heap_sample, heap_window, ledger_stat};
 
 use crate::{
     alloc::{emit_free, finish_call, mul_saturating},
@@ -155,51 +155,29 @@ fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u3
     enter(CallKind::Heap, entry)
 }
 
-/// malloc, valloc, pvalloc: `(size)`.
+/// Every allocation function's entry, one program for all, so that a window's allocation
+/// entries are one multi-uprobe link: the hook's cookie (`HeapFn`) says which arguments hold
+/// the size, the old block (realloc) and where the block is written (posix_memalign).
 #[uprobe]
-pub fn heap_enter_size0(ctx: ProbeContext) -> u32 {
-    let size: u64 = ctx.arg(0).unwrap_or(0);
-    enter_heap(&ctx, size, 0, 0)
-}
-
-/// aligned_alloc, memalign: `(alignment, size)`.
-#[uprobe]
-pub fn heap_enter_size1(ctx: ProbeContext) -> u32 {
-    let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter_heap(&ctx, size, 0, 0)
-}
-
-/// calloc: `(nmemb, size)`.
-#[uprobe]
-pub fn heap_enter_calloc(ctx: ProbeContext) -> u32 {
-    let n: u64 = ctx.arg(0).unwrap_or(0);
-    let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter_heap(&ctx, mul_saturating(n, size), 0, 0)
-}
-
-/// realloc: `(ptr, size)`.
-#[uprobe]
-pub fn heap_enter_realloc(ctx: ProbeContext) -> u32 {
-    let old: u64 = ctx.arg(0).unwrap_or(0);
-    let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter_heap(&ctx, size, old, 0)
-}
-
-/// reallocarray: `(ptr, nmemb, size)`.
-#[uprobe]
-pub fn heap_enter_reallocarray(ctx: ProbeContext) -> u32 {
-    let old: u64 = ctx.arg(0).unwrap_or(0);
-    let n: u64 = ctx.arg(1).unwrap_or(0);
-    let size: u64 = ctx.arg(2).unwrap_or(0);
-    enter_heap(&ctx, mul_saturating(n, size), old, 0)
-}
-
-/// posix_memalign: `(void **memptr, alignment, size)`; the block is read from `*memptr` at return.
-#[uprobe]
-pub fn heap_enter_posix_memalign(ctx: ProbeContext) -> u32 {
-    let memptr: u64 = ctx.arg(0).unwrap_or(0);
-    let size: u64 = ctx.arg(2).unwrap_or(0);
-    enter_heap(&ctx, size, 0, memptr)
+pub fn heap_enter(ctx: ProbeContext) -> u32 {
+    let arg = |i: usize| -> u64 { ctx.arg::<u64>(i).unwrap_or(0) };
+    let (size, old_block, out_ptr) = match HeapFn::from_u32(attach_cookie(&ctx)) {
+        // malloc, valloc, pvalloc: `(size)`.
+        Some(HeapFn::Malloc | HeapFn::Valloc | HeapFn::Pvalloc) => (arg(0), 0, 0),
+        // aligned_alloc, memalign: `(alignment, size)`.
+        Some(HeapFn::AlignedAlloc | HeapFn::Memalign) => (arg(1), 0, 0),
+        // calloc: `(nmemb, size)`.
+        Some(HeapFn::Calloc) => (mul_saturating(arg(0), arg(1)), 0, 0),
+        // realloc: `(ptr, size)`.
+        Some(HeapFn::Realloc) => (arg(1), arg(0), 0),
+        // reallocarray: `(ptr, nmemb, size)`.
+        Some(HeapFn::Reallocarray) => (mul_saturating(arg(1), arg(2)), arg(0), 0),
+        // posix_memalign: `(void **memptr, alignment, size)`; the block is read from
+        // `*memptr` at return.
+        Some(HeapFn::PosixMemalign) => (arg(2), 0, arg(0)),
+        Some(HeapFn::Free) | None => return 0,
+    };
+    enter_heap(&ctx, size, old_block, out_ptr)
 }
 
 /// Return of every allocation function: emits the completed call with its user stack.

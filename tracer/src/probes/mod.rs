@@ -437,12 +437,15 @@ struct HeapGroup {
     offsets: Vec<u64>,
     cookies: Vec<u64>,
     funcs: Vec<HeapFn>,
+    /// The latest stage among its points: the group goes live when that stage may.
+    stage: AttachStage,
 }
 
-/// The points of an allocator object grouped by (program, role, entry or return), in the order
-/// of `sequence` (`attach_sequence`) at each group's first point: returns before entries,
-/// releases before creations, as long as no program serves two stages (one program per stage
-/// in the hook table; `heap_groups_keep_the_attach_order` checks it).
+/// The points of an allocator object grouped by (program, role, entry or return): returns
+/// first, then each group at the latest stage among its points (a group of releases before one
+/// that creates). Within a group the points keep the order of `sequence` (`attach_sequence`),
+/// which the kernel registers them in: realloc's entry before malloc's in one link.
+/// `heap_groups_keep_the_attach_order` checks it.
 fn heap_groups(
     object: &AllocatorObject,
     sequence: &[(bool, usize)],
@@ -484,14 +487,18 @@ fn heap_groups(
                     offsets: Vec::new(),
                     cookies: Vec::new(),
                     funcs: Vec::new(),
+                    stage: hook.attach_stage(),
                 });
                 groups.last_mut().expect("pushed")
             }
         };
+        group.stage = group.stage.max(hook.attach_stage());
         group.offsets.push(offset);
         group.cookies.push(cookie);
         group.funcs.push(hook.func);
     }
+    // Stable: groups of one stage keep their order.
+    groups.sort_by_key(|g| (!g.is_return, g.stage));
     groups
 }
 
@@ -1370,9 +1377,18 @@ mod tests {
         };
         for creator in [HeapFn::Malloc, HeapFn::Calloc, HeapFn::PosixMemalign] {
             assert!(group_of(HeapFn::Free) < group_of(creator), "{creator:?}");
-            assert!(group_of(HeapFn::Realloc) < group_of(creator), "{creator:?}");
+            assert!(group_of(HeapFn::Realloc) <= group_of(creator), "{creator:?}");
         }
         assert_eq!(groups[group_of(HeapFn::Free)].role, HeapRole::Free);
+        // One program for every allocation entry: realloc registered before malloc in it.
+        let entries = &groups[group_of(HeapFn::Malloc)];
+        let at = |func| entries.funcs.iter().position(|&f| f == func).unwrap();
+        assert!(at(HeapFn::Realloc) < at(HeapFn::Malloc));
+        assert_eq!(
+            groups.len(),
+            3,
+            "returns, free, every allocation entry: {groups:?}"
+        );
         let entries: usize = groups[1..].iter().map(|g| g.offsets.len()).sum();
         assert_eq!(entries, HOOKS.len());
         for g in &groups {
