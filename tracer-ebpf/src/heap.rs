@@ -3,7 +3,8 @@
 //! and free itself) are folded into the outer call.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32},
+    EbpfContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_func_ip, bpf_get_prandom_u32},
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
@@ -120,12 +121,13 @@ fn count_call() {
     }
 }
 
-/// A heap call of `size` bytes, as its entry saves it. (Its return finds no saved call for an
-/// untraced caller, and emits nothing.)
+/// A heap call of `size` bytes, as its entry saves it; whether its return has anything to do
+/// (false: an untraced caller, a closed window or an unsampled call, whose return finds no
+/// saved call and emits nothing).
 #[inline(always)]
-fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u32 {
+fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> bool {
     if untraced_caller() || window_closed(heap_window::ALLOC) {
-        return 0;
+        return false;
     }
     count_call();
     let Some(p) = sample(size) else {
@@ -134,7 +136,7 @@ fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u3
         if old_block != 0 && take_sampled(old_block) {
             emit_free((bpf_get_current_pid_tgid() >> 32) as u32, old_block);
         }
-        return 0;
+        return false;
     };
     // A realloc of a block that was not recorded is, for the ledger, a new allocation.
     let old_block = if p != 0 && old_block != 0 && !is_sampled(old_block) {
@@ -152,7 +154,8 @@ fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u3
         aux: u64::from(p),
         ..Entry::new(attach_cookie(ctx), size)
     };
-    enter(CallKind::Heap, entry)
+    enter(CallKind::Heap, entry);
+    true
 }
 
 /// Every allocation function's entry, one program for all, so that a window's allocation
@@ -160,8 +163,30 @@ fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> u3
 /// the size, the old block (realloc) and where the block is written (posix_memalign).
 #[uprobe]
 pub fn heap_enter(ctx: ProbeContext) -> u32 {
+    enter_allocation(&ctx);
+    0
+}
+
+/// Sampled heap on a kernel with uprobe sessions (Linux 6.13): one program at each allocation
+/// function's entry and, unless its entry run returned 1, at its return. An unsampled call
+/// returns 1: the kernel sets no return probe for it, and it costs its entry trap alone.
+#[uprobe]
+pub fn heap_session(ctx: ProbeContext) -> u32 {
+    // The entry run is at the probed address, which the kernel gives as the function's; the
+    // return run at the return trampoline.
+    // SAFETY: the helper reads the running probe's address; the registers are the probe's.
+    let (probed, ip) = unsafe { (bpf_get_func_ip(ctx.as_ptr()), (*ctx.regs).rip) };
+    if ip != probed {
+        return finish_call(&RetProbeContext::new(ctx.as_ptr()), CallKind::Heap);
+    }
+    if enter_allocation(&ctx) { 0 } else { 1 }
+}
+
+/// An allocation function's entry; whether its return has anything to do.
+#[inline(always)]
+fn enter_allocation(ctx: &ProbeContext) -> bool {
     let arg = |i: usize| -> u64 { ctx.arg::<u64>(i).unwrap_or(0) };
-    let (size, old_block, out_ptr) = match HeapFn::from_u32(attach_cookie(&ctx)) {
+    let (size, old_block, out_ptr) = match HeapFn::from_u32(attach_cookie(ctx)) {
         // malloc, valloc, pvalloc: `(size)`.
         Some(HeapFn::Malloc | HeapFn::Valloc | HeapFn::Pvalloc) => (arg(0), 0, 0),
         // aligned_alloc, memalign: `(alignment, size)`.
@@ -175,9 +200,9 @@ pub fn heap_enter(ctx: ProbeContext) -> u32 {
         // posix_memalign: `(void **memptr, alignment, size)`; the block is read from
         // `*memptr` at return.
         Some(HeapFn::PosixMemalign) => (arg(2), 0, arg(0)),
-        Some(HeapFn::Free) | None => return 0,
+        Some(HeapFn::Free) | None => return false,
     };
-    enter_heap(&ctx, size, old_block, out_ptr)
+    enter_heap(ctx, size, old_block, out_ptr)
 }
 
 /// Return of every allocation function: emits the completed call with its user stack.
@@ -236,6 +261,13 @@ pub fn floor_enter(_ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn floor_return(_ctx: RetProbeContext) -> u32 {
     0
+}
+
+/// The floor of a sampled heap on uprobe sessions: the entry trap alone (returning 1 sets no
+/// return probe).
+#[uprobe]
+pub fn floor_session(_ctx: ProbeContext) -> u32 {
+    1
 }
 
 /// Loaded for a multi-uprobe link and linked to nothing: whether the kernel makes such links

@@ -51,6 +51,11 @@ const HEAP_COUNT_PROGRAM: &str = "heap_count";
 const FLOOR_RETURN_PROGRAM: &str = "floor_return";
 /// Loaded for multi-uprobe links to ask whether the kernel makes them (`uprobe_multi`).
 const MULTI_LINK_PROBE_PROGRAM: &str = "multi_link_probe";
+/// A sampled heap's allocation functions on uprobe sessions (Linux 6.13): an unsampled call
+/// costs its entry trap alone. The floor's session program returns 1 at every entry; it also
+/// asks the kernel whether it makes sessions.
+const HEAP_SESSION_PROGRAM: &str = "heap_session";
+const FLOOR_SESSION_PROGRAM: &str = "floor_session";
 /// Set (to anything) to attach the heap probes as perf-event uprobes, as on a kernel without
 /// multi-uprobe links (before 6.6): the tests cover both ways.
 pub const PERF_UPROBES_ENV: &str = "ALLOCTRACE_PERF_UPROBES";
@@ -327,8 +332,10 @@ pub struct Probes {
     uprobe_links: Vec<(&'static str, UProbeLinkId)>,
     heap_links: Vec<HeapLink>,
     /// Whether the heap programs are loaded for multi-uprobe links (decided at the first heap
-    /// attachment, `heap_links_multi`).
+    /// attachment, `heap_links_multi`), and a sampled heap's allocation functions for uprobe
+    /// sessions (`heap_sessions`).
     heap_multi: Option<bool>,
+    heap_session: Option<bool>,
     tracepoint_links: Vec<(&'static str, TracePointLinkId)>,
     /// Duty-cycled heap: where the heap probes go each time a window opens, and which of them
     /// are attached now.
@@ -439,6 +446,8 @@ struct HeapGroup {
     funcs: Vec<HeapFn>,
     /// The latest stage among its points: the group goes live when that stage may.
     stage: AttachStage,
+    /// A uprobe session: entry and return in one program (`uprobe_multi::LinkKind::Session`).
+    session: bool,
 }
 
 /// The points of an allocator object grouped by (program, role, entry or return): returns
@@ -446,10 +455,12 @@ struct HeapGroup {
 /// that creates). Within a group the points keep the order of `sequence` (`attach_sequence`),
 /// which the kernel registers them in: realloc's entry before malloc's in one link.
 /// `heap_groups_keep_the_attach_order` checks it.
+/// With `session`, the allocation functions are one uprobe session at their entries (the
+/// return's probe is set from there), and have no return group.
 fn heap_groups(
     object: &AllocatorObject,
     sequence: &[(bool, usize)],
-    floor: bool,
+    (floor, session): (bool, bool),
     roles: HeapRoles,
 ) -> Vec<HeapGroup> {
     let mut groups: Vec<HeapGroup> = Vec::new();
@@ -464,7 +475,19 @@ fn heap_groups(
         if !roles.has(role) {
             continue;
         }
+        let in_session = session && hook.return_program.is_some();
+        if in_session && is_return {
+            continue;
+        }
         let (program, offset) = match (is_return, floor) {
+            _ if in_session => (
+                if floor {
+                    FLOOR_SESSION_PROGRAM
+                } else {
+                    HEAP_SESSION_PROGRAM
+                },
+                point.function_offset,
+            ),
             (true, true) => (FLOOR_RETURN_PROGRAM, point.function_offset),
             (true, false) => (
                 hook.return_program.unwrap_or(hook.entry_program),
@@ -488,6 +511,7 @@ fn heap_groups(
                     cookies: Vec::new(),
                     funcs: Vec::new(),
                     stage: hook.attach_stage(),
+                    session: in_session,
                 });
                 groups.last_mut().expect("pushed")
             }
@@ -594,6 +618,7 @@ impl Probes {
             uprobe_links: Vec::new(),
             heap_links: Vec::new(),
             heap_multi: None,
+            heap_session: None,
             tracepoint_links: Vec::new(),
             heap_sites: Vec::new(),
             heap_attached: HeapRoles::default(),
@@ -733,7 +758,8 @@ impl Probes {
             |p| p.hook().attach_stage(),
         );
         let multi = self.heap_links_multi()?;
-        for group in heap_groups(object, &sequence, self.config.floor, roles) {
+        let session = multi && self.heap_sessions()?;
+        for group in heap_groups(object, &sequence, (self.config.floor, session), roles) {
             let has_malloc_entry = !group.is_return && group.funcs.contains(&HeapFn::Malloc);
             let link = |attachment| HeapLink {
                 program: group.program,
@@ -753,7 +779,13 @@ impl Probes {
                     offsets: &group.offsets,
                     cookies: &group.cookies,
                     pid,
-                    is_return: group.is_return,
+                    kind: if group.session {
+                        uprobe_multi::LinkKind::Session
+                    } else if group.is_return {
+                        uprobe_multi::LinkKind::Return
+                    } else {
+                        uprobe_multi::LinkKind::Entry
+                    },
                 };
                 let program = self.heap_program(group.program)?;
                 let fd = program.fd().map_err(|e| ProbeError::Load(chain(&e)))?;
@@ -799,7 +831,7 @@ impl Probes {
                 |p: &UProbe| p.fd().is_ok(),
             )?;
             let fd = probe.fd().map_err(|e| ProbeError::Load(chain(&e)))?;
-            uprobe_multi::supported(fd.as_fd())
+            uprobe_multi::supported(fd.as_fd(), uprobe_multi::LinkKind::Entry)
         };
         if !multi {
             log::debug!("heap probes: perf-event uprobes, one per point");
@@ -808,8 +840,37 @@ impl Probes {
         Ok(multi)
     }
 
+    /// Whether a sampled heap's allocation functions go on uprobe sessions (multi-uprobe
+    /// links and Linux 6.13): asked of the kernel once, for a sampled heap only (exact tracing
+    /// needs every return).
+    fn heap_sessions(&mut self) -> Result<bool, ProbeError> {
+        if let Some(session) = self.heap_session {
+            return Ok(session);
+        }
+        let session = self.config.heap_sample_mean > 0 && self.heap_links_multi()? && {
+            let probe = loaded_program(
+                &mut self.ebpf,
+                FLOOR_SESSION_PROGRAM,
+                UProbe::load_session,
+                |p: &UProbe| p.fd().is_ok(),
+            )?;
+            let fd = probe.fd().map_err(|e| ProbeError::Load(chain(&e)))?;
+            uprobe_multi::supported(fd.as_fd(), uprobe_multi::LinkKind::Session)
+        };
+        if self.config.heap_sample_mean > 0 && !session {
+            log::debug!("sampled heap: no uprobe sessions, an unsampled call traps at its return");
+        }
+        self.heap_session = Some(session);
+        Ok(session)
+    }
+
     /// Heap program `name`, loaded for the kind of link `heap_links_multi` chose.
     fn heap_program(&mut self, name: &str) -> Result<&mut UProbe, ProbeError> {
+        if matches!(name, HEAP_SESSION_PROGRAM | FLOOR_SESSION_PROGRAM) {
+            return loaded_program(&mut self.ebpf, name, UProbe::load_session, |p: &UProbe| {
+                p.fd().is_ok()
+            });
+        }
         let load = if self.heap_links_multi()? {
             UProbe::load_multi
         } else {
@@ -1294,6 +1355,8 @@ mod tests {
             FLOOR_RETURN_PROGRAM,
             HEAP_COUNT_PROGRAM,
             MULTI_LINK_PROBE_PROGRAM,
+            HEAP_SESSION_PROGRAM,
+            FLOOR_SESSION_PROGRAM,
             PHASE_ENTER_PROGRAM,
             PHASE_ENTER_USDT_PROGRAM,
             PHASE_CALL_PROGRAM,
@@ -1361,7 +1424,7 @@ mod tests {
             |p| p.hook().return_program.is_some(),
             |p| p.hook().attach_stage(),
         );
-        let groups = heap_groups(&object, &sequence, false, HeapRoles::BOTH);
+        let groups = heap_groups(&object, &sequence, (false, false), HeapRoles::BOTH);
         assert!(groups[0].is_return, "{groups:?}");
         assert_eq!(
             groups[0].offsets.len(),
@@ -1377,7 +1440,10 @@ mod tests {
         };
         for creator in [HeapFn::Malloc, HeapFn::Calloc, HeapFn::PosixMemalign] {
             assert!(group_of(HeapFn::Free) < group_of(creator), "{creator:?}");
-            assert!(group_of(HeapFn::Realloc) <= group_of(creator), "{creator:?}");
+            assert!(
+                group_of(HeapFn::Realloc) <= group_of(creator),
+                "{creator:?}"
+            );
         }
         assert_eq!(groups[group_of(HeapFn::Free)].role, HeapRole::Free);
         // One program for every allocation entry: realloc registered before malloc in it.
@@ -1396,12 +1462,24 @@ mod tests {
                 assert_eq!(*cookie, u64::from(Cookie::Heap(*func).encode()));
             }
         }
+        // A sampled heap on uprobe sessions: free's entry, then one session over every
+        // allocation function's first instruction (its return is set from there).
+        let sessions = heap_groups(&object, &sequence, (false, true), HeapRoles::BOTH);
+        assert_eq!(sessions.len(), 2, "{sessions:?}");
+        assert_eq!(sessions[0].funcs, [HeapFn::Free]);
+        assert!(sessions[1].session && !sessions[1].is_return);
+        assert_eq!(sessions[1].program, HEAP_SESSION_PROGRAM);
+        assert_eq!(sessions[1].offsets.len(), HOOKS.len() - 1);
+        assert!(
+            sessions[1].offsets.iter().all(|o| o % 0x1000 == 0),
+            "function offsets"
+        );
         // A window's free probes alone: one group.
         let free_only = HeapRoles {
             alloc: false,
             free: true,
         };
-        let groups = heap_groups(&object, &sequence, false, free_only);
+        let groups = heap_groups(&object, &sequence, (false, false), free_only);
         assert_eq!(groups.len(), 1);
         assert_eq!(groups[0].offsets, [0x1000 * 5 + 9]);
     }

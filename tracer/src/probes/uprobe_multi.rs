@@ -19,8 +19,23 @@ use std::{
 const BPF_LINK_CREATE: libc::c_long = 28;
 /// `BPF_TRACE_UPROBE_MULTI` (`enum bpf_attach_type`).
 const BPF_TRACE_UPROBE_MULTI: u32 = 48;
+/// `BPF_TRACE_UPROBE_SESSION` (Linux 6.13): the program runs at the functions' entries and, unless
+/// the entry run returned non-zero, at their returns.
+const BPF_TRACE_UPROBE_SESSION: u32 = 57;
 /// `BPF_F_UPROBE_MULTI_RETURN`: the program runs at the functions' returns.
 const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
+
+/// When a link's program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// At the probed instructions.
+    Entry,
+    /// At the returns of the functions whose entries are the offsets.
+    Return,
+    /// At the functions' entries and, unless the entry run returned non-zero, their returns
+    /// (loaded with `UProbe::load_session`).
+    Session,
+}
 
 /// `union bpf_attr` as `BPF_LINK_CREATE` reads it for a multi-uprobe link (the kernel takes a
 /// shorter attribute than its own and treats the rest as zero).
@@ -51,12 +66,11 @@ pub struct MultiPoints<'a> {
     pub cookies: &'a [u64],
     /// Only this process (all its threads); None: every process mapping the file.
     pub pid: Option<NonZeroU32>,
-    /// At the functions' returns (the offsets are their entries).
-    pub is_return: bool,
+    pub kind: LinkKind,
 }
 
-/// Attaches `program` (loaded with `UProbe::load_multi`) at `points`; the link lives as long as
-/// the returned descriptor.
+/// Attaches `program` (loaded with `UProbe::load_multi`, or `load_session` for a session) at
+/// `points`; the link lives as long as the returned descriptor.
 pub fn attach(program: BorrowedFd<'_>, points: &MultiPoints<'_>) -> io::Result<OwnedFd> {
     if points.offsets.len() != points.cookies.len() || points.offsets.is_empty() {
         return Err(io::Error::new(
@@ -68,12 +82,15 @@ pub fn attach(program: BorrowedFd<'_>, points: &MultiPoints<'_>) -> io::Result<O
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let attr = LinkCreateUprobeMulti {
         prog_fd: program.as_raw_fd() as u32,
-        attach_type: BPF_TRACE_UPROBE_MULTI,
+        attach_type: match points.kind {
+            LinkKind::Session => BPF_TRACE_UPROBE_SESSION,
+            LinkKind::Entry | LinkKind::Return => BPF_TRACE_UPROBE_MULTI,
+        },
         path: path.as_ptr() as u64,
         offsets: points.offsets.as_ptr() as u64,
         cookies: points.cookies.as_ptr() as u64,
         cnt: points.offsets.len() as u32,
-        multi_flags: if points.is_return {
+        multi_flags: if points.kind == LinkKind::Return {
             BPF_F_UPROBE_MULTI_RETURN
         } else {
             0
@@ -98,16 +115,16 @@ pub fn attach(program: BorrowedFd<'_>, points: &MultiPoints<'_>) -> io::Result<O
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Whether the kernel makes multi-uprobe links, asked as libbpf asks: a link for `program`
-/// (loaded with `UProbe::load_multi`) on `/` fails with EBADF where they exist (`/` is no
-/// regular file), with EINVAL or EOPNOTSUPP where they do not.
-pub fn supported(program: BorrowedFd<'_>) -> bool {
+/// Whether the kernel makes links of `kind`, asked as libbpf asks: a link for `program`
+/// (loaded for that kind) on `/` fails with EBADF where they exist (`/` is no regular file),
+/// with EINVAL or EOPNOTSUPP where they do not.
+pub fn supported(program: BorrowedFd<'_>, kind: LinkKind) -> bool {
     let points = MultiPoints {
         path: Path::new("/"),
         offsets: &[0],
         cookies: &[0],
         pid: None,
-        is_return: false,
+        kind,
     };
     match attach(program, &points) {
         Ok(_) => true,
@@ -139,7 +156,7 @@ mod tests {
             offsets: &[1, 2],
             cookies: &[1],
             pid: None,
-            is_return: false,
+            kind: LinkKind::Entry,
         };
         let e = attach(fd, &points).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);

@@ -245,14 +245,22 @@ fn many_threads_leak_an_exact_total() {
 /// counted as `size / p` bytes. Blocks of 16 means and more are always recorded (exact), churn
 /// leaves nothing (frees of unrecorded blocks never reach user space, those of recorded ones
 /// do), a realloc of an unrecorded block is a new allocation, and 100000 small blocks are
-/// estimated within five standard deviations of the sampling error (`n s² (1 − p) / p`).
+/// estimated within five standard deviations of the sampling error (`n s² (1 − p) / p`). The
+/// same on uprobe sessions (an unsampled call's return not probed; this kernel has them) and on
+/// perf-event uprobes (every return probed).
 #[test]
 fn sampled_heap_estimates_are_exact_for_large_blocks_and_within_the_sampling_error() {
     require_privileges!();
+    for env in [&[][..], &[("ALLOCTRACE_PERF_UPROBES", "1")][..]] {
+        sampled_heap_estimates(env);
+    }
+}
+
+fn sampled_heap_estimates(env: &[(&str, &str)]) {
     let dir = tempfile::tempdir().unwrap();
     let args = ["--heap", "--heap-sample", "65536"];
     let exe = fixture("heap_fixture");
-    let r = record_fixture_command(dir.path(), &exe, "sampled", &args);
+    let r = record_fixture_command_env(dir.path(), &exe, "sampled", &args, env);
     let live = |f: &str| -> (u64, u64) {
         let rows = r.stacks_of(f);
         (

@@ -22,7 +22,8 @@ use crate::{
     VerifierLogLevel,
     programs::{
         ProgramData, ProgramError, ProgramType, define_link_wrapper, impl_try_from_fdlink,
-        impl_try_into_fdlink, load_program_with_attach_type, load_program_without_attach_type,
+        impl_try_into_fdlink, load_program_raw, load_program_with_attach_type,
+        load_program_without_attach_type,
         perf_attach::{PerfLinkIdInner, PerfLinkInner},
         probe::{OsStringExt as _, Probe, ProbeKind, attach},
     },
@@ -207,6 +208,16 @@ impl UProbe {
     pub fn load_multi(&mut self) -> Result<(), ProgramError> {
         let Self { data, kind: _ } = self;
         load_program_with_attach_type(BPF_PROG_TYPE_KPROBE, BPF_TRACE_UPROBE_MULTI, data)
+    }
+
+    /// alloctrace patch: loads the program for uprobe-session links (expected attach type
+    /// `BPF_TRACE_UPROBE_SESSION`, 57, Linux 6.13): one program runs at a function's entry and,
+    /// unless the entry run returned non-zero, at its return. Attached with `BPF_LINK_CREATE`
+    /// by its caller, as for [`UProbe::load_multi`].
+    pub fn load_session(&mut self) -> Result<(), ProgramError> {
+        const BPF_TRACE_UPROBE_SESSION: u32 = 57;
+        let Self { data, kind: _ } = self;
+        load_program_raw(BPF_PROG_TYPE_KPROBE, Some(BPF_TRACE_UPROBE_SESSION), data)
     }
 
     /// Returns [`ProbeKind::Entry`] if the program is a `uprobe`, or
