@@ -126,7 +126,10 @@ fn count_call() {
 /// saved call and emits nothing).
 #[inline(always)]
 fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> bool {
-    if untraced_caller() || window_closed(heap_window::ALLOC) {
+    // Sampling (never duty-cycled), the draw comes first: most calls are done with before the
+    // traced-set lookup. An untraced caller's old block is in no sampled set (keyed by process).
+    let sampling = global(&HEAP_SAMPLE_MEAN) != 0;
+    if !sampling && (untraced_caller() || window_closed(heap_window::ALLOC)) {
         return false;
     }
     count_call();
@@ -138,6 +141,9 @@ fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> bo
         }
         return false;
     };
+    if sampling && untraced_caller() {
+        return false;
+    }
     // A realloc of a block that was not recorded is, for the ledger, a new allocation.
     let old_block = if p != 0 && old_block != 0 && !is_sampled(old_block) {
         0
@@ -215,7 +221,12 @@ pub fn heap_return(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn heap_free(ctx: ProbeContext) -> u32 {
     let addr: u64 = ctx.arg(0).unwrap_or(0);
-    if addr == 0 || untraced_caller() || window_closed(heap_window::FREE) {
+    // A sampled heap's frees are mostly of blocks it did not record: done with first, before
+    // the traced-set lookup (only traced processes' blocks are in the set).
+    if addr == 0 || (global(&HEAP_SAMPLE_MEAN) != 0 && !is_sampled(addr)) {
+        return 0;
+    }
+    if untraced_caller() || window_closed(heap_window::FREE) {
         return 0;
     }
     count_call();
