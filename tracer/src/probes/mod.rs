@@ -823,21 +823,30 @@ impl Probes {
         if let Some(multi) = self.heap_multi {
             return Ok(multi);
         }
-        let multi = std::env::var_os(PERF_UPROBES_ENV).is_none() && {
-            let probe = loaded_program(
-                &mut self.ebpf,
+        let multi = std::env::var_os(PERF_UPROBES_ENV).is_none()
+            && self.kernel_makes(
                 MULTI_LINK_PROBE_PROGRAM,
                 UProbe::load_multi,
-                |p: &UProbe| p.fd().is_ok(),
+                uprobe_multi::LinkKind::Entry,
             )?;
-            let fd = probe.fd().map_err(|e| ProbeError::Load(chain(&e)))?;
-            uprobe_multi::supported(fd.as_fd(), uprobe_multi::LinkKind::Entry)
-        };
         if !multi {
             log::debug!("heap probes: perf-event uprobes, one per point");
         }
         self.heap_multi = Some(multi);
         Ok(multi)
+    }
+
+    /// Whether the kernel makes links of `kind`: asked with `program`, loaded with `load` for
+    /// that kind (`uprobe_multi::supported`).
+    fn kernel_makes(
+        &mut self,
+        program: &str,
+        load: fn(&mut UProbe) -> Result<(), ProgramError>,
+        kind: uprobe_multi::LinkKind,
+    ) -> Result<bool, ProbeError> {
+        let probe = loaded_program(&mut self.ebpf, program, load, |p: &UProbe| p.fd().is_ok())?;
+        let fd = probe.fd().map_err(|e| ProbeError::Load(chain(&e)))?;
+        Ok(uprobe_multi::supported(fd.as_fd(), kind))
     }
 
     /// Whether a sampled heap's allocation functions go on uprobe sessions (multi-uprobe
@@ -847,16 +856,13 @@ impl Probes {
         if let Some(session) = self.heap_session {
             return Ok(session);
         }
-        let session = self.config.heap_sample_mean > 0 && self.heap_links_multi()? && {
-            let probe = loaded_program(
-                &mut self.ebpf,
+        let session = self.config.heap_sample_mean > 0
+            && self.heap_links_multi()?
+            && self.kernel_makes(
                 FLOOR_SESSION_PROGRAM,
                 UProbe::load_session,
-                |p: &UProbe| p.fd().is_ok(),
+                uprobe_multi::LinkKind::Session,
             )?;
-            let fd = probe.fd().map_err(|e| ProbeError::Load(chain(&e)))?;
-            uprobe_multi::supported(fd.as_fd(), uprobe_multi::LinkKind::Session)
-        };
         if self.config.heap_sample_mean > 0 && !session {
             log::debug!("sampled heap: no uprobe sessions, an unsampled call traps at its return");
         }

@@ -60,14 +60,19 @@ impl StackRemap {
         stack.map(|s| self.0.get(&s).copied().unwrap_or(s))
     }
 
+    /// Cell `key` with its stack as merged.
+    fn cell(&self, key: CellKey) -> CellKey {
+        CellKey {
+            stack: self.canon(key.stack),
+            ..key
+        }
+    }
+
     /// Merged cells rose in the windows either rose in: at least the most of them.
     fn windows_grown(&self, grown: BTreeMap<CellKey, u32>) -> BTreeMap<CellKey, u32> {
         let mut merged: BTreeMap<CellKey, u32> = BTreeMap::new();
         for (key, windows) in grown {
-            let key = CellKey {
-                stack: self.canon(key.stack),
-                ..key
-            };
+            let key = self.cell(key);
             let at = merged.entry(key).or_default();
             *at = (*at).max(windows);
         }
@@ -77,10 +82,7 @@ impl StackRemap {
     fn mark_cells(&self, cells: Vec<MarkCell>) -> Vec<MarkCell> {
         let mut merged: BTreeMap<CellKey, u64> = BTreeMap::new();
         for cell in cells {
-            let key = CellKey {
-                stack: self.canon(cell.key.stack),
-                ..cell.key
-            };
+            let key = self.cell(cell.key);
             *merged.entry(key).or_default() += cell.live_bytes;
         }
         (merged.into_iter())
@@ -91,10 +93,7 @@ impl StackRemap {
     fn cells(&self, cells: BTreeMap<CellKey, StackCounters>) -> BTreeMap<CellKey, StackCounters> {
         let mut merged: BTreeMap<CellKey, StackCounters> = BTreeMap::new();
         for (key, counters) in cells {
-            let key = CellKey {
-                stack: self.canon(key.stack),
-                ..key
-            };
+            let key = self.cell(key);
             merged.entry(key).or_default().add(&counters);
         }
         merged
@@ -104,10 +103,7 @@ impl StackRemap {
     fn batch_figures(&self, cells: Vec<(CellKey, BatchFigures)>) -> Vec<(CellKey, BatchFigures)> {
         let mut merged: BTreeMap<CellKey, BatchFigures> = BTreeMap::new();
         for (key, figures) in cells {
-            let key = CellKey {
-                stack: self.canon(key.stack),
-                ..key
-            };
+            let key = self.cell(key);
             merged.entry(key).or_default().add(&figures);
         }
         merged.into_iter().collect()
@@ -153,10 +149,7 @@ impl StackRemap {
         let mut merged_members: HashMap<CellKey, Vec<CellKey>> = HashMap::new();
         let mut series = Vec::with_capacity(points.len());
         for point in points {
-            let merged = CellKey {
-                stack: self.canon(point.key.stack),
-                ..point.key.clone()
-            };
+            let merged = self.cell(point.key.clone());
             let members = merged_members.entry(merged.clone()).or_default();
             if !members.contains(&point.key) {
                 members.push(point.key.clone());
