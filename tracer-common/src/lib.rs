@@ -372,6 +372,27 @@ pub mod drop_cause {
 /// could not hold; user space reads each stack's totals once a second: no call rate can outrun
 /// it. The kernel also keeps the heap's live bytes and exact peak at every call.
 pub mod heap_ledger {
+    /// A traced process (`TARGETS`, by tgid): its image generation (1 + the execs seen since
+    /// it was traced), which its heap stacks' keys include, and its live heap bytes in the
+    /// kernel's heap ledger, which an exec takes out of `HEAP_LIVE` (the image's heap went
+    /// with it). One value, so that a heap call looks its process up once.
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+    pub struct TracedProcess {
+        pub generation: u32,
+        pub _pad: u32,
+        pub heap: u64,
+    }
+
+    impl TracedProcess {
+        /// A process from the moment it is traced: its first image, no heap yet.
+        pub const NEW: TracedProcess = TracedProcess {
+            generation: 1,
+            _pad: 0,
+            heap: 0,
+        };
+    }
+
     /// A live block's key in `HELD_BLOCKS`.
     #[repr(C)]
     #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -394,6 +415,40 @@ pub mod heap_ledger {
         pub reallocating: u16,
         /// The phase it was allocated in (`phase`): its free is counted in `PHASE_FREES`.
         pub phase: u16,
+    }
+
+    /// A slot of `RECENT_BLOCKS`: a block held there, out of `HELD_BLOCKS`, from its
+    /// allocation to its free (most heap blocks die young; a slot costs two array reads and
+    /// three atomic operations a pair, the hash table an insert, a lookup and a delete).
+    /// `owner` says who may touch the rest: `RECENT_EMPTY`, `RECENT_BUSY` while one program
+    /// fills, changes or empties it, else the address of the block it holds.
+    #[repr(C)]
+    #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+    pub struct RecentBlock {
+        pub owner: u64,
+        pub tgid: u32,
+        pub _pad: u32,
+        pub block: HeldBlock,
+    }
+
+    /// `RecentBlock::owner` of an empty slot.
+    pub const RECENT_EMPTY: u64 = 0;
+    /// `RecentBlock::owner` of a slot a program is filling, changing or emptying (no heap
+    /// block's address: blocks are aligned).
+    pub const RECENT_BUSY: u64 = 1;
+    /// `RECENT_BLOCKS` slots at most.
+    pub const RECENT_SLOTS_MAX: u32 = 1 << 16;
+
+    /// Slots of `RECENT_BLOCKS` for a ledger of `blocks` blocks at most: a sixteenth of them,
+    /// a power of two (blocks hash to a pair of slots), at most `RECENT_SLOTS_MAX`; 0 (none)
+    /// for a ledger of under 32 blocks. `HELD_BLOCKS` holds the rest, so that the kernel holds
+    /// `blocks` at most all told.
+    pub fn recent_slots(blocks: u32) -> u32 {
+        let slots = (blocks / 16).min(RECENT_SLOTS_MAX);
+        if slots < 2 {
+            return 0;
+        }
+        1 << (31 - slots.leading_zeros())
     }
 
     /// Live heap bytes of the traced processes as the kernel counts them at every call, and
@@ -638,6 +693,8 @@ pub mod global {
     pub const HEAP_SAMPLE_MEAN: &str = "HEAP_SAMPLE_MEAN";
     /// 1: heap blocks with known stacks are held and counted in the kernel (`heap_ledger`).
     pub const HEAP_KERNEL_LEDGER: &str = "HEAP_KERNEL_LEDGER";
+    /// Slots of `RECENT_BLOCKS` (`heap_ledger::recent_slots`, a power of two; 0: none).
+    pub const HEAP_RECENT_SLOTS: &str = "HEAP_RECENT_SLOTS";
     /// 1: the heap probes are attached in windows (`--heap-budget`, `--heap-duty`): a block
     /// live at an address allocated again was freed while they were off, not a lost event.
     pub const HEAP_DUTY_CYCLED: &str = "HEAP_DUTY_CYCLED";
@@ -673,6 +730,8 @@ const _: () = assert!(size_of::<StackRecord<AllocEvent>>() == 72 + 8 * STACK_ARE
 const _: () = assert!(size_of::<heap_ledger::BlockKey>() == 16);
 const _: () = assert!(size_of::<heap_ledger::HeldBlock>() == 24);
 const _: () = assert!(size_of::<heap_ledger::HeapLive>() == 24);
+const _: () = assert!(size_of::<heap_ledger::RecentBlock>() == 40);
+const _: () = assert!(size_of::<heap_ledger::TracedProcess>() == 16);
 const _: () = assert!(size_of::<heap_ledger::StackTotals>() == 40);
 const _: () = assert!(size_of::<StackRecord<MapEvent>>() == 80 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<FaultEvent>>() == 24 + 8 * STACK_AREA_WORDS);
@@ -714,6 +773,8 @@ mod pod {
     unsafe impl aya::Pod for heap_ledger::HeldBlock {}
     unsafe impl aya::Pod for heap_ledger::StackTotals {}
     unsafe impl aya::Pod for heap_ledger::HeapLive {}
+    unsafe impl aya::Pod for heap_ledger::TracedProcess {}
+    unsafe impl aya::Pod for heap_ledger::RecentBlock {}
     unsafe impl aya::Pod for phase::ThreadPhases {}
     unsafe impl aya::Pod for phase::PhaseFrees {}
     unsafe impl aya::Pod for phase::PhasePredicate {}
@@ -730,5 +791,21 @@ mod sample_tests {
         assert_eq!(estimate(1000, 1 << 31), 2000, "p = 1/2");
         assert_eq!(estimate(1000, 1 << 24), 256_000, "p = 1/256");
         assert_eq!(estimate(u64::MAX, 1), u64::MAX, "saturated");
+    }
+}
+
+#[cfg(test)]
+mod recent_slot_tests {
+    use super::heap_ledger::*;
+
+    #[test]
+    fn recent_slots_are_a_sixteenth_of_the_ledger_a_power_of_two_and_capped() {
+        assert_eq!(recent_slots(16), 0, "under 32 blocks: none");
+        assert_eq!(recent_slots(31), 0);
+        assert_eq!(recent_slots(32), 2, "a pair at least");
+        assert_eq!(recent_slots(512), 32);
+        assert_eq!(recent_slots(1000), 32, "62 rounded down to a power of two");
+        assert_eq!(recent_slots(DEFAULT_BLOCKS), RECENT_SLOTS_MAX);
+        assert_eq!(recent_slots(u32::MAX), RECENT_SLOTS_MAX);
     }
 }

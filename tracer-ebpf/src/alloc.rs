@@ -126,10 +126,15 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
     // The kernel's heap ledger: a realloc that released its old block (moved, grew in place,
     // or freed it with size 0) releases it here if it is held here.
     let ledger = kind == CallKind::Heap && heap_ledger::enabled();
+    let process = if ledger {
+        heap_ledger::process(tgid)
+    } else {
+        None
+    };
     let releases_old = call.old_block != 0 && (done.addr != 0 || done.size == 0);
     let old_held = ledger
         && releases_old
-        && heap_ledger::release_reallocated(tgid, call.old_block) == Released::Kernel;
+        && heap_ledger::release_reallocated((tgid, process), call.old_block) == Released::Kernel;
     if ledger && call.old_block != 0 && !releases_old {
         // The realloc failed: its block stays as it was.
         heap_ledger::mark_reallocating(tgid, call.old_block, false);
@@ -169,7 +174,7 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
     if kind != CallKind::Heap || done.addr == 0 {
         emit_with_stack(record, start, StackBudget::Other);
     } else if ledger {
-        hold_or_emit(record, start);
+        hold_or_emit(record, start, process);
     } else {
         emit_with_stack(record, start, StackBudget::Heap);
     }
@@ -180,10 +185,14 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
 /// space the first time (and again while the ring has no room); through the ring as an event
 /// when the ledger is full.
 #[inline(always)]
-fn hold_or_emit(record: &mut StackRecord<AllocEvent>, start: StackStart) {
+fn hold_or_emit(
+    record: &mut StackRecord<AllocEvent>,
+    start: StackStart,
+    process: heap_ledger::Process,
+) {
     let bytes = capture(record, start, StackBudget::Heap);
     let ev = &mut record.event;
-    let generation = heap_ledger::generation(ev.tgid);
+    let generation = heap_ledger::generation(process);
     let covered = heap_ledger::key_frames(ev.tgid);
     let frames = (usize::from(ev.nframes), bytes);
     let key = heap_ledger::stack_key(
@@ -193,7 +202,7 @@ fn hold_or_emit(record: &mut StackRecord<AllocEvent>, start: StackStart) {
         frames,
         covered,
     );
-    let held = heap_ledger::hold(ev.tgid, generation, ev.addr, ev.size, (key, ev.phase));
+    let held = heap_ledger::hold((ev.tgid, process), ev.addr, ev.size, (key, ev.phase));
     if held != Held::Full && ev.origin != 0 {
         // A realloc of a block the kernel did not hold: its release goes to user space.
         emit_free(ev.tgid, ev.origin);

@@ -226,7 +226,16 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     if addr == 0 || (global(&HEAP_SAMPLE_MEAN) != 0 && !is_sampled(addr)) {
         return 0;
     }
-    if untraced_caller() || window_closed(heap_window::FREE) {
+    // The caller's process, looked up once: whether it is traced, and (kernel ledger) its
+    // image generation and heap share.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let ledger = heap_ledger::enabled();
+    let process = if ledger || global(&HEAP_SYSTEMWIDE) != 0 {
+        heap_ledger::process(tgid)
+    } else {
+        None
+    };
+    if (global(&HEAP_SYSTEMWIDE) != 0 && process.is_none()) || window_closed(heap_window::FREE) {
         return 0;
     }
     count_call();
@@ -240,9 +249,8 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     if !take_sampled(addr) {
         return 0; // a block that was not recorded
     }
-    let tgid = (key >> 32) as u32;
-    if heap_ledger::enabled() {
-        match heap_ledger::release(tgid, addr) {
+    if ledger {
+        match heap_ledger::release((tgid, process), addr) {
             Released::Kernel => return 0, // counted in the kernel's ledger
             Released::Unknown if !heap_ledger::ever_full() => {
                 // Nobody knows this block: an unmatched free, counted here.

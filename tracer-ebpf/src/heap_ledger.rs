@@ -1,13 +1,13 @@
 //! The kernel's heap ledger (exact `--heap` with frame-pointer heap stacks). Every heap block
-//! made while it is on is held here (`HELD_BLOCKS`: process and address → size, stack key, image
-//! generation) and counted in its stack's totals (`STACK_TOTALS`, keyed by a hash of the stack);
+//! made while it is on is held here (process and address → size, stack key, image generation;
+//! in a recent slot, `heap_recent.rs`, while one is free, else in `HELD_BLOCKS`) and counted in its stack's totals (`STACK_TOTALS`, keyed by a hash of the stack);
 //! its free is matched here. Such a call puts nothing in the ring: each stack goes to user space
 //! once (`event_kind::HEAP_STACK`), tried again at the stack's next block while the ring has no
 //! room, so a burst of new stacks delays names, never bytes. Failures and what the kernel could
 //! not hold (counted, `LEDGER_STATS`) go through the ring as events. No call rate outruns user
 //! space, which reads each stack's totals once a second. Holding every block, the kernel also
 //! keeps the heap's live bytes and peak at every call (`HEAP_LIVE`), and each process's share
-//! (`PROCESS_HEAP`), which an exec takes out. The accounting rules are the user-space ledger's
+//! (in its `TARGETS` value), which an exec takes out. The accounting rules are the user-space ledger's
 //! (`tracer/src/ledger/mod.rs`).
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
@@ -15,16 +15,16 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 use aya_ebpf::bindings::BPF_NOEXIST;
 use tracer_common::{
     MAX_FRAMES, StackArea, drop_cause,
-    heap_ledger::{BlockKey, HeldBlock, StackTotals},
+    heap_ledger::{BlockKey, HeldBlock, StackTotals, TracedProcess},
     ledger_stat,
     python::MAX_PY_FRAMES,
 };
 
 use crate::{
-    diag,
+    diag, heap_recent,
     maps::{
         HEAP_DUTY_CYCLED, HEAP_KERNEL_LEDGER, HEAP_LIVE, HELD_BLOCKS, KEY_FRAMES, LEDGER_STATS,
-        PROCESS_HEAP, STACK_TOTALS, TARGETS, global,
+        STACK_TOTALS, TARGETS, global,
     },
     stack::forget_value,
 };
@@ -50,11 +50,23 @@ pub fn enabled() -> bool {
     global(&HEAP_KERNEL_LEDGER) != 0
 }
 
-/// The image generation of process `tgid`: the execs seen since it was traced.
+/// Traced process `tgid` (`TARGETS`): looked up once per heap call, its image generation and
+/// heap share read and counted through it.
+pub type Process = Option<*mut TracedProcess>;
+
+/// Traced process `tgid`; None if it is not traced.
 #[inline(always)]
-pub fn generation(tgid: u32) -> u32 {
-    // SAFETY: a lookup of a plain value.
-    unsafe { TARGETS.get(tgid) }.copied().unwrap_or(0)
+pub fn process(tgid: u32) -> Process {
+    TARGETS.get_ptr_mut(tgid)
+}
+
+/// The image generation of `process` (0 if untraced).
+#[inline(always)]
+pub fn generation(process: Process) -> u32 {
+    // SAFETY: a map value, valid while this program runs.
+    process.map_or(0, |p| unsafe {
+        core::ptr::read_volatile(&raw const (*p).generation)
+    })
 }
 
 #[inline(always)]
@@ -165,19 +177,14 @@ pub fn count(stat: u32) {
     }
 }
 
-/// `size` bytes of process `tgid` became live (`grew`) or stopped being live: the heap's live
+/// `size` bytes of `process` became live (`grew`) or stopped being live: the heap's live
 /// bytes, its peak and the process's share follow.
 #[inline(always)]
-fn count_live(tgid: u32, size: u64, grew: bool) {
+fn count_live(process: Process, size: u64, grew: bool) {
     let n = if grew { size } else { size.wrapping_neg() };
-    match PROCESS_HEAP.get_ptr_mut(tgid) {
-        Some(share) => {
-            add(share, n);
-        }
-        None if grew => {
-            let _ = PROCESS_HEAP.insert(tgid, size, 0);
-        }
-        None => {}
+    if let Some(p) = process {
+        // SAFETY: a map value, valid while this program runs.
+        add(unsafe { &raw mut (*p).heap }, n);
     }
     let Some(heap) = HEAP_LIVE.get_ptr_mut(0) else {
         return;
@@ -196,15 +203,12 @@ fn count_live(tgid: u32, size: u64, grew: bool) {
     }
 }
 
-/// An exec replaced process `tgid`'s image: its heap went with the old address space.
+/// An exec replaced `process`'s image: its heap went with the old address space.
 #[inline(always)]
-pub fn forget_image(tgid: u32) {
-    let Some(share) = PROCESS_HEAP.get_ptr_mut(tgid) else {
-        return;
-    };
+pub fn forget_image(process: *mut TracedProcess) {
     // SAFETY: a map value, valid while this program runs; other threads of the process are
     // gone by the time its exec completes.
-    let bytes = unsafe { core::ptr::replace(share, 0) };
+    let bytes = unsafe { core::ptr::replace(&raw mut (*process).heap, 0) };
     if let Some(heap) = HEAP_LIVE.get_ptr_mut(0) {
         // SAFETY: the map's one value, valid while this program runs.
         add(unsafe { &raw mut (*heap).live }, bytes.wrapping_neg());
@@ -234,14 +238,14 @@ pub enum Released {
     Unknown,
 }
 
-/// A block `tgid` releases: it leaves the live bytes and its stack's totals.
+/// A block `process` releases: it leaves the live bytes and its stack's totals.
 #[inline(always)]
-fn end_block(tgid: u32, block: &HeldBlock) -> Released {
-    if block.generation != generation(tgid) {
+fn end_block(process: Process, block: &HeldBlock) -> Released {
+    if block.generation != generation(process) {
         // The old image's block, gone with it at the exec.
         return Released::Unknown;
     }
-    count_live(tgid, block.size, false);
+    count_live(process, block.size, false);
     count_freed(block);
     crate::phase::count_free(u32::from(block.phase), block.size);
     Released::Kernel
@@ -249,24 +253,32 @@ fn end_block(tgid: u32, block: &HeldBlock) -> Released {
 
 /// A release of the block at `addr` by `tgid` (free, realloc's old block).
 #[inline(always)]
-pub fn release(tgid: u32, addr: u64) -> Released {
+pub fn release((tgid, process): (u32, Process), addr: u64) -> Released {
     let key = BlockKey {
         tgid,
         _pad: 0,
         addr,
     };
+    if heap_recent::enabled()
+        && let Some(block) = heap_recent::take(tgid, addr, false)
+    {
+        return end_block(process, &block);
+    }
     // SAFETY: a lookup of a plain value.
     let Some(block) = (unsafe { HELD_BLOCKS.get(&key) }).copied() else {
         return Released::Unknown;
     };
     let _ = HELD_BLOCKS.remove(&key);
-    end_block(tgid, &block)
+    end_block(process, &block)
 }
 
 /// A realloc of the block at `addr` by `tgid` begins: until it returns, an allocation of the
 /// same address by another thread is the realloc's release, seen early (not a missed free).
 #[inline(always)]
 pub fn mark_reallocating(tgid: u32, addr: u64, reallocating: bool) {
+    if heap_recent::enabled() && heap_recent::mark_reallocating(tgid, addr, reallocating) {
+        return;
+    }
     let key = BlockKey {
         tgid,
         _pad: 0,
@@ -284,7 +296,12 @@ pub fn mark_reallocating(tgid: u32, addr: u64, reallocating: bool) {
 /// the one the realloc was given. When another thread's allocation took the address in between,
 /// it already counted this block freed, and the block now held there is that thread's.
 #[inline(always)]
-pub fn release_reallocated(tgid: u32, addr: u64) -> Released {
+pub fn release_reallocated((tgid, process): (u32, Process), addr: u64) -> Released {
+    if heap_recent::enabled()
+        && let Some(block) = heap_recent::take(tgid, addr, true)
+    {
+        return end_block(process, &block);
+    }
     let key = BlockKey {
         tgid,
         _pad: 0,
@@ -294,7 +311,7 @@ pub fn release_reallocated(tgid: u32, addr: u64) -> Released {
     match unsafe { HELD_BLOCKS.get(&key) }.copied() {
         Some(block) if block.reallocating != 0 => {
             let _ = HELD_BLOCKS.remove(&key);
-            end_block(tgid, &block)
+            end_block(process, &block)
         }
         _ => Released::Unknown,
     }
@@ -340,45 +357,26 @@ fn totals_of(tgid: u32, key: u64) -> Option<*mut StackTotals> {
 /// A successful allocation of `size` bytes at `addr` by `tgid` (image `generation`), at the
 /// stack with `key`, in `phase`.
 #[inline(always)]
-pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, (key, phase): (u64, u32)) -> Held {
+pub fn hold(
+    (tgid, process): (u32, Process),
+    addr: u64,
+    size: u64,
+    (key, phase): (u64, u32),
+) -> Held {
     let Some(totals) = totals_of(tgid, key) else {
         return Held::Full;
-    };
-    let block_key = BlockKey {
-        tgid,
-        _pad: 0,
-        addr,
     };
     let block = HeldBlock {
         size,
         stack_key: key,
-        generation,
+        generation: generation(process),
         reallocating: 0,
         phase: phase as u16,
     };
-    if let Err(e) = HELD_BLOCKS.insert(&block_key, &block, u64::from(BPF_NOEXIST)) {
-        if e != -EEXIST {
-            return full();
-        }
-        // A block still live at this address: a realloc in flight freed it inside (counted
-        // freed here, before that realloc returns), or its free was not seen (or it belonged
-        // to an exec'd image).
-        // SAFETY: a lookup of a plain value.
-        if let Some(old) = unsafe { HELD_BLOCKS.get(&block_key) }.copied()
-            && end_block(tgid, &old) == Released::Kernel
-            && old.reallocating == 0
-        {
-            if global(&HEAP_DUTY_CYCLED) != 0 {
-                count(ledger_stat::FREED_UNSEEN);
-            } else {
-                diag::lost(drop_cause::MISSED_FREE, "held heap block");
-            }
-        }
-        if HELD_BLOCKS.insert(&block_key, &block, 0).is_err() {
-            return full();
-        }
+    if !keep((tgid, process), addr, &block) {
+        return full();
     }
-    count_live(tgid, size, true);
+    count_live(process, size, true);
     // SAFETY: a map value, valid while this program runs.
     unsafe {
         add(&raw mut (*totals).allocated_bytes, size);
@@ -388,6 +386,62 @@ pub fn hold(tgid: u32, generation: u32, addr: u64, size: u64, (key, phase): (u64
         }
     }
     Held::Yes
+}
+
+/// Keeps `block`, made at `addr` by `tgid`: in a recent slot (`heap_recent`) when one is
+/// free, else in `HELD_BLOCKS`; false if neither had room. A block still held at the same
+/// address is ended first.
+#[inline(always)]
+fn keep((tgid, process): (u32, Process), addr: u64, block: &HeldBlock) -> bool {
+    let key = BlockKey {
+        tgid,
+        _pad: 0,
+        addr,
+    };
+    if heap_recent::enabled() {
+        // One table holds a block at a time: one still held at this address in the hash
+        // table is ended before this one goes into a slot (the insert below would find it).
+        // SAFETY: a lookup of a plain value.
+        if let Some(old) = unsafe { HELD_BLOCKS.get(&key) }.copied() {
+            let _ = HELD_BLOCKS.remove(&key);
+            replaced(process, &old);
+        }
+        match heap_recent::put(tgid, addr, block) {
+            heap_recent::Put::Kept => return true,
+            heap_recent::Put::Replaced(old) => {
+                replaced(process, &old);
+                return true;
+            }
+            heap_recent::Put::NoRoom => {}
+        }
+    }
+    if let Err(e) = HELD_BLOCKS.insert(&key, block, u64::from(BPF_NOEXIST)) {
+        if e != -EEXIST {
+            return false;
+        }
+        // SAFETY: a lookup of a plain value.
+        if let Some(old) = unsafe { HELD_BLOCKS.get(&key) }.copied() {
+            replaced(process, &old);
+        }
+        if HELD_BLOCKS.insert(&key, block, 0).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// `old` was still held at the address a new block of `process` was made at: a realloc in
+/// flight freed it inside (counted freed here, before that realloc returns), or its free was
+/// not seen (or it belonged to an exec'd image).
+#[inline(always)]
+fn replaced(process: Process, old: &HeldBlock) {
+    if end_block(process, old) == Released::Kernel && old.reallocating == 0 {
+        if global(&HEAP_DUTY_CYCLED) != 0 {
+            count(ledger_stat::FREED_UNSEEN);
+        } else {
+            diag::lost(drop_cause::MISSED_FREE, "held heap block");
+        }
+    }
 }
 
 /// The stack with `key` reached user space: its next blocks need not send it again.

@@ -2,9 +2,10 @@
 //! memory syscalls, the process tree and page faults.
 //!
 //! Allocation entries save their arguments per thread; the matching return emits one event with
-//! the result and the user stack. Frees emit at entry. Nested calls (glibc's realloc calls malloc
-//! and free itself) are folded into the outer call. Nothing is aggregated here: user space keeps
-//! the ledger, so the kernel side stays a few map operations per call.
+//! the result and the user stack, or, for the heap with the kernel's heap ledger, holds the
+//! block and counts it per stack here (`heap_ledger`). Frees emit at entry, or are matched in
+//! the ledger. Nested calls (glibc's realloc calls malloc and free itself) are folded into the
+//! outer call.
 //!
 //! One module a concern; the programs (`#[uprobe]`, `#[tracepoint]`, ...) are exported under
 //! their function names, which user space loads them by (`alloctrace::hooks`).
@@ -28,6 +29,8 @@ mod faults;
 mod heap;
 /// The kernel's heap ledger: blocks with known stacks held and counted in the kernel.
 mod heap_ledger;
+/// The heap ledger's recent blocks: a direct-mapped table where young blocks live and die.
+mod heap_recent;
 /// In-flight call slots: claim, enter, leave.
 mod inflight;
 /// Every map and load-time global.

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use tracer_common::{
     AllocEvent, CudaCallEvent, CudaCallSlot, FaultEvent, INFLIGHT_SLOTS, InflightCall, MapEvent,
     StackRecord, SyscallArgs, TorchEvent, drop_cause, heap_ledger,
-    heap_ledger::{BlockKey, HeapLive, HeldBlock, StackTotals},
+    heap_ledger::{BlockKey, HeapLive, HeldBlock, RecentBlock, StackTotals, TracedProcess},
     heap_sample, heap_window, ledger_stat,
     phase::{self, PhaseFrees, PhasePredicate, ThreadPhases},
     python::PythonOffsets,
@@ -71,11 +71,11 @@ pub static TORCH_SCRATCH: Array<StackRecord<TorchEvent>> =
 pub static FAULT_SCRATCH: Array<StackRecord<FaultEvent>> =
     Array::with_max_entries(SCRATCH_SLOTS, 0);
 
-/// Processes whose memory syscalls are traced (tgid → 1 + the execs seen since traced: the
-/// image generation, which the heap ledger's stack keys include). Tracepoints fire for every process on
-/// the machine; this filter is their first instruction.
+/// Traced processes, by tgid: their image generation and heap share (`TracedProcess`).
+/// Tracepoints fire for every process on the machine; this filter is their first instruction.
+/// User space only inserts (never over an entry); the kernel writes the values.
 #[map]
-pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+pub static TARGETS: HashMap<u32, TracedProcess> = HashMap::with_max_entries(4096, 0);
 
 /// Arguments of memory syscalls in flight, by `pid_tgid`.
 #[map]
@@ -114,6 +114,12 @@ pub static SAMPLED: HashMap<BlockKey, u32> = HashMap::with_max_entries(1 << 18, 
 pub static HELD_BLOCKS: HashMap<BlockKey, HeldBlock> =
     HashMap::with_max_entries(heap_ledger::DEFAULT_BLOCKS, BPF_F_NO_PREALLOC);
 
+/// The kernel's heap ledger's recent blocks (`heap_recent.rs`): a direct-mapped table by
+/// process and address. Sized by user space (`heap_ledger::recent_slots`; 1 entry when
+/// unused).
+#[map]
+pub static RECENT_BLOCKS: Array<RecentBlock> = Array::with_max_entries(1, 0);
+
 /// The kernel's heap ledger: what was allocated and freed per stack key, for the stacks user
 /// space was sent. User space reads it once a second and removes a process image's keys when
 /// the image goes (exec).
@@ -131,11 +137,6 @@ pub static KEY_FRAMES: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 /// (one entry).
 #[map]
 pub static HEAP_LIVE: Array<HeapLive> = Array::with_max_entries(1, 0);
-
-/// The kernel's heap ledger: live heap bytes per process (tgid), taken from `HEAP_LIVE` when
-/// an exec ends the process's image.
-#[map]
-pub static PROCESS_HEAP: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
 
 /// Duty-cycled heap: whether the allocation and free probes' windows are open, by
 /// `heap_window` (user space writes it).
@@ -224,6 +225,10 @@ pub static HEAP_SYSTEMWIDE: u32 = 0;
 /// (`heap_ledger.rs`): exact heap tracing with frame-pointer heap stacks.
 #[unsafe(no_mangle)]
 pub static HEAP_KERNEL_LEDGER: u32 = 0;
+
+/// Slots of `RECENT_BLOCKS`: a power of two, 0 when the kernel keeps no recent blocks.
+#[unsafe(no_mangle)]
+pub static HEAP_RECENT_SLOTS: u32 = 0;
 
 /// 1: the heap probes are attached in windows (duty-cycled heap): a held block found live at an
 /// address allocated again was freed while the probes were off.

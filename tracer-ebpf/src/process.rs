@@ -4,7 +4,7 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
-use tracer_common::{ProcEvent, drop_cause, event_kind, proc_op};
+use tracer_common::{ProcEvent, drop_cause, event_kind, heap_ledger::TracedProcess, proc_op};
 
 use crate::{
     diag, heap_ledger,
@@ -50,7 +50,7 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     if child == 0 || flags & CLONE_THREAD != 0 {
         return 0;
     }
-    if TARGETS.insert(child, 1, 0).is_err() {
+    if TARGETS.insert(child, TracedProcess::NEW, 0).is_err() {
         diag::lost(drop_cause::INFLIGHT_BUSY, "new process");
     }
     emit_proc(proc_op::FORK, child, parent);
@@ -61,12 +61,12 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if let Some(generation) = TARGETS.get_ptr_mut(pid) {
+    if let Some(process) = TARGETS.get_ptr_mut(pid) {
         // A new image: the heap ledger's stack keys change with it, the old image's heap is
         // gone.
         // SAFETY: a map value, valid while this program runs.
-        unsafe { *generation += 1 };
-        heap_ledger::forget_image(pid);
+        unsafe { (*process).generation += 1 };
+        heap_ledger::forget_image(process);
         emit_proc(proc_op::EXEC, pid, 0);
     }
     0

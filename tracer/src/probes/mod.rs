@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as AyaHashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         ProgramError, TracePoint, UProbe,
         trace_point::{TracePointLink, TracePointLinkId},
@@ -23,7 +23,7 @@ use aya::{
 };
 use tracer_common::{
     Cookie, HeapFn, drop_cause, global,
-    heap_ledger::{HeapLive, StackTotals},
+    heap_ledger::{HeapLive, StackTotals, TracedProcess},
     heap_window, ledger_stat,
     phase::{self, PhaseFrees},
     stack_stat,
@@ -38,6 +38,9 @@ use crate::{
     ledger::kernel_heap::KernelTotals,
     session::phases::ResolvedRule,
 };
+
+/// A map update's flag: only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
 
 /// The compiled eBPF object (built by build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -101,7 +104,7 @@ pub struct ProbeConfig {
 
 impl ProbeConfig {
     /// The object's load-time globals (`tracer_common::global`) for this configuration.
-    fn globals(&self) -> [(&'static str, u32); 11] {
+    fn globals(&self) -> [(&'static str, u32); 12] {
         [
             (global::FOLLOW_CHILDREN, u32::from(self.follow_children)),
             (global::FAULT_SAMPLE, self.fault_sample),
@@ -117,6 +120,10 @@ impl ProbeConfig {
                 u32::from(self.heap_ledger_blocks > 0),
             ),
             (global::HEAP_DUTY_CYCLED, u32::from(self.heap_duty_cycled)),
+            (
+                global::HEAP_RECENT_SLOTS,
+                tracer_common::heap_ledger::recent_slots(self.heap_ledger_blocks),
+            ),
         ]
     }
 
@@ -560,6 +567,7 @@ impl Probes {
             .map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?
             as u32;
         let globals = config.globals();
+        let recent_slots = tracer_common::heap_ledger::recent_slots(config.heap_ledger_blocks);
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries("EVENTS", config.ring_bytes)
@@ -577,8 +585,13 @@ impl Probes {
                     1
                 },
             )
-            // The kernel's heap ledger, allocated as it fills.
-            .map_max_entries("HELD_BLOCKS", config.heap_ledger_blocks.max(1))
+            // The kernel's heap ledger: the recent blocks' slots (preallocated, 2.5 MiB at
+            // most), the hash table the rest (allocated as it fills).
+            .map_max_entries("RECENT_BLOCKS", recent_slots.max(1))
+            .map_max_entries(
+                "HELD_BLOCKS",
+                (config.heap_ledger_blocks - recent_slots).max(1),
+            )
             .map_max_entries(
                 "STACK_TOTALS",
                 if config.heap_ledger_blocks > 0 {
@@ -1029,9 +1042,15 @@ impl Probes {
                 .ebpf
                 .map_mut("TARGETS")
                 .ok_or_else(|| ProbeError::Load("TARGETS map missing".into()))?;
-            let mut targets: AyaHashMap<&mut MapData, u32, u32> =
+            let mut targets: AyaHashMap<&mut MapData, u32, TracedProcess> =
                 AyaHashMap::try_from(map).map_err(|e| load_err(&e))?;
-            targets.insert(pid, 1, 0).map_err(|e| load_err(&e))?;
+            // Never over an entry: the kernel writes the values (a followed child's, before
+            // user space hears of it), and would lose what it counted since.
+            match targets.insert(pid, TracedProcess::NEW, BPF_NOEXIST) {
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                other => other.map_err(|e| load_err(&e))?,
+            }
         }
         if self.mappings_attached {
             return Ok(());

@@ -353,6 +353,75 @@ fn a_full_kernel_ledger_sends_blocks_through_the_ring_and_stays_exact() {
     );
 }
 
+/// Small kernel ledgers: the blocks live at once fill the recent slots, then the hash table,
+/// then go through the ring; blocks freed by another thread, and reallocated ones, are found
+/// wherever they are held, and every figure stays exact (the peak, once blocks went through the
+/// ring, is the higher of the kernel's and user space's, as docs/accounting.md says).
+#[test]
+fn recent_slots_hash_table_and_ring_together_stay_exact() {
+    require_privileges!();
+    // 512 blocks: 32 recent slots, 480 in the hash table.
+    let small = ["--heap-ledger-blocks", "512"];
+    // 500 blocks of 128 bytes live at once (slots and hash table), then 2000 pairs.
+    let r = Session::run_scenario("churn", "attach", &small).stop(libc::SIGINT);
+    r.assert_cell("churn_batch_alloc", all_freed(500, 128));
+    r.assert_totals(Totals {
+        live_bytes: 0,
+        live_count: 0,
+        peak_bytes: 64_000,
+        allocated_bytes: 272_000,
+        allocated_count: 2500,
+        freed_count: 2500,
+    });
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+    // Realloc chains: the old block released wherever it is held.
+    let r = Session::run_scenario("realloc", "attach", &small).stop(libc::SIGINT);
+    r.assert_cell("chain_start", all_freed(8, 24));
+    r.assert_cell("chain_in_place", all_freed(8, 20));
+    r.assert_cell("chain_final", all_live(8, 250_000));
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+    // 1000 blocks live at once, freed by another thread: 128 slots and the hash table.
+    let r = Session::run_scenario("xthread", "attach", &["--heap-ledger-blocks", "2048"])
+        .stop(libc::SIGINT);
+    r.assert_cell("xthread_alloc", all_freed(1000, 72));
+    r.assert_totals(Totals {
+        live_bytes: 0,
+        live_count: 0,
+        peak_bytes: 72_000,
+        allocated_bytes: 72_000,
+        allocated_count: 1000,
+        freed_count: 1000,
+    });
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+    // 8 threads leaking 8000 blocks: past the 512 the kernel holds, through the ring.
+    let r = Session::run_scenario("threads", "attach", &small).stop(libc::SIGINT);
+    r.assert_cell("thread_leak", all_live(8000, 40));
+    let heap = &r.totals["heap"];
+    assert_eq!(
+        (
+            heap.live_bytes,
+            heap.live_count,
+            heap.allocated_count,
+            heap.freed_count
+        ),
+        (320_000, 8000, 8000, 0),
+        "{}",
+        r.summary()
+    );
+    assert!(
+        (7488 * 40..=320_000).contains(&heap.peak_bytes),
+        "the peak is user space's part at least\n{}",
+        r.summary()
+    );
+    let capture = r.stack_capture.as_ref().expect("stack capture figures");
+    assert!(capture.kernel_heap_full > 0, "{}", r.summary());
+    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
+    r.assert_no_lost_events();
+}
+
 /// A duty-cycled heap (`--heap-duty`): the heap probes attached a fifth of the time, in
 /// windows of 0.2 s with 0.3 s of grace. A server leaking 512 bytes per request at 1000
 /// requests a second is found from the windows alone: every block remember_request made in a
