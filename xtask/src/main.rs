@@ -595,23 +595,35 @@ fn deep_stacks(
     )
 }
 
-/// The venv with torch and transformers (`target/bench-venv`), made when absent: its Python,
-/// or None (said) when it cannot be made here.
+/// The torch and transformers the PyTorch loop runs on, pinned: a newer torch serves the same
+/// requests with another call rate, and figures of different versions do not compare (torch
+/// 2.11 is the GPU node's, issue 11).
+const TORCH: &str = "2.11.0";
+const TRANSFORMERS: &str = "5.24.0";
+
+/// The venv with the pinned torch and transformers (`target/bench-venv`), made (or brought to
+/// the pins) when it has other versions: its Python, or None (said) when it cannot be made here.
 fn torch_python(root: &Path) -> Option<PathBuf> {
     let venv = root.join("target/bench-venv");
     let python = venv.join("bin/python");
     let has_torch = |python: &Path| {
+        let check = format!(
+            "import torch, transformers; \
+             assert torch.__version__.split('+')[0] == '{TORCH}', torch.__version__; \
+             assert transformers.__version__ == '{TRANSFORMERS}', transformers.__version__"
+        );
         Command::new(python)
-            .args(["-c", "import torch, transformers"])
+            .args(["-c", &check])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     };
     if has_torch(&python) {
+        println!("\nPyTorch serving loop: torch {TORCH}, transformers {TRANSFORMERS}");
         return Some(python);
     }
     println!(
-        "\nPyTorch serving loop: installing torch and transformers into {} ...",
+        "\nPyTorch serving loop: installing torch {TORCH} and transformers {TRANSFORMERS} into {} ...",
         venv.display()
     );
     let made = run_ok(Command::new("python3").arg("-m").arg("venv").arg(&venv)).is_ok()
@@ -620,8 +632,8 @@ fn torch_python(root: &Path) -> Option<PathBuf> {
             "pip",
             "install",
             "-q",
-            "torch",
-            "transformers",
+            &format!("torch=={TORCH}"),
+            &format!("transformers=={TRANSFORMERS}"),
         ]))
         .is_ok();
     if made && has_torch(&python) {
