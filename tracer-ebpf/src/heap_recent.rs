@@ -145,10 +145,10 @@ pub fn put(tgid: u32, addr: u64, block: &HeldBlock) -> Put {
     }
 }
 
-/// Takes the block at `addr` of `tgid` out, if it is here (and, with `reallocating_only`,
-/// marked reallocating).
+/// The slot holding the block at `addr` of `tgid`, claimed (the caller hands it on); None if
+/// it is not here.
 #[inline(always)]
-pub fn take(tgid: u32, addr: u64, reallocating_only: bool) -> Option<HeldBlock> {
+fn claim_mine(tgid: u32, addr: u64) -> Option<*mut RecentBlock> {
     let first = first_slot(tgid, addr);
     for i in 0..2 {
         let Some(slot) = RECENT_BLOCKS.get_ptr_mut(first | i) else {
@@ -157,37 +157,38 @@ pub fn take(tgid: u32, addr: u64, reallocating_only: bool) -> Option<HeldBlock> 
         if !claim_block(slot, addr) {
             continue;
         }
-        let (here, block) = read(slot);
-        if here == tgid && (!reallocating_only || block.reallocating != 0) {
-            hand_on(slot, RECENT_EMPTY);
-            return Some(block);
+        if read(slot).0 == tgid {
+            return Some(slot);
         }
+        // Another process's block at the same address.
         hand_on(slot, addr);
     }
     None
 }
 
+/// Takes the block at `addr` of `tgid` out, if it is here (and, with `reallocating_only`,
+/// marked reallocating).
+#[inline(always)]
+pub fn take(tgid: u32, addr: u64, reallocating_only: bool) -> Option<HeldBlock> {
+    let slot = claim_mine(tgid, addr)?;
+    let (_, block) = read(slot);
+    if reallocating_only && block.reallocating == 0 {
+        hand_on(slot, addr);
+        return None;
+    }
+    hand_on(slot, RECENT_EMPTY);
+    Some(block)
+}
+
 /// Marks the block at `addr` of `tgid` as being reallocated (or no longer); whether it is here.
 #[inline(always)]
 pub fn mark_reallocating(tgid: u32, addr: u64, reallocating: bool) -> bool {
-    let first = first_slot(tgid, addr);
-    for i in 0..2 {
-        let Some(slot) = RECENT_BLOCKS.get_ptr_mut(first | i) else {
-            continue;
-        };
-        if !claim_block(slot, addr) {
-            continue;
-        }
-        let (here, mut block) = read(slot);
-        let mine = here == tgid;
-        if mine {
-            block.reallocating = u16::from(reallocating);
-            write(slot, tgid, &block);
-        }
-        hand_on(slot, addr);
-        if mine {
-            return true;
-        }
-    }
-    false
+    let Some(slot) = claim_mine(tgid, addr) else {
+        return false;
+    };
+    let (_, mut block) = read(slot);
+    block.reallocating = u16::from(reallocating);
+    write(slot, tgid, &block);
+    hand_on(slot, addr);
+    true
 }
