@@ -189,9 +189,10 @@ struct RecordArgs {
     /// Overwrite FILE if it exists.
     #[arg(short, long)]
     force: bool,
-    /// Ring buffer size in MiB (power of two). Raise it if lost_events shows ringbuf_full.
-    #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = parse_ring_mib)]
-    ring_size: u32,
+    /// Ring buffer size in MiB (power of two; 16 with --heap, 8 without). Raise it if
+    /// lost_events shows ringbuf_full.
+    #[arg(long, value_name = "MIB", value_parser = parse_ring_mib)]
+    ring_size: Option<u32>,
     /// Also trace the C allocator (malloc, free and friends) with uprobes: exact live heap by
     /// stack, at the price of a uprobe trap per call (see docs/performance.md). Without it,
     /// only mappings and the program break are traced, with tracepoints: cheap enough for
@@ -424,6 +425,15 @@ fn parse_class(s: &str) -> Result<Class, String> {
     })
 }
 
+/// The ring's default size in MiB. The recorder maps its pages twice (so that a record
+/// wrapping the end reads as one), and its resident size counts both: 32 MB of a 16 MiB ring.
+/// Without the heap probes the events are mappings, CUDA and PyTorch allocator calls and
+/// sampled faults, drained every 10 ms: 8 MiB holds tens of thousands of them (what a full
+/// ring loses is counted, `ringbuf_full`).
+fn default_ring_mib(heap: bool) -> u32 {
+    if heap { 16 } else { 8 }
+}
+
 fn parse_ring_mib(s: &str) -> Result<u32, String> {
     let mib: u32 = s
         .parse()
@@ -551,7 +561,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
         force: args.force,
         duration: args.duration,
         probes: ProbeConfig {
-            ring_bytes: args.ring_size << 20,
+            ring_bytes: args.ring_size.unwrap_or(default_ring_mib(args.heap)) << 20,
             floor: args.probe_floor,
             follow_children: !args.no_follow_children,
             fault_sample: args.fault_sample,
