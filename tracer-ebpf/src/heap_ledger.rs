@@ -259,16 +259,18 @@ pub fn release((tgid, process): (u32, Process), addr: u64) -> Released {
         _pad: 0,
         addr,
     };
-    if heap_recent::enabled()
-        && let Some(block) = heap_recent::take(tgid, addr, false)
-    {
-        return end_block(process, &block);
-    }
-    // SAFETY: a lookup of a plain value.
-    let Some(block) = (unsafe { HELD_BLOCKS.get(&key) }).copied() else {
-        return Released::Unknown;
+    // One `end_block` call site, wherever the block was: the verifier walks it once.
+    let block = match recent_block(tgid, addr, false) {
+        Some(block) => block,
+        None => {
+            // SAFETY: a lookup of a plain value.
+            let Some(block) = (unsafe { HELD_BLOCKS.get(&key) }).copied() else {
+                return Released::Unknown;
+            };
+            let _ = HELD_BLOCKS.remove(&key);
+            block
+        }
     };
-    let _ = HELD_BLOCKS.remove(&key);
     end_block(process, &block)
 }
 
@@ -297,24 +299,33 @@ pub fn mark_reallocating(tgid: u32, addr: u64, reallocating: bool) {
 /// it already counted this block freed, and the block now held there is that thread's.
 #[inline(always)]
 pub fn release_reallocated((tgid, process): (u32, Process), addr: u64) -> Released {
-    if heap_recent::enabled()
-        && let Some(block) = heap_recent::take(tgid, addr, true)
-    {
-        return end_block(process, &block);
-    }
     let key = BlockKey {
         tgid,
         _pad: 0,
         addr,
     };
-    // SAFETY: a lookup of a plain value.
-    match unsafe { HELD_BLOCKS.get(&key) }.copied() {
-        Some(block) if block.reallocating != 0 => {
-            let _ = HELD_BLOCKS.remove(&key);
-            end_block(process, &block)
-        }
-        _ => Released::Unknown,
+    let block = match recent_block(tgid, addr, true) {
+        Some(block) => block,
+        // SAFETY: a lookup of a plain value.
+        None => match unsafe { HELD_BLOCKS.get(&key) }.copied() {
+            Some(block) if block.reallocating != 0 => {
+                let _ = HELD_BLOCKS.remove(&key);
+                block
+            }
+            _ => return Released::Unknown,
+        },
+    };
+    end_block(process, &block)
+}
+
+/// The block at `addr` of `tgid` taken out of its recent slot, if it is in one (and, with
+/// `reallocating_only`, marked reallocating).
+#[inline(always)]
+fn recent_block(tgid: u32, addr: u64, reallocating_only: bool) -> Option<HeldBlock> {
+    if !heap_recent::enabled() {
+        return None;
     }
+    heap_recent::take(tgid, addr, reallocating_only)
 }
 
 /// What `hold` did with a block.
@@ -398,36 +409,47 @@ fn keep((tgid, process): (u32, Process), addr: u64, block: &HeldBlock) -> bool {
         _pad: 0,
         addr,
     };
+    // The older block still held at this address, ended once below: one call site, so that
+    // the verifier walks its accounting (and, with `--debug-bpf`, its log) once.
+    let mut old = None;
+    let mut kept = false;
     if heap_recent::enabled() {
-        // One table holds a block at a time: one still held at this address in the hash
-        // table is ended before this one goes into a slot (the insert below would find it).
-        // SAFETY: a lookup of a plain value.
-        if let Some(old) = unsafe { HELD_BLOCKS.get(&key) }.copied() {
-            let _ = HELD_BLOCKS.remove(&key);
-            replaced(process, &old);
-        }
         match heap_recent::put(tgid, addr, block) {
-            heap_recent::Put::Kept => return true,
-            heap_recent::Put::Replaced(old) => {
-                replaced(process, &old);
-                return true;
+            heap_recent::Put::Kept => {
+                kept = true;
+                // One table holds a block at a time: one still held at this address in the
+                // hash table is ended, as the hash table's insert would have found it.
+                // SAFETY: a lookup of a plain value.
+                if let Some(held) = unsafe { HELD_BLOCKS.get(&key) }.copied() {
+                    let _ = HELD_BLOCKS.remove(&key);
+                    old = Some(held);
+                }
+            }
+            // The slot held the older block: the hash table does not.
+            heap_recent::Put::Replaced(in_slot) => {
+                kept = true;
+                old = Some(in_slot);
             }
             heap_recent::Put::NoRoom => {}
         }
     }
-    if let Err(e) = HELD_BLOCKS.insert(&key, block, u64::from(BPF_NOEXIST)) {
-        if e != -EEXIST {
-            return false;
-        }
-        // SAFETY: a lookup of a plain value.
-        if let Some(old) = unsafe { HELD_BLOCKS.get(&key) }.copied() {
-            replaced(process, &old);
-        }
-        if HELD_BLOCKS.insert(&key, block, 0).is_err() {
-            return false;
-        }
+    if !kept {
+        kept = match HELD_BLOCKS.insert(&key, block, u64::from(BPF_NOEXIST)) {
+            Ok(()) => true,
+            Err(e) if e == -EEXIST => {
+                // SAFETY: a lookup of a plain value.
+                if let Some(held) = unsafe { HELD_BLOCKS.get(&key) }.copied() {
+                    old = Some(held);
+                }
+                HELD_BLOCKS.insert(&key, block, 0).is_ok()
+            }
+            Err(_) => false,
+        };
     }
-    true
+    if let Some(old) = old {
+        replaced(process, &old);
+    }
+    kept
 }
 
 /// `old` was still held at the address a new block of `process` was made at: a realloc in

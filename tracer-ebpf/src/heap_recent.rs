@@ -11,8 +11,11 @@
 //! by a compare-and-exchange of `owner` to `RECENT_BUSY`, and hands it on by an exchange to the
 //! new owner: both are fully ordered, and every access to the fields between them is volatile
 //! (kept in program order by the compiler), so whoever claims the slot next sees the fields as
-//! they were written. A slot another program holds is tried again a few times, never waited
-//! for.
+//! they were written. A slot another program holds is tried once more, never waited for.
+//!
+//! `put`, `take` and `mark_reallocating` are BPF subprograms (`#[inline(never)]`): inlined at
+//! their call sites in the allocation return, their branches multiplied the verifier's states
+//! past its limit of a million instructions once `--debug-bpf` adds its log sites.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg};
 
@@ -55,10 +58,10 @@ fn claim(slot: *mut RecentBlock, seen: u64) -> bool {
 }
 
 /// Claims `slot` if it holds a block at `addr`. A slot another program holds (to look at its
-/// process, or to fill it) is tried again a few times: it is handed on a few instructions later.
+/// process, or to fill it) is tried once more: it is handed on a few instructions later.
 #[inline(always)]
 fn claim_block(slot: *mut RecentBlock, addr: u64) -> bool {
-    for _ in 0..4 {
+    for _ in 0..2 {
         let seen = owner(slot);
         if seen == addr {
             if claim(slot, addr) {
@@ -113,7 +116,7 @@ pub enum Put {
 
 /// Keeps `block`, made at `addr` by `tgid`, here if one of its slots is empty or holds the
 /// block it replaces.
-#[inline(always)]
+#[inline(never)]
 pub fn put(tgid: u32, addr: u64, block: &HeldBlock) -> Put {
     let first = first_slot(tgid, addr);
     // The empty slot, by its offset from the first (2: none).
@@ -168,7 +171,7 @@ fn claim_mine(tgid: u32, addr: u64) -> Option<*mut RecentBlock> {
 
 /// Takes the block at `addr` of `tgid` out, if it is here (and, with `reallocating_only`,
 /// marked reallocating).
-#[inline(always)]
+#[inline(never)]
 pub fn take(tgid: u32, addr: u64, reallocating_only: bool) -> Option<HeldBlock> {
     let slot = claim_mine(tgid, addr)?;
     let (_, block) = read(slot);
@@ -181,7 +184,7 @@ pub fn take(tgid: u32, addr: u64, reallocating_only: bool) -> Option<HeldBlock> 
 }
 
 /// Marks the block at `addr` of `tgid` as being reallocated (or no longer); whether it is here.
-#[inline(always)]
+#[inline(never)]
 pub fn mark_reallocating(tgid: u32, addr: u64, reallocating: bool) -> bool {
     let Some(slot) = claim_mine(tgid, addr) else {
         return false;
