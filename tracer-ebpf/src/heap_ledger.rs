@@ -1,14 +1,15 @@
 //! The kernel's heap ledger (exact `--heap` with frame-pointer heap stacks). Every heap block
 //! made while it is on is held here (process and address → size, stack key, image generation;
-//! in a recent slot, `heap_recent.rs`, while one is free, else in `HELD_BLOCKS`) and counted in its stack's totals (`STACK_TOTALS`, keyed by a hash of the stack);
-//! its free is matched here. Such a call puts nothing in the ring: each stack goes to user space
-//! once (`event_kind::HEAP_STACK`), tried again at the stack's next block while the ring has no
-//! room, so a burst of new stacks delays names, never bytes. Failures and what the kernel could
-//! not hold (counted, `LEDGER_STATS`) go through the ring as events. No call rate outruns user
+//! in a recent slot, `heap_recent.rs`, while one is free, else in `HELD_BLOCKS`) and counted in
+//! its stack's totals (`STACK_TOTALS`, keyed by a hash of the stack); its free is matched here.
+//! Such a call puts nothing in the ring: each stack goes to user space once
+//! (`event_kind::HEAP_STACK`), tried again at the stack's next block while the ring has no room,
+//! so a burst of new stacks delays names, never bytes. Failures and what the kernel could not
+//! hold (counted, `LEDGER_STATS`) go through the ring as events. No call rate outruns user
 //! space, which reads each stack's totals once a second. Holding every block, the kernel also
 //! keeps the heap's live bytes and peak at every call (`HEAP_LIVE`), and each process's share
-//! (in its `TARGETS` value), which an exec takes out. The accounting rules are the user-space ledger's
-//! (`tracer/src/ledger/mod.rs`).
+//! (in its `TARGETS` value), which an exec takes out. The accounting rules are the user-space
+//! ledger's (`tracer/src/ledger/mod.rs`).
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
@@ -365,8 +366,8 @@ fn totals_of(tgid: u32, key: u64) -> Option<*mut StackTotals> {
     STACK_TOTALS.get_ptr_mut(key)
 }
 
-/// A successful allocation of `size` bytes at `addr` by `tgid` (image `generation`), at the
-/// stack with `key`, in `phase`.
+/// A successful allocation of `size` bytes at `addr` by `tgid` (of `process`, whose image
+/// generation the block keeps), at the stack with `key`, in `phase`.
 #[inline(always)]
 pub fn hold(
     (tgid, process): (u32, Process),

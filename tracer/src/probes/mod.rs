@@ -120,11 +120,13 @@ impl ProbeConfig {
                 u32::from(self.heap_ledger_blocks > 0),
             ),
             (global::HEAP_DUTY_CYCLED, u32::from(self.heap_duty_cycled)),
-            (
-                global::HEAP_RECENT_SLOTS,
-                tracer_common::heap_ledger::recent_slots(self.heap_ledger_blocks),
-            ),
+            (global::HEAP_RECENT_SLOTS, self.recent_slots()),
         ]
+    }
+
+    /// Slots of the kernel heap ledger's recent blocks (the hash table holds the rest).
+    fn recent_slots(&self) -> u32 {
+        tracer_common::heap_ledger::recent_slots(self.heap_ledger_blocks)
     }
 
     /// The stack mode these copy sizes stand for, by its `--stack` name.
@@ -567,7 +569,7 @@ impl Probes {
             .map_err(|(what, e)| ProbeError::Load(format!("{what}: {e}")))?
             as u32;
         let globals = config.globals();
-        let recent_slots = tracer_common::heap_ledger::recent_slots(config.heap_ledger_blocks);
+        let recent_slots = config.recent_slots();
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries("EVENTS", config.ring_bytes)

@@ -2,7 +2,7 @@
 //! construction (see tests/fixtures/heap_fixture.c). Privileged: needs root, eBPF and uprobes.
 
 use crate::common::{
-    Cell, LEAKS, Session, TestProcess, Totals, all_freed, all_live, fixture, leaks_totals,
+    Cell, LEAKS, Report, Session, TestProcess, Totals, all_freed, all_live, fixture, leaks_totals,
     record_fixture_command, record_fixture_command_env, record_scenario, report_json, report_value,
     view,
 };
@@ -69,7 +69,6 @@ fn churn_that_frees_everything_leaves_nothing_live() {
     let r = record_scenario("churn");
     r.assert_well_formed(None);
     assert!(r.complete);
-    r.assert_cell("churn_batch_alloc", all_freed(500, 128));
     // 500 each of 16, 48, 96 and 256 bytes.
     r.assert_cell(
         "churn_pairs",
@@ -80,6 +79,14 @@ fn churn_that_frees_everything_leaves_nothing_live() {
             allocated_count: 2000,
         },
     );
+    assert_churn_exact(&r);
+    assert!(r.failures.is_empty(), "{}", r.summary());
+}
+
+/// The `churn` scenario's known answer: a batch of 500 blocks of 128 bytes live at once, then
+/// 2000 malloc/free pairs; everything freed, every free matched, nothing lost.
+fn assert_churn_exact(r: &Report) {
+    r.assert_cell("churn_batch_alloc", all_freed(500, 128));
     r.assert_totals(Totals {
         live_bytes: 0,
         live_count: 0,
@@ -89,7 +96,6 @@ fn churn_that_frees_everything_leaves_nothing_live() {
         freed_count: 2500,
     });
     assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
-    assert!(r.failures.is_empty(), "{}", r.summary());
     r.assert_no_lost_events();
 }
 
@@ -98,12 +104,18 @@ fn frees_from_another_thread_balance_the_allocating_thread() {
     require_privileges!();
     let r = record_scenario("xthread");
     r.assert_well_formed(None);
-    r.assert_cell("xthread_alloc", all_freed(1000, 72));
     assert!(
         r.stacks_of("xthread_free").is_empty(),
         "free has no stack\n{}",
         r.summary()
     );
+    assert_xthread_exact(&r);
+}
+
+/// The `xthread` scenario's known answer: 1000 blocks of 72 bytes live at once, all freed by
+/// another thread; every free matched, nothing lost.
+fn assert_xthread_exact(r: &Report) {
+    r.assert_cell("xthread_alloc", all_freed(1000, 72));
     r.assert_totals(Totals {
         live_bytes: 0,
         live_count: 0,
@@ -364,17 +376,7 @@ fn recent_slots_hash_table_and_ring_together_stay_exact() {
     let small = ["--heap-ledger-blocks", "512"];
     // 500 blocks of 128 bytes live at once (slots and hash table), then 2000 pairs.
     let r = Session::run_scenario("churn", "attach", &small).stop(libc::SIGINT);
-    r.assert_cell("churn_batch_alloc", all_freed(500, 128));
-    r.assert_totals(Totals {
-        live_bytes: 0,
-        live_count: 0,
-        peak_bytes: 64_000,
-        allocated_bytes: 272_000,
-        allocated_count: 2500,
-        freed_count: 2500,
-    });
-    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
-    r.assert_no_lost_events();
+    assert_churn_exact(&r);
     // Realloc chains: the old block released wherever it is held.
     let r = Session::run_scenario("realloc", "attach", &small).stop(libc::SIGINT);
     r.assert_cell("chain_start", all_freed(8, 24));
@@ -385,17 +387,7 @@ fn recent_slots_hash_table_and_ring_together_stay_exact() {
     // 1000 blocks live at once, freed by another thread: 128 slots and the hash table.
     let r = Session::run_scenario("xthread", "attach", &["--heap-ledger-blocks", "2048"])
         .stop(libc::SIGINT);
-    r.assert_cell("xthread_alloc", all_freed(1000, 72));
-    r.assert_totals(Totals {
-        live_bytes: 0,
-        live_count: 0,
-        peak_bytes: 72_000,
-        allocated_bytes: 72_000,
-        allocated_count: 1000,
-        freed_count: 1000,
-    });
-    assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
-    r.assert_no_lost_events();
+    assert_xthread_exact(&r);
     // 8 threads leaking 8000 blocks: past the 512 the kernel holds, through the ring.
     let r = Session::run_scenario("threads", "attach", &small).stop(libc::SIGINT);
     r.assert_cell("thread_leak", all_live(8000, 40));
