@@ -16,7 +16,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as AyaHashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        ProgramError, TracePoint, UProbe,
+        ProgramError, ProgramFd, ProgramInfo, TracePoint, UProbe,
         trace_point::{TracePointLink, TracePointLinkId},
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
     },
@@ -419,6 +419,31 @@ pub struct ProgramCost {
 pub struct HeapCosts {
     pub alloc: ProgramCost,
     pub free: ProgramCost,
+}
+
+/// The heap programs attached when it was made, by role: what they have cost so far, the
+/// kernel's count of their run time and runs while `BPF_ENABLE_STATS` is on
+/// (`heap_duty::CostMeter`). Holds the programs' descriptors, so it is read on the thread that
+/// closes a window, at the window's edge.
+pub struct HeapCostReader(Vec<(ProgramFd, HeapRole)>);
+
+impl HeapCostReader {
+    /// The programs' costs so far; a program the kernel cannot describe counts nothing.
+    pub fn read(&self) -> HeapCosts {
+        let mut costs = HeapCosts::default();
+        for (fd, role) in &self.0 {
+            let Ok(info) = ProgramInfo::new_from_fd(fd.as_fd()) else {
+                continue;
+            };
+            let cost = match role {
+                HeapRole::Alloc => &mut costs.alloc,
+                HeapRole::Free => &mut costs.free,
+            };
+            cost.run_time += info.run_time();
+            cost.runs += info.run_count();
+        }
+        costs
+    }
 }
 
 /// A heap attachment: a program on one or (multi-uprobe link) several points of a file.
@@ -1004,33 +1029,23 @@ impl Probes {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// What the heap probes attached now have cost so far, by role: the programs' run time and
-    /// their runs (traps), as the kernel counts them while `BPF_ENABLE_STATS` is on
-    /// (`heap_duty::CostMeter`). Programs the kernel cannot describe count nothing.
-    pub fn heap_program_costs(&mut self) -> HeapCosts {
-        let mut seen: Vec<&'static str> = Vec::new();
-        let mut costs = HeapCosts::default();
-        let programs: Vec<(&'static str, HeapRole)> = self
-            .heap_links
-            .iter()
-            .map(|l| (l.program, l.role))
-            .collect();
-        for (program, role) in programs {
-            if seen.contains(&program) {
-                continue;
+    /// Reads what the heap probes attached now have cost (`HeapCostReader`), on any thread.
+    /// Programs whose descriptor cannot be had count nothing.
+    pub fn heap_cost_reader(&mut self) -> HeapCostReader {
+        let mut programs: Vec<(&'static str, HeapRole)> = Vec::new();
+        for link in &self.heap_links {
+            if !programs.iter().any(|(p, _)| *p == link.program) {
+                programs.push((link.program, link.role));
             }
-            seen.push(program);
-            let Some(info) = self.heap_program(program).ok().and_then(|p| p.info().ok()) else {
-                continue;
-            };
-            let cost = match role {
-                HeapRole::Alloc => &mut costs.alloc,
-                HeapRole::Free => &mut costs.free,
-            };
-            cost.run_time += info.run_time();
-            cost.runs += info.run_count();
         }
-        costs
+        let fds = programs
+            .into_iter()
+            .filter_map(|(program, role)| {
+                let fd = self.heap_program(program).ok()?.fd().ok()?.try_clone().ok()?;
+                Some((fd, role))
+            })
+            .collect();
+        HeapCostReader(fds)
     }
 
     /// Traces the memory syscalls (mmap, munmap, mprotect, mremap, brk) of process `pid` with

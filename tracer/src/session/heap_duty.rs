@@ -24,7 +24,7 @@ use tracer_common::ledger_stat;
 
 use crate::{
     model::{HeapDuty, MAX_WINDOW_STARTS},
-    probes::{HeapCosts, HeapRole, HeapWindowFlags, Probes, ProgramCost},
+    probes::{HeapCostReader, HeapCosts, HeapRole, HeapWindowFlags, Probes, ProgramCost},
     proc::stat,
 };
 
@@ -143,25 +143,27 @@ impl DutyCycle {
                 cpu_ticks: ticks,
                 costs,
             } => {
-                let Some((ended, ticks_then)) = self.clock.ended(pids) else {
+                let Some(edge) = self.clock.ended() else {
                     return;
                 };
-                let spent = self.meter.spent(probes, costs);
-                self.measure(probes, ended - mark, (calls, ticks), ticks_then, spent);
+                let ended = edge.at;
+                let spent = costs.zip(edge.costs).map(|(then, now)| spent_since(then, now));
+                self.measure(probes, ended - mark, (calls, ticks), edge.cpu_ticks, spent);
                 if self.opts.duty < 1.0 {
                     self.close(probes, since, ended);
                 } else {
                     // Always on, for now: open again at once, measured again after another
                     // window's time.
                     window_edge(probes, HeapRole::Alloc, true);
-                    self.clock.schedule(now + self.opts.window, pids);
+                    let reader = self.meter.reader(probes);
                     self.state = State::Open {
                         since,
                         mark: now,
                         calls: heap_calls(probes),
                         cpu_ticks: cpu_ticks(pids),
-                        costs: self.meter.read(probes),
+                        costs: reader.as_ref().map(|r| r.read()),
                     };
+                    self.clock.schedule(now + self.opts.window, pids, reader);
                 }
             }
             State::Grace { until, next } if now >= until => {
@@ -202,14 +204,15 @@ impl DutyCycle {
             let start = now.saturating_duration_since(self.started);
             self.figures.window_starts_s.push(start.as_secs_f64());
         }
-        self.clock.schedule(now + self.opts.window, pids);
+        let reader = self.meter.reader(probes);
         self.state = State::Open {
             since: now,
             mark: now,
             calls: heap_calls(probes),
             cpu_ticks: cpu_ticks(pids),
-            costs: self.meter.read(probes),
+            costs: reader.as_ref().map(|r| r.read()),
         };
+        self.clock.schedule(now + self.opts.window, pids, reader);
     }
 
     /// What the probes cost over the last `span`, from the heap calls and CPU ticks counted at
@@ -303,34 +306,63 @@ impl DutyCycle {
 }
 
 /// Closes allocation windows on time: a thread sleeps until a window's end and closes its edge
-/// in the kernel, reading the traced processes' CPU time then, whatever the recorder's loop is
-/// busy with (hooking a large library can take it seconds). Without the thread, the loop closes
-/// the edge itself when it sees the end passed.
+/// in the kernel, reading the traced processes' CPU time and the heap programs' costs then,
+/// whatever the recorder's loop is busy with (hooking a large library can take it seconds). Both
+/// are read at the edge: the free probe runs on through the grace, so costs read later would be
+/// set against CPU time that stopped counting. Without the thread, the loop closes the edge
+/// itself when it sees the end passed.
 struct WindowClock {
     flags: Option<HeapWindowFlags>,
-    deadlines: Option<mpsc::Sender<(Instant, Vec<u32>)>>,
-    deadline: Option<Instant>,
-    /// When the current window's edge closed, and the CPU ticks then.
-    ended: Arc<Mutex<Option<(Instant, u64)>>>,
+    deadlines: Option<mpsc::Sender<Deadline>>,
+    /// The window now open: its end and what to read then (without the thread).
+    deadline: Option<Deadline>,
+    /// The current window's edge, once it closed.
+    ended: Arc<Mutex<Option<Edge>>>,
+}
+
+/// A window's end, the processes whose CPU time is read then, and the programs whose costs are.
+struct Deadline {
+    at: Instant,
+    pids: Vec<u32>,
+    costs: Option<HeapCostReader>,
+}
+
+/// A window's edge: when it closed, the processes' CPU ticks then, and the heap programs' costs
+/// then (None: the kernel does not count them).
+struct Edge {
+    at: Instant,
+    cpu_ticks: u64,
+    costs: Option<HeapCosts>,
+}
+
+impl Deadline {
+    /// Closes the allocation edge and reads what the window's measure needs, at once.
+    fn close(&self, flags: Option<&HeapWindowFlags>) -> Edge {
+        if let Some(flags) = flags {
+            let _ = flags.set(HeapRole::Alloc, false);
+        }
+        Edge {
+            at: Instant::now(),
+            cpu_ticks: cpu_ticks(&self.pids),
+            costs: self.costs.as_ref().map(HeapCostReader::read),
+        }
+    }
 }
 
 impl WindowClock {
     fn start(flags: Option<HeapWindowFlags>) -> WindowClock {
         let ended = Arc::new(Mutex::new(None));
-        let (tx, rx) = mpsc::channel::<(Instant, Vec<u32>)>();
+        let (tx, rx) = mpsc::channel::<Deadline>();
         let thread_flags = flags.clone();
         let thread_ended = ended.clone();
         let spawned = thread_flags.is_some()
             && std::thread::Builder::new()
                 .name("heap-window".into())
                 .spawn(move || {
-                    for (deadline, pids) in rx {
-                        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-                        if let Some(flags) = &thread_flags {
-                            let _ = flags.set(HeapRole::Alloc, false);
-                        }
-                        let end = (Instant::now(), cpu_ticks(&pids));
-                        *thread_ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(end);
+                    for deadline in rx {
+                        std::thread::sleep(deadline.at.saturating_duration_since(Instant::now()));
+                        let edge = deadline.close(thread_flags.as_ref());
+                        *thread_ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(edge);
                     }
                 })
                 .is_ok();
@@ -342,32 +374,36 @@ impl WindowClock {
         }
     }
 
-    /// The window now open ends at `deadline`.
-    fn schedule(&mut self, deadline: Instant, pids: &[u32]) {
+    /// The window now open ends at `at`; `costs` reads its programs' costs then.
+    fn schedule(&mut self, at: Instant, pids: &[u32], costs: Option<HeapCostReader>) {
         *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.deadline = Some(deadline);
-        if let Some(tx) = &self.deadlines
-            && tx.send((deadline, pids.to_vec())).is_ok()
-        {
-            return;
+        let deadline = Deadline {
+            at,
+            pids: pids.to_vec(),
+            costs,
+        };
+        self.deadline = None;
+        if let Some(tx) = &self.deadlines {
+            match tx.send(deadline) {
+                Ok(()) => return,
+                Err(mpsc::SendError(deadline)) => self.deadline = Some(deadline),
+            }
+        } else {
+            self.deadline = Some(deadline);
         }
         self.deadlines = None;
     }
 
-    /// When the window ended and the CPU ticks then, once it has.
-    fn ended(&mut self, pids: &[u32]) -> Option<(Instant, u64)> {
+    /// The window's edge, once it closed.
+    fn ended(&mut self) -> Option<Edge> {
         if self.deadlines.is_some() {
             return self.ended.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
-        let deadline = self.deadline?;
-        if Instant::now() < deadline {
+        if Instant::now() < self.deadline.as_ref()?.at {
             return None;
         }
-        if let Some(flags) = &self.flags {
-            let _ = flags.set(HeapRole::Alloc, false);
-        }
-        self.deadline = None;
-        Some((Instant::now(), cpu_ticks(pids)))
+        let deadline = self.deadline.take()?;
+        Some(deadline.close(self.flags.as_ref()))
     }
 }
 
@@ -398,23 +434,22 @@ impl CostMeter {
         self.stats = None;
     }
 
-    /// The heap programs' costs now, while the kernel counts them.
-    fn read(&self, probes: &mut Probes) -> Option<HeapCosts> {
+    /// Reads the heap programs attached now, while the kernel counts their costs.
+    fn reader(&self, probes: &mut Probes) -> Option<HeapCostReader> {
         self.stats.as_ref()?;
-        Some(probes.heap_program_costs())
+        Some(probes.heap_cost_reader())
     }
+}
 
-    /// What the heap programs cost since `mark`.
-    fn spent(&self, probes: &mut Probes, mark: Option<HeapCosts>) -> Option<HeapCosts> {
-        let (now, mark) = (self.read(probes)?, mark?);
-        let since = |now: ProgramCost, then: ProgramCost| ProgramCost {
-            run_time: now.run_time.saturating_sub(then.run_time),
-            runs: now.runs.saturating_sub(then.runs),
-        };
-        Some(HeapCosts {
-            alloc: since(now.alloc, mark.alloc),
-            free: since(now.free, mark.free),
-        })
+/// What the heap programs cost between two readings.
+fn spent_since(then: HeapCosts, now: HeapCosts) -> HeapCosts {
+    let since = |then: ProgramCost, now: ProgramCost| ProgramCost {
+        run_time: now.run_time.saturating_sub(then.run_time),
+        runs: now.runs.saturating_sub(then.runs),
+    };
+    HeapCosts {
+        alloc: since(then.alloc, now.alloc),
+        free: since(then.free, now.free),
     }
 }
 

@@ -32,7 +32,8 @@ use crate::{
 pub struct ProgramInfo(pub(crate) bpf_prog_info);
 
 impl ProgramInfo {
-    pub(crate) fn new_from_fd(fd: BorrowedFd<'_>) -> Result<Self, ProgramError> {
+    /// The kernel's description of the program `fd` refers to (patched: public here).
+    pub fn new_from_fd(fd: BorrowedFd<'_>) -> Result<Self, ProgramError> {
         let info = bpf_prog_get_info_by_fd(fd, &mut [])?;
         Ok(Self(info))
     }
