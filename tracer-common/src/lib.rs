@@ -666,7 +666,11 @@ pub mod ledger_stat {
     /// process, or between a duty-cycled heap's windows), counted there and not sent: while it
     /// never was full, user space does not know them either.
     pub const UNMATCHED_FREES: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// The frees among `HEAP_CALLS`: a duty-cycled heap's unit of the traced processes' work,
+    /// counted alike while every probe is on and in the grace with the free probe alone, so
+    /// that the CPU time a free costs in each tells what a trap costs them (`heap_duty.rs`).
+    pub const FREE_CALLS: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Names of the eBPF object's load-time globals (`u32` statics that user space sets at load).

@@ -111,13 +111,13 @@ fn window_closed(which: u32) -> bool {
     global(&HEAP_DUTY_CYCLED) != 0 && HEAP_WINDOW.get(which).is_none_or(|open| *open == 0)
 }
 
-/// Counts a heap call for a duty-cycled heap's budget (`heap_duty.rs` reads the count after
-/// each window); nothing reads it otherwise, so nothing is counted: a branch on a load-time
-/// constant, pruned by the verifier.
+/// Counts a heap call in `stat` (`HEAP_CALLS`, `FREE_CALLS`) for a duty-cycled heap's budget
+/// (`heap_duty.rs` reads the counts at each window's edges); nothing reads them otherwise, so
+/// nothing is counted: a branch on a load-time constant, pruned by the verifier.
 #[inline(always)]
-fn count_call() {
+fn count_call(stat: u32) {
     if global(&HEAP_DUTY_CYCLED) != 0 {
-        heap_ledger::count(ledger_stat::HEAP_CALLS);
+        heap_ledger::count(stat);
     }
 }
 
@@ -132,7 +132,7 @@ fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> bo
     if !sampling && (untraced_caller() || window_closed(heap_window::ALLOC)) {
         return false;
     }
-    count_call();
+    count_call(ledger_stat::HEAP_CALLS);
     let Some(p) = sample(size) else {
         // Not recorded. A realloc still releases its old block: if that one was recorded,
         // its release is (the realloc may grow it in place, with no free inside).
@@ -238,7 +238,8 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     if (global(&HEAP_SYSTEMWIDE) != 0 && process.is_none()) || window_closed(heap_window::FREE) {
         return 0;
     }
-    count_call();
+    count_call(ledger_stat::HEAP_CALLS);
+    count_call(ledger_stat::FREE_CALLS);
     let Some((slot, key)) = my_slot(&INFLIGHT) else {
         return 0;
     };

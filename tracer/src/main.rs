@@ -220,12 +220,15 @@ struct RecordArgs {
     #[arg(long, value_name = "PCT", requires = "heap", conflicts_with = "heap_sample",
           value_parser = parse_percent)]
     heap_duty: Option<f64>,
-    /// Duty-cycled heap: how long a window's allocation probes stay attached.
-    #[arg(long, value_name = "SECONDS", default_value = "0.25", value_parser = parse_seconds)]
+    /// Duty-cycled heap: how long a window's allocation probes stay attached. Short: a window
+    /// costs its time at the slowdown of exact tracing, and more, shorter windows see more of
+    /// the run for the same budget.
+    #[arg(long, value_name = "SECONDS", default_value = "0.1", value_parser = parse_seconds)]
     heap_window: Duration,
     /// Duty-cycled heap: how long the free probes stay attached after a window: blocks freed
-    /// within it (a request's own buffers) are not leak candidates.
-    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
+    /// within it (a request's own buffers) are not leak candidates. Every free traps meanwhile,
+    /// at full speed: on a PyTorch loop the grace costs more than the window.
+    #[arg(long, value_name = "SECONDS", default_value = "0.5", value_parser = parse_seconds)]
     heap_grace: Duration,
     /// With --heap (exact, frame-pointer heap stacks): live heap blocks the kernel holds at
     /// most. Blocks stay in the kernel, counted per stack, and each stack goes to user space

@@ -480,12 +480,19 @@ pub struct HeapDuty {
     /// Share of the traced processes' CPU time the probes took while on (the last windows; the
     /// kernel's count of the programs' run time and runs, docs/performance.md).
     pub probe_share: f64,
-    /// The same share for the free probe alone (what a grace period costs).
+    /// The same share while a window's allocation probes are detached: their traps alone.
+    #[serde(default)]
+    pub detach_probe_share: f64,
+    /// The same share for the free probe alone, in the last graces (what a grace costs).
     #[serde(default)]
     pub free_probe_share: f64,
     /// Seconds detaching a window's allocation probes took (the last one timed).
     #[serde(default)]
     pub detach_s: f64,
+    /// What a trap cost the traced processes, in nanoseconds, as measured on them (a window
+    /// against its grace; `heap_duty::trap_cost`), or as assumed until a grace measured it.
+    #[serde(default)]
+    pub trap_ns: f64,
     /// When each window opened, seconds since the recording started (the first
     /// `MAX_WINDOW_STARTS`): which windows a stack's survivors came from.
     #[serde(default)]

@@ -414,35 +414,49 @@ pub struct ProgramCost {
     pub runs: u64,
 }
 
-/// `ProgramCost` of the allocation and the free probes.
+/// The duty-cycled heap's counters at one moment (`HeapCounters::read`): heap calls and frees
+/// of traced processes the probes saw, and what the heap programs cost so far (None: not
+/// asked, the kernel was not counting).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct HeapCosts {
-    pub alloc: ProgramCost,
-    pub free: ProgramCost,
+pub struct HeapCount {
+    pub calls: u64,
+    pub frees: u64,
+    pub programs: Option<ProgramCost>,
 }
 
-/// The heap programs attached when it was made, by role: what they have cost so far, the
-/// kernel's count of their run time and runs while `BPF_ENABLE_STATS` is on
-/// (`heap_duty::CostMeter`). Holds the programs' descriptors, so it is read on the thread that
-/// closes a window, at the window's edge.
-pub struct HeapCostReader(Vec<(ProgramFd, HeapRole)>);
+/// Reads a duty-cycled heap's counters on any thread (the one that closes a window reads them
+/// at the window's edge): the ledger's call counts (`LEDGER_STATS`) and the kernel's count of
+/// the run time and runs of the heap programs attached when it was made, while
+/// `BPF_ENABLE_STATS` is on (`heap_duty::CostMeter`). Holds its own descriptors of both.
+pub struct HeapCounters {
+    programs: Vec<ProgramFd>,
+    stats: Option<PerCpuArray<MapData, u64>>,
+}
 
-impl HeapCostReader {
-    /// The programs' costs so far; a program the kernel cannot describe counts nothing.
-    pub fn read(&self) -> HeapCosts {
-        let mut costs = HeapCosts::default();
-        for (fd, role) in &self.0 {
-            let Ok(info) = ProgramInfo::new_from_fd(fd.as_fd()) else {
-                continue;
-            };
-            let cost = match role {
-                HeapRole::Alloc => &mut costs.alloc,
-                HeapRole::Free => &mut costs.free,
-            };
-            cost.run_time += info.run_time();
-            cost.runs += info.run_count();
+impl HeapCounters {
+    /// The counts now; `programs`: with the programs' costs. What the kernel cannot describe
+    /// counts nothing.
+    pub fn read(&self, programs: bool) -> HeapCount {
+        let stat = |index: u32| {
+            let values = self.stats.as_ref()?.get(&index, 0).ok()?;
+            Some(values.iter().sum::<u64>())
+        };
+        let mut count = HeapCount {
+            calls: stat(ledger_stat::HEAP_CALLS).unwrap_or(0),
+            frees: stat(ledger_stat::FREE_CALLS).unwrap_or(0),
+            programs: None,
+        };
+        if programs {
+            let mut cost = ProgramCost::default();
+            for fd in &self.programs {
+                if let Ok(info) = ProgramInfo::new_from_fd(fd.as_fd()) {
+                    cost.run_time += info.run_time();
+                    cost.runs += info.run_count();
+                }
+            }
+            count.programs = Some(cost);
         }
-        costs
+        count
     }
 }
 
@@ -1029,23 +1043,29 @@ impl Probes {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reads what the heap probes attached now have cost (`HeapCostReader`), on any thread.
-    /// Programs whose descriptor cannot be had count nothing.
-    pub fn heap_cost_reader(&mut self) -> HeapCostReader {
-        let mut programs: Vec<(&'static str, HeapRole)> = Vec::new();
+    /// A duty-cycled heap's counters (`HeapCounters`): the ledger's call counts and the heap
+    /// programs attached now. Programs whose descriptor cannot be had count nothing.
+    pub fn heap_counters(&mut self) -> HeapCounters {
+        let mut names: Vec<&'static str> = Vec::new();
         for link in &self.heap_links {
-            if !programs.iter().any(|(p, _)| *p == link.program) {
-                programs.push((link.program, link.role));
+            if !names.contains(&link.program) {
+                names.push(link.program);
             }
         }
-        let fds = programs
+        let programs = names
             .into_iter()
-            .filter_map(|(program, role)| {
-                let fd = self.heap_program(program).ok()?.fd().ok()?.try_clone().ok()?;
-                Some((fd, role))
-            })
+            .filter_map(|name| self.heap_program(name).ok()?.fd().ok()?.try_clone().ok())
             .collect();
-        HeapCostReader(fds)
+        // A handle of its own on the ledger's counters, for the thread that reads them.
+        let stats = match self.ebpf.map("LEDGER_STATS") {
+            Some(aya::maps::Map::PerCpuArray(data)) => data
+                .info()
+                .and_then(|info| MapData::from_id(info.id()))
+                .and_then(|data| PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)))
+                .ok(),
+            _ => None,
+        };
+        HeapCounters { programs, stats }
     }
 
     /// Traces the memory syscalls (mmap, munmap, mprotect, mremap, brk) of process `pid` with

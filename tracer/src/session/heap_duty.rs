@@ -5,27 +5,32 @@
 //! still live after its grace are the long-lived candidates; the same stacks' survivors piling up
 //! window after window are the leak, at a rate estimated over the windows' time.
 //!
-//! With a budget, the duty is chosen after each window from what it measured: what the probes
-//! cost while on (the kernel's count of their programs' run time and runs, each run a trap at
-//! `TRAP_COST`; `CostMeter`) against the traced processes' CPU time then gives the share of
-//! that time the probes took, `f` (all probes) and `f_free` (the free probe alone). A cycle
-//! slows the processes by `f / (1 − f)` for its window (and the allocation probes' detach) and
-//! by `f_free / (1 − f_free)` for its grace; the period between windows spreads that within the
-//! budget (`duty_for`). Without the kernel's counts, every call is priced at `COST_PER_CALL`
-//! and the free probe at half the calls.
+//! With a budget, the duty is chosen from what the windows measured. What the probes cost is
+//! their programs' run time (the kernel's count, `CostMeter`) and a trap per run. Against the
+//! traced processes' CPU time, it gives the share of that time the probes took: `f` in a window
+//! (every probe on) and `f_free` in a grace (the free probe alone). A cycle slows the
+//! processes by `f / (1 − f)` for its window (and the allocation probes' detach) and by
+//! `f_free / (1 − f_free)` for its grace; the period between windows spreads that within the
+//! budget (`duty_for`).
+//!
+//! A trap costs a process more than the kernel's entry and exit: its caches and TLB are
+//! refilled after each, which a large process pays far more than a small benchmark (a
+//! PyTorch loop: 2–3 µs a trap, against 0.5 µs in `heap_churn`). So the trap's cost is
+//! measured on the processes themselves (`trap_cost`): their frees are their work's unit, and
+//! the CPU time a free costs with every probe on and with the free probe alone differs by the
+//! programs' run time and the traps of the extra runs. `TRAP_COST` serves until a grace has
+//! measured it. Without the kernel's counts, every call is priced at `COST_PER_CALL`.
 
 use std::{
+    collections::VecDeque,
     os::fd::OwnedFd,
     sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
-use tracer_common::ledger_stat;
-
 use crate::{
     model::{HeapDuty, MAX_WINDOW_STARTS},
-    probes::{HeapCostReader, HeapCosts, HeapRole, HeapWindowFlags, Probes, ProgramCost},
-    proc::stat,
+    probes::{HeapCount, HeapCounters, HeapRole, HeapWindowFlags, Probes},
 };
 
 /// What one heap call costs a traced process while the probes are on: its traps (entry and
@@ -57,19 +62,83 @@ pub struct DutyOptions {
     pub grace: Duration,
 }
 
+/// The counters and the traced processes' CPU time at one moment.
+#[derive(Clone, Copy, Debug)]
+struct Reading {
+    at: Instant,
+    cpu_ns: u64,
+    count: HeapCount,
+}
+
+impl Reading {
+    fn take(counters: &HeapCounters, programs: bool, pids: &[u32]) -> Reading {
+        Reading {
+            count: counters.read(programs),
+            cpu_ns: cpu_ns(pids),
+            at: Instant::now(),
+        }
+    }
+}
+
+/// What the probes saw and cost between two readings.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Span {
+    pub seconds: f64,
+    /// The traced processes' CPU time.
+    pub cpu_s: f64,
+    /// Heap calls and frees of the traced processes the probes saw.
+    pub calls: u64,
+    pub frees: u64,
+    /// The heap programs' run time, seconds; None: the kernel did not count it. It includes
+    /// the runs in processes not traced (a probe on a shared library traps in every process
+    /// that maps it), each an early return: an upper bound.
+    pub programs: Option<f64>,
+}
+
+impl Span {
+    fn between(then: &Reading, now: &Reading) -> Span {
+        let programs = (then.count.programs)
+            .zip(now.count.programs)
+            .map(|(a, b)| b.run_time.saturating_sub(a.run_time).as_secs_f64());
+        Span {
+            seconds: now.at.saturating_duration_since(then.at).as_secs_f64(),
+            cpu_s: now.cpu_ns.saturating_sub(then.cpu_ns) as f64 / 1e9,
+            calls: now.count.calls.saturating_sub(then.count.calls),
+            frees: now.count.frees.saturating_sub(then.count.frees),
+            programs,
+        }
+    }
+
+    /// The traced processes' probe runs: an allocation's entry and return, a free's entry.
+    fn runs(&self) -> u64 {
+        let allocations = self.calls.saturating_sub(self.frees);
+        2 * allocations + self.frees
+    }
+
+    /// What the probes cost the traced processes, in seconds, a trap costing `trap_s`.
+    fn cost_s(&self, trap_s: f64) -> Option<f64> {
+        Some(self.programs? + self.runs() as f64 * trap_s)
+    }
+}
+
 enum State {
-    /// Allocation and free probes attached since `since`; measured from `mark`, when the
-    /// heap calls and CPU ticks were `calls` and `cpu_ticks`.
+    /// Allocation and free probes attached since `since`; measured from `mark`.
     Open {
         since: Instant,
-        mark: Instant,
-        calls: u64,
-        cpu_ticks: u64,
-        /// The heap programs' costs at `mark` (None: the kernel does not count them).
-        costs: Option<HeapCosts>,
+        mark: Reading,
+        counters: Arc<HeapCounters>,
     },
-    /// Allocation probes detached; free probes until `until`; the next window at `next`.
-    Grace { until: Instant, next: Instant },
+    /// Allocation probes detached after the window opened at `opened` and on for `on`; free
+    /// probes until `until`, measured from the window's edge; the next window at `next`.
+    Grace {
+        opened: Instant,
+        on: Duration,
+        window: Span,
+        edge: Reading,
+        counters: Arc<HeapCounters>,
+        until: Instant,
+        next: Instant,
+    },
     /// Everything detached (or free probes kept, when the next window comes before their grace
     /// would end) until `next`.
     Closed { next: Instant },
@@ -81,16 +150,17 @@ pub struct DutyCycle {
     state: State,
     clock: WindowClock,
     figures: HeapDuty,
-    ticks_per_s: f64,
     meter: CostMeter,
     /// When the recording started: window starts are counted from it.
     started: Instant,
-    /// The last windows' probe cost, free probe's cost and CPU time, in seconds: shares are
-    /// taken over them (CPU time is counted in clock ticks, coarse for one short window).
-    recent: std::collections::VecDeque<(f64, f64, f64)>,
+    /// The last windows' and graces' spans: shares are taken over them, steadier than one.
+    windows: VecDeque<Span>,
+    graces: VecDeque<Span>,
+    /// The last traps' costs measured (seconds): the median is used.
+    traps: VecDeque<f64>,
 }
 
-/// Windows the probe shares are taken over.
+/// Windows (and graces, and trap costs) the shares are taken over.
 const RECENT_WINDOWS: usize = 4;
 
 impl DutyCycle {
@@ -101,8 +171,6 @@ impl DutyCycle {
         pids: &[u32],
         started: Instant,
     ) -> DutyCycle {
-        // SAFETY: sysconf has no preconditions.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         let flags = match probes.heap_window_flags() {
             Ok(flags) => Some(flags),
             Err(e) => {
@@ -121,12 +189,14 @@ impl DutyCycle {
                 duty: opts.duty,
                 window_s: opts.window.as_secs_f64(),
                 grace_s: opts.grace.as_secs_f64(),
+                trap_ns: TRAP_COST.as_nanos() as f64,
                 ..HeapDuty::default()
             },
-            ticks_per_s: if ticks > 0 { ticks as f64 } else { 100.0 },
             meter: CostMeter::default(),
             started,
-            recent: std::collections::VecDeque::new(),
+            windows: VecDeque::new(),
+            graces: VecDeque::new(),
+            traps: VecDeque::new(),
         };
         cycle.open(probes, pids);
         cycle
@@ -135,45 +205,91 @@ impl DutyCycle {
     /// Moves the windows on: called at every poll of the ring.
     pub fn poll(&mut self, probes: &mut Probes, pids: &[u32]) {
         let now = Instant::now();
-        match self.state {
+        let state = std::mem::replace(&mut self.state, State::Closed { next: now });
+        self.state = match state {
             State::Open {
                 since,
                 mark,
-                calls,
-                cpu_ticks: ticks,
-                costs,
+                counters,
             } => {
                 let Some(edge) = self.clock.ended() else {
+                    self.state = State::Open {
+                        since,
+                        mark,
+                        counters,
+                    };
                     return;
                 };
-                let ended = edge.at;
-                let spent = costs.zip(edge.costs).map(|(then, now)| spent_since(then, now));
-                self.measure(probes, ended - mark, (calls, ticks), edge.cpu_ticks, spent);
+                let window = Span::between(&mark, &edge);
+                push_recent(&mut self.windows, window);
+                self.figures.calls_per_s = window.calls as f64 / window.seconds.max(1e-6);
+                self.price(probes);
                 if self.opts.duty < 1.0 {
-                    self.close(probes, since, ended);
+                    self.close(probes, since, window, edge, counters)
                 } else {
                     // Always on, for now: open again at once, measured again after another
                     // window's time.
                     window_edge(probes, HeapRole::Alloc, true);
-                    let reader = self.meter.reader(probes);
-                    self.state = State::Open {
+                    let mark = Reading::take(&counters, self.meter.counting(), pids);
+                    self.clock
+                        .schedule(now + self.opts.window, pids, counters.clone(), mark);
+                    State::Open {
                         since,
-                        mark: now,
-                        calls: heap_calls(probes),
-                        cpu_ticks: cpu_ticks(pids),
-                        costs: reader.as_ref().map(|r| r.read()),
-                    };
-                    self.clock.schedule(now + self.opts.window, pids, reader);
+                        mark,
+                        counters,
+                    }
                 }
             }
-            State::Grace { until, next } if now >= until => {
+            State::Grace {
+                opened,
+                on,
+                window,
+                edge,
+                counters,
+                until,
+                next,
+            } => {
+                if now < until {
+                    self.state = State::Grace {
+                        opened,
+                        on,
+                        window,
+                        edge,
+                        counters,
+                        until,
+                        next,
+                    };
+                    return;
+                }
+                let end = Reading::take(&counters, self.meter.counting(), pids);
                 window_edge(probes, HeapRole::Free, false);
                 probes.close_heap(HeapRole::Free);
-                self.state = State::Closed { next };
+                self.meter.stop();
+                let grace = Span::between(&edge, &end);
+                log::debug!("heap grace {}: {grace:?}", self.figures.windows);
+                push_recent(&mut self.graces, grace);
+                if let Some(trap) = trap_cost(&window, &grace) {
+                    // A window and its grace can fall in different phases of the processes'
+                    // work (start-up): one measure moves the price at most twofold.
+                    let now = self.trap_s();
+                    push_recent(&mut self.traps, trap.clamp(now / 2.0, now * 2.0));
+                }
+                self.price(probes);
+                // The next window, one period (as priced now) after this one opened.
+                let period = on.div_f64(self.opts.duty.max(MIN_DUTY));
+                let next = if self.opts.budget.is_some() {
+                    (opened + period).max(now)
+                } else {
+                    next
+                };
+                State::Closed { next }
             }
-            State::Closed { next } if now >= next => self.open(probes, pids),
-            _ => {}
-        }
+            State::Closed { next } if now >= next => {
+                self.state = State::Closed { next };
+                return self.open(probes, pids);
+            }
+            closed @ State::Closed { .. } => closed,
+        };
     }
 
     /// The figures so far, a window still open counted up to now.
@@ -204,148 +320,226 @@ impl DutyCycle {
             let start = now.saturating_duration_since(self.started);
             self.figures.window_starts_s.push(start.as_secs_f64());
         }
-        let reader = self.meter.reader(probes);
+        let counters = Arc::new(probes.heap_counters());
+        let mark = Reading::take(&counters, self.meter.counting(), pids);
+        self.clock
+            .schedule(now + self.opts.window, pids, counters.clone(), mark);
         self.state = State::Open {
             since: now,
-            mark: now,
-            calls: heap_calls(probes),
-            cpu_ticks: cpu_ticks(pids),
-            costs: reader.as_ref().map(|r| r.read()),
+            mark,
+            counters,
         };
-        self.clock.schedule(now + self.opts.window, pids, reader);
     }
 
-    /// What the probes cost over the last `span`, from the heap calls and CPU ticks counted at
-    /// its start and the CPU ticks at its end; with a budget, the duty that keeps within it.
-    fn measure(
-        &mut self,
-        probes: &Probes,
-        span: Duration,
-        at_mark: (u64, u64),
-        ticks: u64,
-        spent: Option<HeapCosts>,
-    ) {
-        // The probes count no call once the window's edge closed: read now, it is the
-        // window's count.
-        let calls = heap_calls(probes).saturating_sub(at_mark.0);
-        let cpu_s = ticks.saturating_sub(at_mark.1) as f64 / self.ticks_per_s;
-        let (share, free_share) = match spent {
-            Some(spent) => {
-                let all = probe_cost(spent.alloc) + probe_cost(spent.free);
-                let free = probe_cost(spent.free);
-                if self.recent.len() == RECENT_WINDOWS {
-                    self.recent.pop_front();
-                }
-                self.recent
-                    .push_back((all.as_secs_f64(), free.as_secs_f64(), cpu_s));
-                let sum = |f: fn(&(f64, f64, f64)) -> f64| self.recent.iter().map(f).sum::<f64>();
-                let cpu = sum(|r| r.2);
-                (
-                    cost_share(Duration::from_secs_f64(sum(|r| r.0)), cpu),
-                    cost_share(Duration::from_secs_f64(sum(|r| r.1)), cpu),
-                )
-            }
-            None => {
-                let share = probe_share(calls, cpu_s);
-                (share, share / 2.0)
-            }
-        };
-        self.figures.calls_per_s = calls as f64 / span.as_secs_f64().max(1e-6);
-        self.figures.probe_share = share;
-        self.figures.free_probe_share = free_share;
+    /// What a trap costs the processes: the median of the last measures, `TRAP_COST` before one.
+    fn trap_s(&self) -> f64 {
+        median(&self.traps).unwrap_or(TRAP_COST.as_secs_f64())
+    }
+
+    /// The shares of the processes' time the probes take, from the last windows and graces and
+    /// the trap's cost measured; with a budget, the duty that keeps within it.
+    fn price(&mut self, probes: &Probes) {
+        let trap_s = self.trap_s();
+        let shares = shares(&self.windows, &self.graces, trap_s);
+        self.figures.trap_ns = trap_s * 1e9;
+        self.figures.probe_share = shares.window;
+        self.figures.detach_probe_share = shares.detach;
+        self.figures.free_probe_share = shares.grace;
         let detach = probes.heap_alloc_detach();
         self.figures.detach_s = detach.map_or(0.0, |d| d.as_secs_f64());
         if let Some(budget) = self.opts.budget {
             let detach = detach.unwrap_or(DETACH_ALLOWANCE);
-            self.opts.duty = duty_for(
-                budget,
-                (share, free_share),
-                self.opts.window,
-                detach,
-                self.opts.grace,
-            );
+            self.opts.duty = duty_for(budget, shares, self.opts.window, detach, self.opts.grace);
             self.figures.duty = self.opts.duty;
         }
+        let last = self.windows.back().copied().unwrap_or_default();
         log::debug!(
-            "heap window {}: {calls} calls in {:.3} s, {cpu_s:.3} s of CPU, probes {:.1} % \
-             (free {:.1} %), detach {:.3} s, duty {:.4}",
+            "heap window {}: {} calls ({} frees) in {:.3} s, {:.3} s of CPU; a trap {:.0} ns; \
+             probes {:.1} % (grace {:.1} %), detach {:.3} s, duty {:.4}",
             self.figures.windows,
-            span.as_secs_f64(),
-            share * 100.0,
-            free_share * 100.0,
+            last.calls,
+            last.frees,
+            last.seconds,
+            last.cpu_s,
+            trap_s * 1e9,
+            shares.window * 100.0,
+            shares.grace * 100.0,
             self.figures.detach_s,
             self.opts.duty
         );
     }
 
-    /// The window opened at `since` ended at `ended` (its edge closed): its allocation probes
+    /// The window opened at `since` ended at `edge` (its edge closed): its allocation probes
     /// are detached, the free probes kept for the grace.
-    fn close(&mut self, probes: &mut Probes, since: Instant, ended: Instant) {
-        let on = ended - since;
+    fn close(
+        &mut self,
+        probes: &mut Probes,
+        since: Instant,
+        window: Span,
+        edge: Reading,
+        counters: Arc<HeapCounters>,
+    ) -> State {
+        let on = edge.at - since;
         self.figures.on_s += on.as_secs_f64();
         probes.close_heap(HeapRole::Alloc);
-        self.meter.stop();
         let now = Instant::now();
         // The next window comes one period after this one opened.
         let period = on.div_f64(self.opts.duty.max(MIN_DUTY));
         let next = (since + period).max(now);
-        let until = ended + self.opts.grace;
+        let until = edge.at + self.opts.grace;
         log::debug!(
             "heap window {} closed after {:.3} s; next in {:.1} s",
             self.figures.windows,
             on.as_secs_f64(),
             next.saturating_duration_since(now).as_secs_f64()
         );
-        self.state = if until < next {
-            State::Grace { until, next }
+        if until < next {
+            State::Grace {
+                opened: since,
+                on,
+                window,
+                edge,
+                counters,
+                until,
+                next,
+            }
         } else {
             // The free probes stay on into the next window.
+            self.meter.stop();
             State::Closed { next }
-        };
+        }
     }
 }
 
+/// Keeps the last `RECENT_WINDOWS` of `value`.
+fn push_recent<T>(recent: &mut VecDeque<T>, value: T) {
+    if recent.len() == RECENT_WINDOWS {
+        recent.pop_front();
+    }
+    recent.push_back(value);
+}
+
+/// The middle of `values` (the mean of the two middle ones), None when empty.
+fn median(values: &VecDeque<f64>) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+/// The shares of the traced processes' CPU time the probes take in each part of a cycle.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shares {
+    /// In a window, every probe on.
+    pub window: f64,
+    /// While the allocation probes are detached: their traps go on, their programs return at
+    /// once (the window's edge is closed).
+    pub detach: f64,
+    /// In a grace, the free probe alone.
+    pub grace: f64,
+}
+
+/// The shares over the last `windows` and `graces`, a trap costing `trap_s`. Before a grace
+/// measured one, the grace's share is the window's frees at the window's cost per run. Without
+/// the kernel's counts, every call is priced at `COST_PER_CALL`, the free probe at half the
+/// calls, the detach as the window.
+pub fn shares(windows: &VecDeque<Span>, graces: &VecDeque<Span>, trap_s: f64) -> Shares {
+    let sum = |spans: &VecDeque<Span>, f: &dyn Fn(&Span) -> Option<f64>| {
+        spans.iter().map(f).sum::<Option<f64>>()
+    };
+    let cpu = |spans: &VecDeque<Span>| spans.iter().map(|s| s.cpu_s).sum::<f64>();
+    let counted = sum(windows, &|s| s.cost_s(trap_s));
+    let Some(cost) = counted else {
+        let calls = windows.iter().map(|s| s.calls).sum();
+        let share = probe_share(calls, cpu(windows));
+        let frees = graces.iter().map(|s| s.frees).sum();
+        let grace = match graces.is_empty() {
+            true => share / 2.0,
+            false => probe_share(frees, cpu(graces)),
+        };
+        return Shares {
+            window: share,
+            detach: share,
+            grace,
+        };
+    };
+    let runs: u64 = windows.iter().map(Span::runs).sum();
+    let grace = match sum(graces, &|s| s.cost_s(trap_s)) {
+        Some(grace_cost) if !graces.is_empty() => cost_share(grace_cost, cpu(graces)),
+        _ => {
+            // The window's frees, each a run at the window's mean cost per run.
+            let frees: u64 = windows.iter().map(|s| s.frees).sum();
+            let per_run = cost / (runs.max(1) as f64);
+            cost_share(frees as f64 * per_run, cpu(windows))
+        }
+    };
+    Shares {
+        window: cost_share(cost, cpu(windows)),
+        detach: cost_share(runs as f64 * trap_s, cpu(windows)),
+        grace,
+    }
+}
+
+/// What a trap costs the traced processes, in seconds, from a window (every probe on) and the
+/// grace after it (the free probe alone), with frees as the unit of their work: a free costs
+/// `u + (P + R·t) / F` of CPU time in each, `u` the work's own share, `P` the programs' run
+/// time, `R` their runs and `F` the frees, so the difference of the two gives `t`. None when a
+/// span lacks the counts or frees, the runs per free hardly differ, or the two spans' work
+/// differed so much that no positive trap cost fits (a phase change).
+pub fn trap_cost(window: &Span, grace: &Span) -> Option<f64> {
+    const MIN_FREES: u64 = 100;
+    let (p_w, p_g) = (window.programs?, grace.programs?);
+    if window.frees < MIN_FREES || grace.frees < MIN_FREES {
+        return None;
+    }
+    let (f_w, f_g) = (window.frees as f64, grace.frees as f64);
+    let extra_runs = window.runs() as f64 / f_w - grace.runs() as f64 / f_g;
+    if extra_runs < 0.5 {
+        return None;
+    }
+    let per_free = |cpu_s: f64, run_time: f64, frees: f64| (cpu_s - run_time) / frees;
+    let t = (per_free(window.cpu_s, p_w, f_w) - per_free(grace.cpu_s, p_g, f_g)) / extra_runs;
+    (t > 0.0 && t < MAX_TRAP_COST.as_secs_f64()).then_some(t)
+}
+
+/// More than any trap costs: a measure above it is a phase change, not a trap.
+const MAX_TRAP_COST: Duration = Duration::from_micros(50);
+
 /// Closes allocation windows on time: a thread sleeps until a window's end and closes its edge
-/// in the kernel, reading the traced processes' CPU time and the heap programs' costs then,
-/// whatever the recorder's loop is busy with (hooking a large library can take it seconds). Both
-/// are read at the edge: the free probe runs on through the grace, so costs read later would be
-/// set against CPU time that stopped counting. Without the thread, the loop closes the edge
-/// itself when it sees the end passed.
+/// in the kernel, reading the counters and the traced processes' CPU time then, whatever the
+/// recorder's loop is busy with (hooking a large library can take it seconds). All are read at
+/// the edge: the free probe runs on through the grace, so its costs read later would be set
+/// against CPU time that stopped counting. Without the thread, the loop closes the edge itself
+/// when it sees the end passed.
 struct WindowClock {
     flags: Option<HeapWindowFlags>,
     deadlines: Option<mpsc::Sender<Deadline>>,
-    /// The window now open: its end and what to read then (without the thread).
+    /// The window now open, without the thread.
     deadline: Option<Deadline>,
-    /// The current window's edge, once it closed.
-    ended: Arc<Mutex<Option<Edge>>>,
+    /// The reading at the current window's edge, once it closed.
+    ended: Arc<Mutex<Option<Reading>>>,
 }
 
-/// A window's end, the processes whose CPU time is read then, and the programs whose costs are.
+/// A window's end: the processes whose CPU time is read then, and the counters.
 struct Deadline {
     at: Instant,
     pids: Vec<u32>,
-    costs: Option<HeapCostReader>,
-}
-
-/// A window's edge: when it closed, the processes' CPU ticks then, and the heap programs' costs
-/// then (None: the kernel does not count them).
-struct Edge {
-    at: Instant,
-    cpu_ticks: u64,
-    costs: Option<HeapCosts>,
+    counters: Arc<HeapCounters>,
+    /// Whether the programs' costs are read (they were at the window's start).
+    programs: bool,
 }
 
 impl Deadline {
-    /// Closes the allocation edge and reads what the window's measure needs, at once.
-    fn close(&self, flags: Option<&HeapWindowFlags>) -> Edge {
+    /// Closes the allocation edge and reads the window's end, at once.
+    fn close(&self, flags: Option<&HeapWindowFlags>) -> Reading {
         if let Some(flags) = flags {
             let _ = flags.set(HeapRole::Alloc, false);
         }
-        Edge {
-            at: Instant::now(),
-            cpu_ticks: cpu_ticks(&self.pids),
-            costs: self.costs.as_ref().map(HeapCostReader::read),
-        }
+        Reading::take(&self.counters, self.programs, &self.pids)
     }
 }
 
@@ -374,13 +568,14 @@ impl WindowClock {
         }
     }
 
-    /// The window now open ends at `at`; `costs` reads its programs' costs then.
-    fn schedule(&mut self, at: Instant, pids: &[u32], costs: Option<HeapCostReader>) {
+    /// The window measured from `mark` ends at `at`, read with `counters`.
+    fn schedule(&mut self, at: Instant, pids: &[u32], counters: Arc<HeapCounters>, mark: Reading) {
         *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let deadline = Deadline {
             at,
             pids: pids.to_vec(),
-            costs,
+            counters,
+            programs: mark.count.programs.is_some(),
         };
         self.deadline = None;
         if let Some(tx) = &self.deadlines {
@@ -394,8 +589,8 @@ impl WindowClock {
         self.deadlines = None;
     }
 
-    /// The window's edge, once it closed.
-    fn ended(&mut self) -> Option<Edge> {
+    /// The reading at the window's edge, once it closed.
+    fn ended(&mut self) -> Option<Reading> {
         if self.deadlines.is_some() {
             return self.ended.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
@@ -407,8 +602,9 @@ impl WindowClock {
     }
 }
 
-/// The kernel's count of what the heap programs cost (`BPF_ENABLE_STATS`), on only while a
-/// window is open: it times every eBPF program on the machine (two clock reads a run).
+/// The kernel's count of what the heap programs cost (`BPF_ENABLE_STATS`), on only from a
+/// window's start to its grace's end: it times every eBPF program on the machine (two clock
+/// reads a run).
 #[derive(Default)]
 struct CostMeter {
     stats: Option<OwnedFd>,
@@ -434,22 +630,9 @@ impl CostMeter {
         self.stats = None;
     }
 
-    /// Reads the heap programs attached now, while the kernel counts their costs.
-    fn reader(&self, probes: &mut Probes) -> Option<HeapCostReader> {
-        self.stats.as_ref()?;
-        Some(probes.heap_cost_reader())
-    }
-}
-
-/// What the heap programs cost between two readings.
-fn spent_since(then: HeapCosts, now: HeapCosts) -> HeapCosts {
-    let since = |then: ProgramCost, now: ProgramCost| ProgramCost {
-        run_time: now.run_time.saturating_sub(then.run_time),
-        runs: now.runs.saturating_sub(then.runs),
-    };
-    HeapCosts {
-        alloc: since(then.alloc, now.alloc),
-        free: since(then.free, now.free),
+    /// Whether the kernel counts the programs' costs now.
+    fn counting(&self) -> bool {
+        self.stats.is_some()
     }
 }
 
@@ -461,15 +644,31 @@ fn window_edge(probes: &mut Probes, role: HeapRole, open: bool) {
     }
 }
 
-/// Heap calls the probes saw so far.
-fn heap_calls(probes: &Probes) -> u64 {
-    probes.ledger_stats()[ledger_stat::HEAP_CALLS as usize]
-}
-
-/// CPU time of the traced processes so far, in clock ticks.
-fn cpu_ticks(pids: &[u32]) -> u64 {
+/// CPU time of the traced processes so far, in nanoseconds: their CPU clocks
+/// (`clock_getcpuclockid`), all threads together, exact where /proc's clock ticks (10 ms)
+/// would be coarse for one short window. A process gone counts nothing.
+fn cpu_ns(pids: &[u32]) -> u64 {
     pids.iter()
-        .filter_map(|&p| stat::read_stat(p).ok()?.cpu_ticks)
+        .filter_map(|&pid| {
+            let pid = libc::pid_t::try_from(pid).ok()?;
+            let mut clock: libc::clockid_t = 0;
+            // SAFETY: `clock` is a valid out pointer.
+            if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+                return None;
+            }
+            let mut now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `now` is a valid out pointer.
+            if unsafe { libc::clock_gettime(clock, &mut now) } != 0 {
+                return None;
+            }
+            Some(
+                u64::try_from(now.tv_sec).ok()? * 1_000_000_000
+                    + u64::try_from(now.tv_nsec).ok()?,
+            )
+        })
         .sum()
 }
 
@@ -486,42 +685,37 @@ pub fn probe_share(calls: u64, cpu_s: f64) -> f64 {
     (probes / cpu_s).min(0.99)
 }
 
-/// The share of `cpu_s` seconds of the traced processes' CPU time that `cost` took (at most
-/// 0.99; 0.99 as well for a cost with no measurable time).
-pub fn cost_share(cost: Duration, cpu_s: f64) -> f64 {
-    if cost.is_zero() {
+/// The share of `cpu_s` seconds of the traced processes' CPU time that `cost_s` seconds took
+/// (at most 0.99; 0.99 as well for a cost with no measurable time).
+pub fn cost_share(cost_s: f64, cpu_s: f64) -> f64 {
+    if cost_s <= 0.0 {
         return 0.0;
     }
     if cpu_s <= 0.0 {
         return 0.99;
     }
-    (cost.as_secs_f64() / cpu_s).min(0.99)
-}
-
-/// What probes cost the processes they ran in: their programs' run time and a trap per run.
-pub fn probe_cost(cost: ProgramCost) -> Duration {
-    cost.run_time + TRAP_COST.saturating_mul(u32::try_from(cost.runs).unwrap_or(u32::MAX))
+    (cost_s / cpu_s).min(0.99)
 }
 
 /// The duty (the share of the time the allocation probes are on) whose expected slowdown is
-/// `budget`, for probes that take `shares.0` of the processes' time while all are on and
-/// `shares.1` with the free probe alone. A cycle costs its window and the allocation probes'
-/// detach slowing by `f / (1 − f)`, and its grace slowing by `f_free / (1 − f_free)`; the
-/// cycle's period spreads that cost to the budget. At most 1, at least `MIN_DUTY`.
+/// `budget`, for probes that take `shares` of the processes' time. A cycle costs its window
+/// slowing by `f / (1 − f)` at the window's share, the allocation probes' detach at the
+/// detach's share and its grace at the grace's; the cycle's period spreads that cost to the
+/// budget. At most 1, at least `MIN_DUTY`.
 pub fn duty_for(
     budget: f64,
-    shares: (f64, f64),
+    shares: Shares,
     window: Duration,
     detach: Duration,
     grace: Duration,
 ) -> f64 {
-    let (share, free_share) = shares;
-    if share <= 0.0 {
+    if shares.window <= 0.0 {
         return 1.0;
     }
     let slowdown = |f: f64| f / (1.0 - f);
-    let cost = (window + detach).as_secs_f64() * slowdown(share)
-        + grace.as_secs_f64() * slowdown(free_share);
+    let cost = window.as_secs_f64() * slowdown(shares.window)
+        + detach.as_secs_f64() * slowdown(shares.detach)
+        + grace.as_secs_f64() * slowdown(shares.grace);
     let period = cost / budget;
     (window.as_secs_f64() / period).clamp(MIN_DUTY, 1.0)
 }
@@ -589,57 +783,169 @@ mod tests {
         assert!(line.ends_with("no measurable CPU time meanwhile"), "{line}");
     }
 
+    fn cycle(window: f64, detach: f64, grace: f64) -> Shares {
+        Shares {
+            window,
+            detach,
+            grace,
+        }
+    }
+
     #[test]
     fn the_duty_keeps_the_expected_slowdown_within_the_budget() {
         let (window, grace) = (Duration::from_millis(250), Duration::from_secs(2));
-        // Exact tracing slows a loop 20x: the probes take 95 % of its time while on. A cycle
-        // costs 0.325 s x 19 (window and detach) + 2 s x 0.475/0.525 (grace, frees alone):
-        // 7.985 s of slowdown, spread over 159.7 s at 5 %: the window is on 0.157 % of the time.
-        let duty = duty_for(0.05, (0.95, 0.475), window, DETACH_ALLOWANCE, grace);
-        let cost = 0.325 * 19.0 + 2.0 * (0.475 / 0.525);
+        // Exact tracing slows a loop 20x: the probes take 95 % of its time while on, their
+        // traps alone 50 %. A cycle costs 0.25 s x 19 (window) + 0.075 s x 1 (detach) + 2 s x
+        // 0.475/0.525 (grace, frees alone): 6.6346 s of slowdown, spread over 132.7 s at 5 %:
+        // the window is on 0.188 % of the time.
+        let duty = duty_for(
+            0.05,
+            cycle(0.95, 0.5, 0.475),
+            window,
+            DETACH_ALLOWANCE,
+            grace,
+        );
+        let cost = 0.25 * 19.0 + 0.075 + 2.0 * (0.475 / 0.525);
         assert!((duty - 0.25 / (cost / 0.05)).abs() < 1e-12, "{duty}");
         assert!(
             (cost * duty / 0.25 - 0.05).abs() < 1e-12,
             "slowdown over a period = budget"
         );
         // A modest malloc rate (2 % in probes): on most of the time.
-        let modest = duty_for(0.05, (0.02, 0.01), window, DETACH_ALLOWANCE, grace);
+        let modest = duty_for(
+            0.05,
+            cycle(0.02, 0.01, 0.01),
+            window,
+            DETACH_ALLOWANCE,
+            grace,
+        );
         assert!(modest > 0.25 && modest < 1.0, "{modest}");
         // No calls: always on; a budget that allows everything: always on.
+        let none = cycle(0.0, 0.0, 0.0);
+        assert_eq!(duty_for(0.05, none, window, DETACH_ALLOWANCE, grace), 1.0);
+        let cheap = cycle(0.01, 0.005, 0.005);
+        assert_eq!(duty_for(1.0, cheap, window, DETACH_ALLOWANCE, grace), 1.0);
+        let dear = cycle(0.99, 0.9, 0.5);
         assert_eq!(
-            duty_for(0.05, (0.0, 0.0), window, DETACH_ALLOWANCE, grace),
-            1.0
-        );
-        assert_eq!(
-            duty_for(1.0, (0.01, 0.005), window, DETACH_ALLOWANCE, grace),
-            1.0
-        );
-        assert_eq!(
-            duty_for(0.0001, (0.99, 0.5), window, DETACH_ALLOWANCE, grace),
+            duty_for(0.0001, dear, window, DETACH_ALLOWANCE, grace),
             MIN_DUTY
         );
         // A free probe that costs little (no stack to walk) leaves room for more windows: a
-        // cycle costs 6.175 s + 2 s x 0.05/0.95.
-        let cheap_frees = duty_for(0.05, (0.95, 0.05), window, DETACH_ALLOWANCE, grace);
-        let cheap_cost = 0.325 * 19.0 + 2.0 * (0.05 / 0.95);
+        // cycle costs 4.825 s + 2 s x 0.05/0.95.
+        let cheap_frees = duty_for(
+            0.05,
+            cycle(0.95, 0.5, 0.05),
+            window,
+            DETACH_ALLOWANCE,
+            grace,
+        );
+        let cheap_cost = 0.25 * 19.0 + 0.075 + 2.0 * (0.05 / 0.95);
         assert!(
             (cheap_frees / duty - cost / cheap_cost).abs() < 1e-9,
             "{cheap_frees}"
         );
     }
 
-    #[test]
-    fn the_counted_cost_is_the_programs_run_time_and_a_trap_per_run() {
-        let counted = ProgramCost {
-            run_time: Duration::from_millis(150),
-            runs: 100_000,
+    /// A process whose work frees 100 k blocks a CPU second untraced (10 µs of its own CPU
+    /// time a free), with a malloc per free; traps cost it `trap` each.
+    fn spans(trap: f64) -> (Span, Span) {
+        let own = 10e-6;
+        // Window: 10 k frees; malloc entry, malloc return and free: 3 runs a free, the
+        // programs 0.4 µs a run.
+        let (frees, runs) = (10_000u64, 30_000u64);
+        let run_time = runs as f64 * 0.4e-6;
+        let window = Span {
+            seconds: 0.25,
+            cpu_s: frees as f64 * own + run_time + runs as f64 * trap,
+            calls: 20_000,
+            frees,
+            programs: Some(run_time),
         };
-        // 0.15 s in the programs, 0.1 s of traps, over 0.5 s of CPU: half of it.
-        assert_eq!(probe_cost(counted), Duration::from_millis(250));
-        assert!((cost_share(probe_cost(counted), 0.5) - 0.5).abs() < 1e-12);
-        assert_eq!(cost_share(Duration::ZERO, 0.5), 0.0);
-        assert_eq!(cost_share(Duration::from_millis(1), 0.0), 0.99);
-        assert_eq!(cost_share(Duration::from_secs(2), 1.0), 0.99);
+        // Grace: 150 k frees, the free probe alone at 0.2 µs a run.
+        let (frees, runs) = (150_000u64, 150_000u64);
+        let run_time = runs as f64 * 0.2e-6;
+        let grace = Span {
+            seconds: 2.0,
+            cpu_s: frees as f64 * own + run_time + runs as f64 * trap,
+            calls: frees,
+            frees,
+            programs: Some(run_time),
+        };
+        (window, grace)
+    }
+
+    #[test]
+    fn a_trap_is_priced_from_a_window_and_its_grace() {
+        for trap in [0.5e-6, 2.4e-6, 10e-6] {
+            let (window, grace) = spans(trap);
+            let measured = trap_cost(&window, &grace).unwrap();
+            assert!((measured - trap).abs() < 1e-12, "{measured} against {trap}");
+        }
+        let (window, grace) = spans(2.4e-6);
+        // No counts, too few frees, or no more runs a free in the window than in the grace.
+        let uncounted = Span {
+            programs: None,
+            ..grace
+        };
+        assert_eq!(trap_cost(&window, &uncounted), None);
+        let idle = Span { frees: 10, ..grace };
+        assert_eq!(trap_cost(&window, &idle), None);
+        let frees_alone = Span {
+            calls: window.frees,
+            ..window
+        };
+        assert_eq!(trap_cost(&frees_alone, &grace), None);
+        // The grace's work much heavier a free than the window's (a phase change): no
+        // positive trap cost fits.
+        let heavier = Span {
+            cpu_s: grace.cpu_s * 10.0,
+            ..grace
+        };
+        assert_eq!(trap_cost(&window, &heavier), None);
+    }
+
+    #[test]
+    fn the_shares_are_the_programs_and_their_traps_against_the_cpu_time() {
+        let trap = 2.4e-6;
+        let (window, grace) = spans(trap);
+        let windows = VecDeque::from([window]);
+        let graces = VecDeque::from([grace]);
+        let priced = shares(&windows, &graces, trap);
+        // Window: 30 k runs at 0.4 + 2.4 µs = 0.084 s of 0.184 s of CPU; their traps alone
+        // 0.072 s.
+        assert!((priced.window - 0.084 / 0.184).abs() < 1e-12, "{priced:?}");
+        assert!((priced.detach - 0.072 / 0.184).abs() < 1e-12, "{priced:?}");
+        // Grace: 150 k runs at 0.2 + 2.4 µs = 0.39 s of 1.89 s.
+        assert!((priced.grace - 0.39 / 1.89).abs() < 1e-12, "{priced:?}");
+        // Priced at a cheaper trap, the window costs less.
+        assert!(shares(&windows, &graces, 0.5e-6).window < priced.window);
+        // Before a grace: the window's frees at its mean cost per run, a third of its cost.
+        let first = shares(&windows, &VecDeque::new(), trap).grace;
+        assert!((first - 0.084 / 3.0 / 0.184).abs() < 1e-12, "{first}");
+        // Without the kernel's counts: every call at COST_PER_CALL, the free probe at half.
+        let uncounted = VecDeque::from([Span {
+            programs: None,
+            ..window
+        }]);
+        let priced = shares(&uncounted, &VecDeque::new(), trap);
+        assert_eq!(priced.window, probe_share(20_000, window.cpu_s));
+        assert_eq!(priced.detach, priced.window);
+        assert_eq!(priced.grace, priced.window / 2.0);
+        assert_eq!(cost_share(0.0, 0.5), 0.0);
+        assert_eq!(cost_share(0.001, 0.0), 0.99);
+        assert_eq!(cost_share(2.0, 1.0), 0.99);
+    }
+
+    #[test]
+    fn the_median_of_the_last_measures_is_used() {
+        assert_eq!(median(&VecDeque::new()), None);
+        assert_eq!(median(&VecDeque::from([3.0, 1.0, 2.0])), Some(2.0));
+        assert_eq!(median(&VecDeque::from([4.0, 1.0, 2.0, 3.0])), Some(2.5));
+        let mut recent = VecDeque::new();
+        for v in 0..6 {
+            push_recent(&mut recent, f64::from(v));
+        }
+        assert_eq!(recent, VecDeque::from([2.0, 3.0, 4.0, 5.0]));
     }
 
     #[test]

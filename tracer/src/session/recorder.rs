@@ -595,7 +595,7 @@ impl Recorder {
             .filter_map(|&p| sample_rss(p, t_s as u64, &self.sink.mappings))
             .collect();
         self.writer.add_rss_samples(&samples)?;
-        let [blocks_full, stacks_full, freed_unseen, _, unmatched] = self.probes.ledger_stats();
+        let [blocks_full, stacks_full, freed_unseen, _, unmatched, _] = self.probes.ledger_stats();
         self.sink.ledger.set_kernel_unmatched_frees(unmatched);
         self.sink.sync_kernel_heap(blocks_full == 0);
         let new_stacks = self.sink.take_new_stacks();

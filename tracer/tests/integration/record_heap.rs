@@ -585,17 +585,21 @@ fn a_heap_budget_chooses_the_duty_from_what_the_first_window_measured() {
         share > 0.05 && duty["calls_per_s"].as_f64().unwrap() > 20_000.0,
         "{duty}"
     );
-    // A cycle costs its window of 0.2 s and the allocation probes' detach (as timed, 75 ms
-    // until one was) with every probe on, and its grace of 2 s with the free probe alone. Both
-    // shares come from the kernel's count of the programs' run time and runs.
+    // A cycle costs its window of 0.2 s with every probe on, the allocation probes' detach
+    // (as timed, 75 ms until one was) with their traps alone, and its grace of 0.5 s with the
+    // free probe alone. The shares come from the kernel's count of the programs' run time,
+    // the probes' counts of calls and frees, and the trap's cost measured on the process.
     let free_share = duty["free_probe_share"].as_f64().unwrap();
+    let detach_share = duty["detach_probe_share"].as_f64().unwrap();
     assert!(free_share > 0.0 && free_share < share, "{duty}");
+    assert!(detach_share > 0.0 && detach_share < share, "{duty}");
+    assert!(duty["trap_ns"].as_f64().unwrap() > 0.0, "{duty}");
     let detach = match duty["detach_s"].as_f64().unwrap() {
         0.0 => 0.075,
         timed => timed,
     };
     let slowdown = |f: f64| f / (1.0 - f);
-    let cost = (0.2 + detach) * slowdown(share) + 2.0 * slowdown(free_share);
+    let cost = 0.2 * slowdown(share) + detach * slowdown(detach_share) + 0.5 * slowdown(free_share);
     let expected = (0.2 / (cost / 0.05)).clamp(0.001, 1.0);
     assert!((chosen - expected).abs() < 1e-9, "{duty}");
     assert!(chosen < 1.0, "{duty}");

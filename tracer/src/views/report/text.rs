@@ -641,7 +641,7 @@ fn text_heap_duty_line(out: &mut String, duty: &HeapDuty) {
         out,
         "  heap duty-cycled ({budget}probes on {:.2} % of the time, {} of {:.2} s plus {:.1} s of \
          grace, {:.1} s in all; {:.0} heap calls/s while on, {:.0} % of the processes' time in \
-         probes then): heap figures are blocks allocated inside windows, `live` those that \
+         probes then, {:.0} % in the grace, a trap {:.1} µs): heap figures are blocks allocated inside windows, `live` those that \
          outlived their window and grace{}",
         duty.duty * 100.0,
         count_of(duty.windows, "window"),
@@ -650,6 +650,8 @@ fn text_heap_duty_line(out: &mut String, duty: &HeapDuty) {
         duty.on_s,
         duty.calls_per_s,
         duty.probe_share * 100.0,
+        duty.free_probe_share * 100.0,
+        duty.trap_ns / 1e3,
         match duty.freed_unseen {
             0 => String::new(),
             n => format!(" ({} of them found freed later)", count_of(n, "block")),
