@@ -15,7 +15,7 @@
 //!
 //! A trap costs a process more than the kernel's entry and exit: its caches and TLB are
 //! refilled after each, which a large process pays far more than a small benchmark (a
-//! PyTorch loop: 2–3 µs a trap, against 0.5 µs in `heap_churn`). So the trap's cost is
+//! PyTorch loop: 2–2.6 µs a trap, against 0.5–1 µs in `heap_churn`). So the trap's cost is
 //! measured on the processes themselves (`trap_cost`): their frees are their work's unit, and
 //! the CPU time a free costs with every probe on and with the free probe alone differs by the
 //! programs' run time and the traps of the extra runs. `TRAP_COST` serves until a grace has
@@ -38,9 +38,9 @@ use crate::{
 /// (docs/performance.md: about 4.4 µs per malloc/free pair).
 pub const COST_PER_CALL: Duration = Duration::from_nanos(2200);
 
-/// What one uprobe hit costs beyond its program: the trap, the kernel's entry and exit (the
-/// empty programs of `cargo xtask bench`'s floor: about 3 µs for a malloc/free pair's three
-/// traps on the development VM).
+/// What one uprobe hit costs beyond its program until one was measured on the traced
+/// processes (`trap_cost`): the trap, the kernel's entry and exit (the empty programs of `cargo
+/// xtask bench`'s floor: 1.6–3 µs for a malloc/free pair's three traps on the development VM).
 pub const TRAP_COST: Duration = Duration::from_nanos(1000);
 
 /// The least duty a budget chooses: a window every 1000 windows' time.
@@ -128,20 +128,23 @@ enum State {
         mark: Reading,
         counters: Arc<HeapCounters>,
     },
-    /// Allocation probes detached after the window opened at `opened` and on for `on`; free
-    /// probes until `until`, measured from the window's edge; the next window at `next`.
-    Grace {
-        opened: Instant,
-        on: Duration,
-        window: Span,
-        edge: Reading,
-        counters: Arc<HeapCounters>,
-        until: Instant,
-        next: Instant,
-    },
+    /// Allocation probes detached, free probes on.
+    Grace(Grace),
     /// Everything detached (or free probes kept, when the next window comes before their grace
     /// would end) until `next`.
     Closed { next: Instant },
+}
+
+/// A grace: after the window opened at `opened` and on for `on` (measured as `window`), the
+/// free probes until `until`, measured from the window's edge; the next window at `next`.
+struct Grace {
+    opened: Instant,
+    on: Duration,
+    window: Span,
+    edge: Reading,
+    counters: Arc<HeapCounters>,
+    until: Instant,
+    next: Instant,
 }
 
 /// The windows of a duty-cycled heap.
@@ -205,91 +208,98 @@ impl DutyCycle {
     /// Moves the windows on: called at every poll of the ring.
     pub fn poll(&mut self, probes: &mut Probes, pids: &[u32]) {
         let now = Instant::now();
-        let state = std::mem::replace(&mut self.state, State::Closed { next: now });
-        self.state = match state {
-            State::Open {
-                since,
-                mark,
-                counters,
-            } => {
+        match &self.state {
+            State::Open { .. } => {
                 let Some(edge) = self.clock.ended() else {
-                    self.state = State::Open {
-                        since,
-                        mark,
-                        counters,
-                    };
                     return;
                 };
-                let window = Span::between(&mark, &edge);
-                push_recent(&mut self.windows, window);
-                self.figures.calls_per_s = window.calls as f64 / window.seconds.max(1e-6);
-                self.price(probes);
-                if self.opts.duty < 1.0 {
-                    self.close(probes, since, window, edge, counters)
-                } else {
-                    // Always on, for now: open again at once, measured again after another
-                    // window's time.
-                    window_edge(probes, HeapRole::Alloc, true);
-                    let mark = Reading::take(&counters, self.meter.counting(), pids);
-                    self.clock
-                        .schedule(now + self.opts.window, pids, counters.clone(), mark);
-                    State::Open {
-                        since,
-                        mark,
-                        counters,
-                    }
+                if let State::Open {
+                    since,
+                    mark,
+                    counters,
+                } = self.take_state()
+                {
+                    self.state = self.end_window(probes, pids, (since, mark, counters), edge);
                 }
             }
-            State::Grace {
-                opened,
-                on,
-                window,
-                edge,
-                counters,
-                until,
-                next,
-            } => {
-                if now < until {
-                    self.state = State::Grace {
-                        opened,
-                        on,
-                        window,
-                        edge,
-                        counters,
-                        until,
-                        next,
-                    };
-                    return;
+            State::Grace(grace) if now >= grace.until => {
+                if let State::Grace(grace) = self.take_state() {
+                    self.state = self.end_grace(probes, pids, grace);
                 }
-                let end = Reading::take(&counters, self.meter.counting(), pids);
-                window_edge(probes, HeapRole::Free, false);
-                probes.close_heap(HeapRole::Free);
-                self.meter.stop();
-                let grace = Span::between(&edge, &end);
-                log::debug!("heap grace {}: {grace:?}", self.figures.windows);
-                push_recent(&mut self.graces, grace);
-                if let Some(trap) = trap_cost(&window, &grace) {
-                    // A window and its grace can fall in different phases of the processes'
-                    // work (start-up): one measure moves the price at most twofold.
-                    let now = self.trap_s();
-                    push_recent(&mut self.traps, trap.clamp(now / 2.0, now * 2.0));
-                }
-                self.price(probes);
-                // The next window, one period (as priced now) after this one opened.
-                let period = on.div_f64(self.opts.duty.max(MIN_DUTY));
-                let next = if self.opts.budget.is_some() {
-                    (opened + period).max(now)
-                } else {
-                    next
-                };
-                State::Closed { next }
             }
-            State::Closed { next } if now >= next => {
-                self.state = State::Closed { next };
-                return self.open(probes, pids);
-            }
-            closed @ State::Closed { .. } => closed,
+            State::Closed { next } if now >= *next => self.open(probes, pids),
+            _ => {}
+        }
+    }
+
+    /// The state, left closed until now.
+    fn take_state(&mut self) -> State {
+        let closed = State::Closed {
+            next: Instant::now(),
         };
+        std::mem::replace(&mut self.state, closed)
+    }
+
+    /// The window opened at `since` and measured from `mark` ended at `edge`: priced, then
+    /// closed for its grace, or opened again at once while the duty is 100 %.
+    fn end_window(
+        &mut self,
+        probes: &mut Probes,
+        pids: &[u32],
+        (since, mark, counters): (Instant, Reading, Arc<HeapCounters>),
+        edge: Reading,
+    ) -> State {
+        let window = Span::between(&mark, &edge);
+        push_recent(&mut self.windows, window);
+        self.figures.calls_per_s = window.calls as f64 / window.seconds.max(1e-6);
+        self.price(probes);
+        if self.opts.duty < 1.0 {
+            return self.close(probes, since, window, edge, counters);
+        }
+        // Always on, for now: open again at once, measured again after another window's time.
+        window_edge(probes, HeapRole::Alloc, true);
+        let mark = Reading::take(&counters, self.meter.counting(), pids);
+        let end = mark.at + self.opts.window;
+        self.clock.schedule(end, pids, counters.clone(), mark);
+        State::Open {
+            since,
+            mark,
+            counters,
+        }
+    }
+
+    /// The grace ended: its free probes detached, the trap's cost measured from it and its
+    /// window, the cycle priced again and the next window moved to match.
+    fn end_grace(&mut self, probes: &mut Probes, pids: &[u32], grace: Grace) -> State {
+        let end = Reading::take(&grace.counters, self.meter.counting(), pids);
+        window_edge(probes, HeapRole::Free, false);
+        probes.close_heap(HeapRole::Free);
+        self.meter.stop();
+        let span = Span::between(&grace.edge, &end);
+        log::debug!(
+            "heap grace {}: {} frees in {:.3} s, {:.3} s of CPU",
+            self.figures.windows,
+            span.frees,
+            span.seconds,
+            span.cpu_s
+        );
+        push_recent(&mut self.graces, span);
+        if let Some(trap) = trap_cost(&grace.window, &span) {
+            // A window and its grace can fall in different phases of the processes' work
+            // (start-up): one measure moves the price at most twofold.
+            let now = self.trap_s();
+            push_recent(&mut self.traps, trap.clamp(now / 2.0, now * 2.0));
+        }
+        self.price(probes);
+        // The next window, one period (as priced now) after this one opened.
+        let next = match self.opts.budget {
+            Some(_) => {
+                let period = grace.on.div_f64(self.opts.duty.max(MIN_DUTY));
+                (grace.opened + period).max(Instant::now())
+            }
+            None => grace.next,
+        };
+        State::Closed { next }
     }
 
     /// The figures so far, a window still open counted up to now.
@@ -394,7 +404,7 @@ impl DutyCycle {
             next.saturating_duration_since(now).as_secs_f64()
         );
         if until < next {
-            State::Grace {
+            State::Grace(Grace {
                 opened: since,
                 on,
                 window,
@@ -402,7 +412,7 @@ impl DutyCycle {
                 counters,
                 until,
                 next,
-            }
+            })
         } else {
             // The free probes stay on into the next window.
             self.meter.stop();
