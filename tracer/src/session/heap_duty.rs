@@ -804,17 +804,12 @@ mod tests {
     #[test]
     fn the_duty_keeps_the_expected_slowdown_within_the_budget() {
         let (window, grace) = (Duration::from_millis(250), Duration::from_secs(2));
+        let duty_of = |budget, shares| duty_for(budget, shares, window, DETACH_ALLOWANCE, grace);
         // Exact tracing slows a loop 20x: the probes take 95 % of its time while on, their
         // traps alone 50 %. A cycle costs 0.25 s x 19 (window) + 0.075 s x 1 (detach) + 2 s x
         // 0.475/0.525 (grace, frees alone): 6.6346 s of slowdown, spread over 132.7 s at 5 %:
         // the window is on 0.188 % of the time.
-        let duty = duty_for(
-            0.05,
-            cycle(0.95, 0.5, 0.475),
-            window,
-            DETACH_ALLOWANCE,
-            grace,
-        );
+        let duty = duty_of(0.05, cycle(0.95, 0.5, 0.475));
         let cost = 0.25 * 19.0 + 0.075 + 2.0 * (0.475 / 0.525);
         assert!((duty - 0.25 / (cost / 0.05)).abs() < 1e-12, "{duty}");
         assert!(
@@ -822,33 +817,18 @@ mod tests {
             "slowdown over a period = budget"
         );
         // A modest malloc rate (2 % in probes): on most of the time.
-        let modest = duty_for(
-            0.05,
-            cycle(0.02, 0.01, 0.01),
-            window,
-            DETACH_ALLOWANCE,
-            grace,
-        );
+        let modest = duty_of(0.05, cycle(0.02, 0.01, 0.01));
         assert!(modest > 0.25 && modest < 1.0, "{modest}");
         // No calls: always on; a budget that allows everything: always on.
         let none = cycle(0.0, 0.0, 0.0);
-        assert_eq!(duty_for(0.05, none, window, DETACH_ALLOWANCE, grace), 1.0);
+        assert_eq!(duty_of(0.05, none), 1.0);
         let cheap = cycle(0.01, 0.005, 0.005);
-        assert_eq!(duty_for(1.0, cheap, window, DETACH_ALLOWANCE, grace), 1.0);
+        assert_eq!(duty_of(1.0, cheap), 1.0);
         let dear = cycle(0.99, 0.9, 0.5);
-        assert_eq!(
-            duty_for(0.0001, dear, window, DETACH_ALLOWANCE, grace),
-            MIN_DUTY
-        );
+        assert_eq!(duty_of(0.0001, dear), MIN_DUTY);
         // A free probe that costs little (no stack to walk) leaves room for more windows: a
         // cycle costs 4.825 s + 2 s x 0.05/0.95.
-        let cheap_frees = duty_for(
-            0.05,
-            cycle(0.95, 0.5, 0.05),
-            window,
-            DETACH_ALLOWANCE,
-            grace,
-        );
+        let cheap_frees = duty_of(0.05, cycle(0.95, 0.5, 0.05));
         let cheap_cost = 0.25 * 19.0 + 0.075 + 2.0 * (0.05 / 0.95);
         assert!(
             (cheap_frees / duty - cost / cheap_cost).abs() < 1e-9,
