@@ -437,10 +437,7 @@ impl HeapCounters {
     /// The counts now; `programs`: with the programs' costs. What the kernel cannot describe
     /// counts nothing.
     pub fn read(&self, programs: bool) -> HeapCount {
-        let stat = |index: u32| {
-            let values = self.stats.as_ref()?.get(&index, 0).ok()?;
-            Some(values.iter().sum::<u64>())
-        };
+        let stat = |index: u32| per_cpu_total(self.stats.as_ref()?, index);
         let mut count = HeapCount {
             calls: stat(ledger_stat::HEAP_CALLS).unwrap_or(0),
             frees: stat(ledger_stat::FREE_CALLS).unwrap_or(0),
@@ -1346,11 +1343,20 @@ fn sum_per_cpu<const N: usize>(ebpf: &aya::Ebpf, name: &str) -> [u64; N] {
         return out;
     };
     for (i, slot) in out.iter_mut().enumerate() {
-        if let Ok(values) = array.get(&(i as u32), 0) {
-            *slot = values.iter().sum();
+        if let Some(total) = per_cpu_total(&array, i as u32) {
+            *slot = total;
         }
     }
     out
+}
+
+/// Entry `index` of a per-CPU counter array, summed over the CPUs; None when unreadable.
+fn per_cpu_total<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, u64>,
+    index: u32,
+) -> Option<u64> {
+    let values = array.get(&index, 0).ok()?;
+    Some(values.iter().sum())
 }
 
 #[cfg(test)]

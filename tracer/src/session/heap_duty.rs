@@ -136,7 +136,7 @@ enum State {
 }
 
 /// A grace: after the window opened at `opened` and on for `on` (measured as `window`), the
-/// free probes until `until`, measured from the window's edge; the next window at `next`.
+/// free probes until `until`, measured from the window's edge.
 struct Grace {
     opened: Instant,
     on: Duration,
@@ -144,7 +144,6 @@ struct Grace {
     edge: Reading,
     counters: Arc<HeapCounters>,
     until: Instant,
-    next: Instant,
 }
 
 /// The windows of a duty-cycled heap.
@@ -291,15 +290,9 @@ impl DutyCycle {
             push_recent(&mut self.traps, trap.clamp(now / 2.0, now * 2.0));
         }
         self.price(probes);
-        // The next window, one period (as priced now) after this one opened.
-        let next = match self.opts.budget {
-            Some(_) => {
-                let period = grace.on.div_f64(self.opts.duty.max(MIN_DUTY));
-                (grace.opened + period).max(Instant::now())
-            }
-            None => grace.next,
-        };
-        State::Closed { next }
+        State::Closed {
+            next: self.next_window(grace.opened, grace.on),
+        }
     }
 
     /// The figures so far, a window still open counted up to now.
@@ -339,6 +332,13 @@ impl DutyCycle {
             mark,
             counters,
         };
+    }
+
+    /// When the window after the one opened at `opened` and on for `on` opens: one period (at
+    /// the duty as priced now) after it, and not before now.
+    fn next_window(&self, opened: Instant, on: Duration) -> Instant {
+        let period = on.div_f64(self.opts.duty.max(MIN_DUTY));
+        (opened + period).max(Instant::now())
     }
 
     /// What a trap costs the processes: the median of the last measures, `TRAP_COST` before one.
@@ -393,9 +393,7 @@ impl DutyCycle {
         self.figures.on_s += on.as_secs_f64();
         probes.close_heap(HeapRole::Alloc);
         let now = Instant::now();
-        // The next window comes one period after this one opened.
-        let period = on.div_f64(self.opts.duty.max(MIN_DUTY));
-        let next = (since + period).max(now);
+        let next = self.next_window(since, on);
         let until = edge.at + self.opts.grace;
         log::debug!(
             "heap window {} closed after {:.3} s; next in {:.1} s",
@@ -411,7 +409,6 @@ impl DutyCycle {
                 edge,
                 counters,
                 until,
-                next,
             })
         } else {
             // The free probes stay on into the next window.
