@@ -477,8 +477,9 @@ pub struct HeapDuty {
     pub on_s: f64,
     /// Heap calls per second of the traced processes while the probes were on (last window).
     pub calls_per_s: f64,
-    /// Share of the traced processes' CPU time the probes took while on (the last windows; the
-    /// kernel's count of the programs' run time and runs, docs/performance.md).
+    /// Share of the traced processes' CPU time the probes took while on (the last windows: the
+    /// kernel's count of the programs' run time, and a trap per traced run at `trap_ns`;
+    /// docs/accounting.md).
     pub probe_share: f64,
     /// The same share while a window's allocation probes are detached: their traps alone.
     #[serde(default)]

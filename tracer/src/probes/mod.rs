@@ -407,26 +407,19 @@ impl HeapRoles {
     }
 }
 
-/// The kernel's count of what heap programs cost: their run time and runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ProgramCost {
-    pub run_time: Duration,
-    pub runs: u64,
-}
-
 /// The duty-cycled heap's counters at one moment (`HeapCounters::read`): heap calls and frees
-/// of traced processes the probes saw, and what the heap programs cost so far (None: not
-/// asked, the kernel was not counting).
+/// of traced processes the probes saw, and the heap programs' run time so far, as the kernel
+/// counts it (None: not asked, the kernel was not counting).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct HeapCount {
     pub calls: u64,
     pub frees: u64,
-    pub programs: Option<ProgramCost>,
+    pub run_time: Option<Duration>,
 }
 
 /// Reads a duty-cycled heap's counters on any thread (the one that closes a window reads them
 /// at the window's edge): the ledger's call counts (`LEDGER_STATS`) and the kernel's count of
-/// the run time and runs of the heap programs attached when it was made, while
+/// the run time of the heap programs attached when it was made, while
 /// `BPF_ENABLE_STATS` is on (`heap_duty::CostMeter`). Holds its own descriptors of both.
 pub struct HeapCounters {
     programs: Vec<ProgramFd>,
@@ -434,26 +427,21 @@ pub struct HeapCounters {
 }
 
 impl HeapCounters {
-    /// The counts now; `programs`: with the programs' costs. What the kernel cannot describe
+    /// The counts now; `programs`: with the programs' run time. What the kernel cannot describe
     /// counts nothing.
     pub fn read(&self, programs: bool) -> HeapCount {
         let stat = |index: u32| per_cpu_total(self.stats.as_ref()?, index);
-        let mut count = HeapCount {
+        let run_time = programs.then(|| {
+            (self.programs.iter())
+                .filter_map(|fd| ProgramInfo::new_from_fd(fd.as_fd()).ok())
+                .map(|info| info.run_time())
+                .sum()
+        });
+        HeapCount {
             calls: stat(ledger_stat::HEAP_CALLS).unwrap_or(0),
             frees: stat(ledger_stat::FREE_CALLS).unwrap_or(0),
-            programs: None,
-        };
-        if programs {
-            let mut cost = ProgramCost::default();
-            for fd in &self.programs {
-                if let Ok(info) = ProgramInfo::new_from_fd(fd.as_fd()) {
-                    cost.run_time += info.run_time();
-                    cost.runs += info.run_count();
-                }
-            }
-            count.programs = Some(cost);
+            run_time,
         }
-        count
     }
 }
 

@@ -97,9 +97,9 @@ pub struct Span {
 
 impl Span {
     fn between(then: &Reading, now: &Reading) -> Span {
-        let programs = (then.count.programs)
-            .zip(now.count.programs)
-            .map(|(a, b)| b.run_time.saturating_sub(a.run_time).as_secs_f64());
+        let programs = (then.count.run_time)
+            .zip(now.count.run_time)
+            .map(|(a, b)| b.saturating_sub(a).as_secs_f64());
         Span {
             seconds: now.at.saturating_duration_since(then.at).as_secs_f64(),
             cpu_s: now.cpu_ns.saturating_sub(then.cpu_ns) as f64 / 1e9,
@@ -582,7 +582,7 @@ impl WindowClock {
             at,
             pids: pids.to_vec(),
             counters,
-            programs: mark.count.programs.is_some(),
+            programs: mark.count.run_time.is_some(),
         };
         self.deadline = None;
         if let Some(tx) = &self.deadlines {
