@@ -375,13 +375,17 @@ pub mod heap_ledger {
     /// A traced process (`TARGETS`, by tgid): its image generation (1 + the execs seen since
     /// it was traced), which its heap stacks' keys include, and its live heap bytes in the
     /// kernel's heap ledger, which an exec takes out of `HEAP_LIVE` (the image's heap went
-    /// with it). One value, so that a heap call looks its process up once.
+    /// with it). One value, so that a heap call looks its process up once: it also caches
+    /// what user space set for the process in other maps (`KEY_FRAMES`, `PY_OFFSETS`), read
+    /// again when `SETTINGS_VERSION` moves (`settings`: the kernel's own encoding, 0 until
+    /// first read).
     #[repr(C)]
     #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
     pub struct TracedProcess {
         pub generation: u32,
         pub _pad: u32,
         pub heap: u64,
+        pub settings: u64,
     }
 
     impl TracedProcess {
@@ -390,6 +394,7 @@ pub mod heap_ledger {
             generation: 1,
             _pad: 0,
             heap: 0,
+            settings: 0,
         };
     }
 
@@ -421,13 +426,16 @@ pub mod heap_ledger {
     /// allocation to its free (most heap blocks die young; a slot costs two array reads and
     /// three atomic operations a pair, the hash table an insert, a lookup and a delete).
     /// `owner` says who may touch the rest: `RECENT_EMPTY`, `RECENT_BUSY` while one program
-    /// fills, changes or empties it, else the address of the block it holds.
+    /// fills, changes or empties it, else the address of the block it holds. `spilled`, in
+    /// the first slot of a pair, is outside that: how many blocks hashing to the pair
+    /// `HELD_BLOCKS` holds, counted atomically (while it is 0, a block's allocation and free
+    /// need not look there).
     #[repr(C)]
     #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
     pub struct RecentBlock {
         pub owner: u64,
         pub tgid: u32,
-        pub _pad: u32,
+        pub spilled: u32,
         pub block: HeldBlock,
     }
 
@@ -735,7 +743,7 @@ const _: () = assert!(size_of::<heap_ledger::BlockKey>() == 16);
 const _: () = assert!(size_of::<heap_ledger::HeldBlock>() == 24);
 const _: () = assert!(size_of::<heap_ledger::HeapLive>() == 24);
 const _: () = assert!(size_of::<heap_ledger::RecentBlock>() == 40);
-const _: () = assert!(size_of::<heap_ledger::TracedProcess>() == 16);
+const _: () = assert!(size_of::<heap_ledger::TracedProcess>() == 24);
 const _: () = assert!(size_of::<heap_ledger::StackTotals>() == 40);
 const _: () = assert!(size_of::<StackRecord<MapEvent>>() == 80 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<FaultEvent>>() == 24 + 8 * STACK_AREA_WORDS);

@@ -113,16 +113,16 @@ pub fn finish_call(ctx: &RetProbeContext, kind: CallKind) -> u32 {
         return 0;
     };
     let done = outcome(ctx.ret(), &call);
+    let tgid = (key >> 32) as u32;
     if kind == CallKind::Heap {
         // --heap-sample: the recorded block joins the sampled set (its free is then emitted),
         // realloc's old one leaves it.
-        crate::heap::forget_sampled(call.old_block);
-        if done.addr != 0 && !crate::heap::remember_sampled(done.addr) {
+        crate::heap::forget_sampled(tgid, call.old_block);
+        if done.addr != 0 && !crate::heap::remember_sampled(tgid, done.addr) {
             diag::lost(drop_cause::SAMPLED_SET_FULL, "sampled heap block");
             return 0;
         }
     }
-    let tgid = (key >> 32) as u32;
     // The kernel's heap ledger: a realloc that released its old block (moved, grew in place,
     // or freed it with size 0) releases it here if it is held here.
     let ledger = kind == CallKind::Heap && heap_ledger::enabled();
@@ -190,10 +190,15 @@ fn hold_or_emit(
     start: StackStart,
     process: heap_ledger::Process,
 ) {
-    let bytes = capture(record, start, StackBudget::Heap);
+    let settings = heap_ledger::settings((record.event.tgid, process));
+    let bytes = capture(
+        record,
+        start.with_python(settings.python),
+        StackBudget::Heap,
+    );
     let ev = &mut record.event;
     let generation = heap_ledger::generation(process);
-    let covered = heap_ledger::key_frames(ev.tgid);
+    let covered = settings.key_frames;
     let frames = (usize::from(ev.nframes), bytes);
     let key = heap_ledger::stack_key(
         (ev.tgid, generation),

@@ -13,7 +13,7 @@ use tracer_common::{HeapFn, heap_ledger::BlockKey, heap_sample, heap_window, led
 use crate::{
     alloc::{emit_free, finish_call, mul_saturating},
     heap_ledger::{self, Released},
-    inflight::{CallKind, Entry, attach_cookie, enter, holds, my_slot},
+    inflight::{CallKind, Entry, attach_cookie, enter_thread, holds, thread_slot},
     maps::{
         HEAP_DUTY_CYCLED, HEAP_SAMPLE_MEAN, HEAP_SYSTEMWIDE, HEAP_WINDOW, INFLIGHT, SAMPLE_EXP,
         SAMPLED, TARGETS, global,
@@ -46,31 +46,37 @@ fn sample(size: u64) -> Option<u32> {
     (draw < p).then_some(p)
 }
 
-/// The calling process's block at `addr` in the sampled set.
+/// The block at `addr` of process `tgid` in the sampled set.
 #[inline(always)]
-fn sampled_block(addr: u64) -> BlockKey {
+fn sampled_block(tgid: u32, addr: u64) -> BlockKey {
     BlockKey {
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        tgid,
         _pad: 0,
         addr,
     }
 }
 
-/// Whether `addr` is a recorded block of a sampled heap.
+/// The calling process's tgid.
 #[inline(always)]
-fn is_sampled(addr: u64) -> bool {
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// Whether `addr` is a recorded block of a sampled heap in process `tgid`.
+#[inline(always)]
+fn is_sampled(tgid: u32, addr: u64) -> bool {
     // SAFETY: a lookup of a plain value.
-    unsafe { SAMPLED.get(&sampled_block(addr)) }.is_some()
+    unsafe { SAMPLED.get(&sampled_block(tgid, addr)) }.is_some()
 }
 
 /// Whether `addr` was a recorded block of a sampled heap (it is no longer in the set); true
 /// when not sampling.
 #[inline(always)]
-fn take_sampled(addr: u64) -> bool {
+fn take_sampled(tgid: u32, addr: u64) -> bool {
     if global(&HEAP_SAMPLE_MEAN) == 0 {
         return true;
     }
-    let key = sampled_block(addr);
+    let key = sampled_block(tgid, addr);
     // SAFETY: a lookup of a plain value.
     if unsafe { SAMPLED.get(&key) }.is_none() {
         return false;
@@ -82,26 +88,24 @@ fn take_sampled(addr: u64) -> bool {
 /// `--heap-sample`: a recorded block's address goes into the sampled set before its event is
 /// emitted; false if the set is full (the block is then not recorded, and counted lost).
 #[inline(always)]
-pub fn remember_sampled(addr: u64) -> bool {
-    global(&HEAP_SAMPLE_MEAN) == 0 || SAMPLED.insert(&sampled_block(addr), &1, 0).is_ok()
+pub fn remember_sampled(tgid: u32, addr: u64) -> bool {
+    global(&HEAP_SAMPLE_MEAN) == 0 || SAMPLED.insert(&sampled_block(tgid, addr), &1, 0).is_ok()
 }
 
 /// `--heap-sample`: forgets a block the recorded call released (realloc's old block).
 #[inline(always)]
-pub fn forget_sampled(addr: u64) {
+pub fn forget_sampled(tgid: u32, addr: u64) {
     if global(&HEAP_SAMPLE_MEAN) != 0 && addr != 0 {
-        let _ = SAMPLED.remove(&sampled_block(addr));
+        let _ = SAMPLED.remove(&sampled_block(tgid, addr));
     }
 }
 
-/// Whether the calling process is not traced: only possible when the probes are attached for
-/// every process mapping the allocator (`HEAP_SYSTEMWIDE`, children followed from birth).
+/// Whether process `tgid`, the caller, is not traced: only possible when the probes are
+/// attached for every process mapping the allocator (`HEAP_SYSTEMWIDE`, children followed from
+/// birth).
 #[inline(always)]
-fn untraced_caller() -> bool {
-    global(&HEAP_SYSTEMWIDE) != 0
-        && TARGETS
-            .get_ptr((bpf_get_current_pid_tgid() >> 32) as u32)
-            .is_none()
+fn untraced_caller(tgid: u32) -> bool {
+    global(&HEAP_SYSTEMWIDE) != 0 && TARGETS.get_ptr(tgid).is_none()
 }
 
 /// Duty-cycled heap: whether the `which` window (`heap_window`) is closed; the probes then
@@ -125,42 +129,57 @@ fn count_call(stat: u32) {
 /// (false: an untraced caller, a closed window or an unsampled call, whose return finds no
 /// saved call and emits nothing).
 #[inline(always)]
-fn enter_heap(ctx: &ProbeContext, size: u64, old_block: u64, out_ptr: u64) -> bool {
+fn enter_heap(cookie: u32, size: u64, old_block: u64, out_ptr: u64) -> bool {
     // Sampling (never duty-cycled), the draw comes first: most calls are done with before the
     // traced-set lookup. An untraced caller's old block is in no sampled set (keyed by process).
     let sampling = global(&HEAP_SAMPLE_MEAN) != 0;
-    if !sampling && (untraced_caller() || window_closed(heap_window::ALLOC)) {
+    // The calling thread, read once (the helper costs as much as an array lookup).
+    let thread = if sampling {
+        0
+    } else {
+        bpf_get_current_pid_tgid()
+    };
+    if !sampling && (untraced_caller((thread >> 32) as u32) || window_closed(heap_window::ALLOC)) {
         return false;
     }
     count_call(ledger_stat::HEAP_CALLS);
     let Some(p) = sample(size) else {
         // Not recorded. A realloc still releases its old block: if that one was recorded,
         // its release is (the realloc may grow it in place, with no free inside).
-        if old_block != 0 && take_sampled(old_block) {
-            emit_free((bpf_get_current_pid_tgid() >> 32) as u32, old_block);
+        if old_block != 0 {
+            let tgid = current_tgid();
+            if take_sampled(tgid, old_block) {
+                emit_free(tgid, old_block);
+            }
         }
         return false;
     };
-    if sampling && untraced_caller() {
+    // Sampling, the thread is read only now, for a recorded call.
+    let thread = if sampling {
+        bpf_get_current_pid_tgid()
+    } else {
+        thread
+    };
+    let tgid = (thread >> 32) as u32;
+    if sampling && untraced_caller(tgid) {
         return false;
     }
     // A realloc of a block that was not recorded is, for the ledger, a new allocation.
-    let old_block = if p != 0 && old_block != 0 && !is_sampled(old_block) {
+    let old_block = if p != 0 && old_block != 0 && !is_sampled(tgid, old_block) {
         0
     } else {
         old_block
     };
     if old_block != 0 && crate::heap_ledger::enabled() {
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         crate::heap_ledger::mark_reallocating(tgid, old_block, true);
     }
     let entry = Entry {
         old_block,
         out_ptr,
         aux: u64::from(p),
-        ..Entry::new(attach_cookie(ctx), size)
+        ..Entry::new(cookie, size)
     };
-    enter(CallKind::Heap, entry);
+    enter_thread(thread, CallKind::Heap, entry);
     true
 }
 
@@ -192,7 +211,8 @@ pub fn heap_session(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 fn enter_allocation(ctx: &ProbeContext) -> bool {
     let arg = |i: usize| -> u64 { ctx.arg::<u64>(i).unwrap_or(0) };
-    let (size, old_block, out_ptr) = match HeapFn::from_u32(attach_cookie(ctx)) {
+    let cookie = attach_cookie(ctx);
+    let (size, old_block, out_ptr) = match HeapFn::from_u32(cookie) {
         // malloc, valloc, pvalloc: `(size)`.
         Some(HeapFn::Malloc | HeapFn::Valloc | HeapFn::Pvalloc) => (arg(0), 0, 0),
         // aligned_alloc, memalign: `(alignment, size)`.
@@ -208,7 +228,7 @@ fn enter_allocation(ctx: &ProbeContext) -> bool {
         Some(HeapFn::PosixMemalign) => (arg(2), 0, arg(0)),
         Some(HeapFn::Free) | None => return false,
     };
-    enter_heap(ctx, size, old_block, out_ptr)
+    enter_heap(cookie, size, old_block, out_ptr)
 }
 
 /// Return of every allocation function: emits the completed call with its user stack.
@@ -221,14 +241,18 @@ pub fn heap_return(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn heap_free(ctx: ProbeContext) -> u32 {
     let addr: u64 = ctx.arg(0).unwrap_or(0);
+    if addr == 0 {
+        return 0;
+    }
+    let thread = bpf_get_current_pid_tgid();
+    let tgid = (thread >> 32) as u32;
     // A sampled heap's frees are mostly of blocks it did not record: done with first, before
     // the traced-set lookup (only traced processes' blocks are in the set).
-    if addr == 0 || (global(&HEAP_SAMPLE_MEAN) != 0 && !is_sampled(addr)) {
+    if global(&HEAP_SAMPLE_MEAN) != 0 && !is_sampled(tgid, addr) {
         return 0;
     }
     // The caller's process, looked up once: whether it is traced, and (kernel ledger) its
     // image generation and heap share.
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let ledger = heap_ledger::enabled();
     let process = if ledger || global(&HEAP_SYSTEMWIDE) != 0 {
         heap_ledger::process(tgid)
@@ -240,14 +264,14 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     }
     count_call(ledger_stat::HEAP_CALLS);
     count_call(ledger_stat::FREE_CALLS);
-    let Some((slot, key)) = my_slot(&INFLIGHT) else {
+    let Some((slot, key)) = thread_slot(&INFLIGHT, thread) else {
         return 0;
     };
     if holds(slot, key) {
         // realloc freeing its old block: the realloc event accounts for it.
         return 0;
     }
-    if !take_sampled(addr) {
+    if !take_sampled(tgid, addr) {
         return 0; // a block that was not recorded
     }
     if ledger {

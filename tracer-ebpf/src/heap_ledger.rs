@@ -25,7 +25,7 @@ use crate::{
     diag, heap_recent,
     maps::{
         HEAP_DUTY_CYCLED, HEAP_KERNEL_LEDGER, HEAP_LIVE, HELD_BLOCKS, KEY_FRAMES, LEDGER_STATS,
-        STACK_TOTALS, TARGETS, global,
+        PY_OFFSETS, SETTINGS_VERSION, STACK_TOTALS, TARGETS, global,
     },
     stack::forget_value,
 };
@@ -35,14 +35,59 @@ const EEXIST: i32 = 17;
 /// Python frames' words a stack key covers at most (two per frame).
 const KEY_PY_WORDS: usize = 2 * MAX_PY_FRAMES;
 
-/// The native frames the stack keys of `tgid` cover (`KEY_FRAMES`; all by default).
+/// What user space set for a process in maps of their own, as a heap call needs it.
+#[derive(Copy, Clone)]
+pub struct Settings {
+    /// Native frames its stack keys cover (`KEY_FRAMES`; all by default).
+    pub key_frames: usize,
+    /// Whether it runs CPython (`PY_OFFSETS` has it): else no stack of it has Python frames
+    /// to look for.
+    pub python: bool,
+}
+
+/// `TracedProcess::settings`: the `SETTINGS_VERSION` they were read at (high half), this bit
+/// (0: never read), `SETTINGS_PYTHON`, and the key's native frames (low byte).
+const SETTINGS_READ: u64 = 1 << 31;
+const SETTINGS_PYTHON: u64 = 1 << 30;
+const _: () = assert!(MAX_FRAMES <= 0xff);
+
+/// The settings of `tgid`, read from their maps.
 #[inline(always)]
-pub fn key_frames(tgid: u32) -> usize {
-    // SAFETY: a lookup of a plain value.
-    match unsafe { KEY_FRAMES.get(tgid) } {
-        Some(&n) => n as usize,
+fn read_settings(tgid: u32) -> Settings {
+    // SAFETY: lookups of plain values.
+    let key_frames = match unsafe { KEY_FRAMES.get(tgid) } {
+        Some(&n) => (n as usize).min(MAX_FRAMES),
         None => MAX_FRAMES,
+    };
+    // SAFETY: as above.
+    let python = unsafe { PY_OFFSETS.get(tgid) }.is_some();
+    Settings { key_frames, python }
+}
+
+/// The settings of `tgid`: as its `TARGETS` value caches them, unless user space changed any
+/// since (`SETTINGS_VERSION`); then read from their maps, and cached. Threads of a process
+/// may read and cache them at once: they write the same value, one word.
+#[inline(always)]
+pub fn settings((tgid, process): (u32, Process)) -> Settings {
+    let Some(p) = process else {
+        return read_settings(tgid);
+    };
+    // SAFETY: a lookup of a plain value.
+    let version = unsafe { SETTINGS_VERSION.get(0) }.copied().unwrap_or(0);
+    // SAFETY: a map value, valid while this program runs.
+    let cached = unsafe { core::ptr::read_volatile(&raw const (*p).settings) };
+    if cached & SETTINGS_READ != 0 && (cached >> 32) as u32 == version {
+        return Settings {
+            key_frames: (cached & 0xff) as usize,
+            python: cached & SETTINGS_PYTHON != 0,
+        };
     }
+    let settings = read_settings(tgid);
+    let python = if settings.python { SETTINGS_PYTHON } else { 0 };
+    let word = u64::from(version) << 32 | SETTINGS_READ | python | settings.key_frames as u64;
+    // SAFETY: as above; an aligned 8-byte store, seen whole by other CPUs.
+    unsafe { core::ptr::write_volatile(&raw mut (*p).settings, word) };
+    settings
 }
 
 /// Whether the kernel keeps the heap ledger in this recording.
@@ -252,6 +297,26 @@ fn end_block(process: Process, block: &HeldBlock) -> Released {
     Released::Kernel
 }
 
+/// The block `HELD_BLOCKS` holds at `key`, unless its slot pair's count says it holds none
+/// of the pair (`heap_recent::may_be_spilled`).
+#[inline(always)]
+fn held(key: &BlockKey) -> Option<HeldBlock> {
+    if !heap_recent::may_be_spilled(key.tgid, key.addr) {
+        return None;
+    }
+    // SAFETY: a lookup of a plain value.
+    unsafe { HELD_BLOCKS.get(key) }.copied()
+}
+
+/// Takes the block at `key` out of `HELD_BLOCKS`, its pair's count with it (if it was still
+/// there: another CPU may have taken it since it was read).
+#[inline(always)]
+fn unhold(key: &BlockKey) {
+    if HELD_BLOCKS.remove(key).is_ok() {
+        heap_recent::count_spilled(key.tgid, key.addr, false);
+    }
+}
+
 /// A release of the block at `addr` by `tgid` (free, realloc's old block).
 #[inline(always)]
 pub fn release((tgid, process): (u32, Process), addr: u64) -> Released {
@@ -264,11 +329,10 @@ pub fn release((tgid, process): (u32, Process), addr: u64) -> Released {
     let block = match recent_block(tgid, addr, false) {
         Some(block) => block,
         None => {
-            // SAFETY: a lookup of a plain value.
-            let Some(block) = (unsafe { HELD_BLOCKS.get(&key) }).copied() else {
+            let Some(block) = held(&key) else {
                 return Released::Unknown;
             };
-            let _ = HELD_BLOCKS.remove(&key);
+            unhold(&key);
             block
         }
     };
@@ -287,7 +351,9 @@ pub fn mark_reallocating(tgid: u32, addr: u64, reallocating: bool) {
         _pad: 0,
         addr,
     };
-    if let Some(block) = HELD_BLOCKS.get_ptr_mut(&key) {
+    if heap_recent::may_be_spilled(tgid, addr)
+        && let Some(block) = HELD_BLOCKS.get_ptr_mut(&key)
+    {
         // SAFETY: a map value, valid while this program runs.
         unsafe {
             core::ptr::write_volatile(&raw mut (*block).reallocating, u16::from(reallocating))
@@ -307,10 +373,9 @@ pub fn release_reallocated((tgid, process): (u32, Process), addr: u64) -> Releas
     };
     let block = match recent_block(tgid, addr, true) {
         Some(block) => block,
-        // SAFETY: a lookup of a plain value.
-        None => match unsafe { HELD_BLOCKS.get(&key) }.copied() {
+        None => match held(&key) {
             Some(block) if block.reallocating != 0 => {
-                let _ = HELD_BLOCKS.remove(&key);
+                unhold(&key);
                 block
             }
             _ => return Released::Unknown,
@@ -420,10 +485,9 @@ fn keep((tgid, process): (u32, Process), addr: u64, block: &HeldBlock) -> bool {
                 kept = true;
                 // One table holds a block at a time: one still held at this address in the
                 // hash table is ended, as the hash table's insert would have found it.
-                // SAFETY: a lookup of a plain value.
-                if let Some(held) = unsafe { HELD_BLOCKS.get(&key) }.copied() {
-                    let _ = HELD_BLOCKS.remove(&key);
-                    old = Some(held);
+                if let Some(block) = held(&key) {
+                    unhold(&key);
+                    old = Some(block);
                 }
             }
             // The slot held the older block: the hash table does not.
@@ -435,16 +499,22 @@ fn keep((tgid, process): (u32, Process), addr: u64, block: &HeldBlock) -> bool {
         }
     }
     if !kept {
+        heap_recent::count_spilled(tgid, addr, true);
         kept = match HELD_BLOCKS.insert(&key, block, u64::from(BPF_NOEXIST)) {
             Ok(()) => true,
             Err(e) if e == -EEXIST => {
+                // The block there is replaced: one block of the pair all the same.
+                heap_recent::count_spilled(tgid, addr, false);
                 // SAFETY: a lookup of a plain value.
                 if let Some(held) = unsafe { HELD_BLOCKS.get(&key) }.copied() {
                     old = Some(held);
                 }
                 HELD_BLOCKS.insert(&key, block, 0).is_ok()
             }
-            Err(_) => false,
+            Err(_) => {
+                heap_recent::count_spilled(tgid, addr, false);
+                false
+            }
         };
     }
     if let Some(old) = old {

@@ -5,7 +5,8 @@
 //! hash table, costs an insert, a lookup and a delete (about 250 ns a pair, docs/performance.md).
 //! A block never moves between the two tables: it is in exactly one of them from its
 //! allocation to its free, so that a free looks here first and then there, and no race can
-//! hide it from both.
+//! hide it from both. Each pair of slots counts its blocks that went to `HELD_BLOCKS` for want
+//! of room (`spilled`): while none did, a block's allocation and free skip that table.
 //!
 //! A slot's `owner` word says who may touch the rest (`RecentBlock`). A program claims a slot
 //! by a compare-and-exchange of `owner` to `RECENT_BUSY`, and hands it on by an exchange to the
@@ -17,7 +18,7 @@
 //! their call sites in the allocation return, their branches multiplied the verifier's states
 //! past its limit of a million instructions once `--debug-bpf` adds its log sites.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg};
 
 use tracer_common::heap_ledger::{HeldBlock, RECENT_BUSY, RECENT_EMPTY, RecentBlock};
 
@@ -34,6 +35,40 @@ pub fn enabled() -> bool {
 fn first_slot(tgid: u32, addr: u64) -> u32 {
     let h = (addr ^ u64::from(tgid) << 32).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     (h >> 32) as u32 & global(&HEAP_RECENT_SLOTS).wrapping_sub(1) & !1
+}
+
+/// The count of blocks hashing to the slot pair of `tgid`'s `addr` that `HELD_BLOCKS` holds
+/// (`RecentBlock::spilled`, in the pair's first slot).
+#[inline(always)]
+fn spilled(tgid: u32, addr: u64) -> Option<*mut u32> {
+    let slot = RECENT_BLOCKS.get_ptr_mut(first_slot(tgid, addr))?;
+    // SAFETY: a map value, valid while this program runs.
+    Some(unsafe { &raw mut (*slot).spilled })
+}
+
+/// Whether `HELD_BLOCKS` may hold a block of `tgid` at `addr`: false when it holds none of
+/// the block's slot pair, as for most blocks, which then skip its lookups.
+#[inline(always)]
+pub fn may_be_spilled(tgid: u32, addr: u64) -> bool {
+    if !enabled() {
+        return true;
+    }
+    // SAFETY: a map value (`spilled`), valid while this program runs.
+    spilled(tgid, addr).is_none_or(|count| unsafe { core::ptr::read_volatile(count) } != 0)
+}
+
+/// A block of `tgid` at `addr` goes into `HELD_BLOCKS` (`into`), or left it. Counted before the
+/// insert, so that no free of the block can find its pair's count at 0 while it is there.
+#[inline(always)]
+pub fn count_spilled(tgid: u32, addr: u64, into: bool) {
+    if !enabled() {
+        return;
+    }
+    if let Some(count) = spilled(tgid, addr) {
+        let n = if into { 1 } else { u32::MAX };
+        // SAFETY: a map value (4-byte aligned), valid while this program runs.
+        unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(count, n) };
+    }
 }
 
 /// `owner` of `slot` as it is now.

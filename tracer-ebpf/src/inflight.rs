@@ -45,9 +45,14 @@ fn owner_of<T: Slot>(slot: *mut T) -> *mut u64 {
 /// The calling thread's slot in `slots` and its `pid_tgid`.
 #[inline(always)]
 pub fn my_slot<T: Slot>(slots: &Array<T>) -> Option<(*mut T, u64)> {
-    let key = bpf_get_current_pid_tgid();
-    let slot = slots.get_ptr_mut((key as u32) % INFLIGHT_SLOTS)?;
-    Some((slot, key))
+    thread_slot(slots, bpf_get_current_pid_tgid())
+}
+
+/// The slot in `slots` of the thread whose `pid_tgid` is `thread` (the caller's, known).
+#[inline(always)]
+pub fn thread_slot<T: Slot>(slots: &Array<T>, thread: u64) -> Option<(*mut T, u64)> {
+    let slot = slots.get_ptr_mut((thread as u32) % INFLIGHT_SLOTS)?;
+    Some((slot, thread))
 }
 
 /// Whether thread `key` holds `slot`.
@@ -165,7 +170,13 @@ impl Entry {
 /// in the same slot is a lost call.
 #[inline(always)]
 pub fn enter(kind: CallKind, entry: Entry) -> u32 {
-    let Some((slot, key)) = my_slot(kind.slots()) else {
+    enter_thread(bpf_get_current_pid_tgid(), kind, entry)
+}
+
+/// `enter` for the calling thread, whose `pid_tgid` is `thread`.
+#[inline(always)]
+pub fn enter_thread(thread: u64, kind: CallKind, entry: Entry) -> u32 {
+    let Some((slot, key)) = thread_slot(kind.slots(), thread) else {
         return 0;
     };
     match claim(slot, key) {

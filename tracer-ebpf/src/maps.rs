@@ -133,6 +133,12 @@ pub static STACK_TOTALS: HashMap<u64, StackTotals> =
 #[map]
 pub static KEY_FRAMES: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
+/// Moved on by user space after each change to `KEY_FRAMES` or `PY_OFFSETS` (one entry): a
+/// heap call then reads its process's entries in them again, and caches them in its `TARGETS`
+/// value (`heap_ledger::settings`) until the next move; two hash lookups a call saved.
+#[map]
+pub static SETTINGS_VERSION: Array<u32> = Array::with_max_entries(1, 0);
+
 /// The kernel's heap ledger: live heap bytes of every traced process together, and their peak
 /// (one entry).
 #[map]

@@ -48,6 +48,8 @@ pub struct StackStart {
     regs: UserRegs,
     /// Record the word at the stack pointer as a candidate second frame (`walk_user_stack`).
     sp_candidate: bool,
+    /// Look for the thread's Python frames (false: its process is known to run no CPython).
+    python: bool,
 }
 
 impl StackStart {
@@ -57,7 +59,14 @@ impl StackStart {
         StackStart {
             regs: UserRegs::of_probe(ctx),
             sp_candidate: false,
+            python: true,
         }
+    }
+
+    /// The same start, looking for Python frames only if `python`.
+    #[inline(always)]
+    pub fn with_python(self, python: bool) -> StackStart {
+        StackStart { python, ..self }
     }
 
     /// At a function's entry (a uprobe that emits there): the stack as it will be at the
@@ -75,6 +84,7 @@ impl StackStart {
                 bp: regs.bp,
             },
             sp_candidate: false,
+            python: true,
         }
     }
 
@@ -85,6 +95,7 @@ impl StackStart {
         Some(StackStart {
             regs: UserRegs::of_current_task()?,
             sp_candidate: true,
+            python: true,
         })
     }
 }
@@ -113,7 +124,7 @@ pub fn capture<E: StackEvent>(
     // Stored now rather than kept in a register: the Python walk after it is then verified
     // once, not once per frame count.
     record.event.set_nframes(nframes);
-    let bytes = finish_stack(&mut record.stack, bytes, &mut flags);
+    let bytes = finish_stack(&mut record.stack, bytes, &mut flags, start.python);
     record.event.set_stack_flags(flags);
     bytes
 }
@@ -133,10 +144,14 @@ pub fn forget_value(value: usize) -> usize {
 }
 
 /// After `capture_stack` filled `bytes` of the area: appends the Python frames of a CPython
-/// thread. Returns the bytes of the area to output.
+/// thread (with `python`). Returns the bytes of the area to output, laundered either way: what
+/// comes after is then verified once, not once per stack length.
 #[inline(always)]
-fn finish_stack(area: &mut StackArea, bytes: usize, flags: &mut u16) -> usize {
+fn finish_stack(area: &mut StackArea, bytes: usize, flags: &mut u16, python: bool) -> usize {
     let at = forget_value(bytes);
+    if !python {
+        return at;
+    }
     at + python::append_frames(area, at, flags)
 }
 

@@ -958,6 +958,19 @@ impl Probes {
         let mut map: AyaHashMap<&mut MapData, u32, u32> =
             AyaHashMap::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
         map.insert(pid, 1, 0)
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
+        self.settings_changed()
+    }
+
+    /// A process's entry in `KEY_FRAMES` or `PY_OFFSETS` changed: `SETTINGS_VERSION` moves on,
+    /// so that the heap probes read those maps again rather than what they cached of them.
+    fn settings_changed(&mut self) -> Result<(), ProbeError> {
+        let map = (self.ebpf.map_mut("SETTINGS_VERSION"))
+            .ok_or_else(|| ProbeError::Load("SETTINGS_VERSION map missing".into()))?;
+        let mut map: Array<&mut MapData, u32> =
+            Array::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
+        let version = map.get(&0, 0).map_err(|e| ProbeError::Load(chain(&e)))?;
+        map.set(0, version.wrapping_add(1), 0)
             .map_err(|e| ProbeError::Load(chain(&e)))
     }
 
@@ -1226,16 +1239,18 @@ impl Probes {
         let mut map: aya::maps::HashMap<_, u32, tracer_common::python::PythonOffsets> =
             aya::maps::HashMap::try_from(map).map_err(|e| ProbeError::Load(chain(&e)))?;
         map.insert(pid, offsets, 0)
-            .map_err(|e| ProbeError::Load(chain(&e)))
+            .map_err(|e| ProbeError::Load(chain(&e)))?;
+        self.settings_changed()
     }
 
     /// `pid` runs no CPython any more (exec, exit).
     pub fn forget_python(&mut self, pid: u32) {
-        if let Some(map) = self.ebpf.map_mut("PY_OFFSETS")
-            && let Ok(mut map) =
-                aya::maps::HashMap::<_, u32, tracer_common::python::PythonOffsets>::try_from(map)
-        {
-            let _ = map.remove(&pid);
+        let removed = self.ebpf.map_mut("PY_OFFSETS").is_some_and(|map| {
+            aya::maps::HashMap::<_, u32, tracer_common::python::PythonOffsets>::try_from(map)
+                .is_ok_and(|mut map| map.remove(&pid).is_ok())
+        });
+        if removed {
+            let _ = self.settings_changed();
         }
     }
 
