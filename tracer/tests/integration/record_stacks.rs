@@ -168,6 +168,42 @@ fn a_library_without_frame_pointers_does_not_hide_its_callers() {
     );
 }
 
+/// Heap stacks walked by frame pointers through a library without them: past its function, each
+/// walk reads whatever its rbp held (here two frames of garbage, other at every call). From the
+/// first walks the recorder shortens the process's stack keys to the allocator's caller, and the
+/// kernel, which caches that setting in the process's entry, takes it up: the 1000 blocks made
+/// after the fixture's pause are one stack, where each would have been a stack of its own.
+#[test]
+fn heap_keys_through_garbage_frames_shrink_to_the_allocators_caller() {
+    require_privileges!();
+    let mut cmd = Command::new(nofp_caller());
+    cmd.arg("scrambled");
+    let mut target = TestProcess::spawn("nofp_caller scrambled", cmd);
+    target.expect_stdout("ready");
+    let r = Session::attach_and_run(target, "scrambled", &["--heap"]).stop(libc::SIGINT);
+    let rows = through(&r, "heap", "lib_alloc_scrambled");
+    assert_eq!(
+        common::sum_rows(&rows),
+        all_live(1200, 48),
+        "{}",
+        r.summary()
+    );
+    let largest = (rows.iter().max_by_key(|s| s.live_count)).expect("a heap row");
+    assert!(
+        largest.live_count >= 1000
+            && largest.frames.first().map(String::as_str) == Some("lib_alloc_scrambled"),
+        "the blocks after the pause are one stack, the allocator's caller: {largest:?}\n{}",
+        r.summary()
+    );
+    let capture = r.stack_capture.as_ref().expect("stack capture figures");
+    assert!(
+        capture.kernel_heap_stacks <= 400,
+        "{} stacks sent for 1200 blocks\n{}",
+        capture.kernel_heap_stacks,
+        r.summary()
+    );
+}
+
 #[test]
 fn a_short_stack_copy_is_marked_truncated_never_cut_silently() {
     require_privileges!();
