@@ -191,11 +191,11 @@ fn hold_or_emit(
     process: heap_ledger::Process,
 ) {
     let settings = heap_ledger::settings((record.event.tgid, process));
-    let bytes = capture(
-        record,
-        start.with_python(settings.python),
-        StackBudget::Heap,
-    );
+    // The walk stops at the frames the key covers: user space keeps no more of them.
+    let start = start
+        .with_python(settings.python)
+        .with_native_frames(settings.key_frames);
+    let bytes = capture(record, start, StackBudget::Heap);
     let ev = &mut record.event;
     let generation = heap_ledger::generation(process);
     let covered = settings.key_frames;

@@ -2,7 +2,7 @@
 //! frames of the current thread, given the target's `PythonOffsets` (filled by user space,
 //! `alloctrace::python::detect`). docs/python-frames.md says how.
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user};
 use tracer_common::{
@@ -121,6 +121,45 @@ struct Walk {
     frame: u64,
     n: u64,
     out: *mut [PyRawFrame; MAX_PY_FRAMES],
+    /// Bytes of a frame that hold the fields the walk reads (`frame_span`; 0: they are read
+    /// one at a time), and how many of them `chunk` holds for the current frame.
+    span: u64,
+    chunk_len: u64,
+    /// The current frame's first `chunk_len` bytes, read at once. One word more than a read can
+    /// fill, so that a field the verifier sees inside the read is inside the array.
+    chunk: MaybeUninit<[u64; FRAME_CHUNK_WORDS + 1]>,
+}
+
+/// A frame's bytes read at once: the fields the walk reads lie in its first 72 (3.11 to
+/// 3.13) or 100 (3.10) bytes.
+const FRAME_CHUNK_WORDS: usize = 16;
+
+/// Bytes from a frame's start to the end of the last field the walk reads, rounded up to a
+/// word: read at once, one read a frame instead of four. 0 when a field lies further.
+#[inline(always)]
+fn frame_span(o: &PythonOffsets) -> u64 {
+    let end = |offset: u64, size: u64| {
+        if offset == ABSENT {
+            0
+        } else {
+            offset.saturating_add(size)
+        }
+    };
+    let instr = if o.frame_instr_kind == instr_kind::LASTI_CODE_UNITS {
+        4
+    } else {
+        8
+    };
+    let last = end(o.frame_previous, 8)
+        .max(end(o.frame_code, 8))
+        .max(end(o.frame_instr, instr))
+        .max(end(o.frame_owner, 1));
+    let span = last.next_multiple_of(8);
+    if span > 8 * FRAME_CHUNK_WORDS as u64 {
+        0
+    } else {
+        span
+    }
 }
 
 /// Fills `out` with the innermost frames of `tstate`, innermost first; returns how many. Entry
@@ -140,8 +179,13 @@ fn walk(o: &PythonOffsets, tstate: u64, out: &mut [PyRawFrame; MAX_PY_FRAMES]) -
     let mut state = Walk {
         offsets: o,
         frame: f,
-        n: 0,
+        // Laundered: known exactly, the count would make every turn a state of its own, and
+        // the verifier would walk the turn's paths once per frame.
+        n: crate::stack::forget_value(0) as u64,
         out,
+        span: frame_span(o),
+        chunk_len: 0,
+        chunk: MaybeUninit::uninit(),
     };
     // Shim frames take loop turns too (a few per stack).
     // SAFETY: `walk_turn` has the callback's signature; `state` outlives the call.
@@ -168,16 +212,18 @@ extern "C" fn walk_turn(_index: u32, ctx: *mut core::ffi::c_void) -> i64 {
     if f == 0 || n >= MAX_PY_FRAMES {
         return 1;
     }
-    let Some(prev) = read_u64(f.wrapping_add(o.frame_previous)) else {
+    read_frame(state, f);
+    let Some(prev) = frame_u64(state, f, o.frame_previous) else {
         return 1;
     };
     state.frame = prev;
-    if o.frame_owner != ABSENT
-        && read_u8(f.wrapping_add(o.frame_owner)).map(u64::from) == Some(o.owner_cstack)
+    if o.owner_cstack != ABSENT
+        && o.frame_owner != ABSENT
+        && frame_u8(state, f, o.frame_owner).map(u64::from) == Some(o.owner_cstack)
     {
         return 0;
     }
-    let Some(code) = read_u64(f.wrapping_add(o.frame_code)) else {
+    let Some(code) = frame_u64(state, f, o.frame_code) else {
         return 1;
     };
     let is_code = code != 0
@@ -187,12 +233,12 @@ extern "C" fn walk_turn(_index: u32, ctx: *mut core::ffi::c_void) -> i64 {
         return 0;
     }
     let offset = if o.frame_instr_kind == instr_kind::LASTI_CODE_UNITS {
-        match read_u32(f.wrapping_add(o.frame_instr)) {
+        match frame_u32(state, f, o.frame_instr) {
             Some(lasti) if (lasti as i32) > 0 => u64::from(lasti) * 2,
             _ => 0,
         }
     } else {
-        read_u64(f.wrapping_add(o.frame_instr))
+        frame_u64(state, f, o.frame_instr)
             .unwrap_or(0)
             .saturating_sub(code.wrapping_add(o.code_code_adaptive))
     };
@@ -200,4 +246,76 @@ extern "C" fn walk_turn(_index: u32, ctx: *mut core::ffi::c_void) -> i64 {
     unsafe { (*state.out)[n] = PyRawFrame { code, offset } };
     state.n += 1;
     0
+}
+
+/// Reads the first `span` bytes of the frame at `f` into the chunk (none if that read fails:
+/// its fields are then read one at a time).
+#[inline(always)]
+fn read_frame(state: &mut Walk, f: u64) {
+    // Bounded where the verifier sees it (`frame_span` never gives more).
+    let span = if state.span <= 8 * FRAME_CHUNK_WORDS as u64 {
+        state.span
+    } else {
+        0
+    };
+    // SAFETY: the chunk holds more than `span` bytes; the helper checks the user address.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            state.chunk.as_mut_ptr().cast(),
+            span as u32,
+            f as *const core::ffi::c_void,
+        )
+    };
+    state.chunk_len = if span != 0 && rc == 0 { span } else { 0 };
+}
+
+/// The chunk's byte `offset` as a pointer to a `T` there, if the chunk holds the whole `T`
+/// and `offset` is aligned for it (the verifier wants aligned stack reads).
+#[inline(always)]
+fn in_chunk<T>(state: &Walk, offset: u64) -> Option<*const T> {
+    let size = core::mem::size_of::<T>() as u64;
+    if offset >= state.chunk_len || state.chunk_len - offset < size || offset % size != 0 {
+        return None;
+    }
+    // Masked so that the verifier sees it inside the array, and aligned.
+    let at = (offset & (8 * FRAME_CHUNK_WORDS as u64 - 1)) & !(size - 1);
+    // SAFETY: `at` lies in the bytes the read filled (`chunk_len`).
+    Some(unsafe {
+        state
+            .chunk
+            .as_ptr()
+            .cast::<u8>()
+            .add(at as usize)
+            .cast::<T>()
+    })
+}
+
+/// The frame's word at `offset`: from the chunk, else read.
+#[inline(always)]
+fn frame_u64(state: &Walk, f: u64, offset: u64) -> Option<u64> {
+    match in_chunk::<u64>(state, offset) {
+        // SAFETY: inside the chunk's read bytes, aligned.
+        Some(p) => Some(unsafe { *p }),
+        None => read_u64(f.wrapping_add(offset)),
+    }
+}
+
+/// The frame's `u32` at `offset`: from the chunk, else read.
+#[inline(always)]
+fn frame_u32(state: &Walk, f: u64, offset: u64) -> Option<u32> {
+    match in_chunk::<u32>(state, offset) {
+        // SAFETY: as in `frame_u64`.
+        Some(p) => Some(unsafe { *p }),
+        None => read_u32(f.wrapping_add(offset)),
+    }
+}
+
+/// The frame's byte at `offset`: from the chunk, else read.
+#[inline(always)]
+fn frame_u8(state: &Walk, f: u64, offset: u64) -> Option<u8> {
+    match in_chunk::<u8>(state, offset) {
+        // SAFETY: as in `frame_u64`.
+        Some(p) => Some(unsafe { *p }),
+        None => read_u8(f.wrapping_add(offset)),
+    }
 }

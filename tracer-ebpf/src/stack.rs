@@ -2,7 +2,7 @@
 //! Python frames after either, and `emit_with_stack`, which every event with a stack goes
 //! through (registers → capture → Python frames → ring).
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     EbpfContext,
@@ -50,6 +50,8 @@ pub struct StackStart {
     sp_candidate: bool,
     /// Look for the thread's Python frames (false: its process is known to run no CPython).
     python: bool,
+    /// Native frames to walk at most (`MAX_FRAMES` unless fewer are needed).
+    native_frames: usize,
 }
 
 impl StackStart {
@@ -60,6 +62,7 @@ impl StackStart {
             regs: UserRegs::of_probe(ctx),
             sp_candidate: false,
             python: true,
+            native_frames: MAX_FRAMES,
         }
     }
 
@@ -67,6 +70,16 @@ impl StackStart {
     #[inline(always)]
     pub fn with_python(self, python: bool) -> StackStart {
         StackStart { python, ..self }
+    }
+
+    /// The same start, walking at most `frames` native frames (a heap stack key that covers
+    /// fewer: the frames past them would be read for nothing).
+    #[inline(always)]
+    pub fn with_native_frames(self, frames: usize) -> StackStart {
+        StackStart {
+            native_frames: frames,
+            ..self
+        }
     }
 
     /// At a function's entry (a uprobe that emits there): the stack as it will be at the
@@ -85,6 +98,7 @@ impl StackStart {
             },
             sp_candidate: false,
             python: true,
+            native_frames: MAX_FRAMES,
         }
     }
 
@@ -96,6 +110,7 @@ impl StackStart {
             regs: UserRegs::of_current_task()?,
             sp_candidate: true,
             python: true,
+            native_frames: MAX_FRAMES,
         })
     }
 }
@@ -190,7 +205,7 @@ fn capture_stack(
     let pressed = copy != 0 && global(&STACK_COPY_ALWAYS) == 0 && ring_under_pressure();
     if copy == 0 || pressed {
         let sp = if start.sp_candidate { Some(sp) } else { None };
-        let n = walk_user_stack(ip, sp, bp, area, flags);
+        let n = walk_user_stack((ip, sp, bp), start.native_frames, area, flags);
         return (n as u16, 8 * n);
     }
     diag::count_stack(stack_stat::COPIES);
@@ -247,16 +262,16 @@ fn copy_user_stack(sp: u64, max: u32, area: &mut StackArea) -> u64 {
     copied
 }
 
-/// Walks the frame-pointer chain from `(ip, bp)` into `ips`; returns the number of frames and
-/// sets `STACK_TRUNCATED` in `flags` when the chain went on past `MAX_FRAMES`. With `sp`, the word
+/// Walks the frame-pointer chain from `(ip, bp)` into `ips`, `max_frames` frames at most;
+/// returns the number of frames and sets `STACK_TRUNCATED` in `flags` when the chain went on
+/// past `MAX_FRAMES`. With `sp`, the word
 /// at the stack pointer comes second, flagged `STACK_SP_CANDIDATE`: at a syscall made by a leaf
 /// wrapper (libc's mmap, munmap, syscall()) it is the return address into the wrapper's caller,
 /// which the frame-pointer chain would skip; user space keeps it only if a call precedes it.
 #[inline(always)]
 fn walk_user_stack(
-    ip: u64,
-    sp: Option<u64>,
-    mut bp: u64,
+    (ip, sp, bp): (u64, Option<u64>, u64),
+    max_frames: usize,
     ips: &mut StackArea,
     flags: &mut u16,
 ) -> usize {
@@ -270,28 +285,126 @@ fn walk_user_stack(
         n = 2;
         *flags |= STACK_SP_CANDIDATE;
     }
-    while n < MAX_FRAMES {
-        if bp == 0 {
-            return n;
-        }
-        // SAFETY: bpf_probe_read_user checks the user address.
-        let Ok(frame) = (unsafe { bpf_probe_read_user(bp as *const FrameRecord) }) else {
-            return n;
-        };
-        let [saved_bp, return_address] = frame;
-        if return_address == 0 {
-            return n;
-        }
-        ips[n] = return_address;
-        n += 1;
-        // Frames live at increasing addresses; anything else is not a frame chain.
-        if saved_bp <= bp {
-            return n;
-        }
-        bp = saved_bp;
-    }
-    if bp != 0 {
+    let mut walk = FpWalk {
+        ips,
+        // Laundered: known exactly, the count would make every turn a state of its own, and
+        // the loop would be verified once per frame.
+        n: forget_value(n) as u64,
+        max: max_frames as u64,
+        bp,
+        chunk_at: 0,
+        chunk_words: 0,
+        // Left unwritten (zeroing it cost a `memset` call a walk): a word is read only after
+        // `read_chunk` filled it.
+        chunk: MaybeUninit::uninit(),
+    };
+    // SAFETY: `fp_walk_turn` has the callback's signature; `walk` outlives the call.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            MAX_FRAMES as u32,
+            fp_walk_turn as *mut core::ffi::c_void,
+            (&mut walk as *mut FpWalk).cast(),
+            0,
+        )
+    };
+    let n = (walk.n as usize).min(MAX_FRAMES);
+    if n == MAX_FRAMES && walk.bp != 0 {
         *flags |= STACK_TRUNCATED;
     }
-    MAX_FRAMES
+    n
+}
+
+/// Stack words one user read brings in. Frame records close together (a small function's
+/// caller a few dozen bytes up) come from one read: each `bpf_probe_read_user` costs about
+/// 40 ns whatever its length up to this (docs/performance.md).
+const CHUNK_WORDS: usize = 8;
+
+/// The frame-pointer walk's state, passed to each `bpf_loop` turn (the verifier checks one
+/// turn once, not once per frame on every path to the walk).
+#[repr(C)]
+struct FpWalk {
+    ips: *mut StackArea,
+    /// Frames in `ips`, and the most it is to hold.
+    n: u64,
+    max: u64,
+    /// The next frame record's address; 0: the chain ended (not cut at `MAX_FRAMES`).
+    bp: u64,
+    /// The user address `chunk` was read from (0: none yet), and its words read.
+    chunk_at: u64,
+    chunk_words: u64,
+    /// One word more than read, so that a record's second word is in bounds wherever the
+    /// verifier sees its first.
+    chunk: MaybeUninit<[u64; CHUNK_WORDS + 1]>,
+}
+
+/// One frame of the walk; 1 stops it.
+#[inline(never)]
+extern "C" fn fp_walk_turn(_index: u32, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `FpWalk` that `walk_user_stack` passed to bpf_loop.
+    let walk = unsafe { &mut *ctx.cast::<FpWalk>() };
+    let (n, bp) = (walk.n as usize, walk.bp);
+    if bp == 0 || n >= MAX_FRAMES || walk.n >= walk.max {
+        return 1;
+    }
+    let Some([saved_bp, return_address]) = frame_record(walk, bp) else {
+        walk.bp = 0;
+        return 1;
+    };
+    if return_address == 0 {
+        walk.bp = 0;
+        return 1;
+    }
+    // SAFETY: `ips` outlives the loop; `n` is below MAX_FRAMES.
+    unsafe { (*walk.ips)[n] = return_address };
+    walk.n += 1;
+    // Frames live at increasing addresses; anything else is not a frame chain.
+    walk.bp = if saved_bp > bp { saved_bp } else { 0 };
+    0
+}
+
+/// The frame record at `bp`: from the chunk last read if it holds it, else from a new chunk
+/// read at `bp`. None if `bp` cannot be read.
+#[inline(always)]
+fn frame_record(walk: &mut FpWalk, bp: u64) -> Option<FrameRecord> {
+    let mut off = bp.wrapping_sub(walk.chunk_at);
+    // `bp` below the chunk wraps to a large offset, past its end.
+    let inside = walk.chunk_at != 0
+        && off.is_multiple_of(8)
+        && walk.chunk_words >= 2
+        && off <= 8 * (walk.chunk_words - 2);
+    if !inside {
+        read_chunk(walk, bp)?;
+        off = 0;
+    }
+    let k = (off / 8) as usize & (CHUNK_WORDS - 1);
+    let words = walk.chunk.as_ptr().cast::<u64>();
+    // SAFETY: `off` lies in the chunk read: words `k` and `k + 1` were written by the read.
+    Some(unsafe { [*words.add(k), *words.add(k + 1)] })
+}
+
+/// Reads the chunk at `bp`: `CHUNK_WORDS` words, or the frame record's two alone when the
+/// longer read fails across a page boundary (the last frame near the stack's top).
+#[inline(always)]
+fn read_chunk(walk: &mut FpWalk, bp: u64) -> Option<()> {
+    const PAGE: u64 = 4096;
+    let read = |walk: &mut FpWalk, words: usize| -> bool {
+        // SAFETY: `chunk` holds more than `words` words; the helper checks the user address.
+        unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                walk.chunk.as_mut_ptr().cast(),
+                (8 * words) as u32,
+                bp as *const core::ffi::c_void,
+            ) == 0
+        }
+    };
+    let words = if read(walk, CHUNK_WORDS) {
+        CHUNK_WORDS
+    } else if (bp & (PAGE - 1)) + 8 * CHUNK_WORDS as u64 > PAGE && read(walk, 2) {
+        2
+    } else {
+        return None;
+    };
+    walk.chunk_at = bp;
+    walk.chunk_words = words as u64;
+    Some(())
 }

@@ -204,6 +204,28 @@ fn heap_keys_through_garbage_frames_shrink_to_the_allocators_caller() {
     );
 }
 
+/// The frame-pointer walk reads several frame records at once where it can; a record in the
+/// last bytes before an inaccessible page (as a stack's outermost frame can be) fails such a
+/// read, and is then read alone: its frame is there, not cut from the stack.
+#[test]
+fn a_frame_record_before_an_inaccessible_page_is_still_walked() {
+    require_privileges!();
+    let mut cmd = Command::new(nofp_caller());
+    cmd.arg("stack_end");
+    let mut target = TestProcess::spawn("nofp_caller stack_end", cmd);
+    target.expect_stdout("ready");
+    let r = Session::attach_and_run(target, "stack_end", &["--heap"]).stop(libc::SIGINT);
+    let rows = through(&r, "heap", "lib_alloc_at_stack_end");
+    assert_eq!(rows.len(), 1, "one stack\n{}", r.summary());
+    assert_eq!(rows[0].frames, ["lib_alloc_at_stack_end", "lib_end_frame"]);
+    assert_eq!(
+        common::sum_rows(&rows),
+        all_live(100, 64),
+        "{}",
+        r.summary()
+    );
+}
+
 #[test]
 fn a_short_stack_copy_is_marked_truncated_never_cut_silently() {
     require_privileges!();
