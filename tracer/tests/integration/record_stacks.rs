@@ -127,6 +127,15 @@ fn record_nofp_caller(args: &[&str]) -> Report {
     Session::attach_and_run(target, "nofp", &all).stop(libc::SIGINT)
 }
 
+/// Records `nofp_caller SCENARIO` with `record --heap`; its report.
+fn record_nofp_scenario(scenario: &str) -> Report {
+    let mut cmd = Command::new(nofp_caller());
+    cmd.arg(scenario);
+    let mut target = TestProcess::spawn(&format!("nofp_caller {scenario}"), cmd);
+    target.expect_stdout("ready");
+    Session::attach_and_run(target, scenario, &["--heap"]).stop(libc::SIGINT)
+}
+
 #[test]
 fn a_library_without_frame_pointers_does_not_hide_its_callers() {
     require_privileges!();
@@ -176,11 +185,7 @@ fn a_library_without_frame_pointers_does_not_hide_its_callers() {
 #[test]
 fn heap_keys_through_garbage_frames_shrink_to_the_allocators_caller() {
     require_privileges!();
-    let mut cmd = Command::new(nofp_caller());
-    cmd.arg("scrambled");
-    let mut target = TestProcess::spawn("nofp_caller scrambled", cmd);
-    target.expect_stdout("ready");
-    let r = Session::attach_and_run(target, "scrambled", &["--heap"]).stop(libc::SIGINT);
+    let r = record_nofp_scenario("scrambled");
     let rows = through(&r, "heap", "lib_alloc_scrambled");
     assert_eq!(
         common::sum_rows(&rows),
@@ -210,11 +215,7 @@ fn heap_keys_through_garbage_frames_shrink_to_the_allocators_caller() {
 #[test]
 fn a_frame_record_before_an_inaccessible_page_is_still_walked() {
     require_privileges!();
-    let mut cmd = Command::new(nofp_caller());
-    cmd.arg("stack_end");
-    let mut target = TestProcess::spawn("nofp_caller stack_end", cmd);
-    target.expect_stdout("ready");
-    let r = Session::attach_and_run(target, "stack_end", &["--heap"]).stop(libc::SIGINT);
+    let r = record_nofp_scenario("stack_end");
     let rows = through(&r, "heap", "lib_alloc_at_stack_end");
     assert_eq!(rows.len(), 1, "one stack\n{}", r.summary());
     assert_eq!(rows[0].frames, ["lib_alloc_at_stack_end", "lib_end_frame"]);
