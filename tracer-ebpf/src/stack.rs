@@ -292,21 +292,32 @@ fn walk_user_stack(
         n: forget_value(n) as u64,
         max: max_frames as u64,
         bp,
-        chunk_at: 0,
-        chunk_words: 0,
+        // Set below: LLVM zeroes two adjacent words with a call to a `memset` subprogram.
+        chunk_at: u64::MAX,
+        chunk_words: u64::MAX,
         // Left unwritten (zeroing it cost a `memset` call a walk): a word is read only after
         // `read_chunk` filled it.
         chunk: MaybeUninit::uninit(),
     };
-    // SAFETY: `fp_walk_turn` has the callback's signature; `walk` outlives the call.
+    // SAFETY: plain stores into a local.
     unsafe {
-        aya_ebpf::helpers::generated::bpf_loop(
-            MAX_FRAMES as u32,
-            fp_walk_turn as *mut core::ffi::c_void,
-            (&mut walk as *mut FpWalk).cast(),
-            0,
-        )
-    };
+        core::ptr::write_volatile(&raw mut walk.chunk_at, 0);
+        core::ptr::write_volatile(&raw mut walk.chunk_words, 0);
+    }
+    // The first frames inline: most heap stacks the kernel ledger keys are a few frames from
+    // one or two reads, and each `bpf_loop` turn is a subprogram call (a return thunk on CPUs
+    // that mitigate return misprediction).
+    if fp_turn(&mut walk) == 0 && fp_turn(&mut walk) == 0 && walk.bp != 0 && walk.n < walk.max {
+        // SAFETY: `fp_walk_turn` has the callback's signature; `walk` outlives the call.
+        unsafe {
+            aya_ebpf::helpers::generated::bpf_loop(
+                MAX_FRAMES as u32,
+                fp_walk_turn as *mut core::ffi::c_void,
+                (&mut walk as *mut FpWalk).cast(),
+                0,
+            )
+        };
+    }
     let n = (walk.n as usize).min(MAX_FRAMES);
     if n == MAX_FRAMES && walk.bp != 0 {
         *flags |= STACK_TRUNCATED;
@@ -337,11 +348,16 @@ struct FpWalk {
     chunk: MaybeUninit<[u64; CHUNK_WORDS + 1]>,
 }
 
-/// One frame of the walk; 1 stops it.
+/// A `bpf_loop` turn of the walk: one frame; 1 stops it.
 #[inline(never)]
 extern "C" fn fp_walk_turn(_index: u32, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `ctx` is the `FpWalk` that `walk_user_stack` passed to bpf_loop.
-    let walk = unsafe { &mut *ctx.cast::<FpWalk>() };
+    fp_turn(unsafe { &mut *ctx.cast::<FpWalk>() })
+}
+
+/// One frame of the walk; 1 stops it (`walk.bp` is then 0 unless it was cut at a bound).
+#[inline(always)]
+fn fp_turn(walk: &mut FpWalk) -> i64 {
     let (n, bp) = (walk.n as usize, walk.bp);
     if bp == 0 || n >= MAX_FRAMES || walk.n >= walk.max {
         return 1;
