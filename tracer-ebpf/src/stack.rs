@@ -307,7 +307,7 @@ fn walk_user_stack(
     // The first frames inline: most heap stacks the kernel ledger keys are a few frames from
     // one or two reads, and each `bpf_loop` turn is a subprogram call (a return thunk on CPUs
     // that mitigate return misprediction).
-    if fp_turn(&mut walk) == 0 && fp_turn(&mut walk) == 0 && walk.bp != 0 && walk.n < walk.max {
+    if fp_turn(&mut walk) == 0 && fp_turn(&mut walk) == 0 && walk_goes_on(&walk) {
         // SAFETY: `fp_walk_turn` has the callback's signature; `walk` outlives the call.
         unsafe {
             aya_ebpf::helpers::generated::bpf_loop(
@@ -355,13 +355,20 @@ extern "C" fn fp_walk_turn(_index: u32, ctx: *mut core::ffi::c_void) -> i64 {
     fp_turn(unsafe { &mut *ctx.cast::<FpWalk>() })
 }
 
+/// Whether the walk has a frame record left to read: the chain goes on and neither bound
+/// (`MAX_FRAMES`, the caller's `max`) is reached.
+#[inline(always)]
+fn walk_goes_on(walk: &FpWalk) -> bool {
+    walk.bp != 0 && (walk.n as usize) < MAX_FRAMES && walk.n < walk.max
+}
+
 /// One frame of the walk; 1 stops it (`walk.bp` is then 0 unless it was cut at a bound).
 #[inline(always)]
 fn fp_turn(walk: &mut FpWalk) -> i64 {
-    let (n, bp) = (walk.n as usize, walk.bp);
-    if bp == 0 || n >= MAX_FRAMES || walk.n >= walk.max {
+    if !walk_goes_on(walk) {
         return 1;
     }
+    let (n, bp) = (walk.n as usize, walk.bp);
     let Some([saved_bp, return_address]) = frame_record(walk, bp) else {
         walk.bp = 0;
         return 1;
