@@ -118,22 +118,19 @@ fn nofp_caller() -> PathBuf {
         .clone()
 }
 
-/// Records nofp_caller with `record --heap ARGS`; its report.
-fn record_nofp_caller(args: &[&str]) -> Report {
-    let mut target = TestProcess::spawn("nofp_caller", Command::new(nofp_caller()));
+/// Records nofp_caller (running `SCENARIO` if given) with `record --heap ARGS`; its report.
+fn record_nofp_caller(scenario: Option<&str>, args: &[&str]) -> Report {
+    let mut cmd = Command::new(nofp_caller());
+    cmd.args(scenario);
+    let name = match scenario {
+        Some(scenario) => format!("nofp_caller {scenario}"),
+        None => "nofp_caller".to_string(),
+    };
+    let mut target = TestProcess::spawn(&name, cmd);
     target.expect_stdout("ready");
     let mut all = vec!["--heap"];
     all.extend(args);
-    Session::attach_and_run(target, "nofp", &all).stop(libc::SIGINT)
-}
-
-/// Records `nofp_caller SCENARIO` with `record --heap`; its report.
-fn record_nofp_scenario(scenario: &str) -> Report {
-    let mut cmd = Command::new(nofp_caller());
-    cmd.arg(scenario);
-    let mut target = TestProcess::spawn(&format!("nofp_caller {scenario}"), cmd);
-    target.expect_stdout("ready");
-    Session::attach_and_run(target, scenario, &["--heap"]).stop(libc::SIGINT)
+    Session::attach_and_run(target, scenario.unwrap_or("nofp"), &all).stop(libc::SIGINT)
 }
 
 #[test]
@@ -141,7 +138,7 @@ fn a_library_without_frame_pointers_does_not_hide_its_callers() {
     require_privileges!();
     let p = page();
     // Default (auto): the mappings get unwound stack copies; heap events frame pointers.
-    let r = record_nofp_caller(&[]);
+    let r = record_nofp_caller(None, &[]);
     assert_rows_with_chain(
         &r,
         "mmap",
@@ -161,7 +158,7 @@ fn a_library_without_frame_pointers_does_not_hide_its_callers() {
         ],
     );
     // dwarf: the heap too.
-    let r = record_nofp_caller(&["--stack", "dwarf"]);
+    let r = record_nofp_caller(None, &["--stack", "dwarf"]);
     assert_rows_with_chain(
         &r,
         "heap",
@@ -169,7 +166,7 @@ fn a_library_without_frame_pointers_does_not_hide_its_callers() {
         &["lib_alloc_inner", "lib_alloc", "caller_allocs", "main"],
     );
     // fp: the walk cannot cross the library; the caller above it is lost.
-    let r = record_nofp_caller(&["--stack", "fp"]);
+    let r = record_nofp_caller(None, &["--stack", "fp"]);
     assert!(
         through(&r, "mmap", "caller_maps").is_empty(),
         "frame pointers cannot see through the library\n{}",
@@ -185,7 +182,7 @@ fn a_library_without_frame_pointers_does_not_hide_its_callers() {
 #[test]
 fn heap_keys_through_garbage_frames_shrink_to_the_allocators_caller() {
     require_privileges!();
-    let r = record_nofp_scenario("scrambled");
+    let r = record_nofp_caller(Some("scrambled"), &[]);
     let rows = through(&r, "heap", "lib_alloc_scrambled");
     assert_eq!(
         common::sum_rows(&rows),
@@ -215,7 +212,7 @@ fn heap_keys_through_garbage_frames_shrink_to_the_allocators_caller() {
 #[test]
 fn a_frame_record_before_an_inaccessible_page_is_still_walked() {
     require_privileges!();
-    let r = record_nofp_scenario("stack_end");
+    let r = record_nofp_caller(Some("stack_end"), &[]);
     let rows = through(&r, "heap", "lib_alloc_at_stack_end");
     assert_eq!(rows.len(), 1, "one stack\n{}", r.summary());
     assert_eq!(rows[0].frames, ["lib_alloc_at_stack_end", "lib_end_frame"]);
@@ -233,7 +230,7 @@ fn a_short_stack_copy_is_marked_truncated_never_cut_silently() {
     // 1 KiB holds the library's frames but not deep_caller's 8 KiB frame: that stack is
     // marked truncated; the shallow ones reach main.
     let p = page();
-    let r = record_nofp_caller(&["--stack-copy", "1"]);
+    let r = record_nofp_caller(None, &["--stack-copy", "1"]);
     let truncated: Vec<_> = r
         .stacks
         .iter()
