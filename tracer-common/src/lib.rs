@@ -373,27 +373,23 @@ pub mod drop_cause {
 /// it. The kernel also keeps the heap's live bytes and exact peak at every call.
 pub mod heap_ledger {
     /// A traced process (`TARGETS`, by tgid): its image generation (1 + the execs seen since
-    /// it was traced), which its heap stacks' keys include, and its live heap bytes in the
-    /// kernel's heap ledger, which an exec takes out of `HEAP_LIVE` (the image's heap went
-    /// with it). One value, so that a heap call looks its process up once: it also caches
-    /// what user space set for the process in other maps (`KEY_FRAMES`, `PY_OFFSETS`), read
-    /// again when `SETTINGS_VERSION` moves (`settings`: the kernel's own encoding, 0 until
-    /// first read).
+    /// it was traced), which its heap stacks' keys and totals include. It also caches what
+    /// user space set for the process in other maps (`KEY_FRAMES`, `PY_OFFSETS`), read again
+    /// when `SETTINGS_VERSION` moves (`settings`: the kernel's own encoding, 0 until first
+    /// read). Heap calls read it through a per-CPU cache (`tracer-ebpf/src/traced.rs`).
     #[repr(C)]
     #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
     pub struct TracedProcess {
         pub generation: u32,
         pub _pad: u32,
-        pub heap: u64,
         pub settings: u64,
     }
 
     impl TracedProcess {
-        /// A process from the moment it is traced: its first image, no heap yet.
+        /// A process from the moment it is traced: its first image.
         pub const NEW: TracedProcess = TracedProcess {
             generation: 1,
             _pad: 0,
-            heap: 0,
             settings: 0,
         };
     }
@@ -485,20 +481,22 @@ pub mod heap_ledger {
         /// 1 once the stack went to user space (`event_kind::HEAP_STACK`); until then every
         /// block at it tries again.
         pub delivered: u32,
+        /// The process's image generation (`TracedProcess`): an exec takes the old image's
+        /// live bytes out of `HEAP_LIVE` by summing its stacks' totals.
+        pub generation: u32,
+        pub _pad: u32,
     }
 
     impl StackTotals {
-        /// What `self` counts beyond `earlier` (an earlier read of the same stack).
         /// The counts of `self` beyond `earlier` (an earlier read of the same stack); the
-        /// process and delivery fields zero.
+        /// process, delivery and generation fields zero.
         pub fn since(&self, earlier: &StackTotals) -> StackTotals {
             StackTotals {
                 allocated_bytes: self.allocated_bytes.wrapping_sub(earlier.allocated_bytes),
                 allocated_count: self.allocated_count.wrapping_sub(earlier.allocated_count),
                 freed_bytes: self.freed_bytes.wrapping_sub(earlier.freed_bytes),
                 freed_count: self.freed_count.wrapping_sub(earlier.freed_count),
-                tgid: 0,
-                delivered: 0,
+                ..StackTotals::default()
             }
         }
 
@@ -743,8 +741,8 @@ const _: () = assert!(size_of::<heap_ledger::BlockKey>() == 16);
 const _: () = assert!(size_of::<heap_ledger::HeldBlock>() == 24);
 const _: () = assert!(size_of::<heap_ledger::HeapLive>() == 24);
 const _: () = assert!(size_of::<heap_ledger::RecentBlock>() == 40);
-const _: () = assert!(size_of::<heap_ledger::TracedProcess>() == 24);
-const _: () = assert!(size_of::<heap_ledger::StackTotals>() == 40);
+const _: () = assert!(size_of::<heap_ledger::TracedProcess>() == 16);
+const _: () = assert!(size_of::<heap_ledger::StackTotals>() == 48);
 const _: () = assert!(size_of::<StackRecord<MapEvent>>() == 80 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<FaultEvent>>() == 24 + 8 * STACK_AREA_WORDS);
 const _: () = assert!(size_of::<StackRecord<CudaCallEvent>>() == 72 + 8 * STACK_AREA_WORDS);

@@ -190,7 +190,7 @@ fn hold_or_emit(
     start: StackStart,
     process: heap_ledger::Process,
 ) {
-    let settings = heap_ledger::settings((record.event.tgid, process));
+    let settings = heap_ledger::settings_of((record.event.tgid, process));
     // The walk stops at the frames the key covers: user space keeps no more of them.
     let start = start
         .with_python(settings.python)

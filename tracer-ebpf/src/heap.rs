@@ -16,7 +16,7 @@ use crate::{
     inflight::{CallKind, Entry, attach_cookie, enter_thread, holds, thread_slot},
     maps::{
         HEAP_DUTY_CYCLED, HEAP_SAMPLE_MEAN, HEAP_SYSTEMWIDE, HEAP_WINDOW, INFLIGHT, SAMPLE_EXP,
-        SAMPLED, TARGETS, global,
+        SAMPLED, global,
     },
 };
 
@@ -105,7 +105,7 @@ pub fn forget_sampled(tgid: u32, addr: u64) {
 /// birth).
 #[inline(always)]
 fn untraced_caller(tgid: u32) -> bool {
-    global(&HEAP_SYSTEMWIDE) != 0 && TARGETS.get_ptr(tgid).is_none()
+    global(&HEAP_SYSTEMWIDE) != 0 && crate::traced::traced(tgid).is_none()
 }
 
 /// Duty-cycled heap: whether the `which` window (`heap_window`) is closed; the probes then

@@ -7,8 +7,8 @@
 //! so a burst of new stacks delays names, never bytes. Failures and what the kernel could not
 //! hold (counted, `LEDGER_STATS`) go through the ring as events. No call rate outruns user
 //! space, which reads each stack's totals once a second. Holding every block, the kernel also
-//! keeps the heap's live bytes and peak at every call (`HEAP_LIVE`), and each process's share
-//! (in its `TARGETS` value), which an exec takes out. The accounting rules are the user-space
+//! keeps the heap's live bytes and peak at every call (`HEAP_LIVE`); an exec takes out the old
+//! image's share, summed from its stacks' totals. The accounting rules are the user-space
 //! ledger's (`tracer/src/ledger/mod.rs`).
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
@@ -25,9 +25,10 @@ use crate::{
     diag, heap_recent,
     maps::{
         HEAP_DUTY_CYCLED, HEAP_KERNEL_LEDGER, HEAP_LIVE, HELD_BLOCKS, KEY_FRAMES, LEDGER_STATS,
-        PY_OFFSETS, SETTINGS_VERSION, STACK_TOTALS, TARGETS, global,
+        PY_OFFSETS, STACK_TOTALS, global,
     },
     stack::forget_value,
+    traced::{self, Traced},
 };
 
 const EEXIST: i32 = 17;
@@ -45,11 +46,30 @@ pub struct Settings {
     pub python: bool,
 }
 
-/// `TracedProcess::settings`: the `SETTINGS_VERSION` they were read at (high half), this bit
-/// (0: never read), `SETTINGS_PYTHON`, and the key's native frames (low byte).
-const SETTINGS_READ: u64 = 1 << 31;
-const SETTINGS_PYTHON: u64 = 1 << 30;
+/// `Settings::encode`: this bit (0: never read), `SETTINGS_PYTHON`, and the key's native
+/// frames (low byte). `TracedProcess::settings` keeps the `SETTINGS_VERSION` they were read at
+/// in its high half.
+const SETTINGS_READ: u32 = 1 << 31;
+const SETTINGS_PYTHON: u32 = 1 << 30;
 const _: () = assert!(MAX_FRAMES <= 0xff);
+
+impl Settings {
+    /// As one word, never 0.
+    #[inline(always)]
+    pub fn encode(self) -> u32 {
+        let python = if self.python { SETTINGS_PYTHON } else { 0 };
+        SETTINGS_READ | python | self.key_frames as u32
+    }
+
+    /// From `encode`'s word.
+    #[inline(always)]
+    pub fn decode(word: u32) -> Settings {
+        Settings {
+            key_frames: (word & 0xff) as usize,
+            python: word & SETTINGS_PYTHON != 0,
+        }
+    }
+}
 
 /// The settings of `tgid`, read from their maps.
 #[inline(always)]
@@ -64,30 +84,28 @@ fn read_settings(tgid: u32) -> Settings {
     Settings { key_frames, python }
 }
 
-/// The settings of `tgid`: as its `TARGETS` value caches them, unless user space changed any
-/// since (`SETTINGS_VERSION`); then read from their maps, and cached. Threads of a process
-/// may read and cache them at once: they write the same value, one word.
+/// The settings of traced process `tgid` (`process`, its `TARGETS` value): as the value caches
+/// them, unless user space changed any since (`SETTINGS_VERSION` is no longer `version`); then
+/// read from their maps, and cached. Threads of a process may read and cache them at once:
+/// they write the same value, one word.
 #[inline(always)]
-pub fn settings((tgid, process): (u32, Process)) -> Settings {
-    let Some(p) = process else {
-        return read_settings(tgid);
-    };
-    // SAFETY: a lookup of a plain value.
-    let version = unsafe { SETTINGS_VERSION.get(0) }.copied().unwrap_or(0);
+pub fn settings((tgid, process): (u32, *mut TracedProcess), version: u32) -> Settings {
     // SAFETY: a map value, valid while this program runs.
-    let cached = unsafe { core::ptr::read_volatile(&raw const (*p).settings) };
-    if cached & SETTINGS_READ != 0 && (cached >> 32) as u32 == version {
-        return Settings {
-            key_frames: (cached & 0xff) as usize,
-            python: cached & SETTINGS_PYTHON != 0,
-        };
+    let cached = unsafe { core::ptr::read_volatile(&raw const (*process).settings) };
+    if cached as u32 & SETTINGS_READ != 0 && (cached >> 32) as u32 == version {
+        return Settings::decode(cached as u32);
     }
     let settings = read_settings(tgid);
-    let python = if settings.python { SETTINGS_PYTHON } else { 0 };
-    let word = u64::from(version) << 32 | SETTINGS_READ | python | settings.key_frames as u64;
+    let word = u64::from(version) << 32 | u64::from(settings.encode());
     // SAFETY: as above; an aligned 8-byte store, seen whole by other CPUs.
-    unsafe { core::ptr::write_volatile(&raw mut (*p).settings, word) };
+    unsafe { core::ptr::write_volatile(&raw mut (*process).settings, word) };
     settings
+}
+
+/// The settings of `tgid`, traced (`process`) or not.
+#[inline(always)]
+pub fn settings_of((tgid, process): (u32, Process)) -> Settings {
+    process.map_or_else(|| read_settings(tgid), |p| p.settings)
 }
 
 /// Whether the kernel keeps the heap ledger in this recording.
@@ -96,23 +114,20 @@ pub fn enabled() -> bool {
     global(&HEAP_KERNEL_LEDGER) != 0
 }
 
-/// Traced process `tgid` (`TARGETS`): looked up once per heap call, its image generation and
-/// heap share read and counted through it.
-pub type Process = Option<*mut TracedProcess>;
+/// The calling process as a heap call sees it, looked up once per call (`traced.rs`); None if
+/// it is not traced.
+pub type Process = Option<Traced>;
 
 /// Traced process `tgid`; None if it is not traced.
 #[inline(always)]
 pub fn process(tgid: u32) -> Process {
-    TARGETS.get_ptr_mut(tgid)
+    traced::traced(tgid)
 }
 
 /// The image generation of `process` (0 if untraced).
 #[inline(always)]
 pub fn generation(process: Process) -> u32 {
-    // SAFETY: a map value, valid while this program runs.
-    process.map_or(0, |p| unsafe {
-        core::ptr::read_volatile(&raw const (*p).generation)
-    })
+    process.map_or(0, |p| p.generation)
 }
 
 #[inline(always)]
@@ -223,15 +238,11 @@ pub fn count(stat: u32) {
     }
 }
 
-/// `size` bytes of `process` became live (`grew`) or stopped being live: the heap's live
-/// bytes, its peak and the process's share follow.
+/// `size` bytes became live (`grew`) or stopped being live: the heap's live bytes and its peak
+/// follow.
 #[inline(always)]
-fn count_live(process: Process, size: u64, grew: bool) {
+fn count_live(size: u64, grew: bool) {
     let n = if grew { size } else { size.wrapping_neg() };
-    if let Some(p) = process {
-        // SAFETY: a map value, valid while this program runs.
-        add(unsafe { &raw mut (*p).heap }, n);
-    }
     let Some(heap) = HEAP_LIVE.get_ptr_mut(0) else {
         return;
     };
@@ -249,16 +260,60 @@ fn count_live(process: Process, size: u64, grew: bool) {
     }
 }
 
-/// An exec replaced `process`'s image: its heap went with the old address space.
+/// A process image's live heap bytes, summed over its stacks' totals (`image_stack`).
+#[repr(C)]
+struct ImageHeap {
+    tgid: u32,
+    generation: u32,
+    live: u64,
+}
+
+/// An exec replaced image `generation` of process `tgid`: its heap went with the old address
+/// space, and leaves the live bytes. Its share is the sum of its stacks' totals: every block
+/// the kernel holds is counted there and in the live bytes alike, and no thread of the image
+/// is left to change them. Once per exec, a walk of the stacks table.
 #[inline(always)]
-pub fn forget_image(process: *mut TracedProcess) {
-    // SAFETY: a map value, valid while this program runs; other threads of the process are
-    // gone by the time its exec completes.
-    let bytes = unsafe { core::ptr::replace(&raw mut (*process).heap, 0) };
+pub fn forget_image(tgid: u32, generation: u32) {
+    if !enabled() {
+        return;
+    }
+    let mut image = ImageHeap {
+        tgid,
+        generation,
+        live: 0,
+    };
+    // SAFETY: `image_stack` has the callback's signature; `image` outlives the call; the map
+    // pointer is the map's definition (`HashMap` is transparent over it).
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_for_each_map_elem(
+            (&raw const STACK_TOTALS).cast_mut().cast(),
+            image_stack as *mut core::ffi::c_void,
+            (&raw mut image).cast(),
+            0,
+        )
+    };
     if let Some(heap) = HEAP_LIVE.get_ptr_mut(0) {
         // SAFETY: the map's one value, valid while this program runs.
-        add(unsafe { &raw mut (*heap).live }, bytes.wrapping_neg());
+        add(unsafe { &raw mut (*heap).live }, image.live.wrapping_neg());
     }
+}
+
+/// A `bpf_for_each_map_elem` turn of `forget_image`: adds a stack's live bytes if it is the
+/// image's; 0 goes on.
+#[inline(never)]
+extern "C" fn image_stack(
+    _map: *mut core::ffi::c_void,
+    _key: *mut core::ffi::c_void,
+    value: *mut core::ffi::c_void,
+    ctx: *mut core::ffi::c_void,
+) -> i64 {
+    // SAFETY: the helper passes a `STACK_TOTALS` value and the `ImageHeap` given to it.
+    let (totals, image) = unsafe { (&*value.cast::<StackTotals>(), &mut *ctx.cast::<ImageHeap>()) };
+    if totals.tgid == image.tgid && totals.generation == image.generation {
+        let live = totals.allocated_bytes.wrapping_sub(totals.freed_bytes);
+        image.live = image.live.wrapping_add(live);
+    }
+    0
 }
 
 /// Counts `block` as freed in its stack's totals (none once user space retired the stack).
@@ -291,7 +346,7 @@ fn end_block(process: Process, block: &HeldBlock) -> Released {
         // The old image's block, gone with it at the exec.
         return Released::Unknown;
     }
-    count_live(process, block.size, false);
+    count_live(block.size, false);
     count_freed(block);
     crate::phase::count_free(u32::from(block.phase), block.size);
     Released::Kernel
@@ -405,10 +460,10 @@ pub enum Held {
     Full,
 }
 
-/// The totals of stack `key` of process `tgid`, made (zero, undelivered) if new; None when the
-/// table is full.
+/// The totals of stack `key` of image `generation` of process `tgid`, made (zero,
+/// undelivered) if new; None when the table is full.
 #[inline(always)]
-fn totals_of(tgid: u32, key: u64) -> Option<*mut StackTotals> {
+fn totals_of((tgid, generation): (u32, u32), key: u64) -> Option<*mut StackTotals> {
     if let Some(totals) = STACK_TOTALS.get_ptr_mut(key) {
         return Some(totals);
     }
@@ -419,6 +474,8 @@ fn totals_of(tgid: u32, key: u64) -> Option<*mut StackTotals> {
         freed_count: 0,
         tgid,
         delivered: 0,
+        generation,
+        _pad: 0,
     };
     match STACK_TOTALS.insert(key, &zero, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
@@ -440,20 +497,21 @@ pub fn hold(
     size: u64,
     (key, phase): (u64, u32),
 ) -> Held {
-    let Some(totals) = totals_of(tgid, key) else {
+    let generation = generation(process);
+    let Some(totals) = totals_of((tgid, generation), key) else {
         return Held::Full;
     };
     let block = HeldBlock {
         size,
         stack_key: key,
-        generation: generation(process),
+        generation,
         reallocating: 0,
         phase: phase as u16,
     };
     if !keep((tgid, process), addr, &block) {
         return full();
     }
-    count_live(process, size, true);
+    count_live(size, true);
     // SAFETY: a map value, valid while this program runs.
     unsafe {
         add(&raw mut (*totals).allocated_bytes, size);

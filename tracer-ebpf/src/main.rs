@@ -49,6 +49,8 @@ mod stack;
 mod syscalls;
 /// PyTorch's CUDA caching allocator.
 mod torch;
+/// Whether a heap call's process is traced: a per-CPU cache of `TARGETS`.
+mod traced;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -16,6 +16,8 @@ use tracer_common::{
     stack_stat,
 };
 
+use crate::traced::CachedProcess;
+
 // ---- Maps ----
 
 /// Events to user space. Sized by user space at load time (`--ring-size`).
@@ -71,11 +73,23 @@ pub static TORCH_SCRATCH: Array<StackRecord<TorchEvent>> =
 pub static FAULT_SCRATCH: Array<StackRecord<FaultEvent>> =
     Array::with_max_entries(SCRATCH_SLOTS, 0);
 
-/// Traced processes, by tgid: their image generation and heap share (`TracedProcess`).
+/// Traced processes, by tgid: their image generation and cached settings (`TracedProcess`).
 /// Tracepoints fire for every process on the machine; this filter is their first instruction.
 /// User space only inserts (never over an entry); the kernel writes the values.
 #[map]
 pub static TARGETS: HashMap<u32, TracedProcess> = HashMap::with_max_entries(4096, 0);
+
+/// Moved on by the kernel each time a `TARGETS` entry it had stops being true (an exec moves a
+/// generation on, an exit removes a process): every CPU's `TRACED_CACHE` entry read before it
+/// moved is then stale (one entry). User space's inserts need not move it: the caches hold
+/// only processes that were traced.
+#[map]
+pub static TARGETS_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The traced process a heap call on this CPU last looked up (`traced.rs`), so that the
+/// calls of one process skip the `TARGETS` lookup (one entry).
+#[map]
+pub static TRACED_CACHE: PerCpuArray<CachedProcess> = PerCpuArray::with_max_entries(1, 0);
 
 /// Arguments of memory syscalls in flight, by `pid_tgid`.
 #[map]

@@ -10,6 +10,7 @@ use crate::{
     diag, heap_ledger,
     maps::{FOLLOW_CHILDREN, TARGETS, global},
     ring::{Wakeup, output_event},
+    traced,
 };
 
 /// task:task_newtask's record: the new task's pid, and its clone flags.
@@ -63,10 +64,13 @@ pub fn process_exec(_ctx: TracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if let Some(process) = TARGETS.get_ptr_mut(pid) {
         // A new image: the heap ledger's stack keys change with it, the old image's heap is
-        // gone.
+        // gone. No other thread of the process is left to see either half-done.
         // SAFETY: a map value, valid while this program runs.
-        unsafe { (*process).generation += 1 };
-        heap_ledger::forget_image(process);
+        let old = unsafe {
+            core::ptr::replace(&raw mut (*process).generation, (*process).generation + 1)
+        };
+        traced::targets_changed();
+        heap_ledger::forget_image(pid, old);
         emit_proc(proc_op::EXEC, pid, 0);
     }
     0
@@ -79,6 +83,8 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
     let (pid, tid) = ((key >> 32) as u32, key as u32);
     if pid == tid && TARGETS.get_ptr(pid).is_some() {
         let _ = TARGETS.remove(pid);
+        // Threads of the process may outlive its main thread: none may go on as traced.
+        traced::targets_changed();
         emit_proc(proc_op::EXIT, pid, 0);
     }
     0

@@ -150,6 +150,7 @@ mod tests {
             freed_count: fc,
             tgid: 7,
             delivered: 1,
+            ..StackTotals::default()
         }
     }
 

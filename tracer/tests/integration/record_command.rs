@@ -155,6 +155,27 @@ fn a_target_that_execs_mid_recording_is_traced_in_its_new_image() {
 }
 
 #[test]
+fn an_exec_takes_the_old_images_heap_out_of_the_live_bytes_and_peak() {
+    require_privileges!();
+    // The fixture keeps 32 MiB, then execs itself into the leaks scenario: the block went with
+    // the old image. The kernel's heap ledger takes it out of the live bytes at the exec, so
+    // the peak is the block alone, not the block and the new image's leaks.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fixture("heap_fixture");
+    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "exec_leaks", "run"]);
+    assert!(r.complete, "{}", r.summary());
+    r.assert_leaks();
+    let (t, leaks) = (r.heap_totals(), leaks_totals());
+    assert_eq!(
+        (t.live_bytes, t.live_count, t.peak_bytes),
+        (leaks.live_bytes, leaks.live_count, 32 << 20),
+        "{}",
+        r.summary()
+    );
+    r.assert_no_lost_events();
+}
+
+#[test]
 fn a_short_lived_program_execed_by_the_command_is_named_from_its_own_image() {
     require_privileges!();
     // env replaces itself with the fixture, which does its work and exits in a few

@@ -296,6 +296,7 @@ fn blocks_the_kernel_holds_count_at_their_stack_and_go_with_an_exec() {
             freed_count: 10,
             tgid: PID,
             delivered: 1,
+            ..StackTotals::default()
         },
     );
     sink.sync_kernel_heap(true);
