@@ -59,7 +59,9 @@ fn version() -> u32 {
 #[inline(always)]
 pub fn traced(tgid: u32) -> Option<Traced> {
     let (epoch, version) = (epoch(), version());
-    let slot = TRACED_CACHE.get_ptr_mut(0)?;
+    let Some(slot) = TRACED_CACHE.get_ptr_mut(0) else {
+        return look_up(tgid, version);
+    };
     // SAFETY: this CPU's value, valid while this program runs; loads of aligned words.
     let (id, cached_epoch, settings, id_again) = unsafe {
         (
@@ -80,11 +82,9 @@ pub fn traced(tgid: u32) -> Option<Traced> {
             settings: Settings::decode(settings as u32),
         });
     }
-    let process = TARGETS.get_ptr_mut(tgid)?;
-    // SAFETY: a map value, valid while this program runs.
-    let generation = unsafe { core::ptr::read_volatile(&raw const (*process).generation) };
-    let settings = heap_ledger::settings((tgid, process), version);
-    // SAFETY: as above.
+    let found = look_up(tgid, version)?;
+    let settings = found.settings;
+    // SAFETY: this CPU's value, valid while this program runs.
     unsafe {
         core::ptr::write_volatile(&raw mut (*slot).id, 0);
         core::ptr::write_volatile(&raw mut (*slot).epoch, epoch);
@@ -94,12 +94,21 @@ pub fn traced(tgid: u32) -> Option<Traced> {
         );
         core::ptr::write_volatile(
             &raw mut (*slot).id,
-            u64::from(tgid) << 32 | u64::from(generation),
+            u64::from(tgid) << 32 | u64::from(found.generation),
         );
     }
+    Some(found)
+}
+
+/// Process `tgid` as `TARGETS` has it, its settings read at `version`; None if not traced.
+#[inline(always)]
+fn look_up(tgid: u32, version: u32) -> Option<Traced> {
+    let process = TARGETS.get_ptr_mut(tgid)?;
+    // SAFETY: a map value, valid while this program runs.
+    let generation = unsafe { core::ptr::read_volatile(&raw const (*process).generation) };
     Some(Traced {
         generation,
-        settings,
+        settings: heap_ledger::settings((tgid, process), version),
     })
 }
 

@@ -10,16 +10,20 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+const USAGE: &str = "usage: cargo xtask bench [--pairs N] [--rounds N] [--live N] [--baseline ALLOCTRACE] [--serve-seconds N] [--skip-torch yes]\n       \
+                     cargo xtask gpu-check [--python PATH] [--write-docs]";
+
 fn main() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
         Some("gpu-check") => gpu_check::gpu_check(&workspace_root(), &args[1..]),
         _ => {
-            eprintln!(
-                "usage: cargo xtask bench [--pairs N] [--rounds N] [--live N] [--baseline ALLOCTRACE] [--serve-seconds N] [--skip-torch yes]\n       \
-                 cargo xtask gpu-check [--python PATH] [--write-docs]"
-            );
+            eprintln!("{USAGE}");
             std::process::exit(2);
         }
     }
@@ -135,7 +139,7 @@ fn bench(args: &[String]) -> Result<()> {
     let mut skip_torch = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let v = it.next().context("flag needs a value")?;
+        let v = (it.next()).with_context(|| format!("{a} needs a value\n{USAGE}"))?;
         match a.as_str() {
             "--pairs" => pairs = v.parse()?,
             "--rounds" => rounds = v.parse()?,
@@ -143,7 +147,7 @@ fn bench(args: &[String]) -> Result<()> {
             "--baseline" => baseline = Some(PathBuf::from(v)),
             "--serve-seconds" => serve_seconds = v.parse()?,
             "--skip-torch" => skip_torch = v == "yes",
-            _ => bail!("unknown flag {a}"),
+            _ => bail!("unknown flag {a}\n{USAGE}"),
         }
     }
     let root = workspace_root();

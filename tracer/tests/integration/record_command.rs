@@ -157,9 +157,11 @@ fn a_target_that_execs_mid_recording_is_traced_in_its_new_image() {
 #[test]
 fn an_exec_takes_the_old_images_heap_out_of_the_live_bytes_and_peak() {
     require_privileges!();
-    // The fixture keeps 32 MiB, then execs itself into the leaks scenario: the block went with
-    // the old image. The kernel's heap ledger takes it out of the live bytes at the exec, so
-    // the peak is the block alone, not the block and the new image's leaks.
+    // The fixture keeps 32 MiB and execs itself, twice, the second time into the leaks
+    // scenario: each block went with its image. The kernel's heap ledger takes an image's
+    // blocks out of the live bytes at its exec, so the peak is one block, not two, nor one and
+    // the leaks. The second image's block is taken out only if the kernel tagged it with that
+    // image's generation: a cache that kept the first image's would leave it in.
     let dir = tempfile::tempdir().unwrap();
     let exe = fixture("heap_fixture");
     let r = record_command(dir.path(), &[exe.to_str().unwrap(), "exec_leaks", "run"]);
