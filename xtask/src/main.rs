@@ -99,6 +99,17 @@ fn measure(
     rounds: usize,
     configs: &[(&str, Vec<String>, bool)],
 ) -> Result<Vec<(f64, u64)>> {
+    Ok(measure_rounds(trace, rounds, configs)?.0)
+}
+
+/// `measure`, with each configuration's ns per pair in every round (in round order).
+type Rounds = Vec<Vec<f64>>;
+
+fn measure_rounds(
+    trace: &Path,
+    rounds: usize,
+    configs: &[(&str, Vec<String>, bool)],
+) -> Result<(Vec<(f64, u64)>, Rounds)> {
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut lost = vec![0u64; configs.len()];
     for _ in 0..rounds {
@@ -110,7 +121,20 @@ fn measure(
             }
         }
     }
-    Ok(samples.into_iter().map(median).zip(lost).collect())
+    let medians = samples.iter().cloned().map(median).zip(lost).collect();
+    Ok((medians, samples))
+}
+
+/// The median over rounds of configuration `traced`'s time over configuration `floor`'s in the
+/// same round: run next to each other, the two see the same machine, where the medians of
+/// each (taken over different rounds) can be a noisy round apart.
+fn median_round_ratio(rounds: &Rounds, traced: usize, floor: usize) -> f64 {
+    let ratios = rounds[traced]
+        .iter()
+        .zip(&rounds[floor])
+        .map(|(t, f)| t / f)
+        .collect();
+    median(ratios)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -231,7 +255,7 @@ fn bench(args: &[String]) -> Result<()> {
         ));
         configs.push(("baseline: record", record_with(&b, &[], &churn), true));
     }
-    let ns = measure(&trace, rounds, &configs)?;
+    let (ns, per_round) = measure_rounds(&trace, rounds, &configs)?;
     let (u, f, r) = (ns[0].0, ns[1].0, ns[2].0);
     let lost = ns[2].1;
     println!("{:<34} {:>10.1}", "untraced", u);
@@ -247,7 +271,11 @@ fn bench(args: &[String]) -> Result<()> {
         r,
         r - u
     );
-    println!("ratio traced / floor:     {:.3}   (target <= 1.25)", r / f);
+    println!(
+        "ratio traced / floor:     {:.3}   (target <= 1.25; median of the rounds' ratios {:.3})",
+        r / f,
+        median_round_ratio(&per_round, 2, 1)
+    );
     println!("ratio traced / untraced:  {:.3}", r / u);
     println!("ratio floor / untraced:   {:.3}", f / u);
     println!("overhead above the floor: {:.1} ns/pair", r - f);
@@ -270,11 +298,13 @@ fn bench(args: &[String]) -> Result<()> {
     if baseline.is_some() {
         let (bf, br) = (ns[stack_modes].0, ns[stack_modes + 1].0);
         println!(
-            "baseline: floor {bf:.1}, traced {br:.1}, ratio traced / floor {:.3}, {:.1} ns/pair above its floor (this build: {:.3}, {:.1})",
+            "baseline: floor {bf:.1}, traced {br:.1}, ratio traced / floor {:.3}, {:.1} ns/pair above its floor, median of the rounds' ratios {:.3} (this build: {:.3}, {:.1}, {:.3})",
             br / bf,
             br - bf,
+            median_round_ratio(&per_round, stack_modes + 1, stack_modes),
             r / f,
-            r - f
+            r - f,
+            median_round_ratio(&per_round, 2, 1)
         );
     }
     for (i, (name, _, _)) in configs
