@@ -1305,7 +1305,8 @@ impl KernelTotals for KernelLedgerMaps {
     }
 }
 
-/// The system's page size.
+/// Every probe detaches when `Probes` goes: no program stays attached to the target past the
+/// recorder.
 impl Drop for Probes {
     fn drop(&mut self) {
         self.detach_all();
@@ -1330,6 +1331,7 @@ fn close_in_parallel<T: Send>(links: Vec<T>) {
     });
 }
 
+/// The system's page size.
 fn page_size() -> u32 {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
