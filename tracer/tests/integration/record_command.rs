@@ -7,21 +7,27 @@ use crate::common::{
     self, Report, Totals, all_live, alloctrace_cmd, fixture, leaks_totals, report_json, run,
 };
 
-/// Runs `alloctrace record -o DIR/cmd.trace -- ARGV...` to completion and returns its report.
-fn record_command(dir: &Path, argv: &[&str]) -> Report {
-    let trace = dir.join("cmd.trace");
+/// Runs `alloctrace record --heap -o cmd.trace -- ARGV...` (in a temporary directory) to
+/// completion and returns its report.
+fn record_command(argv: &[&str]) -> Report {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("cmd.trace");
     let mut cmd = alloctrace_cmd(&["record", "--heap", "-o"]);
     cmd.arg(&trace).arg("--").args(argv);
     common::run_recording(&format!("record -- {argv:?}"), cmd);
     report_json(&trace)
 }
 
+/// `record_command` of `heap_fixture SCENARIO run`.
+fn record_heap_fixture(scenario: &str) -> Report {
+    let exe = fixture("heap_fixture");
+    record_command(&[exe.to_str().unwrap(), scenario, "run"])
+}
+
 #[test]
 fn command_leaks_are_exact() {
     require_privileges!();
-    let dir = tempfile::tempdir().unwrap();
-    let exe = fixture("heap_fixture");
-    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "leaks", "run"]);
+    let r = record_heap_fixture("leaks");
     r.assert_well_formed(None);
     assert!(r.complete, "{}", r.summary());
     assert_eq!(r.target.pids.len(), 1, "{}", r.summary());
@@ -41,9 +47,8 @@ fn command_leaks_are_exact() {
 #[test]
 fn command_is_traced_before_main() {
     require_privileges!();
-    let dir = tempfile::tempdir().unwrap();
     let exe = fixture("ctor_fixture");
-    let r = record_command(dir.path(), &[exe.to_str().unwrap()]);
+    let r = record_command(&[exe.to_str().unwrap()]);
     r.assert_well_formed(None);
     assert!(r.complete, "{}", r.summary());
     // A constructor runs before main: only a launch that attaches before any code sees it.
@@ -63,9 +68,7 @@ fn command_is_traced_before_main() {
 #[test]
 fn command_with_threads_counts_every_thread() {
     require_privileges!();
-    let dir = tempfile::tempdir().unwrap();
-    let exe = fixture("heap_fixture");
-    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "threads", "run"]);
+    let r = record_heap_fixture("threads");
     r.assert_well_formed(None);
     assert!(r.complete, "{}", r.summary());
     // Thread start-up (glibc's TLS vectors) allocates too, under other stacks: only thread_leak
@@ -77,9 +80,7 @@ fn command_with_threads_counts_every_thread() {
 #[test]
 fn command_failures_leave_nothing_live() {
     require_privileges!();
-    let dir = tempfile::tempdir().unwrap();
-    let exe = fixture("heap_fixture");
-    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "failures", "run"]);
+    let r = record_heap_fixture("failures");
     r.assert_well_formed(None);
     assert_eq!(r.failures.len(), 4, "{}", r.summary());
     let failed: u64 = r.failures.iter().map(|f| f.count).sum();
@@ -93,8 +94,7 @@ fn statically_linked_command_is_traced_in_its_own_allocator() {
     require_privileges!();
     // No libc.so is mapped: malloc and friends live in the executable's symbol table.
     let exe = common::fixture_variant("heap_fixture", "static", &["-static"]);
-    let dir = tempfile::tempdir().unwrap();
-    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "leaks", "run"]);
+    let r = record_command(&[exe.to_str().unwrap(), "leaks", "run"]);
     assert!(r.complete, "{}", r.summary());
     // Exact per leaking function; the totals also hold static glibc's own start-up allocations
     // (`_dl_new_object`, ...); a dynamic executable makes those in ld.so, with its own allocator.
@@ -162,9 +162,7 @@ fn an_exec_takes_the_old_images_heap_out_of_the_live_bytes_and_peak() {
     // blocks out of the live bytes at its exec, so the peak is one block, not two, nor one and
     // the leaks. The second image's block is taken out only if the kernel tagged it with that
     // image's generation: a cache that kept the first image's would leave it in.
-    let dir = tempfile::tempdir().unwrap();
-    let exe = fixture("heap_fixture");
-    let r = record_command(dir.path(), &[exe.to_str().unwrap(), "exec_leaks", "run"]);
+    let r = record_heap_fixture("exec_leaks");
     assert!(r.complete, "{}", r.summary());
     r.assert_leaks();
     let (t, leaks) = (r.heap_totals(), leaks_totals());
@@ -183,9 +181,8 @@ fn a_short_lived_program_execed_by_the_command_is_named_from_its_own_image() {
     // env replaces itself with the fixture, which does its work and exits in a few
     // milliseconds, within one ring poll: its events are read after it has gone. Held at its exit
     // under ptrace (`session/launch.rs`), its mappings are read first, and every leak is named.
-    let dir = tempfile::tempdir().unwrap();
     let exe = fixture("heap_fixture");
-    let r = record_command(dir.path(), &["env", exe.to_str().unwrap(), "leaks", "run"]);
+    let r = record_command(&["env", exe.to_str().unwrap(), "leaks", "run"]);
     assert!(r.complete, "{}", r.summary());
     assert_eq!(r.target.pids.len(), 1, "{}", r.summary());
     r.assert_leaks();
