@@ -515,6 +515,10 @@ pub mod heap_ledger {
     /// Distinct stacks (per process and image) the kernel counts at most; past that, a new
     /// stack's blocks go through the ring (counted, `ledger_stat::STACKS_FULL`).
     pub const STACKS: u32 = 1 << 17;
+    /// Mean bytes between the blocks a full kernel ledger still sends through a filling ring
+    /// (`global::HEAP_FULL_SAMPLE_MEAN`): the bench's `--heap-sample`, a few hundred blocks a
+    /// second at PyTorch's malloc rates.
+    pub const FULL_SAMPLE_MEAN: u32 = 512 << 10;
 }
 
 /// Request phases (`record --phase NAME=LIB:SYMBOL`): a label on each thread, set by an entry
@@ -676,7 +680,10 @@ pub mod ledger_stat {
     /// counted alike while every probe is on and in the grace with the free probe alone, so
     /// that the CPU time a free costs in each tells what a trap costs them (`heap_duty.rs`).
     pub const FREE_CALLS: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Blocks the kernel's heap ledger had no room for, left out by the byte-sampled share
+    /// that goes through the ring while the ring is filling (`heap_ledger::FULL_SAMPLE_MEAN`).
+    pub const FULL_SAMPLED_OUT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Names of the eBPF object's load-time globals (`u32` statics that user space sets at load).
@@ -708,6 +715,12 @@ pub mod global {
     /// 1: the heap probes are attached in windows (`--heap-budget`, `--heap-duty`): a block
     /// live at an address allocated again was freed while they were off, not a lost event.
     pub const HEAP_DUTY_CYCLED: &str = "HEAP_DUTY_CYCLED";
+    /// With the kernel's heap ledger: the mean bytes between the blocks it has no room for that
+    /// still go through the ring while the ring is over a quarter full (`heap_sample`'s draw);
+    /// 0: every one.
+    pub const HEAP_FULL_SAMPLE_MEAN: &str = "HEAP_FULL_SAMPLE_MEAN";
+    /// 1: those blocks are sampled whatever the ring holds (tests of the sampled share).
+    pub const HEAP_FULL_SAMPLE_ALWAYS: &str = "HEAP_FULL_SAMPLE_ALWAYS";
 }
 
 /// Byte-sampled heap tracing (`record --heap-sample MEAN`): an allocation of `size` bytes is

@@ -4,13 +4,17 @@
 use aya_ebpf::{helpers::bpf_probe_read_user, programs::RetProbeContext};
 use tracer_common::{
     AllocEvent, EnclosingCalls, FreeEvent, InflightCall, StackRecord, drop_cause, event_kind,
+    ledger_stat,
 };
 
 use crate::{
     diag,
     heap_ledger::{self, Held, Released},
     inflight::{self, CallKind, call_in_flight},
-    maps::{CALL_INFLIGHT, RUNTIME_INFLIGHT, SCRATCH, scratch},
+    maps::{
+        CALL_INFLIGHT, HEAP_FULL_SAMPLE_ALWAYS, HEAP_FULL_SAMPLE_MEAN, RUNTIME_INFLIGHT, SCRATCH,
+        global, scratch,
+    },
     ring::{Wakeup, output_event, output_record, try_output_record},
     stack::{StackBudget, StackStart, capture, emit_with_stack, ring_fuller_than},
 };
@@ -226,10 +230,34 @@ fn hold_or_emit(
             }
         }
         Held::Undelivered => {}
-        Held::Full => {
-            output_record(record, bytes);
-        }
+        Held::Full => match full_ledger_sample(ev.size) {
+            Some(p) => {
+                ev.aux = u64::from(p);
+                output_record(record, bytes);
+            }
+            None => {
+                heap_ledger::count(ledger_stat::FULL_SAMPLED_OUT);
+                if ev.origin != 0 {
+                    // realloc's old block is released all the same.
+                    emit_free(ev.tgid, ev.origin);
+                }
+            }
+        },
     }
+}
+
+/// A block the kernel's ledger has no room for goes through the ring: every one while the ring
+/// is at most a quarter full; past that, a byte-sampled share (Poisson at
+/// `HEAP_FULL_SAMPLE_MEAN`, as `--heap-sample`), each standing for `size / p` bytes, so that a
+/// full ledger degrades to sampling rather than to a full ring. Its probability (0: exact), or
+/// None: left out.
+#[inline(always)]
+fn full_ledger_sample(size: u64) -> Option<u32> {
+    let mean = global(&HEAP_FULL_SAMPLE_MEAN);
+    if mean == 0 || (global(&HEAP_FULL_SAMPLE_ALWAYS) == 0 && !ring_fuller_than(4)) {
+        return Some(0);
+    }
+    crate::heap::sample_at(size, mean)
 }
 
 /// Emits the release of the block at `addr` (heap free, CUDA free).

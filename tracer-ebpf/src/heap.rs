@@ -22,13 +22,20 @@ use crate::{
 
 /// `--heap-sample`: whether to record an allocation of `size` bytes, and its probability `p`
 /// as a fraction of 2^32 (`heap_sample::ALWAYS`: certain; 0: not sampling, every call).
-/// `p = 1 − exp(−size / mean)`, `exp` interpolated between the entries of `SAMPLE_EXP`.
 #[inline(always)]
 fn sample(size: u64) -> Option<u32> {
-    let mean = u64::from(global(&HEAP_SAMPLE_MEAN));
-    if mean == 0 {
-        return Some(0);
+    match global(&HEAP_SAMPLE_MEAN) {
+        0 => Some(0),
+        mean => sample_at(size, mean),
     }
+}
+
+/// Whether to record an allocation of `size` bytes sampled at `mean` bytes (not 0), and its
+/// probability `p` as a fraction of 2^32 (`heap_sample::ALWAYS`: certain).
+/// `p = 1 − exp(−size / mean)`, `exp` interpolated between the entries of `SAMPLE_EXP`.
+#[inline(always)]
+pub fn sample_at(size: u64, mean: u32) -> Option<u32> {
+    let mean = u64::from(mean);
     if size >= mean * heap_sample::ALWAYS_AT_MEANS {
         return Some(heap_sample::ALWAYS);
     }

@@ -499,6 +499,8 @@ pub fn hold(
 ) -> Held {
     let generation = generation(process);
     let Some(totals) = totals_of((tgid, generation), key) else {
+        // Its free must reach user space, which holds it.
+        mark_full();
         return Held::Full;
     };
     let block = HeldBlock {
@@ -609,11 +611,18 @@ pub fn delivered(key: u64) {
 #[inline(always)]
 fn full() -> Held {
     count(ledger_stat::BLOCKS_FULL);
+    mark_full();
+    Held::Full
+}
+
+/// A block went to user space instead of the kernel's ledger: from now on frees of blocks the
+/// ledger does not know go to user space (`ever_full`), which may hold them.
+#[inline(always)]
+fn mark_full() {
     if let Some(heap) = HEAP_LIVE.get_ptr_mut(0) {
         // SAFETY: the map's one value, valid while this program runs; any CPU writes only 1.
         unsafe { core::ptr::write_volatile(&raw mut (*heap).full, 1) };
     }
-    Held::Full
 }
 
 /// Whether `HELD_BLOCKS` was ever full: user space may then hold blocks the kernel never knew.

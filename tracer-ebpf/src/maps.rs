@@ -255,6 +255,15 @@ pub static HEAP_RECENT_SLOTS: u32 = 0;
 #[unsafe(no_mangle)]
 pub static HEAP_DUTY_CYCLED: u32 = 0;
 
+/// With the kernel's heap ledger: the mean bytes between the blocks it has no room for that
+/// still go through the ring once the ring is over a quarter full; 0: every one.
+#[unsafe(no_mangle)]
+pub static HEAP_FULL_SAMPLE_MEAN: u32 = 0;
+
+/// 1: those blocks are sampled whatever the ring holds (tests).
+#[unsafe(no_mangle)]
+pub static HEAP_FULL_SAMPLE_ALWAYS: u32 = 0;
+
 /// The value user space gave a global at load.
 #[inline(always)]
 pub fn global(value: &u32) -> u32 {

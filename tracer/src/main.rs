@@ -314,6 +314,10 @@ struct RecordArgs {
     /// Copy stacks even when the ring buffer fills up (benchmark of the copy's cost).
     #[arg(long, hide = true)]
     stack_copy_always: bool,
+    /// Byte-sample the heap blocks a full kernel ledger sends through the ring even while the
+    /// ring has room (tests of the sampled share).
+    #[arg(long, hide = true)]
+    heap_full_sample_always: bool,
     /// Attach empty programs at the same points and record nothing (benchmark floor).
     #[arg(long, hide = true)]
     probe_floor: bool,
@@ -583,6 +587,7 @@ fn record_options(args: RecordArgs) -> RecordOptions {
             // call site, a stack copy does not (it is unwound in user space); sampled heaps are
             // a fraction of the calls already.
             heap_duty_cycled: args.heap_budget.is_some() || args.heap_duty.is_some(),
+            heap_full_sample_always: args.heap_full_sample_always,
             heap_ledger_blocks: if args.heap
                 && args.heap_sample.is_none()
                 && stack_copy_heap == 0

@@ -289,6 +289,11 @@ pub struct StackCapture {
     /// full (still counted exactly, at the cost of a ring record each).
     #[serde(default)]
     pub kernel_heap_full: u64,
+    /// Of those, blocks left out: past a quarter-full ring only a byte-sampled share of them
+    /// went through it (`heap_ledger::FULL_SAMPLE_MEAN`), each counted as `size / p` bytes; their
+    /// frees reach user space as frees of blocks it never saw.
+    #[serde(default)]
+    pub kernel_heap_sampled_out: u64,
     /// Duty-cycled heap (`--heap-budget`, `--heap-duty`): how the windows went; None when the
     /// heap probes were on for the whole recording.
     #[serde(default)]

@@ -100,11 +100,14 @@ pub struct ProbeConfig {
     /// Heap probes attached in windows (`open_heap_window`, `close_heap`), not for the whole
     /// recording.
     pub heap_duty_cycled: bool,
+    /// Blocks a full kernel ledger sends through the ring are byte-sampled whatever the ring
+    /// holds, not only once it is a quarter full (tests of the sampled share).
+    pub heap_full_sample_always: bool,
 }
 
 impl ProbeConfig {
     /// The object's load-time globals (`tracer_common::global`) for this configuration.
-    fn globals(&self) -> [(&'static str, u32); 12] {
+    fn globals(&self) -> [(&'static str, u32); 14] {
         [
             (global::FOLLOW_CHILDREN, u32::from(self.follow_children)),
             (global::FAULT_SAMPLE, self.fault_sample),
@@ -121,6 +124,18 @@ impl ProbeConfig {
             ),
             (global::HEAP_DUTY_CYCLED, u32::from(self.heap_duty_cycled)),
             (global::HEAP_RECENT_SLOTS, self.recent_slots()),
+            (
+                global::HEAP_FULL_SAMPLE_MEAN,
+                if self.heap_ledger_blocks > 0 {
+                    tracer_common::heap_ledger::FULL_SAMPLE_MEAN
+                } else {
+                    0
+                },
+            ),
+            (
+                global::HEAP_FULL_SAMPLE_ALWAYS,
+                u32::from(self.heap_full_sample_always),
+            ),
         ]
     }
 
@@ -181,6 +196,7 @@ impl Default for ProbeConfig {
             heap_sample_mean: 0,
             heap_ledger_blocks: 0,
             heap_duty_cycled: false,
+            heap_full_sample_always: false,
         }
     }
 }
@@ -566,7 +582,7 @@ fn sample_table_entry(i: u32) -> u32 {
     e.min(f64::from(u32::MAX)) as u32
 }
 
-/// `--heap-sample`: the kernel's `exp(−x)` table (`tracer_common::heap_sample`).
+/// The kernel's `exp(−x)` table for its byte-sampling draw (`tracer_common::heap_sample`).
 fn fill_sample_table(ebpf: &mut aya::Ebpf) -> Result<(), ProbeError> {
     let load_err = |e: &dyn std::error::Error| ProbeError::Load(e.to_string());
     let map = (ebpf.map_mut("SAMPLE_EXP"))
@@ -640,7 +656,8 @@ impl Probes {
                 ProbeError::Load(chain(&e))
             }
         })?;
-        if config.heap_sample_mean > 0 {
+        // Sampled heaps draw from it, and so does a full kernel ledger (`FULL_SAMPLE_MEAN`).
+        if config.heap_sample_mean > 0 || config.heap_ledger_blocks > 0 {
             fill_sample_table(&mut ebpf)?;
         }
         let kernel_log = if config.debug_log {

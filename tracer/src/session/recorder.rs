@@ -373,8 +373,8 @@ impl Recorder {
     /// traced live memory and the target's RSS now (kept for the recording's meta `marks`).
     fn mark(&mut self, label: String) -> Mark {
         self.drain();
-        let [blocks_full, ..] = self.probes.ledger_stats();
-        self.sink.sync_kernel_heap(blocks_full == 0);
+        let [blocks_full, stacks_full, ..] = self.probes.ledger_stats();
+        self.sink.sync_kernel_heap(blocks_full + stacks_full == 0);
         let ledger = &self.sink.ledger;
         let mark = Mark {
             label,
@@ -595,9 +595,17 @@ impl Recorder {
             .filter_map(|&p| sample_rss(p, t_s as u64, &self.sink.mappings))
             .collect();
         self.writer.add_rss_samples(&samples)?;
-        let [blocks_full, stacks_full, freed_unseen, _, unmatched, _] = self.probes.ledger_stats();
+        let [
+            blocks_full,
+            stacks_full,
+            freed_unseen,
+            _,
+            unmatched,
+            _,
+            sampled_out,
+        ] = self.probes.ledger_stats();
         self.sink.ledger.set_kernel_unmatched_frees(unmatched);
-        self.sink.sync_kernel_heap(blocks_full == 0);
+        self.sink.sync_kernel_heap(blocks_full + stacks_full == 0);
         let new_stacks = self.sink.take_new_stacks();
         let [_, fp_under_pressure] = self.probes.stack_stats();
         self.writer.set_stack_capture(&StackCapture {
@@ -609,6 +617,7 @@ impl Recorder {
             heap_sample_bytes: self.heap_sample_bytes,
             kernel_heap_stacks: self.sink.kernel_heap.stacks() as u64,
             kernel_heap_full: blocks_full + stacks_full,
+            kernel_heap_sampled_out: sampled_out,
             memory_limit: self.max_memory.map(|limit_bytes| MemoryLimit {
                 limit_bytes,
                 caches_dropped: self.sink.shed.caches_dropped,

@@ -314,6 +314,7 @@ pub(crate) mod fixture {
                 heap_sample_bytes: 0,
                 kernel_heap_stacks: 0,
                 kernel_heap_full: 0,
+                kernel_heap_sampled_out: 0,
                 heap_duty: None,
                 memory_limit: None,
             }),

@@ -365,6 +365,68 @@ fn a_full_kernel_ledger_sends_blocks_through_the_ring_and_stays_exact() {
     );
 }
 
+/// A kernel ledger too small while the ring fills: past a quarter-full ring, the blocks the
+/// ledger has no room for go through the ring byte-sampled (at `FULL_SAMPLE_MEAN`, forced here
+/// whatever the ring holds with the hidden `--heap-full-sample-always`), each counted as
+/// `size / p`, the others counted left out. The `sampled` scenario's figures are then estimates
+/// within five standard deviations of the sampling error (`n s² (1 − p) / p`), churn leaves
+/// nothing, the report says what was left out, and nothing is lost.
+#[test]
+fn a_full_kernel_ledger_degrades_to_sampling_and_says_so() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--heap",
+        "--heap-ledger-blocks",
+        "16",
+        "--heap-full-sample-always",
+    ];
+    let exe = fixture("heap_fixture");
+    let r = record_fixture_command_env(dir.path(), &exe, "sampled", &args, &[]);
+    let live = |f: &str| -> (u64, u64) {
+        let rows = r.stacks_of(f);
+        (
+            rows.iter().map(|s| s.live_bytes).sum(),
+            rows.iter().map(|s| s.live_count).sum(),
+        )
+    };
+    let mean = f64::from(tracer_common::heap_ledger::FULL_SAMPLE_MEAN);
+    // Within five standard deviations of `n` blocks of `size` bytes, sampled.
+    let assert_estimate = |f: &str, n: f64, size: f64| {
+        let p = 1.0 - (-size / mean).exp();
+        let sd = (n * size * size * (1.0 - p) / p).sqrt();
+        let (estimate, _) = live(f);
+        assert!(
+            (estimate as f64 - n * size).abs() <= 5.0 * sd,
+            "{f}: estimate {estimate} for {} (sd {sd:.0})\n{}",
+            n * size,
+            r.summary()
+        );
+    };
+    assert_estimate("sample_small", 100_000.0, 1000.0);
+    assert_estimate("sample_large", 20.0, f64::from(2u32 << 20));
+    assert_eq!(live("sample_churn"), (0, 0), "{}", r.summary());
+    // About n·p = 191 of the 100000 small blocks sent (sd 14), not all of them.
+    let (_, recorded) = live("sample_small");
+    assert!(
+        (100..300).contains(&recorded),
+        "{recorded}\n{}",
+        r.summary()
+    );
+    let capture = r.stack_capture.as_ref().expect("stack capture figures");
+    assert!(capture.kernel_heap_sampled_out > 100_000, "{}", r.summary());
+    // The frees of blocks left out reach user space as frees of blocks it never saw.
+    assert!(
+        r.unmatched_frees <= capture.kernel_heap_sampled_out,
+        "{}",
+        r.summary()
+    );
+    r.assert_no_lost_events();
+    let trace = dir.path().join("sampled.trace");
+    let text = String::from_utf8_lossy(&view(&["report"], &trace)).into_owned();
+    assert!(text.contains("left out"), "the report says so\n{text}");
+}
+
 /// Small kernel ledgers: the blocks live at once fill the recent slots, then the hash table,
 /// then go through the ring; blocks freed by another thread, and reallocated ones, are found
 /// wherever they are held, and every figure stays exact (the peak, once blocks went through the

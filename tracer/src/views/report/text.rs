@@ -790,10 +790,16 @@ fn text_failure(out: &mut String, rec: &Recorded, key: &FailureKey, count: u64) 
 }
 
 fn text_unmatched_and_lost(out: &mut String, rec: &Recorded) {
+    let sampled_out = (rec.stack_capture.as_ref()).map_or(0, |s| s.kernel_heap_sampled_out);
+    let left_out = if sampled_out > 0 {
+        ", or left out while the kernel's full heap ledger sampled"
+    } else {
+        ""
+    };
     let _ = writeln!(
         out,
         "\nUnmatched frees: {} (frees of blocks allocated before the tracer attached, or whose \
-         allocation event was lost)",
+         allocation event was lost{left_out})",
         rec.state.unmatched_frees
     );
     let lost = lost_events(rec);
@@ -1005,12 +1011,21 @@ fn text_stack_capture(out: &mut String, rec: &Recorded) {
         );
     }
     if s.kernel_heap_stacks > 0 {
-        let full = match s.kernel_heap_full {
-            0 => String::new(),
-            n => format!(
+        let full = match (s.kernel_heap_full, s.kernel_heap_sampled_out) {
+            (0, _) => String::new(),
+            (n, 0) => format!(
                 "; it was full for {}, which went through the ring instead (raise \
                  --heap-ledger-blocks)",
                 count_of(n, "block")
+            ),
+            (n, out) => format!(
+                "; it was full for {}, which went through the ring instead, byte-sampled while \
+                 the ring was filling: {} left out, the heap's bytes past the ledger estimated \
+                 from those sent (mean {}), and their frees among the unmatched (raise \
+                 --heap-ledger-blocks)",
+                count_of(n, "block"),
+                count_of(out, "block"),
+                human_bytes(u64::from(tracer_common::heap_ledger::FULL_SAMPLE_MEAN))
             ),
         };
         let _ = writeln!(

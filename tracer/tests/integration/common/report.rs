@@ -50,6 +50,8 @@ pub struct StackCapture {
     pub kernel_heap_stacks: u64,
     #[serde(default)]
     pub kernel_heap_full: u64,
+    #[serde(default)]
+    pub kernel_heap_sampled_out: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
