@@ -273,26 +273,12 @@ fn sampled_heap_estimates(env: &[(&str, &str)]) {
     let args = ["--heap", "--heap-sample", "65536"];
     let exe = fixture("heap_fixture");
     let r = record_fixture_command_env(dir.path(), &exe, "sampled", &args, env);
-    let live = |f: &str| -> (u64, u64) {
-        let rows = r.stacks_of(f);
-        (
-            rows.iter().map(|s| s.live_bytes).sum(),
-            rows.iter().map(|s| s.live_count).sum(),
-        )
-    };
+    let live = |f: &str| live_under(&r, f);
     assert_eq!(live("sample_large"), (20 << 21, 20), "{}", r.summary());
     assert_eq!(live("sample_churn"), (0, 0), "{}", r.summary());
     assert_eq!(live("sample_grow"), (100 << 20, 100), "{}", r.summary());
-    let (n, size, mean) = (100_000.0_f64, 1000.0_f64, 65536.0_f64);
-    let p = 1.0 - (-size / mean).exp();
-    let sd = (n * size * size * (1.0 - p) / p).sqrt();
-    let (estimate, recorded) = live("sample_small");
-    assert!(
-        (estimate as f64 - n * size).abs() <= 5.0 * sd,
-        "estimate {estimate} for {} (sd {sd:.0})\n{}",
-        n * size,
-        r.summary()
-    );
+    assert_sampled_estimate(&r, "sample_small", (100_000.0, 1000.0), 65536.0);
+    let (_, recorded) = live("sample_small");
     // A sample: about n·p = 1514 blocks recorded (sd 39), not 100000.
     assert!(
         (1300..1750).contains(&recorded),
@@ -301,6 +287,29 @@ fn sampled_heap_estimates(env: &[(&str, &str)]) {
     );
     assert_eq!(r.unmatched_frees, 0, "{}", r.summary());
     r.assert_no_lost_events();
+}
+
+/// Live bytes and blocks of the stacks under function `f`.
+fn live_under(r: &Report, f: &str) -> (u64, u64) {
+    let rows = r.stacks_of(f);
+    (
+        rows.iter().map(|s| s.live_bytes).sum(),
+        rows.iter().map(|s| s.live_count).sum(),
+    )
+}
+
+/// The live bytes under `f` estimate `n` blocks of `size` bytes, sampled at `mean` bytes, within
+/// five standard deviations of the sampling error (`n s² (1 − p) / p`).
+fn assert_sampled_estimate(r: &Report, f: &str, (n, size): (f64, f64), mean: f64) {
+    let p = 1.0 - (-size / mean).exp();
+    let sd = (n * size * size * (1.0 - p) / p).sqrt();
+    let (estimate, _) = live_under(r, f);
+    assert!(
+        (estimate as f64 - n * size).abs() <= 5.0 * sd,
+        "{f}: estimate {estimate} for {} (sd {sd:.0})\n{}",
+        n * size,
+        r.summary()
+    );
 }
 
 /// The kernel's heap ledger: two threads make ten million traced calls at once, through a
@@ -383,31 +392,12 @@ fn a_full_kernel_ledger_degrades_to_sampling_and_says_so() {
     ];
     let exe = fixture("heap_fixture");
     let r = record_fixture_command_env(dir.path(), &exe, "sampled", &args, &[]);
-    let live = |f: &str| -> (u64, u64) {
-        let rows = r.stacks_of(f);
-        (
-            rows.iter().map(|s| s.live_bytes).sum(),
-            rows.iter().map(|s| s.live_count).sum(),
-        )
-    };
     let mean = f64::from(tracer_common::heap_ledger::FULL_SAMPLE_MEAN);
-    // Within five standard deviations of `n` blocks of `size` bytes, sampled.
-    let assert_estimate = |f: &str, n: f64, size: f64| {
-        let p = 1.0 - (-size / mean).exp();
-        let sd = (n * size * size * (1.0 - p) / p).sqrt();
-        let (estimate, _) = live(f);
-        assert!(
-            (estimate as f64 - n * size).abs() <= 5.0 * sd,
-            "{f}: estimate {estimate} for {} (sd {sd:.0})\n{}",
-            n * size,
-            r.summary()
-        );
-    };
-    assert_estimate("sample_small", 100_000.0, 1000.0);
-    assert_estimate("sample_large", 20.0, f64::from(2u32 << 20));
-    assert_eq!(live("sample_churn"), (0, 0), "{}", r.summary());
+    assert_sampled_estimate(&r, "sample_small", (100_000.0, 1000.0), mean);
+    assert_sampled_estimate(&r, "sample_large", (20.0, f64::from(2u32 << 20)), mean);
+    assert_eq!(live_under(&r, "sample_churn"), (0, 0), "{}", r.summary());
     // About n·p = 191 of the 100000 small blocks sent (sd 14), not all of them.
-    let (_, recorded) = live("sample_small");
+    let (_, recorded) = live_under(&r, "sample_small");
     assert!(
         (100..300).contains(&recorded),
         "{recorded}\n{}",
