@@ -58,10 +58,22 @@ fn version() -> u32 {
 /// Process `tgid` if it is traced; None if not.
 #[inline(always)]
 pub fn traced(tgid: u32) -> Option<Traced> {
-    let (epoch, version) = (epoch(), version());
-    let Some(slot) = TRACED_CACHE.get_ptr_mut(0) else {
-        return look_up(tgid, version);
-    };
+    let now = (epoch(), version());
+    let slot = TRACED_CACHE.get_ptr_mut(0);
+    if let Some(hit) = slot.and_then(|slot| cached(slot, tgid, now)) {
+        return Some(hit);
+    }
+    let found = look_up(tgid, now.1)?;
+    if let Some(slot) = slot {
+        fill(slot, tgid, now, found);
+    }
+    Some(found)
+}
+
+/// Process `tgid` as this CPU's `slot` has it, if the slot holds it whole and read at the
+/// current `(epoch, version)`.
+#[inline(always)]
+fn cached(slot: *mut CachedProcess, tgid: u32, (epoch, version): (u64, u32)) -> Option<Traced> {
     // SAFETY: this CPU's value, valid while this program runs; loads of aligned words.
     let (id, cached_epoch, settings, id_again) = unsafe {
         (
@@ -71,33 +83,34 @@ pub fn traced(tgid: u32) -> Option<Traced> {
             core::ptr::read_volatile(&raw const (*slot).id),
         )
     };
-    if id != 0
+    let hit = id != 0
         && id == id_again
         && (id >> 32) as u32 == tgid
         && cached_epoch == epoch
-        && (settings >> 32) as u32 == version
-    {
-        return Some(Traced {
-            generation: id as u32,
-            settings: Settings::decode(settings as u32),
-        });
-    }
-    let found = look_up(tgid, version)?;
-    let settings = found.settings;
+        && (settings >> 32) as u32 == version;
+    hit.then(|| Traced {
+        generation: id as u32,
+        settings: Settings::decode(settings as u32),
+    })
+}
+
+/// Writes `found`, process `tgid` looked up at `(epoch, version)`, into this CPU's `slot`: its
+/// id cleared first and written last (`CachedProcess`).
+#[inline(always)]
+fn fill(slot: *mut CachedProcess, tgid: u32, (epoch, version): (u64, u32), found: Traced) {
     // SAFETY: this CPU's value, valid while this program runs.
     unsafe {
         core::ptr::write_volatile(&raw mut (*slot).id, 0);
         core::ptr::write_volatile(&raw mut (*slot).epoch, epoch);
         core::ptr::write_volatile(
             &raw mut (*slot).settings,
-            u64::from(version) << 32 | u64::from(settings.encode()),
+            u64::from(version) << 32 | u64::from(found.settings.encode()),
         );
         core::ptr::write_volatile(
             &raw mut (*slot).id,
             u64::from(tgid) << 32 | u64::from(found.generation),
         );
     }
-    Some(found)
 }
 
 /// Process `tgid` as `TARGETS` has it, its settings read at `version`; None if not traced.
