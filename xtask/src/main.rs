@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask bench [--pairs N] [--rounds N] [--live N] [--baseline ALLOCTRACE] [--serve-seconds N] [--skip-torch yes]\n       \
+const USAGE: &str = "usage: cargo xtask bench [--pairs N] [--rounds N] [--live N] [--baseline ALLOCTRACE] [--serve-seconds N] [--torch-rounds N] [--skip-torch yes]\n       \
                      cargo xtask gpu-check [--python PATH] [--write-docs]";
 
 fn main() -> Result<()> {
@@ -160,6 +160,8 @@ fn bench(args: &[String]) -> Result<()> {
     let mut live: u64 = 1_000_000;
     let mut baseline: Option<PathBuf> = None;
     let mut serve_seconds: u64 = 60;
+    // Three rounds of a minute: one round of this loop moves by 10-20 % (docs/performance.md).
+    let mut torch_rounds = 3;
     let mut skip_torch = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -170,9 +172,13 @@ fn bench(args: &[String]) -> Result<()> {
             "--live" => live = v.parse()?,
             "--baseline" => baseline = Some(PathBuf::from(v)),
             "--serve-seconds" => serve_seconds = v.parse()?,
+            "--torch-rounds" => torch_rounds = v.parse()?,
             "--skip-torch" => skip_torch = v == "yes",
             _ => bail!("unknown flag {a}\n{USAGE}"),
         }
+    }
+    if rounds == 0 || torch_rounds == 0 {
+        bail!("--rounds and --torch-rounds need at least 1 round\n{USAGE}");
     }
     let root = workspace_root();
     let alloctrace = build_alloctrace(&root)?;
@@ -368,7 +374,7 @@ fn bench(args: &[String]) -> Result<()> {
     if skip_torch {
         println!("\nPyTorch serving loop: skipped (--skip-torch yes)");
     } else {
-        torch_serving(&root, &a, &t, serve_seconds)?;
+        torch_serving(&root, &a, &t, (serve_seconds, torch_rounds))?;
     }
 
     let live_argv = record(&[], &[w.clone(), "live".into(), live.to_string()]);
@@ -530,9 +536,13 @@ fn leak_ranked_first(alloctrace: &str, trace: &str, function: &str) -> Result<bo
     Ok(first.is_some_and(|line| line.contains(function)))
 }
 
-/// Runs `workload` in every mode, `rounds` times interleaved; prints a table of the median
-/// figure, its ratio to the untraced run (`higher_is_better`: a throughput), the events lost
-/// over all runs, the largest tracer peak RSS and whether the leak was ranked first.
+/// Runs `workload` in every mode, `rounds` times interleaved (the order reversed every other
+/// round, so that a drift of the machine over a round weighs on no mode more than another);
+/// prints a table of the median figure, the slowdown (the median over rounds of the mode's
+/// figure against the untraced run of the same round: a round's runs see the same machine,
+/// where medians taken over different rounds can be a noisy round apart), the events lost
+/// over all runs, the tracer's peak RSS and, with `leak`, in how many rounds the report
+/// ranked it first.
 fn modes_table(
     title: &str,
     alloctrace: &str,
@@ -543,9 +553,14 @@ fn modes_table(
     leak: Option<&str>,
 ) -> Result<()> {
     let mut runs: Vec<Vec<ModeRun>> = (0..MODES.len()).map(|_| Vec::new()).collect();
-    for _ in 0..rounds {
-        for (i, mode_runs) in runs.iter_mut().enumerate() {
-            mode_runs.push(run_mode(alloctrace, trace, i, workload, key, leak)?);
+    for round in 0..rounds {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..MODES.len()).collect()
+        } else {
+            (0..MODES.len()).rev().collect()
+        };
+        for i in order {
+            runs[i].push(run_mode(alloctrace, trace, i, workload, key, leak)?);
         }
     }
     println!("\n{title} ({rounds} rounds interleaved, median):");
@@ -554,14 +569,20 @@ fn modes_table(
         "mode", key, "slowdown", "lost", "tracer MB", "leak first"
     );
     let median_of = |r: &[ModeRun]| median(r.iter().map(|m| m.figure).collect());
-    let untraced = median_of(&runs[0]);
     for (i, mode_runs) in runs.iter().enumerate() {
-        let figure = median_of(mode_runs);
-        let slowdown = if higher_is_better {
-            untraced / figure
-        } else {
-            figure / untraced
-        };
+        let slowdown = median(
+            mode_runs
+                .iter()
+                .zip(&runs[0])
+                .map(|(m, untraced)| {
+                    if higher_is_better {
+                        untraced.figure / m.figure
+                    } else {
+                        m.figure / untraced.figure
+                    }
+                })
+                .collect(),
+        );
         let lost: u64 = mode_runs.iter().map(|m| m.lost).sum();
         let peak = mode_runs.iter().map(|m| m.peak_mb).fold(0.0, f64::max);
         let first = match mode_runs
@@ -577,7 +598,7 @@ fn modes_table(
         println!(
             "{:<40} {:>12.1} {:>10.2} {:>8} {:>12.1} {:>12}",
             MODES[i].0,
-            figure,
+            median_of(mode_runs),
             slowdown,
             if i == 0 {
                 "-".to_string()
@@ -680,7 +701,12 @@ fn torch_python(root: &Path) -> Option<PathBuf> {
 
 /// A tiny Llama served on the CPU for `seconds` with a per-request leak planted at
 /// `remember_request` (`torch_serve.py`): requests a second in each mode.
-fn torch_serving(root: &Path, alloctrace: &str, trace: &str, seconds: u64) -> Result<()> {
+fn torch_serving(
+    root: &Path,
+    alloctrace: &str,
+    trace: &str,
+    (seconds, rounds): (u64, usize),
+) -> Result<()> {
     let Some(python) = torch_python(root) else {
         return Ok(());
     };
@@ -697,7 +723,7 @@ fn torch_serving(root: &Path, alloctrace: &str, trace: &str, seconds: u64) -> Re
         ),
         alloctrace,
         trace,
-        1,
+        rounds,
         &workload,
         ("requests_per_s", true),
         Some("remember_request"),

@@ -756,9 +756,9 @@ impl Probes {
         let program = self.program(HEAP_COUNT_PROGRAM)?;
         let id = (program.attach(attach_point, &path, scope))
             .map_err(|e| uprobe_err(&e, "malloc", &object.target_path))?;
-        let before = self.ledger_stats()[ledger_stat::HEAP_CALLS as usize];
+        let before = self.ledger_stats().get(ledger_stat::HEAP_CALLS);
         std::thread::sleep(span);
-        let after = self.ledger_stats()[ledger_stat::HEAP_CALLS as usize];
+        let after = self.ledger_stats().get(ledger_stat::HEAP_CALLS);
         if let Ok(link) = self.program(HEAP_COUNT_PROGRAM)?.take_link(id) {
             // Detaching waits for the kernel (tens of milliseconds): not on the way to attaching.
             std::thread::spawn(move || drop(link));
@@ -1281,9 +1281,9 @@ impl Probes {
         sum_per_cpu(&self.ebpf, "DROPS")
     }
 
-    /// What the kernel's heap ledger could not hold, by `ledger_stat`.
-    pub fn ledger_stats(&self) -> [u64; ledger_stat::COUNT as usize] {
-        sum_per_cpu(&self.ebpf, "LEDGER_STATS")
+    /// The kernel heap ledger's counts (`ledger_stat`), summed over CPUs.
+    pub fn ledger_stats(&self) -> LedgerStats {
+        LedgerStats(sum_per_cpu(&self.ebpf, "LEDGER_STATS"))
     }
 
     /// The kernel heap ledger's per-stack totals and peak, for the sink to read (once: the
@@ -1295,6 +1295,22 @@ impl Probes {
         let totals = AyaHashMap::try_from(self.ebpf.take_map("STACK_TOTALS")?).ok()?;
         let live = Array::try_from(self.ebpf.take_map("HEAP_LIVE")?).ok()?;
         Some(Box::new(KernelLedgerMaps { totals, live }))
+    }
+}
+
+/// The kernel heap ledger's counts, by `ledger_stat`.
+pub struct LedgerStats([u64; ledger_stat::COUNT as usize]);
+
+impl LedgerStats {
+    /// The count of `stat` (a `ledger_stat`).
+    pub fn get(&self, stat: u32) -> u64 {
+        self.0.get(stat as usize).copied().unwrap_or(0)
+    }
+
+    /// Blocks that went through the ring because one of the kernel's tables (blocks, stacks)
+    /// was full: while none did, the kernel's live bytes and peak are the whole heap's.
+    pub fn went_past_full_tables(&self) -> u64 {
+        self.get(ledger_stat::BLOCKS_FULL) + self.get(ledger_stat::STACKS_FULL)
     }
 }
 

@@ -50,7 +50,7 @@ use crate::{
     stacks::resident,
     views,
 };
-use tracer_common::{phase, proc_op};
+use tracer_common::{ledger_stat, phase, proc_op};
 
 /// How long a launched command may take to exit after the signal that stops it (the end of
 /// `-d`, or the signal alloctrace got) before it gets SIGKILL.
@@ -373,8 +373,8 @@ impl Recorder {
     /// traced live memory and the target's RSS now (kept for the recording's meta `marks`).
     fn mark(&mut self, label: String) -> Mark {
         self.drain();
-        let [blocks_full, stacks_full, ..] = self.probes.ledger_stats();
-        self.sink.sync_kernel_heap(blocks_full + stacks_full == 0);
+        let past_full = self.probes.ledger_stats().went_past_full_tables();
+        self.sink.sync_kernel_heap(past_full == 0);
         let ledger = &self.sink.ledger;
         let mark = Mark {
             label,
@@ -595,17 +595,13 @@ impl Recorder {
             .filter_map(|&p| sample_rss(p, t_s as u64, &self.sink.mappings))
             .collect();
         self.writer.add_rss_samples(&samples)?;
-        let [
-            blocks_full,
-            stacks_full,
-            freed_unseen,
-            _,
-            unmatched,
-            _,
-            sampled_out,
-        ] = self.probes.ledger_stats();
-        self.sink.ledger.set_kernel_unmatched_frees(unmatched);
-        self.sink.sync_kernel_heap(blocks_full + stacks_full == 0);
+        let stats = self.probes.ledger_stats();
+        let past_full = stats.went_past_full_tables();
+        let freed_unseen = stats.get(ledger_stat::FREED_UNSEEN);
+        self.sink
+            .ledger
+            .set_kernel_unmatched_frees(stats.get(ledger_stat::UNMATCHED_FREES));
+        self.sink.sync_kernel_heap(past_full == 0);
         let new_stacks = self.sink.take_new_stacks();
         let [_, fp_under_pressure] = self.probes.stack_stats();
         self.writer.set_stack_capture(&StackCapture {
@@ -616,8 +612,8 @@ impl Recorder {
             fp_under_pressure,
             heap_sample_bytes: self.heap_sample_bytes,
             kernel_heap_stacks: self.sink.kernel_heap.stacks() as u64,
-            kernel_heap_full: blocks_full + stacks_full,
-            kernel_heap_sampled_out: sampled_out,
+            kernel_heap_full: past_full,
+            kernel_heap_sampled_out: stats.get(ledger_stat::FULL_SAMPLED_OUT),
             memory_limit: self.max_memory.map(|limit_bytes| MemoryLimit {
                 limit_bytes,
                 caches_dropped: self.sink.shed.caches_dropped,

@@ -641,10 +641,14 @@ fn a_heap_budget_chooses_the_duty_from_what_the_first_window_measured() {
     // (as timed, 75 ms until one was) with their traps alone, and its grace of 0.5 s with the
     // free probe alone. The shares come from the kernel's count of the programs' run time,
     // the probes' counts of calls and frees, and the trap's cost measured on the process.
+    // Each share is measured over a span of its own: measured (above 0, below the 0.99 cap),
+    // not compared with the window's, which a preempted probe in one span on a loaded machine
+    // can turn around (seen once beside CI's fuzzing). The unit tests of `heap_duty::shares`
+    // check each share's figure on fixed spans.
     let free_share = duty["free_probe_share"].as_f64().unwrap();
     let detach_share = duty["detach_probe_share"].as_f64().unwrap();
-    assert!(free_share > 0.0 && free_share < share, "{duty}");
-    assert!(detach_share > 0.0 && detach_share < share, "{duty}");
+    assert!(free_share > 0.0 && free_share < 0.99, "{duty}");
+    assert!(detach_share > 0.0 && detach_share < 0.99, "{duty}");
     assert!(duty["trap_ns"].as_f64().unwrap() > 0.0, "{duty}");
     let detach = match duty["detach_s"].as_f64().unwrap() {
         0.0 => 0.075,
