@@ -683,7 +683,10 @@ pub mod ledger_stat {
     /// Blocks the kernel's heap ledger had no room for, left out by the byte-sampled share
     /// that goes through the ring while the ring is filling (`heap_ledger::FULL_SAMPLE_MEAN`).
     pub const FULL_SAMPLED_OUT: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Duty-cycled heap: frees of blocks the kernel's ledger held (a window's blocks dying).
+    /// A grace ends once they stop (`heap_duty.rs`): what it is there to see has been seen.
+    pub const HELD_FREED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Names of the eBPF object's load-time globals (`u32` statics that user space sets at load).

@@ -122,8 +122,8 @@ fn window_closed(which: u32) -> bool {
     global(&HEAP_DUTY_CYCLED) != 0 && HEAP_WINDOW.get(which).is_none_or(|open| *open == 0)
 }
 
-/// Counts a heap call in `stat` (`HEAP_CALLS`, `FREE_CALLS`) for a duty-cycled heap's budget
-/// (`heap_duty.rs` reads the counts at each window's edges); nothing reads them otherwise, so
+/// Counts a heap call in `stat` (`HEAP_CALLS`, `FREE_CALLS`, `HELD_FREED`) for a duty-cycled
+/// heap's budget and graces (`heap_duty.rs` reads the counts); nothing reads them otherwise, so
 /// nothing is counted: a branch on a load-time constant, pruned by the verifier.
 #[inline(always)]
 fn count_call(stat: u32) {
@@ -283,7 +283,11 @@ pub fn heap_free(ctx: ProbeContext) -> u32 {
     }
     if ledger {
         match heap_ledger::release((tgid, process), addr) {
-            Released::Kernel => return 0, // counted in the kernel's ledger
+            Released::Kernel => {
+                // Counted in the kernel's ledger.
+                count_call(ledger_stat::HELD_FREED);
+                return 0;
+            }
             Released::Unknown if !heap_ledger::ever_full() => {
                 // Nobody knows this block: an unmatched free, counted here.
                 heap_ledger::count(ledger_stat::UNMATCHED_FREES);

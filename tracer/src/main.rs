@@ -225,9 +225,10 @@ struct RecordArgs {
     /// the run for the same budget.
     #[arg(long, value_name = "SECONDS", default_value = "0.1", value_parser = parse_seconds)]
     heap_window: Duration,
-    /// Duty-cycled heap: how long the free probes stay attached after a window: blocks freed
-    /// within it (a request's own buffers) are not leak candidates. Every free traps meanwhile,
-    /// at full speed: on a PyTorch loop the grace costs more than the window.
+    /// Duty-cycled heap: how long the free probes stay attached after a window at most: blocks
+    /// freed within it (a request's own buffers) are not leak candidates. It ends sooner once
+    /// the window's blocks stop dying. Every free traps meanwhile, at full speed: on a PyTorch
+    /// loop a grace costs more than its window.
     #[arg(long, value_name = "SECONDS", default_value = "0.5", value_parser = parse_seconds)]
     heap_grace: Duration,
     /// With --heap (exact, frame-pointer heap stacks): live heap blocks the kernel holds at

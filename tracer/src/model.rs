@@ -472,9 +472,13 @@ pub struct HeapDuty {
     pub budget_percent: Option<f64>,
     /// Share of the time the allocation probes were meant to be on (the last one chosen).
     pub duty: f64,
-    /// Seconds a window was meant to last, and of grace after it.
+    /// Seconds a window was meant to last, and of grace after it at most (`--heap-grace`).
     pub window_s: f64,
     pub grace_s: f64,
+    /// Seconds the last graces lasted (their median; `grace_s` before one ended): a grace ends
+    /// once the window's blocks stop dying, and a cycle is priced at it.
+    #[serde(default)]
+    pub grace_taken_s: f64,
     /// Windows opened.
     pub windows: u64,
     /// Seconds the allocation probes were on, all windows together (attaching and detaching

@@ -424,12 +424,14 @@ impl HeapRoles {
 }
 
 /// The duty-cycled heap's counters at one moment (`HeapCounters::read`): heap calls and frees
-/// of traced processes the probes saw, and the heap programs' run time so far, as the kernel
-/// counts it (None: not asked, the kernel was not counting).
+/// of traced processes the probes saw, the frees of blocks the kernel's ledger held (None: it
+/// keeps none), and the heap programs' run time so far, as the kernel counts it (None: not
+/// asked, the kernel was not counting).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct HeapCount {
     pub calls: u64,
     pub frees: u64,
+    pub held_freed: Option<u64>,
     pub run_time: Option<Duration>,
 }
 
@@ -440,6 +442,8 @@ pub struct HeapCount {
 pub struct HeapCounters {
     programs: Vec<ProgramFd>,
     stats: Option<PerCpuArray<MapData, u64>>,
+    /// Whether the kernel keeps the heap ledger (else `HELD_FREED` counts nothing).
+    ledger: bool,
 }
 
 impl HeapCounters {
@@ -456,6 +460,7 @@ impl HeapCounters {
         HeapCount {
             calls: stat(ledger_stat::HEAP_CALLS).unwrap_or(0),
             frees: stat(ledger_stat::FREE_CALLS).unwrap_or(0),
+            held_freed: self.ledger.then(|| stat(ledger_stat::HELD_FREED)).flatten(),
             run_time,
         }
     }
@@ -1080,7 +1085,11 @@ impl Probes {
                 .ok(),
             _ => None,
         };
-        HeapCounters { programs, stats }
+        HeapCounters {
+            programs,
+            stats,
+            ledger: self.config.heap_ledger_blocks != 0,
+        }
     }
 
     /// Traces the memory syscalls (mmap, munmap, mprotect, mremap, brk) of process `pid` with

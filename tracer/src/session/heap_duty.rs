@@ -136,7 +136,8 @@ enum State {
 }
 
 /// A grace: after the window opened at `opened` and on for `on` (measured as `window`), the
-/// free probes until `until`, measured from the window's edge.
+/// free probes until `until` at most, measured from the window's edge; it ends sooner once the
+/// window's blocks stop dying (`Grace::stopped_dying`).
 struct Grace {
     opened: Instant,
     on: Duration,
@@ -144,6 +145,52 @@ struct Grace {
     edge: Reading,
     counters: Arc<HeapCounters>,
     until: Instant,
+    /// The current step's start and the held blocks freed by then (None: the kernel keeps no
+    /// ledger to count them, and the grace lasts until `until`).
+    step: Option<(Instant, u64)>,
+    /// The held blocks freed in the grace's first step.
+    first_step: Option<u64>,
+}
+
+/// How often a grace looks at whether the window's blocks still die.
+const GRACE_STEP: Duration = Duration::from_millis(50);
+
+/// A grace ends once a step frees at most this fraction (1/N) of what its first step freed.
+const SETTLED_FRACTION: u64 = 8;
+
+impl Grace {
+    /// Whether the window's blocks have stopped dying, looked at once a step: most of a
+    /// window's short-lived blocks (a request's own buffers) die in a burst after its edge, as
+    /// the calls in flight finish; once a step frees at most an eighth of what the first did,
+    /// what the grace is there to see has been seen, and the rest of it would be paid for
+    /// nothing (on a PyTorch loop the free probe alone takes most of the process's time).
+    fn stopped_dying(&mut self, now: Instant) -> bool {
+        let Some((since, freed_then)) = self.step else {
+            return false;
+        };
+        if now < since + GRACE_STEP {
+            return false;
+        }
+        let Some(freed) = self.counters.read(false).held_freed else {
+            return false;
+        };
+        let in_step = freed.saturating_sub(freed_then);
+        self.step = Some((now, freed));
+        match self.first_step {
+            None => {
+                self.first_step = Some(in_step);
+                false
+            }
+            Some(first) => settled(first, in_step),
+        }
+    }
+}
+
+/// Whether a grace whose first step freed `first` of the window's blocks and its last `last`
+/// has seen them stop dying: the last freed at most 1/`SETTLED_FRACTION` of the first (none,
+/// when the first freed none).
+fn settled(first: u64, last: u64) -> bool {
+    last <= first / SETTLED_FRACTION
 }
 
 /// The windows of a duty-cycled heap.
@@ -191,6 +238,7 @@ impl DutyCycle {
                 duty: opts.duty,
                 window_s: opts.window.as_secs_f64(),
                 grace_s: opts.grace.as_secs_f64(),
+                grace_taken_s: opts.grace.as_secs_f64(),
                 trap_ns: TRAP_COST.as_nanos() as f64,
                 ..HeapDuty::default()
             },
@@ -207,6 +255,10 @@ impl DutyCycle {
     /// Moves the windows on: called at every poll of the ring.
     pub fn poll(&mut self, probes: &mut Probes, pids: &[u32]) {
         let now = Instant::now();
+        let grace_over = match &mut self.state {
+            State::Grace(grace) => now >= grace.until || grace.stopped_dying(now),
+            _ => false,
+        };
         match &self.state {
             State::Open { .. } => {
                 let Some(edge) = self.clock.ended() else {
@@ -221,7 +273,7 @@ impl DutyCycle {
                     self.state = self.end_window(probes, pids, (since, mark, counters), edge);
                 }
             }
-            State::Grace(grace) if now >= grace.until => {
+            State::Grace(_) if grace_over => {
                 if let State::Grace(grace) = self.take_state() {
                     self.state = self.end_grace(probes, pids, grace);
                 }
@@ -346,10 +398,19 @@ impl DutyCycle {
         median(&self.traps).unwrap_or(TRAP_COST.as_secs_f64())
     }
 
+    /// How long a grace lasts: the median of the last ones (they end once the window's blocks
+    /// stop dying), `--heap-grace` (the longest) before one.
+    fn grace_s(&self) -> f64 {
+        let lasted: VecDeque<f64> = self.graces.iter().map(|g| g.seconds).collect();
+        median(&lasted).unwrap_or(self.opts.grace.as_secs_f64())
+    }
+
     /// The shares of the processes' time the probes take, from the last windows and graces and
     /// the trap's cost measured; with a budget, the duty that keeps within it.
     fn price(&mut self, probes: &Probes) {
         let trap_s = self.trap_s();
+        let grace = Duration::from_secs_f64(self.grace_s());
+        self.figures.grace_taken_s = grace.as_secs_f64();
         let shares = shares(&self.windows, &self.graces, trap_s);
         self.figures.trap_ns = trap_s * 1e9;
         self.figures.probe_share = shares.window;
@@ -359,7 +420,7 @@ impl DutyCycle {
         self.figures.detach_s = detach.map_or(0.0, |d| d.as_secs_f64());
         if let Some(budget) = self.opts.budget {
             let detach = detach.unwrap_or(DETACH_ALLOWANCE);
-            self.opts.duty = duty_for(budget, shares, self.opts.window, detach, self.opts.grace);
+            self.opts.duty = duty_for(budget, shares, self.opts.window, detach, grace);
             self.figures.duty = self.opts.duty;
         }
         let last = self.windows.back().copied().unwrap_or_default();
@@ -406,6 +467,8 @@ impl DutyCycle {
                 opened: since,
                 on,
                 window,
+                step: edge.count.held_freed.map(|freed| (edge.at, freed)),
+                first_step: None,
                 edge,
                 counters,
                 until,
@@ -788,6 +851,20 @@ mod tests {
         assert!(!line.contains("--heap-budget"), "{line}");
         let line = heap_cost_line(42, 0, span, Some(0.0));
         assert!(line.ends_with("no measurable CPU time meanwhile"), "{line}");
+    }
+
+    #[test]
+    fn a_grace_ends_once_a_step_frees_an_eighth_of_what_its_first_did() {
+        // The first step saw the burst after the edge; the last freed an eighth of it, or less.
+        assert!(settled(800, 100));
+        assert!(settled(800, 0));
+        assert!(!settled(800, 101));
+        // Nothing of the window died in the first step: done once the last frees nothing too.
+        assert!(settled(0, 0));
+        assert!(!settled(0, 1));
+        // Blocks that go on dying at the same rate keep the grace on to its end.
+        assert!(!settled(500, 500));
+        assert!(!settled(u64::MAX, u64::MAX));
     }
 
     fn cycle(window: f64, detach: f64, grace: f64) -> Shares {

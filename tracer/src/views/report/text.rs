@@ -639,13 +639,14 @@ fn text_heap_duty_line(out: &mut String, duty: &HeapDuty) {
     };
     let _ = writeln!(
         out,
-        "  heap duty-cycled ({budget}probes on {:.2} % of the time, {} of {:.2} s plus {:.1} s of \
-         grace, {:.1} s in all; {:.0} heap calls/s while on, {:.0} % of the processes' time in \
-         probes then, {:.0} % in the grace, a trap {:.1} µs): heap figures are blocks \
-         allocated inside windows, `live` those that outlived their window and grace{}",
+        "  heap duty-cycled ({budget}probes on {:.2} % of the time, {} of {:.2} s plus graces of \
+         {:.2} s (at most {:.1} s), {:.1} s in all; {:.0} heap calls/s while on, {:.0} % of the \
+         processes' time in probes then, {:.0} % in the grace, a trap {:.1} µs): heap figures \
+         are blocks allocated inside windows, `live` those that outlived their window and grace{}",
         duty.duty * 100.0,
         count_of(duty.windows, "window"),
         duty.window_s,
+        duty.grace_taken_s,
         duty.grace_s,
         duty.on_s,
         duty.calls_per_s,
