@@ -540,6 +540,41 @@ fn a_duty_cycled_heap_finds_a_steady_leak_and_its_rate_and_leaves_churn() {
     );
 }
 
+/// A duty-cycled heap without the kernel's ledger (`--stack dwarf`: every block through the
+/// ring): nothing counts the window's blocks dying, so each grace lasts its full `--heap-grace`;
+/// the leak is found all the same, and the churn leaves nothing.
+#[test]
+fn without_the_kernel_ledger_a_grace_lasts_its_full_time() {
+    require_privileges!();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--heap",
+        "--heap-duty",
+        "20",
+        "--heap-window",
+        "0.2",
+        "--heap-grace",
+        "0.3",
+        "--stack",
+        "dwarf",
+    ];
+    let exe = fixture("heap_fixture");
+    let r = record_fixture_command(dir.path(), &exe, "requests", &args);
+    r.assert_no_lost_events();
+    let leaked: u64 = (r.stacks_of("remember_request").iter())
+        .map(|s| s.live_bytes)
+        .sum();
+    assert!(leaked > 0, "{}", r.summary());
+    let churn: u64 = (r.stacks_of("request_churn").iter())
+        .map(|s| s.live_bytes)
+        .sum();
+    assert_eq!(churn, 0, "{}", r.summary());
+    let json = report_value(&dir.path().join("requests.trace"));
+    let duty = &json["stack_capture"]["heap_duty"];
+    assert!(duty["windows"].as_u64().unwrap() >= 2, "{duty}");
+    assert!(duty["grace_taken_s"].as_f64().unwrap() >= 0.3, "{duty}");
+}
+
 /// Leak suspects from a whole recording: a server leaking 512 bytes per request at 1000
 /// requests a second, traced exactly, has one stack whose live bytes rose in every batch after
 /// the warm-up, `remember_request`, at about 512000 bytes a second; the churn of each request
