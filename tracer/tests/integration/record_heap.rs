@@ -466,6 +466,30 @@ fn recent_slots_hash_table_and_ring_together_stay_exact() {
     r.assert_no_lost_events();
 }
 
+/// The `requests` fixture recorded in `dir` with a duty-cycled heap: the probes on a fifth of
+/// the time, windows of 0.2 s, graces of 0.3 s at most, and `extra` flags. Its report (no event
+/// lost) and its `heap_duty` figures.
+fn record_duty_cycled_requests(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Report, serde_json::Value) {
+    let mut args = vec![
+        "--heap",
+        "--heap-duty",
+        "20",
+        "--heap-window",
+        "0.2",
+        "--heap-grace",
+        "0.3",
+    ];
+    args.extend_from_slice(extra);
+    let r = record_fixture_command(dir, &fixture("heap_fixture"), "requests", &args);
+    r.assert_no_lost_events();
+    let json = report_value(&dir.join("requests.trace"));
+    let duty = json["stack_capture"]["heap_duty"].clone();
+    (r, duty)
+}
+
 /// A duty-cycled heap (`--heap-duty`): the heap probes attached a fifth of the time, in
 /// windows of 0.2 s with at most 0.3 s of grace. A server leaking 512 bytes per request at 1000
 /// requests a second is found from the windows alone: every block remember_request made in a
@@ -477,18 +501,7 @@ fn recent_slots_hash_table_and_ring_together_stay_exact() {
 fn a_duty_cycled_heap_finds_a_steady_leak_and_its_rate_and_leaves_churn() {
     require_privileges!();
     let dir = tempfile::tempdir().unwrap();
-    let args = [
-        "--heap",
-        "--heap-duty",
-        "20",
-        "--heap-window",
-        "0.2",
-        "--heap-grace",
-        "0.3",
-    ];
-    let exe = fixture("heap_fixture");
-    let r = record_fixture_command(dir.path(), &exe, "requests", &args);
-    r.assert_no_lost_events();
+    let (r, duty) = record_duty_cycled_requests(dir.path(), &[]);
     let cells = |f: &str| -> (u64, u64, u64) {
         let rows = r.stacks_of(f);
         let sum = |get: fn(&crate::common::StackRow) -> u64| rows.iter().map(|s| get(s)).sum();
@@ -507,8 +520,6 @@ fn a_duty_cycled_heap_finds_a_steady_leak_and_its_rate_and_leaves_churn() {
     // Nothing else in the heap class: the survivors are all of it.
     let heap = r.totals.get("heap").copied().unwrap_or_default();
     assert_eq!(heap.live_bytes, leaked, "{}", r.summary());
-    let json = report_value(&dir.path().join("requests.trace"));
-    let duty = &json["stack_capture"]["heap_duty"];
     let (windows, on_s) = (
         duty["windows"].as_u64().unwrap(),
         duty["on_s"].as_f64().unwrap(),
@@ -547,30 +558,10 @@ fn a_duty_cycled_heap_finds_a_steady_leak_and_its_rate_and_leaves_churn() {
 fn without_the_kernel_ledger_a_grace_lasts_its_full_time() {
     require_privileges!();
     let dir = tempfile::tempdir().unwrap();
-    let args = [
-        "--heap",
-        "--heap-duty",
-        "20",
-        "--heap-window",
-        "0.2",
-        "--heap-grace",
-        "0.3",
-        "--stack",
-        "dwarf",
-    ];
-    let exe = fixture("heap_fixture");
-    let r = record_fixture_command(dir.path(), &exe, "requests", &args);
-    r.assert_no_lost_events();
-    let leaked: u64 = (r.stacks_of("remember_request").iter())
-        .map(|s| s.live_bytes)
-        .sum();
-    assert!(leaked > 0, "{}", r.summary());
-    let churn: u64 = (r.stacks_of("request_churn").iter())
-        .map(|s| s.live_bytes)
-        .sum();
-    assert_eq!(churn, 0, "{}", r.summary());
-    let json = report_value(&dir.path().join("requests.trace"));
-    let duty = &json["stack_capture"]["heap_duty"];
+    let (r, duty) = record_duty_cycled_requests(dir.path(), &["--stack", "dwarf"]);
+    let live_under = |f: &str| -> u64 { r.stacks_of(f).iter().map(|s| s.live_bytes).sum() };
+    assert!(live_under("remember_request") > 0, "{}", r.summary());
+    assert_eq!(live_under("request_churn"), 0, "{}", r.summary());
     assert!(duty["windows"].as_u64().unwrap() >= 2, "{duty}");
     assert!(duty["grace_taken_s"].as_f64().unwrap() >= 0.3, "{duty}");
 }
