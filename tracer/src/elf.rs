@@ -63,6 +63,29 @@ pub fn on_demand(file: File) -> OnDemand {
     ReadCache::new(file)
 }
 
+/// The size of section `name` of the ELF file at `path` as stored (compressed, if it is), read
+/// from its section headers alone; None when it has no such section or is not ELF. `Elf::parse`
+/// reads the symbol tables too: for libtorch's, 15 MB of the tracer's heap for one number.
+pub fn stored_section_size(path: &Path, name: &str) -> Option<u64> {
+    use object::read::elf::{FileHeader, SectionHeader};
+    fn size_in<Elf: FileHeader<Endian = object::Endianness>>(
+        data: &OnDemand,
+        name: &[u8],
+    ) -> Option<u64> {
+        let header = Elf::parse(data).ok()?;
+        let endian = header.endian().ok()?;
+        let sections = header.sections(endian, data).ok()?;
+        let (_, section) = sections.section_by_name(endian, name)?;
+        Some(section.sh_size(endian).into())
+    }
+    let data = open(path).ok()?;
+    match object::FileKind::parse(&data).ok()? {
+        object::FileKind::Elf64 => size_in::<object::elf::FileHeader64<_>>(&data, name.as_bytes()),
+        object::FileKind::Elf32 => size_in::<object::elf::FileHeader32<_>>(&data, name.as_bytes()),
+        _ => None,
+    }
+}
+
 /// One symbol of `.dynsym` or `.symtab`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Symbol<'data> {
@@ -246,6 +269,101 @@ fn defined_functions<'w>(
     out
 }
 
+/// Where a symbol table and its string table are in a file: (table offset, table size,
+/// strings offset, strings size).
+type TableAt = (u64, u64, u64, u64);
+
+/// A 64-bit ELF file's load segments and where its symbol tables are, read from its program
+/// and section headers alone: what a search for a few names needs. `Elf::parse` reads the
+/// symbol tables whole as well; the scan of every library a process maps for a static CUDA
+/// runtime put libtorch_cpu's 15 MB of them in the tracer's heap.
+pub struct Headers {
+    segments: Vec<LoadSegment>,
+    /// `.dynsym` first, as `Elf::symbols`.
+    tables: Vec<TableAt>,
+}
+
+impl Headers {
+    /// The headers of the file at `path`; an error names it (not ELF, not 64-bit).
+    pub fn read(path: &Path) -> Result<Headers, ElfError> {
+        use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
+        let data = open(path)?;
+        let parse_error = |source| ElfError::Parse {
+            path: path.into(),
+            source,
+        };
+        let header =
+            object::elf::FileHeader64::<object::Endianness>::parse(&data).map_err(parse_error)?;
+        let endian = header.endian().map_err(parse_error)?;
+        let segments = header
+            .program_headers(endian, &data)
+            .map_err(parse_error)?
+            .iter()
+            .filter(|p| p.p_type(endian) == object::elf::PT_LOAD)
+            .map(|p| LoadSegment {
+                file_offset: p.p_offset(endian),
+                file_size: p.p_filesz(endian),
+                address: p.p_vaddr(endian),
+                executable: p.p_flags(endian) & object::elf::PF_X != 0,
+            })
+            .collect();
+        let sections = header.sections(endian, &data).map_err(parse_error)?;
+        let mut tables = Vec::new();
+        for kind in [object::elf::SHT_DYNSYM, object::elf::SHT_SYMTAB] {
+            for s in sections.iter().filter(|s| s.sh_type(endian) == kind) {
+                let index = object::SectionIndex(s.sh_link(endian) as usize);
+                let Ok(strings) = sections.section(index) else {
+                    continue;
+                };
+                tables.push((
+                    s.sh_offset(endian),
+                    s.sh_size(endian),
+                    strings.sh_offset(endian),
+                    strings.sh_size(endian),
+                ));
+            }
+        }
+        Ok(Headers { segments, tables })
+    }
+
+    /// The file offset of stated `address`.
+    pub fn file_offset(&self, address: u64) -> Option<u64> {
+        self.segments.iter().find_map(|s| s.file_offset_of(address))
+    }
+
+    /// The (stated address, size) of each of the `wanted` functions the file defines, its
+    /// symbol tables read from `file` (the file at the path read) a chunk at a time: memory
+    /// stays bounded by the chunk whatever the size of the tables (a libtorch_cuda.so's
+    /// `.strtab` is 73 MB of mangled names). `.dynsym` first, as `Elf::function_ranges`.
+    pub fn function_ranges_streamed<'w>(
+        &self,
+        file: &File,
+        wanted: &[&'w str],
+    ) -> BTreeMap<&'w str, (u64, u64)> {
+        self.function_ranges_in_chunks(file, wanted, TABLE_CHUNK)
+    }
+
+    fn function_ranges_in_chunks<'w>(
+        &self,
+        file: &File,
+        wanted: &[&'w str],
+        chunk: usize,
+    ) -> BTreeMap<&'w str, (u64, u64)> {
+        let mut ranges = BTreeMap::new();
+        for &(sym_at, sym_len, str_at, str_len) in &self.tables {
+            let names = wanted_name_offsets(file, (str_at, str_len), wanted, chunk);
+            if names.is_empty() {
+                continue;
+            }
+            let symbols = defined_functions(file, (sym_at, sym_len), &names, chunk);
+            for (name, address, size) in symbols {
+                ranges.entry(name).or_insert((address, size));
+            }
+        }
+        ranges
+    }
+}
+
 /// A parsed ELF file over its bytes (`&[u8]` of a file read whole, or `&OnDemand`).
 pub struct Elf<'data, R: ReadRef<'data>> {
     file: object::File<'data, R>,
@@ -321,60 +439,6 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
         for sym in functions {
             if let Some(w) = wanted.iter().find(|w| **w == sym.name) {
                 ranges.entry(*w).or_insert((sym.address, sym.size));
-            }
-        }
-        ranges
-    }
-
-    /// `function_ranges` read from `file` (the file this was parsed from) a chunk at a time:
-    /// memory stays bounded by the chunk whatever the size of the tables. A libtorch_cuda.so's
-    /// `.strtab` is 73 MB of mangled names; read through `OnDemand` every name it holds would be
-    /// kept until the parse is dropped. `.dynsym` first, as `symbols`.
-    pub fn function_ranges_streamed<'w>(
-        &self,
-        file: &File,
-        wanted: &[&'w str],
-    ) -> BTreeMap<&'w str, (u64, u64)> {
-        self.function_ranges_in_chunks(file, wanted, TABLE_CHUNK)
-    }
-
-    fn function_ranges_in_chunks<'w>(
-        &self,
-        file: &File,
-        wanted: &[&'w str],
-        chunk: usize,
-    ) -> BTreeMap<&'w str, (u64, u64)> {
-        use object::read::elf::SectionHeader;
-        let object::File::Elf64(elf) = &self.file else {
-            return self.function_ranges(wanted);
-        };
-        let endian = elf.endian();
-        let sections = elf.elf_section_table();
-        let mut tables: Vec<(u64, u64, u64, u64)> = Vec::new();
-        for kind in [object::elf::SHT_DYNSYM, object::elf::SHT_SYMTAB] {
-            for s in sections.iter().filter(|s| s.sh_type(endian) == kind) {
-                let Ok(strings) =
-                    sections.section(object::SectionIndex(s.sh_link(endian) as usize))
-                else {
-                    continue;
-                };
-                tables.push((
-                    s.sh_offset(endian),
-                    s.sh_size(endian),
-                    strings.sh_offset(endian),
-                    strings.sh_size(endian),
-                ));
-            }
-        }
-        let mut ranges = BTreeMap::new();
-        for (sym_at, sym_len, str_at, str_len) in tables {
-            let names = wanted_name_offsets(file, (str_at, str_len), wanted, chunk);
-            if names.is_empty() {
-                continue;
-            }
-            let symbols = defined_functions(file, (sym_at, sym_len), &names, chunk);
-            for (name, address, size) in symbols {
-                ranges.entry(name).or_insert((address, size));
             }
         }
         ranges
@@ -591,9 +655,11 @@ mod tests {
             let data = read(&path).unwrap();
             let elf = Elf::parse(&path, &*data).unwrap();
             let whole = elf.function_ranges(&wanted);
+            let headers = Headers::read(&path).unwrap();
+            assert_eq!(headers.segments, elf.load_segments(), "{}", path.display());
             let file = File::open(&path).unwrap();
             for chunk in [7, 24, 4096, TABLE_CHUNK] {
-                let streamed = elf.function_ranges_in_chunks(&file, &wanted, chunk);
+                let streamed = headers.function_ranges_in_chunks(&file, &wanted, chunk);
                 assert_eq!(streamed, whole, "{} in chunks of {chunk}", path.display());
             }
             assert!(!whole.is_empty(), "{}", path.display());
@@ -756,5 +822,44 @@ mod tests {
         assert_eq!(bias(0x1d_c000, 0x1d_b000, true), Some(base));
         assert_eq!(bias(0x81_c000, 0x81_a000, false), Some(base));
         assert_eq!(bias(0x85_4000, 0x85_1000, false), Some(base));
+    }
+
+    /// A section's stored size read from the section headers alone is the one the full parse
+    /// gives: for a `-g` build's `.debug_info`, and for a compressed one (`-gz`), smaller; a
+    /// missing section and a file that is not ELF have none.
+    #[test]
+    fn a_sections_stored_size_comes_from_its_header_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("g.c");
+        std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
+        let build = |name: &str, flags: &[&str]| {
+            let exe = dir.path().join(name);
+            let status = std::process::Command::new("cc")
+                .args(flags)
+                .arg("-o")
+                .arg(&exe)
+                .arg(&src)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            exe
+        };
+        let full_parse = |exe: &Path| {
+            let data = read(exe).unwrap();
+            let elf = Elf::parse(exe, &*data).unwrap();
+            let range = elf.section_range(".debug_info").unwrap();
+            range.end - range.start
+        };
+        let plain = build("plain", &["-g"]);
+        let compressed = build("compressed", &["-g", "-gz=zlib"]);
+        let plain_size = stored_section_size(&plain, ".debug_info").unwrap();
+        let compressed_size = stored_section_size(&compressed, ".debug_info").unwrap();
+        assert_eq!(plain_size, full_parse(&plain));
+        assert_eq!(compressed_size, full_parse(&compressed));
+        assert!(0 < compressed_size && compressed_size < plain_size);
+        assert_eq!(stored_section_size(&plain, ".no_such_section"), None);
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "not ELF").unwrap();
+        assert_eq!(stored_section_size(&text, ".debug_info"), None);
     }
 }

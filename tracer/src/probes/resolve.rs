@@ -10,7 +10,7 @@ use tracer_common::Cookie;
 
 use crate::{
     arch,
-    elf::{self, Elf, ElfError, ReadRef},
+    elf::{self, Elf, ElfError, Headers},
     hooks::{CUDA_HOOKS, HOOKS, Hook, RUNTIME_HOOKS, Records, Site, TORCH_HOOKS},
     proc::maps::{Mapping, open_path},
     session::target::TargetError,
@@ -93,8 +93,8 @@ impl AttachPoint {
 
 /// The hook points of `hooks` in `elf`: (index in `hooks`, file offset) of each symbol it
 /// defines, in table order.
-fn cuda_points<'data, R: ReadRef<'data>>(
-    elf: &Elf<'data, R>,
+fn cuda_points(
+    elf: &Headers,
     file: &std::fs::File,
     hooks: &[crate::hooks::CudaHook],
 ) -> Vec<(usize, u64)> {
@@ -118,12 +118,7 @@ fn cuda_points<'data, R: ReadRef<'data>>(
 /// C++ exception to unwind into): its last byte, if that is a `ret` (0xc3) that no other
 /// instruction's bytes overlap — none does when the function is a few instructions ending in
 /// one, which the hooked ones are. None otherwise: the hook is left out (one line says so).
-fn return_site<'data, R: ReadRef<'data>>(
-    elf: &Elf<'data, R>,
-    file: &std::fs::File,
-    address: u64,
-    size: u64,
-) -> Option<u64> {
+fn return_site(elf: &Headers, file: &std::fs::File, address: u64, size: u64) -> Option<u64> {
     use std::os::unix::fs::FileExt;
     let last = address.checked_add(size.checked_sub(1)?)?;
     let mut byte = [0u8];
@@ -159,12 +154,10 @@ pub fn find_cuda_runtime(
     )
 }
 
-/// The file at `path` read on demand (its headers), and a second handle to stream its symbol
-/// tables from.
-fn open_twice(path: &Path) -> Option<(elf::OnDemand, std::fs::File)> {
-    let file = std::fs::File::open(path).ok()?;
-    let stream = file.try_clone().ok()?;
-    Some((elf::on_demand(file), stream))
+/// The headers of the file at `path` and a handle to stream its symbol tables from.
+fn open_headers(path: &Path) -> Option<(Headers, std::fs::File)> {
+    let headers = Headers::read(path).ok()?;
+    Some((headers, std::fs::File::open(path).ok()?))
 }
 
 /// PyTorch's CUDA operators library (`libtorch_cuda.so`) of a process, with the pinned host
@@ -218,13 +211,10 @@ pub fn find_static_cuda_runtimes(
             continue;
         }
         let open_path = open_path(pid, m);
-        // On demand: the headers, then the symbol tables a chunk at a time, not a whole 1 GB
-        // libtorch nor its 73 MB of names.
-        let Some((data, file)) = open_twice(&open_path) else {
-            continue;
-        };
-        let points = Elf::parse(&open_path, &data)
-            .map(|elf| cuda_points(&elf, &file, RUNTIME_HOOKS))
+        // The headers, then the symbol tables a chunk at a time, not a whole 1 GB libtorch
+        // nor its 73 MB of names.
+        let points = open_headers(&open_path)
+            .map(|(headers, file)| cuda_points(&headers, &file, RUNTIME_HOOKS))
             .unwrap_or_default();
         if points.is_empty() {
             without.push(m.inode);
@@ -273,8 +263,8 @@ fn find_cuda_object(
         return None;
     }
     let open_path = open_path(pid, m);
-    let (data, file) = open_twice(&open_path)?;
-    let points = cuda_points(&Elf::parse(&open_path, &data).ok()?, &file, hooks);
+    let (headers, file) = open_headers(&open_path)?;
+    let points = cuda_points(&headers, &file, hooks);
     Some(CudaObject {
         hooks,
         cookie,

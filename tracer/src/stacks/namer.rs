@@ -90,18 +90,7 @@ impl SharedSymbols {
 
 /// The size of the file's `.debug_info` as stored (0 when it has none or cannot be read).
 fn debug_info_size(path: &Path) -> u64 {
-    let Ok(data) = elf::open(path) else {
-        return 0;
-    };
-    let Ok(obj) = elf::Elf::parse(path, &data) else {
-        return 0;
-    };
-    obj.section_file_range(".debug_info")
-        .or_else(|| {
-            obj.section_range(".debug_info")
-                .map(|r| (0, r.end - r.start))
-        })
-        .map_or(0, |(_, size)| size)
+    elf::stored_section_size(path, ".debug_info").unwrap_or(0)
 }
 
 /// Turns instruction pointers of one process into function names.
