@@ -103,7 +103,7 @@ impl Session {
         let series = self.ledger.take_series(t);
         let state = self.ledger.state(&self.lost);
         self.writer
-            .commit_tick(t as f64 + 0.25, &new, &state, &series)
+            .commit_tick(t as f64 + 0.25, new.clone(), &state, &series)
             .unwrap();
         let committed = &mut self.committed;
         for s in new {
@@ -273,7 +273,7 @@ fn sigkill_child() {
     s.alloc(Some(9), 1, 1 << 20);
     let series = s.ledger.take_series(4);
     let state = s.ledger.state(&s.lost);
-    let tx_started = s.writer.commit_tick(4.0, &[stack(9)], &state, &series);
+    let tx_started = s.writer.commit_tick(4.0, [stack(9)], &state, &series);
     assert!(tx_started.is_ok());
     s.alloc(Some(9), 1, 1 << 20);
     // SAFETY: kill(2) of this very process.
@@ -403,12 +403,12 @@ fn state_is_complete_not_a_delta() {
     first.lost_events.insert("ringbuf_full".into(), 1);
     first.totals.insert(Class::Heap, Default::default());
     writer
-        .commit_tick(1.0, &[stack(0), stack(1)], &first, &[])
+        .commit_tick(1.0, [stack(0), stack(1)], &first, &[])
         .unwrap();
 
     let mut second = LedgerState::default();
     second.cells.insert(key(1), counters);
-    writer.commit_tick(2.0, &[], &second, &[]).unwrap();
+    writer.commit_tick(2.0, [], &second, &[]).unwrap();
     writer.finalize(2.0).unwrap();
     assert_eq!(Reader::open(&path).unwrap().state, second);
 }

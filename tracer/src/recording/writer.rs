@@ -247,10 +247,13 @@ impl Writer {
     /// Commits one second of recording in one transaction: the stacks first seen since the last
     /// tick, the ledger's complete `state` (only what changed since the last commit is written)
     /// and the `series` points of the cells that changed. `t_s` is seconds since the start.
+    /// The stacks are taken one at a time, so that they can be named as they are written: the
+    /// tick of torch's import names 4,000 stacks of 400,000 frames, 20 MB held at once when
+    /// named before.
     pub fn commit_tick(
         &mut self,
         t_s: f64,
-        new_stacks: &[Stack],
+        new_stacks: impl IntoIterator<Item = Stack>,
         state: &LedgerState,
         series: &[SeriesPoint],
     ) -> Result<(), RecordingError> {
@@ -261,7 +264,7 @@ impl Writer {
     fn write_tick(
         &mut self,
         t_s: f64,
-        new_stacks: &[Stack],
+        new_stacks: impl IntoIterator<Item = Stack>,
         state: &LedgerState,
         series: &[SeriesPoint],
     ) -> Result<(), RecordingError> {
@@ -594,7 +597,7 @@ impl Tick<'_> {
     fn write(
         &mut self,
         t_s: f64,
-        new_stacks: &[Stack],
+        new_stacks: impl IntoIterator<Item = Stack>,
         state: &LedgerState,
         series: &[SeriesPoint],
     ) -> rusqlite::Result<()> {
@@ -620,7 +623,7 @@ impl Tick<'_> {
         Ok(())
     }
 
-    fn write_stacks(&mut self, stacks: &[Stack]) -> rusqlite::Result<()> {
+    fn write_stacks(&mut self, stacks: impl IntoIterator<Item = Stack>) -> rusqlite::Result<()> {
         let mut insert = self
             .tx
             .prepare_cached("INSERT OR REPLACE INTO stacks (id, frames) VALUES (?1, ?2)")?;

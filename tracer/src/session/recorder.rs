@@ -602,7 +602,6 @@ impl Recorder {
             .ledger
             .set_kernel_unmatched_frees(stats.get(ledger_stat::UNMATCHED_FREES));
         self.sink.sync_kernel_heap(past_full == 0);
-        let new_stacks = self.sink.take_new_stacks();
         let [_, fp_under_pressure] = self.probes.stack_stats();
         self.writer.set_stack_capture(&StackCapture {
             mode: self.stack_mode.to_string(),
@@ -639,7 +638,9 @@ impl Recorder {
         }
         let series = self.sink.ledger.take_series(t_s as u64);
         let state = self.sink.ledger.state(&self.sink.lost(self.probes.drops()));
-        self.writer.commit_tick(t_s, &new_stacks, &state, &series)?;
+        // The new stacks are named as they are written.
+        let new_stacks = self.sink.take_new_stacks();
+        self.writer.commit_tick(t_s, new_stacks, &state, &series)?;
         // After the stacks they name.
         let torch: Vec<AllocatorSample> = (self.sink.torch.take_changed().into_iter())
             .map(|figures| AllocatorSample {

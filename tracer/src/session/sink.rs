@@ -525,7 +525,7 @@ impl EventSink {
     }
 
     /// The stacks interned since the last call, named.
-    pub fn take_new_stacks(&mut self) -> Vec<crate::model::Stack> {
+    pub fn take_new_stacks(&mut self) -> impl Iterator<Item = crate::model::Stack> + '_ {
         self.stacks.take_new(&mut self.namers)
     }
 

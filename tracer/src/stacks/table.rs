@@ -119,23 +119,26 @@ impl StackTable {
             }));
     }
 
-    /// Symbolizes the stacks interned since the last call, each with its process's namer
-    /// (created from the process's current mappings when missing).
-    pub fn take_new(&mut self, namers: &mut HashMap<u32, FrameNamer>) -> Vec<Stack> {
-        let mut out = std::mem::take(&mut self.ready);
-        out.extend(
-            std::mem::take(&mut self.pending)
-                .into_iter()
-                .map(|(index, pid, key)| {
-                    let namer =
-                        FrameNamer::of(namers, pid, || maps::read_maps(pid).unwrap_or_default());
-                    Stack {
-                        index,
-                        frames: namer.name_stack(&key, &self.python_names),
-                    }
-                }),
-        );
-        out
+    /// The stacks interned since the last call, each symbolized with its process's namer
+    /// (created from the process's current mappings when missing) as it is taken: only the one
+    /// being written is held named.
+    pub fn take_new<'a>(
+        &'a mut self,
+        namers: &'a mut HashMap<u32, FrameNamer>,
+    ) -> impl Iterator<Item = Stack> + 'a {
+        let ready = std::mem::take(&mut self.ready);
+        let pending = std::mem::take(&mut self.pending);
+        let python_names = &self.python_names;
+        ready
+            .into_iter()
+            .chain(pending.into_iter().map(move |(index, pid, key)| {
+                let namer =
+                    FrameNamer::of(namers, pid, || maps::read_maps(pid).unwrap_or_default());
+                Stack {
+                    index,
+                    frames: namer.name_stack(&key, python_names),
+                }
+            }))
     }
 }
 

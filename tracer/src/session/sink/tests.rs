@@ -122,7 +122,7 @@ fn a_heap_block_lives_until_freed() {
     assert_eq!(live(&sink, Class::Heap), (0, 0));
     assert_eq!(sink.events, 4);
     // Both allocations came from the same caller: one stack.
-    assert_eq!(sink.take_new_stacks().len(), 1);
+    assert_eq!(sink.take_new_stacks().count(), 1);
 }
 
 #[test]
@@ -301,7 +301,7 @@ fn blocks_the_kernel_holds_count_at_their_stack_and_go_with_an_exec() {
     );
     sink.sync_kernel_heap(true);
     assert_eq!(live(&sink, Class::Heap), (5760, 90));
-    assert_eq!(sink.take_new_stacks().len(), 1);
+    assert_eq!(sink.take_new_stacks().count(), 1);
     // An exec: the old image's blocks are gone, its key forgotten in the kernel.
     sink.apply(&bytes_of(&proc_event(proc_op::EXEC, PID, 0)));
     assert_eq!(live(&sink, Class::Heap), (0, 0));
