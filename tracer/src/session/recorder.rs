@@ -515,6 +515,7 @@ impl Recorder {
         }
         self.commit()?;
         resident::release_file_pages();
+        resident::release_freed_heap();
         self.keep_within_memory();
         if self.exits.take_changed() {
             self.writer.set_exits(&self.exits.ended)?;

@@ -79,6 +79,16 @@ fn is_read_only_data_file(perms: &str, path: &str, own_objects: &[&str]) -> bool
     perms == "r--s" && path.starts_with('/') && !own_objects.contains(&path)
 }
 
+/// Gives the kernel back the heap pages the recorder freed. mimalloc keeps freed pages for a
+/// moment to reuse them and purges them only when a later call of its own comes round to it:
+/// the naming of torch's import (DWARF sections decompressed, symbol tables sorted) freed 30 MB
+/// that stayed resident until exit, a third of the recorder's anonymous memory. Once a tick.
+pub fn release_freed_heap() {
+    // SAFETY: mi_collect has no preconditions; forced, it purges the calling thread's free
+    // pages and the arenas' delayed purges.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 /// Unmaps the resident pages of the files the tracer reads symbols and unwind tables through:
 /// every read-only shared file mapping whose file is not one of the tracer's own loaded objects
 /// (those have an executable mapping). Returns the bytes of mappings released.
