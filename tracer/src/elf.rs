@@ -269,6 +269,11 @@ fn defined_functions<'w>(
     out
 }
 
+/// The file offset of stated `address` in the file laid out in `segments`.
+fn file_offset_in(segments: &[LoadSegment], address: u64) -> Option<u64> {
+    segments.iter().find_map(|s| s.file_offset_of(address))
+}
+
 /// Where a symbol table and its string table are in a file: (table offset, table size,
 /// strings offset, strings size).
 type TableAt = (u64, u64, u64, u64);
@@ -284,10 +289,18 @@ pub struct Headers {
 }
 
 impl Headers {
-    /// The headers of the file at `path`; an error names it (not ELF, not 64-bit).
-    pub fn read(path: &Path) -> Result<Headers, ElfError> {
+    /// The headers of `file`, open at `path` (named in an error: not ELF, not 64-bit). Its
+    /// tables are then streamed from the same handle, so both come from one file even if the
+    /// path is replaced meanwhile.
+    pub fn read(path: &Path, file: &File) -> Result<Headers, ElfError> {
         use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
-        let data = open(path)?;
+        let data = file
+            .try_clone()
+            .map(on_demand)
+            .map_err(|source| ElfError::Read {
+                path: path.into(),
+                source,
+            })?;
         let parse_error = |source| ElfError::Parse {
             path: path.into(),
             source,
@@ -328,11 +341,11 @@ impl Headers {
 
     /// The file offset of stated `address`.
     pub fn file_offset(&self, address: u64) -> Option<u64> {
-        self.segments.iter().find_map(|s| s.file_offset_of(address))
+        file_offset_in(&self.segments, address)
     }
 
     /// The (stated address, size) of each of the `wanted` functions the file defines, its
-    /// symbol tables read from `file` (the file at the path read) a chunk at a time: memory
+    /// symbol tables read from `file` (the one the headers were read from) a chunk at a time: memory
     /// stays bounded by the chunk whatever the size of the tables (a libtorch_cuda.so's
     /// `.strtab` is 73 MB of mangled names). `.dynsym` first, as `Elf::function_ranges`.
     pub fn function_ranges_streamed<'w>(
@@ -430,7 +443,9 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
         offsets
     }
 
-    /// The (stated address, size) of each of the `wanted` functions the file defines.
+    /// The (stated address, size) of each of the `wanted` functions the file defines, from the
+    /// parsed tables: what `Headers::function_ranges_streamed` is checked against.
+    #[cfg(test)]
     pub fn function_ranges<'w>(&self, wanted: &[&'w str]) -> BTreeMap<&'w str, (u64, u64)> {
         let mut ranges = BTreeMap::new();
         let functions = self
@@ -451,7 +466,7 @@ impl<'data, R: ReadRef<'data>> Elf<'data, R> {
 
     /// The file offset of stated `address`.
     pub fn file_offset(&self, address: u64) -> Option<u64> {
-        self.segments.iter().find_map(|s| s.file_offset_of(address))
+        file_offset_in(&self.segments, address)
     }
 
     /// The `len` bytes the file holds at stated `address`.
@@ -655,9 +670,9 @@ mod tests {
             let data = read(&path).unwrap();
             let elf = Elf::parse(&path, &*data).unwrap();
             let whole = elf.function_ranges(&wanted);
-            let headers = Headers::read(&path).unwrap();
-            assert_eq!(headers.segments, elf.load_segments(), "{}", path.display());
             let file = File::open(&path).unwrap();
+            let headers = Headers::read(&path, &file).unwrap();
+            assert_eq!(headers.segments, elf.load_segments(), "{}", path.display());
             for chunk in [7, 24, 4096, TABLE_CHUNK] {
                 let streamed = headers.function_ranges_in_chunks(&file, &wanted, chunk);
                 assert_eq!(streamed, whole, "{} in chunks of {chunk}", path.display());

@@ -156,8 +156,8 @@ pub fn find_cuda_runtime(
 
 /// The headers of the file at `path` and a handle to stream its symbol tables from.
 fn open_headers(path: &Path) -> Option<(Headers, std::fs::File)> {
-    let headers = Headers::read(path).ok()?;
-    Some((headers, std::fs::File::open(path).ok()?))
+    let file = std::fs::File::open(path).ok()?;
+    Some((Headers::read(path, &file).ok()?, file))
 }
 
 /// PyTorch's CUDA operators library (`libtorch_cuda.so`) of a process, with the pinned host
